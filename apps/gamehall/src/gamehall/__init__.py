@@ -1,0 +1,3 @@
+"""gamehall: a clustered, real-time, turn-based multiplayer game hall."""
+
+__version__ = "0.1.0"

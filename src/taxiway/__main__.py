@@ -1,0 +1,3 @@
+from taxiway.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The taxiway command line: thin command groups, each calling one part's API."""

@@ -1,0 +1,104 @@
+"""Entry point of the ``taxiway`` command.
+
+Subcommands are loaded lazily from the table below so that ``taxiway --help``
+and ``taxiway run`` do not import every part (and its heavy dependencies).
+Each part owns one module in ``taxiway.cli``; add a row here to expose it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+
+import click
+
+# name -> (module:attribute, one-line help shown by --help without importing)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pull": ("taxiway.cli.images:pull", "Pull an image from a registry into the local store."),
+    "push": ("taxiway.cli.images:push", "Push an image from the local store to a registry."),
+    "tag": ("taxiway.cli.images:tag", "Give an image in the store another name."),
+    "login": ("taxiway.cli.images:login", "Save credentials for a registry."),
+    "logout": ("taxiway.cli.images:logout", "Forget credentials for a registry."),
+    "images": ("taxiway.cli.images:images", "List images in the local store."),
+    "image": ("taxiway.cli.images:image", "Inspect, export, scan, remove, load and save images."),
+    "run": ("taxiway.cli.machines:run", "Run an image as an isolated machine."),
+    "machines": ("taxiway.cli.machines:machines", "List and manage machines."),
+    "snapshots": ("taxiway.cli.machines:snapshots", "List and prune the unpacked-layer cache."),
+    "registry": ("taxiway.cli.registry:registry", "Serve a multi-tenant OCI registry; manage orgs and tokens."),
+    "build": ("taxiway.cli.build:build", "Build an OCI image from source with buildpacks."),
+    "buildpacks": ("taxiway.cli.build:buildpacks", "List the bundled buildpacks."),
+    "stack": ("taxiway.cli.build:stack", "Create the build and run base images."),
+    "ca": ("taxiway.cli.pki:ca", "The certificate authority: init, issue, renew, revoke."),
+    "egress": ("taxiway.cli.egress:egress", "The SSRF-safe egress proxy."),
+    "publish": ("taxiway.cli.publish:publish", "Publish CSV or SQLite files as a live Datasette app."),
+}
+
+
+def _available(name: str) -> bool:
+    module = COMMANDS[name][0].split(":")[0]
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported only when invoked."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(n for n in COMMANDS if _available(n))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS or not _available(name):
+            return None
+        target, _ = COMMANDS[name]
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(n, COMMANDS[n][1]) for n in self.list_commands(ctx)]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="taxiway", prog_name="taxiway")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """taxiway: build, store and run apps on your own machines, without Docker."""
+    if debug:
+        os.environ["TAXIWAY_DEBUG"] = "1"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI, turning TaxiwayError into one line on stderr and an exit code."""
+    from taxiway.errors import TaxiwayError
+
+    try:
+        cli.main(args=argv, prog_name="taxiway", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except TaxiwayError as e:
+        if os.environ.get("TAXIWAY_DEBUG"):
+            raise
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted.", err=True)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The image model: references, digests, descriptors, manifests, the client and the store."""

@@ -1,0 +1,55 @@
+"""Fixtures shared by every part's tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from helpers.servers import docker_registry, free_port  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+
+
+@pytest.fixture
+def taxiway_home(tmp_path, monkeypatch) -> Path:
+    """A fresh $TAXIWAY_HOME (and config dir) for one test."""
+    home = tmp_path / "taxiway-home"
+    home.mkdir()
+    monkeypatch.setenv("TAXIWAY_HOME", str(home))
+    monkeypatch.setenv("TAXIWAY_CONFIG", str(tmp_path / "taxiway-config"))
+    return home
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    """A real docker-registry on 127.0.0.1 for the whole session."""
+    with docker_registry(tmp_path_factory.mktemp("docker-registry")) as s:
+        yield s
+
+
+def run_taxiway(*args: str, env: dict[str, str] | None = None, input: bytes | None = None,
+                check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real ``taxiway`` CLI in a subprocess (as a user would)."""
+    return subprocess.run(
+        [sys.executable, "-m", "taxiway", *args],
+        env={**os.environ, **(env or {})}, input=input, capture_output=True, timeout=timeout, check=check,
+    )
+
+
+@pytest.fixture
+def taxiway():
+    """``taxiway(*args)`` runs the CLI and returns the CompletedProcess."""
+    return run_taxiway
