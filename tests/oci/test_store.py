@@ -1,0 +1,91 @@
+"""The local store: verified blob writes, names in index.json, prune; read by skopeo and umoci."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+
+import pytest
+from helpers.layout import busybox_entries, make_layer, write_layout
+from hypothesis import given
+from hypothesis import strategies as st
+
+from taxiway.errors import InvalidInput, NotFound
+from taxiway.oci.digest import sha256_digest
+from taxiway.oci.image import Descriptor, Platform
+from taxiway.oci.store import BlobMismatch, Store, select_platform
+
+
+def _import_layout(store: Store, layout, desc: dict, name: str) -> Descriptor:
+    for b in (layout / "blobs" / "sha256").iterdir():
+        with b.open("rb") as f:
+            store.write_blob(f, "sha256:" + b.name)
+    d = Descriptor.from_json(desc)
+    store.tag(name, d)
+    return d
+
+
+def test_write_blob_verifies_and_leaves_nothing_on_mismatch(tmp_path):
+    s = Store(tmp_path / "store")
+    d = s.write_blob(b"hello")
+    assert d.digest == sha256_digest(b"hello") and s.has_blob(d.digest) and d.size == 5
+    bad = sha256_digest(b"other")
+    with pytest.raises(BlobMismatch):
+        s.write_blob(io.BytesIO(b"hello!"), bad)
+    with pytest.raises(BlobMismatch):
+        s.write_blob(b"hello!", sha256_digest(b"hello!"), expected_size=3)
+    assert not s.has_blob(bad)
+    assert list((s.meta / "ingest").iterdir()) == []
+    assert sorted(p.name for p in s.blobs.iterdir()) == [d.digest.split(":")[1]]
+
+
+@pytest.mark.parametrize("bad", ["../../etc/passwd", "sha256:../../x", "sha256:" + "g" * 64, "md5:abc", ""])
+def test_digests_are_validated_before_naming_files(tmp_path, bad):
+    s = Store(tmp_path / "store")
+    with pytest.raises(InvalidInput):
+        s.blob_path(bad)
+
+
+def test_tag_resolve_untag_prune_and_peers_read_it(tmp_path):
+    layout = tmp_path / "layout"
+    desc = write_layout(layout, [make_layer(busybox_entries())])
+    s = Store(tmp_path / "store")
+    d = _import_layout(s, layout, desc, "127.0.0.1:5000/busybox")
+    stray = s.write_blob(b"unreferenced")
+    assert s.resolve("127.0.0.1:5000/busybox:latest").digest == d.digest
+    assert s.resolve(d.digest).digest == d.digest
+    assert s.resolve(d.digest[7:19]).digest == d.digest
+    img = s.image("127.0.0.1:5000/busybox:latest")
+    assert img.digest() == d.digest and len(img.layers()) == 1
+    assert img.config()["rootfs"]["diff_ids"]
+    out = subprocess.run(["skopeo", "inspect", f"oci:{s.root}:127.0.0.1:5000/busybox:latest"], check=True, capture_output=True)
+    assert json.loads(out.stdout)["Digest"] == d.digest
+    out = subprocess.run(["umoci", "ls", "--layout", str(s.root)], check=True, capture_output=True, text=True)
+    assert "127.0.0.1:5000/busybox:latest" in out.stdout
+    assert s.prune() == [stray.digest]
+    s.tag("127.0.0.1:5000/other:v1", d)
+    s.untag("127.0.0.1:5000/busybox")
+    assert s.prune() == []
+    s.untag("127.0.0.1:5000/other:v1")
+    assert len(s.prune()) == 3 and list(s.blobs.iterdir()) == []
+    with pytest.raises(NotFound):
+        s.resolve("127.0.0.1:5000/busybox")
+
+
+_plat = st.builds(Platform, st.sampled_from(["linux", "windows"]), st.sampled_from(["amd64", "arm64", "arm"]),
+                  st.sampled_from([None, "v7", "v8"]))
+
+
+@given(st.lists(_plat, max_size=6), _plat)
+def test_select_platform_picks_a_match_or_lists_what_exists(plats, want):
+    index = {"manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha256_digest(str(i).encode()),
+                            "size": 1, "platform": p.to_json()} for i, p in enumerate(plats)]}
+    try:
+        d = select_platform(index, want)
+    except NotFound as e:
+        assert not any(want.matches(p) for p in plats)
+        for p in plats:
+            assert str(p) in str(e)
+    else:
+        assert want.matches(d.platform)
