@@ -1,0 +1,62 @@
+"""The interface every turn-based game implements, as pure functions over plain data.
+
+A game never touches I/O. Its state is JSON-shaped (dicts, lists, ints, strings)
+so it can be stored, published between nodes and replayed from the move log.
+Moves are ints (a cell, a column): they travel in HTML forms and JSON alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+State = dict[str, Any]
+Move = int
+
+
+class IllegalMove(ValueError):
+    """A move the rules reject; ``str(e)`` is a reason a player can read."""
+
+
+@dataclass(frozen=True)
+class Result:
+    """How a game ended: ``winner`` is a seat, or None for a draw."""
+
+    winner: int | None
+    reason: str
+
+
+class Game(Protocol):
+    """One turn-based game. Seats are numbered 0..seats-1."""
+
+    name: str  # short slug used in URLs and storage
+    title: str  # shown to people
+    seats: int
+
+    def initial(self, seed: int) -> State:
+        """The state a new game starts from; ``seed`` drives any randomness (dealing, placement)."""
+
+    def to_move(self, state: State) -> int | None:
+        """The seat whose turn it is, or None once the game is over."""
+
+    def legal_moves(self, state: State) -> list[Move]:
+        """Every move the seat to move may make now (empty when over)."""
+
+    def apply(self, state: State, seat: int, move: Move) -> State:
+        """The state after ``seat`` plays ``move``; raises IllegalMove with a reason."""
+
+    def result(self, state: State) -> Result | None:
+        """The result once the game is over, else None."""
+
+    def view(self, state: State, seat: int | None) -> dict[str, Any]:
+        """What ``seat`` may see (None: a spectator). Hidden information stays out."""
+
+
+def check_turn(game: Game, state: State, seat: int, move: Any) -> None:
+    """The checks every game shares: not over, the seat's turn, a well-formed move."""
+    if game.result(state) is not None:
+        raise IllegalMove("The game is over.")
+    if seat != game.to_move(state):
+        raise IllegalMove("It is not your turn.")
+    if isinstance(move, bool) or not isinstance(move, int):
+        raise IllegalMove(f"A move must be a number, not {move!r}.")

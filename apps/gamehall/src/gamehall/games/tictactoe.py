@@ -1,0 +1,63 @@
+"""Tic-tac-toe: three in a row on a 3x3 board. Seat 0 plays X and moves first."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import IllegalMove, Move, Result, State, check_turn
+
+LINES = [(0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6)]
+MARKS = ("X", "O")
+
+
+class TicTacToe:
+    name = "tictactoe"
+    title = "Tic-tac-toe"
+    seats = 2
+
+    def initial(self, seed: int) -> State:
+        return {"board": [-1] * 9, "turn": 0}
+
+    def _line(self, state: State) -> tuple[int, ...] | None:
+        b = state["board"]
+        for line in LINES:
+            if b[line[0]] >= 0 and b[line[0]] == b[line[1]] == b[line[2]]:
+                return line
+        return None
+
+    def result(self, state: State) -> Result | None:
+        line = self._line(state)
+        if line is not None:
+            return Result(state["board"][line[0]], "three in a row")
+        if all(c >= 0 for c in state["board"]):
+            return Result(None, "the board is full")
+        return None
+
+    def to_move(self, state: State) -> int | None:
+        return None if self.result(state) else state["turn"]
+
+    def legal_moves(self, state: State) -> list[Move]:
+        if self.result(state):
+            return []
+        return [i for i, c in enumerate(state["board"]) if c < 0]
+
+    def apply(self, state: State, seat: int, move: Move) -> State:
+        check_turn(self, state, seat, move)
+        if not 0 <= move < 9:
+            raise IllegalMove(f"There is no cell {move}; cells are 0 to 8.")
+        if state["board"][move] >= 0:
+            raise IllegalMove(f"Cell {move + 1} is already taken.")
+        board = list(state["board"])
+        board[move] = seat
+        return {"board": board, "turn": 1 - seat}
+
+    def view(self, state: State, seat: int | None) -> dict[str, Any]:
+        line = self._line(state) or ()
+        legal = set(self.legal_moves(state))
+        return {
+            "cells": [
+                {"index": i, "mark": MARKS[c] if c >= 0 else "", "legal": i in legal, "win": i in line}
+                for i, c in enumerate(state["board"])
+            ],
+            "marks": MARKS,
+        }
