@@ -1,0 +1,349 @@
+"""Image commands: pull, push, tag, login, logout, images, and ``image ...``.
+
+Heavy modules (httpx, the store, the pipelines) are imported inside the
+command functions so ``taxiway --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from taxiway.cli.output import emit_json, progress, table
+
+
+def _warn(msg: str) -> None:
+    click.echo(f"warning: {msg}", err=True)
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return str(n)
+
+
+@click.command()
+@click.argument("reference")
+@click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]", help="Platform to pull from a multi-platform image (default: this host).")
+@click.option("--all-platforms", is_flag=True, help="Pull every platform of a multi-platform image.")
+@click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS (always allowed for loopback registries).")
+@click.option("-j", "--jobs", default=4, show_default=True, help="Layers downloaded at once.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digest.")
+def pull(reference: str, platform_: str | None, all_platforms: bool, insecure: bool, jobs: int, quiet: bool) -> None:
+    """Pull REFERENCE (registry/name[:tag][@digest]) into the local store."""
+    from taxiway.errors import InvalidInput
+    from taxiway.oci.image import Platform
+    from taxiway.oci.pull import pull as do_pull
+
+    if platform_ and all_platforms:
+        raise InvalidInput("--platform and --all-platforms exclude each other", "pass one of them")
+    plat = Platform.parse(platform_) if platform_ else None
+    with progress(None if not quiet else False) as p:
+        result = do_pull(reference, platform=plat, all_platforms=all_platforms, insecure=insecure, progress=p,
+                         log=_warn, jobs=jobs)
+    if quiet:
+        click.echo(result.descriptor.digest)
+        return
+    for plat_s, dg in result.manifests:
+        click.echo(f"{plat_s}: {dg}", err=True)
+    click.echo(f"pulled {result.name} ({result.descriptor.digest}): {result.fetched} blobs fetched "
+               f"({_human(result.fetched_bytes)}), {result.present} already present")
+
+
+@click.command()
+@click.argument("reference")
+@click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS (always allowed for loopback registries).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digest.")
+def push(reference: str, insecure: bool, quiet: bool) -> None:
+    """Push REFERENCE from the local store to its registry."""
+    from taxiway.oci.push import push as do_push
+
+    with progress(None if not quiet else False) as p:
+        result = do_push(reference, insecure=insecure, progress=p)
+    if quiet:
+        click.echo(result.digest)
+        return
+    click.echo(f"pushed {result.name} ({result.digest}): {result.uploaded} blobs uploaded ({_human(result.uploaded_bytes)}), "
+               f"{result.mounted} mounted, {result.existing} already there")
+
+
+@click.command()
+@click.argument("source")
+@click.argument("target")
+def tag(source: str, target: str) -> None:
+    """Name the image SOURCE also TARGET (both are full references)."""
+    from taxiway.oci.store import Store, normalize_name
+
+    store = Store()
+    desc = store.resolve(source)
+    store.tag(target, desc)
+    click.echo(f"tagged {normalize_name(target)} -> {desc.digest}")
+
+
+@click.command()
+@click.argument("registry")
+@click.option("-u", "--username", help="User name (prompted if missing).")
+@click.option("-p", "--password", help="Password (insecure on the command line; prefer --password-stdin).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+def login(registry: str, username: str | None, password: str | None, password_stdin: bool) -> None:
+    """Save credentials for REGISTRY (host[:port]); used by pull and push."""
+    from taxiway.errors import InvalidInput
+    from taxiway.oci.auth import save_credentials
+
+    registry = _registry_host(registry)
+    if password_stdin:
+        if password:
+            raise InvalidInput("--password and --password-stdin exclude each other", "pass one of them")
+        password = sys.stdin.read().rstrip("\r\n")
+    if not username:
+        username = click.prompt("Username")
+    if password is None:
+        password = click.prompt("Password", hide_input=True)
+    if not username or not password:
+        raise InvalidInput("empty user name or password", "pass -u USER and the password on stdin with --password-stdin")
+    path = save_credentials(registry, username, password)
+    click.echo(f"credentials for {registry} saved in {path}")
+
+
+@click.command()
+@click.argument("registry")
+def logout(registry: str) -> None:
+    """Forget the credentials saved for REGISTRY."""
+    from taxiway.errors import NotFound
+    from taxiway.oci.auth import remove_credentials
+
+    registry = _registry_host(registry)
+    if not remove_credentials(registry):
+        raise NotFound(f"no credentials saved for {registry}", "nothing to do")
+    click.echo(f"removed credentials for {registry}")
+
+
+def _registry_host(s: str) -> str:
+    from taxiway.errors import InvalidInput
+
+    host = s.strip()
+    for prefix in ("https://", "http://"):
+        host = host.removeprefix(prefix)
+    host = host.rstrip("/")
+    if not host or "/" in host or " " in host:
+        raise InvalidInput(f"invalid registry {s!r}", "give a host[:port], e.g. 127.0.0.1:5000")
+    return host
+
+
+def _image_rows(store: Any) -> list[dict[str, Any]]:
+    from taxiway.oci import mediatypes as mt
+
+    rows = []
+    for name, desc in store.images():
+        row: dict[str, Any] = {"name": name, "digest": desc.digest, "media_type": desc.media_type}
+        try:
+            if desc.media_type in mt.INDEX_TYPES:
+                from taxiway.oci.store import parse_json
+
+                idx = parse_json(store.read_blob(desc.digest), name)
+                plats = [m.get("platform") for m in idx.get("manifests", []) if m.get("platform")]
+                row["platforms"] = [f"{p.get('os')}/{p.get('architecture')}" + (f"/{p['variant']}" if p.get("variant") else "") for p in plats]
+                row["size"] = sum(store.blob_size(m["digest"]) for m in idx.get("manifests", []) if store.has_blob(m["digest"]))
+                row["platform"] = ",".join(row["platforms"])
+            else:
+                img = store.image(name)
+                cfg = img.config()
+                row["size"] = sum(layer.size for layer in img.layers()) + img.config_descriptor().size
+                row["platform"] = f"{cfg.get('os', '?')}/{cfg.get('architecture', '?')}" + (f"/{cfg['variant']}" if cfg.get("variant") else "")
+                row["created"] = cfg.get("created")
+                row["layers"] = len(img.layers())
+        except Exception as e:  # noqa: BLE001 - a broken entry must not hide the others
+            row["error"] = str(e)
+        rows.append(row)
+    return rows
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def images(as_json: bool) -> None:
+    """List images in the local store."""
+    from taxiway.oci.store import Store
+
+    rows = _image_rows(Store())
+    if as_json:
+        emit_json(rows)
+        return
+    table([{**r, "digest": r["digest"][7:19], "size": _human(r.get("size", 0))} for r in rows],
+          ["name", "digest", "platform", "size"])
+
+
+@click.group()
+def image() -> None:
+    """Inspect, export, scan, remove, load and save images in the local store."""
+
+
+def _platform(s: str | None) -> Any:
+    from taxiway.oci.image import Platform
+
+    return Platform.parse(s) if s else None
+
+
+@image.command()
+@click.argument("reference")
+@click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]", help="Which image of a multi-platform index.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (manifest, config, layers, history).")
+def inspect(reference: str, platform_: str | None, as_json: bool) -> None:
+    """Show an image's manifest, config, layers, sizes and history."""
+    from taxiway.oci.store import Store
+
+    store = Store()
+    top = store.resolve(reference)
+    img = store.image(reference, _platform(platform_))
+    cfg = img.config()
+    layers = img.layers()
+    diff_ids = (cfg.get("rootfs") or {}).get("diff_ids") or []
+    info = {
+        "name": reference if reference != top.digest else None,
+        "digest": img.digest(),
+        "index_digest": top.digest if top.digest != img.digest() else None,
+        "media_type": img.media_type(),
+        "platform": f"{cfg.get('os')}/{cfg.get('architecture')}" + (f"/{cfg['variant']}" if cfg.get("variant") else ""),
+        "created": cfg.get("created"),
+        "size": sum(layer.size for layer in layers) + img.config_descriptor().size,
+        "config_digest": img.config_descriptor().digest,
+        "config": cfg.get("config") or {},
+        "layers": [{**layer.to_json(), "diff_id": diff_ids[i] if i < len(diff_ids) else None,
+                    "present": store.has_blob(layer.digest)} for i, layer in enumerate(layers)],
+        "history": cfg.get("history") or [],
+        "manifest": img.manifest(),
+    }
+    if as_json:
+        emit_json(info)
+        return
+    c = info["config"]
+    click.echo(f"Name:      {info['name'] or '-'}")
+    click.echo(f"Digest:    {info['digest']}" + (f"  (index {info['index_digest']})" if info["index_digest"] else ""))
+    click.echo(f"Type:      {info['media_type']}")
+    click.echo(f"Platform:  {info['platform']}")
+    click.echo(f"Created:   {info['created'] or '-'}")
+    click.echo(f"Size:      {_human(info['size'])} in {len(layers)} layers")
+    for key, label in (("Entrypoint", "Entrypoint"), ("Cmd", "Cmd"), ("WorkingDir", "Workdir"), ("User", "User")):
+        if c.get(key):
+            click.echo(f"{label + ':':<10} {c[key]}")
+    for env in c.get("Env") or []:
+        click.echo(f"Env:       {env}")
+    if c.get("ExposedPorts"):
+        click.echo(f"Ports:     {', '.join(c['ExposedPorts'])}")
+    click.echo("Layers:")
+    for layer in info["layers"]:
+        flag = "" if layer["present"] else "  (missing)"
+        click.echo(f"  {layer['digest'][7:19]}  {_human(layer['size']):>9}  {layer['mediaType']}{flag}")
+    if info["history"]:
+        click.echo("History:")
+        for h in info["history"]:
+            mark = " (empty)" if h.get("empty_layer") else ""
+            click.echo(f"  {h.get('created', '-'):<25} {(h.get('created_by') or h.get('comment') or '')[:90]}{mark}")
+
+
+@image.command()
+@click.argument("reference")
+@click.argument("dest", type=click.Path(file_okay=False))
+@click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]", help="Which image of a multi-platform index.")
+def export(reference: str, dest: str, platform_: str | None) -> None:
+    """Unpack an image's layers, in order, into the root filesystem DEST."""
+    from pathlib import Path
+
+    from taxiway.oci.store import Store
+    from taxiway.oci.unpack import export as do_export
+
+    img = Store().image(reference, _platform(platform_))
+    with progress() as p:
+        do_export(img, Path(dest), progress=p)
+    click.echo(f"exported {reference} ({img.digest()}) to {dest}")
+
+
+@image.command()
+@click.argument("reference")
+@click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]", help="Which image of a multi-platform index.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--fail-on-secrets", is_flag=True, help="Exit non-zero when a hidden file looks like a secret.")
+def scan(reference: str, platform_: str | None, as_json: bool, fail_on_secrets: bool) -> None:
+    """List files a later layer deletes or overwrites, flagging ones that look like secrets."""
+    from taxiway.oci import scan as scan_mod
+    from taxiway.oci.store import Store
+
+    img = Store().image(reference, _platform(platform_))
+    run = getattr(scan_mod, "cli_scan", None)
+    if run is not None:
+        run(img, as_json=as_json, fail_on_secrets=fail_on_secrets)
+        return
+    findings = scan_mod.scan(img)
+    rows = [f if isinstance(f, dict) else getattr(f, "to_json", lambda f=f: vars(f))() for f in findings]
+    if as_json:
+        emit_json(rows)
+    else:
+        for r in rows:
+            click.echo("  ".join(str(v) for v in r.values()))
+    if fail_on_secrets and any(r.get("secret") for r in rows):
+        sys.exit(3)
+
+
+@image.command()
+@click.argument("references", nargs=-1, required=True)
+def rm(references: tuple[str, ...]) -> None:
+    """Remove image names from the store (blobs go with `taxiway image prune`)."""
+    from taxiway.oci.store import Store
+
+    store = Store()
+    for ref in references:
+        desc = store.untag(ref)
+        click.echo(f"untagged {ref} ({desc.digest})")
+
+
+@image.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def prune(as_json: bool) -> None:
+    """Delete blobs that no image name reaches."""
+    from taxiway.oci.store import Store
+
+    store = Store()
+    before = store.disk_usage()
+    removed = store.prune()
+    freed = before - store.disk_usage()
+    if as_json:
+        emit_json({"removed": removed, "freed_bytes": freed})
+        return
+    click.echo(f"removed {len(removed)} blobs, freed {_human(freed)}")
+
+
+@image.command()
+@click.option("-i", "--input", "input_", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="A `docker save` tarball or an OCI archive (optionally gzip/zstd compressed).")
+@click.option("--name", help="Name for images the archive leaves unnamed (or names with a bare tag).")
+def load(input_: str, name: str | None) -> None:
+    """Load images from a docker-save or OCI archive tarball into the store."""
+    from pathlib import Path
+
+    from taxiway.oci.archive import load as do_load
+    from taxiway.oci.store import Store
+
+    loaded = do_load(Path(input_), Store(), name=name)
+    for n, desc in loaded:
+        click.echo(f"loaded {n} ({desc.digest})")
+
+
+@image.command()
+@click.argument("references", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The tarball to write.")
+@click.option("--format", "fmt", type=click.Choice(["docker", "oci"]), default="docker", show_default=True,
+              help="docker: loadable by `docker load` and readable as an OCI archive too; oci: an OCI image layout tarball.")
+@click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]", help="Which image of a multi-platform index.")
+def save(references: tuple[str, ...], output: str, fmt: str, platform_: str | None) -> None:
+    """Write images from the store into a tarball."""
+    from pathlib import Path
+
+    from taxiway.oci.archive import save as do_save
+    from taxiway.oci.store import Store
+
+    do_save(Store(), list(references), Path(output), fmt=fmt, platform=_platform(platform_))
+    click.echo(f"saved {', '.join(references)} to {output}")

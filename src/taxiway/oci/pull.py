@@ -1,0 +1,374 @@
+"""Pull an image from a registry into the local store.
+
+The pipeline: resolve the reference to a manifest (choosing a platform from an
+index), then fetch the config and every missing layer in parallel threads.
+Each blob streams into ``.taxiway/ingest/<hex>.partial`` while it is hashed
+(and, for layers, decompressed and hashed again to check the config's
+``diff_id``); only a blob whose digest and size match is renamed into
+``blobs/``. A partial file survives a failed run, so the next pull resumes it
+with ``Range``. Names are written last, so a failed pull leaves the store's
+names and blobs as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from taxiway.errors import InvalidInput, NotFound, TaxiwayError
+from taxiway.oci import mediatypes as mt
+from taxiway.oci.client import RegistryClient, RegistryError
+from taxiway.oci.digest import Digest
+from taxiway.oci.image import Descriptor, Platform
+from taxiway.oci.reference import Reference
+from taxiway.oci.store import BlobMismatch, Store, parse_json, select_platform
+
+CHUNK = 1 << 20
+CONFIG_TYPES = frozenset({mt.OCI_CONFIG, mt.DOCKER_CONFIG})
+LAYER_TYPES = frozenset({
+    mt.OCI_LAYER, mt.OCI_LAYER_GZIP, mt.OCI_LAYER_ZSTD, mt.OCI_LAYER_ND, mt.OCI_LAYER_ND_GZIP, mt.OCI_LAYER_ND_ZSTD,
+    mt.DOCKER_LAYER, mt.DOCKER_FOREIGN_LAYER, "application/vnd.docker.image.rootfs.diff.tar",
+})
+
+Log = Callable[[str], None]
+
+
+class CorruptLayer(TaxiwayError):
+    """A layer whose compressed bytes verify but whose content does not (truncated gzip, wrong diff_id)."""
+
+
+@dataclass
+class PullResult:
+    """What a pull did."""
+
+    name: str
+    descriptor: Descriptor
+    manifests: list[tuple[str, str]] = field(default_factory=list)  # (platform, manifest digest)
+    fetched: int = 0  # blobs downloaded
+    fetched_bytes: int = 0
+    present: int = 0  # blobs already in the store
+    warnings: list[str] = field(default_factory=list)
+
+
+class DiffHasher:
+    """Decompresses a layer stream incrementally and hashes the tar inside (for diff_id checks)."""
+
+    def __init__(self, compression: str):
+        self.compression = compression
+        self.h = hashlib.sha256()
+        self._d: Any = None
+        self._reset()
+
+    def _reset(self) -> None:
+        if self.compression == "gzip":
+            from isal import isal_zlib
+
+            self._d = isal_zlib.decompressobj(wbits=31)
+        elif self.compression == "zstd":
+            import zstandard
+
+            self._d = zstandard.ZstdDecompressor().decompressobj()
+        else:
+            self._d = None
+
+    def update(self, chunk: bytes) -> None:
+        """Feed compressed bytes."""
+        if self._d is None:
+            self.h.update(chunk)
+            return
+        try:
+            while chunk:
+                if self._d.eof:
+                    if not chunk.strip(b"\0"):
+                        return  # zero padding after the last gzip member
+                    self._reset()  # a multi-member gzip: the next member starts here
+                self.h.update(self._d.decompress(chunk))
+                chunk = self._d.unused_data if self._d.eof else b""
+        except Exception as e:
+            raise CorruptLayer(f"corrupt {self.compression} data ({e})", "the layer in the registry is damaged; re-push the image") from e
+
+    def finish(self) -> str:
+        """The digest of the uncompressed content; raises on a truncated stream."""
+        if self._d is not None and not self._d.eof:
+            raise CorruptLayer(f"truncated {self.compression} stream", "the layer in the registry is damaged; re-push the image")
+        return "sha256:" + self.h.hexdigest()
+
+
+def _sniff_compression(part: Path, declared: str) -> str:
+    """The compression actually used (some registries serve gzip under a plain tar media type)."""
+    with open(part, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if head == b"\x28\xb5\x2f\xfd":
+        return "zstd"
+    return "none" if declared == "none" else declared
+
+
+class Puller:
+    """Fetches blobs of one repository into the store, in parallel, resumably."""
+
+    def __init__(self, client: RegistryClient, store: Store, repository: str, *, progress: Any = None,
+                 log: Log | None = None, retries: int = 5, verify_layers: bool = True):
+        self.client = client
+        self.store = store
+        self.repository = repository
+        self.progress = progress
+        self.log = log or (lambda s: None)
+        self.retries = retries
+        self.verify_layers = verify_layers
+        self.new_blobs: list[str] = []
+        self.fetched_bytes = 0
+
+    def fetch(self, desc: Descriptor, diff_id: str | None = None, label: str | None = None) -> bool:
+        """Make sure ``desc`` is in the store; True if it was downloaded now."""
+        digest = desc.digest
+        if self.store.has_blob(digest):
+            return False
+        part = self.store.ingest_path(digest)
+        with open(part, "ab") as lockf:
+            fcntl.flock(lockf.fileno(), fcntl.LOCK_EX)  # another taxiway may be fetching the same blob
+            try:
+                if self.store.has_blob(digest):
+                    return False
+                self._download(desc, part, diff_id, label or digest[7:19])
+                self.new_blobs.append(digest)
+                return True
+            finally:
+                fcntl.flock(lockf.fileno(), fcntl.LOCK_UN)
+
+    def _download(self, desc: Descriptor, part: Path, diff_id: str | None, label: str) -> None:
+        digest, size = desc.digest, desc.size
+        compression = mt.layer_compression(desc.media_type) if mt.is_layer(desc.media_type) else "none"
+        task = self.progress.add_task(label, total=size) if self.progress is not None else None
+        delay = 0.25
+        for attempt in range(self.retries):
+            offset = part.stat().st_size
+            if offset > size:
+                os.truncate(part, 0)
+                offset = 0
+            try:
+                if offset < size:
+                    with self.client.open_blob(self.repository, digest, offset) as resp, open(part, "r+b") as f:
+                        if resp.status_code == 200 and offset:
+                            offset = 0  # the server ignored Range: start over
+                            f.truncate(0)
+                        f.seek(offset)
+                        if task is not None:
+                            self.progress.update(task, completed=offset)
+                        written = offset
+                        for chunk in resp.iter_raw(CHUNK):
+                            written += len(chunk)
+                            if written > size:
+                                raise BlobMismatch(f"blob {digest} is larger than the {size} bytes its descriptor says",
+                                                   "the registry served corrupt content; nothing was stored")
+                            f.write(chunk)
+                            self.fetched_bytes += len(chunk)
+                            if task is not None:
+                                self.progress.advance(task, len(chunk))
+                        f.flush()
+                    if written < size:
+                        raise httpx.RemoteProtocolError(f"connection closed after {written} of {size} bytes")
+                break
+            except (httpx.TransportError, RegistryError) as e:
+                if isinstance(e, RegistryError) and (e.status is None or e.status not in (500, 502, 503, 504, 429)):
+                    raise
+                if attempt == self.retries - 1:
+                    raise RegistryError(f"download of blob {digest[:19]} from {self.client.registry}/{self.repository} kept failing ({e})",
+                                        "run the pull again: it resumes where it stopped") from e
+                self.log(f"retrying blob {digest[7:19]} from byte {part.stat().st_size} ({e})")
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        hashed, diff = self._hash(part, compression if (diff_id and self.verify_layers) else None)
+        if hashed != digest or part.stat().st_size != size:
+            self.store.commit_ingest(digest, size, hashed)  # raises BlobMismatch and removes the partial file
+        if diff_id and diff is not None and diff != diff_id:
+            part.unlink(missing_ok=True)
+            raise CorruptLayer(f"layer {digest[:19]} decompresses to {diff[:19]}, not the config's diff_id {diff_id[:19]}",
+                               "the image in the registry is corrupt; nothing was stored")
+        self.store.commit_ingest(digest, size, hashed)
+
+    @staticmethod
+    def _hash(part: Path, compression: str | None) -> tuple[str, str | None]:
+        """Digest of the partial file and (optionally) of its decompressed content.
+
+        Reading back the just-written file is served from the page cache; it keeps
+        resume simple (one pass over whatever bytes are on disk).
+        """
+        h = hashlib.sha256()
+        dh = None
+        if compression is not None:
+            dh = DiffHasher(_sniff_compression(part, compression))
+        with open(part, "rb") as f:
+            while chunk := f.read(CHUNK):
+                h.update(chunk)
+                if dh is not None:
+                    try:
+                        dh.update(chunk)
+                    except CorruptLayer:
+                        part.unlink(missing_ok=True)
+                        raise
+        diff = None
+        if dh is not None:
+            try:
+                diff = dh.finish()
+            except CorruptLayer:
+                part.unlink(missing_ok=True)
+                raise
+        return "sha256:" + h.hexdigest(), diff
+
+
+def _check_manifest(obj: dict[str, Any], what: str) -> tuple[Descriptor, list[Descriptor]]:
+    cfg = obj.get("config")
+    if not isinstance(cfg, dict):
+        raise InvalidInput(f"manifest of {what} has no config", "this is not a runnable image")
+    config = Descriptor.from_json(cfg)
+    if config.media_type and config.media_type not in CONFIG_TYPES:
+        raise InvalidInput(f"{what} is an artifact with config type {config.media_type}, not a container image",
+                           "only container images can be pulled")
+    layers = [Descriptor.from_json(d) for d in obj.get("layers") or []]
+    for d in layers:
+        if d.media_type not in LAYER_TYPES:
+            raise InvalidInput(f"{what} has a layer of unsupported media type {d.media_type}",
+                               "taxiway handles tar layers, uncompressed or gzip/zstd compressed")
+    return config, layers
+
+
+def pull(reference: str, *, platform: Platform | None = None, all_platforms: bool = False, insecure: bool = False,
+         store: Store | None = None, progress: Any = None, log: Log | None = None, jobs: int = 4,
+         verify_layers: bool = True, client: RegistryClient | None = None) -> PullResult:
+    """Pull ``reference`` into the store and name it; returns what happened.
+
+    On any error the store's names are unchanged and no new blob stays visible
+    (completed downloads move back to the ingest area so a retry is free).
+    """
+    ref = Reference.parse(reference)
+    store = store or Store()
+    log = log or (lambda s: None)
+    own_client = client is None
+    client = client or RegistryClient(ref.registry, insecure=insecure)
+    name = str(ref)
+    puller = Puller(client, store, ref.repository, progress=progress, log=log, verify_layers=verify_layers)
+    result: PullResult | None = None
+    try:
+        raw, media_type, digest = client.get_manifest(ref.repository, ref.identifier, what=name)
+        top = Descriptor(media_type, digest, len(raw))
+        manifests: list[tuple[Descriptor, bytes]] = []
+        if media_type in mt.INDEX_TYPES:
+            index = parse_json(raw, f"index of {name}")
+            if all_platforms:
+                children = [Descriptor.from_json(m) for m in index.get("manifests", [])]
+                children = [c for c in children if c.media_type in mt.MANIFEST_TYPES and not (c.platform and c.platform.os == "unknown")]
+                if not children:
+                    raise NotFound(f"{name} is an index without image manifests", "this is not a container image")
+            else:
+                children = [select_platform(index, platform or Platform.host(), name)]
+            for child in children:
+                craw, ctype, cdigest = client.get_manifest(ref.repository, child.digest, what=f"{name} ({child.platform or child.digest[:19]})")
+                if ctype not in mt.MANIFEST_TYPES:
+                    raise InvalidInput(f"{name}: nested index {cdigest[:19]} is not supported", "pull the inner image by digest")
+                manifests.append((Descriptor(ctype, cdigest, len(craw), platform=child.platform), craw))
+        else:
+            manifests.append((top, raw))
+
+        result = PullResult(name, top if (all_platforms and media_type in mt.INDEX_TYPES) else manifests[0][0])
+        plan: list[tuple[Descriptor, str | None, str]] = []
+        seen: set[str] = set()
+        for mdesc, mraw in manifests:
+            obj = parse_json(mraw, f"manifest of {name}")
+            config, layers = _check_manifest(obj, name)
+            puller.fetch(config, label="config")
+            cfg = parse_json(store.read_blob(config.digest), f"config of {name}")
+            diff_ids = ((cfg.get("rootfs") or {}).get("diff_ids")) or []
+            if diff_ids and len(diff_ids) != len(layers):
+                raise InvalidInput(f"{name}: the config lists {len(diff_ids)} layers but the manifest has {len(layers)}",
+                                   "the image is corrupt")
+            plat = mdesc.platform or Platform(cfg.get("os", "?"), cfg.get("architecture", "?"), cfg.get("variant"))
+            result.manifests.append((str(plat), mdesc.digest))
+            for i, layer in enumerate(layers):
+                if layer.digest in seen:
+                    continue
+                seen.add(layer.digest)
+                if store.has_blob(layer.digest):
+                    result.present += 1
+                    continue
+                if layer.is_nondistributable:
+                    msg = f"layer {layer.digest[:19]} is non-distributable ({layer.media_type})" + (f", urls {', '.join(layer.urls)}" if layer.urls else "")
+                    result.warnings.append(msg)
+                    log(msg + "; fetching it from the registry if it has it")
+                diff = diff_ids[i] if diff_ids and Digest.is_valid(str(diff_ids[i])) else None
+                plan.append((layer, diff, f"{layer.digest[7:19]} ({_human(layer.size)})"))
+
+        def one(item: tuple[Descriptor, str | None, str]) -> bool:
+            layer, diff, label = item
+            try:
+                return puller.fetch(layer, diff, label)
+            except RegistryError as e:
+                if layer.is_nondistributable and e.status == 404:
+                    result.warnings.append(f"non-distributable layer {layer.digest[:19]} is not on the registry; skipped")
+                    log(result.warnings[-1])
+                    return False
+                raise
+
+        if plan:
+            with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(plan))), thread_name_prefix="pull") as pool:
+                futures = [pool.submit(one, item) for item in plan]
+                errors = []
+                for fut in futures:
+                    try:
+                        fut.result()
+                    except BaseException as e:  # noqa: BLE001 - wait for every thread, then raise the first error
+                        errors.append(e)
+                if errors:
+                    raise errors[0]
+        result.fetched = len(puller.new_blobs)
+        result.fetched_bytes = puller.fetched_bytes
+        # Names last: manifests, then the index, then the tag.
+        for mdesc, mraw in manifests:
+            store.write_blob(mraw, mdesc.digest, len(mraw))
+        if media_type in mt.INDEX_TYPES:
+            store.write_blob(raw, digest, len(raw))
+        for blob in [d for d, _ in manifests] + [top]:
+            store.add_source(blob.digest, f"{ref.registry}/{ref.repository}")
+        for _mdesc, mraw in manifests:
+            obj = parse_json(mraw, "manifest")
+            for d in [obj["config"], *(obj.get("layers") or [])]:
+                store.add_source(d["digest"], f"{ref.registry}/{ref.repository}")
+        store.tag(name, result.descriptor)
+        return result
+    except BaseException:
+        _rollback(store, puller.new_blobs)
+        raise
+    finally:
+        if own_client:
+            client.close()
+
+
+def _rollback(store: Store, new_blobs: list[str]) -> None:
+    """Move blobs this failed pull added back to the ingest area (complete, so the next pull reuses them)."""
+    if not new_blobs:
+        return
+    keep = store.referenced()
+    for dg in new_blobs:
+        if dg in keep:
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(store.blob_path(dg), store.ingest_path(dg))
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
