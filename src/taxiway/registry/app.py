@@ -1,0 +1,482 @@
+"""The distribution-spec server: a Starlette app of routes behind the authorizer.
+
+Handlers see repository names already rewritten into the caller's org (see
+``auth.py``); they speak the storage interface and never read a blob into
+memory: blobs go out as file responses and come in streamed to disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlencode
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Route
+
+from taxiway.oci import mediatypes as mt
+from taxiway.oci.digest import Digest
+from taxiway.oci.reference import valid_repository, valid_tag
+from taxiway.registry import manifest as manifests
+from taxiway.registry import tokens
+from taxiway.registry.auth import Authorizer, basic_password
+from taxiway.registry.errors import RegistryError
+from taxiway.registry.storage import FilesystemStorage
+from taxiway.registry.tenants import Tenants
+
+TOKEN_TTL = 300
+_RANGE_RE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)$")
+
+
+class BlobResponse(FileResponse):
+    """Zero-copy where the server supports it; otherwise large reads, off the event loop."""
+
+    chunk_size = 1 << 20
+
+
+@dataclass
+class Config:
+    root: Path
+    auth: bool = True
+    delete: bool = True
+    service: str = "taxiway"
+    realm: str | None = None
+
+
+def load_key(root: Path) -> bytes:
+    """The registry's signing key (tokens, upload state), created once, mode 0600."""
+    path = root / "secret.key"
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        pass
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".secret.key.{os.getpid()}.tmp"
+    tmp.write_bytes(secrets.token_bytes(32))
+    tmp.chmod(0o600)
+    try:
+        os.link(tmp, path)  # first writer wins; everyone then reads the same key
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    return path.read_bytes()
+
+
+def _json(obj, status: int = 200, headers: dict | None = None, media_type: str = "application/json") -> Response:
+    return Response(orjson.dumps(obj), status_code=status, headers=headers, media_type=media_type)
+
+
+def _empty(status: int, headers: dict) -> Response:
+    return Response(b"", status_code=status, headers={**headers, "Content-Length": "0"})
+
+
+def _parse_n(request: Request) -> tuple[int | None, str | None]:
+    n_raw, last = request.query_params.get("n"), request.query_params.get("last")
+    n = None
+    if n_raw is not None:
+        try:
+            n = int(n_raw)
+        except ValueError:
+            raise RegistryError("UNSUPPORTED", message="invalid n", detail="n must be an integer", status=400) from None
+        if n < 0:
+            raise RegistryError("UNSUPPORTED", message="invalid n", detail="n must not be negative", status=400)
+    return n, last
+
+
+def paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[str], bool]:
+    """The page after ``last`` of at most ``n`` items, and whether more follow."""
+    if last is not None:
+        items = [i for i in items if i > last]
+    if n is None:
+        return items, False
+    return items[:n], len(items) > n
+
+
+class Registry:
+    """The handlers, sharing one storage, one tenants database and one key."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.storage = FilesystemStorage(config.root)
+        self.tenants = Tenants(config.root / "tenants.db") if config.auth else None
+        self.key = load_key(config.root)
+        # Running hashes of upload sessions, so a finished upload isn't read twice.
+        self._hashers: dict[str, tuple[int, object]] = {}
+
+    # -- helpers -------------------------------------------------------
+    @staticmethod
+    def client_name(request: Request) -> str:
+        return request.scope["state"].get("client_name") or request.path_params["name"]
+
+    def _state(self, request: Request, upload_id: str) -> str:
+        org = request.scope["state"].get("org") or ""
+        return tokens.hmac_state({"id": upload_id, "repo": request.path_params["name"], "org": org}, self.key)
+
+    def _upload_location(self, request: Request, upload_id: str) -> str:
+        name = self.client_name(request)
+        return f"/v2/{name}/blobs/uploads/{upload_id}?" + urlencode({"_state": self._state(request, upload_id)})
+
+    def _session(self, request: Request) -> str:
+        """The upload id of a request, if its signed state binds it to this org and repository."""
+        upload_id = request.path_params["upload_id"]
+        data = tokens.check_state(request.query_params.get("_state", ""), self.key)
+        org = request.scope["state"].get("org") or ""
+        if (data is None or data.get("id") != upload_id or data.get("repo") != request.path_params["name"]
+                or data.get("org") != org or self.storage.upload_size(upload_id) is None):
+            raise RegistryError("BLOB_UPLOAD_UNKNOWN")
+        return upload_id
+
+    def _upload_headers(self, request: Request, upload_id: str, size: int) -> dict[str, str]:
+        return {"Location": self._upload_location(request, upload_id), "Docker-Upload-UUID": upload_id,
+                "Range": f"0-{max(size - 1, 0)}"}
+
+    async def _receive(self, request: Request, upload_id: str) -> int:
+        """Append the request body to the session, hashing as it goes; returns the new size."""
+        size = self.storage.upload_size(upload_id) or 0
+        offset, h = self._hashers.pop(upload_id, (0, None))
+        if h is None or offset != size:
+            h = hashlib.sha256() if size == 0 else None
+        try:
+            with self.storage.open_upload(upload_id) as f:
+                f.seek(0, os.SEEK_END)
+                buf = bytearray()
+                async for chunk in request.stream():
+                    if h is not None:
+                        h.update(chunk)
+                    buf += chunk
+                    if len(buf) >= 1 << 20:
+                        f.write(buf)
+                        buf.clear()
+                if buf:
+                    f.write(buf)
+                f.flush()
+                size = f.tell()
+        except OSError as e:
+            self.storage.drop_upload(upload_id)
+            raise RegistryError("STORAGE_FULL", detail=str(e.strerror), status=507 if e.errno == 28 else 500) from e
+        if h is not None:
+            if len(self._hashers) > 4096:
+                self._hashers.pop(next(iter(self._hashers)))
+            self._hashers[upload_id] = (size, h)
+        return size
+
+    def _commit(self, upload_id: str, digest: str) -> int:
+        d = Digest.parse(digest)
+        offset, h = self._hashers.pop(upload_id, (0, None))
+        size = self.storage.upload_size(upload_id)
+        if h is None or d.algorithm != "sha256" or offset != size:
+            h = None
+        return self.storage.commit_upload(upload_id, digest, h)
+
+    @staticmethod
+    def _digest(value: str | None, code: str = "DIGEST_INVALID") -> str:
+        if not value or not Digest.is_valid(value):
+            raise RegistryError(code, detail={"digest": (value or "")[:200]})
+        return value
+
+    # -- base, token, catalog ------------------------------------------
+    async def base(self, request: Request) -> Response:
+        return _json({})
+
+    async def token(self, request: Request) -> Response:
+        if self.tenants is None:
+            return _json({"token": "anonymous", "access_token": "anonymous", "expires_in": TOKEN_TTL})
+        if request.method == "POST":
+            form = await request.form()
+            password, scopes = form.get("password"), [str(s) for s in form.getlist("scope")]
+            if form.get("grant_type") == "refresh_token":
+                password = form.get("refresh_token")
+        else:
+            password = basic_password(request.headers.get("authorization", ""))
+            scopes = request.query_params.getlist("scope")
+        tok = self.tenants.authenticate(str(password)) if password else None
+        if tok is None:
+            raise RegistryError("UNAUTHORIZED", message="a valid org token is required as the password",
+                                headers={"WWW-Authenticate": f'Basic realm="{self.config.service}"'})
+        now = int(time.time())
+        access = tokens.grant(scopes, tok.scope)
+        claims = {"iss": "taxiway", "sub": tok.org, "aud": self.config.service, "iat": now, "nbf": now - 5,
+                  "exp": now + TOKEN_TTL, "jti": secrets.token_hex(8), "tid": tok.id, "access": access}
+        jwt = tokens.sign(claims, self.key)
+        issued = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+        return _json({"token": jwt, "access_token": jwt, "expires_in": TOKEN_TTL, "issued_at": issued})
+
+    async def catalog(self, request: Request) -> Response:
+        org = request.scope["state"].get("org")
+        repos = self.storage.repositories(org or "")
+        if org:
+            repos = [r[len(org) + 1:] for r in repos if r.startswith(org + "/")]
+        n, last = _parse_n(request)
+        page, more = paginate(repos, n, last)
+        headers = {}
+        if more and page:
+            headers["Link"] = f'</v2/_catalog?{urlencode({"n": n, "last": page[-1]})}>; rel="next"'
+        return _json({"repositories": page}, headers=headers)
+
+    # -- tags ----------------------------------------------------------
+    async def tags(self, request: Request) -> Response:
+        repo = request.path_params["name"]
+        all_tags = self.storage.tags(repo)
+        if all_tags is None:
+            raise RegistryError("NAME_UNKNOWN", detail={"name": self.client_name(request)})
+        n, last = _parse_n(request)
+        page, more = paginate(all_tags, n, last)
+        name = self.client_name(request)
+        headers = {}
+        if more and page:
+            headers["Link"] = f'</v2/{name}/tags/list?{urlencode({"n": n, "last": page[-1]})}>; rel="next"'
+        return _json({"name": name, "tags": page}, headers=headers)
+
+    # -- manifests -----------------------------------------------------
+    def _resolve(self, repo: str, reference: str) -> tuple[str, str]:
+        if ":" in reference:
+            digest = self._digest(reference, "MANIFEST_UNKNOWN")
+        elif valid_tag(reference):
+            digest = self.storage.resolve_tag(repo, reference)
+            if digest is None:
+                raise RegistryError("MANIFEST_UNKNOWN", detail={"tag": reference})
+        else:
+            raise RegistryError("MANIFEST_UNKNOWN", detail={"reference": reference[:200]})
+        media_type = self.storage.manifest_media_type(repo, digest)
+        if media_type is None:
+            raise RegistryError("MANIFEST_UNKNOWN", detail={"digest": digest})
+        return digest, media_type
+
+    async def manifest(self, request: Request) -> Response:
+        repo, reference = request.path_params["name"], request.path_params["reference"]
+        method = request.method
+        if method in ("GET", "HEAD"):
+            digest, media_type = self._resolve(repo, reference)
+            try:
+                body = self.storage.read_blob(digest)
+            except FileNotFoundError:
+                raise RegistryError("MANIFEST_UNKNOWN", detail={"digest": digest}) from None
+            headers = {"Docker-Content-Digest": digest, "ETag": f'"{digest}"', "Content-Type": media_type}
+            if method == "HEAD":
+                return Response(b"", headers={**headers, "Content-Length": str(len(body))})
+            return Response(body, headers=headers)
+        if method == "PUT":
+            return await self._put_manifest(request, repo, reference)
+        # DELETE
+        if not self.config.delete:
+            raise RegistryError("UNSUPPORTED", message="deletes are disabled on this registry")
+        if ":" in reference:
+            digest = self._digest(reference, "MANIFEST_UNKNOWN")
+            if not self.storage.delete_manifest(repo, digest):
+                raise RegistryError("MANIFEST_UNKNOWN", detail={"digest": digest})
+            if not self.storage.revisions(repo):
+                self.storage.delete_repository(repo)  # the last manifest: drop it from the catalog too
+        elif not valid_tag(reference) or not self.storage.delete_tag(repo, reference):
+            raise RegistryError("MANIFEST_UNKNOWN", detail={"tag": reference[:200]})
+        return _empty(202, {})
+
+    async def _read_limited(self, request: Request, limit: int) -> bytes:
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise RegistryError("MANIFEST_INVALID", detail=f"manifest larger than {limit} bytes", status=413)
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise RegistryError("MANIFEST_INVALID", detail=f"manifest larger than {limit} bytes", status=413)
+        return bytes(buf)
+
+    async def _put_manifest(self, request: Request, repo: str, reference: str) -> Response:
+        body = await self._read_limited(request, manifests.MAX_MANIFEST_BYTES)
+        m = manifests.parse(body, request.headers.get("content-type"))
+        digest, tag = m.digest, None
+        if ":" in reference:
+            want = Digest.parse(self._digest(reference))
+            if str(Digest.of(body, want.algorithm)) != reference:
+                raise RegistryError("DIGEST_INVALID", detail={"digest": reference})
+            digest = reference
+        elif valid_tag(reference):
+            tag = reference
+        else:
+            raise RegistryError("TAG_INVALID", detail={"tag": reference[:200]})
+        for ref in m.refs:
+            if ref.is_manifest:
+                if self.storage.manifest_media_type(repo, ref.digest) is None:
+                    raise RegistryError("MANIFEST_BLOB_UNKNOWN", detail={"digest": ref.digest})
+                continue
+            if ref.external:
+                continue
+            # Touch first: an online GC that marked before this manifest existed spares fresh blobs.
+            self.storage.touch_blob(ref.digest)
+            if not self.storage.has_link(repo, ref.digest):
+                raise RegistryError("MANIFEST_BLOB_UNKNOWN", detail={"digest": ref.digest})
+            if self.storage.blob_size(ref.digest) != ref.size:
+                raise RegistryError("MANIFEST_INVALID", detail={"digest": ref.digest, "reason": "size mismatch"})
+        self.storage.put_manifest(repo, body, digest, m.media_type)
+        headers = {"Location": f"/v2/{self.client_name(request)}/manifests/{digest}", "Docker-Content-Digest": digest}
+        if m.subject:
+            self.storage.add_referrer(repo, m.subject, digest, {**m.descriptor(), "digest": digest})
+            headers["OCI-Subject"] = m.subject
+        if tag:
+            self.storage.set_tag(repo, tag, digest)
+        return _empty(201, headers)
+
+    # -- blobs ---------------------------------------------------------
+    async def blob(self, request: Request) -> Response:
+        repo = request.path_params["name"]
+        digest = self._digest(request.path_params["digest"])
+        if request.method == "DELETE":
+            if not self.config.delete:
+                raise RegistryError("UNSUPPORTED", message="deletes are disabled on this registry")
+            if not self.storage.unlink(repo, digest):
+                raise RegistryError("BLOB_UNKNOWN", detail={"digest": digest})
+            return _empty(202, {"Docker-Content-Digest": digest})
+        path = self.storage.blob_path(digest) if self.storage.has_link(repo, digest) else None
+        if path is None:
+            raise RegistryError("BLOB_UNKNOWN", detail={"digest": digest})
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise RegistryError("BLOB_UNKNOWN", detail={"digest": digest}) from None
+        headers = {"Docker-Content-Digest": digest, "ETag": f'"{digest}"', "Cache-Control": "max-age=31536000"}
+        return BlobResponse(path, headers=headers, media_type="application/octet-stream", stat_result=st)
+
+    async def start_upload(self, request: Request) -> Response:
+        repo = request.path_params["name"]
+        q = request.query_params
+        mount, source = q.get("mount"), q.get("from")
+        if mount and source and Digest.is_valid(mount) and valid_repository(source):
+            linked = self._mount(request, repo, mount, source)
+            if linked:
+                return _empty(201, {"Location": f"/v2/{self.client_name(request)}/blobs/{mount}",
+                                    "Docker-Content-Digest": mount})
+        digest = q.get("digest")
+        if digest is not None:
+            digest = self._digest(digest)
+            upload_id = self.storage.new_upload()
+            try:
+                await self._receive(request, upload_id)
+                self._commit(upload_id, digest)
+            finally:
+                self.storage.drop_upload(upload_id)
+                self._hashers.pop(upload_id, None)
+            self.storage.link(repo, digest)
+            return _empty(201, {"Location": f"/v2/{self.client_name(request)}/blobs/{digest}",
+                                "Docker-Content-Digest": digest})
+        upload_id = self.storage.new_upload()
+        return _empty(202, self._upload_headers(request, upload_id, 0))
+
+    def _mount(self, request: Request, repo: str, digest: str, source: str) -> bool:
+        """Link a blob from ``source`` if the caller may pull it; False means 'upload it instead'."""
+        ident = request.scope["state"].get("identity")
+        org = request.scope["state"].get("org")
+        if org:
+            if ident is None or not ident.may(source, "pull") or len(org) + 1 + len(source) > 255:
+                return False
+            source = f"{org}/{source}"
+        if not self.storage.has_link(source, digest):
+            return False
+        self.storage.link(repo, digest)
+        return True
+
+    def _check_range(self, request: Request, upload_id: str, size: int) -> None:
+        cr = request.headers.get("content-range")
+        if cr is None:
+            return
+        m = _RANGE_RE.match(cr.strip())
+        length = request.headers.get("content-length")
+        ok = m is not None and int(m.group(1)) == size and int(m.group(2)) >= int(m.group(1))
+        if ok and length is not None and length.isdigit():
+            ok = int(m.group(2)) - int(m.group(1)) + 1 == int(length)
+        if not ok:
+            raise RegistryError("RANGE_INVALID", detail={"expected_start": size},
+                                headers=self._upload_headers(request, upload_id, size))
+
+    async def upload(self, request: Request) -> Response:
+        repo = request.path_params["name"]
+        upload_id = self._session(request)
+        size = self.storage.upload_size(upload_id) or 0
+        method = request.method
+        if method == "GET":
+            return _empty(204, self._upload_headers(request, upload_id, size))
+        if method == "DELETE":
+            self.storage.drop_upload(upload_id)
+            self._hashers.pop(upload_id, None)
+            return _empty(204, {})
+        self._check_range(request, upload_id, size)
+        if method == "PATCH":
+            size = await self._receive(request, upload_id)
+            return _empty(202, self._upload_headers(request, upload_id, size))
+        # PUT: the last chunk (if any), then verify and publish.
+        digest = self._digest(request.query_params.get("digest"))
+        await self._receive(request, upload_id)
+        try:
+            self._commit(upload_id, digest)
+        finally:
+            self._hashers.pop(upload_id, None)
+        self.storage.link(repo, digest)
+        return _empty(201, {"Location": f"/v2/{self.client_name(request)}/blobs/{digest}",
+                            "Docker-Content-Digest": digest})
+
+    # -- referrers -----------------------------------------------------
+    async def referrers(self, request: Request) -> Response:
+        repo = request.path_params["name"]
+        subject = self._digest(request.path_params["digest"])
+        found = self.storage.referrers(repo, subject)
+        found = [d for d in found if self.storage.manifest_media_type(repo, d["digest"]) is not None]
+        headers = {}
+        artifact_type = request.query_params.get("artifactType")
+        if artifact_type is not None:
+            found = [d for d in found if d.get("artifactType") == artifact_type]
+            headers["OCI-Filters-Applied"] = "artifactType"
+        index = {"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": found}
+        return _json(index, headers=headers, media_type=mt.OCI_INDEX)
+
+
+async def _registry_error(request: Request, exc: RegistryError) -> Response:
+    body = b"" if request.method == "HEAD" else orjson.dumps(exc.body())
+    return Response(body, status_code=exc.status, headers=exc.headers, media_type="application/json")
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    code = {404: "NAME_UNKNOWN", 405: "UNSUPPORTED"}.get(exc.status_code, "UNSUPPORTED")
+    err = RegistryError(code, status=exc.status_code)
+    return await _registry_error(request, err)
+
+
+async def _storage_error(request: Request, exc: OSError) -> Response:
+    status = 507 if exc.errno == 28 else 500
+    return await _registry_error(request, RegistryError("STORAGE_FULL", detail=exc.strerror, status=status))
+
+
+def create_app(config: Config):
+    """The registry as an ASGI app: the routes, wrapped by the authorizer."""
+    r = Registry(config)
+    routes = [
+        Route("/v2/", r.base, methods=["GET", "HEAD"]),
+        Route("/v2/token", r.token, methods=["GET", "POST"]),
+        Route("/v2/_catalog", r.catalog, methods=["GET"]),
+        Route("/v2/{name:path}/tags/list", r.tags, methods=["GET"]),
+        Route("/v2/{name:path}/manifests/{reference}", r.manifest, methods=["GET", "HEAD", "PUT", "DELETE"]),
+        Route("/v2/{name:path}/blobs/uploads/", r.start_upload, methods=["POST"]),
+        Route("/v2/{name:path}/blobs/uploads/{upload_id}", r.upload, methods=["GET", "PATCH", "PUT", "DELETE"]),
+        Route("/v2/{name:path}/blobs/{digest}", r.blob, methods=["GET", "HEAD", "DELETE"]),
+        Route("/v2/{name:path}/referrers/{digest}", r.referrers, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={
+        RegistryError: _registry_error, HTTPException: _http_error, OSError: _storage_error})
+    app.state.registry = r
+    tenants = r.tenants
+    return Authorizer(app, tenants=tenants, key=r.key, service=config.service, realm=config.realm)
+
+
+def app_from_env():
+    """uvicorn factory for multi-worker serving: the config comes from the environment."""
+    cfg = orjson.loads(os.environ["TAXIWAY_REGISTRY_CONFIG"])
+    cfg["root"] = Path(cfg["root"])
+    return create_app(Config(**cfg))

@@ -1,0 +1,46 @@
+"""The distribution-spec error codes, as one exception type handlers raise."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# code -> (HTTP status, message), as the distribution spec lists them.
+CODES: dict[str, tuple[int, str]] = {
+    "BLOB_UNKNOWN": (404, "blob unknown to registry"),
+    "BLOB_UPLOAD_INVALID": (400, "blob upload invalid"),
+    "BLOB_UPLOAD_UNKNOWN": (404, "blob upload unknown to registry"),
+    "DIGEST_INVALID": (400, "provided digest did not match uploaded content"),
+    "MANIFEST_BLOB_UNKNOWN": (404, "manifest references a manifest or blob unknown to registry"),
+    "MANIFEST_INVALID": (400, "manifest invalid"),
+    "MANIFEST_UNKNOWN": (404, "manifest unknown to registry"),
+    "NAME_INVALID": (400, "invalid repository name"),
+    "NAME_UNKNOWN": (404, "repository name not known to registry"),
+    "SIZE_INVALID": (400, "provided length did not match content length"),
+    "UNAUTHORIZED": (401, "authentication required"),
+    "DENIED": (403, "requested access to the resource is denied"),
+    "UNSUPPORTED": (405, "the operation is unsupported"),
+    "TOOMANYREQUESTS": (429, "too many requests"),
+    "TAG_INVALID": (400, "manifest tag did not match URI"),
+    "RANGE_INVALID": (416, "invalid content range"),
+    "STORAGE_FULL": (507, "the registry's storage is full"),
+}
+
+
+class RegistryError(Exception):
+    """An error answered as ``{"errors": [{"code", "message", "detail"}]}``."""
+
+    def __init__(self, code: str, message: str | None = None, detail: Any = None,
+                 status: int | None = None, headers: dict[str, str] | None = None):
+        default_status, default_message = CODES[code]
+        super().__init__(message or default_message)
+        self.code = code
+        self.message = message or default_message
+        self.detail = detail
+        self.status = status or default_status
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        err: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.detail is not None:
+            err["detail"] = self.detail
+        return {"errors": [err]}

@@ -1,0 +1,41 @@
+"""Run the registry on uvicorn (uvloop + httptools), optionally with TLS and several workers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import orjson
+
+from taxiway.errors import InvalidInput
+from taxiway.registry.storage import FilesystemStorage
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"invalid listen address {listen!r}", "use HOST:PORT, e.g. 127.0.0.1:5000")
+    return host, int(port)
+
+
+def serve(root: Path, listen: str = "127.0.0.1:5000", *, tls_cert: str | None = None, tls_key: str | None = None,
+          auth: bool = True, delete: bool = True, workers: int = 1, realm: str | None = None,
+          service: str = "taxiway") -> None:
+    """Serve until interrupted. Partial uploads left by a crash are removed first."""
+    import uvicorn
+
+    from taxiway.registry.app import load_key
+
+    host, port = parse_listen(listen)
+    if bool(tls_cert) != bool(tls_key):
+        raise InvalidInput("--tls-cert and --tls-key go together", "pass both, or neither for plain HTTP")
+    root = Path(root)
+    FilesystemStorage(root).clean_uploads()
+    load_key(root)
+    os.environ["TAXIWAY_REGISTRY_CONFIG"] = orjson.dumps(
+        {"root": str(root), "auth": auth, "delete": delete, "realm": realm, "service": service}).decode()
+    uvicorn.run("taxiway.registry.app:app_from_env", factory=True, host=host, port=port, workers=workers,
+                loop="uvloop", http="httptools", ssl_certfile=tls_cert, ssl_keyfile=tls_key,
+                log_level="warning", access_log=False, server_header=False, date_header=False,
+                timeout_keep_alive=30)
