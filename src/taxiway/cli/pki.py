@@ -1,0 +1,277 @@
+"""``taxiway ca``: the certificate authority commands.
+
+Only click and the pure name rules are imported at module level; cryptography
+is imported inside the commands, so ``taxiway ca --help`` stays fast and
+``taxiway ca issue`` rejects bad names before paying for it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from taxiway.errors import InvalidInput, TaxiwayError
+
+
+def _say(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.group()
+def ca() -> None:
+    """The certificate authority: init, issue, renew, revoke.
+
+    The CA lives in $TAXIWAY_CAROOT (default $TAXIWAY_HOME/ca): a root (10
+    years, path length 1) and an online intermediate that signs leaves.
+    """
+
+
+@ca.command()
+@click.option("--ecdsa", "key", flag_value="ecdsa", default=True, help="ECDSA P-256 keys (the default).")
+@click.option("--rsa", "rsa_bits", type=click.Choice(["2048", "3072", "4096"]), default=None,
+              help="RSA keys of this size for the root and intermediate (e.g. --rsa 3072).")
+@click.option("--name-constraint", "constraints", multiple=True, metavar="DOMAIN|CIDR",
+              help="Only allow names under DOMAIN (or addresses in CIDR); repeatable. Enforced by TLS clients.")
+def init(key: str, rsa_bits: str | None, constraints: tuple[str, ...]) -> None:
+    """Create the CA: a root and an intermediate (idempotent)."""
+    from taxiway.pki.names import parse_constraint
+
+    cons = [parse_constraint(c) for c in constraints]
+    from taxiway.pki.ca import CA, ROOT_KEY
+
+    key_type = f"rsa-{rsa_bits}" if rsa_bits else "ecdsa-p256"
+    the_ca, created = CA.init(None, key_type=key_type, constraints=cons)
+    if not created:
+        _say(f"A CA already exists in {the_ca.dir}; nothing changed.")
+        return
+    _say(f"Created a CA in {the_ca.dir} ({key_type}), root valid until "
+         f"{the_ca.root.not_valid_after_utc:%Y-%m-%d}.")
+    if cons:
+        _say("Name constraints: " + ", ".join(c.value for c in cons))
+    _say(f"Leaves are signed by the intermediate; the root key {the_ca.dir / ROOT_KEY} can be moved offline.")
+    _say("Run `taxiway ca install` to trust it on this machine.")
+
+
+@ca.command()
+@click.option("--pem", is_flag=True, help="Print the root certificate instead of the directory.")
+def root(pem: bool) -> None:
+    """Print the CA directory (or, with --pem, the root certificate)."""
+    from taxiway.pki.ca import ROOT, default_dir
+
+    d = default_dir()
+    if not pem:
+        click.echo(str(d))
+        return
+    try:
+        sys.stdout.write((d / ROOT).read_text())
+    except FileNotFoundError:
+        raise TaxiwayError(f"no CA in {d}", "run `taxiway ca init` first") from None
+
+
+def _load():
+    from taxiway.pki.ca import CA
+
+    return CA.load()
+
+
+def _targets(targets) -> None:
+    for t in targets:
+        state = "added" if t.changed else "already there"
+        _say(f"{t.kind}: {t.location} ({state})")
+
+
+@ca.command()
+@click.option("--no-system", is_flag=True, help="Leave the system trust store alone.")
+@click.option("--no-nss", is_flag=True, help="Leave NSS databases (browsers) alone.")
+def install(no_system: bool, no_nss: bool) -> None:
+    """Trust the root system-wide and in NSS databases (Chromium, Firefox).
+
+    $TAXIWAY_TRUST_SYSROOT points the system store at another root directory;
+    $TAXIWAY_NSS_DBS lists NSS database directories (colon-separated).
+    """
+    from taxiway.pki import trust
+
+    _targets(trust.install(_load().root_pem, system=not no_system, nss=not no_nss))
+
+
+@ca.command()
+@click.option("--no-system", is_flag=True, help="Leave the system trust store alone.")
+@click.option("--no-nss", is_flag=True, help="Leave NSS databases (browsers) alone.")
+def uninstall(no_system: bool, no_nss: bool) -> None:
+    """Remove the root from the system trust store and NSS databases."""
+    from taxiway.pki import trust
+
+    for t in trust.uninstall(_load().root_pem, system=not no_system, nss=not no_nss):
+        _say(f"{t.kind}: {t.location} ({'removed' if t.changed else 'was not there'})")
+
+
+@ca.command()
+@click.argument("names", nargs=-1)
+@click.option("--client", is_flag=True, help="A client certificate (EKU clientAuth) for mutual TLS.")
+@click.option("--cn", default=None, help="Subject common name (mTLS servers often map it to a role).")
+@click.option("--days", type=click.IntRange(min=1), default=None, help="Valid for N days (default 2 years 3 months).")
+@click.option("--hours", type=click.IntRange(min=1), default=None, help="Valid for N hours.")
+@click.option("--cert-file", type=click.Path(dir_okay=False), help="Where to write the chain (leaf + intermediate).")
+@click.option("--key-file", type=click.Path(dir_okay=False), help="Where to write the private key (0600).")
+@click.option("--p12-file", type=click.Path(dir_okay=False), help="Also write a PKCS#12 bundle (0600).")
+@click.option("--p12-password", default="changeit", show_default=True, help="Password of the PKCS#12 bundle.")
+@click.option("--csr", "csr_file", type=click.Path(dir_okay=False), help="Sign this CSR (PEM or DER) instead of making a key.")
+@click.option("--ecdsa", "key", flag_value="ecdsa-p256", default=True, help="ECDSA P-256 key (the default).")
+@click.option("--rsa", "key", flag_value="rsa-2048", help="RSA 2048 key (mkcert's default).")
+@click.option("--force", is_flag=True, help="Overwrite an existing key or PKCS#12 file.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was issued as JSON.")
+def issue(names: tuple[str, ...], client: bool, cn: str | None, days: int | None, hours: int | None,
+          cert_file: str | None, key_file: str | None, p12_file: str | None, p12_password: str,
+          csr_file: str | None, key: str, force: bool, as_json: bool) -> None:
+    """Issue a certificate for NAMES: host names, *.wildcards, IPs, emails, URIs.
+
+    Writes NAME.pem (the chain) and NAME-key.pem in the current directory, as
+    mkcert does, unless --cert-file/--key-file say otherwise.
+    """
+    from taxiway.pki.names import file_stem, parse_names
+
+    parsed = parse_names(names)
+    if days is not None and hours is not None:
+        raise InvalidInput("--days and --hours both given", "pick one")
+    if not len(parsed) and not csr_file and not (client and cn):
+        raise InvalidInput("no names given", "name the hosts, IPs, emails or URIs: `taxiway ca issue example.test`")
+    csr_data = None
+    if csr_file:
+        try:
+            csr_data = Path(csr_file).read_bytes()
+        except OSError as e:
+            raise TaxiwayError(f"cannot read the CSR {csr_file}: {e.strerror}", "check the path and its permissions") from None
+        if not csr_data.strip():
+            raise InvalidInput(f"the CSR {csr_file} is empty", "give a PEM or DER certificate signing request")
+    stem = file_stem(parsed, client) if len(parsed) else (Path(csr_file).stem if csr_file else (cn or "client").replace("/", "_"))
+    cert_file = cert_file or f"./{stem}.pem"
+    if not csr_file:
+        key_file = key_file or f"./{stem}-key.pem"
+    elif key_file:
+        raise InvalidInput("--key-file with --csr", "the key stays with whoever made the CSR")
+    for f in (key_file, p12_file):
+        if f and not force and os.path.lexists(f):
+            raise TaxiwayError(f"{f} already exists", "pass --force to overwrite it")
+
+    from datetime import timedelta
+
+    validity = timedelta(days=days) if days else timedelta(hours=hours) if hours else None
+    the_ca = _load()
+    if csr_data is not None:
+        leaf = the_ca.issue_csr(csr_data, parsed.values(), client=client, cn=cn, validity=validity, record=False)
+    else:
+        leaf = the_ca.issue(parsed, client=client, cn=cn, validity=validity, key_type=key, record=False)
+    leaf.write(cert_file, key_file, force=True)
+    if p12_file:
+        from taxiway.fsutil import write_bytes_atomic
+
+        write_bytes_atomic(p12_file, leaf.pkcs12(p12_password), mode=0o600)
+    the_ca.record(leaf, validity=validity, csr=csr_data is not None, cert_file=cert_file, key_file=key_file,
+                  p12_file=p12_file)
+    if as_json:
+        from taxiway.cli.output import emit_json
+
+        emit_json({"serial": leaf.serial_hex, "names": leaf.names, "cn": leaf.cn, "client": leaf.client,
+                   "not_before": leaf.not_before.isoformat(), "not_after": leaf.not_after.isoformat(),
+                   "cert_file": str(Path(cert_file).resolve()),
+                   "key_file": str(Path(key_file).resolve()) if key_file else None,
+                   "p12_file": str(Path(p12_file).resolve()) if p12_file else None})
+        return
+    what = ", ".join(leaf.names) or f"CN={leaf.cn}"
+    _say(f"Issued a {'client' if client else 'server'} certificate for {what}")
+    _say(f"  chain: {cert_file}")
+    if key_file:
+        _say(f"  key:   {key_file}")
+    if p12_file:
+        _say(f"  p12:   {p12_file} (password {p12_password!r})")
+    _say(f"  serial {leaf.serial_hex}, expires {leaf.not_after:%Y-%m-%d %H:%M} UTC")
+
+
+@ca.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print the inventory as JSON (includes the PEMs).")
+@click.option("--all", "show_all", is_flag=True, help="Also show renewed certificates.")
+def ls(as_json: bool, show_all: bool) -> None:
+    """List issued certificates with their expiry and status."""
+    from taxiway.pki.duration import format_duration
+    from taxiway.pki.profile import now
+
+    at = now()
+    recs = [r for r in _load().records() if show_all or as_json or not r.renewed_by]
+    if as_json:
+        from taxiway.cli.output import emit_json
+
+        emit_json([r.to_json(at) for r in recs])
+        return
+    from datetime import datetime
+
+    from taxiway.cli.output import table
+
+    rows = [{"serial": r.serial, "names": ",".join(r.names) or f"CN={r.cn}",
+             "kind": "client" if r.client else "server", "expires": r.not_after[:16].replace("T", " "),
+             "left": format_duration(datetime.fromisoformat(r.not_after) - at), "status": r.status(at),
+             "file": r.cert_file or ""} for r in recs]
+    table(rows, ["serial", "names", "kind", "expires", "left", "status", "file"])
+
+
+@ca.command()
+@click.option("--before", default="30d", show_default=True, help="Renew what expires within this long (30d, 12h).")
+@click.option("--exec", "command", default=None, help="Shell command to run after renewing (e.g. a reload).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be renewed.")
+def renew(before: str, command: str | None, dry_run: bool) -> None:
+    """Re-issue certificates that expire soon, into the same files."""
+    from taxiway.pki.duration import parse_duration
+
+    window = parse_duration(before)
+    the_ca = _load()
+    due = the_ca.due(window)
+    if not due:
+        _say(f"Nothing expires within {before}.")
+        return
+    for rec in due:
+        if dry_run:
+            _say(f"would renew {rec.serial} ({', '.join(rec.names)}) expiring {rec.not_after[:16]}")
+            continue
+        leaf = the_ca.renew(rec)
+        _say(f"renewed {rec.serial} -> {leaf.serial_hex} ({', '.join(leaf.names) or leaf.cn}) into {rec.cert_file}")
+    if command and not dry_run:
+        import subprocess
+
+        p = subprocess.run(command, shell=True)
+        if p.returncode != 0:
+            raise TaxiwayError(f"--exec command exited with {p.returncode}", "the certificates were renewed; fix the command and run it by hand")
+
+
+@ca.command()
+@click.argument("serial")
+def revoke(serial: str) -> None:
+    """Revoke a certificate by SERIAL (hex, a unique prefix will do) and rewrite the CRL."""
+    from taxiway.pki.ca import CRL
+
+    the_ca = _load()
+    rec, new = the_ca.revoke(serial)
+    if new:
+        _say(f"Revoked {rec.serial} ({', '.join(rec.names) or rec.cn}); CRL: {the_ca.dir / CRL}")
+    else:
+        _say(f"{rec.serial} was already revoked (at {rec.revoked_at}); CRL: {the_ca.dir / CRL}")
+
+
+@ca.command()
+@click.option("--out", "out", type=click.Path(dir_okay=False), default=None, help="Write the CRL here instead of stdout.")
+@click.option("--days", type=click.IntRange(min=1), default=7, show_default=True, help="Days until the CRL's nextUpdate.")
+def crl(out: str | None, days: int) -> None:
+    """Print a fresh CRL (PEM) signed by the intermediate; also saved as crl.pem in the CA."""
+    from datetime import timedelta
+
+    from taxiway.fsutil import write_bytes_atomic
+
+    the_ca = _load()
+    path = the_ca.write_crl(timedelta(days=days))
+    data = path.read_bytes()
+    if out:
+        write_bytes_atomic(out, data)
+        _say(f"CRL written to {out}")
+    else:
+        sys.stdout.write(data.decode())

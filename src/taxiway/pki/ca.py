@@ -1,0 +1,358 @@
+"""The CA on disk: init, load, issue, record, revoke, CRL, renew.
+
+Layout of the CA directory (``$TAXIWAY_CAROOT``, default ``$TAXIWAY_HOME/ca``)::
+
+    root.pem               the root certificate (written last: its presence means "initialized")
+    root-key.pem           the root key, mode 0400 (may be moved offline after init)
+    intermediate.pem       the online intermediate that signs leaves and CRLs
+    intermediate-key.pem   its key, mode 0600
+    ca.json                key type and name constraints chosen at init
+    inventory.jsonl        issued/revoked/renewed events (see inventory.py)
+    crl.pem                the latest CRL (rewritten by revoke and ``taxiway ca crl``)
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import orjson
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from taxiway.errors import InvalidInput, NotFound, TaxiwayError
+from taxiway.fsutil import write_bytes_atomic
+from taxiway.pki import inventory, profile
+from taxiway.pki.inventory import Record
+from taxiway.pki.names import Name, Names, parse_constraint, parse_names, within_constraints
+
+ROOT, ROOT_KEY = "root.pem", "root-key.pem"
+INTER, INTER_KEY = "intermediate.pem", "intermediate-key.pem"
+META, INVENTORY, CRL = "ca.json", "inventory.jsonl", "crl.pem"
+
+
+def default_dir() -> Path:
+    """Where the CA lives: ``$TAXIWAY_CAROOT``, else ``$TAXIWAY_HOME/ca``."""
+    env = os.environ.get("TAXIWAY_CAROOT")
+    if env:
+        return Path(env)
+    from taxiway.paths import home
+
+    return home() / "ca"
+
+
+def serial_hex(serial: int) -> str:
+    """The inventory's spelling of a serial: 32 lower-case hex digits."""
+    return f"{serial:032x}"
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """An issued certificate: the leaf PEM, its key PEM (None for CSRs) and the chain to serve."""
+
+    cert_pem: bytes
+    key_pem: bytes | None
+    chain_pem: bytes  # leaf + intermediate: what a server presents
+    serial: int
+    names: list[str]
+    not_before: datetime
+    not_after: datetime
+    cn: str | None = None
+    client: bool = False
+    key_type: str = profile.DEFAULT_LEAF_KEY
+    _cert: x509.Certificate | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def serial_hex(self) -> str:
+        return serial_hex(self.serial)
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The parsed leaf certificate."""
+        return self._cert or x509.load_pem_x509_certificate(self.cert_pem)
+
+    def write(self, cert_file: str | os.PathLike, key_file: str | os.PathLike | None = None, *,
+              force: bool = False) -> None:
+        """Write the chain to ``cert_file`` (0644) and the key to ``key_file`` (0600).
+
+        Refuses to replace an existing key file unless ``force``: a key you lose
+        is a server you cannot restart.
+        """
+        if key_file is not None and self.key_pem is not None:
+            if not force and os.path.lexists(key_file):
+                raise TaxiwayError(f"key file {key_file} already exists", "pass --force to overwrite it")
+            write_bytes_atomic(key_file, self.key_pem, mode=0o600)
+        write_bytes_atomic(cert_file, self.chain_pem, mode=0o644)
+
+    def pkcs12(self, password: str = "changeit", ca_pem: bytes | None = None) -> bytes:
+        """A PKCS#12 bundle of the key, the leaf and the intermediate (mkcert's default password)."""
+        from cryptography.hazmat.primitives.serialization import pkcs12
+
+        if self.key_pem is None:
+            raise InvalidInput("no private key for a PKCS#12 file", "a certificate issued from a CSR has its key elsewhere")
+        key = serialization.load_pem_private_key(self.key_pem, None)
+        chain = x509.load_pem_x509_certificates(self.chain_pem)[1:]
+        enc = (serialization.BestAvailableEncryption(password.encode()) if password
+               else serialization.NoEncryption())
+        return pkcs12.serialize_key_and_certificates(b"taxiway", key, self.certificate, chain, enc)  # type: ignore[arg-type]
+
+
+class CA:
+    """A taxiway certificate authority stored in a directory.
+
+    ``CA.init(dir)`` creates one (idempotently), ``CA.load(dir)`` opens it, and
+    ``ca.issue(["web.internal"])`` returns a :class:`Leaf`. Safe to use from
+    several processes at once: issuing only appends to the inventory.
+    """
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        try:
+            self.root_pem = (self.dir / ROOT).read_bytes()
+        except FileNotFoundError:
+            raise NotFound(f"no CA in {self.dir}", "run `taxiway ca init` first") from None
+        except OSError as e:
+            raise TaxiwayError(f"cannot read the CA in {self.dir}: {e.strerror}", "check its permissions") from None
+        try:
+            self.intermediate_pem = (self.dir / INTER).read_bytes()
+            meta = orjson.loads((self.dir / META).read_bytes())
+        except (OSError, orjson.JSONDecodeError) as e:
+            raise TaxiwayError(f"the CA in {self.dir} is incomplete ({e})", "remove it and run `taxiway ca init` again") from None
+        self.root = x509.load_pem_x509_certificate(self.root_pem)
+        self.intermediate = x509.load_pem_x509_certificate(self.intermediate_pem)
+        self.key_type: str = meta.get("key_type", profile.DEFAULT_CA_KEY)
+        self.constraints: list[Name] = [Name(c["kind"], c["value"]) for c in meta.get("constraints", [])]
+        self._inter_key: profile.PrivateKey | None = None
+
+    # -- creating and opening -------------------------------------------------
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike | None = None) -> CA:
+        """Open the CA in ``directory`` (default: :func:`default_dir`); NotFound if there is none."""
+        return cls(Path(directory) if directory is not None else default_dir())
+
+    @classmethod
+    def exists(cls, directory: str | os.PathLike | None = None) -> bool:
+        d = Path(directory) if directory is not None else default_dir()
+        return (d / ROOT).exists()
+
+    @classmethod
+    def init(cls, directory: str | os.PathLike | None = None, *, key_type: str = profile.DEFAULT_CA_KEY,
+             constraints: Iterable[str | Name] = ()) -> tuple[CA, bool]:
+        """Create a root and an intermediate in ``directory``; return (ca, created).
+
+        Idempotent: if a CA is already there, nothing changes and created is False.
+        """
+        d = Path(directory) if directory is not None else default_dir()
+        if (d / ROOT).exists():
+            return cls(d), False
+        if key_type not in profile.KEY_TYPES:
+            raise InvalidInput(f"unknown key type {key_type!r}", f"use one of {', '.join(profile.KEY_TYPES)}")
+        cons = [c if isinstance(c, Name) else parse_constraint(c) for c in constraints]
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(d, 0o700)
+        root_key = profile.generate_key(key_type)
+        root = profile.make_root(root_key, constraints=cons)
+        inter_key = profile.generate_key(key_type)
+        inter = profile.make_intermediate(inter_key, root, root_key, constraints=cons)
+        pem = serialization.Encoding.PEM
+        write_bytes_atomic(d / ROOT_KEY, profile.key_to_pem(root_key), mode=0o400)
+        write_bytes_atomic(d / INTER_KEY, profile.key_to_pem(inter_key), mode=0o600)
+        write_bytes_atomic(d / INTER, inter.public_bytes(pem))
+        meta = {"version": 1, "key_type": key_type, "created": profile.now().isoformat(),
+                "constraints": [{"kind": c.kind, "value": c.value} for c in cons]}
+        write_bytes_atomic(d / META, orjson.dumps(meta, option=orjson.OPT_INDENT_2) + b"\n")
+        write_bytes_atomic(d / ROOT, root.public_bytes(pem))  # last: marks the CA complete
+        return cls(d), True
+
+    # -- issuing --------------------------------------------------------------
+
+    @property
+    def intermediate_key(self) -> profile.PrivateKey:
+        if self._inter_key is None:
+            try:
+                data = (self.dir / INTER_KEY).read_bytes()
+            except OSError as e:
+                raise TaxiwayError(f"cannot read the intermediate key in {self.dir}: {e.strerror}",
+                                   "run as the CA's owner") from None
+            self._inter_key = serialization.load_pem_private_key(data, None)  # type: ignore[assignment]
+        return self._inter_key  # type: ignore[return-value]
+
+    def check_names(self, names: Names) -> None:
+        """Refuse names outside the CA's name constraints (OpenSSL would reject the chain anyway)."""
+        if not self.constraints:
+            return
+        for n in names.ordered():
+            if not within_constraints(n, self.constraints):
+                allowed = ", ".join(c.value for c in self.constraints)
+                raise InvalidInput(f"{n.value} is outside this CA's name constraints",
+                                   f"this CA may only issue for {allowed}")
+
+    def issue(self, names: Iterable[str] | Names, *, client: bool = False, cn: str | None = None,
+              validity: timedelta | None = None, not_before: datetime | None = None,
+              key_type: str | None = None, public_key: profile.PublicKey | None = None,
+              record: bool = True) -> Leaf:
+        """Issue a leaf for ``names`` (host names, wildcards, IPs, emails, URIs).
+
+        ``validity`` defaults to mkcert's 2 years 3 months; pass hours for
+        short-lived service certificates. ``public_key`` signs a key you hold
+        (from a CSR) instead of generating one. ``record`` adds the certificate
+        to the inventory (``taxiway ca ls``, revoke, renew).
+        """
+        parsed = names if isinstance(names, Names) else parse_names(list(names))
+        self.check_names(parsed)
+        at = not_before + profile.BACKDATE if not_before is not None else None
+        nb, na = profile.leaf_validity(validity=validity, at=at)
+        limit = self.intermediate.not_valid_after_utc
+        if na > limit:
+            raise InvalidInput(f"the certificate would outlive the intermediate (expires {limit:%Y-%m-%d})",
+                               "ask for a shorter validity")
+        key = None
+        if public_key is None:
+            key = profile.generate_key(key_type or profile.DEFAULT_LEAF_KEY)
+            public_key = key.public_key()
+        cert = profile.make_leaf(public_key, self.intermediate, self.intermediate_key, parsed, client=client,
+                                 cn=cn, not_before=nb, not_after=na)
+        cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        leaf = Leaf(cert_pem=cert_pem, key_pem=profile.key_to_pem(key) if key is not None else None,
+                    chain_pem=cert_pem + self.intermediate_pem, serial=cert.serial_number,
+                    names=parsed.values(), not_before=nb, not_after=na, cn=cn, client=client,
+                    key_type=profile.key_type_of(public_key), _cert=cert)
+        if record:
+            self.record(leaf, validity=validity, csr=key is None)
+        return leaf
+
+    def issue_csr(self, csr_pem: bytes, names: Iterable[str] = (), **kw) -> Leaf:
+        """Sign the public key of a PEM or DER CSR; its SANs are used unless ``names`` are given."""
+        csr = load_csr(csr_pem)
+        if not names:
+            names = csr_names(csr)
+        return self.issue(names, public_key=csr.public_key(), **kw)  # type: ignore[arg-type]
+
+    def record(self, leaf: Leaf, *, validity: timedelta | None = None, csr: bool = False,
+               cert_file: str | os.PathLike | None = None, key_file: str | os.PathLike | None = None,
+               p12_file: str | os.PathLike | None = None) -> Record:
+        """Add an issued leaf to the inventory, with the files it was written to."""
+        ab = (lambda p: str(Path(p).resolve()) if p is not None else None)
+        rec = Record(serial=leaf.serial_hex, names=leaf.names, not_before=leaf.not_before.isoformat(),
+                     not_after=leaf.not_after.isoformat(), issued_at=profile.now().isoformat(),
+                     key_type=leaf.key_type, client=leaf.client, cn=leaf.cn,
+                     validity_seconds=int(validity.total_seconds()) if validity is not None else None,
+                     cert_file=ab(cert_file), key_file=ab(key_file), p12_file=ab(p12_file),
+                     public_key=(leaf.certificate.public_key().public_bytes(
+                         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+                         if csr else None),
+                     cert=leaf.cert_pem.decode())
+        ev = {"event": "issued", **{k: v for k, v in rec.__dict__.items() if k != "extra" and v is not None}}
+        inventory.append(self.dir / INVENTORY, ev)
+        return rec
+
+    # -- inventory, revocation, renewal -----------------------------------------
+
+    def records(self) -> list[Record]:
+        """Every certificate in the inventory, oldest first."""
+        return list(inventory.read(self.dir / INVENTORY).values())
+
+    def find(self, serial: str) -> Record:
+        """The record whose serial is (or starts with) ``serial``: hex, colons and case ignored."""
+        s = serial.lower().replace(":", "").removeprefix("0x")
+        if not s or any(c not in "0123456789abcdef" for c in s):
+            raise InvalidInput(f"invalid serial {serial!r}", "give the hex serial shown by `taxiway ca ls`")
+        recs = inventory.read(self.dir / INVENTORY)
+        if s.lstrip("0") and len(s) < 32:
+            matches = [r for r in recs.values() if r.serial.lstrip("0").startswith(s.lstrip("0"))]
+        else:
+            matches = [r for r in recs.values() if r.serial == s.rjust(32, "0")]
+        if not matches:
+            raise NotFound(f"no certificate with serial {serial} in this CA", "see `taxiway ca ls`")
+        if len(matches) > 1:
+            raise InvalidInput(f"serial prefix {serial} matches {len(matches)} certificates", "give more digits")
+        return matches[0]
+
+    def revoke(self, serial: str) -> tuple[Record, bool]:
+        """Revoke a certificate and rewrite crl.pem; return (record, newly_revoked)."""
+        rec = self.find(serial)
+        if rec.revoked_at:
+            return rec, False
+        rec.revoked_at = profile.now().isoformat()
+        inventory.append(self.dir / INVENTORY, {"event": "revoked", "serial": rec.serial, "at": rec.revoked_at})
+        self.write_crl()
+        return rec, True
+
+    def crl_pem(self, next_update: timedelta = timedelta(days=7)) -> bytes:
+        """A fresh CRL, signed by the intermediate, listing every revoked leaf."""
+        revoked = [(int(r.serial, 16), datetime.fromisoformat(r.revoked_at))
+                   for r in self.records() if r.revoked_at]
+        crl = profile.make_crl(self.intermediate, self.intermediate_key, revoked, next_update=next_update)
+        return crl.public_bytes(serialization.Encoding.PEM)
+
+    def write_crl(self, next_update: timedelta = timedelta(days=7)) -> Path:
+        """Write a fresh CRL to ``crl.pem`` in the CA directory and return its path."""
+        write_bytes_atomic(self.dir / CRL, self.crl_pem(next_update))
+        return self.dir / CRL
+
+    def due(self, before: timedelta, at: datetime | None = None) -> list[Record]:
+        """Current certificates written to files that expire within ``before`` (or already have)."""
+        at = at or profile.now()
+        return [r for r in self.records()
+                if not r.revoked_at and not r.renewed_by and r.cert_file
+                and datetime.fromisoformat(r.not_after) - at <= before]
+
+    def renew(self, rec: Record) -> Leaf:
+        """Re-issue ``rec`` with the same names and options, replace its files, and record both."""
+        validity = timedelta(seconds=rec.validity_seconds) if rec.validity_seconds else None
+        public_key = (serialization.load_pem_public_key(rec.public_key.encode()) if rec.public_key else None)
+        leaf = self.issue(rec.names, client=rec.client, cn=rec.cn, validity=validity,
+                          key_type=None if public_key else rec.key_type,
+                          public_key=public_key, record=False)  # type: ignore[arg-type]
+        if rec.cert_file:
+            leaf.write(rec.cert_file, rec.key_file, force=True)
+        if rec.p12_file:
+            write_bytes_atomic(rec.p12_file, leaf.pkcs12(), mode=0o600)
+        self.record(leaf, validity=validity, csr=public_key is not None, cert_file=rec.cert_file,
+                    key_file=rec.key_file, p12_file=rec.p12_file)
+        inventory.append(self.dir / INVENTORY, {"event": "renewed", "serial": rec.serial, "by": leaf.serial_hex})
+        return leaf
+
+    # -- TLS --------------------------------------------------------------------
+
+    def ssl_context(self, leaf: Leaf | None = None, *, server: bool = False, client_auth: str = "none",
+                    check_crl: bool = False) -> ssl.SSLContext:
+        """An ``ssl.SSLContext`` trusting this CA; see :func:`taxiway.pki.tls.context`."""
+        from taxiway.pki.tls import context
+
+        return context(self, leaf, server=server, client_auth=client_auth, check_crl=check_crl)
+
+
+def load_csr(data: bytes) -> x509.CertificateSigningRequest:
+    """Parse a PEM or DER CSR and check its self-signature; InvalidInput if it is not one."""
+    try:
+        csr = (x509.load_pem_x509_csr(data) if b"-----BEGIN" in data else x509.load_der_x509_csr(data))
+    except ValueError as e:
+        raise InvalidInput(f"malformed CSR ({e})", "give a PEM or DER certificate signing request") from None
+    if not csr.is_signature_valid:
+        raise InvalidInput("the CSR's signature does not verify", "create the CSR again with its own key")
+    return csr
+
+
+def csr_names(csr: x509.CertificateSigningRequest) -> list[str]:
+    """The names a CSR asks for: its SANs, else its CN."""
+    try:
+        san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        san = None
+    out: list[str] = []
+    if san is not None:
+        out += [str(v) for v in san.get_values_for_type(x509.DNSName)]
+        out += [str(v) for v in san.get_values_for_type(x509.IPAddress)]
+        out += [str(v) for v in san.get_values_for_type(x509.RFC822Name)]
+        out += [str(v) for v in san.get_values_for_type(x509.UniformResourceIdentifier)]
+    if not out:
+        out = [str(a.value) for a in csr.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)]
+    if not out:
+        raise InvalidInput("the CSR names no host", "put the names in its subjectAltName or pass them as arguments")
+    return out

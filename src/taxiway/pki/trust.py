@@ -1,0 +1,153 @@
+"""Install the root into (and remove it from) the system trust store and NSS databases.
+
+* System (Debian/Ubuntu): the root is copied to
+  ``<sysroot>/usr/local/share/ca-certificates/taxiway-<fingerprint>.crt`` and
+  ``update-ca-certificates --sysroot <sysroot>`` rebuilds the bundle.
+  ``$TAXIWAY_TRUST_SYSROOT`` (default ``/``) points it elsewhere, which tests use.
+* NSS (Chromium, Firefox): ``certutil -A`` into each database in
+  ``$TAXIWAY_NSS_DBS`` (colon-separated directories), else the ones found in
+  ``~/.pki/nssdb`` and Firefox profiles; skipped when certutil is missing.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from taxiway.errors import TaxiwayError
+
+LOCAL_CERTS = "usr/local/share/ca-certificates"
+ETC_CERTS = "etc/ssl/certs"
+
+
+@dataclass
+class Target:
+    """One trust store changed (or found unchanged) by install/uninstall."""
+
+    kind: str  # "system" or "nss"
+    location: str
+    changed: bool
+
+
+def fingerprint(root_pem: bytes) -> str:
+    """SHA-256 over the PEM text's DER, first 16 hex digits: names the root in stores."""
+    import base64
+
+    body = b"".join(line for line in root_pem.splitlines() if line and not line.startswith(b"-----"))
+    return hashlib.sha256(base64.b64decode(body)).hexdigest()[:16]
+
+
+def sysroot() -> Path:
+    return Path(os.environ.get("TAXIWAY_TRUST_SYSROOT") or "/")
+
+
+def nss_databases() -> list[Path]:
+    """NSS databases to update: ``$TAXIWAY_NSS_DBS`` or the user's usual ones."""
+    env = os.environ.get("TAXIWAY_NSS_DBS")
+    if env is not None:
+        return [Path(p) for p in env.split(":") if p]
+    h = Path.home()
+    found = [h / ".pki/nssdb", h / "snap/chromium/current/.pki/nssdb"]
+    found += [Path(p) for p in glob.glob(str(h / ".mozilla/firefox/*")) if os.path.isdir(p)]
+    return [p for p in found if (p / "cert9.db").exists() or (p / "cert8.db").exists()]
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise TaxiwayError(f"{argv[0]} is not installed", "install the ca-certificates package") from None
+
+
+def _update_system(root: Path) -> None:
+    tool = shutil.which("update-ca-certificates") or "/usr/sbin/update-ca-certificates"
+    argv = [tool] if str(root) == "/" else [tool, "--sysroot", str(root)]
+    p = _run(argv)
+    if p.returncode != 0:
+        raise TaxiwayError(f"update-ca-certificates failed: {(p.stderr or p.stdout).strip()[:300]}",
+                           "run it by hand to see why")
+
+
+def _nick(fp: str) -> str:
+    return f"taxiway root {fp}"
+
+
+def install(root_pem: bytes, *, system: bool = True, nss: bool = True) -> list[Target]:
+    """Trust ``root_pem`` system-wide and in NSS databases; idempotent."""
+    fp = fingerprint(root_pem)
+    out: list[Target] = []
+    if system:
+        root = sysroot()
+        dest = root / LOCAL_CERTS / f"taxiway-{fp}.crt"
+        changed = not dest.exists() or dest.read_bytes() != root_pem
+        if changed:
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_suffix(".tmp")
+                tmp.write_bytes(root_pem)
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, dest)
+            except PermissionError:
+                raise TaxiwayError(f"cannot write {dest.parent} (permission denied)",
+                                   "run `sudo taxiway ca install` with the same TAXIWAY_CAROOT") from None
+        _update_system(root)
+        out.append(Target("system", str(dest), changed))
+    if nss:
+        certutil = shutil.which("certutil")
+        for db in nss_databases() if certutil else []:
+            d = f"sql:{db}"
+            present = _run([certutil, "-L", "-d", d, "-n", _nick(fp)]).returncode == 0
+            if not present:
+                import tempfile
+
+                with tempfile.NamedTemporaryFile(suffix=".pem") as f:
+                    f.write(root_pem)
+                    f.flush()
+                    p = _run([certutil, "-A", "-d", d, "-t", "C,,", "-n", _nick(fp), "-i", f.name])
+                if p.returncode != 0:
+                    raise TaxiwayError(f"certutil could not add the root to {db}: {p.stderr.strip()[:200]}",
+                                       "check that the database is writable")
+            out.append(Target("nss", str(db), not present))
+    return out
+
+
+def uninstall(root_pem: bytes, *, system: bool = True, nss: bool = True) -> list[Target]:
+    """Remove ``root_pem`` from the system store and NSS databases; idempotent."""
+    fp = fingerprint(root_pem)
+    out: list[Target] = []
+    if system:
+        root = sysroot()
+        crt = root / LOCAL_CERTS / f"taxiway-{fp}.crt"
+        changed = crt.exists()
+        if changed:
+            try:
+                crt.unlink()
+            except PermissionError:
+                raise TaxiwayError(f"cannot remove {crt} (permission denied)", "run `sudo taxiway ca uninstall`") from None
+        # update-ca-certificates leaves the links to a removed local certificate
+        # behind (it only prunes orphans when its own set changes): remove ours.
+        etc = root / ETC_CERTS
+        pem_name = f"taxiway-{fp}.pem"
+        if etc.is_dir():
+            for link in etc.iterdir():
+                if link.is_symlink() and os.path.basename(os.readlink(link)) in (pem_name, crt.name):
+                    link.unlink()
+        if changed or etc.is_dir():
+            _update_system(root)
+        out.append(Target("system", str(crt), changed))
+    if nss:
+        certutil = shutil.which("certutil")
+        for db in nss_databases() if certutil else []:
+            d = f"sql:{db}"
+            removed = False
+            while _run([certutil, "-L", "-d", d, "-n", _nick(fp)]).returncode == 0:
+                if _run([certutil, "-D", "-d", d, "-n", _nick(fp)]).returncode != 0:
+                    raise TaxiwayError(f"certutil could not remove the root from {db}", "check that it is writable")
+                removed = True
+            out.append(Target("nss", str(db), removed))
+    return out
