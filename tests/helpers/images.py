@@ -235,3 +235,42 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def tree_manifest(root: Path, *, mtimes: bool = True, dir_mtimes: bool = True) -> dict[str, dict]:
+    """Everything about a tree worth comparing: type, mode, owner, content hash,
+    link target, device numbers, xattrs, mtime, and hardlink group (keyed by the
+    group's first path), keyed by path relative to ``root`` (the root excluded).
+    """
+    import os
+    import stat as st_
+
+    out: dict[str, dict] = {}
+    inodes: dict[tuple[int, int], str] = {}
+    root = Path(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(dirnames + filenames):
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            s = os.lstat(p)
+            kind = {st_.S_IFREG: "file", st_.S_IFDIR: "dir", st_.S_IFLNK: "symlink", st_.S_IFCHR: "chr",
+                    st_.S_IFBLK: "blk", st_.S_IFIFO: "fifo", st_.S_IFSOCK: "sock"}[st_.S_IFMT(s.st_mode)]
+            d: dict = {"type": kind, "uid": s.st_uid, "gid": s.st_gid}
+            if kind != "symlink":
+                d["mode"] = oct(st_.S_IMODE(s.st_mode))
+                d["xattrs"] = {k: os.getxattr(p, k, follow_symlinks=False).hex()
+                               for k in sorted(os.listxattr(p, follow_symlinks=False))}
+            if kind == "file":
+                d["sha256"] = sha256_file(p)
+                d["size"] = s.st_size
+                key = (s.st_dev, s.st_ino)
+                d["link_group"] = inodes.setdefault(key, rel) if s.st_nlink > 1 else None
+            elif kind == "symlink":
+                d["target"] = os.readlink(p)
+            elif kind in ("chr", "blk"):
+                d["rdev"] = (os.major(s.st_rdev), os.minor(s.st_rdev))
+            if mtimes and (kind != "dir" or dir_mtimes):
+                d["mtime_ns"] = s.st_mtime_ns
+            out[rel] = d
+    return out

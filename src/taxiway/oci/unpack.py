@@ -1,0 +1,650 @@
+"""Apply OCI layers safely onto a root directory: export, snapshots, builds.
+
+Each tar entry is applied here, by hand: ``tarfile`` only parses headers and
+hands out member data; it never extracts. Every path is resolved inside the
+root (see :mod:`taxiway.oci._safepath`), leaves are never followed, files are
+created fresh (``O_EXCL|O_NOFOLLOW``, so a lower layer's hardlink or symlink
+is replaced, never written through), and metadata is applied through file
+descriptors. Layers stream: decompression (isal for gzip, zstandard for
+zstd), hashing (the diff ID) and writing happen chunk by chunk.
+
+Semantics follow the OCI image spec's "Applying changesets": ``.wh.NAME``
+deletes NAME from lower layers, ``.wh..wh..opq`` hides a directory's lower
+children, later entries replace earlier ones, and a directory entry over an
+existing directory merges.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from taxiway.errors import InvalidInput, TaxiwayError
+from taxiway.oci._safepath import RootFS, clean
+from taxiway.oci.image import Descriptor, Image
+from taxiway.oci.mediatypes import layer_compression
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+_CHUNK = 1 << 20
+_MAX_WARNINGS = 100
+# Errors no entry can cause: stop the whole layer instead of skipping an entry.
+_FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE,
+                           errno.ENOMEM})
+# xattrs that describe the host, not the image: never copied onto it.
+_IGNORED_XATTRS = frozenset({"security.selinux"})
+
+
+class LayerError(TaxiwayError):
+    """A layer could not be read: corrupt, truncated, or not what its digest says."""
+
+
+@dataclass
+class LayerStats:
+    """What applying one layer did."""
+
+    entries: int = 0
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    devices: int = 0
+    fifos: int = 0
+    whiteouts: int = 0
+    bytes: int = 0  # file content written
+    tar_bytes: int = 0  # the uncompressed layer
+    diff_id: str = ""  # sha256 of the uncompressed layer
+    skipped: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+    def warn(self, msg: str) -> None:
+        self.skipped += 1
+        if len(self.warnings) < _MAX_WARNINGS:
+            self.warnings.append(msg)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__, warnings=list(self.warnings))
+
+
+@dataclass
+class ExportStats:
+    """What exporting an image did, layer by layer."""
+
+    dest: str
+    layers: list[LayerStats] = field(default_factory=list)
+
+    def total(self, name: str) -> int:
+        return sum(getattr(s, name) for s in self.layers)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [w for s in self.layers for w in s.warnings]
+
+    def to_json(self) -> dict[str, Any]:
+        keys = ("entries", "files", "dirs", "symlinks", "hardlinks", "devices", "fifos", "whiteouts",
+                "bytes", "tar_bytes", "skipped")
+        return {"dest": self.dest, **{k: self.total(k) for k in keys},
+                "layers": [s.to_json() for s in self.layers]}
+
+
+# --------------------------------------------------------------------------
+# Chain IDs
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """The OCI chain IDs of a layer stack: ChainID(n) = sha256(ChainID(n-1) + " " + DiffID(n))."""
+    from taxiway.oci.digest import Digest
+
+    out: list[str] = []
+    for d in diff_ids:
+        d = str(Digest.parse(d))
+        if not out:
+            out.append(d)
+        else:
+            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+    return out
+
+
+# --------------------------------------------------------------------------
+# Streams
+
+
+class _Counting:
+    """Reports how many compressed bytes were consumed."""
+
+    def __init__(self, raw: BinaryIO, progress: Callable[[int], None]):
+        self._raw, self._progress = raw, progress
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._raw.read(n)
+        if b:
+            self._progress(len(b))
+        return b
+
+
+def _decompressor(raw: Any, compression: str) -> Any:
+    if compression == "gzip":
+        from isal import igzip
+
+        return igzip.IGzipFile(fileobj=raw, mode="rb")
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_size=_CHUNK, read_across_frames=True)
+    return raw
+
+
+class _TarSource:
+    """A forward-only, hashing file over the uncompressed layer, for TarFile.
+
+    ``tell``/forward ``seek`` are all TarFile needs in ``r`` mode; file data
+    goes straight from the decompressor's chunks to the destination fd.
+    """
+
+    def __init__(self, src: Any, label: str):
+        self._src, self._label = src, label
+        self._buf = b""
+        self._off = 0
+        self._pos = 0
+        self._hash = hashlib.sha256()
+        self.eof = False
+        self.last_block = b""  # the last header TarFile read: all zeros at a proper end
+
+    def _more(self) -> bool:
+        try:
+            chunk = self._src.read(_CHUNK)
+        except Exception as e:  # gzip/zstd/IO errors all mean "this layer is broken"
+            raise LayerError(f"{self._label} is corrupt or truncated ({e.__class__.__name__}: {e})",
+                             "remove the image and pull it again") from e
+        if not chunk:
+            self.eof = True
+            return False
+        self._hash.update(chunk)
+        self._buf, self._off = chunk, 0
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 62
+        avail = len(self._buf) - self._off
+        if n <= avail:
+            out = self._buf[self._off:self._off + n]
+            self._off += n
+            self._pos += n
+            if n == tarfile.BLOCKSIZE:
+                self.last_block = out
+            return out
+        parts = [self._buf[self._off:]] if avail else []
+        got = avail
+        self._buf, self._off = b"", 0
+        while got < n and self._more():
+            take = min(n - got, len(self._buf))
+            parts.append(self._buf if take == len(self._buf) else self._buf[:take])
+            self._off = take
+            got += take
+        if self._off == len(self._buf):
+            self._buf, self._off = b"", 0
+        self._pos += got
+        out = b"".join(parts)
+        if n == tarfile.BLOCKSIZE:
+            self.last_block = out
+        return out
+
+    def copy_to(self, fd: int, n: int) -> None:
+        """Write the next ``n`` bytes to ``fd`` without extra copies."""
+        while n:
+            if self._off >= len(self._buf) and not self._more():
+                raise LayerError(f"{self._label} is truncated (a file's data ends early)",
+                                 "remove the image and pull it again")
+            take = min(n, len(self._buf) - self._off)
+            view = memoryview(self._buf)[self._off:self._off + take]
+            while view:
+                w = os.write(fd, view)
+                view = view[w:]
+            self._off += take
+            self._pos += take
+            n -= take
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0 or pos < self._pos:
+            raise OSError(errno.ESPIPE, "a layer stream only seeks forward")
+        while self._pos < pos:
+            if not self.read(min(pos - self._pos, _CHUNK)):
+                break
+        return self._pos
+
+    def drain(self) -> str:
+        """Read to the end (trailing padding counts for the diff ID); the sha256 digest."""
+        self._pos += len(self._buf) - self._off
+        while self._more():
+            self._pos += len(self._buf)
+        self._buf, self._off = b"", 0
+        return "sha256:" + self._hash.hexdigest()
+
+
+# --------------------------------------------------------------------------
+# Entries
+
+
+def _times_ns(m: tarfile.TarInfo) -> tuple[int, int]:
+    def exact(key: str, fallback: float) -> int:
+        s = m.pax_headers.get(key)
+        if s:
+            whole, _, frac = s.partition(".")
+            try:
+                neg = whole.startswith("-")
+                ns = abs(int(whole)) * 1_000_000_000 + int((frac + "000000000")[:9] or 0)
+                return -ns if neg else ns
+            except ValueError:
+                pass
+        return int(fallback * 1_000_000_000)
+
+    mt = exact("mtime", m.mtime)
+    return exact("atime", mt / 1e9) if "atime" in m.pax_headers else mt, mt
+
+
+def _xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
+    # An empty pax value deletes the keyword (POSIX pax; Go's archive/tar agrees).
+    out = []
+    for k, v in m.pax_headers.items():
+        if not v:
+            continue
+        if k.startswith("SCHILY.xattr."):
+            out.append((k[len("SCHILY.xattr."):], v.encode("utf-8", "surrogateescape")))
+        elif k.startswith("LIBARCHIVE.xattr."):
+            try:
+                out.append((urllib.parse.unquote(k[len("LIBARCHIVE.xattr."):]), base64.b64decode(v)))
+            except ValueError:
+                continue
+    return out
+
+
+class _Applier:
+    """Applies one layer's entries; keeps the per-layer bookkeeping."""
+
+    def __init__(self, fs: RootFS, stats: LayerStats, same_owner: bool):
+        self.fs = fs
+        self.stats = stats
+        self.same_owner = same_owner
+        self.upper: set[tuple[str, ...]] = set()  # paths this layer made (and their parents)
+        self.dirs: dict[tuple[str, ...], tarfile.TarInfo] = {}  # dir metadata, applied at the end
+        self.saved_times: dict[tuple[str, ...], tuple[int, int]] = {}  # parents we touched
+        self.xattr_warned: set[str] = set()
+
+    # -- helpers -------------------------------------------------------------
+    def _mark_upper(self, parts: tuple[str, ...]) -> None:
+        p = parts
+        while p and p not in self.upper:
+            self.upper.add(p)
+            p = p[:-1]
+
+    def _save_times(self, pparts: tuple[str, ...], pfd: int) -> None:
+        if pparts not in self.saved_times:
+            st = os.fstat(pfd)
+            self.saved_times[pparts] = (st.st_atime_ns, st.st_mtime_ns)
+
+    def _remove(self, pfd: int, name: str) -> bool:
+        """Remove ``name`` (never following it); True if something was there."""
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=pfd)
+            self.fs.invalidate()
+        else:
+            os.unlink(name, dir_fd=pfd)
+            if stat.S_ISLNK(st.st_mode):
+                self.fs.invalidate()
+        return True
+
+    def _set_xattrs(self, target: int | str, m: tarfile.TarInfo) -> None:
+        for name, value in _xattrs(m):
+            if name in _IGNORED_XATTRS:
+                continue
+            try:
+                os.setxattr(target, name, value)
+            except OSError as e:
+                if e.errno in _FATAL_ERRNOS:
+                    raise
+                if name not in self.xattr_warned:
+                    self.xattr_warned.add(name)
+                    self.stats.warn(f"{m.name}: xattr {name} not set ({e.strerror})")
+
+    def _meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
+        if self.same_owner:
+            os.fchown(fd, m.uid, m.gid)
+        self._set_xattrs(fd, m)
+        os.fchmod(fd, m.mode & 0o7777)
+        os.utime(fd, ns=_times_ns(m))
+
+    # -- the dispatcher ------------------------------------------------------
+    def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo, src: _TarSource) -> None:
+        self.stats.entries += 1
+        parts = clean(m.name)
+        base = parts[-1] if parts else ""
+        if base.startswith(WHITEOUT_PREFIX):
+            self.stats.whiteouts += 1
+            if base == OPAQUE_MARKER:
+                self._opaque(parts[:-1])
+            elif base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
+                pass  # other aufs metadata (.wh..wh.plnk...): nothing to apply
+            elif base[len(WHITEOUT_PREFIX):] in ("", ".", ".."):
+                self.stats.warn(f"{m.name}: whiteout of nothing, ignored")
+            else:
+                self._whiteout(parts[:-1] + (base[len(WHITEOUT_PREFIX):],))
+            return
+        if not parts:
+            if m.isdir():
+                self.dirs[()] = m
+            else:
+                self.stats.warn(f"{m.name!r}: refusing to replace the root with a non-directory")
+            return
+        pparts, name = parts[:-1], parts[-1]
+        try:
+            pfd = self.fs.dirfd(pparts, create=True)
+        except OSError as e:
+            if e.errno in _FATAL_ERRNOS:
+                raise
+            self.stats.warn(f"{m.name}: parent is not a directory inside the root ({e.strerror}), skipped")
+            return
+        self._mark_upper(parts)
+        self._save_times(pparts, pfd)
+        try:
+            if m.isreg():
+                self._file(tf, m, src, pfd, name)
+            elif m.isdir():
+                self._dir(m, pfd, name, parts)
+            elif m.issym():
+                self._symlink(m, pfd, name)
+            elif m.islnk():
+                self._hardlink(m, pfd, name, parts)
+            elif m.ischr() or m.isblk() or m.isfifo():
+                self._special(m, pfd, name)
+            else:
+                self.stats.warn(f"{m.name}: unsupported tar entry type {m.type!r}, skipped")
+        except OSError as e:
+            if e.errno in _FATAL_ERRNOS:
+                raise
+            self.stats.warn(f"{m.name}: {e.strerror}, skipped")
+
+    # -- entry kinds ---------------------------------------------------------
+    def _file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, src: _TarSource, pfd: int, name: str) -> None:
+        self._remove(pfd, name)
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=pfd)
+        try:
+            if m.sparse is not None:
+                f = tf.extractfile(m)
+                assert f is not None
+                while chunk := f.read(_CHUNK):
+                    os.write(fd, chunk)
+            elif m.size:
+                src.copy_to(fd, m.size)
+            self._meta_fd(fd, m)
+        finally:
+            os.close(fd)
+        self.stats.files += 1
+        self.stats.bytes += m.size
+
+    def _dir(self, m: tarfile.TarInfo, pfd: int, name: str, parts: tuple[str, ...]) -> None:
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            is_dir = stat.S_ISDIR(st.st_mode)
+        except FileNotFoundError:
+            st, is_dir = None, False
+        if not is_dir:
+            if st is not None:
+                self._remove(pfd, name)
+            os.mkdir(name, 0o700, dir_fd=pfd)
+        self.dirs[parts] = m
+        self.stats.dirs += 1
+
+    def _symlink(self, m: tarfile.TarInfo, pfd: int, name: str) -> None:
+        self._remove(pfd, name)
+        os.symlink(m.linkname, name, dir_fd=pfd)
+        if self.same_owner:
+            os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+        os.utime(name, ns=_times_ns(m), dir_fd=pfd, follow_symlinks=False)
+        self.stats.symlinks += 1
+
+    def _hardlink(self, m: tarfile.TarInfo, pfd: int, name: str, parts: tuple[str, ...]) -> None:
+        tparts = clean(m.linkname)
+        if not tparts:
+            self.stats.warn(f"{m.name}: hardlink to the root, skipped")
+            return
+        if tparts == parts:
+            return  # a link to itself: what is there stays
+        try:
+            tpfd = self.fs.dirfd(tparts[:-1], create=False)
+            tst = os.stat(tparts[-1], dir_fd=tpfd, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in _FATAL_ERRNOS:
+                raise
+            self.stats.warn(f"{m.name}: hardlink target {m.linkname} not in the root ({e.strerror}), skipped")
+            return
+        if stat.S_ISDIR(tst.st_mode):
+            self.stats.warn(f"{m.name}: hardlink to a directory ({m.linkname}), skipped")
+            return
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) == (tst.st_dev, tst.st_ino):
+                self.stats.hardlinks += 1
+                return
+        except FileNotFoundError:
+            pass
+        self._remove(pfd, name)
+        # linkat without AT_SYMLINK_FOLLOW: a link to a symlink links the symlink itself.
+        os.link(tparts[-1], name, src_dir_fd=tpfd, dst_dir_fd=pfd, follow_symlinks=False)
+        self.stats.hardlinks += 1
+
+    def _special(self, m: tarfile.TarInfo, pfd: int, name: str) -> None:
+        self._remove(pfd, name)
+        if m.isfifo():
+            os.mkfifo(name, 0o600, dir_fd=pfd)
+            self.stats.fifos += 1
+        else:
+            kind = stat.S_IFCHR if m.ischr() else stat.S_IFBLK
+            try:
+                os.mknod(name, kind | 0o600, os.makedev(m.devmajor, m.devminor), dir_fd=pfd)
+            except PermissionError:
+                self.stats.warn(f"{m.name}: device node {m.devmajor},{m.devminor} skipped (needs root)")
+                return
+            self.stats.devices += 1
+        if self.same_owner:
+            os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
+        # chmod through an O_PATH fd of the node we just made (never a symlink).
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):  # pragma: no cover - we just created it
+                return
+            proc = f"/proc/self/fd/{fd}"
+            self._set_xattrs(proc, m)
+            os.chmod(proc, m.mode & 0o7777)
+        finally:
+            os.close(fd)
+        os.utime(name, ns=_times_ns(m), dir_fd=pfd, follow_symlinks=False)
+
+    # -- whiteouts -----------------------------------------------------------
+    def _whiteout(self, parts: tuple[str, ...]) -> None:
+        if parts in self.upper:
+            return  # whiteouts hide lower layers, never this layer's own entries
+        try:
+            pfd = self.fs.dirfd(parts[:-1], create=False)
+        except OSError as e:
+            if e.errno in _FATAL_ERRNOS:
+                raise
+            return  # nothing there to hide
+        self._save_times(parts[:-1], pfd)
+        self._remove(pfd, parts[-1])
+
+    def _opaque(self, parts: tuple[str, ...]) -> None:
+        try:
+            dfd = self.fs.dirfd(parts, create=False)
+        except OSError as e:
+            if e.errno in _FATAL_ERRNOS:
+                raise
+            return
+        self._mark_upper(parts)
+        self._save_times(parts, dfd)
+        self._prune(dfd, parts)
+
+    def _prune(self, dfd: int, parts: tuple[str, ...]) -> None:
+        """Remove the children of ``dfd`` that this layer did not make."""
+        rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+        try:
+            with os.scandir(rfd) as it:
+                names = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+        finally:
+            os.close(rfd)
+        for name, is_dir in names:
+            child = parts + (name,)
+            if child not in self.upper:
+                self._remove(dfd, name)
+            elif is_dir:
+                cfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+                try:
+                    self._prune(cfd, child)
+                finally:
+                    os.close(cfd)
+
+    # -- the end of the layer ------------------------------------------------
+    def finish(self) -> None:
+        """Directory metadata, deepest first, after their contents are in place."""
+        self.fs.release()
+        for parts, times in self.saved_times.items():
+            if parts not in self.dirs:
+                self._with_dir(parts, lambda fd, t=times: os.utime(fd, ns=t))
+        for parts in sorted(self.dirs, key=len, reverse=True):
+            self._with_dir(parts, lambda fd, m=self.dirs[parts]: self._meta_fd(fd, m))
+
+    def _with_dir(self, parts: tuple[str, ...], fn: Callable[[int], None]) -> None:
+        try:
+            if parts:
+                pfd = self.fs.dirfd(parts[:-1], create=False)
+                fd = os.open(parts[-1], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            else:
+                fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fs.rootfd)
+        except OSError as e:
+            if e.errno in _FATAL_ERRNOS:
+                raise
+            return  # replaced or removed later in the layer
+        try:
+            fn(fd)
+        except OSError as e:
+            if e.errno in _FATAL_ERRNOS:
+                raise
+            self.stats.warn(f"{'/'.join(parts) or '.'}: metadata not set ({e.strerror})")
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# Public API
+
+
+def apply_layer(root: Path | str, stream: BinaryIO, media_type: str, *, diff_id: str | None = None,
+                same_owner: bool | None = None, progress: Callable[[int], None] | None = None,
+                resolver: str | None = None, name: str | None = None) -> LayerStats:
+    """Apply one (compressed) layer onto the existing directory ``root``, safely.
+
+    ``media_type`` picks the decompressor (gzip, zstd or plain tar).
+    ``diff_id``, when given, is checked against the uncompressed stream
+    (LayerError on mismatch; the root is then partly changed, so callers
+    apply into a scratch directory). ``same_owner`` (default: when root)
+    applies uid/gid. ``progress(n)`` is called with compressed bytes read.
+    ``resolver`` forces "openat2" or "walk" (default: openat2 when available).
+    Entries that would leave the root are resolved inside it or skipped with
+    a warning in the returned :class:`LayerStats`.
+    """
+    label = name or f"layer ({media_type})"
+    if same_owner is None:
+        same_owner = os.geteuid() == 0
+    raw: Any = _Counting(stream, progress) if progress else stream
+    try:
+        dec = _decompressor(raw, layer_compression(media_type))
+    except Exception as e:
+        raise LayerError(f"{label} cannot be decompressed ({e})", "remove the image and pull it again") from e
+    src = _TarSource(dec, label)
+    stats = LayerStats()
+    try:
+        with RootFS(root, resolver=resolver) as fs:
+            ap = _Applier(fs, stats, same_owner)
+            try:
+                tf = tarfile.TarFile(fileobj=src, mode="r", encoding="utf-8", errors="surrogateescape")  # type: ignore[call-overload]
+                while (m := tf.next()) is not None:
+                    tf.members.clear()  # never accumulate headers: layers can have millions
+                    fs.release()
+                    ap.entry(tf, m, src)
+            except tarfile.TarError as e:
+                raise LayerError(f"{label} is not a valid tar archive ({e})",
+                                 "remove the image and pull it again") from e
+            # TarFile ends quietly at a short or garbled header; only zeros end an archive.
+            if len(src.last_block) < tarfile.BLOCKSIZE or src.last_block.count(0) != tarfile.BLOCKSIZE:
+                raise LayerError(f"{label} is truncated or corrupt (no end-of-archive marker)",
+                                 "remove the image and pull it again")
+            ap.finish()
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TaxiwayError(f"no space left on the device holding {root} while applying {label}",
+                               "free some disk space and try again") from e
+        raise TaxiwayError(f"cannot write {root} while applying {label}: {e.strerror or e}",
+                           "check that the directory is writable") from e
+    stats.diff_id = src.drain()
+    stats.tar_bytes = src.tell()
+    if diff_id is not None and stats.diff_id != diff_id:
+        raise LayerError(f"{label}: uncompressed content is {stats.diff_id}, the image config says {diff_id}",
+                         "the image is corrupt; remove it and pull it again")
+    return stats
+
+
+def export(image: Image, dest: Path | str, progress: Callable[[Descriptor, int], None] | None = None, *,
+           verify: bool = True, resolver: str | None = None) -> ExportStats:
+    """Apply all layers of ``image``, oldest first, into a new directory ``dest``.
+
+    ``dest`` must not exist or be an empty directory; the rootfs is built in
+    a temporary sibling and renamed into place, so ``dest`` never holds half
+    an image. ``verify`` checks each layer's diff ID against the config.
+    ``progress(descriptor, n)`` reports compressed bytes consumed.
+    """
+    dest = Path(dest)
+    if dest.is_symlink() or (dest.exists() and (not dest.is_dir() or any(dest.iterdir()))):
+        raise InvalidInput(f"{dest} exists and is not an empty directory",
+                           "export into a new or empty directory")
+    layers = image.layers()
+    diff_ids: list[str | None] = [None] * len(layers)
+    if verify:
+        cfg_ids = (image.config().get("rootfs") or {}).get("diff_ids") or []
+        if len(cfg_ids) != len(layers):
+            raise LayerError(f"image {image.digest()} has {len(layers)} layers but {len(cfg_ids)} diff IDs",
+                             "the image is corrupt; remove it and pull it again")
+        diff_ids = list(cfg_ids)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".export", dir=dest.parent))
+    os.chmod(tmp, 0o755)
+    stats = ExportStats(dest=str(dest))
+    try:
+        for i, desc in enumerate(layers):
+            cb = (lambda n, d=desc: progress(d, n)) if progress else None
+            with image.open_blob(desc.digest) as f:
+                stats.layers.append(apply_layer(tmp, f, desc.media_type, diff_id=diff_ids[i], progress=cb,
+                                                resolver=resolver, name=f"layer {i} ({desc.digest[:19]})"))
+        os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stats
