@@ -275,7 +275,8 @@ class Registry:
             if not self.storage.delete_manifest(repo, digest):
                 raise RegistryError("MANIFEST_UNKNOWN", detail={"digest": digest})
             if not self.storage.revisions(repo):
-                self.storage.delete_repository(repo)  # the last manifest: drop it from the catalog too
+                # The last manifest: the catalog forgets the name; blob links stay until GC.
+                self.storage.delete_repository(repo, keep_links=True)
         elif not valid_tag(reference) or not self.storage.delete_tag(repo, reference):
             raise RegistryError("MANIFEST_UNKNOWN", detail={"tag": reference[:200]})
         return _empty(202, {})

@@ -365,11 +365,12 @@ class FilesystemStorage:
             dirnames[:] = [d for d in dirnames if not d.startswith("_")]
         return sorted(out)
 
-    def delete_repository(self, repo: str) -> bool:
+    def delete_repository(self, repo: str, keep_links: bool = False) -> bool:
+        """Forget a repository (its blobs stay until GC); ``keep_links`` keeps its blob links."""
         p = self._repo(repo)
         if not (p / "_manifests").is_dir() and not (p / "_layers").is_dir():
             return False
-        for sub in ("_manifests", "_layers", "_referrers"):
+        for sub in ("_manifests", "_referrers") if keep_links else ("_manifests", "_layers", "_referrers"):
             shutil.rmtree(p / sub, ignore_errors=True)
         # Drop now-empty parent directories so the catalog forgets the name.
         with contextlib.suppress(OSError):
