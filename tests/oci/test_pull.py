@@ -13,10 +13,10 @@ from helpers.layout import Entry, busybox_entries, make_layer, skopeo_push, writ
 
 def store_state(home) -> tuple[bytes, frozenset[str]]:
     """index.json and the set of blobs: what 'the store is unchanged' compares."""
-    store = home / "store"
-    idx = (store / "index.json").read_bytes() if (store / "index.json").exists() else b""
-    blobs = store / "blobs" / "sha256"
-    return idx, frozenset(p.name for p in blobs.iterdir()) if blobs.exists() else frozenset()
+    from taxiway.oci.store import Store
+
+    store = Store(home / "store")  # an empty store is created on first use
+    return (store.root / "index.json").read_bytes(), frozenset(p.name for p in store.blobs.iterdir())
 
 
 @pytest.fixture(scope="module")

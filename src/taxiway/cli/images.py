@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from taxiway.cli.output import emit_json, progress, table
+from taxiway.cli.output import emit_json, is_tty, progress, table
 
 
 def _warn(msg: str) -> None:
@@ -45,7 +45,7 @@ def pull(reference: str, platform_: str | None, all_platforms: bool, insecure: b
     plat = Platform.parse(platform_) if platform_ else None
     with progress(None if not quiet else False) as p:
         result = do_pull(reference, platform=plat, all_platforms=all_platforms, insecure=insecure, progress=p,
-                         log=_warn, jobs=jobs)
+                         log=_warn, jobs=jobs, notice=_warn if is_tty() else None)
     if quiet:
         click.echo(result.descriptor.digest)
         return

@@ -119,12 +119,13 @@ class Puller:
     """Fetches blobs of one repository into the store, in parallel, resumably."""
 
     def __init__(self, client: RegistryClient, store: Store, repository: str, *, progress: Any = None,
-                 log: Log | None = None, retries: int = 5, verify_layers: bool = True):
+                 log: Log | None = None, retries: int = 5, verify_layers: bool = True, notice: Log | None = None):
         self.client = client
         self.store = store
         self.repository = repository
         self.progress = progress
         self.log = log or (lambda s: None)
+        self.notice = notice or (lambda s: None)
         self.retries = retries
         self.verify_layers = verify_layers
         self.new_blobs: list[str] = []
@@ -167,7 +168,7 @@ class Puller:
                         if task is not None:
                             self.progress.update(task, completed=offset)
                         written = offset
-                        for chunk in resp.iter_raw(CHUNK):
+                        for chunk in resp.iter_raw():  # as received: a dropped connection loses nothing
                             written += len(chunk)
                             if written > size:
                                 raise BlobMismatch(f"blob {digest} is larger than the {size} bytes its descriptor says",
@@ -186,46 +187,47 @@ class Puller:
                 if attempt == self.retries - 1:
                     raise RegistryError(f"download of blob {digest[:19]} from {self.client.registry}/{self.repository} kept failing ({e})",
                                         "run the pull again: it resumes where it stopped") from e
-                self.log(f"retrying blob {digest[7:19]} from byte {part.stat().st_size} ({e})")
+                self.notice(f"retrying blob {digest[7:19]} from byte {part.stat().st_size} ({e})")
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
         hashed, diff = self._hash(part, compression if (diff_id and self.verify_layers) else None)
         if hashed != digest or part.stat().st_size != size:
             self.store.commit_ingest(digest, size, hashed)  # raises BlobMismatch and removes the partial file
-        if diff_id and diff is not None and diff != diff_id:
+        if isinstance(diff, CorruptLayer) or (diff_id and diff is not None and diff != diff_id):
             part.unlink(missing_ok=True)
+            if isinstance(diff, CorruptLayer):
+                raise CorruptLayer(f"layer {digest[:19]}: {diff.message}", diff.hint)
             raise CorruptLayer(f"layer {digest[:19]} decompresses to {diff[:19]}, not the config's diff_id {diff_id[:19]}",
                                "the image in the registry is corrupt; nothing was stored")
         self.store.commit_ingest(digest, size, hashed)
 
     @staticmethod
-    def _hash(part: Path, compression: str | None) -> tuple[str, str | None]:
+    def _hash(part: Path, compression: str | None) -> tuple[str, str | CorruptLayer | None]:
         """Digest of the partial file and (optionally) of its decompressed content.
 
         Reading back the just-written file is served from the page cache; it keeps
-        resume simple (one pass over whatever bytes are on disk).
+        resume simple (one pass over whatever bytes are on disk). A decompression
+        failure is returned, not raised, so a digest mismatch is reported first.
         """
         h = hashlib.sha256()
-        dh = None
-        if compression is not None:
-            dh = DiffHasher(_sniff_compression(part, compression))
+        dh = DiffHasher(_sniff_compression(part, compression)) if compression is not None else None
+        broken: CorruptLayer | None = None
         with open(part, "rb") as f:
             while chunk := f.read(CHUNK):
                 h.update(chunk)
-                if dh is not None:
+                if dh is not None and broken is None:
                     try:
                         dh.update(chunk)
-                    except CorruptLayer:
-                        part.unlink(missing_ok=True)
-                        raise
-        diff = None
-        if dh is not None:
+                    except CorruptLayer as e:
+                        broken = e
+        if dh is None:
+            return "sha256:" + h.hexdigest(), None
+        if broken is None:
             try:
-                diff = dh.finish()
-            except CorruptLayer:
-                part.unlink(missing_ok=True)
-                raise
-        return "sha256:" + h.hexdigest(), diff
+                return "sha256:" + h.hexdigest(), dh.finish()
+            except CorruptLayer as e:
+                broken = e
+        return "sha256:" + h.hexdigest(), broken
 
 
 def _check_manifest(obj: dict[str, Any], what: str) -> tuple[Descriptor, list[Descriptor]]:
@@ -246,7 +248,7 @@ def _check_manifest(obj: dict[str, Any], what: str) -> tuple[Descriptor, list[De
 
 def pull(reference: str, *, platform: Platform | None = None, all_platforms: bool = False, insecure: bool = False,
          store: Store | None = None, progress: Any = None, log: Log | None = None, jobs: int = 4,
-         verify_layers: bool = True, client: RegistryClient | None = None) -> PullResult:
+         verify_layers: bool = True, client: RegistryClient | None = None, notice: Log | None = None) -> PullResult:
     """Pull ``reference`` into the store and name it; returns what happened.
 
     On any error the store's names are unchanged and no new blob stays visible
@@ -258,7 +260,7 @@ def pull(reference: str, *, platform: Platform | None = None, all_platforms: boo
     own_client = client is None
     client = client or RegistryClient(ref.registry, insecure=insecure)
     name = str(ref)
-    puller = Puller(client, store, ref.repository, progress=progress, log=log, verify_layers=verify_layers)
+    puller = Puller(client, store, ref.repository, progress=progress, log=log, verify_layers=verify_layers, notice=notice)
     result: PullResult | None = None
     try:
         raw, media_type, digest = client.get_manifest(ref.repository, ref.identifier, what=name)
