@@ -1,0 +1,172 @@
+"""Per-machine cgroups for memory, cpu and pids, on cgroup v2 or v1.
+
+A pure v2 host has ``/sys/fs/cgroup/cgroup.controllers``; otherwise (v1, or
+hybrid with an empty v2 mount as on these machines) each controller has its
+own hierarchy under ``/sys/fs/cgroup/<controller>``. Every machine gets a
+``taxiway/<id>`` group in each, even without limits, so that its processes
+can be counted, killed and accounted for (OOM kills) as one unit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+ROOT = Path(os.environ.get("TAXIWAY_CGROUP_ROOT", "/sys/fs/cgroup"))
+
+
+def parent_name() -> str:
+    """One parent group per $TAXIWAY_HOME, so two homes never touch each other's machines."""
+    import hashlib
+
+    from taxiway.paths import home
+
+    return "taxiway-" + hashlib.sha256(str(home()).encode()).hexdigest()[:10]
+V1_CONTROLLERS = ("memory", "cpu", "pids")
+CFS_PERIOD = 100_000
+
+
+def is_v2() -> bool:
+    return (ROOT / "cgroup.controllers").exists()
+
+
+def _write(p: Path, value: str) -> None:
+    fd = os.open(p, os.O_WRONLY)
+    try:
+        os.write(fd, value.encode())
+    finally:
+        os.close(fd)
+
+
+class Cgroup:
+    """The cgroup(s) of one machine."""
+
+    def __init__(self, machine_id: str, parent: str | None = None):
+        self.id = machine_id
+        self.v2 = is_v2()
+        self.parent = parent or parent_name()
+        if self.v2:
+            self.dirs = {c: ROOT / self.parent / machine_id for c in V1_CONTROLLERS}
+        else:
+            self.dirs = {c: ROOT / c / self.parent / machine_id for c in V1_CONTROLLERS if (ROOT / c).is_dir()}
+
+    def paths(self) -> list[Path]:
+        return sorted(set(self.dirs.values()))
+
+    def exists(self) -> bool:
+        return any(p.exists() for p in self.paths())
+
+    def create(self, memory: int | None = None, cpus: float | None = None, pids: int | None = None) -> None:
+        """Make the groups and set the limits (an OSError names the limit the kernel refused)."""
+        if self.v2:
+            parent = ROOT / self.parent
+            parent.mkdir(exist_ok=True)
+            avail = (ROOT / "cgroup.controllers").read_text().split()
+            want = " ".join(f"+{c}" for c in V1_CONTROLLERS if c in avail)
+            for p in (ROOT, parent):
+                with contextlib.suppress(OSError):
+                    _write(p / "cgroup.subtree_control", want)
+        for d in self.paths():
+            for _ in range(3):  # a concurrent remove() may drop the empty parent in between
+                try:
+                    d.mkdir(parents=True, exist_ok=True)
+                    break
+                except FileNotFoundError:
+                    continue
+        if memory:
+            if self.v2:
+                _write(self.dirs["memory"] / "memory.max", str(memory))
+                with contextlib.suppress(OSError):
+                    _write(self.dirs["memory"] / "memory.swap.max", "0")
+            else:
+                _write(self.dirs["memory"] / "memory.limit_in_bytes", str(memory))
+                with contextlib.suppress(OSError):
+                    _write(self.dirs["memory"] / "memory.memsw.limit_in_bytes", str(memory))
+                with contextlib.suppress(OSError):
+                    _write(self.dirs["memory"] / "memory.swappiness", "0")
+        if cpus:
+            quota = max(1000, int(cpus * CFS_PERIOD))
+            if self.v2:
+                _write(self.dirs["cpu"] / "cpu.max", f"{quota} {CFS_PERIOD}")
+            elif "cpu" in self.dirs:
+                _write(self.dirs["cpu"] / "cpu.cfs_period_us", str(CFS_PERIOD))
+                _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
+        if pids:
+            _write(self.dirs["pids"] / "pids.max", str(pids))
+
+    def add(self, pid: int) -> None:
+        """Move ``pid`` into every group of this machine."""
+        for p in self.paths():
+            _write(p / "cgroup.procs", str(pid))
+
+    def procs(self) -> list[int]:
+        out: set[int] = set()
+        for p in self.paths():
+            with contextlib.suppress(OSError):
+                out.update(int(x) for x in (p / "cgroup.procs").read_text().split())
+        return sorted(out)
+
+    def oom_kills(self) -> int:
+        """How many processes the kernel OOM-killed in this machine."""
+        d = self.dirs.get("memory")
+        if d is None:
+            return 0
+        try:
+            text = (d / ("memory.events" if self.v2 else "memory.oom_control")).read_text()
+        except OSError:
+            return 0
+        for line in text.splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill":
+                return int(v)
+        return 0
+
+    def memory_peak(self) -> int | None:
+        d = self.dirs.get("memory")
+        if d is None:
+            return None
+        for name in ("memory.peak", "memory.max_usage_in_bytes"):
+            with contextlib.suppress(OSError, ValueError):
+                return int((d / name).read_text())
+        return None
+
+    def kill(self) -> None:
+        """SIGKILL everything left in the machine."""
+        if self.v2 and (self.dirs["pids"] / "cgroup.kill").exists():
+            with contextlib.suppress(OSError):
+                _write(self.dirs["pids"] / "cgroup.kill", "1")
+                return
+        for pid in self.procs():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def remove(self, timeout: float = 5.0) -> None:
+        """Kill what is left and remove the groups (waiting for exiting tasks)."""
+        deadline = time.monotonic() + timeout
+        for p in self.paths():
+            while p.exists():
+                try:
+                    p.rmdir()
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    self.kill()
+                    time.sleep(0.01)
+            with contextlib.suppress(OSError):
+                p.parent.rmdir()  # the per-home parent, once empty
+
+
+def stale(live_ids: set[str]) -> list[str]:
+    """Machine ids (of this home) that still have a cgroup but no machine record."""
+    out: set[str] = set()
+    parent = parent_name()
+    bases = [ROOT / parent] if is_v2() else [ROOT / c / parent for c in V1_CONTROLLERS]
+    for b in bases:
+        with contextlib.suppress(OSError):
+            out.update(p.name for p in b.iterdir() if p.is_dir() and p.name not in live_ids)
+    return sorted(out)

@@ -1,0 +1,275 @@
+"""What a machine is asked to be: :class:`MachineConfig`, and the image-config rules.
+
+The config mirrors Fly's Machines API (image, env, guest size, services and
+ports, mounts, restart policy, checks) so the platform can hand one straight
+to the runtime. The functions below are pure: they turn an image config plus
+user options into the process to run, and are unit-tested without root.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from taxiway.errors import InvalidInput
+
+MIN_MEMORY = 6 * 1024 * 1024  # the kernel needs some room; Docker's floor too
+
+
+@dataclass
+class Guest:
+    """Guest size: memory in bytes, CPUs (fractional), maximum number of tasks."""
+
+    memory: int | None = None
+    cpus: float | None = None
+    pids: int | None = None
+
+
+@dataclass
+class Mount:
+    source: str
+    target: str
+    readonly: bool = False
+
+
+@dataclass
+class Port:
+    host_port: int
+    port: int
+    host: str = "127.0.0.1"
+
+
+@dataclass
+class Restart:
+    policy: str = "no"  # no | on-failure | always
+    max_retries: int = 0  # 0 = unlimited (on-failure)
+
+
+@dataclass
+class MachineConfig:
+    """Everything needed to (re)create a machine; stored with it as JSON."""
+
+    image: str
+    cmd: list[str] | None = None
+    entrypoint: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    user: str | None = None
+    hostname: str | None = None
+    guest: Guest = field(default_factory=Guest)
+    ports: list[Port] = field(default_factory=list)
+    mounts: list[Mount] = field(default_factory=list)
+    restart: Restart = field(default_factory=Restart)
+    checks: dict[str, Any] = field(default_factory=dict)
+    net: str = "private"  # none | host | private
+    isolation: str = "namespace"  # namespace | vm
+    auto_remove: bool = False
+    tty: bool = False
+    interactive: bool = False
+    stop_signal: str | None = None
+    stop_timeout: float = 10.0
+    vm_accel: str = "auto"  # auto | kvm | tcg
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MachineConfig:
+        d = dict(d)
+        d["guest"] = Guest(**d.get("guest", {}))
+        d["ports"] = [Port(**p) for p in d.get("ports", [])]
+        d["mounts"] = [Mount(**m) for m in d.get("mounts", [])]
+        d["restart"] = Restart(**d.get("restart", {}))
+        return cls(**d)
+
+
+# -- parsing user options -------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
+
+
+def parse_size(s: str) -> int:
+    """``512m``, ``1g``, ``1048576`` -> bytes."""
+    m = _SIZE.match(s)
+    if not m:
+        raise InvalidInput(f"invalid size {s!r}", "use a number with an optional unit, e.g. 64m or 1g")
+    n = float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower())
+    return int(n)
+
+
+def parse_memory(s: str) -> int:
+    n = parse_size(s)
+    if n < MIN_MEMORY:
+        raise InvalidInput(f"memory limit {s} is below the minimum of 6m the kernel needs to run a machine",
+                           "use --memory 6m or more")
+    return n
+
+
+def parse_restart(s: str) -> Restart:
+    """``no``, ``always``, ``on-failure``, ``on-failure:N``."""
+    policy, _, n = s.partition(":")
+    if policy not in ("no", "always", "on-failure") or (n and (policy != "on-failure" or not n.isdigit())):
+        raise InvalidInput(f"invalid restart policy {s!r}", "use no, always, on-failure or on-failure:N")
+    return Restart(policy, int(n) if n else 0)
+
+
+def parse_env(items: list[str], env_files: list[str] = ()) -> dict[str, str]:
+    """``-e K=V`` (``-e K`` takes K from our environment) and ``--env-file`` lines."""
+    import os
+
+    out: dict[str, str] = {}
+    lines: list[str] = []
+    for path in env_files:
+        try:
+            with open(path) as f:
+                lines += [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+        except OSError as e:
+            raise InvalidInput(f"cannot read env file {path}: {e.strerror}", "pass an existing file to --env-file") from None
+    for item in [*lines, *items]:
+        k, eq, v = item.partition("=")
+        if not k or any(c.isspace() for c in k):
+            raise InvalidInput(f"invalid environment variable {item!r}", "use -e NAME=VALUE")
+        if not eq:
+            if k not in os.environ:
+                continue
+            v = os.environ[k]
+        out[k] = v
+    return out
+
+
+def parse_volume(s: str) -> Mount:
+    """``HOSTDIR:DIR[:ro|rw]``; HOSTDIR must exist."""
+    import os
+
+    parts = s.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise InvalidInput(f"invalid volume {s!r}", "use -v HOSTDIR:DIR[:ro]")
+    src, dst = parts[0], parts[1]
+    mode = parts[2] if len(parts) == 3 else "rw"
+    if mode not in ("ro", "rw"):
+        raise InvalidInput(f"invalid volume mode {mode!r} in {s!r}", "use :ro or :rw")
+    if not dst.startswith("/"):
+        raise InvalidInput(f"volume target {dst!r} is not an absolute path", "use -v HOSTDIR:/path/in/machine")
+    src = os.path.abspath(src)
+    if not os.path.exists(src):
+        raise InvalidInput(f"host path {src} for -v does not exist", f"create it first (mkdir -p {src})")
+    return Mount(src, os.path.normpath(dst), mode == "ro")
+
+
+def parse_port(s: str) -> Port:
+    """``HOSTPORT:PORT`` (forwarded from 127.0.0.1 only)."""
+    hp, _, p = s.rpartition(":")
+    if hp.startswith("127.0.0.1:"):
+        hp = hp.removeprefix("127.0.0.1:")
+    if not hp.isdigit() or not p.isdigit() or not (0 < int(hp) < 65536 and 0 < int(p) < 65536):
+        raise InvalidInput(f"invalid port mapping {s!r}", "use -p HOSTPORT:PORT, e.g. -p 8080:80")
+    return Port(int(hp), int(p))
+
+
+# -- image config semantics ---------------------------------------------------------
+
+
+def command(image_config: dict[str, Any], cmd: list[str] | None, entrypoint: list[str] | None) -> list[str]:
+    """Entrypoint + Cmd as Docker does: CMD replaces Cmd; --entrypoint replaces Entrypoint (and drops Cmd)."""
+    ic = image_config.get("config") or {}
+    if entrypoint is not None:
+        ep = [e for e in entrypoint if e != ""]
+        args = cmd or []
+    else:
+        ep = list(ic.get("Entrypoint") or [])
+        args = cmd if cmd else list(ic.get("Cmd") or [])
+    argv = ep + args
+    if not argv:
+        raise InvalidInput("the image has no command to run (no Entrypoint or Cmd)",
+                           "give one after the image name, e.g. `taxiway run IMAGE /bin/sh`")
+    return argv
+
+
+def environment(image_config: dict[str, Any], env: dict[str, str], hostname: str, home: str | None) -> list[str]:
+    """Image Env, then the user's; PATH, HOSTNAME and HOME filled in as Docker does."""
+    out: dict[str, str] = {}
+    for item in (image_config.get("config") or {}).get("Env") or []:
+        k, _, v = item.partition("=")
+        out[k] = v
+    out.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    out["HOSTNAME"] = hostname
+    out.update(env)
+    if home and "HOME" not in out:
+        out["HOME"] = home
+    return [f"{k}={v}" for k, v in out.items()]
+
+
+def parse_passwd(text: str) -> list[tuple[str, int, int, str]]:
+    out = []
+    for line in text.splitlines():
+        f = line.split(":")
+        if len(f) >= 6 and f[2].isdigit() and f[3].isdigit():
+            out.append((f[0], int(f[2]), int(f[3]), f[5]))
+    return out
+
+
+def parse_group(text: str) -> list[tuple[str, int, list[str]]]:
+    out = []
+    for line in text.splitlines():
+        f = line.split(":")
+        if len(f) >= 3 and f[2].isdigit():
+            out.append((f[0], int(f[2]), [m for m in (f[3] if len(f) > 3 else "").split(",") if m]))
+    return out
+
+
+def resolve_user(spec: str | None, passwd: str | None, group: str | None, image: str = "the image") -> tuple[int, int, list[int], str]:
+    """``user[:group]`` (names or ids) -> (uid, gid, supplementary gids, home), from the image's files."""
+    spec = spec or "0"
+    u, _, g = spec.partition(":")
+    users = parse_passwd(passwd or "")
+    groups = parse_group(group or "")
+    home = "/"
+    if u.isdigit():
+        uid = int(u)
+        match = [x for x in users if x[1] == uid]
+        gid = match[0][2] if match else 0
+        name = match[0][0] if match else None
+        if match:
+            home = match[0][3]
+    else:
+        match = [x for x in users if x[0] == u]
+        if not match:
+            raise InvalidInput(f"user {u!r} does not exist in {image} (/etc/passwd)",
+                               "pass a user from the image or a numeric id, e.g. -u 1000")
+        name, uid, gid, home = match[0]
+    if g:
+        if g.isdigit():
+            gid = int(g)
+        else:
+            gm = [x for x in groups if x[0] == g]
+            if not gm:
+                raise InvalidInput(f"group {g!r} does not exist in {image} (/etc/group)",
+                                   "pass a group from the image or a numeric id, e.g. -u 1000:1000")
+            gid = gm[0][1]
+    extra = sorted({x[1] for x in groups if name and name in x[2] and x[1] != gid})
+    if uid == 0 and home == "/" and not [x for x in users if x[1] == 0]:
+        home = "/root"
+    return uid, gid, extra, home or "/"
+
+
+STOP_SIGNALS = {"SIGTERM": 15, "SIGINT": 2, "SIGQUIT": 3, "SIGKILL": 9, "SIGHUP": 1, "SIGUSR1": 10, "SIGUSR2": 12,
+                "SIGWINCH": 28}
+
+
+def parse_signal(s: str | None, default: int = 15) -> int:
+    if not s:
+        return default
+    t = s.upper()
+    if t.isdigit():
+        return int(t)
+    if not t.startswith("SIG"):
+        t = "SIG" + t
+    if t not in STOP_SIGNALS:
+        import signal as _s
+
+        try:
+            return int(getattr(_s, t))
+        except AttributeError:
+            raise InvalidInput(f"unknown signal {s!r}", "use a name like SIGTERM or a number") from None
+    return STOP_SIGNALS[t]

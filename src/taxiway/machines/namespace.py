@@ -1,0 +1,301 @@
+"""The namespace runtime: one process tree in its own pid, mount, uts, ipc, net and cgroup namespaces.
+
+The supervisor (the ``taxiway run`` process itself, or a detached copy of it)
+is a child subreaper. Per start it forks a helper that joins the machine's
+cgroups and unshares the namespaces, then forks the machine's PID 1 and exits;
+PID 1 is reparented to the supervisor, which therefore waits for it directly
+and gets its real exit status. Between fork and exec PID 1 only makes system
+calls: assemble the root (overlay of the snapshot's layers, volumes, /proc,
+read-only /sys, a minimal /dev, injected /etc files, tini read-only at
+/dev/init), pivot_root, set the hostname and loopback, drop capabilities to
+Docker's default set, switch user, set no_new_privs and exec tini. Any
+failure before exec is written to a close-on-exec pipe and becomes a one-line
+error in the supervisor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+from taxiway.machines import linux as L
+
+TINI = os.environ.get("TAXIWAY_INIT", "/usr/bin/tini-static")
+INIT_PATH = "/dev/init"
+
+MASKED = ("/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats", "/proc/timer_list",
+          "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi", "/sys/firmware")
+READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger")
+DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0))
+
+
+class SetupError(Exception):
+    """Raised inside the child before exec; its text reaches the user as one line."""
+
+
+def _mkdirs_inside(root: str, rel: str) -> str:
+    """``root/rel`` as a directory that provably stays inside ``root`` (no symlink escapes)."""
+    path = os.path.join(root, rel.lstrip("/"))
+    os.makedirs(path, exist_ok=True)
+    real = os.path.realpath(path)
+    if real != root and not real.startswith(root + "/"):
+        raise SetupError(f"{rel} in the image is a symlink that leads outside the machine")
+    return real
+
+
+def _file_inside(root: str, rel: str) -> str:
+    parent = _mkdirs_inside(root, os.path.dirname(rel.rstrip("/")) or "/")
+    path = os.path.join(parent, os.path.basename(rel.rstrip("/")))
+    if os.path.islink(path):
+        os.unlink(path)
+    if not os.path.exists(path):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+    return path
+
+
+def _bind(src: str, dst: str, ro: bool = False, flags: int = 0) -> None:
+    L.mount(src, dst, None, L.MS_BIND | L.MS_REC)
+    if ro or flags:
+        L.mount(None, dst, None, L.MS_BIND | L.MS_REMOUNT | (L.MS_RDONLY if ro else 0) | flags)
+
+
+def build_root(spec: dict[str, Any]) -> None:
+    """Assemble and enter the machine's root. Runs in PID 1 before exec; raises on failure."""
+    root = spec["rootfs"]
+    L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
+    if spec.get("overlay"):
+        L.mount("overlay", root, "overlay", 0, spec["overlay"])
+    else:
+        L.mount(spec["copy_root"], root, None, L.MS_BIND | L.MS_REC)
+    for m in spec.get("mounts", []):
+        if os.path.isdir(m["source"]):
+            dst = _mkdirs_inside(root, m["target"])
+        else:
+            dst = _file_inside(root, m["target"])
+        _bind(m["source"], dst, ro=m["readonly"])
+    proc = _mkdirs_inside(root, "/proc")
+    L.mount("proc", proc, "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+    sys_ = _mkdirs_inside(root, "/sys")
+    try:
+        L.mount("sysfs", sys_, "sysfs", L.MS_RDONLY | L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+    except OSError:  # host network namespace: borrow the host's, read-only
+        _bind("/sys", sys_, ro=True)
+    dev = _mkdirs_inside(root, "/dev")
+    L.mount("tmpfs", dev, "tmpfs", L.MS_NOSUID | L.MS_STRICTATIME, "mode=755,size=65536k")
+    for name, major, minor in DEVICES:
+        os.mknod(f"{dev}/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(f"{dev}/{name}", 0o666)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"), ("core", "/proc/kcore")):
+        os.symlink(target, f"{dev}/{name}")
+    os.mkdir(f"{dev}/pts")
+    L.mount("devpts", f"{dev}/pts", "devpts", L.MS_NOSUID | L.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    os.mkdir(f"{dev}/shm", 0o1777)
+    L.mount("shm", f"{dev}/shm", "tmpfs", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC, "mode=1777,size=65536k")
+    os.mkdir(f"{dev}/mqueue")
+    with contextlib.suppress(OSError):
+        L.mount("mqueue", f"{dev}/mqueue", "mqueue", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+    if spec.get("tty_name"):
+        os.close(os.open(f"{dev}/console", os.O_CREAT | os.O_WRONLY, 0o600))
+        _bind(spec["tty_name"], f"{dev}/console")
+    # PID 1's binary: the host's static tini, bind-mounted read-only (CVE-2019-5736 class: unwritable)
+    os.close(os.open(f"{dev}{INIT_PATH[4:]}", os.O_CREAT | os.O_WRONLY, 0o755))
+    _bind(TINI, f"{dev}{INIT_PATH[4:]}", ro=True, flags=L.MS_NOSUID | L.MS_NODEV)
+    for name, src in spec["etc"].items():
+        _bind(src, _file_inside(root, f"/etc/{name}"))
+    for p in MASKED:
+        full = root + p
+        if os.path.isdir(full):
+            with contextlib.suppress(OSError):
+                L.mount("tmpfs", full, "tmpfs", L.MS_RDONLY)
+        elif os.path.exists(full):
+            with contextlib.suppress(OSError):
+                L.mount("/dev/null", full, None, L.MS_BIND)
+    for p in READONLY:
+        full = root + p
+        if os.path.exists(full):
+            _bind(full, full, ro=True, flags=L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
+    os.chdir(root)
+    L.pivot_root(".", ".")
+    L.umount(".", L.MNT_DETACH)
+    os.chdir("/")
+
+
+def _which(argv0: str, env: list[str]) -> str | None:
+    if "/" in argv0:
+        return argv0 if os.access(argv0, os.X_OK) and not os.path.isdir(argv0) else None
+    path = next((e[5:] for e in env if e.startswith("PATH=")), "/usr/bin:/bin")
+    for d in path.split(":"):
+        p = os.path.join(d or ".", argv0)
+        if os.access(p, os.X_OK) and not os.path.isdir(p):
+            return p
+    return None
+
+
+def child(spec: dict[str, Any], errw: int, stdio: tuple[int, int, int]) -> None:
+    """PID 1 of the machine between fork and exec. Never returns."""
+    try:
+        for s in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT):
+            signal.signal(s, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        if spec.get("tty_fd") is not None:
+            os.setsid()
+            import fcntl
+            import termios
+
+            fcntl.ioctl(stdio[0], termios.TIOCSCTTY, 0)
+        build_root(spec)
+        socket.sethostname(spec["hostname"])
+        if spec["net"] != "host":
+            L.loopback_up()
+        env = spec["env"]
+        if _which(spec["argv"][0], env) is None:
+            raise SetupError(f"command {spec['argv'][0]!r} not found in the image (PATH and file checked)")
+        wd = spec.get("workdir") or "/"
+        os.makedirs(wd, exist_ok=True)
+        os.chdir(wd)
+        for i, fd in enumerate(stdio):
+            if fd != i:
+                os.dup2(fd, i)
+        L.drop_capabilities()
+        os.setgroups(spec["groups"])
+        os.setgid(spec["gid"])
+        os.setuid(spec["uid"])
+        L.set_no_new_privs()
+        os.execve(INIT_PATH, [INIT_PATH, "--", *spec["argv"]], dict(e.split("=", 1) for e in env))
+    except BaseException as e:  # noqa: BLE001 - everything must reach the supervisor
+        msg = str(e) if isinstance(e, SetupError) else f"{e.__class__.__name__}: {e}"
+        with contextlib.suppress(Exception):
+            os.write(errw, msg.encode()[:4000])
+    os._exit(127)
+
+
+def spawn(spec: dict[str, Any], cgroup_procs: list[str], stdio: tuple[int, int, int]) -> tuple[int, str]:
+    """Start the machine's PID 1. Returns (host pid, setup error or "")."""
+    flags = L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWPID | L.CLONE_NEWCGROUP
+    if spec["net"] != "host":
+        flags |= L.CLONE_NEWNET
+    errr, errw = os.pipe2(os.O_CLOEXEC)
+    pidr, pidw = os.pipe()
+    helper = os.fork()
+    if helper == 0:  # helper: join cgroups, unshare, fork PID 1, report its pid, leave
+        try:
+            os.close(errr)
+            os.close(pidr)
+            me = str(os.getpid()).encode()
+            for p in cgroup_procs:
+                fd = os.open(p, os.O_WRONLY)
+                os.write(fd, me)
+                os.close(fd)
+            L.unshare(flags)
+            pid = os.fork()
+            if pid == 0:
+                os.close(pidw)
+                child(spec, errw, stdio)
+            os.write(pidw, str(pid).encode())
+            os._exit(0)
+        except BaseException as e:  # noqa: BLE001
+            with contextlib.suppress(Exception):
+                os.write(errw, f"{e.__class__.__name__}: {e}".encode())
+            os._exit(1)
+    os.close(errw)
+    os.close(pidw)
+    pid_s = b""
+    while chunk := os.read(pidr, 32):
+        pid_s += chunk
+    os.close(pidr)
+    os.waitpid(helper, 0)
+    err = b""
+    while chunk := os.read(errr, 4096):
+        err += chunk
+    os.close(errr)
+    return (int(pid_s) if pid_s else 0), err.decode(errors="replace")
+
+
+def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[str], tty: bool = False) -> int:
+    """Run ``argv`` inside a running machine (``machines exec``); returns its exit status."""
+    nss = []
+    for ns, flag in (("cgroup", L.CLONE_NEWCGROUP), ("ipc", L.CLONE_NEWIPC), ("uts", L.CLONE_NEWUTS),
+                     ("net", L.CLONE_NEWNET), ("pid", L.CLONE_NEWPID), ("mnt", L.CLONE_NEWNS)):
+        nss.append((os.open(f"/proc/{pid}/ns/{ns}", os.O_RDONLY | os.O_CLOEXEC), flag))
+    errr, errw = os.pipe2(os.O_CLOEXEC)
+    c = os.fork()
+    if c == 0:
+        try:
+            os.close(errr)
+            me = str(os.getpid()).encode()
+            for p in cgroup_procs:
+                with contextlib.suppress(OSError):
+                    fd = os.open(p, os.O_WRONLY)
+                    os.write(fd, me)
+                    os.close(fd)
+            for fd, flag in nss:
+                L.setns(fd, flag)
+            d = os.fork()
+            if d == 0:
+                for s in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM):
+                    signal.signal(s, signal.SIG_DFL)
+                env = proc["env"]
+                if _which(argv[0], env) is None:
+                    raise SetupError(f"command {argv[0]!r} not found in the machine")
+                with contextlib.suppress(OSError):
+                    os.chdir(proc.get("workdir") or "/")
+                L.drop_capabilities()
+                os.setgroups(proc["groups"])
+                os.setgid(proc["gid"])
+                os.setuid(proc["uid"])
+                L.set_no_new_privs()
+                os.execvpe(argv[0], argv, dict(e.split("=", 1) for e in env))
+            _, st = os.waitpid(d, 0)
+            os._exit(os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st))
+        except BaseException as e:  # noqa: BLE001
+            msg = str(e) if isinstance(e, SetupError) else f"{e.__class__.__name__}: {e}"
+            with contextlib.suppress(Exception):
+                os.write(errw, msg.encode())
+            os._exit(127)
+    os.close(errw)
+    for fd, _ in nss:
+        os.close(fd)
+    old = signal.signal(signal.SIGINT, lambda *a: os.kill(c, signal.SIGINT))
+    try:
+        _, st = os.waitpid(c, 0)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    err = b""
+    while chunk := os.read(errr, 4096):
+        err += chunk
+    os.close(errr)
+    if err:
+        from taxiway.errors import TaxiwayError
+
+        raise TaxiwayError(err.decode(errors="replace"), "check the command and the machine's image")
+    return os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
+
+
+def etc_files(dir_: Path, hostname: str, net: str) -> dict[str, str]:
+    """The /etc/hosts, /etc/hostname and /etc/resolv.conf a machine sees."""
+    dir_.mkdir(exist_ok=True)
+    hosts = ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+             f"127.0.1.1\t{hostname}\n")
+    if net == "host":
+        with contextlib.suppress(OSError):
+            hosts = Path("/etc/hosts").read_text() + f"127.0.1.1\t{hostname}\n"
+        try:
+            resolv = Path("/etc/resolv.conf").read_text()
+        except OSError:
+            resolv = ""
+    else:
+        resolv = "# this machine's network is private: no DNS yet (the platform adds .internal)\n"
+    files = {"hosts": hosts, "hostname": hostname + "\n", "resolv.conf": resolv}
+    out = {}
+    for name, text in files.items():
+        p = dir_ / name
+        p.write_text(text)
+        out[name] = str(p)
+    return out
+

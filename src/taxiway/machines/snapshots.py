@@ -1,0 +1,404 @@
+"""The snapshot cache: every layer unpacked once, keyed by its chain ID.
+
+Layout under ``$TAXIWAY_HOME/snapshots``::
+
+    layers/<chain-hex>/fs          a committed layer (overlay diff, or a full tree in copy mode)
+    layers/<chain-hex>/meta.json   chain ID, diff ID, size, when
+    layers/.tmp-<chain-hex>-<pid>  being unpacked; renamed into place only when complete
+    leases/<owner>.json            which chain a machine (or VM image) holds
+
+In overlay mode a layer directory is an overlayfs *upper* produced by
+applying the layer tar on top of its parents through an overlay mount (in a
+private mount namespace, so a crash never leaves a mount behind): deletions
+become overlay whiteouts by themselves, exactly as containerd's overlay
+snapshotter does. In copy mode (no overlayfs, or ``TAXIWAY_SNAPSHOTTER=copy``)
+each layer directory holds the whole tree up to it, made by a reflink copy of
+its parent plus the layer, and a machine root is a reflink copy of the top.
+
+Crash safety: a layer becomes visible only by ``rename`` after its tar was
+applied completely, so a half-unpacked layer is never used; ``cleanup`` drops
+``.tmp-*`` left by dead processes and leases of machines that are gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from taxiway.errors import TaxiwayError
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
+    out: list[str] = []
+    for d in diff_ids:
+        if not out:
+            out.append(d)
+        else:
+            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+    return out
+
+
+def _hex(chain_id: str) -> str:
+    algo, _, h = chain_id.partition(":")
+    if algo != "sha256" or len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+        raise TaxiwayError(f"invalid chain ID {chain_id!r}", "the image config is corrupt")
+    return h
+
+
+def overlay_supported() -> bool:
+    if os.environ.get("TAXIWAY_SNAPSHOTTER") == "copy":
+        return False
+    try:
+        with open("/proc/filesystems") as f:
+            if "overlay" in f.read():
+                return True
+    except OSError:
+        return False
+    return subprocess.run(["modprobe", "overlay"], capture_output=True).returncode == 0
+
+
+@dataclass
+class SnapshotInfo:
+    chain_id: str
+    size: int
+    leases: list[str]
+    in_image: bool
+    created: float
+
+
+def _open_layer_stream(raw: BinaryIO) -> BinaryIO:
+    """Decompress by magic number (gzip via isal when present, zstd, or plain tar)."""
+    head = raw.peek(4)[:4] if hasattr(raw, "peek") else b""
+    if not head:
+        import io
+
+        raw = io.BufferedReader(raw)  # type: ignore[arg-type]
+        head = raw.peek(4)[:4]
+    if head[:2] == b"\x1f\x8b":
+        try:
+            from isal import igzip
+
+            return igzip.IGzipFile(fileobj=raw)  # type: ignore[return-value]
+        except ImportError:
+            import gzip
+
+            return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+    if head == b"\x28\xb5\x2f\xfd":
+        import zstandard
+
+        return zstandard.ZstdDecompressor().stream_reader(raw)  # type: ignore[return-value]
+    return raw
+
+
+def apply_layer(root: Path, stream: BinaryIO, media_type: str = "") -> Any:
+    """Apply a layer tar onto ``root``; the images part's safe unpacker when it is there."""
+    try:
+        from taxiway.oci.unpack import apply_layer as _apply  # type: ignore[import-not-found]
+    except ImportError:
+        _apply = None
+    if _apply is not None:
+        return _apply(root, stream, media_type)
+    return _fallback_apply(root, _open_layer_stream(stream))
+
+
+def _inside(root: str, path: str) -> bool:
+    real = os.path.realpath(path)
+    return real == root or real.startswith(root + "/")
+
+
+def _fallback_apply(root: Path, stream: BinaryIO) -> int:
+    """A small safe tar applier (whiteouts, no escapes through .. or symlinks); returns entries applied."""
+    import tarfile
+
+    rootr = os.path.realpath(root)
+    n = 0
+    with tarfile.open(fileobj=stream, mode="r|") as tf:
+        for m in tf:
+            name = os.path.normpath("/" + m.name).lstrip("/")
+            if not name or name == ".":
+                continue
+            parent, base = os.path.split(name)
+            pdir = os.path.join(rootr, parent)
+            if parent and not _inside(rootr, pdir):
+                raise TaxiwayError(f"layer entry {m.name!r} escapes the root", "the image is malicious or corrupt")
+            os.makedirs(pdir, exist_ok=True)
+            target = os.path.join(pdir, base)
+            if base == ".wh..wh..opq":
+                for child in os.listdir(pdir):
+                    _rm(os.path.join(pdir, child))
+                continue
+            if base.startswith(".wh."):
+                _rm(os.path.join(pdir, base[4:]))
+                continue
+            if os.path.lexists(target) and not (m.isdir() and os.path.isdir(target) and not os.path.islink(target)):
+                _rm(target)
+            if m.isdir():
+                os.makedirs(target, exist_ok=True)
+            elif m.isreg():
+                f = tf.extractfile(m)
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(f, out, 1 << 20)  # type: ignore[arg-type]
+            elif m.issym():
+                os.symlink(m.linkname, target)
+            elif m.islnk():
+                src = os.path.join(rootr, os.path.normpath("/" + m.linkname).lstrip("/"))
+                if not _inside(rootr, os.path.dirname(src)) or os.path.islink(src):
+                    raise TaxiwayError(f"hard link {m.name!r} points outside the root", "the image is malicious or corrupt")
+                os.link(src, target)
+                n += 1
+                continue
+            elif m.ischr() or m.isblk():
+                os.mknod(target, m.mode | (0o020000 if m.ischr() else 0o060000), os.makedev(m.devmajor, m.devminor))
+            elif m.isfifo():
+                os.mkfifo(target, m.mode & 0o7777)
+            else:
+                continue
+            os.lchown(target, m.uid, m.gid)
+            if not m.issym():
+                os.chmod(target, m.mode & 0o7777)
+                os.utime(target, (m.mtime, m.mtime))
+            n += 1
+    return n
+
+
+def _rm(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def du(path: Path) -> int:
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):
+        for n in filenames + dirnames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
+    return total
+
+
+class Snapshotter:
+    """Unpacked layers keyed by chain ID, with leases and garbage collection."""
+
+    def __init__(self, root: Path | None = None):
+        if root is None:
+            from taxiway.paths import home
+
+            root = home() / "snapshots"
+        self.root = Path(root)
+        self.layers = self.root / "layers"
+        self.leases = self.root / "leases"
+        self.layers.mkdir(parents=True, exist_ok=True)
+        self.leases.mkdir(parents=True, exist_ok=True)
+        self.overlay = overlay_supported()
+
+    @contextlib.contextmanager
+    def _lock(self, name: str = "lock") -> Iterator[None]:
+        with open(self.root / name, "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def path(self, chain_id: str) -> Path:
+        return self.layers / _hex(chain_id) / "fs"
+
+    def has(self, chain_id: str) -> bool:
+        return (self.layers / _hex(chain_id) / "meta.json").exists()
+
+    def prepare(self, image: Any) -> list[str]:
+        """Make sure every layer of ``image`` is unpacked; returns the chain IDs, base first."""
+        cfg = image.config()
+        diff_ids = list((cfg.get("rootfs") or {}).get("diff_ids") or [])
+        layers = image.layers()
+        if len(diff_ids) != len(layers):
+            raise TaxiwayError(f"{image!r}: config lists {len(diff_ids)} layers, manifest {len(layers)}",
+                               "the image is corrupt; pull it again")
+        chain = chain_ids(diff_ids)
+        if all(self.has(c) for c in chain):
+            return chain
+        with self._lock():
+            for i, c in enumerate(chain):
+                if not self.has(c):
+                    self._unpack(image, layers[i], chain[:i], c, diff_ids[i])
+        return chain
+
+    def _unpack(self, image: Any, desc: Any, parents: list[str], chain_id: str, diff_id: str) -> None:
+        h = _hex(chain_id)
+        final = self.layers / h
+        tmp = self.layers / f".tmp-{h}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            fs = tmp / "fs"
+            if not parents:
+                fs.mkdir()
+                with image.open_blob(desc.digest) as blob:
+                    apply_layer(fs, blob, desc.media_type)
+            elif not self.overlay:
+                subprocess.run(["cp", "-a", "--reflink=auto", str(self.path(parents[-1])), str(fs)], check=True)
+                with image.open_blob(desc.digest) as blob:
+                    apply_layer(fs, blob, desc.media_type)
+            else:
+                fs.mkdir()
+                self._apply_on_overlay(image, desc, parents, tmp)
+            for extra in ("work", "merged"):
+                if (tmp / extra).exists():
+                    shutil.rmtree(tmp / extra)
+            meta = {"chain_id": chain_id, "diff_id": diff_id, "parent": parents[-1] if parents else None,
+                    "created": time.time(), "mode": "overlay" if self.overlay else "copy"}
+            (tmp / "meta.json").write_text(json.dumps(meta))
+            if final.exists():  # a leftover without meta.json: never committed
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _apply_on_overlay(self, image: Any, desc: Any, parents: list[str], tmp: Path) -> None:
+        """Apply the layer through an overlay of its parents, in a child with its own mount namespace."""
+        from taxiway.machines import linux
+
+        (tmp / "work").mkdir()
+        (tmp / "merged").mkdir()
+        lower = ":".join(str(self.path(p)) for p in reversed(parents))
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                linux.unshare(linux.CLONE_NEWNS)
+                linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+                linux.mount("overlay", str(tmp / "merged"), "overlay", 0,
+                            f"lowerdir={lower},upperdir={tmp / 'fs'},workdir={tmp / 'work'}")
+                with image.open_blob(desc.digest) as blob:
+                    apply_layer(tmp / "merged", blob, desc.media_type)
+                os._exit(0)
+            except BaseException as e:  # report to the parent, never return into its code
+                with contextlib.suppress(Exception):
+                    os.write(w, str(e).encode()[:4000])
+                os._exit(1)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            err = f.read().decode(errors="replace")
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise TaxiwayError(f"unpacking layer {desc.digest[:19]} failed: {err or status}",
+                               "the layer is corrupt or the disk is full; pull the image again")
+
+    # -- machine roots ---------------------------------------------------------------
+
+    def overlay_options(self, chain: list[str], upper: Path, work: Path) -> str:
+        lower = ":".join(str(self.path(c)) for c in reversed(chain))
+        return f"lowerdir={lower},upperdir={upper},workdir={work}"
+
+    def copy_root(self, chain: list[str], dest: Path) -> None:
+        """Copy mode: a private writable root (reflink where the filesystem can)."""
+        subprocess.run(["cp", "-a", "--reflink=auto", str(self.path(chain[-1])), str(dest)], check=True)
+
+    # -- leases ------------------------------------------------------------------------
+
+    def lease(self, owner: str, chain: list[str], **extra: Any) -> None:
+        from taxiway.fsutil import write_bytes_atomic
+
+        write_bytes_atomic(self.leases / f"{owner}.json", json.dumps({"chain": chain, "created": time.time(), **extra}).encode())
+
+    def release(self, owner: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.leases / f"{owner}.json").unlink()
+
+    def _leases(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for p in self.leases.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError):
+                out[p.stem] = json.loads(p.read_text())["chain"]
+        return out
+
+    # -- listing, gc -----------------------------------------------------------------
+
+    def _image_chains(self) -> set[str]:
+        """Chain IDs of every image in the local store."""
+        out: set[str] = set()
+        try:
+            from taxiway.oci.store import Store
+
+            store = Store()
+            for name, _ in store.images():
+                with contextlib.suppress(Exception):
+                    img = store.image(name)
+                    out.update(chain_ids(list((img.config().get("rootfs") or {}).get("diff_ids") or [])))
+        except Exception:
+            pass
+        return out
+
+    def list(self) -> list[SnapshotInfo]:
+        leases = self._leases()
+        images = self._image_chains()
+        out = []
+        for d in sorted(self.layers.iterdir()):
+            if d.name.startswith(".") or not (d / "meta.json").exists():
+                continue
+            meta = json.loads((d / "meta.json").read_text())
+            cid = meta["chain_id"]
+            out.append(SnapshotInfo(cid, du(d), sorted(o for o, ch in leases.items() if cid in ch),
+                                    cid in images, meta.get("created", 0)))
+        return out
+
+    def cleanup(self, live_owners: set[str] | None = None) -> list[str]:
+        """Remove half-made snapshots of dead processes and (given the live owners) stale leases."""
+        removed = []
+        for d in self.layers.iterdir():
+            if d.name.startswith(".tmp-"):
+                pid = d.name.rsplit("-", 1)[-1]
+                if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
+                    shutil.rmtree(d, ignore_errors=True)
+                    removed.append(d.name)
+            elif not (d / "meta.json").exists() and not d.name.startswith("."):
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+        if live_owners is not None:
+            for owner in self._leases():
+                if owner not in live_owners:
+                    self.release(owner)
+                    removed.append(f"lease {owner}")
+        return removed
+
+    def prune(self, all_unused: bool = False) -> list[SnapshotInfo]:
+        """Remove snapshots no lease needs (and, unless ``all_unused``, no stored image needs)."""
+        with self._lock():
+            leased: set[str] = set()
+            for ch in self._leases().values():
+                leased.update(ch)
+            images = set() if all_unused else self._image_chains()
+            gone = []
+            for s in self.list():
+                if s.chain_id in leased or s.chain_id in images:
+                    continue
+                # children before parents does not matter in overlay mode: each dir is standalone
+                shutil.rmtree(self.layers / _hex(s.chain_id), ignore_errors=True)
+                gone.append(s)
+            return gone

@@ -1,0 +1,193 @@
+"""Machine records and their events, as files under ``$TAXIWAY_HOME/machines``.
+
+One directory per machine::
+
+    machines/<id>/machine.json   the record (config, state, pids, exit) — replaced atomically
+    machines/<id>/events.jsonl   state changes, one JSON object a line (what the platform watches)
+    machines/<id>/log            stdout/stderr, one line each: "<RFC3339 time> <stream> <text>"
+    machines/<id>/upper, work    the machine's writable layer (overlay mode)
+    machines/<id>/rootfs         where its root is assembled (mounted only inside its namespace)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from taxiway.errors import InvalidInput, NotFound
+from taxiway.machines.config import MachineConfig
+
+STATES = ("created", "starting", "running", "stopping", "exited", "failed")
+
+
+def machines_dir() -> Path:
+    from taxiway.paths import home
+
+    d = home() / "machines"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+@dataclass
+class Machine:
+    """A machine's record. ``reason`` is exited | oom-killed | signalled | error | stopped."""
+
+    id: str
+    name: str
+    config: MachineConfig
+    image_digest: str = ""
+    chain: list[str] = field(default_factory=list)
+    command: list[str] = field(default_factory=list)
+    process: dict[str, Any] = field(default_factory=dict)  # argv, env, uid, gid, groups, workdir, hostname
+    state: str = "created"
+    pid: int | None = None  # the machine's init, seen from the host
+    supervisor: int | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    signal: int | None = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    restarts: int = 0
+    runtime: str = "namespace"
+    accel: str | None = None
+
+    @property
+    def dir(self) -> Path:
+        return machines_dir() / self.id
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["config"] = self.config.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Machine:
+        d = dict(d)
+        d["config"] = MachineConfig.from_json(d["config"])
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self) -> None:
+        data = json.dumps(self.to_json()).encode()
+        p = self.dir / "machine.json"
+        tmp = self.dir / f".machine.json.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, p)
+
+    def event(self, kind: str, **detail: Any) -> None:
+        """Record a state change (``kind``: created, start, exit, restart, stop, destroy...)."""
+        ev = {"time": time.time(), "machine": self.id, "type": kind, "state": self.state, **detail}
+        with open(self.dir / "events.jsonl", "a") as f:
+            f.write(json.dumps(ev) + "\n")
+
+    def set_state(self, state: str, **detail: Any) -> None:
+        self.state = state
+        self.save()
+        self.event(state, **detail)
+
+    def events(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.dir / "events.jsonl") as f:
+                return [json.loads(ln) for ln in f if ln.strip()]
+        except FileNotFoundError:
+            return []
+
+    def alive(self) -> bool:
+        """True if its init (or its VM) is still running."""
+        return self.pid is not None and _alive(self.pid)
+
+    def status(self) -> str:
+        """The state, corrected if the process vanished without its supervisor noticing (kill -9)."""
+        if self.state in ("running", "starting", "stopping") and not self.alive() and not (
+                self.supervisor and _alive(self.supervisor)):
+            return "exited"
+        return self.state
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def new_id() -> str:
+    return secrets.token_hex(7)
+
+
+_ADJ = ("brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "keen", "lively", "merry", "nimble",
+        "proud", "quiet", "rapid", "swift", "witty", "bold", "bright", "cool", "daring")
+_NOUN = ("falcon", "otter", "comet", "harbor", "meadow", "rocket", "glider", "beacon", "runway", "pilot",
+         "tower", "hangar", "jet", "airship", "kite", "sparrow", "condor", "zephyr", "cirrus", "vector")
+
+
+def new_name() -> str:
+    return f"{secrets.choice(_ADJ)}-{secrets.choice(_NOUN)}-{secrets.token_hex(2)}"
+
+
+def valid_name(name: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}", name):
+        raise InvalidInput(f"invalid machine name {name!r}", "use letters, digits, '.', '_' or '-' (up to 63)")
+    return name
+
+
+def load(mid: str) -> Machine | None:
+    try:
+        with open(machines_dir() / mid / "machine.json", "rb") as f:
+            return Machine.from_json(json.loads(f.read()))
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return None
+
+
+def all_machines() -> list[Machine]:
+    out = []
+    for d in machines_dir().iterdir():
+        if d.is_dir() and not d.name.startswith("."):
+            m = load(d.name)
+            if m is not None:
+                out.append(m)
+    return sorted(out, key=lambda m: m.created)
+
+
+def find(ref: str) -> Machine:
+    """A machine by name, id or unique id prefix."""
+    m = load(ref) if all(c in "0123456789abcdef" for c in ref) else None
+    if m:
+        return m
+    ms = all_machines()
+    for m in ms:
+        if m.name == ref:
+            return m
+    hits = [m for m in ms if len(ref) >= 3 and m.id.startswith(ref)]
+    if len(hits) == 1:
+        return hits[0]
+    raise NotFound(f"no machine {ref!r}", "see `taxiway machines ls -a`")
+
+
+def name_taken(name: str) -> bool:
+    return any(m.name == name for m in all_machines())
+
+
+def remove_dir(path: Path) -> None:
+    import shutil
+
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
