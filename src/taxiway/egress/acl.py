@@ -1,0 +1,276 @@
+"""Smokescreen's egress ACL (YAML ``version: v1``), read unchanged, decided the same way.
+
+Pure: :func:`parse_acl` takes the YAML text, :meth:`Acl.decide` takes a role
+and a host and returns a :class:`Decision` whose ``reason`` strings are
+Smokescreen's own, so logs and tooling written for Smokescreen keep working.
+Decision order (Smokescreen's): the rule's allowed domains, then the global
+deny list, then the global allow list, then the rule's action; a role with no
+rule of its own uses ``default``, and with no default it is denied.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from taxiway.egress.hosts import HostError, normalize_name
+from taxiway.errors import InvalidInput
+
+
+class AclError(InvalidInput):
+    """An ACL file Smokescreen would refuse to load."""
+
+
+class Policy(enum.Enum):
+    OPEN = "open"
+    REPORT = "report"
+    ENFORCE = "enforce"
+
+
+class Result(enum.Enum):
+    ALLOW = "allow"
+    ALLOW_AND_REPORT = "allow-and-report"
+    DENY = "deny"
+
+
+def policy_from_action(action: Any) -> Policy:
+    try:
+        return Policy(action)
+    except ValueError:
+        raise AclError(f"unknown action {action}") from None
+
+
+@dataclass(frozen=True)
+class MitmDomain:
+    domain: str
+    add_headers: Mapping[str, str] = field(default_factory=dict)
+    detailed_http_logs: bool = False
+    detailed_http_logs_full_headers: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    project: str
+    policy: Policy
+    domain_globs: Sequence[str] = ()
+    mitm_domains: Sequence[MitmDomain] = ()
+    external_proxy_globs: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Decision:
+    result: Result
+    reason: str
+    project: str = ""
+    role: str | None = None
+    default: bool = False
+
+    @property
+    def allowed(self) -> bool:
+        return self.result is not Result.DENY
+
+    @property
+    def would_deny(self) -> bool:
+        """True when an ``enforce`` rule would have denied what was let through or denied."""
+        return self.result is not Result.ALLOW
+
+
+def validate_glob(svc: str, glob: Any) -> None:
+    """Smokescreen's domain-glob rules: a leading ``*.`` only, in normalized (Punycode) form."""
+    if not isinstance(glob, str) or glob == "":
+        raise AclError(f"{svc}: glob cannot be empty")
+    if glob in ("*", "*."):
+        raise AclError(f"{svc}: {glob}: domain glob must not match everything")
+    if glob.startswith("*") and not glob.startswith("*."):
+        raise AclError(f"{svc}: {glob}: domain glob must represent a full prefix (sub)domain")
+    domain = glob.removeprefix("*.")
+    if "*" in domain:
+        raise AclError(f"{svc}: {glob}: domain globs are only supported as prefix")
+    try:
+        normalized = normalize_name(domain)
+    except HostError as e:
+        raise AclError(f"{svc}: {glob}: incorrect ACL entry: {e}") from None
+    if normalized != domain:
+        if glob.startswith("*."):
+            normalized = "*." + normalized
+        raise AclError(f'{svc}: {glob}: incorrect ACL entry; use "{normalized}"')
+
+
+def _canonical(host: str) -> str | None:
+    try:
+        return normalize_name(host).rstrip(".")
+    except HostError:
+        return None
+
+
+def host_matches_glob(host: str, glob: str) -> bool:
+    """Match after IDNA, lower-casing and dropping trailing dots; ``*.x`` matches below x only."""
+    if not host:
+        return False
+    h = _canonical(host)
+    wildcard = glob.startswith("*.")
+    g = _canonical(glob.removeprefix("*.") if wildcard else glob)
+    if h is None or g is None:
+        return False
+    return h.endswith("." + g) if wildcard else h == g
+
+
+@dataclass
+class Acl:
+    rules: dict[str, Rule] = field(default_factory=dict)
+    default: Rule | None = None
+    global_deny: list[str] = field(default_factory=list)
+    global_allow: list[str] = field(default_factory=list)
+    disabled: set[Policy] = field(default_factory=set)
+
+    def rule(self, role: str | None) -> Rule | None:
+        """The role's rule, or the default rule."""
+        if role is not None and role in self.rules:
+            return self.rules[role]
+        return self.default
+
+    def project(self, role: str) -> str:
+        rule = self.rule(role)
+        if rule is None:
+            raise AclError(f"no rule for service: {role}")
+        return rule.project
+
+    def _check_enabled(self, svc: str, policy: Policy) -> None:
+        if policy in self.disabled:
+            raise AclError(f"rule for svc:{svc} utilizes a disabled policy:{policy.value}")
+
+    def validate_rule(self, svc: str, r: Rule) -> None:
+        for g in r.domain_globs:
+            validate_glob(svc, g)
+        for m in r.mitm_domains:
+            validate_glob(svc, m.domain)
+            if m.domain not in r.domain_globs:
+                raise AclError(
+                    f"domain {m.domain} was added to mitm_domains but is missing in allowed_domains")
+        for g in r.external_proxy_globs:
+            validate_glob(svc, g)
+
+    def add(self, svc: str, r: Rule) -> None:
+        self._check_enabled(svc, r.policy)
+        self.validate_rule(svc, r)
+        if svc in self.rules:
+            raise AclError(f"rule already exists for service {svc}")
+        self.rules[svc] = r
+
+    def validate(self) -> None:
+        for svc, r in self.rules.items():
+            self.validate_rule(svc, r)
+            self._check_enabled(svc, r.policy)
+        if self.default is not None:
+            self.validate_rule("default_rule", self.default)
+            self._check_enabled("default_rule", self.default.policy)
+        for g in self.global_deny:
+            validate_glob("global_deny_list", g)
+        for g in self.global_allow:
+            validate_glob("global_allow_list", g)
+
+    def decide(self, role: str | None, host: str, connect_proxy_host: str = "") -> Decision:
+        """Smokescreen's decision for ``role`` asking to reach ``host``."""
+        rule = self.rule(role)
+        if rule is None:
+            return Decision(Result.DENY, "no rule matched", "", role)
+        is_default = rule is self.default and (role is None or role not in self.rules)
+
+        def d(result: Result, reason: str) -> Decision:
+            return Decision(result, reason, rule.project, role, is_default)
+
+        if connect_proxy_host and not any(
+                host_matches_glob(connect_proxy_host, g) for g in rule.external_proxy_globs):
+            return d(Result.DENY, "connect proxy host not allowed in rule")
+        if any(host_matches_glob(host, g) for g in rule.domain_globs):
+            return d(Result.ALLOW, "host matched allowed domain in rule")
+        if any(host_matches_glob(host, g) for g in self.global_deny):
+            return d(Result.DENY, "host matched rule in global deny list")
+        if any(host_matches_glob(host, g) for g in self.global_allow):
+            return d(Result.ALLOW, "host matched rule in global allow list")
+        result, reason = {
+            Policy.REPORT: (Result.ALLOW_AND_REPORT, "rule has allow and report policy"),
+            Policy.ENFORCE: (Result.DENY, "rule has enforce policy"),
+            Policy.OPEN: (Result.ALLOW, "rule has open enforcement policy"),
+        }[rule.policy]
+        return d(result, "default rule policy used" if is_default else reason)
+
+
+def _str_list(value: Any, what: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise AclError(f"{what} must be a list")
+    return [str(v) if isinstance(v, (int, float)) else v for v in value]
+
+
+def _rule(raw: Any, what: str) -> Rule:
+    if not isinstance(raw, dict):
+        raise AclError(f"{what} must be a mapping")
+    mitm = []
+    for m in raw.get("mitm_domains") or []:
+        if not isinstance(m, dict):
+            raise AclError(f"{what}: mitm_domains entries must be mappings")
+        mitm.append(MitmDomain(
+            domain=m.get("domain") or "",
+            add_headers=dict(m.get("add_headers") or {}),
+            detailed_http_logs=bool(m.get("detailed_http_logs")),
+            detailed_http_logs_full_headers=tuple(m.get("detailed_http_logs_full_headers") or ()),
+        ))
+    return Rule(
+        project=str(raw.get("project") or ""),
+        policy=policy_from_action(raw.get("action")),
+        domain_globs=tuple(_str_list(raw.get("allowed_domains"), f"{what}: allowed_domains")),
+        mitm_domains=tuple(mitm),
+        external_proxy_globs=tuple(
+            _str_list(raw.get("allowed_external_proxies"), f"{what}: allowed_external_proxies")),
+    )
+
+
+def parse_acl(text: str, disabled_actions: Iterable[str] = ()) -> Acl:
+    """Parse and validate an ACL, raising AclError where Smokescreen's loader fails."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise AclError(f"invalid YAML: {e}".replace("\n", " ")) from None
+    if not isinstance(doc, dict):
+        doc = {}
+    version = doc.get("version")
+    if version != "v1":
+        raise AclError(f'expected version "v1" got "{version or ""}"')
+    services = doc.get("services")
+    if services is None:
+        raise AclError("Top level list 'services' is missing")
+    if not isinstance(services, list):
+        raise AclError("'services' must be a list")
+    acl = Acl()
+    for i, svc in enumerate(services):
+        name = str(svc.get("name") or "") if isinstance(svc, dict) else ""
+        acl.add(name, _rule(svc, f"services[{i}]"))
+    if doc.get("default") is not None:
+        acl.default = _rule(doc["default"], "default")
+    acl.global_allow = _str_list(doc.get("global_allow_list"), "global_allow_list")
+    acl.global_deny = _str_list(doc.get("global_deny_list"), "global_deny_list")
+    for a in disabled_actions:
+        acl.disabled.add(policy_from_action(a))
+    acl.validate()
+    return acl
+
+
+def load_acl(path: str | Path, disabled_actions: Iterable[str] = ()) -> Acl:
+    """Read an ACL file; errors name the file and say how to check it."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise AclError(f"cannot read ACL {path}: {e.strerror}", "pass an existing file to --acl") from None
+    try:
+        return parse_acl(text, disabled_actions)
+    except AclError as e:
+        raise AclError(f"ACL {path}: {e.message}",
+                       "fix the file (Smokescreen v1 YAML) and try again") from None

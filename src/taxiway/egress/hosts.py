@@ -1,0 +1,176 @@
+"""Host names as a proxy must see them: one canonical spelling per destination.
+
+Pure functions, no I/O. Every spelling a client can send (percent-encoding,
+IDNA, full-width digits, trailing dots, the legacy ``127.1`` / ``0x7f.1`` /
+``2130706433`` IPv4 forms that ``inet_aton`` and browsers accept) is turned
+into either an IP address or a lower-case ASCII DNS name, so that the ACL and
+the address policy judge the destination that will really be dialled.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_VALID_DNS = re.compile(r"^[a-z0-9._-]*$")
+_NUMERIC_LABEL = re.compile(r"^(?:[0-9]+|0[xX][0-9a-fA-F]*)$")
+
+
+class HostError(ValueError):
+    """A host that cannot name any destination (the request is malformed)."""
+
+
+@dataclass(frozen=True)
+class Host:
+    """A normalized destination host: a DNS name or an IP address, never both."""
+
+    name: str
+    ip: IPAddress | None = None
+
+    @property
+    def is_ip(self) -> bool:
+        return self.ip is not None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def _label_to_ascii(label: str) -> str:
+    if label.isascii():
+        return label.lower()
+    import idna
+
+    try:
+        return idna.alabel(label).decode("ascii")
+    except idna.IDNAError:
+        # Go's lenient lookup profile (which Smokescreen uses) accepts labels
+        # IDNA 2008 forbids, such as emoji; plain Punycode gives the same A-label.
+        try:
+            return "xn--" + label.encode("punycode").decode("ascii")
+        except UnicodeError as e:
+            raise HostError(f"invalid domain label {label!r}") from e
+
+
+def normalize_name(s: str) -> str:
+    """Smokescreen's NormalizeHost: canonical IP text, or lower-case Punycode name.
+
+    Raises HostError for names with characters outside ``a-z 0-9 . - _``.
+    """
+    ip = _parse_ip_literal(s)
+    if ip is not None:
+        return str(ip)
+    if not s.isascii():
+        import idna
+
+        try:
+            s = idna.uts46_remap(s, std3_rules=False, transitional=False)
+        except (idna.IDNAError, ValueError) as e:
+            raise HostError(f"invalid domain {s!r}: {e}") from e
+        labels = [_label_to_ascii(label) for label in s.split(".")]
+        s = ".".join(labels)
+    s = s.lower()
+    if not _VALID_DNS.match(s):
+        bad = next(c for c in s if not _VALID_DNS.match(c))
+        raise HostError(f"invalid domain {s!r}: disallowed character {bad!r}")
+    return s
+
+
+def _parse_ip_literal(s: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(s)
+    except ValueError:
+        return None
+
+
+def _legacy_ipv4_part(part: str) -> int:
+    if part[:2].lower() == "0x":
+        return int(part[2:] or "0", 16)
+    if len(part) > 1 and part.startswith("0"):
+        if not all(c in "01234567" for c in part):
+            raise HostError(f"invalid octal IPv4 part {part!r}")
+        return int(part, 8)
+    return int(part, 10)
+
+
+def parse_legacy_ipv4(s: str) -> ipaddress.IPv4Address | None:
+    """The WHATWG/inet_aton IPv4 reading of ``s``, or None if it is not numeric.
+
+    ``127.1``, ``0177.0.0.1``, ``0x7f000001`` and ``2130706433`` all read as
+    127.0.0.1. A name whose last label is numeric but is not a valid IPv4
+    address raises HostError (resolvers and browsers would refuse it too).
+    """
+    parts = s.split(".")
+    if parts and parts[-1] == "" and len(parts) > 1:
+        parts = parts[:-1]
+    if not parts or not _NUMERIC_LABEL.match(parts[-1]):
+        return None
+    if len(parts) > 4 or any(not _NUMERIC_LABEL.match(p) for p in parts):
+        raise HostError(f"invalid IPv4 address {s!r}")
+    nums = [_legacy_ipv4_part(p) for p in parts]
+    if any(n > 255 for n in nums[:-1]) or nums[-1] >= 256 ** (5 - len(nums)):
+        raise HostError(f"invalid IPv4 address {s!r}")
+    value = nums[-1]
+    for i, n in enumerate(nums[:-1]):
+        value += n << (8 * (3 - i))
+    return ipaddress.IPv4Address(value)
+
+
+def parse_host(raw: str) -> Host:
+    """Normalize a host from a request target or CONNECT authority (no port).
+
+    Accepts ``[v6]`` brackets, percent-encoding and IDNA; rejects zone ids,
+    empty hosts and characters that cannot be in a DNS name.
+    """
+    if not raw:
+        raise HostError("empty host")
+    if raw.startswith("["):
+        if not raw.endswith("]"):
+            raise HostError(f"unterminated IPv6 literal {raw!r}")
+        inner = unquote(raw[1:-1])
+        if "%" in inner:
+            raise HostError(f"IPv6 zone identifiers are not allowed: {raw!r}")
+        try:
+            ip = ipaddress.IPv6Address(inner)
+        except ValueError as e:
+            raise HostError(f"invalid IPv6 literal {raw!r}") from e
+        return Host(str(ip), ip)
+    if "%" in raw:
+        try:
+            raw = unquote(raw, errors="strict")
+        except UnicodeDecodeError as e:
+            raise HostError(f"invalid percent-encoding in host {raw!r}") from e
+    if any(c in raw for c in "[]/\\@:?#% \t\r\n\x00"):
+        raise HostError(f"invalid character in host {raw!r}")
+    name = normalize_name(raw)
+    # A dot-free name could still be an IP after IDNA mapping (full-width digits).
+    name = name[:-1] if name.endswith(".") and len(name) > 1 else name
+    if not name or name.startswith(".") or ".." in name:
+        raise HostError(f"invalid host {raw!r}")
+    ip = _parse_ip_literal(name) or parse_legacy_ipv4(name)
+    if ip is not None:
+        return Host(str(ip), ip)
+    return Host(name)
+
+
+def split_authority(authority: str) -> tuple[str, int]:
+    """Split CONNECT's ``host:port`` (the port is required), host not normalized."""
+    if authority.startswith("["):
+        end = authority.find("]")
+        if end < 0 or authority[end + 1 : end + 2] != ":":
+            raise HostError(f"CONNECT needs host:port, got {authority!r}")
+        host, port_s = authority[: end + 1], authority[end + 2 :]
+    else:
+        host, sep, port_s = authority.rpartition(":")
+        if not sep or ":" in host:
+            raise HostError(f"CONNECT needs host:port, got {authority!r}")
+    return host, parse_port(port_s)
+
+
+def parse_port(s: str) -> int:
+    if not s.isdigit() or len(s) > 5 or not 0 < int(s) < 65536:
+        raise HostError(f"invalid port {s!r}")
+    return int(s)

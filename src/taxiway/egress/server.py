@@ -1,0 +1,685 @@
+"""The egress proxy server: asyncio streams around the pure policy modules.
+
+One task per client connection reads request heads; a request is decided by
+:meth:`EgressProxy.decide` (role, ACL, one DNS resolution, address policy on
+every answer) and the pinned, allowed address is dialled. CONNECT tunnels are
+relayed by two small protocols that write straight into each other's
+transports with flow control, so a tunnel costs no Python per byte beyond one
+callback per read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import itertools
+import signal
+import socket
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import orjson
+
+from taxiway.egress import http, is_loopback_name
+from taxiway.egress.acl import Acl, Decision, Result, load_acl
+from taxiway.egress.addresses import AddressPolicy, AddressVerdict, Range
+from taxiway.egress.hosts import IPAddress
+from taxiway.egress.metrics import Metrics
+from taxiway.egress.resolver import ResolveError, Resolver
+from taxiway.egress.roles import Authenticator, cert_common_name, load_users, parse_basic
+
+READ_SIZE = 256 * 1024
+
+
+@dataclass
+class EgressConfig:
+    """Everything ``taxiway egress serve`` takes; the platform builds one too."""
+
+    listen: tuple[str, int] = ("127.0.0.1", 4750)
+    acl_path: Path | None = None
+    allow_ranges: list[Range] = field(default_factory=list)
+    deny_ranges: list[Range] = field(default_factory=list)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    resolver: tuple[str, int] | None = None
+    users_path: Path | None = None
+    disabled_actions: tuple[str, ...] = ()
+    connect_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    total_timeout: float = 0.0  # 0: no limit on a tunnel's lifetime
+    header_timeout: float = 30.0
+    dns_timeout: float = 5.0
+    max_tunnels: int = 10_000
+    max_header_bytes: int = 64 * 1024
+    drain_timeout: float = 30.0
+
+
+class Denied(Exception):
+    """A request the proxy answers itself (403, 407, 502, 503, 504)."""
+
+    def __init__(self, status: int, host: str, reason: str, decision: str = "deny"):
+        super().__init__(reason)
+        self.status, self.host, self.reason, self.decision = status, host, reason, decision
+
+
+@dataclass
+class Outcome:
+    """What deciding a request produced, for the log line and the dial."""
+
+    target: http.Target
+    role: str | None = None
+    acl: Decision | None = None
+    addresses: list[AddressVerdict] = field(default_factory=list)
+    dns_ms: float = 0.0
+
+
+class _Relay(asyncio.Protocol):
+    """One side of a tunnel: what arrives here is written to the peer transport."""
+
+    def __init__(self, tunnel: _Tunnel, side: str):
+        self.tunnel, self.side = tunnel, side
+        self.transport: asyncio.Transport | None = None
+        self.peer: asyncio.Transport | None = None
+        self.eof = False
+        self.closed = False
+        self.count = 0
+        self._early: list[bytes] = []
+
+    def connection_made(self, transport) -> None:  # noqa: ANN001
+        self.transport = transport
+
+    def attach(self, peer: asyncio.Transport) -> None:
+        """Start writing to ``peer``, first whatever arrived before it was known."""
+        self.peer = peer
+        for data in self._early:
+            peer.write(data)
+        self._early.clear()
+        if self.eof:
+            self.eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        self.count += len(data)
+        self.tunnel.last = time.monotonic()
+        if self.peer is None:
+            self._early.append(data)
+        elif not self.peer.is_closing():
+            self.peer.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        if peer is not None and not peer.is_closing():
+            if peer.can_write_eof():
+                peer.write_eof()
+            else:
+                peer.close()
+        if self.tunnel.both_eof():
+            self.tunnel.close()
+        return True
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and not self.peer.is_closing():
+            self.peer.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.peer is not None and not self.peer.is_closing():
+            self.peer.close()
+        self.tunnel.side_lost()
+
+
+class _Tunnel:
+    def __init__(self) -> None:
+        self.client = _Relay(self, "client")
+        self.upstream = _Relay(self, "upstream")
+        self.last = time.monotonic()
+        self.done = asyncio.get_running_loop().create_future()
+
+    def both_eof(self) -> bool:
+        return self.client.eof and self.upstream.eof
+
+    def side_lost(self) -> None:
+        if self.client.closed and self.upstream.closed and not self.done.done():
+            self.done.set_result(None)
+
+    def close(self) -> None:
+        for side in (self.client, self.upstream):
+            if side.transport is not None and not side.transport.is_closing():
+                side.transport.close()
+
+    def abort(self) -> None:
+        for side in (self.client, self.upstream):
+            if side.transport is not None:
+                side.transport.abort()
+
+
+class EgressProxy:
+    """The proxy: configuration, live policy (reloadable), metrics and connections."""
+
+    def __init__(self, config: EgressConfig, log: IO[bytes] | None = None):
+        self.config = config
+        self.log_out = log or sys.stdout.buffer
+        self.acl: Acl | None = load_acl(config.acl_path, config.disabled_actions) if config.acl_path else None
+        users = load_users(config.users_path) if config.users_path else {}
+        self.auth = Authenticator.from_env(users, client_certs=config.client_ca is not None)
+        self.policy = AddressPolicy(tuple(config.allow_ranges), tuple(config.deny_ranges))
+        self.resolver = Resolver(config.resolver, config.dns_timeout)
+        self.metrics = _metrics()
+        self.active_tunnels = 0
+        self.connections: set[asyncio.Task] = set()
+        self.idle: set[asyncio.Task] = set()
+        self.draining = False
+        self._ids = itertools.count(1)
+        self._server: asyncio.AbstractServer | None = None
+        self._stopped: asyncio.Event | None = None
+
+    # -- logging -----------------------------------------------------------------
+    def log(self, **fields: object) -> None:
+        fields.setdefault("time", time.time())
+        self.log_out.write(orjson.dumps(fields, default=str) + b"\n")
+        with contextlib.suppress(Exception):
+            self.log_out.flush()
+
+    # -- reload --------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read the ACL and users file; keep the old ones if the new ones are broken."""
+        try:
+            acl = load_acl(self.config.acl_path, self.config.disabled_actions) if self.config.acl_path else None
+            users = load_users(self.config.users_path) if self.config.users_path else {}
+        except Exception as e:
+            self.metrics.inc("taxiway_egress_reloads_total", result="error")
+            self.log(msg="reload", ok=False, error=str(e))
+            return False
+        self.acl = acl
+        self.auth = Authenticator(self.auth.password, users, self.auth.client_certs)
+        self.metrics.inc("taxiway_egress_reloads_total", result="ok")
+        self.log(msg="reload", ok=True, acl=str(self.config.acl_path or ""))
+        return True
+
+    # -- serving -------------------------------------------------------------------
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        c = self.config
+        if not c.tls_cert:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(c.tls_cert), str(c.tls_key) if c.tls_key else None)
+        if c.client_ca:
+            ctx.load_verify_locations(str(c.client_ca))
+            ctx.verify_mode = ssl.CERT_OPTIONAL
+        return ctx
+
+    async def start(self) -> asyncio.AbstractServer:
+        host, port = self.config.listen
+        self._server = await asyncio.start_server(
+            self._handle, host, port, ssl=self._ssl_context(), limit=self.config.max_header_bytes,
+            backlog=4096, reuse_address=True)
+        bound = self._server.sockets[0].getsockname()
+        self.config.listen = (host, bound[1])
+        self.policy = self.policy.with_own(*_own_addresses(host, bound[1]))
+        self._stopped = asyncio.Event()
+        self.log(msg="listening", address=f"{host}:{bound[1]}", tls=bool(self.config.tls_cert),
+                 acl=str(self.config.acl_path or ""), auth_required=self.auth.required)
+        return self._server
+
+    async def serve_forever(self) -> None:
+        """Serve until SIGTERM/SIGINT (drain) ; SIGHUP reloads the ACL."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        assert self._stopped is not None
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopped.set)
+        await self._stopped.wait()
+        await self.drain()
+
+    def stop(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def drain(self) -> None:
+        """Stop accepting, close idle keep-alive connections, wait for the rest, then cut them."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for t in list(self.idle):
+            t.cancel()
+        self.log(msg="draining", connections=len(self.connections))
+        if self.connections:
+            _, pending = await asyncio.wait(list(self.connections), timeout=self.config.drain_timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        self.log(msg="stopped")
+
+    # -- one client connection -------------------------------------------------------
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        self.metrics.inc("taxiway_egress_client_connections_total")
+        peer = writer.get_extra_info("peername")
+        client = f"{peer[0]}:{peer[1]}" if peer else "?"
+        sslobj = writer.get_extra_info("ssl_object")
+        cert_role = cert_common_name(sslobj.getpeercert()) if sslobj is not None else None
+        try:
+            first = True
+            while not self.draining:
+                self.idle.add(task)
+                try:
+                    timeout = self.config.header_timeout if first else self.config.idle_timeout
+                    async with asyncio.timeout(timeout):
+                        raw = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+                    break
+                except asyncio.LimitOverrunError:
+                    writer.write(http.simple_response(431, "request head too large\n"))
+                    break
+                finally:
+                    self.idle.discard(task)
+                first = False
+                try:
+                    head = http.parse_request_head(raw)
+                except http.ProtocolError as e:
+                    writer.write(http.simple_response(e.status, f"{e}\n"))
+                    break
+                if head.method == "CONNECT":
+                    await self._connect(head, reader, writer, client, cert_role)
+                    return
+                if head.target.startswith("/"):
+                    if not await self._local(head, writer):
+                        break
+                    continue
+                if not await self._forward(head, reader, writer, client, cert_role):
+                    break
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # a bug must not take the server down, but must be seen
+            self.log(msg="error", client=client, error=repr(e))
+        finally:
+            self.connections.discard(task)
+            with contextlib.suppress(Exception):
+                await _close(writer)
+
+    async def _local(self, head: http.RequestHead, writer: asyncio.StreamWriter) -> bool:
+        """Origin-form requests to the proxy itself: /metrics and /healthz."""
+        path = head.target.split("?")[0]
+        if path == "/metrics" and head.method == "GET":
+            self.metrics.set("taxiway_egress_tunnels_active", self.active_tunnels)
+            self.metrics.set("taxiway_egress_connections_open", len(self.connections))
+            writer.write(http.simple_response(200, self.metrics.render(), close=False,
+                                              content_type="text/plain; version=0.0.4"))
+            return True
+        if path == "/healthz":
+            writer.write(http.simple_response(200, "ok\n", close=False))
+            return True
+        writer.write(http.simple_response(400, "this is a proxy: send absolute-form or CONNECT requests\n"))
+        return False
+
+    # -- deciding --------------------------------------------------------------------
+    async def _role(self, head: http.RequestHead, cert_role: str | None, host: str) -> str | None:
+        if cert_role is not None:
+            return cert_role
+        creds = parse_basic(head.get(b"proxy-authorization"))
+        role = None
+        if creds is not None:
+            known, role = self.auth.cached(*creds)
+            if not known:
+                role = await asyncio.to_thread(self.auth.role_from_password, *creds)
+        if role is None and self.auth.required:
+            why = "wrong proxy credentials" if creds else "proxy credentials required"
+            raise Denied(407, host, why, "unauthenticated")
+        return role
+
+    async def decide(self, head: http.RequestHead, target: http.Target, cert_role: str | None) -> Outcome:
+        """Role, ACL, one resolution, address policy: raises Denied or returns what to dial."""
+        host = str(target)
+        out = Outcome(target)
+        out.role = await self._role(head, cert_role, host)
+        if self.acl is not None:
+            out.acl = self.acl.decide(out.role, target.host.name)
+            if not out.acl.allowed:
+                raise Denied(403, host, f"{out.acl.reason} (role {out.role or 'none'})")
+        if target.host.ip is not None:
+            addrs: list[IPAddress] = [target.host.ip]
+        else:
+            name = target.host.name
+            if is_loopback_name(name):
+                raise Denied(403, host, f"{name} is a loopback name")
+            t0 = time.perf_counter()
+            try:
+                addrs = await self.resolver.resolve(name)
+            except ResolveError as e:
+                raise Denied(504 if e.timeout else 502, host, str(e), "error") from None
+            finally:
+                out.dns_ms = (time.perf_counter() - t0) * 1000
+                self.metrics.observe("taxiway_egress_dns_seconds", out.dns_ms / 1000)
+        out.addresses = [self.policy.judge(a, target.port) for a in addrs]
+        if not any(v.allowed for v in out.addresses):
+            raise Denied(403, host, out.addresses[0].reason)
+        return out
+
+    def _log_decision(self, kind: str, client: str, target: http.Target, out: Outcome | None,
+                      status: int, reason: str, decision: str, dialled: str | None = None,
+                      connect_ms: float | None = None, conn_id: int = 0) -> None:
+        acl = out.acl if out else None
+        self.metrics.inc("taxiway_egress_decisions_total", decision=decision, proxy_type=kind)
+        self.log(
+            msg="decision", id=conn_id, proxy_type=kind, client=client,
+            role=out.role if out else None, project=acl.project if acl else None,
+            requested_host=str(target), resolved_address=dialled,
+            candidates=[str(v.address) for v in out.addresses] if out else [],
+            decision=decision, allow=decision in ("allow", "report"), reason=reason,
+            enforce_would_deny=bool(acl and acl.would_deny), status=status,
+            dns_ms=round(out.dns_ms, 3) if out else None,
+            connect_ms=round(connect_ms, 3) if connect_ms is not None else None,
+        )
+
+    def _deny(self, writer: asyncio.StreamWriter, kind: str, client: str, target: http.Target,
+              d: Denied, out: Outcome | None, conn_id: int) -> None:
+        msg = f"egress to {d.host} denied: {d.reason}" if d.status in (403, 407) else \
+              f"egress to {d.host} failed: {d.reason}"
+        headers = [("X-Taxiway-Egress-Error", msg)]
+        if d.status == 407:
+            headers.append(("Proxy-Authenticate", 'Basic realm="taxiway egress"'))
+        if d.status == 503:
+            headers.append(("Retry-After", "1"))
+        self.metrics.inc("taxiway_egress_responses_total", status=str(d.status), proxy_type=kind)
+        self._log_decision(kind, client, target, out, d.status, d.reason, d.decision, conn_id=conn_id)
+        writer.write(http.simple_response(d.status, msg + "\n", headers))
+
+    async def _open(self, out: Outcome, factory: Callable[[], asyncio.Protocol]
+                    ) -> tuple[asyncio.Transport, asyncio.Protocol, AddressVerdict, float]:
+        """Dial the allowed, pinned addresses in order; the first that answers wins."""
+        if self.active_tunnels >= self.config.max_tunnels:
+            raise Denied(503, str(out.target), f"too many open tunnels ({self.config.max_tunnels})", "error")
+        loop = asyncio.get_running_loop()
+        last: Denied | None = None
+        t0 = time.perf_counter()
+        for v in out.addresses:
+            if not v.allowed:
+                continue
+            try:
+                async with asyncio.timeout(self.config.connect_timeout):
+                    transport, proto = await loop.create_connection(factory, str(v.address), out.target.port)
+            except TimeoutError:
+                last = Denied(504, str(out.target), f"connecting to {v.address} timed out", "error")
+            except OSError as e:
+                last = Denied(502, str(out.target), f"connecting to {v.address} failed: "
+                              f"{e.strerror or e}", "error")
+            else:
+                ms = (time.perf_counter() - t0) * 1000
+                self.metrics.observe("taxiway_egress_connect_seconds", ms / 1000)
+                return transport, proto, v, ms  # type: ignore[return-value]
+        assert last is not None
+        raise last
+
+    # -- CONNECT ---------------------------------------------------------------------
+    async def _connect(self, head: http.RequestHead, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter, client: str, cert_role: str | None) -> None:
+        conn_id = next(self._ids)
+        try:
+            target = http.parse_connect_target(head.target)
+        except http.ProtocolError as e:
+            writer.write(http.simple_response(400, f"{e}\n", [("X-Taxiway-Egress-Error", str(e))]))
+            return
+        out = None
+        tunnel = _Tunnel()
+        try:
+            out = await self.decide(head, target, cert_role)
+            transport, _, verdict, connect_ms = await self._open(out, lambda: tunnel.upstream)
+        except Denied as d:
+            self._deny(writer, "connect", client, target, d, out, conn_id)
+            return
+        decision = "report" if out.acl and out.acl.result is Result.ALLOW_AND_REPORT else "allow"
+        reason = out.acl.reason if out.acl else "egress ACL is not configured"
+        self._log_decision("connect", client, target, out, 200, f"{reason}; {verdict.reason}", decision,
+                           str(verdict.address), connect_ms, conn_id)
+        self.metrics.inc("taxiway_egress_responses_total", status="200", proxy_type="connect")
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        # Bytes the client sent after the CONNECT head (a TLS hello, often) go first.
+        pending = bytes(reader._buffer)  # noqa: SLF001
+        reader._buffer.clear()  # noqa: SLF001
+        await self._relay(tunnel, writer.transport, transport, pending, out, target, client, conn_id,
+                          str(verdict.address), "connect")
+
+    async def _relay(self, tunnel: _Tunnel, client_t: asyncio.Transport, upstream_t: asyncio.Transport,
+                     pending: bytes, out: Outcome, target: http.Target, client: str, conn_id: int,
+                     dialled: str, kind: str) -> None:
+        started = time.monotonic()
+        self.active_tunnels += 1
+        tunnel.client.transport = client_t
+        client_t.set_protocol(tunnel.client)
+        if pending:
+            tunnel.client.data_received(pending)
+        tunnel.client.attach(upstream_t)
+        tunnel.upstream.attach(client_t)
+        client_t.resume_reading()
+        ended = "closed"
+        try:
+            while not tunnel.done.done():
+                now = time.monotonic()
+                limit = self.config.idle_timeout - (now - tunnel.last)
+                if self.config.total_timeout:
+                    limit = min(limit, self.config.total_timeout - (now - started))
+                if limit <= 0:
+                    ended = "timeout"
+                    break
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(tunnel.done), timeout=min(limit, 30))
+        except asyncio.CancelledError:
+            ended = "drained"
+        finally:
+            if not tunnel.done.done():
+                tunnel.close()
+                with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                    await asyncio.wait_for(asyncio.shield(tunnel.done), 2)
+                if not tunnel.done.done():
+                    tunnel.abort()
+            self.active_tunnels -= 1
+            up, down = tunnel.client.count, tunnel.upstream.count
+            self.metrics.inc("taxiway_egress_bytes_total", up, direction="out")
+            self.metrics.inc("taxiway_egress_bytes_total", down, direction="in")
+            self.log(msg="close", id=conn_id, proxy_type=kind, client=client, role=out.role,
+                     requested_host=str(target), resolved_address=dialled, bytes_out=up, bytes_in=down,
+                     duration_ms=round((time.monotonic() - started) * 1000, 3), ended=ended)
+
+    # -- absolute-form HTTP ----------------------------------------------------------
+    async def _forward(self, head: http.RequestHead, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter, client: str, cert_role: str | None) -> bool:
+        """Proxy one absolute-form request; True if the client connection stays open."""
+        conn_id = next(self._ids)
+        try:
+            target = http.parse_absolute_target(head.target)
+            framing = http.request_framing(head)
+        except http.ProtocolError as e:
+            writer.write(http.simple_response(e.status, f"{e}\n", [("X-Taxiway-Egress-Error", str(e))]))
+            return False
+        out = None
+        up_reader = asyncio.StreamReader(limit=self.config.max_header_bytes)
+        try:
+            out = await self.decide(head, target, cert_role)
+            transport, proto, verdict, connect_ms = await self._open(
+                out, lambda: asyncio.StreamReaderProtocol(up_reader))
+        except Denied as d:
+            self._deny(writer, "http", client, target, d, out, conn_id)
+            return False
+        up_writer = asyncio.StreamWriter(transport, proto, up_reader, asyncio.get_running_loop())
+        decision = "report" if out.acl and out.acl.result is Result.ALLOW_AND_REPORT else "allow"
+        reason = out.acl.reason if out.acl else "egress ACL is not configured"
+        self._log_decision("http", client, target, out, 0, f"{reason}; {verdict.reason}", decision,
+                           str(verdict.address), connect_ms, conn_id)
+        keep = head.version == b"HTTP/1.1" and b"close" not in http.connection_tokens(head.headers)
+        keep = keep or (head.version == b"HTTP/1.0" and b"keep-alive" in http.connection_tokens(head.headers))
+        keep = keep and not self.draining
+        started = time.monotonic()
+        counts = [0, 0]
+        self.active_tunnels += 1
+        try:
+            up_writer.write(http.serialize_request(head, target, keep_alive=False))
+            body = asyncio.create_task(_copy_body(reader, up_writer, framing, counts, 0))
+            try:
+                async with asyncio.timeout(self.config.idle_timeout):
+                    while True:
+                        rhead_raw = await up_reader.readuntil(b"\r\n\r\n")
+                        rhead = http.parse_response_head(rhead_raw)
+                        if 100 <= rhead.status < 200 and rhead.status != 101:
+                            writer.write(rhead_raw)
+                            continue
+                        break
+                rframing = http.response_framing(rhead, head.method)
+                if rhead.status == 101:
+                    writer.write(http.serialize_response_head(rhead, True))
+                    await body
+                    tunnel = _Tunnel()
+                    tunnel.upstream.transport = transport
+                    transport.set_protocol(tunnel.upstream)
+                    leftover = bytes(up_reader._buffer)  # noqa: SLF001
+                    if leftover:
+                        writer.write(leftover)
+                    pending = bytes(reader._buffer)  # noqa: SLF001
+                    reader._buffer.clear()  # noqa: SLF001
+                    self.active_tunnels -= 1
+                    await self._relay(tunnel, writer.transport, transport, pending, out, target, client,
+                                      conn_id, str(verdict.address), "http-upgrade")
+                    self.active_tunnels += 1
+                    return False
+                keep = keep and rframing[0] != "close"
+                writer.write(http.serialize_response_head(rhead, keep))
+                self.metrics.inc("taxiway_egress_responses_total", status=str(rhead.status), proxy_type="http")
+                async with asyncio.timeout(self.config.idle_timeout):
+                    await _copy_body(up_reader, writer, rframing, counts, 1)
+                    if not body.done():
+                        if keep:
+                            await body
+                        else:
+                            body.cancel()
+            finally:
+                if not body.done():
+                    body.cancel()
+                    keep = False
+            return keep
+        except (http.ProtocolError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+            if counts[1] == 0:
+                msg = f"egress to {target} failed: bad response from upstream: {e}"
+                writer.write(http.simple_response(502, msg + "\n", [("X-Taxiway-Egress-Error", msg)]))
+            return False
+        except (TimeoutError, ConnectionError):
+            if counts[1] == 0:
+                msg = f"egress to {target} failed: upstream timed out or reset"
+                writer.write(http.simple_response(504, msg + "\n", [("X-Taxiway-Egress-Error", msg)]))
+            return False
+        finally:
+            self.active_tunnels -= 1
+            up_writer.close()
+            self.metrics.inc("taxiway_egress_bytes_total", counts[0], direction="out")
+            self.metrics.inc("taxiway_egress_bytes_total", counts[1], direction="in")
+            self.log(msg="close", id=conn_id, proxy_type="http", client=client, role=out.role,
+                     requested_host=str(target), resolved_address=str(verdict.address),
+                     bytes_out=counts[0], bytes_in=counts[1],
+                     duration_ms=round((time.monotonic() - started) * 1000, 3))
+
+
+async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, framing: tuple[str, int],
+                     counts: list[int], index: int) -> None:
+    kind, length = framing
+    if kind == "none":
+        return
+    if kind == "length":
+        left = length
+        while left > 0:
+            data = await src.read(min(left, READ_SIZE))
+            if not data:
+                raise asyncio.IncompleteReadError(b"", left)
+            left -= len(data)
+            counts[index] += len(data)
+            dst.write(data)
+            await dst.drain()
+        return
+    if kind == "chunked":
+        scanner = http.ChunkedScanner()
+        while not scanner.done:
+            data = await src.read(READ_SIZE)
+            if not data:
+                raise asyncio.IncompleteReadError(b"", None)
+            used = scanner.feed(data)
+            if used < len(data):
+                # Bytes past the body belong to the next message: give them back.
+                src._buffer[:0] = data[used:]  # noqa: SLF001
+                data = data[:used]
+            counts[index] += len(data)
+            dst.write(data)
+            await dst.drain()
+        return
+    while True:  # read until close
+        data = await src.read(READ_SIZE)
+        if not data:
+            return
+        counts[index] += len(data)
+        dst.write(data)
+        await dst.drain()
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    if writer.transport.is_closing():
+        return
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.drain(), 5)
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 5)
+
+
+def _own_addresses(host: str, port: int) -> tuple[list[tuple[IPAddress, int]], int | None]:
+    ip = ipaddress.ip_address(host)
+    if not ip.is_unspecified:
+        return [(ip, port)], None
+    own: list[tuple[IPAddress, int]] = []
+    try:
+        import psutil
+
+        for addrs in psutil.net_if_addrs().values():
+            for a in addrs:
+                if a.family in (socket.AF_INET, socket.AF_INET6):
+                    with contextlib.suppress(ValueError):
+                        own.append((ipaddress.ip_address(a.address.split("%")[0]), port))
+    except ImportError:
+        pass
+    return own, port
+
+
+def _metrics() -> Metrics:
+    m = Metrics()
+    m.describe("taxiway_egress_decisions_total", "counter", "Egress decisions by outcome.")
+    m.describe("taxiway_egress_responses_total", "counter", "Responses by status code.")
+    m.describe("taxiway_egress_bytes_total", "counter", "Bytes relayed (out: to upstream, in: from it).")
+    m.describe("taxiway_egress_client_connections_total", "counter", "Client connections accepted.")
+    m.describe("taxiway_egress_tunnels_active", "gauge", "Open upstream connections.")
+    m.describe("taxiway_egress_connections_open", "gauge", "Open client connections.")
+    m.describe("taxiway_egress_reloads_total", "counter", "ACL reloads (SIGHUP) by result.")
+    m.describe("taxiway_egress_dns_seconds", "histogram", "Time to resolve a name.")
+    m.describe("taxiway_egress_connect_seconds", "histogram", "Time to connect upstream.")
+    return m
+
+
+def run(config: EgressConfig) -> None:
+    """Run the proxy until SIGTERM or SIGINT, on uvloop when it is installed."""
+    proxy = EgressProxy(config)
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    runner(proxy.serve_forever())

@@ -1,0 +1,163 @@
+"""Host normalization and the sans-I/O HTTP pieces, fed bytes directly."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from taxiway.egress import http
+from taxiway.egress.hosts import HostError, normalize_name, parse_host, parse_legacy_ipv4
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("127.0.0.1", "127.0.0.1"),
+    ("127.1", "127.0.0.1"),
+    ("127.0.1", "127.0.0.1"),
+    ("0177.0.0.1", "127.0.0.1"),
+    ("0x7f.0.0.1", "127.0.0.1"),
+    ("0x7f.1", "127.0.0.1"),
+    ("0x7f000001", "127.0.0.1"),
+    ("2130706433", "127.0.0.1"),
+    ("017700000001", "127.0.0.1"),
+    ("0", "0.0.0.0"),
+    ("0.0.0.0", "0.0.0.0"),
+    ("127.0.0.1.", "127.0.0.1"),
+    ("%31%32%37.0.0.1", "127.0.0.1"),
+    ("１２７。０。０。１", "127.0.0.1"),
+    ("[::ffff:127.0.0.1]", "::ffff:7f00:1"),
+    ("[::]", "::"),
+    ("[0:0:0:0:0:0:0:1]", "::1"),
+    ("ⓛⓞⓒⓐⓛⓗⓞⓢⓣ", "localhost"),
+    ("LocalHost.", "localhost"),
+    ("Example.COM.", "example.com"),
+    ("тест.example.com", "xn--e1aybc.example.com"),
+    ("🔐.example.com", "xn--jv8h.example.com"),
+    ("foo_bar.example.com", "foo_bar.example.com"),
+])
+def test_parse_host(raw, expected):
+    assert parse_host(raw).name == expected
+
+
+@pytest.mark.parametrize("raw", [
+    "", "[fe80::1%25eth0]", "[::1", "a..b", ".", "1.2.3.4.5", "256.1.1.1", "0x100.1.1.1", "08.1.1.1",
+    "a b", "a/b", "user@host", "host\\x", "ex%zzample.com", "4294967296",
+])
+def test_parse_host_rejects(raw):
+    with pytest.raises(HostError):
+        parse_host(raw)
+
+
+@given(st.integers(min_value=0, max_value=2**32 - 1))
+def test_legacy_ipv4_forms_agree(n):
+    a = ipaddress.IPv4Address(n)
+    b = a.packed
+    assert parse_legacy_ipv4(str(n)) == a
+    assert parse_legacy_ipv4(hex(n)) == a
+    assert parse_legacy_ipv4("0" + oct(n)[2:]) == a
+    assert parse_legacy_ipv4(f"{b[0]}.{b[1]}.{int.from_bytes(b[2:], 'big')}") == a
+    assert parse_legacy_ipv4(f"0x{b[0]:x}.0{b[1]:o}.{b[2]}.{b[3]}") == a
+
+
+def test_normalize_name_matches_smokescreen():
+    assert normalize_name("FOO-BAR.example.com") == "foo-bar.example.com"
+    assert normalize_name("2001:DB8::1337") == "2001:db8::1337"
+    with pytest.raises(HostError):
+        normalize_name("example.com$")
+
+
+@pytest.mark.parametrize("target,host,port,path", [
+    ("http://example.com/a?b=1", "example.com", 80, "/a?b=1"),
+    ("http://example.com", "example.com", 80, "/"),
+    ("HTTP://Example.com:8080/x#frag", "example.com", 8080, "/x"),
+    ("http://allowed.test@127.0.0.1/", "127.0.0.1", 80, "/"),
+    ("http://a:b@[::1]:81/", "::1", 81, "/"),
+    ("http://example.com?q", "example.com", 80, "/?q"),
+])
+def test_absolute_targets(target, host, port, path):
+    t = http.parse_absolute_target(target)
+    assert (t.host.name, t.port, t.path) == (host, port, path)
+
+
+@pytest.mark.parametrize("target", [
+    "https://example.com/", "ftp://x/", "example.com", "http://a\\@127.0.0.1/", "http://[::1/",
+    "http://example.com:0/", "http://example.com:99999/", "http://:80/",
+])
+def test_bad_absolute_targets(target):
+    with pytest.raises(http.ProtocolError):
+        http.parse_absolute_target(target)
+
+
+@pytest.mark.parametrize("target", ["example.com", "example.com:", "[::1]", "user@example.com:443",
+                                    "example.com:https", ":443"])
+def test_connect_needs_host_and_port(target):
+    with pytest.raises(http.ProtocolError):
+        http.parse_connect_target(target)
+
+
+def test_request_head_and_forwarded_form():
+    raw = (b"GET http://example.com:8080/p HTTP/1.1\r\nHost: evil.test\r\nProxy-Authorization: Basic eA==\r\n"
+           b"Connection: keep-alive, X-Drop\r\nX-Drop: 1\r\nAccept: */*\r\n\r\n")
+    head = http.parse_request_head(raw)
+    target = http.parse_absolute_target(head.target)
+    out = http.serialize_request(head, target, keep_alive=False)
+    assert out.startswith(b"GET /p HTTP/1.1\r\nHost: example.com:8080\r\n")
+    assert b"Proxy-Authorization" not in out and b"X-Drop" not in out and b"evil.test" not in out
+    assert b"Accept: */*" in out and out.endswith(b"Connection: close\r\n\r\n")
+
+
+@pytest.mark.parametrize("raw,status", [
+    (b"GET / HTTP/2.0\r\n\r\n", 400),
+    (b"GET  / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nBad Header: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n", 431),
+])
+def test_bad_request_heads(raw, status):
+    with pytest.raises(http.ProtocolError) as e:
+        http.parse_request_head(raw)
+    assert e.value.status == status
+
+
+def test_request_smuggling_shapes_are_refused():
+    with pytest.raises(http.ProtocolError):
+        http.request_framing(http.parse_request_head(
+            b"POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"))
+    with pytest.raises(http.ProtocolError):
+        http.request_framing(http.parse_request_head(
+            b"POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n"))
+
+
+def _chunked(parts: list[bytes], trailers: bytes = b"") -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts if p) + b"0\r\n" + trailers + b"\r\n"
+
+
+@given(st.lists(st.binary(min_size=1, max_size=50), max_size=6), st.binary(max_size=30),
+       st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=20))
+def test_chunked_scanner_finds_the_end_however_the_bytes_arrive(parts, after, cuts):
+    body = _chunked(parts, b"X-T: 1\r\n" if len(parts) % 2 else b"")
+    stream = body + after
+    scanner, used, i, k = http.ChunkedScanner(), 0, 0, 0
+    while i < len(stream) and not scanner.done:
+        size = cuts[k % len(cuts)]
+        k += 1
+        piece = stream[i:i + size]
+        n = scanner.feed(piece)
+        used += n
+        i += len(piece)
+        if n < len(piece):
+            break
+    assert scanner.done and used == len(body)
+
+
+def test_chunked_scanner_rejects_garbage():
+    with pytest.raises(http.ProtocolError):
+        http.ChunkedScanner().feed(b"zz\r\n")
+    with pytest.raises(http.ProtocolError):
+        http.ChunkedScanner().feed(b"1\r\nab\r\n")
+
+
+def test_simple_response_headers_are_single_line():
+    out = http.simple_response(403, "no\n", [("X-Taxiway-Egress-Error", "evil\r\nInjected: 1 тест")])
+    assert out.count(b"\r\n\r\n") == 1 and b"\r\nInjected" not in out
