@@ -237,10 +237,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def tree_manifest(root: Path, *, mtimes: bool = True, dir_mtimes: bool = True) -> dict[str, dict]:
+def tree_manifest(root: Path, *, mtimes: bool = True, dir_mtimes: bool = True,
+                  prune: frozenset[str] = frozenset()) -> dict[str, dict]:
     """Everything about a tree worth comparing: type, mode, owner, content hash,
     link target, device numbers, xattrs, mtime, and hardlink group (keyed by the
     group's first path), keyed by path relative to ``root`` (the root excluded).
+    Directories named in ``prune`` (relative paths) are listed but not entered.
     """
     import os
     import stat as st_
@@ -250,6 +252,7 @@ def tree_manifest(root: Path, *, mtimes: bool = True, dir_mtimes: bool = True) -
     root = Path(root)
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
+        dirnames[:] = [n for n in dirnames if str((Path(dirpath) / n).relative_to(root)) not in prune]
         for name in sorted(dirnames + filenames):
             p = Path(dirpath) / name
             rel = str(p.relative_to(root))
