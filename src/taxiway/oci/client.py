@@ -210,20 +210,24 @@ class RegistryClient:
         scopes = [scope(repository, actions), *extra_scopes]
         key = " ".join(scopes)
         url = self.url(path)
-        for _ in range(2):
+        for attempt in range(3):
+            auth = self._auth_header(key)
             resp = self._send_with_retries(method, url, what=what, retry=retry, stream=stream,
-                                           headers={**(headers or {}), **self._auth_header(key)}, **kw)
-            if resp.status_code != 401:
+                                           headers={**(headers or {}), **auth}, **kw)
+            if resp.status_code != 401 or attempt == 2:
                 break
             if stream:
                 resp.read()
             challenge = parse_challenge(resp.headers.get("www-authenticate", ""))
-            if challenge and challenge.scheme == "bearer" and key not in self._tokens:
-                self._tokens[key] = self._fetch_token(challenge, scopes, what)
+            sent = auth.get("Authorization", "")
+            if challenge and challenge.scheme == "bearer" and (not sent.startswith("Bearer ") or attempt == 0):
+                # No token yet, or the one we sent expired: get a (new) one, once per request.
+                if self._tokens.get(key) is None or sent == f"Bearer {self._tokens.get(key)}":
+                    self._tokens[key] = self._fetch_token(challenge, scopes, what)
                 self._rewind(kw)
                 continue
-            if challenge and challenge.scheme == "basic" and self.credentials and not self._basic:
-                self._basic = True
+            if challenge and challenge.scheme == "basic" and self.credentials and not sent.startswith("Basic "):
+                self._basic = True  # other threads may have set it already; what matters is what *we* sent
                 self._rewind(kw)
                 continue
             break
