@@ -176,16 +176,23 @@ def test_ls_revoke_crl_renew(cli_ca, taxiway, tmp_path):
     assert b"already revoked" in ok(taxiway("ca", "revoke", b_serial)).stderr
     crl_path = tmp_path / "crl.pem"
     ok(taxiway("ca", "crl", "--out", str(crl_path)))
-    crl = x509.load_pem_x509_crl(crl_path.read_bytes())
+    crl = x509.load_pem_x509_crl(crl_path.read_bytes())  # the first one: the intermediate's
     assert [rc.serial_number for rc in crl] == [int(b_serial, 16)]
     text = ok(openssl("crl", "-in", str(crl_path), "-CAfile", str(cli_ca / "intermediate.pem"), "-noout")).stderr
     assert b"verify OK" in text
+    end = b"-----END X509 CRL-----\n"
+    root_crl = crl_path.read_bytes().split(end)[1] + end
+    assert x509.load_pem_x509_crl(root_crl).issuer == x509.load_pem_x509_certificate(
+        (cli_ca / "root.pem").read_bytes()).subject
     chain = cli_ca / "root.pem"
     both = tmp_path / "trust+crl.pem"
     both.write_bytes(chain.read_bytes() + crl_path.read_bytes())
     r = verify(both, files["b.test"], "-crl_check")
     assert r.returncode != 0 and b"certificate revoked" in r.stdout + r.stderr
     assert ok(verify(both, files["a.test"], "-crl_check")).returncode == 0
+    assert ok(verify(both, files["a.test"], "-crl_check_all")).returncode == 0  # the root's CRL is there too
+    r = verify(both, files["b.test"], "-crl_check_all")
+    assert r.returncode != 0 and b"certificate revoked" in r.stdout + r.stderr
     assert ok(taxiway("ca", "crl")).stdout.startswith(b"-----BEGIN X509 CRL-----")
 
     # renew what expires within a day: only a (2 hours), into the same files, then run --exec

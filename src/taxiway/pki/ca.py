@@ -8,7 +8,13 @@ Layout of the CA directory (``$TAXIWAY_CAROOT``, default ``$TAXIWAY_HOME/ca``)::
     intermediate-key.pem   its key, mode 0600
     ca.json                key type and name constraints chosen at init
     inventory.jsonl        issued/revoked/renewed events (see inventory.py)
-    crl.pem                the latest CRL (rewritten by revoke and ``taxiway ca crl``)
+    root-crl.pem           the root's (empty) CRL, valid as long as the root, made at init
+    crl.pem                the latest CRLs: the intermediate's (fresh, 7 days) then the root's;
+                           rewritten by revoke and ``taxiway ca crl``
+
+Clients that check the whole chain (curl --crlfile, openssl -crl_check_all)
+need a CRL from every CA in it; the root's is made once at init so that the
+root key can go offline.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from taxiway.pki.names import Name, Names, parse_constraint, parse_names, within
 
 ROOT, ROOT_KEY = "root.pem", "root-key.pem"
 INTER, INTER_KEY = "intermediate.pem", "intermediate-key.pem"
-META, INVENTORY, CRL = "ca.json", "inventory.jsonl", "crl.pem"
+META, INVENTORY, CRL, ROOT_CRL = "ca.json", "inventory.jsonl", "crl.pem", "root-crl.pem"
 
 
 def default_dir() -> Path:
@@ -163,6 +169,8 @@ class CA:
         write_bytes_atomic(d / ROOT_KEY, profile.key_to_pem(root_key), mode=0o400)
         write_bytes_atomic(d / INTER_KEY, profile.key_to_pem(inter_key), mode=0o600)
         write_bytes_atomic(d / INTER, inter.public_bytes(pem))
+        root_crl = profile.make_crl(root, root_key, [], next_update=root.not_valid_after_utc - profile.now())
+        write_bytes_atomic(d / ROOT_CRL, root_crl.public_bytes(pem))
         meta = {"version": 1, "key_type": key_type, "created": profile.now().isoformat(),
                 "constraints": [{"kind": c.kind, "value": c.value} for c in cons]}
         write_bytes_atomic(d / META, orjson.dumps(meta, option=orjson.OPT_INDENT_2) + b"\n")
@@ -284,11 +292,15 @@ class CA:
         return rec, True
 
     def crl_pem(self, next_update: timedelta = timedelta(days=7)) -> bytes:
-        """A fresh CRL, signed by the intermediate, listing every revoked leaf."""
+        """Fresh CRLs in PEM: the intermediate's, listing every revoked leaf, then the root's."""
         revoked = [(int(r.serial, 16), datetime.fromisoformat(r.revoked_at))
                    for r in self.records() if r.revoked_at]
         crl = profile.make_crl(self.intermediate, self.intermediate_key, revoked, next_update=next_update)
-        return crl.public_bytes(serialization.Encoding.PEM)
+        try:
+            root_crl = (self.dir / ROOT_CRL).read_bytes()
+        except FileNotFoundError:
+            root_crl = b""
+        return crl.public_bytes(serialization.Encoding.PEM) + root_crl
 
     def write_crl(self, next_update: timedelta = timedelta(days=7)) -> Path:
         """Write a fresh CRL to ``crl.pem`` in the CA directory and return its path."""

@@ -41,13 +41,13 @@ class CertHolder:
         self.renewals = 0
 
     def _issue(self) -> Leaf:
+        self._issued_at = self.clock()
         return self.ca.issue(self.names, client=self.client, cn=self.cn, validity=self.validity, record=False)
 
     @property
     def renew_at(self) -> datetime:
         """When the current certificate is due for renewal."""
-        start = self._leaf.not_before + profile.BACKDATE
-        return start + (self._leaf.not_after - start) * self.renew_after
+        return self._issued_at + self.validity * self.renew_after
 
     def current(self) -> Leaf:
         """The current leaf, renewed first if it is due."""
