@@ -41,8 +41,11 @@ def registry() -> None:
 @click.option("--realm", help="Token endpoint URL to advertise [default: from the request's Host].")
 def serve(listen, root, tls_cert, tls_key, no_auth, no_delete, workers, realm) -> None:
     """Serve the OCI distribution API (pull, push, referrers, deletes)."""
+    from taxiway.errors import InvalidInput
     from taxiway.registry.server import serve as run
 
+    if bool(tls_cert) != bool(tls_key):
+        raise InvalidInput("--tls-cert and --tls-key go together", "pass both, or neither for plain HTTP")
     r = _root(root)
     click.echo(f"taxiway registry on {'https' if tls_cert else 'http'}://{listen} storing in {r}", err=True)
     run(r, listen, tls_cert=tls_cert, tls_key=tls_key, auth=not no_auth, delete=not no_delete,
