@@ -50,3 +50,30 @@ def tw(*args: str, input: bytes | None = None, timeout: float = 120) -> subproce
     """Run the taxiway CLI (in the test's $TAXIWAY_HOME)."""
     return subprocess.run([sys.executable, "-m", "taxiway", *args], capture_output=True, input=input,
                           timeout=timeout, env=dict(os.environ))
+
+
+def host_state(home: Path) -> dict:
+    """What a machine could leak on the host: mounts, cgroups, network namespaces, processes, disk."""
+    from taxiway.machines import cgroups
+
+    mounts = [ln for ln in Path("/proc/self/mountinfo").read_text().splitlines() if str(home) in ln]
+    parent = cgroups.parent_name()
+    cgs = sorted(str(p) for p in Path("/sys/fs/cgroup").glob(f"*/{parent}*")) + \
+        sorted(str(p) for p in Path("/sys/fs/cgroup").glob(f"{parent}*"))
+    netns, procs = set(), []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            netns.add(os.readlink(p / "ns/net"))
+            cg = (p / "cgroup").read_text()
+            root = os.readlink(p / "root")
+        except OSError:
+            continue
+        if parent in cg or str(home) in root:
+            procs.append(p.name)
+    size = sum(f.stat().st_size for f in home.rglob("*") if f.is_file() and not f.is_symlink())
+    return {"mounts": mounts, "cgroups": cgs, "netns": len(netns), "procs": procs,
+            "machines": sorted(p.name for p in (home / "machines").iterdir()) if (home / "machines").exists() else [],
+            "leases": sorted(p.name for p in (home / "snapshots/leases").iterdir()) if (home / "snapshots/leases").exists() else [],
+            "size": size}

@@ -1,0 +1,233 @@
+"""The namespace runtime end to end, through the real CLI, as root on this host."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers.layout import Entry
+from machines.conftest import host_state, make_image, tw
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the runtime needs root")
+
+
+def out(r) -> str:
+    return r.stdout.decode()
+
+
+def inspect(name: str) -> dict:
+    r = tw("machines", "inspect", name)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)[0]
+
+
+def test_runs_command_and_returns_exit_code(busybox, taxiway_home):
+    r = tw("run", "--rm", busybox, "echo", "hello", "from", "a", "machine")
+    assert r.returncode == 0, r.stderr
+    assert out(r) == "hello from a machine\n"
+    assert tw("run", "--rm", busybox, "sh", "-c", "exit 7").returncode == 7
+    assert host_state(taxiway_home)["machines"] == []
+
+
+def test_image_config_semantics(tmp_path, taxiway_home):
+    img = make_image(tmp_path, "localhost/cfg:1", [[Entry("srv", "dir"), Entry("srv/app", "dir"),
+                                                    Entry("srv/app/hello.txt", "file", b"hi\n")]],
+                     config={"Entrypoint": ["/bin/echo", "ep"], "Cmd": ["default", "cmd"], "WorkingDir": "/srv/app",
+                             "Env": ["PATH=/bin", "GREETING=from-image"], "User": "app", "StopSignal": "SIGUSR1"})
+    assert out(tw("run", "--rm", img)) == "ep default cmd\n"
+    assert out(tw("run", "--rm", img, "replaced")) == "ep replaced\n"
+    r = tw("run", "--rm", "--entrypoint", "/bin/sh", img, "-c", 'pwd; id -u; echo "$GREETING|$HOME"; cat hello.txt')
+    assert out(r) == "/srv/app\n1000\nfrom-image|/home/app\nhi\n", (r.stdout, r.stderr)
+    env_file = tmp_path / "env"
+    env_file.write_text("# comment\nEXTRA=from-file\n")
+    r = tw("run", "--rm", "--env-file", str(env_file), "-e", "GREETING=from-cli", "-u", "root", "-w", "/tmp",
+           "--entrypoint", "", img, "sh", "-c", 'pwd; id -u; echo "$GREETING $EXTRA"')
+    assert out(r) == "/tmp\n0\nfrom-cli from-file\n", r.stderr
+    r = tw("run", "-d", "--name", "sig", "--entrypoint", "/bin/sh", img, "-c",
+           "trap 'echo got usr1; exit 3' USR1; while true; do sleep 0.1; done")
+    assert r.returncode == 0, r.stderr
+    assert tw("machines", "stop", "sig").returncode == 0
+    m = inspect("sig")
+    assert (m["exit_code"], m["reason"]) == (3, "stopped")
+    assert out(tw("machines", "logs", "sig")) == "got usr1\n"
+    assert tw("machines", "rm", "sig").returncode == 0
+
+
+def test_isolation_from_inside(busybox, tmp_path, taxiway_home):
+    script = """
+    set -u
+    echo "procs=$(ls /proc | grep -c '^[0-9]')"
+    echo "maxpid=$(ls /proc | grep '^[0-9]' | sort -n | tail -n 1)"
+    echo "pid1=$(cat /proc/1/cmdline | tr '\\0\\n' '  ' | cut -c1-20)"
+    echo "host=$(hostname)"
+    mkdir -p /mnt/x; if mount -t tmpfs none /mnt/x 2>/dev/null; then echo mount=ok; else echo mount=denied; fi
+    if echo 1 > /proc/sys/kernel/hostname 2>/dev/null; then echo procsys=rw; else echo procsys=ro; fi
+    if echo x > /dev/init 2>/dev/null; then echo init=written; else echo init=protected; fi
+    if cp /bin/busybox /dev/init 2>/dev/null; then echo initcp=written; else echo initcp=protected; fi
+    if touch /sys/x 2>/dev/null; then echo sys=rw; else echo sys=ro; fi
+    echo "caps=$(grep CapEff /proc/self/status | cut -f2)"
+    echo "nnp=$(grep NoNewPrivs /proc/self/status | cut -f2)"
+    echo "ifaces=$(ls /sys/class/net | tr '\\n' ' ')"
+    echo "dev=$(ls /dev | tr '\\n' ' ')"
+    echo changed > /bin/echo-me; rm /bin/cat; echo ok > /etc/passwd
+    """
+    tini = Path("/usr/bin/tini-static").read_bytes()
+    r = tw("run", "--rm", "--hostname", "inside", busybox, "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    facts = dict(line.split("=", 1) for line in out(r).splitlines())
+    assert int(facts["procs"]) <= 6 and int(facts["maxpid"]) < 20  # init, sh, the pipeline: no host process
+    assert facts["pid1"].startswith("/dev/init -- sh")
+    assert facts["host"] == "inside"
+    assert facts["mount"] == "denied"
+    assert facts["procsys"] == "ro"
+    assert facts["init"] == facts["initcp"] == "protected"
+    assert facts["sys"] == "ro"
+    assert facts["caps"] == "00000000a80425fb"  # Docker's default set
+    assert facts["nnp"] == "1"
+    assert facts["ifaces"].split() == ["lo"]
+    assert set(facts["dev"].split()) <= {"core", "fd", "full", "init", "mqueue", "null", "ptmx", "pts", "random",
+                                         "shm", "stderr", "stdin", "stdout", "tty", "urandom", "zero"}
+    assert Path("/usr/bin/tini-static").read_bytes() == tini
+    # the image's layers are unchanged by the writes above
+    layers = list((taxiway_home / "snapshots/layers").iterdir())
+    assert len(layers) == 1
+    fs = layers[0] / "fs"
+    assert (fs / "bin/cat").is_symlink() and not (fs / "bin/echo-me").exists()
+    assert (fs / "etc/passwd").read_text().startswith("root:x:0:0")
+    assert out(tw("run", "--rm", busybox, "cat", "/etc/passwd")).startswith("root:x:0:0")
+
+
+def test_memory_hog_is_oom_killed_and_reported(busybox, taxiway_home):
+    r = tw("run", "--name", "hog", "--memory", "24m", busybox, "sh", "-c",
+           'x=$(head -c 300000000 /dev/zero | tr "\\0" a); echo survived')
+    assert r.returncode == 137
+    assert b"survived" not in r.stdout
+    m = inspect("hog")
+    assert (m["exit_code"], m["reason"], m["state"]) == (137, "oom-killed", "exited")
+    assert "oom-killed" in out(tw("machines", "ls", "-a"))
+    tw("machines", "rm", "hog")
+    assert host_state(taxiway_home)["cgroups"] == []
+
+
+def test_fork_bomb_stops_at_pids_limit(busybox, taxiway_home):
+    t0 = time.monotonic()
+    r = tw("run", "--rm", "--pids-limit", "40", busybox, "sh", "-c",
+           "b() { b | b & }; b 2>/dev/null; sleep 1; echo host-still-fine", timeout=60)
+    assert time.monotonic() - t0 < 30
+    assert b"host-still-fine" in r.stdout
+    assert r.returncode == 0
+    assert host_state(taxiway_home)["procs"] == []
+
+
+def test_detach_logs_exec_stop_start_wait_rm(busybox, taxiway_home):
+    r = tw("run", "-d", "--name", "svc", busybox, "sh", "-c", "echo up; echo err >&2; exec sleep 1000")
+    assert r.returncode == 0, r.stderr
+    mid = out(r).strip()
+    assert len(mid) == 14
+    ls = json.loads(out(tw("machines", "ls", "--json")))
+    assert [m["name"] for m in ls] == ["svc"] and ls[0]["state"] == "running"
+    time.sleep(0.2)
+    lg = tw("machines", "logs", "svc")
+    assert lg.stdout == b"up\n" and lg.stderr == b"err\n"
+    ts = out(tw("machines", "logs", "-t", "svc")).split()
+    assert ts[0].endswith("Z") and ts[1] == "up"
+    r = tw("machines", "exec", "svc", "sh", "-c", "ps -o pid,comm | grep -c sleep; hostname; id -u")
+    assert r.returncode == 0, r.stderr
+    assert out(r).splitlines() == ["1", mid[:12], "0"]
+    assert tw("machines", "exec", "svc", "sh", "-c", "exit 5").returncode == 5
+    assert tw("machines", "rm", "svc").returncode == 2  # running: refuses without -f
+    assert tw("machines", "stop", "-t", "1", "svc").returncode == 0
+    m = inspect("svc")
+    assert m["state"] == "exited" and m["reason"] == "stopped"
+    assert tw("machines", "start", "svc").returncode == 0
+    assert inspect("svc")["state"] == "running"
+    assert tw("machines", "exec", "svc", "true").returncode == 0
+    tw("machines", "stop", "--signal", "KILL", "svc")
+    w = tw("machines", "wait", "svc")
+    assert out(w).strip() == "137"
+    types = [e["type"] for e in json.loads(out(tw("machines", "inspect", "svc")))[0]["events"]]
+    assert types.count("running") == 2 and "stopping" in types
+    assert tw("machines", "rm", "svc").returncode == 0
+    st = host_state(taxiway_home)
+    assert st["machines"] == [] and st["cgroups"] == [] and st["procs"] == [] and st["leases"] == []
+
+
+def test_restart_policy(busybox, taxiway_home):
+    r = tw("run", "-d", "--name", "flaky", "--restart", "on-failure:2", busybox, "sh", "-c", "echo try; exit 1")
+    assert r.returncode == 0
+    m = json.loads(out(tw("machines", "inspect", "flaky")))[0]
+    deadline = time.time() + 20
+    while m["restarts"] < 2 or m["state"] != "exited" or m.get("supervisor"):
+        assert time.time() < deadline, m
+        time.sleep(0.1)
+        m = json.loads(out(tw("machines", "inspect", "flaky")))[0]
+    assert out(tw("machines", "logs", "flaky")) == "try\ntry\ntry\n"
+    assert m["exit_code"] == 1
+    tw("machines", "rm", "flaky")
+
+
+def test_volumes_ports_and_networks(busybox, tmp_path, taxiway_home):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "in.txt").write_text("from host\n")
+    r = tw("run", "--rm", "-v", f"{data}:/data", "-v", f"{data}:/ro:ro", busybox, "sh", "-c",
+           "cat /data/in.txt; echo back > /data/out.txt; echo x > /ro/y 2>/dev/null || echo ro-denied")
+    assert out(r) == "from host\nro-denied\n", r.stderr
+    assert (data / "out.txt").read_text() == "back\n"
+    # -p: loopback-only forwarding into the machine's private network namespace
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    r = tw("run", "-d", "--name", "web", "-p", f"{port}:8080", busybox, "sh", "-c",
+           "mkdir /www; echo served > /www/index.html; exec httpd -f -p 8080 -h /www")
+    assert r.returncode == 0, r.stderr
+    body = b""
+    for _ in range(50):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as c:
+                c.sendall(b"GET /index.html HTTP/1.0\r\n\r\n")
+                body = b"".join(iter(lambda: c.recv(4096), b""))
+            if b"served" in body:
+                break
+        except OSError:
+            pass
+        time.sleep(0.1)
+    assert b"served" in body
+    tw("machines", "rm", "-f", "web")
+    # host networking sees the host's interfaces; none and private only loopback
+    host_ifaces = sorted(os.listdir("/sys/class/net"))
+    assert sorted(out(tw("run", "--rm", "--net", "host", busybox, "ls", "/sys/class/net")).split()) == host_ifaces
+    assert out(tw("run", "--rm", "--net", "none", busybox, "ls", "/sys/class/net")).split() == ["lo"]
+
+
+def test_bad_input_leaves_nothing(busybox, tmp_path, taxiway_home):
+    before = host_state(taxiway_home)
+    noimg = make_image(tmp_path, "localhost/nocmd:1", config={"Cmd": None})
+    cases = [
+        (["run", noimg], "no command"),
+        (["run", "-u", "nobody-here", busybox, "true"], "does not exist in"),
+        (["run", "-u", "app:nogroup-here", busybox, "true"], "group 'nogroup-here' does not exist"),
+        (["run", "-v", f"{tmp_path}/missing:/x", busybox, "true"], "does not exist"),
+        (["run", "--memory", "1m", busybox, "true"], "below the minimum"),
+        (["run", "--memory", "lots", busybox, "true"], "invalid size"),
+        (["run", "--restart", "sometimes", busybox, "true"], "invalid restart policy"),
+        (["run", "-p", "99999:80", busybox, "true"], "invalid port mapping"),
+        (["run", "--net", "none", "-p", "8080:80", busybox, "true"], "-p needs a network"),
+        (["run", busybox, "/no/such/binary"], "not found in the image"),
+        (["machines", "stop", "ghost"], "no machine"),
+    ]
+    for args, msg in cases:
+        r = tw(*args)
+        err = r.stderr.decode()
+        assert r.returncode != 0, args
+        assert msg in err, (args, err)
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    after = host_state(taxiway_home)
+    assert after["machines"] == [] and after["cgroups"] == [] and after["leases"] == [] and after["procs"] == []
+    assert after["mounts"] == before["mounts"] == []
