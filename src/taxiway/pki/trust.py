@@ -92,8 +92,8 @@ def install(root_pem: bytes, *, system: bool = True, nss: bool = True) -> list[T
                 tmp.write_bytes(root_pem)
                 os.chmod(tmp, 0o644)
                 os.replace(tmp, dest)
-            except PermissionError:
-                raise TaxiwayError(f"cannot write {dest.parent} (permission denied)",
+            except OSError as e:
+                raise TaxiwayError(f"cannot write {dest} ({e.strerror})",
                                    "run `sudo taxiway ca install` with the same TAXIWAY_CAROOT") from None
         _update_system(root)
         out.append(Target("system", str(dest), changed))
@@ -127,8 +127,8 @@ def uninstall(root_pem: bytes, *, system: bool = True, nss: bool = True) -> list
         if changed:
             try:
                 crt.unlink()
-            except PermissionError:
-                raise TaxiwayError(f"cannot remove {crt} (permission denied)", "run `sudo taxiway ca uninstall`") from None
+            except OSError as e:
+                raise TaxiwayError(f"cannot remove {crt} ({e.strerror})", "run `sudo taxiway ca uninstall`") from None
         # update-ca-certificates leaves the links to a removed local certificate
         # behind (it only prunes orphans when its own set changes): remove ours.
         etc = root / ETC_CERTS
