@@ -249,7 +249,8 @@ def inspect(reference: str, platform_: str | None, as_json: bool) -> None:
 @click.argument("reference")
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]", help="Which image of a multi-platform index.")
-def export(reference: str, dest: str, platform_: str | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print what was written, layer by layer, as JSON.")
+def export(reference: str, dest: str, platform_: str | None, as_json: bool) -> None:
     """Unpack an image's layers, in order, into the root filesystem DEST."""
     from pathlib import Path
 
@@ -258,8 +259,22 @@ def export(reference: str, dest: str, platform_: str | None) -> None:
 
     img = Store().image(reference, _platform(platform_))
     with progress() as p:
-        do_export(img, Path(dest), progress=p)
-    click.echo(f"exported {reference} ({img.digest()}) to {dest}")
+        tasks: dict[str, Any] = {}
+
+        def advance(desc: Any, n: int) -> None:
+            if desc.digest not in tasks:
+                tasks[desc.digest] = p.add_task(f"unpack {desc.digest[7:19]}", total=desc.size)
+            p.advance(tasks[desc.digest], n)
+
+        stats = do_export(img, Path(dest), progress=advance)
+    for w in stats.warnings[:20]:
+        _warn(w)
+    if as_json:
+        emit_json(stats.to_json())
+        return
+    click.echo(f"exported {reference} ({img.digest()}) to {dest}: {stats.total('files')} files, {stats.total('dirs')} dirs, "
+               f"{stats.total('symlinks')} symlinks, {_human(stats.total('bytes'))}"
+               + (f", {stats.total('skipped')} entries skipped" if stats.total("skipped") else ""))
 
 
 @image.command()
