@@ -132,6 +132,17 @@ class _Counting:
             self._progress(len(b))
         return b
 
+    def readinto(self, buf: Any) -> int:
+        if hasattr(self._raw, "readinto"):
+            n = self._raw.readinto(buf) or 0
+        else:
+            b = self._raw.read(len(buf))
+            n = len(b)
+            buf[:n] = b
+        if n:
+            self._progress(n)
+        return n
+
 
 def _decompressor(raw: Any, compression: str) -> Any:
     if compression == "gzip":

@@ -1,0 +1,327 @@
+"""export() and apply_layer(): OCI changeset semantics, compression, integrity, errors."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import zstandard
+from helpers.images import (
+    HIDDEN_PLAIN,
+    HIDDEN_SECRETS,
+    LayoutImage,
+    sha256_file,
+    write_fixture_image,
+)
+from helpers.layout import Entry, make_layer
+
+from taxiway.errors import InvalidInput, TaxiwayError
+from taxiway.oci.unpack import LayerError, apply_layer, chain_ids, export
+
+TAR = "application/vnd.oci.image.layer.v1.tar"
+GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+DOCKER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+
+
+def apply(root: Path, entries: list[Entry], media_type: str = TAR, **kw):
+    raw = make_layer(entries)
+    if media_type in (GZIP, DOCKER):
+        raw = gzip.compress(raw)
+    elif media_type == ZSTD:
+        raw = zstandard.ZstdCompressor().compress(raw)
+    return apply_layer(root, io.BytesIO(raw), media_type, **kw)
+
+
+@pytest.fixture(scope="module")
+def fixture_rootfs(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("fixture")
+    write_fixture_image(tmp / "layout")
+    export(LayoutImage(tmp / "layout", "fixture"), tmp / "rootfs")
+    return tmp / "rootfs"
+
+
+def test_fixture_whiteouts_and_opaque_dirs_hide_lower_files(fixture_rootfs):
+    for path in list(HIDDEN_SECRETS) + list(HIDDEN_PLAIN):
+        what = HIDDEN_SECRETS.get(path) or HIDDEN_PLAIN[path]
+        p = fixture_rootfs / path
+        if what[2] == "deleted":
+            assert not p.exists() and not p.is_symlink(), path
+    assert sorted(os.listdir(fixture_rootfs / "srv/app/cache")) == ["fresh.dat"]
+    assert (fixture_rootfs / "root/.ssh/known_hosts").exists()  # the whiteout hid only id_rsa
+    assert (fixture_rootfs / "root/.aws").is_dir()
+
+
+def test_fixture_replacements(fixture_rootfs):
+    r = fixture_rootfs
+    assert (r / "etc/config.txt").read_text() == "version=2\n"
+    assert stat.S_IMODE(os.stat(r / "etc/config.txt").st_mode) == 0o640
+    assert (r / "opt/was-file").is_dir() and (r / "opt/was-file/now-inside").is_file()
+    assert stat.S_IMODE(os.stat(r / "opt/was-file").st_mode) == 0o750
+    assert (r / "opt/was-dir").is_file()
+    assert (r / "etc/mtab").is_file() and not (r / "etc/mtab").is_symlink()
+    assert (r / "etc/motd").read_text() == "welcome to the fixture\n"
+    assert (r / "root/.npmrc").read_text().startswith("registry=")
+
+
+def test_fixture_links_devices_modes_owners_xattrs(fixture_rootfs):
+    r = fixture_rootfs
+    bb = os.stat(r / "bin/busybox")
+    for name in ("bin/bb-hard", "bin/bb-hard2"):  # bb-hard2 links to a file of a lower layer
+        assert os.stat(r / name).st_ino == bb.st_ino
+    assert bb.st_nlink == 3
+    assert os.readlink(r / "bin/sh") == "busybox"
+    assert os.readlink(r / "etc/localtime") == "/usr/share/zoneinfo/UTC"
+    assert os.readlink(r / "usr/bin") == "../bin"
+    null = os.lstat(r / "dev/null")
+    assert stat.S_ISCHR(null.st_mode) and (os.major(null.st_rdev), os.minor(null.st_rdev)) == (1, 3)
+    assert stat.S_ISBLK(os.lstat(r / "dev/loop9").st_mode)
+    assert stat.S_ISFIFO(os.lstat(r / "run/ctl.fifo").st_mode)
+    assert stat.S_IMODE(os.stat(r / "bin/su-helper").st_mode) == 0o4755
+    assert stat.S_IMODE(os.stat(r / "bin/sg-helper").st_mode) == 0o2755
+    assert os.stat(r / "bin/sg-helper").st_gid == 50
+    assert stat.S_IMODE(os.stat(r / "srv/shared").st_mode) == 0o2775
+    assert stat.S_IMODE(os.stat(r / "tmp").st_mode) == 0o1777
+    assert stat.S_IMODE(os.stat(r / "root").st_mode) == 0o700
+    prof = os.stat(r / "home/app/.profile")
+    assert (prof.st_uid, prof.st_gid, stat.S_IMODE(prof.st_mode)) == (1000, 1000, 0o600)
+    assert os.getxattr(r / "etc/xattr-file", "user.taxiway") == b"hello"
+    assert os.stat(r / "etc/hosts").st_mtime == 1_700_000_000
+    # directory mtimes are set after their contents, and kept across whiteouts below them
+    assert os.stat(r / "bin").st_mtime == 1_700_000_000
+    assert os.stat(r / "root/.aws").st_mtime == 1_700_000_000
+    # busybox really runs from the exported root
+    out = subprocess.run([str(r / "bin/busybox"), "echo", "hi"], capture_output=True, text=True)
+    assert out.stdout == "hi\n"
+
+
+@pytest.mark.parametrize("media_type", [TAR, GZIP, ZSTD, DOCKER])
+def test_compressions_give_the_same_tree_and_diff_id(tmp_path, media_type):
+    entries = [Entry("d", "dir"), Entry("d/big", data=os.urandom(3 << 20)), Entry("d/small", data=b"x")]
+    raw = make_layer(entries)
+    stats = apply(tmp_path, entries, media_type, diff_id="sha256:" + hashlib.sha256(raw).hexdigest())
+    assert stats.diff_id == "sha256:" + hashlib.sha256(raw).hexdigest()
+    assert stats.tar_bytes == len(raw)
+    assert sha256_file(tmp_path / "d/big") == hashlib.sha256(entries[1].data).hexdigest()
+    assert (stats.files, stats.dirs, stats.bytes) == (2, 1, (3 << 20) + 1)
+
+
+def test_multi_member_gzip_and_multi_frame_zstd(tmp_path):
+    a, b = make_layer([Entry("a", data=b"a")]), make_layer([Entry("b", data=b"b")])
+    # two gzip members / zstd frames concatenated are one stream
+    data = gzip.compress(a[:512 * 3]) + gzip.compress(a[512 * 3:])
+    (tmp_path / "g").mkdir()
+    apply_layer(tmp_path / "g", io.BytesIO(data), GZIP)
+    assert (tmp_path / "g/a").read_bytes() == b"a"
+    z = zstandard.ZstdCompressor()
+    (tmp_path / "z").mkdir()
+    apply_layer(tmp_path / "z", io.BytesIO(z.compress(b[:1024]) + z.compress(b[1024:])), ZSTD)
+    assert (tmp_path / "z/b").read_bytes() == b"b"
+
+
+def test_progress_reports_compressed_bytes(tmp_path):
+    blob = gzip.compress(make_layer([Entry("f", data=os.urandom(5 << 20))]))
+    seen: list[int] = []
+    apply_layer(tmp_path, io.BytesIO(blob), GZIP, progress=seen.append)
+    assert sum(seen) == len(blob)
+
+
+def test_whiteouts_hide_only_lower_layers(tmp_path):
+    apply(tmp_path, [Entry("d", "dir"), Entry("d/lower", data=b"l"), Entry("d/sub", "dir"),
+                     Entry("d/sub/lower", data=b"l"), Entry("e", data=b"e")])
+    apply(tmp_path, [Entry("d/new", data=b"n"), Entry("d/sub/new", data=b"n"), Entry("d/.wh..wh..opq"),
+                     Entry("x", data=b"x"), Entry(".wh.x"), Entry(".wh.e")])
+    # the opaque marker hid lower children but kept this layer's (also below an implied parent)
+    assert sorted(os.listdir(tmp_path / "d")) == ["new", "sub"]
+    assert os.listdir(tmp_path / "d/sub") == ["new"]
+    assert (tmp_path / "x").exists() and not (tmp_path / "e").exists()
+
+
+def test_whiteout_of_a_directory_and_of_a_missing_path(tmp_path):
+    apply(tmp_path, [Entry("d", "dir"), Entry("d/a", "dir"), Entry("d/a/f", data=b"f")])
+    stats = apply(tmp_path, [Entry("d/.wh.a"), Entry("d/.wh.nothing"), Entry("nope/.wh.x")])
+    assert os.listdir(tmp_path / "d") == [] and stats.whiteouts == 3 and stats.skipped == 0
+
+
+def test_type_changes_and_reappearing_entries(tmp_path):
+    apply(tmp_path, [Entry("a", data=b"1"), Entry("a", "dir"), Entry("a/in", data=b"x"), Entry("a", data=b"2"),
+                     Entry("b", "dir"), Entry("b/c", data=b"c"), Entry("b", "dir", mode=0o700),
+                     Entry("l", "symlink", linkname="a"), Entry("l", "symlink", linkname="b")])
+    assert (tmp_path / "a").read_bytes() == b"2"
+    assert (tmp_path / "b/c").exists() and stat.S_IMODE(os.stat(tmp_path / "b").st_mode) == 0o700
+    assert os.readlink(tmp_path / "l") == "b"
+
+
+def test_overwriting_a_hardlinked_file_breaks_the_link(tmp_path):
+    apply(tmp_path, [Entry("a", data=b"shared"), Entry("b", "hardlink", linkname="a")])
+    apply(tmp_path, [Entry("b", data=b"new")])
+    assert (tmp_path / "a").read_bytes() == b"shared" and (tmp_path / "b").read_bytes() == b"new"
+
+
+def test_parent_directories_are_made_and_symlinked_parents_followed_inside(tmp_path):
+    apply(tmp_path, [Entry("usr", "dir"), Entry("usr/bin", "dir"), Entry("bin", "symlink", linkname="usr/bin"),
+                     Entry("bin/tool", data=b"t"), Entry("deep/er/file", data=b"d")])
+    assert (tmp_path / "usr/bin/tool").read_bytes() == b"t"  # merged-/usr layouts work
+    assert (tmp_path / "deep/er/file").exists()
+
+
+def test_pax_xattrs_and_unsupported_namespaces(tmp_path):
+    stats = apply(tmp_path, [Entry("f", data=b"x", pax={"SCHILY.xattr.user.a": "1", "SCHILY.xattr.bogus.b": "2",
+                                                        "SCHILY.xattr.security.selinux": "system_u:object_r:x"})])
+    assert os.getxattr(tmp_path / "f", "user.a") == b"1"
+    assert "security.selinux" not in os.listxattr(tmp_path / "f")  # host labels are never copied
+    assert any("bogus.b" in w for w in stats.warnings)
+
+
+def test_long_names_and_non_utf8_names(tmp_path):
+    long = "/".join(["x" * 200] * 3)
+    raw = make_layer([Entry(long, data=b"long")])
+    apply_layer(tmp_path, io.BytesIO(raw), TAR)
+    assert (tmp_path / long).read_bytes() == b"long"
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        ti = tarfile.TarInfo("caf\xe9")
+        ti.size = 1
+        tf.addfile(ti, io.BytesIO(b"c"))
+    apply_layer(tmp_path, io.BytesIO(buf.getvalue()), TAR)
+    assert os.path.exists(os.path.join(os.fsencode(tmp_path), b"caf\xe9"))
+
+
+def test_sparse_files(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.write(b"head")
+        f.seek(4 << 20)
+        f.write(b"tail")
+    tarball = tmp_path / "sparse.tar"
+    subprocess.run(["tar", "--sparse", "--format=gnu", "-C", str(src), "-cf", str(tarball), "sparse"], check=True)
+    (tmp_path / "out").mkdir()
+    with open(tarball, "rb") as f:
+        apply_layer(tmp_path / "out", f, TAR)
+    assert sha256_file(tmp_path / "out/sparse") == sha256_file(src / "sparse")
+
+
+@pytest.mark.parametrize("damage", ["truncated gzip", "corrupt gzip", "truncated tar", "garbage header",
+                                    "short file data", "not a tar"])
+def test_broken_layers_raise_layer_error(tmp_path, damage):
+    raw = make_layer([Entry("a", data=os.urandom(100_000)), Entry("b", data=b"b")])
+    media = TAR
+    if damage == "truncated gzip":
+        blob, media = gzip.compress(raw)[:-40], GZIP
+    elif damage == "corrupt gzip":
+        g = bytearray(gzip.compress(raw))
+        g[len(g) // 2] ^= 0xFF
+        blob, media = bytes(g), GZIP
+    elif damage == "truncated tar":
+        blob = raw[:100_000 + 512 + 600]  # ends inside b's header
+    elif damage == "garbage header":
+        b_header = 512 + 100_352
+        blob = raw[:b_header] + b"\x01" * 512 + raw[b_header + 512:]
+    elif damage == "short file data":
+        blob = raw[:50_000]
+    else:
+        blob = b"this is not a tarball at all" * 40
+    with pytest.raises(LayerError) as e:
+        apply_layer(tmp_path, io.BytesIO(blob), media, name="layer 0")
+    assert "layer 0" in str(e.value) and "pull it again" in str(e.value)
+
+
+def test_diff_id_mismatch(tmp_path):
+    with pytest.raises(LayerError, match="uncompressed content is sha256:"):
+        apply(tmp_path, [Entry("a", data=b"a")], GZIP, diff_id="sha256:" + "0" * 64)
+
+
+def test_export_is_all_or_nothing(tmp_path):
+    layout = tmp_path / "layout"
+    write_fixture_image(layout)
+    img = LayoutImage(layout, "fixture")
+    # break the last layer's blob: export fails and leaves nothing behind
+    last = img.layers()[-1].digest.split(":")[1]
+    (layout / "blobs/sha256" / last).write_bytes(gzip.compress(b"\0" * 100)[:-10])
+    with pytest.raises(LayerError, match="layer 2"):
+        export(img, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["layout"]
+
+
+def test_export_refuses_a_non_empty_destination(tmp_path):
+    layout = tmp_path / "layout"
+    write_fixture_image(layout)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full/x").write_text("x")
+    with pytest.raises(InvalidInput, match="not an empty directory"):
+        export(LayoutImage(layout, "fixture"), tmp_path / "full")
+    (tmp_path / "empty").mkdir()
+    stats = export(LayoutImage(layout, "fixture"), tmp_path / "empty")
+    assert (tmp_path / "empty/bin/busybox").exists() and len(stats.layers) == 3
+    assert stats.to_json()["files"] == sum(s.files for s in stats.layers)
+
+
+def test_export_checks_diff_ids_against_the_config(tmp_path):
+    layout = tmp_path / "layout"
+    write_fixture_image(layout, compress=False)
+    img = LayoutImage(layout, "fixture")
+    # swap in a different (valid) layer blob under the same descriptor digest
+    first = img.layers()[0].digest.split(":")[1]
+    (layout / "blobs/sha256" / first).write_bytes(make_layer([Entry("evil", data=b"x")]))
+    with pytest.raises(LayerError, match="the image config says"):
+        export(img, tmp_path / "out")
+    export(img, tmp_path / "unverified", verify=False)
+    assert (tmp_path / "unverified/evil").exists()
+
+
+def test_chain_ids():
+    d = ["sha256:" + c * 64 for c in "abc"]
+    c1 = "sha256:" + hashlib.sha256(f"{d[0]} {d[1]}".encode()).hexdigest()
+    c2 = "sha256:" + hashlib.sha256(f"{c1} {d[2]}".encode()).hexdigest()
+    assert chain_ids(d) == [d[0], c1, c2]
+    assert chain_ids([]) == []
+    with pytest.raises(TaxiwayError):
+        chain_ids(["sha256:nothex"])
+
+
+def test_unprivileged_apply_skips_devices_and_owners():
+    """As nobody: device nodes are skipped with a warning; files are ours; modes still apply."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to nobody")
+    import shutil
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="taxiway-unpriv-"))  # pytest's tmp is root-only
+    os.chmod(tmp_path, 0o755)
+    try:
+        _unprivileged(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _unprivileged(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    os.chown(root, 65534, 65534)
+    blob = tmp_path / "layer.tar"
+    blob.write_bytes(make_layer([Entry("dev", "dir"), Entry("dev/null", "chr", devmajor=1, devminor=3),
+                                 Entry("f", data=b"x", uid=1000, mode=0o4755), Entry("p", "fifo")]))
+    code = ("import json,sys; from taxiway.oci.unpack import apply_layer;"
+            "s = apply_layer(sys.argv[1], open(sys.argv[2], 'rb'), 'application/vnd.oci.image.layer.v1.tar');"
+            "print(json.dumps(s.to_json()))")
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code,
+                          str(root), str(blob)], capture_output=True, text=True, check=True)
+    import json
+
+    stats = json.loads(out.stdout)
+    assert stats["devices"] == 0 and any("needs root" in w for w in stats["warnings"])
+    assert not (root / "dev/null").exists()
+    f = os.stat(root / "f")
+    assert f.st_uid == 65534 and stat.S_IMODE(f.st_mode) == 0o4755
+    assert stat.S_ISFIFO(os.lstat(root / "p").st_mode)
