@@ -1,0 +1,44 @@
+"""Each sample app under examples/ is built by `taxiway build` and run by podman, answering HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+
+from .conftest import EXAMPLES, oci_ref
+
+CASES = {
+    "python": ("taxiway/python", "hello from python on taxiway"),
+    "node": ("taxiway/node", "hello from node on taxiway"),
+    "deno": ("taxiway/deno", "hello from deno on taxiway"),
+    "static": ("taxiway/static", "hello from a static site on taxiway"),
+    "procfile": ("taxiway/procfile", "hello from a Procfile app on taxiway"),
+}
+
+
+@pytest.mark.parametrize("example", sorted(CASES))
+def test_example_builds_and_runs_in_podman(builder, podman, example):
+    bp, greeting = CASES[example]
+    tag = f"localhost/examples/{example}:test"
+    p = builder("build", str(EXAMPLES / example), "-t", tag, "--json")
+    out = json.loads(p.stdout)
+    assert bp in out["buildpacks"]
+    assert "web" in out["processes"]
+    cfg = builder.image(tag).config()
+    c = cfg["config"]
+    assert c["WorkingDir"] == "/workspace"
+    assert c["User"] == "1000:1000"
+    labels = c["Labels"]
+    md = json.loads(labels["io.buildpacks.lifecycle.metadata"])
+    assert md["app"][0]["sha"] == cfg["rootfs"]["diff_ids"][-1]
+    assert bp in [b["key"] for b in md["buildpacks"]]
+    assert json.loads(labels["io.buildpacks.build.metadata"])["processes"]
+    with podman.serve(oci_ref(builder, tag)) as url:
+        r = requests.get(url + "/", timeout=10)
+        assert r.status_code == 200
+        assert greeting in r.text
+    # The app sits on the run image the stack names for it.
+    run = builder.image(md["runImage"]["image"])
+    assert md["runImage"]["topLayer"] == run.config()["rootfs"]["diff_ids"][-1]
