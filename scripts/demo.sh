@@ -1,6 +1,79 @@
 #!/usr/bin/env bash
 # make demo: the main job on embedded defaults, on a fresh machine.
+#
+# Images: start a local docker-registry on loopback (free port), push a small
+# real busybox-static image to it with skopeo, then pull, list, inspect, export
+# and scan it with taxiway. The registry is stopped at the end. Everything
+# lives in a throwaway $TAXIWAY_HOME, so the demo never touches your store.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PATH="$PWD/.venv/bin:$PATH"
-taxiway --help
+REPO=$PWD
+PATH="$REPO/.venv/bin:$PATH"
+PY="$REPO/.venv/bin/python"
+
+DEMO=$(mktemp -d "${TMPDIR:-/tmp}/taxiway-demo.XXXXXX")
+export TAXIWAY_HOME="$DEMO/home" TAXIWAY_CONFIG="$DEMO/config"
+REG_PID=""
+cleanup() {
+  if [ -n "$REG_PID" ]; then kill "$REG_PID" 2>/dev/null || true; wait "$REG_PID" 2>/dev/null || true; fi
+  rm -rf "$DEMO"
+}
+trap cleanup EXIT
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "A local registry on loopback"
+PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+mkdir -p "$DEMO/registry"
+cat > "$DEMO/registry/config.yml" <<EOF
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: $DEMO/registry/data
+http:
+  addr: 127.0.0.1:$PORT
+  secret: taxiway-demo
+EOF
+docker-registry serve "$DEMO/registry/config.yml" >"$DEMO/registry/log" 2>&1 &
+REG_PID=$!
+for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$PORT/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
+echo "docker-registry listening on 127.0.0.1:$PORT"
+
+step "Build a small busybox-static image offline and push it with skopeo"
+"$PY" - "$DEMO/layout" <<'EOF'
+import sys
+sys.path.insert(0, "tests")
+from pathlib import Path
+from helpers.images import write_fixture_image
+write_fixture_image(Path(sys.argv[1]), "demo")
+EOF
+IMAGE="127.0.0.1:$PORT/demo/busybox:1.0"
+skopeo copy --quiet --dest-tls-verify=false "oci:$DEMO/layout:demo" "docker://$IMAGE"
+echo "pushed $IMAGE"
+
+step "taxiway pull $IMAGE"
+taxiway pull "$IMAGE"
+
+step "taxiway images"
+taxiway images
+
+step "taxiway image inspect $IMAGE"
+taxiway image inspect "$IMAGE"
+
+step "skopeo reads taxiway's store (a standard OCI layout)"
+skopeo inspect "oci:$TAXIWAY_HOME/store:$IMAGE" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print("skopeo sees", d["Digest"], "with", len(d["Layers"]), "layers")'
+
+step "taxiway image export $IMAGE rootfs"
+taxiway image export "$IMAGE" "$DEMO/rootfs"
+echo "\$ rootfs/bin/busybox echo ..."
+"$DEMO/rootfs/bin/busybox" echo "hello from a busybox unpacked by taxiway"
+
+if "$PY" -c 'import taxiway.oci.scan' 2>/dev/null; then
+  step "taxiway image scan $IMAGE (files hidden by later layers)"
+  taxiway image scan "$IMAGE" || true
+fi
+
+step "Done"
+echo "registry stopped, demo state removed ($DEMO)"

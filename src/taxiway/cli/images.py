@@ -49,8 +49,9 @@ def pull(reference: str, platform_: str | None, all_platforms: bool, insecure: b
     if quiet:
         click.echo(result.descriptor.digest)
         return
-    for plat_s, dg in result.manifests:
-        click.echo(f"{plat_s}: {dg}", err=True)
+    if len(result.manifests) > 1:
+        for plat_s, dg in result.manifests:
+            click.echo(f"  {plat_s}: {dg}", err=True)
     click.echo(f"pulled {result.name} ({result.descriptor.digest}): {result.fetched} blobs fetched "
                f"({_human(result.fetched_bytes)}), {result.present} already present")
 
