@@ -221,9 +221,15 @@ class EgressProxy:
 
     async def start(self) -> asyncio.AbstractServer:
         host, port = self.config.listen
-        self._server = await asyncio.start_server(
-            self._handle, host, port, ssl=self._ssl_context(), limit=self.config.max_header_bytes,
-            backlog=4096, reuse_address=True)
+        try:
+            self._server = await asyncio.start_server(
+                self._handle, host, port, ssl=self._ssl_context(), limit=self.config.max_header_bytes,
+                backlog=4096, reuse_address=True)
+        except OSError as e:
+            from taxiway.errors import TaxiwayError
+
+            raise TaxiwayError(f"cannot listen on {host}:{port}: {e.strerror or e}",
+                               "pick another address with --listen") from None
         bound = self._server.sockets[0].getsockname()
         self.config.listen = (host, bound[1])
         self.policy = self.policy.with_own(*_own_addresses(host, bound[1]))
@@ -273,6 +279,7 @@ class EgressProxy:
         client = f"{peer[0]}:{peer[1]}" if peer else "?"
         sslobj = writer.get_extra_info("ssl_object")
         cert_role = cert_common_name(sslobj.getpeercert()) if sslobj is not None else None
+        conn = _ClientState()
         try:
             first = True
             while not self.draining:
@@ -301,7 +308,7 @@ class EgressProxy:
                     if not await self._local(head, writer):
                         break
                     continue
-                if not await self._forward(head, reader, writer, client, cert_role):
+                if not await self._forward(head, reader, writer, client, cert_role, conn):
                     break
         except asyncio.CancelledError:
             pass
@@ -309,6 +316,7 @@ class EgressProxy:
             self.log(msg="error", client=client, error=repr(e))
         finally:
             self.connections.discard(task)
+            self._release(conn.upstream)
             with contextlib.suppress(Exception):
                 await _close(writer)
 
@@ -496,9 +504,27 @@ class EgressProxy:
                      duration_ms=round((time.monotonic() - started) * 1000, 3), ended=ended)
 
     # -- absolute-form HTTP ----------------------------------------------------------
+    async def _open_http(self, out: Outcome) -> _Upstream:
+        reader = asyncio.StreamReader(limit=self.config.max_header_bytes)
+        transport, proto, verdict, ms = await self._open(out, lambda: asyncio.StreamReaderProtocol(reader))
+        writer = asyncio.StreamWriter(transport, proto, reader, asyncio.get_running_loop())
+        self.active_tunnels += 1
+        return _Upstream(str(out.target), verdict, reader, writer, ms)
+
+    def _release(self, up: _Upstream | None) -> None:
+        if up is not None and not up.released:
+            up.released = True
+            self.active_tunnels -= 1
+            up.writer.close()
+
     async def _forward(self, head: http.RequestHead, reader: asyncio.StreamReader,
-                       writer: asyncio.StreamWriter, client: str, cert_role: str | None) -> bool:
-        """Proxy one absolute-form request; True if the client connection stays open."""
+                       writer: asyncio.StreamWriter, client: str, cert_role: str | None,
+                       conn: _ClientState) -> bool:
+        """Proxy one absolute-form request; True if the client connection stays open.
+
+        The upstream connection is kept for the client's next request to the same
+        host:port, but only if that request, decided afresh, allows the pinned address.
+        """
         conn_id = next(self._ids)
         try:
             target = http.parse_absolute_target(head.target)
@@ -507,88 +533,152 @@ class EgressProxy:
             writer.write(http.simple_response(e.status, f"{e}\n", [("X-Taxiway-Egress-Error", str(e))]))
             return False
         out = None
-        up_reader = asyncio.StreamReader(limit=self.config.max_header_bytes)
+        up = conn.upstream
+        conn.upstream = None
         try:
             out = await self.decide(head, target, cert_role)
-            transport, proto, verdict, connect_ms = await self._open(
-                out, lambda: asyncio.StreamReaderProtocol(up_reader))
+            reusable = (up is not None and up.key == str(target) and not up.writer.transport.is_closing()
+                        and any(v.allowed and v.address == up.verdict.address for v in out.addresses))
+            if not reusable:
+                self._release(up)
+                up = None
+                up = await self._open_http(out)
+            else:
+                up.connect_ms = 0.0
         except Denied as d:
+            self._release(up)
             self._deny(writer, "http", client, target, d, out, conn_id)
             return False
-        up_writer = asyncio.StreamWriter(transport, proto, up_reader, asyncio.get_running_loop())
+        assert up is not None
         decision = "report" if out.acl and out.acl.result is Result.ALLOW_AND_REPORT else "allow"
         reason = out.acl.reason if out.acl else "egress ACL is not configured"
-        self._log_decision("http", client, target, out, 0, f"{reason}; {verdict.reason}", decision,
-                           str(verdict.address), connect_ms, conn_id)
-        keep = head.version == b"HTTP/1.1" and b"close" not in http.connection_tokens(head.headers)
-        keep = keep or (head.version == b"HTTP/1.0" and b"keep-alive" in http.connection_tokens(head.headers))
+        self._log_decision("http", client, target, out, 0, f"{reason}; {up.verdict.reason}", decision,
+                           str(up.verdict.address), up.connect_ms, conn_id)
+        tokens = http.connection_tokens(head.headers)
+        keep = (head.version == b"HTTP/1.1" and b"close" not in tokens) or \
+               (head.version == b"HTTP/1.0" and b"keep-alive" in tokens)
         keep = keep and not self.draining
         started = time.monotonic()
         counts = [0, 0]
-        self.active_tunnels += 1
+        status = 0
         try:
-            up_writer.write(http.serialize_request(head, target, keep_alive=False))
-            body = asyncio.create_task(_copy_body(reader, up_writer, framing, counts, 0))
-            try:
-                async with asyncio.timeout(self.config.idle_timeout):
-                    while True:
-                        rhead_raw = await up_reader.readuntil(b"\r\n\r\n")
-                        rhead = http.parse_response_head(rhead_raw)
-                        if 100 <= rhead.status < 200 and rhead.status != 101:
-                            writer.write(rhead_raw)
-                            continue
-                        break
-                rframing = http.response_framing(rhead, head.method)
-                if rhead.status == 101:
-                    writer.write(http.serialize_response_head(rhead, True))
-                    await body
-                    tunnel = _Tunnel()
-                    tunnel.upstream.transport = transport
-                    transport.set_protocol(tunnel.upstream)
-                    leftover = bytes(up_reader._buffer)  # noqa: SLF001
-                    if leftover:
-                        writer.write(leftover)
-                    pending = bytes(reader._buffer)  # noqa: SLF001
-                    reader._buffer.clear()  # noqa: SLF001
-                    self.active_tunnels -= 1
-                    await self._relay(tunnel, writer.transport, transport, pending, out, target, client,
-                                      conn_id, str(verdict.address), "http-upgrade")
-                    self.active_tunnels += 1
-                    return False
-                keep = keep and rframing[0] != "close"
-                writer.write(http.serialize_response_head(rhead, keep))
-                self.metrics.inc("taxiway_egress_responses_total", status=str(rhead.status), proxy_type="http")
-                async with asyncio.timeout(self.config.idle_timeout):
-                    await _copy_body(up_reader, writer, rframing, counts, 1)
-                    if not body.done():
-                        if keep:
-                            await body
-                        else:
-                            body.cancel()
-            finally:
-                if not body.done():
-                    body.cancel()
-                    keep = False
-            return keep
+            for attempt in (0, 1):
+                try:
+                    status, keep_client, keep_upstream = await self._exchange(
+                        head, target, framing, up, reader, writer, keep, counts, out, client, conn_id)
+                    break
+                except _Stale:
+                    # A kept upstream connection the server had closed: retry once, fresh.
+                    self._release(up)
+                    if attempt or framing[0] != "none":
+                        raise ConnectionResetError("upstream closed the connection") from None
+                    try:
+                        up = await self._open_http(out)
+                    except Denied as d:
+                        self._deny(writer, "http", client, target, d, out, conn_id)
+                        return False
+            if keep_client and keep_upstream:
+                conn.upstream = up
+            else:
+                self._release(up)
+            return keep_client
         except (http.ProtocolError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
+            self._release(up)
             if counts[1] == 0:
+                status = 502
                 msg = f"egress to {target} failed: bad response from upstream: {e}"
                 writer.write(http.simple_response(502, msg + "\n", [("X-Taxiway-Egress-Error", msg)]))
             return False
-        except (TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError, OSError) as e:
+            self._release(up)
             if counts[1] == 0:
-                msg = f"egress to {target} failed: upstream timed out or reset"
-                writer.write(http.simple_response(504, msg + "\n", [("X-Taxiway-Egress-Error", msg)]))
+                status = 504 if isinstance(e, TimeoutError) else 502
+                msg = f"egress to {target} failed: upstream " + ("timed out" if status == 504 else "reset")
+                writer.write(http.simple_response(status, msg + "\n", [("X-Taxiway-Egress-Error", msg)]))
             return False
         finally:
-            self.active_tunnels -= 1
-            up_writer.close()
+            self.metrics.inc("taxiway_egress_responses_total", status=str(status), proxy_type="http")
             self.metrics.inc("taxiway_egress_bytes_total", counts[0], direction="out")
             self.metrics.inc("taxiway_egress_bytes_total", counts[1], direction="in")
             self.log(msg="close", id=conn_id, proxy_type="http", client=client, role=out.role,
-                     requested_host=str(target), resolved_address=str(verdict.address),
+                     requested_host=str(target), resolved_address=str(up.verdict.address), status=status,
                      bytes_out=counts[0], bytes_in=counts[1],
                      duration_ms=round((time.monotonic() - started) * 1000, 3))
+
+    async def _exchange(self, head: http.RequestHead, target: http.Target, framing: tuple[str, int],
+                        up: _Upstream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                        keep: bool, counts: list[int], out: Outcome, client: str, conn_id: int
+                        ) -> tuple[int, bool, bool]:
+        """One request/response over ``up``: (status, keep client, keep upstream)."""
+        up.writer.write(http.serialize_request(head, target, keep_alive=keep))
+        body = asyncio.create_task(_copy_body(reader, up.writer, framing, counts, 0))
+        try:
+            async with asyncio.timeout(self.config.idle_timeout):
+                while True:
+                    try:
+                        raw = await up.reader.readuntil(b"\r\n\r\n")
+                    except (asyncio.IncompleteReadError, ConnectionError) as e:
+                        if up.used and counts[0] == 0 and not (isinstance(e, asyncio.IncompleteReadError)
+                                                                and e.partial):
+                            raise _Stale() from None
+                        raise
+                    rhead = http.parse_response_head(raw)
+                    if 100 <= rhead.status < 200 and rhead.status != 101:
+                        writer.write(raw)
+                        continue
+                    break
+            up.used = True
+            rframing = http.response_framing(rhead, head.method)
+            if rhead.status == 101:
+                writer.write(http.serialize_response_head(rhead, True))
+                await body
+                tunnel = _Tunnel()
+                transport = up.writer.transport
+                tunnel.upstream.transport = transport
+                transport.set_protocol(tunnel.upstream)
+                leftover = bytes(up.reader._buffer)  # noqa: SLF001
+                if leftover:
+                    writer.write(leftover)
+                pending = bytes(reader._buffer)  # noqa: SLF001
+                reader._buffer.clear()  # noqa: SLF001
+                await self._relay(tunnel, writer.transport, transport, pending, out, target, client,
+                                  conn_id, str(up.verdict.address), "http-upgrade")
+                return 101, False, False
+            rtokens = http.connection_tokens(rhead.headers)
+            keep_up = rframing[0] != "close" and b"close" not in rtokens and rhead.version == b"HTTP/1.1"
+            keep = keep and rframing[0] != "close"
+            writer.write(http.serialize_response_head(rhead, keep))
+            async with asyncio.timeout(self.config.idle_timeout):
+                await _copy_body(up.reader, writer, rframing, counts, 1)
+                if not body.done():
+                    if keep:
+                        await body
+                    else:
+                        body.cancel()
+            return rhead.status, keep, keep_up and body.done() and not body.cancelled()
+        finally:
+            if not body.done():
+                body.cancel()
+
+
+class _Stale(Exception):
+    """A reused upstream connection turned out to be closed before answering."""
+
+
+@dataclass
+class _Upstream:
+    key: str
+    verdict: AddressVerdict
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    connect_ms: float
+    used: bool = False
+    released: bool = False
+
+
+@dataclass
+class _ClientState:
+    upstream: _Upstream | None = None
 
 
 async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, framing: tuple[str, int],
