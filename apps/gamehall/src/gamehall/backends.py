@@ -1,0 +1,240 @@
+"""Where rooms are stored, who owns which game, and how nodes talk.
+
+Two implementations of one small interface:
+
+* :class:`MemoryBackend`: a single node with no Redis; everything in process.
+* :class:`RedisBackend`: a cluster. ``gh:owner:CODE`` names the node that owns a
+  game (SET NX with a TTL the owner renews), ``gh:room:CODE`` holds the last
+  snapshot, the stream ``gh:log:CODE`` the moves, channel ``gh:game:CODE`` carries
+  every snapshot to the nodes that show the game, and ``gh:node:NODE`` carries
+  commands and replies to one node.
+
+A save is one Lua script that checks ownership, stores the snapshot, appends the
+move and publishes, so a node that lost its game can never write to it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("gamehall")
+
+# on_message(kind, key, payload): kind "game" (key: code) or "node" (key: this node).
+OnMessage = Callable[[str, str, dict[str, Any]], Awaitable[None] | None]
+
+
+class MemoryBackend:
+    """One node, no Redis: rooms in a dict, pub/sub as direct calls."""
+
+    clustered = False
+
+    def __init__(self, node_id: str = "local") -> None:
+        self.node_id = node_id
+        self.rooms: dict[str, dict[str, Any]] = {}
+        self.logs: dict[str, list[Any]] = {}
+        self.on_message: OnMessage | None = None
+        self.subscribed: set[str] = set()
+
+    async def start(self, on_message: OnMessage) -> None:
+        self.on_message = on_message
+
+    async def close(self) -> None:
+        pass
+
+    async def reserve(self, code: str, snapshot: dict[str, Any]) -> bool:
+        if code in self.rooms:
+            return False
+        self.rooms[code] = snapshot
+        self.logs[code] = []
+        return True
+
+    async def claim(self, code: str) -> bool:
+        return code in self.rooms
+
+    async def steal(self, code: str, dead_node: str) -> bool:
+        return False
+
+    async def owner(self, code: str) -> str | None:
+        return self.node_id if code in self.rooms else None
+
+    async def renew(self, codes: list[str]) -> None:
+        pass
+
+    async def release(self, code: str) -> None:
+        pass
+
+    async def forget(self, code: str) -> None:
+        self.rooms.pop(code, None)
+        self.logs.pop(code, None)
+
+    async def save(self, code: str, snapshot: dict[str, Any], move: Any = None) -> bool:
+        self.rooms[code] = snapshot
+        if move is not None:
+            self.logs.setdefault(code, []).append(move)
+        if code in self.subscribed and self.on_message:
+            r = self.on_message("game", code, snapshot)
+            if r is not None:
+                await r
+        return True
+
+    async def load(self, code: str) -> dict[str, Any] | None:
+        return self.rooms.get(code)
+
+    async def move_log(self, code: str) -> list[Any]:
+        return list(self.logs.get(code, []))
+
+    async def subscribe(self, code: str) -> None:
+        self.subscribed.add(code)
+
+    async def unsubscribe(self, code: str) -> None:
+        self.subscribed.discard(code)
+
+    async def send(self, node: str, message: dict[str, Any]) -> int:
+        return 0
+
+
+SAVE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+if ARGV[5] ~= '' then
+  redis.call('XADD', KEYS[3], '*', 'move', ARGV[5])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
+end
+redis.call('PUBLISH', ARGV[4], ARGV[2])
+return 1
+"""
+
+STEAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+class RedisBackend:
+    """A cluster of nodes sharing one Redis."""
+
+    clustered = True
+
+    def __init__(self, url: str, node_id: str, owner_ttl: int = 10, room_ttl: int = 86400) -> None:
+        import redis.asyncio as aioredis
+
+        self.node_id = node_id
+        self.owner_ttl = owner_ttl
+        self.room_ttl = room_ttl
+        self.redis = aioredis.from_url(url, decode_responses=False, max_connections=64)
+        self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        self.on_message: OnMessage | None = None
+        self._reader: asyncio.Task | None = None
+        self._save = self.redis.register_script(SAVE)
+        self._steal = self.redis.register_script(STEAL)
+        self._release = self.redis.register_script(RELEASE)
+
+    async def start(self, on_message: OnMessage) -> None:
+        self.on_message = on_message
+        await self.redis.ping()
+        await self.pubsub.subscribe(f"gh:node:{self.node_id}")
+        self._reader = asyncio.create_task(self._read(), name="gamehall-redis-reader")
+
+    async def close(self) -> None:
+        if self._reader:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        with contextlib.suppress(Exception):
+            await self.pubsub.aclose()
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                msg = await self.pubsub.get_message(timeout=1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a lost connection: redis-py reconnects and resubscribes
+                log.exception("redis pub/sub read failed; retrying")
+                await asyncio.sleep(0.5)
+                continue
+            if msg is None or msg.get("type") != "message":
+                continue
+            channel = msg["channel"].decode()
+            _, kind, key = channel.split(":", 2)
+            try:
+                payload = orjson.loads(msg["data"])
+                r = self.on_message(kind, key, payload) if self.on_message else None
+                if r is not None:
+                    await r
+            except Exception:
+                log.exception("bad message on %s", channel)
+
+    async def reserve(self, code: str, snapshot: dict[str, Any]) -> bool:
+        ok = await self.redis.set(f"gh:room:{code}", orjson.dumps(snapshot), nx=True, ex=self.room_ttl)
+        if ok:
+            await self.redis.set(f"gh:owner:{code}", self.node_id, ex=self.owner_ttl)
+        return bool(ok)
+
+    async def claim(self, code: str) -> bool:
+        if not await self.redis.exists(f"gh:room:{code}"):
+            return False
+        return bool(await self.redis.set(f"gh:owner:{code}", self.node_id, nx=True, ex=self.owner_ttl))
+
+    async def steal(self, code: str, dead_node: str) -> bool:
+        """Take a game from a node that no longer listens (compare-and-set on the owner key)."""
+        return bool(await self._steal(keys=[f"gh:owner:{code}"], args=[dead_node, self.node_id, self.owner_ttl]))
+
+    async def owner(self, code: str) -> str | None:
+        v = await self.redis.get(f"gh:owner:{code}")
+        return v.decode() if v else None
+
+    async def renew(self, codes: list[str]) -> None:
+        async with self.redis.pipeline(transaction=False) as p:
+            for code in codes:
+                p.expire(f"gh:owner:{code}", self.owner_ttl)
+            await p.execute()
+
+    async def release(self, code: str) -> None:
+        await self._release(keys=[f"gh:owner:{code}"], args=[self.node_id])
+
+    async def forget(self, code: str) -> None:
+        await self.release(code)
+
+    async def save(self, code: str, snapshot: dict[str, Any], move: Any = None) -> bool:
+        ok = await self._save(
+            keys=[f"gh:owner:{code}", f"gh:room:{code}", f"gh:log:{code}"],
+            args=[self.node_id, orjson.dumps(snapshot), self.room_ttl, f"gh:game:{code}",
+                  orjson.dumps(move) if move is not None else b"", self.owner_ttl],
+        )
+        return bool(ok)
+
+    async def load(self, code: str) -> dict[str, Any] | None:
+        raw = await self.redis.get(f"gh:room:{code}")
+        return orjson.loads(raw) if raw else None
+
+    async def move_log(self, code: str) -> list[Any]:
+        entries = await self.redis.xrange(f"gh:log:{code}")
+        return [orjson.loads(fields[b"move"]) for _, fields in entries]
+
+    async def subscribe(self, code: str) -> None:
+        await self.pubsub.subscribe(f"gh:game:{code}")
+
+    async def unsubscribe(self, code: str) -> None:
+        await self.pubsub.unsubscribe(f"gh:game:{code}")
+
+    async def send(self, node: str, message: dict[str, Any]) -> int:
+        """Publish to one node; the count of receivers is 0 when that node is gone."""
+        return int(await self.redis.publish(f"gh:node:{node}", orjson.dumps(message)))
