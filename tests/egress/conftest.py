@@ -208,7 +208,7 @@ class _QuietLogger:
 
 
 @pytest.fixture(scope="session")
-def dns() -> Iterator[TestDNS]:
+def dns() -> Iterator[LoopbackDNS]:
     d = LoopbackDNS()
     yield d
     d.close()

@@ -67,6 +67,7 @@ class Denied(Exception):
     def __init__(self, status: int, host: str, reason: str, decision: str = "deny"):
         super().__init__(reason)
         self.status, self.host, self.reason, self.decision = status, host, reason, decision
+        self.outcome: Outcome | None = None
 
 
 @dataclass
@@ -352,8 +353,16 @@ class EgressProxy:
 
     async def decide(self, head: http.RequestHead, target: http.Target, cert_role: str | None) -> Outcome:
         """Role, ACL, one resolution, address policy: raises Denied or returns what to dial."""
-        host = str(target)
         out = Outcome(target)
+        try:
+            return await self._decide(head, target, cert_role, out)
+        except Denied as d:
+            d.outcome = out
+            raise
+
+    async def _decide(self, head: http.RequestHead, target: http.Target, cert_role: str | None,
+                      out: Outcome) -> Outcome:
+        host = str(target)
         out.role = await self._role(head, cert_role, host)
         if self.acl is not None:
             out.acl = self.acl.decide(out.role, target.host.name)
@@ -404,7 +413,8 @@ class EgressProxy:
         if d.status == 503:
             headers.append(("Retry-After", "1"))
         self.metrics.inc("taxiway_egress_responses_total", status=str(d.status), proxy_type=kind)
-        self._log_decision(kind, client, target, out, d.status, d.reason, d.decision, conn_id=conn_id)
+        self._log_decision(kind, client, target, out or d.outcome, d.status, d.reason, d.decision,
+                           conn_id=conn_id)
         writer.write(http.simple_response(d.status, msg + "\n", headers))
 
     async def _open(self, out: Outcome, factory: Callable[[], asyncio.Protocol]
