@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from helpers.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]

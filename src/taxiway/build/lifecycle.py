@@ -33,7 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taxiway.build import assemble, buildpack as bpmod, env as envmod, layer as lyr, stack
+from taxiway.build import assemble, stack
+from taxiway.build import buildpack as bpmod
+from taxiway.build import env as envmod
+from taxiway.build import layer as lyr
 from taxiway.build.buildpack import Buildpack, GroupEntry, LayerMeta, Process
 from taxiway.build.sandbox import GID, TRUST_ENV, UID, Sandbox, check_root
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
