@@ -1,0 +1,98 @@
+"""Two gamehall nodes and a real redis-server on loopback: a game created on node A
+is played from node B, then A is killed mid-game and B carries on with no move lost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+from conftest import Player, gamehall_node, redis_server
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with redis_server(tmp_path) as url:
+        common = ["--redis", url, "--owner-ttl", "3", "--bot-delay", "0.1"]
+        with gamehall_node(tmp_path, *common, "--node-id", "a") as a, \
+                gamehall_node(tmp_path, *common, "--node-id", "b") as b:
+            yield a, b, url
+
+
+def test_game_created_on_a_is_played_from_b_and_survives_a_dying(cluster):
+    node_a, node_b, redis_url = cluster
+
+    async def main():
+        code = node_a.create("connect4")
+        assert node_a.post("/api/games", {"game": "connect4"})[1]["code"] != code
+        ann = await Player(node_a, code).connect()  # Ann's page is on A, the owner
+        bob = await Player(node_b, code).connect()  # Bob's page is on B
+        assert (await bob.do("join", name="Bob"))["seat"] == 0
+        assert (await ann.do("join", name="Ann"))["seat"] == 1
+        await bob.do("start")
+        played = []
+        for col in [3, 3, 4, 4, 2]:
+            player = bob if len(played) % 2 == 0 else ann
+            other = ann if player is bob else bob
+            assert await player.do("move", move=col) == {"ok": True}
+            played.append([len(played) % 2, col])
+            # Every page sees every move, on both nodes.
+            await other.view_where(lambda v, n=len(played): v["moves"] == n)
+        assert node_b.game(code)["move_list"] == played
+        assert node_a.get("/healthz")[1].count('"games":') == 1
+
+        # Node A, which owns the game, dies mid-game.
+        node_a.kill()
+        t0 = time.monotonic()
+        with pytest.raises(Exception):
+            await ann.until(lambda m: False, timeout=5)
+        # Ann's page reconnects, to B this time, and keeps her seat.
+        await ann.connect(node_b)
+        v = await ann.view_where(lambda v: True)
+        assert v["you"] == 1 and v["moves"] == len(played) and v["your_turn"]
+        # Her move goes through B, which takes the game over from Redis.
+        assert await ann.do("move", move=2) == {"ok": True}
+        played.append([1, 2])
+        took_over = time.monotonic() - t0
+        await bob.view_where(lambda v: v["moves"] == len(played))
+        for col in [1]:
+            player = bob if len(played) % 2 == 0 else ann
+            assert await player.do("move", move=col) == {"ok": True}
+            played.append([len(played) % 2, col])
+        v = await bob.view_where(lambda v: v["status"] == "over")
+        assert v["result"] == {"winner": 0, "reason": "four in a line"}
+        game = node_b.game(code)
+        assert game["move_list"] == played
+        # The move log in Redis holds every move exactly once, in order.
+        logged = [m for entry in game["log"] for m in entry["moves"]]
+        assert logged == played
+        assert took_over < 10
+        for p in (ann, bob):
+            await p.ws.close()
+
+    asyncio.run(main())
+    assert json.loads(node_b.get("/healthz")[1])["node"] == "b"
+
+
+def test_timers_keep_running_after_the_owner_dies(cluster):
+    node_a, node_b, _ = cluster
+
+    async def main():
+        code = node_a.create("tictactoe", turn_seconds=2)
+        ann = await Player(node_b, code).connect()
+        await ann.do("join", name="Ann")
+        await ann.do("bot")  # the bot seat is run by the owner, A
+        await ann.do("start")
+        await ann.do("move", move=4)
+        await ann.view_where(lambda v: v["your_turn"] and v["moves"] == 2)
+        node_a.kill()
+        # Nobody sends a command: B notices the game has no owner, adopts it, and
+        # its turn timer still ends the game.
+        v = await ann.view_where(lambda v: v["status"] == "over", timeout=15)
+        assert "Ann ran out of time" in v["message"]
+        await ann.ws.close()
+
+    asyncio.run(main())
