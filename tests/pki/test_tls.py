@@ -17,9 +17,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from helpers.servers import free_port, serve
-from taxiway.pki import CA, CertHolder, profile
+
+from taxiway.pki import CertHolder, profile
 
 HTTPS_SERVER = """
 import http.server, ssl, sys

@@ -59,7 +59,7 @@ def init(key: str, rsa_bits: str | None, constraints: tuple[str, ...]) -> None:
 @click.option("--pem", is_flag=True, help="Print the root certificate instead of the directory.")
 def root(pem: bool) -> None:
     """Print the CA directory (or, with --pem, the root certificate)."""
-    from taxiway.pki.ca import ROOT, default_dir
+    from taxiway.pki.layout import ROOT, default_dir
 
     d = default_dir()
     if not pem:

@@ -20,11 +20,11 @@ root key can go offline.
 from __future__ import annotations
 
 import os
-import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 from cryptography import x509
@@ -34,22 +34,21 @@ from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.fsutil import write_bytes_atomic
 from taxiway.pki import inventory, profile
 from taxiway.pki.inventory import Record
+from taxiway.pki.layout import (  # noqa: F401 (re-exported)
+    CRL,
+    INTER,
+    INTER_KEY,
+    INVENTORY,
+    META,
+    ROOT,
+    ROOT_CRL,
+    ROOT_KEY,
+    default_dir,
+)
 from taxiway.pki.names import Name, Names, parse_constraint, parse_names, within_constraints
 
-ROOT, ROOT_KEY = "root.pem", "root-key.pem"
-INTER, INTER_KEY = "intermediate.pem", "intermediate-key.pem"
-META, INVENTORY, CRL, ROOT_CRL = "ca.json", "inventory.jsonl", "crl.pem", "root-crl.pem"
-
-
-def default_dir() -> Path:
-    """Where the CA lives: ``$TAXIWAY_CAROOT``, else ``$TAXIWAY_HOME/ca``."""
-    env = os.environ.get("TAXIWAY_CAROOT")
-    if env:
-        return Path(env)
-    from taxiway.paths import home
-
-    return home() / "ca"
-
+if TYPE_CHECKING:
+    import ssl
 
 def serial_hex(serial: int) -> str:
     """The inventory's spelling of a serial: 32 lower-case hex digits."""
@@ -245,7 +244,9 @@ class CA:
                cert_file: str | os.PathLike | None = None, key_file: str | os.PathLike | None = None,
                p12_file: str | os.PathLike | None = None) -> Record:
         """Add an issued leaf to the inventory, with the files it was written to."""
-        ab = (lambda p: str(Path(p).resolve()) if p is not None else None)
+        def ab(p: str | os.PathLike | None) -> str | None:
+            return str(Path(p).resolve()) if p is not None else None
+
         rec = Record(serial=leaf.serial_hex, names=leaf.names, not_before=leaf.not_before.isoformat(),
                      not_after=leaf.not_after.isoformat(), issued_at=profile.now().isoformat(),
                      key_type=leaf.key_type, client=leaf.client, cn=leaf.cn,

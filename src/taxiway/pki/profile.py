@@ -25,7 +25,6 @@ import ipaddress
 import secrets
 import socket
 from datetime import UTC, datetime, timedelta
-from typing import Union
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -35,8 +34,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from taxiway.errors import InvalidInput
 from taxiway.pki.names import Name, Names
 
-PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey]
-PublicKey = Union[ec.EllipticCurvePublicKey, rsa.RSAPublicKey]
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
 KEY_TYPES = ("ecdsa-p256", "ecdsa-p384", "rsa-2048", "rsa-3072", "rsa-4096")
 DEFAULT_LEAF_KEY = "ecdsa-p256"
