@@ -256,7 +256,7 @@ class Lifecycle:
         for bid, det in results.items():
             why = " ".join(_tail(det.output, 3)) or "did not apply"
             looked.append(f"{bid}: {why}")
-        raise TaxiwayError(f"no buildpack group detected {self.source}: " + "; ".join(looked),
+        raise TaxiwayError(f"no buildpack detected an app in {self.source}: " + "; ".join(looked),
                            "add the file a buildpack looks for, or pass --buildpack")
 
     def _detect_one(self, entry: GroupEntry) -> Detected:
@@ -322,8 +322,10 @@ class Lifecycle:
                 with open(self.log, "rb") as f:
                     f.seek(start)
                     out = f.read().decode(errors="replace")
-                raise BuildFailed(f"buildpack {bp.id} failed to build (exit {p.returncode}); nothing was exported",
-                                  "fix the error shown above and build again", _tail(out))
+                tail = _tail(out)
+                last = tail[-1].removeprefix("error: ") if tail else "no output"
+                raise BuildFailed(f"buildpack {bp.id} failed to build (exit {p.returncode}): {last}; nothing was exported",
+                                  "fix the error (the end of the build log is above) and build again", tail)
             launch = bl / "launch.toml"
             if launch.exists():
                 procs, _labels = bpmod.parse_launch_toml(launch, bp.id)
