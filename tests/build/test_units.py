@@ -1,0 +1,144 @@
+"""Pure parts of the builder: the reproducible layer writer, layer env, the TOML contracts, the restorer."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from taxiway.build import buildpack as bpmod
+from taxiway.build import env as envmod
+from taxiway.build import layer as lyr
+from taxiway.build.lifecycle import restore_layers
+from taxiway.errors import InvalidInput
+from taxiway.oci.store import Store
+
+
+def make_tree(root: Path, mtime: int) -> None:
+    (root / "b" / "deep").mkdir(parents=True)
+    (root / "a.txt").write_text("alpha\n")
+    (root / "b" / "z.py").write_text("print(1)\n")
+    (root / "b" / "deep" / "x").write_bytes(os.urandom(0) + b"x" * 5000)
+    (root / "run.sh").write_text("#!/bin/sh\n")
+    (root / "run.sh").chmod(0o755)
+    os.symlink("a.txt", root / "link")
+    os.link(root / "a.txt", root / "hard")
+    for p in [root, *root.rglob("*")]:
+        os.utime(p, (mtime, mtime), follow_symlinks=False)
+
+
+def test_same_tree_same_layer_whatever_the_times_and_order(tmp_path):
+    store = Store(tmp_path / "store")
+    make_tree(tmp_path / "one", 1_600_000_000)
+    make_tree(tmp_path / "two", 1_700_000_000)
+    a = lyr.store_dir_layer(store, tmp_path / "one", "workspace", 1000, 1000)
+    b = lyr.store_dir_layer(store, tmp_path / "two", "workspace", 1000, 1000)
+    assert a == b
+    raw = store.read_blob(a.digest)
+    assert raw[:3] == b"\x1f\x8b\x08" and raw[4:8] == b"\0\0\0\0", "gzip header without a timestamp"
+    with tarfile.open(fileobj=io.BytesIO(gzip.decompress(raw))) as tf:
+        members = tf.getmembers()
+    names = [m.name for m in members]
+    assert names[0] == "workspace"
+    assert names.index("workspace/a.txt") < names.index("workspace/b") < names.index("workspace/b/z.py")
+    assert {m.mtime for m in members} == {lyr.DEFAULT_EPOCH}
+    assert {(m.uid, m.gid, m.uname, m.gname) for m in members} == {(1000, 1000, "", "")}
+    by = {m.name: m for m in members}
+    assert by["workspace/hard"].isfile(), "hard links are stored as files"
+    assert by["workspace/link"].issym() and by["workspace/link"].linkname == "a.txt"
+    assert by["workspace/run.sh"].mode == 0o755
+
+
+def test_source_date_epoch(monkeypatch, tmp_path):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1234567890")
+    buf = io.BytesIO()
+    lyr.write_tar(buf, [lyr.Entry("f", "file", data=b"x")])
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tf:
+        assert tf.getmembers()[0].mtime == 1234567890
+
+
+def test_fingerprint_changes_with_content(tmp_path):
+    make_tree(tmp_path / "t", 1_600_000_000)
+    fp = lyr.fingerprint(tmp_path / "t")
+    assert lyr.fingerprint(tmp_path / "t") == fp
+    (tmp_path / "t" / "a.txt").write_text("changed\n")
+    assert lyr.fingerprint(tmp_path / "t") != fp
+
+
+def test_layer_env(tmp_path):
+    d = tmp_path / "layer"
+    (d / "bin").mkdir(parents=True)
+    (d / "env").mkdir()
+    (d / "env.launch").mkdir()
+    (d / "env.build").mkdir()
+    (d / "env" / "A").write_text("override")
+    (d / "env" / "B.default").write_text("dflt")
+    (d / "env" / "C.prepend").write_text("/pre")
+    (d / "env" / "C.delim").write_text(":")
+    (d / "env.launch" / "D.append").write_text("tail")
+    (d / "env.build" / "ONLY_BUILD").write_text("1")
+    env = {"A": "old", "B": "kept", "C": "/usr", "D": "head", "PATH": "/bin"}
+    envmod.apply_layer(env, d, "launch", inside="/layers/x/layer")
+    assert env == {"A": "override", "B": "kept", "C": "/pre:/usr", "D": "headtail", "PATH": "/layers/x/layer/bin:/bin"}
+
+
+@given(st.lists(st.text("abc/", min_size=1, max_size=5), max_size=4), st.text("abc/", max_size=5))
+def test_prepend_then_append_keep_order(parts, start):
+    env = {"P": start} if start else {}
+    for p in parts:
+        env["P"] = envmod._join(p, env.get("P", ""), ":")
+    expected = ":".join([*reversed(parts), *([start] if start else [])])
+    assert env.get("P", "") == expected
+
+
+def test_launch_toml_parsing(tmp_path):
+    p = tmp_path / "launch.toml"
+    p.write_text('[[processes]]\ntype = "web"\ncommand = ["gunicorn", "app:app"]\nargs = ["-w", "2"]\ndefault = true\n'
+                 '[[processes]]\ntype = "worker"\ncommand = "celery -A app worker"\nworking-dir = "/workspace/w"\n')
+    procs, _ = bpmod.parse_launch_toml(p, "me/bp")
+    assert procs[0].argv() == ["gunicorn", "app:app", "-w", "2"] and procs[0].default
+    assert procs[1].argv() == ["/bin/sh", "-c", "celery -A app worker"] and procs[1].working_dir == "/workspace/w"
+    for bad, why in [('[[processes]]\ntype = "web"\n', "command"), ('[[processes]]\ntype = "a b"\ncommand = ["x"]\n', "type"),
+                     ('processes = "x"\n', "array"), ('[[processes]\n', "malformed"),
+                     ('[[processes]]\ntype = "web"\ncommand = ["x"]\nargs = "y"\n', "args")]:
+        p.write_text(bad)
+        with pytest.raises(InvalidInput, match=why):
+            bpmod.parse_launch_toml(p, "me/bp")
+
+
+def test_layer_toml_parsing(tmp_path):
+    p = tmp_path / "l.toml"
+    p.write_text('[types]\nlaunch = true\ncache = true\n[metadata]\nhash = "x"\n')
+    m = bpmod.parse_layer_toml(p)
+    assert (m.launch, m.build, m.cache, m.metadata) == (True, False, True, {"hash": "x"})
+    p.write_text('launch = true\n')  # buildpack API < 0.6
+    assert bpmod.parse_layer_toml(p).launch
+    p.write_text('[types]\nlaunch = "yes"\n')
+    with pytest.raises(InvalidInput, match="types.launch"):
+        bpmod.parse_layer_toml(p)
+
+
+def test_restorer_keeps_cache_and_launch_metadata_only(tmp_path):
+    bp = tmp_path / "layers" / "me_bp"
+    for name, types in [("deps", "launch = true"), ("cached", "cache = true"), ("tmp", "build = true"),
+                        ("new", "launch = true")]:
+        (bp / name).mkdir(parents=True)
+        (bp / name / "f").write_text("x")
+        (bp / f"{name}.toml").write_text(f"[types]\n{types}\n")
+    (bp / "launch.toml").write_text("")
+    restore_layers(tmp_path / "layers", {"me_bp/deps"})
+    assert sorted(p.name for p in bp.iterdir()) == ["cached", "cached.toml", "deps.toml"]
+
+
+def test_bundled_buildpacks_load():
+    bps = bpmod.bundled()
+    assert set(bps) == {"taxiway/python", "taxiway/node", "taxiway/deno", "taxiway/static", "taxiway/procfile"}
+    assert all(bp.api == "0.10" for bp in bps.values())
+    assert [g[0].buildpack.id for g in bpmod.default_order()][0] == "taxiway/python"
