@@ -1,0 +1,3 @@
+module taxiway.test/egressclient
+
+go 1.19
