@@ -138,7 +138,7 @@ def node_client(tmp_path_factory):
 def test_node_https_proxy_agent(authed_proxy, tls_upstream, ca_files, node_client):
     proxy = f"http://me:{PASSWORD.replace(' ', '%20')}@127.0.0.1:{authed_proxy.port}"
     r = run(["node", str(node_client), proxy, f"https://ok.test:{tls_upstream.port}/node", str(ca_files / "root.pem")])
-    assert r.returncode == 0 and r.stdout.splitlines()[:2] == ["200", "GET /node host=ok.test:%d" % tls_upstream.port], \
+    assert r.returncode == 0 and r.stdout.splitlines()[:2] == ["200", f"GET /node host=ok.test:{tls_upstream.port}"], \
         r.stdout + r.stderr
     r = run(["node", str(node_client), proxy, f"https://www.ok.test:{tls_upstream.port}/", str(ca_files / "root.pem")])
     assert r.returncode != 0 or not r.stdout.startswith("200")
