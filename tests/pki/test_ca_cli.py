@@ -213,3 +213,17 @@ def test_ls_revoke_crl_renew(cli_ca, taxiway, tmp_path):
     *progress, last = r.stderr.decode().strip().splitlines()
     assert len(progress) == 2 and all(p.startswith("renewed ") for p in progress)  # a.test and c.test
     assert last.startswith("error: --exec command exited with 1")
+
+
+def test_parallel_issues_keep_the_inventory_whole(cli_ca, tmp_path):
+    """Eight `taxiway ca issue` processes at once: eight whole inventory lines, all verifiable."""
+    procs = [subprocess.Popen([*_cli(), "ca", "issue", f"p{i}.example.test", "--cert-file", f"p{i}.pem",
+                               "--key-file", f"p{i}-key.pem"], cwd=tmp_path, stderr=subprocess.PIPE)
+             for i in range(8)]
+    for p in procs:
+        assert p.wait(60) == 0, p.stderr.read()
+    inv = json.loads(ok(subprocess.run([*_cli(), "ca", "ls", "--json"], capture_output=True)).stdout)
+    assert sorted(r["names"][0] for r in inv) == sorted(f"p{i}.example.test" for i in range(8))
+    assert len({r["serial"] for r in inv}) == 8
+    for i in range(8):
+        assert verify(cli_ca / "root.pem", tmp_path / f"p{i}.pem").returncode == 0

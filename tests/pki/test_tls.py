@@ -20,6 +20,7 @@ import pytest
 from helpers.servers import free_port, serve
 
 from taxiway.pki import CertHolder, profile
+from taxiway.pki.tls import peer_identity
 
 HTTPS_SERVER = """
 import http.server, ssl, sys
@@ -127,9 +128,8 @@ def tls_echo(ctx: ssl.SSLContext) -> Iterator[tuple[int, list]]:
             try:
                 conn.settimeout(5)
                 with ctx.wrap_socket(conn, server_side=True) as s:
-                    peer = s.getpeercert() or {}
-                    cn = dict(x[0] for x in peer.get("subject", ())).get("commonName", "-")
-                    s.sendall(cn.encode())
+                    who = peer_identity(s)
+                    s.sendall(((who.cn if who else None) or "-").encode())
             except (ssl.SSLError, OSError) as e:
                 errors.append(e)
                 conn.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -66,3 +67,36 @@ def context(ca: CA, leaf: Leaf | None = None, *, server: bool = False, client_au
     if check_crl:
         load_crl(ctx, ca.crl_pem())
     return ctx
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """Who is on the other end of a verified TLS connection (for role mapping)."""
+
+    cn: str | None
+    dns: tuple[str, ...]
+    uris: tuple[str, ...]
+    serial: str  # 32 hex digits, as `taxiway ca ls` shows it
+
+
+def peer_identity(sock: ssl.SSLSocket | ssl.SSLObject) -> PeerIdentity | None:
+    """The verified peer certificate's CN, DNS names, URIs and serial; None without one.
+
+    For asyncio streams pass ``transport.get_extra_info("ssl_object")``.
+    """
+    der = sock.getpeercert(binary_form=True)
+    if not der:
+        return None
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_der_x509_certificate(der)
+    cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = tuple(san.get_values_for_type(x509.DNSName))
+        uris = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
+    except x509.ExtensionNotFound:
+        dns = uris = ()
+    return PeerIdentity(cn=str(cns[0].value) if cns else None, dns=dns, uris=uris,
+                        serial=f"{cert.serial_number:032x}")
