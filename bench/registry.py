@@ -1,0 +1,247 @@
+"""Benchmark: taxiway's registry side by side with Debian's docker-registry (distribution 2.8).
+
+Both servers run on 127.0.0.1 with their storage on the same disk, fresh for
+every round. Measured per round, alternating which registry goes first:
+
+- skopeo push (oci layout -> registry) and skopeo pull (registry -> oci layout)
+  of the shared Debian image, as throughput of blob bytes over wall time;
+- 32 concurrent pulls of the image with httpx (manifest + every blob, streamed
+  and discarded) as aggregate throughput, and the p99 latency of manifest GETs
+  issued by 32 concurrent clients while those pulls run.
+
+taxiway runs with authentication on (clients do the Docker token flow once),
+docker-registry with none. Usage: python bench/registry.py [--rounds 3] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import datetime
+import fcntl
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from helpers.servers import docker_registry, free_port, serve  # noqa: E402
+
+CACHE = Path("/var/cache/taxiway-bench")
+LAYOUT = CACHE / "debian-layout"
+TAG = "bookworm"
+MACHINE = "2-core Debian 12 VM, 24 GiB (cores shared with other engineers' work during the run)"
+MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+
+
+def ensure_layout() -> None:
+    """Use the shared Debian layout; build it (under the lock) if nobody has yet."""
+    if (LAYOUT / "index.json").exists():
+        return
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (LAYOUT / "index.json").exists():
+            return
+        tmp = CACHE / "debian-layout.building"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tar = CACHE / "bookworm.tar"
+        subprocess.run(["mmdebstrap", "--variant=minbase", "--format=oci", "bookworm", str(tar)], check=True)
+        tmp.mkdir()
+        subprocess.run(["tar", "-xf", str(tar), "-C", str(tmp)], check=True)
+        subprocess.run(["skopeo", "copy", f"oci:{tmp}", f"oci:{LAYOUT}:{TAG}"], check=True)
+        shutil.rmtree(tmp)
+        tar.unlink()
+
+
+def image_bytes() -> int:
+    idx = json.loads((LAYOUT / "index.json").read_text())
+    desc = next(m for m in idx["manifests"] if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == TAG)
+    blobs = LAYOUT / "blobs" / "sha256"
+    man = json.loads((blobs / desc["digest"].split(":")[1]).read_text())
+    return man["config"]["size"] + sum(layer["size"] for layer in man["layers"])
+
+
+@contextlib.contextmanager
+def taxiway_registry(root: Path, workers: int):
+    root.mkdir(parents=True)
+    tx = [sys.executable, "-m", "taxiway", "registry"]
+    subprocess.run([*tx, "org", "create", "bench", "--root", str(root)], check=True, capture_output=True)
+    token = subprocess.run([*tx, "token", "create", "--org", "bench", "--root", str(root)], check=True,
+                           capture_output=True, text=True).stdout.strip()
+    port = free_port()
+    with serve([*tx, "serve", "--listen", f"127.0.0.1:{port}", "--root", str(root), "--workers", str(workers)],
+               port, log=root.parent / "taxiway.log") as s:
+        yield s, token
+
+
+def skopeo(*args: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(["skopeo", "copy", "--quiet", *args], check=True, capture_output=True)
+    return time.perf_counter() - t
+
+
+def bearer(url: str, token: str | None, repo: str) -> dict[str, str]:
+    if token is None:
+        return {}
+    basic = base64.b64encode(f"bench:{token}".encode()).decode()
+    r = httpx.get(f"{url}/v2/token", params={"service": "taxiway", "scope": f"repository:{repo}:pull"},
+                  headers={"Authorization": f"Basic {basic}"})
+    r.raise_for_status()
+    return {"Authorization": f"Bearer {r.json()['token']}"}
+
+
+async def concurrent_pulls(url: str, headers: dict, repo: str, clients: int = 32) -> dict:
+    """``clients`` pulls at once; then ``clients`` manifest-GET loops while the pulls run again."""
+    latencies: list[float] = []
+    total = 0
+    limits = httpx.Limits(max_connections=clients * 2, max_keepalive_connections=clients * 2)
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=300, limits=limits) as c:
+
+        async def manifest() -> dict:
+            t = time.perf_counter()
+            r = await c.get(f"/v2/{repo}/manifests/{TAG}", headers={"Accept": MANIFEST_ACCEPT})
+            latencies.append(time.perf_counter() - t)
+            r.raise_for_status()
+            return r.json()
+
+        async def pull() -> int:
+            m = await manifest()
+            n = 0
+            for d in [m["config"]] + m["layers"]:
+                async with c.stream("GET", f"/v2/{repo}/blobs/{d['digest']}") as r:
+                    r.raise_for_status()
+                    async for chunk in r.aiter_raw(1 << 20):
+                        n += len(chunk)
+            return n
+
+        await manifest()  # warm up the connection and the page cache
+        latencies.clear()
+        t = time.perf_counter()
+        sizes = await asyncio.gather(*(pull() for _ in range(clients)))
+        elapsed = time.perf_counter() - t
+        total = sum(sizes)
+        pull_latencies = list(latencies)
+        # manifest GET latency under load: 32 loops of manifest GETs during 32 more pulls
+        latencies.clear()
+        stop = asyncio.Event()
+
+        async def manifest_loop() -> None:
+            for _ in range(200):
+                if stop.is_set():
+                    return
+                await manifest()
+
+        pulls = asyncio.gather(*(pull() for _ in range(clients)))
+        await asyncio.gather(*(manifest_loop() for _ in range(clients)))
+        stop.set()
+        await pulls
+    lat = sorted(latencies)
+    return {"throughput": total / elapsed, "seconds": elapsed, "bytes": total,
+            "p99_manifest_ms": 1000 * lat[int(0.99 * (len(lat) - 1))], "p50_manifest_ms": 1000 * statistics.median(lat),
+            "manifest_gets": len(lat), "p99_manifest_ms_pull_phase": 1000 * sorted(pull_latencies)[-1]}
+
+
+def one_round(work: Path, workers: int, first: str) -> dict:
+    size = image_bytes()
+    out: dict = {}
+    with docker_registry(work / "distribution") as dist, taxiway_registry(work / "taxiway", workers) as (tw, token):
+        targets = {"distribution": (dist, None), "taxiway": (tw, token)}
+        order = [first, "taxiway" if first == "distribution" else "distribution"]
+        for name in order:
+            srv, tok = targets[name]
+            creds = ["--dest-creds", f"bench:{tok}"] if tok else []
+            dest = f"docker://{srv.address}/bench/debian:{TAG}"
+            out.setdefault(name, {})["push"] = size / skopeo("--dest-tls-verify=false", *creds,
+                                                              f"oci:{LAYOUT}:{TAG}", dest)
+        for name in order:
+            srv, tok = targets[name]
+            creds = ["--src-creds", f"bench:{tok}"] if tok else []
+            dest = Path(tempfile.mkdtemp(dir=work))
+            src = f"docker://{srv.address}/bench/debian:{TAG}"
+            out[name]["pull"] = size / skopeo("--src-tls-verify=false", *creds, src, f"oci:{dest}:{TAG}")
+            shutil.rmtree(dest)
+        for name in order:
+            srv, tok = targets[name]
+            headers = bearer(srv.url, tok, "bench/debian")
+            out[name].update(asyncio.run(concurrent_pulls(srv.url, headers, "bench/debian")))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2, help="taxiway server processes")
+    ap.add_argument("--write", action="store_true", help="record the figures in bench/RESULTS.md")
+    args = ap.parse_args()
+    ensure_layout()
+    rounds = []
+    base = Path(os.environ.get("TAXIWAY_BENCH_DIR", "/var/tmp"))
+    for i in range(max(1, min(args.rounds, 10))):
+        with tempfile.TemporaryDirectory(prefix="txbench-", dir=base) as work:
+            r = one_round(Path(work), args.workers, "distribution" if i % 2 == 0 else "taxiway")
+            rounds.append(r)
+            print(f"round {i + 1}: " + json.dumps({k: {m: round(v, 1) for m, v in d.items()} for k, d in r.items()}),
+                  flush=True)
+
+    def med(target: str, metric: str) -> float:
+        return statistics.median(r[target][metric] for r in rounds)
+
+    mb = 1 << 20
+    rows = [
+        ("skopeo push", med("taxiway", "push") / mb, med("distribution", "push") / mb, "MiB/s", True),
+        ("skopeo pull", med("taxiway", "pull") / mb, med("distribution", "pull") / mb, "MiB/s", True),
+        ("32 concurrent pulls (httpx)", med("taxiway", "throughput") / mb, med("distribution", "throughput") / mb,
+         "MiB/s", True),
+        ("p50 manifest GET under load", med("taxiway", "p50_manifest_ms"), med("distribution", "p50_manifest_ms"),
+         "ms", False),
+        ("p99 manifest GET under load", med("taxiway", "p99_manifest_ms"), med("distribution", "p99_manifest_ms"),
+         "ms", False),
+    ]
+    lines = ["| measure | taxiway | docker-registry 2.8 | ratio |", "|---|---|---|---|"]
+    for label, t, d, unit, higher in rows:
+        ratio = t / d if higher else d / t
+        lines.append(f"| {label} | {t:.1f} {unit} | {d:.1f} {unit} | {ratio:.2f}x |")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        record(table, args, image_bytes())
+
+
+def record(table: str, args, size: int) -> None:
+    path = REPO / "bench" / "RESULTS.md"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    date = datetime.date.today().isoformat()
+    section = (
+        "## Registry\n\n"
+        f"`python bench/registry.py --rounds {args.rounds} --workers {args.workers}` on {date}, {MACHINE}.\n"
+        f"Image: the shared Debian bookworm minbase OCI layout ({size / (1 << 20):.1f} MiB of blobs, one gzip layer).\n"
+        "Both registries on 127.0.0.1, storage on the same disk, fresh per round, order alternating; medians of\n"
+        f"the rounds. taxiway: `--workers {args.workers}`, authentication on (token flow); docker-registry: no auth.\n"
+        "Ratios are taxiway over docker-registry for throughput, docker-registry over taxiway for latency\n"
+        "(above 1.0x means taxiway is better). The 32 concurrent pulls use httpx directly (manifest plus\n"
+        "blobs streamed and discarded), so the client costs the same for both; p99 manifest GET latency is\n"
+        "measured with 32 clients looping on manifest GETs while 32 pulls run.\n\n"
+        f"{table}\n"
+    )
+    start = text.find("## Registry")
+    if start == -1:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
