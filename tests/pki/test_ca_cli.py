@@ -227,3 +227,26 @@ def test_parallel_issues_keep_the_inventory_whole(cli_ca, tmp_path):
     assert len({r["serial"] for r in inv}) == 8
     for i in range(8):
         assert verify(cli_ca / "root.pem", tmp_path / f"p{i}.pem").returncode == 0
+
+
+def test_help_and_bad_names_do_not_import_cryptography(ca_dir):
+    """`taxiway ca --help` and name errors stay fast: cryptography is imported only to sign."""
+    code = ("import sys\nfrom taxiway.cli.main import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('CRYPTO=' + str('cryptography' in sys.modules))\n")
+    import sys
+
+    for argv in (["ca", "--help"], ["ca", "issue", "--help"], ["ca", "issue", "*.com"], ["ca", "root"]):
+        r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+        assert r.stdout.strip().splitlines()[-1] == "CRYPTO=False", (argv, r.stdout, r.stderr)
+
+
+def test_csr_refuses_key_outputs(cli_ca, taxiway, tmp_path):
+    csr = tmp_path / "x.csr"
+    ok(openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout",
+               str(tmp_path / "x.key"), "-out", str(csr), "-subj", "/CN=x.example.test"))
+    assert "stays with whoever made the CSR" in err(taxiway("ca", "issue", "--csr", str(csr), "--p12-file",
+                                                              str(tmp_path / "x.p12")))
+    info = json.loads(ok(taxiway("ca", "issue", "--csr", str(csr), "--cert-file", str(tmp_path / "x.pem"),
+                                 "--json")).stdout)
+    assert info["names"] == ["x.example.test"]  # no SANs in the CSR: its CN becomes the name

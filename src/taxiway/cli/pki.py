@@ -150,8 +150,8 @@ def issue(names: tuple[str, ...], client: bool, cn: str | None, days: int | None
     cert_file = cert_file or f"./{stem}.pem"
     if not csr_file:
         key_file = key_file or f"./{stem}-key.pem"
-    elif key_file:
-        raise InvalidInput("--key-file with --csr", "the key stays with whoever made the CSR")
+    elif key_file or p12_file:
+        raise InvalidInput("--key-file or --p12-file with --csr", "the key stays with whoever made the CSR")
     for f in (key_file, p12_file):
         if f and not force and os.path.lexists(f):
             raise TaxiwayError(f"{f} already exists", "pass --force to overwrite it")
