@@ -131,16 +131,23 @@ def test_name_constraints_enforced_by_openssl(tmp_path):
         the_ca.issue(["evil.example"])
     with pytest.raises(InvalidInput, match="outside"):
         the_ca.issue(["web.internal", "10.0.0.1"])
+    # OpenSSL checks a host-like CN as a DNS name when there are no DNS SANs
+    with pytest.raises(InvalidInput, match="role.example is outside"):
+        the_ca.issue([], client=True, cn="role.example")
+    for cn in ("builder", "role.internal"):
+        the_ca.issue([], client=True, cn=cn).write(tmp_path / "cl.pem", tmp_path / "cl-key.pem", force=True)
+        assert verify(root, tmp_path / "cl.pem", purpose="sslclient").returncode == 0
 
     # Sign out-of-bounds names directly with the intermediate's key, as a thief
     # of that key would: OpenSSL refuses the chain because of the root's constraints.
-    for bad in (["evil.example"], ["web.internal", "10.9.9.9"], ["notinternal"]):
+    for bad, cn in ((["evil.example"], None), (["web.internal", "10.9.9.9"], None), (["notinternal"], None),
+                    ([], "role.example")):
         key = profile.generate_key()
         nb, na = profile.leaf_validity()
         cert = profile.make_leaf(key.public_key(), the_ca.intermediate, the_ca.intermediate_key,
-                                 parse_names(bad), not_before=nb, not_after=na)
+                                 parse_names(bad), client=True, cn=cn, not_before=nb, not_after=na)
         path = tmp_path / "bad.pem"
         path.write_bytes(cert.public_bytes(profile.serialization.Encoding.PEM) + the_ca.intermediate_pem)
-        r = verify(root, path)
+        r = verify(root, path, purpose=None)
         assert r.returncode != 0, bad
         assert b"subtree violation" in r.stdout + r.stderr, (r.stdout, r.stderr)

@@ -45,7 +45,7 @@ from taxiway.pki.layout import (  # noqa: F401 (re-exported)
     ROOT_KEY,
     default_dir,
 )
-from taxiway.pki.names import Name, Names, parse_constraint, parse_names, within_constraints
+from taxiway.pki.names import Name, Names, cn_as_dns, parse_constraint, parse_names, within_constraints
 
 if TYPE_CHECKING:
     import ssl
@@ -189,11 +189,12 @@ class CA:
             self._inter_key = serialization.load_pem_private_key(data, None)  # type: ignore[assignment]
         return self._inter_key  # type: ignore[return-value]
 
-    def check_names(self, names: Names) -> None:
-        """Refuse names outside the CA's name constraints (OpenSSL would reject the chain anyway)."""
+    def check_names(self, names: Names, cn: str | None = None) -> None:
+        """Refuse names (and a host-like CN) outside the CA's name constraints: clients would reject them."""
         if not self.constraints:
             return
-        for n in names.ordered():
+        as_dns = cn_as_dns(cn, names)
+        for n in names.ordered() + ([as_dns] if as_dns else []):
             if not within_constraints(n, self.constraints):
                 allowed = ", ".join(c.value for c in self.constraints)
                 raise InvalidInput(f"{n.value} is outside this CA's name constraints",
@@ -211,7 +212,7 @@ class CA:
         to the inventory (``taxiway ca ls``, revoke, renew).
         """
         parsed = names if isinstance(names, Names) else parse_names(list(names))
-        self.check_names(parsed)
+        self.check_names(parsed, cn)
         at = not_before + profile.BACKDATE if not_before is not None else None
         nb, na = profile.leaf_validity(validity=validity, at=at)
         limit = self.intermediate.not_valid_after_utc

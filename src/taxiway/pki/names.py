@@ -220,3 +220,17 @@ def within_constraints(name: Name, permitted: list[Name]) -> bool:
         return any(addr in ipaddress.ip_network(p.value) for p in same_kind)
     host = name.value[2:] if name.value.startswith("*.") else name.value
     return any(host == p.value or host.endswith("." + p.value) for p in same_kind)
+
+
+_HOSTLIKE_CN = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+\.?$")
+
+
+def cn_as_dns(cn: str | None, names: Names) -> Name | None:
+    """The CN as OpenSSL checks it against DNS name constraints, if it does.
+
+    OpenSSL treats a CN that looks like a host name (dotted labels) as a DNS
+    name when the certificate has no DNS SANs, so it must obey the constraints.
+    """
+    if not cn or names.dns or not _HOSTLIKE_CN.match(cn):
+        return None
+    return Name("dns", cn.lower().rstrip("."))
