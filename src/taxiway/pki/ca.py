@@ -45,7 +45,14 @@ from taxiway.pki.layout import (  # noqa: F401 (re-exported)
     ROOT_KEY,
     default_dir,
 )
-from taxiway.pki.names import Name, Names, cn_as_dns, parse_constraint, parse_names, within_constraints
+from taxiway.pki.names import (
+    Name,
+    Names,
+    cn_as_dns,
+    parse_constraint,
+    parse_names,
+    within_constraints,
+)
 
 if TYPE_CHECKING:
     import ssl
