@@ -16,6 +16,8 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -104,15 +106,73 @@ class DiffHasher:
         return "sha256:" + self.h.hexdigest()
 
 
-def _sniff_compression(part: Path, declared: str) -> str:
+class _Verifier:
+    """Hashes a blob (and decompresses + hashes a layer) in a worker thread, as bytes arrive.
+
+    The download loop only hands chunks over (through a bounded queue, so
+    memory stays small), so checking overlaps with the network.
+    """
+
+    def __init__(self, compression: str | None):
+        self.compression = compression
+        self.h = hashlib.sha256()
+        self.dh: DiffHasher | None = None
+        self.broken: CorruptLayer | None = None
+        self.fed = 0
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        self._t = threading.Thread(target=self._work, name="pull-verify", daemon=True)
+        self._t.start()
+
+    def _work(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            self.h.update(chunk)
+            if self.compression is not None and self.broken is None:
+                try:
+                    if self.dh is None:
+                        self.dh = DiffHasher(_sniff(chunk, self.compression))
+                    self.dh.update(chunk)
+                except CorruptLayer as e:
+                    self.broken = e
+
+    def feed(self, chunk: bytes) -> None:
+        """Account for the next ``chunk`` of the blob."""
+        self.fed += len(chunk)
+        self._q.put(chunk)
+
+    def feed_file(self, path: Path, upto: int) -> None:
+        """Feed bytes already on disk, from where we are up to ``upto``."""
+        with open(path, "rb") as f:
+            f.seek(self.fed)
+            while self.fed < upto and (chunk := f.read(min(CHUNK, upto - self.fed))):
+                self.feed(chunk)
+
+    def close(self) -> None:
+        """Stop the worker (idempotent)."""
+        if self._t.is_alive():
+            self._q.put(None)
+            self._t.join()
+
+    def finish(self) -> tuple[str, str | CorruptLayer | None]:
+        """(digest of the blob, digest of its uncompressed content or the decompression error)."""
+        self.close()
+        digest = "sha256:" + self.h.hexdigest()
+        if self.compression is None:
+            return digest, None
+        if self.broken is not None:
+            return digest, self.broken
+        try:
+            return digest, (self.dh or DiffHasher(self.compression)).finish()
+        except CorruptLayer as e:
+            return digest, e
+
+
+def _sniff(head: bytes, declared: str) -> str:
     """The compression actually used (some registries serve gzip under a plain tar media type)."""
-    with open(part, "rb") as f:
-        head = f.read(4)
     if head[:2] == b"\x1f\x8b":
         return "gzip"
-    if head == b"\x28\xb5\x2f\xfd":
+    if head[:4] == b"\x28\xb5\x2f\xfd":
         return "zstd"
-    return "none" if declared == "none" else declared
+    return declared
 
 
 class Puller:
@@ -151,46 +211,59 @@ class Puller:
     def _download(self, desc: Descriptor, part: Path, diff_id: str | None, label: str) -> None:
         digest, size = desc.digest, desc.size
         compression = mt.layer_compression(desc.media_type) if mt.is_layer(desc.media_type) else "none"
+        check = compression if (diff_id and self.verify_layers) else None
         task = self.progress.add_task(label, total=size) if self.progress is not None else None
         delay = 0.25
-        for attempt in range(self.retries):
-            offset = part.stat().st_size
-            if offset > size:
-                os.truncate(part, 0)
-                offset = 0
-            try:
-                if offset < size:
-                    with self.client.open_blob(self.repository, digest, offset) as resp, open(part, "r+b") as f:
-                        if resp.status_code == 200 and offset:
-                            offset = 0  # the server ignored Range: start over
-                            f.truncate(0)
-                        f.seek(offset)
-                        if task is not None:
-                            self.progress.update(task, completed=offset)
-                        written = offset
-                        for chunk in resp.iter_raw():  # as received: a dropped connection loses nothing
-                            written += len(chunk)
-                            if written > size:
-                                raise BlobMismatch(f"blob {digest} is larger than the {size} bytes its descriptor says",
-                                                   "the registry served corrupt content; nothing was stored")
-                            f.write(chunk)
-                            self.fetched_bytes += len(chunk)
+        ver = _Verifier(check)
+        try:
+            for attempt in range(self.retries):
+                offset = part.stat().st_size
+                if offset > size:
+                    os.truncate(part, 0)
+                    offset = 0
+                if offset < ver.fed:  # the file was cut back: start checking over
+                    ver.close()
+                    ver = _Verifier(check)
+                ver.feed_file(part, offset)  # resumed bytes from an earlier try or run
+                try:
+                    if offset < size:
+                        with self.client.open_blob(self.repository, digest, offset) as resp, open(part, "r+b") as f:
+                            if resp.status_code == 200 and offset:
+                                offset = 0  # the server ignored Range: start over
+                                f.truncate(0)
+                                ver.close()
+                                ver = _Verifier(check)
+                            f.seek(offset)
                             if task is not None:
-                                self.progress.advance(task, len(chunk))
-                        f.flush()
-                    if written < size:
-                        raise httpx.RemoteProtocolError(f"connection closed after {written} of {size} bytes")
-                break
-            except (httpx.TransportError, RegistryError) as e:
-                if isinstance(e, RegistryError) and (e.status is None or e.status not in (500, 502, 503, 504, 429)):
-                    raise
-                if attempt == self.retries - 1:
-                    raise RegistryError(f"download of blob {digest[:19]} from {self.client.registry}/{self.repository} kept failing ({e})",
-                                        "run the pull again: it resumes where it stopped") from e
-                self.notice(f"retrying blob {digest[7:19]} from byte {part.stat().st_size} ({e})")
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        hashed, diff = self._hash(part, compression if (diff_id and self.verify_layers) else None)
+                                self.progress.update(task, completed=offset)
+                            written = offset
+                            for chunk in resp.iter_raw():  # as received: a dropped connection loses nothing
+                                written += len(chunk)
+                                if written > size:
+                                    raise BlobMismatch(f"blob {digest} is larger than the {size} bytes its descriptor says",
+                                                       "the registry served corrupt content; nothing was stored")
+                                f.write(chunk)
+                                ver.feed(chunk)
+                                self.fetched_bytes += len(chunk)
+                                if task is not None:
+                                    self.progress.advance(task, len(chunk))
+                            f.flush()
+                        if written < size:
+                            raise httpx.RemoteProtocolError(f"connection closed after {written} of {size} bytes")
+                    break
+                except (httpx.TransportError, RegistryError) as e:
+                    if isinstance(e, RegistryError) and (e.status is None or e.status not in (500, 502, 503, 504, 429)):
+                        raise
+                    if attempt == self.retries - 1:
+                        raise RegistryError(f"download of blob {digest[:19]} from {self.client.registry}/{self.repository} kept failing ({e})",
+                                            "run the pull again: it resumes where it stopped") from e
+                    self.notice(f"retrying blob {digest[7:19]} from byte {part.stat().st_size} ({e})")
+                    time.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+            ver.feed_file(part, part.stat().st_size)
+            hashed, diff = ver.finish()
+        finally:
+            ver.close()
         if hashed != digest or part.stat().st_size != size:
             self.store.commit_ingest(digest, size, hashed)  # raises BlobMismatch and removes the partial file
         if isinstance(diff, CorruptLayer) or (diff_id and diff is not None and diff != diff_id):
@@ -200,34 +273,6 @@ class Puller:
             raise CorruptLayer(f"layer {digest[:19]} decompresses to {diff[:19]}, not the config's diff_id {diff_id[:19]}",
                                "the image in the registry is corrupt; nothing was stored")
         self.store.commit_ingest(digest, size, hashed)
-
-    @staticmethod
-    def _hash(part: Path, compression: str | None) -> tuple[str, str | CorruptLayer | None]:
-        """Digest of the partial file and (optionally) of its decompressed content.
-
-        Reading back the just-written file is served from the page cache; it keeps
-        resume simple (one pass over whatever bytes are on disk). A decompression
-        failure is returned, not raised, so a digest mismatch is reported first.
-        """
-        h = hashlib.sha256()
-        dh = DiffHasher(_sniff_compression(part, compression)) if compression is not None else None
-        broken: CorruptLayer | None = None
-        with open(part, "rb") as f:
-            while chunk := f.read(CHUNK):
-                h.update(chunk)
-                if dh is not None and broken is None:
-                    try:
-                        dh.update(chunk)
-                    except CorruptLayer as e:
-                        broken = e
-        if dh is None:
-            return "sha256:" + h.hexdigest(), None
-        if broken is None:
-            try:
-                return "sha256:" + h.hexdigest(), dh.finish()
-            except CorruptLayer as e:
-                broken = e
-        return "sha256:" + h.hexdigest(), broken
 
 
 def _check_manifest(obj: dict[str, Any], what: str) -> tuple[Descriptor, list[Descriptor]]:

@@ -1,0 +1,159 @@
+"""Pull + export side by side: taxiway vs skopeo + umoci, against a local docker-registry.
+
+The image is the cached Debian bookworm layout that bench/export.py builds once
+with mmdebstrap (/var/cache/taxiway-bench/debian-layout, tag ``bookworm``,
+100 MB+ uncompressed in one gzip layer). It is pushed with skopeo to a
+docker-registry started here on 127.0.0.1 (free port), stopped at the end.
+
+Each round measures, with fresh destinations:
+  * cold:  ``taxiway pull`` + ``taxiway image export`` into an empty store
+           vs ``skopeo copy docker://... oci:...`` + ``umoci unpack``;
+  * warm:  ``taxiway image export`` vs ``umoci unpack`` from their warm stores;
+  * peak RSS of the ``taxiway pull`` process (target < 150 MB);
+and once, the median wall time of ``taxiway --help`` (target < 150 ms).
+Times are medians over the rounds; ratios are taxiway / peer (target <= 0.5).
+
+Usage: python bench/pull.py [--rounds N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+from export import TAG, ensure_debian_layout  # noqa: E402  (the shared cached Debian image)
+
+TAXIWAY = [sys.executable, "-m", "taxiway"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Run to completion; (wall seconds, peak RSS in KiB of that process)."""
+    t = time.perf_counter()
+    p = subprocess.Popen(argv, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        err = p.stderr.read().decode(errors="replace") if p.stderr else ""
+        raise SystemExit(f"{' '.join(argv)} failed ({p.returncode}): {err[-2000:]}")
+    if p.stderr:
+        p.stderr.close()
+    return wall, usage.ru_maxrss
+
+
+def start_registry(root: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    (root / "config.yml").write_text(
+        f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {root / 'data'}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n  secret: bench\n")
+    proc = subprocess.Popen(["docker-registry", "serve", str(root / "config.yml")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc, f"127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise SystemExit("docker-registry did not start")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("note: umoci unpack without root uses --rootless; run as root for a like-for-like comparison", file=sys.stderr)
+    layout = ensure_debian_layout()
+    work = Path(tempfile.mkdtemp(prefix="taxiway-bench-pull."))
+    reg_dir = work / "registry"
+    reg_dir.mkdir()
+    proc, address = start_registry(reg_dir)
+    ref = f"{address}/debian:{TAG}"
+    results: dict[str, list[float]] = {k: [] for k in ("tw_pull", "tw_export", "tw_cold", "peer_copy", "peer_unpack",
+                                                       "peer_cold", "tw_warm", "peer_warm", "tw_rss_kib")}
+    try:
+        subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{TAG}", f"docker://{ref}"],
+                       check=True)
+        umoci_extra = [] if os.geteuid() == 0 else ["--rootless"]
+        for r in range(args.rounds):
+            rd = work / f"round{r}"
+            rd.mkdir()
+            env = {"TAXIWAY_HOME": str(rd / "home"), "TAXIWAY_CONFIG": str(rd / "config")}
+            # taxiway, cold
+            t_pull, rss = run([*TAXIWAY, "pull", ref], env)
+            t_exp, _ = run([*TAXIWAY, "image", "export", ref, str(rd / "tw-rootfs")], env)
+            # skopeo + umoci, cold
+            t_copy, _ = run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{ref}", f"oci:{rd / 'oci'}:{TAG}"])
+            t_unpack, _ = run(["umoci", "unpack", *umoci_extra, "--image", f"{rd / 'oci'}:{TAG}", str(rd / "bundle")])
+            # warm: export again from the warm stores
+            shutil.rmtree(rd / "tw-rootfs")
+            shutil.rmtree(rd / "bundle")
+            t_tw_warm, _ = run([*TAXIWAY, "image", "export", ref, str(rd / "tw-rootfs")], env)
+            t_peer_warm, _ = run(["umoci", "unpack", *umoci_extra, "--image", f"{rd / 'oci'}:{TAG}", str(rd / "bundle")])
+            for k, v in (("tw_pull", t_pull), ("tw_export", t_exp), ("tw_cold", t_pull + t_exp), ("peer_copy", t_copy),
+                         ("peer_unpack", t_unpack), ("peer_cold", t_copy + t_unpack), ("tw_warm", t_tw_warm),
+                         ("peer_warm", t_peer_warm), ("tw_rss_kib", rss)):
+                results[k].append(v)
+            shutil.rmtree(rd, ignore_errors=True)
+            print(f"round {r + 1}/{args.rounds}: taxiway cold {t_pull + t_exp:.2f}s (pull {t_pull:.2f} + export {t_exp:.2f}), "
+                  f"skopeo+umoci {t_copy + t_unpack:.2f}s (copy {t_copy:.2f} + unpack {t_unpack:.2f}); "
+                  f"warm {t_tw_warm:.2f}s vs {t_peer_warm:.2f}s; pull RSS {rss / 1024:.0f} MiB", file=sys.stderr)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
+    helps = []
+    for _ in range(10):
+        t, _ = run([*TAXIWAY, "--help"])
+        helps.append(t)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    blob_sizes = sorted(p.stat().st_size for p in (layout / "blobs" / "sha256").iterdir())
+    out = {
+        "image": f"Debian bookworm minbase, one gzip layer of {blob_sizes[-1] / 1e6:.0f} MB",
+        "rounds": args.rounds,
+        "cold_taxiway_s": round(med["tw_cold"], 3), "cold_taxiway_pull_s": round(med["tw_pull"], 3),
+        "cold_taxiway_export_s": round(med["tw_export"], 3),
+        "cold_peer_s": round(med["peer_cold"], 3), "cold_skopeo_copy_s": round(med["peer_copy"], 3),
+        "cold_umoci_unpack_s": round(med["peer_unpack"], 3),
+        "cold_ratio": round(med["tw_cold"] / med["peer_cold"], 3),
+        "warm_taxiway_export_s": round(med["tw_warm"], 3), "warm_umoci_unpack_s": round(med["peer_warm"], 3),
+        "warm_ratio": round(med["tw_warm"] / med["peer_warm"], 3),
+        "pull_peak_rss_mib": round(max(results["tw_rss_kib"]) / 1024, 1),
+        "help_ms": round(statistics.median(helps) * 1000, 1),
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"image: {out['image']}; median of {args.rounds} rounds")
+        print(f"cold pull+export   taxiway {out['cold_taxiway_s']:.2f}s  (pull {out['cold_taxiway_pull_s']:.2f} + export {out['cold_taxiway_export_s']:.2f})")
+        print(f"                   skopeo+umoci {out['cold_peer_s']:.2f}s  (copy {out['cold_skopeo_copy_s']:.2f} + unpack {out['cold_umoci_unpack_s']:.2f})")
+        print(f"                   ratio {out['cold_ratio']:.2f}x  (target <= 0.5x)")
+        print(f"warm export        taxiway {out['warm_taxiway_export_s']:.2f}s vs umoci {out['warm_umoci_unpack_s']:.2f}s  "
+              f"ratio {out['warm_ratio']:.2f}x  (target <= 0.5x)")
+        print(f"taxiway pull peak RSS {out['pull_peak_rss_mib']:.0f} MiB  (target < 150 MiB)")
+        print(f"taxiway --help {out['help_ms']:.0f} ms  (target < 150 ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
