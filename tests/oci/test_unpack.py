@@ -325,3 +325,24 @@ def _unprivileged(tmp_path: Path) -> None:
     f = os.stat(root / "f")
     assert f.st_uid == 65534 and stat.S_IMODE(f.st_mode) == 0o4755
     assert stat.S_ISFIFO(os.lstat(root / "p").st_mode)
+
+
+def test_owner_is_set_even_below_a_setgid_directory(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("owners are applied when root")
+    apply(tmp_path, [Entry("sg", "dir", mode=0o2775, gid=50)])
+    apply(tmp_path, [Entry("sg/f", data=b"x"), Entry("sg/l", "symlink", linkname="f"), Entry("sg/g", data=b"y", gid=7)])
+    assert os.stat(tmp_path / "sg/f").st_gid == 0  # not inherited from the setgid parent
+    assert os.lstat(tmp_path / "sg/l").st_gid == 0
+    assert os.stat(tmp_path / "sg/g").st_gid == 7
+
+
+def test_modes_are_exact_whatever_the_umask(tmp_path):
+    old = os.umask(0o077)
+    try:
+        apply(tmp_path, [Entry("f", data=b"x", mode=0o755), Entry("d", "dir", mode=0o775), Entry("ro", mode=0o444)])
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "f").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(tmp_path / "d").st_mode) == 0o775
+    assert stat.S_IMODE(os.stat(tmp_path / "ro").st_mode) == 0o444

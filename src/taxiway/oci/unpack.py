@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from taxiway.errors import InvalidInput, TaxiwayError
+from taxiway.oci._layerstream import LayerError, TarSource, members, open_layer
 from taxiway.oci._safepath import RootFS, clean
 from taxiway.oci.image import Descriptor, Image
-from taxiway.oci.mediatypes import layer_compression
+
+__all__ = ["LayerError", "LayerStats", "ExportStats", "apply_layer", "export", "chain_ids"]
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
@@ -44,10 +46,6 @@ _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, e
                            errno.ENOMEM})
 # xattrs that describe the host, not the image: never copied onto it.
 _IGNORED_XATTRS = frozenset({"security.selinux"})
-
-
-class LayerError(TaxiwayError):
-    """A layer could not be read: corrupt, truncated, or not what its digest says."""
 
 
 @dataclass
@@ -117,137 +115,6 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
 
 
 # --------------------------------------------------------------------------
-# Streams
-
-
-class _Counting:
-    """Reports how many compressed bytes were consumed."""
-
-    def __init__(self, raw: BinaryIO, progress: Callable[[int], None]):
-        self._raw, self._progress = raw, progress
-
-    def read(self, n: int = -1) -> bytes:
-        b = self._raw.read(n)
-        if b:
-            self._progress(len(b))
-        return b
-
-    def readinto(self, buf: Any) -> int:
-        if hasattr(self._raw, "readinto"):
-            n = self._raw.readinto(buf) or 0
-        else:
-            b = self._raw.read(len(buf))
-            n = len(b)
-            buf[:n] = b
-        if n:
-            self._progress(n)
-        return n
-
-
-def _decompressor(raw: Any, compression: str) -> Any:
-    if compression == "gzip":
-        from isal import igzip
-
-        return igzip.IGzipFile(fileobj=raw, mode="rb")
-    if compression == "zstd":
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_size=_CHUNK, read_across_frames=True)
-    return raw
-
-
-class _TarSource:
-    """A forward-only, hashing file over the uncompressed layer, for TarFile.
-
-    ``tell``/forward ``seek`` are all TarFile needs in ``r`` mode; file data
-    goes straight from the decompressor's chunks to the destination fd.
-    """
-
-    def __init__(self, src: Any, label: str):
-        self._src, self._label = src, label
-        self._buf = b""
-        self._off = 0
-        self._pos = 0
-        self._hash = hashlib.sha256()
-        self.eof = False
-        self.last_block = b""  # the last header TarFile read: all zeros at a proper end
-
-    def _more(self) -> bool:
-        try:
-            chunk = self._src.read(_CHUNK)
-        except Exception as e:  # gzip/zstd/IO errors all mean "this layer is broken"
-            raise LayerError(f"{self._label} is corrupt or truncated ({e.__class__.__name__}: {e})",
-                             "remove the image and pull it again") from e
-        if not chunk:
-            self.eof = True
-            return False
-        self._hash.update(chunk)
-        self._buf, self._off = chunk, 0
-        return True
-
-    def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = 1 << 62
-        avail = len(self._buf) - self._off
-        if n <= avail:
-            out = self._buf[self._off:self._off + n]
-            self._off += n
-            self._pos += n
-            if n == tarfile.BLOCKSIZE:
-                self.last_block = out
-            return out
-        parts = [self._buf[self._off:]] if avail else []
-        got = avail
-        self._buf, self._off = b"", 0
-        while got < n and self._more():
-            take = min(n - got, len(self._buf))
-            parts.append(self._buf if take == len(self._buf) else self._buf[:take])
-            self._off = take
-            got += take
-        if self._off == len(self._buf):
-            self._buf, self._off = b"", 0
-        self._pos += got
-        out = b"".join(parts)
-        if n == tarfile.BLOCKSIZE:
-            self.last_block = out
-        return out
-
-    def copy_to(self, fd: int, n: int) -> None:
-        """Write the next ``n`` bytes to ``fd`` without extra copies."""
-        while n:
-            if self._off >= len(self._buf) and not self._more():
-                raise LayerError(f"{self._label} is truncated (a file's data ends early)",
-                                 "remove the image and pull it again")
-            take = min(n, len(self._buf) - self._off)
-            view = memoryview(self._buf)[self._off:self._off + take]
-            while view:
-                w = os.write(fd, view)
-                view = view[w:]
-            self._off += take
-            self._pos += take
-            n -= take
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        if whence != 0 or pos < self._pos:
-            raise OSError(errno.ESPIPE, "a layer stream only seeks forward")
-        while self._pos < pos:
-            if not self.read(min(pos - self._pos, _CHUNK)):
-                break
-        return self._pos
-
-    def drain(self) -> str:
-        """Read to the end (trailing padding counts for the diff ID); the sha256 digest."""
-        self._pos += len(self._buf) - self._off
-        while self._more():
-            self._pos += len(self._buf)
-        self._buf, self._off = b"", 0
-        return "sha256:" + self._hash.hexdigest()
-
-
-# --------------------------------------------------------------------------
 # Entries
 
 
@@ -266,6 +133,18 @@ def _times_ns(m: tarfile.TarInfo) -> tuple[int, int]:
 
     mt = exact("mtime", m.mtime)
     return exact("atime", mt / 1e9) if "atime" in m.pax_headers else mt, mt
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (other threads may be creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o777  # unknown: always chmod
 
 
 def _xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
@@ -295,6 +174,9 @@ class _Applier:
         self.dirs: dict[tuple[str, ...], tarfile.TarInfo] = {}  # dir metadata, applied at the end
         self.saved_times: dict[tuple[str, ...], tuple[int, int]] = {}  # parents we touched
         self.xattr_warned: set[str] = set()
+        self.setgid_parent: dict[tuple[str, ...], bool] = {}
+        self.ids = (os.geteuid(), os.getegid())
+        self.umask = _umask()
 
     # -- helpers -------------------------------------------------------------
     def _mark_upper(self, parts: tuple[str, ...]) -> None:
@@ -307,6 +189,14 @@ class _Applier:
         if pparts not in self.saved_times:
             st = os.fstat(pfd)
             self.saved_times[pparts] = (st.st_atime_ns, st.st_mtime_ns)
+            # Directory modes are applied at the end of the layer, so this holds all layer long.
+            self.setgid_parent[pparts] = bool(st.st_mode & stat.S_ISGID)
+
+    def _needs_chown(self, m: tarfile.TarInfo, pparts: tuple[str, ...]) -> bool:
+        """False when a new inode already has m's owner (ours, and no setgid parent)."""
+        if not self.same_owner:
+            return False
+        return (m.uid, m.gid) != self.ids or self.setgid_parent.get(pparts, True)
 
     def _remove(self, pfd: int, name: str) -> bool:
         """Remove ``name`` (never following it); True if something was there."""
@@ -344,7 +234,7 @@ class _Applier:
         os.utime(fd, ns=_times_ns(m))
 
     # -- the dispatcher ------------------------------------------------------
-    def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo, src: _TarSource) -> None:
+    def entry(self, tf: tarfile.TarFile, m: tarfile.TarInfo, src: TarSource) -> None:
         self.stats.entries += 1
         parts = clean(m.name)
         base = parts[-1] if parts else ""
@@ -377,11 +267,11 @@ class _Applier:
         self._save_times(pparts, pfd)
         try:
             if m.isreg():
-                self._file(tf, m, src, pfd, name)
+                self._file(tf, m, src, pfd, name, pparts)
             elif m.isdir():
                 self._dir(m, pfd, name, parts)
             elif m.issym():
-                self._symlink(m, pfd, name)
+                self._symlink(m, pfd, name, pparts)
             elif m.islnk():
                 self._hardlink(m, pfd, name, parts)
             elif m.ischr() or m.isblk() or m.isfifo():
@@ -394,10 +284,17 @@ class _Applier:
             self.stats.warn(f"{m.name}: {e.strerror}, skipped")
 
     # -- entry kinds ---------------------------------------------------------
-    def _file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, src: _TarSource, pfd: int, name: str) -> None:
-        self._remove(pfd, name)
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                     dir_fd=pfd)
+    def _file(self, tf: tarfile.TarFile, m: tarfile.TarInfo, src: TarSource, pfd: int, name: str,
+              pparts: tuple[str, ...]) -> None:
+        mode = m.mode & 0o7777
+        # A fresh inode, created with its final permission bits (never setuid/setgid
+        # before its owner is set); whatever was there is removed, never written through.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, mode & 0o777, dir_fd=pfd)
+        except FileExistsError:
+            self._remove(pfd, name)
+            fd = os.open(name, flags, mode & 0o777, dir_fd=pfd)
         try:
             if m.sparse is not None:
                 f = tf.extractfile(m)
@@ -406,29 +303,36 @@ class _Applier:
                     os.write(fd, chunk)
             elif m.size:
                 src.copy_to(fd, m.size)
-            self._meta_fd(fd, m)
+            if self._needs_chown(m, pparts):
+                os.fchown(fd, m.uid, m.gid)
+            self._set_xattrs(fd, m)
+            if mode & 0o7000 or mode & self.umask:
+                os.fchmod(fd, mode)
+            os.utime(fd, ns=_times_ns(m))
         finally:
             os.close(fd)
         self.stats.files += 1
         self.stats.bytes += m.size
 
     def _dir(self, m: tarfile.TarInfo, pfd: int, name: str, parts: tuple[str, ...]) -> None:
+        # 0o700 until the end of the layer, when its own mode is applied.
         try:
-            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
-            is_dir = stat.S_ISDIR(st.st_mode)
-        except FileNotFoundError:
-            st, is_dir = None, False
-        if not is_dir:
-            if st is not None:
-                self._remove(pfd, name)
             os.mkdir(name, 0o700, dir_fd=pfd)
+        except FileExistsError:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):  # a directory entry over a directory merges
+                self._remove(pfd, name)
+                os.mkdir(name, 0o700, dir_fd=pfd)
         self.dirs[parts] = m
         self.stats.dirs += 1
 
-    def _symlink(self, m: tarfile.TarInfo, pfd: int, name: str) -> None:
-        self._remove(pfd, name)
-        os.symlink(m.linkname, name, dir_fd=pfd)
-        if self.same_owner:
+    def _symlink(self, m: tarfile.TarInfo, pfd: int, name: str, pparts: tuple[str, ...]) -> None:
+        try:
+            os.symlink(m.linkname, name, dir_fd=pfd)
+        except FileExistsError:
+            self._remove(pfd, name)
+            os.symlink(m.linkname, name, dir_fd=pfd)
+        if self._needs_chown(m, pparts):
             os.chown(name, m.uid, m.gid, dir_fd=pfd, follow_symlinks=False)
         os.utime(name, ns=_times_ns(m), dir_fd=pfd, follow_symlinks=False)
         self.stats.symlinks += 1
@@ -585,29 +489,14 @@ def apply_layer(root: Path | str, stream: BinaryIO, media_type: str, *, diff_id:
     label = name or f"layer ({media_type})"
     if same_owner is None:
         same_owner = os.geteuid() == 0
-    raw: Any = _Counting(stream, progress) if progress else stream
-    try:
-        dec = _decompressor(raw, layer_compression(media_type))
-    except Exception as e:
-        raise LayerError(f"{label} cannot be decompressed ({e})", "remove the image and pull it again") from e
-    src = _TarSource(dec, label)
+    src = open_layer(stream, media_type, label, progress)
     stats = LayerStats()
     try:
         with RootFS(root, resolver=resolver) as fs:
             ap = _Applier(fs, stats, same_owner)
-            try:
-                tf = tarfile.TarFile(fileobj=src, mode="r", encoding="utf-8", errors="surrogateescape")  # type: ignore[call-overload]
-                while (m := tf.next()) is not None:
-                    tf.members.clear()  # never accumulate headers: layers can have millions
-                    fs.release()
-                    ap.entry(tf, m, src)
-            except tarfile.TarError as e:
-                raise LayerError(f"{label} is not a valid tar archive ({e})",
-                                 "remove the image and pull it again") from e
-            # TarFile ends quietly at a short or garbled header; only zeros end an archive.
-            if len(src.last_block) < tarfile.BLOCKSIZE or src.last_block.count(0) != tarfile.BLOCKSIZE:
-                raise LayerError(f"{label} is truncated or corrupt (no end-of-archive marker)",
-                                 "remove the image and pull it again")
+            for tf, m in members(src):
+                fs.release()
+                ap.entry(tf, m, src)
             ap.finish()
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
