@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -25,14 +26,21 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
 
-def per_process(argvs: list[list[str]], env: dict[str, str], cwd: Path) -> tuple[float, float]:
-    """Run each argv in turn; return (median, mean) wall seconds per process."""
-    times = []
-    for argv in argvs:
-        t = time.perf_counter()
-        subprocess.run(argv, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), statistics.fmean(times)
+def interleaved(paths: dict[str, list[list[str]]], env: dict[str, str], cwd: Path) -> dict[str, list[float]]:
+    """Run the paths' processes round-robin (one of each in turn), timing each.
+
+    The cores are shared, so load drifts during a run: interleaving makes every
+    path see the same drift instead of giving one path a quiet minute.
+    """
+    times: dict[str, list[float]] = {k: [] for k in paths}
+    for i in range(max(len(v) for v in paths.values())):
+        for name, argvs in paths.items():
+            if i < len(argvs):
+                t = time.perf_counter()
+                subprocess.run(argvs[i], env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+                times[name].append(time.perf_counter() - t)
+    return times
 
 
 def bench_api(caroot: Path, n: int, key_type: str, write_dir: Path | None) -> float:
@@ -56,6 +64,7 @@ def main() -> None:
     ap.add_argument("--rsa-n", type=int, default=50, help="RSA certificates per CLI (RSA keygen is slow)")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table for bench/RESULTS.md")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the temp directory is removed
 
     mkcert = shutil.which("mkcert")
     taxiway = str(Path(sys.executable).parent / "taxiway")
@@ -90,15 +99,18 @@ def main() -> None:
                 argvs.append([*prefix, *files, f"{tag}{i}.example.test"])
             return argvs
 
-        n = args.cli_n
-        cli_med, _ = per_process(cli_argvs([taxiway, "ca", "issue"], "cli", n, True), env, out)
-        rows.append(("taxiway ca issue (ECDSA P-256, default)", n, cli_med))
-        mk_ec, _ = per_process(cli_argvs([mkcert, "-ecdsa"], "mke", n, False), env, out)
-        rows.append(("mkcert -ecdsa (ECDSA P-256)", n, mk_ec))
-        mk_rsa, _ = per_process(cli_argvs([mkcert], "mkr", args.rsa_n, False), env, out)
-        rows.append(("mkcert (RSA 2048, its default)", args.rsa_n, mk_rsa))
-        cli_rsa, _ = per_process(cli_argvs([taxiway, "ca", "issue", "--rsa"], "clr", args.rsa_n, True), env, out)
-        rows.append(("taxiway ca issue --rsa (RSA 2048)", args.rsa_n, cli_rsa))
+        n, rn = args.cli_n, args.rsa_n
+        t = interleaved({
+            "taxiway ca issue (ECDSA P-256, default)": cli_argvs([taxiway, "ca", "issue"], "cli", n, True),
+            "mkcert -ecdsa (ECDSA P-256)": cli_argvs([mkcert, "-ecdsa"], "mke", n, False),
+            "mkcert (RSA 2048, its default)": cli_argvs([mkcert], "mkr", rn, False),
+            "taxiway ca issue --rsa (RSA 2048)": cli_argvs([taxiway, "ca", "issue", "--rsa"], "clr", rn, True),
+        }, env, out)
+        med = {k: statistics.median(v) for k, v in t.items()}
+        for k, v in t.items():
+            rows.append((k, len(v), med[k]))
+        cli_med, mk_ec = med["taxiway ca issue (ECDSA P-256, default)"], med["mkcert -ecdsa (ECDSA P-256)"]
+        mk_rsa, cli_rsa = med["mkcert (RSA 2048, its default)"], med["taxiway ca issue --rsa (RSA 2048)"]
 
     ratios = [
         ("taxiway CLI (default) / mkcert (default)", cli_med / mk_rsa, "<= 1"),
