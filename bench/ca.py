@@ -5,8 +5,9 @@
 Every path issues one certificate per distinct host name and writes nothing
 outside a temp directory. mkcert runs with CAROOT in that directory and is never
 asked to -install (nothing touches the machine's trust store). Reported: wall
-time per certificate (median of per-process times for the CLIs, total/N for the
-API) and the ratios the issue targets: CLI <= mkcert, API >= 10x faster.
+time per certificate (median of per-process times for the CLIs, which run
+round-robin so that every path sees the same load on shared cores; total/N for
+the API) and the ratios the issue targets: CLI <= mkcert, API >= 10x faster.
 """
 
 from __future__ import annotations
