@@ -74,6 +74,7 @@ def host_state(home: Path) -> dict:
             procs.append(p.name)
     size = sum(f.stat().st_size for f in home.rglob("*") if f.is_file() and not f.is_symlink())
     return {"mounts": mounts, "cgroups": cgs, "netns": len(netns), "procs": procs,
-            "machines": sorted(p.name for p in (home / "machines").iterdir()) if (home / "machines").exists() else [],
+            "machines": sorted(p.name for p in (home / "machines").iterdir() if not p.name.startswith("."))
+            if (home / "machines").exists() else [],
             "leases": sorted(p.name for p in (home / "snapshots/leases").iterdir()) if (home / "snapshots/leases").exists() else [],
             "size": size}

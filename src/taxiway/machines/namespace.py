@@ -106,7 +106,13 @@ def build_root(spec: dict[str, Any]) -> None:
     # PID 1's binary: the host's static tini, bind-mounted read-only (CVE-2019-5736 class: unwritable)
     os.close(os.open(f"{dev}{INIT_PATH[4:]}", os.O_CREAT | os.O_WRONLY, 0o755))
     _bind(TINI, f"{dev}{INIT_PATH[4:]}", ro=True, flags=L.MS_NOSUID | L.MS_NODEV)
-    for name, src in spec["etc"].items():
+    # /etc/hosts, hostname, resolv.conf: written to a tmpfs private to this mount namespace, bound in
+    etc_dir = spec["etc_dir"]
+    L.mount("tmpfs", etc_dir, "tmpfs", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC, "mode=755,size=64k")
+    for name, text in spec["etc"].items():
+        src = f"{etc_dir}/{name}"
+        with open(src, "w") as f:
+            f.write(text)
         _bind(src, _file_inside(root, f"/etc/{name}"))
     for p in MASKED:
         full = root + p
@@ -277,9 +283,8 @@ def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[st
     return os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
 
 
-def etc_files(dir_: Path, hostname: str, net: str) -> dict[str, str]:
+def etc_files(hostname: str, net: str) -> dict[str, str]:
     """The /etc/hosts, /etc/hostname and /etc/resolv.conf a machine sees."""
-    dir_.mkdir(exist_ok=True)
     hosts = ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
              f"127.0.1.1\t{hostname}\n")
     if net == "host":
@@ -291,11 +296,4 @@ def etc_files(dir_: Path, hostname: str, net: str) -> dict[str, str]:
             resolv = ""
     else:
         resolv = "# this machine's network is private: no DNS yet (the platform adds .internal)\n"
-    files = {"hosts": hosts, "hostname": hostname + "\n", "resolv.conf": resolv}
-    out = {}
-    for name, text in files.items():
-        p = dir_ / name
-        p.write_text(text)
-        out[name] = str(p)
-    return out
-
+    return {"hosts": hosts, "hostname": hostname + "\n", "resolv.conf": resolv}

@@ -109,18 +109,15 @@ def create(cfg: MachineConfig, name: str | None = None, progress: Any = None) ->
                            "hostname": hostname})
     d = m.dir
     d.mkdir()
-    try:
-        snap.lease(mid, chain, machine=name)
+    try:  # the record (with its chain) is the machine's lease on its snapshots
         if snap.overlay:
             (d / "upper").mkdir()
             (d / "work").mkdir()
         else:
             snap.copy_root(chain, d / "root")
-        (d / "rootfs").mkdir()
         m.save()
         m.event("created", image=cfg.image)
     except BaseException:
-        snap.release(mid)
         S.remove_dir(d)
         raise
     return m
@@ -161,10 +158,14 @@ def _spec(m: S.Machine) -> dict[str, Any]:
 
     d = m.dir
     p = m.process
-    spec = {"rootfs": str(d / "rootfs"), "net": m.config.net, "argv": p["argv"], "env": p["env"], "uid": p["uid"],
+    shared = S.machines_dir()  # mount points shared by all machines: each mounts in its own namespace
+    for mp in (".mnt", ".etc"):
+        if not (shared / mp).exists():
+            (shared / mp).mkdir(exist_ok=True)
+    spec = {"rootfs": str(shared / ".mnt"), "etc_dir": str(shared / ".etc"), "net": m.config.net, "argv": p["argv"], "env": p["env"], "uid": p["uid"],
             "gid": p["gid"], "groups": p["groups"], "workdir": p["workdir"], "hostname": p["hostname"],
             "mounts": [vars(x) for x in m.config.mounts],
-            "etc": etc_files(d / "etc", p["hostname"], m.config.net)}
+            "etc": etc_files(p["hostname"], m.config.net)}
     if (d / "upper").exists():
         spec["overlay"] = Snapshotter().overlay_options(m.chain, d / "upper", d / "work")
     else:
@@ -515,7 +516,7 @@ def destroy(m: S.Machine, force: bool = False) -> None:
 
         vm.cleanup(m)
     Snapshotter().release(m.id)
-    S.remove_dir(m.dir)
+    S.trash(m.dir)
 
 
 def wait(m: S.Machine, timeout: float | None = None) -> S.Machine:
@@ -611,8 +612,9 @@ def gc() -> list[str]:
         with contextlib.suppress(OSError):
             Cgroup(mid).remove()
             done.append(f"cgroup {mid}")
+    S.empty_trash()
     for d in S.machines_dir().iterdir():  # a machine dir whose record was never written
-        if d.is_dir() and d.name not in live and not (d / "machine.json").exists() and time.time() - d.stat().st_mtime > 60:
+        if d.is_dir() and not d.name.startswith(".") and d.name not in live and not (d / "machine.json").exists() and time.time() - d.stat().st_mtime > 60:
             S.remove_dir(d)
             done.append(f"dir {d.name}")
     done += Snapshotter().cleanup(live_owners=live | _vm_owners())

@@ -5,7 +5,11 @@ Layout under ``$TAXIWAY_HOME/snapshots``::
     layers/<chain-hex>/fs          a committed layer (overlay diff, or a full tree in copy mode)
     layers/<chain-hex>/meta.json   chain ID, diff ID, size, when
     layers/.tmp-<chain-hex>-<pid>  being unpacked; renamed into place only when complete
-    leases/<owner>.json            which chain a machine (or VM image) holds
+    leases/<owner>.json            which chain a VM disk (or another owner) holds
+    base/fs                        the top lower of every machine: empty mount points (proc, sys,
+                                   dev, etc/hosts...) so a start writes nothing to the upper
+
+A machine's own record (``machines/<id>/machine.json``, with its chain) is its lease.
 
 In overlay mode a layer directory is an overlayfs *upper* produced by
 applying the layer tar on top of its parents through an overlay mount (in a
@@ -28,7 +32,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -65,6 +68,8 @@ def overlay_supported() -> bool:
                 return True
     except OSError:
         return False
+    import subprocess
+
     return subprocess.run(["modprobe", "overlay"], capture_output=True).returncode == 0
 
 
@@ -260,6 +265,8 @@ class Snapshotter:
                 with image.open_blob(desc.digest) as blob:
                     apply_layer(fs, blob, desc.media_type)
             elif not self.overlay:
+                import subprocess
+
                 subprocess.run(["cp", "-a", "--reflink=auto", str(self.path(parents[-1])), str(fs)], check=True)
                 with image.open_blob(desc.digest) as blob:
                     apply_layer(fs, blob, desc.media_type)
@@ -312,30 +319,56 @@ class Snapshotter:
 
     # -- machine roots ---------------------------------------------------------------
 
+    def base(self) -> Path:
+        """The shared top lower with the mount points every machine needs (made once, atomically)."""
+        fs = self.root / "base" / "fs"
+        if fs.exists():
+            return fs
+        tmp = self.root / f".base-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        for d in ("proc", "sys", "dev", "etc"):
+            (tmp / "fs" / d).mkdir(parents=True)
+        for f in ("hosts", "hostname", "resolv.conf"):
+            (tmp / "fs" / "etc" / f).touch()
+        try:
+            os.rename(tmp, self.root / "base")
+        except OSError:  # someone else made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return fs
+
     def overlay_options(self, chain: list[str], upper: Path, work: Path) -> str:
-        lower = ":".join(str(self.path(c)) for c in reversed(chain))
+        lower = ":".join([str(self.base())] + [str(self.path(c)) for c in reversed(chain)])
         return f"lowerdir={lower},upperdir={upper},workdir={work}"
 
     def copy_root(self, chain: list[str], dest: Path) -> None:
         """Copy mode: a private writable root (reflink where the filesystem can)."""
+        import subprocess
+
         subprocess.run(["cp", "-a", "--reflink=auto", str(self.path(chain[-1])), str(dest)], check=True)
 
     # -- leases ------------------------------------------------------------------------
 
     def lease(self, owner: str, chain: list[str], **extra: Any) -> None:
-        from taxiway.fsutil import write_bytes_atomic
-
-        write_bytes_atomic(self.leases / f"{owner}.json", json.dumps({"chain": chain, "created": time.time(), **extra}).encode())
+        # temp + rename without fsync: a lease lost in a power cut only lets prune drop a layer early,
+        # and the next run unpacks it again
+        p = self.leases / f"{owner}.json"
+        tmp = self.leases / f".{owner}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"chain": chain, "created": time.time(), **extra}))
+        os.replace(tmp, p)
 
     def release(self, owner: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (self.leases / f"{owner}.json").unlink()
 
-    def _leases(self) -> dict[str, list[str]]:
+    def _leases(self, files_only: bool = False) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
         for p in self.leases.glob("*.json"):
             with contextlib.suppress(OSError, ValueError):
                 out[p.stem] = json.loads(p.read_text())["chain"]
+        if not files_only:
+            for p in (self.root.parent / "machines").glob("*/machine.json"):
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    out[p.parent.name] = json.loads(p.read_text())["chain"]
         return out
 
     # -- listing, gc -----------------------------------------------------------------
@@ -380,8 +413,11 @@ class Snapshotter:
             elif not (d / "meta.json").exists() and not d.name.startswith("."):
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d.name)
+        for d in self.root.glob(".base-*"):
+            if not _pid_alive(int(d.name.rsplit("-", 1)[-1])):
+                shutil.rmtree(d, ignore_errors=True)
         if live_owners is not None:
-            for owner in self._leases():
+            for owner in self._leases(files_only=True):
                 if owner not in live_owners:
                     self.release(owner)
                     removed.append(f"lease {owner}")

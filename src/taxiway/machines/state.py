@@ -6,7 +6,8 @@ One directory per machine::
     machines/<id>/events.jsonl   state changes, one JSON object a line (what the platform watches)
     machines/<id>/log            stdout/stderr, one line each: "<RFC3339 time> <stream> <text>"
     machines/<id>/upper, work    the machine's writable layer (overlay mode)
-    machines/<id>/rootfs         where its root is assembled (mounted only inside its namespace)
+    machines/.mnt, .etc          shared mount points: each machine mounts there in its own namespace
+    machines/.trash/             removed machines, deleted in the background (deletes are slow on disk)
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -128,7 +128,7 @@ def _alive(pid: int) -> bool:
 
 
 def new_id() -> str:
-    return secrets.token_hex(7)
+    return os.urandom(7).hex()
 
 
 _ADJ = ("brave", "calm", "eager", "fancy", "gentle", "happy", "jolly", "keen", "lively", "merry", "nimble",
@@ -138,7 +138,8 @@ _NOUN = ("falcon", "otter", "comet", "harbor", "meadow", "rocket", "glider", "be
 
 
 def new_name() -> str:
-    return f"{secrets.choice(_ADJ)}-{secrets.choice(_NOUN)}-{secrets.token_hex(2)}"
+    r = os.urandom(4)
+    return f"{_ADJ[r[0] % len(_ADJ)]}-{_NOUN[r[1] % len(_NOUN)]}-{r[2:].hex()}"
 
 
 def valid_name(name: str) -> str:
@@ -160,6 +161,8 @@ def load(mid: str) -> Machine | None:
 def all_machines() -> list[Machine]:
     out = []
     for d in machines_dir().iterdir():
+        if d.name.startswith("."):
+            continue
         if d.is_dir() and not d.name.startswith("."):
             m = load(d.name)
             if m is not None:
@@ -191,3 +194,41 @@ def remove_dir(path: Path) -> None:
 
     with contextlib.suppress(FileNotFoundError):
         shutil.rmtree(path)
+
+
+def trash(path: Path) -> None:
+    """Remove a machine directory: one rename now, the (slow, on this disk) unlinks in the background."""
+    t = machines_dir() / ".trash"
+    t.mkdir(exist_ok=True)
+    try:
+        os.rename(path, t / f"{path.name}-{os.urandom(3).hex()}")
+    except FileNotFoundError:
+        return
+    empty_trash(background=True)
+
+
+def empty_trash(background: bool = False) -> None:
+    """Delete what :func:`trash` moved aside (in a detached grandchild when ``background``)."""
+    import shutil
+
+    t = machines_dir() / ".trash"
+    if background:
+        pid = os.fork()
+        if pid:
+            os.waitpid(pid, 0)
+            return
+        try:
+            if os.fork():
+                os._exit(0)
+            os.setsid()
+            null = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, 1 << 16)
+            for d in list(t.iterdir()):
+                shutil.rmtree(d, ignore_errors=True)
+        finally:
+            os._exit(0)
+    with contextlib.suppress(FileNotFoundError):
+        for d in list(t.iterdir()):
+            shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,53 @@
+"""200 run/rm cycles leave no mount, cgroup, network namespace, process or disk growth behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from machines.conftest import host_state, tw
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the runtime needs root")
+
+
+def _netns_in_use() -> set[str]:
+    out = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                out.add(os.readlink(p / "ns/net"))
+            except OSError:
+                pass
+    return out
+
+
+def test_200_run_rm_cycles_leave_nothing(busybox, taxiway_home):
+    assert tw("run", "--rm", busybox, "true").returncode == 0  # unpack once
+    before = host_state(taxiway_home)
+    seen_netns = set()
+    for i in range(200):
+        if i % 10 == 0:  # every tenth: detached, inspected from outside, then force-removed
+            r = tw("run", "-d", "--name", f"c{i}", busybox, "sleep", "60")
+            assert r.returncode == 0, r.stderr
+            m = json.loads(tw("machines", "inspect", f"c{i}").stdout)[0]
+            ns = os.readlink(f"/proc/{m['pid']}/ns/net")
+            assert ns != os.readlink("/proc/self/ns/net")
+            assert tw("machines", "rm", "-f", f"c{i}").returncode == 0
+            assert ns not in _netns_in_use()  # freed with its last process (inode numbers get reused later)
+            seen_netns.add(ns)
+        else:
+            r = tw("run", "--rm", busybox, "true")
+            assert r.returncode == 0, r.stderr
+    trash = taxiway_home / "machines/.trash"
+    deadline = time.time() + 30
+    while trash.exists() and any(trash.iterdir()) and time.time() < deadline:
+        time.sleep(0.1)  # removed machines' files are deleted in the background
+    after = host_state(taxiway_home)
+    assert after["mounts"] == before["mounts"] == []
+    assert after["cgroups"] == [] and after["procs"] == [] and after["machines"] == [] and after["leases"] == []
+    assert seen_netns
+    assert after["size"] <= before["size"] + 64 * 1024, (before["size"], after["size"])
