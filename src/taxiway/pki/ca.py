@@ -100,7 +100,7 @@ class Leaf:
             write_bytes_atomic(key_file, self.key_pem, mode=0o600)
         write_bytes_atomic(cert_file, self.chain_pem, mode=0o644)
 
-    def pkcs12(self, password: str = "changeit", ca_pem: bytes | None = None) -> bytes:
+    def pkcs12(self, password: str = "changeit") -> bytes:
         """A PKCS#12 bundle of the key, the leaf and the intermediate (mkcert's default password)."""
         from cryptography.hazmat.primitives.serialization import pkcs12
 
@@ -165,8 +165,9 @@ class CA:
         if key_type not in profile.KEY_TYPES:
             raise InvalidInput(f"unknown key type {key_type!r}", f"use one of {', '.join(profile.KEY_TYPES)}")
         cons = [c if isinstance(c, Name) else parse_constraint(c) for c in constraints]
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(d, 0o700)
+        if not d.exists():
+            d.mkdir(parents=True, mode=0o700)
+            os.chmod(d, 0o700)  # whatever the umask
         root_key = profile.generate_key(key_type)
         root = profile.make_root(root_key, constraints=cons)
         inter_key = profile.generate_key(key_type)
