@@ -4,6 +4,7 @@ shared layers, and reading our store back with skopeo and umoci."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -143,3 +144,21 @@ def test_plain_http_only_for_loopback_or_insecure(taxiway_home):
         assert c._scheme is None  # loopback: probed (https first, then http)
     with RegistryClient("registry.example:5000", insecure=True, use_stored_credentials=False) as c:
         assert c._scheme is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs to fill needs root")
+def test_full_disk_is_one_line_and_leaves_the_store_unchanged(pushed, tmp_path, taxiway, monkeypatch):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], check=True)
+    try:
+        monkeypatch.setenv("TAXIWAY_HOME", str(mnt / "home"))
+        taxiway("images", check=True)  # an empty store
+        before = store_state(mnt / "home")
+        r = taxiway("pull", f"{pushed.address}/fixture:v1")
+        assert r.returncode != 0
+        err = r.stderr.decode()
+        assert err.startswith("error: no space left") and err.count("\n") == 1 and "prune" in err, err
+        assert store_state(mnt / "home") == before
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -6,7 +6,9 @@ command functions so ``taxiway --help`` stays fast.
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -16,6 +18,29 @@ from taxiway.cli.output import emit_json, is_tty, progress, table
 
 def _warn(msg: str) -> None:
     click.echo(f"warning: {msg}", err=True)
+
+
+def _fs_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a full disk or a permission problem into one clear line."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import errno
+
+        from taxiway.errors import TaxiwayError
+
+        try:
+            return fn(*args, **kwargs)
+        except OSError as e:
+            where = e.filename or "the store"
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TaxiwayError(f"no space left on the device writing {where}",
+                                   "free some space (`taxiway image prune` removes unreferenced blobs); the store is unchanged") from e
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise TaxiwayError(f"cannot write {where} ({e.strerror})", "check the permissions of $TAXIWAY_HOME") from e
+            raise
+
+    return wrapper
 
 
 def _human(n: int) -> str:
@@ -34,6 +59,7 @@ def _human(n: int) -> str:
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS (always allowed for loopback registries).")
 @click.option("-j", "--jobs", default=4, show_default=True, help="Layers downloaded at once.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digest.")
+@_fs_errors
 def pull(reference: str, platform_: str | None, all_platforms: bool, insecure: bool, jobs: int, quiet: bool) -> None:
     """Pull REFERENCE (registry/name[:tag][@digest]) into the local store."""
     from taxiway.errors import InvalidInput
@@ -60,6 +86,7 @@ def pull(reference: str, platform_: str | None, all_platforms: bool, insecure: b
 @click.argument("reference")
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS (always allowed for loopback registries).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digest.")
+@_fs_errors
 def push(reference: str, insecure: bool, quiet: bool) -> None:
     """Push REFERENCE from the local store to its registry."""
     from taxiway.oci.push import push as do_push
@@ -76,6 +103,7 @@ def push(reference: str, insecure: bool, quiet: bool) -> None:
 @click.command()
 @click.argument("source")
 @click.argument("target")
+@_fs_errors
 def tag(source: str, target: str) -> None:
     """Name the image SOURCE also TARGET (both are full references)."""
     from taxiway.oci.store import Store, normalize_name
@@ -91,6 +119,7 @@ def tag(source: str, target: str) -> None:
 @click.option("-u", "--username", help="User name (prompted if missing).")
 @click.option("-p", "--password", help="Password (insecure on the command line; prefer --password-stdin).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@_fs_errors
 def login(registry: str, username: str | None, password: str | None, password_stdin: bool) -> None:
     """Save credentials for REGISTRY (host[:port]); used by pull and push."""
     from taxiway.errors import InvalidInput
@@ -113,6 +142,7 @@ def login(registry: str, username: str | None, password: str | None, password_st
 
 @click.command()
 @click.argument("registry")
+@_fs_errors
 def logout(registry: str) -> None:
     """Forget the credentials saved for REGISTRY."""
     from taxiway.errors import NotFound
@@ -166,6 +196,7 @@ def _image_rows(store: Any) -> list[dict[str, Any]]:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_fs_errors
 def images(as_json: bool) -> None:
     """List images in the local store."""
     from taxiway.oci.store import Store
@@ -193,6 +224,7 @@ def _platform(s: str | None) -> Any:
 @click.argument("reference")
 @click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]", help="Which image of a multi-platform index.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (manifest, config, layers, history).")
+@_fs_errors
 def inspect(reference: str, platform_: str | None, as_json: bool) -> None:
     """Show an image's manifest, config, layers, sizes and history."""
     from taxiway.oci.store import Store
@@ -251,6 +283,7 @@ def inspect(reference: str, platform_: str | None, as_json: bool) -> None:
 @click.argument("dest", type=click.Path(file_okay=False))
 @click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]", help="Which image of a multi-platform index.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was written, layer by layer, as JSON.")
+@_fs_errors
 def export(reference: str, dest: str, platform_: str | None, as_json: bool) -> None:
     """Unpack an image's layers, in order, into the root filesystem DEST."""
     from pathlib import Path
@@ -283,6 +316,7 @@ def export(reference: str, dest: str, platform_: str | None, as_json: bool) -> N
 @click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]", help="Which image of a multi-platform index.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--fail-on-secrets", is_flag=True, help="Exit non-zero when a hidden file looks like a secret.")
+@_fs_errors
 def scan(reference: str, platform_: str | None, as_json: bool, fail_on_secrets: bool) -> None:
     """List files a later layer deletes or overwrites, flagging ones that look like secrets."""
     from taxiway.oci import scan as scan_mod
@@ -306,6 +340,7 @@ def scan(reference: str, platform_: str | None, as_json: bool, fail_on_secrets: 
 
 @image.command()
 @click.argument("references", nargs=-1, required=True)
+@_fs_errors
 def rm(references: tuple[str, ...]) -> None:
     """Remove image names from the store (blobs go with `taxiway image prune`)."""
     from taxiway.oci.store import Store
@@ -318,6 +353,7 @@ def rm(references: tuple[str, ...]) -> None:
 
 @image.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_fs_errors
 def prune(as_json: bool) -> None:
     """Delete blobs that no image name reaches."""
     from taxiway.oci.store import Store
@@ -336,6 +372,7 @@ def prune(as_json: bool) -> None:
 @click.option("-i", "--input", "input_", required=True, type=click.Path(dir_okay=False, exists=True),
               help="A `docker save` tarball or an OCI archive (optionally gzip/zstd compressed).")
 @click.option("--name", help="Name for images the archive leaves unnamed (or names with a bare tag).")
+@_fs_errors
 def load(input_: str, name: str | None) -> None:
     """Load images from a docker-save or OCI archive tarball into the store."""
     from pathlib import Path
@@ -354,6 +391,7 @@ def load(input_: str, name: str | None) -> None:
 @click.option("--format", "fmt", type=click.Choice(["docker", "oci"]), default="docker", show_default=True,
               help="docker: loadable by `docker load` and readable as an OCI archive too; oci: an OCI image layout tarball.")
 @click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]", help="Which image of a multi-platform index.")
+@_fs_errors
 def save(references: tuple[str, ...], output: str, fmt: str, platform_: str | None) -> None:
     """Write images from the store into a tarball."""
     from pathlib import Path
