@@ -319,23 +319,32 @@ def export(reference: str, dest: str, platform_: str | None, as_json: bool) -> N
 @_fs_errors
 def scan(reference: str, platform_: str | None, as_json: bool, fail_on_secrets: bool) -> None:
     """List files a later layer deletes or overwrites, flagging ones that look like secrets."""
-    from taxiway.oci import scan as scan_mod
+    from taxiway.errors import TaxiwayError
+    from taxiway.oci.scan import scan as do_scan
     from taxiway.oci.store import Store
 
     img = Store().image(reference, _platform(platform_))
-    run = getattr(scan_mod, "cli_scan", None)
-    if run is not None:
-        run(img, as_json=as_json, fail_on_secrets=fail_on_secrets)
-        return
-    findings = scan_mod.scan(img)
-    rows = [f if isinstance(f, dict) else getattr(f, "to_json", lambda f=f: vars(f))() for f in findings]
+    with progress() as p:
+        tasks: dict[str, Any] = {}
+
+        def advance(desc: Any, n: int) -> None:
+            if desc.digest not in tasks:
+                tasks[desc.digest] = p.add_task(f"scan {desc.digest[7:19]}", total=desc.size)
+            p.advance(tasks[desc.digest], n)
+
+        result = do_scan(img, progress=advance)
     if as_json:
-        emit_json(rows)
+        emit_json(result.to_json())
     else:
-        for r in rows:
-            click.echo("  ".join(str(v) for v in r.values()))
-    if fail_on_secrets and any(r.get("secret") for r in rows):
-        sys.exit(3)
+        rows = result.rows()
+        if rows:
+            table(rows, ["path", "added", "hidden", "size", "secret"])
+        click.echo(f"{len(result.hidden)} files hidden by later layers, {len(result.secrets)} look like secrets"
+                   + (" (their bytes are still in the image: rebuild without them)" if result.has_secrets else ""))
+    if fail_on_secrets and result.has_secrets:
+        raise TaxiwayError(f"{reference} hides {len(result.secrets)} likely secrets in lower layers",
+                           "rebuild the image so the secrets are never added; deleting them later does not remove them",
+                           exit_code=3)
 
 
 @image.command()
