@@ -162,3 +162,17 @@ def test_full_disk_is_one_line_and_leaves_the_store_unchanged(pushed, tmp_path, 
         assert store_state(mnt / "home") == before
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_pull_then_export_and_tty_free_output(pushed, taxiway_home, taxiway, tmp_path):
+    ref = f"{pushed.address}/fixture:v1"
+    r = taxiway("pull", ref, check=True)
+    assert b"\x1b[" not in r.stdout + r.stderr  # no progress bars in a pipe
+    r = taxiway("image", "export", ref, str(tmp_path / "rootfs"), "--json")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)
+    assert len(stats["layers"]) == 3 and stats["files"] > 0
+    assert (tmp_path / "rootfs" / "bin" / "busybox").stat().st_size > 500_000
+    assert not (tmp_path / "rootfs" / "root" / ".ssh" / "id_rsa").exists()  # whited out by layer 1
+    r = taxiway("image", "export", ref, str(tmp_path / "rootfs"))
+    assert r.returncode != 0 and b"not an empty directory" in r.stderr
