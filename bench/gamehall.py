@@ -113,6 +113,7 @@ class Stats:
     pages: dict[tuple[str, int], list[float]] = field(default_factory=dict)  # deliveries per move
     moves: int = 0
     errors: int = 0
+    error_texts: dict[str, int] = field(default_factory=dict)
     measuring: bool = False
 
 
@@ -156,8 +157,11 @@ class Page:
                 now = time.perf_counter()
                 m = VERSION.search(raw)
                 if m is None:
-                    if 'class="notice error"' in raw and "</p>" in raw and "alert\"></p>" not in raw:
+                    m = re.search(r'class="notice error" role="alert">([^<]+)</p>', raw)
+                    if m:
                         self.stats.errors += 1
+                        text = m.group(1)[:80]
+                        self.stats.error_texts[text] = self.stats.error_texts.get(text, 0) + 1
                     continue
                 version, status, turn = int(m.group(1)), m.group(2), m.group(3)
                 if version <= self.version:
@@ -247,6 +251,7 @@ async def load(urls: tuple[str, str], games: int, duration: float, think: float,
         "every_page_ms_p99": round(pct(every_page, 99) * ms, 2),
         "every_page_ms_max": round(max(every_page) * ms, 2) if every_page else None,
         "moves_missing_a_page": incomplete, "errors_on_pages": stats.errors,
+        "error_samples": dict(sorted(stats.error_texts.items(), key=lambda kv: -kv[1])[:5]),
         "server_cpu_pct": [round((b - a) / elapsed * 100, 1) for a, b in zip(cpu0, cpu1, strict=True)],
         "bench_client_cpu_pct": round((me1 - me0) / elapsed * 100, 1),
         "live_game_kib": round((rss_live - rss_before) / games, 1),

@@ -136,7 +136,9 @@ class RedisBackend:
         self.node_id = node_id
         self.owner_ttl = owner_ttl
         self.room_ttl = room_ttl
-        self.redis = aioredis.from_url(url, decode_responses=False, max_connections=64)
+        # A blocking pool: under load, callers wait for a free connection instead of failing.
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=10)
+        self.redis = aioredis.Redis(connection_pool=pool)
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self.on_message: OnMessage | None = None
         self._reader: asyncio.Task | None = None

@@ -15,7 +15,7 @@ from .games import GAMES
 from .room import Room
 
 env = Environment(loader=PackageLoader("gamehall", "templates"), autoescape=select_autoescape(default=True),
-                  trim_blocks=True, lstrip_blocks=True)
+                  trim_blocks=True, lstrip_blocks=True, auto_reload=False)
 
 
 def page(name: str, **context: Any) -> str:

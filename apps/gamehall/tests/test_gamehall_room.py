@@ -1,0 +1,107 @@
+"""The room's rules (seats, lifecycle, timers, idle timeout) as pure logic, no sockets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gamehall import codes
+from gamehall.room import CLOSED, LOBBY, OVER, PLAYING, Options, Room, RoomError
+
+
+def new_room(game="tictactoe", **opts) -> Room:
+    room = Room.new("BCDF", game, 1, Options(**opts), now=0.0)
+    room.join("a", "Ann", 0.0)
+    room.join("b", "Bob", 0.0)
+    return room
+
+
+def test_codes_are_four_unambiguous_letters():
+    for _ in range(200):
+        code = codes.new_code()
+        assert len(code) == 4 and not set(code) & set("AEIOULQV0125")
+    assert codes.normalize("  bcdf ") == "BCDF"
+    assert codes.normalize("BCD") is None and codes.normalize("BCDI") is None
+    assert codes.normalize("<b>x") is None
+
+
+def test_lifecycle_and_snapshot_round_trip():
+    room = new_room()
+    assert room.status == LOBBY
+    with pytest.raises(RoomError, match="not playing"):
+        room.start("zed", 1.0)
+    room.start("a", 1.0)
+    assert room.status == PLAYING
+    room.move("a", 4, 2.0)
+    copy = Room.from_dict(json.loads(json.dumps(room.to_dict())))
+    assert copy == room
+    with pytest.raises(RoomError, match="rematch"):
+        room.rematch("a", 3.0)
+
+
+def test_timer_forfeit_auto_move_and_idle():
+    room = new_room(turn_seconds=10)
+    room.start("a", 0.0)
+    assert room.next_wakeup(0.4) == 10.0
+    assert not room.tick(9.9)
+    assert room.tick(10.0) and room.status == OVER and room.result["winner"] == 1
+
+    room = new_room(turn_seconds=10, on_timeout="auto")
+    room.start("a", 0.0)
+    assert room.tick(10.0) and room.status == PLAYING and len(room.moves) == 1
+    assert room.turn_deadline == 20.0 and "random move" in room.message
+
+    room = new_room(idle_seconds=60)
+    assert room.next_wakeup(0.4) == 60.0
+    assert room.tick(60.0) and room.status == CLOSED
+    with pytest.raises(RoomError, match="closed"):
+        room.join("c", "Cy", 61.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(game=st.sampled_from(["tictactoe", "connect4", "battleship"]), data=st.data())
+def test_random_rooms_with_bots_and_timers_always_finish(game, data):
+    """Random commands from random people never break a room; bots and timers finish games."""
+    room = Room.new("BCDF", game, data.draw(st.integers(0, 1000)), Options(turn_seconds=5), now=0.0)
+    now = 0.0
+    people = ["a", "b", "c"]
+    for _ in range(60):
+        now += data.draw(st.floats(0, 3))
+        who = data.draw(st.sampled_from(people))
+        action = data.draw(st.sampled_from(["join", "bot", "start", "move", "leave", "rematch", "tick"]))
+        before = room.to_dict()
+        try:
+            if action == "join":
+                room.join(who, who.upper(), now)
+            elif action == "bot":
+                room.add_bot(who, now)
+            elif action == "start":
+                room.start(who, now)
+            elif action == "move":
+                room.move(who, data.draw(st.integers(-1, 40)), now)
+            elif action == "leave":
+                room.leave(who, now)
+            elif action == "rematch":
+                room.rematch(who, now)
+            else:
+                room.tick(now)
+        except RoomError:
+            assert room.to_dict() == before  # a refused command changes nothing
+        assert room.status in (LOBBY, PLAYING, OVER, CLOSED)
+        assert (room.result is not None) == (room.status == OVER)
+        json.dumps(room.to_dict())
+        for token in [*people, None]:
+            room.view(token)
+    # Fill the seats with bots and let time run: every game ends with a result.
+    if room.status == LOBBY:
+        for i, s in enumerate(room.seats):
+            if s is None:
+                room.seats[i] = {"token": f"bot{i}", "name": f"Bot {i}", "bot": True}
+        room.start(room.seats[0]["token"], now)
+    while room.status == PLAYING:
+        now += 5
+        assert room.tick(now)
+    assert room.status in (OVER, CLOSED)
