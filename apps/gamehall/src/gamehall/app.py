@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from . import codes, render
 from .games import GAMES
@@ -264,8 +264,8 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
                     await send_notice(reply["error"])
                 else:
                     await send_notice("", "")
-        except WebSocketDisconnect:
-            pass
+        except (WebSocketDisconnect, WebSocketDisconnected):
+            pass  # the page went away (possibly while its command ran)
         finally:
             send_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
