@@ -14,19 +14,20 @@ import asyncio
 import contextlib
 import ipaddress
 import itertools
+import os
 import signal
 import socket
 import ssl
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import orjson
 
-from taxiway.egress import http, is_loopback_name
+from taxiway.egress import http, is_loopback_name, splice
 from taxiway.egress.acl import Acl, Decision, Result, load_acl
 from taxiway.egress.addresses import AddressPolicy, AddressVerdict, Range
 from taxiway.egress.hosts import IPAddress
@@ -35,6 +36,7 @@ from taxiway.egress.resolver import ResolveError, Resolver
 from taxiway.egress.roles import Authenticator, cert_common_name, load_users, parse_basic
 
 READ_SIZE = 256 * 1024
+T = TypeVar("T")
 
 
 @dataclass
@@ -417,12 +419,11 @@ class EgressProxy:
                            conn_id=conn_id)
         writer.write(http.simple_response(d.status, msg + "\n", headers))
 
-    async def _open(self, out: Outcome, factory: Callable[[], asyncio.Protocol]
-                    ) -> tuple[asyncio.Transport, asyncio.Protocol, AddressVerdict, float]:
+    async def _open(self, out: Outcome, dial: Callable[[str, int], Awaitable[T]]
+                    ) -> tuple[T, AddressVerdict, float]:
         """Dial the allowed, pinned addresses in order; the first that answers wins."""
         if self.active_tunnels >= self.config.max_tunnels:
             raise Denied(503, str(out.target), f"too many open tunnels ({self.config.max_tunnels})", "error")
-        loop = asyncio.get_running_loop()
         last: Denied | None = None
         t0 = time.perf_counter()
         for v in out.addresses:
@@ -430,7 +431,7 @@ class EgressProxy:
                 continue
             try:
                 async with asyncio.timeout(self.config.connect_timeout):
-                    transport, proto = await loop.create_connection(factory, str(v.address), out.target.port)
+                    conn = await dial(str(v.address), out.target.port)
             except TimeoutError:
                 last = Denied(504, str(out.target), f"connecting to {v.address} timed out", "error")
             except OSError as e:
@@ -439,7 +440,7 @@ class EgressProxy:
             else:
                 ms = (time.perf_counter() - t0) * 1000
                 self.metrics.observe("taxiway_egress_connect_seconds", ms / 1000)
-                return transport, proto, v, ms  # type: ignore[return-value]
+                return conn, v, ms
         assert last is not None
         raise last
 
@@ -454,9 +455,16 @@ class EgressProxy:
             return
         out = None
         tunnel = _Tunnel()
+        # Plain-TCP clients get a splice(2) relay; TLS clients need the bytes in Python.
+        use_splice = splice.AVAILABLE and writer.get_extra_info("ssl_object") is None
         try:
             out = await self.decide(head, target, cert_role)
-            transport, _, verdict, connect_ms = await self._open(out, lambda: tunnel.upstream)
+            if use_splice:
+                upstream_sock, verdict, connect_ms = await self._open(out, _dial_socket)
+            else:
+                (transport, _), verdict, connect_ms = await self._open(
+                    out, lambda host, port: asyncio.get_running_loop().create_connection(
+                        lambda: tunnel.upstream, host, port))
         except Denied as d:
             self._deny(writer, "connect", client, target, d, out, conn_id)
             return
@@ -469,14 +477,21 @@ class EgressProxy:
         # Bytes the client sent after the CONNECT head (a TLS hello, often) go first.
         pending = bytes(reader._buffer)  # noqa: SLF001
         reader._buffer.clear()  # noqa: SLF001
+        if use_splice:
+            client_sock = await _detach(writer)
+            if pending:
+                await asyncio.get_running_loop().sock_sendall(upstream_sock, pending)
+            st = splice.SpliceTunnel(asyncio.get_running_loop(), client_sock, upstream_sock)
+            st.client.count += len(pending)
+            st.start()
+            await self._watch(st, out, target, client, conn_id, str(verdict.address), "connect")
+            return
         await self._relay(tunnel, writer.transport, transport, pending, out, target, client, conn_id,
                           str(verdict.address), "connect")
 
     async def _relay(self, tunnel: _Tunnel, client_t: asyncio.Transport, upstream_t: asyncio.Transport,
                      pending: bytes, out: Outcome, target: http.Target, client: str, conn_id: int,
                      dialled: str, kind: str) -> None:
-        started = time.monotonic()
-        self.active_tunnels += 1
         tunnel.client.transport = client_t
         client_t.set_protocol(tunnel.client)
         if pending:
@@ -484,6 +499,13 @@ class EgressProxy:
         tunnel.client.attach(upstream_t)
         tunnel.upstream.attach(client_t)
         client_t.resume_reading()
+        await self._watch(tunnel, out, target, client, conn_id, dialled, kind)
+
+    async def _watch(self, tunnel: _Tunnel | splice.SpliceTunnel, out: Outcome, target: http.Target,
+                     client: str, conn_id: int, dialled: str, kind: str) -> None:
+        """Wait for a tunnel to end, enforcing idle and total timeouts; log its close."""
+        started = time.monotonic()
+        self.active_tunnels += 1
         ended = "closed"
         try:
             while not tunnel.done.done():
@@ -516,7 +538,9 @@ class EgressProxy:
     # -- absolute-form HTTP ----------------------------------------------------------
     async def _open_http(self, out: Outcome) -> _Upstream:
         reader = asyncio.StreamReader(limit=self.config.max_header_bytes)
-        transport, proto, verdict, ms = await self._open(out, lambda: asyncio.StreamReaderProtocol(reader))
+        (transport, proto), verdict, ms = await self._open(
+            out, lambda host, port: asyncio.get_running_loop().create_connection(
+                lambda: asyncio.StreamReaderProtocol(reader), host, port))
         writer = asyncio.StreamWriter(transport, proto, reader, asyncio.get_running_loop())
         self.active_tunnels += 1
         return _Upstream(str(out.target), verdict, reader, writer, ms)
@@ -729,6 +753,32 @@ async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, frami
         counts[index] += len(data)
         dst.write(data)
         await dst.drain()
+
+
+async def _dial_socket(host: str, port: int) -> socket.socket:
+    """A connected non-blocking socket (for the splice relay), closed on failure."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def _detach(writer: asyncio.StreamWriter) -> socket.socket:
+    """Take a client's socket away from its transport (a dup), once what was written is sent."""
+    transport = writer.transport
+    transport.pause_reading()
+    while transport.get_write_buffer_size():
+        await writer.drain()
+        await asyncio.sleep(0)
+    sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+    transport.close()
+    return sock
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

@@ -1,0 +1,390 @@
+"""The egress proxy side by side with squid and with no proxy at all, all on loopback.
+
+    .venv/bin/python bench/egress.py [--seconds 3] [--big-mib 512] [--markdown]
+
+One run starts, each with its own temp config and stopped after:
+- nginx on 127.0.0.2 (the upstream: /small answers 3 bytes, /big is a file);
+- squid (Debian's) as a plain forward proxy on 127.0.0.1, no cache, no logs;
+- ``taxiway egress serve`` on 127.0.0.1 with ``--allow-range 127.0.0.2/32``
+  (its JSON decision logs go to a file, as in production).
+
+Measured, per path (direct / squid / taxiway):
+- CONNECT throughput: curl downloads /big through a CONNECT tunnel (direct: no proxy),
+  best of 3;
+- small requests: a Go load generator (built here from the source below, stdlib only)
+  holds C connections (1, 50, 500) and sends keep-alive GET /small on each for a fixed
+  time; for the proxies both through CONNECT tunnels and as absolute-form HTTP. It
+  reports requests/s, p50/p99 latency and errors; "added" is the p50/p99 minus direct's.
+
+Targets (issue 6): throughput >= 1.0x squid and >= 0.7x direct; p50 added < 1 ms at
+low concurrency; 500 concurrent tunnels with no errors. Nothing leaves loopback: the
+targets are IP literals and both proxies get a loopback DNS server that is never asked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+UPSTREAM_HOST = "127.0.0.2"
+
+LOADGEN_GO = r'''
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+func readResponse(r *bufio.Reader) (int, error) {
+	line, err := r.ReadString('\n')
+	if err != nil {
+		return 0, err
+	}
+	parts := strings.SplitN(line, " ", 3)
+	if len(parts) < 2 {
+		return 0, fmt.Errorf("bad status line %q", line)
+	}
+	status, _ := strconv.Atoi(parts[1])
+	length := -1
+	for {
+		h, err := r.ReadString('\n')
+		if err != nil {
+			return 0, err
+		}
+		if h == "\r\n" {
+			break
+		}
+		if i := strings.IndexByte(h, ':'); i > 0 && strings.EqualFold(h[:i], "content-length") {
+			length, _ = strconv.Atoi(strings.TrimSpace(h[i+1:]))
+		}
+	}
+	if length > 0 {
+		if _, err := io.CopyN(io.Discard, r, int64(length)); err != nil {
+			return 0, err
+		}
+	}
+	return status, nil
+}
+
+func main() {
+	mode := flag.String("mode", "direct", "direct, connect or http")
+	proxy := flag.String("proxy", "", "proxy host:port")
+	target := flag.String("target", "", "upstream host:port")
+	path := flag.String("path", "/small", "")
+	conns := flag.Int("c", 1, "connections")
+	seconds := flag.Float64("d", 3, "seconds")
+	maxPerConn := flag.Int("n", 2000000, "max requests per connection")
+	flag.Parse()
+
+	lats := make([][]time.Duration, *conns)
+	errs := make([]int, *conns)
+	ready := make([]bool, *conns)
+	var setup, wg sync.WaitGroup
+	start := make(chan struct{})
+	var end time.Time
+	for i := 0; i < *conns; i++ {
+		setup.Add(1)
+		wg.Add(1)
+		go func(i int) {
+			defer wg.Done()
+			addr := *target
+			if *mode != "direct" {
+				addr = *proxy
+			}
+			c, err := net.DialTimeout("tcp", addr, 10*time.Second)
+			if err != nil {
+				errs[i]++
+				setup.Done()
+				return
+			}
+			defer c.Close()
+			r := bufio.NewReaderSize(c, 65536)
+			if *mode == "connect" {
+				fmt.Fprintf(c, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", *target, *target)
+				st, err := readResponse(r)
+				if err != nil || st != 200 {
+					errs[i]++
+					setup.Done()
+					return
+				}
+			}
+			ready[i] = true
+			setup.Done()
+			<-start
+			p := *path
+			if *mode == "http" {
+				p = "http://" + *target + *path
+			}
+			req := []byte(fmt.Sprintf("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", p, *target))
+			out := make([]time.Duration, 0, 4096)
+			for n := 0; n < *maxPerConn && time.Now().Before(end); n++ {
+				t0 := time.Now()
+				if _, err := c.Write(req); err != nil {
+					errs[i]++
+					break
+				}
+				st, err := readResponse(r)
+				if err != nil || st != 200 {
+					errs[i]++
+					break
+				}
+				out = append(out, time.Since(t0))
+			}
+			lats[i] = out
+		}(i)
+	}
+	setup.Wait()
+	t0 := time.Now()
+	end = t0.Add(time.Duration(*seconds * float64(time.Second)))
+	close(start)
+	wg.Wait()
+	elapsed := time.Since(t0).Seconds()
+	var all []time.Duration
+	nerr, held := 0, 0
+	for i := range lats {
+		all = append(all, lats[i]...)
+		nerr += errs[i]
+		if ready[i] {
+			held++
+		}
+	}
+	sort.Slice(all, func(a, b int) bool { return all[a] < all[b] })
+	pct := func(p float64) float64 {
+		if len(all) == 0 {
+			return 0
+		}
+		return float64(all[int(p*float64(len(all)-1))].Microseconds()) / 1000
+	}
+	json.NewEncoder(os.Stdout).Encode(map[string]any{
+		"requests": len(all), "rps": float64(len(all)) / elapsed, "p50_ms": pct(0.50),
+		"p99_ms": pct(0.99), "errors": nerr, "connections_held": held,
+	})
+}
+'''
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing on {host}:{port}")
+
+
+@contextlib.contextmanager
+def process(argv: list[str], host: str, port: int, log: Path, **kw):
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+    try:
+        wait_port(host, port, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def nginx(d: Path, port: int, big_mib: int):
+    www = d / "www"
+    www.mkdir(parents=True)
+    with open(www / "big", "wb") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(big_mib):
+            f.write(block)
+    for sub in ("tmp", "logs"):
+        (d / sub).mkdir()
+    user = "user root root;\n" if os.geteuid() == 0 else ""
+    (d / "nginx.conf").write_text(f"""{user}worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log {d}/logs/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy; fastcgi_temp_path {d}/tmp/fcgi;
+  uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;
+  sendfile on; tcp_nodelay on; keepalive_requests 100000000; keepalive_timeout 300;
+  server {{
+    listen {UPSTREAM_HOST}:{port} backlog=4096;
+    root {www};
+    location = /small {{ default_type text/plain; return 200 "ok\\n"; }}
+  }}
+}}
+""")
+    return process(["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "logs/error.log")],
+                   UPSTREAM_HOST, port, d / "nginx.out")
+
+
+def squid(d: Path, port: int):
+    d.mkdir(parents=True)
+    os.chmod(d, 0o777)  # squid drops to its own user when started as root
+    (d / "squid.conf").write_text(f"""http_port 127.0.0.1:{port}
+http_access allow all
+cache deny all
+cache_mem 8 MB
+access_log none
+cache_store_log none
+cache_log {d}/cache.log
+pid_filename {d}/squid.pid
+coredump_dir {d}
+visible_hostname bench.invalid
+dns_nameservers 127.0.0.1
+max_filedescriptors 16384
+shutdown_lifetime 1 seconds
+via off
+forwarded_for delete
+""")
+    return process(["squid", "-N", "-f", str(d / "squid.conf")], "127.0.0.1", port, d / "squid.out")
+
+
+def taxiway(d: Path, port: int):
+    d.mkdir(parents=True)
+    argv = [sys.executable, "-m", "taxiway", "egress", "serve", "--listen", f"127.0.0.1:{port}",
+            "--allow-range", f"{UPSTREAM_HOST}/32", "--resolver", "127.0.0.1:9", "--max-tunnels", "20000"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PROXY_PASSWORD": ""}
+    return process(argv, "127.0.0.1", port, d / "taxiway.log", env=env)
+
+
+def build_loadgen(d: Path) -> Path:
+    src = d / "loadgen"
+    src.mkdir()
+    (src / "main.go").write_text(LOADGEN_GO)
+    (src / "go.mod").write_text("module loadgen\n\ngo 1.19\n")
+    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOCACHE": str(d / "gocache"), "GOPATH": str(d / "gopath"),
+           "GOPROXY": "off", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
+    subprocess.run(["go", "build", "-o", str(src / "loadgen"), "."], cwd=src, env=env, check=True)
+    return src / "loadgen"
+
+
+def throughput(proxy: str | None, url: str, runs: int = 3) -> float:
+    """Best MB/s of ``runs`` downloads of ``url`` (through a CONNECT tunnel if ``proxy``)."""
+    best = 0.0
+    for _ in range(runs):
+        argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{speed_download} %{http_code}", "--max-time", "60"]
+        if proxy:
+            argv += ["-p", "-x", f"http://{proxy}"]
+        out = subprocess.run(argv + [url], capture_output=True, text=True, timeout=90,
+                             env={k: v for k, v in os.environ.items() if "proxy" not in k.lower()}).stdout
+        speed, code = out.split()
+        if code != "200":
+            raise RuntimeError(f"download via {proxy} answered {code}")
+        best = max(best, float(speed) / 1e6)
+    return best
+
+
+def load(loadgen: Path, mode: str, proxy: str | None, target: str, conns: int, seconds: float) -> dict:
+    argv = [str(loadgen), "-mode", mode, "-target", target, "-c", str(conns), "-d", str(seconds)]
+    if proxy:
+        argv += ["-proxy", proxy]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
+    if r.returncode != 0:
+        raise RuntimeError(r.stderr)
+    return json.loads(r.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=3.0, help="per load run")
+    ap.add_argument("--big-mib", type=int, default=512, help="size of the large transfer")
+    ap.add_argument("--concurrency", default="1,50,500")
+    ap.add_argument("--markdown", action="store_true", help="also print a Markdown table")
+    args = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 65536), hard), hard))
+    for tool in ("nginx", "squid", "curl", "go"):
+        if not shutil.which(tool):
+            sys.exit(f"error: {tool} is not installed; run scripts/install-deps.sh")
+    levels = [int(c) for c in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory(prefix="bench-egress-") as tmp:
+        d = Path(tmp)
+        os.chmod(d, 0o755)
+        loadgen = build_loadgen(d)
+        up_port, squid_port, tw_port = free_port(UPSTREAM_HOST), free_port(), free_port()
+        target = f"{UPSTREAM_HOST}:{up_port}"
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(nginx(d / "nginx", up_port, args.big_mib))
+            stack.enter_context(squid(d / "squid", squid_port))
+            stack.enter_context(taxiway(d / "taxiway", tw_port))
+            proxies = {"squid": f"127.0.0.1:{squid_port}", "taxiway": f"127.0.0.1:{tw_port}"}
+            big = f"http://{target}/big"
+            results: dict = {"throughput_MBps": {}, "load": []}
+            print(f"== CONNECT throughput, {args.big_mib} MiB download, best of 3 (MB/s)", flush=True)
+            results["throughput_MBps"]["direct"] = throughput(None, big)
+            for name, addr in proxies.items():
+                results["throughput_MBps"][name] = throughput(addr, big)
+            tp = results["throughput_MBps"]
+            for name, v in tp.items():
+                print(f"  {name:8} {v:9.1f}")
+            print(f"  taxiway/squid {tp['taxiway'] / tp['squid']:.2f}x   taxiway/direct {tp['taxiway'] / tp['direct']:.2f}x")
+            print(f"== small requests, keep-alive GET /small for {args.seconds:g}s per run", flush=True)
+            print(f"  {'path':18} {'conns':>5} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+                  f"{'+p50 ms':>8} {'+p99 ms':>8} {'held':>5} {'errors':>6}")
+            for c in levels:
+                direct = load(loadgen, "direct", None, target, c, args.seconds)
+                rows = [("direct", direct)]
+                for name, addr in proxies.items():
+                    for mode in ("connect", "http"):
+                        rows.append((f"{name} {mode}", load(loadgen, mode, addr, target, c, args.seconds)))
+                for label, r in rows:
+                    r.update(path=label, conns=c, added_p50_ms=r["p50_ms"] - direct["p50_ms"],
+                             added_p99_ms=r["p99_ms"] - direct["p99_ms"])
+                    results["load"].append(r)
+                    print(f"  {label:18} {c:5} {r['rps']:9.0f} {r['p50_ms']:8.3f} {r['p99_ms']:8.3f} "
+                          f"{r['added_p50_ms']:8.3f} {r['added_p99_ms']:8.3f} {r['connections_held']:5} "
+                          f"{r['errors']:6}", flush=True)
+            by = {(r["path"], r["conns"]): r for r in results["load"]}
+            print("== ratios (taxiway vs squid, same mode)")
+            for c in levels:
+                for mode in ("connect", "http"):
+                    t, s = by[(f"taxiway {mode}", c)], by[(f"squid {mode}", c)]
+                    print(f"  {mode:8} c={c:<4} req/s {t['rps'] / s['rps']:.2f}x   "
+                          f"p50 {t['p50_ms']:.3f} vs {s['p50_ms']:.3f} ms")
+            if args.markdown:
+                print("\n| path | conns | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |")
+                print("|---|---:|---:|---:|---:|---:|---:|---:|")
+                for r in results["load"]:
+                    print(f"| {r['path']} | {r['conns']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} "
+                          f"| {r['added_p50_ms']:.3f} | {r['added_p99_ms']:.3f} | {r['errors']} |")
+            json_out = os.environ.get("BENCH_JSON")
+            if json_out:
+                Path(json_out).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
