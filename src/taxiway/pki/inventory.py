@@ -62,8 +62,11 @@ _FIELDS = set(Record.__dataclass_fields__)
 def append(path: Path, event: dict[str, Any]) -> None:
     """Append one event as one line with one write (atomic with O_APPEND on a local file system)."""
     line = orjson.dumps(event) + b"\n"
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line  # a torn line from a crash: start afresh rather than extend it
         os.write(fd, line)
     finally:
         os.close(fd)
