@@ -144,6 +144,8 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
             repo, kind, ident = m.groups()
             if kind == "manifests":
                 fault = self._fault("manifest")
+                if fault == "403":
+                    return self._error(403, "DENIED")
                 if fault in ("500", "429"):
                     return self._send(int(fault), b"busy", {"Retry-After": reg.retry_after})
                 if (repo, ident) not in reg.manifests:

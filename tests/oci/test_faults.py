@@ -174,3 +174,10 @@ def test_docker_config_json_credentials(reg, taxiway_home, taxiway, tmp_path):
         {"auths": {f"http://{reg.address}": {"auth": base64.b64encode(b"bob:pw:with:colons").decode()}}}))
     r = taxiway("pull", f"{reg.address}/app:v1", env={"DOCKER_CONFIG": str(docker)})
     assert r.returncode == 0, r.stderr
+
+
+def test_forbidden_says_to_log_in(reg, taxiway_home, taxiway):
+    reg.add_image("app", "v1", [(gzip.compress(BIG, mtime=0), GZ)])
+    reg.faults = {"manifest": ["403"]}
+    err = _one_line_error(taxiway("pull", f"{reg.address}/app:v1"))
+    assert "access denied" in err and f"taxiway login {reg.address}" in err
