@@ -91,3 +91,11 @@ def test_durations_parse(n, unit):
 def test_bad_durations(bad):
     with pytest.raises(InvalidInput):
         parse_duration(bad)
+
+
+def test_root_key_can_go_offline(ca, tmp_path):
+    (ca.dir / "root-key.pem").unlink()
+    offline = CA.load(ca.dir)
+    leaf = offline.issue(["after.offline.test"])
+    offline.revoke(leaf.serial_hex)
+    assert offline.crl_pem().count(b"BEGIN X509 CRL") == 2  # the intermediate's and the stored root one
