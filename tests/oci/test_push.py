@@ -127,3 +127,16 @@ def test_push_errors(taxiway_home, taxiway):
     assert r.returncode != 0 and r.stderr.startswith(b"error: ")
     r = taxiway("logout", "127.0.0.1:1")
     assert r.returncode != 0 and b"no credentials" in r.stderr
+
+
+def test_push_any_image_model(source, tmp_path, taxiway_home):
+    """push_image takes any Image (here one read straight from an OCI layout, as the builder would hand over)."""
+    from helpers.images import LayoutImage
+
+    from taxiway.oci.push import push_image
+
+    write_fixture_image(tmp_path / "layout")
+    img = LayoutImage(tmp_path / "layout", "fixture")
+    result = push_image(img, f"{source.address}/from-layout/app:v1")
+    assert result.uploaded + result.existing == 4 and result.digest == img.digest()
+    assert skopeo_inspect(f"{source.address}/from-layout/app:v1")["Digest"] == img.digest()

@@ -10,7 +10,7 @@ push never leaves a tag pointing at missing content.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -18,9 +18,9 @@ from typing import Any, BinaryIO
 from taxiway.errors import NotFound
 from taxiway.oci import mediatypes as mt
 from taxiway.oci.client import RegistryClient, RegistryError
-from taxiway.oci.image import Descriptor
+from taxiway.oci.image import Descriptor, Image
 from taxiway.oci.reference import Reference
-from taxiway.oci.store import Store, parse_json
+from taxiway.oci.store import Store, StoreImage, parse_json
 
 CHUNK_SIZE = 16 << 20  # blobs larger than this go up in PATCH chunks of this size
 READ = 1 << 20
@@ -58,30 +58,29 @@ def _read_chunks(f: BinaryIO, n: int, on_chunk: Any) -> Iterator[bytes]:
 
 
 class Pusher:
-    """Uploads blobs of the store to one repository."""
+    """Uploads blobs to one repository, reading them through ``open_blob`` (any Image's, or the store's)."""
 
-    def __init__(self, client: RegistryClient, store: Store, repository: str, *, progress: Any = None,
-                 chunk_size: int = CHUNK_SIZE):
+    def __init__(self, client: RegistryClient, repository: str, open_blob: Callable[[str], BinaryIO], *,
+                 sources: Callable[[str], list[str]] | None = None, progress: Any = None, chunk_size: int = CHUNK_SIZE):
         self.client = client
-        self.store = store
         self.repository = repository
+        self.open_blob = open_blob
+        self.sources = sources or (lambda digest: [])
         self.progress = progress
         self.chunk_size = chunk_size
         self.full_name = f"{client.registry}/{repository}"
 
     def mount_source(self, digest: str) -> str | None:
-        """Another repository of this registry the blob came from, if the store remembers one."""
+        """Another repository of this registry the blob came from, if one is remembered."""
         prefix = self.client.registry + "/"
-        for src in self.store.sources(digest):
+        for src in self.sources(digest):
             if src.startswith(prefix) and src != self.full_name:
                 return src[len(prefix):]
         return None
 
     def push_blob(self, desc: Descriptor, result: PushResult) -> None:
         """Make sure the registry has ``desc`` in this repository."""
-        digest = desc.digest
-        if not self.store.has_blob(digest):
-            raise NotFound(f"blob {digest[:19]} is not in the store", "pull the image again before pushing it")
+        digest, size = desc.digest, desc.size
         if self.client.blob_exists(self.repository, digest):
             result.count("existing")
             return
@@ -90,20 +89,21 @@ class Pusher:
         if location is None:
             result.count("mounted")
             return
-        size = self.store.blob_size(digest)
         task = self.progress.add_task(digest[7:19], total=size) if self.progress is not None else None
 
         def advance(n: int) -> None:
             if task is not None:
                 self.progress.advance(task, n)
 
-        with self.store.open_blob(digest) as f:
+        with self.open_blob(digest) as f:
             if size <= self.chunk_size:
                 self.client.finish_upload(self.repository, location, digest, _read_chunks(f, size, advance), size=size)
             else:
                 offset = 0
                 while offset < size:
                     data = f.read(min(self.chunk_size, size - offset))
+                    if not data:
+                        raise RegistryError(f"blob {digest[:19]} is shorter than its descriptor", "the source image is corrupt")
                     location = self.client.upload_chunk(self.repository, location, data, offset)
                     offset += len(data)
                     advance(len(data))
@@ -111,59 +111,96 @@ class Pusher:
         result.count("uploaded")
         result.count("uploaded_bytes", size)
 
+    def push_all(self, blobs: list[Descriptor], result: PushResult, jobs: int) -> None:
+        """Push blobs in parallel; waits for all, then raises the first error."""
+        if not blobs:
+            return
+        with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(blobs))), thread_name_prefix="push") as pool:
+            futures = [pool.submit(self.push_blob, d, result) for d in blobs]
+            errors = []
+            for fut in futures:
+                try:
+                    fut.result()
+                except BaseException as e:  # noqa: BLE001 - wait for all, raise the first
+                    errors.append(e)
+            if errors:
+                raise errors[0]
+
+
+def _image_blobs(image: Image) -> list[Descriptor]:
+    out: dict[str, Descriptor] = {}
+    for d in [Descriptor.from_json(image.manifest()["config"]), *image.layers()]:
+        if d.is_nondistributable:
+            continue  # foreign layers stay where they are
+        out.setdefault(d.digest, d)
+    return list(out.values())
+
+
+def push_image(image: Image, reference: str, *, insecure: bool = False, progress: Any = None,
+               client: RegistryClient | None = None, jobs: int = 4, chunk_size: int = CHUNK_SIZE,
+               store: Store | None = None) -> PushResult:
+    """Push any single-platform :class:`Image` (from the store, the builder...) to ``reference``.
+
+    With ``store``, blobs it remembers from another repository of the same
+    registry are mounted, and where they now live is remembered.
+    """
+    ref = Reference.parse(reference)
+    own_client = client is None
+    client = client or RegistryClient(ref.registry, insecure=insecure)
+    result = PushResult(str(ref), image.digest())
+    try:
+        pusher = Pusher(client, ref.repository, image.open_blob, sources=store.sources if store else None,
+                        progress=progress, chunk_size=chunk_size)
+        blobs = _image_blobs(image)
+        pusher.push_all(blobs, result, jobs)
+        client.put_manifest(ref.repository, ref.tag or image.digest(), image.manifest_bytes(), image.media_type())
+        if store is not None:
+            for d in [*blobs, Descriptor(image.media_type(), image.digest(), len(image.manifest_bytes()))]:
+                store.add_source(d.digest, f"{ref.registry}/{ref.repository}")
+        return result
+    finally:
+        if own_client:
+            client.close()
+
 
 def push(reference: str, *, insecure: bool = False, store: Store | None = None, progress: Any = None,
          client: RegistryClient | None = None, jobs: int = 4, chunk_size: int = CHUNK_SIZE,
          source: str | None = None) -> PushResult:
-    """Push the store's image ``source`` (default: ``reference``) to ``reference``."""
+    """Push the store's image or index ``source`` (default: ``reference``) to ``reference``."""
     ref = Reference.parse(reference)
     store = store or Store()
     top = store.resolve(source or reference)
+    if top.media_type not in mt.INDEX_TYPES:
+        img = StoreImage(store, top, source or reference)
+        return push_image(img, reference, insecure=insecure, progress=progress, client=client, jobs=jobs,
+                          chunk_size=chunk_size, store=store)
     own_client = client is None
     client = client or RegistryClient(ref.registry, insecure=insecure)
     name = str(ref)
     result = PushResult(name, top.digest)
     try:
-        manifests: list[tuple[Descriptor, bytes]] = []
         top_raw = store.read_blob(top.digest)
-        if top.media_type in mt.INDEX_TYPES:
-            index = parse_json(top_raw, f"index of {name}")
-            for m in index.get("manifests", []):
-                child = Descriptor.from_json(m)
-                if not store.has_blob(child.digest):
-                    raise NotFound(f"{name}: the manifest for {child.platform or child.digest[:19]} is not in the store",
-                                   "pull the image with --all-platforms before pushing the whole index")
-                manifests.append((child, store.read_blob(child.digest)))
-        else:
-            manifests.append((top, top_raw))
+        index = parse_json(top_raw, f"index of {name}")
+        images: list[StoreImage] = []
+        for m in index.get("manifests", []):
+            child = Descriptor.from_json(m)
+            if not store.has_blob(child.digest):
+                raise NotFound(f"{name}: the manifest for {child.platform or child.digest[:19]} is not in the store",
+                               "pull the image with --all-platforms before pushing the whole index")
+            images.append(StoreImage(store, child, name))
         blobs: dict[str, Descriptor] = {}
-        for _, raw in manifests:
-            obj = parse_json(raw, f"manifest of {name}")
-            if "layers" not in obj:
-                continue
-            for d in [obj["config"], *(obj.get("layers") or [])]:
-                desc = Descriptor.from_json(d)
-                if desc.is_nondistributable and not store.has_blob(desc.digest):
-                    continue  # foreign layers stay where they are
-                blobs.setdefault(desc.digest, desc)
-        pusher = Pusher(client, store, ref.repository, progress=progress, chunk_size=chunk_size)
-        if blobs:
-            with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(blobs))), thread_name_prefix="push") as pool:
-                futures = [pool.submit(pusher.push_blob, d, result) for d in blobs.values()]
-                errors = []
-                for fut in futures:
-                    try:
-                        fut.result()
-                    except BaseException as e:  # noqa: BLE001 - wait for all, raise the first
-                        errors.append(e)
-                if errors:
-                    raise errors[0]
-        if top.media_type in mt.INDEX_TYPES:
-            for child, raw in manifests:
-                client.put_manifest(ref.repository, child.digest, raw, child.media_type or parse_json(raw, "manifest").get("mediaType", mt.OCI_MANIFEST))
-        media_type = top.media_type or parse_json(top_raw, "manifest").get("mediaType") or mt.OCI_MANIFEST
+        for img in images:
+            for d in _image_blobs(img):
+                if not store.has_blob(d.digest):
+                    raise NotFound(f"blob {d.digest[:19]} of {name} is not in the store", "pull the image again before pushing it")
+                blobs.setdefault(d.digest, d)
+        pusher = Pusher(client, ref.repository, store.open_blob, sources=store.sources, progress=progress, chunk_size=chunk_size)
+        pusher.push_all(list(blobs.values()), result, jobs)
+        for img in images:  # children by digest, then the index under its tag
+            client.put_manifest(ref.repository, img.digest(), img.manifest_bytes(), img.media_type())
+        media_type = top.media_type or index.get("mediaType") or mt.OCI_INDEX
         client.put_manifest(ref.repository, ref.tag or top.digest, top_raw, media_type)
-        for dg in list(blobs) + [m.digest for m, _ in manifests]:
+        for dg in [*blobs, *(img.digest() for img in images), top.digest]:
             store.add_source(dg, f"{ref.registry}/{ref.repository}")
         return result
     finally:
