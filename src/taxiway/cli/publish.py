@@ -1,0 +1,116 @@
+"""``taxiway publish``: CSV, JSON or SQLite files to a live Datasette app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+class _DefaultGroup(click.Group):
+    """``publish FILE...`` runs the default command; ``publish ls`` / ``rm`` are subcommands."""
+
+    default_cmd = "files"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = [self.default_cmd, *args]
+        return super().parse_args(ctx, args)
+
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.command_path, "FILE... [OPTIONS] | ls [--json] | rm NAME")
+
+
+def report(result, as_json: bool) -> None:
+    """Print a publish result: the URL for people, everything with --json."""
+    from taxiway.cli.output import emit_json
+
+    if as_json:
+        emit_json(result.to_json())
+        return
+    for t in result.tables:
+        coords = f", map on {t.latitude}/{t.longitude}" if t.latitude else ""
+        click.echo(f"  {t.table}: {t.rows:,} rows{coords}", err=True)
+    click.echo(result.url)
+
+
+@click.group(cls=_DefaultGroup, invoke_without_command=False)
+def publish() -> None:
+    """Publish CSV, TSV, JSON or SQLite files as a live Datasette app.
+
+    \b
+    taxiway publish airports.csv --install datasette-cluster-map
+    taxiway publish ls
+    taxiway publish rm airports
+    """
+
+
+@publish.command("files", hidden=True)
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-n", "--name", help="App name (default: the first file's name).")
+@click.option("--table", help="Table name for a single converted file (default: the file's name).")
+@click.option("--install", multiple=True, help="Datasette plugin to install from PyPI (repeatable).")
+@click.option("-m", "--metadata", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Datasette metadata file (JSON or YAML).")
+@click.option("--title", help="Title shown on the app.")
+@click.option("--source", help="Source of the data.")
+@click.option("--source-url", help="URL of the source.")
+@click.option("--license", "license_", help="License of the data.")
+@click.option("--license-url", help="URL of the license.")
+@click.option("--about", help="About text.")
+@click.option("--about-url", help="About URL.")
+@click.option("--fts", multiple=True, help="Column to index for full-text search (repeatable).")
+@click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of CSV/JSON files.")
+@click.option("--port", type=int, help="Loopback port to serve on (default: kept from the last publish, or free).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def publish_files(files, name, table, install, metadata, title, source, source_url, license_, license_url,
+                  about, about_url, fts, encoding, port, as_json):
+    """Publish FILES."""
+    import json
+
+    from taxiway.errors import InvalidInput
+    from taxiway.publish.app import PublishSpec
+    from taxiway.publish.deploy import publish as do_publish
+
+    meta = {}
+    if metadata:
+        text = metadata.read_text()
+        try:
+            meta = json.loads(text)
+        except json.JSONDecodeError:
+            import yaml
+
+            try:
+                meta = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                raise InvalidInput(f"{metadata}: neither JSON nor YAML ({e})", "fix the metadata file") from None
+        if not isinstance(meta, dict):
+            raise InvalidInput(f"{metadata}: metadata must be an object", "see Datasette's metadata documentation")
+    spec = PublishSpec(files=list(files), name=name, table=table, install=list(install), metadata=meta, title=title,
+                       source=source, source_url=source_url, license=license_, license_url=license_url,
+                       about=about, about_url=about_url, fts=list(fts), encoding=encoding, port=port)
+    report(do_publish(spec), as_json)
+
+
+@publish.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def publish_ls(as_json: bool) -> None:
+    """List published apps."""
+    from taxiway.cli.output import emit_json, table
+    from taxiway.publish.deploy import list_apps
+
+    apps = list_apps()
+    if as_json:
+        emit_json(apps)
+    else:
+        table(apps, ["name", "url", "state", "image", "published"])
+
+
+@publish.command("rm")
+@click.argument("name")
+def publish_rm(name: str) -> None:
+    """Stop and remove a published app."""
+    from taxiway.publish.deploy import remove
+
+    remove(name)
+    click.echo(f"removed {name}")

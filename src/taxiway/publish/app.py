@@ -1,0 +1,185 @@
+"""Lay out a Datasette app directory from the user's files and options.
+
+The directory is what the builder's Datasette buildpack builds: the databases
+under ``data/``, ``metadata.json``, ``requirements.txt`` (Datasette and the
+``--install``ed plugins) and ``datasette.toml`` saying how to serve them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from taxiway.errors import InvalidInput
+from taxiway.publish import convert
+
+_APP_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+_PLUGIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?((==|>=|<=|~=|!=|>|<)[A-Za-z0-9.*+!-]+)?$")
+
+
+@dataclass
+class PublishSpec:
+    """Everything ``taxiway publish`` and ``datasette publish taxiway`` accept."""
+
+    files: list[Path]
+    name: str | None = None
+    table: str | None = None
+    install: list[str] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    title: str | None = None
+    source: str | None = None
+    source_url: str | None = None
+    license: str | None = None
+    license_url: str | None = None
+    about: str | None = None
+    about_url: str | None = None
+    fts: list[str] = field(default_factory=list)
+    encoding: str = "utf-8"
+    plugin_secrets: list[tuple[str, str, str]] = field(default_factory=list)
+    static: list[tuple[str, str]] = field(default_factory=list)
+    version_note: str | None = None
+    extra_options: str | None = None
+    template_dir: Path | None = None
+    plugins_dir: Path | None = None
+    port: int | None = None
+
+    def app_name(self) -> str:
+        """The app's name: ``--name``, else the first file's stem, made DNS-safe."""
+        raw = self.name or convert.table_name_for(self.files[0]).split(".")[0]
+        if self.name is None:
+            raw = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")[:40] or "data"
+        if not _APP_NAME.match(raw):
+            raise InvalidInput(f"invalid app name {raw!r}", "use 1-40 lowercase letters, digits and dashes, e.g. --name my-data")
+        return raw
+
+
+def validate(spec: PublishSpec) -> None:
+    """Check files and options before any work starts."""
+    if not spec.files:
+        raise InvalidInput("no files to publish", "give one or more .csv, .tsv, .json, .db files")
+    for f in spec.files:
+        if not f.is_file():
+            raise InvalidInput(f"{f}: no such file", "check the path")
+        convert.kind_of(f)
+    for p in spec.install:
+        if not _PLUGIN.match(p):
+            raise InvalidInput(f"--install {p!r} is not a package name", "give a PyPI name such as datasette-cluster-map")
+    spec.app_name()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def merged_metadata(spec: PublishSpec, generated: dict) -> dict:
+    """User metadata + the title/license/source/about options + generated plugin config."""
+    meta: dict[str, Any] = json.loads(json.dumps(spec.metadata or {}))
+    for key in ("title", "license", "license_url", "source", "source_url", "about", "about_url"):
+        value = getattr(spec, key)
+        if value:
+            meta[key] = value
+    for db, dbmeta in generated.get("databases", {}).items():
+        target = meta.setdefault("databases", {}).setdefault(db, {}).setdefault("tables", {})
+        for table, tmeta in dbmeta.get("tables", {}).items():
+            t = target.setdefault(table, {})
+            plugins = t.setdefault("plugins", {})
+            for plugin, conf in tmeta.get("plugins", {}).items():
+                plugins.setdefault(plugin, {})
+                for k, v in conf.items():
+                    plugins[plugin].setdefault(k, v)  # the user's own settings win
+    env: dict[str, str] = {}
+    for plugin, setting, value in spec.plugin_secrets:
+        var = f"{plugin}_{setting}".upper().replace("-", "_")
+        env[var] = value
+        meta.setdefault("plugins", {}).setdefault(plugin, {})[setting] = {"$env": var}
+    return meta
+
+
+def prepare(spec: PublishSpec, workdir: Path) -> tuple[Path, list[convert.TableInfo], dict[str, str]]:
+    """Write the app directory; returns (dir, tables, secret env vars)."""
+    validate(spec)
+    app = workdir / "app"
+    if app.exists():
+        shutil.rmtree(app)
+    (app / "data").mkdir(parents=True)
+    infos: list[convert.TableInfo] = []
+    generated: dict = {}
+    to_convert = [f for f in spec.files if convert.kind_of(f) != "sqlite"]
+    dbs = [f for f in spec.files if convert.kind_of(f) == "sqlite"]
+    if spec.fts and dbs and not to_convert:
+        raise InvalidInput("--fts applies to converted CSV/JSON files", "enable FTS in your .db with sqlite-utils enable-fts")
+    names: set[str] = set()
+    if to_convert:
+        dbname = spec.app_name().replace("-", "_")
+        t = convert.build_database(to_convert, app / "data" / f"{dbname}.db", table=spec.table, fts=spec.fts,
+                                   encoding=spec.encoding)
+        infos += t
+        generated = _merge(generated, convert.cluster_map_metadata(dbname, t))
+        names.add(dbname)
+    for db in dbs:
+        t = convert.describe_sqlite(db)
+        stem = db.name.rsplit(".", 1)[0]
+        if stem in names:
+            raise InvalidInput(f"{db}: a second database named {stem!r}", "rename one of the files")
+        names.add(stem)
+        _link_or_copy(db, app / "data" / db.name)
+        infos += t
+        generated = _merge(generated, convert.cluster_map_metadata(stem, t))
+    meta = merged_metadata(spec, generated)
+    (app / "metadata.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    import datasette
+
+    reqs = [f"datasette=={datasette.__version__}", *spec.install]
+    (app / "requirements.txt").write_text("\n".join(reqs) + "\n")
+    options: list[str] = []
+    for mount, path in spec.static:
+        dest = app / "static" / mount
+        shutil.copytree(path, dest)
+        options += ["--static", f"{mount}:static/{mount}"]
+    if spec.template_dir:
+        shutil.copytree(spec.template_dir, app / "templates")
+        options += ["--template-dir", "templates"]
+    if spec.plugins_dir:
+        shutil.copytree(spec.plugins_dir, app / "plugins")
+        options += ["--plugins-dir", "plugins"]
+    if spec.version_note:
+        options += ["--version-note", spec.version_note]
+    if spec.extra_options:
+        import shlex
+
+        options += shlex.split(spec.extra_options)
+    (app / "datasette.json").write_text(json.dumps({
+        "databases": sorted(p.name for p in (app / "data").iterdir()),
+        "metadata": "metadata.json",
+        "options": options,
+    }, indent=2, sort_keys=True))
+    env = {f"{p}_{s}".upper().replace("-", "_"): v for p, s, v in spec.plugin_secrets}
+    return app, infos, env
+
+
+def _merge(a: dict, b: dict) -> dict:
+    for db, v in b.get("databases", {}).items():
+        a.setdefault("databases", {}).setdefault(db, {}).setdefault("tables", {}).update(v.get("tables", {}))
+    return a
+
+
+def content_hash(app: Path) -> str:
+    """A digest of the app directory's content (names, modes, bytes)."""
+    h = hashlib.sha256()
+    for p in sorted(app.rglob("*")):
+        rel = p.relative_to(app).as_posix()
+        h.update(rel.encode() + b"\0")
+        if p.is_file():
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,317 @@
+"""Publish: files -> app directory -> image (builder) -> machine -> stable URL.
+
+The image is built by taxiway's builder with the Datasette buildpack that
+ships beside this module, on the Python run image; it runs as a namespace
+machine whose port is forwarded to a loopback backend port; the app's stable
+URL is a small router (see :mod:`taxiway.publish.router`) that switches to a
+new release only once it answers, so the previous one serves until then.
+
+State per app lives in ``$TAXIWAY_HOME/publish/<name>/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from taxiway.errors import NotFound, TaxiwayError
+from taxiway.fsutil import write_bytes_atomic
+from taxiway.publish.app import PublishSpec, content_hash, prepare
+from taxiway.publish.convert import TableInfo
+
+BUILDPACK = Path(__file__).parent / "buildpack"
+CONTAINER_PORT = 8001
+READY_TIMEOUT = float(os.environ.get("TAXIWAY_PUBLISH_READY_TIMEOUT", "120"))
+
+
+@dataclass
+class PublishResult:
+    name: str
+    url: str
+    image: str
+    machine: str
+    release: str
+    tables: list[TableInfo] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "url": self.url, "image": self.image, "machine": self.machine,
+                "release": self.release, "seconds": round(self.seconds, 2),
+                "tables": [t.to_json() for t in self.tables]}
+
+
+def publish_root() -> Path:
+    from taxiway.paths import home
+
+    d = home() / "publish"
+    d.mkdir(exist_ok=True)
+    return d
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _app_lock(d: Path) -> Iterator[None]:
+    d.mkdir(parents=True, exist_ok=True)
+    # A POSIX record lock, not flock: machine supervisors forked while we hold
+    # it must not inherit it.
+    with open(d / ".lock", "w") as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise TaxiwayError(f"another publish of {d.name} is running", "wait for it to finish") from None
+        yield
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _load(d: Path) -> dict:
+    try:
+        return json.loads((d / "app.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save(d: Path, state: dict) -> None:
+    write_bytes_atomic(d / "app.json", json.dumps(state, indent=2).encode())
+
+
+def _answers(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def _wait_ready(port: int, machine, deadline: float) -> None:
+    from taxiway.machines import state as S
+
+    url = f"http://127.0.0.1:{port}/-/versions.json"
+    while time.monotonic() < deadline:
+        if _answers(url):
+            return
+        m = S.load(machine.id)
+        if m is not None and m.status() in ("exited", "failed"):
+            raise TaxiwayError(f"the new release exited ({m.reason or 'error'}, code {m.exit_code}) before answering: "
+                               f"{_log_tail(m)}", f"see `taxiway machines logs {m.name}`")
+        time.sleep(0.1)
+    raise TaxiwayError(f"the new release did not answer on port {port} within {READY_TIMEOUT:.0f}s",
+                       f"see `taxiway machines logs {machine.name}`")
+
+
+def _log_tail(m, n: int = 3) -> str:
+    try:
+        lines = (m.dir / "log").read_text(errors="replace").strip().splitlines()[-n:]
+    except OSError:
+        return ""
+    return " | ".join(line.split(" ", 2)[-1] for line in lines)
+
+
+def _ensure_router(d: Path, state: dict, port: int) -> int:
+    """Start the app's router on ``port`` unless it runs; returns its pid."""
+    pid = state.get("router_pid")
+    if _alive(pid) and state.get("port") == port:
+        return pid
+    if _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+    if not _port_free(port):
+        raise TaxiwayError(f"port {port} is already in use", "pass another --port")
+    log = open(d / "router.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taxiway.publish.router", "--listen", f"127.0.0.1:{port}", "--state", str(d / "router.json")],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True, close_fds=True)
+    log.close()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return proc.pid
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    raise TaxiwayError(f"the router for {d.name} did not start on port {port}", f"see {d / 'router.log'}")
+
+
+def _plugin_error(e: Exception, install: list[str]) -> TaxiwayError | None:
+    text = str(e) + "\n" + "\n".join(getattr(e, "log_tail", []) or [])
+    m = re.search(r"No matching distribution found for ([A-Za-z0-9._\[\]=<>~!-]+)", text)
+    if m or re.search(r"Could not find a version that satisfies", text):
+        bad = m.group(1) if m else next((p for p in install if p in text), "a requested package")
+        return TaxiwayError(f"plugin {bad} could not be installed: it does not exist on the package index",
+                            "check the name passed to --install (e.g. datasette-cluster-map)")
+    return None
+
+
+def publish(spec: PublishSpec, say=_say) -> PublishResult:
+    """Build and run ``spec`` as a Datasette app; replace the previous release once the new one answers."""
+    from taxiway.build import stack
+    from taxiway.build.lifecycle import BuildFailed, BuildOptions, build
+    from taxiway.machines import runtime
+    from taxiway.machines import state as S
+    from taxiway.machines.config import MachineConfig, Port, Restart
+    from taxiway.oci.store import Store
+
+    t0 = time.monotonic()
+    name = spec.app_name()
+    d = publish_root() / name
+    with _app_lock(d):
+        state = _load(d)
+        app, tables, secrets_env = prepare(spec, d / "build")
+        release = content_hash(app)[:12]
+        tag = f"localhost/taxiway-publish/{name}:{release}"
+        say(f"---> building {tag}")
+        store = Store()
+        run_ref = stack.RECIPES["run-python"].ref
+        stack.import_stack(store, "run-python")
+        try:
+            # Built under one name per app so the build cache (Datasette's layer) carries over
+            # between releases; the machine runs the immutable release tag.
+            result = build(BuildOptions(source=app, tag=f"localhost/taxiway-publish/{name}:latest",
+                                        buildpacks=[str(BUILDPACK)], run_image=run_ref), store=store,
+                           say=lambda m: None if os.environ.get("TAXIWAY_QUIET") else say(m))
+        except BuildFailed as e:
+            raise _plugin_error(e, spec.install) or e from None
+        store.tag(tag, result.descriptor)
+        port = spec.port or state.get("port") or _free_port()
+        backend = _free_port()
+        cfg = MachineConfig(image=tag, env={"PORT": str(CONTAINER_PORT), **secrets_env},
+                            ports=[Port(host_port=backend, port=CONTAINER_PORT)], net="private",
+                            restart=Restart("on-failure", 3))
+        mname = f"publish-{name}-{release[:6]}-{int(time.time() * 1000) % 100000:05d}"
+        say(f"---> starting machine {mname}")
+        m = runtime.create(cfg, name=mname)
+        try:
+            runtime.start_detached(m)
+            _wait_ready(backend, m, time.monotonic() + READY_TIMEOUT)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                runtime.destroy(S.load(m.id) or m, force=True)
+            raise
+        # Switch the stable URL to the new release, then retire the old one.
+        write_bytes_atomic(d / "router.json", json.dumps({"backend_host": "127.0.0.1", "backend_port": backend}).encode())
+        try:
+            router_pid = _ensure_router(d, state, port)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                runtime.destroy(S.load(m.id) or m, force=True)
+            raise
+        os.kill(router_pid, signal.SIGHUP)
+        old = state.get("machine_id")
+        url = f"http://127.0.0.1:{port}"
+        new_state = {"name": name, "port": port, "url": url, "router_pid": router_pid, "machine_id": m.id,
+                     "machine": m.name, "backend_port": backend, "image": tag, "release": release,
+                     "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                     "tables": [t.to_json() for t in tables]}
+        _save(d, new_state)
+        if old and old != m.id:
+            _retire_in_background(old)
+        return PublishResult(name, url, tag, m.name, release, tables, time.monotonic() - t0)
+
+
+def _retire(machine_id: str, grace: float = 0.5) -> None:
+    """Stop and remove an old release after open requests have had a moment to finish."""
+    from taxiway.machines import runtime
+    from taxiway.machines import state as S
+
+    time.sleep(grace)
+    m = S.load(machine_id)
+    if m is None:
+        return
+    with contextlib.suppress(Exception):
+        runtime.stop(m, timeout=5)
+    with contextlib.suppress(Exception):
+        runtime.destroy(S.load(machine_id) or m, force=True)
+
+
+def _retire_in_background(machine_id: str) -> None:
+    """Retire the old release in a detached child so the command returns as soon as the new one serves."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setsid()
+            if os.fork() == 0:
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                _retire(machine_id)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+def list_apps() -> list[dict]:
+    """Published apps with their URL and whether they answer."""
+    from taxiway.machines import state as S
+
+    out = []
+    for d in sorted(publish_root().iterdir()):
+        st = _load(d)
+        if not st:
+            continue
+        m = S.load(st.get("machine_id", "")) if st.get("machine_id") else None
+        running = m is not None and m.status() == "running" and _alive(st.get("router_pid"))
+        out.append({"name": st["name"], "url": st["url"], "state": "running" if running else "stopped",
+                    "image": st.get("image"), "machine": st.get("machine"), "published": st.get("published"),
+                    "tables": [t["table"] for t in st.get("tables", [])]})
+    return out
+
+
+def remove(name: str) -> None:
+    """Stop the app's router and machine and forget it."""
+    import shutil
+
+    d = publish_root() / name
+    st = _load(d)
+    if not st:
+        raise NotFound(f"no published app named {name!r}", "see `taxiway publish ls`")
+    with _app_lock(d):
+        pid = st.get("router_pid")
+        if _alive(pid):
+            os.kill(pid, signal.SIGTERM)
+        if st.get("machine_id"):
+            _retire(st["machine_id"], grace=0)
+    shutil.rmtree(d, ignore_errors=True)
