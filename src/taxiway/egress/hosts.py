@@ -9,6 +9,7 @@ the address policy judge the destination that will really be dialled.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ def parse_legacy_ipv4(s: str) -> ipaddress.IPv4Address | None:
     return ipaddress.IPv4Address(value)
 
 
+@functools.lru_cache(maxsize=8192)
 def parse_host(raw: str) -> Host:
     """Normalize a host from a request target or CONNECT authority (no port).
 

@@ -184,6 +184,8 @@ class EgressProxy:
         self.idle: set[asyncio.Task] = set()
         self.draining = False
         self._ids = itertools.count(1)
+        self._flush_pending = False
+        self._judged: dict[tuple[IPAddress, int], AddressVerdict] = {}
         self._server: asyncio.AbstractServer | None = None
         self._stopped: asyncio.Event | None = None
 
@@ -191,8 +193,28 @@ class EgressProxy:
     def log(self, **fields: object) -> None:
         fields.setdefault("time", time.time())
         self.log_out.write(orjson.dumps(fields, default=str) + b"\n")
+        if not self._flush_pending:
+            # One flush per loop iteration, however many lines it wrote.
+            self._flush_pending = True
+            try:
+                asyncio.get_running_loop().call_soon(self._flush)
+            except RuntimeError:
+                self._flush()
+
+    def _flush(self) -> None:
+        self._flush_pending = False
         with contextlib.suppress(Exception):
             self.log_out.flush()
+
+    def judge(self, addr: IPAddress, port: int) -> AddressVerdict:
+        """The address policy's verdict, memoized (the policy is fixed for the process)."""
+        key = (addr, port)
+        v = self._judged.get(key)
+        if v is None:
+            if len(self._judged) > 50_000:
+                self._judged.clear()
+            v = self._judged[key] = self.policy.judge(addr, port)
+        return v
 
     # -- reload --------------------------------------------------------------------
     def reload(self) -> bool:
@@ -236,6 +258,7 @@ class EgressProxy:
         bound = self._server.sockets[0].getsockname()
         self.config.listen = (host, bound[1])
         self.policy = self.policy.with_own(*_own_addresses(host, bound[1]))
+        self._judged.clear()
         self._stopped = asyncio.Event()
         self.log(msg="listening", address=f"{host}:{bound[1]}", tls=bool(self.config.tls_cert),
                  acl=str(self.config.acl_path or ""), auth_required=self.auth.required)
@@ -271,6 +294,7 @@ class EgressProxy:
             if pending:
                 await asyncio.wait(pending, timeout=5)
         self.log(msg="stopped")
+        self._flush()
 
     # -- one client connection -------------------------------------------------------
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -384,7 +408,7 @@ class EgressProxy:
             finally:
                 out.dns_ms = (time.perf_counter() - t0) * 1000
                 self.metrics.observe("taxiway_egress_dns_seconds", out.dns_ms / 1000)
-        out.addresses = [self.policy.judge(a, target.port) for a in addrs]
+        out.addresses = [self.judge(a, target.port) for a in addrs]
         if not any(v.allowed for v in out.addresses):
             raise Denied(403, host, out.addresses[0].reason)
         return out
@@ -645,9 +669,13 @@ class EgressProxy:
                         ) -> tuple[int, bool, bool]:
         """One request/response over ``up``: (status, keep client, keep upstream)."""
         up.writer.write(http.serialize_request(head, target, keep_alive=keep))
-        body = asyncio.create_task(_copy_body(reader, up.writer, framing, counts, 0))
+        body = None
+        if framing[0] != "none":
+            body = asyncio.create_task(_copy_body(reader, up.writer, framing, counts, 0))
+        idle = self.config.idle_timeout
         try:
-            async with asyncio.timeout(self.config.idle_timeout):
+            # One timer per exchange, pushed back whenever bytes move (an idle timeout).
+            async with asyncio.timeout(idle) as timer:
                 while True:
                     try:
                         raw = await up.reader.readuntil(b"\r\n\r\n")
@@ -661,37 +689,46 @@ class EgressProxy:
                         writer.write(raw)
                         continue
                     break
-            up.used = True
-            rframing = http.response_framing(rhead, head.method)
-            if rhead.status == 101:
-                writer.write(http.serialize_response_head(rhead, True))
-                await body
-                tunnel = _Tunnel()
-                transport = up.writer.transport
-                tunnel.upstream.transport = transport
-                transport.set_protocol(tunnel.upstream)
-                leftover = bytes(up.reader._buffer)  # noqa: SLF001
-                if leftover:
-                    writer.write(leftover)
-                pending = bytes(reader._buffer)  # noqa: SLF001
-                reader._buffer.clear()  # noqa: SLF001
-                await self._relay(tunnel, writer.transport, transport, pending, out, target, client,
-                                  conn_id, str(up.verdict.address), "http-upgrade")
-                return 101, False, False
-            rtokens = http.connection_tokens(rhead.headers)
-            keep_up = rframing[0] != "close" and b"close" not in rtokens and rhead.version == b"HTTP/1.1"
-            keep = keep and rframing[0] != "close"
-            writer.write(http.serialize_response_head(rhead, keep))
-            async with asyncio.timeout(self.config.idle_timeout):
-                await _copy_body(up.reader, writer, rframing, counts, 1)
-                if not body.done():
+                up.used = True
+                rframing = http.response_framing(rhead, head.method)
+                if rhead.status == 101:
+                    timer.reschedule(None)
+                    writer.write(http.serialize_response_head(rhead, True))
+                    if body is not None:
+                        await body
+                    tunnel = _Tunnel()
+                    transport = up.writer.transport
+                    tunnel.upstream.transport = transport
+                    transport.set_protocol(tunnel.upstream)
+                    leftover = bytes(up.reader._buffer)  # noqa: SLF001
+                    if leftover:
+                        writer.write(leftover)
+                    pending = bytes(reader._buffer)  # noqa: SLF001
+                    reader._buffer.clear()  # noqa: SLF001
+                    await self._relay(tunnel, writer.transport, transport, pending, out, target, client,
+                                      conn_id, str(up.verdict.address), "http-upgrade")
+                    return 101, False, False
+                rtokens = http.connection_tokens(rhead.headers)
+                keep_up = rframing[0] != "close" and b"close" not in rtokens and rhead.version == b"HTTP/1.1"
+                keep = keep and rframing[0] != "close"
+                rhead_bytes = http.serialize_response_head(rhead, keep)
+                kind, length = rframing
+                if kind == "length" and length <= len(up.reader._buffer):  # noqa: SLF001
+                    # A small body that already arrived: one write for head and body.
+                    writer.write(rhead_bytes + await up.reader.readexactly(length))
+                    counts[1] += length
+                else:
+                    writer.write(rhead_bytes)
+                    await _copy_body(up.reader, writer, rframing, counts, 1, timer, idle)
+                if body is not None and not body.done():
                     if keep:
                         await body
                     else:
                         body.cancel()
-            return rhead.status, keep, keep_up and body.done() and not body.cancelled()
+            body_ok = body is None or (body.done() and not body.cancelled())
+            return rhead.status, keep, keep_up and body_ok
         finally:
-            if not body.done():
+            if body is not None and not body.done():
                 body.cancel()
 
 
@@ -716,8 +753,17 @@ class _ClientState:
 
 
 async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, framing: tuple[str, int],
-                     counts: list[int], index: int) -> None:
+                     counts: list[int], index: int, timer: asyncio.Timeout | None = None,
+                     idle: float = 0.0) -> None:
+    """Copy one message body as framed; pushes ``timer`` back by ``idle`` on progress."""
     kind, length = framing
+    loop = asyncio.get_running_loop()
+
+    def progress(n: int) -> None:
+        counts[index] += n
+        if timer is not None:
+            timer.reschedule(loop.time() + idle)
+
     if kind == "none":
         return
     if kind == "length":
@@ -727,7 +773,7 @@ async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, frami
             if not data:
                 raise asyncio.IncompleteReadError(b"", left)
             left -= len(data)
-            counts[index] += len(data)
+            progress(len(data))
             dst.write(data)
             await dst.drain()
         return
@@ -742,7 +788,7 @@ async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, frami
                 # Bytes past the body belong to the next message: give them back.
                 src._buffer[:0] = data[used:]  # noqa: SLF001
                 data = data[:used]
-            counts[index] += len(data)
+            progress(len(data))
             dst.write(data)
             await dst.drain()
         return
@@ -750,7 +796,7 @@ async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, frami
         data = await src.read(READ_SIZE)
         if not data:
             return
-        counts[index] += len(data)
+        progress(len(data))
         dst.write(data)
         await dst.drain()
 
