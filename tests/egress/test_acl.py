@@ -189,3 +189,20 @@ def test_wildcards_match_strict_subdomains_only(base, prefix):
     assert host_matches_glob(".".join(prefix + base), "*." + domain)
     assert not host_matches_glob(domain, "*." + domain)
     assert host_matches_glob(domain.upper() + ".", domain)
+
+
+def test_the_readme_example_acl_and_users_file():
+    from pathlib import Path
+
+    from taxiway.egress.roles import Authenticator, load_users
+
+    examples = Path(__file__).resolve().parents[2] / "examples" / "egress"
+    acl = load_acl(examples / "acl.yaml")
+    assert acl.decide("billing", "api.stripe.com").result is ALLOW
+    assert acl.decide("billing", "example.com").result is REPORT
+    assert acl.decide("authed", "raw.githubusercontent.com").result is ALLOW
+    assert acl.decide("authed", "githubusercontent.com").result is DENY
+    assert acl.decide("build", "pastebin.com").reason == "host matched rule in global deny list"
+    assert acl.decide("someone", "pypi.org").result is ALLOW
+    auth = Authenticator(None, load_users(examples / "users"))
+    assert auth.role_from_password("ci-runner", "example-only") == "build"
