@@ -107,7 +107,7 @@ def write_buildpack(root: Path, launch_toml: str | None = None) -> Path:
         command = ["/bin/sh", "-c", "exec greet-server"]
         default = true
         """)
-    (bp / "bin" / "build").write_text(textwrap.dedent(f"""\
+    (bp / "bin" / "build").write_text(textwrap.dedent("""\
         #!/bin/sh
         set -e
         # Positional arguments (older APIs) agree with the CNB_* variables.
@@ -121,8 +121,7 @@ def write_buildpack(root: Path, launch_toml: str | None = None) -> Path:
         mkdir -p "$CNB_LAYERS_DIR/scratch"
         printf '[types]\\nbuild = true\\n' > "$CNB_LAYERS_DIR/scratch.toml"
         cat > "$CNB_LAYERS_DIR/launch.toml" <<'TOML'
-        {launch}TOML
-        """))
+        """) + launch + "TOML\n")
     for exe in ("detect", "build"):
         (bp / "bin" / exe).chmod(0o755)
     return bp

@@ -8,6 +8,7 @@ manifest digest.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from typing import Any
 
@@ -28,15 +29,32 @@ def dumps(obj: Any) -> bytes:
 def put_image(store, config: dict, layers: list[Descriptor]) -> Descriptor:
     """Write ``config`` and an OCI manifest over ``layers`` (already in the store); returns the manifest descriptor."""
     cfg = dumps(config)
-    cdesc = store.write_blob(cfg, media_type=mt.OCI_CONFIG)
+    # With the digest known up front the store skips blobs it has (a rebuild rewrites nothing it needn't).
+    cdesc = store.write_blob(cfg, expected_digest=sha256(cfg), media_type=mt.OCI_CONFIG)
     manifest = {
         "schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
         "config": {"mediaType": mt.OCI_CONFIG, "digest": cdesc.digest, "size": cdesc.size},
         "layers": [{"mediaType": d.media_type or mt.OCI_LAYER_GZIP, "digest": d.digest, "size": d.size} for d in layers],
     }
     raw = dumps(manifest)
-    digest = store.put_manifest(raw, mt.OCI_MANIFEST)
+    digest = store.write_blob(raw, expected_digest=sha256(raw), media_type=mt.OCI_MANIFEST).digest
     return Descriptor(mt.OCI_MANIFEST, digest, len(raw))
+
+
+def sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def tag_if_changed(store, name: str, desc: Descriptor) -> None:
+    """Point ``name`` at ``desc`` unless it already does (saves a locked index rewrite)."""
+    from taxiway.errors import NotFound
+
+    try:
+        if store.resolve(name).digest == desc.digest:
+            return
+    except NotFound:
+        pass
+    store.tag(name, desc)
 
 
 def with_layers(base_config: dict, diff_ids: list[str], history: list[str]) -> dict:

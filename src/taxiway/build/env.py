@@ -21,23 +21,37 @@ def _join(a: str, b: str, delim: str) -> str:
 
 
 def apply_env_dir(env: dict[str, str], d: Path) -> None:
-    """Apply one ``env*`` folder's files to ``env`` (in sorted order, so the result is stable)."""
-    if not d.is_dir():
-        return
-    files = {p.name: p for p in d.iterdir() if p.is_file()}
+    """Apply one ``env*`` folder's files to ``env``."""
+    if d.is_dir():
+        apply_env_files(env, {p.name: p.read_text() for p in d.iterdir() if p.is_file()})
+
+
+def apply_env_files(env: dict[str, str], files: dict[str, str]) -> None:
+    """Apply ``NAME[.suffix]`` -> content rules (in sorted order, so the result is stable)."""
     for name in sorted(files):
         if name.endswith(".delim"):
             continue
         var, _, suffix = name.partition(".")
-        value = files[name].read_text()
+        value = files[name]
         if suffix in ("", "override"):
             env[var] = value
         elif suffix == "default":
             env.setdefault(var, value)
         elif suffix in ("prepend", "append"):
-            delim = files[f"{var}.delim"].read_text() if f"{var}.delim" in files else ""
+            delim = files.get(f"{var}.delim", "")
             cur = env.get(var, "")
             env[var] = _join(value, cur, delim) if suffix == "prepend" else _join(cur, value, delim)
+
+
+def apply_recorded(env: dict[str, str], rec: dict, inside: str) -> None:
+    """A launch layer's contribution from what the exporter recorded (``bin``, ``lib``, ``files``)."""
+    if rec.get("bin"):
+        env["PATH"] = _join(f"{inside}/bin", env.get("PATH", ""), os.pathsep)
+    if rec.get("lib"):
+        env["LD_LIBRARY_PATH"] = _join(f"{inside}/lib", env.get("LD_LIBRARY_PATH", ""), os.pathsep)
+    files = rec.get("files", {})
+    for sub in ("env", "env.launch"):
+        apply_env_files(env, {k.split("/", 1)[1]: v for k, v in files.items() if k.split("/", 1)[0] == sub})
 
 
 def apply_layer(env: dict[str, str], layer_dir: Path, phase: str, inside: str | None = None) -> None:

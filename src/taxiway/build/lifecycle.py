@@ -117,6 +117,20 @@ def cache_dir(tag: str) -> Path:
     return home() / "build" / "cache" / key
 
 
+def discard(d: Path) -> None:
+    """Remove a folder off the critical path: rename it aside now, delete it in a detached ``rm``.
+
+    A dependency layer holds thousands of files; deleting them inline would cost
+    a rebuild more than everything else it does.
+    """
+    trash = d.parent.parent.parent / "trash"
+    trash.mkdir(exist_ok=True)
+    aside = Path(tempfile.mkdtemp(dir=trash))
+    os.rename(d, aside / "x")
+    subprocess.Popen(["rm", "-rf", "--one-file-system", str(aside)], start_new_session=True,
+                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def restore_layers(layers: Path, exported: set[str]) -> None:
     """Prune the kept /layers as the spec's restorer would leave it.
 
@@ -134,7 +148,7 @@ def restore_layers(layers: Path, exported: set[str]) -> None:
             (bpdir / special).unlink(missing_ok=True)
         for child in bpdir.iterdir():
             if child.is_dir() and child.name not in tomls:
-                shutil.rmtree(child)
+                discard(child)
         for name in tomls:
             try:
                 meta = bpmod.parse_layer_toml(bpdir / f"{name}.toml")
@@ -144,9 +158,40 @@ def restore_layers(layers: Path, exported: set[str]) -> None:
             if meta.cache:
                 continue
             if d.exists():
-                shutil.rmtree(d)
+                discard(d)
             if not meta.launch or f"{bpdir.name}/{name}" not in exported:
                 (bpdir / f"{name}.toml").unlink()
+
+
+def buildpacks_dir(bps: list[Buildpack]) -> Path:
+    """/cnb/buildpacks/<id>/<version> for these buildpacks, made once per content and shared by builds."""
+    from taxiway.paths import home
+
+    unique = list({bp.id: bp for bp in bps}.values())
+    lib = bpmod.bundled_root() / "_lib"
+    h = hashlib.sha256()
+    for bp in unique:
+        h.update(f"{bp.id}\0{bp.version}\0{bp.path}\0{lyr.fingerprint(bp.path)}\n".encode())
+    h.update(lyr.fingerprint(lib).encode())
+    root = home() / "build" / "buildpacks"
+    dest = root / h.hexdigest()[:20]
+    if dest.is_dir():
+        return dest
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".new-"))
+    try:
+        for bp in unique:
+            shutil.copytree(bp.path, tmp / bp.dirname / bp.version, symlinks=True)
+        shutil.copytree(lib, tmp / "_lib")
+        tmp.chmod(0o755)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another build made it first
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
 
 
 # -- detect -----------------------------------------------------------------------------------
@@ -195,15 +240,7 @@ class Lifecycle:
         (self.platform / "env").mkdir(parents=True)
         for k, v in self.opts.env.items():
             (self.platform / "env" / k).write_text(v)
-        self.bpdir = work / "buildpacks"
-        seen = set()
-        for bp in bps:
-            if bp.id in seen:
-                continue
-            seen.add(bp.id)
-            shutil.copytree(bp.path, self.bpdir / bp.dirname / bp.version, symlinks=True)
-        self.bpdir.mkdir(exist_ok=True)
-        shutil.copytree(bpmod.bundled_root() / "_lib", self.bpdir / "_lib")
+        self.bpdir = buildpacks_dir(bps)
         self.out = work / "out"
         self.out.mkdir()
         os.chown(self.out, UID, GID)
@@ -392,7 +429,7 @@ class Lifecycle:
                 else:
                     raise TaxiwayError(f"buildpack {bp.id} kept launch layer {name!r} but there is no previous image layer to reuse",
                                        "build again with --no-cache")
-                _apply_recorded_env(env, envfiles, inside)
+                envmod.apply_recorded(env, envfiles, inside)
                 record[key] = {"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.descriptor.size,
                                "fingerprint": fp, "env": envfiles}
                 new_layers.append((f"buildpack {bp.id} layer {name}", layer))
@@ -445,7 +482,7 @@ class Lifecycle:
             self.say("[export] no default process: the image has no entrypoint (add a Procfile or launch.toml process)")
         layers = [*run.layers(), *[layer.descriptor for _, layer in new_layers]]
         desc = assemble.put_image(self.store, cfg, layers)
-        self.store.tag(self.opts.tag, desc)
+        assemble.tag_if_changed(self.store, self.opts.tag, desc)
         from taxiway.fsutil import write_bytes_atomic
 
         write_bytes_atomic(record_path, json.dumps({"layers": record, "app": app_record, "digest": desc.digest},
@@ -469,8 +506,9 @@ class Lifecycle:
         tmp_root.mkdir(parents=True, exist_ok=True)
         with _locked(self.cache / "lock"), tempfile.TemporaryDirectory(dir=tmp_root, prefix="build-") as work:
             self._prepare(Path(work), all_bps)
-            group = self.detect(order)
-            processes = self.build(group)
+            with self.sandbox:
+                group = self.detect(order)
+                processes = self.build(group)
             result = self.export([bp for bp, _ in group], processes)
         return result
 
@@ -489,19 +527,6 @@ def _env_files(d: Path) -> dict[str, Any]:
                 if f.is_file():
                     out["files"][f"{sub}/{f.name}"] = f.read_text()
     return out
-
-
-def _apply_recorded_env(env: dict[str, str], rec: dict[str, Any], inside: str) -> None:
-    with tempfile.TemporaryDirectory() as t:
-        d = Path(t)
-        if rec.get("bin"):
-            (d / "bin").mkdir()
-        if rec.get("lib"):
-            (d / "lib").mkdir()
-        for rel, text in rec.get("files", {}).items():
-            (d / rel).parent.mkdir(parents=True, exist_ok=True)
-            (d / rel).write_text(text)
-        envmod.apply_layer(env, d, "launch", inside=inside)
 
 
 def _default_process(processes: list[Process]) -> Process | None:

@@ -158,7 +158,7 @@ def stack_config(recipe: Recipe, diff_id: str) -> dict:
 
 def import_stack(store, name: str) -> Descriptor:
     """Make sure the stack image ``name`` is in ``store`` (building it if needed); returns its manifest descriptor."""
-    from taxiway.build.assemble import put_image
+    from taxiway.build.assemble import put_image, tag_if_changed
     from taxiway.build.layer import Layer
 
     recipe = RECIPES[name]
@@ -168,7 +168,7 @@ def import_stack(store, name: str) -> Descriptor:
             store.write_blob(f, expected_digest=meta["digest"], expected_size=meta["size"])
     layer = Layer(Descriptor(mt.OCI_LAYER_GZIP, meta["digest"], meta["size"]), meta["diff_id"])
     desc = put_image(store, stack_config(recipe, layer.diff_id), [layer.descriptor])
-    store.tag(recipe.ref, desc)
+    tag_if_changed(store, recipe.ref, desc)
     return desc
 
 

@@ -14,8 +14,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-DETECT_FAIL = 100
-
 
 def app() -> Path:
     return Path.cwd()
@@ -38,22 +36,6 @@ def write_table(f, name: str, table: dict, array: bool = False) -> None:
     for k, v in table.items():
         f.write(f'"{k}" = {_toml_value(v)}\n')
     f.write("\n")
-
-
-def detect_pass(provides: list[str] = (), requires: list[str] = ()) -> None:
-    plan = os.environ.get("CNB_BUILD_PLAN_PATH") or (sys.argv[2] if len(sys.argv) > 2 else "")
-    if plan and (provides or requires):
-        with open(plan, "w") as f:
-            for p in provides:
-                write_table(f, "provides", {"name": p}, array=True)
-            for r in requires:
-                write_table(f, "requires", {"name": r}, array=True)
-    sys.exit(0)
-
-
-def detect_fail(looked_for: str) -> None:
-    print(f"looked for {looked_for}")
-    sys.exit(DETECT_FAIL)
 
 
 def layers_dir() -> Path:
