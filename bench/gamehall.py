@@ -33,7 +33,6 @@ import secrets
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,7 +94,9 @@ def cpu_seconds(pid: int) -> float:
 
 
 def post(url: str, data: dict) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(data).encode(), headers={"content-type": "application/json"})
+    req = urllib.request.Request(
+        url, data=json.dumps(data).encode(), headers={"content-type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=30) as r:
         return json.loads(r.read())
 
@@ -120,8 +121,17 @@ class Stats:
 class Page:
     """One bot player's page: HTML fragments in, moves out."""
 
-    def __init__(self, url: str, code: str, stats: Stats, think: float, leader: bool, rng: random.Random):
-        self.url, self.code, self.stats, self.think, self.leader, self.rng = url, code, stats, think, leader, rng
+    def __init__(
+        self, url: str, code: str, stats: Stats, think: float, leader: bool, rng: random.Random
+    ):
+        self.url, self.code, self.stats, self.think, self.leader, self.rng = (
+            url,
+            code,
+            stats,
+            think,
+            leader,
+            rng,
+        )
         self.token = secrets.token_urlsafe(9)
         self.version = -1
         self.acted = -1
@@ -131,8 +141,12 @@ class Page:
 
     async def connect(self) -> None:
         ws_base = self.url.replace("http://", "ws://")
-        self.ws = await websockets.connect(f"{ws_base}/ws/{self.code}?token={self.token}", max_size=2**20,
-                                           ping_interval=None, compression=None)
+        self.ws = await websockets.connect(
+            f"{ws_base}/ws/{self.code}?token={self.token}",
+            max_size=2**20,
+            ping_interval=None,
+            compression=None,
+        )
 
     async def join(self, name: str) -> None:
         await self.ws.send(json.dumps({"action": "join", "name": name}))
@@ -182,7 +196,12 @@ class Page:
                 elif status == "over" and self.leader:
                     self.acted = version
                     self._later(self._act(version, {"action": "rematch"}, False))
-                elif status == "lobby" and self.leader and raw.count("(you)") == 1 and "open seat" not in raw:
+                elif (
+                    status == "lobby"
+                    and self.leader
+                    and raw.count("(you)") == 1
+                    and "open seat" not in raw
+                ):
                     self.acted = version
                     self._later(self._act(version, {"action": "start"}, False))
 
@@ -194,8 +213,9 @@ class Page:
             await self.ws.close()
 
 
-async def load(urls: tuple[str, str], games: int, duration: float, think: float, warmup: float,
-               pids: list[int]) -> dict:
+async def load(
+    urls: tuple[str, str], games: int, duration: float, think: float, warmup: float, pids: list[int]
+) -> dict:
     """Create ``games`` games on urls[0], seat one bot page on each url, play for ``duration``."""
     stats = Stats()
     rng = random.Random(7)
@@ -242,17 +262,25 @@ async def load(urls: tuple[str, str], games: int, duration: float, think: float,
     incomplete = sum(1 for lats in stats.pages.values() if len(lats) < 2)
     ms = 1000.0
     return {
-        "games": games, "players": len(pages), "duration_s": round(elapsed, 1), "think_s": think,
+        "games": games,
+        "players": len(pages),
+        "duration_s": round(elapsed, 1),
+        "think_s": think,
         "connect_s": round(connect_s, 2),
-        "moves": len(stats.pages), "moves_per_s": round(len(stats.pages) / elapsed, 1),
+        "moves": len(stats.pages),
+        "moves_per_s": round(len(stats.pages) / elapsed, 1),
         "page_updates_per_s": round(len(deliveries) / elapsed, 1),
-        "latency_ms_p50": round(pct(deliveries, 50) * ms, 2), "latency_ms_p99": round(pct(deliveries, 99) * ms, 2),
+        "latency_ms_p50": round(pct(deliveries, 50) * ms, 2),
+        "latency_ms_p99": round(pct(deliveries, 99) * ms, 2),
         "every_page_ms_p50": round(pct(every_page, 50) * ms, 2),
         "every_page_ms_p99": round(pct(every_page, 99) * ms, 2),
         "every_page_ms_max": round(max(every_page) * ms, 2) if every_page else None,
-        "moves_missing_a_page": incomplete, "errors_on_pages": stats.errors,
+        "moves_missing_a_page": incomplete,
+        "errors_on_pages": stats.errors,
         "error_samples": dict(sorted(stats.error_texts.items(), key=lambda kv: -kv[1])[:5]),
-        "server_cpu_pct": [round((b - a) / elapsed * 100, 1) for a, b in zip(cpu0, cpu1, strict=True)],
+        "server_cpu_pct": [
+            round((b - a) / elapsed * 100, 1) for a, b in zip(cpu0, cpu1, strict=True)
+        ],
         "bench_client_cpu_pct": round((me1 - me0) / elapsed * 100, 1),
         "live_game_kib": round((rss_live - rss_before) / games, 1),
     }
@@ -268,12 +296,26 @@ def idle_memory(url: str, pid: int, n: int) -> dict:
         post(url + "/api/games", {"game": "tictactoe"})
     time.sleep(0.5)
     after = rss_kib(pid)
-    return {"idle_games": n, "rss_before_mib": round(before / 1024, 1), "rss_after_mib": round(after / 1024, 1),
-            "idle_game_kib": round((after - before) / n, 1)}
+    return {
+        "idle_games": n,
+        "rss_before_mib": round(before / 1024, 1),
+        "rss_after_mib": round(after / 1024, 1),
+        "idle_game_kib": round((after - before) / n, 1),
+    }
 
 
 def gamehall_argv(port: int, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "gamehall.cli", "serve", "--port", str(port), "--log-level", "warning", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "gamehall.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *extra,
+    ]
 
 
 def run_one_node(args, tmp: Path) -> dict:
@@ -284,32 +326,67 @@ def run_one_node(args, tmp: Path) -> dict:
     port = free_port()
     with process(gamehall_argv(port), port, tmp / "node-load.log") as proc:
         url = f"http://127.0.0.1:{port}"
-        result = asyncio.run(load((url, url), args.games, args.duration, args.think, args.warmup, [proc.pid]))
+        result = asyncio.run(
+            load((url, url), args.games, args.duration, args.think, args.warmup, [proc.pid])
+        )
     return {"setup": "one node, in memory", **mem, **result}
 
 
 def run_two_nodes(args, tmp: Path) -> dict:
     rport = free_port()
     redis = shutil.which("redis-server") or "/usr/bin/redis-server"
-    with process([redis, "--bind", "127.0.0.1", "--port", str(rport), "--save", "", "--appendonly", "no",
-                  "--dir", str(tmp)], rport, tmp / "redis.log") as rproc:
+    with process(
+        [
+            redis,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(rport),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp),
+        ],
+        rport,
+        tmp / "redis.log",
+    ) as rproc:
         common = ["--redis", f"redis://127.0.0.1:{rport}/0"]
         pa, pb = free_port(), free_port()
-        with process(gamehall_argv(pa, *common, "--node-id", "a"), pa, tmp / "a.log") as a, \
-                process(gamehall_argv(pb, *common, "--node-id", "b"), pb, tmp / "b.log") as b:
-            result = asyncio.run(load((f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"), args.games,
-                                      args.duration, args.think, args.warmup, [a.pid, b.pid, rproc.pid]))
-    result["server_cpu_pct"] = dict(zip(["node_a", "node_b", "redis"], result["server_cpu_pct"], strict=True))
+        with (
+            process(gamehall_argv(pa, *common, "--node-id", "a"), pa, tmp / "a.log") as a,
+            process(gamehall_argv(pb, *common, "--node-id", "b"), pb, tmp / "b.log") as b,
+        ):
+            result = asyncio.run(
+                load(
+                    (f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pb}"),
+                    args.games,
+                    args.duration,
+                    args.think,
+                    args.warmup,
+                    [a.pid, b.pid, rproc.pid],
+                )
+            )
+    result["server_cpu_pct"] = dict(
+        zip(["node_a", "node_b", "redis"], result["server_cpu_pct"], strict=True)
+    )
     return {"setup": "two nodes through Redis", **result}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--nodes", choices=["1", "2", "both"], default="both")
-    ap.add_argument("--games", type=int, default=1000, help="concurrent games (two bot players each)")
+    ap.add_argument(
+        "--games", type=int, default=1000, help="concurrent games (two bot players each)"
+    )
     ap.add_argument("--duration", type=float, default=30.0, help="seconds measured")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds played before measuring")
-    ap.add_argument("--think", type=float, default=2.0, help="mean seconds a bot thinks before each move")
+    ap.add_argument(
+        "--think", type=float, default=2.0, help="mean seconds a bot thinks before each move"
+    )
     ap.add_argument("--idle-games", type=int, default=2000, help="idle games for the memory figure")
     args = ap.parse_args()
     try:

@@ -38,7 +38,10 @@ def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float =
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", port), timeout=0.5),
+        ):
             return
         time.sleep(0.05)
     raise TimeoutError(f"nothing listening on 127.0.0.1:{port}:\n{log.read_text()[-3000:]}")
@@ -62,8 +65,11 @@ class Node:
             return e.code, e.read().decode()
 
     def post(self, path: str, data: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
-                                     headers={"content-type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path,
+            data=json.dumps(data).encode(),
+            headers={"content-type": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=10) as r:
                 return r.status, json.loads(r.read())
@@ -105,8 +111,12 @@ def gamehall_node(tmp: Path, *args: str) -> Iterator[Node]:
     port = free_port()
     log = tmp / f"gamehall-{port}.log"
     with open(log, "wb") as lf:
-        proc = subprocess.Popen([*GAMEHALL, "serve", "--port", str(port), "--log-level", "info", *args],
-                                stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [*GAMEHALL, "serve", "--port", str(port), "--log-level", "info", *args],
+            stdout=lf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for_port(port, proc, log)
         yield Node(port, proc, log)
@@ -121,9 +131,24 @@ def redis_server(tmp: Path) -> Iterator[str]:
     port = free_port()
     log = tmp / f"redis-{port}.log"
     with open(log, "wb") as lf:
-        proc = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                                 "--appendonly", "no", "--dir", str(tmp)],
-                                stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp),
+            ],
+            stdout=lf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for_port(port, proc, log)
         yield f"redis://127.0.0.1:{port}/0"
@@ -162,8 +187,9 @@ class Player:
     async def connect(self, node: Node | None = None) -> Player:
         node = node or self.node
         query = f"token={self.token}" + ("" if self.html else "&format=json")
-        self.ws = await websockets.connect(f"ws://127.0.0.1:{node.port}/ws/{self.code}?{query}",
-                                           max_size=2**22)
+        self.ws = await websockets.connect(
+            f"ws://127.0.0.1:{node.port}/ws/{self.code}?{query}", max_size=2**22
+        )
         return self
 
     async def __aexit__(self, *exc) -> None:

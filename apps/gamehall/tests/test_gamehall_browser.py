@@ -18,8 +18,9 @@ def test_two_browsers_play_tictactoe_to_a_win(node, artifacts):
         try:
             # Two people: separate contexts, so separate cookies (player ids). Bob is on a phone.
             ann = browser.new_context(viewport={"width": 1024, "height": 800}).new_page()
-            bob = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True,
-                                      has_touch=True).new_page()
+            bob = browser.new_context(
+                viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+            ).new_page()
             for page in (ann, bob):
                 page.set_default_timeout(10_000)
 
@@ -90,8 +91,12 @@ def test_battleship_in_the_browser_shows_only_your_fleet(node, artifacts):
             expect(page.locator("#status")).to_contain_text("Your turn")
             expect(page.locator("form[aria-label='Your fleet'] .ship")).to_have_count(10)
             page.get_by_role("button", name="Fire at row 1, column 1").click()
-            expect(page.locator("form[aria-label='Your fleet'] .cell.hit, "
-                                "form[aria-label='Your fleet'] .cell.miss")).to_have_count(1)
+            expect(
+                page.locator(
+                    "form[aria-label='Your fleet'] .cell.hit, "
+                    "form[aria-label='Your fleet'] .cell.miss"
+                )
+            ).to_have_count(1)
             expect(page.locator("#status")).to_contain_text("Your turn")
             page.screenshot(path=str(artifacts / "battleship.png"), full_page=True)
         finally:

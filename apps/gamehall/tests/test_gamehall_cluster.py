@@ -8,6 +8,7 @@ import json
 import time
 
 import pytest
+import websockets
 from conftest import Player, gamehall_node, redis_server
 
 pytestmark = pytest.mark.timeout(180)
@@ -17,8 +18,10 @@ pytestmark = pytest.mark.timeout(180)
 def cluster(tmp_path):
     with redis_server(tmp_path) as url:
         common = ["--redis", url, "--owner-ttl", "3", "--bot-delay", "0.1"]
-        with gamehall_node(tmp_path, *common, "--node-id", "a") as a, \
-                gamehall_node(tmp_path, *common, "--node-id", "b") as b:
+        with (
+            gamehall_node(tmp_path, *common, "--node-id", "a") as a,
+            gamehall_node(tmp_path, *common, "--node-id", "b") as b,
+        ):
             yield a, b, url
 
 
@@ -40,14 +43,15 @@ def test_game_created_on_a_is_played_from_b_and_survives_a_dying(cluster):
             assert await player.do("move", move=col) == {"ok": True}
             played.append([len(played) % 2, col])
             # Every page sees every move, on both nodes.
-            await other.view_where(lambda v, n=len(played): v["moves"] == n)
+            n = len(played)
+            await other.view_where(lambda v, n=n: v["moves"] == n)
         assert node_b.game(code)["move_list"] == played
         assert node_a.get("/healthz")[1].count('"games":') == 1
 
         # Node A, which owns the game, dies mid-game.
         node_a.kill()
         t0 = time.monotonic()
-        with pytest.raises(Exception):
+        with pytest.raises(websockets.ConnectionClosed):
             await ann.until(lambda m: False, timeout=5)
         # Ann's page reconnects, to B this time, and keeps her seat.
         await ann.connect(node_b)

@@ -107,7 +107,9 @@ def test_random_legal_games_end_with_a_result(name, seed, data):
         before = json.dumps(state, sort_keys=True)
         with pytest.raises(IllegalMove):
             game.apply(state, 1 - seat, legal[0])
-        bad = data.draw(st.integers(-3, 50).filter(lambda m: m not in legal), label="illegal")
+        bad = data.draw(
+            st.integers(-3, 50).filter(lambda m, legal=legal: m not in legal), label="illegal"
+        )
         with pytest.raises(IllegalMove):
             game.apply(state, seat, bad)
         assert json.dumps(state, sort_keys=True) == before

@@ -71,7 +71,9 @@ def test_random_rooms_with_bots_and_timers_always_finish(game, data):
     for _ in range(60):
         now += data.draw(st.floats(0, 3))
         who = data.draw(st.sampled_from(people))
-        action = data.draw(st.sampled_from(["join", "bot", "start", "move", "leave", "rematch", "tick"]))
+        action = data.draw(
+            st.sampled_from(["join", "bot", "start", "move", "leave", "rematch", "tick"])
+        )
         before = room.to_dict()
         try:
             if action == "join":

@@ -256,7 +256,9 @@ def test_html_pages_escape_names_and_render_live_fragments(node):
 
 
 def test_http_form_create_redirects_to_the_game_page(node):
-    req = urllib.request.Request(node.url + "/new", data=b"game=connect4&turn_seconds=30&on_timeout=auto")
+    req = urllib.request.Request(
+        node.url + "/new", data=b"game=connect4&turn_seconds=30&on_timeout=auto"
+    )
     with urllib.request.urlopen(req, timeout=10) as r:
         assert re.search(r"/g/[A-Z]{4}$", r.url)
         body = r.read().decode()

@@ -67,20 +67,28 @@ def _error_page(title: str, error: str, status: int) -> HTMLResponse:
 def _code_or_error(raw: str) -> tuple[str | None, str | None]:
     code = codes.normalize(raw)
     if code is None:
-        return None, (f"“{raw[:40]}” is not a game code: codes are {codes.LENGTH} letters, "
-                      f"like {codes.ALPHABET[:4]}.")
+        return None, (
+            f"“{raw[:40]}” is not a game code: codes are {codes.LENGTH} letters, "
+            f"like {codes.ALPHABET[:4]}."
+        )
     return code, None
 
 
 def _options(data: Any) -> Options:
     try:
         turn = max(0, min(3600, int(data.get("turn_seconds") or 0)))
-        idle = max(1, min(86400, int(data.get("idle_seconds") or 0))) if data.get("idle_seconds") else None
+        idle = (
+            max(1, min(86400, int(data.get("idle_seconds") or 0)))
+            if data.get("idle_seconds")
+            else None
+        )
     except (TypeError, ValueError):
         raise RoomError("Timer settings must be whole numbers of seconds.") from None
     on_timeout = data.get("on_timeout") or "forfeit"
     if on_timeout not in ("forfeit", "auto"):
-        raise RoomError("When time runs out, the player either forfeits or a random move is played.")
+        raise RoomError(
+            "When time runs out, the player either forfeits or a random move is played."
+        )
     return Options(turn, on_timeout, idle) if idle else Options(turn, on_timeout)
 
 
@@ -133,8 +141,11 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
             return _error_page("Not a game code", error, 400)
         snapshot = await hall().snapshot(code)
         if snapshot is None:
-            return _error_page("No such game", f"There is no game with code {code}. "
-                               "Check the code, or create a new game.", 404)
+            return _error_page(
+                "No such game",
+                f"There is no game with code {code}. Check the code, or create a new game.",
+                404,
+            )
         token = request.cookies.get(COOKIE)
         new_token = None if token else secrets.token_urlsafe(16)
         room = Room.from_dict(snapshot)
@@ -148,10 +159,12 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
             if not isinstance(data, dict):
                 raise ValueError
         except ValueError:
-            return JSONResponse({"error": "Send a JSON object like {\"game\": \"tictactoe\"}."}, 400)
+            return JSONResponse({"error": 'Send a JSON object like {"game": "tictactoe"}.'}, 400)
         game = data.get("game", "tictactoe")
         if game not in GAMES:
-            return JSONResponse({"error": f"Unknown game {game!r}; choose one of {', '.join(GAMES)}."}, 400)
+            return JSONResponse(
+                {"error": f"Unknown game {game!r}; choose one of {', '.join(GAMES)}."}, 400
+            )
         try:
             code = await hall().create(game, _options(data))
         except RoomError as e:
@@ -181,22 +194,30 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
             if not isinstance(cmd, dict):
                 raise ValueError
         except ValueError:
-            return JSONResponse({"error": "Send a JSON object like {\"action\": \"move\", \"move\": 4}."}, 400)
+            return JSONResponse(
+                {"error": 'Send a JSON object like {"action": "move", "move": 4}.'}, 400
+            )
         reply = await hall().command(code, cmd)
         return JSONResponse(reply, 200 if "error" not in reply else 409)
 
     async def healthz(request: Request) -> Response:
         h = hall()
-        return JSONResponse({"ok": True, "node": h.node_id, "games": len(h.actors),
-                             "watched": len(h.viewers)})
+        return JSONResponse(
+            {"ok": True, "node": h.node_id, "games": len(h.actors), "watched": len(h.viewers)}
+        )
 
     async def ws_game(websocket: WebSocket) -> None:
         await websocket.accept()
         as_json = websocket.query_params.get("format") == "json"
 
+        shown = [False]  # is the page showing a notice now (so an OK must clear it)?
+
         async def send_notice(text: str, kind: str = "error") -> None:
+            shown[0] = bool(text)
             if as_json:
-                await websocket.send_text(orjson.dumps({"error" if kind == "error" else "info": text}).decode())
+                await websocket.send_text(
+                    orjson.dumps({"error" if kind == "error" else "info": text}).decode()
+                )
             else:
                 await websocket.send_text(render.notice(text, kind))
 
@@ -208,7 +229,9 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
         token = _token(websocket)
         viewer = await hall().watch(code, token)
         if viewer is None:
-            await send_notice(f"There is no game with code {code}. Check the code, or create a new game.")
+            await send_notice(
+                f"There is no game with code {code}. Check the code, or create a new game."
+            )
             await websocket.close(1000)
             return
 
@@ -242,8 +265,10 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
                     continue
                 dropped = 0
                 if len(raw.encode()) > MAX_MESSAGE:
-                    await send_notice(f"That message was too large ({len(raw.encode())} bytes; "
-                                      f"the limit is {MAX_MESSAGE}).")
+                    await send_notice(
+                        f"That message was too large ({len(raw.encode())} bytes; "
+                        f"the limit is {MAX_MESSAGE})."
+                    )
                     continue
                 try:
                     cmd = orjson.loads(raw)
@@ -255,14 +280,18 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
                 if not token:
                     await send_notice("Your browser did not send a player id; reload the page.")
                     continue
-                cmd = {"action": cmd.get("action"), "move": cmd.get("move"), "name": cmd.get("name"),
-                       "token": token}
+                cmd = {
+                    "action": cmd.get("action"),
+                    "move": cmd.get("move"),
+                    "name": cmd.get("name"),
+                    "token": token,
+                }
                 reply = await hall().command(code, cmd)
                 if as_json:
                     await websocket.send_text(orjson.dumps(reply).decode())
                 elif "error" in reply:
                     await send_notice(reply["error"])
-                else:
+                elif shown[0]:
                     await send_notice("", "")
         except (WebSocketDisconnect, WebSocketDisconnected):
             pass  # the page went away (possibly while its command ran)

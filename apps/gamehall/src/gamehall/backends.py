@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -29,10 +29,44 @@ log = logging.getLogger("gamehall")
 OnMessage = Callable[[str, str, dict[str, Any]], Awaitable[None] | None]
 
 
+class Backend(Protocol):
+    """What a :class:`~gamehall.hall.Hall` needs from its storage and messaging."""
+
+    node_id: str
+    clustered: bool
+    owner_ttl: int
+
+    async def start(self, on_message: OnMessage) -> None: ...
+    async def close(self) -> None: ...
+    async def reserve(self, code: str, snapshot: dict[str, Any]) -> bool:
+        """Store a new game under a code nobody uses yet, owned by this node."""
+
+    async def claim(self, code: str) -> bool:
+        """Become the owner of a stored game that has no owner."""
+
+    async def steal(self, code: str, dead_node: str) -> bool:
+        """Become the owner of a game whose owner ``dead_node`` no longer listens."""
+
+    async def owner(self, code: str) -> str | None: ...
+    async def owners(self, codes: list[str]) -> list[str | None]: ...
+    async def renew(self, codes: list[str]) -> None: ...
+    async def release(self, code: str) -> None: ...
+    async def forget(self, code: str) -> None: ...
+    async def save(self, code: str, snapshot: dict[str, Any], move: Any = None) -> bool:
+        """Store and publish a change (and its moves) if we still own the game; False if not."""
+
+    async def load(self, code: str) -> dict[str, Any] | None: ...
+    async def move_log(self, code: str) -> list[Any]: ...
+    async def subscribe(self, code: str) -> None: ...
+    async def unsubscribe(self, code: str) -> None: ...
+    async def send(self, node: str, message: dict[str, Any]) -> int: ...
+
+
 class MemoryBackend:
     """One node, no Redis: rooms in a dict, pub/sub as direct calls."""
 
     clustered = False
+    owner_ttl = 0
 
     def __init__(self, node_id: str = "local") -> None:
         self.node_id = node_id
@@ -62,6 +96,9 @@ class MemoryBackend:
 
     async def owner(self, code: str) -> str | None:
         return self.node_id if code in self.rooms else None
+
+    async def owners(self, codes: list[str]) -> list[str | None]:
+        return [self.node_id if c in self.rooms else None for c in codes]
 
     async def renew(self, codes: list[str]) -> None:
         pass
@@ -185,7 +222,9 @@ class RedisBackend:
                 log.exception("bad message on %s", channel)
 
     async def reserve(self, code: str, snapshot: dict[str, Any]) -> bool:
-        ok = await self.redis.set(f"gh:room:{code}", orjson.dumps(snapshot), nx=True, ex=self.room_ttl)
+        ok = await self.redis.set(
+            f"gh:room:{code}", orjson.dumps(snapshot), nx=True, ex=self.room_ttl
+        )
         if ok:
             await self.redis.set(f"gh:owner:{code}", self.node_id, ex=self.owner_ttl)
         return bool(ok)
@@ -193,15 +232,29 @@ class RedisBackend:
     async def claim(self, code: str) -> bool:
         if not await self.redis.exists(f"gh:room:{code}"):
             return False
-        return bool(await self.redis.set(f"gh:owner:{code}", self.node_id, nx=True, ex=self.owner_ttl))
+        return bool(
+            await self.redis.set(f"gh:owner:{code}", self.node_id, nx=True, ex=self.owner_ttl)
+        )
 
     async def steal(self, code: str, dead_node: str) -> bool:
         """Take a game from a node that no longer listens (compare-and-set on the owner key)."""
-        return bool(await self._steal(keys=[f"gh:owner:{code}"], args=[dead_node, self.node_id, self.owner_ttl]))
+        return bool(
+            await self._steal(
+                keys=[f"gh:owner:{code}"], args=[dead_node, self.node_id, self.owner_ttl]
+            )
+        )
 
     async def owner(self, code: str) -> str | None:
         v = await self.redis.get(f"gh:owner:{code}")
         return v.decode() if v else None
+
+    async def owners(self, codes: list[str]) -> list[str | None]:
+        """The owner of each game (one MGET per 500 codes)."""
+        out: list[str | None] = []
+        for i in range(0, len(codes), 500):
+            values = await self.redis.mget([f"gh:owner:{c}" for c in codes[i : i + 500]])
+            out.extend(v.decode() if v else None for v in values)
+        return out
 
     async def renew(self, codes: list[str]) -> None:
         async with self.redis.pipeline(transaction=False) as p:
@@ -218,8 +271,14 @@ class RedisBackend:
     async def save(self, code: str, snapshot: dict[str, Any], move: Any = None) -> bool:
         ok = await self._save(
             keys=[f"gh:owner:{code}", f"gh:room:{code}", f"gh:log:{code}"],
-            args=[self.node_id, orjson.dumps(snapshot), self.room_ttl, f"gh:game:{code}",
-                  orjson.dumps(move) if move is not None else b"", self.owner_ttl],
+            args=[
+                self.node_id,
+                orjson.dumps(snapshot),
+                self.room_ttl,
+                f"gh:game:{code}",
+                orjson.dumps(move) if move is not None else b"",
+                self.owner_ttl,
+            ],
         )
         return bool(ok)
 

@@ -30,7 +30,9 @@ def ws_url(base: str, code: str, token: str) -> str:
 class Bot:
     """One seat played at random; ``view`` is the newest view the server sent."""
 
-    def __init__(self, base: str, code: str, name: str, seed: int | None = None, think: float = 0.06) -> None:
+    def __init__(
+        self, base: str, code: str, name: str, seed: int | None = None, think: float = 0.06
+    ) -> None:
         self.base, self.code, self.name = base, code, name
         self.token = secrets.token_urlsafe(12)
         self.rng = random.Random(seed)
@@ -38,9 +40,13 @@ class Bot:
         self.errors: list[str] = []
         self.think = think  # seconds before each move: the server rate-limits every socket
 
-    async def play(self, start: bool = False, rounds: int = 1, timeout: float = 60) -> dict[str, Any]:
+    async def play(
+        self, start: bool = False, rounds: int = 1, timeout: float = 60
+    ) -> dict[str, Any]:
         """Join, optionally start, and play until ``rounds`` rounds are over; returns the last view."""
-        async with websockets.connect(ws_url(self.base, self.code, self.token), max_size=2**20) as ws:
+        async with websockets.connect(
+            ws_url(self.base, self.code, self.token), max_size=2**20
+        ) as ws:
             await ws.send(json.dumps({"action": "join", "name": self.name}))
             acted = -1
             async with asyncio.timeout(timeout):
@@ -61,8 +67,13 @@ class Bot:
                         return v
                     if v["status"] == "closed":
                         return v
-                    if v["status"] == "lobby" and start and all(s["name"] for s in v["seats"]) \
-                            and v["you"] is not None and acted != v["version"]:
+                    if (
+                        v["status"] == "lobby"
+                        and start
+                        and all(s["name"] for s in v["seats"])
+                        and v["you"] is not None
+                        and acted != v["version"]
+                    ):
                         acted = v["version"]
                         await ws.send(json.dumps({"action": "start"}))
                     elif v["status"] == "over" and start and acted != v["version"]:
@@ -72,13 +83,17 @@ class Bot:
                         acted = v["version"]
                         if self.think:
                             await asyncio.sleep(self.think)
-                        await ws.send(json.dumps({"action": "move", "move": self.rng.choice(v["legal"])}))
+                        await ws.send(
+                            json.dumps({"action": "move", "move": self.rng.choice(v["legal"])})
+                        )
         return self.view or {}
 
 
 async def play_pair(base: str, game: str = "tictactoe", rounds: int = 1) -> dict[str, Any]:
     """Create a game on ``base`` and let two bots play it; returns a short summary."""
-    code = (await asyncio.to_thread(http_json, base.rstrip("/") + "/api/games", {"game": game}))["code"]
+    code = (await asyncio.to_thread(http_json, base.rstrip("/") + "/api/games", {"game": game}))[
+        "code"
+    ]
     a, b = Bot(base, code, "Bot A"), Bot(base, code, "Bot B")
     va, _ = await asyncio.gather(a.play(start=True, rounds=rounds), b.play(rounds=rounds))
     return {"code": code, "moves": va["moves"], "message": va["message"], "result": va["result"]}

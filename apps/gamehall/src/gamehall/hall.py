@@ -99,9 +99,16 @@ class Actor:
         if self.room.version == before["version"]:
             return out
         snapshot = self.room.to_dict()
-        new_moves = snapshot["moves"][len(before["moves"]):] if snapshot["round"] == before["round"] else []
-        move = ({"round": snapshot["round"], "version": snapshot["version"], "moves": new_moves}
-                if new_moves else None)
+        new_moves = (
+            snapshot["moves"][len(before["moves"]) :]
+            if snapshot["round"] == before["round"]
+            else []
+        )
+        move = (
+            {"round": snapshot["round"], "version": snapshot["version"], "moves": new_moves}
+            if new_moves
+            else None
+        )
         try:
             saved = await self.hall.backend.save(self.room.code, snapshot, move)
         except Exception as e:
@@ -134,8 +141,13 @@ class Viewer:
 class Hall:
     """A gamehall node."""
 
-    def __init__(self, backend, bot_delay: float = 0.4, reply_timeout: float = 5.0,
-                 defaults: Options | None = None) -> None:
+    def __init__(
+        self,
+        backend,
+        bot_delay: float = 0.4,
+        reply_timeout: float = 5.0,
+        defaults: Options | None = None,
+    ) -> None:
         self.backend = backend
         self.node_id = backend.node_id
         self.bot_delay = bot_delay
@@ -160,7 +172,11 @@ class Hall:
         actors = list(self.actors.values())
         for a in actors:
             a.task.cancel()
-        for t in [*(a.task for a in actors), *self._tasks, *([self._housekeeper] if self._housekeeper else [])]:
+        for t in [
+            *(a.task for a in actors),
+            *self._tasks,
+            *([self._housekeeper] if self._housekeeper else []),
+        ]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         for a in actors:
@@ -188,9 +204,9 @@ class Hall:
             try:
                 if self.actors:
                     await self.backend.renew(list(self.actors))
-                orphans = [c for c in self.viewers if c not in self.actors]
-                for code in orphans:
-                    if await self.backend.owner(code) is None:
+                watched = [c for c in self.viewers if c not in self.actors]
+                for code, owner in zip(watched, await self.backend.owners(watched), strict=True):
+                    if owner is None:
                         await self._take(code)
             except asyncio.CancelledError:
                 raise
@@ -215,7 +231,9 @@ class Hall:
             return actor.room.to_dict()
         return await self.backend.load(code)
 
-    async def command(self, code: str, cmd: dict[str, Any], forwarded: bool = False) -> dict[str, Any]:
+    async def command(
+        self, code: str, cmd: dict[str, Any], forwarded: bool = False
+    ) -> dict[str, Any]:
         """Run ``cmd`` on the game's owner, wherever it is; the reply is {"ok"...} or {"error"}."""
         for _ in range(4):
             actor = self.actors.get(code)
@@ -271,8 +289,9 @@ class Hall:
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         try:
-            n = await self.backend.send(node, {"t": "cmd", "id": rid, "from": self.node_id,
-                                               "code": code, "cmd": cmd})
+            n = await self.backend.send(
+                node, {"t": "cmd", "id": rid, "from": self.node_id, "code": code, "cmd": cmd}
+            )
             if n == 0:
                 return None
             try:

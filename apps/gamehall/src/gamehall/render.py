@@ -14,8 +14,13 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from .games import GAMES
 from .room import Room
 
-env = Environment(loader=PackageLoader("gamehall", "templates"), autoescape=select_autoescape(default=True),
-                  trim_blocks=True, lstrip_blocks=True, auto_reload=False)
+env = Environment(
+    loader=PackageLoader("gamehall", "templates"),
+    autoescape=select_autoescape(default=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+    auto_reload=False,
+)
 
 
 def page(name: str, **context: Any) -> str:
@@ -23,8 +28,19 @@ def page(name: str, **context: Any) -> str:
 
 
 def room_fragment(room: Room, token: str | None) -> str:
-    """The live part of a game page for one viewer (replaced by id on every change)."""
-    return env.get_template("room.html").render(v=room.view(token), now=time.time())
+    """The live part of a game page for one viewer (replaced by id on every change).
+
+    What a page shows depends only on its seat, so one render per seat is shared by
+    every page of that seat (all the spectators, a player's several tabs).
+    """
+    seat = room.seat_of(token)
+    cache = room.__dict__.setdefault("_rendered", {})
+    html = cache.get(seat)
+    if html is None:
+        html = cache[seat] = env.get_template("room.html").render(
+            v=room.view(token), now=time.time()
+        )
+    return html
 
 
 def notice(text: str, kind: str = "error") -> str:

@@ -30,8 +30,11 @@ class Options:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Options:
-        return cls(int(d.get("turn_seconds", 0)), str(d.get("on_timeout", "forfeit")),
-                   int(d.get("idle_seconds", 900)))
+        return cls(
+            int(d.get("turn_seconds", 0)),
+            str(d.get("on_timeout", "forfeit")),
+            int(d.get("idle_seconds", 900)),
+        )
 
 
 def clean_name(name: Any) -> str:
@@ -64,8 +67,16 @@ class Room:
         if game not in GAMES:
             raise RoomError(f"Unknown game {game!r}; choose one of {', '.join(GAMES)}.")
         rules = GAMES[game]
-        return cls(code, game, seed, options, seats=[None] * rules.seats,
-                   state=rules.initial(seed), last_active=now, message="Waiting for players.")
+        return cls(
+            code,
+            game,
+            seed,
+            options,
+            seats=[None] * rules.seats,
+            state=rules.initial(seed),
+            last_active=now,
+            message="Waiting for players.",
+        )
 
     @property
     def rules(self):
@@ -75,19 +86,40 @@ class Room:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "code": self.code, "game": self.game, "seed": self.seed,
-            "options": vars(self.options).copy(), "status": self.status,
-            "seats": [dict(s) if s else None for s in self.seats], "state": self.state,
-            "moves": list(self.moves), "result": self.result, "round": self.round,
-            "version": self.version, "turn_deadline": self.turn_deadline,
-            "last_active": self.last_active, "message": self.message,
+            "code": self.code,
+            "game": self.game,
+            "seed": self.seed,
+            "options": vars(self.options).copy(),
+            "status": self.status,
+            "seats": [dict(s) if s else None for s in self.seats],
+            "state": self.state,
+            "moves": list(self.moves),
+            "result": self.result,
+            "round": self.round,
+            "version": self.version,
+            "turn_deadline": self.turn_deadline,
+            "last_active": self.last_active,
+            "message": self.message,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Room:
-        return cls(d["code"], d["game"], d["seed"], Options.from_dict(d["options"]), d["status"],
-                   d["seats"], d["state"], d["moves"], d["result"], d["round"], d["version"],
-                   d["turn_deadline"], d["last_active"], d["message"])
+        return cls(
+            d["code"],
+            d["game"],
+            d["seed"],
+            Options.from_dict(d["options"]),
+            d["status"],
+            d["seats"],
+            d["state"],
+            d["moves"],
+            d["result"],
+            d["round"],
+            d["version"],
+            d["turn_deadline"],
+            d["last_active"],
+            d["message"],
+        )
 
     # -- who is who -------------------------------------------------------------
 
@@ -174,7 +206,9 @@ class Room:
             self._finish(res.winner, res.reason, now)
             return
         self._arm_timer(now)
-        self._changed(now, f"{self._name(seat)} moved; {self._name(self.rules.to_move(self.state))} to move.")
+        self._changed(
+            now, f"{self._name(seat)} moved; {self._name(self.rules.to_move(self.state))} to move."
+        )
 
     def _finish(self, winner: int | None, reason: str, now: float) -> None:
         self.status = OVER
@@ -265,7 +299,9 @@ class Room:
         self.moves.append([seat, move])
         self._after_move(seat, now)
         if timed_out and self.status == PLAYING:
-            self.message = f"{self._name(seat)} ran out of time; a random move was played. " + self.message
+            self.message = (
+                f"{self._name(seat)} ran out of time; a random move was played. " + self.message
+            )
 
     # -- what a page shows --------------------------------------------------------
 
@@ -276,13 +312,29 @@ class Room:
         to_move = rules.to_move(self.state) if self.status == PLAYING else None
         your_turn = seat is not None and to_move == seat
         return {
-            "code": self.code, "game": self.game, "title": rules.title, "status": self.status,
-            "round": self.round, "version": self.version, "message": self.message,
-            "seats": [{"seat": i, "name": s["name"] if s else None, "bot": bool(s and s.get("bot")),
-                       "you": seat == i} for i, s in enumerate(self.seats)],
-            "you": seat, "to_move": to_move, "your_turn": your_turn,
+            "code": self.code,
+            "game": self.game,
+            "title": rules.title,
+            "status": self.status,
+            "round": self.round,
+            "version": self.version,
+            "message": self.message,
+            "seats": [
+                {
+                    "seat": i,
+                    "name": s["name"] if s else None,
+                    "bot": bool(s and s.get("bot")),
+                    "you": seat == i,
+                }
+                for i, s in enumerate(self.seats)
+            ],
+            "you": seat,
+            "to_move": to_move,
+            "your_turn": your_turn,
             "legal": rules.legal_moves(self.state) if your_turn else [],
-            "result": self.result, "turn_deadline": self.turn_deadline,
-            "options": vars(self.options).copy(), "moves": len(self.moves),
+            "result": self.result,
+            "turn_deadline": self.turn_deadline,
+            "options": vars(self.options).copy(),
+            "moves": len(self.moves),
             "board": rules.view(self.state, seat),
         }

@@ -24,7 +24,9 @@ def place_fleet(rng: random.Random) -> list[list[int]]:
             horizontal = rng.random() < 0.5
             r = rng.randrange(SIZE if horizontal else SIZE - length + 1)
             c = rng.randrange(SIZE - length + 1 if horizontal else SIZE)
-            cells = [(r * SIZE + c + k) if horizontal else ((r + k) * SIZE + c) for k in range(length)]
+            cells = [
+                (r * SIZE + c + k) if horizontal else ((r + k) * SIZE + c) for k in range(length)
+            ]
             if not taken.intersection(cells):
                 taken.update(cells)
                 ships.append(cells)
@@ -71,7 +73,9 @@ class Battleship:
         shots[seat].append(move)
         return {"ships": state["ships"], "shots": shots, "turn": 1 - seat}
 
-    def _sea(self, ships: list[list[int]], shots: list[int], show_ships: bool) -> list[dict[str, Any]]:
+    def _sea(
+        self, ships: list[list[int]], shots: list[int], show_ships: bool
+    ) -> list[dict[str, Any]]:
         """One sea as cells: what was fired at it, and (if shown) where ships lie."""
         ship_at = {cell: i for i, ship in enumerate(ships) for cell in ship}
         fired = set(shots)
@@ -79,25 +83,40 @@ class Battleship:
         cells = []
         for i in range(SIZE * SIZE):
             hit = i in fired and i in ship_at
-            cells.append({
-                "index": i,
-                "row": i // SIZE,
-                "col": i % SIZE,
-                "shot": "hit" if hit else ("miss" if i in fired else ""),
-                "sunk": hit and ship_at[i] in sunk,
-                "ship": show_ships and i in ship_at,
-            })
+            cells.append(
+                {
+                    "index": i,
+                    "row": i // SIZE,
+                    "col": i % SIZE,
+                    "shot": "hit" if hit else ("miss" if i in fired else ""),
+                    "sunk": hit and ship_at[i] in sunk,
+                    "ship": show_ships and i in ship_at,
+                }
+            )
         return cells
 
     def view(self, state: State, seat: int | None) -> dict[str, Any]:
         over = self.result(state) is not None
-        legal = set(self.legal_moves(state)) if seat is not None and self.to_move(state) == seat else set()
+        legal = (
+            set(self.legal_moves(state))
+            if seat is not None and self.to_move(state) == seat
+            else set()
+        )
         seas = []
         # Sea k holds seat k's fleet and the shots fired at it by the other seat.
         for k in (0, 1):
-            cells = self._sea(state["ships"][k], state["shots"][1 - k], show_ships=over or seat == k)
+            cells = self._sea(
+                state["ships"][k], state["shots"][1 - k], show_ships=over or seat == k
+            )
             for cell in cells:
                 cell["legal"] = k != seat and cell["index"] in legal
-            seas.append({"owner": k, "cells": cells,
-                         "afloat": sum(not _sunk(s, set(state["shots"][1 - k])) for s in state["ships"][k])})
+            seas.append(
+                {
+                    "owner": k,
+                    "cells": cells,
+                    "afloat": sum(
+                        not _sunk(s, set(state["shots"][1 - k])) for s in state["ships"][k]
+                    ),
+                }
+            )
         return {"size": SIZE, "seas": seas}

@@ -65,9 +65,18 @@ class ConnectFour:
         legal = set(self.legal_moves(state))
         rows = []
         for r in reversed(range(ROWS)):
-            rows.append([
-                {"col": c, "colour": COLOURS[cols[c][r]] if r < len(cols[c]) else "", "win": (c, r) in win}
-                for c in range(COLS)
-            ])
-        return {"rows": rows, "columns": [{"col": c, "legal": c in legal} for c in range(COLS)],
-                "colours": COLOURS}
+            rows.append(
+                [
+                    {
+                        "col": c,
+                        "colour": COLOURS[cols[c][r]] if r < len(cols[c]) else "",
+                        "win": (c, r) in win,
+                    }
+                    for c in range(COLS)
+                ]
+            )
+        return {
+            "rows": rows,
+            "columns": [{"col": c, "legal": c in legal} for c in range(COLS)],
+            "colours": COLOURS,
+        }

@@ -56,7 +56,12 @@ class TicTacToe:
         legal = set(self.legal_moves(state))
         return {
             "cells": [
-                {"index": i, "mark": MARKS[c] if c >= 0 else "", "legal": i in legal, "win": i in line}
+                {
+                    "index": i,
+                    "mark": MARKS[c] if c >= 0 else "",
+                    "legal": i in legal,
+                    "win": i in line,
+                }
                 for i, c in enumerate(state["board"])
             ],
             "marks": MARKS,
