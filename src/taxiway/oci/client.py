@@ -9,6 +9,7 @@ connections; registry error bodies turned into one-line errors.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import ssl
 import time
@@ -73,6 +74,16 @@ def _is_cert_error(e: BaseException) -> bool:
     return False
 
 
+def _tls_context() -> ssl.SSLContext:
+    """The system trust store (where `taxiway ca install` puts taxiway's CA), or $SSL_CERT_FILE/$SSL_CERT_DIR."""
+    ctx = ssl.create_default_context()
+    cafile = os.environ.get("SSL_CERT_FILE")
+    capath = os.environ.get("SSL_CERT_DIR")
+    if cafile or capath:
+        ctx.load_verify_locations(cafile=cafile, capath=capath)
+    return ctx
+
+
 class RegistryClient:
     """One registry host. Thread-safe: layers are fetched from several threads at once."""
 
@@ -93,7 +104,7 @@ class RegistryClient:
         self._tokens: dict[str, str] = {}
         self._basic = False
         self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=10.0), verify=not insecure, follow_redirects=True,
+            timeout=httpx.Timeout(timeout, connect=10.0), verify=_tls_context() if not insecure else False, follow_redirects=True,
             headers={"User-Agent": USER_AGENT}, limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
             trust_env=False,
         )
@@ -118,6 +129,17 @@ class RegistryClient:
         return f"{self._scheme}://{self.registry}"
 
     def _probe_scheme(self) -> str:
+        if self.is_loopback:
+            # Loopback registries usually speak plain HTTP: ask that first (no TLS setup at all),
+            # and move to HTTPS only when the server turns out to be a TLS one.
+            try:
+                resp = self._http.get(f"http://{self.registry}/v2/", timeout=5.0)
+                if not (resp.status_code == 400 and "HTTPS" in resp.text):
+                    return "http"
+            except httpx.ConnectError:
+                return "http"  # nothing listens: the real request reports it
+            except httpx.TransportError:
+                pass  # a TLS server hung up on plain text
         try:
             self._http.get(f"https://{self.registry}/v2/", timeout=5.0)
             return "https"
@@ -183,6 +205,9 @@ class RegistryClient:
                 if _is_cert_error(e):
                     raise RegistryError(f"the TLS certificate of {self.registry} is not trusted",
                                         "trust its CA (SSL_CERT_FILE) or pass --insecure") from e
+                # A refused connection means "not running": retry briefly, not for seconds.
+                if isinstance(e, httpx.ConnectError) and attempt >= 2:
+                    last = True
                 if last:
                     reason = str(e) or e.__class__.__name__
                     raise Unreachable(f"cannot reach registry {self.registry} for {what} ({reason})",
