@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 from helpers.images import write_fixture_image, write_multiplatform
@@ -176,3 +177,26 @@ def test_pull_then_export_and_tty_free_output(pushed, taxiway_home, taxiway, tmp
     assert not (tmp_path / "rootfs" / "root" / ".ssh" / "id_rsa").exists()  # whited out by layer 1
     r = taxiway("image", "export", ref, str(tmp_path / "rootfs"))
     assert r.returncode != 0 and b"not an empty directory" in r.stderr
+
+
+def test_concurrent_pulls_of_the_same_image(pushed, taxiway_home):
+    ref = f"{pushed.address}/fixture:v1"
+    procs = [subprocess.Popen([sys.executable, "-m", "taxiway", "pull", ref], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(3)]
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    from taxiway.oci.store import Store
+
+    store = Store(taxiway_home / "store")
+    assert [n for n, _ in store.images()] == [ref]
+    img = store.image(ref)
+    assert all(store.has_blob(d.digest) for d in img.layers())
+    assert store.prune() == []
+
+
+def test_docker_hub_names_map_to_its_api_host():
+    from taxiway.oci.client import api_host
+
+    assert api_host("docker.io") == "registry-1.docker.io"
+    assert api_host("127.0.0.1:5000") == "127.0.0.1:5000"

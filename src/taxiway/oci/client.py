@@ -74,6 +74,11 @@ def _is_cert_error(e: BaseException) -> bool:
     return False
 
 
+def api_host(registry: str) -> str:
+    """Where a registry's API lives: Docker Hub's name ``docker.io`` is served by registry-1.docker.io."""
+    return "registry-1.docker.io" if registry in ("docker.io", "index.docker.io") else registry
+
+
 def _tls_context() -> ssl.SSLContext:
     """The system trust store (where `taxiway ca install` puts taxiway's CA), or $SSL_CERT_FILE/$SSL_CERT_DIR."""
     ctx = ssl.create_default_context()
@@ -93,6 +98,7 @@ class RegistryClient:
         from taxiway.oci.reference import Reference
 
         self.registry = registry
+        self.host = api_host(registry)
         self.insecure = insecure
         if is_loopback is None:
             is_loopback = Reference(registry, "x").is_loopback
@@ -126,14 +132,14 @@ class RegistryClient:
         """``http(s)://host:port``; the scheme is probed once for loopback and --insecure registries."""
         if self._scheme is None:
             self._scheme = self._probe_scheme()
-        return f"{self._scheme}://{self.registry}"
+        return f"{self._scheme}://{self.host}"
 
     def _probe_scheme(self) -> str:
         if self.is_loopback:
             # Loopback registries usually speak plain HTTP: ask that first (no TLS setup at all),
             # and move to HTTPS only when the server turns out to be a TLS one.
             try:
-                resp = self._http.get(f"http://{self.registry}/v2/", timeout=5.0)
+                resp = self._http.get(f"http://{self.host}/v2/", timeout=5.0)
                 if not (resp.status_code == 400 and "HTTPS" in resp.text):
                     return "http"
             except httpx.ConnectError:
@@ -141,7 +147,7 @@ class RegistryClient:
             except httpx.TransportError:
                 pass  # a TLS server hung up on plain text
         try:
-            self._http.get(f"https://{self.registry}/v2/", timeout=5.0)
+            self._http.get(f"https://{self.host}/v2/", timeout=5.0)
             return "https"
         except httpx.ConnectError as e:
             if _is_cert_error(e) and not self.insecure:
