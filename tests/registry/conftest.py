@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,10 +60,16 @@ def start_registry(root: Path, orgs=("acme", "other"), extra: tuple[str, ...] = 
     return cm, toks
 
 
+@contextlib.contextmanager
+def running(root: Path, orgs=("acme",), extra: tuple[str, ...] = ()) -> Iterator[Registry]:
+    """A registry serving ``root`` with a push token per org, stopped on exit."""
+    cm, toks = start_registry(root, orgs, extra)
+    with cm as s:
+        yield Registry(s, root, toks)
+
+
 @pytest.fixture(scope="module")
 def txreg(tmp_path_factory):
     """taxiway's registry with orgs ``acme`` and ``other`` (push tokens), for one test module."""
-    root = tmp_path_factory.mktemp("txreg") / "root"
-    cm, toks = start_registry(root)
-    with cm as s:
-        yield Registry(s, root, toks)
+    with running(tmp_path_factory.mktemp("txreg") / "root", orgs=("acme", "other")) as reg:
+        yield reg

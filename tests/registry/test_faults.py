@@ -21,7 +21,7 @@ from helpers.servers import free_port, serve, stop
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import start_registry, tx
+from .conftest import Registry, running, tx
 from .oci import CONFIG, INDEX, LAYER, MANIFEST, digest, with_params
 from .test_units import VALID, json_values, mutated
 
@@ -102,11 +102,8 @@ def _upload_slowly(url: str, token: str, chunks: int, started: threading.Event, 
 
 def test_kill_9_mid_upload_then_restart(tmp_path):
     root = tmp_path / "root"
-    cm, toks = start_registry(root, orgs=("acme",))
-    with cm as s:
-        from .conftest import Registry
-
-        reg = Registry(s, root, toks)
+    with running(root) as reg:
+        s = reg.server
         with reg.client("acme", "crash") as c:
             whole = secrets.token_bytes(300_000)
             assert c.post("/v2/crash/blobs/uploads/", params={"digest": digest(whole)}, content=whole).status_code == 201
@@ -134,7 +131,7 @@ def test_kill_9_mid_upload_then_restart(tmp_path):
     with serve([sys.executable, "-m", "taxiway", "registry", "serve", "--listen", f"127.0.0.1:{port}",
                 "--root", str(root)], port) as s2:
         assert not list((root / "uploads").iterdir()), "partial uploads are cleaned on startup"
-        reg = Registry(s2, root, toks)
+        reg = Registry(s2, root, reg.tokens)
         with reg.client("acme", "crash") as c:
             r = c.get("/v2/crash/manifests/v1")
             assert r.status_code == 200 and r.content == m
@@ -157,11 +154,8 @@ def small_disk(tmp_path):
 
 def test_full_disk(small_disk):
     root = small_disk / "root"
-    cm, toks = start_registry(root, orgs=("acme",))
-    with cm as s:
-        from .conftest import Registry
-
-        reg = Registry(s, root, toks)
+    with running(root) as reg:
+        s = reg.server
         with reg.client("acme", "full") as c:
             first = secrets.token_bytes(1_500_000)
             assert c.post("/v2/full/blobs/uploads/", params={"digest": digest(first)}, content=first).status_code == 201

@@ -10,7 +10,7 @@ import time
 
 import orjson
 
-from .conftest import Registry, start_registry, tx
+from .conftest import running, tx
 from .oci import CONFIG, EMPTY, INDEX, LAYER, MANIFEST, digest
 
 
@@ -35,9 +35,7 @@ def gc(root, *args: str) -> dict:
 
 def test_mark_and_sweep(tmp_path):
     root = tmp_path / "root"
-    cm, toks = start_registry(root, orgs=("acme",))
-    with cm as s:
-        reg = Registry(s, root, toks)
+    with running(root) as reg:
         with reg.client("acme", "app") as c:
             shared = secrets.token_bytes(4000)
             _, keep_digest, keep_blobs = push_image(c, "app", "keep", [shared])
@@ -94,9 +92,7 @@ def test_mark_and_sweep(tmp_path):
 def test_gc_is_safe_while_serving(tmp_path):
     """Pushers and pullers keep going while GC runs in a loop; every tag stays whole."""
     root = tmp_path / "root"
-    cm, toks = start_registry(root, orgs=("acme",))
-    with cm as s:
-        reg = Registry(s, root, toks)
+    with running(root) as reg:
         pushed: list[tuple[str, str, list[str]]] = []
         errors: list[str] = []
         stop = threading.Event()

@@ -150,7 +150,7 @@ def test_grant_examples():
 
 
 @settings(suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8), max_size=4),
+@given(st.dictionaries(st.text(max_size=8), st.integers(-2**63, 2**63 - 1) | st.text(max_size=8), max_size=4),
        st.binary(min_size=16, max_size=32), st.integers(0, 200))
 def test_tokens_sign_verify_and_tamper(extra, key, flip):
     now = time.time()

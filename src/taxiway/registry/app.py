@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 
 import orjson
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
@@ -171,6 +172,7 @@ class Registry:
         return size
 
     def _commit(self, upload_id: str, digest: str) -> int:
+        """Verify and publish an upload (runs in a thread: it fsyncs, and may hash from disk)."""
         d = Digest.parse(digest)
         offset, h = self._hashers.pop(upload_id, (0, None))
         size = self.storage.upload_size(upload_id)
@@ -318,7 +320,7 @@ class Registry:
                 raise RegistryError("MANIFEST_BLOB_UNKNOWN", detail={"digest": ref.digest})
             if self.storage.blob_size(ref.digest) != ref.size:
                 raise RegistryError("MANIFEST_INVALID", detail={"digest": ref.digest, "reason": "size mismatch"})
-        self.storage.put_manifest(repo, body, digest, m.media_type)
+        await run_in_threadpool(self.storage.put_manifest, repo, body, digest, m.media_type)
         headers = {"Location": f"/v2/{self.client_name(request)}/manifests/{digest}", "Docker-Content-Digest": digest}
         if m.subject:
             self.storage.add_referrer(repo, m.subject, digest, {**m.descriptor(), "digest": digest})
@@ -362,7 +364,7 @@ class Registry:
             upload_id = self.storage.new_upload()
             try:
                 await self._receive(request, upload_id)
-                self._commit(upload_id, digest)
+                await run_in_threadpool(self._commit, upload_id, digest)
             finally:
                 self.storage.drop_upload(upload_id)
                 self._hashers.pop(upload_id, None)
@@ -417,7 +419,7 @@ class Registry:
         digest = self._digest(request.query_params.get("digest"))
         await self._receive(request, upload_id)
         try:
-            self._commit(upload_id, digest)
+            await run_in_threadpool(self._commit, upload_id, digest)
         finally:
             self._hashers.pop(upload_id, None)
         self.storage.link(repo, digest)
