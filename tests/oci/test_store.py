@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 from helpers.layout import busybox_entries, make_layer, write_layout
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from taxiway.errors import InvalidInput, NotFound
@@ -89,3 +89,49 @@ def test_select_platform_picks_a_match_or_lists_what_exists(plats, want):
             assert str(p) in str(e)
     else:
         assert want.matches(d.platform)
+
+
+def _tiny_image(store: Store, layer_payloads: list[bytes]) -> Descriptor:
+    layers = [store.write_blob(p, media_type="application/vnd.oci.image.layer.v1.tar") for p in layer_payloads]
+    cfg = json.dumps({"architecture": "amd64", "os": "linux",
+                      "rootfs": {"type": "layers", "diff_ids": [d.digest for d in layers]}}).encode()
+    c = store.write_blob(cfg)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": c.digest, "size": c.size},
+                           "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": d.digest, "size": d.size}
+                                      for d in layers]}).encode()
+    dg = store.put_manifest(manifest, "application/vnd.oci.image.manifest.v1+json")
+    return Descriptor("application/vnd.oci.image.manifest.v1+json", dg, len(manifest))
+
+
+_payloads = st.lists(st.sampled_from([b"a", b"b", b"c", b"d"]), min_size=1, max_size=3)
+_names = st.sampled_from(["127.0.0.1:5000/x:1", "127.0.0.1:5000/x:2", "127.0.0.1:5000/y:1"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.tuples(st.just("tag"), _names, _payloads), st.tuples(st.just("untag"), _names, st.none()),
+                          st.tuples(st.just("prune"), st.none(), st.none())), max_size=12))
+def test_store_operations_keep_every_named_image_whole(tmp_path_factory, ops):
+    """Whatever sequence of tag/untag/prune: named images stay complete, prune keeps nothing unreachable."""
+    s = Store(tmp_path_factory.mktemp("store"))
+    expected: dict[str, str] = {}
+    for op, name, payloads in ops:
+        if op == "tag":
+            d = _tiny_image(s, payloads)
+            s.tag(name, d)
+            expected[name] = d.digest
+        elif op == "untag":
+            if name in expected:
+                s.untag(name)
+                del expected[name]
+            else:
+                with pytest.raises(NotFound):
+                    s.untag(name)
+        else:
+            s.prune()
+            on_disk = {"sha256:" + p.name for p in s.blobs.iterdir()}
+            assert on_disk == s.referenced()
+        assert {n: d.digest for n, d in s.images()} == expected
+        for n in expected:
+            img = s.image(n)
+            assert all(s.has_blob(d.digest) for d in [img.config_descriptor(), *img.layers()])

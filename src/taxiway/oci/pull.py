@@ -36,6 +36,7 @@ from taxiway.oci.reference import Reference
 from taxiway.oci.store import BlobMismatch, Store, parse_json, select_platform
 
 CHUNK = 1 << 20
+MAX_CONFIG = 16 << 20  # configs are read into memory; real ones are a few kB
 CONFIG_TYPES = frozenset({mt.OCI_CONFIG, mt.DOCKER_CONFIG})
 LAYER_TYPES = frozenset({
     mt.OCI_LAYER, mt.OCI_LAYER_GZIP, mt.OCI_LAYER_ZSTD, mt.OCI_LAYER_ND, mt.OCI_LAYER_ND_GZIP, mt.OCI_LAYER_ND_ZSTD,
@@ -280,6 +281,8 @@ def _check_manifest(obj: dict[str, Any], what: str) -> tuple[Descriptor, list[De
     if not isinstance(cfg, dict):
         raise InvalidInput(f"manifest of {what} has no config", "this is not a runnable image")
     config = Descriptor.from_json(cfg)
+    if config.size > MAX_CONFIG:
+        raise InvalidInput(f"{what} has a {config.size}-byte config", f"configs over {MAX_CONFIG >> 20} MiB are refused; this is not a normal image")
     if config.media_type and config.media_type not in CONFIG_TYPES:
         raise InvalidInput(f"{what} is an artifact with config type {config.media_type}, not a container image",
                            "only container images can be pulled")
