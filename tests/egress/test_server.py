@@ -199,6 +199,20 @@ def test_failures_have_their_status(start_proxy, upstream):
     assert status_of(resp) == 400
 
 
+def test_dns_timeout_answers_504(tmp_path, upstream):
+    from .conftest import proxy_server
+
+    silent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # a "DNS server" that never answers
+    silent.bind(("127.0.0.1", 0))
+    try:
+        with proxy_server(tmp_path, "--resolver", f"127.0.0.1:{silent.getsockname()[1]}",
+                          "--dns-timeout", "0.5") as proxy:
+            resp = get(proxy, f"http://ok.test:{upstream.port}/")
+            assert status_of(resp) == 504 and b"DNS lookup of ok.test timed out" in resp
+    finally:
+        silent.close()
+
+
 def test_tunnel_limit_answers_503(start_proxy, upstream):
     proxy = start_proxy("--max-tunnels", "1")
     s, head = connect(proxy, f"ok.test:{upstream.port}")
