@@ -141,12 +141,20 @@ class Page:
 
     async def connect(self) -> None:
         ws_base = self.url.replace("http://", "ws://")
-        self.ws = await websockets.connect(
-            f"{ws_base}/ws/{self.code}?token={self.token}",
-            max_size=2**20,
-            ping_interval=None,
-            compression=None,
-        )
+        for attempt in range(5):  # a loaded machine may be slow to answer the handshake
+            try:
+                self.ws = await websockets.connect(
+                    f"{ws_base}/ws/{self.code}?token={self.token}",
+                    max_size=2**20,
+                    ping_interval=None,
+                    compression=None,
+                    open_timeout=30,
+                )
+                return
+            except (TimeoutError, OSError):
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(1 + attempt)
 
     async def join(self, name: str) -> None:
         await self.ws.send(json.dumps({"action": "join", "name": name}))

@@ -33,6 +33,8 @@ class Actor:
         self.task = asyncio.create_task(self._run(), name=f"game-{room.code}")
 
     async def ask(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        if self.task.done():  # it just stopped: the caller looks the game up again
+            return {"retry": True}
         fut = asyncio.get_running_loop().create_future()
         await self.queue.put((cmd, fut))
         return await fut
@@ -46,7 +48,10 @@ class Actor:
                 try:
                     cmd, fut = await asyncio.wait_for(self.queue.get(), timeout)
                 except TimeoutError:
-                    await self._change(lambda now: self.room.tick(now, self.hall.bot_delay))
+                    try:
+                        await self._change(lambda now: self.room.tick(now, self.hall.bot_delay))
+                    except RoomError:  # storage failed; the timer fires again shortly
+                        await asyncio.sleep(1.0)
                     continue
                 try:
                     reply = await self._change(lambda now, cmd=cmd: self._apply(cmd, now))

@@ -31,6 +31,7 @@
     ws.onopen = function () { tries = 0; say(""); };
     ws.onmessage = function (ev) { swap(ev.data); };
     ws.onclose = function (ev) {
+      if (ev.code === 1000) { say("Disconnected."); return; }  // the server said why, in #notice
       const why = ev.code === 1009 ? "the last message was too big" :
                   ev.code === 1008 ? (ev.reason || "too many messages") : "the connection dropped";
       const wait = Math.min(5000, 250 * Math.pow(2, tries++));
