@@ -61,6 +61,14 @@ def test_token_flow_and_rewriting(txreg):
     claims = json.loads(base64.urlsafe_b64decode(body["token"].split(".")[1] + "=="))
     assert claims["sub"] == "acme" and claims["access"] == [
         {"type": "repository", "name": "web", "actions": ["pull", "push"]}]
+    # The OAuth2 password grant (POST, form-encoded) gives the same kind of token
+    r = httpx.post(f"{txreg.url}/v2/token", data={"grant_type": "password", "username": "u", "service": "taxiway",
+                                                   "password": txreg.tokens["acme"], "scope": "repository:web:pull"})
+    assert r.status_code == 200
+    posted = json.loads(base64.urlsafe_b64decode(r.json()["access_token"].split(".")[1] + "=="))
+    assert posted["sub"] == "acme" and posted["access"][0]["actions"] == ["pull"]
+    r = httpx.post(f"{txreg.url}/v2/token", data={"grant_type": "password", "password": "nope"})
+    assert r.status_code == 401
     # A forged token is refused
     h, p, s = body["token"].split(".")
     forged = base64.urlsafe_b64encode(json.dumps({**claims, "sub": "other"}).encode()).decode().rstrip("=")
@@ -80,7 +88,7 @@ def test_token_flow_and_rewriting(txreg):
 def test_scopes_pull_only_expired_and_revoked(txreg):
     root = str(txreg.root)
     pull = tx("registry", "token", "create", "--org", "acme", "--scope", "pull", "--root", root).stdout.strip()
-    short = tx("registry", "token", "create", "--org", "acme", "--expires", "2s", "--root", root).stdout.strip()
+    short = tx("registry", "token", "create", "--org", "acme", "--expires", "10m", "--root", root).stdout.strip()
     txreg.tokens.update(pull=pull, short=short)
     with txreg.client("acme", "scoped") as c:
         _push_image(c, "scoped", "v1")

@@ -14,7 +14,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlencode
+from urllib.parse import parse_qs, urlencode
 
 import orjson
 from starlette.applications import Starlette
@@ -194,10 +194,12 @@ class Registry:
         if self.tenants is None:
             return _json({"token": "anonymous", "access_token": "anonymous", "expires_in": TOKEN_TTL})
         if request.method == "POST":
-            form = await request.form()
-            password, scopes = form.get("password"), [str(s) for s in form.getlist("scope")]
-            if form.get("grant_type") == "refresh_token":
-                password = form.get("refresh_token")
+            # OAuth2 password grant (application/x-www-form-urlencoded), as docker sends it
+            form = parse_qs((await self._read_limited(request, 64 * 1024)).decode("utf-8", "replace"))
+            password = (form.get("password") or [None])[0]
+            if (form.get("grant_type") or [""])[0] == "refresh_token":
+                password = (form.get("refresh_token") or [None])[0]
+            scopes = form.get("scope", [])
         else:
             password = basic_password(request.headers.get("authorization", ""))
             scopes = request.query_params.getlist("scope")
