@@ -8,6 +8,7 @@ import subprocess
 import tarfile
 
 import pytest
+import zstandard
 from helpers.images import write_fixture_image
 
 from oci.test_pull import store_state
@@ -40,6 +41,19 @@ def test_load_classic_docker_save_from_skopeo(layout, tmp_path, taxiway_home, ta
     gz.write_bytes(gzip.compress(tar.read_bytes(), compresslevel=1))
     r = taxiway("image", "load", "-i", str(gz), check=True)
     assert REF.encode() in r.stdout
+    zst = tmp_path / "classic.tar.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(tar.read_bytes()))
+    r = taxiway("image", "load", "-i", str(zst), check=True)
+    assert REF.encode() in r.stdout
+    r = taxiway("image", "load", "-i", str(_cut(gz)))
+    assert r.returncode != 0 and r.stderr.startswith(b"error: ") and r.stderr.count(b"\n") == 1
+
+
+def _cut(path):
+    """A truncated copy of a compressed file."""
+    cut = path.with_name("cut-" + path.name)
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return cut
 
 
 def test_load_oci_archive_from_skopeo_needs_a_name_for_a_bare_tag(layout, tmp_path, taxiway_home, taxiway):

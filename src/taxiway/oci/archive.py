@@ -20,6 +20,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator
@@ -52,12 +53,16 @@ def _open_tar(path: Path, scratch: Path) -> Iterator[tarfile.TarFile]:
         raise NotFound(f"cannot read {path} ({e.strerror})", "check the path") from e
     tmp = None
     try:
-        if head == _ZSTD_MAGIC:
-            import zstandard
-
+        opener = _decompressor(head)
+        if opener is not None:
+            # Random access into a compressed stream re-inflates from the start on every
+            # backwards seek: inflate once into a scratch file instead.
             fd, tmp = tempfile.mkstemp(prefix="load-", suffix=".tar", dir=scratch)
-            with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
-                zstandard.ZstdDecompressor().copy_stream(src, dst)
+            try:
+                with opener(path) as src, os.fdopen(fd, "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+            except (OSError, EOFError, ValueError) as e:
+                raise InvalidInput(f"{path} is a damaged compressed file ({e})", "write it again") from e
             path = Path(tmp)
         try:
             tf = tarfile.open(path, "r:*")
@@ -68,6 +73,27 @@ def _open_tar(path: Path, scratch: Path) -> Iterator[tarfile.TarFile]:
     finally:
         if tmp:
             os.unlink(tmp)
+
+
+def _decompressor(head: bytes) -> Any:
+    """An opener for a compressed tarball (by magic number), or None for a plain one."""
+    if head[:2] == b"\x1f\x8b":
+        from isal import igzip
+
+        return lambda p: igzip.open(p, "rb")
+    if head == _ZSTD_MAGIC:
+        import zstandard
+
+        return lambda p: zstandard.open(p, "rb")
+    if head[:3] == b"BZh":
+        import bz2
+
+        return lambda p: bz2.open(p, "rb")
+    if head == b"\xfd7zX":
+        import lzma
+
+        return lambda p: lzma.open(p, "rb")
+    return None
 
 
 class _Archive:
