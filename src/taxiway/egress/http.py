@@ -127,14 +127,16 @@ class Target:
     default_port: int = 80
 
     @property
+    def _host_text(self) -> str:
+        return f"[{self.host.name}]" if self.host.ip is not None and self.host.ip.version == 6 else self.host.name
+
+    @property
     def authority(self) -> str:
         """``host[:port]`` as the upstream's Host header should say it."""
-        h = f"[{self.host.name}]" if self.host.ip is not None and self.host.ip.version == 6 else self.host.name
-        return h if self.port == self.default_port else f"{h}:{self.port}"
+        return self._host_text if self.port == self.default_port else f"{self._host_text}:{self.port}"
 
     def __str__(self) -> str:
-        h = f"[{self.host.name}]" if self.host.ip is not None and self.host.ip.version == 6 else self.host.name
-        return f"{h}:{self.port}"
+        return f"{self._host_text}:{self.port}"
 
 
 def parse_connect_target(target: str) -> Target:

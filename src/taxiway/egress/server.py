@@ -82,6 +82,12 @@ class Outcome:
     addresses: list[AddressVerdict] = field(default_factory=list)
     dns_ms: float = 0.0
 
+    def allowed_as(self) -> tuple[str, str]:
+        """("allow" or "report", the ACL's reason) for a request that goes through."""
+        if self.acl is None:
+            return "allow", "egress ACL is not configured"
+        return ("report" if self.acl.result is Result.ALLOW_AND_REPORT else "allow"), self.acl.reason
+
 
 class _Relay(asyncio.Protocol):
     """One side of a tunnel: what arrives here is written to the peer transport."""
@@ -492,8 +498,7 @@ class EgressProxy:
         except Denied as d:
             self._deny(writer, "connect", client, target, d, out, conn_id)
             return
-        decision = "report" if out.acl and out.acl.result is Result.ALLOW_AND_REPORT else "allow"
-        reason = out.acl.reason if out.acl else "egress ACL is not configured"
+        decision, reason = out.allowed_as()
         self._log_decision("connect", client, target, out, 200, f"{reason}; {verdict.reason}", decision,
                            str(verdict.address), connect_ms, conn_id)
         self.metrics.inc("taxiway_egress_responses_total", status="200", proxy_type="connect")
@@ -608,8 +613,7 @@ class EgressProxy:
             self._deny(writer, "http", client, target, d, out, conn_id)
             return False
         assert up is not None
-        decision = "report" if out.acl and out.acl.result is Result.ALLOW_AND_REPORT else "allow"
-        reason = out.acl.reason if out.acl else "egress ACL is not configured"
+        decision, reason = out.allowed_as()
         self._log_decision("http", client, target, out, 0, f"{reason}; {up.verdict.reason}", decision,
                            str(up.verdict.address), up.connect_ms, conn_id)
         tokens = http.connection_tokens(head.headers)
