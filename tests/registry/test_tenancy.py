@@ -47,6 +47,10 @@ def test_token_flow_and_rewriting(txreg):
     assert r.headers["docker-distribution-api-version"] == "registry/2.0"
     r = httpx.get(f"{txreg.url}/v2/web/tags/list")
     assert r.status_code == 401 and 'scope="repository:web:pull"' in r.headers["www-authenticate"]
+    # Paths that name no repository never reach a handler
+    for path in ("/v2//tags/list", "/v2//blobs/" + digest(b"x"), "/v2//manifests/v1", "/nothing"):
+        r = httpx.get(txreg.url + path)
+        assert r.status_code == 404 and r.json()["errors"][0]["code"] == "NAME_UNKNOWN", path
     # Without or with wrong credentials, the token endpoint says 401
     assert httpx.get(f"{txreg.url}/v2/token").status_code == 401
     bad = base64.b64encode(b"u:txw_0000000000000000_" + b"x" * 43).decode()

@@ -120,7 +120,9 @@ class Authorizer:
         target = classify(method, scope["path"])
         state = scope.setdefault("state", {})
         head = method == "HEAD"
-        if target is None or target.kind == "token":
+        if target is None:  # never let an unparsed path reach a handler unauthenticated
+            return await send_error(send, RegistryError("NAME_UNKNOWN", message="no such API endpoint"), head)
+        if target.kind == "token":
             return await self.app(scope, receive, send_with_api_header)
         if target.name and not target.name_valid:
             return await send_error(send, RegistryError("NAME_INVALID", detail={"name": target.name[:300]}), head)
