@@ -381,13 +381,13 @@ def pull(reference: str, *, platform: Platform | None = None, all_platforms: boo
                         errors.append(e)
                 if errors:
                     raise errors[0]
-        result.fetched = len(puller.new_blobs)
+        result.fetched = len(puller.new_blobs)  # before manifests join the list below
         result.fetched_bytes = puller.fetched_bytes
         # Names last: manifests, then the index, then the tag.
-        for mdesc, mraw in manifests:
-            store.write_blob(mraw, mdesc.digest, len(mraw))
-        if media_type in mt.INDEX_TYPES:
-            store.write_blob(raw, digest, len(raw))
+        for d, r in [*manifests, *([(top, raw)] if media_type in mt.INDEX_TYPES else [])]:
+            if not store.has_blob(d.digest):
+                store.write_blob(r, d.digest, len(r))
+                puller.new_blobs.append(d.digest)  # so a failure below takes it back
         for blob in [d for d, _ in manifests] + [top]:
             store.add_source(blob.digest, f"{ref.registry}/{ref.repository}")
         for _mdesc, mraw in manifests:
