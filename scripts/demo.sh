@@ -75,5 +75,11 @@ if "$PY" -c 'import taxiway.oci.scan' 2>/dev/null; then
   taxiway image scan "$IMAGE" || true
 fi
 
+step "taxiway tag + push to another repository (blobs are mounted, not re-uploaded)"
+COPY="127.0.0.1:$PORT/demo/copy:1.0"
+taxiway tag "$IMAGE" "$COPY"
+taxiway push "$COPY"
+skopeo inspect --tls-verify=false "docker://$COPY" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print("the registry has", d["Name"], d["Digest"])'
+
 step "Done"
 echo "registry stopped, demo state removed ($DEMO)"
