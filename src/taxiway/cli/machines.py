@@ -72,6 +72,9 @@ def run(detach, name, env, env_file, workdir, user, hostname, entrypoint, memory
     if stop_signal:
         C.parse_signal(stop_signal)
     m = runtime.create(cfg, name, _progress())
+    if m.runtime == "vm" and m.accel == "tcg" and vm_accel == "auto":
+        click.echo("note: KVM is not usable on this host (nested virtualization?); "
+                   "this micro-VM runs under QEMU TCG emulation, so it boots in seconds, not milliseconds", err=True)
     if detach:
         runtime.start_detached(m)
         click.echo(m.id)

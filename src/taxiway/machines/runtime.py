@@ -467,6 +467,8 @@ def stop(m: S.Machine, sig: int | None = None, timeout: float | None = None) -> 
         return m
     (m.dir / "stop-requested").touch()
     sig = sig or C.parse_signal(m.config.stop_signal)
+    if m.runtime == "vm":
+        sig = signal.SIGTERM  # QEMU powers the guest off on SIGTERM
     timeout = m.config.stop_timeout if timeout is None else timeout
     m.event("stopping", signal=sig)
     pid = m.pid
