@@ -7,7 +7,7 @@ yaml_loader_test.go, run against the same YAML files (../shared/fixtures/smokesc
 from __future__ import annotations
 
 import pytest
-from conftest import FIXTURES
+from helpers.paths import FIXTURES
 from hypothesis import given
 from hypothesis import strategies as st
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import FIXTURES
+from helpers.paths import FIXTURES
 
 ACLS = FIXTURES / "smokescreen-acls"
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import websockets
-from conftest import Player, gamehall_node, redis_server
+from gamehall_testing import Player, gamehall_node, redis_server
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 import websockets
-from conftest import Player
+from gamehall_testing import Player
 
 pytestmark = pytest.mark.timeout(120)
 
