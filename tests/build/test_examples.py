@@ -42,3 +42,23 @@ def test_example_builds_and_runs_in_podman(builder, podman, example):
     # The app sits on the run image the stack names for it.
     run = builder.image(md["runImage"]["image"])
     assert md["runImage"]["topLayer"] == run.config()["rootfs"]["diff_ids"][-1]
+
+
+@pytest.mark.parametrize("example", sorted(CASES))
+def test_example_runs_as_a_machine(builder, example):
+    """The same images run as taxiway machines (the namespace runtime) and answer HTTP."""
+    from helpers.servers import free_port
+
+    from .conftest import wait_http
+
+    tag = f"localhost/examples/{example}:machine"
+    builder("build", str(EXAMPLES / example), "-t", tag)
+    port = free_port()
+    name = f"build-{example}-{port}"
+    builder("run", "-d", "--name", name, "--net", "host", "-e", f"PORT={port}", tag, timeout=300)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_http(url, lambda: builder("machines", "logs", name, check=False).stdout.decode()[-2000:])
+        assert CASES[example][1] in requests.get(url, timeout=10).text
+    finally:
+        builder("machines", "rm", "-f", name, check=False)

@@ -541,7 +541,7 @@ def _default_process(processes: list[Process]) -> Process | None:
 
 def git_labels(source: Path) -> dict[str, str]:
     """org.opencontainers.image.source and .revision from git, when the source is a checkout."""
-    if not shutil.which("git"):
+    if not any((p / ".git").exists() for p in (source, *source.parents)) or not shutil.which("git"):
         return {}
     def git(*args: str) -> str:
         p = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True)

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+# shutil and subprocess are imported where used: this module starts on every build, and a rebuild
+# that reuses its layers should not pay for them.
 
 
 def app() -> Path:
@@ -57,6 +58,8 @@ def layer_present(name: str) -> bool:
 
 def fresh_layer(name: str) -> Path:
     """An empty layer folder (the old content removed)."""
+    import shutil
+
     d = layers_dir() / name
     if d.exists():
         shutil.rmtree(d)
@@ -100,6 +103,8 @@ def digest_files(*paths: Path, extra: str = "") -> str:
 
 def run(argv: list[str], cwd: Path | None = None, env: dict | None = None) -> None:
     """Run a step, echoing it; a failure ends the build with that step's exit code."""
+    import subprocess
+
     print("$ " + " ".join(argv), flush=True)
     p = subprocess.run(argv, cwd=cwd, env={**os.environ, **(env or {})})
     if p.returncode != 0:
