@@ -12,8 +12,8 @@ Measured, per path (direct / squid / taxiway):
 - CONNECT throughput: curl downloads /big through a CONNECT tunnel (direct: no proxy),
   best of --rounds rounds, the three paths interleaved in each round;
 - small requests: a Go load generator (built here from the source below, stdlib only)
-  holds C connections (1, 50, 500) and sends keep-alive GET /small on each for a fixed
-  time; for the proxies both through CONNECT tunnels and as absolute-form HTTP. It
+  opens C connections (1, 50, 500), sends one warm-up request on each, then keep-alive
+  GET /small on all of them for a fixed time; for the proxies both through CONNECT tunnels and as absolute-form HTTP. It
   reports requests/s, p50/p99 latency and errors; "added" is the p50/p99 minus direct's.
   Each path runs --repeat times, interleaved, and its best run (by requests/s) is kept:
   the machine's other load varies, and this keeps it from favouring whoever ran last.
@@ -133,14 +133,26 @@ func main() {
 					return
 				}
 			}
-			ready[i] = true
-			setup.Done()
-			<-start
 			p := *path
 			if *mode == "http" {
 				p = "http://" + *target + *path
 			}
 			req := []byte(fmt.Sprintf("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", p, *target))
+			// One warm-up request per connection, so every path is measured in its
+			// steady state (accepted, upstream connection open), not its start-up.
+			if _, err := c.Write(req); err != nil {
+				errs[i]++
+				setup.Done()
+				return
+			}
+			if st, err := readResponse(r); err != nil || st != 200 {
+				errs[i]++
+				setup.Done()
+				return
+			}
+			ready[i] = true
+			setup.Done()
+			<-start
 			out := make([]time.Duration, 0, 4096)
 			for n := 0; n < *maxPerConn && time.Now().Before(end); n++ {
 				t0 := time.Now()
@@ -166,8 +178,15 @@ func main() {
 	elapsed := time.Since(t0).Seconds()
 	var all []time.Duration
 	nerr, held := 0, 0
+	minPer, maxPer := -1, 0
 	for i := range lats {
 		all = append(all, lats[i]...)
+		if ready[i] && (minPer < 0 || len(lats[i]) < minPer) {
+			minPer = len(lats[i])
+		}
+		if len(lats[i]) > maxPer {
+			maxPer = len(lats[i])
+		}
 		nerr += errs[i]
 		if ready[i] {
 			held++
@@ -183,6 +202,7 @@ func main() {
 	json.NewEncoder(os.Stdout).Encode(map[string]any{
 		"requests": len(all), "rps": float64(len(all)) / elapsed, "p50_ms": pct(0.50),
 		"p99_ms": pct(0.99), "errors": nerr, "connections_held": held,
+		"min_per_conn": minPer, "max_per_conn": maxPer,
 	})
 }
 '''
@@ -387,11 +407,13 @@ def main() -> None:
                     print(f"  {mode:8} c={c:<4} req/s {t['rps'] / s['rps']:.2f}x   "
                           f"p50 {t['p50_ms']:.3f} vs {s['p50_ms']:.3f} ms")
             if args.markdown:
-                print("\n| path | conns | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | errors |")
-                print("|---|---:|---:|---:|---:|---:|---:|---:|")
+                print("\n| path | conns | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | "
+                      "req/conn min-max | errors |")
+                print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
                 for r in results["load"]:
                     print(f"| {r['path']} | {r['conns']} | {r['rps']:.0f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} "
-                          f"| {r['added_p50_ms']:.3f} | {r['added_p99_ms']:.3f} | {r['errors']} |")
+                          f"| {r['added_p50_ms']:.3f} | {r['added_p99_ms']:.3f} "
+                          f"| {r['min_per_conn']}-{r['max_per_conn']} | {r['errors']} |")
             json_out = os.environ.get("BENCH_JSON")
             if json_out:
                 Path(json_out).write_text(json.dumps(results, indent=2))

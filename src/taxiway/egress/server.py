@@ -2,10 +2,12 @@
 
 One task per client connection reads request heads; a request is decided by
 :meth:`EgressProxy.decide` (role, ACL, one DNS resolution, address policy on
-every answer) and the pinned, allowed address is dialled. CONNECT tunnels are
-relayed by two small protocols that write straight into each other's
-transports with flow control, so a tunnel costs no Python per byte beyond one
-callback per read.
+every answer) and the pinned, allowed address is dialled. A CONNECT tunnel
+from a plain-TCP client is handed to :mod:`.splice` (bytes stay in the
+kernel); from a TLS client it is relayed by two small protocols that write
+straight into each other's transports with flow control. Absolute-form
+requests are forwarded with their bodies streamed as framed, and the upstream
+connection is kept for the client's next request when it may be.
 """
 
 from __future__ import annotations
