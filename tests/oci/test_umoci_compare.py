@@ -17,13 +17,13 @@ pytestmark = [
 ]
 
 
-@pytest.mark.parametrize("resolver", ["openat2", "walk"])
-def test_export_matches_umoci_unpack(tmp_path, resolver):
+@pytest.mark.parametrize("resolver,workers", [("openat2", 2), ("walk", 0)])
+def test_export_matches_umoci_unpack(tmp_path, resolver, workers):
     layout = tmp_path / "layout"
     write_fixture_image(layout, "fixture")
     subprocess.run(["umoci", "unpack", "--image", f"{layout}:fixture", str(tmp_path / "bundle")],
                    check=True, capture_output=True)
-    stats = export(LayoutImage(layout, "fixture"), tmp_path / "ours", resolver=resolver)
+    stats = export(LayoutImage(layout, "fixture"), tmp_path / "ours", resolver=resolver, workers=workers)
     assert stats.warnings == []
 
     ours = tree_manifest(tmp_path / "ours")

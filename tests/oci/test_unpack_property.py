@@ -47,15 +47,15 @@ def _entry(e: tuple, sentinel: str) -> Entry:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(layers=layers, resolver=st.sampled_from(RESOLVERS))
-def test_random_layers_never_touch_anything_outside_the_root(layers, resolver):
+@given(layers=layers, resolver=st.sampled_from(RESOLVERS), workers=st.sampled_from([0, 2]))
+def test_random_layers_never_touch_anything_outside_the_root(layers, resolver, workers):
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         root, sentinel = make_world(tmp)
         before = outside(tmp)
         for layer in layers:
             raw = make_layer([_entry(e, str(sentinel)) for e in layer])
-            apply_layer(root, io.BytesIO(raw), TAR, resolver=resolver)
+            apply_layer(root, io.BytesIO(raw), TAR, resolver=resolver, workers=workers)
         assert outside(tmp) == before
         assert root.is_dir() and not root.is_symlink()
         assert (sentinel / "victim").read_bytes() == b"original\n"
@@ -74,3 +74,47 @@ def test_clean_keeps_plain_paths(parts):
     assert clean("/".join(parts)) == tuple(parts)
     assert clean("/" + "/".join(parts)) == tuple(parts)
     assert clean("../" + "/".join(parts)) == tuple(parts)
+
+
+# Benign paths where order matters: files written by worker threads must land
+# exactly as the one-thread path writes them.
+_names = st.sampled_from(["d", "d/e", "d/f", "d/e/f", "g", "d/g", "x"])
+_ops = st.tuples(st.sampled_from(["file", "file", "file", "dir", "symlink", "hardlink", "whiteout", "opaque"]),
+                 _names, _names, st.binary(max_size=8))
+
+
+def _benign(op: tuple) -> Entry:
+    kind, name, other, data = op
+    if kind == "symlink":
+        return Entry(name, "symlink", linkname=other)
+    if kind == "hardlink":
+        return Entry(name, "hardlink", linkname=other)
+    if kind == "whiteout":
+        head, _, tail = name.rpartition("/")
+        return Entry(f"{head}/.wh.{tail}" if head else f".wh.{tail}")
+    if kind == "opaque":
+        return Entry(f"{name}/.wh..wh..opq")
+    return Entry(name, kind, data=data if kind == "file" else b"")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(_ops, min_size=1, max_size=12), min_size=1, max_size=3))
+def test_worker_threads_change_nothing(layers):
+    from helpers.images import tree_manifest
+
+    with tempfile.TemporaryDirectory() as t:
+        roots = []
+        for workers in (0, 2):
+            root = Path(t) / f"w{workers}"
+            root.mkdir()
+            for layer in layers:
+                raw = make_layer([_benign(op) for op in layer])
+                apply_layer(root, io.BytesIO(raw), TAR, workers=workers)
+            snap = tree_manifest(root)
+            # implicitly made parents get the current time; explicit directories their own
+            explicit = {op[1] for layer in layers for op in layer if op[0] == "dir"}
+            for path, d in snap.items():
+                if d["type"] == "dir" and path not in explicit:
+                    d.pop("mtime_ns", None)
+            roots.append(snap)
+        assert roots[0] == roots[1]

@@ -18,6 +18,7 @@ import errno
 import os
 import stat
 from collections import OrderedDict
+from collections.abc import Callable
 
 _O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _MAX_LINKS = 40  # like the kernel's MAXSYMLINKS
@@ -101,6 +102,11 @@ class RootFS:
         self.resolver = resolver
         self._cache: OrderedDict[tuple[str, ...], int] = OrderedDict()
         self._graveyard: list[int] = []
+        #: Called before a missing directory is made or a symlink is followed,
+        #: so writes still in flight (unpack's worker threads) land first.
+        self.before_slow_path: Callable[[], None] | None = None
+        #: Called with (parent key or None, parent fd) before a missing directory is made.
+        self.before_mkdir: Callable[[tuple[str, ...] | None, int], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------
     def close(self) -> None:
@@ -145,24 +151,38 @@ class RootFS:
             k -= 1
         cur = self._cache[parts[:k]] if k else self.rootfd
         for i in range(k, len(parts)):
-            c = parts[i]
-            try:
-                fd = os.open(c, _O_PATH_DIR | os.O_NOFOLLOW, dir_fd=cur)
-            except FileNotFoundError:
-                if not create:
-                    raise
-                os.mkdir(c, 0o755, dir_fd=cur)
-                fd = os.open(c, _O_PATH_DIR | os.O_NOFOLLOW, dir_fd=cur)
-            except (NotADirectoryError, OSError) as e:
-                if isinstance(e, NotADirectoryError) or e.errno == errno.ELOOP:
-                    # A symlink (or not a directory at all): resolve the whole
-                    # prefix inside the root; this raises for a non-directory.
-                    fd = self.resolve(parts[: i + 1], create)
-                else:
-                    raise
+            fd = self._step(cur, parts[: i + 1], create)
             self._put(parts[: i + 1], fd)
             cur = fd
         return cur
+
+    def _step(self, cur: int, key: tuple[str, ...], create: bool) -> int:
+        """Open directory ``key[-1]`` below ``cur`` (the directory ``key[:-1]``)."""
+        slow = self.before_slow_path
+        while True:
+            try:
+                return os.open(key[-1], _O_PATH_DIR | os.O_NOFOLLOW, dir_fd=cur)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                if slow is not None:
+                    slow()
+                    slow = None
+                    continue
+                if self.before_mkdir is not None:
+                    self.before_mkdir(key[:-1], cur)
+                os.mkdir(key[-1], 0o755, dir_fd=cur)
+                return os.open(key[-1], _O_PATH_DIR | os.O_NOFOLLOW, dir_fd=cur)
+            except OSError as e:
+                if not (isinstance(e, NotADirectoryError) or e.errno == errno.ELOOP):
+                    raise
+                if slow is not None:
+                    slow()
+                    slow = None
+                    continue
+                # A symlink (or not a directory at all): resolve the whole
+                # prefix inside the root; this raises for a non-directory.
+                return self.resolve(key, create)
 
     def _put(self, key: tuple[str, ...], fd: int) -> None:
         self._cache[key] = fd
@@ -184,15 +204,18 @@ class RootFS:
                 if e.errno == errno.ELOOP:
                     raise
                 # ENOENT with create, EAGAIN (a concurrent rename), EXDEV...: walk.
-        return walk(self.rootfd, parts, create)
+        return walk(self.rootfd, parts, create, before_mkdir=self.before_mkdir)
 
 
-def walk(rootfd: int, parts: tuple[str, ...] | list[str], create: bool = False) -> int:
+def walk(rootfd: int, parts: tuple[str, ...] | list[str], create: bool = False,
+         before_mkdir: Callable[[tuple[str, ...] | None, int], None] | None = None) -> int:
     """Resolve ``parts`` below ``rootfd`` one component at a time, like RESOLVE_IN_ROOT.
 
     Returns a new O_PATH fd of the directory. ``..`` never climbs above
     ``rootfd``; a symlink's target is followed inside the root (absolute
-    targets restart at it); missing directories are made when ``create``.
+    targets restart at it); missing directories are made when ``create``
+    (``before_mkdir(None, parent_fd)`` is told first: after symlinks there is
+    no lexical key for the parent).
     """
     stack: list[int] = []  # the directories above ``cur``, for ".."
     cur = os.dup(rootfd)
@@ -213,6 +236,8 @@ def walk(rootfd: int, parts: tuple[str, ...] | list[str], create: bool = False) 
             except FileNotFoundError:
                 if not create:
                     raise
+                if before_mkdir is not None:
+                    before_mkdir(None, cur)
                 os.mkdir(c, 0o755, dir_fd=cur)
                 fd = os.open(c, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cur)
             mode = os.fstat(fd).st_mode

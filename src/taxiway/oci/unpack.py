@@ -17,6 +17,7 @@ existing directory merges.
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import os
@@ -26,6 +27,7 @@ import tarfile
 import tempfile
 import urllib.parse
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -41,6 +43,14 @@ WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"
 _CHUNK = 1 << 20
 _MAX_WARNINGS = 100
+# Small new files are written by worker threads, in batches: the main thread
+# decompresses and parses while the workers create, write and stamp files.
+_ASYNC_MAX_FILE = 1 << 20
+_BATCH_FILES = 64
+_BATCH_BYTES = 4 << 20
+_MAX_INFLIGHT_BYTES = 64 << 20
+_DEFAULT_WORKERS = 2
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Errors no entry can cause: stop the whole layer instead of skipping an entry.
 _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE,
                            errno.ENOMEM})
@@ -166,7 +176,7 @@ def _xattrs(m: tarfile.TarInfo) -> list[tuple[str, bytes]]:
 class _Applier:
     """Applies one layer's entries; keeps the per-layer bookkeeping."""
 
-    def __init__(self, fs: RootFS, stats: LayerStats, same_owner: bool):
+    def __init__(self, fs: RootFS, stats: LayerStats, same_owner: bool, workers: int = 0):
         self.fs = fs
         self.stats = stats
         self.same_owner = same_owner
@@ -175,8 +185,88 @@ class _Applier:
         self.saved_times: dict[tuple[str, ...], tuple[int, int]] = {}  # parents we touched
         self.xattr_warned: set[str] = set()
         self.setgid_parent: dict[tuple[str, ...], bool] = {}
+        self.saved_fd_times: list[tuple[int, tuple[int, int]]] = []  # parents reached through symlinks
         self.ids = (os.geteuid(), os.getegid())
         self.umask = _umask()
+        # Directories this layer made empty: a name in them not yet seen in this
+        # layer cannot exist, so creating it can go to a worker.
+        self.fresh: set[tuple[str, ...]] = set()
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="unpack") if workers > 0 else None
+        self.batch: list[tuple[int, str, bytes, tarfile.TarInfo, tuple[str, ...]]] = []
+        self.batch_bytes = 0
+        self.pending: dict[tuple[str, ...], Future] = {}  # path -> the batch writing it
+        self.inflight: dict[Future, int] = {}  # batch -> bytes it holds
+
+    # -- worker batches --------------------------------------------------------
+    def _submit(self) -> None:
+        if not self.batch:
+            return
+        assert self.pool is not None
+        batch, nbytes = self.batch, self.batch_bytes
+        self.batch, self.batch_bytes = [], 0
+        fut = self.pool.submit(self._write_batch, batch)
+        self.inflight[fut] = nbytes
+        for _pfd, _name, _data, _m, parts in batch:
+            self.pending[parts] = fut
+        while sum(self.inflight.values()) > _MAX_INFLIGHT_BYTES:
+            self._collect(next(iter(self.inflight)))
+
+    def _write_batch(self, batch: list) -> list[tuple[str, OSError]]:
+        """(Worker thread) create and fill new files; per-file errors are returned."""
+        errors = []
+        for pfd, name, data, m, parts in batch:
+            try:
+                self._write_new(pfd, name, data, m, parts[:-1])
+            except OSError as e:
+                errors.append((m.name, e))
+            finally:
+                os.close(pfd)
+        return errors
+
+    def _write_new(self, pfd: int, name: str, data: bytes, m: tarfile.TarInfo, pparts: tuple[str, ...]) -> None:
+        mode = m.mode & 0o7777
+        fd = os.open(name, _CREATE_FLAGS, mode & 0o777, dir_fd=pfd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            self._file_meta(fd, m, mode, pparts)
+        finally:
+            os.close(fd)
+
+    def _collect(self, fut: Future) -> None:
+        """Wait for one batch; raise its fatal error or record its warnings."""
+        self.inflight.pop(fut, None)
+        for name, e in fut.result():
+            if e.errno in _FATAL_ERRNOS:
+                raise e
+            self.stats.files -= 1
+            self.stats.warn(f"{name}: {e.strerror}, skipped")
+
+    def _wait(self, parts: tuple[str, ...]) -> None:
+        """Before touching ``parts`` again: make sure its pending write is done."""
+        if any(b[4] == parts for b in self.batch):
+            self._submit()
+        fut = self.pending.pop(parts, None)
+        if fut is not None and fut in self.inflight:
+            self._collect(fut)
+
+    def drain(self) -> None:
+        """Wait for every pending write (before removals, links into them, and the end)."""
+        self._submit()
+        while self.inflight:
+            self._collect(next(iter(self.inflight)))
+        self.pending.clear()
+
+    def close(self) -> None:
+        for pfd, _times in self.saved_fd_times:
+            os.close(pfd)
+        self.saved_fd_times = []
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            for pfd, *_ in self.batch:
+                os.close(pfd)
+            self.batch = []
 
     # -- helpers -------------------------------------------------------------
     def _mark_upper(self, parts: tuple[str, ...]) -> None:
@@ -192,6 +282,14 @@ class _Applier:
             # Directory modes are applied at the end of the layer, so this holds all layer long.
             self.setgid_parent[pparts] = bool(st.st_mode & stat.S_ISGID)
 
+    def before_mkdir(self, pparts: tuple[str, ...] | None, pfd: int) -> None:
+        """A directory is about to be made implicitly in ``pfd``: keep that parent's times."""
+        if pparts is not None:
+            self._save_times(pparts, pfd)
+        else:
+            st = os.fstat(pfd)
+            self.saved_fd_times.append((os.dup(pfd), (st.st_atime_ns, st.st_mtime_ns)))
+
     def _needs_chown(self, m: tarfile.TarInfo, pparts: tuple[str, ...]) -> bool:
         """False when a new inode already has m's owner (ours, and no setgid parent)."""
         if not self.same_owner:
@@ -205,8 +303,10 @@ class _Applier:
         except FileNotFoundError:
             return False
         if stat.S_ISDIR(st.st_mode):
+            self.drain()  # files may be on their way into it
             shutil.rmtree(name, dir_fd=pfd)
             self.fs.invalidate()
+            self.fresh.clear()  # a path through it may now lead elsewhere
         else:
             os.unlink(name, dir_fd=pfd)
             if stat.S_ISLNK(st.st_mode):
@@ -240,6 +340,7 @@ class _Applier:
         base = parts[-1] if parts else ""
         if base.startswith(WHITEOUT_PREFIX):
             self.stats.whiteouts += 1
+            self.drain()
             if base == OPAQUE_MARKER:
                 self._opaque(parts[:-1])
             elif base.startswith(WHITEOUT_PREFIX + WHITEOUT_PREFIX):
@@ -263,8 +364,24 @@ class _Applier:
                 raise
             self.stats.warn(f"{m.name}: parent is not a directory inside the root ({e.strerror}), skipped")
             return
+        seen = parts in self.upper
         self._mark_upper(parts)
         self._save_times(pparts, pfd)
+        if (self.pool is not None and not seen and pparts in self.fresh and m.isreg() and m.sparse is None
+                and m.size <= _ASYNC_MAX_FILE):
+            data = src.read(m.size)
+            if len(data) != m.size:
+                raise LayerError(f"{src.label} is truncated (a file's data ends early)",
+                                 "remove the image and pull it again")
+            self.batch.append((os.dup(pfd), name, data, m, parts))
+            self.batch_bytes += m.size
+            self.stats.files += 1
+            self.stats.bytes += m.size
+            if len(self.batch) >= _BATCH_FILES or self.batch_bytes >= _BATCH_BYTES:
+                self._submit()
+            return
+        if seen:
+            self._wait(parts)
         try:
             if m.isreg():
                 self._file(tf, m, src, pfd, name, pparts)
@@ -289,12 +406,11 @@ class _Applier:
         mode = m.mode & 0o7777
         # A fresh inode, created with its final permission bits (never setuid/setgid
         # before its owner is set); whatever was there is removed, never written through.
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            fd = os.open(name, flags, mode & 0o777, dir_fd=pfd)
+            fd = os.open(name, _CREATE_FLAGS, mode & 0o777, dir_fd=pfd)
         except FileExistsError:
             self._remove(pfd, name)
-            fd = os.open(name, flags, mode & 0o777, dir_fd=pfd)
+            fd = os.open(name, _CREATE_FLAGS, mode & 0o777, dir_fd=pfd)
         try:
             if m.sparse is not None:
                 f = tf.extractfile(m)
@@ -303,26 +419,31 @@ class _Applier:
                     os.write(fd, chunk)
             elif m.size:
                 src.copy_to(fd, m.size)
-            if self._needs_chown(m, pparts):
-                os.fchown(fd, m.uid, m.gid)
-            self._set_xattrs(fd, m)
-            if mode & 0o7000 or mode & self.umask:
-                os.fchmod(fd, mode)
-            os.utime(fd, ns=_times_ns(m))
+            self._file_meta(fd, m, mode, pparts)
         finally:
             os.close(fd)
         self.stats.files += 1
         self.stats.bytes += m.size
 
+    def _file_meta(self, fd: int, m: tarfile.TarInfo, mode: int, pparts: tuple[str, ...]) -> None:
+        if self._needs_chown(m, pparts):
+            os.fchown(fd, m.uid, m.gid)
+        self._set_xattrs(fd, m)
+        if mode & 0o7000 or mode & self.umask:
+            os.fchmod(fd, mode)
+        os.utime(fd, ns=_times_ns(m))
+
     def _dir(self, m: tarfile.TarInfo, pfd: int, name: str, parts: tuple[str, ...]) -> None:
         # 0o700 until the end of the layer, when its own mode is applied.
         try:
             os.mkdir(name, 0o700, dir_fd=pfd)
+            self.fresh.add(parts)
         except FileExistsError:
             st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
             if not stat.S_ISDIR(st.st_mode):  # a directory entry over a directory merges
                 self._remove(pfd, name)
                 os.mkdir(name, 0o700, dir_fd=pfd)
+                self.fresh.add(parts)
         self.dirs[parts] = m
         self.stats.dirs += 1
 
@@ -344,6 +465,7 @@ class _Applier:
             return
         if tparts == parts:
             return  # a link to itself: what is there stays
+        self.drain()  # the target may be on its way, under any of its names
         try:
             tpfd = self.fs.dirfd(tparts[:-1], create=False)
             tst = os.stat(tparts[-1], dir_fd=tpfd, follow_symlinks=False)
@@ -440,7 +562,15 @@ class _Applier:
     # -- the end of the layer ------------------------------------------------
     def finish(self) -> None:
         """Directory metadata, deepest first, after their contents are in place."""
+        self.drain()
         self.fs.release()
+        for pfd, times in self.saved_fd_times:
+            with contextlib.suppress(OSError):
+                fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pfd)
+                try:
+                    os.utime(fd, ns=times)
+                finally:
+                    os.close(fd)
         for parts, times in self.saved_times.items():
             if parts not in self.dirs:
                 self._with_dir(parts, lambda fd, t=times: os.utime(fd, ns=t))
@@ -474,7 +604,7 @@ class _Applier:
 
 def apply_layer(root: Path | str, stream: BinaryIO, media_type: str, *, diff_id: str | None = None,
                 same_owner: bool | None = None, progress: Callable[[int], None] | None = None,
-                resolver: str | None = None, name: str | None = None) -> LayerStats:
+                resolver: str | None = None, name: str | None = None, workers: int | None = None) -> LayerStats:
     """Apply one (compressed) layer onto the existing directory ``root``, safely.
 
     ``media_type`` picks the decompressor (gzip, zstd or plain tar).
@@ -483,6 +613,7 @@ def apply_layer(root: Path | str, stream: BinaryIO, media_type: str, *, diff_id:
     apply into a scratch directory). ``same_owner`` (default: when root)
     applies uid/gid. ``progress(n)`` is called with compressed bytes read.
     ``resolver`` forces "openat2" or "walk" (default: openat2 when available).
+    ``workers`` threads write small new files (default 2; 0 writes inline).
     Entries that would leave the root are resolved inside it or skipped with
     a warning in the returned :class:`LayerStats`.
     """
@@ -493,11 +624,19 @@ def apply_layer(root: Path | str, stream: BinaryIO, media_type: str, *, diff_id:
     stats = LayerStats()
     try:
         with RootFS(root, resolver=resolver) as fs:
-            ap = _Applier(fs, stats, same_owner)
-            for tf, m in members(src):
-                fs.release()
-                ap.entry(tf, m, src)
-            ap.finish()
+            ap = _Applier(fs, stats, same_owner, _DEFAULT_WORKERS if workers is None else workers)
+            if ap.pool is not None:
+                fs.before_slow_path = ap.drain
+            fs.before_mkdir = ap.before_mkdir
+            try:
+                if not os.listdir(fs.rootfd):
+                    ap.fresh.add(())
+                for tf, m in members(src):
+                    fs.release()
+                    ap.entry(tf, m, src)
+                ap.finish()
+            finally:
+                ap.close()
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise TaxiwayError(f"no space left on the device holding {root} while applying {label}",
@@ -513,7 +652,7 @@ def apply_layer(root: Path | str, stream: BinaryIO, media_type: str, *, diff_id:
 
 
 def export(image: Image, dest: Path | str, progress: Callable[[Descriptor, int], None] | None = None, *,
-           verify: bool = True, resolver: str | None = None) -> ExportStats:
+           verify: bool = True, resolver: str | None = None, workers: int | None = None) -> ExportStats:
     """Apply all layers of ``image``, oldest first, into a new directory ``dest``.
 
     ``dest`` must not exist or be an empty directory; the rootfs is built in
@@ -542,7 +681,8 @@ def export(image: Image, dest: Path | str, progress: Callable[[Descriptor, int],
             cb = (lambda n, d=desc: progress(d, n)) if progress else None
             with image.open_blob(desc.digest) as f:
                 stats.layers.append(apply_layer(tmp, f, desc.media_type, diff_id=diff_ids[i], progress=cb,
-                                                resolver=resolver, name=f"layer {i} ({desc.digest[:19]})"))
+                                                resolver=resolver, workers=workers,
+                                                name=f"layer {i} ({desc.digest[:19]})"))
         os.rename(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
