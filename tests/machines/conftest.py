@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
 from helpers.layout import Entry, busybox_entries, make_layer, write_layout
 
 BUSYBOX = "localhost/machines-test/busybox:1"

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers.layout import Entry
+
 from machines.conftest import host_state, make_image, tw
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the runtime needs root")

@@ -9,12 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
 from helpers.images import write_fixture_image
 from helpers.layout import Entry
+
 from machines.conftest import host_state, load_layout, make_image, tw
 from taxiway.machines.snapshots import Snapshotter, chain_ids
 
@@ -26,6 +25,9 @@ def test_chain_ids():
     assert chain_ids([]) == []
     assert chain_ids([a]) == [a]
     assert chain_ids([a, b]) == [a, "sha256:" + hashlib.sha256(f"{a} {b}".encode()).hexdigest()]
+    from taxiway.oci import unpack
+
+    assert chain_ids([a, b, a]) == unpack.chain_ids([a, b, a])
 
 
 @pytest.mark.parametrize("mode", ["overlay", "copy"])
@@ -49,7 +51,7 @@ def test_fixture_image_layers_and_whiteouts(tmp_path, taxiway_home, monkeypatch,
     assert len(layers) == 3 and all((p / "meta.json").exists() for p in layers)
     metas = [json.loads((p / "meta.json").read_text()) for p in layers]
     assert {m["mode"] for m in metas} == {mode}
-    assert all(p.name == m["chain_id"].split(":")[1] for p, m in zip(layers, metas))
+    assert all(p.name == m["chain_id"].split(":")[1] for p, m in zip(layers, metas, strict=True))
 
 
 def test_second_run_reuses_layers(busybox, taxiway_home):

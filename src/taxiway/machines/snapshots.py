@@ -42,7 +42,11 @@ from taxiway.errors import TaxiwayError
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
-    """ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln))."""
+    """ChainID(L0) = DiffID(L0); ChainID(Ln) = sha256(ChainID(Ln-1) + " " + DiffID(Ln)).
+
+    The same as :func:`taxiway.oci.unpack.chain_ids` (a test pins that), kept here so a warm
+    ``taxiway run`` does not import the unpacker.
+    """
     out: list[str] = []
     for d in diff_ids:
         if not out:
@@ -82,107 +86,11 @@ class SnapshotInfo:
     created: float
 
 
-def _open_layer_stream(raw: BinaryIO) -> BinaryIO:
-    """Decompress by magic number (gzip via isal when present, zstd, or plain tar)."""
-    head = raw.peek(4)[:4] if hasattr(raw, "peek") else b""
-    if not head:
-        import io
+def apply_layer(root: Path, stream: BinaryIO, media_type: str, diff_id: str | None = None) -> Any:
+    """Apply a layer with the images part's safe unpacker, checking its diff ID."""
+    from taxiway.oci.unpack import apply_layer as _apply
 
-        raw = io.BufferedReader(raw)  # type: ignore[arg-type]
-        head = raw.peek(4)[:4]
-    if head[:2] == b"\x1f\x8b":
-        try:
-            from isal import igzip
-
-            return igzip.IGzipFile(fileobj=raw)  # type: ignore[return-value]
-        except ImportError:
-            import gzip
-
-            return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
-    if head == b"\x28\xb5\x2f\xfd":
-        import zstandard
-
-        return zstandard.ZstdDecompressor().stream_reader(raw)  # type: ignore[return-value]
-    return raw
-
-
-def apply_layer(root: Path, stream: BinaryIO, media_type: str = "") -> Any:
-    """Apply a layer tar onto ``root``; the images part's safe unpacker when it is there."""
-    try:
-        from taxiway.oci.unpack import apply_layer as _apply  # type: ignore[import-not-found]
-    except ImportError:
-        _apply = None
-    if _apply is not None:
-        return _apply(root, stream, media_type)
-    return _fallback_apply(root, _open_layer_stream(stream))
-
-
-def _inside(root: str, path: str) -> bool:
-    real = os.path.realpath(path)
-    return real == root or real.startswith(root + "/")
-
-
-def _fallback_apply(root: Path, stream: BinaryIO) -> int:
-    """A small safe tar applier (whiteouts, no escapes through .. or symlinks); returns entries applied."""
-    import tarfile
-
-    rootr = os.path.realpath(root)
-    n = 0
-    with tarfile.open(fileobj=stream, mode="r|") as tf:
-        for m in tf:
-            name = os.path.normpath("/" + m.name).lstrip("/")
-            if not name or name == ".":
-                continue
-            parent, base = os.path.split(name)
-            pdir = os.path.join(rootr, parent)
-            if parent and not _inside(rootr, pdir):
-                raise TaxiwayError(f"layer entry {m.name!r} escapes the root", "the image is malicious or corrupt")
-            os.makedirs(pdir, exist_ok=True)
-            target = os.path.join(pdir, base)
-            if base == ".wh..wh..opq":
-                for child in os.listdir(pdir):
-                    _rm(os.path.join(pdir, child))
-                continue
-            if base.startswith(".wh."):
-                _rm(os.path.join(pdir, base[4:]))
-                continue
-            if os.path.lexists(target) and not (m.isdir() and os.path.isdir(target) and not os.path.islink(target)):
-                _rm(target)
-            if m.isdir():
-                os.makedirs(target, exist_ok=True)
-            elif m.isreg():
-                f = tf.extractfile(m)
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-                with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(f, out, 1 << 20)  # type: ignore[arg-type]
-            elif m.issym():
-                os.symlink(m.linkname, target)
-            elif m.islnk():
-                src = os.path.join(rootr, os.path.normpath("/" + m.linkname).lstrip("/"))
-                if not _inside(rootr, os.path.dirname(src)) or os.path.islink(src):
-                    raise TaxiwayError(f"hard link {m.name!r} points outside the root", "the image is malicious or corrupt")
-                os.link(src, target)
-                n += 1
-                continue
-            elif m.ischr() or m.isblk():
-                os.mknod(target, m.mode | (0o020000 if m.ischr() else 0o060000), os.makedev(m.devmajor, m.devminor))
-            elif m.isfifo():
-                os.mkfifo(target, m.mode & 0o7777)
-            else:
-                continue
-            os.lchown(target, m.uid, m.gid)
-            if not m.issym():
-                os.chmod(target, m.mode & 0o7777)
-                os.utime(target, (m.mtime, m.mtime))
-            n += 1
-    return n
-
-
-def _rm(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.unlink(path)
+    return _apply(root, stream, media_type, diff_id=diff_id, name=f"layer {diff_id[:19] if diff_id else ''}")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -263,16 +171,16 @@ class Snapshotter:
             if not parents:
                 fs.mkdir()
                 with image.open_blob(desc.digest) as blob:
-                    apply_layer(fs, blob, desc.media_type)
+                    apply_layer(fs, blob, desc.media_type, diff_id)
             elif not self.overlay:
                 import subprocess
 
                 subprocess.run(["cp", "-a", "--reflink=auto", str(self.path(parents[-1])), str(fs)], check=True)
                 with image.open_blob(desc.digest) as blob:
-                    apply_layer(fs, blob, desc.media_type)
+                    apply_layer(fs, blob, desc.media_type, diff_id)
             else:
                 fs.mkdir()
-                self._apply_on_overlay(image, desc, parents, tmp)
+                self._apply_on_overlay(image, desc, parents, tmp, diff_id)
             for extra in ("work", "merged"):
                 if (tmp / extra).exists():
                     shutil.rmtree(tmp / extra)
@@ -286,7 +194,7 @@ class Snapshotter:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def _apply_on_overlay(self, image: Any, desc: Any, parents: list[str], tmp: Path) -> None:
+    def _apply_on_overlay(self, image: Any, desc: Any, parents: list[str], tmp: Path, diff_id: str) -> None:
         """Apply the layer through an overlay of its parents, in a child with its own mount namespace."""
         from taxiway.machines import linux
 
@@ -303,9 +211,9 @@ class Snapshotter:
                 linux.mount("overlay", str(tmp / "merged"), "overlay", 0,
                             f"lowerdir={lower},upperdir={tmp / 'fs'},workdir={tmp / 'work'}")
                 with image.open_blob(desc.digest) as blob:
-                    apply_layer(tmp / "merged", blob, desc.media_type)
+                    apply_layer(tmp / "merged", blob, desc.media_type, diff_id)
                 os._exit(0)
-            except BaseException as e:  # report to the parent, never return into its code
+            except BaseException as e:  # noqa: BLE001 - report to the parent, never return into its code
                 with contextlib.suppress(Exception):
                     os.write(w, str(e).encode()[:4000])
                 os._exit(1)
