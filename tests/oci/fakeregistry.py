@@ -50,6 +50,8 @@ class FakeRegistry:
     log: list[Logged] = field(default_factory=list)
     tokens_issued: list[str] = field(default_factory=list)
     port: int = 0
+    #: digest -> (block, count): a large blob served as ``block`` repeated, never held whole in memory
+    repeated: dict[str, tuple[bytes, int]] = field(default_factory=dict)
 
     @property
     def address(self) -> str:
@@ -75,6 +77,15 @@ class FakeRegistry:
         self.manifests[(repo, tag)] = (raw, manifest_media_type)
         self.manifests[(repo, sha(raw))] = (raw, manifest_media_type)
         return sha(raw)
+
+    def add_repeated_blob(self, block: bytes, count: int) -> tuple[str, int]:
+        """Register a big blob (``block`` x ``count``); returns (digest, size)."""
+        h = hashlib.sha256()
+        for _ in range(count):
+            h.update(block)
+        digest = "sha256:" + h.hexdigest()
+        self.repeated[digest] = (block, count)
+        return digest, len(block) * count
 
     def requests(self, method: str = "GET", contains: str = "") -> list[Logged]:
         return [r for r in self.log if r.method == method and contains in r.path]
@@ -152,6 +163,15 @@ def _handler(reg: FakeRegistry) -> type[BaseHTTPRequestHandler]:
                     return self._error(404, "MANIFEST_UNKNOWN")
                 raw, mtype = reg.manifests[(repo, ident)]
                 return self._send(200, raw, {"Content-Type": mtype, "Docker-Content-Digest": sha(raw)}, head)
+            if ident in reg.repeated:
+                block, count = reg.repeated[ident]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(block) * count))
+                self.end_headers()
+                if not head:
+                    for _ in range(count):
+                        self.wfile.write(block)
+                return
             if ident not in reg.blobs:
                 return self._error(404, "BLOB_UNKNOWN")
             data = reg.blobs[ident]

@@ -181,3 +181,24 @@ def test_forbidden_says_to_log_in(reg, taxiway_home, taxiway):
     reg.faults = {"manifest": ["403"]}
     err = _one_line_error(taxiway("pull", f"{reg.address}/app:v1"))
     assert "access denied" in err and f"taxiway login {reg.address}" in err
+
+
+def test_pull_memory_stays_small_for_a_big_layer(reg, taxiway_home):
+    """A 256 MiB layer streams through: the pull's peak RSS stays far below the layer size."""
+    import os
+    import subprocess
+    import sys
+
+    digest, size = reg.add_repeated_blob(os.urandom(1 << 20), 256)
+    cfg = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [digest]}}).encode()
+    reg.blobs[sha(cfg)] = cfg
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(cfg), "size": len(cfg)},
+                           "layers": [{"mediaType": TAR, "digest": digest, "size": size}]}).encode()
+    reg.manifests[("big", "v1")] = (manifest, "application/vnd.oci.image.manifest.v1+json")
+    p = subprocess.Popen([sys.executable, "-m", "taxiway", "pull", f"{reg.address}/big:v1"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, p.stderr.read()
+    assert usage.ru_maxrss < 150 * 1024, f"peak RSS {usage.ru_maxrss // 1024} MiB"
+    assert (taxiway_home / "store" / "blobs" / "sha256" / digest[7:]).stat().st_size == size

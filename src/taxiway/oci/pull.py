@@ -35,7 +35,7 @@ from taxiway.oci.image import Descriptor, Platform
 from taxiway.oci.reference import Reference
 from taxiway.oci.store import BlobMismatch, Store, parse_json, select_platform
 
-CHUNK = 1 << 20
+VERIFY_CHUNK = 256 << 10
 MAX_CONFIG = 16 << 20  # configs are read into memory; real ones are a few kB
 CONFIG_TYPES = frozenset({mt.OCI_CONFIG, mt.DOCKER_CONFIG})
 LAYER_TYPES = frozenset({
@@ -120,7 +120,8 @@ class _Verifier:
         self.dh: DiffHasher | None = None
         self.broken: CorruptLayer | None = None
         self.fed = 0
-        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=64)
+        # Bounded: at most 16 chunks (<= 4 MiB) wait per layer, whatever the layer size.
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
         self._t = threading.Thread(target=self._work, name="pull-verify", daemon=True)
         self._t.start()
 
@@ -144,7 +145,7 @@ class _Verifier:
         """Feed bytes already on disk, from where we are up to ``upto``."""
         with open(path, "rb") as f:
             f.seek(self.fed)
-            while self.fed < upto and (chunk := f.read(min(CHUNK, upto - self.fed))):
+            while self.fed < upto and (chunk := f.read(min(VERIFY_CHUNK, upto - self.fed))):
                 self.feed(chunk)
 
     def close(self) -> None:
