@@ -23,5 +23,3 @@ def artifacts() -> Path:
     path = Path(os.environ.get("TAXIWAY_ARTIFACTS", REPO / "artifacts")) / "gamehall"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import secrets
 import time
 from collections.abc import Callable
@@ -90,6 +91,13 @@ def _options(data: Any) -> Options:
             "When time runs out, the player either forfeits or a random move is played."
         )
     return Options(turn, on_timeout, idle) if idle else Options(turn, on_timeout)
+
+
+def tune_gc() -> None:
+    """Collect cycles less often: with thousands of sockets and games alive, Python's
+    default thresholds run full collections that stall every page for a long moment."""
+    gc.freeze()  # everything loaded at startup lives forever: never scan it again
+    gc.set_threshold(50_000, 20, 100)
 
 
 def create_app(make_hall: Callable[[], Hall]) -> Starlette:

@@ -67,7 +67,7 @@ def serve(
     """Run a gamehall node (open http://HOST:PORT/ to play)."""
     import uvicorn
 
-    from .app import create_app
+    from .app import create_app, tune_gc
     from .backends import MemoryBackend, RedisBackend
     from .hall import Hall
     from .room import Options
@@ -88,8 +88,10 @@ def serve(
         f"({'cluster via ' + redis_url if redis_url else 'single node, in memory'})",
         err=True,
     )
+    app = create_app(make_hall)
+    tune_gc()
     uvicorn.run(
-        create_app(make_hall),
+        app,
         host=host,
         port=port,
         log_level=log_level,
