@@ -81,5 +81,12 @@ taxiway tag "$IMAGE" "$COPY"
 taxiway push "$COPY"
 skopeo inspect --tls-verify=false "docker://$COPY" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print("the registry has", d["Name"], d["Digest"])'
 
+step "taxiway run $IMAGE (a machine: namespaces, cgroups, overlay snapshot, tini as PID 1)"
+taxiway run --rm "$IMAGE" echo hello from a taxiway machine
+taxiway run --rm --memory 64m --pids-limit 64 "$IMAGE" sh -c 'echo "inside: pid $$, host $(hostname), $(ls /proc | grep -c "^[0-9]") processes visible"'
+
+step "taxiway run --isolation vm $IMAGE (a QEMU micro-VM; KVM where it works, else TCG emulation)"
+taxiway run --rm --isolation vm "$IMAGE" echo hello from a taxiway machine
+
 step "Done"
 echo "registry stopped, demo state removed ($DEMO)"
