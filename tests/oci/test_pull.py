@@ -117,6 +117,12 @@ def test_tag_rm_prune(pushed, taxiway_home, taxiway):
     assert store_state(taxiway_home)[1] == frozenset()
     r = taxiway("image", "rm", ref)
     assert r.returncode != 0 and b"taxiway images" in r.stderr
+    # By digest: every name of it goes.
+    taxiway("pull", ref, check=True)
+    taxiway("tag", ref, "127.0.0.1:1/copy:v3", check=True)
+    digest = json.loads(taxiway("images", "--json", check=True).stdout)[0]["digest"]
+    taxiway("image", "rm", digest[7:19], check=True)
+    assert json.loads(taxiway("images", "--json", check=True).stdout) == []
 
 
 @pytest.mark.parametrize("ref, needle", [

@@ -351,13 +351,21 @@ def scan(reference: str, platform_: str | None, as_json: bool, fail_on_secrets: 
 @click.argument("references", nargs=-1, required=True)
 @_fs_errors
 def rm(references: tuple[str, ...]) -> None:
-    """Remove image names from the store (blobs go with `taxiway image prune`)."""
+    """Remove image names (or every name of a digest) from the store; blobs go with `taxiway image prune`."""
+    from taxiway.errors import NotFound
     from taxiway.oci.store import Store
 
     store = Store()
     for ref in references:
-        desc = store.untag(ref)
-        click.echo(f"untagged {ref} ({desc.digest})")
+        try:
+            desc = store.untag(ref)
+            click.echo(f"untagged {ref} ({desc.digest})")
+        except NotFound:
+            target = store.resolve(ref)  # a digest or a unique prefix of one; NotFound otherwise
+            for name, d in store.images():
+                if d.digest == target.digest:
+                    store.untag(name)
+                    click.echo(f"untagged {name} ({d.digest})")
 
 
 @image.command()
