@@ -135,3 +135,19 @@ def test_store_operations_keep_every_named_image_whole(tmp_path_factory, ops):
         for n in expected:
             img = s.image(n)
             assert all(s.has_blob(d.digest) for d in [img.config_descriptor(), *img.layers()])
+
+
+def test_prune_waits_for_leases(tmp_path):
+    import threading
+    import time
+
+    s = Store(tmp_path / "store")
+    done = threading.Event()
+    with s.lease():
+        blob = s.write_blob(b"being pulled, not yet named")
+        t = threading.Thread(target=lambda: (Store(s.root).prune(), done.set()))
+        t.start()
+        time.sleep(0.3)
+        assert not done.is_set() and s.has_blob(blob.digest)
+    t.join(10)
+    assert done.is_set() and not s.has_blob(blob.digest)

@@ -244,7 +244,7 @@ class _Loader:
 def load(path: Path, store: Store, name: str | None = None) -> list[tuple[str, Descriptor]]:
     """Load every image of a docker-save or OCI archive tarball; returns (name, descriptor) pairs."""
     loaded: list[tuple[str, Descriptor]] = []
-    with _open_tar(path, store.meta / "ingest") as tf:
+    with store.lease(), _open_tar(path, store.meta / "ingest") as tf:
         ar = _Archive(tf, path)
         loader = _Loader(ar, store)
         try:

@@ -311,6 +311,8 @@ def pull(reference: str, *, platform: Platform | None = None, all_platforms: boo
     name = str(ref)
     puller = Puller(client, store, ref.repository, progress=progress, log=log, verify_layers=verify_layers, notice=notice)
     result: PullResult | None = None
+    lease = store.lease()
+    lease.__enter__()  # no prune while our blobs are not yet named
     try:
         raw, media_type, digest = client.get_manifest(ref.repository, ref.identifier, what=name)
         top = Descriptor(media_type, digest, len(raw))
@@ -401,6 +403,7 @@ def pull(reference: str, *, platform: Platform | None = None, all_platforms: boo
         _rollback(store, puller.new_blobs)
         raise
     finally:
+        lease.__exit__(None, None, None)
         if own_client:
             client.close()
 

@@ -166,6 +166,19 @@ class Store:
             finally:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[None]:
+        """Hold off :meth:`prune` while blobs are being added but not yet named (a pull, a load, a build).
+
+        Any number of leases can be held at once (a shared lock); prune waits for them.
+        """
+        with open(self.meta / "gc.lock", "a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
     def _read_index(self) -> dict[str, Any]:
         try:
             raw = (self.root / "index.json").read_bytes()
@@ -440,7 +453,7 @@ class Store:
     def prune(self) -> list[str]:
         """Remove blobs no name reaches, and stale temp files; returns the removed digests."""
         removed = []
-        with self._locked():
+        with open(self.meta / "gc.lock", "a+b") as gc, self._gc_exclusive(gc), self._locked():
             keep = self.referenced()
             for p in self.blobs.iterdir():
                 dg = "sha256:" + p.name
@@ -454,6 +467,15 @@ class Store:
                     if p.stat().st_mtime < stale:
                         p.unlink()
         return sorted(removed)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _gc_exclusive(f: Any) -> Iterator[None]:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def disk_usage(self) -> int:
         """Bytes used by blobs."""
