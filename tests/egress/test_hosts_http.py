@@ -161,3 +161,28 @@ def test_chunked_scanner_rejects_garbage():
 def test_simple_response_headers_are_single_line():
     out = http.simple_response(403, "no\n", [("X-Taxiway-Egress-Error", "evil\r\nInjected: 1 тест")])
     assert out.count(b"\r\n\r\n") == 1 and b"\r\nInjected" not in out
+
+
+@given(st.text(max_size=40))
+def test_parse_host_fails_only_with_host_error(text):
+    try:
+        h = parse_host(text)
+    except HostError:
+        return
+    assert h.name and h.name.isascii() and h.name == h.name.lower()
+    if h.ip is not None:
+        assert str(h.ip) == h.name
+
+
+@given(st.binary(max_size=300))
+def test_request_head_parser_fails_only_with_protocol_error(data):
+    try:
+        head = http.parse_request_head(data + b"\r\n\r\n")
+    except http.ProtocolError:
+        return
+    assert head.version in (b"HTTP/1.1", b"HTTP/1.0")
+    for target_parser in (http.parse_absolute_target, http.parse_connect_target):
+        try:
+            target_parser(head.target)
+        except http.ProtocolError:
+            pass

@@ -6,6 +6,7 @@ on what they return; nothing here touches a socket.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from taxiway.egress.hosts import Host, HostError, parse_host, parse_port, split_authority
@@ -25,7 +26,15 @@ REASONS = {
     502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout",
 }
 
-_TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+_CONTROL = re.compile(rb"[\x00-\x20\x7f]")
+
+
+def _is_token(b: bytes) -> bool:
+    """RFC 9110 token: non-empty, only tchars (checked in C by bytes.translate)."""
+    return bool(b) and not b.translate(None, _TOKEN_CHARS)
 
 
 class ProtocolError(Exception):
@@ -82,7 +91,7 @@ def _parse_headers(lines: list[bytes]) -> Headers:
     headers: Headers = []
     for line in lines:
         name, sep, value = line.partition(b":")
-        if not sep or not name or any(c not in _TOKEN for c in name):
+        if not sep or not _is_token(name):
             raise ProtocolError(f"malformed header line {line[:40]!r}")
         if b"\r" in value or b"\n" in value or b"\x00" in value:
             raise ProtocolError("control character in header value")
@@ -97,9 +106,9 @@ def parse_request_head(data: bytes) -> RequestHead:
     if len(parts) != 3 or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise ProtocolError(f"malformed request line {lines[0][:80]!r}")
     method, target, version = parts
-    if not method or any(c not in _TOKEN for c in method):
+    if not _is_token(method):
         raise ProtocolError("malformed method")
-    if not target or any(c <= 0x20 or c == 0x7F for c in target):
+    if not target or _CONTROL.search(target):
         raise ProtocolError("malformed request target")
     try:
         target_s = target.decode("utf-8")
