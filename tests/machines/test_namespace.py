@@ -231,3 +231,41 @@ def test_bad_input_leaves_nothing(busybox, tmp_path, taxiway_home):
     after = host_state(taxiway_home)
     assert after["machines"] == [] and after["cgroups"] == [] and after["leases"] == [] and after["procs"] == []
     assert after["mounts"] == before["mounts"] == []
+
+
+def test_limits_are_set_in_the_machines_cgroups(busybox, taxiway_home):
+    from taxiway.machines.cgroups import Cgroup
+
+    r = tw("run", "-d", "--name", "lim", "--memory", "48m", "--cpus", "0.5", "--pids-limit", "33", busybox, "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    mid = r.stdout.decode().strip()
+    cg = Cgroup(mid)
+    if cg.v2:
+        assert (cg.dirs["memory"] / "memory.max").read_text().strip() == str(48 << 20)
+        assert (cg.dirs["cpu"] / "cpu.max").read_text().split() == ["50000", "100000"]
+    else:
+        assert (cg.dirs["memory"] / "memory.limit_in_bytes").read_text().strip() == str(48 << 20)
+        assert (cg.dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
+    assert (cg.dirs["pids"] / "pids.max").read_text().strip() == "33"
+    m = json.loads(tw("machines", "inspect", "lim").stdout)[0]
+    assert m["pid"] in cg.procs()
+    # inside, the machine sees its own cgroup as the root (cgroup namespace)
+    assert tw("machines", "exec", "lim", "cat", "/proc/self/cgroup").stdout.decode().strip().endswith(":/")
+    assert tw("machines", "rm", "-f", "lim").returncode == 0
+    assert not cg.exists()
+
+
+@pytest.mark.skipif(not Path("/sys/fs/cgroup/unified/cgroup.procs").exists() and
+                    not Path("/sys/fs/cgroup/cgroup.controllers").exists(), reason="no cgroup v2 mount on this host")
+def test_cgroup_v2_hierarchy(busybox, taxiway_home, monkeypatch):
+    """The v2 code path, on this host's v2 mount (pure v2 hosts use it for everything)."""
+    root = "/sys/fs/cgroup" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "/sys/fs/cgroup/unified"
+    monkeypatch.setenv("TAXIWAY_CGROUP_ROOT", root)
+    r = tw("run", "-d", "--name", "v2", busybox, "sleep", "60")
+    assert r.returncode == 0, r.stderr
+    mid = r.stdout.decode().strip()
+    pid = json.loads(tw("machines", "inspect", "v2").stdout)[0]["pid"]
+    line = next(ln for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if ln.startswith("0::"))
+    assert line.endswith(f"/{mid}")
+    assert tw("machines", "rm", "-f", "v2").returncode == 0
+    assert not list(Path(root).glob(f"taxiway-*/{mid}"))
