@@ -52,6 +52,26 @@ class Game(Protocol):
         """What ``seat`` may see (None: a spectator). Hidden information stays out."""
 
 
+class Alternating:
+    """The parts shared by games whose seats take turns, with ``state["turn"]`` the seat to move.
+
+    A subclass writes ``result`` and ``open_moves`` (the moves available if the game
+    is not over); whose turn it is and the legal moves follow.
+    """
+
+    def result(self, state: State) -> Result | None:
+        raise NotImplementedError
+
+    def open_moves(self, state: State) -> list[Move]:
+        raise NotImplementedError
+
+    def to_move(self, state: State) -> int | None:
+        return None if self.result(state) else state["turn"]
+
+    def legal_moves(self, state: State) -> list[Move]:
+        return [] if self.result(state) else self.open_moves(state)
+
+
 def check_turn(game: Game, state: State, seat: int, move: Any) -> None:
     """The checks every game shares: not over, the seat's turn, a well-formed move."""
     if game.result(state) is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from .base import IllegalMove, Move, Result, State, check_turn
+from .base import Alternating, IllegalMove, Move, Result, State, check_turn
 
 SIZE = 6
 FLEET = (3, 3, 2, 2)
@@ -38,7 +38,7 @@ def _sunk(ship: list[int], shots: set[int]) -> bool:
     return all(cell in shots for cell in ship)
 
 
-class Battleship:
+class Battleship(Alternating):
     name = "battleship"
     title = "Battleship"
     seats = 2
@@ -54,12 +54,7 @@ class Battleship:
                 return Result(seat, "sank the whole fleet")
         return None
 
-    def to_move(self, state: State) -> int | None:
-        return None if self.result(state) else state["turn"]
-
-    def legal_moves(self, state: State) -> list[Move]:
-        if self.result(state):
-            return []
+    def open_moves(self, state: State) -> list[Move]:
         fired = set(state["shots"][state["turn"]])
         return [i for i in range(SIZE * SIZE) if i not in fired]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import IllegalMove, Move, Result, State, check_turn
+from .base import Alternating, IllegalMove, Move, Result, State, check_turn
 
 COLS, ROWS = 7, 6
 COLOURS = ("red", "yellow")
@@ -24,7 +24,7 @@ def _winning_cells(cols: list[list[int]]) -> list[tuple[int, int]]:
     return []
 
 
-class ConnectFour:
+class ConnectFour(Alternating):
     name = "connect4"
     title = "Connect four"
     seats = 2
@@ -41,12 +41,7 @@ class ConnectFour:
             return Result(None, "the board is full")
         return None
 
-    def to_move(self, state: State) -> int | None:
-        return None if self.result(state) else state["turn"]
-
-    def legal_moves(self, state: State) -> list[Move]:
-        if self.result(state):
-            return []
+    def open_moves(self, state: State) -> list[Move]:
         return [c for c in range(COLS) if len(state["cols"][c]) < ROWS]
 
     def apply(self, state: State, seat: int, move: Move) -> State:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import IllegalMove, Move, Result, State, check_turn
+from .base import Alternating, IllegalMove, Move, Result, State, check_turn
 
 LINES = [(0, 1, 2), (3, 4, 5), (6, 7, 8), (0, 3, 6), (1, 4, 7), (2, 5, 8), (0, 4, 8), (2, 4, 6)]
 MARKS = ("X", "O")
 
 
-class TicTacToe:
+class TicTacToe(Alternating):
     name = "tictactoe"
     title = "Tic-tac-toe"
     seats = 2
@@ -33,12 +33,7 @@ class TicTacToe:
             return Result(None, "the board is full")
         return None
 
-    def to_move(self, state: State) -> int | None:
-        return None if self.result(state) else state["turn"]
-
-    def legal_moves(self, state: State) -> list[Move]:
-        if self.result(state):
-            return []
+    def open_moves(self, state: State) -> list[Move]:
         return [i for i, c in enumerate(state["board"]) if c < 0]
 
     def apply(self, state: State, seat: int, move: Move) -> State:
