@@ -21,13 +21,14 @@ TARGETS = ["env"] if os.environ.get("OCI_ROOT_URL") else ["taxiway", "docker-reg
 
 
 @pytest.fixture(params=TARGETS)
-def oci(request, txreg, registry):
+def oci(request):
     if request.param == "env":
         env = dict(os.environ)
     elif request.param == "taxiway":
+        txreg = request.getfixturevalue("txreg")
         env = {"OCI_ROOT_URL": txreg.url, "OCI_USERNAME": "conformance", "OCI_PASSWORD": txreg.tokens["acme"]}
     else:
-        env = {"OCI_ROOT_URL": registry.url}
+        env = {"OCI_ROOT_URL": request.getfixturevalue("registry").url}
     # A fresh namespace per test keeps the workflows independent of each other.
     ns = env.get("OCI_NAMESPACE", "conformance/test") + "-" + secrets.token_hex(3)
     env = {**env, "OCI_NAMESPACE": ns, "OCI_CROSSMOUNT_NAMESPACE": ns + "-mount"}

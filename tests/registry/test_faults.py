@@ -224,3 +224,26 @@ def test_tls(tmp_path):
     # --tls-cert without --tls-key is one clear error
     r = tx("registry", "serve", "--root", str(root), "--tls-cert", str(cert), check=False)
     assert r.returncode != 0 and r.stderr.strip().startswith("error: --tls-cert and --tls-key go together")
+
+
+def test_upload_sessions_span_worker_processes(tmp_path):
+    """With --workers 2, the chunks of one upload land on either process; the digest still checks out."""
+    with running(tmp_path / "root", extra=("--workers", "2")) as reg:
+        token = reg.bearer("acme", "repository:multi:pull,push")
+        headers = {"Authorization": f"Bearer {token}"}
+        for _ in range(6):
+            blob = secrets.token_bytes(300_000)
+            parts = [blob[:100_000], blob[100_000:200_000], blob[200_000:]]
+            # a new connection per request, so the kernel spreads them over both workers
+            r = httpx.post(f"{reg.url}/v2/multi/blobs/uploads/", headers=headers)
+            path, params = with_params(r.headers["location"])
+            for i, part in enumerate(parts[:2]):
+                start = i * 100_000
+                r = httpx.patch(f"{reg.url}{path}", params=params, content=part,
+                                headers={**headers, "Content-Range": f"{start}-{start + len(part) - 1}"})
+                assert r.status_code == 202, r.text
+                path, params = with_params(r.headers["location"])
+            r = httpx.put(f"{reg.url}{path}", params={**params, "digest": digest(blob)}, content=parts[2],
+                          headers=headers)
+            assert r.status_code == 201, r.text
+            assert httpx.get(f"{reg.url}/v2/multi/blobs/{digest(blob)}", headers=headers).content == blob
