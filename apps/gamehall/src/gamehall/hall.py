@@ -161,6 +161,7 @@ class Hall:
         self.actors: dict[str, Actor] = {}
         self.viewers: dict[str, set[Viewer]] = {}
         self._pending: dict[str, asyncio.Future] = {}
+        self._owners: dict[str, str] = {}  # last known owner of games run elsewhere
         self._tasks: set[asyncio.Task] = set()
         self._housekeeper: asyncio.Task | None = None
 
@@ -247,7 +248,7 @@ class Hall:
                 if reply.get("retry"):
                     continue
                 return reply
-            owner = await self.backend.owner(code)
+            owner = self._owners.get(code) or await self.backend.owner(code)
             if owner is None or owner == self.node_id:
                 if await self._take(code):
                     continue
@@ -261,12 +262,17 @@ class Hall:
                 return {"retry": True}
             reply = await self._remote(owner, code, cmd)
             if reply is None:  # the owner no longer listens: its node is gone
+                self._owners.pop(code, None)
                 log.warning("node %s is gone; taking over game %s", owner, code)
                 await self.backend.steal(code, owner)
                 continue
-            if reply.get("retry"):
+            if reply.get("retry"):  # it no longer runs the game: look the owner up again
+                self._owners.pop(code, None)
                 await asyncio.sleep(0.05)
                 continue
+            if len(self._owners) > 100_000:
+                self._owners.clear()
+            self._owners[code] = owner
             return reply
         return {"error": "The server for this game is not answering; try again in a moment."}
 
