@@ -206,3 +206,16 @@ def test_docker_hub_names_map_to_its_api_host():
 
     assert api_host("docker.io") == "registry-1.docker.io"
     assert api_host("127.0.0.1:5000") == "127.0.0.1:5000"
+
+
+def test_ensure_image_pulls_only_when_missing(pushed, taxiway_home):
+    from taxiway.oci.pull import ensure_image
+    from taxiway.oci.store import Store
+
+    store = Store(taxiway_home / "store")
+    img = ensure_image(f"{pushed.address}/fixture:v1", store=store)
+    assert len(img.layers()) == 3
+    again = ensure_image(f"{pushed.address}/fixture:v1", store=store)
+    assert again.digest() == img.digest()
+    with pytest.raises(Exception, match="not found"):
+        ensure_image(f"{pushed.address}/nope:v1", store=store)

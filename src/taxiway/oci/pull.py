@@ -426,3 +426,19 @@ def _human(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return str(n)
+
+
+def ensure_image(reference: str, *, platform: Platform | None = None, store: Store | None = None, insecure: bool = False,
+                 progress: Any = None, log: Log | None = None) -> Any:
+    """The :class:`~taxiway.oci.store.StoreImage` for ``reference``, pulled first if the store lacks it.
+
+    For callers such as ``taxiway run`` and the builder: a name already in the
+    store is used as is (no registry round trip); anything else is pulled.
+    """
+    store = store or Store()
+    try:
+        return store.image(reference, platform)
+    except NotFound:
+        pass
+    pull(reference, platform=platform, store=store, insecure=insecure, progress=progress, log=log)
+    return store.image(reference, platform)
