@@ -182,3 +182,38 @@ def test_run_images_hold_no_compilers(builder):
         assert "etc/passwd" in names
     build = store.image("localhost/taxiway/build:bookworm")
     assert build.config()["config"]["User"] == "1000:1000"
+
+
+def test_uv_lock_pins_what_is_installed(builder, tmp_path):
+    """pyproject.toml asks for any itsdangerous; uv.lock pins 2.1.2, and that is what the venv layer holds."""
+    import gzip
+    import tarfile
+
+    app = tmp_path / "uvapp"
+    app.mkdir()
+    (app / "pyproject.toml").write_text('[project]\nname = "uvapp"\nversion = "0.1.0"\ndependencies = ["itsdangerous"]\n')
+    (app / "uv.lock").write_text(textwrap.dedent('''\
+        version = 1
+        requires-python = ">=3.11"
+
+        [[package]]
+        name = "itsdangerous"
+        version = "2.1.2"
+        source = { registry = "https://pypi.org/simple" }
+
+        [[package]]
+        name = "uvapp"
+        version = "0.1.0"
+        source = { virtual = "." }
+        dependencies = [{ name = "itsdangerous" }]
+        '''))
+    (app / "main.py").write_text("import itsdangerous\nprint(itsdangerous.__name__)\n")
+    builder("build", str(app), "-t", "uv/app:1")
+    img = builder.image("uv/app:1")
+    md = json.loads(img.config()["config"]["Labels"]["io.buildpacks.lifecycle.metadata"])
+    venv_diff = md["buildpacks"][0]["layers"]["venv"]["sha"]
+    layer = img.layers()[img.config()["rootfs"]["diff_ids"].index(venv_diff)]
+    with img.open_blob(layer.digest) as f, tarfile.open(fileobj=gzip.GzipFile(fileobj=f), mode="r|") as tf:
+        names = [m.name for m in tf]
+    assert any(n.endswith("itsdangerous-2.1.2.dist-info/METADATA") for n in names)
+    assert img.config()["config"]["Entrypoint"][-1] == "exec python3 main.py"

@@ -142,3 +142,109 @@ def test_bundled_buildpacks_load():
     assert set(bps) == {"taxiway/python", "taxiway/node", "taxiway/deno", "taxiway/static", "taxiway/procfile"}
     assert all(bp.api == "0.10" for bp in bps.values())
     assert [g[0].buildpack.id for g in bpmod.default_order()][0] == "taxiway/python"
+
+
+def _pylock():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("pylock", bpmod.bundled_root() / "_lib" / "pylock.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+UV_LOCK = '''\
+version = 1
+requires-python = ">=3.11"
+
+[[package]]
+name = "app"
+version = "0.1.0"
+source = { virtual = "." }
+dependencies = [
+    { name = "flask" },
+    { name = "pywin32", marker = "sys_platform == 'win32'" },
+]
+
+[package.dev-dependencies]
+dev = [{ name = "pytest" }]
+
+[[package]]
+name = "flask"
+version = "3.0.3"
+source = { registry = "https://pypi.org/simple" }
+dependencies = [{ name = "click" }, { name = "Werkzeug" }]
+
+[[package]]
+name = "click"
+version = "8.1.7"
+source = { registry = "https://pypi.org/simple" }
+dependencies = [{ name = "colorama", marker = "platform_system == 'Windows'" }]
+
+[[package]]
+name = "colorama"
+version = "0.4.6"
+source = { registry = "https://pypi.org/simple" }
+
+[[package]]
+name = "werkzeug"
+version = "3.0.4"
+source = { registry = "https://pypi.org/simple" }
+
+[[package]]
+name = "pywin32"
+version = "306"
+source = { registry = "https://pypi.org/simple" }
+
+[[package]]
+name = "pytest"
+version = "8.3.3"
+source = { registry = "https://pypi.org/simple" }
+'''
+
+
+def test_uv_lock_to_pinned_requirements(tmp_path):
+    p = tmp_path / "uv.lock"
+    p.write_text(UV_LOCK)
+    assert _pylock().uv_requirements(p) == [
+        "click==8.1.7",
+        "colorama==0.4.6 ; (platform_system == 'Windows')",
+        "flask==3.0.3",
+        "pywin32==306 ; (sys_platform == 'win32')",
+        "werkzeug==3.0.4",
+    ]  # pytest is a dev dependency: left out
+    p.write_text(UV_LOCK.replace('source = { virtual = "." }', 'source = { registry = "x" }'))
+    with pytest.raises(ValueError, match="no project at its root"):
+        _pylock().uv_requirements(p)
+
+
+def test_poetry_lock_to_pinned_requirements(tmp_path):
+    p = tmp_path / "poetry.lock"
+    p.write_text('''\
+[[package]]
+name = "flask"
+version = "3.0.3"
+optional = false
+groups = ["main"]
+
+[[package]]
+name = "pytest"
+version = "8.3.3"
+optional = false
+groups = ["dev"]
+
+[[package]]
+name = "colorama"
+version = "0.4.6"
+optional = false
+groups = ["main"]
+markers = "platform_system == \\"Windows\\""
+
+[[package]]
+name = "old-style"
+version = "1.0"
+category = "main"
+optional = false
+''')
+    assert _pylock().poetry_requirements(p) == [
+        "flask==3.0.3", 'colorama==0.4.6 ; (platform_system == "Windows")', "old-style==1.0"]

@@ -11,7 +11,6 @@ import os
 import re
 import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +89,7 @@ def load_buildpack(path: Path) -> Buildpack:
 
 def bundled_root() -> Path:
     """Where the bundled buildpacks live (inside the package)."""
-    return Path(str(resources.files("taxiway.build") / "buildpacks"))
+    return Path(__file__).resolve().parent / "buildpacks"
 
 
 def bundled() -> dict[str, Buildpack]:
