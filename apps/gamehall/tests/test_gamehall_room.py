@@ -107,3 +107,20 @@ def test_random_rooms_with_bots_and_timers_always_finish(game, data):
         now += 5
         assert room.tick(now)
     assert room.status in (OVER, CLOSED)
+
+
+@pytest.mark.parametrize("game", ["tictactoe", "connect4", "battleship"])
+def test_every_board_renders_for_players_and_spectators_with_names_escaped(game):
+    from gamehall import render
+
+    room = Room.new("BCDF", game, 3, Options(), now=0.0)
+    room.join("a", "<b>Ann</b>", 0.0)
+    room.join("b", "Bob & <i>co</i>", 0.0)
+    room.start("a", 0.0)
+    for token in ("a", "b", None):
+        html = render.room_fragment(Room.from_dict(room.to_dict()), token)
+        assert "<b>" not in html and "<i>" not in html
+        assert "&lt;b&gt;Ann&lt;/b&gt;" in html and "Bob &amp; &lt;i&gt;co&lt;/i&gt;" in html
+        assert ('data-move="' in html) == (token == "a")
+    page = render.game_page(room, "a")
+    assert page.count('id="room"') == 1 and "<b>Ann" not in page

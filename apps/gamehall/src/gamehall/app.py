@@ -156,9 +156,7 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
             )
         token = request.cookies.get(COOKIE)
         new_token = None if token else secrets.token_urlsafe(16)
-        room = Room.from_dict(snapshot)
-        v = room.view(token or new_token)
-        body = render.page("game.html", v=v, now=time.time(), text="", kind="")
+        body = render.game_page(Room.from_dict(snapshot), token or new_token)
         return _html(body, token=new_token)
 
     async def api_create(request: Request) -> Response:

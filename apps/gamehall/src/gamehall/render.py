@@ -11,6 +11,7 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from .boards import BOARDS
 from .games import GAMES
 from .room import Room
 
@@ -37,10 +38,17 @@ def room_fragment(room: Room, token: str | None) -> str:
     cache = room.__dict__.setdefault("_rendered", {})
     html = cache.get(seat)
     if html is None:
+        v = room.view(token)
         html = cache[seat] = env.get_template("room.html").render(
-            v=room.view(token), now=time.time()
+            v=v, board=BOARDS[room.game](v), now=time.time()
         )
     return html
+
+
+def game_page(room: Room, token: str | None) -> str:
+    """The whole page of a game, as first loaded (the websocket keeps it live after)."""
+    v = room.view(token)
+    return page("game.html", v=v, board=BOARDS[room.game](v), now=time.time(), text="", kind="")
 
 
 def notice(text: str, kind: str = "error") -> str:

@@ -57,7 +57,11 @@ class ConnectFour(Alternating):
     def view(self, state: State, seat: int | None) -> dict[str, Any]:
         cols = state["cols"]
         win = set(_winning_cells(cols))
-        legal = set(self.legal_moves(state))
+        legal = (
+            set(self.legal_moves(state))
+            if seat is not None and seat == self.to_move(state)
+            else set()
+        )
         rows = []
         for r in reversed(range(ROWS)):
             rows.append(

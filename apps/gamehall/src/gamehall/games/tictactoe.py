@@ -48,7 +48,11 @@ class TicTacToe(Alternating):
 
     def view(self, state: State, seat: int | None) -> dict[str, Any]:
         line = self._line(state) or ()
-        legal = set(self.legal_moves(state))
+        legal = (
+            set(self.legal_moves(state))
+            if seat is not None and seat == self.to_move(state)
+            else set()
+        )
         return {
             "cells": [
                 {
