@@ -202,3 +202,13 @@ def test_pull_memory_stays_small_for_a_big_layer(reg, taxiway_home):
     assert os.waitstatus_to_exitcode(status) == 0, p.stderr.read()
     assert usage.ru_maxrss < 150 * 1024, f"peak RSS {usage.ru_maxrss // 1024} MiB"
     assert (taxiway_home / "store" / "blobs" / "sha256" / digest[7:]).stat().st_size == size
+
+
+def test_blob_missing_on_the_registry(reg, taxiway_home, taxiway):
+    blob = gzip.compress(BIG, mtime=0)
+    reg.add_image("app", "v1", [(blob, GZ)])
+    del reg.blobs[sha(blob)]
+    before = store_state(taxiway_home)
+    err = _one_line_error(taxiway("pull", f"{reg.address}/app:v1"))
+    assert "not found" in err and "BLOB_UNKNOWN" in err and "incomplete" in err
+    assert store_state(taxiway_home) == before
