@@ -228,9 +228,7 @@ class Store:
         """
         if expected_digest is not None:
             Digest.parse(expected_digest)
-            if self.has_blob(expected_digest):
-                if isinstance(data, (bytes, bytearray, memoryview)) and expected_size is None:
-                    expected_size = len(data)
+            if self.has_blob(expected_digest):  # content-addressed: what is there is already verified
                 return Descriptor(media_type, expected_digest, self.blob_size(expected_digest))
         stream: BinaryIO = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
         fd, tmp = tempfile.mkstemp(prefix="blob-", suffix=".tmp", dir=self.meta / "ingest")
