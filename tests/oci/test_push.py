@@ -140,3 +140,21 @@ def test_push_any_image_model(source, tmp_path, taxiway_home):
     result = push_image(img, f"{source.address}/from-layout/app:v1")
     assert result.uploaded + result.existing == 4 and result.digest == img.digest()
     assert skopeo_inspect(f"{source.address}/from-layout/app:v1")["Digest"] == img.digest()
+
+
+def test_copy_between_registries_without_the_store(source, tmp_path, taxiway_home):
+    """RemoteImage is an Image too: push_image copies registry to registry, export unpacks from the network."""
+    from taxiway.oci.pull import RemoteImage
+    from taxiway.oci.push import push_image
+    from taxiway.oci.store import Store
+    from taxiway.oci.unpack import export
+
+    with RemoteImage.fetch(f"{source.address}/src/multi:v1") as src:  # an index: the host's platform is chosen
+        assert src.config()["architecture"] == "amd64"
+        with docker_registry(tmp_path / "other") as other:
+            result = push_image(src, f"{other.address}/copied:v1")
+            assert result.uploaded == 2 and skopeo_inspect(f"{other.address}/copied:v1")["Digest"] == src.digest()
+    with RemoteImage.fetch(f"{source.address}/src/fixture:v1") as img:
+        stats = export(img, tmp_path / "rootfs")
+    assert len(stats.layers) == 3 and (tmp_path / "rootfs" / "bin" / "busybox").exists()
+    assert list(Store(taxiway_home / "store").blobs.iterdir()) == []

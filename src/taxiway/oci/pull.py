@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import os
 import queue
 import threading
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -442,3 +443,124 @@ def ensure_image(reference: str, *, platform: Platform | None = None, store: Sto
         pass
     pull(reference, platform=platform, store=store, insecure=insecure, progress=progress, log=log)
     return store.image(reference, platform)
+
+
+class _RemoteBlob(io.RawIOBase):
+    """A readable, digest-checked stream of one blob straight from the registry."""
+
+    def __init__(self, client: RegistryClient, repository: str, digest: str, size: int | None):
+        self._cm = client.open_blob(repository, digest)
+        self._resp = self._cm.__enter__()
+        self._it = self._resp.iter_raw()
+        self._buf = b""
+        self._h = hashlib.sha256()
+        self._n = 0
+        self.digest, self.size = digest, size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buf:
+            try:
+                self._buf = next(self._it)
+            except StopIteration:
+                self._check()
+                return 0
+            self._h.update(self._buf)
+            self._n += len(self._buf)
+        n = min(len(b), len(self._buf))
+        b[:n] = self._buf[:n]
+        self._buf = self._buf[n:]
+        return n
+
+    def _check(self) -> None:
+        got = "sha256:" + self._h.hexdigest()
+        if got != self.digest or (self.size is not None and self._n != self.size):
+            raise BlobMismatch(f"blob {self.digest[:19]} streamed from the registry has digest {got[:19]} ({self._n} bytes)",
+                               "the registry served corrupt content")
+
+    def close(self) -> None:
+        if not self.closed:
+            self._cm.__exit__(None, None, None)
+        super().close()
+
+
+class RemoteImage:
+    """A single-platform image read straight from a registry; implements :class:`taxiway.oci.image.Image`.
+
+    Nothing touches the store: ``push_image(RemoteImage.fetch(src), dst)`` copies
+    between registries, ``unpack.export(RemoteImage.fetch(ref), dir)`` unpacks
+    while bytes arrive. Manifest and config are verified against their digests.
+    """
+
+    def __init__(self, client: RegistryClient, repository: str, manifest_raw: bytes, media_type: str, digest: str):
+        self.client = client
+        self.repository = repository
+        self._raw = manifest_raw
+        self._manifest = parse_json(manifest_raw, f"manifest {digest}")
+        self._media_type = media_type
+        self._digest = digest
+        self._config: bytes | None = None
+        _check_manifest(self._manifest, f"{client.registry}/{repository}@{digest}")
+
+    @classmethod
+    def fetch(cls, reference: str, *, platform: Platform | None = None, insecure: bool = False,
+              client: RegistryClient | None = None) -> RemoteImage:
+        """Resolve ``reference`` (choosing ``platform`` from an index, default the host)."""
+        ref = Reference.parse(reference)
+        client = client or RegistryClient(ref.registry, insecure=insecure)
+        raw, media_type, digest = client.get_manifest(ref.repository, ref.identifier, what=str(ref))
+        if media_type in mt.INDEX_TYPES:
+            child = select_platform(parse_json(raw, f"index of {ref}"), platform or Platform.host(), str(ref))
+            raw, media_type, digest = client.get_manifest(ref.repository, child.digest, what=f"{ref} ({child.platform})")
+            if media_type not in mt.MANIFEST_TYPES:
+                raise InvalidInput(f"{ref}: nested index {digest[:19]} is not supported", "pull the inner image by digest")
+        return cls(client, ref.repository, raw, media_type, digest)
+
+    def close(self) -> None:
+        """Close the registry connections."""
+        self.client.close()
+
+    def __enter__(self) -> RemoteImage:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def manifest_bytes(self) -> bytes:
+        """The raw manifest."""
+        return self._raw
+
+    def manifest(self) -> dict[str, Any]:
+        """The parsed manifest."""
+        return self._manifest
+
+    def media_type(self) -> str:
+        """OCI or Docker schema 2 manifest media type."""
+        return self._media_type
+
+    def digest(self) -> str:
+        """The manifest digest."""
+        return self._digest
+
+    def config_bytes(self) -> bytes:
+        """The config blob (fetched once, verified)."""
+        if self._config is None:
+            desc = Descriptor.from_json(self._manifest["config"])
+            with self.open_blob(desc.digest) as f:
+                self._config = f.read(MAX_CONFIG + 1)
+        return self._config
+
+    def config(self) -> dict[str, Any]:
+        """The parsed config."""
+        return parse_json(self.config_bytes(), f"config of {self._digest}")
+
+    def layers(self) -> list[Descriptor]:
+        """Layer descriptors, base first."""
+        return [Descriptor.from_json(d) for d in self._manifest.get("layers") or []]
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        """Stream a blob from the registry (its digest is checked when the stream ends)."""
+        size = next((d.size for d in [Descriptor.from_json(self._manifest["config"]), *self.layers()] if d.digest == digest), None)
+        return io.BufferedReader(_RemoteBlob(self.client, self.repository, digest, size), 1 << 20)  # type: ignore[return-value]
