@@ -73,17 +73,31 @@ def wait_for_log(proxy, pred, timeout: float = 5.0) -> dict:
     raise AssertionError(f"no such log line in {proxy.log.read_text()[-2000:]}")
 
 
+def recv_until(s: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        c = s.recv(65536)
+        if not c:
+            raise AssertionError(f"connection closed before {marker!r}: {data[:300]!r}")
+        data += c
+    return data
+
+
 def http_over(s: socket.socket, path: str, host: str = "ok.test") -> bytes:
+    """One request over an open tunnel; ConnectionError if the tunnel was closed."""
     s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
     data = b""
     while b"\r\n\r\n" not in data:
-        data += s.recv(65536)
+        c = s.recv(65536)
+        if not c:
+            raise ConnectionResetError("tunnel closed")
+        data += c
     head, _, body = data.partition(b"\r\n\r\n")
     n = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
     while len(body) < n:
         c = s.recv(1 << 20)
         if not c:
-            break
+            raise ConnectionResetError("tunnel closed")
         body += c
     return head + b"\r\n\r\n" + body
 
@@ -241,19 +255,13 @@ def test_keep_alive_reuses_the_pinned_upstream_connection(shared_proxy, upstream
     with socket.create_connection((shared_proxy.host, shared_proxy.port), timeout=10) as s:
         for i in range(3):
             s.sendall(f"GET http://ok.test:{upstream.port}/k{i} HTTP/1.1\r\nHost: ok.test\r\n\r\n".encode())
-            data = b""
-            while f"GET /k{i}".encode() not in data:
-                data += s.recv(65536)
+            data = recv_until(s, f"GET /k{i}".encode())
             assert status_of(data) == 200
         s.sendall(f"POST http://ok.test:{upstream.port}/post HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello".encode())
-        data = b""
-        while b"hello" not in data:
-            data += s.recv(65536)
+        recv_until(s, b"hello")
         s.sendall((f"POST http://ok.test:{upstream.port}/chunked HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
                    "3\r\nabc\r\n0\r\n\r\n").encode())
-        data = b""
-        while b"abc" not in data:
-            data += s.recv(65536)
+        recv_until(s, b"abc")
     assert upstream.connections - before == 1
 
 
@@ -327,3 +335,44 @@ def test_sigterm_drains_open_tunnels(start_proxy, upstream):
     s.close()
     proxy.proc.wait(10)
     assert proxy.proc.returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_tunnel_idle_and_total_timeouts(start_proxy, upstream):
+    proxy = start_proxy("--idle-timeout", "1", "--total-timeout", "30")
+    s, head = connect(proxy, f"ok.test:{upstream.port}")
+    assert status_of(head) == 200
+    assert b"GET /before-idle" in http_over(s, "/before-idle")
+    s.settimeout(10)
+    assert s.recv(1) == b""  # closed by the proxy after a second of silence
+    line = wait_for_log(proxy, lambda d: d.get("msg") == "close" and d.get("proxy_type") == "connect")
+    assert line["ended"] == "timeout"
+    s.close()
+
+    proxy = start_proxy("--idle-timeout", "30", "--total-timeout", "1.5")
+    s, head = connect(proxy, f"ok.test:{upstream.port}")
+    s.settimeout(10)
+    started = time.monotonic()
+    with pytest.raises(OSError):
+        while time.monotonic() - started < 8:
+            http_over(s, "/busy")  # never idle, yet cut after ~1.5 s
+            time.sleep(0.1)
+    assert time.monotonic() - started < 6
+    s.close()
+
+
+@pytest.mark.timeout(60)
+def test_tunnel_half_close_is_passed_on(shared_proxy, upstream):
+    """The client shuts its sending side after the request; the answer still comes back."""
+    s, head = connect(shared_proxy, f"ok.test:{upstream.port}")
+    assert status_of(head) == 200
+    s.sendall(b"GET /half HTTP/1.1\r\nHost: ok.test\r\nConnection: close\r\n\r\n")
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        c = s.recv(65536)
+        if not c:
+            break
+        data += c
+    s.close()
+    assert status_of(data) == 200 and b"GET /half" in data
