@@ -219,3 +219,29 @@ def test_ensure_image_pulls_only_when_missing(pushed, taxiway_home):
     assert again.digest() == img.digest()
     with pytest.raises(Exception, match="not found"):
         ensure_image(f"{pushed.address}/nope:v1", store=store)
+
+
+def test_progress_bars_on_a_terminal_and_stdout_stays_clean(pushed, taxiway_home):
+    import pty
+
+    ref = f"{pushed.address}/fixture:v1"
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "taxiway", "pull", ref], stdout=subprocess.PIPE, stderr=slave,
+                             env={**os.environ, "COLUMNS": "120"})
+        os.close(slave)
+        tty = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            tty += chunk
+        out = p.stdout.read()
+        assert p.wait(60) == 0
+    finally:
+        os.close(master)
+    assert out.startswith(b"pulled ") and b"\x1b[" not in out
+    assert b"config" in tty and b"\xe2\x94\x81" in tty  # per-blob rows with rich's bar glyph

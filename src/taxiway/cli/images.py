@@ -6,18 +6,49 @@ command functions so ``taxiway --help`` stays fast.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
-from taxiway.cli.output import emit_json, is_tty, progress, table
+from taxiway.cli.output import emit_json, is_tty, table
 
 
 def _warn(msg: str) -> None:
     click.echo(f"warning: {msg}", err=True)
+
+
+@contextlib.contextmanager
+def progress(enabled: bool | None = None) -> Iterator[Any]:
+    """Per-layer bars on stderr when it is a terminal; nothing otherwise.
+
+    Like ``taxiway.cli.output.progress`` but always drawn on stderr, so
+    ``taxiway pull REF > file`` or ``... --json | jq`` keep stdout clean.
+    """
+    from taxiway.cli import output
+
+    if enabled is None:
+        enabled = is_tty()
+    if not enabled:
+        with output.progress(False) as p:
+            yield p
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=Console(stderr=True)) as p:
+        yield p
 
 
 def _fs_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -292,7 +323,7 @@ def export(reference: str, dest: str, platform_: str | None, as_json: bool) -> N
     from taxiway.oci.unpack import export as do_export
 
     img = Store().image(reference, _platform(platform_))
-    with progress() as p:
+    with progress(False if as_json else None) as p:
         tasks: dict[str, Any] = {}
 
         def advance(desc: Any, n: int) -> None:
@@ -324,7 +355,7 @@ def scan(reference: str, platform_: str | None, as_json: bool, fail_on_secrets: 
     from taxiway.oci.store import Store
 
     img = Store().image(reference, _platform(platform_))
-    with progress() as p:
+    with progress(False if as_json else None) as p:
         tasks: dict[str, Any] = {}
 
         def advance(desc: Any, n: int) -> None:
