@@ -44,12 +44,20 @@ class Upstream:
             self.port = self.server.sockets[0].getsockname()[1]
             ready.set()
 
-        self.thread = threading.Thread(target=self._run, args=(main,), daemon=True)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(main, ready), daemon=True)
         self.thread.start()
         ready.wait(10)
+        if not self.port:
+            raise RuntimeError(f"test upstream on {host}:{port} did not start: {self.error!r}")
 
-    def _run(self, main) -> None:  # noqa: ANN001
-        self.loop.run_until_complete(main())
+    def _run(self, main, ready: threading.Event) -> None:  # noqa: ANN001
+        try:
+            self.loop.run_until_complete(main())
+        except BaseException as e:
+            self.error = e
+            ready.set()
+            return
         self.loop.run_forever()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
