@@ -51,6 +51,18 @@ def progress(enabled: bool | None = None) -> Iterator[Any]:
         yield p
 
 
+def _per_layer(p: Any, verb: str) -> Callable[[Any, int], None]:
+    """A ``progress(descriptor, n)`` callback that gives each layer its own bar."""
+    tasks: dict[str, Any] = {}
+
+    def advance(desc: Any, n: int) -> None:
+        if desc.digest not in tasks:
+            tasks[desc.digest] = p.add_task(f"{verb} {desc.digest[7:19]}", total=desc.size)
+        p.advance(tasks[desc.digest], n)
+
+    return advance
+
+
 def _fs_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a full disk or a permission problem into one clear line."""
 
@@ -324,13 +336,7 @@ def export(reference: str, dest: str, platform_: str | None, as_json: bool) -> N
 
     img = Store().image(reference, _platform(platform_))
     with progress(False if as_json else None) as p:
-        tasks: dict[str, Any] = {}
-
-        def advance(desc: Any, n: int) -> None:
-            if desc.digest not in tasks:
-                tasks[desc.digest] = p.add_task(f"unpack {desc.digest[7:19]}", total=desc.size)
-            p.advance(tasks[desc.digest], n)
-
+        advance = _per_layer(p, "unpack")
         stats = do_export(img, Path(dest), progress=advance)
     for w in stats.warnings[:20]:
         _warn(w)
@@ -356,13 +362,7 @@ def scan(reference: str, platform_: str | None, as_json: bool, fail_on_secrets: 
 
     img = Store().image(reference, _platform(platform_))
     with progress(False if as_json else None) as p:
-        tasks: dict[str, Any] = {}
-
-        def advance(desc: Any, n: int) -> None:
-            if desc.digest not in tasks:
-                tasks[desc.digest] = p.add_task(f"scan {desc.digest[7:19]}", total=desc.size)
-            p.advance(tasks[desc.digest], n)
-
+        advance = _per_layer(p, "scan")
         result = do_scan(img, progress=advance)
     if as_json:
         emit_json(result.to_json())

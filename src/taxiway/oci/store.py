@@ -39,6 +39,17 @@ class BlobMismatch(TaxiwayError):
     """Content did not match the digest or size it was announced with."""
 
 
+@contextlib.contextmanager
+def _flock(path: Path, mode: int) -> Iterator[None]:
+    """Hold an fcntl lock (``LOCK_SH`` or ``LOCK_EX``) on ``path`` for the block."""
+    with open(path, "a+b") as f:
+        fcntl.flock(f.fileno(), mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
 def normalize_name(name: str) -> str:
     """The canonical reference string for a user-typed name (``busybox`` -> ``docker.io/library/busybox:latest``)."""
     from taxiway.oci.reference import Reference
@@ -157,27 +168,15 @@ class Store:
                 if not (self.root / "index.json").exists():
                     self._write_index({"schemaVersion": 2, "mediaType": mt.OCI_INDEX, "manifests": []})
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.meta / "index.lock", "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return _flock(self.meta / "index.lock", fcntl.LOCK_EX)
 
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[None]:
+    def lease(self) -> contextlib.AbstractContextManager[None]:
         """Hold off :meth:`prune` while blobs are being added but not yet named (a pull, a load, a build).
 
         Any number of leases can be held at once (a shared lock); prune waits for them.
         """
-        with open(self.meta / "gc.lock", "a+b") as f:
-            fcntl.flock(f.fileno(), fcntl.LOCK_SH)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        return _flock(self.meta / "gc.lock", fcntl.LOCK_SH)
 
     def _read_index(self) -> dict[str, Any]:
         try:
@@ -451,7 +450,7 @@ class Store:
     def prune(self) -> list[str]:
         """Remove blobs no name reaches, and stale temp files; returns the removed digests."""
         removed = []
-        with open(self.meta / "gc.lock", "a+b") as gc, self._gc_exclusive(gc), self._locked():
+        with _flock(self.meta / "gc.lock", fcntl.LOCK_EX), self._locked():
             keep = self.referenced()
             for p in self.blobs.iterdir():
                 dg = "sha256:" + p.name
@@ -465,15 +464,6 @@ class Store:
                     if p.stat().st_mtime < stale:
                         p.unlink()
         return sorted(removed)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _gc_exclusive(f: Any) -> Iterator[None]:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def disk_usage(self) -> int:
         """Bytes used by blobs."""
