@@ -376,3 +376,17 @@ def test_tunnel_half_close_is_passed_on(shared_proxy, upstream):
         data += c
     s.close()
     assert status_of(data) == 200 and b"GET /half" in data
+
+
+def test_acl_names_are_matched_after_normalization(start_proxy, acl_file, upstream):
+    """The default rule allows ok.test only: spellings of it pass, look-alikes don't."""
+    proxy = start_proxy("--acl", str(acl_file))
+    p = upstream.port
+    for host in ("ok.test", "OK.TEST.", "ｏｋ.test"):  # case, trailing dot, full-width letters
+        resp = get(proxy, f"http://{host}:{p}/n")
+        assert status_of(resp) == 200 and f"host=ok.test:{p}".encode() in resp, (host, resp[:200])
+    for host in ("οk.test", "ok.test.evil.test", "ok-test", "blocked.test", "www.ok.test"):  # Greek omicron
+        resp = get(proxy, f"http://{host}:{p}/n")
+        assert status_of(resp) == 403, (host, resp[:200])
+    line = wait_for_log(proxy, lambda d: d.get("msg") == "decision" and d.get("status") == 403)
+    assert line["project"] == "other" and line["reason"] == "default rule policy used"

@@ -68,9 +68,10 @@ class EgressConfig:
 class Denied(Exception):
     """A request the proxy answers itself (403, 407, 502, 503, 504)."""
 
-    def __init__(self, status: int, host: str, reason: str, decision: str = "deny"):
+    def __init__(self, status: int, host: str, reason: str, decision: str = "deny", detail: str = ""):
         super().__init__(reason)
         self.status, self.host, self.reason, self.decision = status, host, reason, decision
+        self.detail = detail  # said to the client after the reason, not logged as part of it
         self.outcome: Outcome | None = None
 
 
@@ -401,7 +402,7 @@ class EgressProxy:
         if self.acl is not None:
             out.acl = self.acl.decide(out.role, target.host.name)
             if not out.acl.allowed:
-                raise Denied(403, host, f"{out.acl.reason} (role {out.role or 'none'})")
+                raise Denied(403, host, out.acl.reason, detail=f" (role {out.role or 'none'})")
         if target.host.ip is not None:
             addrs: list[IPAddress] = [target.host.ip]
         else:
@@ -439,8 +440,8 @@ class EgressProxy:
 
     def _deny(self, writer: asyncio.StreamWriter, kind: str, client: str, target: http.Target,
               d: Denied, out: Outcome | None, conn_id: int) -> None:
-        msg = f"egress to {d.host} denied: {d.reason}" if d.status in (403, 407) else \
-              f"egress to {d.host} failed: {d.reason}"
+        msg = f"egress to {d.host} denied: {d.reason}{d.detail}" if d.status in (403, 407) else \
+              f"egress to {d.host} failed: {d.reason}{d.detail}"
         headers = [("X-Taxiway-Egress-Error", msg)]
         if d.status == 407:
             headers.append(("Proxy-Authenticate", 'Basic realm="taxiway egress"'))
