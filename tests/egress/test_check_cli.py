@@ -48,3 +48,25 @@ def test_broken_acl_is_one_error_line(taxiway):
     lines = r.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ACL ")
     assert "unknown action purposely_unknown_action" in lines[0]
+
+
+def test_serve_refuses_bad_configuration_in_one_line(taxiway, tmp_path):
+    import socket
+
+    r = taxiway("egress", "serve", "--listen", "127.0.0.1:0", "--acl", str(ACLS / "sample_config.yaml"),
+                "--disable-acl-policy-action", "open", timeout=30)
+    assert r.returncode == 2
+    assert r.stderr.decode().strip().splitlines() == [
+        f"error: ACL {ACLS / 'sample_config.yaml'}: rule for svc:open-dummy-srv utilizes a disabled "
+        "policy:open; fix the file (Smokescreen v1 YAML) and try again"]
+    r = taxiway("egress", "serve", "--acl", str(tmp_path / "missing.yaml"), timeout=30)
+    assert r.returncode == 2 and b"cannot read ACL" in r.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        r = taxiway("egress", "serve", "--listen", f"127.0.0.1:{busy.getsockname()[1]}", timeout=30)
+    assert r.returncode == 1
+    lines = r.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "cannot listen on 127.0.0.1:" in lines[0] and "--listen" in lines[0]
+    r = taxiway("egress", "serve", "--allow-range", "not-a-cidr", timeout=30)
+    assert r.returncode == 2 and b"--allow-range 'not-a-cidr'" in r.stderr
