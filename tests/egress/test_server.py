@@ -390,3 +390,33 @@ def test_acl_names_are_matched_after_normalization(start_proxy, acl_file, upstre
         assert status_of(resp) == 403, (host, resp[:200])
     line = wait_for_log(proxy, lambda d: d.get("msg") == "decision" and d.get("status") == 403)
     assert line["project"] == "other" and line["reason"] == "default rule policy used"
+
+
+def test_broken_upstreams_answer_502(shared_proxy):
+    import threading
+
+    def serve_once(reply: bytes) -> int:
+        srv = socket.socket()
+        srv.bind((ALLOWED, 0))
+        srv.listen()
+
+        def run() -> None:
+            conn, _ = srv.accept()
+            conn.recv(65536)
+            if reply:
+                conn.sendall(reply)
+            conn.close()
+            srv.close()
+
+        threading.Thread(target=run, daemon=True).start()
+        return srv.getsockname()[1]
+
+    port = serve_once(b"NOT HTTP AT ALL\r\n\r\n")
+    resp = get(shared_proxy, f"http://ok.test:{port}/")
+    assert status_of(resp) == 502 and b"bad response from upstream" in resp
+    port = serve_once(b"")  # accepts, then hangs up without a word
+    resp = get(shared_proxy, f"http://ok.test:{port}/")
+    assert status_of(resp) == 502 and b"X-Taxiway-Egress-Error: egress to ok.test:" in resp
+    port = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")  # dies mid-body
+    resp = get(shared_proxy, f"http://ok.test:{port}/")
+    assert status_of(resp) == 200 and resp.endswith(b"short") and resp.count(b"HTTP/1.1") == 1

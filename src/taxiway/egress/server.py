@@ -624,7 +624,7 @@ class EgressProxy:
                (head.version == b"HTTP/1.0" and b"keep-alive" in tokens)
         keep = keep and not self.draining
         started = time.monotonic()
-        counts = [0, 0]
+        counts = [0, 0, 0]  # body bytes out, body bytes in, response bytes sent to the client
         status = 0
         try:
             for attempt in (0, 1):
@@ -649,14 +649,14 @@ class EgressProxy:
             return keep_client
         except (http.ProtocolError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
             self._release(up)
-            if counts[1] == 0:
+            if not counts[2]:
                 status = 502
                 msg = f"egress to {target} failed: bad response from upstream: {e}"
                 writer.write(http.simple_response(502, msg + "\n", [("X-Taxiway-Egress-Error", msg)]))
             return False
         except (TimeoutError, ConnectionError, OSError) as e:
             self._release(up)
-            if counts[1] == 0:
+            if not counts[2]:
                 status = 504 if isinstance(e, TimeoutError) else 502
                 msg = f"egress to {target} failed: upstream " + ("timed out" if status == 504 else "reset")
                 writer.write(http.simple_response(status, msg + "\n", [("X-Taxiway-Egress-Error", msg)]))
@@ -694,12 +694,14 @@ class EgressProxy:
                     rhead = http.parse_response_head(raw)
                     if 100 <= rhead.status < 200 and rhead.status != 101:
                         writer.write(raw)
+                        counts[2] = 1
                         continue
                     break
                 up.used = True
                 rframing = http.response_framing(rhead, head.method)
                 if rhead.status == 101:
                     timer.reschedule(None)
+                    counts[2] = 1
                     writer.write(http.serialize_response_head(rhead, True))
                     if body is not None:
                         await body
@@ -719,6 +721,7 @@ class EgressProxy:
                 keep_up = rframing[0] != "close" and b"close" not in rtokens and rhead.version == b"HTTP/1.1"
                 keep = keep and rframing[0] != "close"
                 rhead_bytes = http.serialize_response_head(rhead, keep)
+                counts[2] = 1
                 kind, length = rframing
                 if kind == "length" and length <= len(up.reader._buffer):  # noqa: SLF001
                     # A small body that already arrived: one write for head and body.
