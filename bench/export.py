@@ -17,7 +17,6 @@ Usage: python bench/export.py [--rounds N] [--prepare-only] [--json]
 from __future__ import annotations
 
 import argparse
-import contextlib
 import fcntl
 import gzip
 import hashlib
@@ -171,9 +170,60 @@ def layer_sizes(layout: Path) -> tuple[int, int, int]:
     return layer.size, usize, n_files
 
 
+def run_target(target: Path, layout: Path, rounds: int) -> dict:
+    """Alternate umoci and taxiway ``rounds`` times, exporting below ``target``.
+
+    Outputs are removed only at the end: ext4 scans recently deleted inodes
+    when it allocates new ones (``recently_deleted`` in __ext4_new_inode), so
+    deleting one run's 8,700 files would slow the next run's creates.
+    """
+    bench_dir = str(Path(__file__).resolve().parent)
+    snippet = TAXIWAY_SNIPPET.format(bench=bench_dir, layout=str(layout), tag=TAG)
+    wall: dict[str, list[float]] = {"umoci": [], "taxiway": []}
+    cpu: dict[str, list[float]] = {"umoci": [], "taxiway": []}
+    target.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="taxiway-bench-export.", dir=target))
+    try:
+        for r in range(rounds):
+            for name in (("umoci", "taxiway") if r % 2 == 0 else ("taxiway", "umoci")):
+                out = work / f"{name}-{r}"
+                if name == "umoci":
+                    argv = ["umoci", "unpack", "--image", f"{layout}:{TAG}", str(out)]
+                else:
+                    argv = [sys.executable, "-c", snippet, str(out)]
+                w, c = timed(argv)
+                wall[name].append(w)
+                cpu[name].append(c)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in wall.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    return {
+        "target": str(target), "fs": _fstype(target), "rounds": rounds,
+        "umoci_unpack_s": round(med["umoci"], 3), "taxiway_export_s": round(med["taxiway"], 3),
+        "ratio": round(med["taxiway"] / med["umoci"], 3),
+        "umoci_cpu_s": round(med_cpu["umoci"], 3), "taxiway_cpu_s": round(med_cpu["taxiway"], 3),
+        "cpu_ratio": round(med_cpu["taxiway"] / med_cpu["umoci"], 3), "loadavg_1m": round(os.getloadavg()[0], 1),
+        "all_wall": {k: [round(x, 2) for x in v] for k, v in wall.items()},
+        "all_cpu": {k: [round(x, 2) for x in v] for k, v in cpu.items()},
+    }
+
+
+def _fstype(path: Path) -> str:
+    best, fs = "", "?"
+    with open("/proc/mounts") as f:
+        for line in f:
+            _dev, mnt, typ = line.split()[:3]
+            if str(path.resolve()).startswith(mnt) and len(mnt) > len(best):
+                best, fs = mnt, typ
+    return fs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--targets", default=f"{CACHE / 'out'},/dev/shm/taxiway-bench",
+                    help="comma-separated directories to export into (default: the cache disk and tmpfs)")
     ap.add_argument("--prepare-only", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -184,50 +234,19 @@ def main() -> int:
     if args.prepare_only:
         return 0
     compressed, uncompressed, entries = layer_sizes(layout)
-    bench_dir = str(Path(__file__).resolve().parent)
-    snippet = TAXIWAY_SNIPPET.format(bench=bench_dir, layout=str(layout), tag=TAG)
-    results: dict[str, list[float]] = {"umoci": [], "taxiway": []}
-    cpu: dict[str, list[float]] = {"umoci": [], "taxiway": []}
-    work = Path(tempfile.mkdtemp(prefix="taxiway-bench-export.", dir=CACHE))
-    try:
-        for r in range(args.rounds):
-            for name in (("umoci", "taxiway") if r % 2 == 0 else ("taxiway", "umoci")):
-                out = work / f"{name}-{r}"
-                if name == "umoci":
-                    argv = ["umoci", "unpack", "--image", f"{layout}:{TAG}", str(out)]
-                else:
-                    argv = [sys.executable, "-c", snippet, str(out)]
-                wall, used = timed(argv)
-                results[name].append(wall)
-                cpu[name].append(used)
-                with contextlib.suppress(FileNotFoundError):
-                    shutil.rmtree(out)
-                subprocess.run(["sync"], check=False)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    med = {k: statistics.median(v) for k, v in results.items()}
-    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
-    load = os.getloadavg()[0]
-    report = {
-        "image": f"{layout}:{TAG}", "layer_compressed_bytes": compressed, "uncompressed_bytes": uncompressed,
-        "entries": entries, "rounds": args.rounds,
-        "umoci_unpack_s": round(med["umoci"], 3), "taxiway_export_s": round(med["taxiway"], 3),
-        "ratio": round(med["taxiway"] / med["umoci"], 3),
-        "umoci_cpu_s": round(med_cpu["umoci"], 3), "taxiway_cpu_s": round(med_cpu["taxiway"], 3),
-        "cpu_ratio": round(med_cpu["taxiway"] / med_cpu["umoci"], 3), "loadavg_1m": load,
-        "all_wall": {k: [round(x, 3) for x in v] for k, v in results.items()},
-        "all_cpu": {k: [round(x, 3) for x in v] for k, v in cpu.items()},
-    }
+    runs = [run_target(Path(t), layout, args.rounds) for t in args.targets.split(",") if t]
+    report = {"image": f"{layout}:{TAG}", "layer_compressed_bytes": compressed,
+              "uncompressed_bytes": uncompressed, "entries": entries, "runs": runs}
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
-        print(f"image: Debian bookworm minbase, 1 gzip layer of {compressed / 1e6:.1f} MB "
-              f"({uncompressed / 1e6:.1f} MB in {entries} entries)")
-        print(f"umoci unpack:    {med['umoci']:.2f} s wall, {med_cpu['umoci']:.2f} s CPU (median of {args.rounds})")
-        print(f"taxiway export:  {med['taxiway']:.2f} s wall, {med_cpu['taxiway']:.2f} s CPU "
-              f"(median of {args.rounds}, interpreter start included)")
-        print(f"wall ratio: {report['ratio']:.2f}x  (target <= 0.5x); CPU ratio: {report['cpu_ratio']:.2f}x; "
-              f"load average {load:.1f} on {os.cpu_count()} cores")
+        return 0
+    print(f"image: Debian bookworm minbase, 1 gzip layer of {compressed / 1e6:.1f} MB "
+          f"({uncompressed / 1e6:.1f} MB in {entries} entries); medians of {args.rounds} alternated rounds")
+    for r in runs:
+        print(f"into {r['target']} ({r['fs']}): umoci unpack {r['umoci_unpack_s']:.2f} s wall "
+              f"({r['umoci_cpu_s']:.2f} s CPU), taxiway export {r['taxiway_export_s']:.2f} s wall "
+              f"({r['taxiway_cpu_s']:.2f} s CPU, interpreter start included): wall ratio {r['ratio']:.2f}x "
+              f"(target <= 0.5x), CPU ratio {r['cpu_ratio']:.2f}x, load {r['loadavg_1m']} on {os.cpu_count()} cores")
     return 0
 
 
