@@ -127,6 +127,10 @@ def main() -> None:
             for k, (c, r) in med.items():
                 print(f"| {k} | {c:.2f} s | {r:.2f} s |")
             print(f"| **ratio taxiway/buildah** | **{tw[0] / bd[0]:.2f}x** (target <= 1x) | **{tw[1] / bd[1]:.2f}x** (target <= 0.3x, and < 2 s) |")
+            print()
+            print("Each run (cold / rebuild): " + "; ".join(
+                f"run {i + 1}: taxiway {t[0]:.2f} / {t[1]:.2f} s, buildah {b[0]:.2f} / {b[1]:.2f} s"
+                for i, (t, b) in enumerate(zip(rows["taxiway build"], rows["buildah bud --layers"], strict=True))))
         else:
             for k, (c, r) in med.items():
                 print(f"{k:24} cold {c:6.2f}s  rebuild {r:6.2f}s")
