@@ -420,3 +420,19 @@ def test_broken_upstreams_answer_502(shared_proxy):
     port = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort")  # dies mid-body
     resp = get(shared_proxy, f"http://ok.test:{port}/")
     assert status_of(resp) == 200 and resp.endswith(b"short") and resp.count(b"HTTP/1.1") == 1
+
+
+def test_tunnel_through_a_tls_proxy_relays_large_bodies(start_proxy, pki, upstream):
+    """TLS clients can't be spliced: the protocol relay's flow control carries 16 MB intact."""
+    ca, d = pki
+    proxy = start_proxy("--tls-cert", str(d / "proxy.pem"), "--tls-key", str(d / "proxy.key"))
+    ctx = ssl.create_default_context(cafile=str(d / "root.pem"))
+    with socket.create_connection((proxy.host, proxy.port), timeout=20) as raw, \
+            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+        s.sendall(f"CONNECT ok.test:{upstream.port} HTTP/1.1\r\nHost: ok.test\r\n\r\n".encode())
+        assert recv_until(s, b"\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+        for _ in range(2):
+            resp = http_over(s, "/big/8000000")
+            assert len(resp.partition(b"\r\n\r\n")[2]) == 8_000_000
+    line = wait_for_log(proxy, lambda d: d.get("msg") == "close" and d.get("proxy_type") == "connect")
+    assert line["bytes_in"] > 16_000_000
