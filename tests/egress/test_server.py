@@ -294,7 +294,7 @@ def test_metrics_and_health(shared_proxy, upstream):
     assert status_of(resp) == 200
     text = resp.partition(b"\r\n\r\n")[2].decode()
     assert "# TYPE taxiway_egress_decisions_total counter" in text
-    assert 'taxiway_egress_decisions_total{decision="deny",proxy_type="http"}' in text
+    assert 'taxiway_egress_decisions_total{decision="deny",project="",proxy_type="http",role=""}' in text
     assert 'taxiway_egress_bytes_total{direction="in"}' in text
     assert "taxiway_egress_connect_seconds_bucket" in text
     assert status_of(raw_request(shared_proxy, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")) == 200

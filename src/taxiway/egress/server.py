@@ -426,7 +426,8 @@ class EgressProxy:
                       status: int, reason: str, decision: str, dialled: str | None = None,
                       connect_ms: float | None = None, conn_id: int = 0) -> None:
         acl = out.acl if out else None
-        self.metrics.inc("taxiway_egress_decisions_total", decision=decision, proxy_type=kind)
+        self.metrics.inc("taxiway_egress_decisions_total", decision=decision, proxy_type=kind,
+                         role=(out.role if out else None) or "", project=acl.project if acl else "")
         self.log(
             msg="decision", id=conn_id, proxy_type=kind, client=client,
             role=out.role if out else None, project=acl.project if acl else None,
