@@ -217,3 +217,15 @@ def test_uv_lock_pins_what_is_installed(builder, tmp_path):
         names = [m.name for m in tf]
     assert any(n.endswith("itsdangerous-2.1.2.dist-info/METADATA") for n in names)
     assert img.config()["config"]["Entrypoint"][-1] == "exec python3 main.py"
+
+
+def test_deno_rebuild_after_code_change_writes_one_layer(builder, tmp_path):
+    """Deno's runtime and module cache layers stay as they were when only server.ts changes."""
+    src = copy_example("deno", tmp_path / "app")
+    builder("build", str(src), "-t", "rebuild/deno:1")
+    before = layer_digests(builder, "rebuild/deno:1")
+    (src / "server.ts").write_text((src / "server.ts").read_text() + "// a one-line change\n")
+    out = json.loads(builder("build", str(src), "-t", "rebuild/deno:1", "--json").stdout)
+    after = layer_digests(builder, "rebuild/deno:1")
+    assert out["written"] == ["app"], out
+    assert before[:-1] == after[:-1] and before[-1] != after[-1]

@@ -459,7 +459,7 @@ class Lifecycle:
         build_md = {
             "buildpacks": [bp.to_json() for bp in group],
             "processes": [p.to_json() for p in processes],
-            "launcher": {"version": "none", "source": {"git": {"repository": "", "commit": ""}}},
+            "launcher": {"version": "none"},  # the default process is the image's own entrypoint
             "bom": [],
         }
         labels = dict((run_cfg.get("config") or {}).get("Labels") or {})

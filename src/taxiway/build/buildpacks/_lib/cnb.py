@@ -78,7 +78,9 @@ def write_layer(name: str, launch: bool = False, build: bool = False, cache: boo
 def set_env(layer: str, name: str, value: str, phase: str = "env.launch", suffix: str = "default") -> None:
     d = layers_dir() / layer / phase
     d.mkdir(parents=True, exist_ok=True)
-    (d / f"{name}.{suffix}").write_text(value)
+    f = d / f"{name}.{suffix}"
+    if not f.is_file() or f.read_text() != value:  # unchanged files keep their mtime: the layer stays "the same"
+        f.write_text(value)
 
 
 def launch(processes: list[dict]) -> None:
