@@ -179,7 +179,8 @@ def _layer(i: int, ops: list[tuple[str, str]]) -> list[Entry]:
     return out
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                HealthCheck.too_slow])
 @given(st.lists(st.lists(_ops, min_size=1, max_size=6), min_size=1, max_size=4))
 def test_every_file_added_is_either_exported_or_reported_hidden(tmp_path_factory, layers_ops):
     tmp = tmp_path_factory.mktemp("agree")

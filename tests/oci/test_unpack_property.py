@@ -97,7 +97,7 @@ def _benign(op: tuple) -> Entry:
     return Entry(name, kind, data=data if kind == "file" else b"")
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.lists(_ops, min_size=1, max_size=12), min_size=1, max_size=3))
 def test_worker_threads_change_nothing(layers):
     from helpers.images import tree_manifest

@@ -18,6 +18,7 @@ from taxiway.errors import TaxiwayError
 from taxiway.oci.mediatypes import layer_compression
 
 _CHUNK = 1 << 20
+MAX_READ = 64 << 20  # the most read() hands out at once (headers; capped file samples)
 
 
 class LayerError(TaxiwayError):
@@ -92,8 +93,11 @@ class TarSource:
         return True
 
     def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = 1 << 62
+        if n is None or n < 0 or n > MAX_READ:
+            # File data is copied in chunks; only a tar header (pax, GNU long
+            # name) is read whole, and a header this big is an attack on memory.
+            raise LayerError(f"{self.label} has a tar header of {n} bytes, more than the {MAX_READ} allowed",
+                             "the layer is malformed; do not use this image")
         avail = len(self._buf) - self._off
         if n <= avail:
             out = self._buf[self._off:self._off + n]

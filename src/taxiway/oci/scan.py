@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from taxiway.oci._layerstream import members, open_layer
+from taxiway.oci._layerstream import MAX_READ, members, open_layer
 from taxiway.oci._safepath import clean
 from taxiway.oci.image import Descriptor, Image
 
@@ -269,7 +269,7 @@ def scan(image: Image, *, read_cap: int = DEFAULT_READ_CAP,
         with f:
             for n, (_tf, m) in enumerate(members(src)):
                 if n in entries and m.size:
-                    data = src.read(min(m.size, read_cap))
+                    data = src.read(min(m.size, read_cap, MAX_READ))
                     for k in entries[n]:
                         contents[k] = data
                 if n >= last:
