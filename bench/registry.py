@@ -10,7 +10,7 @@ every round. Measured per round, alternating which registry goes first:
   GETs probed one at a time from another process while 32 pulls run.
 
 taxiway runs with authentication on (clients do the Docker token flow once),
-docker-registry with none. Usage: python bench/registry.py [--rounds 3] [--workers 2]
+docker-registry with none. Usage: python bench/registry.py [--rounds 3] [--push-reps 8] [--workers 2] [--write]
 """
 
 from __future__ import annotations
@@ -183,12 +183,28 @@ def probe(url: str, path: str, headers: str) -> None:
     print(json.dumps(lat))
 
 
+def push_samples(work: Path, workers: int, reps: int) -> dict[str, list[float]]:
+    """Extra skopeo pushes, each to a fresh pair of registries (a push is short, so noise needs samples)."""
+    size = image_bytes()
+    out: dict[str, list[float]] = {"taxiway": [], "distribution": []}
+    for i in range(reps):
+        sub = work / f"push{i}"
+        with docker_registry(sub / "distribution") as dist, taxiway_registry(sub / "taxiway", workers) as (tw, tok):
+            order = [("distribution", dist, []), ("taxiway", tw, ["--dest-creds", f"bench:{tok}"])]
+            for name, srv, creds in order if i % 2 == 0 else order[::-1]:
+                dest = f"docker://{srv.address}/bench/debian:{TAG}"
+                out[name].append(size / skopeo("--dest-tls-verify=false", *creds, f"oci:{LAYOUT}:{TAG}", dest))
+        shutil.rmtree(sub, ignore_errors=True)
+    return out
+
+
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--probe":
         return probe(*sys.argv[2:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2, help="taxiway server processes")
+    ap.add_argument("--push-reps", type=int, default=8, help="extra push-only samples (fresh registries each)")
     ap.add_argument("--write", action="store_true", help="record the figures in bench/RESULTS.md")
     args = ap.parse_args()
     ensure_layout()
@@ -201,7 +217,16 @@ def main() -> None:
             print(f"round {i + 1}: " + json.dumps({k: {m: round(v, 1) for m, v in d.items()} for k, d in r.items()}),
                   flush=True)
 
+    with tempfile.TemporaryDirectory(prefix="txbench-", dir=base) as work:
+        pushes = push_samples(Path(work), args.workers, max(0, min(args.push_reps, 20)))
+    for r in rounds:
+        for name in pushes:
+            pushes[name].append(r[name]["push"])
+    print("push samples (MiB/s): " + json.dumps({k: [round(v / (1 << 20), 1) for v in vs] for k, vs in pushes.items()}))
+
     def med(target: str, metric: str) -> float:
+        if metric == "push":
+            return statistics.median(pushes[target])
         return statistics.median(r[target][metric] for r in rounds)
 
     mb = 1 << 20
@@ -231,10 +256,13 @@ def record(table: str, args, size: int) -> None:
     date = datetime.date.today().isoformat()
     section = (
         "## Registry\n\n"
-        f"`python bench/registry.py --rounds {args.rounds} --workers {args.workers}` on {date}, {MACHINE}.\n"
+        f"`python bench/registry.py --rounds {args.rounds} --push-reps {args.push_reps} --workers {args.workers} --write`\n"
+        f"on {date}, {MACHINE}.\n"
         f"Image: the shared Debian bookworm minbase OCI layout ({size / (1 << 20):.1f} MiB of blobs, one gzip layer).\n"
         "Both registries on 127.0.0.1, storage on the same disk, fresh per round, order alternating; medians of\n"
-        f"the rounds. taxiway: `--workers {args.workers}`, authentication on (token flow); docker-registry: no auth.\n"
+        f"the rounds (push: median of the rounds' pushes plus {args.push_reps} push-only rounds, since one push\n"
+        f"is short and noisy). taxiway: `--workers {args.workers}`, authentication on (token flow); docker-registry:\n"
+        "no auth.\n"
         "Ratios are taxiway over docker-registry for throughput, docker-registry over taxiway for latency\n"
         "(above 1.0x means taxiway is better). The 32 concurrent pulls use httpx directly (manifest plus\n"
         "blobs streamed and discarded), so the client costs the same for both; manifest GET latency is\n"
