@@ -8,7 +8,6 @@ import io
 import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -306,20 +305,36 @@ def test_unprivileged_apply_skips_devices_and_owners():
 
 
 def _unprivileged(tmp_path: Path) -> None:
+    import json
+
     root = tmp_path / "root"
     root.mkdir()
     os.chown(root, 65534, 65534)
-    blob = tmp_path / "layer.tar"
-    blob.write_bytes(make_layer([Entry("dev", "dir"), Entry("dev/null", "chr", devmajor=1, devminor=3),
-                                 Entry("f", data=b"x", uid=1000, mode=0o4755), Entry("p", "fifo")]))
-    code = ("import json,sys; from taxiway.oci.unpack import apply_layer;"
-            "s = apply_layer(sys.argv[1], open(sys.argv[2], 'rb'), 'application/vnd.oci.image.layer.v1.tar');"
-            "print(json.dumps(s.to_json()))")
-    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code,
-                          str(root), str(blob)], capture_output=True, text=True, check=True)
-    import json
-
-    stats = json.loads(out.stdout)
+    raw = make_layer([Entry("dev", "dir"), Entry("dev/null", "chr", devmajor=1, devminor=3),
+                      Entry("f", data=b"x", uid=1000, mode=0o4755), Entry("p", "fifo")])
+    # Fork and drop to nobody: the child needs no access to the checkout or the venv.
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            stats = apply_layer(root, io.BytesIO(raw), TAR)
+            os.write(w, json.dumps(stats.to_json()).encode())
+            code = 0
+        except BaseException as e:  # report, never return into pytest
+            os.write(w, repr(e).encode())
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    stats = json.loads(out)
     assert stats["devices"] == 0 and any("needs root" in w for w in stats["warnings"])
     assert not (root / "dev/null").exists()
     f = os.stat(root / "f")
