@@ -106,6 +106,10 @@ def write_buildpack(root: Path, launch_toml: str | None = None) -> Path:
         type = "web"
         command = ["/bin/sh", "-c", "exec greet-server"]
         default = true
+
+        [[labels]]
+        key = "org.example.greeter"
+        value = "yes"
         """)
     (bp / "bin" / "build").write_text(textwrap.dedent("""\
         #!/bin/sh
@@ -141,6 +145,7 @@ def test_users_own_buildpack_from_a_folder(builder, podman, tmp_path):
     env = dict(e.split("=", 1) for e in c["Env"])
     assert env["GREETING"] == "howdy"
     assert env["PATH"].startswith("/layers/example_hello/tools/bin:")
+    assert c["Labels"]["org.example.greeter"] == "yes"  # launch.toml [[labels]]
     md = json.loads(c["Labels"]["io.buildpacks.lifecycle.metadata"])
     assert list(md["buildpacks"][0]["layers"]) == ["tools"]  # the build-only layer is not exported
     assert md["buildpacks"][0]["layers"]["tools"]["data"] == {"version": "1"}
@@ -161,7 +166,8 @@ def test_push_to_docker_registry_and_run_from_it(builder, podman, registry, tmp_
 
 
 def test_buildpacks_ls(builder):
-    out = json.loads(builder("buildpacks", "--json").stdout)
+    out = json.loads(builder("buildpacks", "ls", "--json").stdout)
+    assert json.loads(builder("buildpacks", "--json").stdout) == out
     ids = [b["id"] for b in out["buildpacks"]]
     assert {"taxiway/python", "taxiway/node", "taxiway/deno", "taxiway/static", "taxiway/procfile"} <= set(ids)
     assert all(b["detects"] for b in out["buildpacks"])
@@ -229,3 +235,21 @@ def test_deno_rebuild_after_code_change_writes_one_layer(builder, tmp_path):
     after = layer_digests(builder, "rebuild/deno:1")
     assert out["written"] == ["app"], out
     assert before[:-1] == after[:-1] and before[-1] != after[-1]
+
+
+def test_git_source_and_revision_labels(builder, tmp_path):
+    import subprocess
+
+    app = copy_example("static", tmp_path / "site")
+    git = ["git", "-C", str(app), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "remote", "add", "origin", "https://example.invalid/team/site.git"], check=True)
+    subprocess.run([*git, "add", "-A"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "site"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    builder("build", str(app), "-t", "git/site:1")
+    labels = builder.image("git/site:1").config()["config"]["Labels"]
+    assert labels["org.opencontainers.image.revision"] == head
+    assert labels["org.opencontainers.image.source"] == "https://example.invalid/team/site.git"
+    layer_names = json.loads(labels["io.buildpacks.lifecycle.metadata"])
+    assert layer_names["app"]

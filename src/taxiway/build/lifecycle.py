@@ -336,6 +336,7 @@ class Lifecycle:
     # -- build ----------------------------------------------------------------------------
 
     def build(self, group: list[tuple[Buildpack, dict[str, Any]]]) -> list[Process]:
+        self.labels: dict[str, str] = {}  # from launch.toml [[labels]]
         build_env: dict[str, str] = {}
         processes: dict[str, Process] = {}
         for bp, plan in group:
@@ -365,9 +366,11 @@ class Lifecycle:
                                   "fix the error (the end of the build log is above) and build again", tail)
             launch = bl / "launch.toml"
             if launch.exists():
-                procs, _labels = bpmod.parse_launch_toml(launch, bp.id)
+                procs, labels = bpmod.parse_launch_toml(launch, bp.id)
                 for proc in procs:
                     processes[proc.type] = proc
+                for label in labels:
+                    self.labels[label["key"]] = str(label.get("value", ""))
             # Later buildpacks see this one's build layers.
             for name, meta in self._layer_metas(bp):
                 if meta.build:
@@ -465,6 +468,7 @@ class Lifecycle:
         labels = dict((run_cfg.get("config") or {}).get("Labels") or {})
         labels[assemble.LIFECYCLE_LABEL] = json.dumps(lifecycle_md, sort_keys=True, separators=(",", ":"))
         labels[assemble.BUILD_LABEL] = json.dumps(build_md, sort_keys=True, separators=(",", ":"))
+        labels.update(getattr(self, "labels", {}))
         labels.update(git_labels(self.source))
         cfg = assemble.with_layers(run_cfg, [layer.diff_id for _, layer in new_layers], [h for h, _ in new_layers])
         c = cfg.setdefault("config", {})

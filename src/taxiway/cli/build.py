@@ -79,14 +79,25 @@ def _done(name: str, digest: str, as_json: bool, push: bool, store, extra: dict 
         click.echo(f"{name}@{digest}")
 
 
-@click.command()
+@click.group(invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def buildpacks(as_json):
+@click.pass_context
+def buildpacks(ctx, as_json):
+    """The bundled buildpacks (`taxiway buildpacks ls`)."""
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(buildpacks_ls, as_json=as_json)
+
+
+@buildpacks.command("ls")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def buildpacks_ls(as_json):
     """List the bundled buildpacks and what each detects, in detection order."""
     from taxiway.build.buildpack import DEFAULT_ORDER, bundled
 
     bps = bundled()
-    rows = [{"id": bp.id, "version": bp.version, "api": bp.api, "detects": bp.description} for bp in bps.values()]
+    order = list(dict.fromkeys(i for group in DEFAULT_ORDER for i, _ in group))
+    rows = [{"id": bp.id, "version": bp.version, "api": bp.api, "detects": bp.description}
+            for bp in sorted(bps.values(), key=lambda b: order.index(b.id) if b.id in order else len(order))]
     if as_json:
         from taxiway.cli.output import emit_json
 
