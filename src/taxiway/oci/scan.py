@@ -23,9 +23,8 @@ from typing import Any
 from taxiway.oci._layerstream import MAX_READ, members, open_layer
 from taxiway.oci._safepath import clean
 from taxiway.oci.image import Descriptor, Image
+from taxiway.oci.unpack import OPAQUE_MARKER, WHITEOUT_PREFIX
 
-WHITEOUT_PREFIX = ".wh."
-OPAQUE_MARKER = ".wh..wh..opq"
 DEFAULT_READ_CAP = 256 * 1024  # bytes of a hidden file read for content patterns
 
 # -- the rules ---------------------------------------------------------------

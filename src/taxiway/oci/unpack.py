@@ -48,7 +48,7 @@ _MAX_WARNINGS = 100
 _ASYNC_MAX_FILE = 1 << 20
 _BATCH_FILES = 64
 _BATCH_BYTES = 4 << 20
-_MAX_INFLIGHT_BYTES = 64 << 20
+_MAX_INFLIGHT_BYTES = 16 << 20
 _DEFAULT_WORKERS = 2
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Errors no entry can cause: stop the whole layer instead of skipping an entry.
