@@ -97,8 +97,13 @@ def test_install_without_permission_is_one_line(ca, tmp_path, monkeypatch, taxiw
 
 
 def _etc_state() -> tuple[set[tuple[str, str]], bytes]:
+    """The working links in /etc/ssl/certs and the bundle.
+
+    Dangling links are left out: update-ca-certificates prunes any it finds
+    whenever its set changes, whoever left them.
+    """
     etc = Path("/etc/ssl/certs")
-    links = {(p.name, os.readlink(p)) for p in etc.iterdir() if p.is_symlink()}
+    links = {(p.name, os.readlink(p)) for p in etc.iterdir() if p.is_symlink() and p.exists()}
     return links, (etc / "ca-certificates.crt").read_bytes()
 
 
