@@ -4,8 +4,8 @@ One task per client connection reads request heads; a request is decided by
 :meth:`EgressProxy.decide` (role, ACL, one DNS resolution, address policy on
 every answer) and the pinned, allowed address is dialled. A CONNECT tunnel
 from a plain-TCP client is handed to :mod:`.splice` (bytes stay in the
-kernel); from a TLS client it is relayed by two small protocols that write
-straight into each other's transports with flow control. Absolute-form
+kernel); from a TLS client it is relayed by :mod:`.relay`'s two protocols,
+which write straight into each other's transports with flow control. Absolute-form
 requests are forwarded with their bodies streamed as framed, and the upstream
 connection is kept for the client's next request when it may be.
 """
@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import ipaddress
 import itertools
-import os
 import signal
 import socket
 import ssl
@@ -34,6 +33,7 @@ from taxiway.egress.acl import Acl, Decision, Result, load_acl
 from taxiway.egress.addresses import AddressPolicy, AddressVerdict, Range
 from taxiway.egress.hosts import IPAddress
 from taxiway.egress.metrics import Metrics
+from taxiway.egress.relay import ProtocolTunnel
 from taxiway.egress.resolver import ResolveError, Resolver
 from taxiway.egress.roles import Authenticator, cert_common_name, load_users, parse_basic
 
@@ -90,90 +90,6 @@ class Outcome:
         if self.acl is None:
             return "allow", "egress ACL is not configured"
         return ("report" if self.acl.result is Result.ALLOW_AND_REPORT else "allow"), self.acl.reason
-
-
-class _Relay(asyncio.Protocol):
-    """One side of a tunnel: what arrives here is written to the peer transport."""
-
-    def __init__(self, tunnel: _Tunnel, side: str):
-        self.tunnel, self.side = tunnel, side
-        self.transport: asyncio.Transport | None = None
-        self.peer: asyncio.Transport | None = None
-        self.eof = False
-        self.closed = False
-        self.count = 0
-        self._early: list[bytes] = []
-
-    def connection_made(self, transport) -> None:  # noqa: ANN001
-        self.transport = transport
-
-    def attach(self, peer: asyncio.Transport) -> None:
-        """Start writing to ``peer``, first whatever arrived before it was known."""
-        self.peer = peer
-        for data in self._early:
-            peer.write(data)
-        self._early.clear()
-        if self.eof:
-            self.eof_received()
-
-    def data_received(self, data: bytes) -> None:
-        self.count += len(data)
-        self.tunnel.last = time.monotonic()
-        if self.peer is None:
-            self._early.append(data)
-        elif not self.peer.is_closing():
-            self.peer.write(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        peer = self.peer
-        if peer is not None and not peer.is_closing():
-            if peer.can_write_eof():
-                peer.write_eof()
-            else:
-                peer.close()
-        if self.tunnel.both_eof():
-            self.tunnel.close()
-        return True
-
-    def pause_writing(self) -> None:
-        if self.peer is not None:
-            self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        if self.peer is not None and not self.peer.is_closing():
-            self.peer.resume_reading()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.peer is not None and not self.peer.is_closing():
-            self.peer.close()
-        self.tunnel.side_lost()
-
-
-class _Tunnel:
-    def __init__(self) -> None:
-        self.client = _Relay(self, "client")
-        self.upstream = _Relay(self, "upstream")
-        self.last = time.monotonic()
-        self.done = asyncio.get_running_loop().create_future()
-
-    def both_eof(self) -> bool:
-        return self.client.eof and self.upstream.eof
-
-    def side_lost(self) -> None:
-        if self.client.closed and self.upstream.closed and not self.done.done():
-            self.done.set_result(None)
-
-    def close(self) -> None:
-        for side in (self.client, self.upstream):
-            if side.transport is not None and not side.transport.is_closing():
-                side.transport.close()
-
-    def abort(self) -> None:
-        for side in (self.client, self.upstream):
-            if side.transport is not None:
-                side.transport.abort()
 
 
 class EgressProxy:
@@ -488,13 +404,13 @@ class EgressProxy:
             writer.write(http.simple_response(400, f"{e}\n", [("X-Taxiway-Egress-Error", str(e))]))
             return
         out = None
-        tunnel = _Tunnel()
+        tunnel = ProtocolTunnel()
         # Plain-TCP clients get a splice(2) relay; TLS clients need the bytes in Python.
         use_splice = splice.AVAILABLE and writer.get_extra_info("ssl_object") is None
         try:
             out = await self.decide(head, target, cert_role)
             if use_splice:
-                upstream_sock, verdict, connect_ms = await self._open(out, _dial_socket)
+                upstream_sock, verdict, connect_ms = await self._open(out, splice.dial_socket)
             else:
                 (transport, _), verdict, connect_ms = await self._open(
                     out, lambda host, port: asyncio.get_running_loop().create_connection(
@@ -511,7 +427,7 @@ class EgressProxy:
         pending = bytes(reader._buffer)  # noqa: SLF001
         reader._buffer.clear()  # noqa: SLF001
         if use_splice:
-            client_sock = await _detach(writer)
+            client_sock = await splice.detach(writer)
             if pending:
                 await asyncio.get_running_loop().sock_sendall(upstream_sock, pending)
             st = splice.SpliceTunnel(asyncio.get_running_loop(), client_sock, upstream_sock)
@@ -522,7 +438,8 @@ class EgressProxy:
         await self._relay(tunnel, writer.transport, transport, pending, out, target, client, conn_id,
                           str(verdict.address), "connect")
 
-    async def _relay(self, tunnel: _Tunnel, client_t: asyncio.Transport, upstream_t: asyncio.Transport,
+    async def _relay(self, tunnel: ProtocolTunnel, client_t: asyncio.Transport,
+                     upstream_t: asyncio.Transport,
                      pending: bytes, out: Outcome, target: http.Target, client: str, conn_id: int,
                      dialled: str, kind: str) -> None:
         tunnel.client.transport = client_t
@@ -534,7 +451,7 @@ class EgressProxy:
         client_t.resume_reading()
         await self._watch(tunnel, out, target, client, conn_id, dialled, kind)
 
-    async def _watch(self, tunnel: _Tunnel | splice.SpliceTunnel, out: Outcome, target: http.Target,
+    async def _watch(self, tunnel: ProtocolTunnel | splice.SpliceTunnel, out: Outcome, target: http.Target,
                      client: str, conn_id: int, dialled: str, kind: str) -> None:
         """Wait for a tunnel to end, enforcing idle and total timeouts; log its close."""
         started = time.monotonic()
@@ -706,7 +623,7 @@ class EgressProxy:
                     writer.write(http.serialize_response_head(rhead, True))
                     if body is not None:
                         await body
-                    tunnel = _Tunnel()
+                    tunnel = ProtocolTunnel()
                     transport = up.writer.transport
                     tunnel.upstream.transport = transport
                     transport.set_protocol(tunnel.upstream)
@@ -810,32 +727,6 @@ async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, frami
         progress(len(data))
         dst.write(data)
         await dst.drain()
-
-
-async def _dial_socket(host: str, port: int) -> socket.socket:
-    """A connected non-blocking socket (for the splice relay), closed on failure."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-async def _detach(writer: asyncio.StreamWriter) -> socket.socket:
-    """Take a client's socket away from its transport (a dup), once what was written is sent."""
-    transport = writer.transport
-    transport.pause_reading()
-    while transport.get_write_buffer_size():
-        await writer.drain()
-        await asyncio.sleep(0)
-    sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
-    transport.close()
-    return sock
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:

@@ -18,6 +18,7 @@ AVAILABLE = hasattr(os, "splice") and hasattr(os, "SPLICE_F_NONBLOCK")
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 _F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
+_BULK = 64 * 1024
 
 
 class _Direction:
@@ -70,7 +71,9 @@ class _Direction:
                 break
             self.in_pipe += n
             self.count += n
-            if not self._drain():
+            if not self._drain() or n < _BULK:
+                # A small read means the socket is (nearly) empty: don't pay for an
+                # EAGAIN splice; bulk transfers keep looping.
                 break
         self.t.last = time.monotonic()
         self.flush()
@@ -151,3 +154,29 @@ class SpliceTunnel:
             self.done.set_result(None)
 
     abort = close
+
+
+async def dial_socket(host: str, port: int) -> socket.socket:
+    """A connected non-blocking socket (for the splice relay), closed on failure."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def detach(writer: asyncio.StreamWriter) -> socket.socket:
+    """Take a client's socket away from its transport (a dup), once what was written is sent."""
+    transport = writer.transport
+    transport.pause_reading()
+    while transport.get_write_buffer_size():
+        await writer.drain()
+        await asyncio.sleep(0)
+    sock = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+    transport.close()
+    return sock
