@@ -102,6 +102,17 @@ def post(url: str, data: dict) -> dict:
         return json.loads(r.read())
 
 
+def machine() -> dict:
+    """How busy this machine is: load average and a CPU probe (seconds for sum(range(10**7)),
+    about 0.2 s on an idle core here), since the cores are shared."""
+    t = time.perf_counter()
+    sum(range(10**7))
+    return {
+        "loadavg": Path("/proc/loadavg").read_text().split()[0],
+        "probe_s": round(time.perf_counter() - t, 2),
+    }
+
+
 def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
@@ -314,6 +325,7 @@ def idle_memory(url: str, pid: int, n: int) -> dict:
 
 
 def gamehall_argv(port: int, *extra: str) -> list[str]:
+    level = os.environ.get("GAMEHALL_BENCH_LOG_LEVEL", "warning")
     return [
         sys.executable,
         "-m",
@@ -322,12 +334,13 @@ def gamehall_argv(port: int, *extra: str) -> list[str]:
         "--port",
         str(port),
         "--log-level",
-        "warning",
+        level,
         *extra,
     ]
 
 
 def run_one_node(args, tmp: Path) -> dict:
+    before = machine()
     port = free_port()
     with process(gamehall_argv(port), port, tmp / "node.log") as proc:
         url = f"http://127.0.0.1:{port}"
@@ -338,10 +351,17 @@ def run_one_node(args, tmp: Path) -> dict:
         result = asyncio.run(
             load((url, url), args.games, args.duration, args.think, args.warmup, [proc.pid])
         )
-    return {"setup": "one node, in memory", **mem, **result}
+    return {
+        "setup": "one node, in memory",
+        "machine_before": before,
+        "machine_after": machine(),
+        **mem,
+        **result,
+    }
 
 
 def run_two_nodes(args, tmp: Path) -> dict:
+    before = machine()
     rport = free_port()
     redis = shutil.which("redis-server") or "/usr/bin/redis-server"
     with process(
@@ -380,7 +400,12 @@ def run_two_nodes(args, tmp: Path) -> dict:
     result["server_cpu_pct"] = dict(
         zip(["node_a", "node_b", "redis"], result["server_cpu_pct"], strict=True)
     )
-    return {"setup": "two nodes through Redis", **result}
+    return {
+        "setup": "two nodes through Redis",
+        "machine_before": before,
+        "machine_after": machine(),
+        **result,
+    }
 
 
 def main() -> None:
@@ -406,7 +431,12 @@ def main() -> None:
         pass
     gc.set_threshold(50_000, 20, 100)  # the measuring client must not stall in collections
     results = []
-    with tempfile.TemporaryDirectory(prefix="gamehall-bench-") as tmp:
+    keep = os.environ.get("GAMEHALL_BENCH_LOGS")  # keep the servers' logs there
+    with (
+        contextlib.nullcontext(keep)
+        if keep
+        else tempfile.TemporaryDirectory(prefix="gamehall-bench-") as tmp
+    ):
         if args.nodes in ("1", "both"):
             results.append(run_one_node(args, Path(tmp)))
             print(json.dumps(results[-1], indent=2), flush=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -97,7 +98,8 @@ def tune_gc() -> None:
     """Collect cycles less often: with thousands of sockets and games alive, Python's
     default thresholds run full collections that stall every page for a long moment."""
     gc.freeze()  # everything loaded at startup lives forever: never scan it again
-    gc.set_threshold(50_000, 20, 100)
+    raw = os.environ.get("GAMEHALL_GC_THRESHOLD", "50000,20,100")
+    gc.set_threshold(*(int(x) for x in raw.split(",")))
 
 
 def create_app(make_hall: Callable[[], Hall]) -> Starlette:
