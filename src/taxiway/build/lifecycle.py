@@ -19,8 +19,6 @@ Phases follow the CNB platform and buildpack specs:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,17 +79,6 @@ class BuildResult:
 
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def _chown_tree(root: Path) -> None:
@@ -508,7 +495,7 @@ class Lifecycle:
 
         tmp_root = home() / "build" / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
-        with _locked(self.cache / "lock"), tempfile.TemporaryDirectory(dir=tmp_root, prefix="build-") as work:
+        with stack.locked(self.cache / "lock"), tempfile.TemporaryDirectory(dir=tmp_root, prefix="build-") as work:
             self._prepare(Path(work), all_bps)
             with self.sandbox:
                 group = self.detect(order)

@@ -90,7 +90,9 @@ def cache_root() -> Path:
 
 
 @contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created with its folder) for the block's duration."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as f:
         fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
@@ -119,7 +121,7 @@ def cached_layer(recipe: Recipe) -> tuple[Path, dict]:
     root = cache_root()
     d = root / recipe.key()
     meta_path = d / "layer.json"
-    with _lock(root / f"{recipe.key()}.lock"):
+    with locked(root / f"{recipe.key()}.lock"):
         if not meta_path.exists():
             d.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=root, prefix=".mm-") as tmp:
@@ -185,7 +187,7 @@ def rootfs_for(store, image_ref: str) -> Path:
     dest = root / img.digest().split(":", 1)[1]
     if (dest / ".complete").exists():
         return dest
-    with _lock(root / (dest.name + ".lock")):
+    with locked(root / (dest.name + ".lock")):
         if (dest / ".complete").exists():
             return dest
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".unpack-"))
