@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -45,6 +45,10 @@ LAYER_TYPES = frozenset({
 })
 
 Log = Callable[[str], None]
+
+
+class _Cancelled(Exception):
+    """A download stopped because the pull as a whole is failing."""
 
 
 class CorruptLayer(TaxiwayError):
@@ -192,6 +196,7 @@ class Puller:
         self.retries = retries
         self.verify_layers = verify_layers
         self.new_blobs: list[str] = []
+        self.cancelled = threading.Event()  # set when another layer failed or the user pressed Ctrl-C
         self.fetched_bytes = 0
 
     def fetch(self, desc: Descriptor, diff_id: str | None = None, label: str | None = None) -> bool:
@@ -241,6 +246,8 @@ class Puller:
                                 self.progress.update(task, completed=offset)
                             written = offset
                             for chunk in resp.iter_raw():  # as received: a dropped connection loses nothing
+                                if self.cancelled.is_set():
+                                    raise _Cancelled()
                                 written += len(chunk)
                                 if written > size:
                                     raise BlobMismatch(f"blob {digest} is larger than the {size} bytes its descriptor says",
@@ -377,12 +384,15 @@ def pull(reference: str, *, platform: Platform | None = None, all_platforms: boo
         if plan:
             with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(plan))), thread_name_prefix="pull") as pool:
                 futures = [pool.submit(one, item) for item in plan]
-                errors = []
-                for fut in futures:
-                    try:
-                        fut.result()
-                    except BaseException as e:  # noqa: BLE001 - wait for every thread, then raise the first error
-                        errors.append(e)
+                errors: list[BaseException] = []
+                try:
+                    for fut in as_completed(futures):
+                        if fut.exception() is not None and not isinstance(fut.exception(), _Cancelled):
+                            errors.append(fut.exception())  # type: ignore[arg-type]
+                            puller.cancelled.set()  # fail fast: the other layers stop at their next chunk
+                except BaseException:  # Ctrl-C: stop the downloads (partial files stay for the next run)
+                    puller.cancelled.set()
+                    raise
                 if errors:
                     raise errors[0]
         result.fetched = len(puller.new_blobs)  # before manifests join the list below
