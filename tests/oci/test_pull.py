@@ -92,7 +92,10 @@ def test_platform_selection(pushed, taxiway_home, taxiway):
     assert info["platform"] == "linux/arm64/v8"
     r = taxiway("pull", ref, check=True)  # the host: amd64
     assert json.loads(taxiway("image", "inspect", ref, "--json", check=True).stdout)["platform"] == "linux/amd64"
-    r = taxiway("pull", ref, "--all-platforms", check=True)
+    r = taxiway("pull", ref, "--all-platforms", "--json", check=True)
+    pulled = json.loads(r.stdout)
+    assert [p["platform"] for p in pulled["platforms"]] == ["linux/amd64", "linux/arm64/v8"]
+    assert pulled["media_type"] == "application/vnd.oci.image.index.v1+json"
     listed = json.loads(taxiway("images", "--json", check=True).stdout)
     assert listed[0]["platforms"] == ["linux/amd64", "linux/arm64/v8"]
     arm = json.loads(taxiway("image", "inspect", ref, "--platform", "linux/arm64/v8", "--json", check=True).stdout)

@@ -102,8 +102,10 @@ def _human(n: int) -> str:
 @click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS (always allowed for loopback registries).")
 @click.option("-j", "--jobs", default=4, show_default=True, help="Layers downloaded at once.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the manifest digest.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was pulled as JSON.")
 @_fs_errors
-def pull(reference: str, platform_: str | None, all_platforms: bool, insecure: bool, jobs: int, quiet: bool) -> None:
+def pull(reference: str, platform_: str | None, all_platforms: bool, insecure: bool, jobs: int, quiet: bool,
+         as_json: bool) -> None:
     """Pull REFERENCE (registry/name[:tag][@digest]) into the local store."""
     from taxiway.errors import InvalidInput
     from taxiway.oci.image import Platform
@@ -112,9 +114,15 @@ def pull(reference: str, platform_: str | None, all_platforms: bool, insecure: b
     if platform_ and all_platforms:
         raise InvalidInput("--platform and --all-platforms exclude each other", "pass one of them")
     plat = Platform.parse(platform_) if platform_ else None
-    with progress(None if not quiet else False) as p:
+    with progress(False if (quiet or as_json) else None) as p:
         result = do_pull(reference, platform=plat, all_platforms=all_platforms, insecure=insecure, progress=p,
                          log=_warn, jobs=jobs, notice=_warn if is_tty() else None)
+    if as_json:
+        emit_json({"name": result.name, "digest": result.descriptor.digest, "media_type": result.descriptor.media_type,
+                   "platforms": [{"platform": pl, "digest": dg} for pl, dg in result.manifests],
+                   "fetched": result.fetched, "fetched_bytes": result.fetched_bytes, "present": result.present,
+                   "warnings": result.warnings})
+        return
     if quiet:
         click.echo(result.descriptor.digest)
         return
