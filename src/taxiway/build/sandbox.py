@@ -73,8 +73,17 @@ class Sandbox:
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
         _bind(str(self.rootfs), mnt, readonly=True)
         _mount("proc", mnt + "/proc", "proc", MS_NOSUID | MS_NODEV)
-        _bind("/dev", mnt + "/dev")
-        _mount("shm", mnt + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
+        # A minimal /dev: the usual character devices bound from the host, no disks.
+        dev = mnt + "/dev"
+        _mount("dev", dev, "tmpfs", MS_NOSUID, "mode=0755")
+        for node in ("null", "zero", "full", "random", "urandom", "tty"):
+            os.close(os.open(f"{dev}/{node}", os.O_CREAT | os.O_WRONLY, 0o666))
+            _bind(f"/dev/{node}", f"{dev}/{node}")
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                             ("stderr", "/proc/self/fd/2")):
+            os.symlink(target, f"{dev}/{name}")
+        os.mkdir(f"{dev}/shm")
+        _mount("shm", f"{dev}/shm", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
         _mount("tmpfs", mnt + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
         _mount("tmpfs", mnt + "/home/cnb", "tmpfs", MS_NOSUID | MS_NODEV, f"mode=0755,uid={UID},gid={GID}")
         if os.path.isfile("/etc/resolv.conf") and os.path.lexists(mnt + "/etc/resolv.conf"):
