@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -24,6 +24,10 @@ from taxiway.oci.store import Store, StoreImage, parse_json
 
 CHUNK_SIZE = 16 << 20  # blobs larger than this go up in PATCH chunks of this size
 READ = 1 << 20
+
+
+class _Cancelled(Exception):
+    """An upload stopped because the push as a whole is failing."""
 
 
 @dataclass
@@ -69,6 +73,7 @@ class Pusher:
         self.progress = progress
         self.chunk_size = chunk_size
         self.full_name = f"{client.registry}/{repository}"
+        self.cancelled = threading.Event()
 
     def mount_source(self, digest: str) -> str | None:
         """Another repository of this registry the blob came from, if one is remembered."""
@@ -92,6 +97,8 @@ class Pusher:
         task = self.progress.add_task(digest[7:19], total=size) if self.progress is not None else None
 
         def advance(n: int) -> None:
+            if self.cancelled.is_set():
+                raise _Cancelled()
             if task is not None:
                 self.progress.advance(task, n)
 
@@ -112,17 +119,21 @@ class Pusher:
         result.count("uploaded_bytes", size)
 
     def push_all(self, blobs: list[Descriptor], result: PushResult, jobs: int) -> None:
-        """Push blobs in parallel; waits for all, then raises the first error."""
+        """Push blobs in parallel; the first error (or Ctrl-C) stops the others at their next chunk."""
         if not blobs:
             return
         with ThreadPoolExecutor(max_workers=max(1, min(jobs, len(blobs))), thread_name_prefix="push") as pool:
             futures = [pool.submit(self.push_blob, d, result) for d in blobs]
-            errors = []
-            for fut in futures:
-                try:
-                    fut.result()
-                except BaseException as e:  # noqa: BLE001 - wait for all, raise the first
-                    errors.append(e)
+            errors: list[BaseException] = []
+            try:
+                for fut in as_completed(futures):
+                    exc = fut.exception()
+                    if exc is not None and not isinstance(exc, _Cancelled):
+                        errors.append(exc)
+                        self.cancelled.set()
+            except BaseException:
+                self.cancelled.set()
+                raise
             if errors:
                 raise errors[0]
 
