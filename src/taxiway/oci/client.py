@@ -181,6 +181,12 @@ class RegistryClient:
             params.append(("scope", s))
         headers = {}
         if self.credentials and self.credentials.username != "<token>":
+            from taxiway.oci.reference import Reference
+
+            realm_host = urlsplit(realm).netloc
+            if realm.startswith("http://") and not self.insecure and not Reference(realm_host, "x").is_loopback:
+                raise AuthError(f"{self.registry} wants the credentials for {what} sent over plain HTTP to {realm_host}",
+                                "refusing; use a registry whose token service speaks HTTPS, or pass --insecure")
             headers["Authorization"] = self.credentials.basic_header()
         resp = self._send_with_retries("GET", realm, params=params, headers=headers, what=f"token for {what}")
         if resp.status_code in (401, 403):
