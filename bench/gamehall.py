@@ -13,8 +13,10 @@ and reports:
 * memory per idle game (RSS growth of a fresh node after creating idle games)
   and per live game (with its two sockets).
 
-Two nodes: games are created on node A; seat 0's page is on A, seat 1's page on
-B, so every move crosses Redis on its way to one of the two pages.
+Two nodes: games are created on node A and node B in turn; the creator's page
+is on the game's own node and the other player's page on the other node, so
+every move crosses Redis on its way to one of the two pages (and half the moves
+are sent from the node that does not own the game).
 
     python bench/gamehall.py                      # one node, then two nodes
     python bench/gamehall.py --nodes 1 --games 1000 --duration 30 --think 1.0
@@ -239,12 +241,15 @@ async def load(
     """Create ``games`` games on urls[0], seat one bot page on each url, play for ``duration``."""
     stats = Stats()
     rng = random.Random(7)
-    codes = [post(urls[0] + "/api/games", {"game": "tictactoe"})["code"] for _ in range(games)]
+    # Games are created on each node in turn (people create games where they are); the
+    # creator's page is on that node and the other player's page on the other node.
+    homes = [(urls[i % 2], urls[(i + 1) % 2]) for i in range(games)]
+    codes = [post(home + "/api/games", {"game": "tictactoe"})["code"] for home, _ in homes]
     rss_before = sum(rss_kib(p) for p in pids)
     pages: list[Page] = []
-    for code in codes:
-        pages.append(Page(urls[0], code, stats, think, True, random.Random(rng.random())))
-        pages.append(Page(urls[1], code, stats, think, False, random.Random(rng.random())))
+    for code, (home, away) in zip(codes, homes, strict=True):
+        pages.append(Page(home, code, stats, think, True, random.Random(rng.random())))
+        pages.append(Page(away, code, stats, think, False, random.Random(rng.random())))
     sem = asyncio.Semaphore(100)
 
     async def connect(p: Page) -> None:

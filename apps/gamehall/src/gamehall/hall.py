@@ -114,6 +114,7 @@ class Actor:
             if new_moves
             else None
         )
+        snapshot["by"] = self.hall.node_id  # nodes skip their own changes coming back from Redis
         try:
             saved = await self.hall.backend.save(self.room.code, snapshot, move)
         except Exception as e:
@@ -122,6 +123,7 @@ class Actor:
             raise RoomError("The game could not be saved just now; try again.") from e
         if not saved:
             raise LostGame()
+        self.hall._fan_out(self.room.code, snapshot)
         return out
 
 
@@ -314,7 +316,8 @@ class Hall:
 
     async def _on_message(self, kind: str, key: str, payload: dict[str, Any]) -> None:
         if kind == "game":
-            self._fan_out(key, payload)
+            if payload.get("by") != self.node_id:
+                self._fan_out(key, payload)
         elif kind == "node" and payload.get("t") == "cmd":
             self._spawn(self._serve_remote(payload))
         elif kind == "node" and payload.get("t") == "reply":
