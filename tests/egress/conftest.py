@@ -111,10 +111,25 @@ class Upstream:
 
 
 @pytest.fixture(scope="session")
-def upstream() -> Iterator[Upstream]:
-    u = Upstream(ALLOWED)
-    yield u
-    u.close()
+def _servers() -> Iterator[tuple[Upstream, Traps]]:
+    """The upstream and the traps on one port (retried if another process holds it)."""
+    for _ in range(20):
+        u = Upstream(ALLOWED)
+        try:
+            t = Traps(u.port)
+        except RuntimeError:
+            u.close()
+            continue
+        yield u, t
+        t.close()
+        u.close()
+        return
+    raise RuntimeError("no port free on 127.0.0.1, 127.0.0.2 and 127.0.0.3 at once")
+
+
+@pytest.fixture(scope="session")
+def upstream(_servers) -> Upstream:
+    return _servers[0]
 
 
 class Traps:
@@ -123,7 +138,13 @@ class Traps:
     def __init__(self, port: int) -> None:
         # Same port as the allowed upstream: a proxy dialling the wrong address would land here.
         self.port = port
-        self.servers = [Upstream("127.0.0.1", port), Upstream(INTERNAL, port)]
+        self.servers: list[Upstream] = []
+        try:
+            for host in ("127.0.0.1", INTERNAL):
+                self.servers.append(Upstream(host, port))
+        except RuntimeError:
+            self.close()
+            raise
 
     @property
     def connections(self) -> int:
@@ -135,10 +156,8 @@ class Traps:
 
 
 @pytest.fixture(scope="session")
-def traps(upstream) -> Iterator[Traps]:
-    t = Traps(upstream.port)
-    yield t
-    t.close()
+def traps(_servers) -> Traps:
+    return _servers[1]
 
 
 class LoopbackDNS:
