@@ -370,3 +370,17 @@ def test_a_huge_tar_header_is_refused_not_buffered(tmp_path, monkeypatch):
     raw = make_layer([Entry("f", data=b"x", pax={"SCHILY.xattr.user.big": "v" * 20_000})])
     with pytest.raises(LayerError, match="tar header of"):
         apply_layer(tmp_path, io.BytesIO(raw), TAR)
+
+
+def test_file_capabilities_survive_the_chown(tmp_path):
+    """security.capability is binary and is cleared by chown: it must be set after it."""
+    if os.geteuid() != 0:
+        pytest.skip("setting security.capability needs root")
+    import struct
+
+    cap = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)  # VFS_CAP_REVISION_2, cap_net_raw
+    pax = {"SCHILY.xattr.security.capability": cap.decode("utf-8", "surrogateescape")}
+    stats = apply(tmp_path, [Entry("ping", data=b"\x7fELF", mode=0o755, uid=1000, gid=1000, pax=pax)])
+    assert stats.warnings == []
+    assert os.getxattr(tmp_path / "ping", "security.capability") == cap
+    assert os.stat(tmp_path / "ping").st_uid == 1000
