@@ -339,7 +339,7 @@ class EgressProxy:
         return out
 
     def _log_decision(self, kind: str, client: str, target: http.Target, out: Outcome | None,
-                      status: int, reason: str, decision: str, dialled: str | None = None,
+                      status: int | None, reason: str, decision: str, dialled: str | None = None,
                       connect_ms: float | None = None, conn_id: int = 0) -> None:
         acl = out.acl if out else None
         self.metrics.inc("taxiway_egress_decisions_total", decision=decision, proxy_type=kind,
@@ -535,7 +535,7 @@ class EgressProxy:
             return False
         assert up is not None
         decision, reason = out.allowed_as()
-        self._log_decision("http", client, target, out, 0, f"{reason}; {up.verdict.reason}", decision,
+        self._log_decision("http", client, target, out, None, f"{reason}; {up.verdict.reason}", decision,
                            str(up.verdict.address), up.connect_ms, conn_id)
         tokens = http.connection_tokens(head.headers)
         keep = (head.version == b"HTTP/1.1" and b"close" not in tokens) or \
