@@ -62,3 +62,24 @@ def test_example_runs_as_a_machine(builder, example):
         assert CASES[example][1] in requests.get(url, timeout=10).text
     finally:
         builder("machines", "rm", "-f", name, check=False)
+
+
+def test_every_process_type_can_be_run(builder, podman):
+    """Non-default processes (the Procfile's clock) run through /cnb/process/<type>."""
+    tag = "localhost/examples/procfile:test"
+    builder("build", str(EXAMPLES / "procfile"), "-t", tag)
+    name = "taxiway-build-test-clock"
+    podman("run", "-d", "--name", name, "--entrypoint", "/cnb/process/clock", oci_ref(builder, tag))
+    try:
+        import time
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            out = podman("logs", name).stdout.decode() + podman("logs", name).stderr.decode()
+            if str(time.gmtime().tm_year) in out:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"the clock process printed nothing: {out!r}")
+    finally:
+        podman("rm", "-f", "-t", "0", name, check=False)

@@ -427,6 +427,18 @@ class Lifecycle:
                                    "build": meta.build, "cache": meta.cache}
             bp_meta.append({"key": bp.id, "version": bp.version, "layers": layers_md})
 
+        processes_record: dict[str, str] = {}
+        if processes:
+            # /cnb/process/<type>: run any declared process (`--entrypoint /cnb/process/worker`), as pack's launcher allows.
+            entries = [*lyr.parents("cnb/process")]
+            entries += [lyr.Entry(f"cnb/process/{p.type}", "file", 0o755, data=process_script(p).encode())
+                        for p in sorted(processes, key=lambda p: p.type)]
+            plyr = lyr.store_layer(self.store, entries, 0, 0)
+            old_p = prev.get("processes", {}).get("digest")
+            (reused if old_p == plyr.digest else written).append("processes")
+            new_layers.append(("process types at /cnb/process", plyr))
+            processes_record = {"digest": plyr.digest}
+
         fp = lyr.fingerprint(self.workspace)
         old = prev.get("app")
         if old and old.get("fingerprint") == fp and self.store.has_blob(old["digest"]):
@@ -476,7 +488,8 @@ class Lifecycle:
         assemble.tag_if_changed(self.store, self.opts.tag, desc)
         from taxiway.fsutil import write_bytes_atomic
 
-        write_bytes_atomic(record_path, json.dumps({"layers": record, "app": app_record, "digest": desc.digest},
+        write_bytes_atomic(record_path, json.dumps({"layers": record, "app": app_record, "digest": desc.digest,
+                                                    "processes": processes_record},
                                                    sort_keys=True, indent=1).encode())
         return BuildResult(self.opts.tag, desc, group, processes, written, reused)
 
@@ -518,6 +531,14 @@ def _env_files(d: Path) -> dict[str, Any]:
                 if f.is_file():
                     out["files"][f"{sub}/{f.name}"] = f.read_text()
     return out
+
+
+def process_script(p: Process) -> str:
+    """A tiny launcher for one process type: its working dir, its argv, and any extra arguments."""
+    import shlex
+
+    wd = p.working_dir or "/workspace"
+    return f"#!/bin/sh\n# {p.type} (from {p.buildpack_id})\ncd {shlex.quote(wd)} && exec {shlex.join(p.argv())} \"$@\"\n"
 
 
 def _default_process(processes: list[Process]) -> Process | None:
