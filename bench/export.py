@@ -219,12 +219,33 @@ def _fstype(path: Path) -> str:
     return fs
 
 
+def compare_with_umoci(target: Path, layout: Path) -> dict:
+    """Export once with each tool and compare the trees entry by entry (tests/helpers/images.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from helpers.images import tree_manifest
+
+    from taxiway.oci.unpack import export
+
+    target.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="taxiway-bench-compare.", dir=target))
+    try:
+        subprocess.run(["umoci", "unpack", "--image", f"{layout}:{TAG}", str(work / "bundle")], check=True,
+                       stdout=subprocess.DEVNULL)
+        export(LayoutImage(layout, TAG), work / "rootfs")
+        ours, theirs = tree_manifest(work / "rootfs"), tree_manifest(work / "bundle" / "rootfs")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    diffs = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+    return {"paths": len(ours), "differences": len(diffs), "first_differences": diffs[:10]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--targets", default=f"{CACHE / 'out'},/dev/shm/taxiway-bench",
                     help="comma-separated directories to export into (default: the cache disk and tmpfs)")
     ap.add_argument("--prepare-only", action="store_true")
+    ap.add_argument("--no-compare", action="store_true", help="skip checking that both trees are identical")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -234,14 +255,19 @@ def main() -> int:
     if args.prepare_only:
         return 0
     compressed, uncompressed, entries = layer_sizes(layout)
-    runs = [run_target(Path(t), layout, args.rounds) for t in args.targets.split(",") if t]
+    targets = [Path(t) for t in args.targets.split(",") if t]
+    same = None if args.no_compare else compare_with_umoci(targets[0], layout)
+    runs = [run_target(t, layout, args.rounds) for t in targets]
     report = {"image": f"{layout}:{TAG}", "layer_compressed_bytes": compressed,
-              "uncompressed_bytes": uncompressed, "entries": entries, "runs": runs}
+              "uncompressed_bytes": uncompressed, "entries": entries, "identical_to_umoci": same, "runs": runs}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
     print(f"image: Debian bookworm minbase, 1 gzip layer of {compressed / 1e6:.1f} MB "
           f"({uncompressed / 1e6:.1f} MB in {entries} entries); medians of {args.rounds} alternated rounds")
+    if same is not None:
+        print(f"same tree as umoci unpack (types, modes, owners, link targets, hardlinks, devices, xattrs, "
+              f"sha256, mtimes): {same['paths']} paths, {same['differences']} differences {same['first_differences']}")
     for r in runs:
         print(f"into {r['target']} ({r['fs']}): umoci unpack {r['umoci_unpack_s']:.2f} s wall "
               f"({r['umoci_cpu_s']:.2f} s CPU), taxiway export {r['taxiway_export_s']:.2f} s wall "
