@@ -445,7 +445,7 @@ def load(input_: str, name: str | None) -> None:
 @click.argument("references", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="The tarball to write.")
 @click.option("--format", "fmt", type=click.Choice(["docker", "oci"]), default="docker", show_default=True,
-              help="docker: loadable by `docker load` and readable as an OCI archive too; oci: an OCI image layout tarball.")
+              help="docker: the `docker save` layout (manifest.json) that is also an OCI archive; oci: an OCI image layout tarball only.")
 @click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]", help="Which image of a multi-platform index.")
 @_fs_errors
 def save(references: tuple[str, ...], output: str, fmt: str, platform_: str | None) -> None:

@@ -10,7 +10,7 @@ Every blob is verified (digest, size; uncompressed layers against the config's
 ``diff_ids``) before it becomes visible, and names are written last.
 
 Save writes an OCI image layout tar; ``--format docker`` adds ``manifest.json``
-(and Docker 25's name annotations), so the same file works with ``docker load``,
+(and Docker 25's name annotations): the layout ``docker save`` writes since Docker 25,
 ``skopeo ... docker-archive:`` and ``oci-archive:``.
 """
 
