@@ -10,8 +10,8 @@ Every blob is verified (digest, size; uncompressed layers against the config's
 ``diff_ids``) before it becomes visible, and names are written last.
 
 Save writes an OCI image layout tar; ``--format docker`` adds ``manifest.json``
-(and Docker 25's name annotations): the layout ``docker save`` writes since Docker 25,
-``skopeo ... docker-archive:`` and ``oci-archive:``.
+(and Docker 25's name annotations), the layout ``docker save`` writes since
+Docker 25, which skopeo reads both as ``docker-archive:`` and ``oci-archive:``.
 """
 
 from __future__ import annotations
