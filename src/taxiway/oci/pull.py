@@ -220,6 +220,8 @@ class Puller:
         digest, size = desc.digest, desc.size
         compression = mt.layer_compression(desc.media_type) if mt.is_layer(desc.media_type) else "none"
         check = compression if (diff_id and self.verify_layers) else None
+        if check == "none" and diff_id == digest:
+            check = None  # an uncompressed layer's diff_id is its digest, which is checked anyway
         task = self.progress.add_task(label, total=size) if self.progress is not None else None
         delay = 0.25
         ver = _Verifier(check)
