@@ -253,3 +253,21 @@ def test_git_source_and_revision_labels(builder, tmp_path):
     assert labels["org.opencontainers.image.source"] == "https://example.invalid/team/site.git"
     layer_names = json.loads(labels["io.buildpacks.lifecycle.metadata"])
     assert layer_names["app"]
+
+
+def test_failed_build_does_not_leave_a_stale_dependency_layer(builder, tmp_path):
+    """A build that installs new dependencies and then fails must not make the next build reuse the old layer."""
+    src = copy_example("python", tmp_path / "app")
+    builder("build", str(src), "-t", "stale/python:1")
+    (src / "requirements.txt").write_text((src / "requirements.txt").read_text() + "itsdangerous==2.1.2\n")
+    failing = tmp_path / "fail-bp"
+    (failing / "bin").mkdir(parents=True)
+    (failing / "buildpack.toml").write_text('api = "0.10"\n[buildpack]\nid = "test/fail"\nversion = "1"\n')
+    (failing / "bin" / "detect").write_text("#!/bin/sh\nexit 0\n")
+    (failing / "bin" / "build").write_text("#!/bin/sh\necho failing on purpose\nexit 1\n")
+    for exe in ("detect", "build"):
+        (failing / "bin" / exe).chmod(0o755)
+    p = builder("build", str(src), "-t", "stale/python:1", "-b", "python", "-b", str(failing), check=False)
+    assert p.returncode != 0 and "failing on purpose" in p.stderr.decode()
+    out = json.loads(builder("build", str(src), "-t", "stale/python:1", "--json").stdout)
+    assert "taxiway_python/venv" in out["written"], out

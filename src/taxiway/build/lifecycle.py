@@ -118,11 +118,17 @@ def discard(d: Path) -> None:
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def restore_layers(layers: Path, exported: set[str]) -> None:
+def _toml_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def restore_layers(layers: Path, exported: dict[str, str]) -> None:
     """Prune the kept /layers as the spec's restorer would leave it.
 
-    ``exported`` names the launch layers (``<bp dir>/<layer>``) the previous image
-    has: only those keep their metadata without their content.
+    ``exported`` maps the launch layers (``<bp dir>/<layer>``) of the previous
+    image to the hash of the ``<layer>.toml`` they were exported with: only
+    those keep their metadata without their content. (A build that failed after
+    a buildpack rewrote a toml must not pass the old layer off as the new one.)
     """
     if not layers.is_dir():
         return
@@ -146,8 +152,9 @@ def restore_layers(layers: Path, exported: set[str]) -> None:
                 continue
             if d.exists():
                 discard(d)
-            if not meta.launch or f"{bpdir.name}/{name}" not in exported:
-                (bpdir / f"{name}.toml").unlink()
+            toml = bpdir / f"{name}.toml"
+            if not meta.launch or exported.get(f"{bpdir.name}/{name}") != _toml_hash(toml):
+                toml.unlink()
 
 
 def buildpacks_dir(bps: list[Buildpack]) -> Path:
@@ -235,7 +242,8 @@ class Lifecycle:
             shutil.rmtree(self.layers)
         self.layers.mkdir(parents=True, exist_ok=True)
         record = self.cache / "export.json"
-        exported = set(json.loads(record.read_text()).get("layers", {})) if record.exists() else set()
+        layers_record = json.loads(record.read_text()).get("layers", {}) if record.exists() else {}
+        exported = {k: v.get("toml", "") for k, v in layers_record.items()}
         restore_layers(self.layers, exported)
         _chown_tree(self.layers)
         self.log = work / "build.log"
@@ -421,7 +429,8 @@ class Lifecycle:
                                        "build again with --no-cache")
                 envmod.apply_recorded(env, envfiles, inside)
                 record[key] = {"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.descriptor.size,
-                               "fingerprint": fp, "env": envfiles}
+                               "fingerprint": fp, "env": envfiles,
+                               "toml": _toml_hash(self.layers / bp.dirname / f"{name}.toml")}
                 new_layers.append((f"buildpack {bp.id} layer {name}", layer))
                 layers_md[name] = {"sha": layer.diff_id, "data": meta.metadata, "launch": True,
                                    "build": meta.build, "cache": meta.cache}
