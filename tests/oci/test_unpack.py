@@ -8,6 +8,7 @@ import io
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -384,3 +385,27 @@ def test_file_capabilities_survive_the_chown(tmp_path):
     assert stats.warnings == []
     assert os.getxattr(tmp_path / "ping", "security.capability") == cap
     assert os.stat(tmp_path / "ping").st_uid == 1000
+
+
+def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path):
+    """Export into a 1 MiB tmpfs (mounted in a private mount namespace): ENOSPC, nothing left behind."""
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare to mount a tiny tmpfs")
+    layout = tmp_path / "layout"
+    write_fixture_image(layout)  # busybox alone is 2 MB
+    small = tmp_path / "small"
+    small.mkdir()
+    code = ("import sys; sys.path.insert(0, sys.argv[3]); from pathlib import Path;"
+            "from helpers.images import LayoutImage; from taxiway.oci.unpack import export;"
+            "from taxiway.errors import TaxiwayError\n"
+            "try:\n    export(LayoutImage(Path(sys.argv[1]), 'fixture'), Path(sys.argv[2]) / 'rootfs')\n"
+            "except TaxiwayError as e:\n    print('error:', e)\n")
+    script = ('mount -t tmpfs -o size=1m tmpfs "$1" && "$2" -c "$3" "$4" "$1" "$5"; echo "left: $(ls -A "$1")"')
+    out = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(small),
+                          sys.executable, code, str(layout), str(Path(__file__).parent.parent)],
+                         capture_output=True, text=True, timeout=120)
+    assert "error: no space left on the device" in out.stdout, out.stdout + out.stderr
+    assert "free some disk space" in out.stdout
+    assert out.stdout.strip().endswith("left:")  # the half-built root was removed
