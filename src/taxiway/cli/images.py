@@ -278,6 +278,8 @@ def _platform(s: str | None) -> Any:
 @_fs_errors
 def inspect(reference: str, platform_: str | None, as_json: bool) -> None:
     """Show an image's manifest, config, layers, sizes and history."""
+    import json
+
     from taxiway.oci.store import Store
 
     store = Store()
@@ -313,7 +315,8 @@ def inspect(reference: str, platform_: str | None, as_json: bool) -> None:
     click.echo(f"Size:      {_human(info['size'])} in {len(layers)} layers")
     for key, label in (("Entrypoint", "Entrypoint"), ("Cmd", "Cmd"), ("WorkingDir", "Workdir"), ("User", "User")):
         if c.get(key):
-            click.echo(f"{label + ':':<10} {c[key]}")
+            value = c[key]
+            click.echo(f"{label + ':':<10} {json.dumps(value) if isinstance(value, list) else value}")
     for env in c.get("Env") or []:
         click.echo(f"Env:       {env}")
     if c.get("ExposedPorts"):
