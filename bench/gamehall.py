@@ -183,7 +183,8 @@ class Page:
         if self.stopping or self.version != version:
             return
         if is_move:
-            self.stats.sent[(self.code, version + 1)] = time.perf_counter()
+            if self.stats.measuring:  # only moves sent inside the window are measured
+                self.stats.sent[(self.code, version + 1)] = time.perf_counter()
         with contextlib.suppress(websockets.ConnectionClosed):
             await self.ws.send(json.dumps(message))
 
@@ -205,7 +206,7 @@ class Page:
                 self.version = version
                 key = (self.code, version)
                 sent = self.stats.sent.get(key)
-                if sent is not None and self.stats.measuring:
+                if sent is not None:
                     self.stats.pages.setdefault(key, []).append(now - sent)
                 if self.stopping or self.acted == version:
                     continue
@@ -276,7 +277,7 @@ async def load(
     me1 = time.process_time()
     for p in pages:
         p.stopping = True
-    await asyncio.sleep(1.0)  # let in-flight moves land
+    await asyncio.sleep(5.0)  # let moves sent inside the window reach every page
     await asyncio.gather(*(p.close() for p in pages))
     for r in runners:
         r.cancel()
