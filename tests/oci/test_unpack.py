@@ -409,3 +409,21 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path):
     assert "error: no space left on the device" in out.stdout, out.stdout + out.stderr
     assert "free some disk space" in out.stdout
     assert out.stdout.strip().endswith("left:")  # the half-built root was removed
+
+
+def test_very_deep_trees_are_applied_and_removed(tmp_path):
+    """Deeper than Python's recursion limit: whiteouts still remove it (shutil.rmtree could not)."""
+    depth = 1200
+    names = ["/".join(["a"] * i) for i in range(1, depth + 1)]
+    apply(tmp_path, [Entry(n, "dir") for n in names] + [Entry(names[-1] + "/f", data=b"deep")], workers=0)
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        for _ in range(depth):
+            fd2 = os.open("a", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = fd2
+        assert os.listdir(fd) == ["f"]
+    finally:
+        os.close(fd)
+    stats = apply(tmp_path, [Entry(".wh.a")])
+    assert os.listdir(tmp_path) == [] and stats.skipped == 0

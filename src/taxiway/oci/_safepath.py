@@ -267,3 +267,42 @@ def walk(rootfd: int, parts: tuple[str, ...] | list[str], create: bool = False,
     finally:
         for s in stack:
             os.close(s)
+
+
+def rmtree_at(dirfd: int, name: str) -> None:
+    """Remove ``name`` below ``dirfd`` and all it holds, never following a symlink.
+
+    Iterative (a layer can nest directories thousands deep, past Python's
+    recursion limit and PATH_MAX); one fd per level of the tree being removed.
+    """
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dirfd)
+        return
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    stack = [(dirfd, name, os.open(name, flags, dir_fd=dirfd))]
+    try:
+        while stack:
+            _parent, _name, fd = stack[-1]
+            sub = None
+            with os.scandir(fd) as it:  # scans from the start each time (a dup, rewound on close)
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        sub = e.name
+                        break
+                    try:
+                        os.unlink(e.name, dir_fd=fd)
+                    except FileNotFoundError:
+                        pass
+            if sub is not None:
+                stack.append((fd, sub, os.open(sub, flags, dir_fd=fd)))
+                continue
+            parent, nm, fd = stack.pop()
+            os.close(fd)
+            os.rmdir(nm, dir_fd=parent)
+    finally:
+        for _p, _n, fd in stack:
+            os.close(fd)

@@ -21,7 +21,6 @@ import contextlib
 import errno
 import hashlib
 import os
-import shutil
 import stat
 import tarfile
 import tempfile
@@ -34,7 +33,7 @@ from typing import Any, BinaryIO
 
 from taxiway.errors import InvalidInput, TaxiwayError
 from taxiway.oci._layerstream import LayerError, TarSource, members, open_layer
-from taxiway.oci._safepath import RootFS, clean
+from taxiway.oci._safepath import RootFS, clean, rmtree_at
 from taxiway.oci.image import Descriptor, Image
 
 __all__ = ["LayerError", "LayerStats", "ExportStats", "apply_layer", "export", "chain_ids"]
@@ -304,7 +303,7 @@ class _Applier:
             return False
         if stat.S_ISDIR(st.st_mode):
             self.drain()  # files may be on their way into it
-            shutil.rmtree(name, dir_fd=pfd)
+            rmtree_at(pfd, name)
             self.fs.invalidate()
             self.fresh.clear()  # a path through it may now lead elsewhere
         else:
@@ -685,6 +684,11 @@ def export(image: Image, dest: Path | str, progress: Callable[[Descriptor, int],
                                                 name=f"layer {i} ({desc.digest[:19]})"))
         os.rename(tmp, dest)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            pfd = os.open(tmp.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                rmtree_at(pfd, tmp.name)
+            finally:
+                os.close(pfd)
         raise
     return stats
