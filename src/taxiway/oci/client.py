@@ -12,12 +12,19 @@ import contextlib
 import os
 import random
 import ssl
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
-import httpx
+if "httpx" not in sys.modules:
+    # httpx's __init__ imports its optional command-line tool (click, rich, pygments: ~50 ms
+    # of start-up on every pull and push) and falls back to a stub when that import fails.
+    # taxiway never runs httpx's CLI, so take the fallback.
+    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+import httpx  # noqa: E402
 
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.oci import mediatypes as mt
