@@ -230,7 +230,13 @@ def _image_rows(store: Any) -> list[dict[str, Any]]:
                 idx = parse_json(store.read_blob(desc.digest), name)
                 plats = [m.get("platform") for m in idx.get("manifests", []) if m.get("platform")]
                 row["platforms"] = [f"{p.get('os')}/{p.get('architecture')}" + (f"/{p['variant']}" if p.get("variant") else "") for p in plats]
-                row["size"] = sum(store.blob_size(m["digest"]) for m in idx.get("manifests", []) if store.has_blob(m["digest"]))
+                blobs: dict[str, int] = {}
+                for m in idx.get("manifests", []):
+                    if store.has_blob(m["digest"]):
+                        child = store.image(m["digest"])
+                        for d in [child.config_descriptor(), *child.layers()]:
+                            blobs[d.digest] = d.size
+                row["size"] = sum(blobs.values())  # every platform present, shared layers counted once
                 row["platform"] = ",".join(row["platforms"])
             else:
                 img = store.image(name)
