@@ -269,3 +269,40 @@ def test_cgroup_v2_hierarchy(busybox, taxiway_home, monkeypatch):
     assert line.endswith(f"/{mid}")
     assert tw("machines", "rm", "-f", "v2").returncode == 0
     assert not list(Path(root).glob(f"taxiway-*/{mid}"))
+
+
+def test_interactive_stdin_and_tty(busybox, taxiway_home):
+    import pty
+    import sys
+
+    assert tw("run", "-i", "--rm", busybox, "cat", input=b"piped in\n").stdout == b"piped in\n"
+    assert tw("run", "--rm", busybox, "cat", input=b"not without -i\n").stdout == b""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvpe(sys.executable, [sys.executable, "-m", "taxiway", "run", "--rm", "-it", busybox, "sh"], os.environ)
+    os.write(fd, b"tty; echo inside-$((40+2)); exit 4\n")
+    got = b""
+    deadline = time.time() + 60
+    while time.time() < deadline and b"inside-42" not in got:
+        import select
+
+        if not select.select([fd], [], [], 1)[0]:
+            continue
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        got += chunk
+    for _ in range(300):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        _, status = os.waitpid(pid, 0)
+    os.close(fd)
+    assert b"/dev/console" in got and b"inside-42" in got, got
+    assert os.waitstatus_to_exitcode(status) == 4

@@ -20,11 +20,11 @@ ROOT = Path(os.environ.get("TAXIWAY_CGROUP_ROOT", "/sys/fs/cgroup"))
 
 def parent_name() -> str:
     """One parent group per $TAXIWAY_HOME, so two homes never touch each other's machines."""
-    import hashlib
+    from _sha256 import sha256  # the builtin: hashlib would load OpenSSL on every start
 
     from taxiway.paths import home
 
-    return "taxiway-" + hashlib.sha256(str(home()).encode()).hexdigest()[:10]
+    return "taxiway-" + sha256(str(home()).encode()).hexdigest()[:10]
 V1_CONTROLLERS = ("memory", "cpu", "pids")
 CFS_PERIOD = 100_000
 

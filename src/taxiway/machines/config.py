@@ -8,7 +8,6 @@ user options into the process to run, and are unit-tested without root.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -86,12 +85,11 @@ class MachineConfig:
 
 # -- parsing user options -------------------------------------------------------
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.I)
-
-
 def parse_size(s: str) -> int:
     """``512m``, ``1g``, ``1048576`` -> bytes."""
-    m = _SIZE.match(s)
+    import re
+
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", s, re.I)
     if not m:
         raise InvalidInput(f"invalid size {s!r}", "use a number with an optional unit, e.g. 64m or 1g")
     n = float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower())

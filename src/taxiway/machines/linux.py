@@ -145,20 +145,28 @@ def drop_capabilities(keep: tuple[str, ...] = DEFAULT_CAPS) -> None:
     _check(_libc.syscall(SYS_capset, ctypes.byref(hdr), ctypes.byref(data)), "capset")
 
 
+def sethostname(name: str) -> None:
+    """sethostname(2) (in the machine's own UTS namespace)."""
+    b = name.encode()
+    _check(_libc.sethostname(b, len(b)), "sethostname")
+
+
 def set_no_new_privs() -> None:
     """prctl(PR_SET_NO_NEW_PRIVS, 1): exec can never gain privileges (setuid bits, file caps)."""
     prctl(PR_SET_NO_NEW_PRIVS, 1)
 
 
 def loopback_up() -> None:
-    """Bring ``lo`` up in the current network namespace (SIOCSIFFLAGS)."""
-    import fcntl
-    import socket
-    import struct
+    """Bring ``lo`` up in the current network namespace (SIOCSIFFLAGS), with libc only.
 
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    It runs after pivot_root, where Python can no longer import modules.
+    """
+    fd = _libc.socket(2, 2, 0)  # AF_INET, SOCK_DGRAM
+    if fd < 0:
+        _check(-1, "socket")
     try:
-        ifr = struct.pack("16sH14s", b"lo", 0x1 | 0x8 | 0x40, b"")  # IFF_UP|IFF_LOOPBACK|IFF_RUNNING
-        fcntl.ioctl(s.fileno(), 0x8914, ifr)  # SIOCSIFFLAGS
+        ifr = ctypes.create_string_buffer(40)
+        ifr.raw = b"lo".ljust(16, b"\0") + (0x1 | 0x8 | 0x40).to_bytes(2, "little") + bytes(22)
+        _check(_libc.ioctl(fd, 0x8914, ifr), "SIOCSIFFLAGS lo")  # IFF_UP|IFF_LOOPBACK|IFF_RUNNING
     finally:
-        s.close()
+        os.close(fd)

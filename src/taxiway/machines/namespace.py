@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import stat
 from pathlib import Path
 from typing import Any
@@ -156,7 +155,7 @@ def child(spec: dict[str, Any], errw: int, stdio: tuple[int, int, int]) -> None:
 
             fcntl.ioctl(stdio[0], termios.TIOCSCTTY, 0)
         build_root(spec)
-        socket.sethostname(spec["hostname"])
+        L.sethostname(spec["hostname"])
         if spec["net"] != "host":
             L.loopback_up()
         env = spec["env"]

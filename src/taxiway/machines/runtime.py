@@ -29,22 +29,92 @@ PR_SET_CHILD_SUBREAPER = 36
 # -- images -------------------------------------------------------------------------------
 
 
+class _CachedImage:
+    """An image resolved earlier: its digest and config, the store opened only if layers are needed."""
+
+    def __init__(self, ref: str, digest: str, config: dict[str, Any]):
+        self.ref, self._digest, self._config = ref, digest, config
+        self._image: Any = None
+
+    def digest(self) -> str:
+        return self._digest
+
+    def config(self) -> dict[str, Any]:
+        return self._config
+
+    def _real(self) -> Any:
+        if self._image is None:
+            from taxiway.oci.store import Store
+
+            self._image = Store().image(self.ref)
+        return self._image
+
+    def layers(self) -> list[Any]:
+        return self._real().layers()
+
+    def open_blob(self, digest: str) -> Any:
+        return self._real().open_blob(digest)
+
+    def __repr__(self) -> str:
+        return self.ref
+
+
+def _index_identity() -> list[int] | None:
+    from taxiway.paths import store_dir
+
+    try:
+        st = os.stat(store_dir() / "index.json")
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _cache_path() -> Path:
+    return S.machines_dir() / ".images.json"
+
+
 def get_image(ref: str, progress: Any = None) -> Any:
-    """The image from the local store, pulled first if it is missing."""
+    """The image from the local store, pulled first if it is missing.
+
+    A warm start skips the store: a small cache maps ``ref`` to its digest and
+    config, valid while the store's index.json is the very same file (any pull,
+    tag or rm replaces it).
+    """
+    import json
+
+    ident = _index_identity()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        cache = json.loads(_cache_path().read_bytes())
+        if ident is not None and cache["index"] == ident and ref in cache["refs"]:
+            hit = cache["refs"][ref]
+            return _CachedImage(ref, hit["digest"], hit["config"])
     from taxiway.errors import NotFound
     from taxiway.oci.store import Store
 
     store = Store()
     try:
-        return store.image(ref)
+        image = store.image(ref)
     except NotFound:
-        pass
-    try:
-        from taxiway.oci.pull import pull
-    except ImportError:
-        raise NotFound(f"no image {ref} in the store", "pull it first with `taxiway pull`") from None
-    pull(ref, store=store, progress=progress)
-    return store.image(ref)
+        try:
+            from taxiway.oci.pull import pull
+        except ImportError:
+            raise NotFound(f"no image {ref} in the store", "pull it first with `taxiway pull`") from None
+        pull(ref, store=store, progress=progress)
+        image = store.image(ref)
+    ident = _index_identity()
+    if ident is not None:
+        with contextlib.suppress(OSError, ValueError):
+            try:
+                cache = json.loads(_cache_path().read_bytes())
+                if cache.get("index") != ident:
+                    raise ValueError
+            except (OSError, ValueError):
+                cache = {"index": ident, "refs": {}}
+            cache["refs"][ref] = {"digest": image.digest(), "config": image.config()}
+            tmp = _cache_path().with_name(f".images.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, _cache_path())
+    return image
 
 
 def _read_layer_file(snap: Snapshotter, chain: list[str], rel: str) -> str | None:
@@ -260,7 +330,7 @@ def _run_namespace(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, 
             import tty as _tty
 
             term_state = termios.tcgetattr(0)
-            _tty.setraw(0)
+            _tty.setraw(0, termios.TCSANOW)  # TCSAFLUSH would drop what was typed ahead
         watch = dict(readers)
         if tty:
             watch[0] = "stdin"

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -39,6 +37,18 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from taxiway.errors import TaxiwayError
+
+
+class _Lazy:
+    """``shutil`` on first use (it pulls in zlib, bz2 and lzma: not needed to start a machine)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import shutil as _shutil
+
+        return getattr(_shutil, name)
+
+
+shutil = _Lazy()
 
 
 def chain_ids(diff_ids: list[str]) -> list[str]:
@@ -52,7 +62,9 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
         if not out:
             out.append(d)
         else:
-            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+            from _sha256 import sha256  # the builtin: no OpenSSL load on a warm start
+
+            out.append("sha256:" + sha256(f"{out[-1]} {d}".encode()).hexdigest())
     return out
 
 
@@ -146,13 +158,13 @@ class Snapshotter:
         """Make sure every layer of ``image`` is unpacked; returns the chain IDs, base first."""
         cfg = image.config()
         diff_ids = list((cfg.get("rootfs") or {}).get("diff_ids") or [])
+        chain = chain_ids(diff_ids)
+        if chain and all(self.has(c) for c in chain):
+            return chain  # warm: the manifest's layer list is not even read
         layers = image.layers()
         if len(diff_ids) != len(layers):
             raise TaxiwayError(f"{image!r}: config lists {len(diff_ids)} layers, manifest {len(layers)}",
                                "the image is corrupt; pull it again")
-        chain = chain_ids(diff_ids)
-        if all(self.has(c) for c in chain):
-            return chain
         with self._lock():
             for i, c in enumerate(chain):
                 if not self.has(c):

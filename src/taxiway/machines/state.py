@@ -209,8 +209,6 @@ def trash(path: Path) -> None:
 
 def empty_trash(background: bool = False) -> None:
     """Delete what :func:`trash` moved aside (in a detached grandchild when ``background``)."""
-    import shutil
-
     t = machines_dir() / ".trash"
     if background:
         pid = os.fork()
@@ -225,10 +223,14 @@ def empty_trash(background: bool = False) -> None:
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             os.closerange(3, 1 << 16)
+            import shutil
+
             for d in list(t.iterdir()):
                 shutil.rmtree(d, ignore_errors=True)
         finally:
             os._exit(0)
+    import shutil
+
     with contextlib.suppress(FileNotFoundError):
         for d in list(t.iterdir()):
             shutil.rmtree(d, ignore_errors=True)
