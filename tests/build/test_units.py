@@ -252,3 +252,30 @@ optional = false
 ''')
     assert _pylock().poetry_requirements(p) == [
         "flask==3.0.3", 'colorama==0.4.6 ; (platform_system == "Windows")', "old-style==1.0"]
+
+
+def test_project_descriptor_filters(tmp_path):
+    from taxiway.build.project import Project, copy_source, load_project, source_filter
+
+    keep = source_filter(Project(exclude=["*.log", "/secret/", "build/out", "node_modules/"]))
+    assert not keep("debug.log", False) and not keep("a/b/debug.log", False)
+    assert not keep("secret", True) and keep("a/secret", True)
+    assert not keep("build/out", True) and keep("build/src", True)
+    assert not keep("node_modules", True) and keep("node_modules", False)
+    assert not keep(".git", True) and keep("app.py", False)
+    inc = source_filter(Project(include=["/public/", "*.py"]))
+    assert inc("public/index.html", False) and inc("app.py", False) and not inc("README.md", False)
+
+    src = tmp_path / "app"
+    (src / "public").mkdir(parents=True)
+    (src / "public" / "index.html").write_text("x")
+    (src / "notes.log").write_text("x")
+    (src / "project.toml").write_text('[_]\nschema-version = "0.2"\n[io.buildpacks]\nexclude = ["*.log"]\n'
+                                      '[[io.buildpacks.build.env]]\nname = "BP_X"\nvalue = "1"\n')
+    proj = load_project(src)
+    assert proj.env == {"BP_X": "1"}
+    copy_source(src, tmp_path / "ws", proj)
+    assert sorted(p.name for p in (tmp_path / "ws").iterdir()) == ["project.toml", "public"]
+    (src / "project.toml").write_text('[build]\ninclude = ["x"]\nexclude = ["y"]\n')
+    with pytest.raises(InvalidInput, match="both include and exclude"):
+        load_project(src)

@@ -36,6 +36,7 @@ from taxiway.build import buildpack as bpmod
 from taxiway.build import env as envmod
 from taxiway.build import layer as lyr
 from taxiway.build.buildpack import Buildpack, GroupEntry, LayerMeta, Process
+from taxiway.build.project import copy_source, load_project
 from taxiway.build.sandbox import GID, TRUST_ENV, UID, Sandbox, check_root
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.oci import mediatypes as mt
@@ -219,6 +220,9 @@ class Lifecycle:
         self.source = Path(opts.source).resolve()
         if not self.source.is_dir():
             raise NotFound(f"source folder {opts.source} does not exist", "pass the folder of your app")
+        self.project = load_project(self.source)
+        # project.toml's build env, overridden by --env.
+        opts.env = {**self.project.env, **opts.env}
         self.cache = cache_dir(opts.tag)
         self.layers = self.cache / "layers"
 
@@ -227,8 +231,7 @@ class Lifecycle:
     def _prepare(self, work: Path, bps: list[Buildpack]) -> None:
         self.work = work
         self.workspace = work / "workspace"
-        shutil.copytree(self.source, self.workspace, symlinks=True,
-                        ignore=shutil.ignore_patterns(".git", ".taxiway-cache"))
+        copy_source(self.source, self.workspace, self.project)
         _chown_tree(self.workspace)
         self.platform = work / "platform"
         (self.platform / "env").mkdir(parents=True)
