@@ -427,3 +427,11 @@ def test_very_deep_trees_are_applied_and_removed(tmp_path):
         os.close(fd)
     stats = apply(tmp_path, [Entry(".wh.a")])
     assert os.listdir(tmp_path) == [] and stats.skipped == 0
+
+
+def test_a_whiteout_after_this_layers_own_entries_hides_only_lower_ones(tmp_path):
+    apply(tmp_path, [Entry("d", "dir"), Entry("d/lower", data=b"l"), Entry("x", "dir"), Entry("x/lower", data=b"l")])
+    apply(tmp_path, [Entry("d/new", data=b"n"), Entry(".wh.d"),  # whiteout after a new entry in d
+                     Entry("s", "symlink", linkname="x"), Entry(".wh.s")])  # this layer's own symlink stays
+    assert os.listdir(tmp_path / "d") == ["new"]
+    assert os.listdir(tmp_path / "x") == ["lower"] and os.readlink(tmp_path / "s") == "x"

@@ -518,7 +518,21 @@ class _Applier:
     # -- whiteouts -----------------------------------------------------------
     def _whiteout(self, parts: tuple[str, ...]) -> None:
         if parts in self.upper:
-            return  # whiteouts hide lower layers, never this layer's own entries
+            # Whiteouts hide lower layers, never this layer's own entries: a
+            # directory this layer already wrote into loses only its lower children.
+            try:
+                pfd = self.fs.dirfd(parts[:-1], create=False)
+                dfd = os.open(parts[-1], os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            except OSError as e:
+                if e.errno in _FATAL_ERRNOS:
+                    raise
+                return  # this layer's own file or symlink: it stays
+            try:
+                self._save_times(parts, dfd)
+                self._prune(dfd, parts)
+            finally:
+                os.close(dfd)
+            return
         try:
             pfd = self.fs.dirfd(parts[:-1], create=False)
         except OSError as e:
@@ -540,23 +554,30 @@ class _Applier:
         self._prune(dfd, parts)
 
     def _prune(self, dfd: int, parts: tuple[str, ...]) -> None:
-        """Remove the children of ``dfd`` that this layer did not make."""
-        rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dfd)
+        """Remove what this layer did not make below ``dfd`` (iteratively: trees can be deep)."""
+        stack = [(os.dup(dfd), parts)]
         try:
-            with os.scandir(rfd) as it:
-                names = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-        finally:
-            os.close(rfd)
-        for name, is_dir in names:
-            child = parts + (name,)
-            if child not in self.upper:
-                self._remove(dfd, name)
-            elif is_dir:
-                cfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            while stack:
+                fd, p = stack.pop()
                 try:
-                    self._prune(cfd, child)
+                    rfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+                    try:
+                        with os.scandir(rfd) as it:
+                            names = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+                    finally:
+                        os.close(rfd)
+                    for name, is_dir in names:
+                        child = p + (name,)
+                        if child not in self.upper:
+                            self._remove(fd, name)
+                        elif is_dir:
+                            cfd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                            stack.append((cfd, child))
                 finally:
-                    os.close(cfd)
+                    os.close(fd)
+        finally:
+            for fd, _p in stack:
+                os.close(fd)
 
     # -- the end of the layer ------------------------------------------------
     def finish(self) -> None:
