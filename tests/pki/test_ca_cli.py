@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -206,8 +207,11 @@ def test_ls_revoke_crl_renew(cli_ca, taxiway, tmp_path):
     inv = {r["names"][0] + ("+" if r["renewed_by"] else ""): r for r in json.loads(ok(taxiway("ca", "ls", "--json")).stdout)}
     assert inv["a.test+"]["status"] == "renewed" and inv["a.test"]["status"] == "valid"
     assert inv["b.test"]["status"] == "revoked"
+    before = x509.load_pem_x509_crl((cli_ca / "crl.pem").read_bytes()).last_update_utc
+    time.sleep(1.1)
     r = ok(taxiway("ca", "renew", "--before", "1h", "--exec", "false"))
     assert b"Nothing expires" in r.stderr  # the new a.test has 2 hours left: nothing due, --exec not run
+    assert x509.load_pem_x509_crl((cli_ca / "crl.pem").read_bytes()).last_update_utc > before  # CRL refreshed
     r = taxiway("ca", "renew", "--before", "3000d", "--exec", "false")
     assert r.returncode == 1
     *progress, last = r.stderr.decode().strip().splitlines()

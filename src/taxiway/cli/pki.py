@@ -239,12 +239,18 @@ def ls(as_json: bool, show_all: bool) -> None:
 @click.option("--exec", "command", default=None, help="Shell command to run after renewing (e.g. a reload).")
 @click.option("--dry-run", is_flag=True, help="Only list what would be renewed.")
 def renew(before: str, command: str | None, dry_run: bool) -> None:
-    """Re-issue certificates that expire soon, into the same files."""
+    """Re-issue certificates that expire soon, into the same files.
+
+    Also rewrites the CA's crl.pem (its nextUpdate is 7 days away), so one
+    daily `taxiway ca renew --exec ...` timer keeps certificates and CRL current.
+    """
     from taxiway.pki.duration import parse_duration
 
     window = parse_duration(before)
     the_ca = _load()
     due = the_ca.due(window)
+    if not dry_run:
+        the_ca.write_crl()
     if not due:
         _say(f"Nothing expires within {before}.")
         return
