@@ -104,7 +104,10 @@ def test_push_and_pull_with_htpasswd_login(source, taxiway_home, taxiway, tmp_pa
         r = taxiway("push", dst)
         assert r.returncode != 0 and f"run `taxiway login {reg.address}`".encode() in r.stderr
         assert r.stderr.count(b"\n") == 1
-        r = taxiway("login", reg.address, "-u", "alice", "--password-stdin", input=b"wrong\n", check=True)
+        r = taxiway("login", reg.address, "-u", "alice", "--password-stdin", input=b"wrong\n")
+        assert r.returncode != 0 and b"refused" in r.stderr and b"nothing was saved" in r.stderr
+        assert not (taxiway_home.parent / "taxiway-config" / "auth.json").exists()
+        taxiway("login", reg.address, "-u", "alice", "--password-stdin", "--no-verify", input=b"wrong\n", check=True)
         r = taxiway("push", dst)
         assert r.returncode != 0 and b"refused" in r.stderr and b"taxiway login" in r.stderr
         taxiway("login", reg.address, "-u", "alice", "--password-stdin", input=b"correct horse\n", check=True)

@@ -170,9 +170,13 @@ def tag(source: str, target: str) -> None:
 @click.option("-u", "--username", help="User name (prompted if missing).")
 @click.option("-p", "--password", help="Password (insecure on the command line; prefer --password-stdin).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Try the credentials on the registry before saving them.")
+@click.option("--insecure", is_flag=True, help="Allow plain HTTP and unverified TLS for the check.")
 @_fs_errors
-def login(registry: str, username: str | None, password: str | None, password_stdin: bool) -> None:
-    """Save credentials for REGISTRY (host[:port]); used by pull and push."""
+def login(registry: str, username: str | None, password: str | None, password_stdin: bool, verify: bool,
+          insecure: bool) -> None:
+    """Check and save credentials for REGISTRY (host[:port]); used by pull and push."""
     from taxiway.errors import InvalidInput
     from taxiway.oci.auth import save_credentials
 
@@ -187,6 +191,16 @@ def login(registry: str, username: str | None, password: str | None, password_st
         password = click.prompt("Password", hide_input=True)
     if not username or not password:
         raise InvalidInput("empty user name or password", "pass -u USER and the password on stdin with --password-stdin")
+    if verify:
+        from taxiway.oci.auth import Credentials
+        from taxiway.oci.client import RegistryClient, Unreachable
+
+        try:
+            with RegistryClient(registry, insecure=insecure, credentials=Credentials(username, password)) as client:
+                if not client.check_login():
+                    _warn(f"{registry} lets anyone in; the credentials are saved for when it asks")
+        except Unreachable as e:
+            _warn(f"{e.message}; saving the credentials without checking them")
     path = save_credentials(registry, username, password)
     click.echo(f"credentials for {registry} saved in {path}")
 

@@ -306,6 +306,31 @@ class RegistryClient:
                                 status=resp.status_code, codes=codes)
         return err
 
+    def check_login(self) -> bool:
+        """Try the credentials on ``/v2/`` (as ``docker login`` does).
+
+        True if the registry accepted them, False if it needs no login at all;
+        raises :class:`AuthError` if they are refused, :class:`Unreachable` if
+        the registry is down.
+        """
+        what = f"login to {self.registry}"
+        resp = self._send_with_retries("GET", self.url("/v2/"), what=what)
+        if resp.status_code == 200:
+            return False
+        challenge = parse_challenge(resp.headers.get("www-authenticate", ""))
+        if resp.status_code == 401 and challenge and challenge.scheme == "bearer":
+            token = self._fetch_token(challenge, [], what)
+            resp = self._send_with_retries("GET", self.url("/v2/"), what=what, headers={"Authorization": f"Bearer {token}"})
+        elif resp.status_code == 401 and challenge and challenge.scheme == "basic" and self.credentials:
+            resp = self._send_with_retries("GET", self.url("/v2/"), what=what,
+                                           headers={"Authorization": self.credentials.basic_header()})
+        if resp.status_code in (401, 403):
+            raise AuthError(f"{self.registry} refused the user name or password (HTTP {resp.status_code})",
+                            "check them and run `taxiway login` again; nothing was saved", status=resp.status_code)
+        if resp.status_code != 200:
+            raise self.fail(resp, f"login to {self.registry}")
+        return True
+
     # -- manifests ----------------------------------------------------------
 
     def get_manifest(self, repository: str, identifier: str, what: str | None = None) -> tuple[bytes, str, str]:
