@@ -254,3 +254,25 @@ def test_csr_refuses_key_outputs(cli_ca, taxiway, tmp_path):
     info = json.loads(ok(taxiway("ca", "issue", "--csr", str(csr), "--cert-file", str(tmp_path / "x.pem"),
                                  "--json")).stdout)
     assert info["names"] == ["x.example.test"]  # no SANs in the CSR: its CN becomes the name
+
+
+def test_parallel_inits_and_revokes(ca_dir, tmp_path):
+    """Four `ca init` at once make one CA; six `ca revoke` at once all land in crl.pem."""
+    procs = [subprocess.Popen([*_cli(), "ca", "init"], stderr=subprocess.PIPE) for _ in range(4)]
+    outs = [p.communicate(timeout=60)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert sum(b"Created a CA" in o for o in outs) == 1
+    c = tmp_path / "c.pem"
+    ok(subprocess.run([*_cli(), "ca", "issue", "x.test", "--cert-file", str(c), "--key-file",
+                       str(tmp_path / "k.pem")], capture_output=True))
+    assert ok(verify(ca_dir / "root.pem", c)).returncode == 0  # root, intermediate and keys belong together
+
+    serials = []
+    for i in range(6):
+        r = ok(subprocess.run([*_cli(), "ca", "issue", f"r{i}.test", "--json", "--cert-file", str(tmp_path / f"r{i}.pem"),
+                               "--key-file", str(tmp_path / f"r{i}-key.pem")], capture_output=True))
+        serials.append(json.loads(r.stdout)["serial"])
+    procs = [subprocess.Popen([*_cli(), "ca", "revoke", s], stderr=subprocess.PIPE) for s in serials]
+    assert all(p.wait(60) == 0 for p in procs)
+    crl = x509.load_pem_x509_crl((ca_dir / "crl.pem").read_bytes())
+    assert sorted(f"{r.serial_number:032x}" for r in crl) == sorted(serials)

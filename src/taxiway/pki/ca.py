@@ -19,8 +19,10 @@ root key can go offline.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -56,6 +58,17 @@ from taxiway.pki.names import (
 
 if TYPE_CHECKING:
     import ssl
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the CA directory (init, revoke and CRL writes take it)."""
+    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
 
 def serial_hex(serial: int) -> str:
     """The inventory's spelling of a serial: 32 lower-case hex digits."""
@@ -166,8 +179,16 @@ class CA:
             raise InvalidInput(f"unknown key type {key_type!r}", f"use one of {', '.join(profile.KEY_TYPES)}")
         cons = [c if isinstance(c, Name) else parse_constraint(c) for c in constraints]
         if not d.exists():
-            d.mkdir(parents=True, mode=0o700)
+            d.mkdir(parents=True, mode=0o700, exist_ok=True)
             os.chmod(d, 0o700)  # whatever the umask
+        with _locked(d):  # two inits at once must not mix their keys
+            if (d / ROOT).exists():
+                return cls(d), False
+            cls._create(d, key_type, cons)
+        return cls(d), True
+
+    @staticmethod
+    def _create(d: Path, key_type: str, cons: list[Name]) -> None:
         root_key = profile.generate_key(key_type)
         root = profile.make_root(root_key, constraints=cons)
         inter_key = profile.generate_key(key_type)
@@ -182,7 +203,6 @@ class CA:
                 "constraints": [{"kind": c.kind, "value": c.value} for c in cons]}
         write_bytes_atomic(d / META, orjson.dumps(meta, option=orjson.OPT_INDENT_2) + b"\n")
         write_bytes_atomic(d / ROOT, root.public_bytes(pem))  # last: marks the CA complete
-        return cls(d), True
 
     # -- issuing --------------------------------------------------------------
 
@@ -297,8 +317,9 @@ class CA:
         if rec.revoked_at:
             return rec, False
         rec.revoked_at = profile.now().isoformat()
-        inventory.append(self.dir / INVENTORY, {"event": "revoked", "serial": rec.serial, "at": rec.revoked_at})
-        self.write_crl()
+        with _locked(self.dir):  # so a CRL written by a concurrent revoke cannot replace this one's
+            inventory.append(self.dir / INVENTORY, {"event": "revoked", "serial": rec.serial, "at": rec.revoked_at})
+            self._write_crl(timedelta(days=7))
         return rec, True
 
     def crl_pem(self, next_update: timedelta = timedelta(days=7)) -> bytes:
@@ -314,6 +335,10 @@ class CA:
 
     def write_crl(self, next_update: timedelta = timedelta(days=7)) -> Path:
         """Write a fresh CRL to ``crl.pem`` in the CA directory and return its path."""
+        with _locked(self.dir):
+            return self._write_crl(next_update)
+
+    def _write_crl(self, next_update: timedelta) -> Path:
         write_bytes_atomic(self.dir / CRL, self.crl_pem(next_update))
         return self.dir / CRL
 
