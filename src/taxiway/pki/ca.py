@@ -10,7 +10,8 @@ Layout of the CA directory (``$TAXIWAY_CAROOT``, default ``$TAXIWAY_HOME/ca``)::
     inventory.jsonl        issued/revoked/renewed events (see inventory.py)
     root-crl.pem           the root's (empty) CRL, valid as long as the root, made at init
     crl.pem                the latest CRLs: the intermediate's (fresh, 7 days) then the root's;
-                           rewritten by revoke and ``taxiway ca crl``
+                           rewritten by revoke, ``taxiway ca crl`` and ``taxiway ca renew``
+    .lock                  flock(2) taken by init and CRL writes
 
 Clients that check the whole chain (curl --crlfile, openssl -crl_check_all)
 need a CRL from every CA in it; the root's is made once at init so that the
