@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import random
 import shutil
@@ -79,10 +80,11 @@ def bench_publish() -> None:
 
     def first_byte(label: str) -> float:
         t = time.perf_counter()
-        out = subprocess.run([*taxiway, "publish", str(src), "--name", "bench-airports"], env=env, check=True,
-                             capture_output=True, text=True)
-        url = out.stdout.strip().splitlines()[-1]
-        with urllib.request.urlopen(url + "/airports.json?_size=1", timeout=30) as r:
+        out = subprocess.run([*taxiway, "publish", str(src), "--name", "bench-airports", "--json"], env=env,
+                             check=True, capture_output=True, text=True)
+        result = json.loads(out.stdout)
+        table = result["tables"][0]
+        with urllib.request.urlopen(f"{result['url']}/{table['database']}/{table['table']}.json?_size=1", timeout=30) as r:
             r.read(1)
         wall = time.perf_counter() - t
         print(f"  {label:6s} publish to first byte: {wall:6.2f} s")

@@ -122,6 +122,8 @@ def prepare(spec: PublishSpec, workdir: Path) -> tuple[Path, list[convert.TableI
         dbname = spec.app_name().replace("-", "_")
         t = convert.build_database(to_convert, app / "data" / f"{dbname}.db", table=spec.table, fts=spec.fts,
                                    encoding=spec.encoding)
+        for info in t:
+            info.database = dbname
         infos += t
         generated = _merge(generated, convert.cluster_map_metadata(dbname, t))
         names.add(dbname)
@@ -132,6 +134,8 @@ def prepare(spec: PublishSpec, workdir: Path) -> tuple[Path, list[convert.TableI
             raise InvalidInput(f"{db}: a second database named {stem!r}", "rename one of the files")
         names.add(stem)
         _link_or_copy(db, app / "data" / db.name)
+        for info in t:
+            info.database = stem
         infos += t
         generated = _merge(generated, convert.cluster_map_metadata(stem, t))
     meta = merged_metadata(spec, generated)

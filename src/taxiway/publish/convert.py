@@ -48,11 +48,13 @@ class TableInfo:
     latitude: str | None = None
     longitude: str | None = None
     fts: list[str] = field(default_factory=list)
+    database: str | None = None
 
     def to_json(self) -> dict:
         return {
             "source": self.source, "table": self.table, "rows": self.rows, "columns": self.columns,
             "latitude_column": self.latitude, "longitude_column": self.longitude, "fts": self.fts,
+            "database": self.database,
         }
 
 
