@@ -51,7 +51,7 @@ class Router:
             return
         try:
             br, bw = await asyncio.wait_for(asyncio.open_connection(*backend), 10)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             with contextlib.suppress(Exception):
                 cw.write(b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 31\r\nconnection: close\r\n\r\n"
                          b"the app's machine is not up yet")
