@@ -12,10 +12,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID as EKU
 from cryptography.x509.oid import NameOID
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from taxiway.errors import InvalidInput
 from taxiway.pki import CA, profile
-from taxiway.pki.names import parse_names
+from taxiway.pki.names import parse_names, within_constraints
 
 from .conftest import verify
 
@@ -151,3 +153,29 @@ def test_name_constraints_enforced_by_openssl(tmp_path):
         r = verify(root, path, purpose=None)
         assert r.returncode != 0, bad
         assert b"subtree violation" in r.stdout + r.stderr, (r.stdout, r.stderr)
+
+
+_labels = st.sampled_from(["internal", "app", "x", "example", "notinternal", "ternal", "internal-x"])
+_dns = st.lists(_labels, min_size=1, max_size=3).map(".".join)
+_ips = st.sampled_from(["127.0.0.1", "127.9.9.9", "10.0.0.1", "128.0.0.1", "::1"])
+
+
+@pytest.fixture(scope="module")
+def constrained_ca(tmp_path_factory):
+    return CA.init(tmp_path_factory.mktemp("nc-prop") / "ca", constraints=["internal", "127.0.0.0/8"])[0]
+
+
+@given(st.lists(st.one_of(_dns, _ips), min_size=1, max_size=3, unique=True))
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_constraint_check_agrees_with_openssl(constrained_ca, tmp_path, names):
+    """taxiway refuses exactly the names OpenSSL would reject under the root's constraints."""
+    parsed = parse_names(names)
+    ours = all(within_constraints(n, constrained_ca.constraints) for n in parsed.ordered())
+    key = profile.generate_key()
+    nb, na = profile.leaf_validity()
+    cert = profile.make_leaf(key.public_key(), constrained_ca.intermediate, constrained_ca.intermediate_key,
+                             parsed, not_before=nb, not_after=na)
+    path = tmp_path / f"leaf-{cert.serial_number}.pem"
+    path.write_bytes(cert.public_bytes(profile.serialization.Encoding.PEM) + constrained_ca.intermediate_pem)
+    theirs = verify(constrained_ca.dir / "root.pem", path, purpose=None).returncode == 0
+    assert ours == theirs, names
