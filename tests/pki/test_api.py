@@ -99,3 +99,11 @@ def test_root_key_can_go_offline(ca, tmp_path):
     leaf = offline.issue(["after.offline.test"])
     offline.revoke(leaf.serial_hex)
     assert offline.crl_pem().count(b"BEGIN X509 CRL") == 2  # the intermediate's and the stored root one
+
+
+def test_leaf_files_for_path_only_servers(ca):
+    leaf = ca.issue(["files.test"])
+    with leaf.files() as (cert, key):
+        assert cert.read_bytes() == leaf.chain_pem and key.read_bytes() == leaf.key_pem
+        assert (key.stat().st_mode & 0o777) == 0o600 and (cert.parent.stat().st_mode & 0o777) == 0o700
+    assert not cert.exists() and not cert.parent.exists()

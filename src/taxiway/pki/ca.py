@@ -114,6 +114,19 @@ class Leaf:
             write_bytes_atomic(key_file, self.key_pem, mode=0o600)
         write_bytes_atomic(cert_file, self.chain_pem, mode=0o644)
 
+    @contextlib.contextmanager
+    def files(self) -> Iterator[tuple[Path, Path]]:
+        """(chain file, key file) in a private temp directory, removed on exit.
+
+        For servers that only take paths, such as uvicorn's ssl_certfile/ssl_keyfile.
+        """
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="taxiway-leaf-") as d:
+            cert, key = Path(d) / "cert.pem", Path(d) / "key.pem"
+            self.write(cert, key if self.key_pem is not None else None)
+            yield cert, key
+
     def pkcs12(self, password: str = "changeit") -> bytes:
         """A PKCS#12 bundle of the key, the leaf and the intermediate (mkcert's default password)."""
         from cryptography.hazmat.primitives.serialization import pkcs12
