@@ -1,11 +1,9 @@
 """The namespace runtime: one process tree in its own pid, mount, uts, ipc, net and cgroup namespaces.
 
 The supervisor (the ``taxiway run`` process itself, or a detached copy of it)
-is a child subreaper. Per start it forks a helper that joins the machine's
-cgroups and unshares the namespaces, then forks the machine's PID 1 and exits;
-PID 1 is reparented to the supervisor, which therefore waits for it directly
-and gets its real exit status. Between fork and exec PID 1 only makes system
-calls: assemble the root (overlay of the snapshot's layers, volumes, /proc,
+forks the machine's PID 1 directly into a new pid namespace, so it waits for
+it and gets its real exit status. Between fork and exec PID 1 only makes
+system calls (Python can no longer import anything after pivot_root): assemble the root (overlay of the snapshot's layers, volumes, /proc,
 read-only /sys, a minimal /dev, injected /etc files, tini read-only at
 /dev/init), pivot_root, set the hostname and loopback, drop capabilities to
 Docker's default set, switch user, set no_new_privs and exec tini. Any
@@ -181,45 +179,43 @@ def child(spec: dict[str, Any], errw: int, stdio: tuple[int, int, int]) -> None:
 
 
 def spawn(spec: dict[str, Any], cgroup_procs: list[str], stdio: tuple[int, int, int]) -> tuple[int, str]:
-    """Start the machine's PID 1. Returns (host pid, setup error or "")."""
-    flags = L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWPID | L.CLONE_NEWCGROUP
+    """Start the machine's PID 1 as our direct child. Returns (host pid, setup error or "").
+
+    unshare(CLONE_NEWPID) makes our next child PID 1 of a new namespace; setns back to our
+    own namespace right after, so later forks (and the next restart) happen as before.
+    The child joins its cgroups itself (writing 0: "me") before it unshares the rest, so
+    its cgroup namespace is rooted at its own group.
+    """
+    flags = L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWCGROUP
     if spec["net"] != "host":
         flags |= L.CLONE_NEWNET
     errr, errw = os.pipe2(os.O_CLOEXEC)
-    pidr, pidw = os.pipe()
-    helper = os.fork()
-    if helper == 0:  # helper: join cgroups, unshare, fork PID 1, report its pid, leave
-        try:
-            os.close(errr)
-            os.close(pidr)
-            me = str(os.getpid()).encode()
-            for p in cgroup_procs:
-                fd = os.open(p, os.O_WRONLY)
-                os.write(fd, me)
-                os.close(fd)
-            L.unshare(flags)
-            pid = os.fork()
-            if pid == 0:
-                os.close(pidw)
-                child(spec, errw, stdio)
-            os.write(pidw, str(pid).encode())
-            os._exit(0)
-        except BaseException as e:  # noqa: BLE001
-            with contextlib.suppress(Exception):
-                os.write(errw, f"{e.__class__.__name__}: {e}".encode())
-            os._exit(1)
+    own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        L.unshare(L.CLONE_NEWPID)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(errr)
+                for p in cgroup_procs:
+                    fd = os.open(p, os.O_WRONLY)
+                    os.write(fd, b"0")
+                    os.close(fd)
+                L.unshare(flags)
+            except BaseException as e:  # noqa: BLE001
+                with contextlib.suppress(Exception):
+                    os.write(errw, f"{e.__class__.__name__}: {e}".encode())
+                os._exit(127)
+            child(spec, errw, stdio)
+    finally:
+        L.setns(own_pidns, L.CLONE_NEWPID)
+        os.close(own_pidns)
     os.close(errw)
-    os.close(pidw)
-    pid_s = b""
-    while chunk := os.read(pidr, 32):
-        pid_s += chunk
-    os.close(pidr)
-    os.waitpid(helper, 0)
     err = b""
     while chunk := os.read(errr, 4096):
         err += chunk
     os.close(errr)
-    return (int(pid_s) if pid_s else 0), err.decode(errors="replace")
+    return pid, err.decode(errors="replace")
 
 
 def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[str], tty: bool = False) -> int:

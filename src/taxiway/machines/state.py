@@ -208,16 +208,14 @@ def trash(path: Path) -> None:
 
 
 def empty_trash(background: bool = False) -> None:
-    """Delete what :func:`trash` moved aside (in a detached grandchild when ``background``)."""
+    """Delete what :func:`trash` moved aside (in a detached child when ``background``)."""
     t = machines_dir() / ".trash"
     if background:
-        pid = os.fork()
-        if pid:
-            os.waitpid(pid, 0)
+        # one fork, not waited for: the caller exits soon (its child is then adopted by init);
+        # waiting would cost a scheduling round trip on every `run --rm`
+        if os.fork():
             return
         try:
-            if os.fork():
-                os._exit(0)
             os.setsid()
             null = os.open("/dev/null", os.O_RDWR)
             for fd in (0, 1, 2):
