@@ -19,7 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pull": ("taxiway.cli.images:pull", "Pull an image from a registry into the local store."),
     "push": ("taxiway.cli.images:push", "Push an image from the local store to a registry."),
     "tag": ("taxiway.cli.images:tag", "Give an image in the store another name."),
-    "login": ("taxiway.cli.images:login", "Save credentials for a registry."),
+    "login": ("taxiway.cli.images:login", "Check and save credentials for a registry."),
     "logout": ("taxiway.cli.images:logout", "Forget credentials for a registry."),
     "images": ("taxiway.cli.images:images", "List images in the local store."),
     "image": ("taxiway.cli.images:image", "Inspect, export, scan, remove, load and save images."),
