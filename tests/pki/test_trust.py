@@ -8,6 +8,7 @@ the machine's own trust store is never touched.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -96,6 +97,16 @@ def test_install_without_permission_is_one_line(ca, tmp_path, monkeypatch, taxiw
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
 
 
+def _java_aliases() -> set[str] | None:
+    """The Java keystore's aliases (ca-certificates-java keeps it in step through a hook)."""
+    ks = Path("/etc/ssl/certs/java/cacerts")
+    if not ks.exists() or not shutil.which("keytool"):
+        return None
+    r = subprocess.run(["keytool", "-list", "-keystore", str(ks), "-storepass", "changeit"],
+                       capture_output=True, text=True, timeout=120)
+    return {line.split(",")[0] for line in r.stdout.splitlines() if "trustedCertEntry" in line}
+
+
 def _etc_state() -> tuple[set[tuple[str, str]], bytes]:
     """The working links in /etc/ssl/certs and the bundle.
 
@@ -119,15 +130,19 @@ def test_real_system_store_round_trip(ca, taxiway, monkeypatch):
         return
     from taxiway.pki.trust import fingerprint
 
-    before = _etc_state()
-    crt = Path(f"/usr/local/share/ca-certificates/taxiway-{fingerprint(ca.root_pem)}.crt")
+    fp = fingerprint(ca.root_pem)
+    before, java_before = _etc_state(), _java_aliases()
+    crt = Path(f"/usr/local/share/ca-certificates/taxiway-{fp}.crt")
     try:
         r = taxiway("ca", "install", "--no-nss")
         assert r.returncode == 0, r.stderr
         assert crt.exists()
         assert ca.root_pem.decode().strip() in Path("/etc/ssl/certs/ca-certificates.crt").read_text()
+        if java_before is not None:
+            assert f"debian:taxiway-{fp}.pem" in _java_aliases()  # the hook added it to Java's store
     finally:
         r = taxiway("ca", "uninstall", "--no-nss")
     assert r.returncode == 0, r.stderr
     assert not crt.exists()
     assert _etc_state() == before
+    assert _java_aliases() == java_before  # and the hook was told to drop it again

@@ -2,7 +2,10 @@
 
 * System (Debian/Ubuntu): the root is copied to
   ``<sysroot>/usr/local/share/ca-certificates/taxiway-<fingerprint>.crt`` and
-  ``update-ca-certificates --sysroot <sysroot>`` rebuilds the bundle.
+  ``update-ca-certificates --sysroot <sysroot>`` rebuilds the bundle (and its
+  hooks, e.g. the Java keystore); uninstall deletes the file and its links,
+  rebuilds the bundle and tells the hooks (``-path`` on stdin, as
+  update-ca-certificates does) so they drop it too.
   ``$TAXIWAY_TRUST_SYSROOT`` (default ``/``) points it elsewhere, which tests use.
 * NSS (Chromium, Firefox): ``certutil -A`` into each database in
   ``$TAXIWAY_NSS_DBS`` (colon-separated directories), else the ones found in
@@ -73,6 +76,23 @@ def _update_system(root: Path) -> None:
                            "run it by hand to see why")
 
 
+def _run_hooks(root: Path, changes: str) -> None:
+    """Run update-ca-certificates' hooks with a ``+path``/``-path`` list on stdin, as it does.
+
+    Hooks keep other stores in step (ca-certificates-java's updates the Java
+    keystore); update-ca-certificates(8) documents this interface.
+    """
+    hooks = root / "etc/ca-certificates/update.d"
+    if not hooks.is_dir():
+        return
+    for hook in sorted(hooks.iterdir()):
+        if hook.is_file() and os.access(hook, os.X_OK) and not hook.name.startswith("."):
+            p = subprocess.run([str(hook)], input=changes, capture_output=True, text=True, timeout=300)
+            if p.returncode != 0:
+                raise TaxiwayError(f"the trust-store hook {hook} failed: {(p.stderr or p.stdout).strip()[:200]}",
+                                   "run update-ca-certificates by hand to see why")
+
+
 def _nick(fp: str) -> str:
     return f"taxiway root {fp}"
 
@@ -123,22 +143,26 @@ def uninstall(root_pem: bytes, *, system: bool = True, nss: bool = True) -> list
     if system:
         root = sysroot()
         crt = root / LOCAL_CERTS / f"taxiway-{fp}.crt"
-        changed = crt.exists()
-        if changed:
-            try:
-                crt.unlink()
-            except OSError as e:
-                raise TaxiwayError(f"cannot remove {crt} ({e.strerror})", "run `sudo taxiway ca uninstall`") from None
-        # update-ca-certificates leaves the links to a removed local certificate
-        # behind (it only prunes orphans when its own set changes): remove ours.
         etc = root / ETC_CERTS
-        pem_name = f"taxiway-{fp}.pem"
-        if etc.is_dir():
-            for link in etc.iterdir():
-                if link.is_symlink() and os.path.basename(os.readlink(link)) in (pem_name, crt.name):
-                    link.unlink()
-        if changed or etc.is_dir():
+        pem = etc / f"taxiway-{fp}.pem"
+        ours = (pem.name, crt.name)
+        links = [p for p in etc.iterdir() if p.is_symlink() and os.path.basename(os.readlink(p)) in ours] \
+            if etc.is_dir() else []
+        changed = crt.exists() or bool(links)
+        try:
+            if crt.exists():
+                crt.unlink()
+            # update-ca-certificates never removes the links of a deleted local CA
+            # (and --fresh would rebuild every hook's store, the Java keystore
+            # included): remove ours, rebuild the bundle, then tell the hooks.
+            for link in links:
+                link.unlink()
+        except OSError as e:
+            raise TaxiwayError(f"cannot remove {crt} ({e.strerror})", "run `sudo taxiway ca uninstall`") from None
+        if changed:
             _update_system(root)
+        if pem in links:
+            _run_hooks(root, f"-{pem}\n")
         out.append(Target("system", str(crt), changed))
     if nss:
         certutil = shutil.which("certutil")
