@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 import websockets
-from gamehall_testing import Player
+from gamehall_testing import Player, gamehall_node
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -266,3 +266,17 @@ def test_http_form_create_redirects_to_the_game_page(node):
     code = r.url.rsplit("/", 1)[1]
     v = node.game(code)
     assert v["options"]["turn_seconds"] == 30 and v["options"]["on_timeout"] == "auto"
+
+
+def test_node_idle_timeout_applies_to_games_created_over_the_api(tmp_path):
+    with gamehall_node(tmp_path, "--idle-seconds", "1") as short:
+        code = short.create("tictactoe")
+        assert short.game(code)["options"]["idle_seconds"] == 1
+
+        async def main():
+            watcher = await Player(short, code).connect()
+            v = await watcher.view_where(lambda v: v["status"] == "closed", timeout=10)
+            assert "idle" in v["message"]
+            await watcher.ws.close()
+
+        asyncio.run(main())

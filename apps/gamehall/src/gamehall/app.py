@@ -76,14 +76,12 @@ def _code_or_error(raw: str) -> tuple[str | None, str | None]:
     return code, None
 
 
-def _options(data: Any) -> Options:
+def _options(data: Any, defaults: Options) -> Options:
+    """A new game's options from a form or JSON; the node's defaults fill the gaps."""
     try:
         turn = max(0, min(3600, int(data.get("turn_seconds") or 0)))
-        idle = (
-            max(1, min(86400, int(data.get("idle_seconds") or 0)))
-            if data.get("idle_seconds")
-            else None
-        )
+        idle_raw = data.get("idle_seconds")
+        idle = max(1, min(86400, int(idle_raw))) if idle_raw else defaults.idle_seconds
     except (TypeError, ValueError):
         raise RoomError("Timer settings must be whole numbers of seconds.") from None
     on_timeout = data.get("on_timeout") or "forfeit"
@@ -91,7 +89,7 @@ def _options(data: Any) -> Options:
         raise RoomError(
             "When time runs out, the player either forfeits or a random move is played."
         )
-    return Options(turn, on_timeout, idle) if idle else Options(turn, on_timeout)
+    return Options(turn, on_timeout, idle)
 
 
 def tune_gc() -> None:
@@ -129,8 +127,7 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
         if game not in GAMES:
             return _html(render.page("hall.html", error=f"There is no game called “{game}”."), 400)
         try:
-            opts = _options({**form, "idle_seconds": None})
-            opts.idle_seconds = hall().defaults.idle_seconds
+            opts = _options({**form, "idle_seconds": None}, hall().defaults)
             code = await hall().create(game, opts)
         except RoomError as e:
             return _html(render.page("hall.html", error=str(e)), 400)
@@ -174,7 +171,7 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
                 {"error": f"Unknown game {game!r}; choose one of {', '.join(GAMES)}."}, 400
             )
         try:
-            code = await hall().create(game, _options(data))
+            code = await hall().create(game, _options(data, hall().defaults))
         except RoomError as e:
             return JSONResponse({"error": str(e)}, 400)
         return JSONResponse({"code": code, "url": f"/g/{code}", "ws": f"/ws/{code}"}, 201)
