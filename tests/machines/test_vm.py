@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 
 import pytest
@@ -26,8 +25,17 @@ def vm_env(kvm_cache, monkeypatch):
 
 
 def qemu_procs(home) -> list[str]:
-    out = subprocess.run(["pgrep", "-f", f"qemu-system.*{home}"], capture_output=True, text=True).stdout
-    return out.split()
+    """QEMU processes working on this test's files."""
+    out = []
+    for p in os.listdir("/proc"):
+        try:
+            cmd = open(f"/proc/{p}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if cmd.startswith(b"/usr/bin/qemu-system") or b"qemu-system" in cmd.split(b"\0")[0]:
+            if str(home).encode() in cmd:
+                out.append(p)
+    return out
 
 
 def test_vm_runs_entrypoint_as_user_and_reports_exit(busybox, taxiway_home, vm_env):
