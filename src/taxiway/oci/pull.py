@@ -8,6 +8,10 @@ Each blob streams into ``.taxiway/ingest/<hex>.partial`` while it is hashed
 ``blobs/``. A partial file survives a failed run, so the next pull resumes it
 with ``Range``. Names are written last, so a failed pull leaves the store's
 names and blobs as they were.
+
+Also here: :func:`ensure_image` (the store's image, pulled only if missing) and
+:class:`RemoteImage` (an :class:`~taxiway.oci.image.Image` read straight from a
+registry, for copies between registries and exports that skip the store).
 """
 
 from __future__ import annotations
