@@ -152,7 +152,7 @@ class ScanResult:
 class _Live:
     layer: int
     entry: int  # ordinal of the entry in its layer, to find its bytes again
-    kind: str  # "file" or "other"
+    kind: str  # "file", "dir" or "other"
     size: int
 
 
@@ -167,10 +167,7 @@ class _Tree:
         old = self.live.get(parts)
         self.live[parts] = rec
         for i in range(len(parts)):
-            kids = self.children.setdefault(parts[:i], set())
-            if parts[i] in kids:
-                continue
-            kids.add(parts[i])
+            self.children.setdefault(parts[:i], set()).add(parts[i])
         return old
 
     def remove_subtree(self, parts: tuple[str, ...], keep_self: bool = False) -> list[tuple[tuple[str, ...], _Live]]:
@@ -253,7 +250,7 @@ def scan(image: Image, *, read_cap: int = DEFAULT_READ_CAP,
                     if old.kind == "dir":
                         hide(tree.remove_subtree(parts, keep_self=True), i, "deleted (parent replaced)")
                     hide([(parts, old)], i, how)
-                tree.put(parts, _Live(i, n, "file" if kind == "file" else kind, m.size if kind == "file" else 0))
+                tree.put(parts, _Live(i, n, kind, m.size if kind == "file" else 0))
 
     result = ScanResult(image=image.digest(), layers=len(layers))
     # Second pass: read the hidden files' first bytes, layer by layer.
