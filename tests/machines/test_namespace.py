@@ -157,6 +157,15 @@ def test_detach_logs_exec_stop_start_wait_rm(busybox, taxiway_home):
     assert st["machines"] == [] and st["cgroups"] == [] and st["procs"] == [] and st["leases"] == []
 
 
+def test_logs_follow_until_exit(busybox, taxiway_home):
+    r = tw("run", "-d", "--name", "talker", busybox, "sh", "-c", "for i in 1 2 3; do echo line$i; sleep 0.3; done")
+    assert r.returncode == 0, r.stderr
+    f = tw("machines", "logs", "-f", "talker", timeout=60)
+    assert f.returncode == 0 and f.stdout == b"line1\nline2\nline3\n"
+    assert tw("machines", "wait", "talker").stdout == b"0\n"
+    tw("machines", "rm", "talker")
+
+
 def test_restart_policy(busybox, taxiway_home):
     r = tw("run", "-d", "--name", "flaky", "--restart", "on-failure:2", busybox, "sh", "-c", "echo try; exit 1")
     assert r.returncode == 0
