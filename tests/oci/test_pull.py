@@ -250,3 +250,15 @@ def test_progress_bars_on_a_terminal_and_stdout_stays_clean(pushed, taxiway_home
         os.close(master)
     assert out.startswith(b"pulled ") and b"\x1b[" not in out
     assert b"config" in tty and b"\xe2\x94\x81" in tty  # per-blob rows with rich's bar glyph
+
+
+def test_inspect_remote_pulls_nothing(pushed, taxiway_home, taxiway):
+    before = store_state(taxiway_home)
+    info = json.loads(taxiway("image", "inspect", "--remote", f"{pushed.address}/multi:latest", "--platform", "linux/arm64",
+                              "--json", check=True).stdout)
+    assert info["platform"] == "linux/arm64/v8" and len(info["layers"]) == 1
+    text = taxiway("image", "inspect", "--remote", f"{pushed.address}/fixture:v1", check=True).stdout.decode()
+    assert "Layers:" in text and "(missing)" not in text
+    assert store_state(taxiway_home) == before
+    r = taxiway("image", "inspect", "--remote", f"{pushed.address}/nope:v1")
+    assert r.returncode != 0 and b"not found" in r.stderr

@@ -295,34 +295,46 @@ def _platform(s: str | None) -> Any:
 @click.argument("reference")
 @click.option("--platform", "platform_", metavar="OS/ARCH[/VARIANT]", help="Which image of a multi-platform index.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (manifest, config, layers, history).")
+@click.option("--remote", is_flag=True, help="Read the image from its registry instead of the store (nothing is pulled).")
+@click.option("--insecure", is_flag=True, help="With --remote: allow plain HTTP and unverified TLS.")
 @_fs_errors
-def inspect(reference: str, platform_: str | None, as_json: bool) -> None:
+def inspect(reference: str, platform_: str | None, as_json: bool, remote: bool, insecure: bool) -> None:
     """Show an image's manifest, config, layers, sizes and history."""
     import json
 
+    from taxiway.oci.image import Descriptor
     from taxiway.oci.store import Store
 
     store = Store()
-    top = store.resolve(reference)
-    img = store.image(reference, _platform(platform_))
+    if remote:
+        from taxiway.oci.pull import RemoteImage
+
+        img: Any = RemoteImage.fetch(reference, platform=_platform(platform_), insecure=insecure)
+        top_digest = img.digest()
+    else:
+        top_digest = store.resolve(reference).digest
+        img = store.image(reference, _platform(platform_))
     cfg = img.config()
     layers = img.layers()
+    config_desc = Descriptor.from_json(img.manifest()["config"])
     diff_ids = (cfg.get("rootfs") or {}).get("diff_ids") or []
     info = {
-        "name": reference if reference != top.digest else None,
+        "name": reference if reference != top_digest else None,
         "digest": img.digest(),
-        "index_digest": top.digest if top.digest != img.digest() else None,
+        "index_digest": top_digest if top_digest != img.digest() else None,
         "media_type": img.media_type(),
         "platform": f"{cfg.get('os')}/{cfg.get('architecture')}" + (f"/{cfg['variant']}" if cfg.get("variant") else ""),
         "created": cfg.get("created"),
-        "size": sum(layer.size for layer in layers) + img.config_descriptor().size,
-        "config_digest": img.config_descriptor().digest,
+        "size": sum(layer.size for layer in layers) + config_desc.size,
+        "config_digest": config_desc.digest,
         "config": cfg.get("config") or {},
         "layers": [{**layer.to_json(), "diff_id": diff_ids[i] if i < len(diff_ids) else None,
                     "present": store.has_blob(layer.digest)} for i, layer in enumerate(layers)],
         "history": cfg.get("history") or [],
         "manifest": img.manifest(),
     }
+    if remote:
+        img.close()
     if as_json:
         emit_json(info)
         return
@@ -343,7 +355,7 @@ def inspect(reference: str, platform_: str | None, as_json: bool) -> None:
         click.echo(f"Ports:     {', '.join(c['ExposedPorts'])}")
     click.echo("Layers:")
     for layer in info["layers"]:
-        flag = "" if layer["present"] else "  (missing)"
+        flag = "" if layer["present"] or remote else "  (missing)"
         click.echo(f"  {layer['digest'][7:19]}  {_human(layer['size']):>9}  {layer['mediaType']}{flag}")
     if info["history"]:
         click.echo("History:")
