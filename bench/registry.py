@@ -275,7 +275,10 @@ def record(table: str, args, size: int) -> None:
     else:
         end = text.find("\n## ", start + 1)
         text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")
-    path.write_text(text)
+    # Other benchmarks rewrite this file too: replace it atomically, never leave it truncated.
+    from taxiway.fsutil import write_bytes_atomic
+
+    write_bytes_atomic(path, text.encode())
 
 
 if __name__ == "__main__":
