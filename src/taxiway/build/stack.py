@@ -175,8 +175,18 @@ def import_stack(store, name: str) -> Descriptor:
 
 
 def ensure_stacks(store, names: tuple[str, ...] | None = None) -> dict[str, Descriptor]:
-    """Import (building when not cached) the named stack images; all of them by default."""
-    return {n: import_stack(store, n) for n in (names or (BUILD, *RUN_IMAGES))}
+    """Import (building when not cached) the named stack images; all of them by default.
+
+    Two at a time: mmdebstrap spends much of its time waiting on the mirror.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = list(names or (BUILD, *RUN_IMAGES))
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="stack") as pool:
+        futures = {n: pool.submit(cached_layer, RECIPES[n]) for n in wanted}
+        for f in futures.values():
+            f.result()
+    return {n: import_stack(store, n) for n in wanted}
 
 
 def rootfs_for(store, image_ref: str) -> Path:
