@@ -73,7 +73,7 @@ def bench_publish() -> None:
     airports = Path(vega_datasets.__file__).parent / "_data" / "airports.csv"
     tmp = Path(tempfile.mkdtemp(prefix="bench-publish-app-"))
     home = tmp / "home"
-    env = {**os.environ, "TAXIWAY_HOME": str(os.environ.get("TAXIWAY_HOME", home))}
+    env = {**os.environ, "TAXIWAY_HOME": str(home)}  # a fresh home: "cold" builds the app from nothing
     src = tmp / "airports.csv"
     shutil.copy(airports, src)
     taxiway = [sys.executable, "-m", "taxiway"]
