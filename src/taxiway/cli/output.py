@@ -41,6 +41,7 @@ def progress(enabled: bool | None = None) -> Iterator[Any]:
     if not enabled:
         yield _NullProgress()
         return
+    from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -56,6 +57,7 @@ def progress(enabled: bool | None = None) -> Iterator[Any]:
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
+        console=Console(stderr=True),  # bars never mix into stdout (pipes, --json)
         transient=False,
     ) as p:
         yield p
