@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # make demo: the main job on embedded defaults, on a fresh machine.
 #
-# Images: start a local docker-registry on loopback (free port), push a small
-# real busybox-static image to it with skopeo, then pull, list, inspect, export
-# and scan it with taxiway. The registry is stopped at the end. Everything
-# lives in a throwaway $TAXIWAY_HOME, so the demo never touches your store.
+# Start taxiway's own multi-tenant registry on loopback (free port) with an org
+# and a push token, push a small real busybox-static image to it with skopeo,
+# then pull, list, inspect, export, scan, push and run it with taxiway. The
+# registry is stopped at the end. Everything lives in a throwaway
+# $TAXIWAY_HOME, so the demo never touches your store.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -22,24 +23,15 @@ trap cleanup EXIT
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "A local registry on loopback"
+step "taxiway's own registry on loopback: an org, a push token, taxiway login"
 PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mkdir -p "$DEMO/registry"
-cat > "$DEMO/registry/config.yml" <<EOF
-version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: $DEMO/registry/data
-http:
-  addr: 127.0.0.1:$PORT
-  secret: taxiway-demo
-EOF
-docker-registry serve "$DEMO/registry/config.yml" >"$DEMO/registry/log" 2>&1 &
+taxiway registry org create demo --root "$DEMO/registry"
+TOKEN=$(taxiway registry token create --org demo --scope push --expires 1d --root "$DEMO/registry")
+taxiway registry serve --listen "127.0.0.1:$PORT" --root "$DEMO/registry" >"$DEMO/registry.log" 2>&1 &
 REG_PID=$!
-for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$PORT/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
-echo "docker-registry listening on 127.0.0.1:$PORT"
+for _ in $(seq 100); do curl -sS -o /dev/null "http://127.0.0.1:$PORT/v2/" 2>/dev/null && break; sleep 0.1; done
+echo "taxiway registry listening on 127.0.0.1:$PORT (org demo; names are stored as demo/<name>)"
+echo "$TOKEN" | taxiway login "127.0.0.1:$PORT" -u demo --password-stdin
 
 step "Build a small busybox-static image offline and push it with skopeo"
 "$PY" - "$DEMO/layout" <<'EOF'
@@ -50,7 +42,7 @@ from helpers.images import write_fixture_image
 write_fixture_image(Path(sys.argv[1]), "demo")
 EOF
 IMAGE="127.0.0.1:$PORT/demo/busybox:1.0"
-skopeo copy --quiet --dest-tls-verify=false "oci:$DEMO/layout:demo" "docker://$IMAGE"
+skopeo copy --quiet --dest-tls-verify=false --dest-creds "demo:$TOKEN" "oci:$DEMO/layout:demo" "docker://$IMAGE"
 echo "pushed $IMAGE"
 
 step "taxiway pull $IMAGE"
@@ -79,7 +71,7 @@ step "taxiway tag + push to another repository (blobs are mounted, not re-upload
 COPY="127.0.0.1:$PORT/demo/copy:1.0"
 taxiway tag "$IMAGE" "$COPY"
 taxiway push "$COPY"
-skopeo inspect --tls-verify=false "docker://$COPY" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print("the registry has", d["Name"], d["Digest"])'
+skopeo inspect --tls-verify=false --creds "demo:$TOKEN" "docker://$COPY" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); print("the registry has", d["Name"], d["Digest"])'
 
 step "taxiway run $IMAGE (a machine: namespaces, cgroups, overlay snapshot, tini as PID 1)"
 taxiway run --rm "$IMAGE" echo hello from a taxiway machine
