@@ -142,6 +142,9 @@ def _read_layer_file(snap: Snapshotter, chain: list[str], rel: str) -> str | Non
 
 def create(cfg: MachineConfig, name: str | None = None, progress: Any = None) -> S.Machine:
     """Validate ``cfg`` against the image, prepare its snapshot and record the machine (not started)."""
+    if os.geteuid() != 0:
+        raise TaxiwayError("running machines needs root (namespaces, cgroups and mounts)",
+                           "run taxiway as root, e.g. with sudo")
     if name:
         S.valid_name(name)
         if S.name_taken(name):
