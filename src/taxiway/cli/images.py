@@ -6,49 +6,18 @@ command functions so ``taxiway --help`` stays fast.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import click
 
-from taxiway.cli.output import emit_json, is_tty, table
+from taxiway.cli.output import emit_json, is_tty, progress, table
 
 
 def _warn(msg: str) -> None:
     click.echo(f"warning: {msg}", err=True)
-
-
-@contextlib.contextmanager
-def progress(enabled: bool | None = None) -> Iterator[Any]:
-    """Per-layer bars on stderr when it is a terminal; nothing otherwise.
-
-    Like ``taxiway.cli.output.progress`` but always drawn on stderr, so
-    ``taxiway pull REF > file`` or ``... --json | jq`` keep stdout clean.
-    """
-    from taxiway.cli import output
-
-    if enabled is None:
-        enabled = is_tty()
-    if not enabled:
-        with output.progress(False) as p:
-            yield p
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=Console(stderr=True)) as p:
-        yield p
 
 
 def _per_layer(p: Any, verb: str) -> Callable[[Any, int], None]:

@@ -94,19 +94,11 @@ def _port_free(port: int) -> bool:
 
 
 def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
+    from taxiway.machines.state import (
+        _alive as alive,  # one definition of "a live, non-zombie process"
+    )
+
+    return bool(pid) and alive(pid)
 
 
 def _load(d: Path) -> dict:
