@@ -100,3 +100,28 @@ def test_timers_keep_running_after_the_owner_dies(cluster):
         await ann.ws.close()
 
     asyncio.run(main())
+
+
+def test_commands_forwarded_without_a_page_on_the_sending_node(cluster):
+    """B has no page of the game: the owner A answers B's forwarded commands with a message
+    to B (not inside the published change, which B does not listen to)."""
+    node_a, node_b, _ = cluster
+    code = node_a.create("tictactoe")
+    status, reply = node_b.post(
+        f"/api/games/{code}/commands", {"token": "t1", "action": "join", "name": "Ann"}
+    )
+    assert (status, reply) == (200, {"ok": True, "seat": 0})
+    status, reply = node_b.post(f"/api/games/{code}/commands", {"token": "t1", "action": "bot"})
+    assert status == 200 and reply["seat"] == 1
+    assert node_b.post(f"/api/games/{code}/commands", {"token": "t1", "action": "start"}) == (
+        200,
+        {"ok": True},
+    )
+    assert node_b.post(f"/api/games/{code}/commands", {"token": "t2", "action": "start"})[0] == 409
+    assert node_b.post(
+        f"/api/games/{code}/commands", {"token": "t1", "action": "move", "move": 4}
+    ) == (
+        200,
+        {"ok": True},
+    )
+    assert node_b.game(code)["move_list"][0] == [0, 4]

@@ -10,18 +10,27 @@ Two implementations of one small interface:
   commands and replies to one node.
 
 A save is one Lua script that checks ownership, stores the snapshot, appends the
-move and publishes, so a node that lost its game can never write to it again.
+move and publishes, so a node that lost its game can never write to it again. The
+same script publishes the answer to a command forwarded by another node, after the
+snapshot, so a clustered move costs one round trip on the owner.
+
+With a ``redis://`` URL the hot path (saves, messages to nodes, pub/sub) goes through
+:mod:`gamehall.resp`: one pipelined connection and one pub/sub connection, parsed by
+hiredis, instead of a redis-py pool checkout per command.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import orjson
+
+from . import resp
 
 log = logging.getLogger("gamehall")
 
@@ -52,9 +61,16 @@ class Backend(Protocol):
     async def renew(self, codes: list[str]) -> None: ...
     async def release(self, code: str) -> None: ...
     async def forget(self, code: str) -> None: ...
-    async def save(self, code: str, snapshot: dict[str, Any], move: Any = None) -> bool:
+    async def save(
+        self,
+        code: str,
+        snapshot: dict[str, Any],
+        move: Any = None,
+        reply: tuple[str, dict[str, Any]] | None = None,
+    ) -> bool:
         """Store a change (and its moves) and publish it to the other nodes, if we still own
-        the game; False if not. The saving node shows the change to its own pages itself."""
+        the game; False if not. The saving node shows the change to its own pages itself.
+        ``reply`` (node, message) is then sent to that node, after the change."""
 
     async def load(self, code: str) -> dict[str, Any] | None: ...
     async def move_log(self, code: str) -> list[Any]: ...
@@ -111,7 +127,13 @@ class MemoryBackend:
         self.rooms.pop(code, None)
         self.logs.pop(code, None)
 
-    async def save(self, code: str, snapshot: dict[str, Any], move: Any = None) -> bool:
+    async def save(
+        self,
+        code: str,
+        snapshot: dict[str, Any],
+        move: Any = None,
+        reply: tuple[str, dict[str, Any]] | None = None,
+    ) -> bool:
         self.rooms[code] = snapshot
         if move is not None:
             self.logs.setdefault(code, []).append(move)
@@ -142,6 +164,7 @@ if ARGV[5] ~= '' then
   redis.call('EXPIRE', KEYS[3], ARGV[3])
 end
 redis.call('PUBLISH', ARGV[4], ARGV[2])
+if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8]) end
 return 1
 """
 
@@ -177,12 +200,21 @@ class RedisBackend:
         self.on_message: OnMessage | None = None
         self._reader: asyncio.Task | None = None
         self._save = self.redis.register_script(SAVE)
+        self._save_sha = hashlib.sha1(SAVE.encode()).hexdigest()
+        # The hot path: one pipelined connection and one pub/sub connection of our own.
+        fast = resp.parse_url(url) is not None
+        self.link = resp.Link(url) if fast else None
+        self.sub = resp.Subscriber(url, self._on_raw) if fast else None
         self._steal = self.redis.register_script(STEAL)
         self._release = self.redis.register_script(RELEASE)
 
     async def start(self, on_message: OnMessage) -> None:
         self.on_message = on_message
         await self.redis.ping()
+        if self.sub is not None:
+            await self.sub.start()
+            await self.sub.subscribe(f"node:{self.node_id}")
+            return
         await self.pubsub.subscribe(f"gh:node:{self.node_id}")
         self._reader = asyncio.create_task(self._read(), name="gamehall-redis-reader")
 
@@ -191,10 +223,22 @@ class RedisBackend:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
+        for fast in (self.sub, self.link):
+            if fast is not None:
+                with contextlib.suppress(Exception):
+                    await fast.close()
         with contextlib.suppress(Exception):
             await self.pubsub.aclose()
         with contextlib.suppress(Exception):
             await self.redis.aclose()
+
+    def _on_raw(self, channel: bytes, data: bytes) -> None:
+        """A message from the fast subscriber (the hall's handler is synchronous)."""
+        _, kind, key = channel.decode().split(":", 2)
+        if self.on_message is not None:
+            r = self.on_message(kind, key, orjson.loads(data))
+            if r is not None:  # an async handler: run it as a task
+                asyncio.ensure_future(r)
 
     async def _read(self) -> None:
         while True:
@@ -265,18 +309,32 @@ class RedisBackend:
     async def forget(self, code: str) -> None:
         await self.release(code)
 
-    async def save(self, code: str, snapshot: dict[str, Any], move: Any = None) -> bool:
-        ok = await self._save(
-            keys=[f"gh:owner:{code}", f"gh:room:{code}", f"gh:log:{code}"],
-            args=[
-                self.node_id,
-                orjson.dumps(snapshot),
-                self.room_ttl,
-                f"gh:game:{code}",
-                orjson.dumps(move) if move is not None else b"",
-                self.owner_ttl,
-            ],
-        )
+    async def save(
+        self,
+        code: str,
+        snapshot: dict[str, Any],
+        move: Any = None,
+        reply: tuple[str, dict[str, Any]] | None = None,
+    ) -> bool:
+        keys = [f"gh:owner:{code}", f"gh:room:{code}", f"gh:log:{code}"]
+        args = [
+            self.node_id,
+            orjson.dumps(snapshot),
+            self.room_ttl,
+            f"gh:game:{code}",
+            orjson.dumps(move) if move is not None else b"",
+            self.owner_ttl,
+            f"gh:node:{reply[0]}" if reply else b"",
+            orjson.dumps(reply[1]) if reply else b"",
+        ]
+        if self.link is None:
+            return bool(await self._save(keys=keys, args=args))
+        try:
+            ok = await self.link.call("EVALSHA", self._save_sha, 3, *keys, *args)
+        except Exception as e:
+            if not str(e).startswith("NOSCRIPT"):
+                raise
+            ok = await self.link.call("EVAL", SAVE, 3, *keys, *args)
         return bool(ok)
 
     async def load(self, code: str) -> dict[str, Any] | None:
@@ -288,11 +346,19 @@ class RedisBackend:
         return [orjson.loads(fields[b"move"]) for _, fields in entries]
 
     async def subscribe(self, code: str) -> None:
-        await self.pubsub.subscribe(f"gh:game:{code}")
+        if self.sub is not None:
+            await self.sub.subscribe(f"game:{code}")
+        else:
+            await self.pubsub.subscribe(f"gh:game:{code}")
 
     async def unsubscribe(self, code: str) -> None:
-        await self.pubsub.unsubscribe(f"gh:game:{code}")
+        if self.sub is not None:
+            await self.sub.unsubscribe(f"game:{code}")
+        else:
+            await self.pubsub.unsubscribe(f"gh:game:{code}")
 
     async def send(self, node: str, message: dict[str, Any]) -> int:
         """Publish to one node; the count of receivers is 0 when that node is gone."""
+        if self.link is not None:
+            return int(await self.link.call("PUBLISH", f"gh:node:{node}", orjson.dumps(message)))
         return int(await self.redis.publish(f"gh:node:{node}", orjson.dumps(message)))

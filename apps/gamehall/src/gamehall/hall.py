@@ -29,14 +29,18 @@ class Actor:
     def __init__(self, hall: Hall, room: Room) -> None:
         self.hall = hall
         self.room = room
-        self.queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[dict[str, Any], asyncio.Future, dict | None]] = (
+            asyncio.Queue()
+        )
         self.task = asyncio.create_task(self._run(), name=f"game-{room.code}")
 
-    async def ask(self, cmd: dict[str, Any]) -> dict[str, Any]:
+    async def ask(self, cmd: dict[str, Any], reply_to: dict | None = None) -> dict[str, Any]:
+        """Run a command. ``reply_to`` ({"node", "id", "embed"}): it was forwarded by that node,
+        which gets the answer with the saved change (the reply then carries "_replied")."""
         if self.task.done():  # it just stopped: the caller looks the game up again
             return {"retry": True}
         fut = asyncio.get_running_loop().create_future()
-        await self.queue.put((cmd, fut))
+        self.queue.put_nowait((cmd, fut, reply_to))
         return await fut
 
     async def _run(self) -> None:
@@ -46,7 +50,7 @@ class Actor:
                 wake = self.room.next_wakeup(self.hall.bot_delay)
                 timeout = None if wake is None else max(0.0, wake - time.time())
                 try:
-                    cmd, fut = await asyncio.wait_for(self.queue.get(), timeout)
+                    cmd, fut, reply_to = await asyncio.wait_for(self.queue.get(), timeout)
                 except TimeoutError:
                     try:
                         await self._change(lambda now: self.room.tick(now, self.hall.bot_delay))
@@ -54,14 +58,14 @@ class Actor:
                         await asyncio.sleep(1.0)
                     continue
                 try:
-                    reply = await self._change(lambda now, cmd=cmd: self._apply(cmd, now))
+                    reply = await self._change(lambda now, cmd=cmd: self._apply(cmd, now), reply_to)
                 except RoomError as e:
                     reply = {"error": str(e)}
                 except LostGame:
                     fut.set_result({"retry": True})
                     raise
                 if not fut.done():
-                    fut.set_result(reply if isinstance(reply, dict) else {"ok": True})
+                    fut.set_result(_answer(reply))
         except LostGame:
             log.warning("game %s: another node owns it now; stopping here", code)
         except asyncio.CancelledError:
@@ -71,7 +75,7 @@ class Actor:
         finally:
             self.hall._actor_done(self)
             while not self.queue.empty():
-                _, fut = self.queue.get_nowait()
+                _, fut, _ = self.queue.get_nowait()
                 if not fut.done():
                     fut.set_result({"retry": True})
 
@@ -93,8 +97,12 @@ class Actor:
             raise RoomError(f"Unknown action {action!r}.")
         return {"ok": True}
 
-    async def _change(self, step) -> Any:
-        """Run one step on the room; if it changed, store and publish before answering."""
+    async def _change(self, step, reply_to: dict | None = None) -> Any:
+        """Run one step on the room; if it changed, store and publish before answering.
+
+        For a command forwarded by another node (``reply_to``), the answer travels with
+        the change: inside the published snapshot when that node listens to the game
+        ("embed"), else as a message to that node sent by the same save."""
         before = self.room.to_dict()
         try:
             out = step(time.time())
@@ -115,8 +123,15 @@ class Actor:
             else None
         )
         snapshot["by"] = self.hall.node_id  # nodes skip their own changes coming back from Redis
+        reply = None
+        if reply_to is not None:
+            answer = {"t": "reply", "id": reply_to["id"], "reply": _answer(out)}
+            if reply_to.get("embed"):
+                snapshot["reply"] = {"node": reply_to["node"], **answer}
+            else:
+                reply = (reply_to["node"], answer)
         try:
-            saved = await self.hall.backend.save(self.room.code, snapshot, move)
+            saved = await self.hall.backend.save(self.room.code, snapshot, move, reply)
         except Exception as e:
             self.room = Room.from_dict(before)
             log.exception("game %s: could not store a change", self.room.code)
@@ -124,7 +139,13 @@ class Actor:
         if not saved:
             raise LostGame()
         self.hall._fan_out(self.room.code, snapshot)
+        if reply_to is not None:
+            return {**_answer(out), "_replied": True}
         return out
+
+
+def _answer(out: Any) -> dict[str, Any]:
+    return out if isinstance(out, dict) else {"ok": True}
 
 
 class LostGame(Exception):
@@ -240,13 +261,13 @@ class Hall:
         return await self.backend.load(code)
 
     async def command(
-        self, code: str, cmd: dict[str, Any], forwarded: bool = False
+        self, code: str, cmd: dict[str, Any], forwarded: bool = False, reply_to: dict | None = None
     ) -> dict[str, Any]:
         """Run ``cmd`` on the game's owner, wherever it is; the reply is {"ok"...} or {"error"}."""
         for _ in range(4):
             actor = self.actors.get(code)
             if actor:
-                reply = await actor.ask(cmd)
+                reply = await actor.ask(cmd, reply_to)
                 if reply.get("retry"):
                     continue
                 return reply
@@ -301,10 +322,17 @@ class Hall:
         rid = uuid.uuid4().hex
         fut = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
+        # If this node listens to the game, the owner puts its answer in the published
+        # change (one message less); a pin keeps us listening until the answer is in.
+        viewers = self.viewers.get(code)
+        pin = Viewer(None) if viewers else None
+        if pin is not None:
+            viewers.add(pin)
+        msg = {"t": "cmd", "id": rid, "from": self.node_id, "code": code, "cmd": cmd}
+        if pin is not None:
+            msg["sub"] = True
         try:
-            n = await self.backend.send(
-                node, {"t": "cmd", "id": rid, "from": self.node_id, "code": code, "cmd": cmd}
-            )
+            n = await self.backend.send(node, msg)
             if n == 0:
                 return None
             try:
@@ -313,11 +341,18 @@ class Hall:
                 return {"error": "The server for this game is busy; try again in a moment."}
         finally:
             self._pending.pop(rid, None)
+            if pin is not None:
+                await self.unwatch(code, pin)
 
-    async def _on_message(self, kind: str, key: str, payload: dict[str, Any]) -> None:
+    def _on_message(self, kind: str, key: str, payload: dict[str, Any]) -> None:
         if kind == "game":
             if payload.get("by") != self.node_id:
                 self._fan_out(key, payload)
+            reply = payload.get("reply")
+            if reply is not None and reply.get("node") == self.node_id:
+                fut = self._pending.get(reply.get("id"))
+                if fut and not fut.done():
+                    fut.set_result(reply["reply"])
         elif kind == "node" and payload.get("t") == "cmd":
             self._spawn(self._serve_remote(payload))
         elif kind == "node" and payload.get("t") == "reply":
@@ -326,11 +361,14 @@ class Hall:
                 fut.set_result(payload["reply"])
 
     async def _serve_remote(self, msg: dict[str, Any]) -> None:
+        reply_to = {"node": msg["from"], "id": msg["id"], "embed": bool(msg.get("sub"))}
         try:
-            reply = await self.command(msg["code"], msg["cmd"], forwarded=True)
+            reply = await self.command(msg["code"], msg["cmd"], forwarded=True, reply_to=reply_to)
         except Exception:
             log.exception("remote command failed")
             reply = {"error": "The game server failed on that command."}
+        if reply.pop("_replied", False):
+            return  # the answer went out with the saved change
         await self.backend.send(msg["from"], {"t": "reply", "id": msg["id"], "reply": reply})
 
     # -- pages ----------------------------------------------------------------------
