@@ -10,7 +10,9 @@ every round. Measured per round, alternating which registry goes first:
   GETs probed one at a time from another process while 32 pulls run.
 
 taxiway runs with authentication on (clients do the Docker token flow once),
-docker-registry with none. Usage: python bench/registry.py [--rounds 3] [--push-reps 8] [--workers 2] [--write]
+docker-registry with none. Usage: python bench/registry.py [--rounds 3] [--push-reps 8] [--workers 2]
+It prints a markdown table (and the load average); it never edits bench/RESULTS.md, which other
+benchmarks share: paste the figures into its ``## Registry`` section by hand.
 """
 
 from __future__ import annotations
@@ -41,8 +43,12 @@ from helpers.servers import docker_registry, free_port, serve  # noqa: E402
 CACHE = Path("/var/cache/taxiway-bench")
 LAYOUT = CACHE / "debian-layout"
 TAG = "bookworm"
-MACHINE = "2-core Debian 12 VM, 24 GiB (cores shared with other engineers' work during the run)"
+MACHINE = "2-core Debian 12 VM, 24 GiB"
 MANIFEST_ACCEPT = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+
+
+def _load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def ensure_layout() -> None:
@@ -205,7 +211,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2, help="taxiway server processes")
     ap.add_argument("--push-reps", type=int, default=8, help="extra push-only samples (fresh registries each)")
-    ap.add_argument("--write", action="store_true", help="record the figures in bench/RESULTS.md")
     args = ap.parse_args()
     ensure_layout()
     rounds = []
@@ -214,7 +219,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="txbench-", dir=base) as work:
             r = one_round(Path(work), args.workers, "distribution" if i % 2 == 0 else "taxiway")
             rounds.append(r)
-            print(f"round {i + 1}: " + json.dumps({k: {m: round(v, 1) for m, v in d.items()} for k, d in r.items()}),
+            print(f"round {i + 1} (load {_load()}): " + json.dumps({k: {m: round(v, 1) for m, v in d.items()} for k, d in r.items()}),
                   flush=True)
 
     with tempfile.TemporaryDirectory(prefix="txbench-", dir=base) as work:
@@ -245,40 +250,11 @@ def main() -> None:
         ratio = t / d if higher else d / t
         lines.append(f"| {label} | {t:.1f} {unit} | {d:.1f} {unit} | {ratio:.2f}x |")
     table = "\n".join(lines)
+    print(f"\n{datetime.date.today().isoformat()}, {MACHINE}, load average {_load()} (1/5/15 min) at the end;"
+          f" {len(rounds)} rounds, {args.push_reps} push-only rounds, taxiway --workers {args.workers}:\n")
     print(table)
-    if args.write:
-        record(table, args, image_bytes())
-
-
-def record(table: str, args, size: int) -> None:
-    path = REPO / "bench" / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    date = datetime.date.today().isoformat()
-    section = (
-        "## Registry\n\n"
-        f"`python bench/registry.py --rounds {args.rounds} --push-reps {args.push_reps} --workers {args.workers} --write`\n"
-        f"on {date}, {MACHINE}.\n"
-        f"Image: the shared Debian bookworm minbase OCI layout ({size / (1 << 20):.1f} MiB of blobs, one gzip layer).\n"
-        "Both registries on 127.0.0.1, storage on the same disk, fresh per round, order alternating; medians of\n"
-        f"the rounds (push: median of the rounds' pushes plus {args.push_reps} push-only rounds, since one push\n"
-        f"is short and noisy). taxiway: `--workers {args.workers}`, authentication on (token flow); docker-registry:\n"
-        "no auth.\n"
-        "Ratios are taxiway over docker-registry for throughput, docker-registry over taxiway for latency\n"
-        "(above 1.0x means taxiway is better). The 32 concurrent pulls use httpx directly (manifest plus\n"
-        "blobs streamed and discarded), so the client costs the same for both; manifest GET latency is\n"
-        "measured by a separate client process issuing one GET at a time while 32 pulls run.\n\n"
-        f"{table}\n"
-    )
-    start = text.find("## Registry")
-    if start == -1:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[:start] + section + ("\n" + text[end + 1:] if end != -1 else "")
-    # Other benchmarks rewrite this file too: replace it atomically, never leave it truncated.
-    from taxiway.fsutil import write_bytes_atomic
-
-    write_bytes_atomic(path, text.encode())
+    # bench/RESULTS.md is shared with other benchmarks and carries the history of these figures:
+    # this script never writes it. Paste the table into its ``## Registry`` section by hand.
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from taxiway.registry import manifest as manifests
 from taxiway.registry import tokens
 from taxiway.registry.auth import Authorizer, basic_password
 from taxiway.registry.errors import RegistryError
+from taxiway.registry.sendfile import PathSend
 from taxiway.registry.storage import FilesystemStorage
 from taxiway.registry.tenants import Tenants
 
@@ -39,7 +40,9 @@ _RANGE_RE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)$")
 
 
 class BlobResponse(FileResponse):
-    """Zero-copy where the server supports it; otherwise large reads, off the event loop."""
+    """Whole blobs go out with sendfile(2) where the server offers ``http.response.pathsend``
+    (see ``sendfile.py``); HEAD answers with headers only; Range requests and other servers
+    get large reads, off the event loop."""
 
     chunk_size = 1 << 20
 
@@ -472,7 +475,11 @@ def create_app(config: Config):
         RegistryError: _registry_error, HTTPException: _http_error, OSError: _storage_error})
     app.state.registry = r
     tenants = r.tenants
-    return Authorizer(app, tenants=tenants, key=r.key, service=config.service, realm=config.realm)
+    outer = Authorizer(app, tenants=tenants, key=r.key, service=config.service, realm=config.realm)
+    if os.environ.get("TAXIWAY_REGISTRY_SENDFILE", "1") == "0":  # for A/B benchmarks: stream blobs through Python
+        return outer
+    # Outermost, so it sees uvicorn's own ``send`` (blob bodies go out with sendfile(2) there).
+    return PathSend(outer)
 
 
 def app_from_env():
