@@ -489,7 +489,15 @@ def start_detached(m: S.Machine) -> None:
             if m.config.auto_remove:
                 destroy(m)
             os._exit(0)
-        except BaseException:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001
+            # An unexpected failure: say what it was (and keep the trace) instead of a bare "did not start".
+            with contextlib.suppress(Exception):
+                import traceback
+
+                (m.dir / "supervisor-error").write_text(traceback.format_exc())
+            with contextlib.suppress(Exception):
+                os.write(w, f"error:machine {m.name} did not start: {type(e).__name__}: {e}\x00"
+                            f"the trace is in {m.dir / 'supervisor-error'}".encode())
             os._exit(1)
     os.close(w)
     os.waitpid(pid, 0)
