@@ -125,3 +125,58 @@ def test_commands_forwarded_without_a_page_on_the_sending_node(cluster):
         {"ok": True},
     )
     assert node_b.game(code)["move_list"][0] == [0, 4]
+
+
+def test_a_node_that_lost_a_game_follows_its_new_owner(tmp_path):
+    """The owner is not sent its own changes back through Redis, so when its ownership
+    lapses (a stalled node) and another node runs the game, it must notice, stop its
+    actor, and show its pages the new owner's changes from then on."""
+    import redis as sync_redis
+
+    from gamehall.backends import RedisBackend
+    from gamehall.hall import Hall
+
+    with redis_server(tmp_path) as url:
+
+        async def main():
+            a = Hall(RedisBackend(url, "a", owner_ttl=1))
+            b = Hall(RedisBackend(url, "b", owner_ttl=1))
+            await a.start()
+            await b.start()
+            try:
+                code = await a.create("tictactoe")
+                page_a = await a.watch(code, "t1")
+                page_b = await b.watch(code, "t2")
+                assert not a.backend.listening(code) and b.backend.listening(code)
+                assert (await b.command(code, {"action": "join", "token": "t1", "name": "A"}))["ok"]
+                assert (await b.command(code, {"action": "join", "token": "t2", "name": "B"}))["ok"]
+                await b.command(code, {"action": "start", "token": "t1"})
+                assert await b.command(code, {"action": "move", "token": "t1", "move": 0}) == {
+                    "ok": True
+                }
+                assert page_a.room.moves == [[0, 0]]
+                # A stalls: its ownership lapses and B takes the game.
+                sync_redis.Redis.from_url(url).delete(f"gh:owner:{code}")
+                assert await b._take(code)
+                await asyncio.sleep(0.2)  # B stops listening to the game it now runs
+                assert code in b.actors and not b.backend.listening(code)
+                assert await b.command(code, {"action": "move", "token": "t2", "move": 4}) == {
+                    "ok": True
+                }
+                # A's next renewal finds the game is not its own, stops its actor, and
+                # its page catches up and follows B.
+                for _ in range(50):
+                    if page_a.room.moves == [[0, 0], [1, 4]]:
+                        break
+                    await asyncio.sleep(0.1)
+                assert page_a.room.moves == [[0, 0], [1, 4]]
+                assert code not in a.actors and a.backend.listening(code)
+                assert await a.command(code, {"action": "move", "token": "t1", "move": 8}) == {
+                    "ok": True
+                }
+                assert page_a.room.moves[-1] == [0, 8] and page_b.room.moves[-1] == [0, 8]
+            finally:
+                await a.close()
+                await b.close()
+
+        asyncio.run(main())

@@ -58,7 +58,9 @@ class Backend(Protocol):
 
     async def owner(self, code: str) -> str | None: ...
     async def owners(self, codes: list[str]) -> list[str | None]: ...
-    async def renew(self, codes: list[str]) -> None: ...
+    async def renew(self, codes: list[str]) -> list[str]:
+        """Extend our ownership of these games; returns the ones we no longer own."""
+
     async def release(self, code: str) -> None: ...
     async def forget(self, code: str) -> None: ...
     async def save(
@@ -76,6 +78,9 @@ class Backend(Protocol):
     async def move_log(self, code: str) -> list[Any]: ...
     async def subscribe(self, code: str) -> None: ...
     async def unsubscribe(self, code: str) -> None: ...
+    def listening(self, code: str) -> bool:
+        """Is this node's subscription to the game's changes confirmed (and still up)?"""
+
     async def send(self, node: str, message: dict[str, Any]) -> int: ...
 
 
@@ -117,8 +122,8 @@ class MemoryBackend:
     async def owners(self, codes: list[str]) -> list[str | None]:
         return [self.node_id if c in self.rooms else None for c in codes]
 
-    async def renew(self, codes: list[str]) -> None:
-        pass
+    async def renew(self, codes: list[str]) -> list[str]:
+        return []
 
     async def release(self, code: str) -> None:
         pass
@@ -151,6 +156,9 @@ class MemoryBackend:
     async def unsubscribe(self, code: str) -> None:
         self.subscribed.discard(code)
 
+    def listening(self, code: str) -> bool:
+        return False
+
     async def send(self, node: str, message: dict[str, Any]) -> int:
         return 0
 
@@ -174,6 +182,18 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return 1
 end
 return 0
+"""
+
+RENEW = """
+local lost = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('EXPIRE', key, ARGV[2])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
 """
 
 RELEASE = """
@@ -207,6 +227,7 @@ class RedisBackend:
         self.sub = resp.Subscriber(url, self._on_raw) if fast else None
         self._steal = self.redis.register_script(STEAL)
         self._release = self.redis.register_script(RELEASE)
+        self._renew = self.redis.register_script(RENEW)
 
     async def start(self, on_message: OnMessage) -> None:
         self.on_message = on_message
@@ -297,11 +318,16 @@ class RedisBackend:
             out.extend(v.decode() if v else None for v in values)
         return out
 
-    async def renew(self, codes: list[str]) -> None:
-        async with self.redis.pipeline(transaction=False) as p:
-            for code in codes:
-                p.expire(f"gh:owner:{code}", self.owner_ttl)
-            await p.execute()
+    async def renew(self, codes: list[str]) -> list[str]:
+        """Extend our ownership keys (only those still ours); the games we lost are returned."""
+        lost: list[str] = []
+        for i in range(0, len(codes), 500):
+            chunk = codes[i : i + 500]
+            gone = await self._renew(
+                keys=[f"gh:owner:{c}" for c in chunk], args=[self.node_id, self.owner_ttl]
+            )
+            lost.extend(chunk[int(j) - 1] for j in gone)
+        return lost
 
     async def release(self, code: str) -> None:
         await self._release(keys=[f"gh:owner:{code}"], args=[self.node_id])
@@ -356,6 +382,9 @@ class RedisBackend:
             await self.sub.unsubscribe(f"game:{code}")
         else:
             await self.pubsub.unsubscribe(f"gh:game:{code}")
+
+    def listening(self, code: str) -> bool:
+        return self.sub is not None and self.sub.live(f"game:{code}")
 
     async def send(self, node: str, message: dict[str, Any]) -> int:
         """Publish to one node; the count of receivers is 0 when that node is gone."""

@@ -187,6 +187,8 @@ class Hall:
         self._owners: dict[str, str] = {}  # last known owner of games run elsewhere
         self._tasks: set[asyncio.Task] = set()
         self._housekeeper: asyncio.Task | None = None
+        self._following: set[str] = set()  # games whose changes we asked the backend for
+        self._closing = False
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -196,6 +198,7 @@ class Hall:
             self._housekeeper = asyncio.create_task(self._housekeep(), name="gamehall-housekeeper")
 
     async def close(self) -> None:
+        self._closing = True
         if self._housekeeper:
             self._housekeeper.cancel()
         actors = list(self.actors.values())
@@ -224,6 +227,35 @@ class Hall:
             del self.actors[code]
             if actor.room.status == CLOSED:
                 self._spawn(self.backend.forget(code))
+            if code in self.viewers and not self._closing:
+                self._spawn(self._catch_up(code))
+
+    async def _follow(self, code: str) -> None:
+        """Listen to a game's changes from other nodes exactly when pages here show it and
+        another node runs it: the owner shows its own changes to its pages itself, so it
+        is not sent them back through Redis."""
+        while True:
+            want = code in self.viewers and code not in self.actors
+            if want == (code in self._following):
+                return
+            if want:
+                self._following.add(code)
+                await self.backend.subscribe(code)
+            else:
+                self._following.discard(code)
+                await self.backend.unsubscribe(code)
+
+    async def _catch_up(self, code: str) -> None:
+        """Our actor for a game stopped (another node runs it now): listen to the game and
+        show its pages the stored state, which may be newer than what they show."""
+        try:
+            await self._follow(code)
+            if code in self.viewers:
+                snapshot = await self.backend.load(code)
+                if snapshot is not None:
+                    self._fan_out(code, snapshot)
+        except Exception:
+            log.exception("game %s: could not follow it from another node", code)
 
     async def _housekeep(self) -> None:
         """Renew ownership of our games; adopt watched games whose owner vanished."""
@@ -232,7 +264,11 @@ class Hall:
             await asyncio.sleep(period)
             try:
                 if self.actors:
-                    await self.backend.renew(list(self.actors))
+                    for code in await self.backend.renew(list(self.actors)):
+                        actor = self.actors.get(code)
+                        if actor is not None:  # our ownership lapsed: another node may run it
+                            log.warning("game %s: no longer ours; stopping here", code)
+                            actor.task.cancel()
                 watched = [c for c in self.viewers if c not in self.actors]
                 for code, owner in zip(watched, await self.backend.owners(watched), strict=True):
                     if owner is None:
@@ -316,6 +352,8 @@ class Hall:
             return False
         log.info("node %s now runs game %s from version %s", self.node_id, code, room.version)
         self.actors[code] = Actor(self, room)
+        if code in self._following:
+            self._spawn(self._follow(code))  # our own changes need not come back from Redis
         return True
 
     async def _remote(self, node: str, code: str, cmd: dict[str, Any]) -> dict[str, Any] | None:
@@ -325,7 +363,7 @@ class Hall:
         # If this node listens to the game, the owner puts its answer in the published
         # change (one message less); a pin keeps us listening until the answer is in.
         viewers = self.viewers.get(code)
-        pin = Viewer(None) if viewers else None
+        pin = Viewer(None) if viewers and self.backend.listening(code) else None
         if pin is not None:
             viewers.add(pin)
         msg = {"t": "cmd", "id": rid, "from": self.node_id, "code": code, "cmd": cmd}
@@ -383,10 +421,8 @@ class Hall:
     async def watch(self, code: str, token: str | None) -> Viewer | None:
         """Follow a game's changes; None if there is no such game."""
         viewer = Viewer(token)
-        first = code not in self.viewers
         self.viewers.setdefault(code, set()).add(viewer)
-        if first:
-            await self.backend.subscribe(code)
+        await self._follow(code)
         snapshot = await self.snapshot(code)
         if snapshot is None:
             await self.unwatch(code, viewer)
@@ -402,4 +438,4 @@ class Hall:
         if not viewers:
             del self.viewers[code]
             with contextlib.suppress(Exception):
-                await self.backend.unsubscribe(code)
+                await self._follow(code)

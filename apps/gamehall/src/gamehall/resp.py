@@ -189,7 +189,8 @@ class Subscriber:
             raise ValueError(f"not a redis:// URL: {url}")
         self.cfg = cfg
         self.on_message = on_message
-        self.channels: set[str] = set()
+        self.channels: set[str] = set()  # what we want to listen to
+        self.confirmed: set[bytes] = set()  # what Redis confirmed on this connection
         self.proto: _Protocol | None = None
         self.acks: collections.deque[asyncio.Future | None] = collections.deque()
         self.hello = 0  # replies to AUTH/SELECT still expected
@@ -209,6 +210,7 @@ class Subscriber:
                 lambda: _Protocol(self._on_reply, self._on_lost), self.cfg["host"], self.cfg["port"]
             )
             self.acks.clear()
+            self.confirmed.clear()
             hello = _hello(self.cfg)
             self.hello = len(hello)
             data = [pack(c) for c in hello]
@@ -253,6 +255,10 @@ class Subscriber:
                     log.exception("bad message on %s", reply[1])
                 return
             if kind in (b"subscribe", b"unsubscribe"):
+                if kind == b"subscribe":
+                    self.confirmed.add(reply[1])
+                else:
+                    self.confirmed.discard(reply[1])
                 fut = self.acks.popleft() if self.acks else None
                 if fut is not None and not fut.done():
                     fut.set_result(True)
@@ -264,6 +270,7 @@ class Subscriber:
             log.error("redis pub/sub: %s", reply)
 
     def _on_lost(self) -> None:
+        self.confirmed.clear()
         acks, self.acks = self.acks, collections.deque()
         for fut in acks:
             if fut is not None and not fut.done():
@@ -278,6 +285,10 @@ class Subscriber:
         self.acks.append(fut)
         proto.transport.write(pack((verb, f"gh:{key}")))
         await fut
+
+    def live(self, key: str) -> bool:
+        """Does Redis send us ``gh:KEY`` now (subscribed, confirmed, connection up)?"""
+        return f"gh:{key}".encode() in self.confirmed and key in self.channels
 
     async def subscribe(self, key: str) -> None:
         """Listen to ``gh:KEY``; returns once Redis confirmed it."""
