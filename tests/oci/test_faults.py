@@ -183,10 +183,48 @@ def test_forbidden_says_to_log_in(reg, taxiway_home, taxiway):
     assert "access denied" in err and f"taxiway login {reg.address}" in err
 
 
+# Runs argv[1:] and prints "<exit code> <ru_maxrss KiB>" of it last on stdout.
+_PEAK_RSS = """
+import os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:])
+_, status, usage = os.wait4(p.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss, flush=True)
+"""
+
+
+def peak_rss_kib(argv: list[str]) -> tuple[int, int, bytes]:
+    """Run ``argv``; returns (exit code, its peak RSS in KiB, its stderr).
+
+    Not ``os.wait4`` on a child of pytest: subprocess starts children with vfork
+    (and fork copies the parent's pages), so at exec the kernel records the
+    *parent's* peak RSS as the child's ``ru_maxrss``; in a full run pytest's own
+    peak (hundreds of MiB from other tests) showed up as the pull's. A small
+    launcher process in between has a peak of a few MiB, so what is measured is
+    the command's own memory (plus at most the launcher's).
+    """
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _PEAK_RSS, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert r.returncode == 0, r.stderr
+    code, kib = r.stdout.decode().split("\n")[-2].split()
+    return int(code), int(kib), r.stderr
+
+
+def test_peak_rss_is_the_commands_own_not_pytests():
+    """The measurement itself: a parent that once had a big peak does not make a tiny command look big."""
+    import sys
+
+    ballast = bytearray(300 << 20)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # touch every page: pytest's peak is now > 300 MiB
+    del ballast
+    code, kib, _ = peak_rss_kib([sys.executable, "-c", "pass"])
+    assert code == 0 and kib < 100 * 1024, f"peak RSS {kib // 1024} MiB"
+
+
 def test_pull_memory_stays_small_for_a_big_layer(reg, taxiway_home):
     """A 256 MiB layer streams through: the pull's peak RSS stays far below the layer size."""
     import os
-    import subprocess
     import sys
 
     digest, size = reg.add_repeated_blob(os.urandom(1 << 20), 256)
@@ -196,11 +234,9 @@ def test_pull_memory_stays_small_for_a_big_layer(reg, taxiway_home):
                            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(cfg), "size": len(cfg)},
                            "layers": [{"mediaType": TAR, "digest": digest, "size": size}]}).encode()
     reg.manifests[("big", "v1")] = (manifest, "application/vnd.oci.image.manifest.v1+json")
-    p = subprocess.Popen([sys.executable, "-m", "taxiway", "pull", f"{reg.address}/big:v1"], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, p.stderr.read()
-    assert usage.ru_maxrss < 150 * 1024, f"peak RSS {usage.ru_maxrss // 1024} MiB"
+    code, kib, err = peak_rss_kib([sys.executable, "-m", "taxiway", "pull", f"{reg.address}/big:v1"])
+    assert code == 0, err
+    assert kib < 150 * 1024, f"peak RSS {kib // 1024} MiB"
     assert (taxiway_home / "store" / "blobs" / "sha256" / digest[7:]).stat().st_size == size
 
 
