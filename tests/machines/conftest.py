@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +72,13 @@ def host_state(home: Path) -> dict:
             continue
         if parent in cg or str(home) in root:
             procs.append(p.name)
-    size = sum(f.stat().st_size for f in home.rglob("*") if f.is_file() and not f.is_symlink())
+    size = 0  # os.walk, not rglob: removed machines' files vanish in the background meanwhile
+    for d, _, files in os.walk(home):
+        for f in files:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(d, f))
+                if stat.S_ISREG(st.st_mode):
+                    size += st.st_size
     return {"mounts": mounts, "cgroups": cgs, "netns": len(netns), "procs": procs,
             "machines": sorted(p.name for p in (home / "machines").iterdir() if not p.name.startswith("."))
             if (home / "machines").exists() else [],

@@ -25,8 +25,17 @@ def _netns_in_use() -> set[str]:
     return out
 
 
+def _wait_trash_empty(home: Path) -> None:
+    # `run --rm` reports the exit code first; the removed machine's files are deleted in the background
+    trash = home / "machines/.trash"
+    deadline = time.time() + 30
+    while trash.exists() and any(trash.iterdir()) and time.time() < deadline:
+        time.sleep(0.1)
+
+
 def test_200_run_rm_cycles_leave_nothing(busybox, taxiway_home):
     assert tw("run", "--rm", busybox, "true").returncode == 0  # unpack once
+    _wait_trash_empty(taxiway_home)
     before = host_state(taxiway_home)
     seen_netns = set()
     for i in range(200):
@@ -42,10 +51,7 @@ def test_200_run_rm_cycles_leave_nothing(busybox, taxiway_home):
         else:
             r = tw("run", "--rm", busybox, "true")
             assert r.returncode == 0, r.stderr
-    trash = taxiway_home / "machines/.trash"
-    deadline = time.time() + 30
-    while trash.exists() and any(trash.iterdir()) and time.time() < deadline:
-        time.sleep(0.1)  # removed machines' files are deleted in the background
+    _wait_trash_empty(taxiway_home)
     after = host_state(taxiway_home)
     assert after["mounts"] == before["mounts"] == []
     assert after["cgroups"] == [] and after["procs"] == [] and after["machines"] == [] and after["leases"] == []

@@ -6,6 +6,7 @@ rich unless the image has to be pulled first).
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -81,7 +82,13 @@ def run(detach, name, env, env_file, workdir, user, hostname, entrypoint, memory
         return
     code = runtime.run_attached(m)
     sys.stdout.flush()
-    sys.exit(code)
+    sys.stderr.flush()
+    try:  # a real process (not click's CliRunner): skip interpreter teardown (~10 ms of freeing modules)
+        sys.stdout.fileno()
+        sys.stderr.fileno()
+    except Exception:  # noqa: BLE001
+        sys.exit(code)
+    os._exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -140,8 +140,13 @@ def _which(argv0: str, env: list[str]) -> str | None:
     return None
 
 
-def child(spec: dict[str, Any], errw: int, stdio: tuple[int, int, int]) -> None:
-    """PID 1 of the machine between fork and exec. Never returns."""
+def child(spec: dict[str, Any], errw: int, stdio: tuple[int, int, int], joined: int = -1) -> None:
+    """PID 1 of the machine between fork and exec. Never returns.
+
+    ``joined``: a pipe the supervisor writes one byte to once it has moved us into
+    the machine's cgroups (it does so while we build the root); only then do we
+    enter a cgroup namespace rooted there. EOF instead of the byte: it failed.
+    """
     try:
         for s in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(s, signal.SIG_DFL)
@@ -156,6 +161,12 @@ def child(spec: dict[str, Any], errw: int, stdio: tuple[int, int, int]) -> None:
         L.sethostname(spec["hostname"])
         if spec["net"] != "host":
             L.loopback_up()
+        if joined >= 0:
+            ok = os.read(joined, 1)
+            os.close(joined)
+            if not ok:
+                raise SetupError("could not join the machine's cgroups")
+            L.unshare(L.CLONE_NEWCGROUP)
         env = spec["env"]
         if _which(spec["argv"][0], env) is None:
             raise SetupError(f"command {spec['argv'][0]!r} not found in the image (PATH and file checked)")
@@ -183,13 +194,15 @@ def spawn(spec: dict[str, Any], cgroup_procs: list[str], stdio: tuple[int, int, 
 
     unshare(CLONE_NEWPID) makes our next child PID 1 of a new namespace; setns back to our
     own namespace right after, so later forks (and the next restart) happen as before.
-    The child joins its cgroups itself (writing 0: "me") before it unshares the rest, so
-    its cgroup namespace is rooted at its own group.
+    We move the child into its cgroups (on cgroup v1 each move can wait ~10 ms for an RCU
+    grace period) while it builds its root, in parallel; it waits for that before it
+    unshares its cgroup namespace (rooted at its own group) and long before it execs.
     """
-    flags = L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC | L.CLONE_NEWCGROUP
+    flags = L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC
     if spec["net"] != "host":
         flags |= L.CLONE_NEWNET
     errr, errw = os.pipe2(os.O_CLOEXEC)
+    joinr, joinw = os.pipe2(os.O_CLOEXEC)
     own_pidns = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
     try:
         L.unshare(L.CLONE_NEWPID)
@@ -197,25 +210,37 @@ def spawn(spec: dict[str, Any], cgroup_procs: list[str], stdio: tuple[int, int, 
         if pid == 0:
             try:
                 os.close(errr)
-                for p in cgroup_procs:
-                    fd = os.open(p, os.O_WRONLY)
-                    os.write(fd, b"0")
-                    os.close(fd)
+                os.close(joinw)
                 L.unshare(flags)
             except BaseException as e:  # noqa: BLE001
                 with contextlib.suppress(Exception):
                     os.write(errw, f"{e.__class__.__name__}: {e}".encode())
                 os._exit(127)
-            child(spec, errw, stdio)
+            child(spec, errw, stdio, joinr)
     finally:
         L.setns(own_pidns, L.CLONE_NEWPID)
         os.close(own_pidns)
     os.close(errw)
+    os.close(joinr)
+    join_err = ""
+    try:
+        me = str(pid).encode()
+        for p in cgroup_procs:
+            fd = os.open(p, os.O_WRONLY)
+            try:
+                os.write(fd, me)
+            finally:
+                os.close(fd)
+        os.write(joinw, b"1")
+    except OSError as e:
+        join_err = f"could not join the machine's cgroups: {e}"
+    finally:
+        os.close(joinw)
     err = b""
     while chunk := os.read(errr, 4096):
         err += chunk
     os.close(errr)
-    return pid, err.decode(errors="replace")
+    return pid, (err.decode(errors="replace") or join_err)
 
 
 def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[str], tty: bool = False) -> int:
