@@ -307,6 +307,11 @@ async def load(
         "server_cpu_pct": [
             round((b - a) / elapsed * 100, 1) for a, b in zip(cpu0, cpu1, strict=True)
         ],
+        # CPU seconds of every server process (nodes and Redis) per move measured
+        "server_cpu_ms_per_move": round(
+            sum(b - a for a, b in zip(cpu0, cpu1, strict=True)) / max(1, len(stats.pages)) * ms,
+            2,
+        ),
         "bench_client_cpu_pct": round((me1 - me0) / elapsed * 100, 1),
         "live_game_kib": round((rss_live - rss_before) / games, 1),
     }
