@@ -124,10 +124,10 @@ def gamehall_node(tmp: Path, *args: str) -> Iterator[Node]:
 
 
 @contextlib.contextmanager
-def redis_server(tmp: Path) -> Iterator[str]:
+def redis_server(tmp: Path, port: int | None = None) -> Iterator[str]:
     """A throwaway redis-server on 127.0.0.1 (no persistence); yields its URL."""
     binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
+    port = port or free_port()
     log = tmp / f"redis-{port}.log"
     with open(log, "wb") as lf:
         proc = subprocess.Popen(

@@ -4,6 +4,7 @@ is played from node B, then A is killed mid-game and B carries on with no move l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 
@@ -180,3 +181,47 @@ def test_a_node_that_lost_a_game_follows_its_new_owner(tmp_path):
                 await b.close()
 
         asyncio.run(main())
+
+
+def test_nodes_reconnect_after_redis_restarts(tmp_path):
+    """The pipelined link and the pub/sub connection come back after Redis restarts:
+    commands are forwarded and answered, and pages on the other node see the change."""
+    from gamehall_testing import free_port
+
+    from gamehall.backends import RedisBackend
+    from gamehall.hall import Hall
+
+    port = free_port()
+
+    async def play(a, b):
+        code = await a.create("tictactoe")
+        page = await b.watch(code, "t1")
+        reply = await b.command(code, {"action": "join", "token": "t1", "name": "Ann"})
+        assert reply == {"ok": True, "seat": 0}
+        for _ in range(50):
+            if page.room.seats[0]:
+                break
+            await asyncio.sleep(0.05)
+        assert page.room.seats[0]["name"] == "Ann"
+
+    async def main():
+        with redis_server(tmp_path, port) as url:
+            a = Hall(RedisBackend(url, "a"))
+            b = Hall(RedisBackend(url, "b"))
+            await a.start()
+            await b.start()
+            await play(a, b)
+        await asyncio.sleep(0.5)  # Redis is down: both nodes lost their connections
+        try:
+            with redis_server(tmp_path, port):
+                await asyncio.sleep(1.5)  # the subscribers reconnect and listen again
+                for h in (a, b):  # redis-py's pool fails once on a connection Redis closed
+                    with contextlib.suppress(Exception):
+                        await h.backend.redis.ping()
+                await play(a, b)
+        finally:
+            for h in (a, b):
+                with contextlib.suppress(Exception):
+                    await h.close()
+
+    asyncio.run(main())
