@@ -6,8 +6,8 @@ Two implementations of one small interface:
 * :class:`RedisBackend`: a cluster. ``gh:owner:CODE`` names the node that owns a
   game (SET NX with a TTL the owner renews), ``gh:room:CODE`` holds the last
   snapshot, the stream ``gh:log:CODE`` the moves, channel ``gh:game:CODE`` carries
-  every snapshot to the nodes that show the game, and ``gh:node:NODE`` carries
-  commands and replies to one node.
+  every snapshot to the other nodes that show the game (the owner does not listen to
+  its own games), and ``gh:node:NODE`` carries commands and replies to one node.
 
 A save is one Lua script that checks ownership, stores the snapshot, appends the
 move and publishes, so a node that lost its game can never write to it again. The
