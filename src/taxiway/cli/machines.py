@@ -52,6 +52,10 @@ def run(detach, name, env, env_file, workdir, user, hostname, entrypoint, memory
         volumes, auto_remove, net, ports, interactive, tty, isolation, vm_accel, stop_signal, stop_timeout,
         image, command):
     """Run IMAGE as an isolated machine: its Entrypoint + Cmd, or COMMAND instead of Cmd."""
+    if isolation == "namespace" and not detach and os.geteuid() == 0:
+        from taxiway.machines.cgroups import prime_attach
+
+        prime_attach()  # the kernel's first cgroup move of a start waits ~15 ms: let that pass during imports
     from taxiway.errors import InvalidInput
     from taxiway.machines import config as C
     from taxiway.machines import runtime

@@ -170,3 +170,68 @@ def stale(live_ids: set[str]) -> list[str]:
         with contextlib.suppress(OSError):
             out.update(p.name for p in b.iterdir() if p.is_dir() and p.name not in live_ids)
     return sorted(out)
+
+
+# -- the attach fast path ------------------------------------------------------------------
+
+_primer: dict = {"on": False}
+
+
+def _own_procs_file() -> str | None:
+    """cgroup.procs of the cgroup this process is in (v1 pids hierarchy, else the v2 one)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [ln.rstrip("\n").split(":", 2) for ln in f]
+    except OSError:
+        return None
+    for hid, ctrl, path in lines:
+        if ctrl == "pids":
+            return f"{ROOT}/pids{path.rstrip('/')}/cgroup.procs"
+    for hid, ctrl, path in lines:
+        if hid == "0" and ctrl == "":
+            return f"{ROOT}{path.rstrip('/')}/cgroup.procs"
+    return None
+
+
+def prime_attach(interval: float = 0.004, limit: float = 0.2) -> None:
+    """Keep the kernel's cgroup-attach lock on its fast path while a machine starts.
+
+    The first move of a task into a cgroup waits for an RCU grace period (10-25 ms
+    here: percpu_down_write on cgroup_threadgroup_rwsem); a move within ~10 ms of an
+    earlier one does not. So, from early in ``taxiway run``, a thread moves this
+    process into the cgroup it is already in (a no-op) every few ms: the grace period
+    passes while we prepare the machine, and its real moves are then fast. Best
+    effort: any error, :func:`stop_priming` or ``limit`` seconds end it.
+    """
+    if _primer["on"]:
+        return
+    path = _own_procs_file()
+    if path is None:
+        return
+    import _thread
+
+    _primer["on"] = True
+    me = str(os.getpid()).encode()
+
+    def loop() -> None:
+        end = time.monotonic() + limit
+        try:
+            while _primer["on"] and time.monotonic() < end:
+                fd = os.open(path, os.O_WRONLY)
+                try:
+                    os.write(fd, me)
+                finally:
+                    os.close(fd)
+                time.sleep(interval)
+        except Exception:  # noqa: BLE001 - only an optimisation
+            pass
+        _primer["on"] = False
+
+    try:
+        _thread.start_new_thread(loop, ())
+    except RuntimeError:
+        _primer["on"] = False
+
+
+def stop_priming() -> None:
+    _primer["on"] = False

@@ -18,6 +18,7 @@ from typing import Any
 
 from taxiway.errors import InvalidInput, TaxiwayError
 from taxiway.machines import config as C
+from taxiway.machines import cgroups
 from taxiway.machines import state as S
 from taxiway.machines.cgroups import Cgroup
 from taxiway.machines.config import MachineConfig
@@ -297,6 +298,7 @@ def _run_namespace(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, 
     try:
         pid, err = namespace.spawn(spec, [str(p / "cgroup.procs") for p in cg.paths()], stdio)
     finally:
+        cgroups.stop_priming()
         for fd in fds_to_close:
             os.close(fd)
     if err or not pid:
