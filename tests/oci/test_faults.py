@@ -205,7 +205,7 @@ def peak_rss_kib(argv: list[str]) -> tuple[int, int, bytes]:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", _PEAK_RSS, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    r = subprocess.run([sys.executable, "-c", _PEAK_RSS, *argv], capture_output=True)
     assert r.returncode == 0, r.stderr
     code, kib = r.stdout.decode().split("\n")[-2].split()
     return int(code), int(kib), r.stderr

@@ -55,3 +55,17 @@ def test_pull_memory_stays_small_for_a_very_compressible_layer_resumed_from_disk
     assert (taxiway_home / "store" / "blobs" / "sha256" / sha(blob)[7:]).stat().st_size == len(blob)
     info = json.loads((taxiway_home / "store" / "index.json").read_text())
     assert [m["annotations"]["org.opencontainers.image.ref.name"] for m in info["manifests"]] == [f"{reg.address}/zeros:v1"]
+
+
+def test_pull_memory_stays_small_for_a_very_compressible_zstd_layer(reg, taxiway_home):
+    import zstandard
+
+    from oci.test_faults import ZST
+
+    _, diff_id = _zeros_layer()
+    blob = zstandard.ZstdCompressor().compress(bytes(ZEROS))  # ~8 kB: one network chunk holds all of it
+    reg.add_image("zeros", "zstd", [(blob, ZST)], diff_ids=[diff_id])
+    code, kib, err = peak_rss_kib([sys.executable, "-m", "taxiway", "pull", f"{reg.address}/zeros:zstd"])
+    assert code == 0, err
+    assert kib < 150 * 1024, f"peak RSS {kib // 1024} MiB"
+    assert (taxiway_home / "store" / "blobs" / "sha256" / sha(blob)[7:]).stat().st_size == len(blob)

@@ -42,6 +42,7 @@ from taxiway.oci.store import BlobMismatch, Store, parse_json, select_platform
 
 VERIFY_CHUNK = 256 << 10
 MAX_INFLATE = 1 << 20  # decompressed bytes held at once while checking a layer's diff_id
+ZSTD_SLICE = 512  # zstd input per decompress call (see DiffHasher._unzstd)
 MAX_CONFIG = 16 << 20  # configs are read into memory; real ones are a few kB
 CONFIG_TYPES = frozenset({mt.OCI_CONFIG, mt.DOCKER_CONFIG})
 LAYER_TYPES = frozenset({
@@ -105,11 +106,7 @@ class DiffHasher:
                     if not chunk.strip(b"\0"):
                         return  # zero padding after the last gzip member
                     self._reset()  # a multi-member gzip: the next member starts here
-                if self.compression == "gzip":
-                    chunk = self._inflate(chunk)
-                    continue
-                self.h.update(self._d.decompress(chunk))
-                chunk = self._d.unused_data if self._d.eof else b""
+                chunk = self._inflate(chunk) if self.compression == "gzip" else self._unzstd(chunk)
         except Exception as e:
             raise CorruptLayer(f"corrupt {self.compression} data ({e})", "the layer in the registry is damaged; re-push the image") from e
 
@@ -126,6 +123,21 @@ class DiffHasher:
             out = self._d.decompress(b"", MAX_INFLATE)  # output still pending inside the inflater
             self.h.update(out)
         return self._d.unused_data if self._d.eof else self._d.unconsumed_tail
+
+    def _unzstd(self, chunk: bytes) -> bytes:
+        """Hash what ``chunk`` decompresses to; returns what follows the frame if it ended.
+
+        zstd's decompressobj has no output limit, so it gets the input in
+        ZSTD_SLICE pieces: a zstd block (at least 4 bytes) yields at most 128 KiB,
+        so a piece yields at most 32 KiB per byte (16 MiB), where a whole chunk of
+        a layer of zeros would yield hundreds of MiB.
+        """
+        view = memoryview(chunk)
+        for i in range(0, len(view), ZSTD_SLICE):
+            self.h.update(self._d.decompress(view[i:i + ZSTD_SLICE]))
+            if self._d.eof:
+                return self._d.unused_data + bytes(view[i + ZSTD_SLICE:])
+        return b""
 
     def finish(self) -> str:
         """The digest of the uncompressed content; raises on a truncated stream."""
