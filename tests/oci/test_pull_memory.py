@@ -69,3 +69,12 @@ def test_pull_memory_stays_small_for_a_very_compressible_zstd_layer(reg, taxiway
     assert code == 0, err
     assert kib < 150 * 1024, f"peak RSS {kib // 1024} MiB"
     assert (taxiway_home / "store" / "blobs" / "sha256" / sha(blob)[7:]).stat().st_size == len(blob)
+
+
+def test_a_huge_manifest_is_refused_without_being_held(reg, taxiway_home):
+    """The 4 MiB manifest limit is checked while the body streams, not after reading all of it."""
+    reg.manifests[("huge", "v1")] = (b"{" + b" " * (200 << 20) + b"}", "application/vnd.oci.image.manifest.v1+json")
+    code, kib, err = peak_rss_kib([sys.executable, "-m", "taxiway", "pull", f"{reg.address}/huge:v1"])
+    del reg.manifests[("huge", "v1")]
+    assert code != 0 and b"larger than 4 MiB" in err, err
+    assert kib < 150 * 1024, f"peak RSS {kib // 1024} MiB"

@@ -9,6 +9,7 @@ connections; registry error bodies turned into one-line errors.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import ssl
@@ -34,6 +35,8 @@ from taxiway.oci.digest import Digest
 USER_AGENT = "taxiway"
 _RETRY_STATUSES = {429, 500, 502, 503, 504}
 _NETWORK_ERRORS = (httpx.TransportError,)
+MAX_MANIFEST = 4 << 20
+MAX_ERROR_BODY = 64 << 10  # of an error response, only this much is read (for its error codes)
 
 
 class RegistryError(TaxiwayError):
@@ -53,9 +56,19 @@ class Unreachable(RegistryError):
     """The registry could not be reached at all (after retries)."""
 
 
-def _error_codes(resp: httpx.Response) -> tuple[tuple[str, ...], str]:
+def read_capped(resp: httpx.Response, limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of a (streamed) body: a registry can't make taxiway hold more."""
+    buf = bytearray()
+    for chunk in resp.iter_bytes():
+        buf += chunk
+        if len(buf) > limit:
+            break
+    return bytes(buf[: limit + 1])
+
+
+def _error_codes(raw: bytes) -> tuple[tuple[str, ...], str]:
     try:
-        body = resp.json()
+        body = json.loads(raw)
         errs = body.get("errors") or []
         codes = tuple(str(e.get("code", "")) for e in errs if isinstance(e, dict))
         msg = "; ".join(str(e.get("message", "")) for e in errs if isinstance(e, dict) and e.get("message"))
@@ -261,7 +274,9 @@ class RegistryClient:
             if resp.status_code != 401 or attempt == 2:
                 break
             if stream:
-                resp.read()
+                with contextlib.suppress(httpx.HTTPError):
+                    read_capped(resp, MAX_ERROR_BODY)
+                resp.close()
             challenge = parse_challenge(resp.headers.get("www-authenticate", ""))
             sent = auth.get("Authorization", "")
             if challenge and challenge.scheme == "bearer" and (not sent.startswith("Bearer ") or attempt == 0):
@@ -277,12 +292,12 @@ class RegistryClient:
             break
         if resp.status_code == 401:
             if stream:
-                resp.read()
+                resp.close()
             raise AuthError(f"{what}: authentication required by {self.registry}" + (" (the stored credentials were refused)" if self.credentials else ""),
                             f"run `taxiway login {self.registry}`", status=401)
         if resp.status_code == 403:
             if stream:
-                resp.read()
+                resp.close()
             raise AuthError(f"{what}: access denied by {self.registry} (HTTP 403)",
                             f"run `taxiway login {self.registry}` as a user allowed to {'/'.join(actions)} it", status=403)
         return resp
@@ -295,9 +310,10 @@ class RegistryClient:
 
     def fail(self, resp: httpx.Response, what: str, hint: str | None = None) -> RegistryError:
         """An error for an unexpected response (404 -> NotFound-like message with the registry's code)."""
+        raw = b""
         with contextlib.suppress(Exception):
-            resp.read()
-        codes, msg = _error_codes(resp)
+            raw = read_capped(resp, MAX_ERROR_BODY)
+        codes, msg = _error_codes(raw)
         detail = f" ({', '.join(c for c in codes if c)}{': ' + msg if msg else ''})" if codes else ""
         if resp.status_code == 404:
             err = RegistryError(f"{what} not found on {self.registry}{detail}", hint or "check the name and tag", status=404, codes=codes)
@@ -336,15 +352,27 @@ class RegistryClient:
     def get_manifest(self, repository: str, identifier: str, what: str | None = None) -> tuple[bytes, str, str]:
         """Fetch a manifest or index: (raw bytes, media type, digest). Verifies digests."""
         what = what or f"{self.registry}/{repository}:{identifier}"
-        resp = self.request("GET", f"/v2/{repository}/manifests/{identifier}", repository=repository, what=what,
-                            headers={"Accept": mt.MANIFEST_ACCEPT + ", " + mt.DOCKER_MANIFEST_V1_SIGNED + ", " + mt.DOCKER_MANIFEST_V1})
-        if resp.status_code == 404:
-            e = self.fail(resp, f"image {what}", "check the name and tag (or digest), and that it was pushed")
-            raise NotFound(e.message, e.hint)
-        if resp.status_code != 200:
-            raise self.fail(resp, f"manifest of {what}")
-        raw = resp.content
-        if len(raw) > 4 << 20:
+        delay = self.backoff
+        for attempt in range(self.retries):
+            resp = self.request("GET", f"/v2/{repository}/manifests/{identifier}", repository=repository, what=what, stream=True,
+                                headers={"Accept": mt.MANIFEST_ACCEPT + ", " + mt.DOCKER_MANIFEST_V1_SIGNED + ", " + mt.DOCKER_MANIFEST_V1})
+            try:
+                if resp.status_code == 404:
+                    e = self.fail(resp, f"image {what}", "check the name and tag (or digest), and that it was pushed")
+                    raise NotFound(e.message, e.hint)
+                if resp.status_code != 200:
+                    raise self.fail(resp, f"manifest of {what}")
+                raw = read_capped(resp, MAX_MANIFEST)  # streamed: a huge body is refused, never held whole
+                break
+            except httpx.TransportError as e:  # dropped while reading the body: retried like a failed request
+                if attempt == self.retries - 1:
+                    raise Unreachable(f"cannot reach registry {self.registry} for {what} ({e or e.__class__.__name__})",
+                                      "check that the registry is running and the address is right") from e
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+            finally:
+                resp.close()
+        if len(raw) > MAX_MANIFEST:
             raise InvalidInput(f"manifest of {what} is larger than 4 MiB", "this is not an image manifest")
         ctype = resp.headers.get("content-type", "").split(";")[0].strip()
         from taxiway.oci.store import parse_json
@@ -392,7 +420,6 @@ class RegistryClient:
         resp = self.request("GET", f"/v2/{repository}/blobs/{digest}", repository=repository, what=what, headers=headers, stream=True)
         try:
             if resp.status_code == 416 and offset:
-                resp.read()
                 resp.close()
                 resp = self.request("GET", f"/v2/{repository}/blobs/{digest}", repository=repository, what=what, stream=True)
             if resp.status_code not in (200, 206):
