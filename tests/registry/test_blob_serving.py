@@ -117,3 +117,32 @@ def test_a_client_leaving_mid_blob_does_not_hurt_the_server(blob, sendfile_calls
             r = c.get(f"/v2/big/blobs/{digest}")
             assert r.status_code == 200 and r.content == data
     assert sendfile_calls  # the aborted responses went through sendfile too
+
+
+def test_pathsend_without_content_length_is_streamed_chunked(tmp_path, sendfile_calls):
+    """A pathsend response that gave no Content-Length goes out chunked, through Python."""
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+
+    async def app(scope, receive, send):
+        assert sf.PATHSEND in scope["extensions"]
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.pathsend", "path": str(path)})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(sf.PathSend(app), host="127.0.0.1", port=port, http="httptools",
+                                           loop="uvloop", log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+        r = httpx.get(f"http://127.0.0.1:{port}/", timeout=60)
+        assert r.headers["transfer-encoding"] == "chunked" and r.content == data
+    finally:
+        server.should_exit = True
+        thread.join(20)
+    assert sendfile_calls == []

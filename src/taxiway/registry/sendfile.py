@@ -67,10 +67,24 @@ class PathSend:
         async def send_pathsend(message):
             if message["type"] != PATHSEND:
                 return await send(message)
+            if getattr(cycle, "chunked_encoding", None) is not False:  # no Content-Length: stream it
+                return await _stream(send, message["path"])
             if await sendfile(cycle, fd, message["path"]):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         return await self.app(scope, receive, send_pathsend)
+
+
+async def _stream(send, path: str, chunk: int = 1 << 20) -> None:
+    """The ordinary way, for a response without a Content-Length (pathsend's fallback)."""
+    from anyio import open_file
+
+    async with await open_file(path, "rb") as f:
+        while True:
+            data = await f.read(chunk)
+            await send({"type": "http.response.body", "body": data, "more_body": len(data) == chunk})
+            if len(data) < chunk:
+                return
 
 
 async def _writable(loop, fd: int) -> None:
