@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -25,10 +26,11 @@ SIZE = 24 * 1024 * 1024 + 12345  # several socket buffers, not a multiple of any
 
 
 @contextlib.contextmanager
-def uvicorn_server(root: Path, http: str, loop: str = "uvloop"):
+def uvicorn_server(root: Path, http: str, loop: str = "uvloop", tls: tuple[str, str] | None = None):
     port = free_port()
     config = uvicorn.Config(create_app(Config(root=root, auth=False)), host="127.0.0.1", port=port, http=http,
-                            loop=loop, log_level="warning", access_log=False, lifespan="off")
+                            loop=loop, log_level="warning", access_log=False, lifespan="off",
+                            ssl_certfile=tls and tls[0], ssl_keyfile=tls and tls[1])
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -37,7 +39,7 @@ def uvicorn_server(root: Path, http: str, loop: str = "uvloop"):
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(20)
@@ -70,7 +72,7 @@ def sendfile_calls(monkeypatch):
 
 
 def check_serving(url: str, digest: str, data: bytes) -> None:
-    with httpx.Client(base_url=url, timeout=60) as c:
+    with httpx.Client(base_url=url, timeout=60, verify=False) as c:
         for _ in range(2):  # twice on one keep-alive connection: the response must end cleanly
             r = c.get(f"/v2/big/blobs/{digest}")
             assert r.status_code == 200
@@ -100,6 +102,17 @@ def test_blobs_go_out_with_sendfile_under_httptools(blob, sendfile_calls):
 def test_blobs_stream_without_sendfile_under_h11(blob, sendfile_calls):
     root, digest, data = blob
     with uvicorn_server(root, "h11", loop="asyncio") as url:
+        check_serving(url, digest, data)
+    assert sendfile_calls == []
+
+
+def test_blobs_stream_without_sendfile_over_tls(blob, sendfile_calls, tmp_path):
+    root, digest, data = blob
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                    "-subj", "/CN=127.0.0.1", "-days", "1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    with uvicorn_server(root, "httptools", tls=(str(cert), str(key))) as url:
         check_serving(url, digest, data)
     assert sendfile_calls == []
 
