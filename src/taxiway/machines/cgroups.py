@@ -184,7 +184,7 @@ def _own_procs_file() -> str | None:
             lines = [ln.rstrip("\n").split(":", 2) for ln in f]
     except OSError:
         return None
-    for hid, ctrl, path in lines:
+    for _hid, ctrl, path in lines:
         if ctrl == "pids":
             return f"{ROOT}/pids{path.rstrip('/')}/cgroup.procs"
     for hid, ctrl, path in lines:

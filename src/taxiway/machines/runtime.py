@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from taxiway.errors import InvalidInput, TaxiwayError
-from taxiway.machines import config as C
 from taxiway.machines import cgroups
+from taxiway.machines import config as C
 from taxiway.machines import state as S
 from taxiway.machines.cgroups import Cgroup
 from taxiway.machines.config import MachineConfig
