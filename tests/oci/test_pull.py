@@ -162,7 +162,7 @@ def test_full_disk_is_one_line_and_leaves_the_store_unchanged(pushed, tmp_path, 
     mnt.mkdir()
     m = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True, text=True)
     if m.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill here: {m.stderr.strip()}")
+        pytest.skip(reason=f"cannot mount a tmpfs to fill here: {m.stderr.strip()}")
     try:
         monkeypatch.setenv("TAXIWAY_HOME", str(mnt / "home"))
         taxiway("images", check=True)  # an empty store

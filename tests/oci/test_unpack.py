@@ -293,7 +293,7 @@ def test_chain_ids():
 def test_unprivileged_apply_skips_devices_and_owners():
     """As nobody: device nodes are skipped with a warning; files are ours; modes still apply."""
     if os.geteuid() != 0:
-        pytest.skip("needs root to switch to nobody")
+        pytest.skip(reason="needs root to switch to nobody")
     import shutil
     import tempfile
 
@@ -345,7 +345,7 @@ def _unprivileged(tmp_path: Path) -> None:
 
 def test_owner_is_set_even_below_a_setgid_directory(tmp_path):
     if os.geteuid() != 0:
-        pytest.skip("owners are applied when root")
+        pytest.skip(reason="owners are applied when root")
     apply(tmp_path, [Entry("sg", "dir", mode=0o2775, gid=50)])
     apply(tmp_path, [Entry("sg/f", data=b"x"), Entry("sg/l", "symlink", linkname="f"), Entry("sg/g", data=b"y", gid=7)])
     assert os.stat(tmp_path / "sg/f").st_gid == 0  # not inherited from the setgid parent
@@ -376,7 +376,7 @@ def test_a_huge_tar_header_is_refused_not_buffered(tmp_path, monkeypatch):
 def test_file_capabilities_survive_the_chown(tmp_path):
     """security.capability is binary and is cleared by chown: it must be set after it."""
     if os.geteuid() != 0:
-        pytest.skip("setting security.capability needs root")
+        pytest.skip(reason="setting security.capability needs root")
     import struct
 
     cap = struct.pack("<IIIII", 0x02000001, 1 << 13, 0, 0, 0)  # VFS_CAP_REVISION_2, cap_net_raw
@@ -392,7 +392,7 @@ def test_a_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path):
     import shutil
 
     if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("needs root and unshare to mount a tiny tmpfs")
+        pytest.skip(reason="needs root and unshare to mount a tiny tmpfs")
     layout = tmp_path / "layout"
     write_fixture_image(layout)  # busybox alone is 2 MB
     small = tmp_path / "small"
