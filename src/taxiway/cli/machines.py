@@ -6,93 +6,32 @@ rich unless the image has to be pulled first).
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
 
-def _progress():
-    from taxiway.cli.output import is_tty
+def _run_command() -> click.Command:
+    """``taxiway run`` as a click command, built from the option table in ``taxiway.cli.run``."""
+    from taxiway.cli.run import OPTIONS, run_command
 
-    if not is_tty():
-        return None
-    return None  # pull() draws its own bar on a terminal when given none
+    params: list[click.Parameter] = []
+    for o in OPTIONS:
+        decls = [*o.flags, o.dest]
+        if o.kind == "flag":
+            params.append(click.Option(decls, is_flag=True, help=o.help))
+        elif o.kind == "multiple":
+            params.append(click.Option(decls, multiple=True, help=o.help))
+        else:
+            typ = click.Choice(list(o.choices)) if o.choices else o.type
+            params.append(click.Option(decls, type=typ, default=o.default, show_default=o.default is not None,
+                                       help=o.help))
+    params += [click.Argument(["image"]), click.Argument(["command"], nargs=-1, type=click.UNPROCESSED)]
+    return click.Command("run", callback=run_command, params=params, help=run_command.__doc__,
+                         context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]})
 
 
-@click.command(context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]})
-@click.option("-d", "--detach", is_flag=True, help="Run in the background and print the machine ID.")
-@click.option("--name", help="Name the machine (default: a generated name).")
-@click.option("-e", "--env", "env", multiple=True, help="Set an environment variable (K=V, or K to copy ours).")
-@click.option("--env-file", multiple=True, help="Read K=V lines from a file.")
-@click.option("-w", "--workdir", help="Working directory inside the machine.")
-@click.option("-u", "--user", help="user[:group], names from the image's /etc/passwd and /etc/group, or ids.")
-@click.option("--hostname", help="The machine's hostname (default: its ID).")
-@click.option("--entrypoint", help="Replace the image's Entrypoint (an empty string clears it).")
-@click.option("-m", "--memory", help="Memory limit, e.g. 64m or 1g (at least 6m).")
-@click.option("--cpus", type=float, help="CPU limit, e.g. 0.5 or 2.")
-@click.option("--pids-limit", type=int, help="Maximum number of tasks (stops fork bombs).")
-@click.option("--restart", default="no", show_default=True, help="no, on-failure[:N] or always.")
-@click.option("-v", "--volume", "volumes", multiple=True, help="Bind-mount HOSTDIR:DIR[:ro].")
-@click.option("--rm", "auto_remove", is_flag=True, help="Remove the machine when it exits.")
-@click.option("--net", default="private", show_default=True, type=click.Choice(["none", "host", "private"]),
-              help="private: its own network namespace with loopback; host: the host's; none: loopback only, no ports.")
-@click.option("-p", "--publish", "ports", multiple=True, help="Forward 127.0.0.1:HOSTPORT to the machine's PORT (HOSTPORT:PORT).")
-@click.option("-i", "--interactive", is_flag=True, help="Keep stdin connected.")
-@click.option("-t", "--tty", is_flag=True, help="Give the machine a terminal.")
-@click.option("--isolation", default="namespace", show_default=True, type=click.Choice(["namespace", "vm"]),
-              help="namespace: Linux namespaces and cgroups; vm: a QEMU micro-VM (KVM when it works, else TCG).")
-@click.option("--vm-accel", default="auto", show_default=True, type=click.Choice(["auto", "kvm", "tcg"]),
-              help="For --isolation vm: kvm fails when KVM is unusable; auto falls back to TCG and says so.")
-@click.option("--stop-signal", help="Signal for `machines stop` (default: the image's StopSignal or SIGTERM).")
-@click.option("--stop-timeout", type=float, default=10.0, show_default=True, help="Seconds before SIGKILL on stop.")
-@click.argument("image")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def run(detach, name, env, env_file, workdir, user, hostname, entrypoint, memory, cpus, pids_limit, restart,
-        volumes, auto_remove, net, ports, interactive, tty, isolation, vm_accel, stop_signal, stop_timeout,
-        image, command):
-    """Run IMAGE as an isolated machine: its Entrypoint + Cmd, or COMMAND instead of Cmd."""
-    if isolation == "namespace" and not detach and os.geteuid() == 0:
-        from taxiway.machines.cgroups import prime_attach
-
-        prime_attach()  # the kernel's first cgroup move of a start waits ~15 ms: let that pass during imports
-    from taxiway.errors import InvalidInput
-    from taxiway.machines import config as C
-    from taxiway.machines import runtime
-
-    if pids_limit is not None and pids_limit < 1:
-        raise InvalidInput(f"invalid --pids-limit {pids_limit}", "use a positive number of tasks")
-    if cpus is not None and cpus <= 0:
-        raise InvalidInput(f"invalid --cpus {cpus}", "use a positive number, e.g. 0.5")
-    cfg = C.MachineConfig(
-        image=image, cmd=list(command) or None,
-        entrypoint=None if entrypoint is None else ([entrypoint] if entrypoint else []),
-        env=C.parse_env(list(env), list(env_file)), workdir=workdir, user=user, hostname=hostname,
-        guest=C.Guest(C.parse_memory(memory) if memory else None, cpus, pids_limit),
-        ports=[C.parse_port(p) for p in ports], mounts=[C.parse_volume(v) for v in volumes],
-        restart=C.parse_restart(restart), net=net, isolation=isolation, auto_remove=auto_remove,
-        tty=tty, interactive=interactive, stop_signal=stop_signal, stop_timeout=stop_timeout, vm_accel=vm_accel)
-    if auto_remove and cfg.restart.policy != "no":
-        raise InvalidInput("--rm and --restart cannot be combined", "drop one of them")
-    if stop_signal:
-        C.parse_signal(stop_signal)
-    m = runtime.create(cfg, name, _progress())
-    if m.runtime == "vm" and m.accel == "tcg" and vm_accel == "auto":
-        click.echo("note: KVM is not usable on this host (nested virtualization?); "
-                   "this micro-VM runs under QEMU TCG emulation, so it boots in seconds, not milliseconds", err=True)
-    if detach:
-        runtime.start_detached(m)
-        click.echo(m.id)
-        return
-    code = runtime.run_attached(m)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:  # a real process (not click's CliRunner): skip interpreter teardown (~10 ms of freeing modules)
-        sys.stdout.fileno()
-        sys.stderr.fileno()
-    except Exception:  # noqa: BLE001
-        sys.exit(code)
-    os._exit(code)
+run = _run_command()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

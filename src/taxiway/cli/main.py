@@ -7,12 +7,8 @@ Each part owns one module in ``taxiway.cli``; add a row here to expose it.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 import sys
-
-import click
 
 # name -> (module:attribute, one-line help shown by --help without importing)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _available(name: str) -> bool:
+    import importlib.util
+
     module = COMMANDS[name][0].split(":")[0]
     try:
         return importlib.util.find_spec(module) is not None
@@ -44,42 +42,91 @@ def _available(name: str) -> bool:
         return False
 
 
-class LazyGroup(click.Group):
-    """A click group whose subcommands are imported only when invoked."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(n for n in COMMANDS if _available(n))
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name not in COMMANDS or not _available(name):
-            return None
-        target, _ = COMMANDS[name]
-        module, attr = target.split(":")
-        return getattr(importlib.import_module(module), attr)
-
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        rows = [(n, COMMANDS[n][1]) for n in self.list_commands(ctx)]
-        if rows:
-            with formatter.section("Commands"):
-                formatter.write_dl(rows)
+_CLI = None
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="taxiway", prog_name="taxiway")
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
-    """taxiway: build, store and run apps on your own machines, without Docker."""
-    if debug:
-        os.environ["TAXIWAY_DEBUG"] = "1"
+def _cli():  # noqa: ANN202 - a click.Group; click is imported only when the CLI needs it
+    """The click group (built on first use: ``taxiway run`` usually never needs click at all)."""
+    global _CLI
+    if _CLI is not None:
+        return _CLI
+    import importlib
+
+    import click
+
+    class LazyGroup(click.Group):
+        """A click group whose subcommands are imported only when invoked."""
+
+        def list_commands(self, ctx: click.Context) -> list[str]:
+            return sorted(n for n in COMMANDS if _available(n))
+
+        def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+            if name not in COMMANDS or not _available(name):
+                return None
+            target, _ = COMMANDS[name]
+            module, attr = target.split(":")
+            return getattr(importlib.import_module(module), attr)
+
+        def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+            rows = [(n, COMMANDS[n][1]) for n in self.list_commands(ctx)]
+            if rows:
+                with formatter.section("Commands"):
+                    formatter.write_dl(rows)
+
+    @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(package_name="taxiway", prog_name="taxiway")
+    @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+    @click.pass_context
+    def cli(ctx: click.Context, debug: bool) -> None:
+        """taxiway: build, store and run apps on your own machines, without Docker."""
+        if debug:
+            os.environ["TAXIWAY_DEBUG"] = "1"
+
+    _CLI = cli
+    return cli
+
+
+def __getattr__(name: str):  # noqa: ANN202
+    if name == "cli":  # ``from taxiway.cli.main import cli`` (tests, CliRunner)
+        return _cli()
+    raise AttributeError(name)
+
+
+def _run_fast(args: list[str]) -> bool:
+    """``taxiway run ...`` without click when the command line is an ordinary one (see taxiway.cli.run)."""
+    from taxiway.cli import run as R
+
+    kw = R.parse(args)
+    if kw is None:
+        return False
+    from taxiway.errors import TaxiwayError
+
+    try:
+        R.run_command(**kw)
+    except TaxiwayError as e:
+        if os.environ.get("TAXIWAY_DEBUG"):
+            raise
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("Interrupted.\n")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(1)
+    return True
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI, turning TaxiwayError into one line on stderr and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "run" and _run_fast(args[1:]):
+        return
+    import click
+
     from taxiway.errors import TaxiwayError
 
     try:
-        cli.main(args=argv, prog_name="taxiway", standalone_mode=False)
+        _cli().main(args=argv, prog_name="taxiway", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("Aborted.", err=True)
         sys.exit(130)

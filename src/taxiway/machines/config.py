@@ -8,70 +8,129 @@ user options into the process to run, and are unit-tested without root.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
-
 from taxiway.errors import InvalidInput
+
+if False:  # typing only (``typing`` and ``dataclasses`` cost ~20 ms of a warm ``taxiway run``'s ~60)
+    from typing import Any
 
 MIN_MEMORY = 6 * 1024 * 1024  # the kernel needs some room; Docker's floor too
 
 
-@dataclass
-class Guest:
-    """Guest size: memory in bytes, CPUs (fractional), maximum number of tasks."""
+class Record:
+    """A plain record: fields (name, default) in ``FIELDS``; a list/dict default is copied per instance.
 
-    memory: int | None = None
-    cpus: float | None = None
-    pids: int | None = None
+    What the machines part needs of a dataclass (keyword and positional construction, equality,
+    repr, conversion to JSON), without importing ``dataclasses`` on the start path.
+    """
 
+    FIELDS: tuple[tuple[str, Any], ...] = ()
+    REQUIRED = object()
 
-@dataclass
-class Mount:
-    source: str
-    target: str
-    readonly: bool = False
-
-
-@dataclass
-class Port:
-    host_port: int
-    port: int
-    host: str = "127.0.0.1"
-
-
-@dataclass
-class Restart:
-    policy: str = "no"  # no | on-failure | always
-    max_retries: int = 0  # 0 = unlimited (on-failure)
-
-
-@dataclass
-class MachineConfig:
-    """Everything needed to (re)create a machine; stored with it as JSON."""
-
-    image: str
-    cmd: list[str] | None = None
-    entrypoint: list[str] | None = None
-    env: dict[str, str] = field(default_factory=dict)
-    workdir: str | None = None
-    user: str | None = None
-    hostname: str | None = None
-    guest: Guest = field(default_factory=Guest)
-    ports: list[Port] = field(default_factory=list)
-    mounts: list[Mount] = field(default_factory=list)
-    restart: Restart = field(default_factory=Restart)
-    checks: dict[str, Any] = field(default_factory=dict)
-    net: str = "private"  # none | host | private
-    isolation: str = "namespace"  # namespace | vm
-    auto_remove: bool = False
-    tty: bool = False
-    interactive: bool = False
-    stop_signal: str | None = None
-    stop_timeout: float = 10.0
-    vm_accel: str = "auto"  # auto | kvm | tcg
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        if len(args) > len(self.FIELDS):
+            raise TypeError(f"{type(self).__name__} takes at most {len(self.FIELDS)} positional arguments")
+        for (name, _), v in zip(self.FIELDS, args, strict=False):
+            if name in kw:
+                raise TypeError(f"{type(self).__name__} got {name!r} twice")
+            kw[name] = v
+        for name, default in self.FIELDS:
+            if name in kw:
+                setattr(self, name, kw.pop(name))
+            elif default is Record.REQUIRED:
+                raise TypeError(f"{type(self).__name__} needs {name!r}")
+            elif isinstance(default, type):  # a factory: list, dict or a Record class
+                setattr(self, name, default())
+            else:
+                setattr(self, name, default)
+        if kw:
+            raise TypeError(f"{type(self).__name__} has no field {next(iter(kw))!r}")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: _plain(getattr(self, name)) for name, _ in self.FIELDS}
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and all(getattr(self, n) == getattr(other, n) for n, _ in self.FIELDS)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(" + ", ".join(f"{n}={getattr(self, n)!r}" for n, _ in self.FIELDS) + ")"
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Record):
+        return v.to_json()
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+_R = Record.REQUIRED
+
+
+class Guest(Record):
+    """Guest size: memory in bytes, CPUs (fractional), maximum number of tasks."""
+
+    FIELDS = (("memory", None), ("cpus", None), ("pids", None))
+    memory: int | None
+    cpus: float | None
+    pids: int | None
+
+
+class Mount(Record):
+    FIELDS = (("source", _R), ("target", _R), ("readonly", False))
+    source: str
+    target: str
+    readonly: bool
+
+
+class Port(Record):
+    FIELDS = (("host_port", _R), ("port", _R), ("host", "127.0.0.1"))
+    host_port: int
+    port: int
+    host: str
+
+
+class Restart(Record):
+    FIELDS = (("policy", "no"),  # no | on-failure | always
+              ("max_retries", 0))  # 0 = unlimited (on-failure)
+    policy: str
+    max_retries: int
+
+
+class MachineConfig(Record):
+    """Everything needed to (re)create a machine; stored with it as JSON."""
+
+    FIELDS = (
+        ("image", _R), ("cmd", None), ("entrypoint", None), ("env", dict), ("workdir", None), ("user", None),
+        ("hostname", None), ("guest", Guest), ("ports", list), ("mounts", list), ("restart", Restart),
+        ("checks", dict),
+        ("net", "private"),  # none | host | private
+        ("isolation", "namespace"),  # namespace | vm
+        ("auto_remove", False), ("tty", False), ("interactive", False), ("stop_signal", None),
+        ("stop_timeout", 10.0),
+        ("vm_accel", "auto"),  # auto | kvm | tcg
+    )
+    image: str
+    cmd: list[str] | None
+    entrypoint: list[str] | None
+    env: dict[str, str]
+    workdir: str | None
+    user: str | None
+    hostname: str | None
+    guest: Guest
+    ports: list[Port]
+    mounts: list[Mount]
+    restart: Restart
+    checks: dict[str, Any]
+    net: str
+    isolation: str
+    auto_remove: bool
+    tty: bool
+    interactive: bool
+    stop_signal: str | None
+    stop_timeout: float
+    vm_accel: str
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> MachineConfig:
@@ -80,7 +139,8 @@ class MachineConfig:
         d["ports"] = [Port(**p) for p in d.get("ports", [])]
         d["mounts"] = [Mount(**m) for m in d.get("mounts", [])]
         d["restart"] = Restart(**d.get("restart", {}))
-        return cls(**d)
+        known = {n for n, _ in cls.FIELDS}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 # -- parsing user options -------------------------------------------------------

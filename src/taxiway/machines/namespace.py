@@ -18,9 +18,11 @@ import os
 import signal
 import stat
 from pathlib import Path
-from typing import Any
 
 from taxiway.machines import linux as L
+
+if False:  # typing only: not imported on the start path
+    from typing import Any
 
 TINI = os.environ.get("TAXIWAY_INIT", "/usr/bin/tini-static")
 INIT_PATH = "/dev/init"

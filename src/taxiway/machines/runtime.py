@@ -14,7 +14,6 @@ import select
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 from taxiway.errors import InvalidInput, TaxiwayError
 from taxiway.machines import cgroups
@@ -23,6 +22,9 @@ from taxiway.machines import state as S
 from taxiway.machines.cgroups import Cgroup
 from taxiway.machines.config import MachineConfig
 from taxiway.machines.snapshots import Snapshotter
+
+if False:  # typing only: not imported on the start path
+    from typing import Any
 
 PR_SET_CHILD_SUBREAPER = 36
 

@@ -31,12 +31,14 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
 
 from taxiway.errors import TaxiwayError
+from taxiway.machines.config import Record
+
+if False:  # typing only: not imported on the start path
+    from collections.abc import Iterator
+    from typing import Any, BinaryIO
 
 
 class _Lazy:
@@ -89,8 +91,9 @@ def overlay_supported() -> bool:
     return subprocess.run(["modprobe", "overlay"], capture_output=True).returncode == 0
 
 
-@dataclass
-class SnapshotInfo:
+class SnapshotInfo(Record):
+    FIELDS = (("chain_id", Record.REQUIRED), ("size", Record.REQUIRED), ("leases", Record.REQUIRED),
+              ("in_image", Record.REQUIRED), ("created", Record.REQUIRED))
     chain_id: str
     size: int
     leases: list[str]

@@ -16,12 +16,13 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from taxiway.errors import InvalidInput, NotFound
-from taxiway.machines.config import MachineConfig
+from taxiway.machines.config import MachineConfig, Record
+
+if False:  # typing only: not imported on the start path
+    from typing import Any
 
 STATES = ("created", "starting", "running", "stopping", "exited", "failed")
 
@@ -34,45 +35,54 @@ def machines_dir() -> Path:
     return d
 
 
-@dataclass
-class Machine:
+class Machine(Record):
     """A machine's record. ``reason`` is exited | oom-killed | signalled | error | stopped."""
 
+    FIELDS = (
+        ("id", Record.REQUIRED), ("name", Record.REQUIRED), ("config", Record.REQUIRED), ("image_digest", ""),
+        ("chain", list), ("command", list),
+        ("process", dict),  # argv, env, uid, gid, groups, workdir, hostname
+        ("state", "created"),
+        ("pid", None),  # the machine's init, seen from the host
+        ("supervisor", None), ("exit_code", None), ("reason", None), ("signal", None), ("error", None),
+        ("created", None), ("started", None), ("finished", None), ("restarts", 0), ("runtime", "namespace"),
+        ("accel", None),
+    )
     id: str
     name: str
     config: MachineConfig
-    image_digest: str = ""
-    chain: list[str] = field(default_factory=list)
-    command: list[str] = field(default_factory=list)
-    process: dict[str, Any] = field(default_factory=dict)  # argv, env, uid, gid, groups, workdir, hostname
-    state: str = "created"
-    pid: int | None = None  # the machine's init, seen from the host
-    supervisor: int | None = None
-    exit_code: int | None = None
-    reason: str | None = None
-    signal: int | None = None
-    error: str | None = None
-    created: float = field(default_factory=time.time)
-    started: float | None = None
-    finished: float | None = None
-    restarts: int = 0
-    runtime: str = "namespace"
-    accel: str | None = None
+    image_digest: str
+    chain: list[str]
+    command: list[str]
+    process: dict[str, Any]
+    state: str
+    pid: int | None
+    supervisor: int | None
+    exit_code: int | None
+    reason: str | None
+    signal: int | None
+    error: str | None
+    created: float
+    started: float | None
+    finished: float | None
+    restarts: int
+    runtime: str
+    accel: str | None
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        if self.created is None:
+            self.created = time.time()
 
     @property
     def dir(self) -> Path:
         return machines_dir() / self.id
 
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["config"] = self.config.to_json()
-        return d
-
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Machine:
         d = dict(d)
         d["config"] = MachineConfig.from_json(d["config"])
-        known = set(cls.__dataclass_fields__)
+        known = {n for n, _ in cls.FIELDS}
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def save(self) -> None:
