@@ -14,6 +14,7 @@ import os
 import random
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -109,6 +110,40 @@ def _tls_context() -> ssl.SSLContext:
     return ctx
 
 
+class _LazyTLSTransport(httpx.BaseTransport):
+    """The HTTPS transport, built on the first HTTPS request.
+
+    Loading the system trust store costs ~25 ms, which a pull from a plain-HTTP
+    loopback registry (probed first) never needs.
+    """
+
+    def __init__(self, verify: bool, limits: httpx.Limits):
+        self._verify = verify
+        self._limits = limits
+        self._transport: httpx.HTTPTransport | None = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> httpx.HTTPTransport:
+        if self._transport is None:
+            with self._lock:
+                if self._transport is None:
+                    self._transport = httpx.HTTPTransport(verify=_tls_context() if self._verify else False,
+                                                          limits=self._limits, trust_env=False)
+        return self._transport
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self._get().handle_request(request)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _http_only_context() -> ssl.SSLContext:
+    """For the plain-HTTP transport: verifying, with no CA loaded, so HTTPS through it could never succeed."""
+    return ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname by default
+
+
 class RegistryClient:
     """One registry host. Thread-safe: layers are fetched from several threads at once."""
 
@@ -129,10 +164,14 @@ class RegistryClient:
         self._scheme: str | None = None if (insecure or is_loopback) else "https"
         self._tokens: dict[str, str] = {}
         self._basic = False
+        limits = httpx.Limits(max_connections=16, max_keepalive_connections=8)
+        # Every https:// URL (the registry's, a token realm's, a redirect's) goes through the
+        # verifying transport; the default one only ever sees http:// URLs.
         self._http = httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=10.0), verify=_tls_context() if not insecure else False, follow_redirects=True,
-            headers={"User-Agent": USER_AGENT}, limits=httpx.Limits(max_connections=16, max_keepalive_connections=8),
-            trust_env=False,
+            timeout=httpx.Timeout(timeout, connect=10.0), follow_redirects=True,
+            headers={"User-Agent": USER_AGENT}, trust_env=False,
+            transport=httpx.HTTPTransport(verify=_http_only_context(), limits=limits, trust_env=False),
+            mounts={"https://": _LazyTLSTransport(not insecure, limits)},
         )
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ registry, for copies between registries and exports that skip the store).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import hashlib
@@ -30,18 +31,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import httpx
-
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.oci import mediatypes as mt
-from taxiway.oci.client import RegistryClient, RegistryError
+
+# httpx through the client, which imports it first without httpx's own CLI (~35 ms of start-up).
+from taxiway.oci.client import RegistryClient, RegistryError, httpx
 from taxiway.oci.digest import Digest
 from taxiway.oci.image import Descriptor, Platform
 from taxiway.oci.reference import Reference
 from taxiway.oci.store import BlobMismatch, Store, parse_json, select_platform
 
 VERIFY_CHUNK = 256 << 10
+FEED_BATCH = 1 << 20  # received bytes handed to the verify thread at once (fewer thread switches)
 MAX_INFLATE = 1 << 20  # decompressed bytes held at once while checking a layer's diff_id
+HASH_BUDGET = 8 << 20  # inflated bytes waiting for the diff_id hashing thread
 ZSTD_SLICE = 512  # zstd input per decompress call (see DiffHasher._unzstd)
 MAX_CONFIG = 16 << 20  # configs are read into memory; real ones are a few kB
 CONFIG_TYPES = frozenset({mt.OCI_CONFIG, mt.DOCKER_CONFIG})
@@ -77,9 +80,9 @@ class PullResult:
 class DiffHasher:
     """Decompresses a layer stream incrementally and hashes the tar inside (for diff_id checks)."""
 
-    def __init__(self, compression: str):
+    def __init__(self, compression: str, h: Any = None):
         self.compression = compression
-        self.h = hashlib.sha256()
+        self.h = h if h is not None else hashlib.sha256()  # anything with update() and hexdigest()
         self._d: Any = None
         self._reset()
 
@@ -146,6 +149,59 @@ class DiffHasher:
         return "sha256:" + self.h.hexdigest()
 
 
+class _HashThread:
+    """sha256 in a thread of its own: update() hands the bytes over, hexdigest() waits for the end.
+
+    The inflated stream of a layer is ~3x its download; hashing it beside the
+    inflater (hashlib releases the GIL on big buffers) takes it off the
+    pull's critical path. At most HASH_BUDGET bytes wait (or one bigger
+    chunk: zstd hands over up to 16 MiB at once), so memory stays small.
+    """
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+        self._cv = threading.Condition()
+        self._items: collections.deque[bytes] = collections.deque()
+        self._bytes = 0  # handed over and not yet hashed
+        self._closed = False
+        self._t = threading.Thread(target=self._work, name="pull-diffhash", daemon=True)
+        self._t.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._items and not self._closed:
+                    self._cv.wait()
+                if not self._items:
+                    return
+                chunk = self._items.popleft()
+            self._h.update(chunk)
+            with self._cv:
+                self._bytes -= len(chunk)
+                self._cv.notify_all()
+
+    def update(self, chunk: bytes) -> None:
+        if not chunk:
+            return
+        with self._cv:
+            while self._bytes and self._bytes + len(chunk) > HASH_BUDGET:
+                self._cv.wait()
+            self._items.append(chunk)
+            self._bytes += len(chunk)
+            self._cv.notify_all()
+
+    def close(self) -> None:
+        """Stop the thread once what was handed over is hashed (idempotent)."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._t.join()
+
+    def hexdigest(self) -> str:
+        self.close()
+        return self._h.hexdigest()
+
+
 class _Verifier:
     """Hashes a blob (and decompresses + hashes a layer) in a worker thread, as bytes arrive.
 
@@ -157,10 +213,13 @@ class _Verifier:
         self.compression = compression
         self.h = hashlib.sha256()
         self.dh: DiffHasher | None = None
+        self._hasher: _HashThread | None = None
         self.broken: CorruptLayer | None = None
         self.fed = 0
-        # Bounded: at most 16 chunks (<= 4 MiB) wait per layer, whatever the layer size.
-        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+        # Bounded: at most 8 batches (<= 8 MiB) wait per layer, whatever the layer size.
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
+        self._pending: list[bytes] = []  # received, not yet handed over (< FEED_BATCH bytes)
+        self._pending_n = 0
         self._t = threading.Thread(target=self._work, name="pull-verify", daemon=True)
         self._t.start()
 
@@ -170,7 +229,10 @@ class _Verifier:
             if self.compression is not None and self.broken is None:
                 try:
                     if self.dh is None:
-                        self.dh = DiffHasher(_sniff(chunk, self.compression))
+                        actual = _sniff(chunk, self.compression)
+                        if actual != "none":  # inflate here, hash the output in another thread
+                            self._hasher = _HashThread()
+                        self.dh = DiffHasher(actual, self._hasher)
                     self.dh.update(chunk)
                 except CorruptLayer as e:
                     self.broken = e
@@ -178,7 +240,15 @@ class _Verifier:
     def feed(self, chunk: bytes) -> None:
         """Account for the next ``chunk`` of the blob."""
         self.fed += len(chunk)
-        self._q.put(chunk)
+        self._pending.append(chunk)
+        self._pending_n += len(chunk)
+        if self._pending_n >= FEED_BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._q.put(self._pending[0] if len(self._pending) == 1 else b"".join(self._pending))
+            self._pending, self._pending_n = [], 0
 
     def feed_file(self, path: Path, upto: int) -> None:
         """Feed bytes already on disk, from where we are up to ``upto``."""
@@ -188,13 +258,16 @@ class _Verifier:
                 self.feed(chunk)
 
     def close(self) -> None:
-        """Stop the worker (idempotent)."""
+        """Stop the workers (idempotent)."""
         if self._t.is_alive():
             self._q.put(None)
             self._t.join()
+        if self._hasher is not None:
+            self._hasher.close()
 
     def finish(self) -> tuple[str, str | CorruptLayer | None]:
         """(digest of the blob, digest of its uncompressed content or the decompression error)."""
+        self._flush()
         self.close()
         digest = "sha256:" + self.h.hexdigest()
         if self.compression is None:
