@@ -21,9 +21,11 @@ import contextlib
 import errno
 import hashlib
 import os
+import queue
 import stat
 import tarfile
 import tempfile
+import threading
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,9 +34,10 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from taxiway.errors import InvalidInput, TaxiwayError
-from taxiway.oci._layerstream import LayerError, TarSource, members, open_layer
+from taxiway.oci._layerstream import LayerError, TarSource, _Counting, _decompressor, members
 from taxiway.oci._safepath import RootFS, clean, rmtree_at
 from taxiway.oci.image import Descriptor, Image
+from taxiway.oci.mediatypes import layer_compression
 
 __all__ = ["LayerError", "LayerStats", "ExportStats", "apply_layer", "export", "chain_ids"]
 
@@ -49,6 +52,7 @@ _BATCH_FILES = 64
 _BATCH_BYTES = 4 << 20
 _MAX_INFLIGHT_BYTES = 16 << 20
 _DEFAULT_WORKERS = 2
+_INFLATED_QUEUE = 8  # decompressed chunks (<= _CHUNK each) waiting for the tar parser
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Errors no entry can cause: stop the whole layer instead of skipping an entry.
 _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE,
@@ -103,6 +107,103 @@ class ExportStats:
                 "bytes", "tar_bytes", "skipped")
         return {"dest": self.dest, **{k: self.total(k) for k in keys},
                 "layers": [s.to_json() for s in self.layers]}
+
+
+# --------------------------------------------------------------------------
+# Decompression beside the parser
+
+
+class _Inflater:
+    """Reads, decompresses and hashes a layer in a thread of its own, a bounded queue ahead of the parser.
+
+    isal, zstandard and hashlib release the GIL on big buffers, so on two or
+    more cores decompression and the diff ID overlap with parsing and writing
+    instead of adding to them. Memory stays bounded by the queue.
+    """
+
+    def __init__(self, stream: BinaryIO, media_type: str, label: str, progress: Callable[[int], None] | None):
+        self.label = label
+        self._raw: Any = _Counting(stream, progress) if progress else stream
+        self._media_type = media_type
+        self._hash = hashlib.sha256()
+        self._q: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=_INFLATED_QUEUE)
+        self._stop = False
+        self._done = False
+        self._t = threading.Thread(target=self._work, name="unpack-inflate", daemon=True)
+        self._t.start()
+
+    def _put(self, item: bytes | BaseException) -> bool:
+        while not self._stop:
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self) -> None:
+        try:
+            try:
+                dec = _decompressor(self._raw, layer_compression(self._media_type))
+            except Exception as e:
+                raise LayerError(f"{self.label} cannot be decompressed ({e})", "remove the image and pull it again") from e
+            while not self._stop:
+                try:
+                    chunk = dec.read(_CHUNK)
+                except Exception as e:  # gzip/zstd/IO errors all mean "this layer is broken"
+                    raise LayerError(f"{self.label} is corrupt or truncated ({e.__class__.__name__}: {e})",
+                                     "remove the image and pull it again") from e
+                if chunk:
+                    self._hash.update(chunk)
+                if not self._put(chunk) or not chunk:
+                    return
+        except BaseException as e:
+            self._put(e)
+
+    def read(self, n: int = -1) -> bytes:
+        """The next decompressed chunk (``n`` is ignored: chunks come as decompressed); b"" at the end."""
+        if self._done:
+            return b""
+        item = self._q.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if not item:
+            self._done = True
+        return item
+
+    def digest(self) -> str:
+        """sha256 of everything decompressed (call after the end was read)."""
+        self._t.join()
+        return "sha256:" + self._hash.hexdigest()
+
+    def close(self) -> None:
+        """Stop the thread (idempotent; a blocked put gives up within 0.1 s)."""
+        self._stop = True
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._q.get_nowait()
+        self._t.join()
+
+
+class _InflatedSource(TarSource):
+    """A :class:`TarSource` fed by an :class:`_Inflater`, which already hashes the stream."""
+
+    def __init__(self, inflater: _Inflater):
+        super().__init__(inflater, inflater.label)
+        self._inflater = inflater
+
+    def _more(self) -> bool:
+        chunk = self._inflater.read()  # raises LayerError as TarSource does
+        if not chunk:
+            self.eof = True
+            return False
+        self._buf, self._off = chunk, 0
+        return True
+
+    def drain(self) -> str:
+        super().drain()
+        return self._inflater.digest()
 
 
 # --------------------------------------------------------------------------
@@ -193,6 +294,9 @@ class _Applier:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="unpack") if workers > 0 else None
         self.batch: list[tuple[int, str, bytes, tarfile.TarInfo, tuple[str, ...]]] = []
         self.batch_bytes = 0
+        # Parent directories of the open batch: (RootFS's fd, our dup), one dup per parent,
+        # not per file. Forgotten when the batch goes and whenever RootFS forgets its fds.
+        self.batch_dirs: dict[tuple[str, ...], tuple[int, int]] = {}
         self.pending: dict[tuple[str, ...], Future] = {}  # path -> the batch writing it
         self.inflight: dict[Future, int] = {}  # batch -> bytes it holds
 
@@ -203,6 +307,7 @@ class _Applier:
         assert self.pool is not None
         batch, nbytes = self.batch, self.batch_bytes
         self.batch, self.batch_bytes = [], 0
+        self.batch_dirs = {}
         fut = self.pool.submit(self._write_batch, batch)
         self.inflight[fut] = nbytes
         for _pfd, _name, _data, _m, parts in batch:
@@ -213,12 +318,14 @@ class _Applier:
     def _write_batch(self, batch: list) -> list[tuple[str, OSError]]:
         """(Worker thread) create and fill new files; per-file errors are returned."""
         errors = []
-        for pfd, name, data, m, parts in batch:
-            try:
-                self._write_new(pfd, name, data, m, parts[:-1])
-            except OSError as e:
-                errors.append((m.name, e))
-            finally:
+        try:
+            for pfd, name, data, m, parts in batch:
+                try:
+                    self._write_new(pfd, name, data, m, parts[:-1])
+                except OSError as e:
+                    errors.append((m.name, e))
+        finally:
+            for pfd in {b[0] for b in batch}:  # the batch owns its parents' dups, shared by files
                 os.close(pfd)
         return errors
 
@@ -263,9 +370,10 @@ class _Applier:
         self.saved_fd_times = []
         if self.pool is not None:
             self.pool.shutdown(wait=True)
-            for pfd, *_ in self.batch:
+            for pfd in {b[0] for b in self.batch}:
                 os.close(pfd)
             self.batch = []
+            self.batch_dirs = {}
 
     # -- helpers -------------------------------------------------------------
     def _mark_upper(self, parts: tuple[str, ...]) -> None:
@@ -305,11 +413,13 @@ class _Applier:
             self.drain()  # files may be on their way into it
             rmtree_at(pfd, name)
             self.fs.invalidate()
+            self.batch_dirs = {}
             self.fresh.clear()  # a path through it may now lead elsewhere
         else:
             os.unlink(name, dir_fd=pfd)
             if stat.S_ISLNK(st.st_mode):
                 self.fs.invalidate()
+                self.batch_dirs = {}  # a path through the link may now lead elsewhere
         return True
 
     def _set_xattrs(self, target: int | str, m: tarfile.TarInfo) -> None:
@@ -372,7 +482,10 @@ class _Applier:
             if len(data) != m.size:
                 raise LayerError(f"{src.label} is truncated (a file's data ends early)",
                                  "remove the image and pull it again")
-            self.batch.append((os.dup(pfd), name, data, m, parts))
+            known = self.batch_dirs.get(pparts)
+            if known is None or known[0] != pfd:
+                known = self.batch_dirs[pparts] = (pfd, os.dup(pfd))
+            self.batch.append((known[1], name, data, m, parts))
             self.batch_bytes += m.size
             self.stats.files += 1
             self.stats.bytes += m.size
@@ -640,30 +753,34 @@ def apply_layer(root: Path | str, stream: BinaryIO, media_type: str, *, diff_id:
     label = name or f"layer ({media_type})"
     if same_owner is None:
         same_owner = os.geteuid() == 0
-    src = open_layer(stream, media_type, label, progress)
+    inflater = _Inflater(stream, media_type, label, progress)
+    src = _InflatedSource(inflater)
     stats = LayerStats()
     try:
-        with RootFS(root, resolver=resolver) as fs:
-            ap = _Applier(fs, stats, same_owner, _DEFAULT_WORKERS if workers is None else workers)
-            if ap.pool is not None:
-                fs.before_slow_path = ap.drain
-            fs.before_mkdir = ap.before_mkdir
-            try:
-                if not os.listdir(fs.rootfd):
-                    ap.fresh.add(())
-                for tf, m in members(src):
-                    fs.release()
-                    ap.entry(tf, m, src)
-                ap.finish()
-            finally:
-                ap.close()
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise TaxiwayError(f"no space left on the device holding {root} while applying {label}",
-                               "free some disk space and try again") from e
-        raise TaxiwayError(f"cannot write {root} while applying {label}: {e.strerror or e}",
-                           "check that the directory is writable") from e
-    stats.diff_id = src.drain()
+        try:
+            with RootFS(root, resolver=resolver) as fs:
+                ap = _Applier(fs, stats, same_owner, _DEFAULT_WORKERS if workers is None else workers)
+                if ap.pool is not None:
+                    fs.before_slow_path = ap.drain
+                fs.before_mkdir = ap.before_mkdir
+                try:
+                    if not os.listdir(fs.rootfd):
+                        ap.fresh.add(())
+                    for tf, m in members(src):
+                        fs.release()
+                        ap.entry(tf, m, src)
+                    ap.finish()
+                finally:
+                    ap.close()
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TaxiwayError(f"no space left on the device holding {root} while applying {label}",
+                                   "free some disk space and try again") from e
+            raise TaxiwayError(f"cannot write {root} while applying {label}: {e.strerror or e}",
+                               "check that the directory is writable") from e
+        stats.diff_id = src.drain()
+    finally:
+        inflater.close()  # a no-op after a full read; else stops the thread
     stats.tar_bytes = src.tell()
     if diff_id is not None and stats.diff_id != diff_id:
         raise LayerError(f"{label}: uncompressed content is {stats.diff_id}, the image config says {diff_id}",
