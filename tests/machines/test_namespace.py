@@ -229,6 +229,7 @@ def test_bad_input_leaves_nothing(busybox, tmp_path, taxiway_home):
         (["run", "-p", "99999:80", busybox, "true"], "invalid port mapping"),
         (["run", "--net", "none", "-p", "8080:80", busybox, "true"], "-p needs a network"),
         (["run", busybox, "/no/such/binary"], "not found in the image"),
+        (["run", "-d", "--name", "bad", busybox, "/no/such/binary"], "not found in the image"),  # reported by -d too
         (["machines", "stop", "ghost"], "no machine"),
     ]
     for args, msg in cases:

@@ -483,7 +483,9 @@ def start_detached(m: S.Machine) -> None:
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             try:
-                supervise(m, attached=False, ready_w=w)
+                # supervise() closes the fd it is given once the machine runs (or on its way out):
+                # keep our own copy, so a start failure can still be reported through the pipe
+                supervise(m, attached=False, ready_w=os.dup(w))
             except TaxiwayError as e:
                 with contextlib.suppress(OSError):
                     os.write(w, f"error:{e.message}\x00{e.hint or ''}".encode())
@@ -506,8 +508,10 @@ def start_detached(m: S.Machine) -> None:
     os.close(w)
     os.waitpid(pid, 0)
     msg = b""
-    while chunk := os.read(r, 4096):
+    while chunk := os.read(r, 4096):  # "ok" once it runs (the supervisor keeps its copy), else an error and EOF
         msg += chunk
+        if msg.startswith(b"ok"):
+            break
     os.close(r)
     if msg.startswith(b"ok"):
         return
