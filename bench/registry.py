@@ -7,7 +7,10 @@ every round. Measured per round, alternating which registry goes first:
   of the shared Debian image, as throughput of blob bytes over wall time;
 - 32 concurrent pulls of the image with httpx (manifest + every blob, streamed
   and discarded) as aggregate throughput, and the p50/p99 latency of manifest
-  GETs probed one at a time from another process while 32 pulls run.
+  GETs probed one at a time from another process while 32 pulls run;
+- 32 concurrent pulls by 32 separate curl processes (every blob to /dev/null):
+  one httpx process is itself the bottleneck on two cores, separate clients
+  load the server the way 32 pulling hosts do.
 
 taxiway runs with authentication on (clients do the Docker token flow once),
 docker-registry with none. Usage: python bench/registry.py [--rounds 3] [--push-reps 8] [--workers 2]
@@ -149,6 +152,29 @@ async def concurrent_pulls(url: str, headers: dict, repo: str, clients: int = 32
             "manifest_gets": len(lat)}
 
 
+def curl_pulls(url: str, headers: dict, repo: str, clients: int = 32) -> dict:
+    """``clients`` separate curl processes, each fetching the image's blobs at once (as 32 hosts would).
+
+    The httpx figure above is one Python process receiving every byte: on two cores that client,
+    not the server, sets the pace. Separate processes put the load on the server, as real pulls do.
+    """
+    r = httpx.get(f"{url}/v2/{repo}/manifests/{TAG}", headers={**headers, "Accept": MANIFEST_ACCEPT})
+    r.raise_for_status()
+    m = r.json()
+    urls = [f"{url}/v2/{repo}/blobs/{d['digest']}" for d in [m["config"]] + m["layers"]]
+    argv = ["curl", "-sSf", "--noproxy", "*"] + [a for k, v in headers.items() for a in ("-H", f"{k}: {v}")]
+    for u in urls:
+        argv += ["-o", "/dev/null", u]
+    size = sum(d["size"] for d in [m["config"]] + m["layers"])
+    subprocess.run(argv, check=True)  # warm the page cache
+    t = time.perf_counter()
+    procs = [subprocess.Popen(argv) for _ in range(clients)]
+    if any(p.wait() != 0 for p in procs):
+        raise SystemExit("a curl pull failed")
+    elapsed = time.perf_counter() - t
+    return {"curl_throughput": clients * size / elapsed}
+
+
 def one_round(work: Path, workers: int, first: str) -> dict:
     size = image_bytes()
     out: dict = {}
@@ -172,6 +198,9 @@ def one_round(work: Path, workers: int, first: str) -> dict:
             srv, tok = targets[name]
             headers = bearer(srv.url, tok, "bench/debian")
             out[name].update(asyncio.run(concurrent_pulls(srv.url, headers, "bench/debian")))
+        for name in order:
+            srv, tok = targets[name]
+            out[name].update(curl_pulls(srv.url, bearer(srv.url, tok, "bench/debian"), "bench/debian"))
     return out
 
 
@@ -240,6 +269,8 @@ def main() -> None:
         ("skopeo pull", med("taxiway", "pull") / mb, med("distribution", "pull") / mb, "MiB/s", True),
         ("32 concurrent pulls (httpx)", med("taxiway", "throughput") / mb, med("distribution", "throughput") / mb,
          "MiB/s", True),
+        ("32 concurrent pulls (32 curl processes)", med("taxiway", "curl_throughput") / mb,
+         med("distribution", "curl_throughput") / mb, "MiB/s", True),
         ("p50 manifest GET under load", med("taxiway", "p50_manifest_ms"), med("distribution", "p50_manifest_ms"),
          "ms", False),
         ("p99 manifest GET under load", med("taxiway", "p99_manifest_ms"), med("distribution", "p99_manifest_ms"),
