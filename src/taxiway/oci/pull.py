@@ -16,7 +16,6 @@ registry, for copies between registries and exports that skip the store).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import fcntl
 import hashlib
@@ -39,12 +38,11 @@ from taxiway.oci.client import RegistryClient, RegistryError, httpx
 from taxiway.oci.digest import Digest
 from taxiway.oci.image import Descriptor, Platform
 from taxiway.oci.reference import Reference
-from taxiway.oci.store import BlobMismatch, Store, parse_json, select_platform
+from taxiway.oci.store import BlobMismatch, HashThread, Store, parse_json, select_platform
 
 VERIFY_CHUNK = 256 << 10
 FEED_BATCH = 1 << 20  # received bytes handed to the verify thread at once (fewer thread switches)
 MAX_INFLATE = 1 << 20  # decompressed bytes held at once while checking a layer's diff_id
-HASH_BUDGET = 8 << 20  # inflated bytes waiting for the diff_id hashing thread
 ZSTD_SLICE = 512  # zstd input per decompress call (see DiffHasher._unzstd)
 MAX_CONFIG = 16 << 20  # configs are read into memory; real ones are a few kB
 CONFIG_TYPES = frozenset({mt.OCI_CONFIG, mt.DOCKER_CONFIG})
@@ -149,59 +147,6 @@ class DiffHasher:
         return "sha256:" + self.h.hexdigest()
 
 
-class _HashThread:
-    """sha256 in a thread of its own: update() hands the bytes over, hexdigest() waits for the end.
-
-    The inflated stream of a layer is ~3x its download; hashing it beside the
-    inflater (hashlib releases the GIL on big buffers) takes it off the
-    pull's critical path. At most HASH_BUDGET bytes wait (or one bigger
-    chunk: zstd hands over up to 16 MiB at once), so memory stays small.
-    """
-
-    def __init__(self) -> None:
-        self._h = hashlib.sha256()
-        self._cv = threading.Condition()
-        self._items: collections.deque[bytes] = collections.deque()
-        self._bytes = 0  # handed over and not yet hashed
-        self._closed = False
-        self._t = threading.Thread(target=self._work, name="pull-diffhash", daemon=True)
-        self._t.start()
-
-    def _work(self) -> None:
-        while True:
-            with self._cv:
-                while not self._items and not self._closed:
-                    self._cv.wait()
-                if not self._items:
-                    return
-                chunk = self._items.popleft()
-            self._h.update(chunk)
-            with self._cv:
-                self._bytes -= len(chunk)
-                self._cv.notify_all()
-
-    def update(self, chunk: bytes) -> None:
-        if not chunk:
-            return
-        with self._cv:
-            while self._bytes and self._bytes + len(chunk) > HASH_BUDGET:
-                self._cv.wait()
-            self._items.append(chunk)
-            self._bytes += len(chunk)
-            self._cv.notify_all()
-
-    def close(self) -> None:
-        """Stop the thread once what was handed over is hashed (idempotent)."""
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        self._t.join()
-
-    def hexdigest(self) -> str:
-        self.close()
-        return self._h.hexdigest()
-
-
 class _Verifier:
     """Hashes a blob (and decompresses + hashes a layer) in a worker thread, as bytes arrive.
 
@@ -213,7 +158,7 @@ class _Verifier:
         self.compression = compression
         self.h = hashlib.sha256()
         self.dh: DiffHasher | None = None
-        self._hasher: _HashThread | None = None
+        self._hasher: HashThread | None = None
         self.broken: CorruptLayer | None = None
         self.fed = 0
         # Bounded: at most 8 batches (<= 8 MiB) wait per layer, whatever the layer size.
@@ -231,7 +176,7 @@ class _Verifier:
                     if self.dh is None:
                         actual = _sniff(chunk, self.compression)
                         if actual != "none":  # inflate here, hash the output in another thread
-                            self._hasher = _HashThread()
+                            self._hasher = HashThread()
                         self.dh = DiffHasher(actual, self._hasher)
                     self.dh.update(chunk)
                 except CorruptLayer as e:
@@ -367,6 +312,10 @@ class Puller:
                                 if task is not None:
                                     self.progress.advance(task, len(chunk))
                             f.flush()
+                            if written == size:
+                                # To disk now, while the verifier finishes the last chunks;
+                                # commit_ingest's own fsync then has nothing left to write.
+                                os.fsync(f.fileno())
                         if written < size:
                             raise httpx.RemoteProtocolError(f"connection closed after {written} of {size} bytes")
                     break

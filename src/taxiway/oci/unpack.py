@@ -38,6 +38,7 @@ from taxiway.oci._layerstream import LayerError, TarSource, _Counting, _decompre
 from taxiway.oci._safepath import RootFS, clean, rmtree_at
 from taxiway.oci.image import Descriptor, Image
 from taxiway.oci.mediatypes import layer_compression
+from taxiway.oci.store import HashThread
 
 __all__ = ["LayerError", "LayerStats", "ExportStats", "apply_layer", "export", "chain_ids"]
 
@@ -47,12 +48,13 @@ _CHUNK = 1 << 20
 _MAX_WARNINGS = 100
 # Small new files are written by worker threads, in batches: the main thread
 # decompresses and parses while the workers create, write and stamp files.
-_ASYNC_MAX_FILE = 1 << 20
+_ASYNC_MAX_FILE = 8 << 20
 _BATCH_FILES = 64
 _BATCH_BYTES = 4 << 20
 _MAX_INFLIGHT_BYTES = 16 << 20
 _DEFAULT_WORKERS = 2
-_INFLATED_QUEUE = 8  # decompressed chunks (<= _CHUNK each) waiting for the tar parser
+_INFLATE_CHUNK = 1 << 20
+_INFLATED_QUEUE = 8  # decompressed chunks (<= _INFLATE_CHUNK each) waiting for the tar parser
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Errors no entry can cause: stop the whole layer instead of skipping an entry.
 _FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE,
@@ -125,7 +127,7 @@ class _Inflater:
         self.label = label
         self._raw: Any = _Counting(stream, progress) if progress else stream
         self._media_type = media_type
-        self._hash = hashlib.sha256()
+        self._hash = HashThread(name="unpack-diffhash")
         self._q: queue.Queue[bytes | BaseException] = queue.Queue(maxsize=_INFLATED_QUEUE)
         self._stop = False
         self._done = False
@@ -149,7 +151,7 @@ class _Inflater:
                 raise LayerError(f"{self.label} cannot be decompressed ({e})", "remove the image and pull it again") from e
             while not self._stop:
                 try:
-                    chunk = dec.read(_CHUNK)
+                    chunk = dec.read(_INFLATE_CHUNK)
                 except Exception as e:  # gzip/zstd/IO errors all mean "this layer is broken"
                     raise LayerError(f"{self.label} is corrupt or truncated ({e.__class__.__name__}: {e})",
                                      "remove the image and pull it again") from e
@@ -184,6 +186,7 @@ class _Inflater:
             while True:
                 self._q.get_nowait()
         self._t.join()
+        self._hash.close()
 
 
 class _InflatedSource(TarSource):
