@@ -11,7 +11,8 @@ Each round measures, with fresh destinations:
   * warm:  ``taxiway image export`` vs ``umoci unpack`` from their warm stores;
   * peak RSS of the ``taxiway pull`` process (target < 150 MB);
   * CPU time (user + sys) of every process, which a busy shared machine skews far less than wall time;
-and once, the median wall time of ``taxiway --help`` (target < 150 ms).
+and once, the median wall time of ``taxiway --help`` (target < 150 ms); the load average is
+printed at the start and the end (the machine is shared).
 Times are medians over the rounds; ratios are taxiway / peer (target <= 0.5).
 
 Usage: python bench/pull.py [--rounds N] [--json]
@@ -89,6 +90,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("note: umoci unpack without root uses --rootless; run as root for a like-for-like comparison", file=sys.stderr)
     layout = ensure_debian_layout()
+    load_start = os.getloadavg()
     work = Path(tempfile.mkdtemp(prefix="taxiway-bench-pull."))
     reg_dir = work / "registry"
     reg_dir.mkdir()
@@ -150,6 +152,11 @@ def main() -> int:
         proc.terminate()
         proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+        # For ~60 s after a mass delete (up to 6 min while the inode table is dirty), ext4's inode
+        # allocator skips the freed inodes one by one (recently_deleted, seen with perf), which makes
+        # whoever creates files next pay: sync now so at least the next run waits the short window.
+        os.sync()
+    load_end = os.getloadavg()
     helps = []
     for _ in range(10):
         t, _ = run([*TAXIWAY, "--help"])
@@ -173,6 +180,7 @@ def main() -> int:
         "cpu_warm_taxiway_s": round(med["cpu_tw_warm"], 3), "cpu_warm_umoci_s": round(med["cpu_peer_warm"], 3),
         "cpu_warm_ratio": round(med["cpu_tw_warm"] / med["cpu_peer_warm"], 3),
         "help_ms": round(statistics.median(helps) * 1000, 1),
+        "load_average_start": [round(x, 2) for x in load_start], "load_average_end": [round(x, 2) for x in load_end],
     }
     if args.json:
         print(json.dumps(out, indent=2))
@@ -188,6 +196,7 @@ def main() -> int:
               f"warm {out['cpu_warm_taxiway_s']:.2f}s vs {out['cpu_warm_umoci_s']:.2f}s ({out['cpu_warm_ratio']:.2f}x)")
         print(f"taxiway pull peak RSS {out['pull_peak_rss_mib']:.0f} MiB  (target < 150 MiB)")
         print(f"taxiway --help {out['help_ms']:.0f} ms  (target < 150 ms)")
+        print(f"load average (1, 5, 15 min): {out['load_average_start']} at the start, {out['load_average_end']} at the end")
     return 0
 
 
