@@ -62,7 +62,8 @@ def test_vm_detached_lifecycle_and_accel_choice(busybox, taxiway_home, vm_env):
         assert time.time() < deadline
         time.sleep(0.5)
     assert "vm/" + m["accel"] in tw("machines", "ls").stdout.decode()
-    assert tw("machines", "exec", "vm1", "true").returncode != 0  # one-line error: not supported for VMs
+    r = tw("machines", "exec", "vm1", "sh", "-c", "echo in-vm; exit 7")
+    assert r.returncode == 7 and r.stdout == b"in-vm\n", r.stderr
     assert tw("machines", "stop", "vm1").returncode == 0
     m = json.loads(tw("machines", "inspect", "vm1").stdout)[0]
     assert m["state"] == "exited" and m["reason"] == "stopped"

@@ -133,16 +133,18 @@ def rm(names, force):
 
 
 @machines.command(name="exec", context_settings={"allow_interspersed_args": False})
-@click.option("-i", "--interactive", is_flag=True, help="Keep stdin connected (it always is).")
-@click.option("-t", "--tty", is_flag=True, help="Accepted for familiarity; exec shares your terminal.")
+@click.option("-i", "--interactive", is_flag=True,
+              help="Keep stdin connected (namespace machines: it always is; micro-VMs: only with -i).")
+@click.option("-t", "--tty", is_flag=True,
+              help="Micro-VMs: a terminal in the guest (your terminal goes raw). Namespace machines share yours.")
 @click.argument("machine")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_(interactive, tty, machine, command):
-    """Run COMMAND inside a running machine."""
+    """Run COMMAND inside a running machine (its env, user and workdir); exits with its code."""
     from taxiway.machines import runtime
     from taxiway.machines import state as S
 
-    sys.exit(runtime.exec_in(S.find(machine), list(command), tty))
+    sys.exit(runtime.exec_in(S.find(machine), list(command), tty, interactive))
 
 
 @machines.command()

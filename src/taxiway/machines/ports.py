@@ -3,6 +3,8 @@
 The listening socket lives in the host namespace (loopback only); each
 forwarder thread enters the machine's network namespace (setns is per
 thread), so the sockets it opens to the machine's port are created there.
+For a namespace machine the target is its loopback; for a micro-VM it is the
+guest's address on the tap device inside the netns QEMU runs in.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def _pipe(a: socket.socket, b: socket.socket) -> None:
             b.shutdown(socket.SHUT_WR)
 
 
-def _serve(listener: socket.socket, pid: int, port: int, stop: threading.Event) -> None:
+def _serve(listener: socket.socket, pid: int, target: str, port: int, stop: threading.Event) -> None:
     fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
     try:
         L.setns(fd, L.CLONE_NEWNET)
@@ -55,7 +57,7 @@ def _serve(listener: socket.socket, pid: int, port: int, stop: threading.Event) 
         except OSError:
             return
         try:
-            upstream = socket.create_connection(("127.0.0.1", port), timeout=5)
+            upstream = socket.create_connection((target, port), timeout=5)
             upstream.settimeout(None)
         except OSError:
             client.close()
@@ -71,9 +73,10 @@ class Forwarders:
         self.listeners = listeners
         self.stop = threading.Event()
 
-    def start(self, pid: int) -> None:
+    def start(self, pid: int, target: str = "127.0.0.1") -> None:
+        """Serve, connecting to ``target`` inside the network namespace of ``pid``."""
         for listener, port in self.listeners:
-            threading.Thread(target=_serve, args=(listener, pid, port, self.stop), daemon=True).start()
+            threading.Thread(target=_serve, args=(listener, pid, target, port, self.stop), daemon=True).start()
 
     def close(self) -> None:
         self.stop.set()

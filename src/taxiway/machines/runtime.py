@@ -556,14 +556,21 @@ def stop(m: S.Machine, sig: int | None = None, timeout: float | None = None) -> 
         return m
     (m.dir / "stop-requested").touch()
     sig = sig or C.parse_signal(m.config.stop_signal)
-    if m.runtime == "vm":
-        sig = signal.SIGTERM  # QEMU powers the guest off on SIGTERM
     timeout = m.config.stop_timeout if timeout is None else timeout
     m.event("stopping", signal=sig)
     pid = m.pid
-    if pid:
+    if pid and m.runtime == "vm":
+        from taxiway.machines import vmagent
+
+        # the guest agent delivers the signal to the main process; the guest powers off when it
+        # exits. Without an agent to talk to, SIGTERM makes QEMU stop the guest at once.
+        if not vmagent.signal_main(m, sig):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+    elif pid:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+    if pid:
         if not _wait_gone(pid, timeout):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -628,12 +635,14 @@ def wait(m: S.Machine, timeout: float | None = None) -> S.Machine:
         time.sleep(0.05)
 
 
-def exec_in(m: S.Machine, argv: list[str], tty: bool = False) -> int:
+def exec_in(m: S.Machine, argv: list[str], tty: bool = False, interactive: bool = False) -> int:
     """Run a command inside a running machine with its user, env and capabilities."""
     if m.status() != "running" or not m.pid:
         raise InvalidInput(f"machine {m.name} is not running", f"start it first: `taxiway machines start {m.name}`")
     if m.runtime == "vm":
-        raise InvalidInput(f"exec into micro-VM {m.name} is not supported yet", "use the namespace runtime for exec")
+        from taxiway.machines import vmagent
+
+        return vmagent.exec_client(m, argv, tty, interactive)
     from taxiway.machines import namespace
 
     return namespace.enter(m.pid, m.process, argv, [str(p / "cgroup.procs") for p in Cgroup(m.id).paths()], tty)

@@ -24,7 +24,6 @@ import glob
 import json
 import math
 import os
-import select
 import shlex
 import shutil
 import signal
@@ -40,9 +39,11 @@ from taxiway.machines.config import MachineConfig
 from taxiway.machines.snapshots import Snapshotter, _hex, du
 
 QEMU = "qemu-system-x86_64"
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 EXIT_MARK = b"@@TAXIWAY-EXIT@@"
-START_MARK = b"@@TAXIWAY-START@@"
-MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_blk")
+MODULES = ("virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "virtio_console", "virtio_net", "virtiofs")
+GUEST_ADDR = "169.254.77.2"  # eth0, seen only inside the netns taxiway makes for QEMU
+HOST_ADDR = "169.254.77.1"  # tap0, the other end, in that netns too
 MIN_VM_MEMORY = 128 * 1024 * 1024
 DEFAULT_VM_MEMORY = 256 * 1024 * 1024
 
@@ -56,30 +57,28 @@ exec 0</dev/null
 for m in $(cat /lib/modules/load); do insmod /lib/modules/$m.ko 2>/dev/null; done
 if [ ! -f /taxiway/config ]; then echo "@@TAXIWAY-EXIT@@ 0"; poweroff -f; fi
 . /taxiway/config
+fail() { echo "@@TAXIWAY-EXIT@@ 125 $1"; poweroff -f; }
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 500 ]; do usleep 10000; i=$((i+1)); done
-if ! mount -t ext4 /dev/vda /newroot 2>/dev/null; then
-  echo "@@TAXIWAY-EXIT@@ 125 cannot mount the root disk"; poweroff -f
-fi
+mount -t ext4 /dev/vda /newroot 2>/dev/null || fail "cannot mount the root disk"
 hostname "$TW_HOSTNAME"
 ip link set lo up 2>/dev/null
+if [ -n "$TW_ADDR" ]; then
+  ip link set eth0 up && ip addr add "$TW_ADDR" dev eth0 || fail "cannot configure eth0"
+fi
 for d in proc sys dev etc tmp; do [ -d /newroot/$d ] || mkdir -p /newroot/$d; done
+while read -r tag mode dir; do
+  mkdir -p "/newroot$dir" && mount -t virtiofs -o "$mode" "$tag" "/newroot$dir" || fail "cannot mount volume $dir"
+done < /taxiway/volumes
 mount -t proc proc /newroot/proc
 mount -t sysfs -o ro sysfs /newroot/sys
 mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
-mount -t devpts devpts /newroot/dev/pts
+mount -t devpts -o newinstance,ptmxmode=0666,mode=0620,gid=5 devpts /newroot/dev/pts
 mount -t tmpfs -o mode=1777 shm /newroot/dev/shm
 for f in hosts resolv.conf hostname; do rm -f /newroot/etc/$f; cp /taxiway/$f /newroot/etc/$f; done
 mkdir -p "/newroot$TW_WORKDIR"
-echo "@@TAXIWAY-START@@"
-tw_run
-code=$?
-cd /
-echo "@@TAXIWAY-EXIT@@ $code"
-sync
-umount -l /newroot 2>/dev/null
-poweroff -f
+exec /bin/tw-agent
 """
 
 
@@ -167,9 +166,15 @@ def _modules(ver: str) -> list[tuple[str, bytes]]:
 
 
 def base_initramfs() -> Path:
-    """The shared initramfs for this kernel: busybox, virtio modules, init (built once)."""
+    """The shared initramfs: busybox, virtio modules, init, the guest agent (built once per version)."""
+    import hashlib
+
+    from taxiway.machines import vmagent
+
     _, ver = kernel()
-    p = _vm_dir() / f"initramfs-{ver}.cpio"
+    agent = vmagent.binary()
+    key = hashlib.sha256(f"{INIT}{MODULES}{agent.name}".encode()).hexdigest()[:12]
+    p = _vm_dir() / f"initramfs-{ver}-{key}.cpio"
     if p.exists():
         return p
     mods = _modules(ver)
@@ -177,12 +182,17 @@ def base_initramfs() -> Path:
         ("bin", 0o040755, b""), ("lib", 0o040755, b""), ("lib/modules", 0o040755, b""), ("taxiway", 0o040755, b""),
         ("bin/busybox", 0o100755, Path("/bin/busybox").read_bytes()),
         ("bin/sh", 0o120777, b"busybox"),
+        ("bin/tw-agent", 0o100755, agent.read_bytes()),
         ("init", 0o100755, INIT.encode()),
         ("lib/modules/load", 0o100644, "".join(n + "\n" for n, _ in mods).encode()),
     ] + [(f"lib/modules/{n}.ko", 0o100644, d) for n, d in mods]
     tmp = p.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(cpio(entries))
     os.replace(tmp, p)
+    for old in _vm_dir().glob(f"initramfs-{ver}*.cpio"):  # earlier versions of init or agent
+        if old != p:
+            with contextlib.suppress(OSError):
+                old.unlink()
     return p
 
 
@@ -216,9 +226,16 @@ def kvm_usable(timeout: float = 8.0) -> bool:
     return ok
 
 
-def _machine_args(accel: str, memory: int, cpus: int) -> list[str]:
-    args = ["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=on", "-m", f"{memory >> 20}M", "-smp", str(cpus),
+def _machine_args(accel: str, memory: int, cpus: int, shared_memory: bool = False) -> list[str]:
+    machine = "microvm,x-option-roms=off,isa-serial=on,rtc=on"
+    mem: list[str] = []
+    if shared_memory:  # vhost-user (virtiofsd) maps the guest's memory: it must be a shareable memfd
+        machine += ",memory-backend=mem"
+        mem = ["-object", f"memory-backend-memfd,id=mem,size={memory >> 20}M,share=on"]
+    args = ["-M", machine, *mem, "-m", f"{memory >> 20}M", "-smp", str(cpus),
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none",
+            # modern virtio-mmio (version 2): vhost-user devices (virtiofsd) refuse legacy ones
+            "-global", "virtio-mmio.force-legacy=false",
             "-no-reboot"]
     if accel == "kvm":
         args += ["-enable-kvm", "-cpu", "host"]
@@ -303,12 +320,14 @@ def create(cfg: MachineConfig, name: str | None, progress: Any = None) -> S.Mach
     """Validate and prepare a micro-VM machine: image disk, qcow2 overlay, config initrd."""
     from taxiway.machines import runtime
 
-    if cfg.ports:
-        raise InvalidInput("-p is not supported with --isolation vm yet", "VMs have no network; drop -p")
-    if cfg.mounts:
-        raise InvalidInput("-v is not supported with --isolation vm yet", "VMs see only their own disk; drop -v")
-    if cfg.interactive or cfg.tty:
-        raise InvalidInput("-i/-t are not supported with --isolation vm yet", "drop -i/-t")
+    for mnt in cfg.mounts:
+        if not os.path.exists(mnt.source):
+            raise InvalidInput(f"host path {mnt.source} for -v does not exist", f"create it first (mkdir -p {mnt.source})")
+        if not os.path.isdir(mnt.source):
+            raise InvalidInput(f"host path {mnt.source} for -v is not a directory",
+                               "micro-VMs share directories (virtiofs): mount the directory that holds it")
+        if not os.path.exists(VIRTIOFSD):
+            raise TaxiwayError(f"{VIRTIOFSD} is missing: -v for micro-VMs needs it", "install qemu-system-common")
     mem = cfg.guest.memory or DEFAULT_VM_MEMORY
     if mem < MIN_VM_MEMORY:
         raise InvalidInput(f"memory {mem >> 20}m is too small for a micro-VM", "use --memory 128m or more")
@@ -352,118 +371,268 @@ def create(cfg: MachineConfig, name: str | None, progress: Any = None) -> S.Mach
     return m
 
 
+def _has_nic(m: S.Machine) -> bool:
+    return m.config.net != "none"
+
+
 def _config_cpio(m: S.Machine) -> bytes:
+    """This machine's part of the initramfs: hostname, workdir, eth0's address, volumes, /etc files."""
     p = m.process
     q = shlex.quote
-    # nsenter -r keeps the working directory when it lies inside the new root
-    run = (f"tw_run() {{\n  cd {q('/newroot' + p['workdir'])} || return 126\n  env -i " +
-           " ".join(q(e) for e in p["env"]) +
-           f" nsenter -r/newroot -S {int(p['uid'])} -G {int(p['gid'])} -F " +
-           " ".join(q(a) for a in p["argv"]) + "\n}\n")
-    conf = f"TW_HOSTNAME={q(p['hostname'])}\nTW_WORKDIR={q(p['workdir'])}\n" + run
+    conf = f"TW_HOSTNAME={q(p['hostname'])}\nTW_WORKDIR={q(p['workdir'])}\n"
+    if _has_nic(m):
+        conf += f"TW_ADDR={GUEST_ADDR}/30\n"
+    vols = "".join(f"vol{i} {'ro' if v.readonly else 'rw'} {v.target}\n" for i, v in enumerate(m.config.mounts))
     from taxiway.machines.namespace import etc_files
 
     etc = etc_files(p["hostname"], "private")
-    return cpio([("taxiway", 0o040755, b""), ("taxiway/config", 0o100644, conf.encode())] +
+    return cpio([("taxiway", 0o040755, b""), ("taxiway/config", 0o100644, conf.encode()),
+                 ("taxiway/volumes", 0o100644, vols.encode())] +
                 [(f"taxiway/{k}", 0o100644, v.encode()) for k, v in etc.items()])
 
 
-def run_once(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, str, int | None]:
-    """Boot the VM once and wait for it; returns (exit code, reason, signal)."""
-    kpath, _ = kernel()
+def _netns_wrapper(m: S.Machine) -> list[str]:
+    """QEMU runs in a network namespace of its own; with a NIC, a tap device there is the guest's only link.
+
+    The netns holds nothing but lo and tap0 (HOST_ADDR), so the guest (GUEST_ADDR, no
+    default route) can reach nothing outside it; ``-p`` forwarders enter it to connect.
+    It disappears with QEMU.
+    """
+    if not _has_nic(m):
+        return ["unshare", "--net", "--"]
+    script = (f"ip link set lo up && ip tuntap add dev tap0 mode tap && ip addr add {HOST_ADDR}/30 dev tap0 && "
+              "ip link set tap0 up && exec \"$@\"")
+    return ["unshare", "--net", "--", "sh", "-c", script, "sh"]
+
+
+def _start_virtiofsd(m: S.Machine) -> list[subprocess.Popen]:
+    """One virtiofsd per volume (a child of the supervisor); :ro volumes are exported from a read-only bind."""
+    from taxiway.machines import vmagent
+
     d = m.dir
-    initrd = d / "initrd"
-    with open(initrd, "wb") as f:
-        with open(base_initramfs(), "rb") as b:
-            shutil.copyfileobj(b, f)
-        f.write(_config_cpio(m))
-    mem = m.config.guest.memory or DEFAULT_VM_MEMORY
-    cpus = max(1, math.ceil(m.config.guest.cpus or 1))
-    argv = [_qemu(), *_machine_args(m.accel or "tcg", mem, cpus), "-kernel", str(kpath), "-initrd", str(initrd),
-            "-append", _cmdline(),
-            "-drive", f"id=root,file={d / 'disk.qcow2'},format=qcow2,if=none,cache=unsafe",
-            "-device", "virtio-blk-device,drive=root"]
-    t0 = time.monotonic()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
-    m.pid = proc.pid
-    m.started = time.time()
-    m.exit_code = m.reason = m.signal = m.error = None
-    m.set_state("running", pid=proc.pid, accel=m.accel)
-    on_started(m)
+    procs: list[subprocess.Popen] = []
+    try:
+        for i, v in enumerate(m.config.mounts):
+            if not os.path.isdir(v.source):
+                raise InvalidInput(f"host path {v.source} for -v does not exist", f"create it first (mkdir -p {v.source})")
+            sock = f"fs{i}.sock"
+            with contextlib.suppress(FileNotFoundError):
+                (d / sock).unlink()
+            fsd = [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={v.source}", "-o", "cache=none",
+                   "-o", "sandbox=namespace", "-o", "no_posix_lock", "-o", "no_flock"]
+            if v.readonly:
+                # a private mount namespace where the source is a read-only bind: the guest cannot
+                # write even if it remounts its side read-write
+                fsd = ["unshare", "-m", "--propagation", "private", "--", "sh", "-c",
+                       'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"', v.source, *fsd]
+            log = open(d / f"virtiofsd{i}.log", "wb")
+            try:
+                proc = subprocess.Popen(fsd, cwd=d, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                        start_new_session=True)
+            finally:
+                log.close()
+            procs.append(proc)
+            with open(d / "virtiofsd.pids", "a") as f:
+                f.write(f"{proc.pid}\n")
+            if not vmagent.wait_socket(d / sock, proc, 10):
+                err = (d / f"virtiofsd{i}.log").read_text(errors="replace").strip().splitlines()
+                raise TaxiwayError(f"virtiofsd for volume {v.source} did not start: {(err or ['no output'])[-1][:200]}",
+                                   "check the host directory and that qemu-system-common is installed")
+    except BaseException:
+        _stop_procs(procs)
+        raise
+    return procs
+
+
+def _stop_procs(procs: list[subprocess.Popen], grace: float = 2.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.01, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+class _Console:
+    """The serial console: kernel noise and the init's fallback exit mark (kept in ``console``)."""
+
+    def __init__(self, proc: subprocess.Popen, path: Path):
+        self.out_fd = proc.stdout.fileno()  # type: ignore[union-attr]
+        self.err_fd = proc.stderr.fileno()  # type: ignore[union-attr]
+        self.f = open(path, "ab", buffering=0)
+        self.buf = b""
+        self.errbuf = b""
+        self.code: int | None = None
+        self.error: str | None = None
+
+    def feed(self, kind: str, data: bytes) -> None:
+        if kind == "qemu-err":
+            self.errbuf = (self.errbuf + data)[-4000:]
+            self.f.write(data)
+            return
+        self.f.write(data)
+        self.buf += data.replace(b"\r\n", b"\n").replace(b"\r", b"")
+        while b"\n" in self.buf:
+            line, self.buf = self.buf.split(b"\n", 1)
+            if line.startswith(EXIT_MARK):
+                parts = line.split()
+                with contextlib.suppress(ValueError, IndexError):
+                    self.code = int(parts[1])
+                if len(parts) > 2:
+                    self.error = b" ".join(parts[2:]).decode(errors="replace")
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def run_once(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, str, int | None]:
+    """Boot the VM once, serve its agent and wait for it; returns (exit code, reason, signal)."""
+    from taxiway.machines import vmagent
     from taxiway.machines.runtime import _LogPump
 
-    pump = _LogPump(d / "log")
-    old = {}
-    if attached:
-        def forward(signum: int, _f: Any) -> None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            old[s] = signal.signal(s, forward)
-    code: int | None = None
-    started = False
-    boot_ms = None
-    buf = b""
-    errbuf = b""
-    fds = {proc.stdout.fileno(): "out", proc.stderr.fileno(): "err"}  # type: ignore[union-attr]
+    kpath, _ = kernel()
+    d = m.dir
+    cfg = m.config
+    forwarders = None
+    if cfg.ports:  # first: a busy host port fails the start before anything exists
+        from taxiway.machines.ports import Forwarders, listen
+
+        forwarders = Forwarders([(listen(p.host_port), p.port) for p in cfg.ports])
+    fsd: list[subprocess.Popen] = []
+    hub = None
+    proc = None
     try:
-        while fds:
-            ready, _, _ = select.select(list(fds), [], [])
-            for fd in ready:
-                data = os.read(fd, 65536)
-                if not data:
-                    fds.pop(fd)
-                    continue
-                if fds[fd] == "err":
-                    errbuf = (errbuf + data)[-4000:]
-                    continue
-                buf += data.replace(b"\r\n", b"\n").replace(b"\r", b"")
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    if line.startswith(START_MARK):
-                        started = True
-                        boot_ms = int((time.monotonic() - t0) * 1000)
-                        m.event("entrypoint", boot_ms=boot_ms, accel=m.accel)
-                        continue
-                    if line.startswith(EXIT_MARK):
-                        started = False  # what follows is shutdown noise
-                        parts = line.split()
-                        with contextlib.suppress(ValueError, IndexError):
-                            code = int(parts[1])
-                        if len(parts) > 2:
-                            m.error = b" ".join(parts[2:]).decode(errors="replace")
-                        continue
-                    if not started:
-                        continue  # boot noise
-                    pump.write("stdout", line + b"\n")
-                    if attached:
-                        with contextlib.suppress(OSError):
-                            os.write(1, line + b"\n")
-        rc = proc.wait()
+        fsd = _start_virtiofsd(m)
+        initrd = d / "initrd"
+        with open(initrd, "wb") as f:
+            with open(base_initramfs(), "rb") as b:
+                shutil.copyfileobj(b, f)
+            f.write(_config_cpio(m))
+        mem = cfg.guest.memory or DEFAULT_VM_MEMORY
+        cpus = max(1, math.ceil(cfg.guest.cpus or 1))
+        argv = [*_netns_wrapper(m), _qemu(), *_machine_args(m.accel or "tcg", mem, cpus, bool(cfg.mounts)),
+                "-kernel", str(kpath), "-initrd", str(initrd), "-append", _cmdline(),
+                "-drive", f"id=root,file={d / 'disk.qcow2'},format=qcow2,if=none,cache=unsafe",
+                "-device", "virtio-blk-device,drive=root",
+                "-device", "virtio-serial-device",
+                "-chardev", "socket,id=agent,path=agent.sock,server=on,wait=on",
+                "-device", "virtserialport,chardev=agent,name=taxiway.agent"]
+        if _has_nic(m):
+            argv += ["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+                     "-device", "virtio-net-device,netdev=n0"]
+        for i in range(len(cfg.mounts)):
+            argv += ["-chardev", f"socket,id=fs{i},path=fs{i}.sock",
+                     "-device", f"vhost-user-fs-device,chardev=fs{i},tag=vol{i}"]
+        hub = vmagent.Hub(m, attached, None)
+        t0 = time.monotonic()
+        # relative socket paths (cwd = the machine dir): unix socket paths are limited to 108 bytes
+        proc = subprocess.Popen(argv, cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        m.pid = proc.pid
+        m.started = time.time()
+        m.exit_code = m.reason = m.signal = m.error = None
+        m.set_state("running", pid=proc.pid, accel=m.accel)
+        hub.connect_agent(proc)
+        tty = cfg.tty and attached
+        hub.open_main(tty, cfg.interactive and attached)
+        if forwarders and hub.agent is not None:
+            forwarders.start(proc.pid, GUEST_ADDR)
+        on_started(m)
+        pump = _LogPump(d / "log")
+        hub.pump = pump
+        console = _Console(proc, d / "console")
+        old = {}
+        if attached:
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, *((signal.SIGWINCH,) if tty else ())):
+                old[s] = signal.signal(s, lambda n, _f: hub.signal_main(n))
+        term_state = None
+        try:
+            if tty and os.isatty(0):
+                import termios
+                import tty as _tty
+
+                term_state = termios.tcgetattr(0)
+                _tty.setraw(0, termios.TCSANOW)
+            hub.run(console)
+            rc = proc.wait()
+        finally:
+            if term_state is not None:
+                import termios
+
+                termios.tcsetattr(0, termios.TCSADRAIN, term_state)
+            for s, h in old.items():
+                signal.signal(s, h)
+            pump.close()
+            console.close()
     finally:
-        pump.close()
-        for s, h in old.items():
-            signal.signal(s, h)
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
-    if boot_ms is not None:
+        if hub is not None:
+            hub.close()
+        if forwarders:
+            forwarders.close()
+        _stop_procs(fsd)
+        with contextlib.suppress(FileNotFoundError):
+            (d / "virtiofsd.pids").unlink()
+    if hub.started_at is not None:
+        boot_ms = int((hub.started_at - t0) * 1000)
+        m.event("entrypoint", boot_ms=boot_ms, accel=m.accel)
         with contextlib.suppress(OSError):
             (d / "boot_ms").write_text(str(boot_ms))
-    if code is not None:
-        if code > 128:
+    if hub.main_error:
+        m.error = hub.main_error
+    elif console.error:
+        m.error = console.error
+    if hub.main_exit is not None:
+        code, sig = hub.main_exit
+        if sig:
+            return 128 + sig, "signalled", sig
+        if code > 128 and code - 128 < 65:
             return code, "signalled", code - 128
         return code, "exited", None
+    if console.code is not None:
+        if console.code > 128:
+            return console.code, "signalled", console.code - 128
+        return console.code, "exited", None
+    if b"KVM internal error" in console.errbuf:
+        raise TaxiwayError("the KVM guest failed (KVM internal error)", "use --vm-accel tcg")
+    if hub.agent is None and rc != 0 and not _stop_requested(m):
+        err = console.errbuf.decode(errors="replace").strip().splitlines()
+        raise TaxiwayError(f"QEMU failed: {(err or ['exit status ' + str(rc)])[-1][:300]}",
+                           "check the machine's options (and `taxiway machines inspect`)")
     if rc < 0:
         return 128 - rc, "signalled", -rc
-    if b"KVM internal error" in errbuf or b"KVM" in errbuf:
-        raise TaxiwayError("the KVM guest failed (KVM internal error)", "use --vm-accel tcg")
     return 128 + 15, "signalled", 15
 
 
+def _stop_requested(m: S.Machine) -> bool:
+    return (m.dir / "stop-requested").exists()
+
+
+def _ours(pid: int, m: S.Machine) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    return m.id in cwd or m.id.encode() in cmd
+
+
 def cleanup(m: S.Machine) -> None:
-    """Nothing outside the machine dir: QEMU runs in its own session and dies with the machine."""
-    if m.pid and S._alive(m.pid):
+    """Kill what a dead supervisor may have left: QEMU (own session) and virtiofsd processes."""
+    if m.pid and S._alive(m.pid) and _ours(m.pid, m):
         with contextlib.suppress(ProcessLookupError):
             os.kill(m.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError, ValueError):
+        for line in (m.dir / "virtiofsd.pids").read_text().split():
+            pid = int(line)
+            if S._alive(pid) and _ours(pid, m):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)

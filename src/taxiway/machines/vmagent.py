@@ -1,0 +1,631 @@
+"""The host side of the micro-VM guest agent (``vmagent.c``): frames, the supervisor's hub, exec clients.
+
+The agent is PID 1 in the guest and speaks one multiplexed, framed protocol
+over a virtio-serial port (``type | channel u32 | length u32 | payload``, see
+the C file). On the host, QEMU serves that port as ``agent.sock`` in the
+machine's directory; the process that runs the VM (the attached ``taxiway
+run``, or the detached supervisor) connects to it and is the hub:
+
+* channel 0 is the main process: its stdout/stderr go to the machine log (and
+  the terminal when attached), the terminal's input to it with ``-i``;
+* ``exec.sock`` (mode 0600) takes ``machines exec`` clients, each given its
+  own channel; the hub rewrites channel numbers and relays frames both ways;
+* a client whose first frame is SIGNAL signals the main process
+  (``machines stop``).
+
+Input is flow-controlled: the agent acknowledges stdin bytes once written to
+the process, and a sender keeps at most ``WINDOW`` bytes unacknowledged, so
+the agent never has to stop reading its port for one slow reader. Sockets
+are reached through ``/proc/self/fd/N/…`` of the machine directory, so a long
+``$TAXIWAY_HOME`` never exceeds the 108-byte limit of unix socket paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from taxiway.errors import TaxiwayError
+
+OPEN, STDIN, STDIN_EOF, STDOUT, STDERR, EXIT, SIGNAL, RESIZE, STARTED, ERROR, READY, ACK = range(1, 13)
+HDR = struct.Struct(">BII")
+MAXPAY = 1 << 20
+WINDOW = 256 * 1024
+CLIENT_BUF_MAX = 8 << 20
+POWEROFF_GRACE = 10.0  # seconds QEMU gets to exit after the main process did  # the hub stops reading the agent while a client has this much unread
+SOURCE = Path(__file__).with_name("vmagent.c")
+
+
+# -- frames (pure) -----------------------------------------------------------------------------
+
+
+def frame(kind: int, ch: int, payload: bytes = b"") -> bytes:
+    return HDR.pack(kind, ch, len(payload)) + payload
+
+
+class Decoder:
+    """Bytes in, ``(type, channel, payload)`` frames out."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        self.buf += data
+        out = []
+        while len(self.buf) >= HDR.size:
+            kind, ch, n = HDR.unpack_from(self.buf)
+            if n > MAXPAY:
+                raise ValueError(f"frame of {n} bytes")
+            if len(self.buf) < HDR.size + n:
+                break
+            out.append((kind, ch, bytes(self.buf[HDR.size:HDR.size + n])))
+            del self.buf[:HDR.size + n]
+        return out
+
+
+def open_payload(argv: list[str], env: list[str], uid: int, gid: int, groups: list[int], cwd: str,
+                 tty: bool = False, rows: int = 24, cols: int = 80, stdin: bool = False) -> bytes:
+    """The OPEN frame's payload: NUL-terminated ``key=value`` items the agent parses."""
+    items = [f"arg={a}" for a in argv] + [f"env={e}" for e in env] + [
+        f"cwd={cwd or '/'}", f"uid={int(uid)}", f"gid={int(gid)}", "groups=" + ",".join(str(int(g)) for g in groups),
+        f"tty={int(tty)}", f"rows={int(rows)}", f"cols={int(cols)}", f"stdin={int(stdin)}"]
+    return b"".join(i.encode() + b"\0" for i in items)
+
+
+def tty_env(env: list[str], tty: bool) -> list[str]:
+    """With a terminal, TERM=xterm unless the machine sets TERM (as Docker does)."""
+    if tty and not any(e.startswith("TERM=") for e in env):
+        return [*env, "TERM=xterm"]
+    return env
+
+
+def exit_status(payload: bytes) -> tuple[int, int]:
+    """EXIT's payload as (code, signal)."""
+    code, sig = struct.unpack(">ii", payload[:8])
+    return code, sig
+
+
+def _i32(v: int) -> bytes:
+    return struct.pack(">i", v)
+
+
+# -- the agent binary --------------------------------------------------------------------------
+
+
+def binary() -> Path:
+    """The static agent, compiled once per source version into ``$TAXIWAY_HOME/vm``."""
+    from taxiway.machines.vm import _vm_dir
+
+    src = SOURCE.read_bytes()
+    out = _vm_dir() / f"tw-agent-{hashlib.sha256(src).hexdigest()[:12]}"
+    if out.exists():
+        return out
+    gcc = shutil.which("gcc")
+    if not gcc:
+        raise TaxiwayError("gcc is needed once to build the micro-VM guest agent", "install gcc and libc6-dev")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    r = subprocess.run([gcc, "-static", "-O2", "-o", str(tmp), str(SOURCE)], capture_output=True)
+    if r.returncode != 0:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        first = (r.stderr.decode(errors="replace").strip().splitlines() or ["gcc failed"])[-1]
+        raise TaxiwayError(f"could not build the micro-VM guest agent: {first[:200]}", "install gcc and libc6-dev")
+    os.replace(tmp, out)
+    return out
+
+
+# -- sockets ------------------------------------------------------------------------------------
+
+
+class DirFd:
+    """An O_PATH handle on a directory, for short socket paths (``/proc/self/fd/N/name``)."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def path(self, name: str) -> str:
+        return f"/proc/self/fd/{self.fd}/{name}"
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def connect(mdir: Path, name: str, timeout: float = 5.0) -> socket.socket:
+    d = DirFd(mdir)
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(timeout)
+        try:
+            s.connect(d.path(name))
+        except OSError:
+            s.close()
+            raise
+        s.settimeout(None)
+        return s
+    finally:
+        d.close()
+
+
+# -- the hub, in the process that runs the VM ------------------------------------------------------
+
+
+class _Client:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.dec = Decoder()
+        self.out = bytearray()
+        self.ch: int | None = None
+        self.closing = False  # close once ``out`` is flushed
+
+
+class Hub:
+    """Relays between the agent, channel 0's log/terminal and exec clients (one select loop)."""
+
+    def __init__(self, m: Any, attached: bool, pump: Any):
+        self.m = m
+        self.attached = attached
+        self.pump = pump
+        self.agent: socket.socket | None = None
+        self.to_agent = bytearray()
+        self.dec = Decoder()
+        self.clients: dict[int, _Client] = {}  # by socket fd
+        self.by_ch: dict[int, _Client] = {}
+        self.next_ch = 1
+        self.main_exit: tuple[int, int] | None = None
+        self.main_error: str | None = None
+        self.started_at: float | None = None
+        self.main_unacked = 0
+        self.stdin_open = False
+        self.tty = False
+        self.pending_signals: list[int] = []
+        self.dirfd = DirFd(m.dir)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.dirfd.path("exec.sock"))
+            self.listener.bind(self.dirfd.path("exec.sock"))  # 0600: root only
+        finally:
+            os.umask(old)
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+
+    # -- setup
+
+    def connect_agent(self, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+        """Connect to QEMU's agent socket (QEMU waits for us before it boots the guest)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                s.connect(self.dirfd.path("agent.sock"))
+                break
+            except OSError:
+                s.close()
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    return  # the caller sees QEMU's exit and its stderr
+                time.sleep(0.005)
+        s.setblocking(False)
+        self.agent = s
+
+    def open_main(self, tty: bool, interactive: bool) -> None:
+        p = self.m.process
+        rows, cols = 24, 80
+        if tty:
+            with contextlib.suppress(OSError):
+                cols, rows = os.get_terminal_size(0)
+        self.tty, self.stdin_open = tty, interactive or tty
+        self.send(OPEN, 0, open_payload(p["argv"], tty_env(p["env"], tty), p["uid"], p["gid"], p.get("groups") or [],
+                                        p.get("workdir") or "/", tty, rows, cols, self.stdin_open))
+
+    def send(self, kind: int, ch: int, payload: bytes = b"") -> None:
+        self.to_agent += frame(kind, ch, payload)
+
+    # -- frames from the agent
+
+    def _from_agent(self, kind: int, ch: int, payload: bytes) -> None:
+        if ch == 0:
+            if kind in (STDOUT, STDERR):
+                stream = "stdout" if kind == STDOUT else "stderr"
+                self.pump.write(stream, payload)
+                if self.attached:
+                    with contextlib.suppress(OSError):
+                        _write_all(1 if kind == STDOUT else 2, payload)
+            elif kind == STARTED:
+                self.started_at = time.monotonic()
+            elif kind == EXIT:
+                self.main_exit = exit_status(payload)
+            elif kind == ERROR:
+                self.main_error = payload.decode(errors="replace")
+                self.pump.write("stderr", payload + b"\n")
+                if self.attached:
+                    with contextlib.suppress(OSError):
+                        _write_all(2, b"error: " + payload + b"\n")
+            elif kind == ACK:
+                self.main_unacked -= struct.unpack(">I", payload[:4])[0]
+            return
+        c = self.by_ch.get(ch)
+        if c is None:
+            return
+        c.out += frame(kind, ch, payload)
+        if kind == EXIT:
+            self.by_ch.pop(ch, None)
+            c.ch = None
+            c.closing = True
+
+    # -- frames from exec clients
+
+    def _from_client(self, c: _Client, kind: int, payload: bytes) -> None:
+        if c.ch is None:
+            if c.closing:
+                return
+            if kind == SIGNAL:  # `machines stop`: signal the main process
+                self.send(SIGNAL, 0, payload[:4])
+                c.closing = True
+                return
+            if kind != OPEN:
+                c.closing = True
+                return
+            try:
+                req = json.loads(payload)
+                argv = [str(a) for a in req["argv"]]
+            except (ValueError, KeyError, TypeError):
+                c.out += frame(ERROR, 0, b"bad exec request") + frame(EXIT, 0, _i32(127) + _i32(0))
+                c.closing = True
+                return
+            p = self.m.process
+            ch = self.next_ch
+            self.next_ch += 1
+            c.ch = ch
+            self.by_ch[ch] = c
+            tty = bool(req.get("tty"))
+            self.send(OPEN, ch, open_payload(argv, tty_env(p["env"], tty), p["uid"], p["gid"], p.get("groups") or [],
+                                             p.get("workdir") or "/", tty,
+                                             int(req.get("rows") or 24), int(req.get("cols") or 80),
+                                             bool(req.get("stdin"))))
+            return
+        if kind in (STDIN, STDIN_EOF, SIGNAL, RESIZE):
+            self.send(kind, c.ch, payload)
+
+    def _drop_client(self, c: _Client) -> None:
+        if c.ch is not None:  # gone before its process: hang it up, as a closed terminal would
+            self.send(STDIN_EOF, c.ch)
+            self.send(SIGNAL, c.ch, _i32(signal.SIGHUP))
+            self.by_ch.pop(c.ch, None)
+        self.clients.pop(c.sock.fileno(), None)
+        with contextlib.suppress(OSError):
+            c.sock.close()
+
+    # -- the loop
+
+    def signal_main(self, sig: int) -> None:
+        self.pending_signals.append(sig)
+
+    def run(self, console: Any) -> None:
+        """Serve until QEMU closes its output (it has exited); ``console`` handles serial lines."""
+        fds: dict[int, str] = {console.out_fd: "console", console.err_fd: "qemu-err"}
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        stdin_fd = 0 if (self.attached and self.stdin_open) else None
+        exit_deadline: float | None = None
+        try:
+            while "console" in fds.values() or "qemu-err" in fds.values():
+                while self.pending_signals:
+                    sig = self.pending_signals.pop(0)
+                    if sig == signal.SIGWINCH:
+                        with contextlib.suppress(OSError):
+                            cols, rows = os.get_terminal_size(0)
+                            self.send(RESIZE, 0, struct.pack(">HH", rows, cols))
+                    else:
+                        self.send(SIGNAL, 0, _i32(sig))
+                rl: list[Any] = [*fds, wake_r, self.listener]
+                wl: list[Any] = []
+                if self.agent is not None:
+                    if not any(len(c.out) > CLIENT_BUF_MAX for c in self.clients.values()):
+                        rl.append(self.agent)
+                    if self.to_agent:
+                        wl.append(self.agent)
+                for c in list(self.clients.values()):
+                    if not c.closing:
+                        rl.append(c.sock)
+                    if c.out:
+                        wl.append(c.sock)
+                    elif c.closing:
+                        self._drop_client(c)
+                        continue
+                if stdin_fd is not None and self.main_unacked < WINDOW and self.main_exit is None:
+                    rl.append(stdin_fd)
+                timeout = None
+                if self.main_exit is not None:  # the guest powers off now; do not wait for a stuck one forever
+                    if exit_deadline is None:
+                        exit_deadline = time.monotonic() + POWEROFF_GRACE
+                    timeout = exit_deadline - time.monotonic()
+                    if timeout <= 0:
+                        return
+                try:
+                    r, w, _ = select.select(rl, wl, [], timeout)
+                except InterruptedError:
+                    continue
+                for x in r:
+                    if x == wake_r:
+                        with contextlib.suppress(OSError):
+                            os.read(wake_r, 512)
+                    elif x is self.listener:
+                        with contextlib.suppress(OSError):
+                            cs, _ = self.listener.accept()
+                            cs.setblocking(False)
+                            self.clients[cs.fileno()] = _Client(cs)
+                    elif x is self.agent:
+                        try:
+                            data = self.agent.recv(65536)
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        except OSError:
+                            data = b""
+                        if not data:
+                            self.agent.close()
+                            self.agent = None
+                            continue
+                        for kind, ch, payload in self.dec.feed(data):
+                            self._from_agent(kind, ch, payload)
+                    elif x == stdin_fd:
+                        try:
+                            data = os.read(0, 65536)
+                        except OSError:
+                            data = b""
+                        if data:
+                            self.main_unacked += len(data)
+                            self.send(STDIN, 0, data)
+                        else:
+                            self.send(STDIN_EOF, 0)
+                            stdin_fd = None
+                    elif isinstance(x, int) and x in fds:
+                        try:
+                            data = os.read(x, 65536)
+                        except OSError:
+                            data = b""
+                        if not data:
+                            fds.pop(x)
+                        else:
+                            console.feed(fds[x], data)
+                    elif isinstance(x, socket.socket):
+                        c = self.clients.get(x.fileno())
+                        if c is None:
+                            continue
+                        try:
+                            data = x.recv(65536)
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        except OSError:
+                            data = b""
+                        if not data:
+                            self._drop_client(c)
+                            continue
+                        try:
+                            frames = c.dec.feed(data)
+                        except ValueError:
+                            self._drop_client(c)
+                            continue
+                        for kind, _ch, payload in frames:
+                            self._from_client(c, kind, payload)
+                for x in w:
+                    if x is self.agent and self.agent is not None:
+                        try:
+                            n = self.agent.send(self.to_agent)
+                            del self.to_agent[:n]
+                        except (BlockingIOError, InterruptedError):
+                            pass
+                        except OSError:
+                            self.to_agent.clear()
+                    elif isinstance(x, socket.socket):
+                        c = self.clients.get(x.fileno())
+                        if c is None:
+                            continue
+                        try:
+                            n = x.send(c.out)
+                            del c.out[:n]
+                        except (BlockingIOError, InterruptedError):
+                            pass
+                        except OSError:
+                            self._drop_client(c)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(wake_r)
+            os.close(wake_w)
+
+    def close(self) -> None:
+        """The VM is gone: tell exec clients still waiting, and remove the sockets."""
+        for c in list(self.clients.values()):
+            if c.ch is not None:
+                c.out += frame(ERROR, c.ch, b"the machine stopped") + frame(EXIT, c.ch, _i32(255) + _i32(0))
+            with contextlib.suppress(OSError):
+                c.sock.setblocking(True)
+                c.sock.settimeout(1)
+                c.sock.sendall(c.out)
+            with contextlib.suppress(OSError):
+                c.sock.close()
+        self.clients.clear()
+        with contextlib.suppress(OSError):
+            self.listener.close()
+        for name in ("exec.sock", "agent.sock"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.dirfd.path(name))
+        if self.agent is not None:
+            with contextlib.suppress(OSError):
+                self.agent.close()
+        self.dirfd.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
+# -- clients: `machines exec` and `machines stop` ---------------------------------------------------
+
+
+def _exec_socket(m: Any) -> socket.socket:
+    try:
+        return connect(m.dir, "exec.sock")
+    except OSError as e:
+        raise TaxiwayError(f"cannot reach the agent of micro-VM {m.name} ({e.strerror or e})",
+                           f"check that it runs: `taxiway machines ls`; its log: `taxiway machines logs {m.name}`") from None
+
+
+def signal_main(m: Any, sig: int) -> bool:
+    """Ask the VM's supervisor to deliver ``sig`` to the main process; False if it cannot be reached."""
+    try:
+        s = connect(m.dir, "exec.sock", timeout=2)
+    except OSError:
+        return False
+    try:
+        s.sendall(frame(SIGNAL, 0, _i32(sig)))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def exec_client(m: Any, argv: list[str], tty: bool = False, interactive: bool = False) -> int:
+    """Run ``argv`` in a running micro-VM through its agent; returns the exit code."""
+    s = _exec_socket(m)
+    local_tty = tty and os.isatty(0)
+    rows, cols = 24, 80
+    if local_tty:
+        with contextlib.suppress(OSError):
+            cols, rows = os.get_terminal_size(0)
+    stdin = interactive
+    s.sendall(frame(OPEN, 0, json.dumps({"argv": argv, "tty": tty, "rows": rows, "cols": cols,
+                                          "stdin": stdin}).encode()))
+    if not stdin:
+        s.sendall(frame(STDIN_EOF, 0))
+    dec = Decoder()
+    out = bytearray()
+    unacked = 0
+    pending: list[int] = []
+    code: int | None = None
+    error: str | None = None
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    handled = [signal.SIGWINCH] if local_tty else [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT]
+    old_handlers = {sig: signal.signal(sig, lambda n, _f: pending.append(n)) for sig in handled}
+    term_state = None
+    stdin_fd: int | None = 0 if stdin else None
+    try:
+        if local_tty:
+            import termios
+            import tty as _tty
+
+            term_state = termios.tcgetattr(0)
+            _tty.setraw(0, termios.TCSANOW)
+        s.setblocking(False)
+        while code is None:
+            while pending:
+                sig = pending.pop(0)
+                if sig == signal.SIGWINCH:
+                    with contextlib.suppress(OSError):
+                        cols, rows = os.get_terminal_size(0)
+                        out += frame(RESIZE, 0, struct.pack(">HH", rows, cols))
+                else:
+                    out += frame(SIGNAL, 0, _i32(sig))
+            rl: list[Any] = [s, wake_r]
+            if stdin_fd is not None and unacked < WINDOW:
+                rl.append(stdin_fd)
+            try:
+                r, w, _ = select.select(rl, [s] if out else [], [])
+            except InterruptedError:
+                continue
+            if wake_r in r:
+                with contextlib.suppress(OSError):
+                    os.read(wake_r, 512)
+            if stdin_fd is not None and stdin_fd in r:
+                try:
+                    data = os.read(stdin_fd, 65536)
+                except OSError:
+                    data = b""
+                if data:
+                    unacked += len(data)
+                    out += frame(STDIN, 0, data)
+                else:
+                    out += frame(STDIN_EOF, 0)
+                    stdin_fd = None
+            if s in w:
+                try:
+                    n = s.send(out)
+                    del out[:n]
+                except (BlockingIOError, InterruptedError):
+                    pass
+                except OSError:
+                    break
+            if s in r:
+                try:
+                    data = s.recv(65536)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    break
+                for kind, _ch, payload in dec.feed(data):
+                    if kind == STDOUT:
+                        _write_all(1, payload)
+                    elif kind == STDERR:
+                        _write_all(2, payload)
+                    elif kind == ACK:
+                        unacked -= struct.unpack(">I", payload[:4])[0]
+                    elif kind == ERROR:
+                        error = payload.decode(errors="replace")
+                    elif kind == EXIT:
+                        c, sig = exit_status(payload)
+                        code = 128 + sig if sig else c
+    finally:
+        if term_state is not None:
+            import termios
+
+            termios.tcsetattr(0, termios.TCSADRAIN, term_state)
+        for sig, h in old_handlers.items():
+            signal.signal(sig, h)
+        signal.set_wakeup_fd(old_wakeup)
+        os.close(wake_r)
+        os.close(wake_w)
+        s.close()
+    if error and (code is None or code in (127, 255)):
+        raise TaxiwayError(error if error != "the machine stopped" else f"micro-VM {m.name} stopped during exec",
+                           "check the command and the machine's image")
+    if code is None:
+        raise TaxiwayError(f"lost the connection to micro-VM {m.name} during exec",
+                           f"see `taxiway machines logs {m.name}`")
+    return code
+
+
+def wait_socket(path: Path, proc: subprocess.Popen | None, timeout: float) -> bool:
+    """Wait for a daemon (virtiofsd) to create its socket."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    return path.exists()
+
