@@ -166,6 +166,30 @@ def test_logs_follow_until_exit(busybox, taxiway_home):
     tw("machines", "rm", "talker")
 
 
+def test_log_rotates_and_tails_and_follows_across_rotation(busybox, taxiway_home, monkeypatch):
+    monkeypatch.setenv("TAXIWAY_LOG_MAX_BYTES", "100000")  # the supervisor inherits it
+    # 20,000 numbered lines (~1 MB of log: ten rotations) in bursts, then a 150 KB "line" with no newline
+    script = ("i=0; while [ $i -lt 20000 ]; do echo line$i; i=$((i+1)); "
+              "[ $((i % 500)) -eq 0 ] && sleep 0.2; done; sleep 0.5; "
+              "head -c 150000 /dev/zero | tr '\\0' x; echo; sleep 0.5; echo done")
+    r = tw("run", "-d", "--name", "chatty", busybox, "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    f = tw("machines", "logs", "-f", "-n", "0", "chatty", timeout=180)  # new lines only, across rotations
+    assert tw("machines", "wait", "chatty").stdout == b"0\n"
+    got = f.stdout.decode().splitlines()
+    nums = [int(x[4:]) for x in got if x.startswith("line")]
+    assert nums and nums == list(range(nums[0], 20000)), nums[:3]  # nothing lost or repeated
+    assert got[-1] == "done"
+    d = next((taxiway_home / "machines").glob("*/log")).parent
+    assert {p.name for p in d.glob("log*")} == {"log", "log.1"}
+    assert all(p.stat().st_size <= 100000 + 70000 for p in d.glob("log*"))  # bounded: one chunk over at most
+    tail = tw("machines", "logs", "--tail", "3", "chatty").stdout.decode().splitlines()
+    assert tail[-1] == "done" and len(tail) == 3
+    assert all(set(t) == {"x"} and len(t) <= 65536 for t in tail[:2])  # a long line is split in 64 KiB pieces
+    assert tw("machines", "logs", "-n", "-1", "chatty").returncode != 0
+    tw("machines", "rm", "chatty")
+
+
 def test_restart_policy(busybox, taxiway_home):
     r = tw("run", "-d", "--name", "flaky", "--restart", "on-failure:2", busybox, "sh", "-c", "echo try; exit 1")
     assert r.returncode == 0

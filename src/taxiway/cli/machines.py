@@ -81,12 +81,13 @@ def ls(all_, as_json, quiet):
 @click.argument("machine")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new output until the machine exits.")
 @click.option("-t", "--timestamps", is_flag=True, help="Show each line's time.")
-def logs(machine, follow, timestamps):
-    """Print a machine's output."""
+@click.option("-n", "--tail", type=click.IntRange(min=0), help="Only the last N lines (then new ones with -f).")
+def logs(machine, follow, timestamps, tail):
+    """Print a machine's output (the log keeps the last 16-32 MiB: it rotates once)."""
     from taxiway.machines import runtime
     from taxiway.machines import state as S
 
-    runtime.read_logs(S.find(machine), timestamps=timestamps, follow=follow)
+    runtime.read_logs(S.find(machine), timestamps=timestamps, follow=follow, tail=tail)
 
 
 @machines.command()

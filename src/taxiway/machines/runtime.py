@@ -207,25 +207,46 @@ def _ts() -> bytes:
     return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1e6):06d}Z").encode()
 
 
+LOG_MAX = int(os.environ.get("TAXIWAY_LOG_MAX_BYTES", 16 << 20))  # then log -> log.1 (one old file kept)
+LINE_MAX = 64 << 10  # a longer line (or output with no newline at all) is split: memory stays bounded
+
+
 class _LogPump:
-    """Copies machine output to its log (timestamped lines) and, when attached, to our terminal."""
+    """Copies machine output to its log (timestamped lines), rotating it at ``LOG_MAX`` bytes.
+
+    Two files at most: ``log`` and ``log.1``, so a chatty machine can't fill the disk.
+    """
 
     def __init__(self, path: Path):
+        self.path = path
         self.f = open(path, "ab", buffering=0)
+        self.size = self.f.tell()
         self.partial: dict[str, bytes] = {}
+
+    def _emit(self, chunk: bytes) -> None:
+        if self.size + len(chunk) > LOG_MAX and self.size:
+            self.f.close()
+            os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+            self.f = open(self.path, "ab", buffering=0)
+            self.size = 0
+        self.f.write(chunk)
+        self.size += len(chunk)
 
     def write(self, stream: str, data: bytes) -> None:
         buf = self.partial.get(stream, b"") + data
         *lines, rest = buf.split(b"\n")
+        while len(rest) > LINE_MAX:
+            lines.append(rest[:LINE_MAX])
+            rest = rest[LINE_MAX:]
         if lines:
             ts = _ts()
-            self.f.write(b"".join(ts + b" " + stream.encode() + b" " + ln + b"\n" for ln in lines))
+            self._emit(b"".join(ts + b" " + stream.encode() + b" " + ln + b"\n" for ln in lines))
         self.partial[stream] = rest
 
     def close(self) -> None:
         for stream, rest in self.partial.items():
             if rest:
-                self.f.write(_ts() + b" " + stream.encode() + b" " + rest + b"\n")
+                self._emit(_ts() + b" " + stream.encode() + b" " + rest + b"\n")
         self.f.close()
 
 
@@ -648,32 +669,58 @@ def exec_in(m: S.Machine, argv: list[str], tty: bool = False, interactive: bool 
     return namespace.enter(m.pid, m.process, argv, [str(p / "cgroup.procs") for p in Cgroup(m.id).paths()], tty)
 
 
-def read_logs(m: S.Machine, timestamps: bool = False, follow: bool = False) -> None:
-    """Print the machine's log (timestamps only if asked); ``follow`` keeps printing until it exits."""
+def read_logs(m: S.Machine, timestamps: bool = False, follow: bool = False, tail: int | None = None) -> None:
+    """Print the machine's log (timestamps only if asked); ``tail``: only the last N lines first;
+    ``follow`` keeps printing until it exits (across rotations of the log)."""
     import sys
 
     path = m.dir / "log"
-    pos = 0
+
+    def emit(lines: list[bytes]) -> None:
+        for line in lines:
+            ts, _, rest = line.partition(b" ")
+            stream, _, text = rest.partition(b" ")
+            out = sys.stderr.buffer if stream == b"stderr" else sys.stdout.buffer
+            out.write((ts + b" " + text if timestamps else text) + b"\n")
+        sys.stdout.buffer.flush()
+        sys.stderr.buffer.flush()
+
+    def read_from(p: Path, at: int) -> tuple[list[bytes], int, int | None]:
+        """Whole lines of ``p`` from offset ``at``: (lines, new offset, inode)."""
+        try:
+            with open(p, "rb") as f:
+                ino = os.fstat(f.fileno()).st_ino
+                f.seek(at)
+                data = f.read()
+        except FileNotFoundError:
+            return [], at, None
+        end = data.rfind(b"\n") + 1
+        return data[:end].splitlines(), at + end, ino
+
+    old, _, _ = read_from(path.with_name("log.1"), 0)
+    cur, pos, ino = read_from(path, 0)
+    lines = old + cur
+    if tail is not None:
+        lines = lines[-tail:] if tail > 0 else []
+    emit(lines)
     last = not follow
-    while True:
-        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
-            f.seek(pos)
-            data = f.read()
-            end = data.rfind(b"\n") + 1
-            for line in data[:end].splitlines():
-                ts, _, rest = line.partition(b" ")
-                stream, _, text = rest.partition(b" ")
-                out = sys.stderr.buffer if stream == b"stderr" else sys.stdout.buffer
-                out.write((ts + b" " + text if timestamps else text) + b"\n")
-                out.flush()
-            pos += end
-        if last:
-            return
-        cur = S.load(m.id)
-        if cur is None or cur.status() in ("exited", "failed", "created"):
-            last = True
-            continue
-        time.sleep(0.1)
+    while not last:
+        cur_m = S.load(m.id)
+        if cur_m is None or cur_m.status() in ("exited", "failed", "created"):
+            last = True  # one more read below, then stop
+        try:
+            now = os.stat(path).st_ino
+        except FileNotFoundError:
+            now = None
+        if ino is not None and now != ino:  # rotated: the rest of the old file, then the new one from 0
+            rest, _, _ = read_from(path.with_name("log.1"), pos)
+            emit(rest)
+            pos, ino = 0, now
+        more, pos, seen = read_from(path, pos)
+        ino = ino if ino is not None else seen
+        emit(more)
+        if not last:
+            time.sleep(0.1)
 
 
 # -- garbage collection ----------------------------------------------------------------------
