@@ -122,3 +122,21 @@ def test_a_plain_http_loopback_client_never_loads_the_trust_store(monkeypatch, t
         assert isinstance(c._http._transport_for_url(httpx.URL("https://127.0.0.1:5000/v2/")), client_mod._LazyTLSTransport)
         assert not isinstance(c._http._transport_for_url(httpx.URL("http://127.0.0.1:5000/v2/")),
                               client_mod._LazyTLSTransport)
+
+
+def test_directory_owners_are_exact_with_the_chowns_skipped(tmp_path):
+    """Directories this layer made skip a chown only when they already have the entry's owner."""
+    if os.geteuid() != 0:
+        pytest.skip(reason="owners are applied when root")
+    root = tmp_path / "root"
+    root.mkdir()
+    apply_layer(root, io.BytesIO(make_layer([Entry("sg", "dir", mode=0o2775, gid=50), Entry("lower", "dir", uid=7, gid=8)])),
+                TAR)
+    apply_layer(root, io.BytesIO(make_layer([
+        Entry("sg/d", "dir"),  # made below a setgid parent: inherits gid 50, must be chowned back to 0
+        Entry("lower", "dir"),  # merged with a lower layer's directory owned by 7:8: back to 0:0
+        Entry("mine", "dir"), Entry("mine/x", "dir", uid=3, gid=4),
+        Entry("twice", "dir"), Entry("twice", "dir", uid=5, gid=6),  # re-declared: the last entry's owner
+    ])), TAR)
+    owners = {p: (os.stat(root / p).st_uid, os.stat(root / p).st_gid) for p in ("sg/d", "lower", "mine", "mine/x", "twice")}
+    assert owners == {"sg/d": (0, 0), "lower": (0, 0), "mine": (0, 0), "mine/x": (3, 4), "twice": (5, 6)}

@@ -438,8 +438,11 @@ class _Applier:
                     self.xattr_warned.add(name)
                     self.stats.warn(f"{m.name}: xattr {name} not set ({e.strerror})")
 
-    def _meta_fd(self, fd: int, m: tarfile.TarInfo) -> None:
-        if self.same_owner:
+    def _meta_fd(self, fd: int, m: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
+        """A directory's metadata (at the end of its layer)."""
+        # A directory this layer made (mkdir: ours, or its setgid parent's group) needs no
+        # chown when the entry asks for exactly that owner; a merged one always gets it.
+        if self.same_owner and not (parts and parts in self.fresh and not self._needs_chown(m, parts[:-1])):
             os.fchown(fd, m.uid, m.gid)
         self._set_xattrs(fd, m)
         os.fchmod(fd, m.mode & 0o7777)
@@ -711,7 +714,7 @@ class _Applier:
             if parts not in self.dirs:
                 self._with_dir(parts, lambda fd, t=times: os.utime(fd, ns=t))
         for parts in sorted(self.dirs, key=len, reverse=True):
-            self._with_dir(parts, lambda fd, m=self.dirs[parts]: self._meta_fd(fd, m))
+            self._with_dir(parts, lambda fd, m=self.dirs[parts], p=parts: self._meta_fd(fd, m, p))
 
     def _with_dir(self, parts: tuple[str, ...], fn: Callable[[int], None]) -> None:
         try:
