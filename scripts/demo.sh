@@ -79,6 +79,9 @@ taxiway run --rm --memory 64m --pids-limit 64 "$IMAGE" sh -c 'echo "inside: pid 
 
 step "taxiway run --isolation vm $IMAGE (a QEMU micro-VM; KVM where it works, else TCG emulation)"
 taxiway run --rm --isolation vm "$IMAGE" echo hello from a taxiway machine
+VM=$(taxiway run -d --isolation vm "$IMAGE" sleep 600 2>/dev/null)
+taxiway machines exec "$VM" sh -c 'echo "machines exec into the micro-VM: kernel $(uname -r), PID 1 is $(cat /proc/1/comm)"'
+taxiway machines rm -f "$VM" >/dev/null
 
 step "Done"
 echo "registry stopped, demo state removed ($DEMO)"

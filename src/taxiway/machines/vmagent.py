@@ -515,12 +515,14 @@ def exec_client(m: Any, argv: list[str], tty: bool = False, interactive: bool = 
         with contextlib.suppress(OSError):
             cols, rows = os.get_terminal_size(0)
     stdin = interactive
-    s.sendall(frame(OPEN, 0, json.dumps({"argv": argv, "tty": tty, "rows": rows, "cols": cols,
-                                          "stdin": stdin}).encode()))
+    # the request (and EOF without -i) go out with the loop's other writes: the process may be over,
+    # and the hub gone, before we finish sending; what it answered is still ours to read
+    out = bytearray(frame(OPEN, 0, json.dumps({"argv": argv, "tty": tty, "rows": rows, "cols": cols,
+                                               "stdin": stdin}).encode()))
     if not stdin:
-        s.sendall(frame(STDIN_EOF, 0))
+        out += frame(STDIN_EOF, 0)
     dec = Decoder()
-    out = bytearray()
+    sending = True
     unacked = 0
     pending: list[int] = []
     code: int | None = None
@@ -552,7 +554,7 @@ def exec_client(m: Any, argv: list[str], tty: bool = False, interactive: bool = 
             if stdin_fd is not None and unacked < WINDOW:
                 rl.append(stdin_fd)
             try:
-                r, w, _ = select.select(rl, [s] if out else [], [])
+                r, w, _ = select.select(rl, [s] if out and sending else [], [])
             except InterruptedError:
                 continue
             if wake_r in r:
@@ -575,8 +577,10 @@ def exec_client(m: Any, argv: list[str], tty: bool = False, interactive: bool = 
                     del out[:n]
                 except (BlockingIOError, InterruptedError):
                     pass
-                except OSError:
-                    break
+                except OSError:  # the hub closed our channel (its process is done): read its last frames
+                    sending = False
+                    stdin_fd = None
+                    out.clear()
             if s in r:
                 try:
                     data = s.recv(65536)
