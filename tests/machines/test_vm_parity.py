@@ -59,7 +59,7 @@ def netns_count() -> int:
 
 def wait_log(name: str, text: bytes, timeout: float = BOOT) -> None:
     deadline = time.time() + timeout
-    while text not in tw("machines", "logs", name).stdout:
+    while text not in (r := tw("machines", "logs", name)).stdout + r.stderr:
         assert time.time() < deadline, f"{text!r} never appeared in the log of {name}"
         time.sleep(0.3)
 
@@ -104,8 +104,8 @@ def in_pty(argv: list[str], inputs: list[bytes], rows: int = 33, cols: int = 111
 def test_vm_exec_env_stdin_concurrent_tty_stop_and_rm(busybox, taxiway_home):
     ns_before = netns_count()
     r = tw("run", "-d", "--name", "vx", "--isolation", "vm", "-w", "/srv", "-u", "app", "-e", "FOO=bar", busybox,
-           "sh", "-c", 'trap "echo trapped TERM; exit 42" TERM; echo booted; while true; do sleep 1; done',
-           timeout=BOOT)
+           "sh", "-c", 'trap "echo trapped TERM; exit 42" TERM; echo booted; echo warn >&2; '
+           'while true; do sleep 1; done', timeout=BOOT)
     assert r.returncode == 0, r.stderr
     mid = r.stdout.decode().strip()
     # exec right away: the agent serves it as soon as the guest is up
@@ -113,7 +113,9 @@ def test_vm_exec_env_stdin_concurrent_tty_stop_and_rm(busybox, taxiway_home):
            timeout=BOOT)
     assert r.returncode == 7, r.stderr
     assert r.stdout.decode() == f"bar 1000 /srv {mid[:12]}\n" and r.stderr == b"oops\n"
-    wait_log("vx", b"booted")
+    wait_log("vx", b"warn")
+    log = (taxiway_home / "machines" / mid / "log").read_bytes().decode()
+    assert " stdout booted\n" in log and " stderr warn\n" in log  # the agent keeps the streams apart
     # -i: stdin reaches the process, EOF ends it
     data = b"".join(b"line %d\n" % i for i in range(20000))  # ~200 KB: more than one flow-control window
     r = tw("machines", "exec", "-i", "vx", "cat", input=data, timeout=BOOT)
@@ -165,6 +167,10 @@ def test_vm_run_it_reads_commands_from_the_terminal(busybox, taxiway_home):
     text = out.decode(errors="replace")
     assert code == 3, text
     assert "/dev/pts/0" in text and "40 100" in text and "42" in text, text
+    # -i without -t: our stdin is the main process's, stdout and stderr stay apart
+    r = tw("run", "-i", "--rm", "--isolation", "vm", busybox, "sh", "-c", "wc -l; echo done >&2; exit 4",
+           input=b"a\nb\nc\n", timeout=BOOT)
+    assert r.returncode == 4 and r.stdout.split() == [b"3"] and r.stderr.endswith(b"done\n"), r.stderr
     assert host_state(taxiway_home)["machines"] == [] and procs_of(taxiway_home) == []
 
 

@@ -5,16 +5,37 @@
   namespace), kept under ``$TAXIWAY_HOME/vm/disks`` with a lease on its layers.
 * Per machine, a qcow2 file backed by that image is its copy-on-write disk
   (the analog of an LVM thin snapshot).
-* The kernel is Debian's cloud kernel; the initramfs (built once per kernel)
-  carries static busybox, the virtio modules it must load before mounting the
-  root disk, and an init script. The host appends a tiny second cpio archive
-  with this machine's config (the kernel unpacks concatenated archives).
-* The init mounts the disk, the API filesystems and /etc files, runs the
-  entrypoint as the image's user (busybox ``nsenter -r -w -S -G``), prints
-  its exit code on the serial console and powers off. The console is the
-  machine's log; the exit code is parsed from it.
+* The kernel is Debian's cloud kernel; the initramfs (built once per kernel,
+  init and agent version) carries static busybox, the virtio modules (blk,
+  console, net, fs), the init script and the guest agent. The host appends a
+  tiny second cpio archive with this machine's hostname, workdir, eth0
+  address and volumes (the kernel unpacks concatenated archives).
+* The init mounts the disk, the volumes (virtiofs), the API filesystems and
+  /etc files, configures eth0, then ``exec``s the agent (``vmagent.c``), which
+  is PID 1 from then on: it runs the main process and ``machines exec``
+  processes and talks to the host over a virtio-serial port
+  (:mod:`taxiway.machines.vmagent` is the host side). The serial console keeps
+  the kernel's messages (saved as ``console``) and a fallback exit mark.
+* QEMU runs in a network namespace of its own (``unshare --net``). With a NIC,
+  a tap device there is the guest's only link, and ``-p`` forwarders enter
+  that namespace to connect to the guest.
+* ``-v``: one virtiofsd per volume; ``:ro`` is a read-only bind in virtiofsd's
+  own mount namespace, so the guest cannot write even by remounting.
 * KVM is probed once with a tiny guest; where it does not work (nested
   virtualization, as on these hosts) the VM runs under TCG and says so.
+
+Deviations from the first design, and why:
+
+* The tap's addresses are IPv4 link-local (169.254.77.1/.2, /30), not ULA
+  under fdaa::/16: the pair exists only inside the namespace made for this
+  one QEMU, IPv4 needs no duplicate address detection (no wait before the
+  first connection), and busybox ``ip`` configures it in one line. The
+  private network between machines (the platform's) stays ULA.
+* The main process's argv/env/user come in the host's OPEN frame for
+  channel 0, not in the initramfs: one code path for the main process and
+  exec, and the host knows the terminal size at start (``run -t``).
+* The protocol adds READY and ACK frames (stdin flow control, see
+  :mod:`taxiway.machines.vmagent`) and ERROR (a setup failure as one line).
 """
 
 from __future__ import annotations
@@ -548,8 +569,19 @@ def run_once(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, str, i
         console = _Console(proc, d / "console")
         old = {}
         if attached:
+            asked = [0]
+
+            def forward(signum: int, _f: Any) -> None:
+                # to the main process through the agent; a third interrupt gives up on the guest
+                if signum != signal.SIGWINCH:
+                    asked[0] += 1
+                    if asked[0] >= 3:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(proc.pid, signal.SIGKILL)
+                hub.signal_main(signum)
+
             for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, *((signal.SIGWINCH,) if tty else ())):
-                old[s] = signal.signal(s, lambda n, _f: hub.signal_main(n))
+                old[s] = signal.signal(s, forward)
         term_state = None
         try:
             if tty and os.isatty(0):
