@@ -116,6 +116,8 @@ def test_vm_exec_env_stdin_concurrent_tty_stop_and_rm(busybox, taxiway_home):
     wait_log("vx", b"warn")
     log = (taxiway_home / "machines" / mid / "log").read_bytes().decode()
     assert " stdout booted\n" in log and " stderr warn\n" in log  # the agent keeps the streams apart
+    events = json.loads(tw("machines", "inspect", "vx").stdout)[0]["events"]
+    assert any(e["type"] == "entrypoint" and e["boot_ms"] > 0 for e in events)  # recorded as it happens
     # -i: stdin reaches the process, EOF ends it
     data = b"".join(b"line %d\n" % i for i in range(20000))  # ~200 KB: more than one flow-control window
     r = tw("machines", "exec", "-i", "vx", "cat", input=data, timeout=BOOT)

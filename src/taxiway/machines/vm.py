@@ -551,6 +551,14 @@ def run_once(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, str, i
                      "-device", f"vhost-user-fs-device,chardev=fs{i},tag=vol{i}"]
         hub = vmagent.Hub(m, attached, None)
         t0 = time.monotonic()
+
+        def entrypoint(at: float) -> None:
+            boot_ms = int((at - t0) * 1000)
+            m.event("entrypoint", boot_ms=boot_ms, accel=m.accel)
+            with contextlib.suppress(OSError):
+                (d / "boot_ms").write_text(str(boot_ms))
+
+        hub.on_main_started = entrypoint
         # relative socket paths (cwd = the machine dir): unix socket paths are limited to 108 bytes
         proc = subprocess.Popen(argv, cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, start_new_session=True)
@@ -612,11 +620,6 @@ def run_once(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, str, i
         _stop_procs(fsd)
         with contextlib.suppress(FileNotFoundError):
             (d / "virtiofsd.pids").unlink()
-    if hub.started_at is not None:
-        boot_ms = int((hub.started_at - t0) * 1000)
-        m.event("entrypoint", boot_ms=boot_ms, accel=m.accel)
-        with contextlib.suppress(OSError):
-            (d / "boot_ms").write_text(str(boot_ms))
     if hub.main_error:
         m.error = hub.main_error
     elif console.error:

@@ -15,7 +15,11 @@ run``, or the detached supervisor) connects to it and is the hub:
 
 Input is flow-controlled: the agent acknowledges stdin bytes once written to
 the process, and a sender keeps at most ``WINDOW`` bytes unacknowledged, so
-the agent never has to stop reading its port for one slow reader. Sockets
+the agent never has to stop reading its port for one slow reader. Output is
+bounded, not windowed: the agent stops reading processes while its queue to
+the port is full, and the hub stops reading the agent while an exec client
+has ``CLIENT_BUF_MAX`` bytes it has not taken (that client then slows every
+channel down; none grows without bound). Sockets
 are reached through ``/proc/self/fd/N/…`` of the machine directory, so a long
 ``$TAXIWAY_HOME`` never exceeds the 108-byte limit of unix socket paths.
 """
@@ -191,6 +195,7 @@ class Hub:
         self.stdin_open = False
         self.tty = False
         self.pending_signals: list[int] = []
+        self.on_main_started: Any = None  # called with the monotonic time the main process was exec'd
         self.dirfd = DirFd(m.dir)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
@@ -246,6 +251,8 @@ class Hub:
                         _write_all(1 if kind == STDOUT else 2, payload)
             elif kind == STARTED:
                 self.started_at = time.monotonic()
+                if self.on_main_started is not None:
+                    self.on_main_started(self.started_at)
             elif kind == EXIT:
                 self.main_exit = exit_status(payload)
             elif kind == ERROR:
