@@ -376,12 +376,9 @@ class Hub:
                             cs.setblocking(False)
                             self.clients[cs.fileno()] = _Client(cs)
                     elif x is self.agent:
-                        try:
-                            data = self.agent.recv(65536)
-                        except (BlockingIOError, InterruptedError):
+                        data = _recv(self.agent)
+                        if data is None:
                             continue
-                        except OSError:
-                            data = b""
                         if not data:
                             self.agent.close()
                             self.agent = None
@@ -412,12 +409,9 @@ class Hub:
                         c = self.clients.get(x.fileno())
                         if c is None:
                             continue
-                        try:
-                            data = x.recv(65536)
-                        except (BlockingIOError, InterruptedError):
+                        data = _recv(x)
+                        if data is None:
                             continue
-                        except OSError:
-                            data = b""
                         if not data:
                             self._drop_client(c)
                             continue
@@ -474,6 +468,16 @@ class Hub:
             with contextlib.suppress(OSError):
                 self.agent.close()
         self.dirfd.close()
+
+
+def _recv(sock: socket.socket) -> bytes | None:
+    """What a non-blocking socket has: None if nothing yet, b"" once it is closed (or broken)."""
+    try:
+        return sock.recv(65536)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -589,12 +593,9 @@ def exec_client(m: Any, argv: list[str], tty: bool = False, interactive: bool = 
                     stdin_fd = None
                     out.clear()
             if s in r:
-                try:
-                    data = s.recv(65536)
-                except (BlockingIOError, InterruptedError):
+                data = _recv(s)
+                if data is None:
                     continue
-                except OSError:
-                    data = b""
                 if not data:
                     break
                 for kind, _ch, payload in dec.feed(data):
