@@ -10,6 +10,7 @@ import json
 import os
 import pty
 import select
+import signal
 import socket
 import struct
 import subprocess
@@ -119,7 +120,7 @@ def test_vm_exec_env_stdin_concurrent_tty_stop_and_rm(busybox, taxiway_home):
     events = json.loads(tw("machines", "inspect", "vx").stdout)[0]["events"]
     assert any(e["type"] == "entrypoint" and e["boot_ms"] > 0 for e in events)  # recorded as it happens
     # -i: stdin reaches the process, EOF ends it
-    data = b"".join(b"line %d\n" % i for i in range(20000))  # ~200 KB: more than one flow-control window
+    data = b"".join(b"line %d\n" % i for i in range(40000))  # ~430 KB: more than one flow-control window
     r = tw("machines", "exec", "-i", "vx", "cat", input=data, timeout=BOOT)
     assert r.returncode == 0 and r.stdout == data, r.stderr
     # without -i the process sees no input
@@ -173,6 +174,13 @@ def test_vm_run_it_reads_commands_from_the_terminal(busybox, taxiway_home):
     r = tw("run", "-i", "--rm", "--isolation", "vm", busybox, "sh", "-c", "wc -l; echo done >&2; exit 4",
            input=b"a\nb\nc\n", timeout=BOOT)
     assert r.returncode == 4 and r.stdout.split() == [b"3"] and r.stderr.endswith(b"done\n"), r.stderr
+    # Ctrl-C of an attached run reaches the main process through the agent
+    p = subprocess.Popen([sys.executable, "-m", "taxiway", "run", "--rm", "--isolation", "vm", busybox, "sh", "-c",
+                          'trap "echo interrupted; exit 9" INT; echo up; while true; do sleep 1; done'],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert p.stdout.readline() == b"up\n"
+    p.send_signal(signal.SIGINT)
+    assert p.wait(BOOT) == 9 and p.stdout.read() == b"interrupted\n"
     assert host_state(taxiway_home)["machines"] == [] and procs_of(taxiway_home) == []
 
 
