@@ -45,10 +45,11 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--cpus",), "cpus", "value", "CPU limit, e.g. 0.5 or 2.", float),
     Opt(("--pids-limit",), "pids_limit", "value", "Maximum number of tasks (stops fork bombs).", int),
     Opt(("--restart",), "restart", "value", "no, on-failure[:N] or always.", None, "no"),
-    Opt(("-v", "--volume"), "volumes", "multiple", "Bind-mount HOSTDIR:DIR[:ro]."),
+    Opt(("-v", "--volume"), "volumes", "multiple", "Bind-mount HOSTDIR:DIR[:ro] (micro-VMs: a directory, shared over virtiofs)."),
     Opt(("--rm",), "auto_remove", "flag", "Remove the machine when it exits."),
     Opt(("--net",), "net", "value",
-        "private: its own network namespace with loopback; host: the host's; none: loopback only, no ports.",
+        "private: its own network namespace with loopback; host: the host's (micro-VMs: as private); "
+        "none: loopback only, no ports.",
         None, "private", ("none", "host", "private")),
     Opt(("-p", "--publish"), "ports", "multiple", "Forward 127.0.0.1:HOSTPORT to the machine's PORT (HOSTPORT:PORT)."),
     Opt(("-i", "--interactive"), "interactive", "flag", "Keep stdin connected."),
