@@ -383,7 +383,13 @@ class Hub:
                             self.agent.close()
                             self.agent = None
                             continue
-                        for kind, ch, payload in self.dec.feed(data):
+                        try:
+                            frames = self.dec.feed(data)
+                        except ValueError:  # a guest that breaks the protocol is not listened to any more
+                            frames = []
+                            self.agent.close()
+                            self.agent = None
+                        for kind, ch, payload in frames:
                             self._from_agent(kind, ch, payload)
                     elif x == stdin_fd:
                         try:
