@@ -65,9 +65,12 @@ def wait_log(name: str, text: bytes, timeout: float = BOOT) -> None:
         time.sleep(0.3)
 
 
-def in_pty(argv: list[str], inputs: list[bytes], rows: int = 33, cols: int = 111, timeout: float = BOOT,
-           ready: bytes = b"# ") -> tuple[bytes, int]:
-    """Run ``argv`` on a new pseudo-terminal of the given size; type ``inputs`` once a prompt shows."""
+def in_pty(argv: list[str], inputs: list[bytes | tuple[int, int]], rows: int = 33, cols: int = 111,
+           timeout: float = BOOT, ready: bytes = b"# ") -> tuple[bytes, int]:
+    """Run ``argv`` on a new pseudo-terminal of the given size; type ``inputs`` once a prompt shows.
+
+    An input ``(rows, cols)`` resizes the terminal instead (the kernel sends SIGWINCH).
+    """
     pid, fd = pty.fork()
     if pid == 0:
         os.execvpe(argv[0], argv, dict(os.environ))
@@ -91,6 +94,10 @@ def in_pty(argv: list[str], inputs: list[bytes], rows: int = 33, cols: int = 111
     try:
         read_until(lambda: ready in out)
         for line in inputs:
+            if isinstance(line, tuple):
+                fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", *line, 0, 0))
+                time.sleep(0.5)  # the resize travels to the guest's pty
+                continue
             seen = out.count(ready)
             os.write(fd, line)
             last = b"exit" in line
@@ -146,10 +153,11 @@ def test_vm_exec_env_stdin_concurrent_tty_stop_and_rm(busybox, taxiway_home):
     assert r.returncode != 0 and r.stderr.decode().count("\n") == 1 and "nosuchcmd" in r.stderr.decode()
     # -t: a terminal in the guest, with our window size
     out, code = in_pty([sys.executable, "-m", "taxiway", "machines", "exec", "-it", "vx", "sh"],
-                       [b"tty\r", b"stty size\r", b"echo term=$TERM\r", b"exit 5\r"], ready=b"$ ")
+                       [b"tty\r", b"stty size\r", b"echo term=$TERM\r", (44, 99), b"stty size\r", b"exit 5\r"],
+                       ready=b"$ ")
     text = out.decode(errors="replace")
     assert code == 5, text
-    assert "/dev/pts/" in text and "33 111" in text and "term=xterm" in text, text
+    assert "/dev/pts/" in text and "33 111" in text and "term=xterm" in text and "44 99" in text, text
     # stop: the machine's stop signal reaches the main process through the agent; its trap decides the code
     t0 = time.monotonic()
     assert tw("machines", "stop", "vx", timeout=60).returncode == 0
