@@ -126,6 +126,10 @@ def binary() -> Path:
         first = (r.stderr.decode(errors="replace").strip().splitlines() or ["gcc failed"])[-1]
         raise TaxiwayError(f"could not build the micro-VM guest agent: {first[:200]}", "install gcc and libc6-dev")
     os.replace(tmp, out)
+    for old in out.parent.glob("tw-agent-*"):  # earlier versions of the agent
+        if old != out:
+            with contextlib.suppress(OSError):
+                old.unlink()
     return out
 
 
