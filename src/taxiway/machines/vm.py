@@ -599,7 +599,11 @@ def run_once(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, str, i
                 term_state = termios.tcgetattr(0)
                 _tty.setraw(0, termios.TCSANOW)
             hub.run(console)
-            rc = proc.wait()
+            try:
+                rc = proc.wait(5)
+            except subprocess.TimeoutExpired:  # the main process is over but the guest does not power off
+                proc.kill()
+                rc = proc.wait()
         finally:
             if term_state is not None:
                 import termios
@@ -637,7 +641,7 @@ def run_once(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, str, i
         return console.code, "exited", None
     if b"KVM internal error" in console.errbuf:
         raise TaxiwayError("the KVM guest failed (KVM internal error)", "use --vm-accel tcg")
-    if hub.agent is None and rc != 0 and not _stop_requested(m):
+    if rc > 0 and not _stop_requested(m):  # QEMU itself gave up (a signal makes rc negative)
         err = console.errbuf.decode(errors="replace").strip().splitlines()
         raise TaxiwayError(f"QEMU failed: {(err or ['exit status ' + str(rc)])[-1][:300]}",
                            "check the machine's options (and `taxiway machines inspect`)")
