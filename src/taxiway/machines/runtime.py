@@ -234,7 +234,13 @@ class _LogPump:
 
     def write(self, stream: str, data: bytes) -> None:
         buf = self.partial.get(stream, b"") + data
-        *lines, rest = buf.split(b"\n")
+        *whole, rest = buf.split(b"\n")
+        lines = []
+        for ln in whole:
+            while len(ln) > LINE_MAX:
+                lines.append(ln[:LINE_MAX])
+                ln = ln[LINE_MAX:]
+            lines.append(ln)
         while len(rest) > LINE_MAX:
             lines.append(rest[:LINE_MAX])
             rest = rest[LINE_MAX:]
@@ -685,42 +691,65 @@ def read_logs(m: S.Machine, timestamps: bool = False, follow: bool = False, tail
         sys.stdout.buffer.flush()
         sys.stderr.buffer.flush()
 
-    def read_from(p: Path, at: int) -> tuple[list[bytes], int, int | None]:
-        """Whole lines of ``p`` from offset ``at``: (lines, new offset, inode)."""
-        try:
-            with open(p, "rb") as f:
-                ino = os.fstat(f.fileno()).st_ino
-                f.seek(at)
-                data = f.read()
-        except FileNotFoundError:
-            return [], at, None
+    def whole_lines(data: bytes, carry: bytes) -> tuple[list[bytes], bytes]:
+        data = carry + data
         end = data.rfind(b"\n") + 1
-        return data[:end].splitlines(), at + end, ino
+        return data[:end].splitlines(), data[end:]
 
-    old, _, _ = read_from(path.with_name("log.1"), 0)
-    cur, pos, ino = read_from(path, 0)
-    lines = old + cur
+    def open_log(p: Path) -> Any:
+        try:
+            return open(p, "rb")
+        except FileNotFoundError:
+            return None
+
+    old = open_log(path.with_name("log.1"))
+    cur = open_log(path)  # held open while following: its inode can't be reused by a later rotation
+    lines: list[bytes] = []
+    carry = b""
+    if old is not None:
+        with old:
+            lines, _ = whole_lines(old.read(), b"")
+    if cur is not None:
+        more, carry = whole_lines(cur.read(), b"")
+        lines += more
     if tail is not None:
         lines = lines[-tail:] if tail > 0 else []
     emit(lines)
     last = not follow
-    while not last:
-        cur_m = S.load(m.id)
-        if cur_m is None or cur_m.status() in ("exited", "failed", "created"):
-            last = True  # one more read below, then stop
-        try:
-            now = os.stat(path).st_ino
-        except FileNotFoundError:
-            now = None
-        if ino is not None and now != ino:  # rotated: the rest of the old file, then the new one from 0
-            rest, _, _ = read_from(path.with_name("log.1"), pos)
-            emit(rest)
-            pos, ino = 0, now
-        more, pos, seen = read_from(path, pos)
-        ino = ino if ino is not None else seen
-        emit(more)
-        if not last:
-            time.sleep(0.1)
+    try:
+        while not last:
+            cur_m = S.load(m.id)
+            if cur_m is None or cur_m.status() in ("exited", "failed", "created"):
+                last = True  # one more read below, then stop
+            try:
+                now = os.stat(path).st_ino
+            except FileNotFoundError:
+                now = None
+            if cur is None:
+                cur = open_log(path)
+            elif now is not None and now != os.fstat(cur.fileno()).st_ino:
+                # rotated: finish the file we hold (renamed or even unlinked, it is still readable), then
+                # log.1 if it is a file we never saw (two rotations between reads), then the new log
+                more, carry = whole_lines(cur.read(), carry)
+                emit(more)
+                held = os.fstat(cur.fileno()).st_ino
+                cur.close()
+                mid = open_log(path.with_name("log.1"))
+                if mid is not None:
+                    with mid:
+                        if os.fstat(mid.fileno()).st_ino not in (held, now):
+                            more, carry = whole_lines(mid.read(), b"")
+                            emit(more)
+                carry = b""
+                cur = open_log(path)
+            if cur is not None:
+                more, carry = whole_lines(cur.read(), carry)
+                emit(more)
+            if not last:
+                time.sleep(0.1)
+    finally:
+        if cur is not None:
+            cur.close()
 
 
 # -- garbage collection ----------------------------------------------------------------------
