@@ -273,3 +273,38 @@ def test_frames_round_trip():
                                    b"gid=1000", b"groups=10,20", b"tty=1", b"rows=5", b"cols=6", b"stdin=0"]
     with pytest.raises(ValueError):
         A.Decoder().feed(struct.pack(">BII", 1, 0, A.MAXPAY + 1))
+
+
+def test_vm_run_d_waits_for_the_entrypoint_and_reports_start_errors(busybox, taxiway_home, monkeypatch):
+    # -d returns once the main process runs (as for a namespace machine), so a port answers at once
+    import socket as _s
+
+    with _s.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = tw("run", "-d", "--name", "early", "--isolation", "vm", "-p", f"{port}:8080", busybox, "sh", "-c",
+           "echo ready > /tmp/r; exec httpd -f -p 8080 -h /tmp", timeout=300)
+    assert r.returncode == 0, r.stderr
+    events = json.loads(tw("machines", "inspect", "early").stdout)[0]["events"]
+    assert any(e["type"] == "entrypoint" for e in events)  # recorded before run -d returned
+    body = b""
+    for _ in range(40):  # httpd itself needs a moment to listen after exec
+        try:
+            body = httpx.get(f"http://127.0.0.1:{port}/r", timeout=2).content
+            break
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    assert body == b"ready\n"
+    assert tw("machines", "rm", "-f", "early").returncode == 0
+    # a command that is not in the image: run -d says so in one line and leaves nothing behind
+    r = tw("run", "-d", "--name", "nocmd", "--isolation", "vm", busybox, "/no/such/binary", timeout=300)
+    err = r.stderr.decode().splitlines()
+    assert r.returncode != 0 and err[-1].startswith("error: machine nocmd could not start:"), err
+    assert "not found" in err[-1]
+    assert host_state(taxiway_home)["machines"] == []
+    # a guest that does not reach its entrypoint in time is stopped with one line
+    monkeypatch.setenv("TAXIWAY_VM_BOOT_TIMEOUT", "0.2")
+    r = tw("run", "--rm", "--isolation", "vm", busybox, "true", timeout=300)
+    err = r.stderr.decode().splitlines()
+    assert r.returncode != 0 and "did not reach its entrypoint within 0.2s" in err[-1], err
+    assert host_state(taxiway_home)["machines"] == []

@@ -552,11 +552,16 @@ def run_once(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, str, i
         hub = vmagent.Hub(m, attached, None)
         t0 = time.monotonic()
 
+        started = [False]
+
         def entrypoint(at: float) -> None:
             boot_ms = int((at - t0) * 1000)
             m.event("entrypoint", boot_ms=boot_ms, accel=m.accel)
             with contextlib.suppress(OSError):
                 (d / "boot_ms").write_text(str(boot_ms))
+            # `run -d` returns now, as it does for a namespace machine once its process runs
+            started[0] = True
+            on_started(m)
 
         hub.on_main_started = entrypoint
         # relative socket paths (cwd = the machine dir): unix socket paths are limited to 108 bytes
@@ -571,7 +576,20 @@ def run_once(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, str, i
         hub.open_main(tty, cfg.interactive and attached)
         if forwarders and hub.agent is not None:
             forwarders.start(proc.pid, GUEST_ADDR)
-        on_started(m)
+        boot_limit = float(os.environ.get("TAXIWAY_VM_BOOT_TIMEOUT", "120"))
+        timed_out = [False]
+
+        def no_boot() -> None:  # a guest that never reaches its entrypoint (a hung boot) is stopped
+            if not started[0] and proc.poll() is None and not hub.main_error:
+                timed_out[0] = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+
+        import threading
+
+        boot_timer = threading.Timer(boot_limit, no_boot)
+        boot_timer.daemon = True
+        boot_timer.start()
         pump = _LogPump(d / "log")
         hub.pump = pump
         console = _Console(proc, d / "console")
@@ -624,6 +642,14 @@ def run_once(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, str, i
         _stop_procs(fsd)
         with contextlib.suppress(FileNotFoundError):
             (d / "virtiofsd.pids").unlink()
+    boot_timer.cancel()
+    if timed_out[0]:
+        raise TaxiwayError(f"micro-VM {m.name} did not reach its entrypoint within {boot_limit:g}s",
+                           "raise TAXIWAY_VM_BOOT_TIMEOUT (seconds) on a slow host; the kernel's messages are "
+                           "in the machine's console file (`machines inspect`, kept without --rm)")
+    if hub.main_error and not started[0]:  # it never ran: a start failure, reported as one (run -d too)
+        raise TaxiwayError(f"machine {m.name} could not start: {hub.main_error}",
+                           "check the image, the command and the options")
     if hub.main_error:
         m.error = hub.main_error
     elif console.error:

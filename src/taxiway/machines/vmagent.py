@@ -261,10 +261,7 @@ class Hub:
                 self.main_exit = exit_status(payload)
             elif kind == ERROR:
                 self.main_error = payload.decode(errors="replace")
-                self.pump.write("stderr", payload + b"\n")
-                if self.attached:
-                    with contextlib.suppress(OSError):
-                        _write_all(2, b"error: " + payload + b"\n")
+                self.pump.write("stderr", payload + b"\n")  # the runtime raises it as the start error
             elif kind == ACK:
                 self.main_unacked -= struct.unpack(">I", payload[:4])[0]
             return
