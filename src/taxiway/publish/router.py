@@ -61,12 +61,14 @@ class Router:
         await asyncio.gather(self._pipe(cr, bw), self._pipe(br, cw))
 
     async def serve(self) -> None:
-        server = await asyncio.start_server(self.handle, self.host, self.port, reuse_address=True)
+        # Handlers first: the publisher sends SIGHUP as soon as the port accepts a connection, and the
+        # default action of SIGHUP would kill a router that had not installed its handler yet.
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
+        server = await asyncio.start_server(self.handle, self.host, self.port, reuse_address=True)
         async with server:
             await stop.wait()
 
