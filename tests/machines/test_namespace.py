@@ -232,6 +232,7 @@ def test_volumes_ports_and_networks(busybox, tmp_path, taxiway_home):
             pass
         time.sleep(0.1)
     assert b"served" in body
+    assert f"127.0.0.1:{port}->8080" in out(tw("machines", "ls"))  # the PORTS column
     tw("machines", "rm", "-f", "web")
     # host networking sees the host's interfaces; none and private only loopback
     host_ifaces = sorted(os.listdir("/sys/class/net"))

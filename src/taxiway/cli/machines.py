@@ -49,6 +49,7 @@ def _row(m) -> dict:
         status = st
     return {"id": m.id, "name": m.name, "image": m.config.image, "command": " ".join(m.command)[:40],
             "status": status, "runtime": m.runtime if m.runtime == "namespace" else f"vm/{m.accel or '?'}",
+            "ports": ", ".join(f"{p.host}:{p.host_port}->{p.port}" for p in m.config.ports),
             "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created))}
 
 
@@ -74,7 +75,7 @@ def ls(all_, as_json, quiet):
         return
     from taxiway.cli.output import table
 
-    table([_row(m) for m in ms], ["id", "name", "image", "command", "status", "runtime", "created"])
+    table([_row(m) for m in ms], ["id", "name", "image", "command", "status", "runtime", "ports", "created"])
 
 
 @machines.command()
