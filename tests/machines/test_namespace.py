@@ -190,6 +190,17 @@ def test_log_rotates_and_tails_and_follows_across_rotation(busybox, taxiway_home
     tw("machines", "rm", "chatty")
 
 
+def test_prune_removes_only_machines_that_are_not_running(busybox, taxiway_home):
+    assert tw("run", "--name", "done1", busybox, "true").returncode == 0
+    assert tw("run", "--name", "done2", busybox, "sh", "-c", "exit 3").returncode == 3
+    assert tw("run", "-d", "--name", "alive", busybox, "sleep", "100").returncode == 0
+    r = tw("machines", "prune")
+    assert r.returncode == 0 and sorted(out(r).split()) == ["done1", "done2"]
+    assert [m["name"] for m in json.loads(out(tw("machines", "ls", "-a", "--json")))] == ["alive"]
+    tw("machines", "rm", "-f", "alive")
+    assert host_state(taxiway_home)["machines"] == []
+
+
 def test_restart_policy(busybox, taxiway_home):
     r = tw("run", "-d", "--name", "flaky", "--restart", "on-failure:2", busybox, "sh", "-c", "echo try; exit 1")
     assert r.returncode == 0

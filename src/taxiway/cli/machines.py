@@ -134,6 +134,19 @@ def rm(names, force):
         click.echo(m.name)
 
 
+@machines.command()
+def prune():
+    """Remove every machine that is not running (exited, failed or never started)."""
+    from taxiway.machines import runtime
+    from taxiway.machines import state as S
+
+    runtime.gc()
+    for m in S.all_machines():
+        if m.status() in ("exited", "failed", "created"):
+            runtime.destroy(m)
+            click.echo(m.name)
+
+
 @machines.command(name="exec", context_settings={"allow_interspersed_args": False})
 @click.option("-i", "--interactive", is_flag=True,
               help="Keep stdin connected (namespace machines: it always is; micro-VMs: only with -i).")
