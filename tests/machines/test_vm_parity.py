@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from machines.conftest import host_state, tw
+from machines.test_cycles import _wait_trash_empty
 from machines.test_vm import kvm_cache, vm_env  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the runtime needs root"), pytest.mark.usefixtures("vm_env")]
@@ -308,3 +309,26 @@ def test_vm_run_d_waits_for_the_entrypoint_and_reports_start_errors(busybox, tax
     err = r.stderr.decode().splitlines()
     assert r.returncode != 0 and "did not reach its entrypoint within 0.2s" in err[-1], err
     assert host_state(taxiway_home)["machines"] == []
+
+
+def test_vm_run_rm_cycles_leave_nothing(busybox, taxiway_home, tmp_path):
+    """Ten VM run/rm cycles with a port and a volume: no process, netns, record or disk growth left."""
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    assert tw("run", "--rm", "--isolation", "vm", busybox, "true", timeout=BOOT).returncode == 0  # disks made
+    _wait_trash_empty(taxiway_home)
+    before = host_state(taxiway_home)
+    ns_before = netns_count()
+    for i in range(10):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        r = tw("run", "--rm", "--isolation", "vm", "-p", f"{port}:80", "-v", f"{vol}:/v", busybox,
+               "sh", "-c", f"echo {i} > /v/last", timeout=BOOT)
+        assert r.returncode == 0, r.stderr
+    assert (vol / "last").read_text() == "9\n"
+    _wait_trash_empty(taxiway_home)  # removed machines' files are deleted in the background
+    after = host_state(taxiway_home)
+    assert procs_of(taxiway_home) == [] and netns_count() <= ns_before
+    assert after["machines"] == [] and after["mounts"] == before["mounts"] and after["procs"] == []
+    assert after["size"] - before["size"] < 1 << 20, (before["size"], after["size"])
