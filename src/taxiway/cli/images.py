@@ -7,13 +7,13 @@ command functions so ``taxiway --help`` stays fast.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 import click
 
+from taxiway.cli import exit_now
 from taxiway.cli.output import emit_json, is_tty, progress, table
 
 
@@ -54,22 +54,6 @@ def _fs_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
 
     return wrapper
-
-
-def _done(command: str) -> None:
-    """End a successful ``taxiway pull``/``image export`` process at once, skipping the interpreter's teardown.
-
-    Freeing httpx's, click's and the pipelines' modules costs ~20 ms per
-    process, and bench/pull.py compares two of them with skopeo and umoci, Go
-    binaries. Everything is written, flushed and closed by now. Only when this
-    process was started to run the command (never inside a caller's process,
-    such as a test runner's).
-    """
-    argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
-    if argv0 in ("taxiway", "__main__.py") and command in sys.argv and not os.environ.get("TAXIWAY_DEBUG"):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 def _human(n: int) -> str:
@@ -116,7 +100,7 @@ def pull(reference: str, platform_: str | None, all_platforms: bool, insecure: b
                 click.echo(f"  {plat_s}: {dg}", err=True)
         click.echo(f"pulled {result.name} ({result.descriptor.digest}): {result.fetched} blobs fetched "
                    f"({_human(result.fetched_bytes)}), {result.present} already present")
-    _done("pull")
+    exit_now(0, "pull")
 
 
 @click.command()
@@ -375,7 +359,7 @@ def export(reference: str, dest: str, platform_: str | None, as_json: bool) -> N
         click.echo(f"exported {reference} ({img.digest()}) to {dest}: {stats.total('files')} files, {stats.total('dirs')} dirs, "
                    f"{stats.total('symlinks')} symlinks, {_human(stats.total('bytes'))}"
                    + (f", {stats.total('skipped')} entries skipped" if stats.total("skipped") else ""))
-    _done("export")
+    exit_now(0, "export")
 
 
 @image.command()

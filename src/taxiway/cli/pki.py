@@ -13,27 +13,12 @@ from pathlib import Path
 
 import click
 
+from taxiway.cli import exit_now
 from taxiway.errors import InvalidInput, TaxiwayError
 
 
 def _say(msg: str) -> None:
     click.echo(msg, err=True)
-
-
-def _done() -> None:
-    """End a successful ``taxiway ca issue`` process at once.
-
-    Tearing down the interpreter (freeing click's and cryptography's modules)
-    costs ~20 ms of CPU, about 15% of the whole command: `bench/ca.py`
-    compares it with mkcert, a Go binary. Everything is written and closed by
-    now; only when this process was started to run the command (never inside
-    a caller's process, such as a test runner's).
-    """
-    argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
-    if argv0 in ("taxiway", "__main__.py") and "issue" in sys.argv and not os.environ.get("TAXIWAY_DEBUG"):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 @click.group()
@@ -195,7 +180,7 @@ def issue(names: tuple[str, ...], client: bool, cn: str | None, days: int | None
                    "cert_file": str(Path(cert_file).resolve()),
                    "key_file": str(Path(key_file).resolve()) if key_file else None,
                    "p12_file": str(Path(p12_file).resolve()) if p12_file else None})
-        _done()
+        exit_now(0, "issue")
         return
     what = ", ".join(leaf.names) or f"CN={leaf.cn}"
     _say(f"Issued a {'client' if client else 'server'} certificate for {what}")
@@ -205,7 +190,7 @@ def issue(names: tuple[str, ...], client: bool, cn: str | None, days: int | None
     if p12_file:
         _say(f"  p12:   {p12_file} (password {p12_password!r})")
     _say(f"  serial {leaf.serial_hex}, expires {leaf.not_after:%Y-%m-%d %H:%M} UTC")
-    _done()
+    exit_now(0, "issue")
 
 
 @ca.command("ls")

@@ -188,11 +188,6 @@ def run_command(detach: bool, name: str | None, env: Any, env_file: Any, workdir
         sys.stdout.flush()
         return
     code = runtime.run_attached(m)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:  # a real process (not click's CliRunner): skip interpreter teardown (~10 ms of freeing modules)
-        sys.stdout.fileno()
-        sys.stderr.fileno()
-    except Exception:  # noqa: BLE001
-        sys.exit(code)
-    os._exit(code)
+    from taxiway.cli import exit_now
+
+    exit_now(code, "run")
