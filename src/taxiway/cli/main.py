@@ -92,17 +92,12 @@ def __getattr__(name: str):  # noqa: ANN202
     raise AttributeError(name)
 
 
-def _run_fast(args: list[str]) -> bool:
-    """``taxiway run ...`` without click when the command line is an ordinary one (see taxiway.cli.run)."""
-    from taxiway.cli import run as R
-
-    kw = R.parse(args)
-    if kw is None:
-        return False
+def _guarded(call) -> None:  # noqa: ANN001
+    """Run ``call()``, turning TaxiwayError into one line on stderr and its exit code (both CLI paths)."""
     from taxiway.errors import TaxiwayError
 
     try:
-        R.run_command(**kw)
+        call()
     except TaxiwayError as e:
         if os.environ.get("TAXIWAY_DEBUG"):
             raise
@@ -113,17 +108,10 @@ def _run_fast(args: list[str]) -> bool:
         sys.exit(130)
     except BrokenPipeError:
         sys.exit(1)
-    return True
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run the CLI, turning TaxiwayError into one line on stderr and an exit code."""
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] == "run" and _run_fast(args[1:]):
-        return
+def _click_main(argv: list[str] | None) -> None:
     import click
-
-    from taxiway.errors import TaxiwayError
 
     try:
         _cli().main(args=argv, prog_name="taxiway", standalone_mode=False)
@@ -135,16 +123,19 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except TaxiwayError as e:
-        if os.environ.get("TAXIWAY_DEBUG"):
-            raise
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("Interrupted.", err=True)
-        sys.exit(130)
-    except BrokenPipeError:
-        sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI. ``taxiway run`` with an ordinary command line skips click (see taxiway.cli.run)."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "run":
+        from taxiway.cli import run as R
+
+        kw = R.parse(args[1:])
+        if kw is not None:
+            _guarded(lambda: R.run_command(**kw))
+            return
+    _guarded(lambda: _click_main(argv))
 
 
 if __name__ == "__main__":
