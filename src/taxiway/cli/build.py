@@ -25,7 +25,7 @@ def build(source, tag, push, buildpacks, env, no_cache, platform, run_image, reb
       taxiway build . -t localhost:5000/app:1 --push
       taxiway build --rebase myapp --run-image localhost/taxiway/run-python:bookworm
     """
-    from taxiway.build import lifecycle
+    from taxiway.builder import lifecycle
     from taxiway.errors import InvalidInput
     from taxiway.oci.store import Store
 
@@ -68,7 +68,7 @@ def build(source, tag, push, buildpacks, env, no_cache, platform, run_image, reb
 def _done(name: str, digest: str, as_json: bool, push: bool, store, extra: dict | None = None) -> None:
     pushed = None
     if push:
-        from taxiway.build.publish import push_image
+        from taxiway.builder.publish import push_image
 
         pushed = push_image(store, name)
     if as_json:
@@ -92,7 +92,7 @@ def buildpacks(ctx, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def buildpacks_ls(as_json):
     """List the bundled buildpacks and what each detects, in detection order."""
-    from taxiway.build.buildpack import DEFAULT_ORDER, bundled
+    from taxiway.builder.buildpack import DEFAULT_ORDER, bundled
 
     bps = bundled()
     order = list(dict.fromkeys(i for group in DEFAULT_ORDER for i, _ in group))
@@ -121,7 +121,7 @@ def stack_create(names, as_json):
 
     NAMES: build, run-base, run-python, run-node (default: all).
     """
-    from taxiway.build import stack as st
+    from taxiway.builder import stack as st
     from taxiway.errors import InvalidInput
     from taxiway.oci.store import Store
 
@@ -144,7 +144,7 @@ def stack_create(names, as_json):
 @stack.command("ls")
 def stack_ls():
     """The stack recipes and where their cache is."""
-    from taxiway.build import stack as st
+    from taxiway.builder import stack as st
     from taxiway.cli.output import table
 
     table([{"name": r.name, "image": r.ref, "packages": " ".join(r.packages), "key": r.key()} for r in st.RECIPES.values()],

@@ -180,8 +180,8 @@ def _plugin_error(e: Exception, install: list[str]) -> TaxiwayError | None:
 
 def publish(spec: PublishSpec, say=_say) -> PublishResult:
     """Build and run ``spec`` as a Datasette app; replace the previous release once the new one answers."""
-    from taxiway.build import stack
-    from taxiway.build.lifecycle import BuildFailed, BuildOptions, build
+    from taxiway.builder import stack
+    from taxiway.builder.lifecycle import BuildFailed, BuildOptions, build
     from taxiway.machines import runtime
     from taxiway.machines import state as S
     from taxiway.machines.config import MachineConfig, Port, Restart

@@ -116,7 +116,7 @@ def _mmdebstrap(recipe: Recipe, out: Path) -> None:
 
 def cached_layer(recipe: Recipe) -> tuple[Path, dict]:
     """The gzip layer of ``recipe`` in the cache (built with mmdebstrap on first use) and its metadata."""
-    from taxiway.build.layer import GZIP_LEVEL, _Sink
+    from taxiway.builder.layer import GZIP_LEVEL, _Sink
 
     root = cache_root()
     d = root / recipe.key()
@@ -144,7 +144,7 @@ def cached_layer(recipe: Recipe) -> tuple[Path, dict]:
 
 def stack_config(recipe: Recipe, diff_id: str) -> dict:
     """The image config of a stack image (fixed, so the digest depends only on the layer)."""
-    from taxiway.build.assemble import CREATED
+    from taxiway.builder.assemble import CREATED
 
     return {
         "architecture": "amd64", "os": "linux", "created": CREATED,
@@ -160,8 +160,8 @@ def stack_config(recipe: Recipe, diff_id: str) -> dict:
 
 def import_stack(store, name: str) -> Descriptor:
     """Make sure the stack image ``name`` is in ``store`` (building it if needed); returns its manifest descriptor."""
-    from taxiway.build.assemble import put_image, tag_if_changed
-    from taxiway.build.layer import Layer
+    from taxiway.builder.assemble import put_image, tag_if_changed
+    from taxiway.builder.layer import Layer
 
     recipe = RECIPES[name]
     path, meta = cached_layer(recipe)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from taxiway.build.buildpack import load_toml
+from taxiway.builder.buildpack import load_toml
 from taxiway.errors import InvalidInput
 
 

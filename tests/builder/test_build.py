@@ -52,8 +52,8 @@ def test_rebuild_after_code_change_writes_one_layer(builder, tmp_path):
 
 
 def test_rebase_swaps_run_image_and_keeps_app_layers(builder, podman, tmp_path):
-    from taxiway.build import layer as lyr
-    from taxiway.build.assemble import put_image, with_layers
+    from taxiway.builder import layer as lyr
+    from taxiway.builder.assemble import put_image, with_layers
 
     builder("build", str(copy_example("python", tmp_path / "app")), "-t", "rebase/python:1")
     old = builder.image("rebase/python:1")

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from taxiway.build import buildpack as bpmod
-from taxiway.build import env as envmod
-from taxiway.build import layer as lyr
-from taxiway.build.lifecycle import restore_layers
+from taxiway.builder import buildpack as bpmod
+from taxiway.builder import env as envmod
+from taxiway.builder import layer as lyr
+from taxiway.builder.lifecycle import restore_layers
 from taxiway.errors import InvalidInput
 from taxiway.oci.store import Store
 
@@ -255,7 +255,7 @@ optional = false
 
 
 def test_project_descriptor_filters(tmp_path):
-    from taxiway.build.project import Project, copy_source, load_project, source_filter
+    from taxiway.builder.project import Project, copy_source, load_project, source_filter
 
     keep = source_filter(Project(exclude=["*.log", "/secret/", "build/out", "node_modules/"]))
     assert not keep("debug.log", False) and not keep("a/b/debug.log", False)

@@ -31,13 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taxiway.build import assemble, stack
-from taxiway.build import buildpack as bpmod
-from taxiway.build import env as envmod
-from taxiway.build import layer as lyr
-from taxiway.build.buildpack import Buildpack, GroupEntry, LayerMeta, Process
-from taxiway.build.project import copy_source, load_project
-from taxiway.build.sandbox import GID, TRUST_ENV, UID, Sandbox, check_root
+from taxiway.builder import assemble, stack
+from taxiway.builder import buildpack as bpmod
+from taxiway.builder import env as envmod
+from taxiway.builder import layer as lyr
+from taxiway.builder.buildpack import Buildpack, GroupEntry, LayerMeta, Process
+from taxiway.builder.project import copy_source, load_project
+from taxiway.builder.sandbox import GID, TRUST_ENV, UID, Sandbox, check_root
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.oci import mediatypes as mt
 from taxiway.oci.image import Descriptor
