@@ -8,7 +8,6 @@ the machine's own trust store is never touched.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -97,52 +96,128 @@ def test_install_without_permission_is_one_line(ca, tmp_path, monkeypatch, taxiw
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
 
 
-def _java_aliases() -> set[str] | None:
-    """The Java keystore's aliases (ca-certificates-java keeps it in step through a hook)."""
+def test_install_that_did_not_happen_fails(ca, sysroot, tmp_path, monkeypatch, taxiway):
+    """An update-ca-certificates that ignores its arguments (Debian 12's, given --sysroot) must not pass."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    # the real tool, called as a version without our options would be: usage, exit 0, nothing done
+    (fake / "update-ca-certificates").write_text("#!/bin/sh\nexec /usr/sbin/update-ca-certificates --sysroot /\n")
+    (fake / "update-ca-certificates").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    r = taxiway("ca", "install", "--no-nss")
+    assert r.returncode != 0
+    lines = r.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "does not contain the root after install" in lines[0], lines
+
+
+# The real paths, run as root inside a private mount namespace whose overlays
+# over the trust store take every write: the host's store is never touched.
+_OVERLAID = ("/etc/ssl", "/usr/local/share/ca-certificates", "/etc/ca-certificates")
+
+_INNER = r"""
+import json, os, shutil, subprocess, sys
+from pathlib import Path
+
+fp, root_pem = sys.argv[1], Path(sys.argv[2]).read_text().strip()
+bundle = Path("/etc/ssl/certs/ca-certificates.crt")
+crt = Path(f"/usr/local/share/ca-certificates/taxiway-{fp}.crt")
+
+
+def java():
     ks = Path("/etc/ssl/certs/java/cacerts")
     if not ks.exists() or not shutil.which("keytool"):
         return None
     r = subprocess.run(["keytool", "-list", "-keystore", str(ks), "-storepass", "changeit"],
                        capture_output=True, text=True, timeout=120)
-    return {line.split(",")[0] for line in r.stdout.splitlines() if "trustedCertEntry" in line}
+    return sorted(line.split(",")[0] for line in r.stdout.splitlines() if "trustedCertEntry" in line)
 
 
-def _etc_state() -> tuple[set[tuple[str, str]], bytes]:
-    """The working links in /etc/ssl/certs and the bundle.
-
-    Dangling links are left out: update-ca-certificates prunes any it finds
-    whenever its set changes, whoever left them.
-    """
+def ours():
     etc = Path("/etc/ssl/certs")
-    links = {(p.name, os.readlink(p)) for p in etc.iterdir() if p.is_symlink() and p.exists()}
-    return links, (etc / "ca-certificates.crt").read_bytes()
+    return sorted(p.name for p in etc.iterdir() if p.is_symlink() and "taxiway" in os.readlink(p))
 
 
-def test_real_system_store_round_trip(ca, taxiway, monkeypatch):
-    """The real /usr/local/share/ca-certificates path, restored exactly afterwards (as root).
+def tw(*args):
+    return subprocess.run([sys.executable, "-m", "taxiway", *args], capture_output=True, text=True, timeout=300)
+
+
+out = {"java_before": java()}
+r = tw("ca", "install", "--no-nss")
+out.update(install_rc=r.returncode, install_err=r.stderr, crt_after_install=crt.exists(),
+           in_bundle_after_install=root_pem in bundle.read_text(), links_after_install=ours(),
+           java_after_install=java())
+r = tw("ca", "uninstall", "--no-nss")
+out.update(uninstall_rc=r.returncode, uninstall_err=r.stderr, crt_after_uninstall=crt.exists(),
+           in_bundle_after_uninstall=root_pem in bundle.read_text(), links_after_uninstall=ours(),
+           dangling=[p.name for p in Path("/etc/ssl/certs").iterdir() if p.is_symlink() and not p.exists()],
+           java_after_uninstall=java())
+print(json.dumps(out))
+"""
+
+
+def _tree(path: str) -> dict[str, tuple]:
+    """Every entry under ``path`` with its type, target or content digest: the host's state to compare."""
+    import hashlib
+
+    state: dict[str, tuple] = {}
+    for dirpath, dirs, files in os.walk(path):
+        for name in dirs + files:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if os.path.islink(p):
+                state[p] = ("link", os.readlink(p))
+            elif os.path.isfile(p):
+                with open(p, "rb") as f:
+                    state[p] = ("file", st.st_mode, hashlib.sha256(f.read()).hexdigest())
+            else:
+                state[p] = ("dir", st.st_mode)
+    return state
+
+
+def test_real_system_store_round_trip(ca, taxiway, tmp_path, monkeypatch):
+    """The real /usr/local/share/ca-certificates, /etc/ssl/certs and hooks, in a private mount namespace.
 
     Without root it must fail with one clear line instead.
     """
+    import json
+    import sys
+
+    from taxiway.pki.trust import fingerprint
+
     monkeypatch.delenv("TAXIWAY_TRUST_SYSROOT", raising=False)
     if os.geteuid() != 0:
         r = taxiway("ca", "install", "--no-nss")
         assert r.returncode != 0 and b"sudo taxiway ca install" in r.stderr
         return
-    from taxiway.pki.trust import fingerprint
-
+    host_before = {d: _tree(d) for d in _OVERLAID if os.path.isdir(d)}
     fp = fingerprint(ca.root_pem)
-    before, java_before = _etc_state(), _java_aliases()
-    crt = Path(f"/usr/local/share/ca-certificates/taxiway-{fp}.crt")
-    try:
-        r = taxiway("ca", "install", "--no-nss")
-        assert r.returncode == 0, r.stderr
-        assert crt.exists()
-        assert ca.root_pem.decode().strip() in Path("/etc/ssl/certs/ca-certificates.crt").read_text()
-        if java_before is not None:
-            assert f"debian:taxiway-{fp}.pem" in _java_aliases()  # the hook added it to Java's store
-    finally:
-        r = taxiway("ca", "uninstall", "--no-nss")
-    assert r.returncode == 0, r.stderr
-    assert not crt.exists()
-    assert _etc_state() == before
-    assert _java_aliases() == java_before  # and the hook was told to drop it again
+    (tmp_path / "root.pem").write_bytes(ca.root_pem)
+    (tmp_path / "inner.py").write_text(_INNER)
+    mounts = []
+    for d in _OVERLAID:
+        if not os.path.isdir(d):
+            continue
+        up, work = tmp_path / "upper" / d.strip("/"), tmp_path / "work" / d.strip("/")
+        up.mkdir(parents=True)
+        work.mkdir(parents=True)
+        mounts.append(f"mount -t overlay overlay -o lowerdir={d},upperdir={up},workdir={work} {d}")
+    script = "set -e\n" + "\n".join(mounts) + f'\nexec "{sys.executable}" {tmp_path / "inner.py"} {fp} {tmp_path / "root.pem"}\n'
+    p = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+
+    assert out["install_rc"] == 0, out["install_err"]
+    assert out["crt_after_install"] and out["in_bundle_after_install"]
+    assert {f"taxiway-{fp}.pem"} <= set(out["links_after_install"])
+    if out["java_before"] is not None:  # the hook added it to Java's store, and dropped it again
+        assert f"debian:taxiway-{fp}.pem" in out["java_after_install"]
+        # (a store not in canonical form may gain the host's other local CAs on the way)
+        assert f"debian:taxiway-{fp}.pem" not in out["java_after_uninstall"]
+        assert set(out["java_before"]) <= set(out["java_after_uninstall"])
+    assert out["uninstall_rc"] == 0, out["uninstall_err"]
+    assert not out["crt_after_uninstall"] and not out["in_bundle_after_uninstall"]
+    assert out["links_after_uninstall"] == [] and out["dangling"] == []
+    # the writes went to the overlays, and the host's own store is byte for byte what it was
+    assert (tmp_path / "upper/etc/ssl/certs/ca-certificates.crt").exists()
+    assert {d: _tree(d) for d in host_before} == host_before

@@ -2,11 +2,14 @@
 
 * System (Debian/Ubuntu): the root is copied to
   ``<sysroot>/usr/local/share/ca-certificates/taxiway-<fingerprint>.crt`` and
-  ``update-ca-certificates --sysroot <sysroot>`` rebuilds the bundle (and its
-  hooks, e.g. the Java keystore); uninstall deletes the file and its links,
-  rebuilds the bundle and tells the hooks (``-path`` on stdin, as
-  update-ca-certificates does) so they drop it too.
-  ``$TAXIWAY_TRUST_SYSROOT`` (default ``/``) points it elsewhere, which tests use.
+  ``update-ca-certificates`` rebuilds the bundle (and runs its hooks, e.g. the
+  Java keystore's); uninstall deletes the file and its links, rebuilds the
+  bundle and tells the hooks (``-path`` on stdin, as update-ca-certificates
+  does) so they drop it too. Both check the bundle afterwards: a store that
+  did not change as asked is an error, never a silent success.
+  ``$TAXIWAY_TRUST_SYSROOT`` (default ``/``) points it elsewhere, which tests
+  use. Debian 12's update-ca-certificates has no ``--sysroot`` (later versions
+  do), so each of its directories is passed under the sysroot instead.
 * NSS (Chromium, Firefox): ``certutil -A`` into each database in
   ``$TAXIWAY_NSS_DBS`` (colon-separated directories), else the ones found in
   ``~/.pki/nssdb`` and Firefox profiles; skipped when certutil is missing.
@@ -69,11 +72,42 @@ def _run(argv: list[str]) -> subprocess.CompletedProcess:
 
 def _update_system(root: Path) -> None:
     tool = shutil.which("update-ca-certificates") or "/usr/sbin/update-ca-certificates"
-    argv = [tool] if str(root) == "/" else [tool, "--sysroot", str(root)]
+    argv = [tool]
+    if str(root) != "/":
+        # These options exist in every ca-certificates release Debian and Ubuntu
+        # ship (--sysroot only from 2024 on); an option it does not know makes
+        # it print its usage and exit 0 having done nothing.
+        argv += ["--certsconf", str(root / "etc/ca-certificates.conf"),
+                 "--certsdir", str(root / "usr/share/ca-certificates"),
+                 "--localcertsdir", str(root / LOCAL_CERTS),
+                 "--etccertsdir", str(root / ETC_CERTS),
+                 "--hooksdir", str(root / "etc/ca-certificates/update.d")]
     p = _run(argv)
     if p.returncode != 0:
         raise TaxiwayError(f"update-ca-certificates failed: {(p.stderr or p.stdout).strip()[:300]}",
                            "run it by hand to see why")
+
+
+def _in_bundle(root: Path, root_pem: bytes) -> bool:
+    """Whether the system bundle holds this certificate (compared as DER)."""
+    from cryptography import x509
+
+    bundle = root / ETC_CERTS / "ca-certificates.crt"
+    try:
+        data = bundle.read_bytes()
+        certs = x509.load_pem_x509_certificates(data) if data.strip() else []
+    except (OSError, ValueError):
+        return False
+    want = x509.load_pem_x509_certificate(root_pem)
+    return any(c == want for c in certs)
+
+
+def _check_bundle(root: Path, root_pem: bytes, *, present: bool) -> None:
+    if _in_bundle(root, root_pem) != present:
+        bundle = root / ETC_CERTS / "ca-certificates.crt"
+        what = "does not contain the root after install" if present else "still contains the root after uninstall"
+        raise TaxiwayError(f"the system bundle {bundle} {what}; update-ca-certificates did not update it",
+                           "run `update-ca-certificates --verbose` to see why (is the ca-certificates package installed?)")
 
 
 def _run_hooks(root: Path, changes: str) -> None:
@@ -116,6 +150,7 @@ def install(root_pem: bytes, *, system: bool = True, nss: bool = True) -> list[T
                 raise TaxiwayError(f"cannot write {dest} ({e.strerror})",
                                    "run `sudo taxiway ca install` with the same TAXIWAY_CAROOT") from None
         _update_system(root)
+        _check_bundle(root, root_pem, present=True)
         out.append(Target("system", str(dest), changed))
     if nss:
         certutil = shutil.which("certutil")
@@ -161,6 +196,7 @@ def uninstall(root_pem: bytes, *, system: bool = True, nss: bool = True) -> list
             raise TaxiwayError(f"cannot remove {crt} ({e.strerror})", "run `sudo taxiway ca uninstall`") from None
         if changed:
             _update_system(root)
+        _check_bundle(root, root_pem, present=False)
         if pem in links:
             _run_hooks(root, f"-{pem}\n")
         out.append(Target("system", str(crt), changed))
