@@ -67,12 +67,14 @@ def egress() -> None:
 @click.option("--connect-timeout", default=10.0, show_default=True, help="Seconds to connect upstream.")
 @click.option("--dns-timeout", default=5.0, show_default=True, help="Seconds to resolve a name.")
 @click.option("--idle-timeout", default=300.0, show_default=True, help="Seconds a connection may be idle.")
+@click.option("--header-timeout", default=30.0, show_default=True,
+              help="Seconds to send each request head once it starts (the first: from connecting).")
 @click.option("--total-timeout", default=0.0, show_default=True, help="Max seconds per tunnel (0: none).")
 @click.option("--max-tunnels", default=10_000, show_default=True, help="Open upstream connections; 503 beyond.")
 @click.option("--max-header-bytes", default=65536, show_default=True, help="Largest request head; 431 beyond.")
 @click.option("--drain-timeout", default=30.0, show_default=True, help="Seconds to drain on SIGTERM.")
 def serve(listen, acl, allow_range, deny_range, deny_address, tls_cert, tls_key, client_ca, users,
-          resolver, disabled, connect_timeout, dns_timeout, idle_timeout, total_timeout, max_tunnels,
+          resolver, disabled, connect_timeout, dns_timeout, idle_timeout, header_timeout, total_timeout, max_tunnels,
           max_header_bytes, drain_timeout) -> None:
     """Run the proxy. $PROXY_PASSWORD enables Basic auth (role `authed`); SIGHUP reloads the ACL."""
     from pathlib import Path
@@ -91,7 +93,8 @@ def serve(listen, acl, allow_range, deny_range, deny_address, tls_cert, tls_key,
         client_ca=Path(client_ca) if client_ca else None,
         resolver=Resolver.parse_server(resolver) if resolver else None,
         users_path=Path(users) if users else None, disabled_actions=tuple(disabled),
-        connect_timeout=connect_timeout, dns_timeout=dns_timeout, idle_timeout=idle_timeout, total_timeout=total_timeout,
+        connect_timeout=connect_timeout, dns_timeout=dns_timeout, idle_timeout=idle_timeout,
+        header_timeout=header_timeout, total_timeout=total_timeout,
         max_tunnels=max_tunnels, max_header_bytes=max_header_bytes, drain_timeout=drain_timeout,
     )
     run(config)

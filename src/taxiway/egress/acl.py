@@ -10,7 +10,9 @@ rule of its own uses ``default``, and with no default it is denied.
 
 from __future__ import annotations
 
+import difflib
 import enum
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +61,15 @@ class Rule:
     mitm_domains: Sequence[MitmDomain] = ()
     external_proxy_globs: Sequence[str] = ()
 
+    @functools.cached_property
+    def domains(self) -> DomainSet:
+        """``domain_globs`` compiled once (a frozen rule's globs never change)."""
+        return DomainSet(self.domain_globs)
+
+    @functools.cached_property
+    def external_proxies(self) -> DomainSet:
+        return DomainSet(self.external_proxy_globs)
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -106,6 +117,50 @@ def _canonical(host: str) -> str | None:
         return None
 
 
+class DomainSet:
+    """Domain globs compiled once: exact names in one set, ``*.x`` bases in another.
+
+    ``matches`` normalizes the host once and then costs one set lookup per
+    label, whatever the number of globs; it agrees with :func:`host_matches_glob`
+    applied to every glob (the tests check this on random names and globs).
+    """
+
+    __slots__ = ("exact", "below")
+
+    def __init__(self, globs: Iterable[str]) -> None:
+        self.exact: set[str] = set()
+        self.below: set[str] = set()  # "*.x" is stored as "x"
+        for glob in globs:
+            if not isinstance(glob, str):
+                continue
+            wildcard = glob.startswith("*.")
+            g = _canonical(glob.removeprefix("*.") if wildcard else glob)
+            if g is not None:
+                (self.below if wildcard else self.exact).add(g)
+
+    def __len__(self) -> int:
+        return len(self.exact) + len(self.below)
+
+    def matches(self, host: str) -> bool:
+        if not host or not (self.exact or self.below):
+            return False
+        return self.matches_canonical(_canonical(host))
+
+    def matches_canonical(self, h: str | None) -> bool:
+        """``matches`` for a host already passed through ``_canonical``."""
+        if h is None:
+            return False
+        if h in self.exact:
+            return True
+        if self.below:
+            i = h.find(".")
+            while i >= 0:
+                if h[i + 1:] in self.below:
+                    return True
+                i = h.find(".", i + 1)
+        return False
+
+
 def host_matches_glob(host: str, glob: str) -> bool:
     """Match after IDNA, lower-casing and dropping trailing dots; ``*.x`` matches below x only."""
     if not host:
@@ -122,9 +177,19 @@ def host_matches_glob(host: str, glob: str) -> bool:
 class Acl:
     rules: dict[str, Rule] = field(default_factory=dict)
     default: Rule | None = None
-    global_deny: list[str] = field(default_factory=list)
-    global_allow: list[str] = field(default_factory=list)
+    global_deny: Sequence[str] = ()
+    global_allow: Sequence[str] = ()
     disabled: set[Policy] = field(default_factory=set)
+    _compiled: dict[str, tuple[Sequence[str], DomainSet]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
+
+    def _global(self, which: str) -> DomainSet:
+        """The global deny or allow list, compiled once (again only if it is replaced)."""
+        globs = self.global_deny if which == "deny" else self.global_allow
+        hit = self._compiled.get(which)
+        if hit is None or hit[0] is not globs:
+            hit = self._compiled[which] = (globs, DomainSet(globs))
+        return hit[1]
 
     def rule(self, role: str | None) -> Rule | None:
         """The role's rule, or the default rule."""
@@ -182,14 +247,15 @@ class Acl:
         def d(result: Result, reason: str) -> Decision:
             return Decision(result, reason, rule.project, role, is_default)
 
-        if connect_proxy_host and not any(
-                host_matches_glob(connect_proxy_host, g) for g in rule.external_proxy_globs):
+        if connect_proxy_host and not rule.external_proxies.matches(connect_proxy_host):
             return d(Result.DENY, "connect proxy host not allowed in rule")
-        if any(host_matches_glob(host, g) for g in rule.domain_globs):
+        # Normalized once; each list is then a few set lookups, however long it is.
+        h = _canonical(host) if host else None
+        if rule.domains.matches_canonical(h):
             return d(Result.ALLOW, "host matched allowed domain in rule")
-        if any(host_matches_glob(host, g) for g in self.global_deny):
+        if self._global("deny").matches_canonical(h):
             return d(Result.DENY, "host matched rule in global deny list")
-        if any(host_matches_glob(host, g) for g in self.global_allow):
+        if self._global("allow").matches_canonical(h):
             return d(Result.ALLOW, "host matched rule in global allow list")
         result, reason = {
             Policy.REPORT: (Result.ALLOW_AND_REPORT, "rule has allow and report policy"),
@@ -207,13 +273,36 @@ def _str_list(value: Any, what: str) -> list[str]:
     return [str(v) if isinstance(v, (int, float)) else v for v in value]
 
 
-def _rule(raw: Any, what: str) -> Rule:
+class UnknownKeyError(AclError):
+    """A key Smokescreen's v1 format does not have (a typo, most often); names the file itself."""
+
+
+# The fields of Smokescreen's YAMLConfig, YAMLRule and YAMLMitmDomain (acl/v1/yaml_loader.go).
+TOP_KEYS = ("version", "services", "default", "global_deny_list", "global_allow_list")
+RULE_KEYS = ("name", "project", "action", "allowed_domains", "allowed_external_proxies", "mitm_domains")
+MITM_KEYS = ("domain", "add_headers", "detailed_http_logs", "detailed_http_logs_full_headers")
+
+
+def _check_keys(raw: dict, known: Sequence[str], what: str, source: str) -> None:
+    """Refuse keys Smokescreen would silently ignore: a typo there loosens or tightens a rule unseen."""
+    for key in raw:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UnknownKeyError(f"unknown key '{key}' in {source}{hint}",
+                              f"{what} may only have {', '.join(known)}")
+
+
+def _rule(raw: Any, what: str, source: str = "the ACL") -> Rule:
     if not isinstance(raw, dict):
         raise AclError(f"{what} must be a mapping")
+    _check_keys(raw, RULE_KEYS, what, source)
     mitm = []
     for m in raw.get("mitm_domains") or []:
         if not isinstance(m, dict):
             raise AclError(f"{what}: mitm_domains entries must be mappings")
+        _check_keys(m, MITM_KEYS, f"{what}: mitm_domains entries", source)
         mitm.append(MitmDomain(
             domain=m.get("domain") or "",
             add_headers=dict(m.get("add_headers") or {}),
@@ -230,8 +319,12 @@ def _rule(raw: Any, what: str) -> Rule:
     )
 
 
-def parse_acl(text: str, disabled_actions: Iterable[str] = ()) -> Acl:
-    """Parse and validate an ACL, raising AclError where Smokescreen's loader fails."""
+def parse_acl(text: str, disabled_actions: Iterable[str] = (), source: str = "the ACL") -> Acl:
+    """Parse and validate an ACL, raising AclError where Smokescreen's loader fails.
+
+    Also refuses keys the v1 format does not have (Smokescreen ignores them),
+    after Smokescreen's own checks so its files fail with its messages.
+    """
     import yaml
 
     try:
@@ -248,14 +341,15 @@ def parse_acl(text: str, disabled_actions: Iterable[str] = ()) -> Acl:
         raise AclError("Top level list 'services' is missing")
     if not isinstance(services, list):
         raise AclError("'services' must be a list")
+    _check_keys(doc, TOP_KEYS, "the top level", source)
     acl = Acl()
     for i, svc in enumerate(services):
         name = str(svc.get("name") or "") if isinstance(svc, dict) else ""
-        acl.add(name, _rule(svc, f"services[{i}]"))
+        acl.add(name, _rule(svc, f"services[{i}]", source))
     if doc.get("default") is not None:
-        acl.default = _rule(doc["default"], "default")
-    acl.global_allow = _str_list(doc.get("global_allow_list"), "global_allow_list")
-    acl.global_deny = _str_list(doc.get("global_deny_list"), "global_deny_list")
+        acl.default = _rule(doc["default"], "default", source)
+    acl.global_allow = tuple(_str_list(doc.get("global_allow_list"), "global_allow_list"))
+    acl.global_deny = tuple(_str_list(doc.get("global_deny_list"), "global_deny_list"))
     for a in disabled_actions:
         acl.disabled.add(policy_from_action(a))
     acl.validate()
@@ -266,11 +360,19 @@ def load_acl(path: str | Path, disabled_actions: Iterable[str] = ()) -> Acl:
     """Read an ACL file; errors name the file and say how to check it."""
     path = Path(path)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as e:
         raise AclError(f"cannot read ACL {path}: {e.strerror}", "pass an existing file to --acl") from None
     try:
-        return parse_acl(text, disabled_actions)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise AclError(f"ACL {path} is not UTF-8 text: byte 0x{data[e.start]:02x} on line {line}",
+                       "save the file as UTF-8 (YAML files are UTF-8)") from None
+    try:
+        return parse_acl(text, disabled_actions, str(path))
+    except UnknownKeyError:
+        raise
     except AclError as e:
         raise AclError(f"ACL {path}: {e.message}",
                        "fix the file (Smokescreen v1 YAML) and try again") from None

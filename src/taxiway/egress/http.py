@@ -30,6 +30,8 @@ _TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKL
 
 
 _CONTROL = re.compile(rb"[\x00-\x20\x7f]")
+# h11's chunk header: 1-20 hex digits, an extension, optional whitespace (the CRLF is checked apart).
+_CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,20})(?:;[^\r\n]*)?[ \t]*")
 
 
 def _is_token(b: bytes) -> bool:
@@ -199,13 +201,17 @@ def parse_absolute_target(target: str, schemes: dict[str, int] | None = None) ->
 
 def request_framing(head: RequestHead) -> tuple[str, int]:
     """How a request body ends: ("length", n), ("chunked", 0) or ("none", 0)."""
-    te = head.get(b"transfer-encoding")
+    te = [v for k, v in head.headers if k.lower() == b"transfer-encoding"]
     cl = [v for k, v in head.headers if k.lower() == b"content-length"]
-    if te is not None:
+    if te:
         if cl:
             raise ProtocolError("both Transfer-Encoding and Content-Length")
-        if te.strip().lower() != b"chunked":
-            raise ProtocolError("unsupported Transfer-Encoding", 501)
+        # As h11: one Transfer-Encoding header, and it says exactly "chunked". A second
+        # one (chunked + identity) is read differently by different servers: smuggling.
+        if len(te) > 1:
+            raise ProtocolError("multiple Transfer-Encoding headers", 501)
+        if te[0].strip().lower() != b"chunked":
+            raise ProtocolError("unsupported Transfer-Encoding (only chunked is)", 501)
         return "chunked", 0
     if cl:
         if len(set(cl)) != 1 or not cl[0].isdigit():
@@ -236,7 +242,9 @@ class ChunkedScanner:
 
     ``feed(data)`` returns the number of bytes of ``data`` that belong to the
     body; when that is less than ``len(data)`` or ``done`` is set, the body
-    (including trailers) ended there.
+    (including trailers) ended there. As strict as h11: chunk sizes are plain
+    hex digits, and every line ends in CRLF (a bare LF is one that different
+    servers split differently, so it is refused, never passed on).
     """
 
     MAX_LINE = 4096
@@ -265,16 +273,19 @@ class ChunkedScanner:
                 return n
             self._line += data[i:j]
             i = j + 1
-            line = bytes(self._line).rstrip(b"\r")
+            if len(self._line) > self.MAX_LINE:
+                raise ProtocolError("chunk line too long")
+            if not self._line.endswith(b"\r"):
+                raise ProtocolError("bare LF in chunked body (lines must end in CRLF)")
+            line = bytes(self._line[:-1])
             self._line.clear()
+            if b"\r" in line:
+                raise ProtocolError("bare CR in chunked body")
             if self._state == "size":
-                size_s = line.split(b";", 1)[0].strip()
-                try:
-                    size = int(size_s, 16)
-                except ValueError:
-                    raise ProtocolError(f"bad chunk size {size_s[:20]!r}") from None
-                if size_s.startswith((b"-", b"+", b"0x", b"0X")):
-                    raise ProtocolError(f"bad chunk size {size_s[:20]!r}")
+                m = _CHUNK_HEADER.fullmatch(line)
+                if m is None:
+                    raise ProtocolError(f"bad chunk size line {line[:20]!r}")
+                size = int(m[1], 16)
                 if size == 0:
                     self._state = "trailer"
                 else:
@@ -283,8 +294,13 @@ class ChunkedScanner:
                 if line:
                     raise ProtocolError("missing CRLF after chunk data")
                 self._state = "size"
-            elif self._state == "trailer" and not line:
-                self.done = True
+            elif self._state == "trailer":
+                if not line:
+                    self.done = True
+                else:
+                    name, sep, value = line.partition(b":")
+                    if not sep or not _is_token(name) or b"\x00" in value:
+                        raise ProtocolError(f"malformed trailer line {line[:40]!r}")
         return i
 
 

@@ -52,10 +52,13 @@ def parse_users(text: str, source: str = "users file") -> dict[str, User]:
 def load_users(path: str | Path) -> dict[str, User]:
     path = Path(path)
     try:
-        return parse_users(path.read_text(), str(path))
+        return parse_users(path.read_text(encoding="utf-8"), str(path))
     except OSError as e:
         raise InvalidInput(f"cannot read users file {path}: {e.strerror}",
                            "pass an existing file to --users") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(f"users file {path} is not UTF-8 text",
+                           "write it as UTF-8 lines of name:bcrypt-hash[:role]") from None
 
 
 def parse_basic(value: bytes | None) -> tuple[str, str] | None:

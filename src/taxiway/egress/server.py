@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import itertools
+import resource
 import signal
 import socket
 import ssl
@@ -58,11 +60,69 @@ class EgressConfig:
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
     total_timeout: float = 0.0  # 0: no limit on a tunnel's lifetime
-    header_timeout: float = 30.0
+    header_timeout: float = 30.0  # for each request head, from its first byte to its blank line
     dns_timeout: float = 5.0
     max_tunnels: int = 10_000
     max_header_bytes: int = 64 * 1024
     drain_timeout: float = 30.0
+
+
+# Out of descriptors or memory: accepting again at once would only fail again.
+_ACCEPT_RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class _Acceptor:
+    """Accepts on a listening socket and says when it cannot.
+
+    asyncio's server reports running out of file descriptors only to the loop's
+    exception handler, and uvloop (libuv) accepts and closes such connections
+    without a word. Here a failed accept calls ``on_error`` and accepting pauses
+    with a growing delay (5 ms to 1 s), as Go's http.Server (Smokescreen's) does;
+    the connections waiting in the backlog are served once descriptors free up.
+    """
+
+    def __init__(self, sock: socket.socket, on_socket: Callable[[socket.socket], None],
+                 on_error: Callable[[OSError, float], None]) -> None:
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self.on_socket, self.on_error = on_socket, on_error
+        self.delay = 0.0
+        self._retry: asyncio.TimerHandle | None = None
+        self.closed = False
+        sock.setblocking(False)
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(256):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno not in _ACCEPT_RESOURCE_ERRORS:
+                    continue  # ECONNABORTED and the like: that one client gave up
+                self.delay = min(max(self.delay * 2, 0.005), 1.0)
+                self.loop.remove_reader(self.sock.fileno())
+                self._retry = self.loop.call_later(self.delay, self._resume)
+                self.on_error(e, self.delay)
+                return
+            self.delay = 0.0
+            self.on_socket(conn)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if not self.closed:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._retry is not None:
+            self._retry.cancel()
+        else:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 class Denied(Exception):
@@ -110,8 +170,10 @@ class EgressProxy:
         self.draining = False
         self._ids = itertools.count(1)
         self._flush_pending = False
+        self._pending: set[asyncio.Task] = set()
         self._judged: dict[tuple[IPAddress, int], AddressVerdict] = {}
-        self._server: asyncio.AbstractServer | None = None
+        self._server: _Acceptor | None = None
+        self._ssl: ssl.SSLContext | None = None
         self._stopped: asyncio.Event | None = None
 
     # -- logging -----------------------------------------------------------------
@@ -169,25 +231,56 @@ class EgressProxy:
             ctx.verify_mode = ssl.CERT_OPTIONAL
         return ctx
 
-    async def start(self) -> asyncio.AbstractServer:
+    async def start(self) -> tuple[str, int]:
+        """Listen on ``config.listen``; returns the bound (host, port)."""
         host, port = self.config.listen
+        self._ssl = self._ssl_context()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
-            self._server = await asyncio.start_server(
-                self._handle, host, port, ssl=self._ssl_context(), limit=self.config.max_header_bytes,
-                backlog=4096, reuse_address=True)
+            sock = socket.create_server((host, port), family=family, backlog=4096)
         except OSError as e:
             from taxiway.errors import TaxiwayError
 
             raise TaxiwayError(f"cannot listen on {host}:{port}: {e.strerror or e}",
                                "pick another address with --listen") from None
-        bound = self._server.sockets[0].getsockname()
+        self._server = _Acceptor(sock, self._accepted, self._accept_failed)
+        bound = sock.getsockname()
         self.config.listen = (host, bound[1])
         self.policy = self.policy.with_own(*_own_addresses(host, bound[1]))
         self._judged.clear()
         self._stopped = asyncio.Event()
         self.log(msg="listening", address=f"{host}:{bound[1]}", tls=bool(self.config.tls_cert),
                  acl=str(self.config.acl_path or ""), auth_required=self.auth.required)
-        return self._server
+        return self.config.listen
+
+    def _accept_failed(self, e: OSError, delay: float) -> None:
+        name = errno.errorcode.get(e.errno or 0, str(e.errno))
+        self.metrics.inc("taxiway_egress_accept_errors_total", error=name)
+        if delay <= 0.005 or self.metrics.value("taxiway_egress_accept_errors_total", error=name) % 60 == 0:
+            # A line when an episode starts, then one a minute while it lasts.
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            self.log(msg="accept failed", error=f"{name}: {e.strerror}", open_connections=len(self.connections),
+                     active_tunnels=self.active_tunnels, nofile_limit=soft, retry_in_s=delay,
+                     fix="raise the file descriptor limit (ulimit -n, LimitNOFILE=) or lower --max-tunnels")
+
+    def _accepted(self, sock: socket.socket) -> None:
+        task = asyncio.get_running_loop().create_task(self._serve_socket(sock))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _serve_socket(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=self.config.max_header_bytes)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            async with asyncio.timeout(self.config.header_timeout):
+                transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock, ssl=self._ssl)
+        except (OSError, TimeoutError, ssl.SSLError):
+            sock.close()  # a failed TLS handshake, or a client already gone
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        await self._handle(reader, writer)
 
     async def serve_forever(self) -> None:
         """Serve until SIGTERM/SIGINT (drain) ; SIGHUP reloads the ACL."""
@@ -237,9 +330,17 @@ class EgressProxy:
             while not self.draining:
                 self.idle.add(task)
                 try:
-                    timeout = self.config.header_timeout if first else self.config.idle_timeout
-                    async with asyncio.timeout(timeout):
-                        raw = await reader.readuntil(b"\r\n\r\n")
+                    lead = b""
+                    if not first:
+                        # Between requests a connection may idle; once a head starts it
+                        # must end within header_timeout, like the first one (slowloris).
+                        async with asyncio.timeout(self.config.idle_timeout):
+                            lead = await reader.read(1)
+                        if not lead:
+                            break
+                        self.idle.discard(task)
+                    async with asyncio.timeout(self.config.header_timeout):
+                        raw = lead + await reader.readuntil(b"\r\n\r\n")
                 except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
                     break
                 except asyncio.LimitOverrunError:
@@ -565,6 +666,12 @@ class EgressProxy:
             else:
                 self._release(up)
             return keep_client
+        except _BadBody as e:
+            self._release(up)
+            status = 400
+            msg = f"bad request body for {target}: {e}"
+            writer.write(http.simple_response(400, msg + "\n", [("X-Taxiway-Egress-Error", msg)]))
+            return False
         except (http.ProtocolError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as e:
             self._release(up)
             if not counts[2]:
@@ -603,7 +710,7 @@ class EgressProxy:
             async with asyncio.timeout(idle) as timer:
                 while True:
                     try:
-                        raw = await up.reader.readuntil(b"\r\n\r\n")
+                        raw = await _response_head(up.reader, body)
                     except (asyncio.IncompleteReadError, ConnectionError) as e:
                         if up.used and counts[0] == 0 and not (isinstance(e, asyncio.IncompleteReadError)
                                                                 and e.partial):
@@ -656,12 +763,41 @@ class EgressProxy:
             body_ok = body is None or (body.done() and not body.cancelled())
             return rhead.status, keep, keep_up and body_ok
         finally:
-            if body is not None and not body.done():
-                body.cancel()
+            if body is not None:
+                if not body.done():
+                    body.cancel()
+                elif not body.cancelled():
+                    body.exception()  # retrieved: the failure was answered or is moot
 
 
 class _Stale(Exception):
     """A reused upstream connection turned out to be closed before answering."""
+
+
+class _BadBody(Exception):
+    """The client's request body broke its framing (or stopped) before the upstream answered."""
+
+
+async def _response_head(src: asyncio.StreamReader, body: asyncio.Task | None) -> bytes:
+    """The upstream's response head, unless the request body being sent fails first.
+
+    A malformed chunk from the client must end the exchange with a 400 at once,
+    not leave the upstream waiting for a body that will never be complete.
+    """
+    read = asyncio.ensure_future(src.readuntil(b"\r\n\r\n"))
+    if body is None:
+        return await read
+    try:
+        await asyncio.wait({read, body}, return_when=asyncio.FIRST_COMPLETED)
+        if not read.done() and not body.cancelled():
+            e = body.exception()
+            if isinstance(e, (http.ProtocolError, asyncio.IncompleteReadError)):
+                raise _BadBody(str(e) if isinstance(e, http.ProtocolError)
+                               else "the request body ended early") from e
+        return await read
+    finally:
+        if not read.done():
+            read.cancel()
 
 
 @dataclass
@@ -766,6 +902,8 @@ def _metrics() -> Metrics:
     m.describe("taxiway_egress_tunnels_active", "gauge", "Open upstream connections.")
     m.describe("taxiway_egress_connections_open", "gauge", "Open client connections.")
     m.describe("taxiway_egress_reloads_total", "counter", "ACL reloads (SIGHUP) by result.")
+    m.describe("taxiway_egress_accept_errors_total", "counter",
+               "Failed accepts by errno (EMFILE: out of file descriptors); accepting backs off.")
     m.describe("taxiway_egress_dns_seconds", "histogram", "Time to resolve a name.")
     m.describe("taxiway_egress_connect_seconds", "histogram", "Time to connect upstream.")
     return m
