@@ -30,8 +30,26 @@ def report(result, as_json: bool) -> None:
         return
     for t in result.tables:
         coords = f", map on {t.latitude}/{t.longitude}" if t.latitude else ""
-        click.echo(f"  {t.table}: {t.rows:,} rows{coords}", err=True)
+        sep = f", {_SEPARATORS.get(t.delimiter, repr(t.delimiter))}-separated" if t.delimiter else ""
+        click.echo(f"  {t.table}: {t.rows:,} rows{sep}{coords}", err=True)
     click.echo(result.url)
+
+
+_SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
+_DELIMITER_NAMES = {"comma": ",", "semicolon": ";", "tab": "\t", "\\t": "\t", "pipe": "|", "space": " "}
+
+
+def parse_delimiter(value: str | None) -> str | None:
+    """``--delimiter``: one character, or comma, semicolon, tab (or \\t), pipe, space."""
+    if value is None:
+        return None
+    d = _DELIMITER_NAMES.get(value.lower(), value)
+    if len(d) != 1 or d in "\"\r\n":
+        from taxiway.errors import InvalidInput
+
+        raise InvalidInput(f"--delimiter {value!r} is not one character",
+                           "give one character such as ';' or '|', or a name: comma, semicolon, tab, pipe")
+    return d
 
 
 @click.group(cls=_DefaultGroup, invoke_without_command=False)
@@ -61,10 +79,12 @@ def publish() -> None:
 @click.option("--about-url", help="About URL.")
 @click.option("--fts", multiple=True, help="Column to index for full-text search (repeatable).")
 @click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of CSV/JSON files.")
+@click.option("--delimiter", help="CSV field delimiter: one character or comma/semicolon/tab/pipe "
+                                  "(default: detected from the first lines).")
 @click.option("--port", type=int, help="Loopback port to serve on (default: kept from the last publish, or free).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def publish_files(files, name, table, install, metadata, title, source, source_url, license_, license_url,
-                  about, about_url, fts, encoding, port, as_json):
+                  about, about_url, fts, encoding, delimiter, port, as_json):
     """Publish FILES."""
     import json
 
@@ -88,7 +108,8 @@ def publish_files(files, name, table, install, metadata, title, source, source_u
             raise InvalidInput(f"{metadata}: metadata must be an object", "see Datasette's metadata documentation")
     spec = PublishSpec(files=list(files), name=name, table=table, install=list(install), metadata=meta, title=title,
                        source=source, source_url=source_url, license=license_, license_url=license_url,
-                       about=about, about_url=about_url, fts=list(fts), encoding=encoding, port=port)
+                       about=about, about_url=about_url, fts=list(fts), encoding=encoding,
+                       delimiter=parse_delimiter(delimiter), port=port)
     report(do_publish(spec), as_json)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ class PublishSpec:
     about_url: str | None = None
     fts: list[str] = field(default_factory=list)
     encoding: str = "utf-8"
+    delimiter: str | None = None
     plugin_secrets: list[tuple[str, str, str]] = field(default_factory=list)
     static: list[tuple[str, str]] = field(default_factory=list)
     version_note: str | None = None
@@ -71,13 +71,6 @@ def validate(spec: PublishSpec) -> None:
         if not _PLUGIN.match(p):
             raise InvalidInput(f"--install {p!r} is not a package name", "give a PyPI name such as datasette-cluster-map")
     spec.app_name()
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def merged_metadata(spec: PublishSpec, generated: dict) -> dict:
@@ -121,19 +114,20 @@ def prepare(spec: PublishSpec, workdir: Path) -> tuple[Path, list[convert.TableI
     if to_convert:
         dbname = spec.app_name().replace("-", "_")
         t = convert.build_database(to_convert, app / "data" / f"{dbname}.db", table=spec.table, fts=spec.fts,
-                                   encoding=spec.encoding)
+                                   encoding=spec.encoding, delimiter=spec.delimiter)
         for info in t:
             info.database = dbname
         infos += t
         generated = _merge(generated, convert.cluster_map_metadata(dbname, t))
         names.add(dbname)
     for db in dbs:
-        t = convert.describe_sqlite(db)
         stem = db.name.rsplit(".", 1)[0]
         if stem in names:
             raise InvalidInput(f"{db}: a second database named {stem!r}", "rename one of the files")
         names.add(stem)
-        _link_or_copy(db, app / "data" / db.name)
+        # A backup-API copy, not the file: a linked or copied .db would lose what is still in its -wal.
+        convert.copy_sqlite(db, app / "data" / db.name)
+        t = convert.describe_sqlite(app / "data" / db.name, source=db)
         for info in t:
             info.database = stem
         infos += t

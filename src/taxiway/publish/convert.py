@@ -30,6 +30,11 @@ from taxiway.errors import InvalidInput
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+#: SQLite's default limit is 2,000 result columns, and Datasette's table page selects the rowid too.
+MAX_COLUMNS = 1999
+#: Delimiters tried when a CSV does not say (``--delimiter`` overrides).
+DELIMITERS = (",", ";", "\t", "|")
+_SNIFF_CHARS = 1 << 16
 _BATCH = 10_000
 
 #: Column names datasette-cluster-map (and people) use for coordinates.
@@ -49,12 +54,13 @@ class TableInfo:
     longitude: str | None = None
     fts: list[str] = field(default_factory=list)
     database: str | None = None
+    delimiter: str | None = None
 
     def to_json(self) -> dict:
         return {
             "source": self.source, "table": self.table, "rows": self.rows, "columns": self.columns,
             "latitude_column": self.latitude, "longitude_column": self.longitude, "fts": self.fts,
-            "database": self.database,
+            "database": self.database, "delimiter": self.delimiter,
         }
 
 
@@ -82,7 +88,64 @@ def check_sqlite(path: Path) -> None:
         con.execute("select count(*) from sqlite_master").fetchone()
         con.close()
     except sqlite3.DatabaseError as e:
-        raise InvalidInput(f"{path}: corrupt SQLite database ({e})", "check the file with `sqlite3 FILE 'pragma integrity_check'`") from e
+        raise _damaged(path, e) from None
+
+
+def _damaged(path: Path, e: Exception) -> InvalidInput:
+    return InvalidInput(f"{path}: damaged SQLite database ({e})",
+                        f"check it with `sqlite3 {path} 'pragma integrity_check'` and recover it (`.recover`) first")
+
+
+def copy_sqlite(src: Path, dest: Path) -> None:
+    """A consistent copy of a user's database at ``dest``, WAL content included, made with SQLite's backup API.
+
+    The source is opened read-only (never ``immutable``, which would ignore
+    transactions still in ``-wal``), so a database that an application is
+    writing right now is copied as of one committed transaction. The copy is
+    switched out of WAL mode (it is served immutable), checked, and renamed
+    into place; the source database is never written.
+    """
+    from urllib.request import pathname2url
+
+    check_sqlite(src)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
+    ok = False
+    s = d = None
+    try:
+        s = sqlite3.connect(f"file:{pathname2url(str(src.resolve()))}?mode=ro", uri=True)
+        d = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            s.backup(d)
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise InvalidInput(f"{src}: the database stayed locked by another process",
+                                   "publish again when the writer has finished its transaction") from None
+            if "readonly" in str(e).replace(" ", "").replace("-", "") or "unable to open" in str(e):
+                raise InvalidInput(f"{src}: cannot read the database's WAL or journal ({e})",
+                                   "open it once with sqlite3 (or checkpoint it) where it is writable, then publish") from None
+            raise _damaged(src, e) from None
+        except sqlite3.DatabaseError as e:
+            raise _damaged(src, e) from None
+        d.execute("pragma journal_mode=delete")
+        problems = [r[0] for r in d.execute("pragma quick_check(3)")]
+        if problems != ["ok"]:
+            raise _damaged(src, Exception("; ".join(problems)))
+        d.close()
+        s.close()
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        ok = True
+    except sqlite3.DatabaseError as e:
+        raise _damaged(src, e) from None
+    finally:
+        for c in (s, d):
+            with contextlib.suppress(Exception):
+                c.close()
+        if not ok:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
 
 
 def table_name_for(path: Path) -> str:
@@ -105,16 +168,64 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _checked_rows(reader: Iterator[list[str]], ncols: int, path: Path) -> Iterator[list[str]]:
+def _checked_rows(reader: Iterator[list[str]], ncols: int, path: Path, delimiter: str,
+                  given: bool) -> Iterator[list[str]]:
+    how = "given by --delimiter" if given else "detected; pass --delimiter if the file uses another"
     for row in reader:
         if len(row) != ncols:
             if not row:  # blank line
                 continue
             raise InvalidInput(
-                f"{path}: row {reader.line_num} has {len(row)} fields, the header has {ncols}",
+                f"{path}: row {reader.line_num} has {len(row)} fields, the header has {ncols} "
+                f"(delimiter {delimiter_name(delimiter)}, {how})",
                 "fix the ragged row (a missing or extra delimiter, or an unclosed quote) and publish again",
             )
         yield row
+
+
+def check_width(path: Path | str, table: str, ncols: int) -> None:
+    """Refuse a table wider than Datasette can show (its table page would answer 400)."""
+    if ncols > MAX_COLUMNS:
+        raise InvalidInput(
+            f"{path}: table {table!r} has {ncols:,} columns, more than the {MAX_COLUMNS:,} Datasette can show "
+            f"(SQLite returns at most 2,000 columns and the table page adds the rowid)",
+            f"split the file or drop columns so each table has at most {MAX_COLUMNS:,}")
+
+
+def delimiter_name(d: str) -> str:
+    """How a delimiter is shown to people: ``','``, ``tab``."""
+    return {"\t": "tab", " ": "space"}.get(d, repr(d))
+
+
+def sniff_delimiter(path: Path, encoding: str, default: str) -> str:
+    """The delimiter of ``path``, judged on its first lines (``default`` is the one its name implies).
+
+    ``default`` wins when it splits the header into several fields and every
+    sampled row into as many; otherwise the candidate that splits the header
+    and matches the most rows (then the most columns); otherwise ``default``.
+    A ragged row is then reported against the delimiter chosen.
+    """
+    try:
+        with _open_text(path, encoding) as f:
+            sample = f.read(_SNIFF_CHARS)
+            more = bool(f.read(1))
+    except (UnicodeDecodeError, OSError, EOFError):
+        return default  # the conversion itself reports these
+    if more and "\n" in sample:
+        sample = sample[: sample.rindex("\n") + 1]  # whole lines only
+    scores: dict[str, tuple[float, int]] = {}
+    for d in (default, *[c for c in DELIMITERS if c != default]):
+        try:
+            widths = [len(r) for r in csv.reader(io.StringIO(sample, newline=""), delimiter=d) if r]
+        except csv.Error:
+            continue
+        if more and len(widths) > 2:
+            widths = widths[:-1]  # the sample may end inside a quoted row
+        if widths and widths[0] > 1:
+            scores[d] = (sum(w == widths[0] for w in widths) / len(widths), widths[0])
+    if not scores or scores.get(default, (0, 0))[0] == 1:
+        return default
+    return max(scores, key=lambda d: scores[d])  # max keeps the first of equals: the default
 
 
 def _detect_types(con: sqlite3.Connection, table: str, columns: list[str]) -> dict[str, str]:
@@ -138,9 +249,12 @@ def _detect_types(con: sqlite3.Connection, table: str, columns: list[str]) -> di
     return types
 
 
-def convert_delimited(con: sqlite3.Connection, path: Path, table: str, delimiter: str, encoding: str) -> TableInfo:
-    """Stream one CSV/TSV into ``table`` with detected column types."""
+def convert_delimited(con: sqlite3.Connection, path: Path, table: str, delimiter: str | None, encoding: str,
+                      default: str = ",") -> TableInfo:
+    """Stream one CSV/TSV into ``table`` with detected column types (``delimiter`` None: sniffed)."""
     stage = f"_taxiway_stage_{table}"
+    given = delimiter is not None
+    delimiter = delimiter if given else sniff_delimiter(path, encoding, default)
     try:
         with _open_text(path, encoding) as f:
             reader = csv.reader(f, delimiter=delimiter)
@@ -160,11 +274,13 @@ def convert_delimited(con: sqlite3.Connection, path: Path, table: str, delimiter
                     raise InvalidInput(f"{path}: duplicated column name {h!r} (columns {seen[key]} and {i})",
                                        "rename one of them in the header row")
                 seen[key] = i
+            check_width(path, table, len(header))
             cols = ", ".join(f"{_quote(h)} TEXT" for h in header)
             con.execute(f"drop table if exists {_quote(stage)}")
             con.execute(f"create table {_quote(stage)} ({cols})")
             marks = ", ".join("?" * len(header))
-            con.executemany(f"insert into {_quote(stage)} values ({marks})", _checked_rows(reader, len(header), path))
+            con.executemany(f"insert into {_quote(stage)} values ({marks})",
+                            _checked_rows(reader, len(header), path, delimiter, given))
     except UnicodeDecodeError as e:
         line = _line_of_byte(path, e.start if hasattr(e, "start") else 0)
         raise InvalidInput(
@@ -188,7 +304,7 @@ def convert_delimited(con: sqlite3.Connection, path: Path, table: str, delimiter
     )
     con.execute(f"insert into {_quote(table)} select {exprs} from {_quote(stage)}")
     con.execute(f"drop table {_quote(stage)}")
-    return TableInfo(str(path), table, rows, types)
+    return TableInfo(str(path), table, rows, types, delimiter=delimiter)
 
 
 def _line_of_byte(path: Path, offset: int) -> int:
@@ -240,9 +356,19 @@ def convert_json(con: sqlite3.Connection, path: Path, table: str, kind: str, enc
         db[table].insert_all(_json_records(path, kind, encoding), alter=True, batch_size=_BATCH)
     except UnicodeDecodeError as e:
         raise InvalidInput(f"{path}: not valid {encoding} text ({e.reason})", "re-save the file as UTF-8 or pass --encoding") from None
+    except sqlite3.OperationalError as e:
+        if "too many" not in str(e):
+            raise
+        check_width(path, table, MAX_COLUMNS + 1)
+    except ValueError as e:
+        if "maximum of" not in str(e):
+            raise
+        raise InvalidInput(f"{path}: records with more keys than sqlite-utils inserts ({e})",
+                           "drop keys, or publish the data as CSV (up to 1,999 columns)") from None
     if table not in db.table_names() or db[table].count == 0:
         raise InvalidInput(f"{path}: no records", "give at least one JSON object")
     t = db[table]
+    check_width(path, table, len(t.columns))
     return TableInfo(str(path), table, t.count, {c.name: c.type for c in t.columns})
 
 
@@ -282,8 +408,11 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_ .-]{0,62}$")
 
 
 def build_database(files: list[Path], dest: Path, *, table: str | None = None, fts: list[str] | None = None,
-                   encoding: str = "utf-8") -> list[TableInfo]:
-    """Convert ``files`` into one SQLite database at ``dest`` (written atomically)."""
+                   encoding: str = "utf-8", delimiter: str | None = None) -> list[TableInfo]:
+    """Convert ``files`` into one SQLite database at ``dest`` (written atomically).
+
+    ``delimiter`` applies to CSV/TSV files; without it each file's is detected.
+    """
     try:
         codecs.lookup(encoding)
     except LookupError:
@@ -313,7 +442,7 @@ def build_database(files: list[Path], dest: Path, *, table: str | None = None, f
                 raise InvalidInput(f"{path}: a second file would also become table {name!r}", "rename one of the files")
             used.add(name.lower())
             if kind in ("csv", "tsv"):
-                info = convert_delimited(con, path, name, "," if kind == "csv" else "\t", encoding)
+                info = convert_delimited(con, path, name, delimiter, encoding, "," if kind == "csv" else "\t")
             elif kind in ("json", "ndjson"):
                 info = convert_json(con, path, name, kind, encoding)
             else:
@@ -340,20 +469,27 @@ def build_database(files: list[Path], dest: Path, *, table: str | None = None, f
     return infos
 
 
-def describe_sqlite(path: Path) -> list[TableInfo]:
-    """Tables (with coordinates found) of a user's .db, read without changing it."""
+def describe_sqlite(path: Path, source: Path | None = None) -> list[TableInfo]:
+    """Tables (with coordinates found) of a database without a WAL (a :func:`copy_sqlite` copy), read only.
+
+    ``source`` is the user's file the copy was made from, named in errors.
+    """
+    source = source or path
     check_sqlite(path)
     con = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
     try:
         infos = []
         for (name,) in con.execute("select name from sqlite_master where type='table' and name not like 'sqlite_%'"):
             cols = {r[1]: r[2] for r in con.execute(f"pragma table_info({_quote(name)})")}
+            check_width(source, name, len(cols))
             rows = con.execute(f"select count(*) from {_quote(name)}").fetchone()[0]
-            info = TableInfo(str(path), name, rows, cols)
+            info = TableInfo(str(source), name, rows, cols)
             with contextlib.suppress(sqlite3.DatabaseError):
                 info.latitude, info.longitude = find_coordinates(con, name, cols)
             infos.append(info)
         return infos
+    except sqlite3.DatabaseError as e:
+        raise _damaged(source, e) from None
     finally:
         con.close()
 
