@@ -63,6 +63,10 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("--stop-signal",), "stop_signal", "value",
         "Signal for `machines stop` (default: the image's StopSignal or SIGTERM)."),
     Opt(("--stop-timeout",), "stop_timeout", "value", "Seconds before SIGKILL on stop.", float, 10.0),
+    Opt(("--cap-add",), "cap_add", "multiple", "Add a Linux capability (e.g. MKNOD, NET_ADMIN; ALL for every one)."),
+    Opt(("--cap-drop",), "cap_drop", "multiple", "Drop a Linux capability from the default set (ALL for every one)."),
+    Opt(("--security-opt",), "security_opt", "multiple",
+        "seccomp=unconfined, seccomp=PROFILE.json (Docker's format) or no-new-privileges (always on)."),
 )
 
 _BY_FLAG = {f: o for o in OPTIONS for f in o.flags}
@@ -151,7 +155,8 @@ def run_command(detach: bool, name: str | None, env: Any, env_file: Any, workdir
                 hostname: str | None, entrypoint: str | None, memory: str | None, cpus: float | None,
                 pids_limit: int | None, restart: str, volumes: Any, auto_remove: bool, net: str, ports: Any,
                 interactive: bool, tty: bool, isolation: str, vm_accel: str, stop_signal: str | None,
-                stop_timeout: float, image: str, command: Any) -> None:
+                stop_timeout: float, image: str, command: Any, cap_add: Any = (), cap_drop: Any = (),
+                security_opt: Any = ()) -> None:
     """Run IMAGE as an isolated machine: its Entrypoint + Cmd, or COMMAND instead of Cmd."""
     if isolation == "namespace" and not detach and os.geteuid() == 0:
         from taxiway.machines.cgroups import prime_attach
@@ -172,7 +177,8 @@ def run_command(detach: bool, name: str | None, env: Any, env_file: Any, workdir
         guest=C.Guest(C.parse_memory(memory) if memory else None, cpus, pids_limit),
         ports=[C.parse_port(p) for p in ports], mounts=[C.parse_volume(v) for v in volumes],
         restart=C.parse_restart(restart), net=net, isolation=isolation, auto_remove=auto_remove,
-        tty=tty, interactive=interactive, stop_signal=stop_signal, stop_timeout=stop_timeout, vm_accel=vm_accel)
+        tty=tty, interactive=interactive, stop_signal=stop_signal, stop_timeout=stop_timeout, vm_accel=vm_accel,
+        cap_add=list(cap_add), cap_drop=list(cap_drop), seccomp=C.parse_security_opt(list(security_opt)))
     if auto_remove and cfg.restart.policy != "no":
         raise InvalidInput("--rm and --restart cannot be combined", "drop one of them")
     if stop_signal:

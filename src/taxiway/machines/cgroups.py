@@ -1,10 +1,14 @@
-"""Per-machine cgroups for memory, cpu and pids, on cgroup v2 or v1.
+"""Per-machine cgroups: limits on memory, cpu and pids, and a device policy, on cgroup v2 or v1.
 
 A pure v2 host has ``/sys/fs/cgroup/cgroup.controllers``; otherwise (v1, or
 hybrid with an empty v2 mount as on these machines) each controller has its
 own hierarchy under ``/sys/fs/cgroup/<controller>``. Every machine gets a
-``taxiway/<id>`` group in each, even without limits, so that its processes
-can be counted, killed and accounted for (OOM kills) as one unit.
+``taxiway-<home>/<id>`` group in *every* hierarchy mounted there (freezer,
+cpuset, devices, name=systemd, the hybrid's unified one...), even without
+limits: its processes can be counted, killed and accounted for as one unit,
+and the cgroup namespace it unshares is rooted at its own groups everywhere,
+never at the host's. On v1 the devices group denies every device but Docker's
+default list (below).
 """
 
 from __future__ import annotations
@@ -20,13 +24,23 @@ ROOT = Path(os.environ.get("TAXIWAY_CGROUP_ROOT", "/sys/fs/cgroup"))
 
 def parent_name() -> str:
     """One parent group per $TAXIWAY_HOME, so two homes never touch each other's machines."""
-    from _sha256 import sha256  # the builtin: hashlib would load OpenSSL on every start
+    import hashlib
 
     from taxiway.paths import home
 
-    return "taxiway-" + sha256(str(home()).encode()).hexdigest()[:10]
+    return "taxiway-" + hashlib.sha256(str(home()).encode()).hexdigest()[:10]
+
+
 V1_CONTROLLERS = ("memory", "cpu", "pids")
+# Every other v1 hierarchy a host may mount under ROOT: a machine gets a group in each one present.
+V1_OTHERS = ("devices", "freezer", "cpuset", "blkio", "cpuacct", "net_cls", "net_prio", "net_cls,net_prio",
+             "perf_event", "hugetlb", "rdma", "misc", "systemd", "unified")
 CFS_PERIOD = 100_000
+DEFAULT_PIDS = 2048  # podman's default; --pids-limit changes it
+
+# Docker's (runc's) default device rules: mknod of any node ("m"), open of these only.
+DEVICE_RULES = ("c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm",
+                "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm")
 
 
 def is_v2() -> bool:
@@ -51,7 +65,15 @@ class Cgroup:
         if self.v2:
             self.dirs = {c: ROOT / self.parent / machine_id for c in V1_CONTROLLERS}
         else:
-            self.dirs = {c: ROOT / c / self.parent / machine_id for c in V1_CONTROLLERS if (ROOT / c).is_dir()}
+            self.dirs = {}
+            for c in V1_CONTROLLERS + V1_OTHERS:
+                base = ROOT / c
+                if base.is_dir() and not base.is_symlink():  # cpu -> cpu,cpuacct style links: the real dir is listed
+                    self.dirs[c] = base / self.parent / machine_id
+
+    def has_devices(self) -> bool:
+        """True when the device policy is enforced (a v1 devices group)."""
+        return "devices" in self.dirs
 
     def paths(self) -> list[Path]:
         return sorted(set(self.dirs.values()))
@@ -59,8 +81,12 @@ class Cgroup:
     def exists(self) -> bool:
         return any(p.exists() for p in self.paths())
 
-    def create(self, memory: int | None = None, cpus: float | None = None, pids: int | None = None) -> None:
-        """Make the groups and set the limits (an OSError names the limit the kernel refused)."""
+    def create(self, memory: int | None = None, cpus: float | None = None, pids: int | None = None,
+               default_pids: int | None = None) -> None:
+        """Make the groups and set the limits (an OSError names the limit the kernel refused).
+
+        ``default_pids`` applies when ``pids`` is None and the pids controller is there.
+        """
         if self.v2:
             parent = ROOT / self.parent
             parent.mkdir(exist_ok=True)
@@ -72,10 +98,18 @@ class Cgroup:
         for d in self.paths():
             for _ in range(3):  # a concurrent remove() may drop the empty parent in between
                 try:
-                    d.mkdir(parents=True, exist_ok=True)
+                    if "cpuset" in self.dirs and d == self.dirs["cpuset"]:
+                        self._mkdir_cpuset(d)
+                    else:
+                        d.mkdir(parents=True, exist_ok=True)
                     break
                 except FileNotFoundError:
                     continue
+        if "devices" in self.dirs:
+            dev = self.dirs["devices"]
+            _write(dev / "devices.deny", "a")
+            for rule in DEVICE_RULES:
+                _write(dev / "devices.allow", rule)
         if memory:
             if self.v2:
                 _write(self.dirs["memory"] / "memory.max", str(memory))
@@ -96,6 +130,19 @@ class Cgroup:
                 _write(self.dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
         if pids:
             _write(self.dirs["pids"] / "pids.max", str(pids))
+        elif default_pids and "pids" in self.dirs and (self.dirs["pids"] / "pids.max").exists():
+            _write(self.dirs["pids"] / "pids.max", str(default_pids))
+
+    @staticmethod
+    def _mkdir_cpuset(d: Path) -> None:
+        """A v1 cpuset group takes no task until its cpus and mems are set: copy them from above."""
+        for g in (d.parent, d):
+            if g.is_dir():
+                continue
+            g.mkdir(exist_ok=True)
+            for f in ("cpuset.cpus", "cpuset.mems"):
+                if not (g / f).read_text().strip():
+                    _write(g / f, (g.parent / f).read_text().strip())
 
     def add(self, pid: int) -> None:
         """Move ``pid`` into every group of this machine."""
@@ -165,7 +212,7 @@ def stale(live_ids: set[str]) -> list[str]:
     """Machine ids (of this home) that still have a cgroup but no machine record."""
     out: set[str] = set()
     parent = parent_name()
-    bases = [ROOT / parent] if is_v2() else [ROOT / c / parent for c in V1_CONTROLLERS]
+    bases = [ROOT / parent] if is_v2() else [ROOT / c / parent for c in V1_CONTROLLERS + V1_OTHERS]
     for b in bases:
         with contextlib.suppress(OSError):
             out.update(p.name for p in b.iterdir() if p.is_dir() and p.name not in live_ids)

@@ -110,6 +110,8 @@ class MachineConfig(Record):
         ("auto_remove", False), ("tty", False), ("interactive", False), ("stop_signal", None),
         ("stop_timeout", 10.0),
         ("vm_accel", "auto"),  # auto | kvm | tcg
+        ("cap_add", list), ("cap_drop", list),
+        ("seccomp", None),  # None: Docker's default profile; "unconfined"; or a profile (Docker's JSON format)
     )
     image: str
     cmd: list[str] | None
@@ -131,6 +133,9 @@ class MachineConfig(Record):
     stop_signal: str | None
     stop_timeout: float
     vm_accel: str
+    cap_add: list[str]
+    cap_drop: list[str]
+    seccomp: str | dict[str, Any] | None
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> MachineConfig:
@@ -157,11 +162,59 @@ def parse_size(s: str) -> int:
 
 
 def parse_memory(s: str) -> int:
+    import os
+
     n = parse_size(s)
     if n < MIN_MEMORY:
         raise InvalidInput(f"memory limit {s} is below the minimum of 6m the kernel needs to run a machine",
                            "use --memory 6m or more")
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if n > total:
+        raise InvalidInput(f"memory limit {s} is more than this host has ({total >> 20}m)",
+                           f"use --memory {total >> 20}m or less")
     return n
+
+
+# Where a volume would be hidden by (or would hide) what the runtime mounts itself.
+_RESERVED_TARGETS = ("/", "/proc", "/sys", "/dev", "/dev/init", "/dev/pts", "/dev/shm", "/dev/mqueue",
+                     "/dev/console")
+
+
+def check_volume_target(dst: str) -> None:
+    """Refuse -v targets the runtime mounts over (/proc, /sys, /dev...): the volume would be hidden."""
+    if dst in _RESERVED_TARGETS or dst.startswith(("/proc/", "/sys/", "/dev/")):
+        raise InvalidInput(f"volume target {dst} is reserved: the machine's own {dst.split('/')[1] or '/'} is mounted there",
+                           "mount the volume somewhere else, e.g. -v HOSTDIR:/data")
+
+
+def check_hostname(name: str) -> None:
+    """A hostname the kernel takes: 1-64 characters, letters, digits, '-' and '.' (RFC 1123)."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,62}[A-Za-z0-9])?", name):
+        raise InvalidInput(f"invalid hostname {name[:80]!r}",
+                           "use at most 64 letters, digits, '-' and '.', starting and ending with a letter or digit")
+
+
+def parse_security_opt(items: list[str]) -> str | dict[str, Any] | None:
+    """``--security-opt`` values as Docker takes them: ``seccomp=unconfined``, ``seccomp=PROFILE.json``,
+    ``no-new-privileges`` (always on here). Returns the seccomp setting for :class:`MachineConfig`."""
+    out: str | dict[str, Any] | None = None
+    for item in items:
+        k, sep, v = item.partition("=" if "=" in item else ":")
+        if k == "no-new-privileges" and (not sep or v == "true"):
+            continue
+        if k == "seccomp" and v:
+            if v == "unconfined":
+                out = "unconfined"
+            else:
+                from taxiway.machines.seccomp import load_profile
+
+                out = load_profile(v)
+            continue
+        raise InvalidInput(f"unsupported --security-opt {item!r}",
+                           "use seccomp=unconfined, seccomp=/path/profile.json or no-new-privileges")
+    return out
 
 
 def parse_restart(s: str) -> Restart:
@@ -209,10 +262,12 @@ def parse_volume(s: str) -> Mount:
         raise InvalidInput(f"invalid volume mode {mode!r} in {s!r}", "use :ro or :rw")
     if not dst.startswith("/"):
         raise InvalidInput(f"volume target {dst!r} is not an absolute path", "use -v HOSTDIR:/path/in/machine")
+    dst = os.path.normpath("/" + dst.lstrip("/"))
+    check_volume_target(dst)
     src = os.path.abspath(src)
     if not os.path.exists(src):
         raise InvalidInput(f"host path {src} for -v does not exist", f"create it first (mkdir -p {src})")
-    return Mount(src, os.path.normpath(dst), mode == "ro")
+    return Mount(src, dst, mode == "ro")
 
 
 def parse_port(s: str) -> Port:

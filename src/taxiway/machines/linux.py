@@ -37,9 +37,15 @@ PR_CAPBSET_DROP = 24
 PR_SET_PDEATHSIG = 1
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
+PR_SET_SECCOMP = 22
+SECCOMP_MODE_FILTER = 2
+CLOSE_RANGE_CLOEXEC = 1 << 2
+KEYCTL_JOIN_SESSION_KEYRING = 1
 
 SYS_pivot_root = 155  # x86_64
 SYS_capset = 126
+SYS_keyctl = 250
+SYS_close_range = 436
 
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -115,6 +121,28 @@ CAPS = {
 DEFAULT_CAPS = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FSETID", "CAP_FOWNER", "CAP_MKNOD", "CAP_NET_RAW",
                 "CAP_SETGID", "CAP_SETUID", "CAP_SETFCAP", "CAP_SETPCAP", "CAP_NET_BIND_SERVICE",
                 "CAP_SYS_CHROOT", "CAP_KILL", "CAP_AUDIT_WRITE")
+# A machine's default set: Docker's without CAP_MKNOD (``--cap-add MKNOD`` gives it back).
+MACHINE_CAPS = tuple(c for c in DEFAULT_CAPS if c != "CAP_MKNOD")
+
+
+def machine_caps(add: list[str] | tuple[str, ...] = (), drop: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """MACHINE_CAPS with ``--cap-add``/``--cap-drop`` applied (names with or without CAP_, or ALL)."""
+    from taxiway.errors import InvalidInput
+
+    def norm(names: list[str] | tuple[str, ...]) -> set[str]:
+        out = set()
+        for n in names:
+            c = n.upper() if n.upper().startswith("CAP_") else "CAP_" + n.upper()
+            if c == "CAP_ALL":
+                out |= set(CAPS)
+            elif c not in CAPS:
+                raise InvalidInput(f"unknown capability {n!r}", "use a name such as NET_ADMIN or SYS_PTRACE (see capabilities(7))")
+            else:
+                out.add(c)
+        return out
+
+    caps = (set(MACHINE_CAPS) - norm(drop)) | norm(add)
+    return sorted(caps, key=CAPS.__getitem__)
 
 
 def last_cap() -> int:
@@ -143,6 +171,28 @@ def drop_capabilities(keep: tuple[str, ...] = DEFAULT_CAPS) -> None:
         part = (mask >> (32 * i)) & 0xFFFFFFFF
         data[i].effective = data[i].permitted = data[i].inheritable = part
     _check(_libc.syscall(SYS_capset, ctypes.byref(hdr), ctypes.byref(data)), "capset")
+
+
+def cloexec_from(low: int = 3) -> None:
+    """Mark every fd >= ``low`` close-on-exec (close_range(2)), so exec leaks none of ours into a machine."""
+    if _libc.syscall(SYS_close_range, ctypes.c_uint(low), ctypes.c_uint(0xFFFFFFFF), CLOSE_RANGE_CLOEXEC) == 0:
+        return
+    for name in os.listdir("/proc/self/fd"):  # kernels before 5.11: one fd at a time
+        fd = int(name)
+        if fd >= low:
+            try:
+                os.set_inheritable(fd, False)
+            except OSError:
+                pass
+
+
+def join_session_keyring() -> None:
+    """Join a new anonymous session keyring (as runc does): no key of the caller's session is reachable."""
+    rc = _libc.syscall(SYS_keyctl, KEYCTL_JOIN_SESSION_KEYRING, ctypes.c_void_p(0))
+    if rc < 0:
+        e = ctypes.get_errno()
+        if e != 38:  # ENOSYS: a kernel without keys has nothing to leak
+            raise OSError(e, f"keyctl join session keyring: {os.strerror(e)}")
 
 
 def sethostname(name: str) -> None:

@@ -20,6 +20,7 @@ import stat
 from pathlib import Path
 
 from taxiway.machines import linux as L
+from taxiway.oci._safepath import RootFS, clean
 
 if False:  # typing only: not imported on the start path
     from typing import Any
@@ -37,24 +38,57 @@ class SetupError(Exception):
     """Raised inside the child before exec; its text reaches the user as one line."""
 
 
-def _mkdirs_inside(root: str, rel: str) -> str:
-    """``root/rel`` as a directory that provably stays inside ``root`` (no symlink escapes)."""
-    path = os.path.join(root, rel.lstrip("/"))
-    os.makedirs(path, exist_ok=True)
-    real = os.path.realpath(path)
+def _dir_fd(root: str, rel: str) -> int:
+    """An O_PATH fd of directory ``rel`` inside ``root``, made if missing.
+
+    Symlinks are followed *inside* the root, as a chroot would (openat2 RESOLVE_IN_ROOT, or the
+    same walk by hand): an image's ``/data -> /host/dir`` leads to ``root/host/dir``, and nothing
+    is ever created outside ``root``.
+    """
+    try:
+        with RootFS(root) as rfs:
+            return rfs.resolve(clean(rel), create=True)
+    except NotADirectoryError:
+        raise SetupError(f"{rel} in the image is not a directory") from None
+    except OSError as e:
+        raise SetupError(f"cannot make {rel} inside the machine: {e.strerror}") from None
+
+
+def _real(fd: int, root: str, rel: str) -> str:
+    """The path of ``fd`` (resolved inside ``root``), closing it. Nothing else changes the
+    machine's root while it is assembled, so the path names what the fd does."""
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
     if real != root and not real.startswith(root + "/"):
-        raise SetupError(f"{rel} in the image is a symlink that leads outside the machine")
+        raise SetupError(f"{rel} in the image leads outside the machine")
     return real
 
 
+def _mkdirs_inside(root: str, rel: str) -> str:
+    """``root/rel`` as a directory that provably stays inside ``root`` (symlinks followed inside it)."""
+    return _real(_dir_fd(root, rel), root, rel)
+
+
 def _file_inside(root: str, rel: str) -> str:
-    parent = _mkdirs_inside(root, os.path.dirname(rel.rstrip("/")) or "/")
-    path = os.path.join(parent, os.path.basename(rel.rstrip("/")))
-    if os.path.islink(path):
-        os.unlink(path)
-    if not os.path.exists(path):
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
-    return path
+    """A file ``root/rel`` inside ``root`` (made if missing; a symlink there is replaced by a file)."""
+    base = rel.rstrip("/")
+    parent = _dir_fd(root, os.path.dirname(base) or "/")
+    name = os.path.basename(base)
+    try:
+        try:
+            if stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+                os.unlink(name, dir_fd=parent)
+        except FileNotFoundError:
+            pass
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                             dir_fd=parent))
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
+    finally:
+        os.close(parent)
+    return _real(fd, root, rel)
 
 
 def _bind(src: str, dst: str, ro: bool = False, flags: int = 0) -> None:
@@ -65,18 +99,22 @@ def _bind(src: str, dst: str, ro: bool = False, flags: int = 0) -> None:
 
 def build_root(spec: dict[str, Any]) -> None:
     """Assemble and enter the machine's root. Runs in PID 1 before exec; raises on failure."""
-    root = spec["rootfs"]
+    root = os.path.realpath(spec["rootfs"])
+    # without a device cgroup (cgroup v2 has no device program here yet), device nodes work nowhere but /dev
+    nodev = 0 if spec.get("device_cgroup", True) else L.MS_NODEV
     L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
     if spec.get("overlay"):
-        L.mount("overlay", root, "overlay", 0, spec["overlay"])
+        L.mount("overlay", root, "overlay", nodev, spec["overlay"])
     else:
         L.mount(spec["copy_root"], root, None, L.MS_BIND | L.MS_REC)
+        if nodev:
+            L.mount(None, root, None, L.MS_BIND | L.MS_REMOUNT | nodev)
     for m in spec.get("mounts", []):
         if os.path.isdir(m["source"]):
             dst = _mkdirs_inside(root, m["target"])
         else:
             dst = _file_inside(root, m["target"])
-        _bind(m["source"], dst, ro=m["readonly"])
+        _bind(m["source"], dst, ro=m["readonly"], flags=nodev)
     proc = _mkdirs_inside(root, "/proc")
     L.mount("proc", proc, "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
     sys_ = _mkdirs_inside(root, "/sys")
@@ -131,6 +169,23 @@ def build_root(spec: dict[str, Any]) -> None:
     os.chdir("/")
 
 
+def _harden(proc: dict[str, Any], prog: Any) -> None:
+    """The last steps before exec, in every entry path (PID 1, ``machines exec``): a fresh session
+    keyring, no inherited fd above 2, capabilities, user, no_new_privs, then the seccomp filter."""
+    L.join_session_keyring()
+    L.cloexec_from(3)
+    L.drop_capabilities(tuple(proc.get("caps") or L.MACHINE_CAPS))
+    os.setgroups(proc["groups"])
+    os.setgid(proc["gid"])
+    os.setuid(proc["uid"])
+    L.set_no_new_privs()
+    if prog is not None:  # last: the filter may forbid what came before (keyctl, setgroups for some profiles)
+        # seccomp was imported by the supervisor before it forked: no file is read here
+        from taxiway.machines import seccomp
+
+        seccomp.load(prog)
+
+
 def _which(argv0: str, env: list[str]) -> str | None:
     if "/" in argv0:
         return argv0 if os.access(argv0, os.X_OK) and not os.path.isdir(argv0) else None
@@ -173,16 +228,15 @@ def child(spec: dict[str, Any], errw: int, stdio: tuple[int, int, int], joined: 
         if _which(spec["argv"][0], env) is None:
             raise SetupError(f"command {spec['argv'][0]!r} not found in the image (PATH and file checked)")
         wd = spec.get("workdir") or "/"
-        os.makedirs(wd, exist_ok=True)
-        os.chdir(wd)
+        try:
+            os.makedirs(wd, exist_ok=True)
+            os.chdir(wd)
+        except (FileExistsError, NotADirectoryError):
+            raise SetupError(f"working directory {wd} is not a directory in the image") from None
         for i, fd in enumerate(stdio):
             if fd != i:
                 os.dup2(fd, i)
-        L.drop_capabilities()
-        os.setgroups(spec["groups"])
-        os.setgid(spec["gid"])
-        os.setuid(spec["uid"])
-        L.set_no_new_privs()
+        _harden(spec, spec.get("seccomp_prog"))
         os.execve(INIT_PATH, [INIT_PATH, "--", *spec["argv"]], dict(e.split("=", 1) for e in env))
     except BaseException as e:  # noqa: BLE001 - everything must reach the supervisor
         msg = str(e) if isinstance(e, SetupError) else f"{e.__class__.__name__}: {e}"
@@ -201,6 +255,11 @@ def spawn(spec: dict[str, Any], cgroup_procs: list[str], stdio: tuple[int, int, 
     unshares its cgroup namespace (rooted at its own group) and long before it execs.
     """
     flags = L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC
+    _buf = None  # the filter's bytes: alive until the child has forked
+    if spec.get("seccomp_bpf"):
+        from taxiway.machines import seccomp
+
+        spec["seccomp_prog"], _buf = seccomp.program(spec["seccomp_bpf"])
     if spec["net"] != "host":
         flags |= L.CLONE_NEWNET
     errr, errw = os.pipe2(os.O_CLOEXEC)
@@ -245,8 +304,17 @@ def spawn(spec: dict[str, Any], cgroup_procs: list[str], stdio: tuple[int, int, 
     return pid, (err.decode(errors="replace") or join_err)
 
 
-def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[str], tty: bool = False) -> int:
-    """Run ``argv`` inside a running machine (``machines exec``); returns its exit status."""
+def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[str], tty: bool = False,
+          seccomp_bpf: bytes | None = None) -> int:
+    """Run ``argv`` inside a running machine (``machines exec``); returns its exit status.
+
+    ``proc`` carries the machine's user, env, workdir and ``caps``; ``seccomp_bpf`` its filter.
+    """
+    prog = None
+    if seccomp_bpf:
+        from taxiway.machines import seccomp
+
+        prog, _buf = seccomp.program(seccomp_bpf)
     nss = []
     for ns, flag in (("cgroup", L.CLONE_NEWCGROUP), ("ipc", L.CLONE_NEWIPC), ("uts", L.CLONE_NEWUTS),
                      ("net", L.CLONE_NEWNET), ("pid", L.CLONE_NEWPID), ("mnt", L.CLONE_NEWNS)):
@@ -271,13 +339,11 @@ def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[st
                 env = proc["env"]
                 if _which(argv[0], env) is None:
                     raise SetupError(f"command {argv[0]!r} not found in the machine")
-                with contextlib.suppress(OSError):
+                try:
                     os.chdir(proc.get("workdir") or "/")
-                L.drop_capabilities()
-                os.setgroups(proc["groups"])
-                os.setgid(proc["gid"])
-                os.setuid(proc["uid"])
-                L.set_no_new_privs()
+                except OSError:
+                    os.chdir("/")
+                _harden(proc, prog)
                 os.execvpe(argv[0], argv, dict(e.split("=", 1) for e in env))
             _, st = os.waitpid(d, 0)
             os._exit(os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st))

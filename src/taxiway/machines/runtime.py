@@ -156,12 +156,19 @@ def create(cfg: MachineConfig, name: str | None = None, progress: Any = None) ->
         raise InvalidInput(f"invalid network {cfg.net!r}", "use --net none, host or private")
     if cfg.ports and cfg.net == "none":
         raise InvalidInput("-p needs a network", "use --net private (the default) or --net host")
+    if cfg.hostname is not None:
+        C.check_hostname(cfg.hostname)
+    for mnt in cfg.mounts:
+        C.check_volume_target(mnt.target)
     if cfg.isolation == "vm":
         from taxiway.machines import vm
 
         return vm.create(cfg, name, progress)
     if cfg.isolation != "namespace":
         raise InvalidInput(f"invalid isolation {cfg.isolation!r}", "use --isolation namespace or vm")
+    from taxiway.machines import linux
+
+    caps = linux.machine_caps(cfg.cap_add, cfg.cap_drop)
     image = get_image(cfg.image, progress)
     icfg = image.config()
     argv = C.command(icfg, cfg.cmd, cfg.entrypoint)
@@ -182,7 +189,7 @@ def create(cfg: MachineConfig, name: str | None = None, progress: Any = None) ->
     m = S.Machine(id=mid, name=name, config=cfg, image_digest=image.digest(), chain=chain, command=argv,
                   process={"argv": argv, "env": C.environment(icfg, cfg.env, hostname, home), "uid": uid, "gid": gid,
                            "groups": groups, "workdir": cfg.workdir or ic.get("WorkingDir") or "/",
-                           "hostname": hostname})
+                           "hostname": hostname, "caps": caps})
     d = m.dir
     d.mkdir()
     try:  # the record (with its chain) is the machine's lease on its snapshots
@@ -256,6 +263,24 @@ class _LogPump:
         self.f.close()
 
 
+def _caps(m: S.Machine) -> list[str]:
+    from taxiway.machines import linux
+
+    caps = m.process.get("caps")
+    return list(linux.DEFAULT_CAPS) if caps is None else caps  # a record from before caps were kept: as it ran
+
+
+def seccomp_filter(m: S.Machine) -> bytes | None:
+    """The machine's seccomp program (classic BPF), or None with ``seccomp=unconfined``."""
+    setting = m.config.seccomp
+    if setting == "unconfined":
+        return None
+    from taxiway.machines import seccomp
+
+    return seccomp.filter_for(setting if isinstance(setting, dict) else None, _caps(m),
+                              str(S.machines_dir() / ".seccomp"))
+
+
 def _spec(m: S.Machine) -> dict[str, Any]:
     from taxiway.machines.namespace import etc_files
 
@@ -267,8 +292,8 @@ def _spec(m: S.Machine) -> dict[str, Any]:
             (shared / mp).mkdir(exist_ok=True)
     spec = {"rootfs": str(shared / ".mnt"), "etc_dir": str(shared / ".etc"), "net": m.config.net, "argv": p["argv"], "env": p["env"], "uid": p["uid"],
             "gid": p["gid"], "groups": p["groups"], "workdir": p["workdir"], "hostname": p["hostname"],
-            "mounts": [vars(x) for x in m.config.mounts],
-            "etc": etc_files(p["hostname"], m.config.net)}
+            "caps": _caps(m), "mounts": [vars(x) for x in m.config.mounts],
+            "etc": etc_files(p["hostname"], m.config.net), "seccomp_bpf": seccomp_filter(m)}
     if (d / "upper").exists():
         spec["overlay"] = Snapshotter().overlay_options(m.chain, d / "upper", d / "work")
     else:
@@ -285,9 +310,10 @@ def _run_namespace(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, 
             raise InvalidInput(f"host path {mnt.source} for -v does not exist", f"create it first (mkdir -p {mnt.source})")
     spec = _spec(m)
     cg = Cgroup(m.id)
+    spec["device_cgroup"] = cg.has_devices()
     g = m.config.guest
     try:
-        cg.create(g.memory, g.cpus, g.pids)
+        cg.create(g.memory, g.cpus, g.pids, cgroups.DEFAULT_PIDS)
     except OSError as e:
         cg.remove()
         raise TaxiwayError(f"the kernel refused the machine's limits ({e.strerror})",
@@ -672,7 +698,9 @@ def exec_in(m: S.Machine, argv: list[str], tty: bool = False, interactive: bool 
         return vmagent.exec_client(m, argv, tty, interactive)
     from taxiway.machines import namespace
 
-    return namespace.enter(m.pid, m.process, argv, [str(p / "cgroup.procs") for p in Cgroup(m.id).paths()], tty)
+    proc = dict(m.process, caps=_caps(m))
+    return namespace.enter(m.pid, proc, argv, [str(p / "cgroup.procs") for p in Cgroup(m.id).paths()], tty,
+                           seccomp_filter(m))
 
 
 def read_logs(m: S.Machine, timestamps: bool = False, follow: bool = False, tail: int | None = None) -> None:

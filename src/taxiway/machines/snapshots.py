@@ -64,9 +64,9 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
         if not out:
             out.append(d)
         else:
-            from _sha256 import sha256  # the builtin: no OpenSSL load on a warm start
+            import hashlib
 
-            out.append("sha256:" + sha256(f"{out[-1]} {d}".encode()).hexdigest())
+            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
     return out
 
 
