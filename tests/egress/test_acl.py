@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from taxiway.egress.acl import (
     Acl,
     AclError,
+    DomainSet,
     Policy,
     Result,
     Rule,
@@ -206,3 +207,88 @@ def test_the_readme_example_acl_and_users_file():
     assert acl.decide("someone", "pypi.org").result is ALLOW
     auth = Authenticator(None, load_users(examples / "users"))
     assert auth.role_from_password("ci-runner", "example-only") == "build"
+
+
+# -- issue 22: a large ACL, compiled once ---------------------------------------------------
+
+_label = st.sampled_from(["a", "b", "xn--e1aybc", "B", "ex-1", "тест", "0", "127", "_x", "é"])
+_name = st.lists(_label, min_size=1, max_size=4).map(".".join)
+_host = st.one_of(_name, _name.map(lambda n: n + "."), st.sampled_from(["", ".", "..", "a..b", "A.B.", "*"]))
+_glob = st.one_of(_name, _name.map(lambda n: "*." + n), _name.map(lambda n: n + "."),
+                  st.sampled_from(["*.", ".", "*..", "*.a.", "a"]))
+
+
+@given(st.lists(_glob, max_size=8), _host)
+def test_compiled_domains_agree_with_the_glob_matcher(globs, host):
+    assert DomainSet(globs).matches(host) == any(host_matches_glob(host, g) for g in globs)
+
+
+@given(st.lists(_glob, max_size=8), st.lists(_glob, max_size=8), st.lists(_glob, max_size=8), _host,
+       st.sampled_from(list(Policy)))
+def test_compiled_decisions_agree_with_the_glob_matcher(allowed, deny, allow, host, policy):
+    acl = Acl(rules={"svc": Rule("p", policy, tuple(allowed))}, global_deny=tuple(deny), global_allow=tuple(allow))
+    got = acl.decide("svc", host)
+    if any(host_matches_glob(host, g) for g in allowed):
+        want = "host matched allowed domain in rule"
+    elif any(host_matches_glob(host, g) for g in deny):
+        want = "host matched rule in global deny list"
+    elif any(host_matches_glob(host, g) for g in allow):
+        want = "host matched rule in global allow list"
+    else:
+        want = {Policy.OPEN: "rule has open enforcement policy", Policy.REPORT: "rule has allow and report policy",
+                Policy.ENFORCE: "rule has enforce policy"}[policy]
+    assert got.reason == want
+
+
+def large_acl(n: int) -> str:
+    """n allowed and n denied names, half exact and half ``*.`` globs, as an operator's big ACL."""
+    allowed = "\n".join(f"      - \"{'*.' if i % 2 else ''}allowed{i}.example.com\"" for i in range(n))
+    denied = "\n".join(f"  - \"{'*.' if i % 2 else ''}denied{i}.example.net\"" for i in range(n))
+    return (f"version: v1\nservices:\n  - name: big\n    project: p\n    action: enforce\n"
+            f"    allowed_domains:\n{allowed}\ndefault:\n  project: d\n  action: open\n"
+            f"global_deny_list:\n{denied}\n")
+
+
+def test_a_large_acl_normalizes_the_host_once_per_decision(monkeypatch):
+    import taxiway.egress.acl as acl_module
+
+    acl = parse_acl(large_acl(10_000))
+    calls = []
+    real = acl_module.normalize_name
+    monkeypatch.setattr(acl_module, "normalize_name", lambda s: calls.append(s) or real(s))
+    cases = [("big", "allowed9998.example.com", ALLOW), ("big", "x.allowed9999.example.com", ALLOW),
+             ("big", "allowed9999.example.com", DENY), ("other", "denied4000.example.net", DENY),
+             ("other", "a.b.denied4001.example.net", DENY), ("other", "denied4001.example.net", ALLOW),
+             ("big", "nothing.example.org", DENY)]
+    for role, host, result in cases:
+        assert acl.decide(role, host).result is result, host
+    # The old matcher normalized all 20,000 globs on every request.
+    assert len(calls) == len(cases)
+
+
+def test_unknown_keys_are_refused_with_the_file_and_a_suggestion(tmp_path):
+    path = tmp_path / "acl.yaml"
+    path.write_text("version: v1\nservices:\n  - name: a\n    project: p\n    action: enforce\n"
+                    "    alowed_domains: [example.com]\n")
+    with pytest.raises(AclError) as e:
+        load_acl(path)
+    assert str(e.value).startswith(f"unknown key 'alowed_domains' in {path} (did you mean 'allowed_domains'?)")
+    path.write_text("version: v1\nservices: []\nglobal_deny: [x.com]\n")
+    with pytest.raises(AclError, match="unknown key 'global_deny' in .* \\(did you mean 'global_deny_list'\\?\\)"):
+        load_acl(path)
+    path.write_text("version: v1\nservices:\n  - name: a\n    action: enforce\n    allowed_domains: [m.com]\n"
+                    "    mitm_domains:\n      - domain: m.com\n        add_header: {A: b}\n")
+    with pytest.raises(AclError, match="unknown key 'add_header' .*did you mean 'add_headers'"):
+        load_acl(path)
+    path.write_text("version: v1\nservices: []\nzzz: 1\n")
+    with pytest.raises(AclError, match=r"unknown key 'zzz' in \S+; the top level may only have version"):
+        load_acl(path)
+
+
+def test_a_non_utf8_acl_is_one_error_naming_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("version: v1\nservices:\n  - name: caf\xe9\n    action: open\n".encode("latin-1"))
+    with pytest.raises(AclError) as e:
+        load_acl(path)
+    assert str(e.value) == (f"ACL {path} is not UTF-8 text: byte 0xe9 on line 3; "
+                            "save the file as UTF-8 (YAML files are UTF-8)")

@@ -186,3 +186,49 @@ def test_request_head_parser_fails_only_with_protocol_error(data):
             target_parser(head.target)
         except http.ProtocolError:
             pass
+
+
+# -- issue 22: chunk lines and Transfer-Encoding as strict as h11 -------------------------------
+
+@pytest.mark.parametrize("body", [
+    b"zz\r\n", b"-1\r\n", b"0x5\r\nhello\r\n0\r\n\r\n", b"+5\r\nhello\r\n0\r\n\r\n", b"5_0\r\n", b" 5\r\n",
+    b"\r\n", b"123456789012345678901\r\n",
+    b"5\nhello\r\n0\r\n\r\n",          # bare LF after the size
+    b"5\r\nhello\n0\r\n\r\n",          # bare LF after the data
+    b"5\r\nhello\r\n0\n\r\n",          # bare LF after the last size
+    b"5\r\nhello\r\n0\r\n\n",          # bare LF ending the trailers
+    b"5\r\nhello\r\n0\r\nX-T: 1\n\r\n",  # bare LF in a trailer
+    b"5\r\nhelloXY0\r\n\r\n",          # no CRLF after the data
+    b"5\r\r\nhello\r\n0\r\n\r\n",      # bare CR
+    b"0\r\nnot a header\r\n\r\n",
+])
+def test_chunked_scanner_refuses_what_h11_refuses(body):
+    with pytest.raises(http.ProtocolError):
+        http.ChunkedScanner().feed(body)
+
+
+@pytest.mark.parametrize("body", [b"5\r\nhello\r\n0\r\n\r\n", b"5;ext=1 \r\nhello\r\n0\r\n\r\n",
+                                  b"A\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\n", b"0005 \r\nhello\r\n000\r\n\r\n"])
+def test_chunked_scanner_accepts_what_h11_accepts(body):
+    import h11
+
+    s = http.ChunkedScanner()
+    assert s.feed(body) == len(body) and s.done
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + body)
+    events = []
+    while not events or type(events[-1]) not in (h11.EndOfMessage, type(h11.NEED_DATA)):
+        events.append(server.next_event())
+    assert isinstance(events[-1], h11.EndOfMessage)
+
+
+@pytest.mark.parametrize("headers", [
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+    b"Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: gzip, chunked\r\n",
+])
+def test_transfer_encoding_other_than_one_chunked_is_501(headers):
+    with pytest.raises(http.ProtocolError) as e:
+        http.request_framing(http.parse_request_head(b"POST http://a/ HTTP/1.1\r\n" + headers + b"\r\n"))
+    assert e.value.status == 501

@@ -191,6 +191,13 @@ class Acl:
             hit = self._compiled[which] = (globs, DomainSet(globs))
         return hit[1]
 
+    def compile(self) -> None:
+        """Compile every glob list now, so that the first request is as fast as the rest."""
+        for r in [*self.rules.values(), *([self.default] if self.default else [])]:
+            _ = r.domains, r.external_proxies
+        self._global("deny")
+        self._global("allow")
+
     def rule(self, role: str | None) -> Rule | None:
         """The role's rule, or the default rule."""
         if role is not None and role in self.rules:
@@ -353,6 +360,7 @@ def parse_acl(text: str, disabled_actions: Iterable[str] = (), source: str = "th
     for a in disabled_actions:
         acl.disabled.add(policy_from_action(a))
     acl.validate()
+    acl.compile()
     return acl
 
 
