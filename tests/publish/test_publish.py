@@ -37,7 +37,7 @@ def env(tmp_path_factory):
     home = tmp_path_factory.mktemp("publish-home")
     e = {**os.environ, "TAXIWAY_HOME": str(home), "TAXIWAY_CONFIG": str(home / "config")}
     yield e
-    for name in ("airports", "movies", "hooked", "bad"):
+    for name in ("airports", "movies", "hooked", "bad", "wal", "item7", "crash", "bigtmp", "rel"):
         subprocess.run([sys.executable, "-m", "taxiway", "publish", "rm", name], env=e, capture_output=True)
 
 
@@ -186,3 +186,148 @@ def test_rm_stops_the_app(env, tmp_path):
         get(f"{url}/-/versions.json", timeout=3)
     r = taxiway(env, "publish", "rm", "movies", check=False)
     assert r.returncode != 0 and "no published app named 'movies'" in r.stderr
+
+
+
+# -- issue 22 ------------------------------------------------------------------------------------
+
+
+def machines(env, prefix: str) -> dict[str, str]:
+    """Machines whose name starts with ``prefix``: name -> state (as `taxiway machines ls -a --json` says)."""
+    ms = json.loads(taxiway(env, "machines", "ls", "-a", "--json").stdout)
+    return {m["name"]: m["state"] for m in ms if m["name"].startswith(prefix)}
+
+
+def app_images(env, name: str) -> set[str]:
+    out = json.loads(taxiway(env, "images", "--json").stdout)
+    refs = {i.get("name") or i.get("ref") or i.get("reference") for i in out}
+    return {r for r in refs if r and r.startswith(f"localhost/taxiway-publish/{name}:")}
+
+
+def ls(env) -> dict[str, dict]:
+    return {a["name"]: a for a in json.loads(taxiway(env, "publish", "ls", "--json").stdout)}
+
+
+def test_wal_database_publishes_what_its_wal_holds(env, tmp_path):
+    from .test_convert import make_wal_db
+
+    src = tmp_path / "wal.db"
+    before = make_wal_db(src)
+    r = taxiway(env, "publish", str(src), "--json")
+    url = json.loads(r.stdout)["url"]
+    assert getjson(f"{url}/wal/a.json?_size=1")["filtered_table_rows_count"] == 1003
+    assert {t["name"] for t in getjson(f"{url}/wal.json")["tables"]} == {"a", "b"}
+    assert src.read_bytes() == before["wal.db"] and (tmp_path / "wal.db-wal").read_bytes() == before["wal.db-wal"]
+
+
+def test_bad_files_are_one_line_errors_not_tracebacks(env, tmp_path):
+    from .test_convert import damage
+
+    damaged = tmp_path / "damaged.db"
+    damage(damaged)
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join(f"c{i}" for i in range(2001)) + "\n" + ",".join("1" * 2001) + "\n")
+    wide2000 = tmp_path / "wide2000.csv"
+    wide2000.write_text(",".join(f"c{i}" for i in range(2000)) + "\n" + ",".join("1" * 2000) + "\n")
+    for f, message in ((damaged, "damaged.db: damaged SQLite database"),
+                       (wide, "has 2,001 columns, more than the 1,999 Datasette can show"),
+                       (wide2000, "has 2,000 columns, more than the 1,999 Datasette can show")):
+        r = taxiway(env, "publish", str(f), check=False)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+        assert f.stem not in ls(env)
+
+
+def test_widest_table_and_semicolon_csv_are_served(env, tmp_path):
+    wide = tmp_path / "wide.csv"
+    wide.write_text(",".join(f"c{i}" for i in range(1999)) + "\n" + ",".join(str(i) for i in range(1999)) + "\n")
+    people = tmp_path / "people.csv"
+    people.write_text("id;name;city\n1;Bob, Jr;Paris\n2;Ann;Lyon\n")
+    r = taxiway(env, "publish", str(wide), str(people), "--name", "item7")
+    assert "people: 2 rows, semicolon-separated" in r.stderr and "wide: 1 rows, comma-separated" in r.stderr
+    url = r.stdout.strip().splitlines()[-1]
+    assert get(f"{url}/item7/wide")  # the HTML table page: 400 when rowid + columns exceed 2,000
+    assert getjson(f"{url}/item7/wide.json?_shape=array")[0]["c1998"] == 1998
+    rows = getjson(f"{url}/item7/people.json?_shape=array")
+    assert [(p["name"], p["city"]) for p in rows] == [("Bob, Jr", "Paris"), ("Ann", "Lyon")]
+    piped = tmp_path / "people.csv"
+    piped.write_text("id|name\n1|Bob\n")
+    r = taxiway(env, "publish", str(piped), "--name", "item7", "--delimiter", "pipe", "--json")
+    assert json.loads(r.stdout)["tables"][0]["delimiter"] == "|"
+
+
+def test_kill_9_while_the_new_machine_starts_leaves_nothing_unaccounted(env, tmp_path):
+    # A plugin that never lets Datasette answer holds the publish in "starting the machine".
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "hang.py").write_text("import time\ntime.sleep(3600)\n")
+    db = tmp_path / "crash.db"
+    shutil.copy(MOVIES, db)
+    datasette = Path(sys.executable).parent / "datasette"
+    p = subprocess.Popen([str(datasette), "publish", "taxiway", str(db), "--name", "crash", "--plugins-dir",
+                          str(plugins)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while not any(s == "running" for s in machines(env, "publish-crash-").values()):
+            assert p.poll() is None and time.monotonic() < deadline, "the publish ended before its machine ran"
+            time.sleep(0.2)
+    finally:
+        p.kill()  # SIGKILL
+        p.wait()
+    [leftover] = machines(env, "publish-crash-")
+    app = ls(env)["crash"]
+    assert app["state"] == "interrupted" and app["leftovers"]["machines"] == [leftover]
+    # The next publish of the name removes what the killed one left.
+    r = taxiway(env, "publish", str(db), "--name", "crash", "--json")
+    now = json.loads(r.stdout)
+    assert set(machines(env, "publish-crash-")) == {now["machine"]}
+    assert ls(env)["crash"]["state"] == "running" and ls(env)["crash"]["leftovers"]["machines"] == []
+    # Killed again, then removed: rm finds the leftover machine too.
+    p = subprocess.Popen([str(datasette), "publish", "taxiway", str(db), "--name", "crash", "--plugins-dir",
+                          str(plugins)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600
+        while len(machines(env, "publish-crash-")) < 2:
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        p.kill()
+        p.wait()
+    taxiway(env, "publish", "rm", "crash")
+    assert machines(env, "publish-crash-") == {} and app_images(env, "crash") == set()
+    assert "crash" not in ls(env)
+
+
+def test_kill_9_mid_conversion_leaves_a_temp_db_that_ls_shows_and_rm_removes(env, tmp_path):
+    big = tmp_path / "big.csv"
+    with open(big, "w") as f:
+        f.write("id,name,value\n")
+        for start in range(0, 1_500_000, 50_000):
+            f.write("".join(f"{i},name {i},{i * 0.5}\n" for i in range(start, start + 50_000)))
+    data = Path(env["TAXIWAY_HOME"]) / "publish" / "bigtmp" / "build" / "app" / "data"
+    p = subprocess.Popen([sys.executable, "-m", "taxiway", "publish", str(big), "--name", "bigtmp"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while not (data.is_dir() and any(x.name.endswith(".tmp") for x in data.iterdir())):
+            assert p.poll() is None, "the conversion ended before its temp database was seen"
+            time.sleep(0.005)
+    finally:
+        p.kill()
+        p.wait()
+    app = ls(env)["bigtmp"]
+    assert app["state"] == "interrupted"
+    assert any(f.endswith(".tmp") for f in app["leftovers"]["files"])
+    taxiway(env, "publish", "rm", "bigtmp")
+    assert not data.parent.parent.parent.exists() and "bigtmp" not in ls(env)
+
+
+def test_only_the_current_and_previous_release_images_are_kept(env, tmp_path):
+    src = tmp_path / "rel.csv"
+    tags = []
+    for n in range(3):
+        src.write_text(f"n\n{n}\n")
+        tags.append(json.loads(taxiway(env, "publish", str(src), "--json").stdout)["image"])
+    assert app_images(env, "rel") == {tags[2], tags[1], "localhost/taxiway-publish/rel:latest"}
+    assert ls(env)["rel"]["previous_image"] == tags[1]
+    taxiway(env, "publish", "rm", "rel")
+    assert app_images(env, "rel") == set()
