@@ -19,9 +19,12 @@ def test_load_missing_and_incomplete(tmp_path):
     with pytest.raises(NotFound, match="taxiway ca init"):
         CA.load(tmp_path / "nothing")
     the_ca, _ = CA.init(tmp_path / "ca")
+    the_ca.issue(["a.test"])
     (the_ca.dir / "ca.json").unlink()
-    with pytest.raises(TaxiwayError, match="incomplete"):
-        CA.load(tmp_path / "ca")
+    loaded = CA.load(tmp_path / "ca")  # each file is read when needed: the inventory still lists
+    assert [r.names for r in loaded.records()] == [["a.test"]]
+    with pytest.raises(TaxiwayError, match=r"ca.json is missing; restore it from a backup"):
+        loaded.issue(["b.test"])
 
 
 def test_init_is_idempotent(tmp_path):

@@ -49,6 +49,9 @@ def test_classify_examples(arg, kind, value):
     ("1.2.3.999", "malformed IP"),
     ("10.0.0", "malformed IP"),
     ("fdaa::1::2", "malformed IP"),
+    ("fe80::1%eth0", "has a zone ID (%eth0); a certificate cannot carry one; give the address alone: fe80::1"),
+    ("[fe80::1%25eth0]", "zone ID"),
+    ("FE80::0:1%2", "give the address alone: fe80::1"),
     ("münchen.de", "xn--mnchen-3ya.de"),
     ("", "empty name"),
     ("-bad.example.test", "invalid name"),
@@ -95,6 +98,8 @@ def test_constraints():
         parse_constraint("10.0.0.1/8")
     with pytest.raises(InvalidInput):
         parse_constraint("*.internal")
+    with pytest.raises(InvalidInput, match="zone ID"):
+        parse_constraint("fe80::%eth0/64")
 
 
 label = st.text(alphabet=string.ascii_lowercase + string.digits, min_size=1, max_size=20)

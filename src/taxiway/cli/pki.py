@@ -66,16 +66,18 @@ def root(pem: bool) -> None:
     if not pem:
         click.echo(str(d))
         return
-    try:
-        sys.stdout.write((d / ROOT).read_text())
-    except FileNotFoundError:
-        raise TaxiwayError(f"no CA in {d}", "run `taxiway ca init` first") from None
+    if not (d / ROOT).exists():
+        raise TaxiwayError(f"no CA in {d}", "run `taxiway ca init` first")
+    the_ca = _load()
+    the_ca.root  # noqa: B018 - refuse to print a damaged root
+    sys.stdout.write(the_ca.root_pem.decode())
 
 
 def _load():
+    """The CA, with its warnings (an open CA directory, a bad inventory line) printed on stderr."""
     from taxiway.pki.ca import CA
 
-    return CA.load()
+    return CA.load(warn=lambda msg: _say(f"warning: {msg}"))
 
 
 def _targets(targets) -> None:
@@ -95,7 +97,9 @@ def install(no_system: bool, no_nss: bool) -> None:
     """
     from taxiway.pki import trust
 
-    _targets(trust.install(_load().root_pem, system=not no_system, nss=not no_nss))
+    the_ca = _load()
+    the_ca.root  # noqa: B018 - never install a damaged root
+    _targets(trust.install(the_ca.root_pem, system=not no_system, nss=not no_nss))
 
 
 @ca.command()
@@ -105,7 +109,9 @@ def uninstall(no_system: bool, no_nss: bool) -> None:
     """Remove the root from the system trust store and NSS databases."""
     from taxiway.pki import trust
 
-    for t in trust.uninstall(_load().root_pem, system=not no_system, nss=not no_nss):
+    the_ca = _load()
+    the_ca.root  # noqa: B018 - a damaged root cannot be found in the stores
+    for t in trust.uninstall(the_ca.root_pem, system=not no_system, nss=not no_nss):
         _say(f"{t.kind}: {t.location} ({'removed' if t.changed else 'was not there'})")
 
 
@@ -153,9 +159,11 @@ def issue(names: tuple[str, ...], client: bool, cn: str | None, days: int | None
         key_file = key_file or f"./{stem}-key.pem"
     elif key_file or p12_file:
         raise InvalidInput("--key-file or --p12-file with --csr", "the key stays with whoever made the CSR")
-    for f in (key_file, p12_file):
+    for f in (key_file, p12_file):  # checked again under the CA's lock when the files are written
         if f and not force and os.path.lexists(f):
-            raise TaxiwayError(f"{f} already exists", "pass --force to overwrite it")
+            from taxiway.pki.ca import already_issued
+
+            raise already_issued(f, parsed.values())
 
     from datetime import timedelta
 
@@ -165,13 +173,9 @@ def issue(names: tuple[str, ...], client: bool, cn: str | None, days: int | None
         leaf = the_ca.issue_csr(csr_data, parsed.values(), client=client, cn=cn, validity=validity, record=False)
     else:
         leaf = the_ca.issue(parsed, client=client, cn=cn, validity=validity, key_type=key, record=False)
-    leaf.write(cert_file, key_file, force=True)
-    if p12_file:
-        from taxiway.fsutil import write_bytes_atomic
-
-        write_bytes_atomic(p12_file, leaf.pkcs12(p12_password), mode=0o600)
-    the_ca.record(leaf, validity=validity, csr=csr_data is not None, cert_file=cert_file, key_file=key_file,
-                  p12_file=p12_file)
+    # key, chain and PKCS#12 as one unit, under the CA's lock: of parallel issues to the same files one wins
+    the_ca.save(leaf, cert_file, key_file, p12_file=p12_file, p12_password=p12_password, force=force,
+                validity=validity, csr=csr_data is not None)
     if as_json:
         from taxiway.cli.output import emit_json
 
@@ -233,19 +237,22 @@ def renew(before: str, command: str | None, dry_run: bool) -> None:
 
     window = parse_duration(before)
     the_ca = _load()
-    due = the_ca.due(window)
-    if not dry_run:
-        the_ca.write_crl()
-    if not due:
+    if dry_run:
+        due = the_ca.due(window)
+        for rec in due:
+            _say(f"would renew {rec.serial} ({', '.join(rec.names)}) expiring {rec.not_after[:16]}")
+        if not due:
+            _say(f"Nothing expires within {before}.")
+        return
+
+    def said(rec, leaf) -> None:
+        _say(f"renewed {rec.serial} -> {leaf.serial_hex} ({', '.join(leaf.names) or leaf.cn}) into {rec.cert_file}")
+
+    # under the CA's lock, deciding what is due once it has it: parallel runs renew each certificate once
+    if not the_ca.renew_due(window, on_renewed=said):
         _say(f"Nothing expires within {before}.")
         return
-    for rec in due:
-        if dry_run:
-            _say(f"would renew {rec.serial} ({', '.join(rec.names)}) expiring {rec.not_after[:16]}")
-            continue
-        leaf = the_ca.renew(rec)
-        _say(f"renewed {rec.serial} -> {leaf.serial_hex} ({', '.join(leaf.names) or leaf.cn}) into {rec.cert_file}")
-    if command and not dry_run:
+    if command:
         import subprocess
 
         p = subprocess.run(command, shell=True)

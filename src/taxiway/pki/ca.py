@@ -11,30 +11,43 @@ Layout of the CA directory (``$TAXIWAY_CAROOT``, default ``$TAXIWAY_HOME/ca``)::
     root-crl.pem           the root's (empty) CRL, valid as long as the root, made at init
     crl.pem                the latest CRLs: the intermediate's (fresh, 7 days) then the root's;
                            rewritten by revoke, ``taxiway ca crl`` and ``taxiway ca renew``
-    .lock                  flock(2) taken by init and CRL writes
+    .lock                  flock(2) taken by every write: init, issuing to files, renew, revoke, CRLs
 
 Clients that check the whole chain (curl --crlfile, openssl -crl_check_all)
 need a CRL from every CA in it; the root's is made once at init so that the
 root key can go offline.
+
+Concurrency and damage: every change to the CA (and every leaf written to
+files through :meth:`CA.save`) happens under the lock, after re-reading what
+it depends on, so parallel commands behave as if run one after another. A
+leaf's key, chain and PKCS#12 file are written to temp names and renamed only
+once the key is checked against the certificate. Each file of the CA is read
+only by the commands that need it, and a damaged one is named in a one-line
+error: ``ls`` keeps working whatever happens to the keys and certificates.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
-from collections.abc import Iterable, Iterator
+import stat
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
-from taxiway.fsutil import write_bytes_atomic
+from taxiway.fsutil import atomic_write, write_bytes_atomic
 from taxiway.pki import inventory, profile
 from taxiway.pki.inventory import Record
 from taxiway.pki.layout import (  # noqa: F401 (re-exported)
@@ -60,15 +73,42 @@ from taxiway.pki.names import (
 if TYPE_CHECKING:
     import ssl
 
+_log = logging.getLogger("taxiway.pki")
+_held = threading.local()  # CA directories whose lock this thread holds (the lock is re-entrant)
+
+
 @contextlib.contextmanager
 def _locked(directory: Path) -> Iterator[None]:
-    """Hold an exclusive lock on the CA directory (init, revoke and CRL writes take it)."""
+    """Hold an exclusive lock on the CA directory; every write to the CA takes it.
+
+    flock(2) on ``.lock``: released by the kernel if the process dies, so a crash
+    never leaves the CA locked. Re-entrant within a thread.
+    """
+    held: set[str] = _held.__dict__.setdefault("dirs", set())
+    key = str(Path(directory).resolve())
+    if key in held:
+        yield
+        return
     fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
+        held.add(key)
         yield
     finally:
+        held.discard(key)
         os.close(fd)
+
+
+def _spki(key: profile.PrivateKey | profile.PublicKey) -> bytes:
+    pub = key.public_key() if hasattr(key, "private_bytes") else key
+    return pub.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)  # type: ignore[union-attr]
+
+
+def already_issued(path: str | os.PathLike, names: list[str]) -> TaxiwayError:
+    """The error for a key or PKCS#12 file that exists: another issue got there first."""
+    what = ", ".join(names) or "a certificate"
+    return TaxiwayError(f"{path} already exists: a key for {what} was already issued",
+                        "use --force to replace it")
 
 
 def serial_hex(serial: int) -> str:
@@ -102,17 +142,36 @@ class Leaf:
         return self._cert or x509.load_pem_x509_certificate(self.cert_pem)
 
     def write(self, cert_file: str | os.PathLike, key_file: str | os.PathLike | None = None, *,
-              force: bool = False) -> None:
-        """Write the chain to ``cert_file`` (0644) and the key to ``key_file`` (0600).
+              force: bool = False, p12_file: str | os.PathLike | None = None,
+              p12_password: str = "changeit") -> None:
+        """Write the chain to ``cert_file`` (0644), the key to ``key_file`` (0600), and a PKCS#12 bundle.
 
-        Refuses to replace an existing key file unless ``force``: a key you lose
-        is a server you cannot restart.
+        The files are one unit: each is written to a temp name beside it, the
+        key is checked against the certificate, and only then are they renamed
+        into place (if any write fails, none is renamed). Refuses to replace an
+        existing key or PKCS#12 file unless ``force``: a key you lose is a
+        server you cannot restart. (Use :meth:`CA.save` to do this under the
+        CA's lock, so that two processes cannot both pass that check.)
         """
+        files: list[tuple[str | os.PathLike, bytes, int]] = []
         if key_file is not None and self.key_pem is not None:
-            if not force and os.path.lexists(key_file):
-                raise TaxiwayError(f"key file {key_file} already exists", "pass --force to overwrite it")
-            write_bytes_atomic(key_file, self.key_pem, mode=0o600)
-        write_bytes_atomic(cert_file, self.chain_pem, mode=0o644)
+            key = serialization.load_pem_private_key(self.key_pem, None)
+            if _spki(key) != _spki(self.certificate.public_key()):  # type: ignore[arg-type]
+                raise TaxiwayError(f"the key for {key_file} does not match its certificate",
+                                   "this is a bug in taxiway; nothing was written")
+            files.append((key_file, self.key_pem, 0o600))
+        if p12_file is not None:
+            files.append((p12_file, self.pkcs12(p12_password), 0o600))
+        if not force:
+            for path, _, _ in files:
+                if os.path.lexists(path):
+                    raise already_issued(path, self.names)
+        files.append((cert_file, self.chain_pem, 0o644))
+        with contextlib.ExitStack() as stack:
+            # atomic_write renames on exit, in reverse order; an exception in any
+            # step unwinds the rest, which then delete their temp files instead
+            for path, data, mode in files:
+                stack.enter_context(atomic_write(path, mode=mode)).write(data)
 
     @contextlib.contextmanager
     def files(self) -> Iterator[tuple[Path, Path]]:
@@ -145,34 +204,114 @@ class CA:
 
     ``CA.init(dir)`` creates one (idempotently), ``CA.load(dir)`` opens it, and
     ``ca.issue(["web.internal"])`` returns a :class:`Leaf`. Safe to use from
-    several processes at once: issuing only appends to the inventory.
+    several processes at once: every write takes the CA's lock. Each file is
+    read when first needed, so a damaged one only stops what needs it; problems
+    that do not stop anything (a CA directory others may write, a bad inventory
+    line) go to ``warn`` (default: the ``taxiway.pki`` logger).
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, warn: Callable[[str], None] | None = None):
         self.dir = Path(directory)
+        self._warn_to = warn or _log.warning
+        self._warned: set[str] = set()
         try:
             self.root_pem = (self.dir / ROOT).read_bytes()
         except FileNotFoundError:
             raise NotFound(f"no CA in {self.dir}", "run `taxiway ca init` first") from None
         except OSError as e:
             raise TaxiwayError(f"cannot read the CA in {self.dir}: {e.strerror}", "check its permissions") from None
+        self._check_modes()
+
+    def _warn(self, msg: str) -> None:
+        if msg not in self._warned:
+            self._warned.add(msg)
+            self._warn_to(msg)
+
+    def _check_modes(self) -> None:
+        """Warn, as ssh does, about a CA directory others may write and a root key others may read."""
+        mode = stat.S_IMODE(self.dir.stat().st_mode)
+        if mode & 0o022:
+            self._warn(f"the CA directory {self.dir} is writable by others (mode {mode:04o}), who could replace "
+                       f"its keys and certificates; chmod 700 {self.dir}")
+        root_key = self.dir / ROOT_KEY
+        with contextlib.suppress(FileNotFoundError):
+            mode = stat.S_IMODE(root_key.stat().st_mode)
+            if mode & 0o077:
+                self._warn(f"the root key {root_key} is accessible by others (mode {mode:04o}); chmod 400 {root_key}")
+
+    def _damaged(self, name: str, what: str, problem: str) -> TaxiwayError:
+        return TaxiwayError(f"{what} {self.dir / name} {problem}",
+                            f"restore it from a backup (or move {self.dir} away and run `taxiway ca init` for a new CA)")
+
+    def _read(self, name: str, what: str) -> bytes:
         try:
-            self.intermediate_pem = (self.dir / INTER).read_bytes()
-            meta = orjson.loads((self.dir / META).read_bytes())
-        except (OSError, orjson.JSONDecodeError) as e:
-            raise TaxiwayError(f"the CA in {self.dir} is incomplete ({e})", "remove it and run `taxiway ca init` again") from None
-        self.root = x509.load_pem_x509_certificate(self.root_pem)
-        self.intermediate = x509.load_pem_x509_certificate(self.intermediate_pem)
-        self.key_type: str = meta.get("key_type", profile.DEFAULT_CA_KEY)
-        self.constraints: list[Name] = [Name(c["kind"], c["value"]) for c in meta.get("constraints", [])]
-        self._inter_key: profile.PrivateKey | None = None
+            return (self.dir / name).read_bytes()
+        except FileNotFoundError:
+            raise self._damaged(name, what, "is missing") from None
+        except OSError as e:
+            raise TaxiwayError(f"cannot read {what} {self.dir / name}: {e.strerror}", "run as the CA's owner") from None
+
+    def _cert(self, name: str, what: str, data: bytes) -> x509.Certificate:
+        try:
+            return x509.load_pem_x509_certificate(data)
+        except ValueError as e:
+            raise self._damaged(name, what, f"is corrupt ({str(e).splitlines()[0][:80]})") from None
+
+    @cached_property
+    def root(self) -> x509.Certificate:
+        """The root certificate (only ``install``, ``root --pem`` and TLS contexts need it parsed)."""
+        return self._cert(ROOT, "the root certificate", self.root_pem)
+
+    @cached_property
+    def intermediate_pem(self) -> bytes:
+        return self._read(INTER, "the intermediate certificate")
+
+    @cached_property
+    def intermediate(self) -> x509.Certificate:
+        return self._cert(INTER, "the intermediate certificate", self.intermediate_pem)
+
+    @cached_property
+    def _meta(self) -> dict[str, Any]:
+        """ca.json, checked: the key type and name constraints chosen at init."""
+        data = self._read(META, "the CA settings file")
+        try:
+            meta = orjson.loads(data)
+        except orjson.JSONDecodeError as e:
+            raise self._damaged(META, "the CA settings file", f"is corrupt (not JSON: {e})") from None
+        problem = None
+        if not isinstance(meta, dict):
+            problem = "not a JSON object"
+        elif not isinstance(meta.get("key_type", profile.DEFAULT_CA_KEY), str):
+            problem = "key_type is not a string"
+        elif not isinstance(meta.get("constraints", []), list):
+            problem = "constraints is not a list"
+        else:
+            for c in meta.get("constraints", []):
+                try:
+                    if not isinstance(c, dict) or c.get("kind") not in ("dns", "ip") or not isinstance(c.get("value"), str):
+                        raise InvalidInput("bad")
+                    parse_constraint(c["value"])
+                except InvalidInput:
+                    problem = f"invalid name constraint {c!r}"
+                    break
+        if problem:
+            raise self._damaged(META, "the CA settings file", f"is corrupt ({problem})")
+        return meta
+
+    @property
+    def key_type(self) -> str:
+        return self._meta.get("key_type", profile.DEFAULT_CA_KEY)
+
+    @property
+    def constraints(self) -> list[Name]:
+        return [Name(c["kind"], c["value"]) for c in self._meta.get("constraints", [])]
 
     # -- creating and opening -------------------------------------------------
 
     @classmethod
-    def load(cls, directory: str | os.PathLike | None = None) -> CA:
+    def load(cls, directory: str | os.PathLike | None = None, *, warn: Callable[[str], None] | None = None) -> CA:
         """Open the CA in ``directory`` (default: :func:`default_dir`); NotFound if there is none."""
-        return cls(Path(directory) if directory is not None else default_dir())
+        return cls(Path(directory) if directory is not None else default_dir(), warn)
 
     @classmethod
     def exists(cls, directory: str | os.PathLike | None = None) -> bool:
@@ -220,16 +359,26 @@ class CA:
 
     # -- issuing --------------------------------------------------------------
 
-    @property
+    @cached_property
     def intermediate_key(self) -> profile.PrivateKey:
-        if self._inter_key is None:
-            try:
-                data = (self.dir / INTER_KEY).read_bytes()
-            except OSError as e:
-                raise TaxiwayError(f"cannot read the intermediate key in {self.dir}: {e.strerror}",
-                                   "run as the CA's owner") from None
-            self._inter_key = serialization.load_pem_private_key(data, None)  # type: ignore[assignment]
-        return self._inter_key  # type: ignore[return-value]
+        """The intermediate's key, refused (as ssh refuses keys) if others may read it or it is not the cert's."""
+        path = self.dir / INTER_KEY
+        data = self._read(INTER_KEY, "the intermediate key")
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise TaxiwayError(f"the intermediate key {path} is accessible by others (mode {mode:04o}); "
+                               "it signs every certificate, so it is not used", f"chmod 600 {path}")
+        try:
+            key = serialization.load_pem_private_key(data, None)
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+            raise self._damaged(INTER_KEY, "the intermediate key", f"is corrupt ({str(e).splitlines()[0][:80]})") from None
+        if not isinstance(key, profile.PrivateKey):  # type: ignore[arg-type]
+            raise self._damaged(INTER_KEY, "the intermediate key", f"is corrupt (a {type(key).__name__}, not ECDSA or RSA)")
+        if _spki(key) != _spki(self.intermediate.public_key()):  # type: ignore[arg-type]
+            raise TaxiwayError(f"the intermediate key {path} does not match the intermediate certificate "
+                               f"{self.dir / INTER}: what it signs would not verify",
+                               "restore the pair from a backup (or move the CA away and run `taxiway ca init`)")
+        return key  # type: ignore[return-value]
 
     def check_names(self, names: Names, cn: str | None = None) -> None:
         """Refuse names (and a host-like CN) outside the CA's name constraints: clients would reject them."""
@@ -283,10 +432,22 @@ class CA:
             names = csr_names(csr)
         return self.issue(names, public_key=csr.public_key(), **kw)  # type: ignore[arg-type]
 
-    def record(self, leaf: Leaf, *, validity: timedelta | None = None, csr: bool = False,
-               cert_file: str | os.PathLike | None = None, key_file: str | os.PathLike | None = None,
-               p12_file: str | os.PathLike | None = None) -> Record:
-        """Add an issued leaf to the inventory, with the files it was written to."""
+    def save(self, leaf: Leaf, cert_file: str | os.PathLike, key_file: str | os.PathLike | None = None, *,
+             p12_file: str | os.PathLike | None = None, p12_password: str = "changeit", force: bool = False,
+             validity: timedelta | None = None, csr: bool = False) -> Record:
+        """Write a leaf's files as one unit (see :meth:`Leaf.write`) and record it, under the CA's lock.
+
+        Of several processes saving to the same key file at once, exactly one
+        succeeds; the others fail with "already issued" (unless ``force``).
+        """
+        with _locked(self.dir):
+            leaf.write(cert_file, key_file, force=force, p12_file=p12_file, p12_password=p12_password)
+            return self.record(leaf, validity=validity, csr=csr, cert_file=cert_file, key_file=key_file,
+                               p12_file=p12_file)
+
+    def _issued_event(self, leaf: Leaf, validity: timedelta | None, csr: bool, cert_file: str | os.PathLike | None,
+                      key_file: str | os.PathLike | None, p12_file: str | os.PathLike | None
+                      ) -> tuple[Record, dict[str, Any]]:
         def ab(p: str | os.PathLike | None) -> str | None:
             return str(Path(p).resolve()) if p is not None else None
 
@@ -299,22 +460,32 @@ class CA:
                          serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
                          if csr else None),
                      cert=leaf.cert_pem.decode())
-        ev = {"event": "issued", **{k: v for k, v in rec.__dict__.items() if k != "extra" and v is not None}}
-        inventory.append(self.dir / INVENTORY, ev)
+        return rec, {"event": "issued", **{k: v for k, v in rec.__dict__.items() if k != "extra" and v is not None}}
+
+    def record(self, leaf: Leaf, *, validity: timedelta | None = None, csr: bool = False,
+               cert_file: str | os.PathLike | None = None, key_file: str | os.PathLike | None = None,
+               p12_file: str | os.PathLike | None = None) -> Record:
+        """Add an issued leaf to the inventory, with the files it was written to."""
+        rec, ev = self._issued_event(leaf, validity, csr, cert_file, key_file, p12_file)
+        with _locked(self.dir):
+            inventory.append(self.dir / INVENTORY, ev)
         return rec
 
     # -- inventory, revocation, renewal -----------------------------------------
 
+    def _inventory(self) -> dict[str, Record]:
+        return inventory.read(self.dir / INVENTORY, warn=self._warn)
+
     def records(self) -> list[Record]:
-        """Every certificate in the inventory, oldest first."""
-        return list(inventory.read(self.dir / INVENTORY).values())
+        """Every certificate in the inventory, oldest first (bad lines are skipped with a warning)."""
+        return list(self._inventory().values())
 
     def find(self, serial: str) -> Record:
         """The record whose serial is (or starts with) ``serial``: hex, colons and case ignored."""
         s = serial.lower().replace(":", "").removeprefix("0x")
         if not s or any(c not in "0123456789abcdef" for c in s):
             raise InvalidInput(f"invalid serial {serial!r}", "give the hex serial shown by `taxiway ca ls`")
-        recs = inventory.read(self.dir / INVENTORY)
+        recs = self._inventory()
         if s.lstrip("0") and len(s) < 32:
             matches = [r for r in recs.values() if r.serial.lstrip("0").startswith(s.lstrip("0"))]
         else:
@@ -326,12 +497,17 @@ class CA:
         return matches[0]
 
     def revoke(self, serial: str) -> tuple[Record, bool]:
-        """Revoke a certificate and rewrite crl.pem; return (record, newly_revoked)."""
-        rec = self.find(serial)
-        if rec.revoked_at:
-            return rec, False
-        rec.revoked_at = profile.now().isoformat()
+        """Revoke a certificate and rewrite crl.pem; return (record, newly_revoked).
+
+        Nothing is recorded unless the CRL can be signed, so a revocation is never
+        left out of crl.pem.
+        """
         with _locked(self.dir):  # so a CRL written by a concurrent revoke cannot replace this one's
+            rec = self.find(serial)
+            if rec.revoked_at:
+                return rec, False
+            self.intermediate_key  # noqa: B018 - refuse a damaged key before recording anything
+            rec.revoked_at = profile.now().isoformat()
             inventory.append(self.dir / INVENTORY, {"event": "revoked", "serial": rec.serial, "at": rec.revoked_at})
             self._write_crl(timedelta(days=7))
         return rec, True
@@ -363,21 +539,50 @@ class CA:
                 if not r.revoked_at and not r.renewed_by and r.cert_file
                 and datetime.fromisoformat(r.not_after) - at <= before]
 
+    def renew_due(self, before: timedelta, on_renewed: Callable[[Record, Leaf], None] | None = None
+                  ) -> list[tuple[Record, Leaf]]:
+        """Rewrite crl.pem, then renew every certificate that is :meth:`due`; return (old, new) pairs.
+
+        The whole run holds the CA's lock and decides what is due only once it
+        has it, so runs started together renew each certificate once (a
+        certificate renewed by an earlier run is no longer current).
+        """
+        with _locked(self.dir):
+            self._write_crl(timedelta(days=7))
+            done = []
+            for rec in self.due(before):
+                leaf = self.renew(rec)
+                done.append((rec, leaf))
+                if on_renewed is not None:
+                    on_renewed(rec, leaf)
+            return done
+
     def renew(self, rec: Record) -> Leaf:
-        """Re-issue ``rec`` with the same names and options, replace its files, and record both."""
-        validity = timedelta(seconds=rec.validity_seconds) if rec.validity_seconds else None
-        public_key = (serialization.load_pem_public_key(rec.public_key.encode()) if rec.public_key else None)
-        leaf = self.issue(rec.names, client=rec.client, cn=rec.cn, validity=validity,
-                          key_type=None if public_key else rec.key_type,
-                          public_key=public_key, record=False)  # type: ignore[arg-type]
-        if rec.cert_file:
-            leaf.write(rec.cert_file, rec.key_file, force=True)
-        if rec.p12_file:
-            write_bytes_atomic(rec.p12_file, leaf.pkcs12(), mode=0o600)
-        self.record(leaf, validity=validity, csr=public_key is not None, cert_file=rec.cert_file,
-                    key_file=rec.key_file, p12_file=rec.p12_file)
-        inventory.append(self.dir / INVENTORY, {"event": "renewed", "serial": rec.serial, "by": leaf.serial_hex})
-        return leaf
+        """Re-issue ``rec`` with the same names and options, replace its files, and record both.
+
+        Under the CA's lock; refuses a certificate that was revoked or renewed
+        meanwhile (by another process), so it is never renewed twice.
+        """
+        with _locked(self.dir):
+            cur = self._inventory().get(rec.serial)
+            if cur is None:
+                raise NotFound(f"no certificate with serial {rec.serial} in this CA", "see `taxiway ca ls`")
+            if cur.renewed_by or cur.revoked_at:
+                state = f"renewed by {cur.renewed_by}" if cur.renewed_by else "revoked"
+                raise TaxiwayError(f"certificate {rec.serial} was already {state}", "see `taxiway ca ls --all`")
+            validity = timedelta(seconds=cur.validity_seconds) if cur.validity_seconds else None
+            public_key = (serialization.load_pem_public_key(cur.public_key.encode()) if cur.public_key else None)
+            leaf = self.issue(cur.names, client=cur.client, cn=cur.cn, validity=validity,
+                              key_type=None if public_key else cur.key_type,
+                              public_key=public_key, record=False)  # type: ignore[arg-type]
+            if cur.cert_file:
+                leaf.write(cur.cert_file, cur.key_file, force=True, p12_file=cur.p12_file)
+            _, ev = self._issued_event(leaf, validity, public_key is not None, cur.cert_file, cur.key_file,
+                                       cur.p12_file)
+            # one write: the new certificate and the old one's "renewed" mark land together
+            inventory.append(self.dir / INVENTORY, ev,
+                             {"event": "renewed", "serial": cur.serial, "by": leaf.serial_hex})
+            return leaf
 
     # -- TLS --------------------------------------------------------------------
 

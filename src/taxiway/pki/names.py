@@ -11,6 +11,8 @@ accept, with mkcert's conventions where they exist:
   IDNA ``xn--`` form), labels of letters, digits, ``-`` and ``_``;
 * a wildcard is a whole leftmost ``*`` label over at least two more labels
   (``*.app.internal`` yes; ``*``, ``*.com``, ``foo*.bar.com`` no);
+* IPv6 zone IDs (``fe80::1%eth0``) are refused: an IP SAN is the bare 16
+  bytes, so the zone would silently vanish from the certificate;
 * SANs are ordered by kind (DNS, IP, email, URI), each kind in the order given,
   duplicates dropped.
 """
@@ -126,6 +128,8 @@ def classify(arg: str) -> Name:
 def _parse_ip(arg: str) -> str | None:
     """The normalized address if ``arg`` is (or is obviously meant as) an IP address."""
     candidate = arg[1:-1] if arg.startswith("[") and arg.endswith("]") else arg
+    if "%" in candidate and ":" in candidate:
+        _refuse_zone(arg, candidate)
     try:
         return str(ipaddress.ip_address(candidate))
     except ValueError:
@@ -136,6 +140,19 @@ def _parse_ip(arg: str) -> str | None:
             "write IPv4 as four numbers 0-255 (10.0.0.1) and IPv6 in RFC 4291 form (fdaa::1)",
         )
     return None
+
+
+def _refuse_zone(arg: str, text: str) -> None:
+    """Refuse an IPv6 zone ID (``fe80::1%eth0``): the SAN is 16 bytes and cannot carry one."""
+    addr, _, zone = text.partition("%")
+    try:
+        addr = str(ipaddress.ip_address(addr))
+    except ValueError:
+        return  # not an address with a zone: the caller says it is malformed
+    raise InvalidInput(
+        f"IP address {arg!r} has a zone ID (%{zone})",
+        f"a certificate cannot carry one; give the address alone: {addr}",
+    )
 
 
 def _check_email(arg: str) -> str:
@@ -193,6 +210,9 @@ def parse_constraint(arg: str) -> Name:
     """A name constraint: a DNS domain (``example.test``, ``.internal``) or an IP network (``10.0.0.0/8``)."""
     arg = arg.strip()
     if "/" in arg:
+        if "%" in arg:
+            raise InvalidInput(f"IP network constraint {arg!r} has a zone ID",
+                               "a certificate cannot carry one; give the network alone, like fe80::/10")
         try:
             return Name("ip", str(ipaddress.ip_network(arg, strict=True)))
         except ValueError as e:
