@@ -182,9 +182,21 @@ def _issue(tmp_path: Path, name: str, *extra: str) -> str:
     return json.loads(r.stdout)["serial"]
 
 
-def test_corrupt_intermediate_key(cli_ca, tmp_path):
+def test_a_failed_write_replaces_no_file(cli_ca, tmp_path):
+    """The chain cannot be written (its folder is a file): the key is not written either, nothing is recorded."""
+    (tmp_path / "afile").write_text("")
+    line = err(run("ca", "issue", "a.test", "--cert-file", str(tmp_path / "afile" / "a.pem"),
+                   "--key-file", str(tmp_path / "a-key.pem")))
+    assert "cannot write" in line and "afile" in line
+    assert not (tmp_path / "a-key.pem").exists()
+    assert not any(p.name.startswith(".a-key.pem") for p in tmp_path.iterdir())  # no temp file left
+    assert json.loads(ok(run("ca", "ls", "--json")).stdout) == []
+
+
+@pytest.mark.parametrize("damaged", ["intermediate-key.pem", "intermediate.pem"])
+def test_corrupt_intermediate(cli_ca, tmp_path, damaged):
     serial = _issue(tmp_path, "a.test")
-    key = cli_ca / "intermediate-key.pem"
+    key = cli_ca / damaged
     key.write_bytes(b"-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
     for args in (["issue", "b.test", "--cert-file", str(tmp_path / "b.pem"), "--key-file", str(tmp_path / "b-key.pem")],
                  ["revoke", serial], ["crl"], ["renew", "--before", "3000d"]):
@@ -219,7 +231,7 @@ def test_corrupt_root_pem(cli_ca, tmp_path):
         assert str(cli_ca / "root.pem") in line and "corrupt" in line, (args, line)
 
 
-@pytest.mark.parametrize("content", [b"", b"{not json", b"[1, 2]", b'{"constraints": [{"kind": "dns"}]}'])
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"constraints": [{"kind": "dns"}]}'])
 def test_corrupt_ca_json(cli_ca, tmp_path, content):
     serial = _issue(tmp_path, "a.test", "--hours", "1")
     (cli_ca / "ca.json").write_bytes(content)

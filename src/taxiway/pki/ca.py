@@ -167,11 +167,15 @@ class Leaf:
                 if os.path.lexists(path):
                     raise already_issued(path, self.names)
         files.append((cert_file, self.chain_pem, 0o644))
-        with contextlib.ExitStack() as stack:
-            # atomic_write renames on exit, in reverse order; an exception in any
-            # step unwinds the rest, which then delete their temp files instead
-            for path, data, mode in files:
-                stack.enter_context(atomic_write(path, mode=mode)).write(data)
+        try:
+            with contextlib.ExitStack() as stack:
+                # atomic_write renames on exit, in reverse order; an exception in any
+                # step unwinds the rest, which then delete their temp files instead
+                for path, data, mode in files:
+                    stack.enter_context(atomic_write(path, mode=mode)).write(data)
+        except OSError as e:
+            raise TaxiwayError(f"cannot write {e.filename or path}: {e.strerror or e}",
+                               "check the path and its permissions; no file was replaced") from None
 
     @contextlib.contextmanager
     def files(self) -> Iterator[tuple[Path, Path]]:
