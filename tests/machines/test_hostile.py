@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -273,9 +274,11 @@ def test_at_least_as_strict_as_podman(hostile, tmp_path, loopdev, canary, taxiwa
         pytest.fail("podman is needed for the comparison (apt-get install podman)")
     dev, major, minor, backing = loopdev
     layout = next(tmp_path.glob("layout-localhost_hostile_1"))
-    root, runroot = tmp_path / "podman-root", tmp_path / "podman-run"
+    short = Path(tempfile.mkdtemp(prefix="twpod"))  # podman wants a runroot under 50 characters
+    root, runroot = tmp_path / "podman-root", short / "run"
     pod = ["podman", "--root", str(root), "--runroot", str(runroot), "--storage-driver", "vfs"]
-    subprocess.run([*pod, "pull", "-q", f"oci:{layout}:t"], check=True, capture_output=True, timeout=300)
+    r = subprocess.run([*pod, "pull", "-q", f"oci:{layout}:t"], capture_output=True, timeout=300)
+    assert r.returncode == 0, r.stderr
     image = subprocess.run([*pod, "images", "-q"], capture_output=True, text=True, check=True).stdout.split()[0]
     probes = [f"mknod-write:/tmp/d:b:{major}:{minor}", "syscalls", "cgroup-escape:/tmp/cg", "fd-write:63"]
     try:
@@ -284,6 +287,7 @@ def test_at_least_as_strict_as_podman(hostile, tmp_path, loopdev, canary, taxiwa
         subprocess.run([*pod, "rm", "-af"], capture_output=True)
         subprocess.run([*pod, "rmi", "-af"], capture_output=True)
         subprocess.run(["umount", "-R", str(root)], capture_output=True)
+        shutil.rmtree(short, ignore_errors=True)
     ours = facts(_with_fd(canary, "run", "--rm", hostile, "/probe", *probes))
     assert theirs and ours
     for k, v in theirs.items():
