@@ -20,10 +20,10 @@ BUNDLED_PREFIX = "taxiway/"
 _ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/-]*$")
 
 
-def load_toml(path: Path, what: str) -> dict[str, Any]:
-    """Parse a TOML file; InvalidInput naming the file on a syntax error."""
+def load_toml(path: Path, what: str, text: str | None = None) -> dict[str, Any]:
+    """Parse a TOML file (or ``text`` read from it elsewhere); InvalidInput naming the file on a syntax error."""
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text() if text is None else text)
     except tomllib.TOMLDecodeError as e:
         raise InvalidInput(f"malformed {what} {path}: {e}", "fix the TOML syntax") from e
     except UnicodeDecodeError as e:
@@ -149,8 +149,9 @@ class LayerMeta:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def parse_layer_toml(path: Path) -> LayerMeta:
-    doc = load_toml(path, "layer metadata")
+def parse_layer_toml(path: Path, text: str | None = None) -> LayerMeta:
+    """A ``<layer>.toml`` at ``path`` (or its ``text``, read safely by the caller)."""
+    doc = load_toml(path, "layer metadata", text)
     types = doc.get("types", {})
     if not isinstance(types, dict):
         raise InvalidInput(f"malformed layer metadata {path}: [types] must be a table", "write [types] launch = true ...")
@@ -189,12 +190,17 @@ class Process:
                 **({"working-dir": self.working_dir} if self.working_dir else {})}
 
 
-_PTYPE = re.compile(r"^[A-Za-z0-9_.-]+$")
+#: A process type is a file name under /cnb/process: ASCII, and never ``.`` or ``..``.
+_PTYPE = re.compile(r"^(?!\.+$)[A-Za-z0-9_.-]+$")
 
 
-def parse_launch_toml(path: Path, buildpack_id: str) -> tuple[list[Process], list[dict[str, Any]]]:
-    """Processes and labels from a buildpack's launch.toml."""
-    doc = load_toml(path, "launch.toml")
+def valid_process_type(name: str) -> bool:
+    return bool(_PTYPE.fullmatch(name))
+
+
+def parse_launch_toml(path: Path, buildpack_id: str, text: str | None = None) -> tuple[list[Process], list[dict[str, Any]]]:
+    """Processes and labels from a buildpack's launch.toml (or its ``text``)."""
+    doc = load_toml(path, "launch.toml", text)
     procs = []
     raw = doc.get("processes", [])
     if not isinstance(raw, list):
@@ -204,8 +210,8 @@ def parse_launch_toml(path: Path, buildpack_id: str) -> tuple[list[Process], lis
         if not isinstance(p, dict):
             raise InvalidInput(f"{where} is not a table", "use [[processes]] tables")
         ptype = p.get("type")
-        if not isinstance(ptype, str) or not _PTYPE.match(ptype):
-            raise InvalidInput(f"{where}: type {ptype!r} is missing or invalid", "use a name like \"web\" (letters, digits, . _ -)")
+        if not isinstance(ptype, str) or not valid_process_type(ptype):
+            raise InvalidInput(f"{where}: type {ptype!r} is missing or invalid", "use a name like \"web\" (ASCII letters, digits, . _ -; not . or ..)")
         cmd = p.get("command")
         direct = p.get("direct", isinstance(cmd, list))
         if isinstance(cmd, str) and cmd:

@@ -9,7 +9,23 @@ or ``NAME.override`` replaces, ``NAME.default`` sets if unset, ``NAME.prepend`` 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+
+from taxiway.errors import InvalidInput
+
+#: POSIX's portable variable names: what a shell can set and what is safe as a file name in /platform/env.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_name(name: object, where: str) -> str:
+    """A build env variable name, or InvalidInput saying what is wrong and where it came from."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise InvalidInput(f"invalid build env name {name!r} in {where}",
+                           "use a variable name: letters, digits and _, not starting with a digit")
+    if name.startswith("CNB_"):
+        raise InvalidInput(f"build env name {name!r} in {where} is reserved for the lifecycle (CNB_*)", "pick another name")
+    return name
 
 
 def _join(a: str, b: str, delim: str) -> str:
@@ -43,14 +59,16 @@ def apply_env_files(env: dict[str, str], files: dict[str, str]) -> None:
             env[var] = _join(value, cur, delim) if suffix == "prepend" else _join(cur, value, delim)
 
 
-def apply_recorded(env: dict[str, str], rec: dict, inside: str) -> None:
-    """A launch layer's contribution from what the exporter recorded (``bin``, ``lib``, ``files``)."""
+def apply_recorded(env: dict[str, str], rec: dict, inside: str, phase: str = "launch") -> None:
+    """A layer's contribution from what was read of it (``bin``, ``lib``, ``files``), for ``phase``."""
     if rec.get("bin"):
         env["PATH"] = _join(f"{inside}/bin", env.get("PATH", ""), os.pathsep)
     if rec.get("lib"):
         env["LD_LIBRARY_PATH"] = _join(f"{inside}/lib", env.get("LD_LIBRARY_PATH", ""), os.pathsep)
+        if phase == "build":
+            env["LIBRARY_PATH"] = _join(f"{inside}/lib", env.get("LIBRARY_PATH", ""), os.pathsep)
     files = rec.get("files", {})
-    for sub in ("env", "env.launch"):
+    for sub in ("env", f"env.{phase}"):
         apply_env_files(env, {k.split("/", 1)[1]: v for k, v in files.items() if k.split("/", 1)[0] == sub})
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,13 +32,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taxiway.builder import assemble, stack
+from taxiway.builder import assemble, safefs, stack
 from taxiway.builder import buildpack as bpmod
 from taxiway.builder import env as envmod
 from taxiway.builder import layer as lyr
 from taxiway.builder.buildpack import Buildpack, GroupEntry, LayerMeta, Process
 from taxiway.builder.project import copy_source, load_project
-from taxiway.builder.sandbox import GID, TRUST_ENV, UID, Sandbox, check_root
+from taxiway.builder.machine import BUILD_GID, BUILD_UID, BuildMachine
+from taxiway.builder.sandbox import GID, TRUST_ENV, UID, check_root
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.oci import mediatypes as mt
 from taxiway.oci.image import Descriptor
@@ -66,6 +68,10 @@ class BuildOptions:
     no_cache: bool = False
     run_image: str | None = None
     platform: str = "linux/amd64"
+    timeout: float = 1800.0  # the whole build (detect and build); detect steps have 120 s each at most
+
+
+DETECT_TIMEOUT = 120.0
 
 
 @dataclass
@@ -83,10 +89,11 @@ def _say(msg: str) -> None:
 
 
 def _chown_tree(root: Path) -> None:
-    os.chown(root, UID, GID)
+    """Hand a tree to the build user (never following a link; the tree may be a previous build's)."""
+    os.lchown(root, BUILD_UID, BUILD_GID)
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
-            os.lchown(os.path.join(dirpath, n), UID, GID)
+            os.lchown(os.path.join(dirpath, n), BUILD_UID, BUILD_GID)
 
 
 def _tail(text: str, n: int = LOG_TAIL) -> list[str]:
@@ -119,8 +126,8 @@ def discard(d: Path) -> None:
                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _toml_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def restore_layers(layers: Path, exported: dict[str, str]) -> None:
@@ -130,32 +137,39 @@ def restore_layers(layers: Path, exported: dict[str, str]) -> None:
     image to the hash of the ``<layer>.toml`` they were exported with: only
     those keep their metadata without their content. (A build that failed after
     a buildpack rewrote a toml must not pass the old layer off as the new one.)
+    A previous build wrote this tree: links and odd files are removed as
+    entries, never followed.
     """
     if not layers.is_dir():
         return
-    for bpdir in layers.iterdir():
-        if not bpdir.is_dir():
-            bpdir.unlink()
+    for bpname, k in safefs.entries(layers):
+        bpdir = layers / bpname
+        if k != "dir":
+            os.unlink(bpdir)
             continue
-        tomls = {p.stem for p in bpdir.glob("*.toml") if p.name not in SPECIAL_TOMLS}
-        for special in ("launch.toml", "build.toml"):
-            (bpdir / special).unlink(missing_ok=True)
-        for child in bpdir.iterdir():
-            if child.is_dir() and child.name not in tomls:
-                discard(child)
+        names = dict(safefs.entries(layers, bpname))
+        tomls = {n[:-5] for n, kk in names.items() if n.endswith(".toml") and n not in SPECIAL_TOMLS}
+        for n, kk in names.items():
+            if n in ("launch.toml", "build.toml") or (kk != "dir" and not n.endswith(".toml")):
+                os.unlink(bpdir / n)
+            elif kk == "dir" and n not in tomls:
+                discard(bpdir / n)
         for name in tomls:
+            rel = f"{bpname}/{name}.toml"
             try:
-                meta = bpmod.parse_layer_toml(bpdir / f"{name}.toml")
+                text = safefs.read_text(layers, rel, "layer metadata")
+                meta = bpmod.parse_layer_toml(bpdir / f"{name}.toml", text or "")
             except InvalidInput:
-                meta = LayerMeta()
-            d = bpdir / name
-            if meta.cache:
+                text, meta = None, LayerMeta()
+            kind = names.get(name)
+            if meta.cache and kind in (None, "dir"):
                 continue
-            if d.exists():
-                discard(d)
-            toml = bpdir / f"{name}.toml"
-            if not meta.launch or exported.get(f"{bpdir.name}/{name}") != _toml_hash(toml):
-                toml.unlink()
+            if kind == "dir":
+                discard(bpdir / name)
+            elif kind is not None:
+                os.unlink(bpdir / name)
+            if text is None or not meta.launch or exported.get(f"{bpname}/{name}") != _text_hash(text):
+                os.unlink(bpdir / f"{name}.toml")
 
 
 def buildpacks_dir(bps: list[Buildpack]) -> Path:
@@ -236,11 +250,17 @@ class Lifecycle:
         self.platform = work / "platform"
         (self.platform / "env").mkdir(parents=True)
         for k, v in self.opts.env.items():
-            (self.platform / "env" / k).write_text(v)
+            # Names were checked where they came from; checked again here, because this one becomes a path.
+            envmod.check_name(k, "the build env")
+            fd = os.open(self.platform / "env" / k, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(v)
         self.bpdir = buildpacks_dir(bps)
+        # What the host hands in is written before any build code runs, in folders the build cannot write.
+        self.plans = work / "plans"
+        self.plans.mkdir()
         self.out = work / "out"
         self.out.mkdir()
-        os.chown(self.out, UID, GID)
         if self.opts.no_cache and self.layers.exists():
             shutil.rmtree(self.layers)
         self.layers.mkdir(parents=True, exist_ok=True)
@@ -248,10 +268,26 @@ class Lifecycle:
         layers_record = json.loads(record.read_text()).get("layers", {}) if record.exists() else {}
         exported = {k: v.get("toml", "") for k, v in layers_record.items()}
         restore_layers(self.layers, exported)
+        for bp in bps:
+            for root in (self.out, self.layers):
+                (root / bp.dirname).mkdir(exist_ok=True)
+        _chown_tree(self.out)
         _chown_tree(self.layers)
         self.log = work / "build.log"
-        self.sandbox = Sandbox(self.rootfs, binds={"/workspace": self.workspace, "/layers": self.layers, "/cnb/work": self.out},
-                               ro_binds={"/platform": self.platform, "/cnb/buildpacks": self.bpdir})
+        self.sandbox = BuildMachine(self.rootfs, work, binds={"/workspace": self.workspace, "/layers": self.layers,
+                                                              "/cnb/work": self.out},
+                                    ro_binds={"/platform": self.platform, "/cnb/buildpacks": self.bpdir, "/cnb/plans": self.plans},
+                                    proxy=self.proxy)
+
+    def _left(self, cap: float | None = None) -> float:
+        """Seconds this step may run: what is left of --timeout (at most ``cap``)."""
+        import time
+
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TaxiwayError(f"the build ran longer than {self.opts.timeout:.0f}s and was stopped",
+                               "raise the limit with --timeout, or make the build faster")
+        return min(left, cap) if cap else left
 
     def _base_env(self, bp: Buildpack) -> dict[str, str]:
         env = {"PATH": BASE_PATH, "HOME": "/home/cnb", "LANG": "C.UTF-8",
@@ -296,20 +332,18 @@ class Lifecycle:
 
     def _detect_one(self, entry: GroupEntry) -> Detected:
         bp = entry.buildpack
-        d = self.out / bp.dirname
-        d.mkdir(exist_ok=True)
-        os.chown(d, UID, GID)
         plan_path = f"/cnb/work/{bp.dirname}/plan.toml"
         env = self._base_env(bp) | {"CNB_BUILD_PLAN_PATH": plan_path}
-        p = self.sandbox.run([f"{env['CNB_BUILDPACK_DIR']}/bin/detect", "/platform", plan_path], env, timeout=120)
+        p = self.sandbox.run([f"{env['CNB_BUILDPACK_DIR']}/bin/detect", "/platform", plan_path], env, timeout=self._left(DETECT_TIMEOUT))
         out = (p.stdout or b"").decode(errors="replace") + (p.stderr or b"").decode(errors="replace")
         if p.returncode not in (0, 100):
             raise BuildFailed(f"buildpack {bp.id} failed to detect (exit {p.returncode})",
                               "fix the buildpack's bin/detect; its output is above", _tail(out))
         plan: dict[str, Any] = {}
-        host_plan = d / "plan.toml"
-        if p.returncode == 0 and host_plan.exists() and host_plan.read_text().strip():
-            plan = bpmod.load_toml(host_plan, f"build plan of {bp.id}")
+        if p.returncode == 0:
+            text = safefs.read_text(self.out, f"{bp.dirname}/plan.toml", f"the build plan of {bp.id}") or ""
+            if text.strip():
+                plan = bpmod.load_toml(Path(f"({bp.id}'s build plan)"), "build plan", text)
         return Detected(entry, p.returncode, out, plan)
 
     def _resolve_plan(self, passed: list[Detected]) -> list[tuple[Buildpack, dict[str, Any]]] | None:
@@ -339,21 +373,19 @@ class Lifecycle:
         processes: dict[str, Process] = {}
         for bp, plan in group:
             self.say(f"[build] {bp.id}@{bp.version}")
-            bl = self.layers / bp.dirname
-            bl.mkdir(exist_ok=True)
-            os.chown(bl, UID, GID)
-            plan_host = self.out / bp.dirname / "bpplan.toml"
-            plan_host.parent.mkdir(exist_ok=True)
+            if not safefs.is_dir(self.layers, bp.dirname):  # made in _prepare; an earlier buildpack removed it
+                raise InvalidInput(f"/layers/{bp.dirname} was removed during the build",
+                                   "a buildpack must write only its own layers folder")
+            plan_host = self.plans / f"{bp.dirname}.toml"
             plan_host.write_text(bpmod.toml_dumps(plan))
-            os.chown(plan_host, UID, GID)
-            plan_path = f"/cnb/work/{bp.dirname}/bpplan.toml"
+            plan_path = f"/cnb/plans/{bp.dirname}.toml"
             env = self._base_env(bp)
             for k, v in build_env.items():
                 env[k] = v
             env |= {"CNB_LAYERS_DIR": f"/layers/{bp.dirname}", "CNB_BP_PLAN_PATH": plan_path}
             start = self.log.stat().st_size if self.log.exists() else 0
             p = self.sandbox.run([f"{env['CNB_BUILDPACK_DIR']}/bin/build", f"/layers/{bp.dirname}", "/platform", plan_path],
-                                 env, log=self.log, timeout=1800)
+                                 env, log=self.log, timeout=self._left())
             if p.returncode != 0:
                 with open(self.log, "rb") as f:
                     f.seek(start)
@@ -362,28 +394,29 @@ class Lifecycle:
                 last = tail[-1].removeprefix("error: ") if tail else "no output"
                 raise BuildFailed(f"buildpack {bp.id} failed to build (exit {p.returncode}): {last}; nothing was exported",
                                   "fix the error (the end of the build log is above) and build again", tail)
-            launch = bl / "launch.toml"
-            if launch.exists():
-                procs, labels = bpmod.parse_launch_toml(launch, bp.id)
+            launch = safefs.read_text(self.layers, f"{bp.dirname}/launch.toml", f"{bp.id}'s launch.toml")
+            if launch is not None:
+                procs, labels = bpmod.parse_launch_toml(Path(f"(buildpack {bp.id})"), bp.id, launch)
                 for proc in procs:
                     processes[proc.type] = proc
                 for label in labels:
                     self.labels[label["key"]] = str(label.get("value", ""))
             # Later buildpacks see this one's build layers.
             for name, meta in self._layer_metas(bp):
-                if meta.build:
+                if meta.build and safefs.is_dir(self.layers, f"{bp.dirname}/{name}"):
                     merged = {"PATH": env.get("PATH", BASE_PATH), **build_env}
-                    envmod.apply_layer(merged, bl / name, "build", inside=f"/layers/{bp.dirname}/{name}")
+                    rec = _env_files(self.layers, f"{bp.dirname}/{name}", "build")
+                    envmod.apply_recorded(merged, rec, f"/layers/{bp.dirname}/{name}", "build")
                     build_env = merged
         return list(processes.values())
 
     def _layer_metas(self, bp: Buildpack) -> list[tuple[str, LayerMeta]]:
-        bl = self.layers / bp.dirname
         out = []
-        for t in sorted(bl.glob("*.toml")):
-            if t.name in SPECIAL_TOMLS:
+        for n, _kind in safefs.entries(self.layers, bp.dirname):
+            if not n.endswith(".toml") or n in SPECIAL_TOMLS:
                 continue
-            out.append((t.stem, bpmod.parse_layer_toml(t)))
+            text = safefs.read_text(self.layers, f"{bp.dirname}/{n}", f"{bp.id}'s layer metadata") or ""
+            out.append((n[:-5], bpmod.parse_layer_toml(Path(f"{bp.id}'s {n}"), text)))
         return out
 
     # -- export ---------------------------------------------------------------------------
@@ -413,7 +446,7 @@ class Lifecycle:
                 key = f"{bp.dirname}/{name}"
                 d = self.layers / bp.dirname / name
                 inside = f"/layers/{bp.dirname}/{name}"
-                has_content = d.is_dir()  # the restorer removes launch-only folders; present means (re)written
+                has_content = safefs.is_dir(self.layers, key)  # the restorer removes launch-only folders; present means (re)written
                 old = prev_layers.get(key)
                 if has_content:
                     fp = lyr.fingerprint(d)
@@ -422,7 +455,7 @@ class Lifecycle:
                         reused.append(key)
                     else:
                         layer = lyr.store_dir_layer(self.store, d, inside.lstrip("/"), UID, GID)
-                        envfiles = _env_files(d)
+                        envfiles = _env_files(self.layers, key, "launch")
                         written.append(key)
                 elif old and self.store.has_blob(old["digest"]):
                     fp, layer, envfiles = old.get("fingerprint"), _layer_from(old), old["env"]
@@ -433,7 +466,7 @@ class Lifecycle:
                 envmod.apply_recorded(env, envfiles, inside)
                 record[key] = {"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.descriptor.size,
                                "fingerprint": fp, "env": envfiles,
-                               "toml": _toml_hash(self.layers / bp.dirname / f"{name}.toml")}
+                               "toml": _text_hash(safefs.read_text(self.layers, f"{key}.toml", "layer metadata") or "")}
                 new_layers.append((f"buildpack {bp.id} layer {name}", layer))
                 layers_md[name] = {"sha": layer.diff_id, "data": meta.metadata, "launch": True,
                                    "build": meta.build, "cache": meta.cache}
@@ -508,7 +541,11 @@ class Lifecycle:
     # -- all phases -----------------------------------------------------------------------
 
     def run(self) -> BuildResult:
+        import time
+
         check_root()
+        self.deadline = time.monotonic() + self.opts.timeout
+        self.proxy = None
         stack.import_stack(self.store, stack.BUILD)
         self.rootfs = stack.rootfs_for(self.store, stack.RECIPES[stack.BUILD].ref)
         if self.opts.buildpacks:
@@ -533,15 +570,19 @@ def _layer_from(rec: dict[str, Any]) -> lyr.Layer:
     return lyr.Layer(Descriptor(mt.OCI_LAYER_GZIP, rec["digest"], rec["size"]), rec["diff_id"])
 
 
-def _env_files(d: Path) -> dict[str, Any]:
-    """What a launch layer contributes to the environment, recorded so a reused layer contributes the same."""
-    out: dict[str, Any] = {"bin": (d / "bin").is_dir(), "lib": (d / "lib").is_dir(), "files": {}}
-    for sub in ("env", "env.launch"):
-        p = d / sub
-        if p.is_dir():
-            for f in sorted(p.iterdir()):
-                if f.is_file():
-                    out["files"][f"{sub}/{f.name}"] = f.read_text()
+def _env_files(layers: Path, rel: str, phase: str) -> dict[str, Any]:
+    """What a layer contributes to the ``phase`` environment, read without following links.
+
+    Recorded at export, so a reused layer contributes the same.
+    """
+    out: dict[str, Any] = {"bin": safefs.is_dir(layers, f"{rel}/bin"), "lib": safefs.is_dir(layers, f"{rel}/lib"),
+                           "files": {}}
+    for sub in ("env", f"env.{phase}"):
+        for name, kind in safefs.entries(layers, f"{rel}/{sub}"):
+            if kind in ("link", "other"):
+                safefs.is_dir(layers, f"{rel}/{sub}/{name}")  # raises: a link is refused, not read
+            if kind == "file":
+                out["files"][f"{sub}/{name}"] = safefs.read_text(layers, f"{rel}/{sub}/{name}", "a layer env file") or ""
     return out
 
 
@@ -563,21 +604,71 @@ def _default_process(processes: list[Process]) -> Process | None:
     return processes[0] if len(processes) == 1 else None
 
 
+_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
 def git_labels(source: Path) -> dict[str, str]:
-    """org.opencontainers.image.source and .revision from git, when the source is a checkout."""
-    if not any((p / ".git").exists() for p in (source, *source.parents)) or not shutil.which("git"):
+    """org.opencontainers.image.source and .revision from the app's own ``.git`` folder.
+
+    Read as plain files, without running git (a hostile checkout's config can
+    make git run commands) and only from ``SOURCE/.git`` itself: a ``.git``
+    file or link (``gitdir: /elsewhere``) or a repository above the source is
+    someone else's. Credentials in the remote URL never reach a label.
+    """
+    try:
+        if safefs.kind(source, ".git") != "dir":
+            return {}
+        head = (safefs.read_text(source, ".git/HEAD", "git HEAD") or "").strip()
+        if head.startswith("ref: "):
+            ref = head[5:].strip()
+            if not ref.startswith("refs/") or ".." in ref.split("/"):
+                return {}
+            rev = (safefs.read_text(source, f".git/{ref}", "git ref") or "").strip()
+            if not rev:
+                for line in (safefs.read_text(source, ".git/packed-refs", "git packed-refs") or "").splitlines():
+                    sha, _, name = line.partition(" ")
+                    if name.strip() == ref:
+                        rev = sha
+        else:
+            rev = head
+        if not _SHA.fullmatch(rev):
+            return {}
+        labels = {"org.opencontainers.image.revision": rev}
+        url = _origin_url(safefs.read_text(source, ".git/config", "git config") or "")
+        if url:
+            labels["org.opencontainers.image.source"] = url
+        return labels
+    except (InvalidInput, OSError, ValueError):
         return {}
-    def git(*args: str) -> str:
-        p = subprocess.run(["git", "-C", str(source), *args], capture_output=True, text=True)
-        return p.stdout.strip() if p.returncode == 0 else ""
-    rev = git("rev-parse", "HEAD")
-    if not rev:
-        return {}
-    labels = {"org.opencontainers.image.revision": rev}
-    url = git("config", "--get", "remote.origin.url")
-    if url:
-        labels["org.opencontainers.image.source"] = url
-    return labels
+
+
+def _origin_url(config: str) -> str:
+    """remote.origin.url from a git config's text, with any user:password@ removed."""
+    section = ""
+    for raw in config.splitlines():
+        line = raw.strip()
+        if line.startswith("["):
+            section = line.strip("[]").strip().replace(" ", ".").replace('"', "").lower()
+            continue
+        key, sep, value = line.partition("=")
+        if sep and section == "remote.origin" and key.strip().lower() == "url":
+            return strip_userinfo(value.strip().strip('"'))
+    return ""
+
+
+def strip_userinfo(url: str) -> str:
+    """``https://user:token@host/x`` -> ``https://host/x``; other forms unchanged but for a password."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if "://" in url:
+        try:
+            parts = urlsplit(url)
+            netloc = parts.netloc.rpartition("@")[2]
+            return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        except ValueError:
+            return ""
+    user, at, rest = url.partition("@")  # scp-like user@host:path: a user name, but never a password
+    return f"{user.partition(':')[0]}@{rest}" if at and ":" in user else url
 
 
 def build(opts: BuildOptions, store=None, say: Callable[[str], None] = _say) -> BuildResult:

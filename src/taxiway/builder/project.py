@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from taxiway.builder.buildpack import load_toml
+from taxiway.builder.env import check_name
 from taxiway.errors import InvalidInput
 
 
@@ -46,7 +47,7 @@ def load_project(source: Path) -> Project:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not isinstance(item.get("value", ""), str):
             raise InvalidInput(f"malformed project.toml {path}: build env entry {i} needs a name and a string value",
                                'write [[io.buildpacks.build.env]] name = "K" value = "V"')
-        env[item["name"]] = item.get("value", "")
+        env[check_name(item["name"], f"project.toml {path}")] = item.get("value", "")
     return Project(exclude=list(exclude), include=list(include), env=env)
 
 

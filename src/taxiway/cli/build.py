@@ -16,8 +16,10 @@ import click
 @click.option("--platform", default="linux/amd64", show_default=True, help="Target platform (only linux/amd64 stacks exist).")
 @click.option("--run-image", help="Run image to build on, or to rebase onto (default: the stack's, by buildpack).")
 @click.option("--rebase", "rebase_ref", metavar="REF", help="Swap REF's run image layers for --run-image's, without rebuilding.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=1800, show_default=True, metavar="SECONDS",
+              help="Stop the whole build (every process it started) after this long.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def build(source, tag, push, buildpacks, env, no_cache, platform, run_image, rebase_ref, as_json):
+def build(source, tag, push, buildpacks, env, no_cache, platform, run_image, rebase_ref, timeout, as_json):
     """Build SOURCE (a folder) into an OCI image in the local store, with CNB buildpacks.
 
     \b
@@ -26,6 +28,7 @@ def build(source, tag, push, buildpacks, env, no_cache, platform, run_image, reb
       taxiway build --rebase myapp --run-image localhost/taxiway/run-python:bookworm
     """
     from taxiway.builder import lifecycle
+    from taxiway.builder.env import check_name
     from taxiway.errors import InvalidInput
     from taxiway.oci.store import Store
 
@@ -50,9 +53,9 @@ def build(source, tag, push, buildpacks, env, no_cache, platform, run_image, reb
         k, sep, v = item.partition("=")
         if not sep or not k:
             raise InvalidInput(f"--env {item!r} is not K=V", "pass --env NAME=value")
-        envs[k] = v
+        envs[check_name(k, "--env")] = v
     opts = lifecycle.BuildOptions(source=source, tag=tag, buildpacks=list(buildpacks), env=envs,
-                                  no_cache=no_cache, run_image=run_image, platform=platform)
+                                  no_cache=no_cache, run_image=run_image, platform=platform, timeout=timeout)
     try:
         result = lifecycle.build(opts, store)
     except lifecycle.BuildFailed as e:

@@ -1,0 +1,215 @@
+"""Run each build step (detect, build) as a taxiway machine of the build image.
+
+A build is hostile input, so every step gets what ``taxiway run`` gives a
+machine, through the runtime's own :func:`taxiway.machines.namespace.spawn`:
+its own PID, mount, UTS, IPC, network and cgroup namespaces, a root that is an
+overlay of the (shared, never written) build image root, capabilities
+dropped, no_new_privs, and whatever hardening that runtime applies (seccomp,
+devices). What is different from a user's machine:
+
+- the step runs as ``BUILD_UID`` (named ``cnb`` inside), a uid no machine and
+  no image we build runs as, so a build can never signal, trace or read a
+  running machine's processes or files even outside its namespaces;
+- the volumes are the build's own folders (app, layers, platform, buildpacks);
+- its cgroup has memory and pids limits and lives under its own parent, so
+  ``machines gc`` never sees it; at the deadline the step's PID 1 gets
+  SIGKILL, which takes every process of its PID namespace with it (a
+  ``setsid`` loop too), then the cgroup is killed and removed;
+- the network namespace has only loopback plus one relay, listening on its
+  127.0.0.1:3128 and leading to the egress proxy on the host (package indexes
+  allowed, private addresses denied); nothing else on the host is reachable.
+
+When a step's PID 1 exits, so does everything it started: nothing a build
+runs outlives its step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import uuid
+from pathlib import Path
+
+from taxiway.errors import TaxiwayError
+
+#: The build's uid and gid: outside what Debian gives users (1000-59999) and systemd's dynamic users.
+BUILD_UID = 65_000
+BUILD_GID = 65_000
+PROXY_PORT = 3128
+MEMORY = int(os.environ.get("TAXIWAY_BUILD_MEMORY", 4 << 30))
+PIDS = int(os.environ.get("TAXIWAY_BUILD_PIDS", 4096))
+
+
+def _passwd(rootfs: Path) -> dict[str, str]:
+    """/etc/passwd and /etc/group of the build image with ``cnb`` moved to the build uid."""
+    out = {}
+    for name, uid_field in (("passwd", 2), ("group", 2)):
+        lines = []
+        for line in (rootfs / "etc" / name).read_text().splitlines():
+            f = line.split(":")
+            if f[0] == "cnb":
+                f[uid_field] = str(BUILD_UID if name == "passwd" else BUILD_GID)
+                if name == "passwd":
+                    f[3] = str(BUILD_GID)
+            lines.append(":".join(f))
+        out[name] = "\n".join(lines) + "\n"
+    return out
+
+
+class _Relay:
+    """Accepts in the build's network namespace, connects on the host's: the only way out."""
+
+    def __init__(self, listener: socket.socket, upstream: tuple[str, int]):
+        self.listener, self.upstream = listener, upstream
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True, name="build-relay").start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(self.upstream, timeout=10)
+                up.settimeout(None)
+            except OSError:
+                conn.close()
+                continue
+            for a, b in ((conn, up), (up, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                b.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                a.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+
+
+class BuildMachine:
+    """The build image root plus host folders as volumes; ``run`` starts one machine per step."""
+
+    def __init__(self, rootfs: Path, work: Path, binds: dict[str, Path], ro_binds: dict[str, Path],
+                 proxy: tuple[str, int] | None = None):
+        self.rootfs, self.work, self.proxy = Path(rootfs), Path(work), proxy
+        self.home = self.work / "home"
+        self.home.mkdir(exist_ok=True)
+        os.chown(self.home, BUILD_UID, BUILD_GID)
+        self.mounts = [{"source": str(h), "target": t, "readonly": False} for t, h in binds.items()]
+        self.mounts += [{"source": str(h), "target": t, "readonly": True} for t, h in ro_binds.items()]
+        self.mounts.append({"source": str(self.home), "target": "/home/cnb", "readonly": False})
+        self.etc = {"hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\tbuild\n", "hostname": "build\n",
+                    "resolv.conf": "# builds reach the network only through $HTTPS_PROXY\n", **_passwd(self.rootfs)}
+        self.steps = 0
+
+    def __enter__(self) -> BuildMachine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def env(self) -> dict[str, str]:
+        """What every step gets on top of its own environment: the way out, when there is one."""
+        if not self.proxy:
+            return {}
+        url = f"http://127.0.0.1:{PROXY_PORT}"
+        return {k: url for k in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
+                                 "npm_config_proxy", "npm_config_https_proxy")} | {"NO_PROXY": "", "no_proxy": ""}
+
+    def run(self, argv: list[str], env: dict[str, str], cwd: str = "/workspace", log: Path | None = None,
+            timeout: float | None = None) -> subprocess.CompletedProcess:
+        """Run ``argv`` (a path inside the image) as one machine; output to ``log`` (appended) or captured."""
+        from taxiway.machines import linux as L
+        from taxiway.machines import namespace
+        from taxiway.machines.cgroups import Cgroup, parent_name
+
+        self.steps += 1
+        step = Path(tempfile.mkdtemp(dir=self.work, prefix=f"step{self.steps}-"))
+        for d in ("mnt", "etc", "upper", "ovl"):
+            (step / d).mkdir()
+        spec = {"rootfs": str(step / "mnt"), "etc_dir": str(step / "etc"),
+                "overlay": f"lowerdir={self.rootfs},upperdir={step / 'upper'},workdir={step / 'ovl'}",
+                "mounts": self.mounts, "etc": self.etc, "hostname": "build",
+                # "host": the step joins the network namespace made here (loopback and the relay), not the host's.
+                "net": "host", "argv": argv, "env": [f"{k}={v}" for k, v in {**env, **self.env()}.items()],
+                "uid": BUILD_UID, "gid": BUILD_GID, "groups": [BUILD_GID], "workdir": cwd}
+        captured = step / "output"
+        out_fd = os.open(log if log is not None else captured, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        cg = Cgroup(f"build-{uuid.uuid4().hex[:16]}", parent=parent_name() + "-builds")
+        relay = None
+        own_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        pid = 0
+        try:
+            cg.create(MEMORY, None, PIDS)
+            try:
+                L.unshare(L.CLONE_NEWNET)  # this thread only, until the setns below
+                L.loopback_up()
+                if self.proxy:
+                    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    lsock.bind(("127.0.0.1", PROXY_PORT))
+                    lsock.listen(64)
+                pid, err = namespace.spawn(spec, [str(p / "cgroup.procs") for p in cg.paths()], (null, out_fd, out_fd))
+            finally:
+                L.setns(own_net, L.CLONE_NEWNET)
+            if self.proxy:
+                relay = _Relay(lsock, self.proxy)
+            if err or not pid:
+                raise TaxiwayError(f"the build machine could not start {argv[0]}: {err.strip() or 'unknown error'}",
+                                   "check the build image (`taxiway stack create build`)")
+            code, timed_out = _wait(pid, timeout)
+            pid = 0
+        finally:
+            os.close(own_net)
+            os.close(out_fd)
+            os.close(null)
+            if pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            cg.kill()
+            cg.remove()
+            if relay is not None:
+                relay.close()
+        if timed_out:
+            raise TaxiwayError(f"{argv[0]} ran longer than {timeout:.0f}s and was stopped, with everything it started",
+                               "make the buildpack finish sooner, or raise the limit with --timeout")
+        output = b""
+        if log is None:
+            with open(captured, "rb") as f:
+                output = f.read(1 << 20)
+        return subprocess.CompletedProcess(argv, code, output, b"")
+
+
+def _wait(pid: int, timeout: float | None) -> tuple[int, bool]:
+    """Wait for the step's PID 1; at the deadline SIGKILL it (its whole PID namespace goes). (exit code, timed out)."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+        timed_out = not ready
+        if timed_out:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
+    _, status = os.waitpid(pid, 0)
+    return (os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)), timed_out
