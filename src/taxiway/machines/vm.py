@@ -86,6 +86,19 @@ MODULES = {"load": ("virtio_mmio", "virtio_blk", "virtio_console"), "load-net": 
 GUEST_ADDR = "169.254.77.2"  # eth0, seen only inside the netns taxiway makes for QEMU
 HOST_ADDR = "169.254.77.1"  # tap0, the other end, in that netns too
 MIN_VM_MEMORY = 128 * 1024 * 1024
+# QEMU's seccomp sandbox. elevateprivileges=allow, not deny: QEMU 7.2 installs the filter before
+# -runas changes uid, and with deny it is killed by its own filter (SIGSYS) at that setuid. After
+# the change QEMU holds no capability, so set*id cannot raise it, and spawn=deny refuses execve
+# (no setuid program either): deny would add nothing once the uid is dropped.
+SANDBOX = "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+# QEMU runs as uid/gid VM_UID_BASE + 24 bits of the machine id (one per machine, so one QEMU
+# cannot signal or ptrace another's; a range no distribution allocates, like the jailer's --uid)
+VM_UID_BASE = 0x7A000000
+# virtiofsd's bounding set (tw-vmjail): what it needs to serve files as any guest uid and set up its
+# own sandbox (namespaces, pivot_root, RLIMIT_NOFILE). Not MKNOD (device nodes), FSETID (a write
+# keeps a setuid bit), SETFCAP (file capabilities), nor anything else.
+FSD_CAPS = ("chown", 0), ("dac_override", 1), ("dac_read_search", 2), ("fowner", 3), ("setgid", 6), \
+    ("setuid", 7), ("setpcap", 8), ("sys_chroot", 18), ("sys_admin", 21), ("sys_resource", 24)
 DEFAULT_VM_MEMORY = 256 * 1024 * 1024
 
 INIT = r"""#!/bin/busybox sh
@@ -406,7 +419,8 @@ def create(cfg: MachineConfig, name: str | None, progress: Any = None) -> S.Mach
     env = C.environment(icfg, cfg.env, hostname, home)
     m = S.Machine(id=mid, name=name, config=cfg, image_digest=image.digest(), chain=chain, command=argv,
                   process={"argv": argv, "env": env, "uid": uid, "gid": gid, "groups": groups,
-                           "workdir": cfg.workdir or ic.get("WorkingDir") or "/", "hostname": hostname},
+                           "workdir": cfg.workdir or ic.get("WorkingDir") or "/", "hostname": hostname,
+                           "volumes": volume_paths(cfg)},
                   runtime="vm", accel=accel)
     d = m.dir
     d.mkdir()
@@ -434,7 +448,9 @@ def _config_cpio(m: S.Machine) -> bytes:
     conf = f"TW_HOSTNAME={q(p['hostname'])}\nTW_WORKDIR={q(p['workdir'])}\n"
     if _has_nic(m):
         conf += f"TW_ADDR={GUEST_ADDR}/30\n"
-    vols = "".join(f"vol{i} {'ro' if v.readonly else 'rw'} {v.target}\n" for i, v in enumerate(m.config.mounts))
+    # nosuid,nodev in the guest too: a setuid file or device node in a host directory means nothing there
+    vols = "".join(f"vol{i} {'ro' if v.readonly else 'rw'},nosuid,nodev {v.target}\n"
+                   for i, v in enumerate(m.config.mounts))
     from taxiway.machines.namespace import etc_files
 
     etc = etc_files(p["hostname"], "private")
@@ -450,11 +466,45 @@ def _netns_wrapper(m: S.Machine) -> list[str]:
     default route) can reach nothing outside it; ``-p`` forwarders enter it to connect.
     It disappears with QEMU.
     """
+    # --ipc too: QEMU, once unprivileged, must not reach the host's System V shared memory
     if not _has_nic(m):
-        return ["unshare", "--net", "--"]
+        return ["unshare", "--net", "--ipc", "--"]
     script = (f"ip link set lo up && ip tuntap add dev tap0 mode tap && ip addr add {HOST_ADDR}/30 dev tap0 && "
               "ip link set tap0 up && exec \"$@\"")
-    return ["unshare", "--net", "--", "sh", "-c", script, "sh"]
+    return ["unshare", "--net", "--ipc", "--", "sh", "-c", script, "sh"]
+
+
+def vm_uid(m: S.Machine) -> int:
+    """The unprivileged uid (and gid) QEMU runs as once its devices are open."""
+    return VM_UID_BASE + int(m.id[:6], 16)
+
+
+def _jail_args(m: S.Machine) -> list[str]:
+    """QEMU's own confinement: its seccomp sandbox, then (after opening its files) a uid of its own in an empty chroot."""
+    empty = _vm_dir() / "empty"
+    empty.mkdir(mode=0o555, exist_ok=True)
+    if any(empty.iterdir()):
+        raise TaxiwayError(f"{empty} is not empty (QEMU is chrooted there)", f"remove what is in {empty}")
+    uid = vm_uid(m)
+    return ["-sandbox", SANDBOX, "-runas", f"{uid}:{uid}", "-chroot", str(empty)]
+
+
+def volume_paths(cfg: MachineConfig) -> list[str]:
+    """Each volume's host directory as resolved now (symlinks followed once, when the machine is created)."""
+    return [os.path.realpath(v.source) for v in cfg.mounts]
+
+
+def _check_volume(source: str, resolved: str) -> None:
+    """Refuse a start where ``source`` no longer leads to ``resolved``, where it led when the machine was created.
+
+    A path component replaced by a symlink (by a host user, or by the guest through another volume)
+    must not make the host share what the user never named; tw-vmjail then opens ``resolved``
+    without following any symlink, so a swap after this check is refused too.
+    """
+    now = os.path.realpath(source)
+    if now != resolved:
+        raise InvalidInput(f"host path {source} for -v now leads to {now}, not to {resolved} as when the machine "
+                           "was created", "recreate the machine (machines rm, then run) if that directory is meant")
 
 
 def _start_virtiofsd(m: S.Machine) -> list[subprocess.Popen]:
@@ -467,16 +517,21 @@ def _start_virtiofsd(m: S.Machine) -> list[subprocess.Popen]:
         for i, v in enumerate(m.config.mounts):
             if not os.path.isdir(v.source):
                 raise InvalidInput(f"host path {v.source} for -v does not exist", f"create it first (mkdir -p {v.source})")
-            sock = f"fs{i}.sock"
+            resolved = (m.process.get("volumes") or volume_paths(m.config))[i]
+            _check_volume(v.source, resolved)
+            sock, mnt = f"fs{i}.sock", f"vol{i}"
             with contextlib.suppress(FileNotFoundError):
                 (d / sock).unlink()
-            fsd = [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={v.source}", "-o", "cache=none",
-                   "-o", "sandbox=namespace", "-o", "no_posix_lock", "-o", "no_flock"]
-            if v.readonly:
-                # a private mount namespace where the source is a read-only bind: the guest cannot
-                # write even if it remounts its side read-write
-                fsd = ["unshare", "-m", "--propagation", "private", "--", "sh", "-c",
-                       'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" "$0" && exec "$@"', v.source, *fsd]
+            (d / mnt).mkdir(mode=0o700, exist_ok=True)
+            keep = f"{sum(1 << n for _, n in FSD_CAPS):x}"
+            # virtiofsd serves vol<i>: in its own mount namespace, a nosuid,nodev (and for :ro,
+            # read-only) bind of the directory, opened without following symlinks (see vmjail.c)
+            # (virtiofsd needs an absolute source, its options split on commas: \, escapes one)
+            at = str(d / mnt)
+            fsd = [str(vmagent.jail_binary()), keep, "--bind", resolved, at, *(["--ro"] if v.readonly else []), "--",
+                   VIRTIOFSD, f"--socket-path={sock}", "-o", "source=" + at.replace("\\", "\\\\").replace(",", "\\,"),
+                   "-o", "cache=none", "-o", "sandbox=namespace", "-o", "no_posix_lock", "-o", "no_flock",
+                   "-o", "no_xattr", "-o", "modcaps=-mknod:-fsetid:-setfcap"]
             log = open(d / f"virtiofsd{i}.log", "wb")
             try:
                 proc = subprocess.Popen(fsd, cwd=d, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -568,6 +623,7 @@ def run_once(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, str, i
         mem = cfg.guest.memory or DEFAULT_VM_MEMORY
         cpus = max(1, math.ceil(cfg.guest.cpus or 1))
         argv = [*_netns_wrapper(m), _qemu(), *_machine_args(m.accel or "tcg", mem, cpus, bool(cfg.mounts)),
+                *_jail_args(m),
                 "-kernel", str(kpath), "-initrd", str(initrd), "-append", _cmdline(),
                 "-drive", f"id=root,file={d / 'disk.qcow2'},format=qcow2,if=none,cache=unsafe",
                 "-device", "virtio-blk-device,drive=root",

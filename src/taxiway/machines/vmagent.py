@@ -49,6 +49,7 @@ WINDOW = 256 * 1024
 CLIENT_BUF_MAX = 8 << 20
 POWEROFF_GRACE = 10.0  # seconds QEMU gets to exit after the main process did  # the hub stops reading the agent while a client has this much unread
 SOURCE = Path(__file__).with_name("vmagent.c")
+JAIL_SOURCE = Path(__file__).with_name("vmjail.c")
 
 
 # -- frames (pure) -----------------------------------------------------------------------------
@@ -109,24 +110,34 @@ def _i32(v: int) -> bytes:
 
 def binary() -> Path:
     """The static agent, compiled once per source version into ``$TAXIWAY_HOME/vm``."""
+    return compiled(SOURCE, "tw-agent")
+
+
+def jail_binary() -> Path:
+    """``tw-vmjail`` (``vmjail.c``): runs virtiofsd with a reduced bounding set and a setid-refusing filter."""
+    return compiled(JAIL_SOURCE, "tw-vmjail")
+
+
+def compiled(source: Path, stem: str) -> Path:
+    """``source`` compiled (static) once per version into ``$TAXIWAY_HOME/vm/<stem>-<hash>``."""
     from taxiway.machines.vm import _vm_dir
 
-    src = SOURCE.read_bytes()
-    out = _vm_dir() / f"tw-agent-{hashlib.sha256(src).hexdigest()[:12]}"
+    src = source.read_bytes()
+    out = _vm_dir() / f"{stem}-{hashlib.sha256(src).hexdigest()[:12]}"
     if out.exists():
         return out
     gcc = shutil.which("gcc")
     if not gcc:
         raise TaxiwayError("gcc is needed once to build the micro-VM guest agent", "install gcc and libc6-dev")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    r = subprocess.run([gcc, "-static", "-O2", "-o", str(tmp), str(SOURCE)], capture_output=True)
+    r = subprocess.run([gcc, "-static", "-O2", "-o", str(tmp), str(source)], capture_output=True)
     if r.returncode != 0:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         first = (r.stderr.decode(errors="replace").strip().splitlines() or ["gcc failed"])[-1]
-        raise TaxiwayError(f"could not build the micro-VM guest agent: {first[:200]}", "install gcc and libc6-dev")
+        raise TaxiwayError(f"could not build the micro-VM helper {stem}: {first[:200]}", "install gcc and libc6-dev")
     os.replace(tmp, out)
-    for old in out.parent.glob("tw-agent-*"):  # earlier versions of the agent
+    for old in out.parent.glob(f"{stem}-*"):  # earlier versions
         if old != out:
             with contextlib.suppress(OSError):
                 old.unlink()
