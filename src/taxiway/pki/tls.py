@@ -61,6 +61,7 @@ def context(ca: CA, leaf: Leaf | None = None, *, server: bool = False, client_au
     else:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and check_hostname
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ca.root  # noqa: B018 - a damaged root.pem is one clear error, not ssl's
     ctx.load_verify_locations(cadata=ca.root_pem.decode())
     if leaf is not None:
         load_leaf(ctx, leaf)
