@@ -165,17 +165,18 @@ print("host_sees_inside_key=" + ("yes" if found > 0 else "no"))
 
 
 def test_keyrings_not_shared(hostile):
-    r = subprocess.run([sys.executable, "-c", _KEYRING_HELPER, "run", "--rm", "--security-opt", "seccomp=unconfined",
-                        hostile, "/probe", "keyring", "add-key"], capture_output=True, timeout=60, env=dict(os.environ))
-    f = facts(r)
-    # even without seccomp (which forbids keyctl outright), the machine has a session keyring of its own
-    assert f["keyctl"] == "ok" and f["search"] == "ENOKEY", (r.stdout, r.stderr)
-    assert f["host_sees_inside_key"] == "no", (r.stdout, r.stderr)
-    r = subprocess.run([sys.executable, "-c", _KEYRING_HELPER, "run", "--rm", hostile, "/probe", "keyring", "add-key"],
-                       capture_output=True, timeout=60, env=dict(os.environ))
-    f = facts(r)
-    assert (f["keyctl"], f["search"], f["add_key"]) == ("EPERM", "EPERM", "EPERM"), (r.stdout, r.stderr)
+    def run(*args: str) -> dict[str, str]:
+        r = subprocess.run([sys.executable, "-c", _KEYRING_HELPER, "run", "--rm", *args, hostile, "/probe", "keyring",
+                            "add-key"], capture_output=True, timeout=60, env=dict(os.environ))
+        return facts(r) | {"stderr": r.stderr.decode()}
+
+    f = run()
+    assert (f["keyctl"], f["search"], f["add_key"]) == ("EPERM", "EPERM", "EPERM"), f  # seccomp: no keyctl at all
     assert f["host_sees_inside_key"] == "no"
+    # even without seccomp, the machine has a session keyring of its own: the host's key is not in it
+    f = run("--security-opt", "seccomp=unconfined")
+    assert f["keyctl"] == "ok" and f["search"] == "ENOKEY", f
+    assert f["host_sees_inside_key"] == "no", f
 
 
 # -- 4. cgroup namespace --------------------------------------------------------------------------

@@ -248,6 +248,9 @@ def child(spec: dict[str, Any], errw: int, stdio: tuple[int, int, int], joined: 
 def spawn(spec: dict[str, Any], cgroup_procs: list[str], stdio: tuple[int, int, int]) -> tuple[int, str]:
     """Start the machine's PID 1 as our direct child. Returns (host pid, setup error or "").
 
+    ``spec`` may name ``caps`` (default: :data:`linux.MACHINE_CAPS`) and ``seccomp_bpf`` (a compiled
+    filter, None for none; default: Docker's profile for those caps).
+
     unshare(CLONE_NEWPID) makes our next child PID 1 of a new namespace; setns back to our
     own namespace right after, so later forks (and the next restart) happen as before.
     We move the child into its cgroups (on cgroup v1 each move can wait ~10 ms for an RCU
@@ -256,7 +259,12 @@ def spawn(spec: dict[str, Any], cgroup_procs: list[str], stdio: tuple[int, int, 
     """
     flags = L.CLONE_NEWNS | L.CLONE_NEWUTS | L.CLONE_NEWIPC
     _buf = None  # the filter's bytes: alive until the child has forked
-    if spec.get("seccomp_bpf"):
+    if "seccomp_bpf" not in spec:  # a caller that names no filter (the builder's steps) gets Docker's default
+        from taxiway.machines import seccomp
+        from taxiway.machines.state import machines_dir
+
+        spec["seccomp_bpf"] = seccomp.filter_for(None, spec.get("caps") or L.MACHINE_CAPS, str(machines_dir() / ".seccomp"))
+    if spec["seccomp_bpf"]:
         from taxiway.machines import seccomp
 
         spec["seccomp_prog"], _buf = seccomp.program(spec["seccomp_bpf"])
