@@ -37,8 +37,8 @@ from taxiway.builder import buildpack as bpmod
 from taxiway.builder import env as envmod
 from taxiway.builder import layer as lyr
 from taxiway.builder.buildpack import Buildpack, GroupEntry, LayerMeta, Process
-from taxiway.builder.project import copy_source, load_project
 from taxiway.builder.machine import BUILD_GID, BUILD_UID, BuildMachine
+from taxiway.builder.project import copy_source, load_project
 from taxiway.builder.sandbox import GID, TRUST_ENV, UID, check_root
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.oci import mediatypes as mt
@@ -545,7 +545,7 @@ class Lifecycle:
 
         check_root()
         self.deadline = time.monotonic() + self.opts.timeout
-        self.proxy = None
+        self.proxy: tuple[str, int] | None = None
         stack.import_stack(self.store, stack.BUILD)
         self.rootfs = stack.rootfs_for(self.store, stack.RECIPES[stack.BUILD].ref)
         if self.opts.buildpacks:
@@ -557,9 +557,11 @@ class Lifecycle:
 
         tmp_root = home() / "build" / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
+        from taxiway.builder import egress
+
         with stack.locked(self.cache / "lock"), tempfile.TemporaryDirectory(dir=tmp_root, prefix="build-") as work:
-            self._prepare(Path(work), all_bps)
-            with self.sandbox:
+            with egress.proxy(Path(work)) as self.proxy:
+                self._prepare(Path(work), all_bps)
                 group = self.detect(order)
                 processes = self.build(group)
             result = self.export([bp for bp, _ in group], processes)

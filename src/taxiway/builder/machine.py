@@ -116,6 +116,10 @@ class BuildMachine:
         self.mounts = [{"source": str(h), "target": t, "readonly": False} for t, h in binds.items()]
         self.mounts += [{"source": str(h), "target": t, "readonly": True} for t, h in ro_binds.items()]
         self.mounts.append({"source": str(self.home), "target": "/home/cnb", "readonly": False})
+        from taxiway.builder.sandbox import HOST_CA_BUNDLE
+
+        if os.path.isfile(HOST_CA_BUNDLE):  # the host's trust store (a site's TLS-intercepting proxy), read-only
+            self.mounts.append({"source": HOST_CA_BUNDLE, "target": HOST_CA_BUNDLE, "readonly": True})
         self.etc = {"hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\tbuild\n", "hostname": "build\n",
                     "resolv.conf": "# builds reach the network only through $HTTPS_PROXY\n", **_passwd(self.rootfs)}
         self.steps = 0
