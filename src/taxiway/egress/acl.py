@@ -110,7 +110,9 @@ def validate_glob(svc: str, glob: Any) -> None:
         raise AclError(f'{svc}: {glob}: incorrect ACL entry; use "{normalized}"')
 
 
+@functools.lru_cache(maxsize=8192)
 def _canonical(host: str) -> str | None:
+    """Normalized and without trailing dots, or None; cached, since hosts repeat."""
     try:
         return normalize_name(host).rstrip(".")
     except HostError:
