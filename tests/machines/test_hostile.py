@@ -98,6 +98,20 @@ def test_device_nodes_refused(hostile, loopdev, canary):
     assert r.stdout.decode().splitlines() == ["mknod=ok", "open=ok", "write=ok", "open=ok"], (r.stdout, r.stderr)
 
 
+def test_device_program_on_cgroup_v2(hostile, loopdev, monkeypatch):
+    """The v2 path (a pure v2 host, or this host's unified mount): the same policy as an eBPF program."""
+    dev, major, minor, backing = loopdev
+    root = "/sys/fs/cgroup" if Path("/sys/fs/cgroup/cgroup.controllers").exists() else "/sys/fs/cgroup/unified"
+    monkeypatch.setenv("TAXIWAY_CGROUP_ROOT", root)
+    r = tw("run", "--rm", "--cap-add", "MKNOD", hostile, "/probe", f"mknod-write:/tmp/d:b:{major}:{minor}",
+           "mknod-write:/tmp/n:c:1:3", "open-write:/dev/full")
+    # EPERM is the program's answer (a nodev mount would say EACCES); the allowed node opens anywhere
+    assert r.stdout.decode().splitlines() == ["mknod=ok", "open=EPERM", "mknod=ok", "open=ok", "write=ok", "open=ok"], \
+        (r.stdout, r.stderr)
+    with open(backing, "rb") as fh:
+        assert fh.read(1) == b"\0"
+
+
 # -- 2. inherited file descriptors ---------------------------------------------------------------
 
 

@@ -7,8 +7,8 @@ own hierarchy under ``/sys/fs/cgroup/<controller>``. Every machine gets a
 cpuset, devices, name=systemd, the hybrid's unified one...), even without
 limits: its processes can be counted, killed and accounted for as one unit,
 and the cgroup namespace it unshares is rooted at its own groups everywhere,
-never at the host's. On v1 the devices group denies every device but Docker's
-default list (below).
+never at the host's. The device policy (:mod:`taxiway.machines.devices`) is the
+v1 ``devices`` group's rules, or on v2 an eBPF program attached to the group.
 """
 
 from __future__ import annotations
@@ -38,10 +38,6 @@ V1_OTHERS = ("devices", "freezer", "cpuset", "blkio", "cpuacct", "net_cls", "net
 CFS_PERIOD = 100_000
 DEFAULT_PIDS = 2048  # podman's default; --pids-limit changes it
 
-# Docker's (runc's) default device rules: mknod of any node ("m"), open of these only.
-DEVICE_RULES = ("c *:* m", "b *:* m", "c 1:3 rwm", "c 1:5 rwm", "c 1:7 rwm", "c 1:8 rwm", "c 1:9 rwm",
-                "c 5:0 rwm", "c 5:1 rwm", "c 5:2 rwm", "c 136:* rwm", "c 10:200 rwm")
-
 
 def is_v2() -> bool:
     return (ROOT / "cgroup.controllers").exists()
@@ -60,6 +56,7 @@ class Cgroup:
 
     def __init__(self, machine_id: str, parent: str | None = None):
         self.id = machine_id
+        self.device_program = False  # v2: the device program was attached by create()
         self.v2 = is_v2()
         self.parent = parent or parent_name()
         if self.v2:
@@ -72,8 +69,8 @@ class Cgroup:
                     self.dirs[c] = base / self.parent / machine_id
 
     def has_devices(self) -> bool:
-        """True when the device policy is enforced (a v1 devices group)."""
-        return "devices" in self.dirs
+        """True when create() put the device policy in force (a v1 devices group, or the v2 program)."""
+        return self.device_program if self.v2 else "devices" in self.dirs
 
     def paths(self) -> list[Path]:
         return sorted(set(self.dirs.values()))
@@ -105,10 +102,18 @@ class Cgroup:
                     break
                 except FileNotFoundError:
                     continue
-        if "devices" in self.dirs:
+        from taxiway.machines import devices
+
+        if self.v2:
+            try:
+                devices.attach(str(self.dirs["pids"]))
+                self.device_program = True
+            except OSError:  # a kernel without cgroup BPF: the runtime mounts the root nodev instead
+                self.device_program = False
+        elif "devices" in self.dirs:
             dev = self.dirs["devices"]
             _write(dev / "devices.deny", "a")
-            for rule in DEVICE_RULES:
+            for rule in devices.v1_lines():
                 _write(dev / "devices.allow", rule)
         if memory:
             if self.v2:

@@ -310,7 +310,6 @@ def _run_namespace(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, 
             raise InvalidInput(f"host path {mnt.source} for -v does not exist", f"create it first (mkdir -p {mnt.source})")
     spec = _spec(m)
     cg = Cgroup(m.id)
-    spec["device_cgroup"] = cg.has_devices()
     g = m.config.guest
     try:
         cg.create(g.memory, g.cpus, g.pids, cgroups.DEFAULT_PIDS)
@@ -318,6 +317,7 @@ def _run_namespace(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, 
         cg.remove()
         raise TaxiwayError(f"the kernel refused the machine's limits ({e.strerror})",
                            "use a larger --memory (at least 6m) or a valid --cpus/--pids-limit") from None
+    spec["device_cgroup"] = cg.has_devices()
     forwarders = None
     if m.config.ports:
         from taxiway.machines.ports import Forwarders, listen
