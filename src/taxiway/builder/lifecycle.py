@@ -394,6 +394,11 @@ class Lifecycle:
                 last = tail[-1].removeprefix("error: ") if tail else "no output"
                 raise BuildFailed(f"buildpack {bp.id} failed to build (exit {p.returncode}): {last}; nothing was exported",
                                   "fix the error (the end of the build log is above) and build again", tail)
+            with open(self.log, "rb") as f:  # a buildpack's warnings reach the user even when it succeeds
+                f.seek(start)
+                for line in f.read().decode(errors="replace").splitlines():
+                    if line.startswith("warning: "):
+                        self.say(f"[build] {bp.id}: {line}")
             launch = safefs.read_text(self.layers, f"{bp.dirname}/launch.toml", f"{bp.id}'s launch.toml")
             if launch is not None:
                 procs, labels = bpmod.parse_launch_toml(Path(f"(buildpack {bp.id})"), bp.id, launch)

@@ -121,14 +121,22 @@ def fail(message: str) -> None:
 
 def parse_procfile(path: Path) -> list[tuple[str, str]]:
     """``name: command`` lines; blank lines and # comments are skipped."""
+    import re
+
     out = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        fail("Procfile is not UTF-8 text; save it as UTF-8")
+    for n, line in enumerate(text.splitlines(), 1):
         s = line.strip()
         if not s or s.startswith("#"):
             continue
         name, sep, cmd = s.partition(":")
         name, cmd = name.strip(), cmd.strip()
-        if not sep or not name or not cmd or not all(c.isalnum() or c in "-_." for c in name):
-            fail(f"Procfile line {n} is not `name: command`: {line!r}")
+        # The name becomes /cnb/process/<name>: ASCII letters, digits, - _ . and never . or ..
+        if not sep or not cmd or not re.fullmatch(r"(?!\.+$)[A-Za-z0-9_.-]+", name):
+            fail(f"Procfile line {n} is not `name: command` with a name of ASCII letters, digits, - _ . "
+                 f"(not . or ..): {line!r}")
         out.append((name, cmd))
     return out

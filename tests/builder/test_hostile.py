@@ -1,0 +1,332 @@
+"""Hostile source (issue 21): what an attacker's app or buildpack tries must not reach the host.
+
+Every "escape" is aimed at a canary tree under the test's tmp dir (never the
+host's /etc or /tmp), which is checked byte for byte, owners included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .test_bad_input import assert_not_exported, error_line
+
+
+def make_canary(root: Path) -> Path:
+    c = root / "canary"
+    (c / "dir").mkdir(parents=True)
+    (c / "dir" / "keep.txt").write_text("keep me\n")
+    (c / "secret").write_text("SHADOW-LIKE-SECRET\n")
+    (c / "target.toml").write_text("[types]\nlaunch = true\n[metadata]\nleaked = \"HOST-TOML\"\n")
+    return c
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in sorted(dirnames + filenames):
+            p = os.path.join(dirpath, n)
+            st = os.lstat(p)
+            data = hashlib.sha256(Path(p).read_bytes()).hexdigest() if os.path.isfile(p) else ""
+            out[os.path.relpath(p, root)] = (st.st_mode, st.st_uid, st.st_gid, data)
+    st = os.lstat(root)
+    out["."] = (st.st_mode, st.st_uid, st.st_gid, "")
+    return out
+
+
+def user_buildpack(root: Path, build_sh: str, detect_sh: str = "exit 0", bp_id: str = "evil/bp") -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "bin").mkdir(exist_ok=True)
+    (root / "buildpack.toml").write_text(f'api = "0.10"\n[buildpack]\nid = "{bp_id}"\nversion = "1"\n')
+    (root / "bin" / "detect").write_text("#!/bin/sh\n" + detect_sh + "\n")
+    (root / "bin" / "build").write_text("#!/bin/sh\nset -e\n" + build_sh + "\n")
+    for exe in ("detect", "build"):
+        (root / "bin" / exe).chmod(0o755)
+    return root
+
+
+def app(tmp_path: Path) -> Path:
+    a = tmp_path / "app"
+    a.mkdir(parents=True)
+    (a / "Procfile").write_text("web: sleep 1000\n")
+    return a
+
+
+def labels_and_env(builder, tag: str) -> str:
+    cfg = builder.image(tag).config()
+    return json.dumps(cfg)
+
+
+# -- 1. project.toml env names ------------------------------------------------------------
+
+
+def test_project_toml_env_name_cannot_write_a_host_file(builder, tmp_path):
+    canary = make_canary(tmp_path)
+    before = snapshot(canary)
+    a = app(tmp_path)
+    (a / "project.toml").write_text(
+        f'[[io.buildpacks.build.env]]\nname = "../../../../../../../../../..{canary}/PWNED"\nvalue = "x"\n')
+    line = error_line(builder("build", str(a), "-t", "evil/envname:1", check=False))
+    assert "invalid build env name" in line and "project.toml" in line
+    assert snapshot(canary) == before and not (canary / "PWNED").exists()
+    assert_not_exported(builder, "evil/envname:1")
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "1X", "CNB_LAYERS_DIR"])
+def test_bad_env_names_are_one_clear_error(builder, tmp_path, name):
+    a = app(tmp_path)
+    (a / "project.toml").write_text(f'[[io.buildpacks.build.env]]\nname = "{name}"\nvalue = "x"\n')
+    line = error_line(builder("build", str(a), "-t", "evil/envname:2", check=False))
+    assert "build env name" in line
+    line = error_line(builder("build", str(app(tmp_path / "cli")), "-t", "evil/envname:2", "--env", f"{name}=1",
+                              check=False))
+    assert "build env name" in line or "is not K=V" in line
+
+
+# -- 2. links planted in /layers and /cnb/work ---------------------------------------------------
+
+
+def test_env_launch_link_does_not_put_a_host_file_into_the_image(builder, tmp_path):
+    canary = make_canary(tmp_path)
+    before = snapshot(canary)
+    bp = user_buildpack(tmp_path / "bp", f"""
+mkdir -p "$1/l/env.launch"
+printf '[types]\\nlaunch = true\\n' > "$1/l.toml"
+ln -s {canary}/secret "$1/l/env.launch/SHADOW"
+""")
+    p = builder("build", str(app(tmp_path)), "-t", "evil/envlink:1", "-b", str(bp), "-b", "procfile", check=False)
+    assert "SHADOW-LIKE-SECRET" not in p.stderr.decode()
+    if p.returncode == 0:
+        assert "SHADOW-LIKE-SECRET" not in labels_and_env(builder, "evil/envlink:1")
+    else:
+        assert "symlink" in error_line(p)
+        assert_not_exported(builder, "evil/envlink:1")
+    assert snapshot(canary) == before
+
+
+def test_linked_metadata_and_layer_dirs_are_refused(builder, tmp_path):
+    """launch.toml, <layer>.toml and the layer folder itself as links to host files: nothing read or chowned."""
+    canary = make_canary(tmp_path)
+    before = snapshot(canary)
+    bp = user_buildpack(tmp_path / "bp", f"""
+ln -s {canary}/target.toml "$1/venv.toml"
+ln -s {canary}/dir "$1/venv"
+ln -s {canary}/target.toml "$1/launch.toml"
+ln -sfn {canary}/dir /layers/taxiway_procfile 2>/dev/null || true
+rm -rf /layers/taxiway_procfile; ln -s {canary}/dir /layers/taxiway_procfile
+""")
+    p = builder("build", str(app(tmp_path)), "-t", "evil/links:1", "-b", str(bp), "-b", "procfile", check=False)
+    assert "symlink" in error_line(p) or "removed during the build" in error_line(p)
+    assert "HOST-TOML" not in p.stderr.decode()
+    assert_not_exported(builder, "evil/links:1")
+    assert snapshot(canary) == before
+
+
+def test_second_build_does_not_delete_through_planted_links(builder, tmp_path):
+    """restore_layers (the next build of the tag) must not empty a host folder a link points at."""
+    canary = make_canary(tmp_path)
+    before = snapshot(canary)
+    bp = user_buildpack(tmp_path / "bp", f"""
+printf '[types]\\ncache = true\\n' > "$1/c.toml"
+mkdir -p "$1/c"
+ln -s {canary}/dir "$1/c/inner"
+ln -s {canary}/dir "$1/stray"
+ln -s {canary} /layers/planted
+""")
+    a = app(tmp_path)
+    for _ in range(2):
+        builder("build", str(a), "-t", "evil/restore:1", "-b", str(bp), "-b", "procfile", check=False)
+    assert snapshot(canary) == before
+
+
+def test_app_code_run_by_pip_cannot_plant_links_either(builder, tmp_path):
+    """The app-code route: pip runs the app's own in-tree build backend (backend-path)."""
+    canary = make_canary(tmp_path)
+    before = snapshot(canary)
+    a = tmp_path / "pyapp"
+    a.mkdir()
+    (a / "pyproject.toml").write_text('[build-system]\nrequires = []\nbuild-backend = "evil"\nbackend-path = ["."]\n'
+                                      '[project]\nname = "evil"\nversion = "1"\n')
+    (a / "evil.py").write_text(f"""
+import os
+def _plant():
+    for d in ("/layers/taxiway_python",):
+        try:
+            os.makedirs(d + "/venv/env.launch", exist_ok=True)
+            os.symlink("{canary}/secret", d + "/venv/env.launch/SHADOW")
+        except OSError:
+            pass
+    try:
+        os.symlink("{canary}", "/layers/planted")
+    except OSError:
+        pass
+    for p in os.listdir("/proc"):
+        if p.isdigit():
+            try:
+                open("/proc/%s/environ" % p, "rb").read()
+            except OSError:
+                pass
+def get_requires_for_build_wheel(config_settings=None):
+    _plant()
+    raise SystemExit("evil backend stops here")
+""")
+    (a / "app.py").write_text("print('hi')\n")
+    p = builder("build", str(a), "-t", "evil/pyapp:1", check=False)
+    assert p.returncode != 0
+    assert "SHADOW-LIKE-SECRET" not in p.stderr.decode()
+    assert snapshot(canary) == before
+
+
+# -- 3. the sandbox: pid, network, uid ------------------------------------------------------------
+
+
+def test_build_cannot_see_a_host_process_or_reach_host_loopback(builder, tmp_path):
+    canary = make_canary(tmp_path)
+    before = snapshot(canary)
+    secret = "SECRET_TOKEN=tw-" + os.urandom(8).hex()
+    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
+                              env={**os.environ, "SECRET_TOKEN": secret.split("=", 1)[1]},
+                              preexec_fn=lambda: (os.setgid(1000), os.setuid(1000)))
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(5)
+    srv.settimeout(0.2)
+    port = srv.getsockname()[1]
+    try:
+        bp = user_buildpack(tmp_path / "bp", f"""
+echo "pid1=$(cat /proc/1/comm)"
+cat /proc/{victim.pid}/environ 2>/dev/null | tr '\\0' '\\n' | grep SECRET_TOKEN || true
+for p in /proc/[0-9]*; do cat $p/environ 2>/dev/null | tr '\\0' '\\n' | grep SECRET_TOKEN || true; done
+ls /proc/{victim.pid}/root/ 2>/dev/null && echo ROOT-VISIBLE || true
+kill -0 {victim.pid} 2>/dev/null && echo CAN-SIGNAL || true
+python3 -c "import socket; s=socket.create_connection(('127.0.0.1', {port}), timeout=2); print('REACHED-HOST')" 2>/dev/null || true
+echo "uid=$(id -u)"
+""")
+        p = builder("build", str(app(tmp_path)), "-t", "evil/sandbox:1", "-b", str(bp), "-b", "procfile")
+        out = p.stderr.decode() + p.stdout.decode()
+        log = out
+        assert secret not in log and "ROOT-VISIBLE" not in log and "CAN-SIGNAL" not in log
+        assert "REACHED-HOST" not in log
+        with pytest.raises(TimeoutError):
+            srv.accept()
+        assert victim.poll() is None
+    finally:
+        victim.kill()
+        victim.wait()
+        srv.close()
+    assert snapshot(canary) == before
+
+
+# -- 4. timeouts ----------------------------------------------------------------------------------
+
+
+def test_timeout_kills_everything_the_build_started(builder, tmp_path):
+    marker = tmp_path / "cache-writes"
+    bp = user_buildpack(tmp_path / "bp", """
+setsid sh -c 'while true; do date +%s%N >> /layers/evil_bp/tick; sleep 0.1; done' </dev/null >/dev/null 2>&1 &
+sleep infinity
+""", detect_sh="sleep 140 & exit 0")
+    start = time.monotonic()
+    p = builder("build", str(app(tmp_path)), "-t", "evil/slow:1", "-b", str(bp), "--timeout", "5", check=False,
+                timeout=120)
+    took = time.monotonic() - start
+    line = error_line(p)
+    assert "was stopped" in line and "--timeout" in line
+    assert took < 30, took
+    assert_not_exported(builder, "evil/slow:1")
+    from taxiway.builder.lifecycle import cache_dir
+
+    os.environ["TAXIWAY_HOME"], old = str(builder.home), os.environ.get("TAXIWAY_HOME")
+    try:
+        tick = cache_dir("evil/slow:1") / "layers" / "evil_bp" / "tick"
+    finally:
+        if old is None:
+            del os.environ["TAXIWAY_HOME"]
+        else:
+            os.environ["TAXIWAY_HOME"] = old
+    size = tick.stat().st_size if tick.exists() else 0
+    time.sleep(1.5)
+    assert (tick.stat().st_size if tick.exists() else 0) == size, "a process of the build outlived it"
+    marker.write_text("ok")
+
+
+def test_detect_background_sleep_does_not_hold_the_build(builder, tmp_path):
+    bp = user_buildpack(tmp_path / "bp", "echo built", detect_sh="sleep 140 & exit 0")
+    start = time.monotonic()
+    builder("build", str(app(tmp_path)), "-t", "evil/bgdetect:1", "-b", str(bp), "-b", "procfile", timeout=120)
+    assert time.monotonic() - start < 60
+
+
+# -- 5. secrets in labels ---------------------------------------------------------------------------
+
+
+def _git(repo: Path, *args: str) -> str:
+    base = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    return subprocess.run([*base, *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def test_git_labels_never_carry_a_token(builder, tmp_path):
+    a = app(tmp_path)
+    _git(a, "init", "-q")
+    _git(a, "remote", "add", "origin", "https://oauth2:ghp_SECRET123@example.invalid/team/app.git")
+    _git(a, "add", "-A")
+    _git(a, "commit", "-q", "-m", "x")
+    builder("build", str(a), "-t", "evil/git:1")
+    labels = builder.image("evil/git:1").config()["config"]["Labels"]
+    assert labels["org.opencontainers.image.source"] == "https://example.invalid/team/app.git"
+    assert "ghp_SECRET123" not in json.dumps(labels)
+
+
+def test_gitdir_file_pointing_elsewhere_is_not_read(builder, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "f").write_text("x")
+    _git(other, "init", "-q")
+    _git(other, "remote", "add", "origin", "https://user:OTHER_TOKEN@example.invalid/private.git")
+    _git(other, "add", "-A")
+    _git(other, "commit", "-q", "-m", "x")
+    a = app(tmp_path)
+    (a / ".git").write_text(f"gitdir: {other}/.git\n")
+    builder("build", str(a), "-t", "evil/gitdir:1")
+    labels = builder.image("evil/gitdir:1").config()["config"]["Labels"]
+    assert "org.opencontainers.image.source" not in labels and "OTHER_TOKEN" not in json.dumps(labels)
+
+
+# -- 6. small ones ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [".", "..", "wéb"])
+def test_bad_procfile_names_are_one_clear_error(builder, tmp_path, name):
+    a = tmp_path / "app"
+    a.mkdir()
+    (a / "Procfile").write_text(f"{name}: sleep 1\n")
+    line = error_line(builder("build", str(a), "-t", "evil/procname:1", check=False))
+    assert "Procfile line 1" in line and "cache" not in line
+    assert_not_exported(builder, "evil/procname:1")
+
+
+def test_non_utf8_procfile_is_one_clear_error(builder, tmp_path):
+    a = tmp_path / "app"
+    a.mkdir()
+    (a / "Procfile").write_bytes(b"web: echo \xff\xfe\n")
+    p = builder("build", str(a), "-t", "evil/procutf:1", check=False)
+    line = error_line(p)
+    assert "Procfile" in line and "UTF-8" in line and "Traceback" not in p.stderr.decode()
+
+
+def test_node_engine_that_cannot_be_met_is_warned(builder, tmp_path):
+    a = tmp_path / "app"
+    a.mkdir()
+    (a / "package.json").write_text(json.dumps({"name": "x", "version": "1.0.0", "engines": {"node": ">=99"},
+                                                "scripts": {"start": "node server.js"}}))
+    (a / "server.js").write_text("console.log('hi')\n")
+    p = builder("build", str(a), "-t", "evil/engines:1", check=False)
+    assert "engines.node" in p.stderr.decode() and ">=99" in p.stderr.decode()
