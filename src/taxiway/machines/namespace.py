@@ -100,7 +100,7 @@ def _bind(src: str, dst: str, ro: bool = False, flags: int = 0) -> None:
 def build_root(spec: dict[str, Any]) -> None:
     """Assemble and enter the machine's root. Runs in PID 1 before exec; raises on failure."""
     root = os.path.realpath(spec["rootfs"])
-    # without a device cgroup (cgroup v2 has no device program here yet), device nodes work nowhere but /dev
+    # without a device policy (no v1 devices group, no v2 device program), device nodes work nowhere but /dev
     nodev = 0 if spec.get("device_cgroup", True) else L.MS_NODEV
     L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
     if spec.get("overlay"):
@@ -174,7 +174,8 @@ def _harden(proc: dict[str, Any], prog: Any) -> None:
     keyring, no inherited fd above 2, capabilities, user, no_new_privs, then the seccomp filter."""
     L.join_session_keyring()
     L.cloexec_from(3)
-    L.drop_capabilities(tuple(proc.get("caps") or L.MACHINE_CAPS))
+    caps = proc.get("caps")
+    L.drop_capabilities(L.MACHINE_CAPS if caps is None else tuple(caps))
     os.setgroups(proc["groups"])
     os.setgid(proc["gid"])
     os.setuid(proc["uid"])
@@ -263,7 +264,9 @@ def spawn(spec: dict[str, Any], cgroup_procs: list[str], stdio: tuple[int, int, 
         from taxiway.machines import seccomp
         from taxiway.machines.state import machines_dir
 
-        spec["seccomp_bpf"] = seccomp.filter_for(None, spec.get("caps") or L.MACHINE_CAPS, str(machines_dir() / ".seccomp"))
+        caps = spec.get("caps")
+        spec["seccomp_bpf"] = seccomp.filter_for(None, L.MACHINE_CAPS if caps is None else caps,
+                                                 str(machines_dir() / ".seccomp"))
     if spec["seccomp_bpf"]:
         from taxiway.machines import seccomp
 
@@ -316,7 +319,8 @@ def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[st
           seccomp_bpf: bytes | None = None) -> int:
     """Run ``argv`` inside a running machine (``machines exec``); returns its exit status.
 
-    ``proc`` carries the machine's user, env, workdir and ``caps``; ``seccomp_bpf`` its filter.
+    ``proc`` carries the machine's user, env, workdir and ``caps``; ``seccomp_bpf`` its filter
+    (None: no filter; the runtime passes the machine's own, see ``runtime.seccomp_filter``).
     """
     prog = None
     if seccomp_bpf:
