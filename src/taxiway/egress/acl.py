@@ -259,12 +259,13 @@ class Acl:
         if connect_proxy_host and not rule.external_proxies.matches(connect_proxy_host):
             return d(Result.DENY, "connect proxy host not allowed in rule")
         # Normalized once; each list is then a few set lookups, however long it is.
-        h = _canonical(host) if host else None
+        deny, allow = self._global("deny"), self._global("allow")
+        h = _canonical(host) if host and (rule.domains or deny or allow) else None
         if rule.domains.matches_canonical(h):
             return d(Result.ALLOW, "host matched allowed domain in rule")
-        if self._global("deny").matches_canonical(h):
+        if deny.matches_canonical(h):
             return d(Result.DENY, "host matched rule in global deny list")
-        if self._global("allow").matches_canonical(h):
+        if allow.matches_canonical(h):
             return d(Result.ALLOW, "host matched rule in global allow list")
         result, reason = {
             Policy.REPORT: (Result.ALLOW_AND_REPORT, "rule has allow and report policy"),
