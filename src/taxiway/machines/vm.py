@@ -80,6 +80,7 @@ from taxiway.machines.snapshots import Snapshotter, _hex, du
 QEMU = "qemu-system-x86_64"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 EXIT_MARK = b"@@TAXIWAY-EXIT@@"
+CONSOLE_MAX = 4 << 20  # bytes of the serial console kept on the host (a guest can write to it forever)
 # loaded in groups (with their dependencies): the NIC's and the volumes' only when the machine has them
 MODULES = {"load": ("virtio_mmio", "virtio_blk", "virtio_console"), "load-net": ("virtio_net",),
            "load-fs": ("virtiofs",)}
@@ -572,26 +573,38 @@ class _Console:
         self.out_fd = proc.stdout.fileno()  # type: ignore[union-attr]
         self.err_fd = proc.stderr.fileno()  # type: ignore[union-attr]
         self.f = open(path, "ab", buffering=0)
+        self.room = CONSOLE_MAX
         self.buf = b""
         self.errbuf = b""
         self.code: int | None = None
         self.error: str | None = None
 
+    def _keep(self, data: bytes) -> None:
+        if self.room > 0:
+            self.f.write(data[:self.room])
+            self.room -= len(data)
+            if self.room <= 0:
+                self.f.write(b"\n[taxiway: console output beyond this point discarded]\n")
+
     def feed(self, kind: str, data: bytes) -> None:
+        from taxiway.machines.vmagent import guest_text
+
         if kind == "qemu-err":
             self.errbuf = (self.errbuf + data)[-4000:]
-            self.f.write(data)
+            self._keep(data)
             return
-        self.f.write(data)
+        self._keep(data)
         self.buf += data.replace(b"\r\n", b"\n").replace(b"\r", b"")
         while b"\n" in self.buf:
             line, self.buf = self.buf.split(b"\n", 1)
             if line.startswith(EXIT_MARK):
                 parts = line.split()
                 with contextlib.suppress(ValueError, IndexError):
-                    self.code = int(parts[1])
+                    code = int(parts[1])
+                    self.code = code if 0 <= code <= 255 else 255
                 if len(parts) > 2:
-                    self.error = b" ".join(parts[2:]).decode(errors="replace")
+                    self.error = guest_text(b" ".join(parts[2:]))
+        self.buf = self.buf[-4096:]  # only a line's start matters (the exit mark); no newline is no growth
 
     def close(self) -> None:
         self.f.close()

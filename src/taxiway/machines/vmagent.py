@@ -96,9 +96,21 @@ def tty_env(env: list[str], tty: bool) -> list[str]:
 
 
 def exit_status(payload: bytes) -> tuple[int, int]:
-    """EXIT's payload as (code, signal)."""
+    """EXIT's payload as (code 0-255, signal 0-64); what a hostile guest makes up instead is (255, 0)."""
+    if len(payload) < 8:
+        return 255, 0
     code, sig = struct.unpack(">ii", payload[:8])
-    return code, sig
+    return (code if 0 <= code <= 255 else 255), (sig if 0 <= sig <= 64 else 0)
+
+
+def guest_text(payload: bytes, limit: int = 300) -> str:
+    """Text from the guest (an error) made safe for the host's terminal: one line, no control characters, bounded."""
+    text = payload[:limit * 4].decode(errors="replace")
+    return "".join(c if c.isprintable() else "?" for c in text)[:limit]
+
+
+def _u32(payload: bytes) -> int:
+    return struct.unpack(">I", payload[:4])[0] if len(payload) >= 4 else 0
 
 
 def _i32(v: int) -> bytes:
@@ -264,17 +276,17 @@ class Hub:
                 if self.attached:
                     with contextlib.suppress(OSError):
                         _write_all(1 if kind == STDOUT else 2, payload)
-            elif kind == STARTED:
+            elif kind == STARTED and self.started_at is None:  # once: a guest repeating it writes no more events
                 self.started_at = time.monotonic()
                 if self.on_main_started is not None:
                     self.on_main_started(self.started_at)
             elif kind == EXIT:
                 self.main_exit = exit_status(payload)
             elif kind == ERROR:
-                self.main_error = payload.decode(errors="replace")
+                self.main_error = guest_text(payload)
                 self.pump.write("stderr", payload + b"\n")  # the runtime raises it as the start error
             elif kind == ACK:
-                self.main_unacked -= struct.unpack(">I", payload[:4])[0]
+                self.main_unacked = max(0, self.main_unacked - _u32(payload))
             return
         c = self.by_ch.get(ch)
         if c is None:
@@ -622,9 +634,9 @@ def exec_client(m: Any, argv: list[str], tty: bool = False, interactive: bool = 
                     elif kind == STDERR:
                         _write_all(2, payload)
                     elif kind == ACK:
-                        unacked -= struct.unpack(">I", payload[:4])[0]
+                        unacked = max(0, unacked - _u32(payload))
                     elif kind == ERROR:
-                        error = payload.decode(errors="replace")
+                        error = guest_text(payload)
                     elif kind == EXIT:
                         c, sig = exit_status(payload)
                         code = 128 + sig if sig else c
