@@ -20,8 +20,7 @@ from hypothesis import strategies as st
 
 from oci.fakeregistry import fake_registry
 from oci.test_faults import GZ
-from taxiway.oci.pull import DiffHasher
-from taxiway.oci.store import HashThread
+from taxiway.oci.layerio import DiffHasher, HashThread
 from taxiway.oci.unpack import LayerError, apply_layer
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -29,8 +28,8 @@ TAR = "application/vnd.oci.image.layer.v1.tar"
 
 
 def _our_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(("unpack-inflate", "unpack-diffhash", "diffhash",
-                                                                        "pull-verify"))]
+    return [t.name for t in threading.enumerate() if t.name.startswith(("layer-inflate", "layer-diffhash", "diffhash",
+                                                                        "blob-check"))]
 
 
 @settings(max_examples=40, deadline=None)

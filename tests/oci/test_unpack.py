@@ -365,9 +365,9 @@ def test_modes_are_exact_whatever_the_umask(tmp_path):
 
 
 def test_a_huge_tar_header_is_refused_not_buffered(tmp_path, monkeypatch):
-    from taxiway.oci import _layerstream
+    from taxiway.oci import layerio
 
-    monkeypatch.setattr(_layerstream, "MAX_READ", 8192)  # stands in for 64 MiB
+    monkeypatch.setattr(layerio, "MAX_READ", 8192)  # stands in for 64 MiB
     raw = make_layer([Entry("f", data=b"x", pax={"SCHILY.xattr.user.big": "v" * 20_000})])
     with pytest.raises(LayerError, match="tar header of"):
         apply_layer(tmp_path, io.BytesIO(raw), TAR)

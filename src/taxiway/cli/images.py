@@ -21,13 +21,14 @@ def _warn(msg: str) -> None:
     click.echo(f"warning: {msg}", err=True)
 
 
-def _per_layer(p: Any, verb: str) -> Callable[[Any, int], None]:
-    """A ``progress(descriptor, n)`` callback that gives each layer its own bar."""
+def _per_blob(p: Any, verb: str) -> Callable[[Any, int], None]:
+    """The oci parts' ``progress(descriptor, n)`` callback, drawn as one bar per blob on ``p`` (rich's Progress)."""
     tasks: dict[str, Any] = {}
 
     def advance(desc: Any, n: int) -> None:
         if desc.digest not in tasks:
-            tasks[desc.digest] = p.add_task(f"{verb} {desc.digest[7:19]}", total=desc.size)
+            what = "config" if "config" in desc.media_type else desc.digest[7:19]
+            tasks[desc.digest] = p.add_task(f"{verb} {what}", total=desc.size)
         p.advance(tasks[desc.digest], n)
 
     return advance
@@ -85,7 +86,8 @@ def pull(reference: str, platform_: str | None, all_platforms: bool, insecure: b
         raise InvalidInput("--platform and --all-platforms exclude each other", "pass one of them")
     plat = Platform.parse(platform_) if platform_ else None
     with progress(False if (quiet or as_json) else None) as p:
-        result = do_pull(reference, platform=plat, all_platforms=all_platforms, insecure=insecure, progress=p,
+        result = do_pull(reference, platform=plat, all_platforms=all_platforms, insecure=insecure,
+                         progress=_per_blob(p, "pull"),
                          log=_warn, jobs=jobs, notice=_warn if is_tty() else None)
     if as_json:
         emit_json({"name": result.name, "digest": result.descriptor.digest, "media_type": result.descriptor.media_type,
@@ -113,7 +115,7 @@ def push(reference: str, insecure: bool, quiet: bool) -> None:
     from taxiway.oci.push import push as do_push
 
     with progress(None if not quiet else False) as p:
-        result = do_push(reference, insecure=insecure, progress=p)
+        result = do_push(reference, insecure=insecure, progress=_per_blob(p, "push"))
     if quiet:
         click.echo(result.digest)
         return
@@ -349,7 +351,7 @@ def export(reference: str, dest: str, platform_: str | None, as_json: bool) -> N
 
     img = Store().image(reference, _platform(platform_))
     with progress(False if as_json else None) as p:
-        advance = _per_layer(p, "unpack")
+        advance = _per_blob(p, "unpack")
         stats = do_export(img, Path(dest), progress=advance)
     for w in stats.warnings[:20]:
         _warn(w)
@@ -376,7 +378,7 @@ def scan(reference: str, platform_: str | None, as_json: bool, fail_on_secrets: 
 
     img = Store().image(reference, _platform(platform_))
     with progress(False if as_json else None) as p:
-        advance = _per_layer(p, "scan")
+        advance = _per_blob(p, "scan")
         result = do_scan(img, progress=advance)
     if as_json:
         emit_json(result.to_json())

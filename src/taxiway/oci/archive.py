@@ -31,11 +31,11 @@ from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.oci import mediatypes as mt
 from taxiway.oci.digest import Digest
 from taxiway.oci.image import Descriptor, Platform
+from taxiway.oci.layerio import DiffHasher, LayerError, magic, sniff
 from taxiway.oci.reference import Reference
 from taxiway.oci.store import REF_NAME, Store, StoreImage, parse_json
 
 CONTAINERD_NAME = "io.containerd.image.name"
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 def _norm(name: str) -> str:
@@ -77,19 +77,20 @@ def _open_tar(path: Path, scratch: Path) -> Iterator[tarfile.TarFile]:
 
 def _decompressor(head: bytes) -> Any:
     """An opener for a compressed tarball (by magic number), or None for a plain one."""
-    if head[:2] == b"\x1f\x8b":
+    kind = magic(head)
+    if kind == "gzip":
         from isal import igzip
 
         return lambda p: igzip.open(p, "rb")
-    if head == _ZSTD_MAGIC:
+    if kind == "zstd":
         import zstandard
 
         return lambda p: zstandard.open(p, "rb")
-    if head[:3] == b"BZh":
+    if kind == "bzip2":
         import bz2
 
         return lambda p: bz2.open(p, "rb")
-    if head == b"\xfd7zX":
+    if kind == "xz":
         import lzma
 
         return lambda p: lzma.open(p, "rb")
@@ -214,7 +215,7 @@ class _Loader:
             lname = _norm(str(lname))
             with self.ar.open(lname) as f:
                 head = f.read(4)
-            compression = "gzip" if head[:2] == b"\x1f\x8b" else "zstd" if head == _ZSTD_MAGIC else "none"
+            compression = sniff(head, mt.OCI_LAYER)
             mtype = {"gzip": mt.OCI_LAYER_GZIP, "zstd": mt.OCI_LAYER_ZSTD, "none": mt.OCI_LAYER}[compression]
             expected = None
             if lname.startswith("blobs/sha256/"):
@@ -223,14 +224,14 @@ class _Loader:
                 expected = diff_ids[i]  # an uncompressed layer's digest is its diff_id
             desc = self.put(lname, expected, self.ar.size(lname), mtype)
             if compression != "none":
-                from taxiway.oci.pull import DiffHasher
-
-                dh = DiffHasher(compression)
+                label = f"layer {desc.digest[:19]} ({lname} in {self.ar.path})"
+                dh = DiffHasher(compression, label=label, hint="the archive is damaged; write it again")
                 with self.store.open_blob(desc.digest) as bf:
                     while chunk := bf.read(1 << 20):
                         dh.update(chunk)
                 if dh.finish() != diff_ids[i]:
-                    raise InvalidInput(f"{self.ar.path}: layer {lname} does not match the config's diff_id", "the archive is damaged")
+                    raise LayerError(f"{label} does not match the config's diff_id {str(diff_ids[i])[:19]}",
+                                     "the archive is damaged; write it again")
             layers.append(Descriptor(mtype, desc.digest, desc.size))
         manifest = {"schemaVersion": 2, "mediaType": mt.OCI_MANIFEST,
                     "config": Descriptor(mt.OCI_CONFIG, config.digest, config.size).to_json(),

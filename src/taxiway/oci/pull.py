@@ -21,7 +21,6 @@ import fcntl
 import hashlib
 import io
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -30,20 +29,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from taxiway.errors import InvalidInput, NotFound, TaxiwayError
+from taxiway.errors import InvalidInput, NotFound
 from taxiway.oci import mediatypes as mt
 
 # httpx through the client, which imports it first without httpx's own CLI (~35 ms of start-up).
 from taxiway.oci.client import RegistryClient, RegistryError, httpx
 from taxiway.oci.digest import Digest
 from taxiway.oci.image import Descriptor, Platform
+from taxiway.oci.layerio import BlobChecker, DiffHasher, LayerError
+from taxiway.oci.progress import Progress
 from taxiway.oci.reference import Reference
-from taxiway.oci.store import BlobMismatch, HashThread, Store, parse_json, select_platform
+from taxiway.oci.store import BlobMismatch, Store, parse_json, select_platform
 
-VERIFY_CHUNK = 256 << 10
-FEED_BATCH = 1 << 20  # received bytes handed to the verify thread at once (fewer thread switches)
-MAX_INFLATE = 1 << 20  # decompressed bytes held at once while checking a layer's diff_id
-ZSTD_SLICE = 512  # zstd input per decompress call (see DiffHasher._unzstd)
+__all__ = ["pull", "ensure_image", "RemoteImage", "PullResult", "Puller", "LayerError", "CorruptLayer", "DiffHasher"]
+
+# What pull says about a damaged layer: the registry's copy is bad, and nothing was stored.
+_REPUSH = "the image in the registry is damaged (push it again); nothing was stored"
+
 MAX_CONFIG = 16 << 20  # configs are read into memory; real ones are a few kB
 CONFIG_TYPES = frozenset({mt.OCI_CONFIG, mt.DOCKER_CONFIG})
 LAYER_TYPES = frozenset({
@@ -58,8 +60,8 @@ class _Cancelled(Exception):
     """A download stopped because the pull as a whole is failing."""
 
 
-class CorruptLayer(TaxiwayError):
-    """A layer whose compressed bytes verify but whose content does not (truncated gzip, wrong diff_id)."""
+#: The error for a layer whose bytes are bad (kept under its old name for callers).
+CorruptLayer = LayerError
 
 
 @dataclass
@@ -75,169 +77,10 @@ class PullResult:
     warnings: list[str] = field(default_factory=list)
 
 
-class DiffHasher:
-    """Decompresses a layer stream incrementally and hashes the tar inside (for diff_id checks)."""
-
-    def __init__(self, compression: str, h: Any = None):
-        self.compression = compression
-        self.h = h if h is not None else hashlib.sha256()  # anything with update() and hexdigest()
-        self._d: Any = None
-        self._reset()
-
-    def _reset(self) -> None:
-        if self.compression == "gzip":
-            from isal import isal_zlib
-
-            self._d = isal_zlib.decompressobj(wbits=31)
-        elif self.compression == "zstd":
-            import zstandard
-
-            self._d = zstandard.ZstdDecompressor().decompressobj()
-        else:
-            self._d = None
-
-    def update(self, chunk: bytes) -> None:
-        """Feed compressed bytes."""
-        if self._d is None:
-            self.h.update(chunk)
-            return
-        try:
-            while chunk:
-                if self._d.eof:
-                    if not chunk.strip(b"\0"):
-                        return  # zero padding after the last gzip member
-                    self._reset()  # a multi-member gzip: the next member starts here
-                chunk = self._inflate(chunk) if self.compression == "gzip" else self._unzstd(chunk)
-        except Exception as e:
-            raise CorruptLayer(f"corrupt {self.compression} data ({e})", "the layer in the registry is damaged; re-push the image") from e
-
-    def _inflate(self, chunk: bytes) -> bytes:
-        """Hash what ``chunk`` inflates to, at most MAX_INFLATE bytes at a time; returns the input left over.
-
-        Without the bound one chunk of a very compressible layer (a big file of
-        zeros: deflate reaches 1:1000) became one bytes object 1000 times its
-        size, 256 MiB for a 256 KiB chunk resumed from disk.
-        """
-        out = self._d.decompress(chunk, MAX_INFLATE)
-        self.h.update(out)
-        while len(out) == MAX_INFLATE and not self._d.unconsumed_tail and not self._d.eof:
-            out = self._d.decompress(b"", MAX_INFLATE)  # output still pending inside the inflater
-            self.h.update(out)
-        return self._d.unused_data if self._d.eof else self._d.unconsumed_tail
-
-    def _unzstd(self, chunk: bytes) -> bytes:
-        """Hash what ``chunk`` decompresses to; returns what follows the frame if it ended.
-
-        zstd's decompressobj has no output limit, so it gets the input in
-        ZSTD_SLICE pieces: a zstd block (at least 4 bytes) yields at most 128 KiB,
-        so a piece yields at most 32 KiB per byte (16 MiB), where a whole chunk of
-        a layer of zeros would yield hundreds of MiB.
-        """
-        view = memoryview(chunk)
-        for i in range(0, len(view), ZSTD_SLICE):
-            self.h.update(self._d.decompress(view[i:i + ZSTD_SLICE]))
-            if self._d.eof:
-                return self._d.unused_data + bytes(view[i + ZSTD_SLICE:])
-        return b""
-
-    def finish(self) -> str:
-        """The digest of the uncompressed content; raises on a truncated stream."""
-        if self._d is not None and not self._d.eof:
-            raise CorruptLayer(f"truncated {self.compression} stream", "the layer in the registry is damaged; re-push the image")
-        return "sha256:" + self.h.hexdigest()
-
-
-class _Verifier:
-    """Hashes a blob (and decompresses + hashes a layer) in a worker thread, as bytes arrive.
-
-    The download loop only hands chunks over (through a bounded queue, so
-    memory stays small), so checking overlaps with the network.
-    """
-
-    def __init__(self, compression: str | None):
-        self.compression = compression
-        self.h = hashlib.sha256()
-        self.dh: DiffHasher | None = None
-        self._hasher: HashThread | None = None
-        self.broken: CorruptLayer | None = None
-        self.fed = 0
-        # Bounded: at most 8 batches (<= 8 MiB) wait per layer, whatever the layer size.
-        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=8)
-        self._pending: list[bytes] = []  # received, not yet handed over (< FEED_BATCH bytes)
-        self._pending_n = 0
-        self._t = threading.Thread(target=self._work, name="pull-verify", daemon=True)
-        self._t.start()
-
-    def _work(self) -> None:
-        while (chunk := self._q.get()) is not None:
-            self.h.update(chunk)
-            if self.compression is not None and self.broken is None:
-                try:
-                    if self.dh is None:
-                        actual = _sniff(chunk, self.compression)
-                        if actual != "none":  # inflate here, hash the output in another thread
-                            self._hasher = HashThread()
-                        self.dh = DiffHasher(actual, self._hasher)
-                    self.dh.update(chunk)
-                except CorruptLayer as e:
-                    self.broken = e
-
-    def feed(self, chunk: bytes) -> None:
-        """Account for the next ``chunk`` of the blob."""
-        self.fed += len(chunk)
-        self._pending.append(chunk)
-        self._pending_n += len(chunk)
-        if self._pending_n >= FEED_BATCH:
-            self._flush()
-
-    def _flush(self) -> None:
-        if self._pending:
-            self._q.put(self._pending[0] if len(self._pending) == 1 else b"".join(self._pending))
-            self._pending, self._pending_n = [], 0
-
-    def feed_file(self, path: Path, upto: int) -> None:
-        """Feed bytes already on disk, from where we are up to ``upto``."""
-        with open(path, "rb") as f:
-            f.seek(self.fed)
-            while self.fed < upto and (chunk := f.read(min(VERIFY_CHUNK, upto - self.fed))):
-                self.feed(chunk)
-
-    def close(self) -> None:
-        """Stop the workers (idempotent)."""
-        if self._t.is_alive():
-            self._q.put(None)
-            self._t.join()
-        if self._hasher is not None:
-            self._hasher.close()
-
-    def finish(self) -> tuple[str, str | CorruptLayer | None]:
-        """(digest of the blob, digest of its uncompressed content or the decompression error)."""
-        self._flush()
-        self.close()
-        digest = "sha256:" + self.h.hexdigest()
-        if self.compression is None:
-            return digest, None
-        if self.broken is not None:
-            return digest, self.broken
-        try:
-            return digest, (self.dh or DiffHasher(self.compression)).finish()
-        except CorruptLayer as e:
-            return digest, e
-
-
-def _sniff(head: bytes, declared: str) -> str:
-    """The compression actually used (some registries serve gzip under a plain tar media type)."""
-    if head[:2] == b"\x1f\x8b":
-        return "gzip"
-    if head[:4] == b"\x28\xb5\x2f\xfd":
-        return "zstd"
-    return declared
-
-
 class Puller:
     """Fetches blobs of one repository into the store, in parallel, resumably."""
 
-    def __init__(self, client: RegistryClient, store: Store, repository: str, *, progress: Any = None,
+    def __init__(self, client: RegistryClient, store: Store, repository: str, *, progress: Progress | None = None,
                  log: Log | None = None, retries: int = 5, verify_layers: bool = True, notice: Log | None = None):
         self.client = client
         self.store = store
@@ -251,7 +94,7 @@ class Puller:
         self.cancelled = threading.Event()  # set when another layer failed or the user pressed Ctrl-C
         self.fetched_bytes = 0
 
-    def fetch(self, desc: Descriptor, diff_id: str | None = None, label: str | None = None) -> bool:
+    def fetch(self, desc: Descriptor, diff_id: str | None = None) -> bool:
         """Make sure ``desc`` is in the store; True if it was downloaded now."""
         digest = desc.digest
         if self.store.has_blob(digest):
@@ -262,21 +105,32 @@ class Puller:
             try:
                 if self.store.has_blob(digest):
                     return False
-                self._download(desc, part, diff_id, label or digest[7:19])
+                self._download(desc, part, diff_id)
                 self.new_blobs.append(digest)
                 return True
             finally:
                 fcntl.flock(lockf.fileno(), fcntl.LOCK_UN)
 
-    def _download(self, desc: Descriptor, part: Path, diff_id: str | None, label: str) -> None:
+    def _download(self, desc: Descriptor, part: Path, diff_id: str | None) -> None:
         digest, size = desc.digest, desc.size
         compression = mt.layer_compression(desc.media_type) if mt.is_layer(desc.media_type) else "none"
         check = compression if (diff_id and self.verify_layers) else None
         if check == "none" and diff_id == digest:
             check = None  # an uncompressed layer's diff_id is its digest, which is checked anyway
-        task = self.progress.add_task(label, total=size) if self.progress is not None else None
+        label = f"layer {digest[:19]}"
+        reported = 0  # bytes of this blob reported to progress
+
+        def done(upto: int) -> None:  # the first ``upto`` bytes are on disk
+            nonlocal reported
+            if self.progress is not None and upto != reported:
+                self.progress(desc, upto - reported)
+            reported = upto
+
+        def checker() -> BlobChecker:
+            return BlobChecker(check, label=label, hint=_REPUSH)
+
         delay = 0.25
-        ver = _Verifier(check)
+        ver = checker()
         try:
             for attempt in range(self.retries):
                 offset = part.stat().st_size
@@ -285,7 +139,7 @@ class Puller:
                     offset = 0
                 if offset < ver.fed:  # the file was cut back: start checking over
                     ver.close()
-                    ver = _Verifier(check)
+                    ver = checker()
                 ver.feed_file(part, offset)  # resumed bytes from an earlier try or run
                 try:
                     if offset < size:
@@ -294,10 +148,9 @@ class Puller:
                                 offset = 0  # the server ignored Range: start over
                                 f.truncate(0)
                                 ver.close()
-                                ver = _Verifier(check)
+                                ver = checker()
                             f.seek(offset)
-                            if task is not None:
-                                self.progress.update(task, completed=offset)
+                            done(offset)
                             written = offset
                             for chunk in resp.iter_raw():  # as received: a dropped connection loses nothing
                                 if self.cancelled.is_set():
@@ -309,8 +162,7 @@ class Puller:
                                 f.write(chunk)
                                 ver.feed(chunk)
                                 self.fetched_bytes += len(chunk)
-                                if task is not None:
-                                    self.progress.advance(task, len(chunk))
+                                done(written)
                             f.flush()
                             if written == size:
                                 # To disk now, while the verifier finishes the last chunks;
@@ -334,12 +186,11 @@ class Puller:
             ver.close()
         if hashed != digest or part.stat().st_size != size:
             self.store.commit_ingest(digest, size, hashed)  # raises BlobMismatch and removes the partial file
-        if isinstance(diff, CorruptLayer) or (diff_id and diff is not None and diff != diff_id):
+        if isinstance(diff, LayerError) or (diff_id and diff is not None and diff != diff_id):
             part.unlink(missing_ok=True)
-            if isinstance(diff, CorruptLayer):
-                raise CorruptLayer(f"layer {digest[:19]}: {diff.message}", diff.hint)
-            raise CorruptLayer(f"layer {digest[:19]} decompresses to {diff[:19]}, not the config's diff_id {diff_id[:19]}",
-                               "the image in the registry is corrupt; nothing was stored")
+            if isinstance(diff, LayerError):
+                raise diff
+            raise LayerError(f"{label} decompresses to {diff[:19]}, not the config's diff_id {diff_id[:19]}", _REPUSH)
         self.store.commit_ingest(digest, size, hashed)
 
 
@@ -362,12 +213,13 @@ def _check_manifest(obj: dict[str, Any], what: str) -> tuple[Descriptor, list[De
 
 
 def pull(reference: str, *, platform: Platform | None = None, all_platforms: bool = False, insecure: bool = False,
-         store: Store | None = None, progress: Any = None, log: Log | None = None, jobs: int = 4,
+         store: Store | None = None, progress: Progress | None = None, log: Log | None = None, jobs: int = 4,
          verify_layers: bool = True, client: RegistryClient | None = None, notice: Log | None = None) -> PullResult:
     """Pull ``reference`` into the store and name it; returns what happened.
 
     On any error the store's names are unchanged and no new blob stays visible
     (completed downloads move back to the ingest area so a retry is free).
+    ``progress(descriptor, n)`` reports bytes downloaded (see :mod:`taxiway.oci.progress`).
     """
     ref = Reference.parse(reference)
     store = store or Store()
@@ -401,12 +253,12 @@ def pull(reference: str, *, platform: Platform | None = None, all_platforms: boo
             manifests.append((top, raw))
 
         result = PullResult(name, top if (all_platforms and media_type in mt.INDEX_TYPES) else manifests[0][0])
-        plan: list[tuple[Descriptor, str | None, str]] = []
+        plan: list[tuple[Descriptor, str | None]] = []
         seen: set[str] = set()
         for mdesc, mraw in manifests:
             obj = parse_json(mraw, f"manifest of {name}")
             config, layers = _check_manifest(obj, name)
-            puller.fetch(config, label="config")
+            puller.fetch(config)
             cfg = parse_json(store.read_blob(config.digest), f"config of {name}")
             diff_ids = ((cfg.get("rootfs") or {}).get("diff_ids")) or []
             if diff_ids and len(diff_ids) != len(layers):
@@ -426,12 +278,12 @@ def pull(reference: str, *, platform: Platform | None = None, all_platforms: boo
                     result.warnings.append(msg)
                     log(msg + "; fetching it from the registry if it has it")
                 diff = diff_ids[i] if diff_ids and Digest.is_valid(str(diff_ids[i])) else None
-                plan.append((layer, diff, f"{layer.digest[7:19]} ({_human(layer.size)})"))
+                plan.append((layer, diff))
 
-        def one(item: tuple[Descriptor, str | None, str]) -> bool:
-            layer, diff, label = item
+        def one(item: tuple[Descriptor, str | None]) -> bool:
+            layer, diff = item
             try:
-                return puller.fetch(layer, diff, label)
+                return puller.fetch(layer, diff)
             except RegistryError as e:
                 if layer.is_nondistributable and e.status == 404:
                     result.warnings.append(f"non-distributable layer {layer.digest[:19]} is not on the registry; skipped")
@@ -489,16 +341,8 @@ def _rollback(store: Store, new_blobs: list[str]) -> None:
             os.replace(store.blob_path(dg), store.ingest_path(dg))
 
 
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def ensure_image(reference: str, *, platform: Platform | None = None, store: Store | None = None, insecure: bool = False,
-                 progress: Any = None, log: Log | None = None) -> Any:
+                 progress: Progress | None = None, log: Log | None = None) -> Any:
     """The :class:`~taxiway.oci.store.StoreImage` for ``reference``, pulled first if the store lacks it.
 
     For callers such as ``taxiway run`` and the builder: a name already in the

@@ -19,6 +19,7 @@ from taxiway.errors import NotFound
 from taxiway.oci import mediatypes as mt
 from taxiway.oci.client import RegistryClient, RegistryError
 from taxiway.oci.image import Descriptor, Image
+from taxiway.oci.progress import Progress
 from taxiway.oci.reference import Reference
 from taxiway.oci.store import Store, StoreImage, parse_json
 
@@ -65,7 +66,8 @@ class Pusher:
     """Uploads blobs to one repository, reading them through ``open_blob`` (any Image's, or the store's)."""
 
     def __init__(self, client: RegistryClient, repository: str, open_blob: Callable[[str], BinaryIO], *,
-                 sources: Callable[[str], list[str]] | None = None, progress: Any = None, chunk_size: int = CHUNK_SIZE):
+                 sources: Callable[[str], list[str]] | None = None, progress: Progress | None = None,
+                 chunk_size: int = CHUNK_SIZE):
         self.client = client
         self.repository = repository
         self.open_blob = open_blob
@@ -94,13 +96,11 @@ class Pusher:
         if location is None:
             result.count("mounted")
             return
-        task = self.progress.add_task(digest[7:19], total=size) if self.progress is not None else None
-
         def advance(n: int) -> None:
             if self.cancelled.is_set():
                 raise _Cancelled()
-            if task is not None:
-                self.progress.advance(task, n)
+            if self.progress is not None:
+                self.progress(desc, n)
 
         with self.open_blob(digest) as f:
             if size <= self.chunk_size:
@@ -147,13 +147,14 @@ def _image_blobs(image: Image) -> list[Descriptor]:
     return list(out.values())
 
 
-def push_image(image: Image, reference: str, *, insecure: bool = False, progress: Any = None,
+def push_image(image: Image, reference: str, *, insecure: bool = False, progress: Progress | None = None,
                client: RegistryClient | None = None, jobs: int = 4, chunk_size: int = CHUNK_SIZE,
                store: Store | None = None) -> PushResult:
     """Push any single-platform :class:`Image` (from the store, the builder...) to ``reference``.
 
     With ``store``, blobs it remembers from another repository of the same
     registry are mounted, and where they now live is remembered.
+    ``progress(descriptor, n)`` reports bytes uploaded.
     """
     ref = Reference.parse(reference)
     own_client = client is None
@@ -174,7 +175,7 @@ def push_image(image: Image, reference: str, *, insecure: bool = False, progress
             client.close()
 
 
-def push(reference: str, *, insecure: bool = False, store: Store | None = None, progress: Any = None,
+def push(reference: str, *, insecure: bool = False, store: Store | None = None, progress: Progress | None = None,
          client: RegistryClient | None = None, jobs: int = 4, chunk_size: int = CHUNK_SIZE,
          source: str | None = None) -> PushResult:
     """Push the store's image or index ``source`` (default: ``reference``) to ``reference``."""

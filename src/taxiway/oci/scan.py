@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from taxiway.oci._layerstream import MAX_READ, members, open_layer
-from taxiway.oci._safepath import clean
+from taxiway.oci.changeset import OPAQUE, PATH, WHITEOUT, entry_change
 from taxiway.oci.image import Descriptor, Image
-from taxiway.oci.unpack import OPAQUE_MARKER, WHITEOUT_PREFIX
+from taxiway.oci.layerio import MAX_READ, LayerReader, members, open_layer
+from taxiway.oci.progress import Progress
 
 DEFAULT_READ_CAP = 256 * 1024  # bytes of a hidden file read for content patterns
 
@@ -201,15 +201,19 @@ def _lower(tree: _Tree, removed: list[tuple[tuple[str, ...], _Live]], layer: int
     return out
 
 
-def _layer_entries(image: Image, i: int, desc: Descriptor, progress: Callable[[Descriptor, int], None] | None):
+def _open(image: Image, i: int, desc: Descriptor, progress: Progress | None) -> tuple[Any, LayerReader]:
+    """The blob of layer ``i`` and a reader of its tar (close both)."""
     cb = (lambda n: progress(desc, n)) if progress else None
     f = image.open_blob(desc.digest)
-    src = open_layer(f, desc.media_type, f"layer {i} ({desc.digest[:19]})", cb)
-    return f, src
+    try:
+        return f, open_layer(f, desc.media_type, f"layer {i} ({desc.digest[:19]})", cb)
+    except BaseException:
+        f.close()
+        raise
 
 
 def scan(image: Image, *, read_cap: int = DEFAULT_READ_CAP,
-         progress: Callable[[Descriptor, int], None] | None = None) -> ScanResult:
+         progress: Progress | None = None) -> ScanResult:
     """List files hidden by later layers (deleted or overwritten) and flag likely secrets.
 
     Only hidden regular files are reported; their content is read (at most
@@ -226,23 +230,20 @@ def scan(image: Image, *, read_cap: int = DEFAULT_READ_CAP,
                 hidden.append((parts, rec, by, how))
 
     for i, desc in enumerate(layers):
-        f, src = _layer_entries(image, i, desc, progress)
-        with f:
+        f, src = _open(image, i, desc, progress)
+        with f, src:
             for n, (_tf, m) in enumerate(members(src)):
-                parts = clean(m.name)
-                base = parts[-1] if parts else ""
-                if base == OPAQUE_MARKER:
-                    removed = tree.remove_subtree(parts[:-1], keep_self=True)
+                change, parts = entry_change(m.name)
+                if change == OPAQUE:
+                    removed = tree.remove_subtree(parts, keep_self=True)
                     hide(_lower(tree, removed, i), i, "deleted (opaque directory)")
                     continue
-                if base.startswith(WHITEOUT_PREFIX):
-                    target = base[len(WHITEOUT_PREFIX):]
-                    if target and target not in (".", "..") and not base.startswith(WHITEOUT_PREFIX * 2):
-                        removed = tree.remove_subtree(parts[:-1] + (target,))
-                        hide(_lower(tree, removed, i), i, "deleted")
+                if change == WHITEOUT:
+                    removed = tree.remove_subtree(parts)
+                    hide(_lower(tree, removed, i), i, "deleted")
                     continue
-                if not parts:
-                    continue
+                if change != PATH:
+                    continue  # the root, aufs metadata, a whiteout of nothing
                 kind = "file" if m.isreg() else "dir" if m.isdir() else "other"
                 old = tree.live.get(parts)
                 if old is not None and not (kind == "dir" and old.kind == "dir"):
@@ -261,8 +262,8 @@ def scan(image: Image, *, read_cap: int = DEFAULT_READ_CAP,
     for i in sorted(wanted):
         entries = wanted[i]
         last = max(entries)
-        f, src = _layer_entries(image, i, layers[i], None)
-        with f:
+        f, src = _open(image, i, layers[i], None)
+        with f, src:
             for n, (_tf, m) in enumerate(members(src)):
                 if n in entries and m.size:
                     data = src.read(min(m.size, read_cap, MAX_READ))

@@ -13,7 +13,6 @@ blob came from (``sources/``, so push can try a cross-repository mount).
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import fcntl
 import hashlib
@@ -21,7 +20,6 @@ import io
 import json
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -85,62 +83,6 @@ def select_platform(index: dict[str, Any], want: Platform, name: str = "image") 
     shown = ", ".join(sorted({str(d.platform) for d in available})) or "none"
     raise NotFound(f"{name} has no manifest for platform {want} (it has: {shown})",
                    "pick one with --platform os/arch[/variant], or use --all-platforms")
-
-
-class HashThread:
-    """sha256 in a thread of its own: update() hands the bytes over, hexdigest() waits for the end.
-
-    For a layer's diff ID (its inflated stream is ~3x its download): hashing
-    beside the decompressor (hashlib releases the GIL on big buffers) takes it
-    off the pull's and the export's critical path. At most ``budget`` bytes
-    wait (or one bigger chunk: zstd hands over up to 16 MiB at once).
-    """
-
-    def __init__(self, budget: int = 8 << 20, name: str = "diffhash") -> None:
-        self._budget = budget
-        self._h = hashlib.sha256()
-        self._cv = threading.Condition()
-        self._items: collections.deque[bytes] = collections.deque()
-        self._bytes = 0  # handed over and not yet hashed
-        self._closed = False
-        self._t = threading.Thread(target=self._work, name=name, daemon=True)
-        self._t.start()
-
-    def _work(self) -> None:
-        while True:
-            with self._cv:
-                while not self._items and not self._closed:
-                    self._cv.wait()
-                if not self._items:
-                    return
-                chunk = self._items.popleft()
-            self._h.update(chunk)
-            with self._cv:
-                self._bytes -= len(chunk)
-                self._cv.notify_all()
-
-    def update(self, chunk: bytes) -> None:
-        """Hand ``chunk`` over (waits while the budget is spent)."""
-        if not chunk:
-            return
-        with self._cv:
-            while self._bytes and self._bytes + len(chunk) > self._budget:
-                self._cv.wait()
-            self._items.append(chunk)
-            self._bytes += len(chunk)
-            self._cv.notify_all()
-
-    def close(self) -> None:
-        """Stop the thread once what was handed over is hashed (idempotent)."""
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-        self._t.join()
-
-    def hexdigest(self) -> str:
-        """The digest of everything handed over (waits for the thread)."""
-        self.close()
-        return self._h.hexdigest()
 
 
 class StoreImage:
