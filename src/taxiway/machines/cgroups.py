@@ -23,12 +23,35 @@ ROOT = Path(os.environ.get("TAXIWAY_CGROUP_ROOT", "/sys/fs/cgroup"))
 
 
 def parent_name() -> str:
-    """One parent group per $TAXIWAY_HOME, so two homes never touch each other's machines."""
-    import hashlib
+    """One parent group per $TAXIWAY_HOME, so two homes never touch each other's machines.
 
+    ``taxiway-`` + sha256(home)[:10]. Importing hashlib loads OpenSSL (~5 ms of a ~60 ms warm
+    ``taxiway run``), so the name is kept in ``<home>/machines/.cgroup-parent`` beside the home
+    path it was computed for, and recomputed only when that path differs (a moved home).
+    """
     from taxiway.paths import home
 
-    return "taxiway-" + hashlib.sha256(str(home()).encode()).hexdigest()[:10]
+    h = str(home())
+    cache = os.path.join(h, "machines", ".cgroup-parent")
+    try:
+        with open(cache) as f:
+            path, _, name = f.read().partition("\n")
+        if path == h and name.startswith("taxiway-"):
+            return name
+    except (OSError, ValueError):
+        pass
+    import hashlib
+
+    name = "taxiway-" + hashlib.sha256(h.encode()).hexdigest()[:10]
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(f"{h}\n{name}")
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return name
 
 
 V1_CONTROLLERS = ("memory", "cpu", "pids")
