@@ -66,6 +66,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -529,20 +530,35 @@ def _start_virtiofsd(m: S.Machine) -> list[subprocess.Popen]:
             # read-only) bind of the directory, opened without following symlinks (see vmjail.c)
             # (virtiofsd needs an absolute source, its options split on commas: \, escapes one)
             at = str(d / mnt)
+            # the listening socket is made here and handed over (--fd): with --socket-path virtiofsd
+            # locks /run/virtiofsd/<path>.pid, shared by every machine's relative fs0.sock (and left behind)
+            lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            dfd = vmagent.DirFd(d)
+            try:
+                lsock.bind(dfd.path(sock))
+                lsock.listen(1)
+            finally:
+                dfd.close()
             fsd = [str(vmagent.jail_binary()), keep, "--bind", resolved, at, *(["--ro"] if v.readonly else []), "--",
-                   VIRTIOFSD, f"--socket-path={sock}", "-o", "source=" + at.replace("\\", "\\\\").replace(",", "\\,"),
+                   VIRTIOFSD, f"--fd={lsock.fileno()}", "-o", "source=" + at.replace("\\", "\\\\").replace(",", "\\,"),
                    "-o", "cache=none", "-o", "sandbox=namespace", "-o", "no_posix_lock", "-o", "no_flock",
                    "-o", "no_xattr", "-o", "modcaps=-mknod:-fsetid:-setfcap"]
             log = open(d / f"virtiofsd{i}.log", "wb")
             try:
                 proc = subprocess.Popen(fsd, cwd=d, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                        start_new_session=True)
+                                        start_new_session=True, pass_fds=(lsock.fileno(),))
             finally:
                 log.close()
+                lsock.close()
             procs.append(proc)
             with open(d / "virtiofsd.pids", "a") as f:
                 f.write(f"{proc.pid}\n")
-            if not vmagent.wait_socket(d / sock, proc, 10):
+            # ready once it says it waits for QEMU (tw-vmjail's refusals come before, and it exits)
+            deadline = time.monotonic() + 10
+            while (not (d / f"virtiofsd{i}.log").stat().st_size and proc.poll() is None
+                   and time.monotonic() < deadline):
+                time.sleep(0.005)
+            if proc.poll() is not None:
                 err = (d / f"virtiofsd{i}.log").read_text(errors="replace").strip().splitlines()
                 raise TaxiwayError(f"virtiofsd for volume {v.source} did not start: {(err or ['no output'])[-1][:200]}",
                                    "check the host directory and that qemu-system-common is installed")
