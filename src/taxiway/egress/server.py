@@ -784,9 +784,11 @@ async def _response_head(src: asyncio.StreamReader, body: asyncio.Task | None) -
     A malformed chunk from the client must end the exchange with a 400 at once,
     not leave the upstream waiting for a body that will never be complete.
     """
+    if body is None or body.done():
+        if body is not None and not body.cancelled() and isinstance(body.exception(), http.ProtocolError):
+            raise _BadBody(str(body.exception()))
+        return await src.readuntil(b"\r\n\r\n")
     read = asyncio.ensure_future(src.readuntil(b"\r\n\r\n"))
-    if body is None:
-        return await read
     try:
         await asyncio.wait({read, body}, return_when=asyncio.FIRST_COMPLETED)
         if not read.done() and not body.cancelled():
