@@ -48,7 +48,7 @@ class Registry:
                             timeout=60)
 
 
-def start_registry(root: Path, orgs=("acme", "other"), extra: tuple[str, ...] = ()):
+def start_registry(root: Path, orgs=("acme", "other"), extra: tuple[str, ...] = (), env: dict[str, str] | None = None):
     root.mkdir(parents=True, exist_ok=True)
     toks = {}
     for org in orgs:
@@ -56,14 +56,15 @@ def start_registry(root: Path, orgs=("acme", "other"), extra: tuple[str, ...] = 
         toks[org] = tx("registry", "token", "create", "--org", org, "--root", str(root)).stdout.strip()
     port = free_port()
     cm = serve([sys.executable, "-m", "taxiway", "registry", "serve", "--listen", f"127.0.0.1:{port}",
-                "--root", str(root), *extra], port, log=root.parent / f"registry-{port}.log")
+                "--root", str(root), *extra], port, log=root.parent / f"registry-{port}.log", env=env)
     return cm, toks
 
 
 @contextlib.contextmanager
-def running(root: Path, orgs=("acme",), extra: tuple[str, ...] = ()) -> Iterator[Registry]:
+def running(root: Path, orgs=("acme",), extra: tuple[str, ...] = (),
+            env: dict[str, str] | None = None) -> Iterator[Registry]:
     """A registry serving ``root`` with a push token per org, stopped on exit."""
-    cm, toks = start_registry(root, orgs, extra)
+    cm, toks = start_registry(root, orgs, extra, env)
     with cm as s:
         yield Registry(s, root, toks)
 

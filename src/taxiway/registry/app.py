@@ -8,6 +8,7 @@ memory: blobs go out as file responses and come in streamed to disk.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -20,7 +21,7 @@ import orjson
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
@@ -32,19 +33,46 @@ from taxiway.registry import tokens
 from taxiway.registry.auth import Authorizer, basic_password
 from taxiway.registry.errors import RegistryError
 from taxiway.registry.sendfile import PathSend
-from taxiway.registry.storage import FilesystemStorage
+from taxiway.registry.storage import PURGE_INTERVAL, FilesystemStorage, SessionBusy
 from taxiway.registry.tenants import Tenants
 
 TOKEN_TTL = 300
 _RANGE_RE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)$")
+_BYTE_RANGE_SPEC = re.compile(r"(\d+)-(\d*)|-(\d+)")
+log = logging.getLogger("taxiway.registry")
+
+
+def valid_byte_ranges(value: str) -> bool:
+    """Whether a Range header is a well-formed ``bytes`` ranges-specifier (RFC 9110 14.1.1).
+
+    Anything else (another unit, ``5-2``, garbage) must be ignored, which means the
+    whole representation is sent; a well-formed but unsatisfiable range gets 416.
+    """
+    unit, sep, spec = value.partition("=")
+    if not sep or unit.strip().lower() != "bytes":
+        return False
+    parts = [p.strip() for p in spec.split(",")]
+    for p in parts:
+        if not p:
+            continue  # empty list elements are allowed
+        m = _BYTE_RANGE_SPEC.fullmatch(p)
+        if m is None or (m.group(1) is not None and m.group(2) and int(m.group(2)) < int(m.group(1))):
+            return False
+    return any(parts)
 
 
 class BlobResponse(FileResponse):
     """Whole blobs go out with sendfile(2) where the server offers ``http.response.pathsend``
     (see ``sendfile.py``); HEAD answers with headers only; Range requests and other servers
-    get large reads, off the event loop."""
+    get large reads, off the event loop. An invalid Range header is ignored (RFC 9110)."""
 
     chunk_size = 1 << 20
+
+    async def __call__(self, scope, receive, send) -> None:
+        headers = scope.get("headers") or []
+        if any(k == b"range" and not valid_byte_ranges(v.decode("latin-1")) for k, v in headers):
+            scope = {**scope, "headers": [(k, v) for k, v in headers if k != b"range"]}
+        await super().__call__(scope, receive, send)
 
 
 @dataclass
@@ -114,8 +142,10 @@ class Registry:
         self.storage = FilesystemStorage(config.root)
         self.tenants = Tenants(config.root / "tenants.db") if config.auth else None
         self.key = load_key(config.root)
-        # Running hashes of upload sessions, so a finished upload isn't read twice.
+        # Running hashes of upload sessions, so a finished upload isn't read twice. Only the
+        # holder of a session's lock reads or replaces its entry (see ``_receive``).
         self._hashers: dict[str, tuple[int, object]] = {}
+        self._purged = time.monotonic()  # serve() removed every session at startup
 
     # -- helpers -------------------------------------------------------
     @staticmethod
@@ -144,39 +174,62 @@ class Registry:
         return {"Location": self._upload_location(request, upload_id), "Docker-Upload-UUID": upload_id,
                 "Range": f"0-{max(size - 1, 0)}"}
 
-    async def _receive(self, request: Request, upload_id: str) -> int:
-        """Append the request body to the session, hashing as it goes; returns the new size."""
-        size = self.storage.upload_size(upload_id) or 0
+    async def _receive(self, request: Request, upload_id: str, f, expected: int | None = None) -> int:
+        """Append the request body to the session file ``f`` (held, see ``upload_session``); returns the new size.
+
+        ``expected`` is the length the request's Content-Range announced. A request that
+        fails part way (the client went away, the body disagrees with its range) leaves
+        the session as it was before it, so the client can resend from the same offset.
+        """
+        start = f.tell()
         offset, h = self._hashers.pop(upload_id, (0, None))
-        if h is None or offset != size:
-            h = hashlib.sha256() if size == 0 else None
+        if h is None or offset != start:
+            h = hashlib.sha256() if start == 0 else None
+        saved = h.copy() if h is not None and start else None
+        n = 0
         try:
-            with self.storage.open_upload(upload_id) as f:
-                f.seek(0, os.SEEK_END)
-                # Straight through: buffering chunks here, or handing them to a thread, measured slower.
-                async for chunk in request.stream():
-                    if h is not None:
-                        h.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                size = f.tell()
+            # Straight through: buffering chunks here, or handing them to a thread, measured slower.
+            async for chunk in request.stream():
+                n += len(chunk)
+                if expected is not None and n > expected:
+                    break
+                if h is not None:
+                    h.update(chunk)
+                f.write(chunk)
+            if expected is not None and n != expected:
+                raise RegistryError("RANGE_INVALID", detail={"expected_length": expected, "received": n},
+                                    headers=self._upload_headers(request, upload_id, start))
+            f.flush()
         except OSError as e:
             self.storage.drop_upload(upload_id)
             raise RegistryError("STORAGE_FULL", detail=str(e.strerror), status=507 if e.errno == 28 else 500) from e
+        except BaseException:
+            f.truncate(start)
+            f.seek(start)
+            if saved is not None:
+                self._hashers[upload_id] = (start, saved)
+            raise
         if h is not None:
             if len(self._hashers) > 4096:
                 self._hashers.pop(next(iter(self._hashers)))
-            self._hashers[upload_id] = (size, h)
-        return size
+            self._hashers[upload_id] = (start + n, h)
+        return start + n
 
-    def _commit(self, upload_id: str, digest: str) -> int:
-        """Verify and publish an upload (runs in a thread: it fsyncs, and may hash from disk)."""
+    def _commit(self, upload_id: str, digest: str, f, repo: str) -> int:
+        """Verify, publish and link an upload held as ``f`` (in a thread: it fsyncs, and may hash from disk)."""
         d = Digest.parse(digest)
         offset, h = self._hashers.pop(upload_id, (0, None))
-        size = self.storage.upload_size(upload_id)
-        if h is None or d.algorithm != "sha256" or offset != size:
+        if h is None or d.algorithm != "sha256" or offset != f.tell():
             h = None
-        return self.storage.commit_upload(upload_id, digest, h)
+        return self.storage.commit_upload(upload_id, digest, h, session=f, repo=repo)
+
+    async def _purge_uploads(self) -> None:
+        """Now and then, remove sessions idle for longer than the max age (distribution purges every 24h)."""
+        now = time.monotonic()
+        if now - self._purged < min(PURGE_INTERVAL, self.storage.upload_max_age):
+            return
+        self._purged = now
+        await run_in_threadpool(self.storage.expire_uploads)
 
     @staticmethod
     def _digest(value: str | None, code: str = "DIGEST_INVALID") -> str:
@@ -354,7 +407,7 @@ class Registry:
         q = request.query_params
         mount, source = q.get("mount"), q.get("from")
         if mount and source and Digest.is_valid(mount) and valid_repository(source):
-            linked = self._mount(request, repo, mount, source)
+            linked = await self._mount(request, repo, mount, source)
             if linked:
                 return _empty(201, {"Location": f"/v2/{self.client_name(request)}/blobs/{mount}",
                                     "Docker-Content-Digest": mount})
@@ -363,18 +416,19 @@ class Registry:
             digest = self._digest(digest)
             upload_id = self.storage.new_upload()
             try:
-                await self._receive(request, upload_id)
-                await run_in_threadpool(self._commit, upload_id, digest)
+                with self.storage.upload_session(upload_id) as f:
+                    await self._receive(request, upload_id, f)
+                    await run_in_threadpool(self._commit, upload_id, digest, f, repo)
             finally:
                 self.storage.drop_upload(upload_id)
                 self._hashers.pop(upload_id, None)
-            self.storage.link(repo, digest)
             return _empty(201, {"Location": f"/v2/{self.client_name(request)}/blobs/{digest}",
                                 "Docker-Content-Digest": digest})
+        await self._purge_uploads()
         upload_id = self.storage.new_upload()
         return _empty(202, self._upload_headers(request, upload_id, 0))
 
-    def _mount(self, request: Request, repo: str, digest: str, source: str) -> bool:
+    async def _mount(self, request: Request, repo: str, digest: str, source: str) -> bool:
         """Link a blob from ``source`` if the caller may pull it; False means 'upload it instead'."""
         ident = request.scope["state"].get("identity")
         org = request.scope["state"].get("org")
@@ -382,15 +436,14 @@ class Registry:
             if ident is None or not ident.may(source, "pull") or len(org) + 1 + len(source) > 255:
                 return False
             source = f"{org}/{source}"
-        if not self.storage.has_link(source, digest):
-            return False
-        self.storage.link(repo, digest)
-        return True
+        # In a thread: linking waits for the blob's lock, which GC may hold.
+        return await run_in_threadpool(self.storage.link, repo, digest, source)
 
-    def _check_range(self, request: Request, upload_id: str, size: int) -> None:
+    def _check_range(self, request: Request, upload_id: str, size: int) -> int | None:
+        """The body length a Content-Range announces (None without one); 416 unless it starts at ``size``."""
         cr = request.headers.get("content-range")
         if cr is None:
-            return
+            return None
         m = _RANGE_RE.match(cr.strip())
         length = request.headers.get("content-length")
         ok = m is not None and int(m.group(1)) == size and int(m.group(2)) >= int(m.group(1))
@@ -399,6 +452,7 @@ class Registry:
         if not ok:
             raise RegistryError("RANGE_INVALID", detail={"expected_start": size},
                                 headers=self._upload_headers(request, upload_id, size))
+        return int(m.group(2)) - int(m.group(1)) + 1
 
     async def upload(self, request: Request) -> Response:
         repo = request.path_params["name"]
@@ -411,18 +465,23 @@ class Registry:
             self.storage.drop_upload(upload_id)
             self._hashers.pop(upload_id, None)
             return _empty(204, {})
-        self._check_range(request, upload_id, size)
-        if method == "PATCH":
-            size = await self._receive(request, upload_id)
-            return _empty(202, self._upload_headers(request, upload_id, size))
-        # PUT: the last chunk (if any), then verify and publish.
-        digest = self._digest(request.query_params.get("digest"))
-        await self._receive(request, upload_id)
         try:
-            await run_in_threadpool(self._commit, upload_id, digest)
-        finally:
-            self._hashers.pop(upload_id, None)
-        self.storage.link(repo, digest)
+            # One request at a time per session: the offset it checks is the one it appends at.
+            with self.storage.upload_session(upload_id) as f:
+                expected = self._check_range(request, upload_id, f.tell())
+                if method == "PATCH":
+                    size = await self._receive(request, upload_id, f, expected)
+                    return _empty(202, self._upload_headers(request, upload_id, size))
+                # PUT: the last chunk (if any), then verify, publish and link.
+                digest = self._digest(request.query_params.get("digest"))
+                await self._receive(request, upload_id, f, expected)
+                try:
+                    await run_in_threadpool(self._commit, upload_id, digest, f, repo)
+                finally:
+                    self._hashers.pop(upload_id, None)
+        except SessionBusy as e:
+            e.headers = {"Location": self._upload_location(request, upload_id), "Docker-Upload-UUID": upload_id}
+            raise
         return _empty(201, {"Location": f"/v2/{self.client_name(request)}/blobs/{digest}",
                             "Docker-Content-Digest": digest})
 
@@ -452,6 +511,13 @@ async def _http_error(request: Request, exc: HTTPException) -> Response:
     return await _registry_error(request, err)
 
 
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    # One line, not a traceback: clients going away mid-upload is ordinary (the session was rewound).
+    log.warning("registry: %s %s: the client went away before the request body ended", request.method,
+                request.url.path)
+    return Response(b"", status_code=400)  # nobody is listening
+
+
 async def _storage_error(request: Request, exc: OSError) -> Response:
     status = 507 if exc.errno == 28 else 500
     return await _registry_error(request, RegistryError("STORAGE_FULL", detail=exc.strerror, status=status))
@@ -472,7 +538,8 @@ def create_app(config: Config):
         Route("/v2/{name:path}/referrers/{digest}", r.referrers, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={
-        RegistryError: _registry_error, HTTPException: _http_error, OSError: _storage_error})
+        RegistryError: _registry_error, HTTPException: _http_error, OSError: _storage_error,
+        ClientDisconnect: _client_gone})
     app.state.registry = r
     tenants = r.tenants
     outer = Authorizer(app, tenants=tenants, key=r.key, service=config.service, realm=config.realm)

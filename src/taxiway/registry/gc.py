@@ -6,6 +6,15 @@ fresh blob. The sweep spares anything newer than ``grace`` seconds before the
 collection started, and removes a blob by first renaming it aside and looking
 at its modification time again, so a push that raced the mark phase either
 sees the blob gone (and gets MANIFEST_BLOB_UNKNOWN, then re-uploads) or keeps it.
+
+Each blob is removed, with every repository's link to it, while holding the
+blob's lock, which the server also takes to publish and to link a blob (see
+``storage.py``): an upload or a mount of that digest happens wholly before (the
+blob is fresh, so it is spared) or wholly after (it publishes and links anew),
+never in between, so a push answered 201 stays pullable.
+
+Upload sessions idle for longer than the grace (or the configured max age,
+whichever is shorter) are removed too, unless a request is writing to them.
 """
 
 from __future__ import annotations
@@ -66,41 +75,71 @@ def collect(root: str | Path, *, dry_run: bool = False, untagged: bool = False, 
             marked.add(d)
             marked.update(r.digest for r in _refs(storage, repo, d))
 
-    removed_blobs: list[str] = []
-    freed = kept = 0
+    candidates: list[tuple[str, Path]] = []
+    kept = 0
     for digest, path in list(storage.all_blobs()):
         if digest in marked:
             kept += 1
             continue
         try:
-            st = path.stat()
+            if path.stat().st_mtime > cutoff:
+                kept += 1
+                continue
         except FileNotFoundError:
             continue
-        if st.st_mtime > cutoff:
-            kept += 1
-            continue
-        if dry_run:
-            removed_blobs.append(digest)
-            freed += st.st_size
-            continue
-        aside = path.with_name(f".{path.name}.gc.tmp")
-        try:
-            os.replace(path, aside)
-        except FileNotFoundError:
-            continue
-        if aside.stat().st_mtime > cutoff:  # touched by a push between our look and the rename
-            os.replace(aside, path)
-            kept += 1
-            continue
-        aside.unlink()
-        removed_blobs.append(digest)
-        freed += st.st_size
+        candidates.append((digest, path))
 
-    gone = set(removed_blobs)
-    if not dry_run and gone:
+    # Every repository's links to the candidates, in one walk. A link made after this walk
+    # was made under the blob's lock with the blob touched, so the recheck below spares it.
+    links: dict[str, list[Path]] = {}
+    if candidates:
+        wanted = {d for d, _ in candidates}
         for repo_dir in storage.repos.rglob("_layers"):
             for link in repo_dir.glob("*/*"):
-                if f"{link.parent.name}:{link.name}" in gone:
+                d = f"{link.parent.name}:{link.name}"
+                if d in wanted:
+                    links.setdefault(d, []).append(link)
+
+    removed_blobs: list[str] = []
+    freed = 0
+    for digest, path in candidates:
+        with storage.blob_lock(digest):
+            size = _remove_blob(path, cutoff, dry_run)
+            if size is None:
+                kept += 1
+                continue
+            if not dry_run:
+                for link in links.get(digest, []):
                     link.unlink(missing_ok=True)
+        removed_blobs.append(digest)
+        freed += size
+
+    sessions = 0
+    if not dry_run:
+        sessions = storage.expire_uploads(min(grace, storage.upload_max_age))
+        storage.clean_temp(max(grace, 3600))  # a crash's leftovers; never a write still in progress
     return {"manifests": removed_manifests, "blobs": removed_blobs, "bytes": freed, "kept_blobs": kept,
-            "dry_run": dry_run}
+            "upload_sessions": sessions, "dry_run": dry_run}
+
+
+def _remove_blob(path: Path, cutoff: float, dry_run: bool) -> int | None:
+    """Remove an unmarked blob not used since ``cutoff`` (holding its lock); its size, or None if kept."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    if st.st_mtime > cutoff:  # published, linked or referenced since we looked
+        return None
+    if dry_run:
+        return st.st_size
+    # A manifest PUT touches its blobs without the lock: rename aside, then look again.
+    aside = path.with_name(f".{path.name}.gc.tmp")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return None
+    if aside.stat().st_mtime > cutoff:  # touched between our look and the rename
+        os.replace(aside, path)
+        return None
+    aside.unlink()
+    return st.st_size

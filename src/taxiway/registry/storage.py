@@ -7,6 +7,7 @@ Layout under the root::
 
     blobs/sha256/ab/<hex>                        verified content (manifests too)
     uploads/<id>                                 in-progress upload sessions
+    locks/<2 hex>                                flock(2) files, one per stripe of digests
     repos/<name>/_layers/sha256/<hex>            the repository may read this blob
     repos/<name>/_manifests/revisions/sha256/<hex>   {"mediaType": ...}
     repos/<name>/_manifests/tags/<tag>           the tag's digest
@@ -14,12 +15,22 @@ Layout under the root::
 
 Repository components never start with ``_``, so the control directories can't
 collide with a name. Every file becomes visible by rename, after it is complete.
+
+Concurrency, across threads and worker processes alike (flock(2) locks, which the
+kernel drops when a process dies, so a ``kill -9`` never leaves one held):
+
+- an upload session is written by one request at a time (:meth:`upload_session`);
+  a second request to a busy session is refused, never interleaved;
+- publishing a blob, linking it into a repository, and GC removing it take the
+  blob's lock (:meth:`blob_lock`), so a push that answered 201 can't lose its blob
+  or its link to a collection running at the same moment.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
@@ -27,12 +38,32 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 import orjson
 
 from taxiway.oci.digest import Digest
 from taxiway.registry.errors import RegistryError
+from taxiway.registry.tenants import parse_duration
+
+# Idle upload sessions expire after this long, as distribution's upload purging
+# does by default (age 168h, checked every 24h); TAXIWAY_REGISTRY_UPLOAD_MAX_AGE overrides it.
+UPLOAD_MAX_AGE = 168 * 3600
+PURGE_INTERVAL = 24 * 3600
+
+
+def configured_upload_max_age() -> float:
+    """The configured idle age after which an upload session is gone (seconds)."""
+    raw = os.environ.get("TAXIWAY_REGISTRY_UPLOAD_MAX_AGE")
+    return parse_duration(raw) if raw else UPLOAD_MAX_AGE
+
+
+class SessionBusy(RegistryError):
+    """Another request is writing to this upload session (distribution answers such requests with an error too)."""
+
+    def __init__(self, headers: dict[str, str] | None = None):
+        super().__init__("RANGE_INVALID", message="upload session busy: another request is writing to it",
+                         headers=headers)
 
 
 class Storage(Protocol):
@@ -43,13 +74,13 @@ class Storage(Protocol):
     def read_blob(self, digest: str) -> bytes: ...
     def touch_blob(self, digest: str) -> bool: ...
     def has_link(self, repo: str, digest: str) -> bool: ...
-    def link(self, repo: str, digest: str) -> None: ...
+    def link(self, repo: str, digest: str, source: str | None = None) -> bool: ...
     def unlink(self, repo: str, digest: str) -> bool: ...
     def new_upload(self) -> str: ...
     def upload_size(self, upload_id: str) -> int | None: ...
-    def open_upload(self, upload_id: str): ...
-    def append_upload(self, upload_id: str, chunk: bytes) -> None: ...
-    def commit_upload(self, upload_id: str, digest: str, hasher=None) -> int: ...
+    def upload_session(self, upload_id: str) -> contextlib.AbstractContextManager[BinaryIO]: ...
+    def commit_upload(self, upload_id: str, digest: str, hasher=None, *, session: BinaryIO | None = None,
+                      repo: str | None = None) -> int: ...
     def drop_upload(self, upload_id: str) -> None: ...
     def put_manifest(self, repo: str, body: bytes, digest: str, media_type: str) -> None: ...
     def manifest_media_type(self, repo: str, digest: str) -> str | None: ...
@@ -92,13 +123,26 @@ def _storage_error(e: OSError) -> RegistryError:
 class FilesystemStorage:
     """The default backend: plain files and atomic renames under ``root``."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, upload_max_age: float | None = None):
         self.root = Path(root)
         self.blobs = self.root / "blobs"
         self.uploads = self.root / "uploads"
         self.repos = self.root / "repos"
-        for d in (self.blobs, self.uploads, self.repos):
+        self.locks = self.root / "locks"
+        self.upload_max_age = configured_upload_max_age() if upload_max_age is None else upload_max_age
+        for d in (self.blobs, self.uploads, self.repos, self.locks):
             d.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def blob_lock(self, digest: str) -> Iterator[None]:
+        """Hold the lock of ``digest``'s stripe: publishing, linking and GC's removal of a blob take it."""
+        _, hx = _hex(digest)
+        fd = os.open(self.locks / hx[:2], os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     # -- blobs ---------------------------------------------------------
     def blob_path(self, digest: str) -> Path | None:
@@ -137,12 +181,21 @@ class FilesystemStorage:
     def has_link(self, repo: str, digest: str) -> bool:
         return self._layer_link(repo, digest).exists() and self._blob_target(digest).exists()
 
-    def link(self, repo: str, digest: str) -> None:
+    def link(self, repo: str, digest: str, source: str | None = None) -> bool:
+        """Let ``repo`` read the blob (when it exists, and ``source``, if given, may read it); False if not."""
+        with self.blob_lock(digest):
+            return self._link(repo, digest, source)
+
+    def _link(self, repo: str, digest: str, source: str | None = None) -> bool:
+        if source is not None and not self.has_link(source, digest):
+            return False
+        if not self.touch_blob(digest):  # fresh for GC's grace, and there at all
+            return False
         try:
             _publish(self._layer_link(repo, digest), b"")
         except OSError as e:
             raise _storage_error(e) from e
-        self.touch_blob(digest)
+        return True
 
     def unlink(self, repo: str, digest: str) -> bool:
         try:
@@ -165,96 +218,146 @@ class FilesystemStorage:
             raise RegistryError("BLOB_UPLOAD_UNKNOWN")
         return self.uploads / upload_id
 
+    def _expired(self, st: os.stat_result, now: float | None = None) -> bool:
+        return (now or time.time()) - st.st_mtime > self.upload_max_age
+
     def upload_size(self, upload_id: str) -> int | None:
+        """The session's size, or None when there is no such session (or it expired)."""
         try:
-            return self._upload(upload_id).stat().st_size
+            st = self._upload(upload_id).stat()
         except (FileNotFoundError, RegistryError):
             return None
+        return None if self._expired(st) else st.st_size
 
-    def open_upload(self, upload_id: str):
-        """The session's file, opened for appending."""
+    @contextlib.contextmanager
+    def upload_session(self, upload_id: str) -> Iterator[BinaryIO]:
+        """The session's file, held exclusively for one request.
+
+        Raises :class:`SessionBusy` while another request holds it, and
+        BLOB_UPLOAD_UNKNOWN when it is gone: expired, dropped, or committed
+        (renamed into the blobs) between our open and our lock.
+        """
+        path = self._upload(upload_id)
         try:
-            return open(self._upload(upload_id), "r+b")
+            f = open(path, "r+b")
         except FileNotFoundError:
             raise RegistryError("BLOB_UPLOAD_UNKNOWN") from None
-
-    def append_upload(self, upload_id: str, chunk: bytes) -> None:
-        with self.open_upload(upload_id) as f:
-            f.seek(0, os.SEEK_END)
+        with f:
             try:
-                f.write(chunk)
-            except OSError as e:
-                raise _storage_error(e) from e
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SessionBusy() from None
+            st = os.fstat(f.fileno())
+            try:
+                current = os.stat(path).st_ino == st.st_ino
+            except FileNotFoundError:
+                current = False
+            if not current:
+                raise RegistryError("BLOB_UPLOAD_UNKNOWN")
+            if self._expired(st):
+                path.unlink(missing_ok=True)
+                raise RegistryError("BLOB_UPLOAD_UNKNOWN", detail="the upload session expired")
+            f.seek(0, os.SEEK_END)
+            yield f
 
-    def commit_upload(self, upload_id: str, digest: str, hasher=None) -> int:
-        """Verify the session's bytes against ``digest`` and publish them as a blob.
+    def commit_upload(self, upload_id: str, digest: str, hasher=None, *, session: BinaryIO | None = None,
+                      repo: str | None = None) -> int:
+        """Verify the session's bytes against ``digest``, publish them as a blob and link ``repo`` to it.
 
-        ``hasher`` is the running hash when the caller kept one; otherwise the
-        file is hashed from disk (after a restart, or in another worker).
+        ``session`` is the file from :meth:`upload_session` when the caller holds it
+        (otherwise it is taken here). ``hasher`` is the running hash when the caller
+        kept one for exactly the bytes on disk; otherwise the file is hashed from disk.
+        A verified upload replaces whatever file held that digest before, so a
+        blob damaged on disk never shadows good content.
         """
         src = self._upload(upload_id)
         d = Digest.parse(digest)
-        try:
-            with open(src, "rb") as f:
-                if hasher is None:
-                    hasher = hashlib.new(d.algorithm)
-                    while chunk := f.read(1 << 20):
-                        hasher.update(chunk)
-                os.fsync(f.fileno())
-                size = os.fstat(f.fileno()).st_size
-        except FileNotFoundError:
-            raise RegistryError("BLOB_UPLOAD_UNKNOWN") from None
-        if hasher.hexdigest() != d.hex:
-            self.drop_upload(upload_id)
-            raise RegistryError("DIGEST_INVALID", detail=f"content does not hash to {digest}")
-        target = self._blob_target(digest)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                src.unlink()
-                os.utime(target)
-            else:
-                os.replace(src, target)
-        except OSError as e:
-            self.drop_upload(upload_id)
-            raise _storage_error(e) from e
+        with contextlib.ExitStack() as stack:
+            f = session if session is not None else stack.enter_context(self.upload_session(upload_id))
+            f.flush()
+            if hasher is None:
+                hasher = hashlib.new(d.algorithm)
+                f.seek(0)
+                while chunk := f.read(1 << 20):
+                    hasher.update(chunk)
+            os.fsync(f.fileno())
+            size = os.fstat(f.fileno()).st_size
+            if hasher.hexdigest() != d.hex:
+                self.drop_upload(upload_id)
+                raise RegistryError("DIGEST_INVALID", detail=f"content does not hash to {digest}")
+            target = self._blob_target(digest)
+            with self.blob_lock(digest):
+                try:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, target)  # the session's lock stays on the file until we close it
+                except OSError as e:
+                    self.drop_upload(upload_id)
+                    raise _storage_error(e) from e
+                if repo is not None:
+                    self._link(repo, digest)
         return size
 
     def drop_upload(self, upload_id: str) -> None:
         with contextlib.suppress(FileNotFoundError, RegistryError):
             self._upload(upload_id).unlink()
 
-    def clean_uploads(self, older_than: float = 0.0) -> int:
-        """Remove upload sessions (and stray temp files) older than ``older_than`` seconds."""
+    def expire_uploads(self, idle: float | None = None) -> int:
+        """Remove sessions idle for longer than ``idle`` seconds (default: the max age); busy ones stay."""
+        idle = self.upload_max_age if idle is None else idle
         now, n = time.time(), 0
         for p in list(self.uploads.iterdir()):
-            with contextlib.suppress(FileNotFoundError):
-                if now - p.stat().st_mtime >= older_than:
-                    p.unlink()
-                    n += 1
+            try:
+                f = open(p, "rb")
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+            with f:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a request is writing to it: in use, whatever its age
+                st = os.fstat(f.fileno())
+                with contextlib.suppress(FileNotFoundError):
+                    if now - st.st_mtime >= idle and os.stat(p).st_ino == st.st_ino:
+                        p.unlink()
+                        n += 1
+        return n
+
+    def clean_temp(self, older_than: float = 0.0) -> int:
+        """Remove temp files left in the blobs by a crash (older than ``older_than`` seconds)."""
+        now, n = time.time(), 0
         for tmp in self.blobs.rglob(".*.tmp"):
             with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+                if now - tmp.stat().st_mtime >= older_than:
+                    tmp.unlink()
+                    n += 1
+        return n
+
+    def clean_uploads(self, older_than: float = 0.0) -> int:
+        """Remove upload sessions (and stray temp files) older than ``older_than`` seconds."""
+        n = self.expire_uploads(older_than)
+        self.clean_temp(older_than)
         return n
 
     def write_blob(self, data: bytes, digest: str) -> None:
         """Store small verified content (manifests) as a blob: temp, fsync, rename."""
         target = self._blob_target(digest)
-        if target.exists():
-            os.utime(target)
-            return
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except OSError as e:
+        with self.blob_lock(digest):
             with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise _storage_error(e) from e
+                if target.read_bytes() == data:  # never trust a damaged copy: compare, it is small
+                    os.utime(target)
+                    return
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except OSError as e:
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                raise _storage_error(e) from e
 
     # -- manifests and tags --------------------------------------------
     def _revision(self, repo: str, digest: str) -> Path:

@@ -1,0 +1,241 @@
+"""Races forced deterministically: two requests on one upload session, a damaged
+blob in the shared store, and a push landing in the middle of a GC sweep."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import secrets
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .conftest import running
+from .oci import CONFIG, MANIFEST, digest, with_params
+from .test_gc import push_image
+
+
+class RawRequest:
+    """An HTTP/1.1 request written by hand on its own connection, so a test can hold it open mid-body."""
+
+    def __init__(self, address: str, method: str, target: str, headers: dict[str, str]):
+        host, _, port = address.rpartition(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=60)
+        head = f"{method} {target} HTTP/1.1\r\nHost: {address}\r\n"
+        head += "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+        self.sock.sendall(head.encode())
+
+    def send(self, data: bytes) -> bool:
+        """Send part of the body; False when the server already answered and closed."""
+        try:
+            self.sock.sendall(data)
+            return True
+        except OSError:
+            return False
+
+    def answered(self) -> bool:
+        """Whether the server has begun its answer (without reading it)."""
+        return bool(select.select([self.sock], [], [], 0)[0])
+
+    def response(self) -> tuple[int, bytes]:
+        r = http.client.HTTPResponse(self.sock)
+        r.begin()
+        return r.status, r.read()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_until(predicate, what: str, timeout: float = 60) -> None:
+    """Block until ``predicate()`` holds (a synchronisation point, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.01)
+
+
+def settle(predicate, timeout: float) -> None:
+    """Wait for ``predicate()`` a little, and go on either way (it only orders events, it checks nothing)."""
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _flocked(path: Path) -> bool:
+    """Whether some process holds a flock(2) on ``path`` (from /proc/locks)."""
+    try:
+        ino = path.stat().st_ino
+    except FileNotFoundError:
+        return False
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "FLOCK" in fields and any(f.endswith(f":{ino}") for f in fields):
+            return True
+    return False
+
+
+def size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
+def blob_file(root: Path, d: str) -> Path:
+    hx = d.split(":", 1)[1]
+    return root / "blobs" / "sha256" / hx[:2] / hx
+
+
+def test_concurrent_patches_never_poison_a_blob(tmp_path):
+    """Issue 22 item 1: A and B PATCH one session at once; B's bytes must never end up under X's digest."""
+    root = tmp_path / "root"
+    with running(root, orgs=("acme", "other")) as reg:
+        auth = {"Authorization": "Bearer " + reg.bearer("acme", "repository:app:pull,push")}
+        x, evil = secrets.token_bytes(200_000), b"EVIL" * 25_000
+        with reg.client("acme", "app") as c:
+            loc = c.post("/v2/app/blobs/uploads/").headers["location"]
+        session = root / "uploads" / loc.split("?")[0].rsplit("/", 1)[1]
+        ctype = {"Content-Type": "application/octet-stream"}
+        # The issue's order: A's headers, B's headers, 150,000 bytes of A, all of B, the rest of A.
+        a = RawRequest(reg.address, "PATCH", loc, {**auth, **ctype, "Content-Length": "200000"})
+        # Let A's handler start first (it locks the session where there is a lock to see; the
+        # old code has none, and the wait simply ends).
+        settle(lambda: _flocked(session), 5)
+        b = RawRequest(reg.address, "PATCH", loc, {**auth, **ctype, "Content-Length": "100000"})
+        # And B's handler too: the fixed server answers B at once; the old one starts writing at offset 0.
+        settle(b.answered, 2)
+        a.send(x[:150_000])
+        wait_until(lambda: size_of(session) >= 150_000 - 8192, "A's 150,000 bytes on disk")
+        b.send(evil)
+        b_status, b_body = b.response()
+        a.send(x[150_000:])
+        a_status, _ = a.response()
+        a.close()
+        b.close()
+
+        with reg.client("acme", "app") as c:
+            path, params = with_params(loc, digest=digest(x))
+            put = c.put(path, params=params)
+            served = c.get(f"/v2/app/blobs/{digest(x)}")
+            if served.status_code == 200:
+                assert digest(served.content) == digest(x), "the store serves other bytes under X's digest"
+        # Another org pushing X later gets X back.
+        with reg.client("other", "base") as o:
+            assert o.post("/v2/base/blobs/uploads/", params={"digest": digest(x)}, content=x).status_code == 201
+            assert o.get(f"/v2/base/blobs/{digest(x)}").content == x
+        # The second writer was refused while the first held the session, and nothing of it was kept.
+        assert b_status == 416 and b"RANGE_INVALID" in b_body, (b_status, b_body)
+        assert a_status == 202
+        assert put.status_code == 201, put.text
+        assert served.content == x
+
+
+def test_a_damaged_blob_never_shadows_a_good_upload(tmp_path):
+    """Issue 22 item 1: a blob file that does not hash to its name is replaced by the next good upload."""
+    root = tmp_path / "root"
+    with running(root, orgs=("acme", "other")) as reg:
+        x = secrets.token_bytes(100_000)
+        manifest = (b'{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"%s","digest":"%s","size":%d},'
+                    b'"layers":[]}' % (MANIFEST.encode(), CONFIG.encode(), digest(x).encode(), len(x)))
+        with reg.client("acme", "app") as c:
+            assert c.post("/v2/app/blobs/uploads/", params={"digest": digest(x)}, content=x).status_code == 201
+            assert c.put("/v2/app/manifests/v1", content=manifest, headers={"Content-Type": MANIFEST}).status_code == 201
+
+        def damage(d: str) -> None:
+            p = blob_file(root, d)
+            p.write_bytes(b"EVIL" + p.read_bytes()[4:])
+
+        damage(digest(x))
+        with reg.client("other", "base") as o:  # monolithic
+            assert o.post("/v2/base/blobs/uploads/", params={"digest": digest(x)}, content=x).status_code == 201
+            assert o.get(f"/v2/base/blobs/{digest(x)}").content == x
+        damage(digest(x))
+        with reg.client("other", "base") as o:  # chunked
+            path, params = with_params(o.post("/v2/base/blobs/uploads/").headers["location"])
+            r = o.patch(path, params=params, content=x[:60_000], headers={"Content-Range": "0-59999"})
+            assert r.status_code == 202
+            path, params = with_params(r.headers["location"], digest=digest(x))
+            assert o.put(path, params=params, content=x[60_000:]).status_code == 201
+            assert o.get(f"/v2/base/blobs/{digest(x)}").content == x
+        damage(digest(manifest))
+        with reg.client("acme", "app") as c:
+            assert c.put("/v2/app/manifests/v1", content=manifest, headers={"Content-Type": MANIFEST}).status_code == 201
+            assert c.get("/v2/app/manifests/v1").content == manifest
+
+
+def _stopped(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] in ("t", "T")
+    except FileNotFoundError:
+        return False
+
+
+def _child(pid: int) -> int | None:
+    """strace's child running the GC (strace forks short-lived probes of its own first)."""
+    try:
+        for kid in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            if Path(f"/proc/{kid}/cmdline").read_bytes().startswith(sys.executable.encode() + b"\0-m\0taxiway"):
+                return int(kid)
+    except FileNotFoundError:
+        pass
+    return None
+
+
+def test_a_push_during_gc_stays_pullable(tmp_path):
+    """Issue 22 item 2: GC is stopped (strace injects SIGSTOP) the moment the layer file disappears;
+    app:x is pushed again then; after GC ends, every blob of app:x must still be pullable."""
+    root = tmp_path / "root"
+    with running(root) as reg, reg.client("acme", "app") as c:
+        layer = secrets.token_bytes(50_000)
+        _, mdigest, blobs = push_image(c, "app", "x", [layer])
+        assert c.delete(f"/v2/app/manifests/{mdigest}").status_code == 202
+        old = time.time() - 7200
+        for d in [*blobs, mdigest]:
+            os.utime(blob_file(root, d), (old, old))
+        target = blob_file(root, digest(layer))
+        renames = "rename,renameat,renameat2"
+        gc = subprocess.Popen(
+            ["strace", "-f", "-qq", "-o", str(tmp_path / "strace.log"), "-P", str(target), "-e", f"trace={renames}",
+             "-e", f"inject={renames}:signal=SIGSTOP:when=1",
+             sys.executable, "-m", "taxiway", "registry", "gc", "--root", str(root), "--grace", "1h", "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: _child(gc.pid) is not None, "the GC process under strace")
+            pid = _child(gc.pid)
+            wait_until(lambda: not target.exists(), "GC to take the layer away")
+            wait_until(lambda: _stopped(pid), "GC to stop right after")
+            done = threading.Event()
+            result: dict = {}
+
+            def repush() -> None:
+                try:
+                    result["blobs"] = push_image(c, "app", "x", [layer])[2]
+                finally:
+                    done.set()
+
+            t = threading.Thread(target=repush)
+            t.start()
+            # The push either completes now (nothing holds it back) or waits for GC's lock on the
+            # layer; either way GC resumes next, and what was pushed must survive it.
+            done.wait(15)
+            os.kill(pid, signal.SIGCONT)
+            out, err = gc.communicate(timeout=120)
+            t.join(120)
+        finally:
+            if gc.poll() is None:
+                gc.kill()
+                gc.wait()
+        assert gc.returncode == 0, err
+        assert "blobs" in result, "the re-push failed"
+        assert c.get("/v2/app/manifests/x").status_code == 200
+        assert digest(layer) in result["blobs"]
+        for d in result["blobs"]:
+            r = c.get(f"/v2/app/blobs/{d}")
+            assert r.status_code == 200, f"{d} of app:x: {r.status_code} after GC ended"
+            assert digest(r.content) == d
