@@ -11,7 +11,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -192,7 +191,7 @@ def test_build_cannot_see_a_host_process_or_reach_host_loopback(builder, tmp_pat
     canary = make_canary(tmp_path)
     before = snapshot(canary)
     secret = "SECRET_TOKEN=tw-" + os.urandom(8).hex()
-    victim = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
+    victim = subprocess.Popen(["/bin/sleep", "300"],
                               env={**os.environ, "SECRET_TOKEN": secret.split("=", 1)[1]},
                               preexec_fn=lambda: (os.setgid(1000), os.setuid(1000)))
     srv = socket.socket()
