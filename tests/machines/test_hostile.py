@@ -247,6 +247,21 @@ def test_seccomp_default_profile(hostile, tmp_path):
         assert r.returncode != 0 and what in err and err.count("\n") == 1, err
 
 
+def test_capabilities_add_and_drop(hostile):
+    def capeff(*opts: str) -> str:
+        r = tw("run", "--rm", *opts, hostile, "grep", "CapEff", "/proc/self/status")
+        assert r.returncode == 0, r.stderr
+        return r.stdout.decode().split()[1]
+
+    assert capeff() == "00000000a00425fb"  # Docker's set without CAP_MKNOD
+    assert capeff("--cap-add", "MKNOD") == "00000000a80425fb"  # Docker's set
+    assert capeff("--cap-drop", "ALL") == "0000000000000000"
+    assert capeff("--cap-drop", "ALL", "--cap-add", "cap_chown") == "0000000000000001"
+    assert capeff("-u", "1000") == "0000000000000000"  # a non-root user gets none (Docker's rule)
+    r = tw("run", "--rm", "-u", "1000", hostile, "grep", "CapBnd", "/proc/self/status")
+    assert r.stdout.decode().split()[1] == "00000000a00425fb"
+
+
 # -- 7. directories made before the symlink check ---------------------------------------------------
 
 

@@ -38,6 +38,7 @@ PR_SET_PDEATHSIG = 1
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 PR_SET_SECCOMP = 22
+PR_SET_KEEPCAPS = 8
 SECCOMP_MODE_FILTER = 2
 CLOSE_RANGE_CLOEXEC = 1 << 2
 KEYCTL_JOIN_SESSION_KEYRING = 1
@@ -153,8 +154,8 @@ def last_cap() -> int:
         return 40
 
 
-def drop_capabilities(keep: tuple[str, ...] = DEFAULT_CAPS) -> None:
-    """Reduce the bounding set, then effective/permitted/inheritable, to ``keep``."""
+def drop_bounding(keep: tuple[str, ...] = DEFAULT_CAPS) -> None:
+    """Reduce the bounding set to ``keep`` (needs CAP_SETPCAP: call it while still privileged)."""
     want = {CAPS[c] for c in keep}
     for cap in range(last_cap() + 1):
         if cap not in want:
@@ -162,15 +163,42 @@ def drop_capabilities(keep: tuple[str, ...] = DEFAULT_CAPS) -> None:
                 prctl(PR_CAPBSET_DROP, cap)
             except OSError:
                 pass
+
+
+def set_caps(keep: tuple[str, ...] | list[str]) -> None:
+    """Set effective, permitted and inheritable to exactly ``keep`` (capset)."""
     mask = 0
-    for c in want:
-        mask |= 1 << c
+    for c in keep:
+        mask |= 1 << CAPS[c]
     hdr = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
     data = (_CapData * 2)()
     for i in range(2):
         part = (mask >> (32 * i)) & 0xFFFFFFFF
         data[i].effective = data[i].permitted = data[i].inheritable = part
     _check(_libc.syscall(SYS_capset, ctypes.byref(hdr), ctypes.byref(data)), "capset")
+
+
+def drop_capabilities(keep: tuple[str, ...] = DEFAULT_CAPS) -> None:
+    """Reduce the bounding set, then effective/permitted/inheritable, to ``keep``."""
+    drop_bounding(keep)
+    set_caps(keep)
+
+
+def become(uid: int, gid: int, groups: list[int], keep: tuple[str, ...] | list[str]) -> None:
+    """Switch to ``uid``/``gid``/``groups`` with capabilities ``keep``, as runc and Docker do.
+
+    The bounding set is cut first (that needs CAP_SETPCAP), the ids change with
+    PR_SET_KEEPCAPS (so even ``--cap-drop ALL`` can still switch user), then the
+    capability sets are set: ``keep`` for root, none for any other user (Docker's
+    rule: a non-root user gets no capability unless it gains one by exec, which
+    no_new_privs forbids).
+    """
+    drop_bounding(tuple(keep))
+    prctl(PR_SET_KEEPCAPS, 1)
+    os.setgroups(groups)
+    os.setgid(gid)
+    os.setuid(uid)
+    set_caps(keep if uid == 0 else ())
 
 
 def cloexec_from(low: int = 3) -> None:

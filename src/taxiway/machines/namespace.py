@@ -175,10 +175,7 @@ def _harden(proc: dict[str, Any], prog: Any) -> None:
     L.join_session_keyring()
     L.cloexec_from(3)
     caps = proc.get("caps")
-    L.drop_capabilities(L.MACHINE_CAPS if caps is None else tuple(caps))
-    os.setgroups(proc["groups"])
-    os.setgid(proc["gid"])
-    os.setuid(proc["uid"])
+    L.become(proc["uid"], proc["gid"], proc["groups"], L.MACHINE_CAPS if caps is None else tuple(caps))
     L.set_no_new_privs()
     if prog is not None:  # last: the filter may forbid what came before (keyctl, setgroups for some profiles)
         # seccomp was imported by the supervisor before it forked: no file is read here
