@@ -15,7 +15,12 @@ and once, the median wall time of ``taxiway --help`` (target < 150 ms); the load
 printed at the start and the end (the machine is shared).
 Times are medians over the rounds; ratios are taxiway / peer (target <= 0.5).
 
-Usage: python bench/pull.py [--rounds N] [--json]
+With ``--baseline SRC`` (the ``src`` directory of another checkout, e.g. a
+``git worktree`` of the commit before a change), each round also runs the same
+cold and warm taxiway commands from that tree (``PYTHONPATH=SRC``), in rotated
+order, so a before/after comparison shares one run's load.
+
+Usage: python bench/pull.py [--rounds N] [--baseline SRC] [--json]
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--baseline", metavar="SRC", help="also time taxiway from this source tree (PYTHONPATH), alternated")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("note: umoci unpack without root uses --rootless; run as root for a like-for-like comparison", file=sys.stderr)
@@ -99,7 +105,8 @@ def main() -> int:
     results: dict[str, list[float]] = {k: [] for k in ("tw_pull", "tw_export", "tw_cold", "peer_copy", "peer_unpack",
                                                        "peer_cold", "tw_warm", "peer_warm", "tw_rss_kib",
                                                        "cpu_tw_cold", "cpu_peer_cold", "cpu_tw_warm", "cpu_peer_warm",
-                                                       "cpu_tw_pull", "cpu_peer_copy")}
+                                                       "cpu_tw_pull", "cpu_peer_copy", "bl_cold", "bl_warm",
+                                                       "cpu_bl_cold", "cpu_bl_warm")}
     try:
         subprocess.run(["skopeo", "copy", "--quiet", "--dest-tls-verify=false", f"oci:{layout}:{TAG}", f"docker://{ref}"],
                        check=True)
@@ -120,17 +127,37 @@ def main() -> int:
                 t_unpack, _ = run(["umoci", "unpack", *umoci_extra, "--image", f"{rd / 'oci'}:{TAG}", str(rd / "bundle")])
                 return t_copy, c_copy, t_unpack, CPU["last"]
 
+            def bl_cold(rd: Path = rd) -> None:
+                benv = {"TAXIWAY_HOME": str(rd / "bl-home"), "TAXIWAY_CONFIG": str(rd / "bl-config"), "PYTHONPATH": args.baseline}
+                t_pull, _ = run([*TAXIWAY, "pull", ref], benv)
+                c_pull = CPU["last"]
+                t_exp, _ = run([*TAXIWAY, "image", "export", ref, str(rd / "bl-rootfs")], benv)
+                results["bl_cold"].append(t_pull + t_exp)
+                results["cpu_bl_cold"].append(c_pull + CPU["last"])
+
             # Alternate who goes first, and delete nothing until every round is done: right after a
             # mass delete, ext4 makes whoever creates files next pay for it (seen with perf).
+            if args.baseline and r % 3 == 1:
+                bl_cold()
             if r % 2 == 0:
                 t_pull, rss, c_pull, t_exp, c_exp = tw_cold()
+                if args.baseline and r % 3 == 0:
+                    bl_cold()
                 t_copy, c_copy, t_unpack, c_unpack = peer_cold()
             else:
                 t_copy, c_copy, t_unpack, c_unpack = peer_cold()
+                if args.baseline and r % 3 == 0:
+                    bl_cold()
                 t_pull, rss, c_pull, t_exp, c_exp = tw_cold()
+            if args.baseline and r % 3 == 2:
+                bl_cold()
             # warm: export again from the warm stores, into new directories
             warm = [("tw", [*TAXIWAY, "image", "export", ref, str(rd / "tw-rootfs-warm")], env),
                     ("peer", ["umoci", "unpack", *umoci_extra, "--image", f"{rd / 'oci'}:{TAG}", str(rd / "bundle-warm")], None)]
+            if args.baseline:
+                warm.insert(r % 3, ("bl", [*TAXIWAY, "image", "export", ref, str(rd / "bl-rootfs-warm")],
+                                    {"TAXIWAY_HOME": str(rd / "bl-home"), "TAXIWAY_CONFIG": str(rd / "bl-config"),
+                                     "PYTHONPATH": args.baseline}))
             if r % 2:
                 warm.reverse()
             got = {}
@@ -138,6 +165,9 @@ def main() -> int:
                 t, _ = run(argv, e)
                 got[who] = (t, CPU["last"])
             (t_tw_warm, c_tw_warm), (t_peer_warm, c_peer_warm) = got["tw"], got["peer"]
+            if "bl" in got:
+                results["bl_warm"].append(got["bl"][0])
+                results["cpu_bl_warm"].append(got["bl"][1])
             for k, v in (("cpu_tw_cold", c_pull + c_exp), ("cpu_peer_cold", c_copy + c_unpack), ("cpu_tw_warm", c_tw_warm),
                          ("cpu_peer_warm", c_peer_warm), ("cpu_tw_pull", c_pull), ("cpu_peer_copy", c_copy)):
                 results[k].append(v)
@@ -147,7 +177,9 @@ def main() -> int:
                 results[k].append(v)
             print(f"round {r + 1}/{args.rounds}: taxiway cold {t_pull + t_exp:.2f}s (pull {t_pull:.2f} + export {t_exp:.2f}), "
                   f"skopeo+umoci {t_copy + t_unpack:.2f}s (copy {t_copy:.2f} + unpack {t_unpack:.2f}); "
-                  f"warm {t_tw_warm:.2f}s vs {t_peer_warm:.2f}s; pull RSS {rss / 1024:.0f} MiB", file=sys.stderr)
+                  f"warm {t_tw_warm:.2f}s vs {t_peer_warm:.2f}s; pull RSS {rss / 1024:.0f} MiB"
+                  + (f"; baseline cold {results['bl_cold'][-1]:.2f}s, warm {results['bl_warm'][-1]:.2f}s" if args.baseline else ""),
+                  file=sys.stderr)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -161,7 +193,7 @@ def main() -> int:
     for _ in range(10):
         t, _ = run([*TAXIWAY, "--help"])
         helps.append(t)
-    med = {k: statistics.median(v) for k, v in results.items()}
+    med = {k: statistics.median(v) for k, v in results.items() if v}
     blob_sizes = sorted(p.stat().st_size for p in (layout / "blobs" / "sha256").iterdir())
     out = {
         "image": f"Debian bookworm minbase, one gzip layer of {blob_sizes[-1] / 1e6:.0f} MB",
@@ -182,6 +214,12 @@ def main() -> int:
         "help_ms": round(statistics.median(helps) * 1000, 1),
         "load_average_start": [round(x, 2) for x in load_start], "load_average_end": [round(x, 2) for x in load_end],
     }
+    if args.baseline:
+        out.update({"baseline": args.baseline, "cold_baseline_s": round(med["bl_cold"], 3),
+                    "cold_baseline_ratio": round(med["bl_cold"] / med["peer_cold"], 3),
+                    "warm_baseline_s": round(med["bl_warm"], 3),
+                    "warm_baseline_ratio": round(med["bl_warm"] / med["peer_warm"], 3),
+                    "cpu_cold_baseline_s": round(med["cpu_bl_cold"], 3), "cpu_warm_baseline_s": round(med["cpu_bl_warm"], 3)})
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -196,6 +234,10 @@ def main() -> int:
               f"warm {out['cpu_warm_taxiway_s']:.2f}s vs {out['cpu_warm_umoci_s']:.2f}s ({out['cpu_warm_ratio']:.2f}x)")
         print(f"taxiway pull peak RSS {out['pull_peak_rss_mib']:.0f} MiB  (target < 150 MiB)")
         print(f"taxiway --help {out['help_ms']:.0f} ms  (target < 150 ms)")
+        if args.baseline:
+            print(f"baseline ({args.baseline}): cold {out['cold_baseline_s']:.2f}s ({out['cold_baseline_ratio']:.2f}x), "
+                  f"warm {out['warm_baseline_s']:.2f}s ({out['warm_baseline_ratio']:.2f}x); CPU cold "
+                  f"{out['cpu_cold_baseline_s']:.2f}s, warm {out['cpu_warm_baseline_s']:.2f}s")
         print(f"load average (1, 5, 15 min): {out['load_average_start']} at the start, {out['load_average_end']} at the end")
     return 0
 

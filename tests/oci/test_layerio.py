@@ -178,3 +178,14 @@ def test_entry_change_stays_inside_the_root_and_names_what_it_hides(name):
         assert parts == full[:-1] + (full[-1][4:],) and not full[-1].startswith(".wh..wh.")
     else:
         assert kind in (changeset.AUFS_META, changeset.EMPTY_WHITEOUT) and full[-1].startswith(".wh.")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=64), st.lists(st.integers(-1, 9), max_size=12))
+def test_the_sniffed_head_is_handed_out_again_whatever_the_read_sizes(data, sizes):
+    from taxiway.oci.layerio import _Head
+
+    h = _Head(io.BytesIO(data))
+    assert h.head == data[:4]
+    got = b"".join(h.read(n) for n in sizes) + h.read()
+    assert got == data

@@ -106,6 +106,9 @@ class _Head:
     def read(self, n: int = -1) -> bytes:
         if not self.head:
             return self._raw.read(n)
+        if n is not None and 0 <= n < len(self.head):
+            out, self.head = self.head[:n], self.head[n:]
+            return out
         head, self.head = self.head, b""
         if n is None or n < 0:
             return head + self._raw.read()
