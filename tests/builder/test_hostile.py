@@ -147,7 +147,11 @@ ln -s {canary} /layers/planted
 
 
 def test_app_code_run_by_pip_cannot_plant_links_either(builder, tmp_path):
-    """The app-code route: pip runs the app's own in-tree build backend (backend-path)."""
+    """The app-code route: pip runs the app's own in-tree build backend (backend-path), which plants links.
+
+    The backend then builds a real wheel, so pip succeeds and the build goes on to read the venv layer's
+    env.launch: the planted link must be refused there (the error proves the app's code ran and planted it).
+    """
     canary = make_canary(tmp_path)
     before = snapshot(canary)
     a = tmp_path / "pyapp"
@@ -155,32 +159,32 @@ def test_app_code_run_by_pip_cannot_plant_links_either(builder, tmp_path):
     (a / "pyproject.toml").write_text('[build-system]\nrequires = []\nbuild-backend = "evil"\nbackend-path = ["."]\n'
                                       '[project]\nname = "evil"\nversion = "1"\n')
     (a / "evil.py").write_text(f"""
-import os
-def _plant():
-    for d in ("/layers/taxiway_python",):
-        try:
-            os.makedirs(d + "/venv/env.launch", exist_ok=True)
-            os.symlink("{canary}/secret", d + "/venv/env.launch/SHADOW")
-        except OSError:
-            pass
-    try:
-        os.symlink("{canary}", "/layers/planted")
-    except OSError:
-        pass
-    for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                open("/proc/%s/environ" % p, "rb").read()
-            except OSError:
-                pass
+import os, zipfile
 def get_requires_for_build_wheel(config_settings=None):
-    _plant()
-    raise SystemExit("evil backend stops here")
+    os.makedirs("/layers/taxiway_python/venv/env.launch", exist_ok=True)
+    for target, link in (("{canary}/secret", "/layers/taxiway_python/venv/env.launch/SHADOW"),
+                         ("{canary}", "/layers/planted")):
+        if not os.path.lexists(link):
+            os.symlink(target, link)
+    return []
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    name = "evil-1-py3-none-any.whl"
+    with zipfile.ZipFile(os.path.join(wheel_directory, name), "w") as z:
+        z.writestr("evil-1.dist-info/METADATA", "Metadata-Version: 2.1\\nName: evil\\nVersion: 1\\n")
+        z.writestr("evil-1.dist-info/WHEEL", "Wheel-Version: 1.0\\nGenerator: evil\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n")
+        z.writestr("evil-1.dist-info/RECORD", "")
+    return name
 """)
     (a / "app.py").write_text("print('hi')\n")
     p = builder("build", str(a), "-t", "evil/pyapp:1", check=False)
-    assert p.returncode != 0
+    assert "symlink" in error_line(p) and "env.launch" in error_line(p), p.stderr.decode()[-2000:]
     assert "SHADOW-LIKE-SECRET" not in p.stderr.decode()
+    assert_not_exported(builder, "evil/pyapp:1")
+    # The next build of the tag restores the cache the first one left, /layers/planted included.
+    p = builder("build", str(a), "-t", "evil/pyapp:1", check=False)
+    assert "SHADOW-LIKE-SECRET" not in p.stderr.decode()
+    if p.returncode == 0:
+        assert "SHADOW-LIKE-SECRET" not in labels_and_env(builder, "evil/pyapp:1")
     assert snapshot(canary) == before
 
 
@@ -329,3 +333,17 @@ def test_node_engine_that_cannot_be_met_is_warned(builder, tmp_path):
     (a / "server.js").write_text("console.log('hi')\n")
     p = builder("build", str(a), "-t", "evil/engines:1", check=False)
     assert "engines.node" in p.stderr.decode() and ">=99" in p.stderr.decode()
+
+
+def test_endless_output_is_cut_at_the_log_cap(builder, tmp_path):
+    """A build that prints without end fills neither the disk nor the pipe: the log stops at the cap."""
+    from .conftest import run_taxiway
+
+    bp = user_buildpack(tmp_path / "bp", "head -c 30000000 /dev/zero | tr '\\\\0' 'A' | fold -w 100\nexit 3")
+    p = run_taxiway("build", str(app(tmp_path)), "-t", "evil/loud:1", "-b", str(bp),
+                    env={**builder.env, "TAXIWAY_BUILD_LOG_MAX": "200000"}, timeout=300)
+    err = p.stderr.decode()
+    assert "failed to build (exit 3)" in error_line(p)
+    assert "the build log reached 200000 bytes; the rest was dropped" in err
+    assert len(err) < 20_000
+    assert_not_exported(builder, "evil/loud:1")

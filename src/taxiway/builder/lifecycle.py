@@ -37,9 +37,8 @@ from taxiway.builder import buildpack as bpmod
 from taxiway.builder import env as envmod
 from taxiway.builder import layer as lyr
 from taxiway.builder.buildpack import Buildpack, GroupEntry, LayerMeta, Process
-from taxiway.builder.machine import BUILD_GID, BUILD_UID, BuildMachine
+from taxiway.builder.machine import BUILD_GID, BUILD_UID, TRUST_ENV, BuildMachine, check_root
 from taxiway.builder.project import copy_source, load_project
-from taxiway.builder.sandbox import GID, TRUST_ENV, UID, check_root
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.oci import mediatypes as mt
 from taxiway.oci.image import Descriptor
@@ -459,7 +458,7 @@ class Lifecycle:
                         layer, envfiles = _layer_from(old), old["env"]
                         reused.append(key)
                     else:
-                        layer = lyr.store_dir_layer(self.store, d, inside.lstrip("/"), UID, GID)
+                        layer = lyr.store_dir_layer(self.store, d, inside.lstrip("/"), stack.CNB_UID, stack.CNB_GID)
                         envfiles = _env_files(self.layers, key, "launch")
                         written.append(key)
                 elif old and self.store.has_blob(old["digest"]):
@@ -495,7 +494,7 @@ class Lifecycle:
             app = _layer_from(old)
             reused.append("app")
         else:
-            app = lyr.store_dir_layer(self.store, self.workspace, "workspace", UID, GID)
+            app = lyr.store_dir_layer(self.store, self.workspace, "workspace", stack.CNB_UID, stack.CNB_GID)
             written.append("app")
         new_layers.append(("application source at /workspace", app))
         app_record = {"digest": app.digest, "diff_id": app.diff_id, "size": app.descriptor.size, "fingerprint": fp}
@@ -523,7 +522,7 @@ class Lifecycle:
         c = cfg.setdefault("config", {})
         env.setdefault("PORT", "8080")
         c["Env"] = [f"{k}={v}" for k, v in env.items()]
-        c["User"] = f"{UID}:{GID}"
+        c["User"] = f"{stack.CNB_UID}:{stack.CNB_GID}"
         c["WorkingDir"] = (default.working_dir if default and default.working_dir else "/workspace")
         c["Labels"] = labels
         c["ExposedPorts"] = {"8080/tcp": {}}

@@ -44,6 +44,20 @@ BUILD_GID = 65_000
 PROXY_PORT = 3128
 MEMORY = int(os.environ.get("TAXIWAY_BUILD_MEMORY", 4 << 30))
 PIDS = int(os.environ.get("TAXIWAY_BUILD_PIDS", 4096))
+#: A build's log (all its steps) keeps at most this many bytes; a step's captured output (detect) 1 MiB.
+LOG_MAX = int(os.environ.get("TAXIWAY_BUILD_LOG_MAX", 16 << 20))
+CAPTURE_MAX = 1 << 20
+#: Bound read-only into every step, so a site's TLS-intercepting proxy works as it does for the host's pip and npm.
+HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+#: Build-time only: make Node and Deno use that bundle too.
+TRUST_ENV = {"NODE_EXTRA_CA_CERTS": HOST_CA_BUNDLE, "DENO_TLS_CA_STORE": "system,mozilla", "SSL_CERT_FILE": HOST_CA_BUNDLE}
+
+
+def check_root() -> None:
+    """Build machines need namespaces, mounts and cgroups: root."""
+    if os.geteuid() != 0:
+        raise TaxiwayError("taxiway build needs root to run buildpacks as machines of the build image "
+                           "(namespaces, mounts, cgroups)", "run it with sudo")
 
 
 def _passwd(rootfs: Path) -> dict[str, str]:
@@ -116,9 +130,7 @@ class BuildMachine:
         self.mounts = [{"source": str(h), "target": t, "readonly": False} for t, h in binds.items()]
         self.mounts += [{"source": str(h), "target": t, "readonly": True} for t, h in ro_binds.items()]
         self.mounts.append({"source": str(self.home), "target": "/home/cnb", "readonly": False})
-        from taxiway.builder.sandbox import HOST_CA_BUNDLE
-
-        if os.path.isfile(HOST_CA_BUNDLE):  # the host's trust store (a site's TLS-intercepting proxy), read-only
+        if os.path.isfile(HOST_CA_BUNDLE):
             self.mounts.append({"source": HOST_CA_BUNDLE, "target": HOST_CA_BUNDLE, "readonly": True})
         self.etc = {"hosts": "127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\tbuild\n", "hostname": "build\n",
                     "resolv.conf": "# builds reach the network only through $HTTPS_PROXY\n", **_passwd(self.rootfs)}
@@ -156,10 +168,12 @@ class BuildMachine:
                 "net": "host", "argv": argv, "env": [f"{k}={v}" for k, v in {**env, **self.env()}.items()],
                 "uid": BUILD_UID, "gid": BUILD_GID, "groups": [BUILD_GID], "workdir": cwd}
         captured = step / "output"
-        out_fd = os.open(log if log is not None else captured, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        sink = log if log is not None else captured
+        out_r, out_w = os.pipe()
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
         cg = Cgroup(f"build-{uuid.uuid4().hex[:16]}", parent=parent_name() + "-builds")
         relay = None
+        pump = None
         own_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         pid = 0
         try:
@@ -171,9 +185,13 @@ class BuildMachine:
                     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                     lsock.bind(("127.0.0.1", PROXY_PORT))
                     lsock.listen(64)
-                pid, err = namespace.spawn(spec, [str(p / "cgroup.procs") for p in cg.paths()], (null, out_fd, out_fd))
+                pid, err = namespace.spawn(spec, [str(p / "cgroup.procs") for p in cg.paths()], (null, out_w, out_w))
             finally:
                 L.setns(own_net, L.CLONE_NEWNET)
+            os.close(out_w)
+            out_w = -1
+            pump = _LogPump(out_r, sink, LOG_MAX if log is not None else CAPTURE_MAX)
+            out_r = -1
             if self.proxy:
                 relay = _Relay(lsock, self.proxy)
             if err or not pid:
@@ -183,8 +201,9 @@ class BuildMachine:
             pid = 0
         finally:
             os.close(own_net)
-            os.close(out_fd)
-            os.close(null)
+            for fd in (out_r, out_w, null):
+                if fd >= 0:
+                    os.close(fd)
             if pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
@@ -194,6 +213,8 @@ class BuildMachine:
             cg.remove()
             if relay is not None:
                 relay.close()
+            if pump is not None:
+                pump.join()  # the step's processes are gone, so the pipe is at EOF
         if timed_out:
             raise TaxiwayError(f"{argv[0]} ran longer than {timeout:.0f}s and was stopped, with everything it started",
                                "make the buildpack finish sooner, or raise the limit with --timeout")
@@ -202,6 +223,40 @@ class BuildMachine:
             with open(captured, "rb") as f:
                 output = f.read(1 << 20)
         return subprocess.CompletedProcess(argv, code, output, b"")
+
+
+class _LogPump:
+    """Copies a step's output from its pipe to ``path`` (appended) while the file is under ``limit`` bytes.
+
+    Past the limit one line says so and the rest is read and dropped, so a build that prints
+    without end neither fills the disk nor blocks on a full pipe.
+    """
+
+    def __init__(self, fd: int, path: Path, limit: int):
+        self.fd, self.path, self.limit = fd, path, limit
+        self.thread = threading.Thread(target=self._run, daemon=True, name="build-log")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            with open(self.path, "ab") as f:
+                room = self.limit - f.tell()
+                cut = room <= 0
+                while data := os.read(self.fd, 65536):
+                    if cut:
+                        continue
+                    if len(data) > room:
+                        f.write(data[:max(room, 0)])
+                        f.write(f"\n[taxiway: the build log reached {self.limit} bytes; the rest was dropped]\n".encode())
+                        cut = True
+                        continue
+                    f.write(data)
+                    room -= len(data)
+        finally:
+            os.close(self.fd)
+
+    def join(self) -> None:
+        self.thread.join()
 
 
 def _wait(pid: int, timeout: float | None) -> tuple[int, bool]:
