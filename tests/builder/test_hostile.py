@@ -339,7 +339,7 @@ def test_endless_output_is_cut_at_the_log_cap(builder, tmp_path):
     """A build that prints without end fills neither the disk nor the pipe: the log stops at the cap."""
     from .conftest import run_taxiway
 
-    bp = user_buildpack(tmp_path / "bp", "head -c 30000000 /dev/zero | tr '\\\\0' 'A' | fold -w 100\nexit 3")
+    bp = user_buildpack(tmp_path / "bp", "yes AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA | head -c 30000000\nexit 3")
     p = run_taxiway("build", str(app(tmp_path)), "-t", "evil/loud:1", "-b", str(bp),
                     env={**builder.env, "TAXIWAY_BUILD_LOG_MAX": "200000"}, timeout=300)
     err = p.stderr.decode()
