@@ -221,3 +221,13 @@ def test_real_system_store_round_trip(ca, taxiway, tmp_path, monkeypatch):
     # the writes went to the overlays, and the host's own store is byte for byte what it was
     assert (tmp_path / "upper/etc/ssl/certs/ca-certificates.crt").exists()
     assert {d: _tree(d) for d in host_before} == host_before
+
+
+def test_install_into_a_fresh_sysroot(ca, tmp_path, monkeypatch, taxiway):
+    """A scratch sysroot with nothing in it: install creates etc/ssl/certs for update-ca-certificates."""
+    root = tmp_path / "fresh"
+    root.mkdir()
+    monkeypatch.setenv("TAXIWAY_TRUST_SYSROOT", str(root))
+    r = taxiway("ca", "install", "--no-nss")
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr
+    assert ca.root_pem.strip() in (root / "etc/ssl/certs/ca-certificates.crt").read_bytes()

@@ -139,6 +139,11 @@ def install(root_pem: bytes, *, system: bool = True, nss: bool = True) -> list[T
         root = sysroot()
         dest = root / LOCAL_CERTS / f"taxiway-{fp}.crt"
         changed = not dest.exists() or dest.read_bytes() != root_pem
+        try:  # update-ca-certificates cds into etc/ssl/certs, which a fresh sysroot lacks
+            (root / ETC_CERTS).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TaxiwayError(f"cannot create {root / ETC_CERTS} ({e.strerror})",
+                               "run `sudo taxiway ca install` with the same TAXIWAY_CAROOT") from None
         if changed:
             try:
                 dest.parent.mkdir(parents=True, exist_ok=True)
