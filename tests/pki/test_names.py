@@ -62,6 +62,12 @@ def test_classify_examples(arg, kind, value):
     ("ops@*.example.test", "may not be a wildcard"),
     ("://nohost", "invalid URI"),
     ("spiffe://has space", "spaces"),
+    # second attack, finding 8: invalid A-labels and numeric forms browsers read as addresses
+    ("xn--zz.example", "not a valid IDNA A-label"),
+    ("xn--ls8h.example", "not a valid IDNA A-label"),
+    ("0x7f.0.0.1", "malformed IP"),
+    ("0177.0.0.1", "malformed IP"),
+    ("host.0x10", "malformed IP"),
 ])
 def test_bad_names(arg, message):
     with pytest.raises(InvalidInput) as e:
@@ -100,11 +106,18 @@ def test_constraints():
         parse_constraint("*.internal")
     with pytest.raises(InvalidInput, match="zone ID"):
         parse_constraint("fe80::%eth0/64")
+    with pytest.raises(InvalidInput, match=r"has no /prefix.*127.0.0.1/32"):
+        parse_constraint("127.0.0.1")
+    # one kind constrained closes the other (second attack, finding 1)
+    assert not within_constraints(classify("8.8.8.8"), [Name("dns", "internal")])
+    assert not within_constraints(classify("www.google.com"), [Name("ip", "127.0.0.0/8")])
+    assert within_constraints(classify("ops@evil.com"), [Name("ip", "127.0.0.0/8")])
 
 
 label = st.text(alphabet=string.ascii_lowercase + string.digits, min_size=1, max_size=20)
+# a numeric (or 0x) last label makes browsers parse the host as an IPv4 address
 hostnames = st.lists(label, min_size=2, max_size=5).map(".".join).filter(
-    lambda h: not all(c.isdigit() or c == "." for c in h))
+    lambda h: not h.rsplit(".", 1)[-1].isdigit() and not h.rsplit(".", 1)[-1].startswith("0x"))
 
 
 @given(hostnames)

@@ -30,6 +30,9 @@ KINDS = ("dns", "ip", "email", "uri")
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 _NUMERIC_V4 = re.compile(r"^[0-9.]+$")
+# A last label that is a number (decimal, octal, 0x hex) makes browsers parse the whole
+# host as an IPv4 address (WHATWG URL), so "0x7f.0.0.1" is 127.0.0.1 to them: refuse it.
+_NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
 _EMAIL_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+$")
 
 
@@ -105,9 +108,26 @@ def check_dns(name: str, *, what: str = "name", allow_wildcard: bool = True) -> 
                 f"invalid {what} {orig!r}",
                 "labels are 1-63 letters, digits, '-' or '_', not starting or ending with '-'",
             )
-    if _NUMERIC_V4.match(name):
-        raise InvalidInput(f"malformed IP address {orig!r}", "an IPv4 address has four numbers 0-255, like 10.0.0.1")
+    if _NUMERIC_V4.match(name) or _NUMERIC_LABEL.match(labels[-1]):
+        raise InvalidInput(f"malformed IP address {orig!r} (a numeric last label makes it an address to browsers)",
+                           "write IPv4 as four decimal numbers 0-255, like 10.0.0.1")
+    for label in labels:
+        if label.startswith("xn--"):
+            _check_alabel(orig, label, what)
     return name
+
+
+def _check_alabel(orig: str, label: str, what: str) -> None:
+    """Refuse an ``xn--`` label that is not valid IDNA 2008 (browsers refuse those hosts)."""
+    import idna
+
+    try:
+        ok = idna.encode(idna.decode(label)).decode("ascii") == label
+    except (idna.IDNAError, UnicodeError):
+        ok = False
+    if not ok:
+        raise InvalidInput(f"invalid {what} {orig!r}: {label!r} is not a valid IDNA A-label",
+                           "give the name's IDNA form as `idna.encode('name')` or a browser produces it")
 
 
 def classify(arg: str) -> Name:
@@ -209,6 +229,9 @@ def file_stem(names: Names, client: bool = False) -> str:
 def parse_constraint(arg: str) -> Name:
     """A name constraint: a DNS domain (``example.test``, ``.internal``) or an IP network (``10.0.0.0/8``)."""
     arg = arg.strip()
+    if "/" not in arg and (":" in arg or _NUMERIC_V4.match(arg)):
+        raise InvalidInput(f"IP name constraint {arg!r} has no /prefix",
+                           f"give a network: {arg}/{128 if ':' in arg else 32} for one address, or like 10.0.0.0/8")
     if "/" in arg:
         if "%" in arg:
             raise InvalidInput(f"IP network constraint {arg!r} has a zone ID",
@@ -229,12 +252,15 @@ def parse_constraint(arg: str) -> Name:
 def within_constraints(name: Name, permitted: list[Name]) -> bool:
     """True when ``name`` falls inside the permitted subtrees (RFC 5280 4.2.1.10).
 
-    Kinds with no permitted subtree are unconstrained, as OpenSSL applies them;
-    taxiway only writes DNS and IP subtrees, so emails and URIs are never constrained.
+    A constrained CA constrains both DNS names and IP addresses: with subtrees of
+    one kind only, the other kind is refused (and excluded in the certificate, see
+    ``profile``). Emails and URIs are never constrained.
     """
-    same_kind = [p for p in permitted if p.kind == name.kind]
-    if name.kind in ("email", "uri") or not same_kind:
+    if name.kind in ("email", "uri") or not permitted:
         return True
+    same_kind = [p for p in permitted if p.kind == name.kind]
+    if not same_kind:
+        return False
     if name.kind == "ip":
         addr = ipaddress.ip_address(name.value)
         return any(addr in ipaddress.ip_network(p.value) for p in same_kind)
@@ -246,11 +272,16 @@ _HOSTLIKE_CN = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)+\.?$")
 
 
 def cn_as_dns(cn: str | None, names: Names) -> Name | None:
-    """The CN as OpenSSL checks it against DNS name constraints, if it does.
+    """The CN as a DNS name that must obey name constraints, if it looks like a host name.
 
-    OpenSSL treats a CN that looks like a host name (dotted labels) as a DNS
-    name when the certificate has no DNS SANs, so it must obey the constraints.
+    OpenSSL checks a host-like CN (dotted labels) against DNS constraints when
+    the certificate has no DNS SANs, and legacy clients match host names
+    against the CN, so a host-like CN must be one of the SANs or lie within
+    the constraints. A CN like ``app-worker`` is a role, not a host.
     """
-    if not cn or names.dns or not _HOSTLIKE_CN.match(cn):
+    if not cn or not _HOSTLIKE_CN.match(cn):
         return None
-    return Name("dns", cn.lower().rstrip("."))
+    host = cn.lower().rstrip(".")
+    if host in names.dns or host in names.ip:
+        return None
+    return Name("dns", host)

@@ -108,13 +108,25 @@ def random_serial() -> int:
 
 
 def _constraints_ext(constraints: list[Name]) -> x509.NameConstraints:
+    """Permitted DNS/IP subtrees; the kind with none is excluded entirely.
+
+    RFC 5280 leaves a kind without permitted subtrees unconstrained, so a CA
+    limited to ``internal`` could otherwise sign any IP address. An excluded
+    DNS "" matches every DNS name (OpenSSL, Go, NSS), 0.0.0.0/0 and ::/0 every address.
+    """
     permitted: list[x509.GeneralName] = []
     for c in constraints:
         if c.kind == "dns":
             permitted.append(x509.DNSName(c.value))
         elif c.kind == "ip":
             permitted.append(x509.IPAddress(ipaddress.ip_network(c.value)))
-    return x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=None)
+    kinds = {c.kind for c in constraints}
+    excluded: list[x509.GeneralName] = []
+    if "dns" not in kinds:
+        excluded.append(x509.DNSName(""))
+    if "ip" not in kinds:
+        excluded += [x509.IPAddress(ipaddress.ip_network("0.0.0.0/0")), x509.IPAddress(ipaddress.ip_network("::/0"))]
+    return x509.NameConstraints(permitted_subtrees=permitted, excluded_subtrees=excluded or None)
 
 
 def make_root(key: PrivateKey, *, constraints: list[Name] | None = None, who: str | None = None,
