@@ -45,7 +45,7 @@ _MAX_INFLIGHT_BYTES = 16 << 20
 DEFAULT_WORKERS = 2
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # Errors no entry can cause: stop the whole layer instead of skipping an entry.
-FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE,
+_FATAL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EMFILE, errno.ENFILE,
                           errno.ENOMEM})
 # xattrs that describe the host, not the image: never copied onto it.
 _IGNORED_XATTRS = frozenset({"security.selinux"})
@@ -161,7 +161,7 @@ class Applier:
         """Wait for one batch; raise its fatal error or record its warnings."""
         self.inflight.pop(fut, None)
         for name, e in fut.result():
-            if e.errno in FATAL_ERRNOS:
+            if e.errno in _FATAL_ERRNOS:
                 raise e
             self.stats.files -= 1
             self.stats.warn(f"{name}: {e.strerror}, skipped")
@@ -246,7 +246,7 @@ class Applier:
             try:
                 os.setxattr(target, name, value)
             except OSError as e:
-                if e.errno in FATAL_ERRNOS:
+                if e.errno in _FATAL_ERRNOS:
                     raise
                 if name not in self.xattr_warned:
                     self.xattr_warned.add(name)
@@ -274,7 +274,7 @@ class Applier:
         try:
             pfd = self.fs.dirfd(pparts, create=True)
         except OSError as e:
-            if e.errno in FATAL_ERRNOS:
+            if e.errno in _FATAL_ERRNOS:
                 raise
             self.stats.warn(f"{m.name}: parent is not a directory inside the root ({e.strerror}), skipped")
             return
@@ -310,7 +310,7 @@ class Applier:
             else:
                 self.stats.warn(f"{m.name}: unsupported tar entry type {m.type!r}, skipped")
         except OSError as e:
-            if e.errno in FATAL_ERRNOS:
+            if e.errno in _FATAL_ERRNOS:
                 raise
             self.stats.warn(f"{m.name}: {e.strerror}, skipped")
 
@@ -402,7 +402,7 @@ class Applier:
             tpfd = self.fs.dirfd(tparts[:-1], create=False)
             tst = os.stat(tparts[-1], dir_fd=tpfd, follow_symlinks=False)
         except OSError as e:
-            if e.errno in FATAL_ERRNOS:
+            if e.errno in _FATAL_ERRNOS:
                 raise
             self.stats.warn(f"{m.name}: hardlink target {m.linkname} not in the root ({e.strerror}), skipped")
             return
@@ -457,7 +457,7 @@ class Applier:
                 pfd = self.fs.dirfd(parts[:-1], create=False)
                 dfd = os.open(parts[-1], os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
             except OSError as e:
-                if e.errno in FATAL_ERRNOS:
+                if e.errno in _FATAL_ERRNOS:
                     raise
                 return  # this layer's own file or symlink: it stays
             try:
@@ -469,7 +469,7 @@ class Applier:
         try:
             pfd = self.fs.dirfd(parts[:-1], create=False)
         except OSError as e:
-            if e.errno in FATAL_ERRNOS:
+            if e.errno in _FATAL_ERRNOS:
                 raise
             return  # nothing there to hide
         self._save_times(parts[:-1], pfd)
@@ -479,7 +479,7 @@ class Applier:
         try:
             dfd = self.fs.dirfd(parts, create=False)
         except OSError as e:
-            if e.errno in FATAL_ERRNOS:
+            if e.errno in _FATAL_ERRNOS:
                 raise
             return
         self._mark_upper(parts)
@@ -538,13 +538,13 @@ class Applier:
             else:
                 fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fs.rootfd)
         except OSError as e:
-            if e.errno in FATAL_ERRNOS:
+            if e.errno in _FATAL_ERRNOS:
                 raise
             return  # replaced or removed later in the layer
         try:
             fn(fd)
         except OSError as e:
-            if e.errno in FATAL_ERRNOS:
+            if e.errno in _FATAL_ERRNOS:
                 raise
             self.stats.warn(f"{'/'.join(parts) or '.'}: metadata not set ({e.strerror})")
         finally:

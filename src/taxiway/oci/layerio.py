@@ -14,7 +14,8 @@
 * :class:`LayerError`: the one error for bad layer bytes (corrupt, truncated,
   not a tar, or not the config's diff ID); its message names the layer.
 
-isal (gzip) and zstandard are imported lazily, here and nowhere else.
+isal (gzip) and zstandard are imported lazily (archive.py opens whole tarballs
+with them too, sniffed with :func:`magic`).
 """
 
 from __future__ import annotations
