@@ -347,3 +347,21 @@ def test_endless_output_is_cut_at_the_log_cap(builder, tmp_path):
     assert "the build log reached 200000 bytes; the rest was dropped" in err
     assert len(err) < 20_000
     assert_not_exported(builder, "evil/loud:1")
+
+
+def test_host_package_manager_setup_does_not_reach_the_build(builder, tmp_path):
+    """The host's PIP_*/npm_config_* variables and pip.conf name host paths: a build sees none of them."""
+    from .conftest import run_taxiway
+
+    bp = user_buildpack(tmp_path / "bp", """
+env | grep -i -E '^(pip_|npm_config_registry)' | sed 's/^/LEAK /' || true
+ls /etc/pip.conf /etc/xdg/pip /home/cnb/.config/pip 2>/dev/null | sed 's/^/LEAK /' || true
+echo probe-done
+exit 7""")
+    host = {"PIP_INDEX_URL": "file:///opt/pypi/simple", "PIP_FIND_LINKS": "/opt/wheels",
+            "npm_config_registry": "http://127.0.0.1:9/"}
+    p = run_taxiway("build", str(app(tmp_path)), "-t", "evil/hostcfg:1", "-b", str(bp),
+                    env={**builder.env, **host}, timeout=300)
+    err = p.stderr.decode()
+    assert "failed to build (exit 7)" in error_line(p) and "probe-done" in err
+    assert "LEAK" not in err

@@ -279,3 +279,40 @@ def test_project_descriptor_filters(tmp_path):
     (src / "project.toml").write_text('[build]\ninclude = ["x"]\nexclude = ["y"]\n')
     with pytest.raises(InvalidInput, match="both include and exclude"):
         load_project(src)
+
+
+def test_build_egress_proxy_starts_on_the_first_connection(tmp_path, monkeypatch):
+    """A rebuild that installs nothing never starts (or imports) the in-process proxy."""
+    import socket
+
+    from taxiway.builder import egress
+
+    monkeypatch.delenv("TAXIWAY_BUILD_EGRESS", raising=False)
+    monkeypatch.setenv("TAXIWAY_BUILD_ALLOW", "localhost")  # resolved from /etc/hosts; loopback is never allowed
+    with egress.proxy(tmp_path) as up:
+        assert not (tmp_path / "egress.log").exists()
+        addr = up.address()
+        assert up.address() == addr and addr[0] == "127.0.0.1"
+        socket.create_connection(addr, timeout=5).close()
+    assert b'"listening"' in (tmp_path / "egress.log").read_bytes()
+
+
+def test_build_egress_proxy_that_cannot_start_says_why_every_time(tmp_path, monkeypatch):
+    from taxiway.builder import egress
+
+    monkeypatch.delenv("TAXIWAY_BUILD_EGRESS", raising=False)
+    calls = []
+
+    def broken(work):
+        calls.append(work)
+        raise OSError("no ports left")
+
+    monkeypatch.setattr(egress, "_start", broken)
+    with egress.proxy(tmp_path) as up:
+        for _ in range(2):
+            with pytest.raises(OSError, match="no ports left"):
+                up.address()
+        assert isinstance(up.error, OSError) and len(calls) == 1
+    monkeypatch.setenv("TAXIWAY_BUILD_EGRESS", "10.0.0.1:3128")
+    with egress.proxy(tmp_path) as up:
+        assert up.address() == ("10.0.0.1", 3128)

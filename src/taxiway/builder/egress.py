@@ -3,9 +3,9 @@
 Builds install dependencies (pip from PyPI, npm and Deno from the npm
 registry), so the build machine's relay leads to an egress proxy: the one
 named by ``$TAXIWAY_BUILD_EGRESS`` (``host:port`` of a running
-``taxiway egress serve``), or else one started in this process for the
-build's duration on a free loopback port. Its ACL allows only the hosts in
-``$TAXIWAY_BUILD_ALLOW`` (default: the package indexes the bundled
+``taxiway egress serve``), or else one started in this process, on a free
+loopback port, when the build first connects, and stopped with the build.
+Its ACL allows only the hosts in ``$TAXIWAY_BUILD_ALLOW`` (default: the package indexes the bundled
 buildpacks use); its address policy denies loopback and private addresses, so
 a build can reach no service of the host or its network. Where an allowed
 index itself resolves to a non-public address (a mirror on the local network,
@@ -16,11 +16,10 @@ decisions go to ``egress.log`` in the build's folder.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from taxiway.errors import InvalidInput
@@ -65,21 +64,60 @@ def index_ranges(allow: list[str]) -> list[str]:
     return sorted(set(out))
 
 
+class Upstream:
+    """Where the build's relay connects: the external proxy, or one started here on the first connection.
+
+    Started lazily because most rebuilds install nothing: they then pay neither for
+    importing the proxy (asyncio, yaml: ~60 ms) nor for starting it.
+    """
+
+    def __init__(self, work: Path, external: tuple[str, int] | None):
+        self.work, self._addr = work, external
+        self._lock = threading.Lock()
+        self._stop: Callable[[], None] | None = None
+        self.error: BaseException | None = None
+
+    def address(self) -> tuple[str, int]:
+        """(host, port) of the proxy, starting it on the first call; raises what starting raised."""
+        with self._lock:
+            if self._addr is None:
+                if self.error is not None:
+                    raise self.error
+                try:
+                    self._addr, self._stop = _start(self.work)
+                except BaseException as e:
+                    self.error = e
+                    raise
+            return self._addr
+
+    def close(self) -> None:
+        with self._lock:
+            if self._stop is not None:
+                self._stop()
+                self._stop = None
+
+
 @contextlib.contextmanager
-def proxy(work: Path) -> Iterator[tuple[str, int]]:
-    """(host, port) of the egress proxy the build's relay connects to, for the ``with`` block."""
-    ext = _external()
-    if ext is not None:
-        yield ext
-        return
+def proxy(work: Path) -> Iterator[Upstream]:
+    """The egress proxy the build's relay connects to, for the ``with`` block (started when first used)."""
+    up = Upstream(work, _external())
+    try:
+        yield up
+    finally:
+        up.close()
+
+
+def _start(work: Path) -> tuple[tuple[str, int], Callable[[], None]]:
+    """Start the in-process proxy on a free loopback port: its address and the function that stops it."""
+    import asyncio
+
+    from taxiway.egress.addresses import Range
     from taxiway.egress.server import EgressConfig, EgressProxy
 
     allow = [d.strip() for d in os.environ.get("TAXIWAY_BUILD_ALLOW", ",".join(DEFAULT_ALLOW)).split(",") if d.strip()]
     acl = work / "egress-acl.yaml"
     acl.write_text(acl_text(allow))
-    log = open(work / "egress.log", "ab")  # noqa: SIM115 - closed below, after the loop stops
-    from taxiway.egress.addresses import Range
-
+    log = open(work / "egress.log", "ab")  # noqa: SIM115 - closed by stop(), after the loop stops
     cfg = EgressConfig(listen=("127.0.0.1", 0), acl_path=acl,
                        allow_ranges=[Range.parse(r, "--allow-range") for r in index_ranges(allow)])
     server = EgressProxy(cfg, log=log)
@@ -99,16 +137,27 @@ def proxy(work: Path) -> Iterator[tuple[str, int]]:
         await stop.wait()
         await server.drain()
 
-    t = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True, name="build-egress")
+    def run() -> None:
+        try:
+            loop.run_until_complete(main())
+        finally:  # a connection accepted just before the stop still has a task: end it here, not at GC
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+    t = threading.Thread(target=run, daemon=True, name="build-egress")
     t.start()
     ready.wait()
     if isinstance(started[0], BaseException):
         log.close()
         raise started[0]
-    try:
-        yield started[0]
-    finally:
+
+    def stop_it() -> None:
         cfg.drain_timeout = 1.0
         loop.call_soon_threadsafe(stop.set)
         t.join(10)
         log.close()
+
+    return started[0], stop_it

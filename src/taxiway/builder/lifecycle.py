@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taxiway.builder import assemble, safefs, stack
+from taxiway.builder import assemble, egress, safefs, stack
 from taxiway.builder import buildpack as bpmod
 from taxiway.builder import env as envmod
 from taxiway.builder import layer as lyr
@@ -390,6 +390,8 @@ class Lifecycle:
                     f.seek(start)
                     out = f.read().decode(errors="replace")
                 tail = _tail(out)
+                if self.proxy is not None and self.proxy.error is not None:
+                    tail.append(f"error: the build's egress proxy could not start: {self.proxy.error}")
                 last = tail[-1].removeprefix("error: ") if tail else "no output"
                 raise BuildFailed(f"buildpack {bp.id} failed to build (exit {p.returncode}): {last}; nothing was exported",
                                   "fix the error (the end of the build log is above) and build again", tail)
@@ -549,7 +551,7 @@ class Lifecycle:
 
         check_root()
         self.deadline = time.monotonic() + self.opts.timeout
-        self.proxy: tuple[str, int] | None = None
+        self.proxy: egress.Upstream | None = None
         stack.import_stack(self.store, stack.BUILD)
         self.rootfs = stack.rootfs_for(self.store, stack.RECIPES[stack.BUILD].ref)
         if self.opts.buildpacks:
@@ -561,8 +563,6 @@ class Lifecycle:
 
         tmp_root = home() / "build" / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
-        from taxiway.builder import egress
-
         with stack.locked(self.cache / "lock"), tempfile.TemporaryDirectory(dir=tmp_root, prefix="build-") as work:
             with egress.proxy(Path(work)) as self.proxy:
                 self._prepare(Path(work), all_bps)

@@ -35,8 +35,12 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from taxiway.errors import TaxiwayError
+
+if TYPE_CHECKING:
+    from taxiway.builder.egress import Upstream
 
 #: The build's uid and gid: outside what Debian gives users (1000-59999) and systemd's dynamic users.
 BUILD_UID = 65_000
@@ -79,7 +83,7 @@ def _passwd(rootfs: Path) -> dict[str, str]:
 class _Relay:
     """Accepts in the build's network namespace, connects on the host's: the only way out."""
 
-    def __init__(self, listener: socket.socket, upstream: tuple[str, int]):
+    def __init__(self, listener: socket.socket, upstream: Upstream):
         self.listener, self.upstream = listener, upstream
         self.closed = False
         threading.Thread(target=self._accept, daemon=True, name="build-relay").start()
@@ -91,9 +95,9 @@ class _Relay:
             except OSError:
                 return
             try:
-                up = socket.create_connection(self.upstream, timeout=10)
+                up = socket.create_connection(self.upstream.address(), timeout=10)
                 up.settimeout(None)
-            except OSError:
+            except Exception:  # noqa: BLE001 - unreachable, or the proxy did not start (Upstream.error says why)
                 conn.close()
                 continue
             for a, b in ((conn, up), (up, conn)):
@@ -122,7 +126,7 @@ class BuildMachine:
     """The build image root plus host folders as volumes; ``run`` starts one machine per step."""
 
     def __init__(self, rootfs: Path, work: Path, binds: dict[str, Path], ro_binds: dict[str, Path],
-                 proxy: tuple[str, int] | None = None):
+                 proxy: Upstream | None = None):
         self.rootfs, self.work, self.proxy = Path(rootfs), Path(work), proxy
         self.home = self.work / "home"
         self.home.mkdir(exist_ok=True)
