@@ -3,8 +3,9 @@
 A :class:`Progress` is any callable ``progress(blob, n)``: ``n`` more bytes of
 the blob described by ``blob`` are done (downloaded, uploaded, or read while
 unpacking or scanning). A download that has to start over reports a negative
-``n`` for the bytes it takes back. Nothing here knows how it is shown: the
-CLI turns it into bars (rich lives in ``taxiway.cli`` only).
+``n`` for the bytes it takes back. Pull and push call it from several threads
+at once (one blob per thread), so it must be thread-safe. Nothing here knows
+how it is shown: the CLI turns it into bars (rich lives in ``taxiway.cli`` only).
 """
 
 from __future__ import annotations
