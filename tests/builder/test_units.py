@@ -316,3 +316,22 @@ def test_build_egress_proxy_that_cannot_start_says_why_every_time(tmp_path, monk
     monkeypatch.setenv("TAXIWAY_BUILD_EGRESS", "10.0.0.1:3128")
     with egress.proxy(tmp_path) as up:
         assert up.address() == ("10.0.0.1", 3128)
+
+
+def test_index_mirror_addresses_are_allowed_exactly(monkeypatch):
+    """pypi.org -> 203.0.113.80 (a site mirror): that /32 is allowed, else pip gets 403; loopback/link-local never."""
+    import socket
+
+    from taxiway.builder import egress
+
+    answers = {"pypi.org": ["203.0.113.80", "151.101.0.223"], "files.pythonhosted.org": ["10.1.2.3", "fd00::5"],
+               "registry.npmjs.org": ["127.0.0.1", "169.254.169.254", "fe80::1%eth0"]}
+
+    def fake(host, port, type=0):
+        if host not in answers:
+            raise socket.gaierror("no such host")
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, type, 6, "", (a, port)) for a in answers[host]]
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    assert egress.index_ranges([*egress.DEFAULT_ALLOW, "*.example.com", "gone.invalid"]) == [
+        "10.1.2.3/32", "203.0.113.80/32", "fd00::5/128"]
