@@ -15,6 +15,9 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
+from helpers.servers import free_port, serve
+
 from .conftest import running
 from .oci import CONFIG, MANIFEST, digest, with_params
 from .test_gc import push_image
@@ -239,3 +242,51 @@ def test_a_push_during_gc_stays_pullable(tmp_path):
             r = c.get(f"/v2/app/blobs/{d}")
             assert r.status_code == 200, f"{d} of app:x: {r.status_code} after GC ended"
             assert digest(r.content) == d
+
+
+def _traced(pid: int) -> bool:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return line.split()[1] != "0"
+    return False
+
+
+def test_two_deletes_of_one_manifest_give_one_202_and_one_404(tmp_path):
+    """Outside tester item 1: server A is stopped (strace injects SIGSTOP) right after it saw the
+    revision exist; server B, on the same root, deletes the manifest then; A must answer 404
+    MANIFEST_UNKNOWN, never 500 STORAGE_FULL for the file B removed."""
+    root = tmp_path / "root"
+    with running(root) as a, a.client("acme", "deltest") as c:
+        _, mdigest, _ = push_image(c, "deltest", "x")
+        for tag in ("y", "z"):
+            body = c.get("/v2/deltest/manifests/x").content
+            assert c.put(f"/v2/deltest/manifests/{tag}", content=body, headers={"Content-Type": MANIFEST}).status_code == 201
+        rev = root / "repos" / "acme" / "deltest" / "_manifests" / "revisions" / "sha256" / mdigest.split(":")[1]
+        stats = "stat,lstat,newfstatat,statx"
+        pid = a.server.proc.pid
+        tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", str(tmp_path / "strace.log"), "-p", str(pid), "-P", str(rev),
+                                   "-e", f"trace={stats}", "-e", f"inject={stats}:signal=SIGSTOP:when=1"])
+        port = free_port()
+        b = serve([sys.executable, "-m", "taxiway", "registry", "serve", "--listen", f"127.0.0.1:{port}",
+                   "--root", str(root)], port, log=tmp_path / "b.log")
+        try:
+            wait_until(lambda: _traced(pid), "strace to attach to server A")
+            result: dict = {}
+            t = threading.Thread(target=lambda: result.setdefault("a", c.delete(f"/v2/deltest/manifests/{mdigest}")))
+            t.start()
+            wait_until(lambda: _stopped(pid), "server A to stop right after its check")
+            with b as sb:
+                hb = httpx.Client(base_url=sb.url, headers={"Authorization": c.headers["authorization"]}, timeout=60)
+                rb = hb.delete(f"/v2/deltest/manifests/{mdigest}")
+                assert rb.status_code == 202, rb.text
+                os.kill(pid, signal.SIGCONT)
+                t.join(60)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            tracer.terminate()
+            tracer.wait(30)
+        ra = result["a"]
+        assert ra.status_code == 404, ra.text
+        assert ra.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+        for ref in ("x", "y", "z", mdigest):
+            assert c.get(f"/v2/deltest/manifests/{ref}").status_code == 404

@@ -200,3 +200,18 @@ def test_paginate_visits_everything_once(items, n):
             break
         last = page[-1]
     assert seen == items
+
+
+def test_only_a_full_disk_is_storage_full():
+    import errno
+
+    from taxiway.registry.errors import storage_error
+
+    assert storage_error(OSError(errno.ENOSPC, "No space left")).code == "STORAGE_FULL"
+    assert storage_error(OSError(errno.EDQUOT, "Quota exceeded")).status == 507
+    for e in (OSError(errno.EIO, "I/O error"), PermissionError(errno.EACCES, "denied"),
+              FileNotFoundError(errno.ENOENT, "gone")):
+        err = storage_error(e)
+        assert (err.code, err.status) == ("UNKNOWN", 500)
+    gone = storage_error(FileNotFoundError(errno.ENOENT, "gone"), "manifest")
+    assert (gone.code, gone.status) == ("MANIFEST_UNKNOWN", 404)

@@ -31,7 +31,8 @@ from taxiway.oci.reference import valid_repository, valid_tag
 from taxiway.registry import manifest as manifests
 from taxiway.registry import tokens
 from taxiway.registry.auth import Authorizer, basic_password
-from taxiway.registry.errors import RegistryError
+from taxiway.registry.errors import RegistryError, storage_error
+from taxiway.registry.paths import classify
 from taxiway.registry.sendfile import PathSend
 from taxiway.registry.storage import PURGE_INTERVAL, FilesystemStorage, SessionBusy
 from taxiway.registry.tenants import Tenants
@@ -202,7 +203,7 @@ class Registry:
             f.flush()
         except OSError as e:
             self.storage.drop_upload(upload_id)
-            raise RegistryError("STORAGE_FULL", detail=str(e.strerror), status=507 if e.errno == 28 else 500) from e
+            raise storage_error(e, "upload") from e
         except BaseException:
             f.truncate(start)
             f.seek(start)
@@ -519,8 +520,11 @@ async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
 
 
 async def _storage_error(request: Request, exc: OSError) -> Response:
-    status = 507 if exc.errno == 28 else 500
-    return await _registry_error(request, RegistryError("STORAGE_FULL", detail=exc.strerror, status=status))
+    # Whatever a concurrent delete took away under a request is unknown, as if it went first.
+    target = classify(request.method, request.url.path)
+    if not isinstance(exc, FileNotFoundError):
+        log.error("registry: %s %s: %s", request.method, request.url.path, exc)
+    return await _registry_error(request, storage_error(exc, target.kind if target else None))
 
 
 def create_app(config: Config):

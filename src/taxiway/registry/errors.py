@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 # code -> (HTTP status, message), as the distribution spec lists them.
@@ -23,6 +24,8 @@ CODES: dict[str, tuple[int, str]] = {
     "TAG_INVALID": (400, "manifest tag did not match URI"),
     "RANGE_INVALID": (416, "invalid content range"),
     "STORAGE_FULL": (507, "the registry's storage is full"),
+    # distribution's errcode.ErrorCodeUnknown: any other server-side failure
+    "UNKNOWN": (500, "unknown error"),
 }
 
 
@@ -44,3 +47,21 @@ class RegistryError(Exception):
         if self.detail is not None:
             err["detail"] = self.detail
         return {"errors": [err]}
+
+
+# The codes a request's target answers when what it names vanished under it (a concurrent delete).
+GONE: dict[str, str] = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN", "upload": "BLOB_UPLOAD_UNKNOWN",
+                        "tags": "NAME_UNKNOWN", "referrers": "MANIFEST_UNKNOWN"}
+
+
+def storage_error(e: OSError, kind: str | None = None) -> RegistryError:
+    """The error an OSError from storage answers: only ENOSPC/EDQUOT are STORAGE_FULL (507).
+
+    A FileNotFoundError means something was deleted concurrently: the thing ``kind``
+    names is unknown (404), as if the delete had happened first.
+    """
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return RegistryError("STORAGE_FULL", detail="no space left on the registry's disk")
+    if isinstance(e, FileNotFoundError) and kind in GONE:
+        return RegistryError(GONE[kind], detail="removed by a concurrent request")
+    return RegistryError("UNKNOWN", message="storage error", detail=e.strerror)

@@ -29,7 +29,6 @@ kernel drops when a process dies, so a ``kill -9`` never leaves one held):
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -43,7 +42,7 @@ from typing import BinaryIO, Protocol
 import orjson
 
 from taxiway.oci.digest import Digest
-from taxiway.registry.errors import RegistryError
+from taxiway.registry.errors import RegistryError, storage_error
 from taxiway.registry.tenants import parse_duration
 
 # Idle upload sessions expire after this long, as distribution's upload purging
@@ -114,10 +113,18 @@ def _publish(path: Path, data: bytes) -> None:
         raise
 
 
+def _digests(d: Path) -> list[str]:
+    """``algo:hex`` of the files under ``d/<algo>/``; what a concurrent delete removed is simply absent."""
+    out: list[str] = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for a in d.iterdir():
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                out += [f"{a.name}:{p.name}" for p in a.iterdir() if not p.name.startswith(".")]
+    return out
+
+
 def _storage_error(e: OSError) -> RegistryError:
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return RegistryError("STORAGE_FULL", detail="no space left on the registry's disk")
-    return RegistryError("STORAGE_FULL", message="storage error", detail=e.strerror, status=500)
+    return storage_error(e)
 
 
 class FilesystemStorage:
@@ -397,8 +404,10 @@ class FilesystemStorage:
         base = self._repo(repo) / "_manifests"
         if not base.is_dir():
             return None
-        d = base / "tags"
-        return sorted(p.name for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
+        try:
+            return sorted(p.name for p in (base / "tags").iterdir() if not p.name.startswith("."))
+        except (FileNotFoundError, NotADirectoryError):  # none yet, or removed by a concurrent delete
+            return []
 
     def delete_tag(self, repo: str, tag: str) -> bool:
         try:
@@ -416,7 +425,10 @@ class FilesystemStorage:
             return False
         for t in self.tags_of(repo, digest):
             self.delete_tag(repo, t)
-        rev.unlink()
+        try:
+            rev.unlink()
+        except FileNotFoundError:
+            return False  # a concurrent delete of the same manifest got there first
         algo, hx = _hex(digest)
         # It stops being a referrer of anything in this repository.
         ref_root = self._repo(repo) / "_referrers"
@@ -426,16 +438,10 @@ class FilesystemStorage:
         return True
 
     def revisions(self, repo: str) -> list[str]:
-        d = self._repo(repo) / "_manifests" / "revisions"
-        if not d.is_dir():
-            return []
-        return [f"{a.name}:{p.name}" for a in d.iterdir() for p in a.iterdir() if not p.name.startswith(".")]
+        return _digests(self._repo(repo) / "_manifests" / "revisions")
 
     def layer_links(self, repo: str) -> list[str]:
-        d = self._repo(repo) / "_layers"
-        if not d.is_dir():
-            return []
-        return [f"{a.name}:{p.name}" for a in d.iterdir() for p in a.iterdir() if not p.name.startswith(".")]
+        return _digests(self._repo(repo) / "_layers")
 
     # -- referrers -----------------------------------------------------
     def add_referrer(self, repo: str, subject: str, digest: str, descriptor: dict) -> None:
