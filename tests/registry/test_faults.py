@@ -76,7 +76,7 @@ def test_bad_input(acme, txreg):
     # oversized manifest: refused before it is read in full
     r = c.put("/v2/bad/manifests/big", content=b"{" + b" " * (4 * 1024 * 1024 + 10) + b"}",
               headers={"Content-Type": MANIFEST})
-    assert r.status_code == 413 and r.json()["errors"][0]["code"] == "MANIFEST_INVALID"
+    assert r.status_code == 413 and r.json()["errors"][0]["code"] == "SIZE_INVALID"
     # unsupported methods answer in the spec's error format
     r = c.request("POST", "/v2/bad/manifests/v1")
     assert r.status_code == 405 and r.json()["errors"][0]["code"] == "UNSUPPORTED"

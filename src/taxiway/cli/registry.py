@@ -114,7 +114,7 @@ def token() -> None:
 @click.option("--org", "org_name", required=True, help="The organisation the token acts for.")
 @click.option("--scope", type=click.Choice(["pull", "push"]), default="push", show_default=True,
               help="pull: read only; push: read, write and delete.")
-@click.option("--expires", help="Lifetime such as 30d, 12h [default: never].")
+@click.option("--expires", help="Lifetime such as 30d, 12h, at most 3650d [default: never].")
 @root_option
 @click.option("--json", "as_json", is_flag=True)
 def token_create(org_name, scope, expires, root, as_json) -> None:
@@ -157,7 +157,7 @@ def token_ls(org_name, root, as_json) -> None:
 @root_option
 def token_revoke(token_id, root) -> None:
     """Revoke a token by id; it stops working at once, bearer tokens included."""
-    _tenants(root).revoke(token_id)
-    click.echo(f"revoked {token_id}")
+    _, newly = _tenants(root).revoke(token_id)
+    click.echo(f"revoked {token_id}" if newly else f"{token_id} was already revoked")
 
 

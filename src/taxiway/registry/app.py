@@ -247,14 +247,21 @@ class Registry:
             return _json({"token": "anonymous", "access_token": "anonymous", "expires_in": TOKEN_TTL})
         if request.method == "POST":
             # OAuth2 password grant (application/x-www-form-urlencoded), as docker sends it
-            form = parse_qs((await self._read_limited(request, 64 * 1024)).decode("utf-8", "replace"))
+            form = parse_qs((await self._read_limited(request, 64 * 1024, "token request")).decode("utf-8", "replace"))
             password = (form.get("password") or [None])[0]
             if (form.get("grant_type") or [""])[0] == "refresh_token":
                 password = (form.get("refresh_token") or [None])[0]
             scopes = form.get("scope", [])
+            service = (form.get("service") or [None])[0]
         else:
             password = basic_password(request.headers.get("authorization", ""))
             scopes = request.query_params.getlist("scope")
+            service = request.query_params.get("service")
+        if service is not None and service != self.config.service:
+            # A token is only ever issued for this registry, never with an audience a client names.
+            raise RegistryError("UNAUTHORIZED", message=f"unknown service {service[:100]!r}",
+                                detail=f"this token endpoint issues tokens for service {self.config.service!r} only",
+                                headers={"WWW-Authenticate": f'Basic realm="{self.config.service}"'})
         tok = self.tenants.authenticate(str(password)) if password else None
         if tok is None:
             raise RegistryError("UNAUTHORIZED", message="a valid org token is required as the password",
@@ -337,15 +344,18 @@ class Registry:
             raise RegistryError("MANIFEST_UNKNOWN", detail={"tag": reference[:200]})
         return _empty(202, {})
 
-    async def _read_limited(self, request: Request, limit: int) -> bytes:
+    async def _read_limited(self, request: Request, limit: int, what: str = "manifest") -> bytes:
+        # 413 with SIZE_INVALID, as distribution answers a manifest over its limit.
+        too_big = RegistryError("SIZE_INVALID", message=f"{what} too large",
+                                detail=f"{what} larger than {limit} bytes", status=413)
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
-            raise RegistryError("MANIFEST_INVALID", detail=f"manifest larger than {limit} bytes", status=413)
+            raise too_big
         buf = bytearray()
         async for chunk in request.stream():
             buf += chunk
             if len(buf) > limit:
-                raise RegistryError("MANIFEST_INVALID", detail=f"manifest larger than {limit} bytes", status=413)
+                raise too_big
         return bytes(buf)
 
     async def _put_manifest(self, request: Request, repo: str, reference: str) -> Response:

@@ -75,7 +75,8 @@ def _descriptor(d: Any, where: str) -> tuple[str, int, str, bool]:
 def parse(body: bytes, content_type: str | None) -> Manifest:
     """Validate a pushed manifest; returns its media type, digest and references."""
     if len(body) > MAX_MANIFEST_BYTES:
-        raise RegistryError("MANIFEST_INVALID", detail=f"manifest larger than {MAX_MANIFEST_BYTES} bytes", status=413)
+        raise RegistryError("SIZE_INVALID", message="manifest too large",
+                            detail=f"manifest larger than {MAX_MANIFEST_BYTES} bytes", status=413)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:

@@ -69,6 +69,21 @@ def parse_duration(s: str) -> float:
     return int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
 
 
+#: The longest lifetime a token may have (``--expires``); leave it out for a token that never expires.
+MAX_TOKEN_LIFETIME = 3650 * 86400
+
+
+def check_lifetime(seconds: float) -> float:
+    """A token lifetime, refused when it is not positive or longer than ten years."""
+    if seconds <= 0:
+        raise InvalidInput("a token's lifetime must be positive",
+                           "pass a duration such as 30d or 12h, or leave out --expires for a token that never expires")
+    if seconds > MAX_TOKEN_LIFETIME:
+        raise InvalidInput(f"a token's lifetime can be at most {MAX_TOKEN_LIFETIME // 86400}d (ten years)",
+                           "pass a shorter duration, or leave out --expires for a token that never expires")
+    return seconds
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -116,8 +131,10 @@ class Tenants:
         if not self.has_org(org):
             raise NotFound(f"org {org!r} does not exist", f"create it with `taxiway registry org create {org}`")
         tid, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        if expires_in is not None:
+            check_lifetime(expires_in)
         now = time.time()
-        expires = now + expires_in if expires_in else None
+        expires = now + expires_in if expires_in is not None else None
         with self._lock:
             self._db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, NULL)",
                              (tid, org, _hash(secret), scope, now, expires))
@@ -135,13 +152,14 @@ class Tenants:
         with self._lock:
             return [self._row(r) for r in self._db.execute(q + " ORDER BY created", args)]
 
-    def revoke(self, token_id: str) -> Token:
+    def revoke(self, token_id: str) -> tuple[Token, bool]:
+        """Revoke a token; returns it, and False when it had been revoked already."""
         with self._lock:
             cur = self._db.execute("UPDATE tokens SET revoked = ? WHERE id = ? AND revoked IS NULL",
                                    (time.time(), token_id))
         if cur.rowcount == 0 and self.get(token_id) is None:
             raise NotFound(f"token {token_id!r} does not exist", "list tokens with `taxiway registry token ls`")
-        return self.get(token_id)  # type: ignore[return-value]
+        return self.get(token_id), cur.rowcount == 1  # type: ignore[return-value]
 
     def get(self, token_id: str) -> Token | None:
         with self._lock:
