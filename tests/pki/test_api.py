@@ -29,9 +29,13 @@ def test_load_missing_and_incomplete(tmp_path):
 
 def test_init_is_idempotent(tmp_path):
     a, created = CA.init(tmp_path / "ca")
-    b, created_again = CA.init(tmp_path / "ca", key_type="rsa-4096", constraints=["internal"])
+    b, created_again = CA.init(tmp_path / "ca")
     assert created and not created_again
     assert a.root_pem == b.root_pem and b.constraints == []
+    assert not CA.init(tmp_path / "ca", key_type="ecdsa-p256")[1]  # the settings it has: fine
+    # settings it does not have cannot be applied to an existing CA (second attack, finding 9)
+    with pytest.raises(InvalidInput, match="already exists .* with ecdsa-p256; name constraints none, not rsa-4096"):
+        CA.init(tmp_path / "ca", key_type="rsa-4096", constraints=["internal"])
     with pytest.raises(InvalidInput, match="unknown key type"):
         CA.init(tmp_path / "other", key_type="dsa-1024")
 

@@ -37,8 +37,10 @@ def test_init_is_idempotent_and_root_prints(ca_dir, taxiway):
     r = ok(taxiway("ca", "init"))
     assert b"Created a CA" in r.stderr
     before = {p.name: p.read_bytes() for p in ca_dir.iterdir()}
-    r = ok(taxiway("ca", "init", "--rsa", "3072"))
+    r = ok(taxiway("ca", "init"))
     assert b"already exists" in r.stderr and str(ca_dir).encode() in r.stderr
+    r2 = taxiway("ca", "init", "--rsa", "3072")  # other settings: an error (second attack, finding 9)
+    assert r2.returncode != 0 and b"already exists" in r2.stderr and b"rsa-3072" in r2.stderr
     assert {p.name: p.read_bytes() for p in ca_dir.iterdir()} == before
     assert ok(taxiway("ca", "root")).stdout.decode().strip() == str(ca_dir)
     pem = ok(taxiway("ca", "root", "--pem")).stdout

@@ -222,11 +222,10 @@ def test_corrupt_root_pem(cli_ca, tmp_path):
     serial = _issue(tmp_path, "a.test")
     (cli_ca / "root.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\ngarbage\n")
     ok(run("ca", "ls"))
-    ok(run("ca", "crl"))
-    ok(run("ca", "revoke", serial))
-    ok(run("ca", "renew", "--before", "1d"))
-    _issue(tmp_path, "b.test")  # the root is not needed to sign a leaf
-    for args in (["root", "--pem"], ["install", "--no-system", "--no-nss"]):
+    # signing checks the intermediate against the root (second attack, finding 4), so all signing stops
+    for args in (["root", "--pem"], ["install", "--no-system", "--no-nss"], ["crl"], ["revoke", serial],
+                 ["renew", "--before", "1d"], ["issue", "b.test", "--cert-file", str(tmp_path / "b.pem"),
+                                               "--key-file", str(tmp_path / "b-key.pem")]):
         line = err(run("ca", *args))
         assert str(cli_ca / "root.pem") in line and "corrupt" in line, (args, line)
 

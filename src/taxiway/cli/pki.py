@@ -43,8 +43,10 @@ def init(key: str, rsa_bits: str | None, constraints: tuple[str, ...]) -> None:
     cons = [parse_constraint(c) for c in constraints]
     from taxiway.pki.ca import CA, ROOT_KEY
 
+    explicit = click.get_current_context().get_parameter_source("key") == click.core.ParameterSource.COMMANDLINE
     key_type = f"rsa-{rsa_bits}" if rsa_bits else "ecdsa-p256"
-    the_ca, created = CA.init(None, key_type=key_type, constraints=cons)
+    # an existing CA with other settings is an error; options left out are not compared
+    the_ca, created = CA.init(None, key_type=key_type if rsa_bits or explicit else None, constraints=cons)
     if not created:
         _say(f"A CA already exists in {the_ca.dir}; nothing changed.")
         return
@@ -142,10 +144,17 @@ def issue(names: tuple[str, ...], client: bool, cn: str | None, days: int | None
         raise InvalidInput("--days and --hours both given", "pick one")
     if not len(parsed) and not csr_file and not (client and cn):
         raise InvalidInput("no names given", "name the hosts, IPs, emails or URIs: `taxiway ca issue example.test`")
+    if (days or 0) > _MAX_DAYS or (hours or 0) > _MAX_DAYS * 24:
+        raise InvalidInput(f"--{'days' if days else 'hours'} {days or hours} is longer than any certificate this CA "
+                           "can sign (its intermediate lasts 10 years)", "ask for a shorter validity")
     csr_data = None
     if csr_file:
+        from taxiway.pki.fileio import MAX_INPUT, FileProblem, read_regular
+
         try:
-            csr_data = Path(csr_file).read_bytes()
+            csr_data = read_regular(csr_file, MAX_INPUT)
+        except FileProblem as e:
+            raise InvalidInput(f"the CSR {csr_file} {e}", "give a PEM or DER certificate signing request file") from None
         except OSError as e:
             raise TaxiwayError(f"cannot read the CSR {csr_file}: {e.strerror}", "check the path and its permissions") from None
         if not csr_data.strip():
@@ -156,6 +165,9 @@ def issue(names: tuple[str, ...], client: bool, cn: str | None, days: int | None
         key_file = key_file or f"./{stem}-key.pem"
     elif key_file or p12_file:
         raise InvalidInput("--key-file or --p12-file with --csr", "the key stays with whoever made the CSR")
+    from taxiway.pki.fileio import distinct_outputs
+
+    distinct_outputs([cert_file, key_file, p12_file])  # before "already exists": F and F are one file
     for f in (key_file, p12_file):  # checked again under the CA's lock when the files are written
         if f and not force and os.path.lexists(f):
             from taxiway.pki.ca import already_issued
@@ -184,7 +196,7 @@ def issue(names: tuple[str, ...], client: bool, cn: str | None, days: int | None
         exit_now(0, "issue")
         return
     what = ", ".join(leaf.names) or f"CN={leaf.cn}"
-    _say(f"Issued a {'client' if client else 'server'} certificate for {what}")
+    _say(f"Issued {_kind(client, leaf.names)} certificate for {what}")
     _say(f"  chain: {cert_file}")
     if key_file:
         _say(f"  key:   {key_file}")
@@ -192,6 +204,19 @@ def issue(names: tuple[str, ...], client: bool, cn: str | None, days: int | None
         _say(f"  p12:   {p12_file} (password {p12_password!r})")
     _say(f"  serial {leaf.serial_hex}, expires {leaf.not_after:%Y-%m-%d %H:%M} UTC")
     exit_now(0, "issue")
+
+
+_MAX_DAYS = 36600  # more than the intermediate's 10 years; beyond it, dates overflow
+
+
+def _kind(client: bool, names: list[str]) -> str:
+    """What a certificate is for, from its EKUs: a server, client, or email (S/MIME) certificate."""
+    from taxiway.pki.names import parse_names
+
+    parsed = parse_names(names)
+    kinds = (["server"] if parsed.server_names else []) + (["client"] if client else []) + \
+        (["email"] if parsed.email else [])
+    return ("an " if kinds[0] == "email" else "a ") + " and ".join(kinds) if kinds else "a"
 
 
 @ca.command("ls")
@@ -203,7 +228,10 @@ def ls(as_json: bool, show_all: bool) -> None:
     from taxiway.pki.profile import now
 
     at = now()
-    recs = [r for r in _load().records() if show_all or as_json or not r.renewed_by]
+    the_ca = _load()
+    recs = [r for r in the_ca.records() if show_all or as_json or not r.renewed_by]
+    for rec, problem in the_ca.broken():  # a crash between renames: say so, renew repairs it
+        _say(f"warning: {rec.serial} ({', '.join(rec.names) or rec.cn}): {problem}; `taxiway ca renew` re-issues it")
     if as_json:
         from taxiway.cli.output import emit_json
 
@@ -214,7 +242,7 @@ def ls(as_json: bool, show_all: bool) -> None:
     from taxiway.cli.output import table
 
     rows = [{"serial": r.serial, "names": ",".join(r.names) or f"CN={r.cn}",
-             "kind": "client" if r.client else "server", "expires": r.not_after[:16].replace("T", " "),
+             "kind": _kind(r.client, r.names).split(" ", 1)[1].replace(" and ", "+"), "expires": r.not_after[:16].replace("T", " "),
              "left": format_duration(datetime.fromisoformat(r.not_after) - at), "status": r.status(at),
              "file": r.cert_file or ""} for r in recs]
     table(rows, ["serial", "names", "kind", "expires", "left", "status", "file"])
@@ -231,14 +259,18 @@ def renew(before: str, command: str | None, dry_run: bool) -> None:
     daily `taxiway ca renew --exec ...` timer keeps certificates and CRL current.
     """
     from taxiway.pki.duration import parse_duration
+    from taxiway.pki.profile import now
 
+    started = now()  # certificates renewed after this (by a concurrent run) are not renewed again
     window = parse_duration(before)
     the_ca = _load()
     if dry_run:
         due = the_ca.due(window)
         for rec in due:
             _say(f"would renew {rec.serial} ({', '.join(rec.names)}) expiring {rec.not_after[:16]}")
-        if not due:
+        for rec, problem in the_ca.broken():
+            _say(f"would repair {rec.serial} ({', '.join(rec.names)}): {problem}")
+        if not due and not the_ca.broken():
             _say(f"Nothing expires within {before}.")
         return
 
@@ -246,7 +278,7 @@ def renew(before: str, command: str | None, dry_run: bool) -> None:
         _say(f"renewed {rec.serial} -> {leaf.serial_hex} ({', '.join(leaf.names) or leaf.cn}) into {rec.cert_file}")
 
     # under the CA's lock, deciding what is due once it has it: parallel runs renew each certificate once
-    if not the_ca.renew_due(window, on_renewed=said):
+    if not the_ca.renew_due(window, on_renewed=said, started=started):
         _say(f"Nothing expires within {before}.")
         return
     if command:
@@ -281,10 +313,15 @@ def crl(out: str | None, days: int) -> None:
     from taxiway.fsutil import write_bytes_atomic
 
     the_ca = _load()
-    path = the_ca.write_crl(timedelta(days=days))
+    if out:
+        the_ca.check_outputs([out])
+    path = the_ca.write_crl(timedelta(days=min(days, _MAX_DAYS)))  # clamped to the intermediate's expiry
     data = path.read_bytes()
     if out:
-        write_bytes_atomic(out, data)
+        try:
+            write_bytes_atomic(out, data)
+        except OSError as e:
+            raise TaxiwayError(f"cannot write {out}: {e.strerror or e}", "check the path and its permissions") from None
         _say(f"CRL written to {out}")
     else:
         sys.stdout.write(data.decode())

@@ -11,6 +11,7 @@ Layout of the CA directory (``$TAXIWAY_CAROOT``, default ``$TAXIWAY_HOME/ca``)::
     root-crl.pem           the root's (empty) CRL, valid as long as the root, made at init
     crl.pem                the latest CRLs: the intermediate's (fresh, 7 days) then the root's;
                            rewritten by revoke, ``taxiway ca crl`` and ``taxiway ca renew``
+    crlnumber              the last CRL number, so numbers grow even if the clock goes back
     .lock                  flock(2) taken by every write: init, issuing to files, renew, revoke, CRLs
 
 Clients that check the whole chain (curl --crlfile, openssl -crl_check_all)
@@ -20,8 +21,9 @@ root key can go offline.
 Concurrency and damage: every change to the CA (and every leaf written to
 files through :meth:`CA.save`) happens under the lock, after re-reading what
 it depends on, so parallel commands behave as if run one after another. A
-leaf's key, chain and PKCS#12 file are written to temp names and renamed only
-once the key is checked against the certificate. Each file of the CA is read
+leaf's key, chain and PKCS#12 file are written to temp names, recorded in the
+inventory, and renamed only once the key is checked against the certificate
+(``renew`` repairs files a crash left between the renames). Each file of the CA is read
 only by the commands that need it, and a damaged one is named in a one-line
 error: ``ls`` keeps working whatever happens to the keys and certificates.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import logging
 import os
 import stat
@@ -43,15 +46,18 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.fsutil import atomic_write, write_bytes_atomic
 from taxiway.pki import inventory, profile
+from taxiway.pki.fileio import FileProblem, distinct_outputs, open_nofollow, read_regular
 from taxiway.pki.inventory import Record
 from taxiway.pki.layout import (  # noqa: F401 (re-exported)
     CRL,
+    CRL_NUMBER,
     INTER,
     INTER_KEY,
     INVENTORY,
@@ -89,7 +95,10 @@ def _locked(directory: Path) -> Iterator[None]:
     if key in held:
         yield
         return
-    fd = os.open(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fd = open_nofollow(directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except FileProblem as e:
+        raise TaxiwayError(f"the CA lock file {directory / '.lock'} {e}", f"remove it: rm {directory / '.lock'}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         held.add(key)
@@ -114,6 +123,36 @@ def already_issued(path: str | os.PathLike, names: list[str]) -> TaxiwayError:
 def serial_hex(serial: int) -> str:
     """The inventory's spelling of a serial: 32 lower-case hex digits."""
     return f"{serial:032x}"
+
+
+_TEMP_NAME = ".{}.????????.tmp"  # what fsutil.atomic_write names its temp files (mkstemp: 8 random characters)
+
+
+def _sweep_temp_files(paths: Iterable[str | os.PathLike]) -> None:
+    """Remove temp files a crashed write left beside ``paths`` (keys among them). Call under the CA's lock."""
+    for p in {str(Path(p)) for p in paths}:
+        path = Path(p)
+        with contextlib.suppress(OSError):
+            for tmp in path.parent.glob(_TEMP_NAME.format(glob.escape(path.name))):
+                st = tmp.lstat()
+                if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                    tmp.unlink()
+
+
+def check_public_key(key: Any) -> None:
+    """Refuse keys clients reject or that are weak: RSA under 2048 bits, curves other than P-256/384/521."""
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise InvalidInput(f"the key is RSA {key.key_size}, which is too weak to sign",
+                               "make the CSR with an RSA key of 2048 bits or more, or ECDSA P-256")
+        return
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in ("secp256r1", "secp384r1", "secp521r1"):
+            raise InvalidInput(f"the key is on curve {key.curve.name}, which TLS clients do not accept",
+                               "make the CSR with ECDSA P-256 (or P-384), or RSA 2048+")
+        return
+    raise InvalidInput(f"the key is {type(key).__name__.removeprefix('_')}, which taxiway does not sign",
+                       "make the CSR with ECDSA P-256 (or P-384), or RSA 2048+")
 
 
 @dataclass(frozen=True)
@@ -143,7 +182,7 @@ class Leaf:
 
     def write(self, cert_file: str | os.PathLike, key_file: str | os.PathLike | None = None, *,
               force: bool = False, p12_file: str | os.PathLike | None = None,
-              p12_password: str = "changeit") -> None:
+              p12_password: str = "changeit", before_rename: Callable[[], None] | None = None) -> None:
         """Write the chain to ``cert_file`` (0644), the key to ``key_file`` (0600), and a PKCS#12 bundle.
 
         The files are one unit: each is written to a temp name beside it, the
@@ -152,7 +191,9 @@ class Leaf:
         existing key or PKCS#12 file unless ``force``: a key you lose is a
         server you cannot restart. (Use :meth:`CA.save` to do this under the
         CA's lock, so that two processes cannot both pass that check.)
+        ``before_rename`` runs once every temp file is written; if it raises, nothing is replaced.
         """
+        distinct_outputs([cert_file, key_file if self.key_pem is not None else None, p12_file])
         files: list[tuple[str | os.PathLike, bytes, int]] = []
         if key_file is not None and self.key_pem is not None:
             key = serialization.load_pem_private_key(self.key_pem, None)
@@ -173,6 +214,8 @@ class Leaf:
                 # step unwinds the rest, which then delete their temp files instead
                 for path, data, mode in files:
                     stack.enter_context(atomic_write(path, mode=mode)).write(data)
+                if before_rename is not None:
+                    before_rename()
         except OSError as e:
             raise TaxiwayError(f"cannot write {e.filename or path}: {e.strerror or e}",
                                "check the path and its permissions; no file was replaced") from None
@@ -219,9 +262,11 @@ class CA:
         self._warn_to = warn or _log.warning
         self._warned: set[str] = set()
         try:
-            self.root_pem = (self.dir / ROOT).read_bytes()
+            self.root_pem = read_regular(self.dir / ROOT)
         except FileNotFoundError:
             raise NotFound(f"no CA in {self.dir}", "run `taxiway ca init` first") from None
+        except FileProblem as e:
+            raise self._damaged(ROOT, "the root certificate", str(e)) from None
         except OSError as e:
             raise TaxiwayError(f"cannot read the CA in {self.dir}: {e.strerror}", "check its permissions") from None
         self._check_modes()
@@ -242,16 +287,32 @@ class CA:
             mode = stat.S_IMODE(root_key.stat().st_mode)
             if mode & 0o077:
                 self._warn(f"the root key {root_key} is accessible by others (mode {mode:04o}); chmod 400 {root_key}")
+        for name in (INVENTORY, META):
+            if problem := self._writable_by_others(name):
+                self._warn(problem)
 
+    def _writable_by_others(self, name: str) -> str | None:
+        """A warning if group or others may write ``name`` (it says which files renew writes, and the constraints)."""
+        path = self.dir / name
+        try:
+            mode = stat.S_IMODE(path.lstat().st_mode)
+        except FileNotFoundError:
+            return None
+        if not mode & 0o022:
+            return None
+        return (f"{path} is writable by others (mode {mode:04o}), who could choose which files `ca renew` "
+                f"overwrites or lift the name constraints; chmod 600 {path}")
     def _damaged(self, name: str, what: str, problem: str) -> TaxiwayError:
         return TaxiwayError(f"{what} {self.dir / name} {problem}",
                             f"restore it from a backup (or move {self.dir} away and run `taxiway ca init` for a new CA)")
 
     def _read(self, name: str, what: str) -> bytes:
         try:
-            return (self.dir / name).read_bytes()
+            return read_regular(self.dir / name)
         except FileNotFoundError:
             raise self._damaged(name, what, "is missing") from None
+        except FileProblem as e:
+            raise self._damaged(name, what, str(e)) from None
         except OSError as e:
             raise TaxiwayError(f"cannot read {what} {self.dir / name}: {e.strerror}", "run as the CA's owner") from None
 
@@ -278,6 +339,8 @@ class CA:
     def _meta(self) -> dict[str, Any]:
         """ca.json, checked: the key type and name constraints chosen at init."""
         data = self._read(META, "the CA settings file")
+        if problem := self._writable_by_others(META):
+            raise TaxiwayError(problem.rsplit("; ", 1)[0], problem.rsplit("; ", 1)[1])
         try:
             meta = orjson.loads(data)
         except orjson.JSONDecodeError as e:
@@ -323,26 +386,63 @@ class CA:
         return (d / ROOT).exists()
 
     @classmethod
-    def init(cls, directory: str | os.PathLike | None = None, *, key_type: str = profile.DEFAULT_CA_KEY,
+    def init(cls, directory: str | os.PathLike | None = None, *, key_type: str | None = None,
              constraints: Iterable[str | Name] = ()) -> tuple[CA, bool]:
         """Create a root and an intermediate in ``directory``; return (ca, created).
 
-        Idempotent: if a CA is already there, nothing changes and created is False.
+        Idempotent: if a CA is already there, nothing changes and created is False;
+        but asking for a key type or name constraints it does not have is an error
+        (they cannot be changed without a new CA).
         """
         d = Path(directory) if directory is not None else default_dir()
-        if (d / ROOT).exists():
-            return cls(d), False
-        if key_type not in profile.KEY_TYPES:
+        if key_type is not None and key_type not in profile.KEY_TYPES:
             raise InvalidInput(f"unknown key type {key_type!r}", f"use one of {', '.join(profile.KEY_TYPES)}")
         cons = [c if isinstance(c, Name) else parse_constraint(c) for c in constraints]
+        if (d / ROOT).exists():
+            return cls._existing(d, key_type, cons), False
         if not d.exists():
             d.mkdir(parents=True, mode=0o700, exist_ok=True)
             os.chmod(d, 0o700)  # whatever the umask
+        else:
+            cls._own_directory(d)
         with _locked(d):  # two inits at once must not mix their keys
             if (d / ROOT).exists():
-                return cls(d), False
-            cls._create(d, key_type, cons)
+                return cls._existing(d, key_type, cons), False
+            cls._create(d, key_type or profile.DEFAULT_CA_KEY, cons)
         return cls(d), True
+
+    @classmethod
+    def _existing(cls, d: Path, key_type: str | None, cons: list[Name]) -> CA:
+        """The CA already in ``d``, refused if the caller asked for other settings than it has."""
+        the_ca = cls(d)
+        if key_type is None and not cons:
+            return the_ca
+        asked, has = [], []
+        if key_type is not None and key_type != the_ca.key_type:
+            asked.append(key_type)
+            has.append(the_ca.key_type)
+        if cons and set(cons) != set(the_ca.constraints):
+            asked.append("name constraints " + ", ".join(c.value for c in cons))
+            has.append("name constraints " + (", ".join(c.value for c in the_ca.constraints) or "none"))
+        if asked:
+            raise InvalidInput(f"a CA already exists in {d} with {'; '.join(has)}, not {'; '.join(asked)}",
+                               f"a CA's keys and constraints cannot change: move {d} away and run `taxiway ca init` "
+                               "again for a new CA (and re-issue its certificates)")
+        return the_ca
+
+    @staticmethod
+    def _own_directory(d: Path) -> None:
+        """An existing directory for a new CA: made 0700 if it is ours, refused if others may write it."""
+        st = d.stat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise InvalidInput(f"{d} is not a directory", "point TAXIWAY_CAROOT at a directory (or a path that does not exist)")
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid == os.geteuid():
+            if mode & 0o077:
+                os.chmod(d, 0o700)  # the keys go in here: as if we had created it
+        elif mode & 0o022:
+            raise TaxiwayError(f"{d} belongs to another user and others may write it (mode {mode:04o}): they could "
+                               "replace the CA's keys", "point TAXIWAY_CAROOT at a directory of your own")
 
     @staticmethod
     def _create(d: Path, key_type: str, cons: list[Name]) -> None:
@@ -382,7 +482,29 @@ class CA:
             raise TaxiwayError(f"the intermediate key {path} does not match the intermediate certificate "
                                f"{self.dir / INTER}: what it signs would not verify",
                                "restore the pair from a backup (or move the CA away and run `taxiway ca init`)")
+        self._check_intermediate()
         return key  # type: ignore[return-value]
+
+    def _check_intermediate(self) -> None:
+        """Refuse an intermediate.pem that is not a CA certificate issued by root.pem: nothing it signs would verify."""
+        inter = self.intermediate
+        try:
+            bc = inter.extensions.get_extension_for_class(x509.BasicConstraints).value
+            is_ca = bc.ca
+        except (x509.ExtensionNotFound, ValueError):
+            is_ca = False
+        problem = None
+        if not is_ca:
+            problem = "is not a CA certificate (no CA:TRUE), so what it signs would not verify"
+        elif _spki(inter.public_key()) == _spki(self.root.public_key()):  # type: ignore[arg-type]
+            problem = "is the root certificate, not the intermediate"
+        else:
+            try:
+                inter.verify_directly_issued_by(self.root)
+            except (ValueError, TypeError, InvalidSignature):
+                problem = f"was not issued by this CA's root {self.dir / ROOT} (another CA's?)"
+        if problem:
+            raise self._damaged(INTER, "the intermediate certificate", problem)
 
     def check_names(self, names: Names, cn: str | None = None) -> None:
         """Refuse names (and a host-like CN) outside the CA's name constraints: clients would reject them."""
@@ -408,6 +530,7 @@ class CA:
         """
         parsed = names if isinstance(names, Names) else parse_names(list(names))
         self.check_names(parsed, cn)
+        self.intermediate_key  # noqa: B018 - refuse a damaged or foreign intermediate before anything else
         at = not_before + profile.BACKDATE if not_before is not None else None
         nb, na = profile.leaf_validity(validity=validity, at=at)
         limit = self.intermediate.not_valid_after_utc
@@ -415,6 +538,8 @@ class CA:
             raise InvalidInput(f"the certificate would outlive the intermediate (expires {limit:%Y-%m-%d})",
                                "ask for a shorter validity")
         key = None
+        if public_key is not None:
+            check_public_key(public_key)
         if public_key is None:
             key = profile.generate_key(key_type or profile.DEFAULT_LEAF_KEY)
             public_key = key.public_key()
@@ -445,9 +570,35 @@ class CA:
         succeeds; the others fail with "already issued" (unless ``force``).
         """
         with _locked(self.dir):
-            leaf.write(cert_file, key_file, force=force, p12_file=p12_file, p12_password=p12_password)
-            return self.record(leaf, validity=validity, csr=csr, cert_file=cert_file, key_file=key_file,
-                               p12_file=p12_file)
+            outputs = [cert_file, key_file, p12_file]
+            self.check_outputs(outputs)
+            _sweep_temp_files(p for p in outputs if p is not None)
+            rec, ev = self._issued_event(leaf, validity, csr, cert_file, key_file, p12_file)
+            # recorded before the files are renamed into place, so a crash between the renames
+            # leaves a serial that can be revoked, and `ca renew` repairs the pair
+            leaf.write(cert_file, key_file, force=force, p12_file=p12_file, p12_password=p12_password,
+                       before_rename=lambda: inventory.append(self.dir / INVENTORY, ev, *self._supersede(rec)))
+            return rec
+
+    def check_outputs(self, paths: Iterable[str | os.PathLike | None]) -> None:
+        """Refuse output paths inside the CA directory (they could replace its keys, certificates or CRL)."""
+        ca_real = os.path.realpath(self.dir)
+        for p in paths:
+            if p is None:
+                continue
+            real = os.path.realpath(p)
+            if real == ca_real or real.startswith(ca_real.rstrip(os.sep) + os.sep):
+                raise InvalidInput(f"{p} is inside the CA directory {self.dir}: writing it could replace the CA's "
+                                   "own files", "write certificates, keys and CRLs outside $TAXIWAY_CAROOT")
+        distinct_outputs(paths)
+
+    def _supersede(self, new: Record) -> list[dict[str, Any]]:
+        """"renewed" events for the current records written to any of ``new``'s files: it replaces them."""
+        files = {f for f in (new.cert_file, new.key_file, new.p12_file) if f}
+        return [{"event": "renewed", "serial": r.serial, "by": new.serial}
+                for r in self._inventory().values()
+                if r.serial != new.serial and not r.revoked_at and not r.renewed_by
+                and files & {f for f in (r.cert_file, r.key_file, r.p12_file) if f}]
 
     def _issued_event(self, leaf: Leaf, validity: timedelta | None, csr: bool, cert_file: str | os.PathLike | None,
                       key_file: str | os.PathLike | None, p12_file: str | os.PathLike | None
@@ -517,15 +668,38 @@ class CA:
         return rec, True
 
     def crl_pem(self, next_update: timedelta = timedelta(days=7)) -> bytes:
-        """Fresh CRLs in PEM: the intermediate's, listing every revoked leaf, then the root's."""
-        revoked = [(int(r.serial, 16), datetime.fromisoformat(r.revoked_at))
-                   for r in self.records() if r.revoked_at]
-        crl = profile.make_crl(self.intermediate, self.intermediate_key, revoked, next_update=next_update)
+        """Fresh CRLs in PEM: the intermediate's, listing every revoked leaf, then the root's.
+
+        nextUpdate is clamped to the intermediate's expiry; the CRL number comes
+        from a counter in the CA directory, so it never goes backwards with the clock.
+        """
+        with _locked(self.dir):
+            revoked = [(int(r.serial, 16), datetime.fromisoformat(r.revoked_at))
+                       for r in self.records() if r.revoked_at]
+            at = profile.now()
+            limit = self.intermediate.not_valid_after_utc
+            next_update = min(next_update, max(limit - at, timedelta(0)))
+            crl = profile.make_crl(self.intermediate, self.intermediate_key, revoked, at=at,
+                                   next_update=next_update, number=self._next_crl_number(at))
         try:
-            root_crl = (self.dir / ROOT_CRL).read_bytes()
+            root_crl = read_regular(self.dir / ROOT_CRL)
         except FileNotFoundError:
             root_crl = b""
+        except (OSError, FileProblem) as e:
+            raise self._damaged(ROOT_CRL, "the root's CRL", str(e)) from None
         return crl.public_bytes(serialization.Encoding.PEM) + root_crl
+
+    def _next_crl_number(self, at: datetime) -> int:
+        """One more than the last CRL number (at least the time in ms, as numbers were before the counter)."""
+        path = self.dir / CRL_NUMBER
+        try:
+            last = int(read_regular(path, 64, nofollow=True).strip() or b"0")
+        except (OSError, FileProblem, ValueError):
+            last = 0
+        n = max(last + 1, int(at.timestamp() * 1000))
+        with contextlib.suppress(OSError):  # a read-only CA (a server using ssl_context) still gets a CRL
+            write_bytes_atomic(path, b"%d\n" % n, mode=0o600)
+        return n
 
     def write_crl(self, next_update: timedelta = timedelta(days=7)) -> Path:
         """Write a fresh CRL to ``crl.pem`` in the CA directory and return its path."""
@@ -533,28 +707,91 @@ class CA:
             return self._write_crl(next_update)
 
     def _write_crl(self, next_update: timedelta) -> Path:
-        write_bytes_atomic(self.dir / CRL, self.crl_pem(next_update))
+        data = self.crl_pem(next_update)
+        try:
+            write_bytes_atomic(self.dir / CRL, data)
+        except OSError as e:
+            raise TaxiwayError(f"cannot write the CRL {self.dir / CRL}: {e.strerror or e}",
+                               f"remove whatever is in its place (rm -r {self.dir / CRL}) and run `taxiway ca crl`"
+                               ) from None
         return self.dir / CRL
 
-    def due(self, before: timedelta, at: datetime | None = None) -> list[Record]:
-        """Current certificates written to files that expire within ``before`` (or already have)."""
-        at = at or profile.now()
-        return [r for r in self.records()
-                if not r.revoked_at and not r.renewed_by and r.cert_file
-                and datetime.fromisoformat(r.not_after) - at <= before]
+    def due(self, before: timedelta, at: datetime | None = None, *, started: datetime | None = None) -> list[Record]:
+        """Current certificates written to files that expire within ``before`` (or already have).
 
-    def renew_due(self, before: timedelta, on_renewed: Callable[[Record, Leaf], None] | None = None
-                  ) -> list[tuple[Record, Leaf]]:
-        """Rewrite crl.pem, then renew every certificate that is :meth:`due`; return (old, new) pairs.
-
-        The whole run holds the CA's lock and decides what is due only once it
-        has it, so runs started together renew each certificate once (a
-        certificate renewed by an earlier run is no longer current).
+        Certificates issued at or after ``started`` (a renewal run's start) are not
+        due: another run renewed them meanwhile, and renewing again would loop.
         """
+        at = at or profile.now()
+        return [r for r in self._current()
+                if datetime.fromisoformat(r.not_after) - at <= before
+                and (started is None or datetime.fromisoformat(r.issued_at) < started)]
+
+    def file_problem(self, rec: Record) -> str | None:
+        """Why ``rec``'s files do not hold it (another serial, a key that does not match), or None.
+
+        Missing files are not a problem (they may have been moved on purpose);
+        a pair left mismatched by a crash is, and ``renew`` repairs it.
+        """
+        if not rec.cert_file or rec.revoked_at or rec.renewed_by:
+            return None
+        try:
+            certs = x509.load_pem_x509_certificates(read_regular(rec.cert_file))
+        except FileNotFoundError:
+            return None
+        except (OSError, FileProblem, ValueError):
+            return f"{rec.cert_file} is unreadable or not a certificate"
+        if serial_hex(certs[0].serial_number) != rec.serial:
+            return f"{rec.cert_file} holds serial {serial_hex(certs[0].serial_number)}, not {rec.serial}"
+        if rec.key_file:
+            try:
+                key = serialization.load_pem_private_key(read_regular(rec.key_file), None)
+            except FileNotFoundError:
+                return f"its key {rec.key_file} is missing"
+            except (OSError, FileProblem, ValueError, TypeError, UnsupportedAlgorithm):
+                return f"its key {rec.key_file} is unreadable"
+            if _spki(key) != _spki(certs[0].public_key()):  # type: ignore[arg-type]
+                return f"its key {rec.key_file} does not match {rec.cert_file}"
+        return None
+
+    def broken(self) -> list[tuple[Record, str]]:
+        """Current records whose files a crash left inconsistent, with the problem."""
+        return [(r, p) for r in self._current() if (p := self.file_problem(r))]
+
+    def _current(self) -> list[Record]:
+        """Records written to files and still in them: not revoked or renewed, and not followed
+        by a later record for the same file (inventories from before re-issuing superseded)."""
+        live = [r for r in self.records() if not r.revoked_at and not r.renewed_by and r.cert_file]
+        out, taken = [], set()
+        for r in reversed(live):
+            files = {f for f in (r.cert_file, r.key_file, r.p12_file) if f}
+            if not files & taken:
+                out.append(r)
+            taken |= files
+        return out[::-1]
+
+    def _tracked_files(self) -> list[str]:
+        return [f for r in self.records() if not r.revoked_at and not r.renewed_by
+                for f in (r.cert_file, r.key_file, r.p12_file) if f]
+
+    def renew_due(self, before: timedelta, on_renewed: Callable[[Record, Leaf], None] | None = None,
+                  started: datetime | None = None) -> list[tuple[Record, Leaf]]:
+        """Rewrite crl.pem, then renew every certificate that is :meth:`due` or :meth:`broken`; return (old, new) pairs.
+
+        The whole run holds the CA's lock and decides what is due once it has it;
+        certificates issued after ``started`` (default: now, before waiting for the
+        lock) are left alone, so concurrent runs renew each certificate once.
+        """
+        started = started or profile.now()
         with _locked(self.dir):
+            if problem := self._writable_by_others(INVENTORY):
+                raise TaxiwayError(problem.rsplit("; ", 1)[0] + "; not renewing from it", problem.rsplit("; ", 1)[1])
+            _sweep_temp_files(self._tracked_files())
             self._write_crl(timedelta(days=7))
+            todo = {r.serial: r for r in self.due(before, started=started)}
+            todo.update((r.serial, r) for r, _ in self.broken())
             done = []
-            for rec in self.due(before):
+            for rec in todo.values():
                 leaf = self.renew(rec)
                 done.append((rec, leaf))
                 if on_renewed is not None:
@@ -574,18 +811,24 @@ class CA:
             if cur.renewed_by or cur.revoked_at:
                 state = f"renewed by {cur.renewed_by}" if cur.renewed_by else "revoked"
                 raise TaxiwayError(f"certificate {rec.serial} was already {state}", "see `taxiway ca ls --all`")
+            self.check_outputs([cur.cert_file, cur.key_file, cur.p12_file])
             validity = timedelta(seconds=cur.validity_seconds) if cur.validity_seconds else None
             public_key = (serialization.load_pem_public_key(cur.public_key.encode()) if cur.public_key else None)
             leaf = self.issue(cur.names, client=cur.client, cn=cur.cn, validity=validity,
                               key_type=None if public_key else cur.key_type,
                               public_key=public_key, record=False)  # type: ignore[arg-type]
+            new, ev = self._issued_event(leaf, validity, public_key is not None, cur.cert_file, cur.key_file,
+                                         cur.p12_file)
+            # one write, before the renames: the new certificate and the "renewed" marks of the
+            # records it replaces (this one, and any other written to the same files)
+            events = [ev, *self._supersede(new)]
+            if not any(e["serial"] == cur.serial for e in events[1:]):
+                events.append({"event": "renewed", "serial": cur.serial, "by": leaf.serial_hex})
             if cur.cert_file:
-                leaf.write(cur.cert_file, cur.key_file, force=True, p12_file=cur.p12_file)
-            _, ev = self._issued_event(leaf, validity, public_key is not None, cur.cert_file, cur.key_file,
-                                       cur.p12_file)
-            # one write: the new certificate and the old one's "renewed" mark land together
-            inventory.append(self.dir / INVENTORY, ev,
-                             {"event": "renewed", "serial": cur.serial, "by": leaf.serial_hex})
+                leaf.write(cur.cert_file, cur.key_file, force=True, p12_file=cur.p12_file,
+                           before_rename=lambda: inventory.append(self.dir / INVENTORY, *events))
+            else:
+                inventory.append(self.dir / INVENTORY, *events)
             return leaf
 
     # -- TLS --------------------------------------------------------------------

@@ -16,7 +16,10 @@ def parse_duration(text: str) -> timedelta:
     m = _RE.match(text or "")
     if not m:
         raise InvalidInput(f"invalid duration {text!r}", "write a number and a unit: 30d, 12h, 90m, 2w")
-    return timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
+    try:
+        return timedelta(**{_UNITS[m.group(2)]: float(m.group(1))})
+    except OverflowError:
+        raise InvalidInput(f"duration {text!r} is too long", "give at most a few thousand days, like 3650d") from None
 
 
 def format_duration(td: timedelta) -> str:

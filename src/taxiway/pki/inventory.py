@@ -20,6 +20,9 @@ from typing import Any
 
 import orjson
 
+from taxiway.errors import TaxiwayError
+from taxiway.pki.fileio import MAX_INVENTORY, FileProblem, open_nofollow, read_regular
+
 
 @dataclass
 class Record:
@@ -66,7 +69,12 @@ _FIELDS = set(Record.__dataclass_fields__)
 def append(path: Path, *events: dict[str, Any]) -> None:
     """Append events, one line each, with one write (atomic with O_APPEND on a local file system)."""
     line = b"".join(orjson.dumps(ev) + b"\n" for ev in events)
-    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        fd = open_nofollow(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+    except FileProblem as e:
+        raise _unusable(path, str(e)) from None
+    except OSError as e:
+        raise _unusable(path, f"cannot be opened ({e.strerror})") from None
     try:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
@@ -74,6 +82,11 @@ def append(path: Path, *events: dict[str, Any]) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+def _unusable(path: Path, problem: str) -> TaxiwayError:
+    return TaxiwayError(f"the inventory {path} {problem}",
+                        "replace it with the real file (restore it from a backup, or remove it to start an empty one)")
 
 
 _SERIAL = re.compile(r"^[0-9a-f]{1,40}$")
@@ -127,9 +140,13 @@ def read(path: Path, warn: Callable[[str], None] | None = None) -> dict[str, Rec
     """
     records: dict[str, Record] = {}
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_INVENTORY, nofollow=True)
     except FileNotFoundError:
         return records
+    except FileProblem as e:
+        raise _unusable(path, str(e)) from None
+    except OSError as e:
+        raise _unusable(path, f"cannot be read ({e.strerror})") from None
 
     def bad(n: int, why: str) -> None:
         if warn is not None:

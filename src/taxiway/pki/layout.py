@@ -8,6 +8,7 @@ from pathlib import Path
 ROOT, ROOT_KEY = "root.pem", "root-key.pem"
 INTER, INTER_KEY = "intermediate.pem", "intermediate-key.pem"
 META, INVENTORY, CRL, ROOT_CRL = "ca.json", "inventory.jsonl", "crl.pem", "root-crl.pem"
+CRL_NUMBER = "crlnumber"  # the last CRL number used, so numbers never go backwards with the clock
 
 
 def default_dir() -> Path:
