@@ -232,3 +232,77 @@ def test_transfer_encoding_other_than_one_chunked_is_501(headers):
     with pytest.raises(http.ProtocolError) as e:
         http.request_framing(http.parse_request_head(b"POST http://a/ HTTP/1.1\r\n" + headers + b"\r\n"))
     assert e.value.status == 501
+
+
+# -- outside test, findings 1 and 4: RFC 1035 shape, bounded echoes ----------------------------
+
+@pytest.mark.parametrize("raw", [
+    "a." * 30_000 + "test", "a" * 64 + ".test", ("a" * 63 + ".") * 4 + "b",  # 256 characters
+    "localhost..", "pub.test..", "pastebin.com..", "a..b", ".a", "..", ".", "a...",
+    "%2e%2e", "pub.test%2e%2e", "ｐｕｂ．ｔｅｓｔ．．",
+])
+def test_names_of_the_wrong_shape_are_refused_with_a_bounded_message(raw):
+    with pytest.raises(HostError) as e:
+        parse_host(raw)
+    assert len(str(e.value)) < 300
+    with pytest.raises(http.ProtocolError) as p:
+        http.parse_absolute_target(f"http://{raw}/")
+    assert p.value.status == 400 and len(str(p.value)) < 300
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("a" * 63 + ".test", "a" * 63 + ".test"),
+    (("a" * 63 + ".") * 3 + "a" * 61, ("a" * 63 + ".") * 3 + "a" * 61),  # 253 characters
+    (("a" * 63 + ".") * 3 + "a" * 61 + ".", ("a" * 63 + ".") * 3 + "a" * 61),
+    ("pub.test.", "pub.test"),
+])
+def test_names_at_the_limits_are_accepted(raw, expected):
+    assert parse_host(raw).name == expected
+
+
+@given(st.lists(st.sampled_from(["a", "b", "", "xn--e1aybc", "0"]), min_size=1, max_size=6),
+       st.integers(min_value=0, max_value=3))
+def test_an_empty_label_is_refused_except_one_trailing_dot(labels, dots):
+    raw = ".".join(labels) + "." * dots
+    bare = raw[:-1] if raw.endswith(".") else raw
+    bad = bare == "" or "" in bare.split(".")
+    try:
+        h = parse_host(raw)
+    except HostError:
+        assert bad or bare.split(".")[-1] == "0"  # or a numeric last label that is no IPv4 address
+        return
+    assert not bad and h.name in (bare, str(h.ip))
+
+
+def test_the_acl_never_matches_a_name_with_two_trailing_dots():
+    from taxiway.egress.acl import AclError, parse_acl
+
+    acl = parse_acl("version: v1\nservices:\n  - {name: r, project: p, action: enforce,"
+                    " allowed_domains: [pub.test]}\nglobal_deny_list: [pastebin.com]\n"
+                    "default: {project: d, action: open}\n")
+    assert acl.decide("r", "pub.test").allowed and acl.decide("r", "pub.test.").allowed
+    assert not acl.decide("r", "pub.test..").allowed
+    assert acl.decide(None, "pastebin.com.").reason == "host matched rule in global deny list"
+    assert acl.decide(None, "pastebin.com..").reason != "host matched rule in global deny list"
+    with pytest.raises(AclError, match="empty label"):
+        parse_acl("version: v1\nservices:\n  - {name: r, project: p, action: enforce,"
+                  " allowed_domains: [pub.test..]}\n")
+
+
+def test_matching_a_long_name_is_linear_in_its_labels():
+    # Before: each label's suffix was sliced and hashed (quadratic); now a name over
+    # 253 characters never reaches the matcher, and one within it costs at most 127 lookups.
+    from taxiway.egress.acl import DomainSet
+
+    class Counting(set):
+        lookups = 0
+
+        def __contains__(self, item):
+            Counting.lookups += 1
+            return super().__contains__(item)
+
+    d = DomainSet(["*.wild.test"])
+    d.below = Counting(d.below)
+    assert not d.matches("a." * 30_000 + "test")
+    assert Counting.lookups == 0
+    assert d.matches("a." * 120 + "wild.test") and Counting.lookups <= 127

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taxiway.egress.hosts import HostError, normalize_name
+from taxiway.egress.hosts import HostError, check_name_shape, normalize_name
 from taxiway.errors import InvalidInput
 
 
@@ -102,6 +102,7 @@ def validate_glob(svc: str, glob: Any) -> None:
         raise AclError(f"{svc}: {glob}: domain globs are only supported as prefix")
     try:
         normalized = normalize_name(domain)
+        check_name_shape(normalized)
     except HostError as e:
         raise AclError(f"{svc}: {glob}: incorrect ACL entry: {e}") from None
     if normalized != domain:
@@ -112,9 +113,9 @@ def validate_glob(svc: str, glob: Any) -> None:
 
 @functools.lru_cache(maxsize=8192)
 def _canonical(host: str) -> str | None:
-    """Normalized and without trailing dots, or None; cached, since hosts repeat."""
+    """Normalized and without its one trailing dot, or None (also for ``a..``); cached, since hosts repeat."""
     try:
-        return normalize_name(host).rstrip(".")
+        return check_name_shape(normalize_name(host))
     except HostError:
         return None
 
@@ -164,7 +165,7 @@ class DomainSet:
 
 
 def host_matches_glob(host: str, glob: str) -> bool:
-    """Match after IDNA, lower-casing and dropping trailing dots; ``*.x`` matches below x only."""
+    """Match after IDNA, lower-casing and dropping one trailing dot; ``*.x`` matches below x only."""
     if not host:
         return False
     h = _canonical(host)

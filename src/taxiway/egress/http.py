@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from taxiway.egress.hosts import Host, HostError, parse_host, parse_port, split_authority
+from taxiway.egress.hosts import Host, HostError, parse_host, parse_port, shown, split_authority
 
 MAX_HEADERS = 100
 
@@ -168,7 +168,7 @@ def parse_absolute_target(target: str, schemes: dict[str, int] | None = None) ->
     schemes = schemes or {"http": 80}
     scheme, sep, rest = target.partition("://")
     if not sep or scheme.lower() not in schemes:
-        raise ProtocolError(f"only http:// URLs can be proxied without CONNECT, got {target[:60]!r}")
+        raise ProtocolError(f"only http:// URLs can be proxied without CONNECT, got {shown(target, 60)}")
     default_port = schemes[scheme.lower()]
     end = len(rest)
     for c in "/?#":
@@ -186,10 +186,10 @@ def parse_absolute_target(target: str, schemes: dict[str, int] | None = None) ->
         if authority.startswith("["):
             close = authority.find("]")
             if close < 0:
-                raise HostError(f"unterminated IPv6 literal in {authority!r}")
+                raise HostError(f"unterminated IPv6 literal in {shown(authority)}")
             raw_host, port_s = authority[: close + 1], authority[close + 1 :]
             if port_s and not port_s.startswith(":"):
-                raise HostError(f"junk after IPv6 literal in {authority!r}")
+                raise HostError(f"junk after IPv6 literal in {shown(authority)}")
             port_s = port_s[1:]
         else:
             raw_host, _, port_s = authority.partition(":")
@@ -332,7 +332,7 @@ def serialize_response_head(head: ResponseHead, keep_alive: bool) -> bytes:
 
 def header_safe(text: str) -> str:
     """One printable ASCII line, safe to put in a header."""
-    text = text.encode("ascii", "backslashreplace").decode("ascii")
+    text = text[:2000].encode("ascii", "backslashreplace").decode("ascii")
     return "".join(c if " " <= c <= "~" else "?" for c in text)[:500]
 
 

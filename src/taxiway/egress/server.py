@@ -33,13 +33,14 @@ import orjson
 from taxiway.egress import http, is_loopback_name, splice
 from taxiway.egress.acl import Acl, Decision, Result, load_acl
 from taxiway.egress.addresses import AddressPolicy, AddressVerdict, Range
-from taxiway.egress.hosts import IPAddress
+from taxiway.egress.hosts import IPAddress, shown
 from taxiway.egress.metrics import Metrics
 from taxiway.egress.relay import ProtocolTunnel
 from taxiway.egress.resolver import ResolveError, Resolver
 from taxiway.egress.roles import Authenticator, cert_common_name, load_users, parse_basic
 
 READ_SIZE = 256 * 1024
+LOG_TEXT = 500  # at most this much of any client-chosen text in a log line
 T = TypeVar("T")
 
 
@@ -352,7 +353,7 @@ class EgressProxy:
                 try:
                     head = http.parse_request_head(raw)
                 except http.ProtocolError as e:
-                    writer.write(http.simple_response(e.status, f"{e}\n"))
+                    self._refuse(writer, "request", client, raw.split(b"\r\n", 1)[0], e)
                     break
                 if head.method == "CONNECT":
                     await self._connect(head, reader, writer, client, cert_role)
@@ -470,6 +471,16 @@ class EgressProxy:
                            conn_id=conn_id)
         writer.write(http.simple_response(d.status, msg + "\n", headers))
 
+    def _refuse(self, writer: asyncio.StreamWriter, kind: str, client: str, target: str | bytes,
+                e: http.ProtocolError, conn_id: int = 0) -> None:
+        """Answer a request that could not be read (bad head, host or framing); one log line, bounded."""
+        if isinstance(target, bytes):
+            target = target.decode("latin-1")
+        self.metrics.inc("taxiway_egress_responses_total", status=str(e.status), proxy_type=kind)
+        self.log(msg="refused", id=conn_id, proxy_type=kind, client=client, status=e.status,
+                 error=str(e)[:LOG_TEXT], target=shown(target))
+        writer.write(http.simple_response(e.status, f"{e}\n", [("X-Taxiway-Egress-Error", str(e))]))
+
     async def _open(self, out: Outcome, dial: Callable[[str, int], Awaitable[T]]
                     ) -> tuple[T, AddressVerdict, float]:
         """Dial the allowed, pinned addresses in order; the first that answers wins."""
@@ -502,7 +513,7 @@ class EgressProxy:
         try:
             target = http.parse_connect_target(head.target)
         except http.ProtocolError as e:
-            writer.write(http.simple_response(400, f"{e}\n", [("X-Taxiway-Egress-Error", str(e))]))
+            self._refuse(writer, "connect", client, head.target, e, conn_id)
             return
         out = None
         tunnel = ProtocolTunnel()
@@ -615,7 +626,7 @@ class EgressProxy:
             target = http.parse_absolute_target(head.target)
             framing = http.request_framing(head)
         except http.ProtocolError as e:
-            writer.write(http.simple_response(e.status, f"{e}\n", [("X-Taxiway-Egress-Error", str(e))]))
+            self._refuse(writer, "http", client, head.target, e, conn_id)
             return False
         out = None
         up = conn.upstream

@@ -1,0 +1,115 @@
+"""An outside tester's findings against `taxiway egress serve`, replayed on loopback with raw sockets.
+
+Each test runs the real proxy with the loopback test resolver (``dns``), so no
+query ever leaves the machine; ``dns.queries`` records what the proxy asked.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+from helpers.servers import free_port
+
+from .conftest import ALLOWED, raw_request, status_of
+from .test_server import basic, get, log_lines, wait_for_log
+
+AUTH = "Proxy-Authorization: " + basic("any", "pw")
+
+WILD_ACL = """\
+version: v1
+services:
+  - name: authed
+    project: platform
+    action: enforce
+    allowed_domains: ["*.wild.test", ok.test]
+global_deny_list: [blocked.test, pastebin.com]
+"""
+
+
+@pytest.fixture
+def acl_proxy(start_proxy, tmp_path):
+    acl = tmp_path / "acl.yaml"
+    acl.write_text(WILD_ACL)
+    return start_proxy("--acl", str(acl), env={"PROXY_PASSWORD": "pw"})
+
+
+def read_to_eof(s: socket.socket) -> bytes:
+    """Everything until the proxy closes; socket.timeout (a failure) if it keeps the connection."""
+    out = b""
+    while True:
+        c = s.recv(65536)
+        if not c:
+            return out
+        out += c
+
+
+def asked(dns, name: str, since: int) -> list[str]:
+    """The queries for ``name`` (or below it) since ``dns.queries`` had ``since`` entries."""
+    return [q for q in dns.queries[since:] if q.split("/")[0].endswith(name)]
+
+
+# -- finding 1: long names ----------------------------------------------------------------------
+
+def test_a_30000_label_name_is_400_before_any_acl_or_dns_and_is_not_echoed(acl_proxy, dns, upstream):
+    name = "a." * 30_000 + "wild.test"
+    n0 = len(dns.queries)
+    resp = get(acl_proxy, f"http://{name}:{upstream.port}/", AUTH)
+    assert status_of(resp) == 400, resp[:300]
+    # Before: the 60 KB name came back in the body and (cut at 500) in the header.
+    assert len(resp) < 1000 and b"at most 253" in resp, resp
+    assert not asked(dns, "wild.test", n0)
+    line = wait_for_log(acl_proxy, lambda d: d.get("msg") == "refused")
+    assert line["status"] == 400 and line["proxy_type"] == "http"
+    assert len(line["target"]) < 200 and len(line["error"]) < 500
+    # The same name through CONNECT, and one with a 64-character label.
+    resp = raw_request(acl_proxy, f"CONNECT {name}:443 HTTP/1.1\r\n{AUTH}\r\n\r\n".encode())
+    assert status_of(resp) == 400 and len(resp) < 1000
+    assert status_of(get(acl_proxy, f"http://{'b' * 64}.wild.test:{upstream.port}/", AUTH)) == 400
+    assert not asked(dns, "wild.test", n0)
+    assert len([d for d in log_lines(acl_proxy) if d.get("msg") == "refused"]) >= 3
+
+
+# -- finding 4: two trailing dots -----------------------------------------------------------------
+
+@pytest.mark.parametrize("host", ["localhost..", "ok.test..", "pastebin.com..", "blocked.test..", "ok.test..."])
+def test_two_trailing_dots_are_400_and_never_resolved(acl_proxy, dns, upstream, host):
+    n0 = len(dns.queries)
+    resp = get(acl_proxy, f"http://{host}:{upstream.port}/", AUTH)
+    assert status_of(resp) == 400 and b"empty label" in resp, resp
+    assert not asked(dns, host.rstrip("."), n0)
+    # One trailing dot is the same name as none.
+    resp = get(acl_proxy, f"http://ok.test.:{upstream.port}/one-dot", AUTH)
+    assert status_of(resp) == 200 and b"GET /one-dot" in resp
+
+
+def test_egress_check_refuses_two_trailing_dots(taxiway, tmp_path):
+    acl = tmp_path / "acl.yaml"
+    acl.write_text(WILD_ACL)
+    r = taxiway("egress", "check", "--acl", str(acl), "--role", "authed", "https://pastebin.com../")
+    assert r.returncode != 0 and b"empty label" in r.stderr, r
+    r = taxiway("egress", "check", "--acl", str(acl), "--role", "authed", "https://pastebin.com./")
+    assert r.returncode == 1 and b"global deny list" in r.stdout
+
+
+# -- finding 7: a denied name is never resolved ---------------------------------------------------
+
+@pytest.mark.parametrize("host", ["blocked.test", "sub.blocked.test", "internal.test", "private.test"])
+def test_a_name_the_acl_denies_is_refused_before_any_dns_query(acl_proxy, dns, upstream, host):
+    # blocked.test is on the deny list; the others are outside the role's enforce list.
+    n0 = len(dns.queries)
+    resp = get(acl_proxy, f"http://{host}:{upstream.port}/", AUTH)
+    assert status_of(resp) == 403, resp
+    s = socket.create_connection((acl_proxy.host, acl_proxy.port), timeout=10)
+    s.sendall(f"CONNECT {host}:443 HTTP/1.1\r\n{AUTH}\r\n\r\n".encode())
+    assert status_of(read_to_eof(s)) == 403
+    s.close()
+    assert not asked(dns, host, n0)
+    # Control: an allowed name is resolved through the same resolver.
+    assert status_of(get(acl_proxy, f"http://ok.test:{upstream.port}/", AUTH)) == 200
+    assert asked(dns, "ok.test", n0)
