@@ -113,3 +113,25 @@ def test_a_name_the_acl_denies_is_refused_before_any_dns_query(acl_proxy, dns, u
     # Control: an allowed name is resolved through the same resolver.
     assert status_of(get(acl_proxy, f"http://ok.test:{upstream.port}/", AUTH)) == 200
     assert asked(dns, "ok.test", n0)
+
+
+# -- finding 2: local endpoints and Connection: close ---------------------------------------------
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"GET /healthz HTTP/1.0\r\n\r\n",
+])
+def test_local_endpoints_close_when_asked(shared_proxy, request_bytes):
+    with socket.create_connection((shared_proxy.host, shared_proxy.port), timeout=15) as s:
+        s.sendall(request_bytes)
+        resp = read_to_eof(s)  # before: kept open for --idle-timeout (300 s)
+    assert status_of(resp) == 200 and b"\r\nConnection: close\r\n" in resp
+
+
+def test_a_kept_alive_local_connection_is_closed_after_the_idle_timeout(start_proxy):
+    proxy = start_proxy("--idle-timeout", "1")
+    with socket.create_connection((proxy.host, proxy.port), timeout=30) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = read_to_eof(s)
+    assert status_of(resp) == 200 and b"Connection: close" not in resp and resp.endswith(b"ok\n")

@@ -87,6 +87,14 @@ def connection_tokens(headers: Headers) -> set[bytes]:
     return out
 
 
+def keeps_alive(head: RequestHead) -> bool:
+    """Whether the client wants the connection kept after this request (HTTP/1.1 unless ``close``)."""
+    tokens = connection_tokens(head.headers)
+    if head.version == b"HTTP/1.1":
+        return b"close" not in tokens
+    return b"keep-alive" in tokens and b"close" not in tokens
+
+
 def _parse_headers(lines: list[bytes]) -> Headers:
     if len(lines) > MAX_HEADERS:
         raise ProtocolError(f"more than {MAX_HEADERS} header fields", 431)

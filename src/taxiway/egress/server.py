@@ -375,17 +375,18 @@ class EgressProxy:
                 await _close(writer)
 
     async def _local(self, head: http.RequestHead, writer: asyncio.StreamWriter) -> bool:
-        """Origin-form requests to the proxy itself: /metrics and /healthz."""
+        """Origin-form requests to the proxy itself: /metrics and /healthz; True to keep the connection."""
         path = head.target.split("?")[0]
+        keep = http.keeps_alive(head) and not self.draining
         if path == "/metrics" and head.method == "GET":
             self.metrics.set("taxiway_egress_tunnels_active", self.active_tunnels)
             self.metrics.set("taxiway_egress_connections_open", len(self.connections))
-            writer.write(http.simple_response(200, self.metrics.render(), close=False,
+            writer.write(http.simple_response(200, self.metrics.render(), close=not keep,
                                               content_type="text/plain; version=0.0.4"))
-            return True
+            return keep
         if path == "/healthz":
-            writer.write(http.simple_response(200, "ok\n", close=False))
-            return True
+            writer.write(http.simple_response(200, "ok\n", close=not keep))
+            return keep
         writer.write(http.simple_response(400, "this is a proxy: send absolute-form or CONNECT requests\n"))
         return False
 
@@ -649,10 +650,7 @@ class EgressProxy:
         decision, reason = out.allowed_as()
         self._log_decision("http", client, target, out, None, f"{reason}; {up.verdict.reason}", decision,
                            str(up.verdict.address), up.connect_ms, conn_id)
-        tokens = http.connection_tokens(head.headers)
-        keep = (head.version == b"HTTP/1.1" and b"close" not in tokens) or \
-               (head.version == b"HTTP/1.0" and b"keep-alive" in tokens)
-        keep = keep and not self.draining
+        keep = http.keeps_alive(head) and not self.draining
         started = time.monotonic()
         counts = [0, 0, 0]  # body bytes out, body bytes in, response bytes sent to the client
         status = 0
