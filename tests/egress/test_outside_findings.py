@@ -135,3 +135,28 @@ def test_a_kept_alive_local_connection_is_closed_after_the_idle_timeout(start_pr
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         resp = read_to_eof(s)
     assert status_of(resp) == 200 and b"Connection: close" not in resp and resp.endswith(b"ok\n")
+
+
+# -- finding 3: a cap on client connections -------------------------------------------------------
+
+def test_connections_past_max_connections_are_refused_logged_and_counted(start_proxy):
+    proxy = start_proxy("--max-connections", "3")
+    held = [socket.create_connection((proxy.host, proxy.port), timeout=10) for _ in range(3)]
+    for s in held:
+        s.sendall(b"GET http://ok.test/ HTTP/1.1\r\nX-Half: " + b"x" * 30_000)  # half-sent heads
+    extra = socket.create_connection((proxy.host, proxy.port), timeout=10)
+    resp = read_to_eof(extra)
+    extra.close()
+    assert status_of(resp) == 503 and b"too many client connections (3)" in resp
+    line = wait_for_log(proxy, lambda d: d.get("msg") == "connection refused")
+    assert "--max-connections" in line["reason"] and line["refused_total"] == 1
+    held.pop().close()
+    metrics = b""
+    for _ in range(50):  # the proxy notices the close on its next loop iteration
+        metrics = raw_request(proxy, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+        if status_of(metrics) == 200:
+            break
+    assert b"taxiway_egress_connections_refused_total" in metrics
+    assert status_of(metrics) == 200
+    for s in held:
+        s.close()

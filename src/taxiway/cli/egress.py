@@ -71,11 +71,13 @@ def egress() -> None:
               help="Seconds to send each request head once it starts (the first: from connecting).")
 @click.option("--total-timeout", default=0.0, show_default=True, help="Max seconds per tunnel (0: none).")
 @click.option("--max-tunnels", default=10_000, show_default=True, help="Open upstream connections; 503 beyond.")
+@click.option("--max-connections", default=10_000, show_default=True,
+              help="Open client connections; more are answered 503 and closed (logged, counted).")
 @click.option("--max-header-bytes", default=65536, show_default=True, help="Largest request head; 431 beyond.")
 @click.option("--drain-timeout", default=30.0, show_default=True, help="Seconds to drain on SIGTERM.")
 def serve(listen, acl, allow_range, deny_range, deny_address, tls_cert, tls_key, client_ca, users,
           resolver, disabled, connect_timeout, dns_timeout, idle_timeout, header_timeout, total_timeout, max_tunnels,
-          max_header_bytes, drain_timeout) -> None:
+          max_connections, max_header_bytes, drain_timeout) -> None:
     """Run the proxy. $PROXY_PASSWORD enables Basic auth (role `authed`); SIGHUP reloads the ACL."""
     from pathlib import Path
 
@@ -85,6 +87,8 @@ def serve(listen, acl, allow_range, deny_range, deny_address, tls_cert, tls_key,
 
     if tls_key and not tls_cert or client_ca and not tls_cert:
         raise InvalidInput("--tls-key and --client-ca need --tls-cert", "pass the proxy's certificate too")
+    if max_connections < 1:
+        raise InvalidInput(f"--max-connections {max_connections} must be at least 1", "e.g. --max-connections 10000")
     config = EgressConfig(
         listen=_listen(listen), acl_path=Path(acl) if acl else None,
         allow_ranges=_ranges(allow_range, "--allow-range"),
@@ -95,7 +99,8 @@ def serve(listen, acl, allow_range, deny_range, deny_address, tls_cert, tls_key,
         users_path=Path(users) if users else None, disabled_actions=tuple(disabled),
         connect_timeout=connect_timeout, dns_timeout=dns_timeout, idle_timeout=idle_timeout,
         header_timeout=header_timeout, total_timeout=total_timeout,
-        max_tunnels=max_tunnels, max_header_bytes=max_header_bytes, drain_timeout=drain_timeout,
+        max_tunnels=max_tunnels, max_connections=max_connections, max_header_bytes=max_header_bytes,
+        drain_timeout=drain_timeout,
     )
     run(config)
 

@@ -64,6 +64,9 @@ class EgressConfig:
     header_timeout: float = 30.0  # for each request head, from its first byte to its blank line
     dns_timeout: float = 5.0
     max_tunnels: int = 10_000
+    # Open client connections; each may hold up to max_header_bytes of a half-sent head,
+    # so this also bounds that memory (10,000 x 64 KiB = 640 MiB at worst).
+    max_connections: int = 10_000
     max_header_bytes: int = 64 * 1024
     drain_timeout: float = 30.0
 
@@ -171,7 +174,8 @@ class EgressProxy:
         self.draining = False
         self._ids = itertools.count(1)
         self._flush_pending = False
-        self._pending: set[asyncio.Task] = set()
+        self._pending: set[asyncio.Task] = set()  # one per open client connection
+        self._refusing = False
         self._judged: dict[tuple[IPAddress, int], AddressVerdict] = {}
         self._server: _Acceptor | None = None
         self._ssl: ssl.SSLContext | None = None
@@ -265,9 +269,30 @@ class EgressProxy:
                      fix="raise the file descriptor limit (ulimit -n, LimitNOFILE=) or lower --max-tunnels")
 
     def _accepted(self, sock: socket.socket) -> None:
+        if len(self._pending) >= self.config.max_connections:
+            self._refuse_connection(sock)
+            return
+        self._refusing = False
         task = asyncio.get_running_loop().create_task(self._serve_socket(sock))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+
+    def _refuse_connection(self, sock: socket.socket) -> None:
+        """Past --max-connections: a 503 if the socket takes it at once, then close."""
+        limit = self.config.max_connections
+        self.metrics.inc("taxiway_egress_connections_refused_total")
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)
+            sock.send(http.simple_response(503, f"too many client connections ({limit})\n",
+                                           [("Retry-After", "1")]))
+        sock.close()
+        refused = self.metrics.value("taxiway_egress_connections_refused_total")
+        if not self._refusing or refused % 1000 == 0:
+            # A line when an episode starts, then one per thousand refusals while it lasts.
+            self._refusing = True
+            self.log(msg="connection refused", reason=f"{limit} client connections open (--max-connections)",
+                     open_connections=len(self._pending), refused_total=int(refused),
+                     fix="raise --max-connections (and the file descriptor limit), or add proxies")
 
     async def _serve_socket(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -913,6 +938,8 @@ def _metrics() -> Metrics:
     m.describe("taxiway_egress_tunnels_active", "gauge", "Open upstream connections.")
     m.describe("taxiway_egress_connections_open", "gauge", "Open client connections.")
     m.describe("taxiway_egress_reloads_total", "counter", "ACL reloads (SIGHUP) by result.")
+    m.describe("taxiway_egress_connections_refused_total", "counter",
+               "Client connections closed at once because --max-connections were open.")
     m.describe("taxiway_egress_accept_errors_total", "counter",
                "Failed accepts by errno (EMFILE: out of file descriptors); accepting backs off.")
     m.describe("taxiway_egress_dns_seconds", "histogram", "Time to resolve a name.")
