@@ -306,3 +306,52 @@ def test_matching_a_long_name_is_linear_in_its_labels():
     assert not d.matches("a." * 30_000 + "test")
     assert Counting.lookups == 0
     assert d.matches("a." * 120 + "wild.test") and Counting.lookups <= 127
+
+
+# -- outside test, finding 5: chunked bodies are re-framed, never passed on as sent ------------
+
+def _reframe(body: bytes) -> bytes:
+    s = http.ChunkedScanner()
+    assert s.feed(body) == len(body) and s.done
+    return s.take()
+
+
+@pytest.mark.parametrize("body,canonical", [
+    (b"3 \r\nabc\r\n0\r\n\r\n", b"3\r\nabc\r\n0\r\n\r\n"),
+    (b"3\t \r\nabc\r\n0 \r\n\r\n", b"3\r\nabc\r\n0\r\n\r\n"),
+    (b"0003;ext=\"x\"\r\nabc\r\n000;y\r\n\r\n", b"3\r\nabc\r\n0\r\n\r\n"),
+    (b"A\r\n0123456789\r\n0\r\nX-T:  1 \r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n"
+     b"Connection: close\r\nHost: evil\r\n\r\n", b"a\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\n"),
+])
+def test_chunked_bodies_are_rewritten_in_canonical_form(body, canonical):
+    import h11
+
+    assert _reframe(body) == canonical
+    # h11 reads the original and the rewrite as the same data.
+    def read(b: bytes) -> tuple[bytes, list]:
+        c = h11.Connection(h11.SERVER)
+        c.receive_data(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + b)
+        data, events = b"", []
+        while not events or type(events[-1]) is not h11.EndOfMessage:
+            events.append(c.next_event())
+            if isinstance(events[-1], h11.Data):
+                data += events[-1].data
+        return data, list(events[-1].headers)
+    assert read(body)[0] == read(canonical)[0]
+    assert all(k not in (b"transfer-encoding", b"content-length", b"host", b"connection")
+               for k, _ in read(canonical)[1])
+
+
+@given(st.lists(st.binary(min_size=1, max_size=50), max_size=6),
+       st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=20),
+       st.sampled_from([b"", b" ", b"\t", b";a=b", b";a=b "]), st.sampled_from(["%x", "%X", "%04x"]))
+def test_reframing_gives_the_canonical_body_however_the_bytes_arrive(parts, cuts, junk, fmt):
+    sent = b"".join((fmt % len(p)).encode() + junk + b"\r\n" + p + b"\r\n" for p in parts) + b"0" + junk + b"\r\n\r\n"
+    s, out, i, k = http.ChunkedScanner(), b"", 0, 0
+    while i < len(sent):
+        piece = sent[i:i + cuts[k % len(cuts)]]
+        k += 1
+        assert s.feed(piece) == len(piece)
+        out += s.take()
+        i += len(piece)
+    assert s.done and out == _chunked(parts)

@@ -160,3 +160,75 @@ def test_connections_past_max_connections_are_refused_logged_and_counted(start_p
     assert status_of(metrics) == 200
     for s in held:
         s.close()
+
+
+# -- finding 5: chunked bodies are re-framed ------------------------------------------------------
+
+class RawUpstream:
+    """A one-connection-at-a-time server that records the bytes it gets and answers 200 at a body's end."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server((ALLOWED, 0))
+        self.port = self.sock.getsockname()[1]
+        self.received: list[bytes] = []
+        self.done = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            data = b""
+            with conn:
+                conn.settimeout(30)
+                try:
+                    while True:
+                        c = conn.recv(65536)
+                        if not c:
+                            break
+                        data += c
+                        if data.endswith(b"\r\n0\r\n\r\n") or b"\r\n0\r\nX-" in data and data.endswith(b"\r\n\r\n"):
+                            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+                            break
+                except OSError:
+                    pass
+            self.received.append(data)
+            self.done.set()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_upstream():
+    u = RawUpstream()
+    yield u
+    u.close()
+
+
+def post_chunked(proxy, port: int, body: bytes) -> bytes:
+    return raw_request(proxy, b"POST http://%s:%d/up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                              b"Connection: close\r\n\r\n%s" % (ALLOWED.encode(), port, body), timeout=20)
+
+
+def test_chunk_sizes_are_rewritten_and_trailers_filtered(shared_proxy, raw_upstream):
+    body = (b"3 \r\nabc\r\n0004;ext=1\r\ndefg\r\n0\r\nX-Sum: 1\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Length: 9\r\nConnection: keep-alive\r\n\r\n")
+    resp = post_chunked(shared_proxy, raw_upstream.port, body)
+    assert status_of(resp) == 200, resp
+    assert raw_upstream.done.wait(20)
+    got = raw_upstream.received[-1]
+    head, _, sent_body = got.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head
+    # Before: forwarded byte for byte, "3 " and the trailer's Transfer-Encoding included.
+    assert sent_body == b"3\r\nabc\r\n4\r\ndefg\r\n0\r\nX-Sum: 1\r\n\r\n"
+
+
+def test_a_body_broken_from_its_first_line_sends_nothing_upstream(shared_proxy, raw_upstream):
+    resp = post_chunked(shared_proxy, raw_upstream.port, b"zz\r\nhello\r\n0\r\n\r\n")
+    assert status_of(resp) == 400 and b"bad chunk size line" in resp
+    # The proxy had dialled; it closes that connection without having written the head.
+    assert raw_upstream.done.wait(20)
+    assert raw_upstream.received == [b""]

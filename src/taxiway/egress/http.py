@@ -245,14 +245,25 @@ def response_framing(head: ResponseHead, method: str) -> tuple[str, int]:
     return "close", 0
 
 
+# Never forwarded in a trailer: framing, routing, authentication and hop-by-hop fields
+# (RFC 9110 6.5.1); a "Transfer-Encoding: chunked" there means nothing good.
+TRAILER_DROP = HOP_BY_HOP | {
+    b"transfer-encoding", b"content-length", b"host", b"authorization", b"content-encoding",
+    b"content-type", b"content-range", b"expect", b"max-forwards", b"cache-control",
+}
+
+
 class ChunkedScanner:
-    """Finds where a chunked body ends without decoding it (bytes pass through as-is).
+    """Reads a chunked body as h11 does and writes it out again in canonical form.
 
     ``feed(data)`` returns the number of bytes of ``data`` that belong to the
     body; when that is less than ``len(data)`` or ``done`` is set, the body
-    (including trailers) ended there. As strict as h11: chunk sizes are plain
-    hex digits, and every line ends in CRLF (a bare LF is one that different
-    servers split differently, so it is refused, never passed on).
+    (including trailers) ended there. ``take()`` returns the re-framed bytes
+    so far: sizes as plain ``%x``, no chunk extensions or whitespace, trailers
+    without framing and hop-by-hop fields. Nothing the client wrote is passed on
+    as it came, so no byte of its framing can be read differently upstream. As
+    strict as h11: chunk sizes are 1-20 hex digits, and every line ends in CRLF
+    (a bare LF is one that different servers split differently, so it is refused).
     """
 
     MAX_LINE = 4096
@@ -262,12 +273,20 @@ class ChunkedScanner:
         self._state = "size"  # size, data, data-crlf, trailer
         self._line = bytearray()
         self._remaining = 0
+        self._out = bytearray()
+
+    def take(self) -> bytes:
+        """The canonical bytes produced since the last call."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
 
     def feed(self, data: bytes) -> int:
         i, n = 0, len(data)
         while i < n and not self.done:
             if self._state == "data":
                 take = min(self._remaining, n - i)
+                self._out += data[i:i + take]
                 i += take
                 self._remaining -= take
                 if self._remaining == 0:
@@ -294,6 +313,7 @@ class ChunkedScanner:
                 if m is None:
                     raise ProtocolError(f"bad chunk size line {line[:20]!r}")
                 size = int(m[1], 16)
+                self._out += b"%x\r\n" % size
                 if size == 0:
                     self._state = "trailer"
                 else:
@@ -301,14 +321,18 @@ class ChunkedScanner:
             elif self._state == "data-crlf":
                 if line:
                     raise ProtocolError("missing CRLF after chunk data")
+                self._out += b"\r\n"
                 self._state = "size"
             elif self._state == "trailer":
                 if not line:
+                    self._out += b"\r\n"
                     self.done = True
                 else:
                     name, sep, value = line.partition(b":")
                     if not sep or not _is_token(name) or b"\x00" in value:
                         raise ProtocolError(f"malformed trailer line {line[:40]!r}")
+                    if name.lower() not in TRAILER_DROP:
+                        self._out += name + b": " + value.strip(b" \t") + b"\r\n"
         return i
 
 

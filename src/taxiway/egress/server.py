@@ -734,10 +734,17 @@ class EgressProxy:
                         keep: bool, counts: list[int], out: Outcome, client: str, conn_id: int
                         ) -> tuple[int, bool, bool]:
         """One request/response over ``up``: (status, keep client, keep upstream)."""
-        up.writer.write(http.serialize_request(head, target, keep_alive=keep))
+        request_head = http.serialize_request(head, target, keep_alive=keep)
         body = None
-        if framing[0] != "none":
-            body = asyncio.create_task(_copy_body(reader, up.writer, framing, counts, 0))
+        expect = (head.get(b"expect") or b"").strip().lower() == b"100-continue"
+        if framing[0] == "chunked" and not expect:
+            # The head goes with the first chunk that parsed: a body that is garbage from
+            # its first byte never puts a request in front of the upstream.
+            body = asyncio.create_task(_copy_body(reader, up.writer, framing, counts, 0, prefix=request_head))
+        else:
+            up.writer.write(request_head)
+            if framing[0] != "none":
+                body = asyncio.create_task(_copy_body(reader, up.writer, framing, counts, 0))
         idle = self.config.idle_timeout
         try:
             # One timer per exchange, pushed back whenever bytes move (an idle timeout).
@@ -854,8 +861,12 @@ class _ClientState:
 
 async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, framing: tuple[str, int],
                      counts: list[int], index: int, timer: asyncio.Timeout | None = None,
-                     idle: float = 0.0) -> None:
-    """Copy one message body as framed; pushes ``timer`` back by ``idle`` on progress."""
+                     idle: float = 0.0, prefix: bytes = b"") -> None:
+    """Copy one message body as framed; pushes ``timer`` back by ``idle`` on progress.
+
+    A chunked body is re-framed (:class:`http.ChunkedScanner`); ``prefix`` (the
+    request head) is written with its first canonical bytes.
+    """
     kind, length = framing
     loop = asyncio.get_running_loop()
 
@@ -887,10 +898,12 @@ async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, frami
             if used < len(data):
                 # Bytes past the body belong to the next message: give them back.
                 src._buffer[:0] = data[used:]  # noqa: SLF001
-                data = data[:used]
-            progress(len(data))
-            dst.write(data)
-            await dst.drain()
+            progress(used)
+            out = scanner.take()
+            if out:
+                dst.write(prefix + out)
+                prefix = b""
+                await dst.drain()
         return
     while True:  # read until close
         data = await src.read(READ_SIZE)
