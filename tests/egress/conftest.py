@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import ipaddress
 import itertools
+import os
 import sys
 import threading
 from collections.abc import Iterator
@@ -23,6 +24,10 @@ from pathlib import Path
 
 import pytest
 from helpers.servers import Server, free_port, serve
+
+# The proxies started here inherit this environment; a password set outside must not leak in
+# (an empty one is refused by `egress serve`).
+os.environ.pop("PROXY_PASSWORD", None)
 
 ALLOWED = "127.0.0.2"
 INTERNAL = "127.0.0.3"
@@ -247,7 +252,7 @@ def proxy_server(log_dir: Path, *args: str, env: dict[str, str] | None = None,
     """``taxiway egress serve --listen 127.0.0.1:PORT ARGS`` until the block ends."""
     port = port or free_port()
     argv = [sys.executable, "-m", "taxiway", "egress", "serve", "--listen", f"127.0.0.1:{port}", *args]
-    env = {"PROXY_PASSWORD": "", **(env or {})}
+    env = dict(env or {})
     with serve(argv, port, log=log_dir / f"egress-{port}.log", env=env) as s:
         yield s
 

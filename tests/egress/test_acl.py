@@ -293,3 +293,32 @@ def test_a_non_utf8_acl_is_one_error_naming_the_file(tmp_path):
         load_acl(path)
     assert str(e.value) == (f"ACL {path} is not UTF-8 text: byte 0xe9 on line 3; "
                             "save the file as UTF-8 (YAML files are UTF-8)")
+
+
+def test_password_checks_are_cached_success_and_failure_apart(monkeypatch):
+    # Outside test, finding 6: a flood of wrong passwords cannot evict verified users.
+    import bcrypt
+
+    from taxiway.egress.roles import Authenticator, User
+
+    calls = []
+    real = bcrypt.checkpw
+    monkeypatch.setattr(bcrypt, "checkpw", lambda pw, h: calls.append(pw) or real(pw, h))
+    a = Authenticator(None, {"alice": User("alice", bcrypt.hashpw(b"pw", bcrypt.gensalt(4)), "web")})
+    a.MAX_FAILED = 3
+    assert a.role_from_password("alice", "pw") == "web" and a.cached("alice", "pw") == (True, "web")
+    for i in range(10):
+        assert a.role_from_password("alice", f"wrong{i}") is None
+    assert a.cached("alice", "wrong9") == (True, None) and a.cached("alice", "wrong0") == (False, None)
+    n = len(calls)
+    assert a.role_from_password("alice", "pw") == "web" and len(calls) == n
+
+
+def test_unsupported_keys_are_listed_as_warnings():
+    from taxiway.egress.acl import parse_acl
+
+    acl = parse_acl("version: v1\nservices:\n  - {name: r, project: p, action: enforce, allowed_domains: [a.test],"
+                    " allowed_external_proxies: [p.test]}\n")
+    assert acl.warnings == ("'allowed_external_proxies' is not supported by taxiway egress and has no effect"
+                            " (used by r)",)
+    assert parse_acl("version: v1\nservices: []\n").warnings == ()

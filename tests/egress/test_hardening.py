@@ -139,7 +139,7 @@ def test_running_out_of_file_descriptors_is_logged_counted_and_survived(tmp_path
             "--listen", f"127.0.0.1:{port}", "--resolver", dns.address, "--allow-range", "127.0.0.2/32"]
     from helpers.servers import serve
 
-    with serve(argv, port, log=tmp_path / "egress.log", env={"PROXY_PASSWORD": ""}) as proxy:
+    with serve(argv, port, log=tmp_path / "egress.log", env={}) as proxy:
         held = []
         try:
             for _ in range(100):  # each one costs the proxy a descriptor

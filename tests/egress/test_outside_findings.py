@@ -232,3 +232,60 @@ def test_a_body_broken_from_its_first_line_sends_nothing_upstream(shared_proxy, 
     # The proxy had dialled; it closes that connection without having written the head.
     assert raw_upstream.done.wait(20)
     assert raw_upstream.received == [b""]
+
+
+# -- finding 6: empty password, ACL keys not applied, bcrypt off the loop -------------------------
+
+def test_an_empty_proxy_password_is_refused(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "taxiway", "egress", "serve", "--listen", f"127.0.0.1:{free_port()}",
+                        "--resolver", "127.0.0.1:9"], env={**os.environ, "PROXY_PASSWORD": ""},
+                       capture_output=True, timeout=60)
+    assert r.returncode != 0
+    assert b"PROXY_PASSWORD is set but empty" in r.stderr and b"unset it" in r.stderr, r.stderr
+
+
+def test_acl_keys_taxiway_does_not_apply_are_warned_about_once(start_proxy, tmp_path, taxiway):
+    acl = tmp_path / "acl.yaml"
+    acl.write_text("""\
+version: v1
+services:
+  - name: mitm
+    project: x
+    action: enforce
+    allowed_domains: [a.test]
+    mitm_domains: [{domain: a.test}]
+    allowed_external_proxies: [proxy.test]
+  - name: mitm2
+    project: x
+    action: enforce
+    allowed_domains: [b.test]
+    mitm_domains: [{domain: b.test}]
+""")
+    proxy = start_proxy("--acl", str(acl))
+    wait_for_log(proxy, lambda d: d.get("msg") == "listening")
+    warnings = [d["warning"] for d in log_lines(proxy) if d.get("msg") == "acl warning"]
+    assert len(warnings) == 2, warnings
+    assert "'mitm_domains' is not supported" in warnings[0] and "mitm, mitm2" in warnings[0]
+    assert "'allowed_external_proxies' is not supported" in warnings[1]
+    r = taxiway("egress", "check", "--acl", str(acl), "--role", "mitm", "https://a.test/")
+    assert r.returncode == 0 and r.stderr.count(b"is not supported by taxiway egress") == 2
+
+
+@pytest.mark.timeout(120)
+def test_a_slow_password_check_does_not_stall_other_clients(start_proxy, tmp_path, upstream):
+    import bcrypt
+
+    users = tmp_path / "users"
+    users.write_text(f"alice:{bcrypt.hashpw(b'alice-pw', bcrypt.gensalt(14)).decode()}\n")
+    proxy = start_proxy("--users", str(users))
+    slow = socket.create_connection((proxy.host, proxy.port), timeout=60)
+    slow.sendall(f"GET http://ok.test:{upstream.port}/ HTTP/1.1\r\n"
+                 f"Proxy-Authorization: {basic('alice', 'wrong')}\r\nConnection: close\r\n\r\n".encode())
+    wait_for_log(proxy, lambda d: d.get("msg") == "listening")
+    # While bcrypt (cost 14) runs for the wrong password, the loop answers others.
+    for _ in range(3):
+        assert status_of(raw_request(proxy, b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")) == 200
+    ready, _, _ = select.select([slow], [], [], 0)
+    assert not ready, "the wrong password was answered before /healthz: the check ran fast or on the loop"
+    assert status_of(read_to_eof(slow)) == 407
+    slow.close()

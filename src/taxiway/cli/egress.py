@@ -79,12 +79,17 @@ def serve(listen, acl, allow_range, deny_range, deny_address, tls_cert, tls_key,
           resolver, disabled, connect_timeout, dns_timeout, idle_timeout, header_timeout, total_timeout, max_tunnels,
           max_connections, max_header_bytes, drain_timeout) -> None:
     """Run the proxy. $PROXY_PASSWORD enables Basic auth (role `authed`); SIGHUP reloads the ACL."""
+    import os
     from pathlib import Path
 
     from taxiway.egress.resolver import Resolver
     from taxiway.egress.server import EgressConfig, run
     from taxiway.errors import InvalidInput
 
+    if os.environ.get("PROXY_PASSWORD") == "":
+        # Set but empty reads like "a password" and would mean "no authentication".
+        raise InvalidInput("PROXY_PASSWORD is set but empty, which would turn proxy authentication off",
+                           "set a password in PROXY_PASSWORD, or unset it to run without one")
     if tls_key and not tls_cert or client_ca and not tls_cert:
         raise InvalidInput("--tls-key and --client-ca need --tls-cert", "pass the proxy's certificate too")
     if max_connections < 1:
@@ -132,7 +137,10 @@ def check(acl, role, allow_range, deny_range, deny_address, as_json, url) -> Non
         raise InvalidInput(f"cannot read {url!r}: {e}", "pass a URL like https://example.com/ or HOST:PORT") from None
     policy = AddressPolicy(tuple(_ranges(allow_range, "--allow-range")),
                            tuple(_ranges(deny_range, "--deny-range") + _ranges(deny_address, "--deny-address")))
-    result = decide(load_acl(acl) if acl else None, role, target, policy)
+    loaded = load_acl(acl) if acl else None
+    for warning in loaded.warnings if loaded else ():
+        click.echo(f"warning: {acl}: {warning}", err=True)
+    result = decide(loaded, role, target, policy)
     if as_json:
         import orjson
 

@@ -183,6 +183,8 @@ class Acl:
     global_deny: Sequence[str] = ()
     global_allow: Sequence[str] = ()
     disabled: set[Policy] = field(default_factory=set)
+    # Keys read (Smokescreen has them) but not applied by taxiway's proxy, one line per key.
+    warnings: tuple[str, ...] = ()
     _compiled: dict[str, tuple[Sequence[str], DomainSet]] = field(
         default_factory=dict, init=False, repr=False, compare=False)
 
@@ -305,6 +307,21 @@ def _check_keys(raw: dict, known: Sequence[str], what: str, source: str) -> None
                               f"{what} may only have {', '.join(known)}")
 
 
+# Smokescreen keys taxiway loads and validates but does not act on (no MITM, no
+# CONNECT-to-external-proxy checks): said once per key, so nobody relies on them unknowingly.
+UNSUPPORTED_RULE_KEYS = ("mitm_domains", "allowed_external_proxies")
+
+
+def _unsupported(rules: Sequence[Any]) -> tuple[str, ...]:
+    out = []
+    for key in UNSUPPORTED_RULE_KEYS:
+        where = [str(r.get("name") or "default") for r in rules if isinstance(r, dict) and r.get(key)]
+        if where:
+            out.append(f"'{key}' is not supported by taxiway egress and has no effect"
+                       f" (used by {', '.join(where[:5])}{', ...' if len(where) > 5 else ''})")
+    return tuple(out)
+
+
 def _rule(raw: Any, what: str, source: str = "the ACL") -> Rule:
     if not isinstance(raw, dict):
         raise AclError(f"{what} must be a mapping")
@@ -354,6 +371,7 @@ def parse_acl(text: str, disabled_actions: Iterable[str] = (), source: str = "th
         raise AclError("'services' must be a list")
     _check_keys(doc, TOP_KEYS, "the top level", source)
     acl = Acl()
+    acl.warnings = _unsupported([*services, doc.get("default")])
     for i, svc in enumerate(services):
         name = str(svc.get("name") or "") if isinstance(svc, dict) else ""
         acl.add(name, _rule(svc, f"services[{i}]", source))

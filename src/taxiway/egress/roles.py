@@ -96,9 +96,14 @@ class Authenticator:
     password: str | None = None
     users: dict[str, User] = field(default_factory=dict)
     client_certs: bool = False
-    # Verified (user, password) digests -> role, so keep-alive requests skip bcrypt.
-    _cache: dict[bytes, str | None] = field(default_factory=dict, repr=False)
+    # Keyed HMACs of verified (user, password) -> role, so later requests skip bcrypt. Failures
+    # go to a smaller cache of their own: a flood of wrong passwords can't evict good entries.
+    _cache: dict[bytes, str] = field(default_factory=dict, repr=False)
+    _failed: dict[bytes, None] = field(default_factory=dict, repr=False)
     _key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+
+    MAX_CACHED = 10_000
+    MAX_FAILED = 1_000
 
     @classmethod
     def from_env(cls, users: dict[str, User] | None = None, client_certs: bool = False) -> Authenticator:
@@ -114,19 +119,24 @@ class Authenticator:
             return AUTHED_ROLE
         if not self.users:
             return None
-        key = hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+        key = self._digest(user, password)
         if key in self._cache:
             return self._cache[key]
+        if key in self._failed:
+            return None
         import bcrypt
 
         found = self.users.get(user)
         # Unknown users are checked against a throwaway hash, so a miss takes as long as a hit.
         ok = bcrypt.checkpw(password.encode(), found.hash if found else _dummy_hash())
-        role = found.role if (found and ok) else None
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[key] = role
-        return role
+        if found and ok:
+            _remember(self._cache, key, found.role, self.MAX_CACHED)
+            return found.role
+        _remember(self._failed, key, None, self.MAX_FAILED)
+        return None
+
+    def _digest(self, user: str, password: str) -> bytes:
+        return hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
 
     def cached(self, user: str, password: str) -> tuple[bool, str | None]:
         """(known, role) without running bcrypt: lets the server skip a thread hop."""
@@ -134,10 +144,17 @@ class Authenticator:
             return True, AUTHED_ROLE
         if not self.users:
             return True, None
-        key = hmac.new(self._key, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+        key = self._digest(user, password)
         if key in self._cache:
             return True, self._cache[key]
-        return False, None
+        return key in self._failed, None
+
+
+def _remember(cache: dict, key: bytes, value: object, limit: int) -> None:
+    """Insert, dropping the oldest entry past ``limit`` (dicts keep insertion order)."""
+    if len(cache) >= limit:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 def cert_common_name(peercert: dict | None) -> str | None:

@@ -13,6 +13,7 @@ connection is kept for the client's next request when it may be.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import ipaddress
@@ -167,6 +168,7 @@ class EgressProxy:
         self.auth = Authenticator.from_env(users, client_certs=config.client_ca is not None)
         self.policy = AddressPolicy(tuple(config.allow_ranges), tuple(config.deny_ranges))
         self.resolver = Resolver(config.resolver, config.dns_timeout)
+        self._bcrypt_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="egress-bcrypt")
         self.metrics = _metrics()
         self.active_tunnels = 0
         self.connections: set[asyncio.Task] = set()
@@ -198,6 +200,10 @@ class EgressProxy:
         with contextlib.suppress(Exception):
             self.log_out.flush()
 
+    def _warn_acl(self, acl: Acl | None) -> None:
+        for warning in acl.warnings if acl is not None else ():
+            self.log(msg="acl warning", acl=str(self.config.acl_path), warning=warning)
+
     def judge(self, addr: IPAddress, port: int) -> AddressVerdict:
         """The address policy's verdict, memoized (the policy is fixed for the process)."""
         key = (addr, port)
@@ -219,6 +225,7 @@ class EgressProxy:
             self.log(msg="reload", ok=False, error=str(e))
             return False
         self.acl = acl
+        self._warn_acl(acl)
         self.auth = Authenticator(self.auth.password, users, self.auth.client_certs)
         self.metrics.inc("taxiway_egress_reloads_total", result="ok")
         self.log(msg="reload", ok=True, acl=str(self.config.acl_path or ""))
@@ -256,6 +263,7 @@ class EgressProxy:
         self._stopped = asyncio.Event()
         self.log(msg="listening", address=f"{host}:{bound[1]}", tls=bool(self.config.tls_cert),
                  acl=str(self.config.acl_path or ""), auth_required=self.auth.required)
+        self._warn_acl(self.acl)
         return self.config.listen
 
     def _accept_failed(self, e: OSError, delay: float) -> None:
@@ -337,6 +345,7 @@ class EgressProxy:
                 t.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
+        self._bcrypt_pool.shutdown(wait=False, cancel_futures=True)
         self.log(msg="stopped")
         self._flush()
 
@@ -424,7 +433,10 @@ class EgressProxy:
         if creds is not None:
             known, role = self.auth.cached(*creds)
             if not known:
-                role = await asyncio.to_thread(self.auth.role_from_password, *creds)
+                # bcrypt (~0.1-1 s) runs in threads of its own: it releases the GIL, and a flood
+                # of wrong passwords must not take the loop's default executor (getaddrinfo).
+                role = await asyncio.get_running_loop().run_in_executor(
+                    self._bcrypt_pool, self.auth.role_from_password, *creds)
         if role is None and self.auth.required:
             why = "wrong proxy credentials" if creds else "proxy credentials required"
             raise Denied(407, host, why, "unauthenticated")
