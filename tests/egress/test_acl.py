@@ -322,3 +322,19 @@ def test_unsupported_keys_are_listed_as_warnings():
     assert acl.warnings == ("'allowed_external_proxies' is not supported by taxiway egress and has no effect"
                             " (used by r)",)
     assert parse_acl("version: v1\nservices: []\n").warnings == ()
+
+
+def test_a_password_longer_than_bcrypt_reads_is_a_mismatch_not_an_error():
+    # bcrypt 5 raises ValueError past 72 bytes: the proxy closed the connection without a 407.
+    import bcrypt
+
+    from taxiway.egress.roles import Authenticator, User, hash_password
+    from taxiway.errors import InvalidInput
+
+    pw = "p" * 72
+    a = Authenticator(None, {"alice": User("alice", bcrypt.hashpw(pw.encode(), bcrypt.gensalt(4)), "web")})
+    assert a.role_from_password("alice", pw) == "web"
+    assert a.role_from_password("alice", pw + "x") is None
+    assert a.role_from_password("bob", "q" * 1000) is None
+    with pytest.raises(InvalidInput, match="at most 72"):
+        hash_password("p" * 73, rounds=4)

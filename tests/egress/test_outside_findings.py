@@ -289,3 +289,14 @@ def test_a_slow_password_check_does_not_stall_other_clients(start_proxy, tmp_pat
     assert not ready, "the wrong password was answered before /healthz: the check ran fast or on the loop"
     assert status_of(read_to_eof(slow)) == 407
     slow.close()
+
+
+def test_a_very_long_password_gets_407(start_proxy, tmp_path, upstream):
+    import bcrypt
+
+    users = tmp_path / "users"
+    users.write_text(f"alice:{bcrypt.hashpw(b'alice-pw', bcrypt.gensalt(4)).decode()}\n")
+    proxy = start_proxy("--users", str(users))
+    resp = get(proxy, f"http://ok.test:{upstream.port}/", "Proxy-Authorization: " + basic("alice", "x" * 5000))
+    assert status_of(resp) == 407, resp
+    assert not [d for d in log_lines(proxy) if d.get("msg") == "error"]

@@ -83,9 +83,17 @@ def _dummy_hash() -> bytes:
     return bcrypt.hashpw(os.urandom(16).hex().encode(), bcrypt.gensalt(12))
 
 
+# bcrypt reads at most 72 bytes of a password (bcrypt 5 raises past that; older ones and
+# htpasswd cut silently). A longer password can't be verified as given: never a match.
+BCRYPT_MAX = 72
+
+
 def hash_password(password: str, rounds: int = 12) -> str:
     import bcrypt
 
+    if len(password.encode()) > BCRYPT_MAX:
+        raise InvalidInput(f"the password is {len(password.encode())} bytes; bcrypt uses at most {BCRYPT_MAX}",
+                           f"choose a password of at most {BCRYPT_MAX} bytes")
     return bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds)).decode()
 
 
@@ -127,8 +135,10 @@ class Authenticator:
         import bcrypt
 
         found = self.users.get(user)
+        secret = password.encode()
         # Unknown users are checked against a throwaway hash, so a miss takes as long as a hit.
-        ok = bcrypt.checkpw(password.encode(), found.hash if found else _dummy_hash())
+        ok = bcrypt.checkpw(secret[:BCRYPT_MAX], found.hash if found else _dummy_hash())
+        ok = ok and len(secret) <= BCRYPT_MAX
         if found and ok:
             _remember(self._cache, key, found.role, self.MAX_CACHED)
             return found.role
