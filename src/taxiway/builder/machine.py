@@ -15,6 +15,8 @@ devices). What is different from a user's machine:
   ``machines gc`` never sees it; at the deadline the step's PID 1 gets
   SIGKILL, which takes every process of its PID namespace with it (a
   ``setsid`` loop too), then the cgroup is killed and removed;
+- its output goes through a pipe into the build log, which keeps at most
+  ``LOG_MAX`` bytes per build (the rest is read and dropped);
 - the network namespace has only loopback plus one relay, listening on its
   127.0.0.1:3128 and leading to the egress proxy on the host (package indexes
   allowed, private addresses denied); nothing else on the host is reachable.
@@ -260,7 +262,7 @@ class _LogPump:
             os.close(self.fd)
 
     def join(self) -> None:
-        self.thread.join()
+        self.thread.join(5)  # at EOF once the step's processes are gone; never hang a build on it
 
 
 def _wait(pid: int, timeout: float | None) -> tuple[int, bool]:
