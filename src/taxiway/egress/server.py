@@ -286,13 +286,14 @@ class EgressProxy:
         task.add_done_callback(self._pending.discard)
 
     def _refuse_connection(self, sock: socket.socket) -> None:
-        """Past --max-connections: a 503 if the socket takes it at once, then close."""
+        """Past --max-connections: a 503 if the socket takes it at once (plain TCP only), then close."""
         limit = self.config.max_connections
         self.metrics.inc("taxiway_egress_connections_refused_total")
-        with contextlib.suppress(OSError):
-            sock.setblocking(False)
-            sock.send(http.simple_response(503, f"too many client connections ({limit})\n",
-                                           [("Retry-After", "1")]))
+        if self._ssl is None:  # a TLS client would read plain text as a broken handshake: just close
+            with contextlib.suppress(OSError):
+                sock.setblocking(False)
+                sock.send(http.simple_response(503, f"too many client connections ({limit})\n",
+                                               [("Retry-After", "1")]))
         sock.close()
         refused = self.metrics.value("taxiway_egress_connections_refused_total")
         if not self._refusing or refused % 1000 == 0:
