@@ -102,7 +102,7 @@ def test_concurrent_patches_never_poison_a_blob(tmp_path):
         x, evil = secrets.token_bytes(200_000), b"EVIL" * 25_000
         with reg.client("acme", "app") as c:
             loc = c.post("/v2/app/blobs/uploads/").headers["location"]
-        session = root / "uploads" / loc.split("?")[0].rsplit("/", 1)[1]
+        session = root / "uploads" / "acme" / loc.split("?")[0].rsplit("/", 1)[1]
         ctype = {"Content-Type": "application/octet-stream"}
         # The order: A's headers, B's headers, 150,000 bytes of A, all of B, the rest of A.
         a = RawRequest(reg.address, "PATCH", loc, {**auth, **ctype, "Content-Length": "200000"})

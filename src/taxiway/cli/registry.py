@@ -39,9 +39,15 @@ def registry() -> None:
 @click.option("--no-delete", is_flag=True, help="Refuse DELETE of manifests, tags and blobs.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Server processes.")
 @click.option("--realm", help="Token endpoint URL to advertise [default: from the request's Host].")
-def serve(listen, root, tls_cert, tls_key, no_auth, no_delete, workers, realm) -> None:
+@click.option("--max-upload-sessions", default=200, show_default=True, type=click.IntRange(1),
+              help="Open upload sessions an organisation may have; more get 429 TOOMANYREQUESTS.")
+@click.option("--max-upload-bytes", default="10g", show_default=True,
+              help="Bytes an organisation's open upload sessions may hold (so also its largest blob), e.g. 500m.")
+def serve(listen, root, tls_cert, tls_key, no_auth, no_delete, workers, realm, max_upload_sessions,
+          max_upload_bytes) -> None:
     """Serve the OCI distribution API (pull, push, referrers, deletes)."""
     from taxiway.errors import InvalidInput
+    from taxiway.machines.config import parse_size
     from taxiway.registry.server import serve as run
 
     if bool(tls_cert) != bool(tls_key):
@@ -49,7 +55,8 @@ def serve(listen, root, tls_cert, tls_key, no_auth, no_delete, workers, realm) -
     r = _root(root)
     click.echo(f"taxiway registry on {'https' if tls_cert else 'http'}://{listen} storing in {r}", err=True)
     run(r, listen, tls_cert=tls_cert, tls_key=tls_key, auth=not no_auth, delete=not no_delete,
-        workers=workers, realm=realm)
+        workers=workers, realm=realm, max_upload_sessions=max_upload_sessions,
+        max_upload_bytes=parse_size(max_upload_bytes))
 
 
 @registry.command()

@@ -34,10 +34,17 @@ from taxiway.registry.auth import Authorizer, basic_password
 from taxiway.registry.errors import RegistryError, storage_error
 from taxiway.registry.paths import classify
 from taxiway.registry.sendfile import PathSend
-from taxiway.registry.storage import PURGE_INTERVAL, FilesystemStorage, SessionBusy
+from taxiway.registry.storage import (
+    MAX_UPLOAD_BYTES,
+    MAX_UPLOAD_SESSIONS,
+    PURGE_INTERVAL,
+    FilesystemStorage,
+    SessionBusy,
+)
 from taxiway.registry.tenants import Tenants
 
 TOKEN_TTL = 300
+_QUOTA_STEP = 4 << 20  # how often a streaming upload re-checks its org's bytes (the most it can overshoot)
 _RANGE_RE = re.compile(r"^(?:bytes[ =])?(\d+)-(\d+)$")
 _BYTE_RANGE_SPEC = re.compile(r"(\d+)-(\d*)|-(\d+)")
 log = logging.getLogger("taxiway.registry")
@@ -83,6 +90,8 @@ class Config:
     delete: bool = True
     service: str = "taxiway"
     realm: str | None = None
+    max_upload_sessions: int = MAX_UPLOAD_SESSIONS  # per org
+    max_upload_bytes: int = MAX_UPLOAD_BYTES  # per org, in all its open sessions
 
 
 def load_key(root: Path) -> bytes:
@@ -150,6 +159,10 @@ class Registry:
 
     # -- helpers -------------------------------------------------------
     @staticmethod
+    def org(request: Request) -> str:
+        return request.scope["state"].get("org") or ""
+
+    @staticmethod
     def client_name(request: Request) -> str:
         return request.scope["state"].get("client_name") or request.path_params["name"]
 
@@ -167,7 +180,7 @@ class Registry:
         data = tokens.check_state(request.query_params.get("_state", ""), self.key)
         org = request.scope["state"].get("org") or ""
         if (data is None or data.get("id") != upload_id or data.get("repo") != request.path_params["name"]
-                or data.get("org") != org or self.storage.upload_size(upload_id) is None):
+                or data.get("org") != org or self.storage.upload_size(upload_id, org) is None):
             raise RegistryError("BLOB_UPLOAD_UNKNOWN")
         return upload_id
 
@@ -183,11 +196,19 @@ class Registry:
         the session as it was before it, so the client can resend from the same offset.
         """
         start = f.tell()
+        org, limit = self.org(request), self.config.max_upload_bytes
+        over = RegistryError("TOOMANYREQUESTS", message="too many bytes in open upload sessions",
+                             detail=f"this organisation's open upload sessions may hold at most {limit} bytes; "
+                                    f"finish or cancel (DELETE) other uploads first",
+                             headers=self._upload_headers(request, upload_id, start))
+        base = self.storage.upload_bytes(org)
+        if base + (expected or 0) > limit:
+            raise over
         offset, h = self._hashers.pop(upload_id, (0, None))
         if h is None or offset != start:
             h = hashlib.sha256() if start == 0 else None
         saved = h.copy() if h is not None and start else None
-        n = 0
+        n, check_at = 0, _QUOTA_STEP
         try:
             # Straight through: buffering chunks here, or handing them to a thread, measured slower.
             async for chunk in request.stream():
@@ -196,13 +217,20 @@ class Registry:
                     break
                 if h is not None:
                     h.update(chunk)
+                if base + n > limit:
+                    raise over
                 f.write(chunk)
+                if n >= check_at:  # the org's sessions together, other requests' bytes included
+                    check_at = n + _QUOTA_STEP
+                    f.flush()
+                    if self.storage.upload_bytes(org) > limit:
+                        raise over
             if expected is not None and n != expected:
                 raise RegistryError("RANGE_INVALID", detail={"expected_length": expected, "received": n},
                                     headers=self._upload_headers(request, upload_id, start))
             f.flush()
         except OSError as e:
-            self.storage.drop_upload(upload_id)
+            self.storage.drop_upload(upload_id, org)
             raise storage_error(e, "upload") from e
         except BaseException:
             f.truncate(start)
@@ -216,13 +244,13 @@ class Registry:
             self._hashers[upload_id] = (start + n, h)
         return start + n
 
-    def _commit(self, upload_id: str, digest: str, f, repo: str) -> int:
+    def _commit(self, upload_id: str, digest: str, f, repo: str, org: str) -> int:
         """Verify, publish and link an upload held as ``f`` (in a thread: it fsyncs, and may hash from disk)."""
         d = Digest.parse(digest)
         offset, h = self._hashers.pop(upload_id, (0, None))
         if h is None or d.algorithm != "sha256" or offset != f.tell():
             h = None
-        return self.storage.commit_upload(upload_id, digest, h, session=f, repo=repo)
+        return self.storage.commit_upload(upload_id, digest, h, session=f, repo=repo, org=org)
 
     async def _purge_uploads(self) -> None:
         """Now and then, remove sessions idle for longer than the max age (distribution purges every 24h)."""
@@ -425,18 +453,19 @@ class Registry:
         digest = q.get("digest")
         if digest is not None:
             digest = self._digest(digest)
-            upload_id = self.storage.new_upload()
+            org = self.org(request)
+            upload_id = self.storage.new_upload(org, max_sessions=self.config.max_upload_sessions, resumable=False)
             try:
-                with self.storage.upload_session(upload_id) as f:
+                with self.storage.upload_session(upload_id, org) as f:
                     await self._receive(request, upload_id, f)
-                    await run_in_threadpool(self._commit, upload_id, digest, f, repo)
+                    await run_in_threadpool(self._commit, upload_id, digest, f, repo, org)
             finally:
-                self.storage.drop_upload(upload_id)
+                self.storage.drop_upload(upload_id, org)
                 self._hashers.pop(upload_id, None)
             return _empty(201, {"Location": f"/v2/{self.client_name(request)}/blobs/{digest}",
                                 "Docker-Content-Digest": digest})
         await self._purge_uploads()
-        upload_id = self.storage.new_upload()
+        upload_id = self.storage.new_upload(self.org(request), max_sessions=self.config.max_upload_sessions)
         return _empty(202, self._upload_headers(request, upload_id, 0))
 
     async def _mount(self, request: Request, repo: str, digest: str, source: str) -> bool:
@@ -468,17 +497,18 @@ class Registry:
     async def upload(self, request: Request) -> Response:
         repo = request.path_params["name"]
         upload_id = self._session(request)
-        size = self.storage.upload_size(upload_id) or 0
+        org = self.org(request)
+        size = self.storage.upload_size(upload_id, org) or 0
         method = request.method
         if method == "GET":
             return _empty(204, self._upload_headers(request, upload_id, size))
         if method == "DELETE":
-            self.storage.drop_upload(upload_id)
+            self.storage.drop_upload(upload_id, org)
             self._hashers.pop(upload_id, None)
             return _empty(204, {})
         try:
             # One request at a time per session: the offset it checks is the one it appends at.
-            with self.storage.upload_session(upload_id) as f:
+            with self.storage.upload_session(upload_id, org) as f:
                 expected = self._check_range(request, upload_id, f.tell())
                 if method == "PATCH":
                     size = await self._receive(request, upload_id, f, expected)
@@ -487,7 +517,7 @@ class Registry:
                 digest = self._digest(request.query_params.get("digest"))
                 await self._receive(request, upload_id, f, expected)
                 try:
-                    await run_in_threadpool(self._commit, upload_id, digest, f, repo)
+                    await run_in_threadpool(self._commit, upload_id, digest, f, repo, org)
                 finally:
                     self._hashers.pop(upload_id, None)
         except SessionBusy as e:

@@ -6,7 +6,7 @@ a blob only through a link of its own, so tenants never see each other's bytes.
 Layout under the root::
 
     blobs/sha256/ab/<hex>                        verified content (manifests too)
-    uploads/<id>                                 in-progress upload sessions
+    uploads/<org>/<id>                           in-progress upload sessions (``_`` without orgs)
     locks/<2 hex>                                flock(2) files, one per stripe of digests
     repos/<name>/_layers/sha256/<hex>            the repository may read this blob
     repos/<name>/_manifests/revisions/sha256/<hex>   {"mediaType": ...}
@@ -32,6 +32,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import time
 import uuid
@@ -45,10 +46,16 @@ from taxiway.oci.digest import Digest
 from taxiway.registry.errors import RegistryError, storage_error
 from taxiway.registry.tenants import parse_duration
 
+_SESSION = re.compile(r"[0-9a-f]{32}(?:\.once)?")
+_ORG_DIR = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
+
 # Idle upload sessions expire after this long, as distribution's upload purging
 # does by default (age 168h, checked every 24h); TAXIWAY_REGISTRY_UPLOAD_MAX_AGE overrides it.
 UPLOAD_MAX_AGE = 168 * 3600
 PURGE_INTERVAL = 24 * 3600
+# Per org: open upload sessions, and bytes held in them (which also bounds the largest blob).
+MAX_UPLOAD_SESSIONS = 200
+MAX_UPLOAD_BYTES = 10 * 1024**3
 
 
 def configured_upload_max_age() -> float:
@@ -75,12 +82,13 @@ class Storage(Protocol):
     def has_link(self, repo: str, digest: str) -> bool: ...
     def link(self, repo: str, digest: str, source: str | None = None) -> bool: ...
     def unlink(self, repo: str, digest: str) -> bool: ...
-    def new_upload(self) -> str: ...
-    def upload_size(self, upload_id: str) -> int | None: ...
-    def upload_session(self, upload_id: str) -> contextlib.AbstractContextManager[BinaryIO]: ...
+    def new_upload(self, org: str = "", *, max_sessions: int | None = None, resumable: bool = True) -> str: ...
+    def upload_size(self, upload_id: str, org: str = "") -> int | None: ...
+    def upload_bytes(self, org: str = "") -> int: ...
+    def upload_session(self, upload_id: str, org: str = "") -> contextlib.AbstractContextManager[BinaryIO]: ...
     def commit_upload(self, upload_id: str, digest: str, hasher=None, *, session: BinaryIO | None = None,
-                      repo: str | None = None) -> int: ...
-    def drop_upload(self, upload_id: str) -> None: ...
+                      repo: str | None = None, org: str = "") -> int: ...
+    def drop_upload(self, upload_id: str, org: str = "") -> None: ...
     def put_manifest(self, repo: str, body: bytes, digest: str, media_type: str) -> None: ...
     def manifest_media_type(self, repo: str, digest: str) -> str | None: ...
     def resolve_tag(self, repo: str, tag: str) -> str | None: ...
@@ -212,39 +220,87 @@ class FilesystemStorage:
             return False
 
     # -- uploads -------------------------------------------------------
-    def new_upload(self) -> str:
-        upload_id = uuid.uuid4().hex
+    def _org_uploads(self, org: str) -> Path:
+        if org and not _ORG_DIR.fullmatch(org):
+            raise RegistryError("BLOB_UPLOAD_UNKNOWN")
+        return self.uploads / (org or "_")  # no org starts with "_"
+
+    def new_upload(self, org: str = "", *, max_sessions: int | None = None, resumable: bool = True) -> str:
+        """A new empty session of ``org``; TOOMANYREQUESTS when the org already has ``max_sessions`` open.
+
+        A session that is not ``resumable`` (a monolithic upload, never named to a client)
+        is removed at the next start.
+        """
+        upload_id = uuid.uuid4().hex + ("" if resumable else ".once")
+        d = self._org_uploads(org)
         try:
-            (self.uploads / upload_id).touch(exist_ok=False)
+            d.mkdir(exist_ok=True)
+            with self._org_lock(org):  # count and create as one step, across workers
+                if max_sessions is not None:
+                    n = len(self._sessions(d))
+                    if n >= max_sessions:
+                        raise RegistryError("TOOMANYREQUESTS", message="too many open upload sessions",
+                                            detail=f"this organisation has {n} open upload sessions, the most "
+                                                   f"allowed; finish or cancel (DELETE) some, or wait for idle "
+                                                   f"ones to expire")
+                (d / upload_id).touch(exist_ok=False)
         except OSError as e:
             raise _storage_error(e) from e
         return upload_id
 
-    def _upload(self, upload_id: str) -> Path:
-        if len(upload_id) != 32 or not all(c in "0123456789abcdef" for c in upload_id):
+    @contextlib.contextmanager
+    def _org_lock(self, org: str) -> Iterator[None]:
+        fd = os.open(self.locks / f"uploads-{org or '_'}", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _sessions(self, d: Path) -> list[os.stat_result]:
+        """The unexpired sessions in the org directory ``d``."""
+        out, now = [], time.time()
+        try:
+            names = os.listdir(d)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            if _SESSION.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(d / name)
+                    if not self._expired(st, now):
+                        out.append(st)
+        return out
+
+    def upload_bytes(self, org: str = "") -> int:
+        """Bytes held in ``org``'s open upload sessions."""
+        return sum(st.st_size for st in self._sessions(self._org_uploads(org)))
+
+    def _upload(self, upload_id: str, org: str = "") -> Path:
+        if not _SESSION.fullmatch(upload_id):
             raise RegistryError("BLOB_UPLOAD_UNKNOWN")
-        return self.uploads / upload_id
+        return self._org_uploads(org) / upload_id
 
     def _expired(self, st: os.stat_result, now: float | None = None) -> bool:
         return (now or time.time()) - st.st_mtime > self.upload_max_age
 
-    def upload_size(self, upload_id: str) -> int | None:
+    def upload_size(self, upload_id: str, org: str = "") -> int | None:
         """The session's size, or None when there is no such session (or it expired)."""
         try:
-            st = self._upload(upload_id).stat()
+            st = self._upload(upload_id, org).stat()
         except (FileNotFoundError, RegistryError):
             return None
         return None if self._expired(st) else st.st_size
 
     @contextlib.contextmanager
-    def upload_session(self, upload_id: str) -> Iterator[BinaryIO]:
+    def upload_session(self, upload_id: str, org: str = "") -> Iterator[BinaryIO]:
         """The session's file, held exclusively for one request.
 
         Raises :class:`SessionBusy` while another request holds it, and
         BLOB_UPLOAD_UNKNOWN when it is gone: expired, dropped, or committed
         (renamed into the blobs) between our open and our lock.
         """
-        path = self._upload(upload_id)
+        path = self._upload(upload_id, org)
         try:
             f = open(path, "r+b")
         except FileNotFoundError:
@@ -268,7 +324,7 @@ class FilesystemStorage:
             yield f
 
     def commit_upload(self, upload_id: str, digest: str, hasher=None, *, session: BinaryIO | None = None,
-                      repo: str | None = None) -> int:
+                      repo: str | None = None, org: str = "") -> int:
         """Verify the session's bytes against ``digest``, publish them as a blob and link ``repo`` to it.
 
         ``session`` is the file from :meth:`upload_session` when the caller holds it
@@ -277,10 +333,10 @@ class FilesystemStorage:
         A verified upload replaces whatever file held that digest before, so a
         blob damaged on disk never shadows good content.
         """
-        src = self._upload(upload_id)
+        src = self._upload(upload_id, org)
         d = Digest.parse(digest)
         with contextlib.ExitStack() as stack:
-            f = session if session is not None else stack.enter_context(self.upload_session(upload_id))
+            f = session if session is not None else stack.enter_context(self.upload_session(upload_id, org))
             f.flush()
             if hasher is None:
                 hasher = hashlib.new(d.algorithm)
@@ -290,7 +346,7 @@ class FilesystemStorage:
             os.fsync(f.fileno())
             size = os.fstat(f.fileno()).st_size
             if hasher.hexdigest() != d.hex:
-                self.drop_upload(upload_id)
+                self.drop_upload(upload_id, org)
                 raise RegistryError("DIGEST_INVALID", detail=f"content does not hash to {digest}")
             target = self._blob_target(digest)
             with self.blob_lock(digest):
@@ -298,21 +354,33 @@ class FilesystemStorage:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, target)  # the session's lock stays on the file until we close it
                 except OSError as e:
-                    self.drop_upload(upload_id)
+                    self.drop_upload(upload_id, org)
                     raise _storage_error(e) from e
                 if repo is not None:
                     self._link(repo, digest)
         return size
 
-    def drop_upload(self, upload_id: str) -> None:
+    def drop_upload(self, upload_id: str, org: str = "") -> None:
         with contextlib.suppress(FileNotFoundError, RegistryError):
-            self._upload(upload_id).unlink()
+            self._upload(upload_id, org).unlink()
 
-    def expire_uploads(self, idle: float | None = None) -> int:
-        """Remove sessions idle for longer than ``idle`` seconds (default: the max age); busy ones stay."""
+    def expire_uploads(self, idle: float | None = None, *, startup: bool = False) -> int:
+        """Remove sessions idle for longer than ``idle`` seconds (default: the max age); busy ones stay.
+
+        ``startup`` also removes what no client can resume: monolithic uploads cut off by
+        a crash, and sessions stored directly under ``uploads/`` by versions that kept no org.
+        """
         idle = self.upload_max_age if idle is None else idle
         now, n = time.time(), 0
+        paths = []
         for p in list(self.uploads.iterdir()):
+            if p.is_dir():
+                paths += [(q, startup and q.name.endswith(".once")) for q in p.iterdir()]
+            else:
+                paths.append((p, True))  # the old flat layout: its sessions are unknown now
+        for p, unresumable in paths:
+            if not _SESSION.fullmatch(p.name):
+                continue
             try:
                 f = open(p, "rb")
             except (FileNotFoundError, IsADirectoryError):
@@ -324,7 +392,7 @@ class FilesystemStorage:
                     continue  # a request is writing to it: in use, whatever its age
                 st = os.fstat(f.fileno())
                 with contextlib.suppress(FileNotFoundError):
-                    if now - st.st_mtime >= idle and os.stat(p).st_ino == st.st_ino:
+                    if (unresumable or now - st.st_mtime >= idle) and os.stat(p).st_ino == st.st_ino:
                         p.unlink()
                         n += 1
         return n
@@ -340,9 +408,10 @@ class FilesystemStorage:
         return n
 
     def clean_uploads(self, older_than: float = 0.0) -> int:
-        """Remove upload sessions (and stray temp files) older than ``older_than`` seconds."""
-        n = self.expire_uploads(older_than)
-        self.clean_temp(older_than)
+        """At startup: remove upload sessions older than ``older_than`` seconds, those no client
+        can resume, and stray temp files. Resumable sessions survive a restart, as in distribution."""
+        n = self.expire_uploads(older_than, startup=True)
+        self.clean_temp()
         return n
 
     def write_blob(self, data: bytes, digest: str) -> None:
