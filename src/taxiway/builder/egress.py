@@ -137,6 +137,11 @@ def _start(work: Path) -> tuple[tuple[str, int], Callable[[], None]]:
         await stop.wait()
         await server.drain()
 
+    async def _settle(tasks: set[asyncio.Task]) -> None:
+        # gather() inside the loop: called outside it with no tasks, it looks
+        # for this thread's current loop, and there is none
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     def run() -> None:
         try:
             loop.run_until_complete(main())
@@ -144,7 +149,7 @@ def _start(work: Path) -> tuple[tuple[str, int], Callable[[], None]]:
             pending = asyncio.all_tasks(loop)
             for task in pending:
                 task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(_settle(pending))
             loop.close()
 
     t = threading.Thread(target=run, daemon=True, name="build-egress")
