@@ -290,3 +290,59 @@ def test_two_deletes_of_one_manifest_give_one_202_and_one_404(tmp_path):
         assert ra.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
         for ref in ("x", "y", "z", mdigest):
             assert c.get(f"/v2/deltest/manifests/{ref}").status_code == 404
+
+
+def _gc_blocked_or_done(gc: subprocess.Popen) -> bool:
+    """Whether GC exited, or waits for a flock (a ``->`` line of its pid in /proc/locks)."""
+    if gc.poll() is not None:
+        return True
+    return any("->" in f and str(gc.pid) in f for f in map(str.split, Path("/proc/locks").read_text().splitlines()))
+
+
+def test_gc_with_no_grace_never_leaves_a_tag_on_a_missing_blob(tmp_path):
+    """Outside tester item 4: the server is stopped (strace SIGSTOP) in the middle of a manifest
+    push, after it checked its layer and before it wrote the manifest; `gc --grace 0s` runs then.
+    Once both finish, the tag the push answered 201 for must pull, with every blob."""
+    root = tmp_path / "root"
+    with running(root) as reg, reg.client("acme", "app") as c:
+        cfg, layer = b'{"os":"linux"}', secrets.token_bytes(40_000)
+        for b in (cfg, layer):
+            assert c.post("/v2/app/blobs/uploads/", params={"digest": digest(b)}, content=b).status_code == 201
+        body = (b'{"schemaVersion":2,"mediaType":"%s","config":{"mediaType":"%s","digest":"%s","size":%d},'
+                b'"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"%s","size":%d}]}'
+                % (MANIFEST.encode(), CONFIG.encode(), digest(cfg).encode(), len(cfg), digest(layer).encode(),
+                   len(layer)))
+        target = blob_file(root, digest(layer))
+        stats = "stat,lstat,newfstatat,statx"
+        pid = reg.server.proc.pid
+        tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", str(tmp_path / "strace.log"), "-p", str(pid),
+                                   "-P", str(target), "-e", f"trace={stats}",
+                                   "-e", f"inject={stats}:signal=SIGSTOP:when=2"])
+        gc = None
+        try:
+            wait_until(lambda: _traced(pid), "strace to attach to the server")
+            result: dict = {}
+            t = threading.Thread(target=lambda: result.setdefault("put", c.put(
+                "/v2/app/manifests/v1", content=body, headers={"Content-Type": MANIFEST})))
+            t.start()
+            wait_until(lambda: _stopped(pid), "the server to stop after checking the layer")
+            gc = subprocess.Popen([sys.executable, "-m", "taxiway", "registry", "gc", "--root", str(root),
+                                   "--grace", "0s", "--untagged", "--json"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_until(lambda: _gc_blocked_or_done(gc), "GC to finish or wait for the push's lock")
+            os.kill(pid, signal.SIGCONT)
+            t.join(60)
+            _, err = gc.communicate(timeout=120)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            tracer.terminate()
+            tracer.wait(30)
+            if gc is not None and gc.poll() is None:
+                gc.kill()
+                gc.wait()
+        assert gc.returncode == 0, err
+        assert result["put"].status_code == 201, result["put"].text
+        assert c.get("/v2/app/manifests/v1").content == body
+        for d in (digest(cfg), digest(layer)):
+            r = c.get(f"/v2/app/blobs/{d}")
+            assert r.status_code == 200, f"{d}: {r.status_code} after GC"

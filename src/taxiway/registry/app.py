@@ -399,27 +399,40 @@ class Registry:
             tag = reference
         else:
             raise RegistryError("TAG_INVALID", detail={"tag": reference[:200]})
-        for ref in m.refs:
-            if ref.is_manifest:
-                if self.storage.manifest_media_type(repo, ref.digest) is None:
-                    raise RegistryError("MANIFEST_BLOB_UNKNOWN", detail={"digest": ref.digest})
-                continue
-            if ref.external:
-                continue
-            # Touch first: an online GC that marked before this manifest existed spares fresh blobs.
-            self.storage.touch_blob(ref.digest)
-            if not self.storage.has_link(repo, ref.digest):
-                raise RegistryError("MANIFEST_BLOB_UNKNOWN", detail={"digest": ref.digest})
-            if self.storage.blob_size(ref.digest) != ref.size:
-                raise RegistryError("MANIFEST_INVALID", detail={"digest": ref.digest, "reason": "size mismatch"})
-        await run_in_threadpool(self.storage.put_manifest, repo, body, digest, m.media_type)
+        await run_in_threadpool(self._store_manifest, repo, body, m, digest, tag)
         headers = {"Location": f"/v2/{self.client_name(request)}/manifests/{digest}", "Docker-Content-Digest": digest}
         if m.subject:
-            self.storage.add_referrer(repo, m.subject, digest, {**m.descriptor(), "digest": digest})
             headers["OCI-Subject"] = m.subject
-        if tag:
-            self.storage.set_tag(repo, tag, digest)
         return _empty(201, headers)
+
+    def _store_manifest(self, repo: str, body: bytes, m: manifests.Manifest, digest: str, tag: str | None) -> None:
+        """Check a manifest's references and write it, its referrer entry and its tag (in a thread).
+
+        All of it holds the references' locks shared and the manifest's own exclusively, which GC
+        takes to remove a blob or an untagged manifest, so GC sees the manifest wholly before
+        (and keeps what it references) or wholly after (and the references are checked anew).
+        """
+        refs = [r for r in m.refs if not r.external]
+        with self.storage.blob_locks(shared=[r.digest for r in refs], exclusive=[digest]):
+            for ref in refs:
+                if ref.is_manifest:
+                    if self.storage.manifest_media_type(repo, ref.digest) is None:
+                        raise RegistryError("MANIFEST_BLOB_UNKNOWN", detail={"digest": ref.digest})
+                    continue
+                self.storage.touch_blob(ref.digest)
+                if not self.storage.has_link(repo, ref.digest):
+                    raise RegistryError("MANIFEST_BLOB_UNKNOWN", detail={"digest": ref.digest})
+                if self.storage.blob_size(ref.digest) != ref.size:
+                    raise RegistryError("MANIFEST_INVALID", detail={"digest": ref.digest, "reason": "size mismatch"})
+            self.storage.put_manifest(repo, body, digest, m.media_type, locked=True)
+            if m.subject:
+                self.storage.add_referrer(repo, m.subject, digest, {**m.descriptor(), "digest": digest})
+            if tag:
+                self.storage.set_tag(repo, tag, digest)
+            # Fresh again now that the manifest exists: a GC that marked before it spares them.
+            for ref in refs:
+                if not ref.is_manifest:
+                    self.storage.touch_blob(ref.digest)
 
     # -- blobs ---------------------------------------------------------
     async def blob(self, request: Request) -> Response:

@@ -1,11 +1,14 @@
 """Mark and sweep garbage collection, safe while the server keeps serving.
 
-Why it is safe online: the server touches every blob a manifest references
-*before* it checks the blob and writes the manifest, and every upload leaves a
-fresh blob. The sweep spares anything newer than ``grace`` seconds before the
-collection started, and removes a blob by first renaming it aside and looking
-at its modification time again, so a push that raced the mark phase either
-sees the blob gone (and gets MANIFEST_BLOB_UNKNOWN, then re-uploads) or keeps it.
+Why it is safe online, with any ``grace`` (even 0): a manifest push checks its
+references, writes the manifest and its tag, then touches the blobs it references
+again, all while holding those blobs' locks shared and the manifest's own
+exclusively. GC removes a blob, or an untagged manifest, holding that digest's lock
+and looking again: at the blob's modification time (a push that completed after the
+mark phase touched it after GC started, so it is spared), at the manifest's tags.
+``grace`` spares anything written within it before the collection started (by the
+filesystem's own clock); a push that starts after a removal finds the blob gone and
+gets MANIFEST_BLOB_UNKNOWN, then re-uploads.
 
 Each blob is removed, with every repository's link to it, while holding the
 blob's lock, which the server also takes to publish and to link a blob (see
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from pathlib import Path
 
 from taxiway.registry import manifest as manifests
@@ -54,7 +56,7 @@ def _reachable(storage: FilesystemStorage, repo: str) -> set[str]:
 def collect(root: str | Path, *, dry_run: bool = False, untagged: bool = False, grace: float = 3600) -> dict:
     """Remove unreferenced blobs (and, with ``untagged``, unreachable manifests); returns a report."""
     storage = FilesystemStorage(root)
-    cutoff = time.time() - grace
+    cutoff = _disk_now(storage) - grace
     removed_manifests: list[str] = []
     marked: set[str] = set()
     for repo in storage.repositories():
@@ -64,8 +66,11 @@ def collect(root: str | Path, *, dry_run: bool = False, untagged: bool = False, 
             for d in revisions:
                 if d in reachable:
                     continue
-                with contextlib.suppress(FileNotFoundError):
-                    if storage._revision(repo, d).stat().st_mtime > cutoff:
+                # Under the manifest's lock, which a push holds until its tag is written: look again.
+                with storage.blob_lock(d), contextlib.suppress(FileNotFoundError):
+                    if storage._revision(repo, d).stat().st_mtime >= cutoff:
+                        continue
+                    if not dry_run and d in _reachable(storage, repo):
                         continue
                     removed_manifests.append(f"{repo}@{d}")
                     if not dry_run:
@@ -82,7 +87,7 @@ def collect(root: str | Path, *, dry_run: bool = False, untagged: bool = False, 
             kept += 1
             continue
         try:
-            if path.stat().st_mtime > cutoff:
+            if path.stat().st_mtime >= cutoff:
                 kept += 1
                 continue
         except FileNotFoundError:
@@ -122,13 +127,21 @@ def collect(root: str | Path, *, dry_run: bool = False, untagged: bool = False, 
             "upload_sessions": sessions, "dry_run": dry_run}
 
 
+def _disk_now(storage: FilesystemStorage) -> float:
+    """Now, by the clock the filesystem stamps modification times with (coarser than time.time())."""
+    marker = storage.locks / "gc-clock"
+    marker.touch()
+    os.utime(marker)
+    return marker.stat().st_mtime
+
+
 def _remove_blob(path: Path, cutoff: float, dry_run: bool) -> int | None:
     """Remove an unmarked blob not used since ``cutoff`` (holding its lock); its size, or None if kept."""
     try:
         st = path.stat()
     except FileNotFoundError:
         return None
-    if st.st_mtime > cutoff:  # published, linked or referenced since we looked
+    if st.st_mtime >= cutoff:  # published, linked or referenced since we looked
         return None
     if dry_run:
         return st.st_size
@@ -138,7 +151,7 @@ def _remove_blob(path: Path, cutoff: float, dry_run: bool) -> int | None:
         os.replace(path, aside)
     except FileNotFoundError:
         return None
-    if aside.stat().st_mtime > cutoff:  # touched between our look and the rename
+    if aside.stat().st_mtime >= cutoff:  # touched between our look and the rename
         os.replace(aside, path)
         return None
     aside.unlink()

@@ -36,7 +36,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -79,6 +79,7 @@ class Storage(Protocol):
     def blob_size(self, digest: str) -> int | None: ...
     def read_blob(self, digest: str) -> bytes: ...
     def touch_blob(self, digest: str) -> bool: ...
+    def blob_locks(self, shared: Iterable[str], exclusive: Iterable[str] = ()) -> contextlib.AbstractContextManager[None]: ...
     def has_link(self, repo: str, digest: str) -> bool: ...
     def link(self, repo: str, digest: str, source: str | None = None) -> bool: ...
     def unlink(self, repo: str, digest: str) -> bool: ...
@@ -89,7 +90,7 @@ class Storage(Protocol):
     def commit_upload(self, upload_id: str, digest: str, hasher=None, *, session: BinaryIO | None = None,
                       repo: str | None = None, org: str = "") -> int: ...
     def drop_upload(self, upload_id: str, org: str = "") -> None: ...
-    def put_manifest(self, repo: str, body: bytes, digest: str, media_type: str) -> None: ...
+    def put_manifest(self, repo: str, body: bytes, digest: str, media_type: str, *, locked: bool = False) -> None: ...
     def manifest_media_type(self, repo: str, digest: str) -> str | None: ...
     def resolve_tag(self, repo: str, tag: str) -> str | None: ...
     def set_tag(self, repo: str, tag: str, digest: str) -> None: ...
@@ -158,6 +159,26 @@ class FilesystemStorage:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    @contextlib.contextmanager
+    def blob_locks(self, shared: Iterable[str], exclusive: Iterable[str] = ()) -> Iterator[None]:
+        """Hold several digests' locks at once: ``shared`` keeps GC from removing those blobs,
+        ``exclusive`` keeps every other writer out too. Taken in one global order, so holders of
+        several never deadlock (everyone else holds one at a time)."""
+        modes: dict[str, int] = {}
+        for d in shared:
+            modes.setdefault(_hex(d)[1][:2], fcntl.LOCK_SH)
+        for d in exclusive:
+            modes[_hex(d)[1][:2]] = fcntl.LOCK_EX
+        fds: list[int] = []
+        try:
+            for stripe in sorted(modes):
+                fds.append(os.open(self.locks / stripe, os.O_RDWR | os.O_CREAT, 0o600))
+                fcntl.flock(fds[-1], modes[stripe])
+            yield
+        finally:
+            for fd in fds:
+                os.close(fd)  # releases the lock
 
     # -- blobs ---------------------------------------------------------
     def blob_path(self, digest: str) -> Path | None:
@@ -414,10 +435,12 @@ class FilesystemStorage:
         self.clean_temp()
         return n
 
-    def write_blob(self, data: bytes, digest: str) -> None:
-        """Store small verified content (manifests) as a blob: temp, fsync, rename."""
+    def write_blob(self, data: bytes, digest: str, *, locked: bool = False) -> None:
+        """Store small verified content (manifests) as a blob: temp, fsync, rename.
+
+        ``locked``: the caller holds the digest's lock (see :meth:`blob_locks`)."""
         target = self._blob_target(digest)
-        with self.blob_lock(digest):
+        with contextlib.nullcontext() if locked else self.blob_lock(digest):
             with contextlib.suppress(FileNotFoundError):
                 if target.read_bytes() == data:  # never trust a damaged copy: compare, it is small
                     os.utime(target)
@@ -443,8 +466,8 @@ class FilesystemStorage:
     def _tag(self, repo: str, tag: str) -> Path:
         return self._repo(repo) / "_manifests" / "tags" / tag
 
-    def put_manifest(self, repo: str, body: bytes, digest: str, media_type: str) -> None:
-        self.write_blob(body, digest)
+    def put_manifest(self, repo: str, body: bytes, digest: str, media_type: str, *, locked: bool = False) -> None:
+        self.write_blob(body, digest, locked=locked)
         try:
             _publish(self._revision(repo, digest), orjson.dumps({"mediaType": media_type}))
         except OSError as e:
