@@ -27,7 +27,7 @@ demo: setup
 
 test: setup
 	@$(PY) scripts/check-collected.py
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The suite without the tests marked slow (micro-VMs under TCG, stack builds).
 test-fast: setup
