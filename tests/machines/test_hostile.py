@@ -332,3 +332,47 @@ def test_at_least_as_strict_as_podman(hostile, tmp_path, loopdev, canary, taxiwa
 
 def _with_podman(pod: list[str], canary: Path, image: str, probes: list[str]) -> subprocess.CompletedProcess:
     return _with_fd(canary, argv=[*pod, "run", "--rm", "--net", "none", image, "/probe", *probes], timeout=300)
+
+
+# -- 9. other users of the host ----------------------------------------------------------------------
+
+
+def _as_nobody(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv],
+                          capture_output=True, timeout=30)
+
+
+def test_other_users_reach_nothing_under_taxiway_home(tmp_path, monkeypatch):
+    """$TAXIWAY_HOME where anyone may walk (as /var/lib/taxiway): an image's setuid file and device
+    node in a snapshot, and a setuid file a machine made in its writable layer, stay out of reach
+    of every other user. Directories an older taxiway left 0755 are tightened on the next start."""
+    home = Path(tempfile.mkdtemp(prefix="tw-home-", dir="/tmp"))  # pytest's tmp is 0700: not this case
+    try:
+        home.chmod(0o755)
+        for d in ("machines", "snapshots"):
+            (home / d).mkdir()
+            (home / d).chmod(0o755)
+        monkeypatch.setenv("TAXIWAY_HOME", str(home))
+        monkeypatch.setenv("TAXIWAY_CONFIG", str(tmp_path / "config"))
+        image = make_image(tmp_path, "localhost/suid:1", [[
+            Entry("rootsh", "file", b"#!/bin/sh\n", mode=0o4755),
+            Entry("disk", "blk", devmajor=7, devminor=0, mode=0o666),
+        ]])
+        r = tw("run", "-d", "--name", "k9", image, "sh", "-c",
+               "cp /bin/busybox /tmp/r2 && chmod 4755 /tmp/r2 && touch /tmp/ready && sleep 60")
+        assert r.returncode == 0, r.stderr
+        deadline = time.time() + 30
+        while not list(home.glob("machines/*/upper/tmp/ready")) and time.time() < deadline:
+            time.sleep(0.05)
+        r2 = next(home.glob("machines/*/upper/tmp/r2"))
+        layer = next(p for p in home.glob("snapshots/layers/*/fs") if (p / "rootsh").exists())
+        assert (layer / "rootsh").stat().st_mode & 0o4000 and r2.stat().st_mode & 0o4000  # the bait is there
+        assert _as_nobody("stat", str(home)).returncode == 0  # the home itself is walkable: the case at hand
+        for p in (layer / "rootsh", layer / "disk", r2, r2.parent, home / "snapshots/layers", home / "machines/.mnt"):
+            r = _as_nobody("stat", str(p))
+            assert r.returncode != 0 and b"Permission denied" in r.stderr, (p, r.stdout, r.stderr)
+        for d in ("machines", "snapshots"):
+            assert (home / d).stat().st_mode & 0o777 == 0o700, d
+    finally:
+        tw("machines", "rm", "-f", "k9")
+        shutil.rmtree(home, ignore_errors=True)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from taxiway.errors import TaxiwayError
 from taxiway.machines.config import Record
+from taxiway.machines.state import private_dir
 
 if False:  # typing only: not imported on the start path
     from collections.abc import Iterator
@@ -143,8 +144,10 @@ class Snapshotter:
         self.root = Path(root)
         self.layers = self.root / "layers"
         self.leases = self.root / "leases"
-        self.layers.mkdir(parents=True, exist_ok=True)
-        self.leases.mkdir(parents=True, exist_ok=True)
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)  # layers keep the images' setuid files and device nodes
+        self.layers.mkdir(exist_ok=True)
+        self.leases.mkdir(exist_ok=True)
         self.overlay = overlay_supported()
 
     @contextlib.contextmanager

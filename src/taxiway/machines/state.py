@@ -27,12 +27,26 @@ if False:  # typing only: not imported on the start path
 STATES = ("created", "starting", "running", "stopping", "exited", "failed")
 
 
+def private_dir(d: Path) -> Path:
+    """``d`` made 0700, or tightened to 0700 if others can enter it.
+
+    Machines' writable layers and unpacked snapshots keep the image's setuid files and
+    device nodes: no other user of the host may reach them (podman's storage is 0700
+    too). Their children are reachable only through these directories, so only the top
+    ones need it.
+    """
+    try:
+        d.mkdir(mode=0o700)
+    except FileExistsError:
+        if os.stat(d).st_mode & 0o077:
+            os.chmod(d, 0o700)
+    return d
+
+
 def machines_dir() -> Path:
     from taxiway.paths import home
 
-    d = home() / "machines"
-    d.mkdir(exist_ok=True)
-    return d
+    return private_dir(home() / "machines")
 
 
 class Machine(Record):

@@ -164,11 +164,10 @@ def _qemu() -> str:
 
 
 def _vm_dir() -> Path:
+    from taxiway.machines.state import private_dir
     from taxiway.paths import home
 
-    d = home() / "vm"
-    d.mkdir(exist_ok=True)
-    return d
+    return private_dir(home() / "vm")  # the images' roots as ext4 files: no other user reads them
 
 
 # -- cpio (newc) ----------------------------------------------------------------------------
