@@ -155,7 +155,7 @@ class Registry:
         # Running hashes of upload sessions, so a finished upload isn't read twice. Only the
         # holder of a session's lock reads or replaces its entry (see ``_receive``).
         self._hashers: dict[str, tuple[int, object]] = {}
-        self._purged = time.monotonic()  # serve() removed every session at startup
+        self._purged = time.monotonic()  # serve() removed expired sessions at startup
 
     # -- helpers -------------------------------------------------------
     @staticmethod
@@ -178,7 +178,7 @@ class Registry:
         """The upload id of a request, if its signed state binds it to this org and repository."""
         upload_id = request.path_params["upload_id"]
         data = tokens.check_state(request.query_params.get("_state", ""), self.key)
-        org = request.scope["state"].get("org") or ""
+        org = self.org(request)
         if (data is None or data.get("id") != upload_id or data.get("repo") != request.path_params["name"]
                 or data.get("org") != org or self.storage.upload_size(upload_id, org) is None):
             raise RegistryError("BLOB_UPLOAD_UNKNOWN")
