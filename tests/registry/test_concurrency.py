@@ -346,3 +346,21 @@ def test_gc_with_no_grace_never_leaves_a_tag_on_a_missing_blob(tmp_path):
         for d in (digest(cfg), digest(layer)):
             r = c.get(f"/v2/app/blobs/{d}")
             assert r.status_code == 200, f"{d}: {r.status_code} after GC"
+
+
+def test_parallel_deletes_of_one_manifest(tmp_path):
+    """The outside tester's reproduction (item 1), on two workers: every round, exactly one of ten
+    parallel DELETEs is 202 and the other nine are 404 MANIFEST_UNKNOWN."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with running(tmp_path / "root", extra=("--workers", "2")) as reg, reg.client("acme", "deltest") as c, \
+            ThreadPoolExecutor(10) as pool:
+        for _ in range(15):
+            body, mdigest, _ = push_image(c, "deltest", "x")
+            for tag in ("y", "z"):
+                assert c.put(f"/v2/deltest/manifests/{tag}", content=body,
+                             headers={"Content-Type": MANIFEST}).status_code == 201
+            results = list(pool.map(c.delete, [f"/v2/deltest/manifests/{mdigest}"] * 10))
+            codes = sorted(r.status_code for r in results)
+            assert codes == [202] + [404] * 9, [(r.status_code, r.text) for r in results]
+            assert all(r.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN" for r in results if r.status_code == 404)
