@@ -376,3 +376,48 @@ def test_other_users_reach_nothing_under_taxiway_home(tmp_path, monkeypatch):
     finally:
         tw("machines", "rm", "-f", "k9")
         shutil.rmtree(home, ignore_errors=True)
+
+
+# -- 10. signals to the host side ----------------------------------------------------------------------
+
+
+def test_kill_zero_stays_inside(busybox, taxiway_home):
+    """`kill -TERM 0` inside reaches only the machine: PID 1 and every exec lead sessions of their own."""
+    prog = 'trap "" TERM; kill -TERM 0; echo alive; cut -d" " -f5,6 /proc/$$/stat /proc/1/stat'
+    r = subprocess.run([sys.executable, "-m", "taxiway", "run", "--rm", busybox, "sh", "-c", prog],
+                       capture_output=True, timeout=60, start_new_session=True)
+    lines = r.stdout.decode().split("\n")
+    assert r.returncode == 0 and lines[0] == "alive", (r.returncode, r.stdout, r.stderr)
+    assert lines[2] == "1 1", r.stdout  # PID 1: its own group and session (0 0 when they were the CLI's)
+    assert tw("run", "-d", "--name", "k9", busybox, "sleep", "60").returncode == 0
+    try:
+        r = subprocess.run([sys.executable, "-m", "taxiway", "machines", "exec", "k9", "sh", "-c", prog],
+                           capture_output=True, timeout=60, start_new_session=True)
+        lines = r.stdout.decode().split("\n")
+        assert r.returncode == 0 and lines[0] == "alive", (r.returncode, r.stdout, r.stderr)
+        pgid, sid = lines[1].split()
+        assert pgid == sid != "0", r.stdout
+    finally:
+        tw("machines", "rm", "-f", "k9")
+
+
+def test_ctrl_c_still_reaches_run_and_exec(busybox, taxiway_home):
+    """With the machine in its own session, SIGINT to the CLI (a Ctrl-C) is still forwarded."""
+    import signal
+
+    def interrupted(*args: str) -> int:
+        p = subprocess.Popen([sys.executable, "-m", "taxiway", *args, "sh", "-c", "echo up; sleep 30"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        assert p.stdout.readline() == b"up\n"
+        t0 = time.time()
+        p.send_signal(signal.SIGINT)
+        code = p.wait(timeout=20)
+        assert time.time() - t0 < 10
+        return code
+
+    assert interrupted("run", "--rm", busybox) == 130
+    assert tw("run", "-d", "--name", "k9", busybox, "sleep", "60").returncode == 0
+    try:
+        assert interrupted("machines", "exec", "k9") == 130
+    finally:
+        tw("machines", "rm", "-f", "k9")

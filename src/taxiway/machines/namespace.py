@@ -206,8 +206,9 @@ def child(spec: dict[str, Any], errw: int, stdio: tuple[int, int, int], joined: 
         for s in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(s, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        if spec.get("tty_fd") is not None:
-            os.setsid()
+        # a session of its own (as runc): `kill 0` inside must not reach the CLI's process group
+        os.setsid()
+        if spec.get("tty_fd") is not None:  # the pty becomes the new session's controlling terminal
             import fcntl
             import termios
 
@@ -332,6 +333,8 @@ def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[st
     c = os.fork()
     if c == 0:
         try:
+            # a group of its own: a Ctrl-C reaches the command once, forwarded by the CLI and by us
+            os.setpgid(0, 0)
             os.close(errr)
             me = str(os.getpid()).encode()
             for p in cgroup_procs:
@@ -345,6 +348,7 @@ def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[st
             if d == 0:
                 for s in (signal.SIGPIPE, signal.SIGINT, signal.SIGTERM):
                     signal.signal(s, signal.SIG_DFL)
+                os.setsid()  # its own session (as runc's exec): `kill 0` stays inside the machine
                 env = proc["env"]
                 if _which(argv[0], env) is None:
                     raise SetupError(f"command {argv[0]!r} not found in the machine")
@@ -354,6 +358,8 @@ def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[st
                     os.chdir("/")
                 _harden(proc, prog)
                 os.execvpe(argv[0], argv, dict(e.split("=", 1) for e in env))
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                signal.signal(s, lambda sig, _f: os.kill(d, sig))
             _, st = os.waitpid(d, 0)
             os._exit(os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st))
         except BaseException as e:  # noqa: BLE001
