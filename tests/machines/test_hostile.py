@@ -274,6 +274,21 @@ def test_volume_target_resolved_inside_root(hostile, canary, tmp_path):
     assert r.returncode == 0 and r.stdout == b"hi\n", r.stderr  # /data -> <canary> followed inside the root
 
 
+@pytest.mark.parametrize("target,leads_to", [("/procl/sys", "/proc/sys"), ("/devl/shm", "/dev/shm"),
+                                              ("/devl/init", "/dev/init"), ("/devl", "/dev"), ("/procl", "/proc")])
+def test_reserved_target_through_image_symlink(tmp_path, taxiway_home, target, leads_to):
+    """``-v DIR:/procl/sys`` with ``/procl -> /proc`` in the image is /proc/sys: refused as that is."""
+    image = make_image(tmp_path, "localhost/links:1", [[Entry("procl", "symlink", linkname="/proc"),
+                                                        Entry("devl", "symlink", linkname="dev")]])
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    r = tw("run", "--rm", "-v", f"{vol}:{target}", image, "true")
+    err = r.stderr.decode()
+    assert r.returncode != 0 and f"volume target {target} is reserved: in the image it leads to {leads_to}" in err, err
+    assert err.count("\n") == 1, err
+    assert host_state(taxiway_home)["machines"] == []
+
+
 # -- 8. small ones ---------------------------------------------------------------------------------
 
 

@@ -180,9 +180,16 @@ _RESERVED_TARGETS = ("/", "/proc", "/sys", "/dev", "/dev/init", "/dev/pts", "/de
                      "/dev/console")
 
 
+def reserved_target(dst: str) -> bool:
+    """Whether ``dst`` (a clean absolute path in the machine) is where the runtime mounts its own."""
+    return dst in _RESERVED_TARGETS or dst.startswith(("/proc/", "/sys/", "/dev/"))
+
+
 def check_volume_target(dst: str) -> None:
-    """Refuse -v targets the runtime mounts over (/proc, /sys, /dev...): the volume would be hidden."""
-    if dst in _RESERVED_TARGETS or dst.startswith(("/proc/", "/sys/", "/dev/")):
+    """Refuse -v targets the runtime mounts over (/proc, /sys, /dev...): the volume would be hidden.
+
+    The runtime checks again where the target leads inside the image (``/procl -> /proc``)."""
+    if reserved_target(dst):
         raise InvalidInput(f"volume target {dst} is reserved: the machine's own {dst.split('/')[1] or '/'} is mounted there",
                            "mount the volume somewhere else, e.g. -v HOSTDIR:/data")
 

@@ -20,6 +20,7 @@ import stat
 from pathlib import Path
 
 from taxiway.machines import linux as L
+from taxiway.machines.config import reserved_target
 from taxiway.oci._safepath import RootFS, clean
 
 if False:  # typing only: not imported on the start path
@@ -114,6 +115,10 @@ def build_root(spec: dict[str, Any]) -> None:
             dst = _mkdirs_inside(root, m["target"])
         else:
             dst = _file_inside(root, m["target"])
+        inside = dst[len(root):] or "/"
+        if reserved_target(inside):  # the image's symlinks led there (/procl -> /proc)
+            raise SetupError(f"volume target {m['target']} is reserved: in the image it leads to {inside}, "
+                             "which the runtime mounts itself")
         _bind(m["source"], dst, ro=m["readonly"], flags=nodev)
     proc = _mkdirs_inside(root, "/proc")
     L.mount("proc", proc, "proc", L.MS_NOSUID | L.MS_NODEV | L.MS_NOEXEC)
