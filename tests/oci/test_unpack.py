@@ -236,6 +236,24 @@ def test_broken_layers_raise_layer_error(tmp_path, damage):
     assert "layer 0" in str(e.value) and "pull it again" in str(e.value)
 
 
+@pytest.mark.parametrize("end", [101_377, 101_888, 101_888 + 512, 101_400])
+def test_layer_without_end_of_archive_marker_is_complete(tmp_path, end):
+    """umoci's layers stop after the last member's data (no padding, no two zero blocks:
+    opencontainers/umoci#436); skopeo, podman, Go and GNU tar take them, and so do we."""
+    raw = make_layer([Entry("a", data=os.urandom(100_000)), Entry("b", data=b"b")])
+    assert raw[101_376:101_377] == b"b" and not raw[101_377:].strip(b"\0")  # b's data, then only zeros
+    apply_layer(tmp_path, io.BytesIO(raw[:end]), TAR, name="layer 0")
+    assert (tmp_path / "b").read_bytes() == b"b" and (tmp_path / "a").stat().st_size == 100_000
+
+
+@pytest.mark.parametrize("end", [101_376, 101_376 - 300, 100_864 + 511])
+def test_layer_cut_in_its_last_member_is_still_truncated(tmp_path, end):
+    raw = make_layer([Entry("a", data=os.urandom(100_000)), Entry("b", data=b"b" * 600), Entry("c", "dir")])
+    raw = raw[:end] if end != 101_376 else raw[:101_376 + 599]  # b's data one byte short
+    with pytest.raises(LayerError, match="truncated"):
+        apply_layer(tmp_path, io.BytesIO(raw), TAR, name="layer 0")
+
+
 def test_diff_id_mismatch(tmp_path):
     with pytest.raises(LayerError, match="uncompressed content is sha256:"):
         apply(tmp_path, [Entry("a", data=b"a")], GZIP, diff_id="sha256:" + "0" * 64)

@@ -502,15 +502,31 @@ def members(src: LayerReader) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo
     asking for the next one; unread data is skipped.
     """
     label = src.label
+    complete = False  # the last member's data (and padding) were all there
     try:
         tf = tarfile.TarFile(fileobj=src, mode="r", encoding="utf-8", errors="surrogateescape")  # type: ignore[call-overload]
         while (m := tf.next()) is not None:
             tf.members.clear()  # never accumulate headers: layers can have millions
             yield tf, m
+            complete = False
+            if not m.issparse():
+                end = m.offset_data + (m.size if tf.offset > m.offset_data else 0)
+                if src.tell() < end and src.seek(end) != end:
+                    raise LayerError(f"{label} is truncated (a file's data ends early)", src.hint)
+                want = tf.offset - src.tell()
+                pad = src.read(want) if want > 0 else b""
+                complete = True
+                if len(pad) < want:  # the stream ended in the padding (umoci's layers)
+                    src.last_block = pad
+                    break
     except tarfile.TarError as e:
         raise LayerError(f"{label} is not a valid tar archive ({e})", src.hint) from e
-    # TarFile ends quietly at a short or garbled header; only zeros end an archive.
-    if len(src.last_block) < tarfile.BLOCKSIZE or src.last_block.count(0) != tarfile.BLOCKSIZE:
+    # TarFile ends quietly at a short or garbled header; only zeros end an archive. Some
+    # writers (umoci, opencontainers/umoci#436) stop after the last member's data without
+    # padding or the two zero blocks: GNU tar and Go's reader take that, and so do we
+    # when that member was whole and nothing but zeros follows it.
+    zeros = src.last_block.count(0) == len(src.last_block)
+    if not zeros or (len(src.last_block) < tarfile.BLOCKSIZE and not (complete and src.eof)):
         raise LayerError(f"{label} is truncated or corrupt (no end-of-archive marker)", src.hint)
 
 
