@@ -244,6 +244,16 @@ def test_a_push_during_gc_stays_pullable(tmp_path):
             assert digest(r.content) == d
 
 
+def _all_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (a group stop; a traced syscall stops just one)."""
+    try:
+        states = [Path(f"/proc/{pid}/task/{t}/stat").read_text().rpartition(")")[2].split()[0]
+                  for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return False
+    return all(s in ("t", "T") for s in states)
+
+
 def _traced(pid: int) -> bool:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("TracerPid:"):
@@ -274,7 +284,7 @@ def test_two_deletes_of_one_manifest_give_one_202_and_one_404(tmp_path):
             result: dict = {}
             t = threading.Thread(target=lambda: result.setdefault("a", c.delete(f"/v2/deltest/manifests/{mdigest}")))
             t.start()
-            wait_until(lambda: _stopped(pid), "server A to stop right after its check")
+            wait_until(lambda: _all_stopped(pid), "server A to stop right after its check")
             with b as sb:
                 hb = httpx.Client(base_url=sb.url, headers={"Authorization": c.headers["authorization"]}, timeout=60)
                 rb = hb.delete(f"/v2/deltest/manifests/{mdigest}")
@@ -325,7 +335,7 @@ def test_gc_with_no_grace_never_leaves_a_tag_on_a_missing_blob(tmp_path):
             t = threading.Thread(target=lambda: result.setdefault("put", c.put(
                 "/v2/app/manifests/v1", content=body, headers={"Content-Type": MANIFEST})))
             t.start()
-            wait_until(lambda: _stopped(pid), "the server to stop after checking the layer")
+            wait_until(lambda: _all_stopped(pid), "the server to stop after checking the layer")
             gc = subprocess.Popen([sys.executable, "-m", "taxiway", "registry", "gc", "--root", str(root),
                                    "--grace", "0s", "--untagged", "--json"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -364,3 +374,46 @@ def test_parallel_deletes_of_one_manifest(tmp_path):
             codes = sorted(r.status_code for r in results)
             assert codes == [202] + [404] * 9, [(r.status_code, r.text) for r in results]
             assert all(r.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN" for r in results if r.status_code == 404)
+
+
+def test_gc_untagged_spares_a_manifest_being_tagged(tmp_path):
+    """Outside tester item 4, the other order: an untagged manifest is pushed again by tag; the
+    server is stopped (strace SIGSTOP) after it wrote the revision, as it makes the tags directory, while
+    `gc --grace 0s --untagged` runs. The tag must pull afterwards, with every blob."""
+    root = tmp_path / "root"
+    with running(root) as reg, reg.client("acme", "app") as c:
+        body, mdigest, blobs = push_image(c, "app", None)
+        tags = root / "repos" / "acme" / "app" / "_manifests" / "tags"
+        mkdirs = "mkdir,mkdirat"
+        pid = reg.server.proc.pid
+        tracer = subprocess.Popen(["strace", "-f", "-qq", "-o", str(tmp_path / "strace.log"), "-p", str(pid),
+                                   "-P", str(tags), "-e", f"trace={mkdirs}",
+                                   "-e", f"inject={mkdirs}:signal=SIGSTOP:when=1"])
+        gc = None
+        try:
+            wait_until(lambda: _traced(pid), "strace to attach to the server")
+            result: dict = {}
+            t = threading.Thread(target=lambda: result.setdefault("put", c.put(
+                "/v2/app/manifests/v1", content=body, headers={"Content-Type": MANIFEST})))
+            t.start()
+            wait_until(lambda: _all_stopped(pid), "the server to stop after writing the revision")
+            gc = subprocess.Popen([sys.executable, "-m", "taxiway", "registry", "gc", "--root", str(root),
+                                   "--grace", "0s", "--untagged", "--json"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_until(lambda: _gc_blocked_or_done(gc), "GC to finish or wait for the push's lock")
+            os.kill(pid, signal.SIGCONT)
+            t.join(60)
+            _, err = gc.communicate(timeout=120)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            tracer.terminate()
+            tracer.wait(30)
+            if gc is not None and gc.poll() is None:
+                gc.kill()
+                gc.wait()
+        assert gc.returncode == 0, err
+        assert result["put"].status_code == 201, result["put"].text
+        r = c.get("/v2/app/manifests/v1")
+        assert r.status_code == 200 and r.content == body, r.text
+        for d in blobs:
+            assert c.get(f"/v2/app/blobs/{d}").status_code == 200, f"{d} gone after GC"
