@@ -417,15 +417,15 @@ def test_kill_zero_stays_inside(busybox, taxiway_home):
 
 
 def test_ctrl_c_still_reaches_run_and_exec(busybox, taxiway_home):
-    """With the machine in its own session, SIGINT to the CLI (a Ctrl-C) is still forwarded."""
+    """With the machine in its own session, SIGINT (a Ctrl-C) and SIGHUP to the CLI are forwarded."""
     import signal
 
-    def interrupted(*args: str) -> int:
+    def interrupted(*args: str, sig: int = signal.SIGINT) -> int:
         p = subprocess.Popen([sys.executable, "-m", "taxiway", *args, "sh", "-c", "echo up; sleep 30"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         assert p.stdout.readline() == b"up\n"
         t0 = time.time()
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         code = p.wait(timeout=20)
         assert time.time() - t0 < 10
         return code
@@ -434,5 +434,8 @@ def test_ctrl_c_still_reaches_run_and_exec(busybox, taxiway_home):
     assert tw("run", "-d", "--name", "k9", busybox, "sleep", "60").returncode == 0
     try:
         assert interrupted("machines", "exec", "k9") == 130
+        assert interrupted("machines", "exec", "k9", sig=signal.SIGHUP) == 129  # a closed terminal ends it
+        r = tw("machines", "exec", "k9", "ps")
+        assert b"sleep 30" not in r.stdout, r.stdout  # nothing left behind
     finally:
         tw("machines", "rm", "-f", "k9")

@@ -375,11 +375,13 @@ def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[st
     os.close(errw)
     for fd, _ in nss:
         os.close(fd)
-    old = signal.signal(signal.SIGINT, lambda *a: os.kill(c, signal.SIGINT))
+    # c is in a group of its own: a Ctrl-C, kill or hang-up of this CLI reaches the command through us
+    old = {s: signal.signal(s, lambda sig, _f: os.kill(c, sig)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         _, st = os.waitpid(c, 0)
     finally:
-        signal.signal(signal.SIGINT, old)
+        for s, h in old.items():
+            signal.signal(s, h)
     err = b""
     while chunk := os.read(errr, 4096):
         err += chunk
