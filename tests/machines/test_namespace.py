@@ -352,3 +352,12 @@ def test_interactive_stdin_and_tty(busybox, taxiway_home):
     os.close(fd)
     assert b"/dev/console" in got and b"inside-42" in got, got
     assert os.waitstatus_to_exitcode(status) == 4
+
+
+def test_dev_holds_what_the_readme_lists(busybox, taxiway_home):
+    """/dev without -t: Docker's nodes and no console (Docker gives /dev/console only with a tty;
+    with -t it is the machine's pty, see test_interactive_stdin_and_tty)."""
+    r = tw("run", "--rm", busybox, "ls", "-A", "/dev")
+    assert r.returncode == 0, r.stderr
+    assert set(r.stdout.decode().split()) == {"null", "zero", "full", "random", "urandom", "tty", "fd", "stdin",
+                                              "stdout", "stderr", "ptmx", "core", "pts", "shm", "mqueue", "init"}
