@@ -246,6 +246,29 @@ def test_layer_without_end_of_archive_marker_is_complete(tmp_path, end):
     assert (tmp_path / "b").read_bytes() == b"b" and (tmp_path / "a").stat().st_size == 100_000
 
 
+def test_umoci_insert_layer_unpacks(tmp_path):
+    """A layer umoci itself wrote (init, new, insert): its tar has no end-of-archive blocks."""
+    import json
+    import shutil
+
+    if shutil.which("umoci") is None:
+        pytest.skip("umoci is not installed")
+    (tmp_path / "hello").write_bytes(b"hi\n")
+    for argv in (["init", "--layout", "img"], ["new", "--image", "img:t"],
+                 ["insert", "--image", "img:t", "hello", "/hello"]):
+        subprocess.run(["umoci", *argv], cwd=tmp_path, check=True, capture_output=True)
+    blobs = tmp_path / "img/blobs/sha256"
+    index = json.loads((tmp_path / "img/index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_bytes())
+    layer = manifest["layers"][-1]
+    raw = gzip.decompress((blobs / layer["digest"].split(":")[1]).read_bytes())
+    assert len(raw) % 512 != 0 or not raw.endswith(b"\0" * 1024)  # what umoci writes: no end-of-archive marker
+    (tmp_path / "out").mkdir()
+    with (blobs / layer["digest"].split(":")[1]).open("rb") as f:
+        apply_layer(tmp_path / "out", f, layer["mediaType"])
+    assert (tmp_path / "out/hello").read_bytes() == b"hi\n"
+
+
 @pytest.mark.parametrize("end", [101_376, 101_376 - 300, 100_864 + 511])
 def test_layer_cut_in_its_last_member_is_still_truncated(tmp_path, end):
     raw = make_layer([Entry("a", data=os.urandom(100_000)), Entry("b", data=b"b" * 600), Entry("c", "dir")])
