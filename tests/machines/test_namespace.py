@@ -361,3 +361,37 @@ def test_dev_holds_what_the_readme_lists(busybox, taxiway_home):
     assert r.returncode == 0, r.stderr
     assert set(r.stdout.decode().split()) == {"null", "zero", "full", "random", "urandom", "tty", "fd", "stdin",
                                               "stdout", "stderr", "ptmx", "core", "pts", "shm", "mqueue", "init"}
+
+
+def _loops_over(path: Path) -> list[str]:
+    import subprocess
+
+    r = subprocess.run(["losetup", "-j", str(path)], capture_output=True, text=True)
+    return r.stdout.splitlines()
+
+
+def test_storage_size_caps_the_writable_layer(busybox, taxiway_home):
+    """--storage-size: the writable layer is an ext4 file of that size; a full one is ENOSPC inside,
+    the host's disk use stays at the cap, files survive a restart, no loop device outlives a run."""
+    fill = "dd if=/dev/zero of=/big bs=1M count=64 2>&1; echo dd=$?; echo kept > /kept; sleep 1000"
+    r = tw("run", "-d", "--name", "cap", "--storage-size", "16m", busybox, "sh", "-c", fill)
+    assert r.returncode == 0, r.stderr
+    mid = out(r).strip()
+    deadline = time.time() + 30
+    while b"dd=" not in tw("machines", "logs", "cap").stdout and time.time() < deadline:
+        time.sleep(0.1)
+    logs = tw("machines", "logs", "cap").stdout
+    assert b"No space left on device" in logs and b"dd=1" in logs, logs
+    disk = taxiway_home / "machines" / mid / "disk.ext4"
+    assert disk.stat().st_blocks * 512 <= 16 << 20
+    assert len(_loops_over(disk)) == 1
+    assert tw("machines", "stop", "-t", "1", "cap").returncode == 0
+    assert _loops_over(disk) == []  # the mount went with the machine's namespace, the device with it
+    assert tw("machines", "start", "cap").returncode == 0
+    assert out(tw("machines", "exec", "cap", "cat", "/kept")) == "kept\n"
+    assert tw("machines", "rm", "-f", "cap").returncode == 0
+    assert _loops_over(disk) == [] and host_state(taxiway_home)["machines"] == []
+    for args, what in ((["--storage-size", "1m"], "below the minimum of 8m"),
+                       (["--storage-size", "16m", "--isolation", "vm"], "--storage-size is for namespace machines")):
+        r = tw("run", "--rm", *args, busybox, "true")
+        assert r.returncode != 0 and what in r.stderr.decode() and r.stderr.count(b"\n") == 1, r.stderr

@@ -44,6 +44,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt(("-m", "--memory"), "memory", "value", "Memory limit, e.g. 64m or 1g (at least 6m)."),
     Opt(("--cpus",), "cpus", "value", "CPU limit, e.g. 0.5 or 2.", float),
     Opt(("--pids-limit",), "pids_limit", "value", "Maximum number of tasks (stops fork bombs).", int),
+    Opt(("--storage-size",), "storage_size", "value",
+        "Cap the machine's writable layer, e.g. 1g (an ext4 file of that size; namespace machines)."),
     Opt(("--restart",), "restart", "value", "no, on-failure[:N] or always.", None, "no"),
     Opt(("-v", "--volume"), "volumes", "multiple", "Bind-mount HOSTDIR:DIR[:ro] (micro-VMs: a directory, shared over virtiofs)."),
     Opt(("--rm",), "auto_remove", "flag", "Remove the machine when it exits."),
@@ -156,7 +158,7 @@ def run_command(detach: bool, name: str | None, env: Any, env_file: Any, workdir
                 pids_limit: int | None, restart: str, volumes: Any, auto_remove: bool, net: str, ports: Any,
                 interactive: bool, tty: bool, isolation: str, vm_accel: str, stop_signal: str | None,
                 stop_timeout: float, image: str, command: Any, cap_add: Any = (), cap_drop: Any = (),
-                security_opt: Any = ()) -> None:
+                security_opt: Any = (), storage_size: str | None = None) -> None:
     """Run IMAGE as an isolated machine: its Entrypoint + Cmd, or COMMAND instead of Cmd."""
     if isolation == "namespace" and not detach and os.geteuid() == 0:
         from taxiway.machines.cgroups import prime_attach
@@ -178,7 +180,8 @@ def run_command(detach: bool, name: str | None, env: Any, env_file: Any, workdir
         ports=[C.parse_port(p) for p in ports], mounts=[C.parse_volume(v) for v in volumes],
         restart=C.parse_restart(restart), net=net, isolation=isolation, auto_remove=auto_remove,
         tty=tty, interactive=interactive, stop_signal=stop_signal, stop_timeout=stop_timeout, vm_accel=vm_accel,
-        cap_add=list(cap_add), cap_drop=list(cap_drop), seccomp=C.parse_security_opt(list(security_opt)))
+        cap_add=list(cap_add), cap_drop=list(cap_drop), seccomp=C.parse_security_opt(list(security_opt)),
+        storage_size=C.parse_storage_size(storage_size) if storage_size else None)
     if auto_remove and cfg.restart.policy != "no":
         raise InvalidInput("--rm and --restart cannot be combined", "drop one of them")
     if stop_signal:

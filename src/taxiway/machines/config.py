@@ -112,6 +112,7 @@ class MachineConfig(Record):
         ("vm_accel", "auto"),  # auto | kvm | tcg
         ("cap_add", list), ("cap_drop", list),
         ("seccomp", None),  # None: Docker's default profile; "unconfined"; or a profile (Docker's JSON format)
+        ("storage_size", None),  # bytes: the writable layer is an ext4 file of this size; None: no cap
     )
     image: str
     cmd: list[str] | None
@@ -136,6 +137,7 @@ class MachineConfig(Record):
     cap_add: list[str]
     cap_drop: list[str]
     seccomp: str | dict[str, Any] | None
+    storage_size: int | None
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> MachineConfig:
@@ -159,6 +161,14 @@ def parse_size(s: str) -> int:
         raise InvalidInput(f"invalid size {s!r}", "use a number with an optional unit, e.g. 64m or 1g")
     n = float(m.group(1)) * 1024 ** " kmgt".index((m.group(2) or " ").lower())
     return int(n)
+
+
+def parse_storage_size(s: str) -> int:
+    """``--storage-size``: at least 8m (a smaller ext4 has no room for its own metadata)."""
+    n = parse_size(s)
+    if n < 8 << 20:
+        raise InvalidInput(f"storage size {s} is below the minimum of 8m", "use --storage-size 8m or more")
+    return n
 
 
 def parse_memory(s: str) -> int:

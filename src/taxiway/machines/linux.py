@@ -47,6 +47,7 @@ SYS_pivot_root = 155  # x86_64
 SYS_capset = 126
 SYS_keyctl = 250
 SYS_close_range = 436
+SYS_move_mount, SYS_fsopen, SYS_fsconfig, SYS_fsmount = 429, 430, 431, 432  # the same on every arch
 
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -83,6 +84,71 @@ def unshare(flags: int) -> None:
 def setns(fd: int, nstype: int = 0) -> None:
     """setns(2)."""
     _check(_libc.setns(fd, nstype), "setns")
+
+
+def mount_detached(fstype: str, source: str) -> int:
+    """A new mount of ``source``, in no namespace yet (fsopen, fsconfig, fsmount): its fd.
+
+    Made by the caller (outside any machine's device policy), placed later with :func:`move_mount`;
+    closing the fd before that unmounts it."""
+    fs = _libc.syscall(SYS_fsopen, _b(fstype), ctypes.c_uint(1))  # FSOPEN_CLOEXEC
+    if fs < 0:
+        _check(-1, f"fsopen {fstype}")
+    try:
+        _check(_libc.syscall(SYS_fsconfig, ctypes.c_int(fs), ctypes.c_uint(1), b"source", _b(source),
+                             ctypes.c_int(0)), f"mount {source}")  # FSCONFIG_SET_STRING
+        _check(_libc.syscall(SYS_fsconfig, ctypes.c_int(fs), ctypes.c_uint(6), None, None, ctypes.c_int(0)),
+               f"mount {source}")  # FSCONFIG_CMD_CREATE
+        mfd = _libc.syscall(SYS_fsmount, ctypes.c_int(fs), ctypes.c_uint(1), ctypes.c_uint(0))  # FSMOUNT_CLOEXEC
+        if mfd < 0:
+            _check(-1, f"fsmount {source}")
+        return mfd
+    finally:
+        os.close(fs)
+
+
+def move_mount(mount_fd: int, target: str) -> None:
+    """move_mount(2) of a detached mount onto ``target``."""
+    _check(_libc.syscall(SYS_move_mount, ctypes.c_int(mount_fd), b"", ctypes.c_int(-100), _b(target),
+                         ctypes.c_uint(4)), f"mount {target}")  # AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH
+
+
+def attach_loop(path: str) -> tuple[int, str]:
+    """A loop device over ``path`` that clears itself once nothing uses it (LO_FLAGS_AUTOCLEAR):
+    (an open fd of it, its path). Mount it, then close the fd: it lives as long as the mount.
+
+    The kernel clears released devices lazily, so a "free" one may still be busy: take the next."""
+    import errno
+    import fcntl
+    import struct
+
+    backing = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        for _ in range(200):
+            ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                n = fcntl.ioctl(ctl, 0x4C82)  # LOOP_CTL_GET_FREE
+            finally:
+                os.close(ctl)
+            dev = f"/dev/loop{n}"
+            try:
+                lo = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:  # devtmpfs has not made the node yet
+                continue
+            cfg = bytearray(304)  # struct loop_config: fd, block_size, loop_info64 (lo_flags at 52), reserved
+            struct.pack_into("=II", cfg, 0, backing, 0)
+            struct.pack_into("=I", cfg, 8 + 52, 4)  # LO_FLAGS_AUTOCLEAR
+            try:
+                fcntl.ioctl(lo, 0x4C0A, bytes(cfg))  # LOOP_CONFIGURE
+            except OSError as e:
+                os.close(lo)
+                if e.errno != errno.EBUSY:
+                    raise
+                continue
+            return lo, dev
+        raise OSError(errno.EBUSY, "no free loop device")
+    finally:
+        os.close(backing)
 
 
 def pivot_root(new_root: str, put_old: str) -> None:

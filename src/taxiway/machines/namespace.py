@@ -98,12 +98,33 @@ def _bind(src: str, dst: str, ro: bool = False, flags: int = 0) -> None:
         L.mount(None, dst, None, L.MS_BIND | L.MS_REMOUNT | (L.MS_RDONLY if ro else 0) | flags)
 
 
+def open_disk(disk: str) -> int:
+    """``--storage-size``: the machine's ext4 file mounted, in no namespace yet (an fd for
+    ``spec["upper_disk"]``). Done by the supervisor: inside the machine's cgroup, its device
+    policy forbids the loop device. It holds ``upper/`` and ``work/``."""
+    lo, dev = L.attach_loop(disk)
+    try:
+        mfd = L.mount_detached("ext4", dev)
+    finally:
+        os.close(lo)  # the mount keeps the device; it clears itself when the mount is gone
+    try:
+        for d in ("upper", "work"):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(d, 0o755, dir_fd=mfd)
+    except BaseException:
+        os.close(mfd)
+        raise
+    return mfd
+
+
 def build_root(spec: dict[str, Any]) -> None:
     """Assemble and enter the machine's root. Runs in PID 1 before exec; raises on failure."""
     root = os.path.realpath(spec["rootfs"])
     # without a device policy (no v1 devices group, no v2 device program), device nodes work nowhere but /dev
     nodev = 0 if spec.get("device_cgroup", True) else L.MS_NODEV
     L.mount(None, "/", None, L.MS_REC | L.MS_PRIVATE)
+    if spec.get("upper_disk"):  # fd, mount point: the supervisor mounted the machine's ext4 file
+        L.move_mount(*spec["upper_disk"])
     if spec.get("overlay"):
         L.mount("overlay", root, "overlay", nodev, spec["overlay"])
     else:

@@ -160,6 +160,8 @@ def create(cfg: MachineConfig, name: str | None = None, progress: Any = None) ->
         C.check_hostname(cfg.hostname)
     for mnt in cfg.mounts:
         C.check_volume_target(mnt.target)
+    if cfg.storage_size and cfg.isolation != "namespace":
+        raise InvalidInput("--storage-size is for namespace machines", "drop it, or use --isolation namespace")
     if cfg.isolation == "vm":
         from taxiway.machines import vm
 
@@ -174,6 +176,8 @@ def create(cfg: MachineConfig, name: str | None = None, progress: Any = None) ->
     argv = C.command(icfg, cfg.cmd, cfg.entrypoint)
     snap = Snapshotter()
     snap.cleanup()
+    if cfg.storage_size and not snap.overlay:
+        raise InvalidInput("--storage-size needs overlayfs (this host copies layers instead)", "drop --storage-size")
     chain = snap.prepare(image)
     if not chain:
         raise InvalidInput(f"{cfg.image} has no layers", "this image has no root filesystem to run")
@@ -193,7 +197,9 @@ def create(cfg: MachineConfig, name: str | None = None, progress: Any = None) ->
     d = m.dir
     d.mkdir()
     try:  # the record (with its chain) is the machine's lease on its snapshots
-        if snap.overlay:
+        if cfg.storage_size:
+            _make_disk(d, cfg.storage_size)
+        elif snap.overlay:
             (d / "upper").mkdir()
             (d / "work").mkdir()
         else:
@@ -204,6 +210,21 @@ def create(cfg: MachineConfig, name: str | None = None, progress: Any = None) ->
         S.remove_dir(d)
         raise
     return m
+
+
+def _make_disk(d: Path, size: int) -> None:
+    """``--storage-size``: the writable layer's own ext4 file (sparse, no journal, no reserved blocks),
+    mounted over a loop device for each run (``namespace.open_disk``); removed with the machine."""
+    import subprocess
+
+    disk = d / "disk.ext4"
+    with open(disk, "wb") as f:
+        f.truncate(size)
+    r = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", str(disk)], capture_output=True)
+    if r.returncode != 0:
+        raise TaxiwayError(f"could not make the machine's storage: {r.stderr.decode(errors='replace').strip()[:300]}",
+                           "check that e2fsprogs is installed and the disk has room")
+    (d / "disk").mkdir()
 
 
 # -- one run of a namespace machine ----------------------------------------------------------
@@ -296,6 +317,9 @@ def _spec(m: S.Machine) -> dict[str, Any]:
             "etc": etc_files(p["hostname"], m.config.net), "seccomp_bpf": seccomp_filter(m)}
     if (d / "upper").exists():
         spec["overlay"] = Snapshotter().overlay_options(m.chain, d / "upper", d / "work")
+    elif m.config.storage_size:  # upper and work live in the machine's ext4 file, mounted at disk/
+        spec["upper_disk"] = (str(d / "disk.ext4"), str(d / "disk"))  # the fd replaces the file before spawn
+        spec["overlay"] = Snapshotter().overlay_options(m.chain, d / "disk/upper", d / "disk/work")
     else:
         spec["copy_root"] = str(d / "root")
     return spec
@@ -327,8 +351,19 @@ def _run_namespace(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, 
         except BaseException:
             cg.remove()
             raise
-    tty = m.config.tty and attached
     fds_to_close: list[int] = []
+    if spec.get("upper_disk"):
+        disk, at = spec["upper_disk"]
+        try:
+            spec["upper_disk"] = (namespace.open_disk(disk), at)
+        except OSError as e:
+            if forwarders:
+                forwarders.close()
+            cg.remove()
+            raise TaxiwayError(f"cannot mount machine {m.name}'s storage ({e.strerror})",
+                               "check that the kernel has loop devices and ext4") from None
+        fds_to_close.append(spec["upper_disk"][0])
+    tty = m.config.tty and attached
     readers: dict[int, str] = {}
     master = None
     if tty:

@@ -6,6 +6,7 @@ One directory per machine::
     machines/<id>/events.jsonl   state changes, one JSON object a line (what the platform watches)
     machines/<id>/log            stdout/stderr, one line each: "<RFC3339 time> <stream> <text>"
     machines/<id>/upper, work    the machine's writable layer (overlay mode)
+    machines/<id>/disk.ext4      ... or, with --storage-size, an ext4 file holding them (mounted at disk/)
     machines/.mnt, .etc          shared mount points: each machine mounts there in its own namespace
     machines/.trash/             removed machines, deleted in the background (deletes are slow on disk)
 """
