@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -19,6 +20,14 @@ class _DefaultGroup(click.Group):
 
     def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         formatter.write_usage(ctx.command_path, "FILE... [OPTIONS] | ls [--json] | rm NAME")
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # The options of `publish FILE...` are the default command's: show them, not only --help.
+        files = self.commands[self.default_cmd]
+        rows = [r for p in files.get_params(ctx) if isinstance(p, click.Option) and (r := p.get_help_record(ctx))]
+        with formatter.section("Options"):
+            formatter.write_dl(rows)
+        self.format_commands(ctx, formatter)
 
 
 def report(result, as_json: bool) -> None:
@@ -52,6 +61,31 @@ def parse_delimiter(value: str | None) -> str | None:
     return d
 
 
+def limit_options(f):
+    """``--memory``, ``--cpus``, ``--pids``: the published app machine's limits."""
+    from taxiway.publish.app import DEFAULT_CPUS, DEFAULT_MEMORY, DEFAULT_PIDS
+
+    f = click.option("--pids", type=int, default=DEFAULT_PIDS, show_default=True,
+                     help="Most processes and threads the app may run.")(f)
+    f = click.option("--cpus", type=float, default=DEFAULT_CPUS, show_default=True,
+                     help="CPUs the app may use.")(f)
+    return click.option("--memory", default=f"{DEFAULT_MEMORY >> 20}m", show_default=True,
+                        help="Memory the app may use (e.g. 512m, 2g).")(f)
+
+
+def limits(memory: str, cpus: float, pids: int) -> dict:
+    """PublishSpec keyword arguments for the limit options."""
+    from taxiway.errors import InvalidInput
+    from taxiway.machines.config import parse_memory
+
+    if not 0.01 <= cpus <= (os.cpu_count() or 1):
+        raise InvalidInput(f"--cpus {cpus:g} is not between 0.01 and this host's {os.cpu_count()} CPUs",
+                           "pass --cpus 1 (or 0.5, 2...)")
+    if pids < 16:
+        raise InvalidInput(f"--pids {pids} is too few for Datasette to start", "pass --pids 64 or more")
+    return {"memory": parse_memory(memory), "cpus": cpus, "pids": pids}
+
+
 @click.group(cls=_DefaultGroup, invoke_without_command=False)
 def publish() -> None:
     """Publish CSV, TSV, JSON or SQLite files as a live Datasette app.
@@ -81,14 +115,20 @@ def publish() -> None:
 @click.option("--encoding", default="utf-8", show_default=True, help="Text encoding of CSV/JSON files.")
 @click.option("--delimiter", help="CSV field delimiter: one character or comma/semicolon/tab/pipe "
                                   "(default: detected from the first lines).")
-@click.option("--port", type=int, help="Loopback port to serve on (default: kept from the last publish, or free).")
+@click.option("--secret", help="Secret that signs Datasette's cookies (default: one kept per app).")
+@click.option("--max-field-size", default="16m", show_default=True,
+              help="Largest CSV field read (a line may be 4 times it); larger ones are refused.")
+@click.option("--port", type=int,
+              help="Loopback port to serve on (default: kept from the last publish, or free).")
+@limit_options
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def publish_files(files, name, table, install, metadata, title, source, source_url, license_, license_url,
-                  about, about_url, fts, encoding, delimiter, port, as_json):
+                  about, about_url, fts, encoding, delimiter, secret, max_field_size, port, memory, cpus, pids, as_json):
     """Publish FILES."""
     import json
 
     from taxiway.errors import InvalidInput
+    from taxiway.machines.config import parse_size
     from taxiway.publish.app import PublishSpec
     from taxiway.publish.deploy import publish as do_publish
 
@@ -109,7 +149,8 @@ def publish_files(files, name, table, install, metadata, title, source, source_u
     spec = PublishSpec(files=list(files), name=name, table=table, install=list(install), metadata=meta, title=title,
                        source=source, source_url=source_url, license=license_, license_url=license_url,
                        about=about, about_url=about_url, fts=list(fts), encoding=encoding,
-                       delimiter=parse_delimiter(delimiter), port=port)
+                       delimiter=parse_delimiter(delimiter), port=port, max_field=parse_size(max_field_size), secret=secret,
+                       **limits(memory, cpus, pids))
     report(do_publish(spec), as_json)
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,10 @@ from taxiway.publish import convert
 
 _APP_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
 _PLUGIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9,._-]+\])?((==|>=|<=|~=|!=|>|<)[A-Za-z0-9.*+!-]+)?$")
+
+DEFAULT_MEMORY = 1 << 30
+DEFAULT_CPUS = 1.0
+DEFAULT_PIDS = 512
 
 
 @dataclass
@@ -48,10 +54,18 @@ class PublishSpec:
     template_dir: Path | None = None
     plugins_dir: Path | None = None
     port: int | None = None
+    #: The app machine's limits (bytes, CPUs, tasks): one app can't take the host's memory.
+    memory: int = DEFAULT_MEMORY
+    cpus: float = DEFAULT_CPUS
+    pids: int = DEFAULT_PIDS
+    #: The largest CSV field accepted, in characters.
+    max_field: int = convert.MAX_FIELD
+    #: DATASETTE_SECRET, which signs cookies (None: the app's own, kept across releases).
+    secret: str | None = None
 
     def app_name(self) -> str:
         """The app's name: ``--name``, else the first file's stem, made DNS-safe."""
-        raw = self.name or convert.table_name_for(self.files[0]).split(".")[0]
+        raw = self.name if self.name is not None else convert.table_name_for(self.files[0]).split(".")[0]
         if self.name is None:
             raw = re.sub(r"[^a-z0-9-]+", "-", raw.lower()).strip("-")[:40] or "data"
         if not _APP_NAME.match(raw):
@@ -64,9 +78,15 @@ def validate(spec: PublishSpec) -> None:
     if not spec.files:
         raise InvalidInput("no files to publish", "give one or more .csv, .tsv, .json, .db files")
     for f in spec.files:
-        if not f.is_file():
+        if not f.exists():
             raise InvalidInput(f"{f}: no such file", "check the path")
+        if not f.is_file():
+            raise InvalidInput(f"{f}: not a regular file", "give a file (not a folder, device or pipe), or a copy of it")
         convert.kind_of(f)
+    if spec.port is not None and not 1 <= spec.port <= 65535:
+        raise InvalidInput(f"--port {spec.port} is not a TCP port", "pass a port from 1 to 65535, or leave --port out")
+    if spec.table is not None:
+        convert.check_table_name(spec.table, "--table")
     for p in spec.install:
         if not _PLUGIN.match(p):
             raise InvalidInput(f"--install {p!r} is not a package name", "give a PyPI name such as datasette-cluster-map")
@@ -114,7 +134,7 @@ def prepare(spec: PublishSpec, workdir: Path) -> tuple[Path, list[convert.TableI
     if to_convert:
         dbname = spec.app_name().replace("-", "_")
         t = convert.build_database(to_convert, app / "data" / f"{dbname}.db", table=spec.table, fts=spec.fts,
-                                   encoding=spec.encoding, delimiter=spec.delimiter)
+                                   encoding=spec.encoding, delimiter=spec.delimiter, max_field=spec.max_field)
         for info in t:
             info.database = dbname
         infos += t
@@ -141,14 +161,18 @@ def prepare(spec: PublishSpec, workdir: Path) -> tuple[Path, list[convert.TableI
     options: list[str] = []
     for mount, path in spec.static:
         dest = app / "static" / mount
-        shutil.copytree(path, dest)
+        copy_folder(Path(path), dest, f"--static {mount}:{path}")
         options += ["--static", f"{mount}:static/{mount}"]
     if spec.template_dir:
-        shutil.copytree(spec.template_dir, app / "templates")
+        copy_folder(spec.template_dir, app / "templates", f"--template-dir {spec.template_dir}")
         options += ["--template-dir", "templates"]
     if spec.plugins_dir:
-        shutil.copytree(spec.plugins_dir, app / "plugins")
-        options += ["--plugins-dir", "plugins"]
+        copy_folder(spec.plugins_dir, app / "plugins", f"--plugins-dir {spec.plugins_dir}")
+    else:
+        (app / "plugins").mkdir()
+    # Datasette takes one --plugins-dir: taxiway's own limits plugin goes beside the user's plugins.
+    shutil.copy(Path(__file__).with_name("sqlite_limits.py"), app / "plugins" / "taxiway_sqlite_limits.py")
+    options += ["--plugins-dir", "plugins"]
     if spec.version_note:
         options += ["--version-note", spec.version_note]
     if spec.extra_options:
@@ -162,6 +186,40 @@ def prepare(spec: PublishSpec, workdir: Path) -> tuple[Path, list[convert.TableI
     }, indent=2, sort_keys=True))
     env = {f"{p}_{s}".upper().replace("-", "_"): v for p, s, v in spec.plugin_secrets}
     return app, infos, env
+
+
+def copy_folder(src: Path, dest: Path, option: str) -> None:
+    """Copy a folder the user named into the app without following a symbolic link out of it.
+
+    Files are copied; a link whose target is inside ``src`` stays a (relative) link; a link leading
+    outside, a dangling one, or anything that is not a file, folder or link is refused, as
+    ``datasette serve --static`` refuses to serve files outside its folder.
+    """
+    if not src.is_dir():
+        raise InvalidInput(f"{option}: {src} is not a folder", "give a folder")
+    root = os.path.realpath(src)
+    dest.mkdir(parents=True)
+    for here, dirs, files in os.walk(root):
+        rel = os.path.relpath(here, root)
+        out = dest / rel
+        for name in [*dirs, *files]:
+            p = os.path.join(here, name)
+            shown = os.path.normpath(os.path.join(src, rel, name))
+            st = os.lstat(p)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.path.realpath(p)
+                if not os.path.exists(target) or os.path.commonpath([root, target]) != root or target == root:
+                    raise InvalidInput(f"{option}: {shown} is a symbolic link to {os.readlink(p)}, outside the folder",
+                                       "copy the file into the folder instead of linking to it")
+                os.symlink(os.path.relpath(target, here), out / name)
+            elif stat.S_ISDIR(st.st_mode):
+                (out / name).mkdir()
+            elif stat.S_ISREG(st.st_mode):
+                shutil.copy2(p, out / name, follow_symlinks=False)
+            else:
+                raise InvalidInput(f"{option}: {shown} is not a regular file, folder or link",
+                                   "remove it from the folder")
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(here, d))]
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -20,14 +20,15 @@ import json
 import os
 import re
 import sqlite3
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from taxiway.errors import InvalidInput
 
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+#: The largest CSV field read by default (``--max-field-size`` raises it); a line may be 4 times that.
+#: Without a cap one huge field (or an unclosed quote) is read into memory whole.
+MAX_FIELD = 16 << 20
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 #: SQLite's default limit is 2,000 result columns, and Datasette's table page selects the rowid too.
@@ -249,15 +250,32 @@ def _detect_types(con: sqlite3.Connection, table: str, columns: list[str]) -> di
     return types
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):g} MiB"
+
+
+def _capped_lines(f: io.TextIOBase, cap: int, path: Path) -> Iterator[str]:
+    """The file's lines, refusing one longer than ``cap`` characters before reading it whole."""
+    n = 0
+    while line := f.readline(cap + 1):
+        n += 1
+        if len(line) > cap:
+            raise InvalidInput(f"{path}: line {n} is longer than {_mib(cap)}",
+                               "check for an unclosed quote, or raise --max-field-size (a line may be 4 times it)")
+        yield line
+
+
 def convert_delimited(con: sqlite3.Connection, path: Path, table: str, delimiter: str | None, encoding: str,
-                      default: str = ",") -> TableInfo:
+                      default: str = ",", max_field: int = MAX_FIELD) -> TableInfo:
     """Stream one CSV/TSV into ``table`` with detected column types (``delimiter`` None: sniffed)."""
     stage = f"_taxiway_stage_{table}"
     given = delimiter is not None
     delimiter = delimiter if given else sniff_delimiter(path, encoding, default)
+    csv.field_size_limit(max_field)
+    reader = None
     try:
         with _open_text(path, encoding) as f:
-            reader = csv.reader(f, delimiter=delimiter)
+            reader = csv.reader(_capped_lines(f, 4 * max_field, path), delimiter=delimiter)
             try:
                 header = next(reader)
             except StopIteration:
@@ -288,6 +306,10 @@ def convert_delimited(con: sqlite3.Connection, path: Path, table: str, delimiter
             "re-save the file as UTF-8, or pass --encoding latin-1 (or the file's real encoding)",
         ) from None
     except csv.Error as e:
+        if "field limit" in str(e):
+            row = reader.line_num if reader is not None else 0
+            raise InvalidInput(f"{path}: a field on line {row} is larger than {_mib(max_field)}",
+                               "check for an unclosed quote, or raise the limit with --max-field-size 64m") from None
         raise InvalidInput(f"{path}: malformed CSV ({e})", "check quoting in the file") from None
     except (OSError, EOFError, gzip.BadGzipFile) as e:
         raise InvalidInput(f"{path}: cannot read the file ({e})", "check that the file is complete and readable") from None
@@ -407,8 +429,30 @@ def enable_fts(con: sqlite3.Connection, table: str, columns: list[str]) -> None:
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_ .-]{0,62}$")
 
 
+def check_table_name(name: str, where: str) -> None:
+    """Refuse a table name for a converted file that SQLite reserves or Datasette can't show."""
+    if name.lower().startswith("sqlite_"):
+        raise InvalidInput(f"{where}: {name!r} is a name SQLite reserves (sqlite_*)", "pass --table with another name")
+    if not _NAME_RE.match(name):
+        raise InvalidInput(f"{where}: {name!r} is not a usable table name",
+                           "pass --table NAME (letters, digits, _ . - and spaces, up to 63 characters)")
+
+
+def check_served_names(path: Path | str, table: str, columns: Iterable[str], kind: str = "table") -> None:
+    """Refuse a table or column name with ``]``: Datasette quotes names as ``[name]``, so its pages would fail."""
+    for what, name in ((kind, table), *(("column", c) for c in columns)):
+        if "]" in name:
+            where = f"{kind} {table!r}" if what == kind else f"column {name!r} of {kind} {table!r}"
+            fix = (f"ALTER TABLE {_quote(table)} RENAME TO new_name" if what == "table"
+                   else f"ALTER TABLE {_quote(table)} RENAME COLUMN {_quote(name)} TO new_name" if kind == "table"
+                   else "recreate the view under a name without ]")
+            raise InvalidInput(f"{path}: {where} has a ']' in its name, which Datasette can't serve",
+                               f"rename it, e.g. sqlite3 {path} '{fix}'")
+
+
 def build_database(files: list[Path], dest: Path, *, table: str | None = None, fts: list[str] | None = None,
-                   encoding: str = "utf-8", delimiter: str | None = None) -> list[TableInfo]:
+                   encoding: str = "utf-8", delimiter: str | None = None,
+                   max_field: int = MAX_FIELD) -> list[TableInfo]:
     """Convert ``files`` into one SQLite database at ``dest`` (written atomically).
 
     ``delimiter`` applies to CSV/TSV files; without it each file's is detected.
@@ -436,13 +480,13 @@ def build_database(files: list[Path], dest: Path, *, table: str | None = None, f
         for path in files:
             kind = kind_of(path)
             name = table or table_name_for(path)
-            if not _NAME_RE.match(name):
-                raise InvalidInput(f"{path}: {name!r} is not a usable table name", "pass --table NAME")
+            check_table_name(name, str(path))
             if name.lower() in used:
                 raise InvalidInput(f"{path}: a second file would also become table {name!r}", "rename one of the files")
             used.add(name.lower())
             if kind in ("csv", "tsv"):
-                info = convert_delimited(con, path, name, delimiter, encoding, "," if kind == "csv" else "\t")
+                info = convert_delimited(con, path, name, delimiter, encoding, "," if kind == "csv" else "\t",
+                                         max_field)
             elif kind in ("json", "ndjson"):
                 info = convert_json(con, path, name, kind, encoding)
             else:
@@ -479,8 +523,14 @@ def describe_sqlite(path: Path, source: Path | None = None) -> list[TableInfo]:
     con = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True)
     try:
         infos = []
+        for (name,) in con.execute("select name from sqlite_master where type='view'").fetchall():
+            cols: list[str] = []
+            with contextlib.suppress(sqlite3.DatabaseError):  # a view on a missing table: Datasette shows its error
+                cols = [r[1] for r in con.execute(f"pragma table_info({_quote(name)})")]
+            check_served_names(source, name, cols, "view")
         for (name,) in con.execute("select name from sqlite_master where type='table' and name not like 'sqlite_%'"):
             cols = {r[1]: r[2] for r in con.execute(f"pragma table_info({_quote(name)})")}
+            check_served_names(source, name, cols)
             check_width(source, name, len(cols))
             rows = con.execute(f"select count(*) from {_quote(name)}").fetchone()[0]
             info = TableInfo(str(source), name, rows, cols)

@@ -13,6 +13,8 @@ import click
 from datasette import hookimpl
 from datasette.publish.common import add_common_publish_arguments_and_options
 
+from taxiway.cli.publish import limit_options, limits, report
+
 
 @hookimpl
 def publish_subcommand(publish):
@@ -20,12 +22,12 @@ def publish_subcommand(publish):
     @add_common_publish_arguments_and_options
     @click.option("-n", "--name", help="App name (default: the first file's name)")
     @click.option("--port", type=int, help="Loopback port to serve on (default: a stable free port)")
+    @limit_options
     @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON")
     def taxiway(files, metadata, extra_options, branch, template_dir, plugins_dir, static, install, plugin_secret,
                 version_note, secret, title, license, license_url, source, source_url, about, about_url, name,
-                port, as_json):
+                port, memory, cpus, pids, as_json):
         """Publish databases to a Datasette app run by taxiway on this machine."""
-        from taxiway.cli.publish import report
         from taxiway.errors import TaxiwayError
         from taxiway.publish.app import PublishSpec
         from taxiway.publish.deploy import publish as do_publish
@@ -47,9 +49,10 @@ def publish_subcommand(publish):
             about_url=about_url, plugin_secrets=list(plugin_secret), static=list(static),
             version_note=version_note, extra_options=extra_options,
             template_dir=Path(template_dir) if template_dir else None,
-            plugins_dir=Path(plugins_dir) if plugins_dir else None, port=port,
+            plugins_dir=Path(plugins_dir) if plugins_dir else None, port=port, secret=secret,
         )
         try:
+            spec.memory, spec.cpus, spec.pids = limits(memory, cpus, pids).values()
             result = do_publish(spec)
         except TaxiwayError as e:
             raise click.ClickException(str(e)) from None

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from taxiway.errors import NotFound, TaxiwayError
 from taxiway.fsutil import write_bytes_atomic
-from taxiway.publish.app import PublishSpec, content_hash, prepare
+from taxiway.publish.app import PublishSpec, content_hash, prepare, validate
 from taxiway.publish.convert import TableInfo
 
 BUILDPACK = Path(__file__).parent / "buildpack"
@@ -77,6 +77,7 @@ def _say(msg: str) -> None:
 @contextlib.contextmanager
 def _app_lock(d: Path) -> Iterator[None]:
     d.mkdir(parents=True, exist_ok=True)
+    d.chmod(0o700)  # it holds the app's secret and plugin secrets
     # A POSIX record lock, not flock: machine supervisors forked while we hold
     # it must not inherit it.
     with open(d / ".lock", "w") as f:
@@ -296,11 +297,18 @@ def _remove_all(d: Path) -> None:
     if cache.exists():
         with contextlib.suppress(OSError):
             lifecycle.discard(cache)
+    # The app's images are gone, so the unpacked layers only they used (the published data among
+    # them) are unreferenced: the snapshots API's default prune removes exactly those (no other image's).
+    from taxiway.machines.snapshots import Snapshotter
+
+    with contextlib.suppress(Exception):
+        Snapshotter().prune()
     shutil.rmtree(d, ignore_errors=True)
 
 
 def publish(spec: PublishSpec, say=_say) -> PublishResult:
     """Build and run ``spec`` as a Datasette app; replace the previous release once the new one answers."""
+    validate(spec)  # bad options and files fail before anything is made
     name = spec.app_name()
     d = publish_root() / name
     with _app_lock(d):
@@ -323,6 +331,26 @@ def publish(spec: PublishSpec, say=_say) -> PublishResult:
                     _remove_all(d)
 
 
+def _secret(d: Path, given: str | None) -> str:
+    """The app's DATASETTE_SECRET: ``given`` (then kept), else the one kept in ``d/secret``, else a new one.
+
+    One secret per app, so signed cookies (``ds_actor``, CSRF tokens) stay valid across releases.
+    """
+    import secrets
+
+    path = d / "secret"
+    if not given:
+        with contextlib.suppress(OSError):
+            if kept := path.read_text().strip():
+                return kept
+    value = given or secrets.token_hex(32)
+    fd = os.open(path.with_name(".secret.tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    os.replace(path.with_name(".secret.tmp"), path)
+    return value
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -332,12 +360,13 @@ def _publish(spec: PublishSpec, d: Path, state: dict, say) -> PublishResult:
     from taxiway.builder.lifecycle import BuildFailed, BuildOptions, build
     from taxiway.machines import runtime
     from taxiway.machines import state as S
-    from taxiway.machines.config import MachineConfig, Port, Restart
+    from taxiway.machines.config import Guest, MachineConfig, Port, Restart
     from taxiway.oci.store import Store
 
     t0 = time.monotonic()
     name = d.name
     app, tables, secrets_env = prepare(spec, d / "build")
+    secrets_env["DATASETTE_SECRET"] = _secret(d, spec.secret)
     release = content_hash(app)[:12]
     tag = f"{_image_repo(name)}:{release}"
     say(f"---> building {tag}")
@@ -357,7 +386,8 @@ def _publish(spec: PublishSpec, d: Path, state: dict, say) -> PublishResult:
     backend = _free_port()
     cfg = MachineConfig(image=tag, env={"PORT": str(CONTAINER_PORT), **secrets_env},
                         ports=[Port(host_port=backend, port=CONTAINER_PORT)], net="private",
-                        restart=Restart("on-failure", 3))
+                        restart=Restart("on-failure", 3),
+                        guest=Guest(memory=spec.memory, cpus=spec.cpus, pids=spec.pids))
     mname = f"publish-{name}-{release[:6]}-{int(time.time() * 1000) % 100000:05d}"
     pending = {"pid": os.getpid(), "started": _now(), "machine": mname, "image": tag, "port": port}
     _save(d, {**state, "name": name, "pending": pending})
