@@ -218,7 +218,7 @@ class LoopbackDNS:
                     elif kind == qtype == "A":
                         reply.add_answer(RR(owner, QTYPE.A, rdata=A(value), ttl=0))
                     elif kind == qtype == "AAAA":
-                        reply.add_answer(RR(owner, QTYPE.AAAA, rdata=AAAA(ipaddress.IPv6Address(value).exploded), ttl=0))
+                        reply.add_answer(RR(owner, QTYPE.AAAA, rdata=AAAA(tuple(ipaddress.IPv6Address(value).packed)), ttl=0))
                 return reply
 
         self.port = free_port()

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from taxiway.egress import http
-from taxiway.egress.hosts import HostError, normalize_name, parse_host, parse_legacy_ipv4
+from taxiway.egress.hosts import HostError, ip_text, normalize_name, parse_host, parse_legacy_ipv4
 
 
 @pytest.mark.parametrize("raw,expected", [
@@ -27,7 +27,7 @@ from taxiway.egress.hosts import HostError, normalize_name, parse_host, parse_le
     ("127.0.0.1.", "127.0.0.1"),
     ("%31%32%37.0.0.1", "127.0.0.1"),
     ("１２７。０。０。１", "127.0.0.1"),
-    ("[::ffff:127.0.0.1]", "::ffff:7f00:1"),
+    ("[::ffff:127.0.0.1]", "::ffff:127.0.0.1"),  # RFC 5952 section 5, on every Python
     ("[::]", "::"),
     ("[0:0:0:0:0:0:0:1]", "::1"),
     ("ⓛⓞⓒⓐⓛⓗⓞⓢⓣ", "localhost"),
@@ -171,7 +171,7 @@ def test_parse_host_fails_only_with_host_error(text):
         return
     assert h.name and h.name.isascii() and h.name == h.name.lower()
     if h.ip is not None:
-        assert str(h.ip) == h.name
+        assert ip_text(h.ip) == h.name
 
 
 @given(st.binary(max_size=300))

@@ -100,7 +100,7 @@ def normalize_name(s: str) -> str:
         raise HostError(f"host name of {len(s)} characters (at most {MAX_NAME}): {shown(s)}")
     ip = _parse_ip_literal(s)
     if ip is not None:
-        return str(ip)
+        return ip_text(ip)
     if not s.isascii():
         import idna
 
@@ -115,6 +115,16 @@ def normalize_name(s: str) -> str:
         bad = next(c for c in s if not _VALID_DNS.match(c))
         raise HostError(f"invalid domain {shown(s)}: disallowed character {bad!r}")
     return s
+
+
+def ip_text(ip: IPAddress) -> str:
+    """The address as text, the same on every Python: IPv4-mapped IPv6 in RFC 5952's dotted form.
+
+    (Python 3.13 prints ``::ffff:127.0.0.1``; 3.11 and 3.12 print ``::ffff:7f00:1``.)
+    """
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return f"::ffff:{ip.ipv4_mapped}"
+    return str(ip)
 
 
 def _parse_ip_literal(s: str) -> IPAddress | None:
@@ -178,7 +188,7 @@ def parse_host(raw: str) -> Host:
             ip = ipaddress.IPv6Address(inner)
         except ValueError as e:
             raise HostError(f"invalid IPv6 literal {shown(raw)}") from e
-        return Host(str(ip), ip)
+        return Host(ip_text(ip), ip)
     if "%" in raw:
         try:
             raw = unquote(raw, errors="strict")
@@ -190,7 +200,7 @@ def parse_host(raw: str) -> Host:
     name = check_name_shape(normalize_name(raw))
     ip = _parse_ip_literal(name) or parse_legacy_ipv4(name)
     if ip is not None:
-        return Host(str(ip), ip)
+        return Host(ip_text(ip), ip)
     return Host(name)
 
 
