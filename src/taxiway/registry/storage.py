@@ -402,6 +402,13 @@ class FilesystemStorage:
         for p, unresumable in paths:
             if not _SESSION.fullmatch(p.name):
                 continue
+            # Age first, without the lock: taking it, even for a moment, on a session
+            # in use would make that client's next PATCH a "session busy" 416.
+            try:
+                if not unresumable and now - p.stat().st_mtime < idle:
+                    continue
+            except FileNotFoundError:
+                continue
             try:
                 f = open(p, "rb")
             except (FileNotFoundError, IsADirectoryError):
