@@ -259,9 +259,11 @@ def renew(before: str, command: str | None, dry_run: bool) -> None:
     daily `taxiway ca renew --exec ...` timer keeps certificates and CRL current.
     """
     from taxiway.pki.duration import parse_duration
-    from taxiway.pki.profile import now
+    from taxiway.pki.profile import instant
 
-    started = now()  # certificates renewed after this (by a concurrent run) are not renewed again
+    # certificates issued after this (by a concurrent run) are not renewed again; to the
+    # microsecond, so one issued earlier in the same second is still renewed
+    started = instant()
     window = parse_duration(before)
     the_ca = _load()
     if dry_run:

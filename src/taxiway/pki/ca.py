@@ -607,7 +607,7 @@ class CA:
             return str(Path(p).resolve()) if p is not None else None
 
         rec = Record(serial=leaf.serial_hex, names=leaf.names, not_before=leaf.not_before.isoformat(),
-                     not_after=leaf.not_after.isoformat(), issued_at=profile.now().isoformat(),
+                     not_after=leaf.not_after.isoformat(), issued_at=profile.instant().isoformat(),
                      key_type=leaf.key_type, client=leaf.client, cn=leaf.cn,
                      validity_seconds=int(validity.total_seconds()) if validity is not None else None,
                      cert_file=ab(cert_file), key_file=ab(key_file), p12_file=ab(p12_file),
@@ -782,7 +782,7 @@ class CA:
         certificates issued after ``started`` (default: now, before waiting for the
         lock) are left alone, so concurrent runs renew each certificate once.
         """
-        started = started or profile.now()
+        started = started or profile.instant()
         with _locked(self.dir):
             if problem := self._writable_by_others(INVENTORY):
                 raise TaxiwayError(problem.rsplit("; ", 1)[0] + "; not renewing from it", problem.rsplit("; ", 1)[1])

@@ -61,6 +61,11 @@ def now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
+def instant() -> datetime:
+    """The current time in UTC to the microsecond: for ordering events (a record's issue, a run's start)."""
+    return datetime.now(UTC)
+
+
 def add_months(t: datetime, months: int) -> datetime:
     """``t`` plus calendar months, clamping the day (Jan 31 + 1 month = Feb 28/29)."""
     m = t.month - 1 + months
