@@ -261,6 +261,70 @@ sleep infinity
     marker.write_text("ok")
 
 
+def _build_leftovers(home: Path) -> tuple[list[str], list[str]]:
+    """Build folders under the home's build/tmp, and step cgroups of this home (any hierarchy)."""
+    tmp = home / "build" / "tmp"
+    folders = sorted(p.name for p in tmp.iterdir()) if tmp.is_dir() else []
+    import glob
+
+    from taxiway.machines.cgroups import ROOT
+
+    name = (home / "machines" / ".cgroup-parent").read_text().split("\n")[1] + "-builds"
+    groups = sorted(set(glob.glob(f"{ROOT}/{name}/build-*") + glob.glob(f"{ROOT}/*/{name}/build-*")))
+    return folders, groups
+
+
+def test_kill_9_of_the_build_leaves_nothing_running_or_behind(builder, tmp_path):
+    """`kill -9` of `taxiway build` mid-step: its watcher stops the step and removes its folder and cgroups."""
+    started = tmp_path / "started"
+    bp = user_buildpack(tmp_path / "bp", """
+setsid sh -c 'while true; do date +%s%N >> /layers/evil_bp/tick; sleep 0.1; done' </dev/null >/dev/null 2>&1 &
+sleep infinity
+""")
+    env = {**os.environ, **builder.env}
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-m", "taxiway", "build", str(app(tmp_path)), "-t", "evil/killed:1",
+                          "-b", str(bp)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tick = None
+    deadline = time.monotonic() + 300
+    while tick is None and time.monotonic() < deadline and p.poll() is None:
+        found = list((builder.home / "build" / "cache").glob("*/layers/evil_bp/tick"))
+        tick = found[0] if found else None
+        time.sleep(0.2)
+    assert tick is not None, "the build step never started"
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_build_leftovers(builder.home)):
+        time.sleep(0.2)
+    assert _build_leftovers(builder.home) == ([], []), "a killed build left its folder or cgroups"
+    size = tick.stat().st_size
+    time.sleep(1.5)
+    assert tick.stat().st_size == size, "a process of the killed build kept writing into the cache"
+    assert_not_exported(builder, "evil/killed:1")
+    started.write_text("ok")
+
+
+def test_a_build_sweeps_what_a_killed_build_and_its_watcher_left(builder, tmp_path):
+    """If the watcher was killed too, the next build removes the dead build's folder."""
+    stale = builder.home / "build" / "tmp" / "build-deadbeef"
+    (stale / "layers").mkdir(parents=True)
+    (stale / "owner").write_text("999999999 1\n")  # a pid that cannot exist
+    live = builder.home / "build" / "tmp" / "build-alive"
+    live.mkdir()
+    (live / "owner").write_text(f"{os.getpid()} {open(f'/proc/{os.getpid()}/stat').read().rsplit(')', 1)[1].split()[19]}\n")
+    try:
+        bp = user_buildpack(tmp_path / "bp", "echo built")
+        builder("build", str(app(tmp_path)), "-t", "evil/sweep:1", "-b", str(bp), "-b", "procfile", timeout=300)
+        assert not stale.exists()
+        assert live.exists()  # its owner (this test) still runs
+    finally:
+        import shutil
+
+        shutil.rmtree(live, ignore_errors=True)
+
+
 def test_detect_background_sleep_does_not_hold_the_build(builder, tmp_path):
     bp = user_buildpack(tmp_path / "bp", "echo built", detect_sh="sleep 140 & exit 0")
     start = time.monotonic()

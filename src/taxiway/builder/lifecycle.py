@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taxiway.builder import assemble, egress, safefs, stack
+from taxiway.builder import assemble, egress, reaper, safefs, stack
 from taxiway.builder import buildpack as bpmod
 from taxiway.builder import env as envmod
 from taxiway.builder import layer as lyr
@@ -563,12 +563,19 @@ class Lifecycle:
 
         tmp_root = home() / "build" / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
-        with stack.locked(self.cache / "lock"), tempfile.TemporaryDirectory(dir=tmp_root, prefix="build-") as work:
-            with egress.proxy(Path(work)) as self.proxy:
-                self._prepare(Path(work), all_bps)
-                group = self.detect(order)
-                processes = self.build(group)
-            result = self.export([bp for bp, _ in group], processes)
+        reaper.sweep(tmp_root)  # what builds killed with -9 (and their watchers) left
+        with stack.locked(self.cache / "lock"):
+            work = Path(tempfile.mkdtemp(dir=tmp_root, prefix="build-"))
+            reaper.claim(work)
+            with reaper.watched(work):  # if this process dies, the watcher stops the steps and removes work
+                try:
+                    with egress.proxy(work) as self.proxy:
+                        self._prepare(work, all_bps)
+                        group = self.detect(order)
+                        processes = self.build(group)
+                    result = self.export([bp for bp, _ in group], processes)
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
         return result
 
 

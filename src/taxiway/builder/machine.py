@@ -35,7 +35,6 @@ import socket
 import subprocess
 import tempfile
 import threading
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -159,9 +158,10 @@ class BuildMachine:
     def run(self, argv: list[str], env: dict[str, str], cwd: str = "/workspace", log: Path | None = None,
             timeout: float | None = None) -> subprocess.CompletedProcess:
         """Run ``argv`` (a path inside the image) as one machine; output to ``log`` (appended) or captured."""
+        from taxiway.builder import reaper
         from taxiway.machines import linux as L
         from taxiway.machines import namespace
-        from taxiway.machines.cgroups import Cgroup, parent_name
+        from taxiway.machines.cgroups import Cgroup
 
         self.steps += 1
         step = Path(tempfile.mkdtemp(dir=self.work, prefix=f"step{self.steps}-"))
@@ -177,7 +177,7 @@ class BuildMachine:
         sink = log if log is not None else captured
         out_r, out_w = os.pipe()
         null = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        cg = Cgroup(f"build-{uuid.uuid4().hex[:16]}", parent=parent_name() + "-builds")
+        cg = Cgroup(reaper.step_cgroup_name(self.work, self.steps), parent=reaper.builds_parent())
         relay = None
         pump = None
         own_net = os.open("/proc/self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
