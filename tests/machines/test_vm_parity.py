@@ -48,14 +48,29 @@ def procs_of(home: Path) -> list[str]:
     return out
 
 
-def netns_count() -> int:
+def netns_count(home: Path) -> int:
+    """Network namespaces held by any thread of a process working for ``home``.
+
+    Only this home's processes count (its TAXIWAY_HOME in their environment, or the home
+    in their command line): other suites and builds on the same host make namespaces too.
+    """
     ns = set()
+    mark, env = str(home).encode(), b"TAXIWAY_HOME=" + str(home).encode() + b"\0"
     for p in os.listdir("/proc"):
-        if p.isdigit():
-            try:
-                ns.add(os.readlink(f"/proc/{p}/ns/net"))
-            except OSError:
-                pass
+        if not p.isdigit() or int(p) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{p}/cmdline", "rb") as f:
+                cmd = f.read()
+            with open(f"/proc/{p}/environ", "rb") as f:
+                environ = f.read() + b"\0"
+            if mark not in cmd and env not in environ:
+                continue
+            for t in os.listdir(f"/proc/{p}/task"):
+                ns.add(os.readlink(f"/proc/{p}/task/{t}/ns/net"))
+        except OSError:
+            pass
+    ns.discard(os.readlink("/proc/self/ns/net"))
     return len(ns)
 
 
@@ -111,7 +126,7 @@ def in_pty(argv: list[str], inputs: list[bytes | tuple[int, int]], rows: int = 3
 
 
 def test_vm_exec_env_stdin_concurrent_tty_stop_and_rm(busybox, taxiway_home):
-    ns_before = netns_count()
+    ns_before = netns_count(taxiway_home)
     r = tw("run", "-d", "--name", "vx", "--isolation", "vm", "-w", "/srv", "-u", "app", "-e", "FOO=bar", busybox,
            "sh", "-c", 'trap "echo trapped TERM; exit 42" TERM; echo booted; echo warn >&2; '
            'while true; do sleep 1; done', timeout=BOOT)
@@ -170,7 +185,7 @@ def test_vm_exec_env_stdin_concurrent_tty_stop_and_rm(busybox, taxiway_home):
     assert r.returncode != 0 and "is not running" in r.stderr.decode() and r.stderr.decode().count("\n") == 1
     assert procs_of(taxiway_home) == []
     assert tw("machines", "rm", "vx").returncode == 0
-    assert procs_of(taxiway_home) == [] and netns_count() <= ns_before
+    assert procs_of(taxiway_home) == [] and netns_count(taxiway_home) <= ns_before
     assert host_state(taxiway_home)["machines"] == []
 
 
@@ -200,7 +215,7 @@ def test_vm_ports_and_volumes(busybox, taxiway_home, tmp_path):
     (www / "index.html").write_text("hello from a micro-VM\n")
     data = tmp_path / "data"
     data.mkdir()
-    ns_before = netns_count()
+    ns_before = netns_count(taxiway_home)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         hp = s.getsockname()[1]
@@ -233,7 +248,7 @@ def test_vm_ports_and_volumes(busybox, taxiway_home, tmp_path):
     r = tw("run", "--rm", "--isolation", "vm", "-v", f"{tmp_path}/missing:/x", busybox, "true")
     assert r.returncode != 0 and "does not exist" in r.stderr.decode() and r.stderr.decode().count("\n") == 1
     assert tw("machines", "rm", "-f", "web").returncode == 0
-    assert procs_of(taxiway_home) == [] and netns_count() <= ns_before
+    assert procs_of(taxiway_home) == [] and netns_count(taxiway_home) <= ns_before
     assert host_state(taxiway_home)["machines"] == []
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{hp}/", timeout=2)
@@ -318,7 +333,7 @@ def test_vm_run_rm_cycles_leave_nothing(busybox, taxiway_home, tmp_path):
     assert tw("run", "--rm", "--isolation", "vm", busybox, "true", timeout=BOOT).returncode == 0  # disks made
     _wait_trash_empty(taxiway_home)
     before = host_state(taxiway_home)
-    ns_before = netns_count()
+    ns_before = netns_count(taxiway_home)
     for i in range(10):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -329,6 +344,6 @@ def test_vm_run_rm_cycles_leave_nothing(busybox, taxiway_home, tmp_path):
     assert (vol / "last").read_text() == "9\n"
     _wait_trash_empty(taxiway_home)  # removed machines' files are deleted in the background
     after = host_state(taxiway_home)
-    assert procs_of(taxiway_home) == [] and netns_count() <= ns_before
+    assert procs_of(taxiway_home) == [] and netns_count(taxiway_home) <= ns_before
     assert after["machines"] == [] and after["mounts"] == before["mounts"] and after["procs"] == []
     assert after["size"] - before["size"] < 1 << 20, (before["size"], after["size"])
