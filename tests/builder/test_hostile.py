@@ -429,3 +429,115 @@ exit 7""")
     err = p.stderr.decode()
     assert "failed to build (exit 7)" in error_line(p) and "probe-done" in err
     assert "LEAK" not in err
+
+
+# -- 7. red-team round 2 ---------------------------------------------------------------------------
+
+
+def app_layer_names(builder, tag: str) -> list[str]:
+    """The entry names of the image's last layer (the app at /workspace), as the tar holds them."""
+    import gzip
+    import tarfile
+
+    img = builder.image(tag)
+    with img.open_blob(img.layers()[-1].digest) as f, tarfile.open(fileobj=gzip.GzipFile(fileobj=f), mode="r|") as tf:
+        return [m.name for m in tf]
+
+
+def test_device_node_and_fifo_in_the_source_are_skipped_never_read(builder, tmp_path):
+    """/dev/zero's twin in the app would fill the host disk; a fifo would hang or crash the copy."""
+    a = app(tmp_path)
+    os.mknod(a / "zero", 0o666 | 0o020000, os.makedev(1, 5))  # S_IFCHR: like /dev/zero
+    os.mkfifo(a / "pipe")
+    (a / "sub").mkdir()
+    os.mkfifo(a / "sub" / "pipe2")
+    bp = user_buildpack(tmp_path / "bp", "exit 0")
+    start = time.monotonic()
+    p = builder("build", str(a), "-t", "evil/special:1", "-b", str(bp), "-b", "procfile", "--timeout", "60", timeout=120)
+    assert time.monotonic() - start < 60
+    err = p.stderr.decode()
+    assert "Traceback" not in err
+    warned = [x for x in err.splitlines() if "special file" in x]
+    assert len(warned) == 1 and "zero" in warned[0] and "pipe" in warned[0] and "sub/pipe2" in warned[0], err
+    names = app_layer_names(builder, "evil/special:1")
+    assert "workspace/Procfile" in names
+    assert not any(n.endswith(("/zero", "/pipe", "/pipe2")) for n in names), names
+
+
+def test_project_toml_symlink_is_refused_not_followed(builder, tmp_path):
+    canary = make_canary(tmp_path)
+    (canary / "host.toml").write_text('[[io.buildpacks.build.env]]\nname = "HOST_LEAK"\nvalue = "CANARY-ENV-42"\n')
+    before = snapshot(canary)
+    a = app(tmp_path)
+    (a / "project.toml").symlink_to(canary / "host.toml")
+    bp = user_buildpack(tmp_path / "bp", 'cat /platform/env/HOST_LEAK 2>/dev/null || true\necho "env:${HOST_LEAK:-}"')
+    p = builder("build", str(a), "-t", "evil/projlink:1", "-b", str(bp), "-b", "procfile", check=False)
+    line = error_line(p)
+    assert "project.toml is a symbolic link" in line
+    assert "CANARY-ENV-42" not in p.stderr.decode() and "Traceback" not in p.stderr.decode()
+    assert snapshot(canary) == before
+    assert_not_exported(builder, "evil/projlink:1")
+
+
+def test_git_label_drops_query_and_fragment_tokens(builder, tmp_path):
+    a = app(tmp_path)
+    _git(a, "init", "-q")
+    _git(a, "remote", "add", "origin", "https://u:pw@gitlab.com/acme/app.git?private_token=glpat-SECRET789#frag")
+    _git(a, "add", "-A")
+    _git(a, "commit", "-q", "-m", "x")
+    builder("build", str(a), "-t", "evil/gitquery:1")
+    labels = builder.image("evil/gitquery:1").config()["config"]["Labels"]
+    assert labels["org.opencontainers.image.source"] == "https://gitlab.com/acme/app.git"
+    dumped = json.dumps(labels)
+    assert "glpat-SECRET789" not in dumped and "frag" not in dumped and "pw@" not in dumped
+
+
+def test_git_label_scp_form_drops_query_too():
+    from taxiway.builder.lifecycle import strip_userinfo
+
+    assert strip_userinfo("git@gitlab.com:acme/app.git?private_token=glpat-X#f") == "git@gitlab.com:acme/app.git"
+    assert strip_userinfo("https://h/x.git") == "https://h/x.git"
+
+
+def _launch_bp(root: Path, launch_toml: str) -> Path:
+    return user_buildpack(root, f"cat > \"$1/launch.toml\" <<'EOF'\n{launch_toml}\nEOF")
+
+
+def test_buildpack_labels_cannot_replace_the_lifecycles(builder, tmp_path):
+    bp = _launch_bp(tmp_path / "bp", '[[processes]]\ntype = "web"\ncommand = ["sleep", "1"]\ndefault = true\n'
+                    '[[labels]]\nkey = "io.buildpacks.lifecycle.metadata"\nvalue = "FORGED-LC"\n'
+                    '[[labels]]\nkey = "io.buildpacks.build.metadata"\nvalue = "FORGED-BUILD"\n'
+                    '[[labels]]\nkey = "io.buildpacks.anything"\nvalue = "FORGED-OTHER"\n'
+                    '[[labels]]\nkey = "com.example.ok"\nvalue = "fine"\n')
+    p = builder("build", str(app(tmp_path)), "-t", "evil/labels:1", "-b", str(bp))
+    labels = builder.image("evil/labels:1").config()["config"]["Labels"]
+    assert "FORGED" not in json.dumps(labels)
+    assert json.loads(labels["io.buildpacks.lifecycle.metadata"])["buildpacks"]
+    assert "io.buildpacks.anything" not in labels and labels["com.example.ok"] == "fine"
+    assert "io.buildpacks.lifecycle.metadata" in p.stderr.decode() and "reserved" in p.stderr.decode()
+
+
+def test_launch_working_dir_climbing_out_is_refused_relative_is_absolutized(builder, tmp_path):
+    bp = _launch_bp(tmp_path / "bp", '[[processes]]\ntype = "web"\ncommand = ["sleep", "1"]\ndefault = true\n'
+                    'working-dir = "../../../tmp/x"\n')
+    line = error_line(builder("build", str(app(tmp_path)), "-t", "evil/wd:1", "-b", str(bp), check=False))
+    assert "working-dir" in line and "'..'" in line
+    assert_not_exported(builder, "evil/wd:1")
+    bp2 = _launch_bp(tmp_path / "bp2", '[[processes]]\ntype = "web"\ncommand = ["sleep", "1"]\ndefault = true\n'
+                     'working-dir = "sub/dir"\n')
+    builder("build", str(app(tmp_path / "b")), "-t", "evil/wd:2", "-b", str(bp2))
+    assert builder.image("evil/wd:2").config()["config"]["WorkingDir"] == "/workspace/sub/dir"
+
+
+def test_non_utf8_file_names_build(builder, tmp_path):
+    a = app(tmp_path)
+    base = os.fsencode(a)
+    with open(base + b"/caf\xe9.txt", "wb") as f:
+        f.write(b"latin-1 name\n")
+    os.symlink(b"caf\xe9.txt", base + b"/link\xff")
+    bp = user_buildpack(tmp_path / "bp", 'mkdir -p "$1/odd"\nprintf "[types]\\nlaunch = true\\n" > "$1/odd.toml"\n'
+                        'printf x > "$1/odd/$(printf "n\\377")"')
+    p = builder("build", str(a), "-t", "evil/nonutf8:1", "-b", str(bp), "-b", "procfile", check=False)
+    assert p.returncode == 0 and "Traceback" not in p.stderr.decode(), p.stderr.decode()[-3000:]
+    names = [os.fsencode(n) for n in app_layer_names(builder, "evil/nonutf8:1")]
+    assert b"workspace/caf\xe9.txt" in names and b"workspace/link\xff" in names

@@ -105,7 +105,9 @@ def fingerprint(root: Path) -> str:
     h = hashlib.sha256()
     for e in walk(root, ""):
         st = os.lstat(e.src) if e.src else None
-        h.update(f"{e.name}\0{e.kind}\0{e.mode}\0{e.linkname}\0{e.size}\0{st.st_mtime_ns if st else 0}\n".encode())
+        # Names as bytes (os.fsencode): a file name that is not UTF-8 is fingerprinted like any other.
+        h.update(os.fsencode(e.name) + f"\0{e.kind}\0{e.mode}\0".encode() + os.fsencode(e.linkname)
+                 + f"\0{e.size}\0{st.st_mtime_ns if st else 0}\n".encode())
     return h.hexdigest()
 
 

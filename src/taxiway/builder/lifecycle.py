@@ -19,6 +19,7 @@ Phases follow the CNB platform and buildpack specs:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -244,7 +245,7 @@ class Lifecycle:
     def _prepare(self, work: Path, bps: list[Buildpack]) -> None:
         self.work = work
         self.workspace = work / "workspace"
-        copy_source(self.source, self.workspace, self.project)
+        copy_source(self.source, self.workspace, self.project, warn=lambda m: self.say(f"[prepare] {m}"))
         _chown_tree(self.workspace)
         self.platform = work / "platform"
         (self.platform / "env").mkdir(parents=True)
@@ -404,8 +405,16 @@ class Lifecycle:
             if launch is not None:
                 procs, labels = bpmod.parse_launch_toml(Path(f"(buildpack {bp.id})"), bp.id, launch)
                 for proc in procs:
+                    if proc.working_dir:
+                        proc = dataclasses.replace(proc, working_dir=_working_dir(
+                            proc.working_dir, f"{bp.id}'s launch.toml process {proc.type}"))
                     processes[proc.type] = proc
                 for label in labels:
+                    if label["key"].startswith("io.buildpacks."):
+                        # The platform's own namespace: a buildpack must not rewrite the lifecycle's metadata.
+                        self.say(f"[build] {bp.id}: warning: label {label['key']} is in the io.buildpacks. namespace "
+                                 "reserved for the lifecycle; dropped")
+                        continue
                     self.labels[label["key"]] = str(label.get("value", ""))
             # Later buildpacks see this one's build layers.
             for name, meta in self._layer_metas(bp):
@@ -516,10 +525,11 @@ class Lifecycle:
             "bom": [],
         }
         labels = dict((run_cfg.get("config") or {}).get("Labels") or {})
+        labels.update({k: v for k, v in getattr(self, "labels", {}).items() if not k.startswith("io.buildpacks.")})
+        labels.update(git_labels(self.source))
+        # The lifecycle's own labels last: nothing a buildpack wrote replaces them.
         labels[assemble.LIFECYCLE_LABEL] = json.dumps(lifecycle_md, sort_keys=True, separators=(",", ":"))
         labels[assemble.BUILD_LABEL] = json.dumps(build_md, sort_keys=True, separators=(",", ":"))
-        labels.update(getattr(self, "labels", {}))
-        labels.update(git_labels(self.source))
         cfg = assemble.with_layers(run_cfg, [layer.diff_id for _, layer in new_layers], [h for h, _ in new_layers])
         c = cfg.setdefault("config", {})
         env.setdefault("PORT", "8080")
@@ -607,6 +617,16 @@ def process_script(p: Process) -> str:
     return f"#!/bin/sh\n# {p.type} (from {p.buildpack_id})\ncd {shlex.quote(wd)} && exec {shlex.join(p.argv())} \"$@\"\n"
 
 
+def _working_dir(wd: str, where: str) -> str:
+    """A process's working dir as an absolute, normalized path: a relative one is below /workspace; ``..`` is refused."""
+    import posixpath
+
+    if "\0" in wd or ".." in wd.split("/"):
+        raise InvalidInput(f"{where}: working-dir {wd!r} must not contain '..'",
+                           "use an absolute path (like /workspace/app) or one relative to /workspace")
+    return posixpath.normpath(wd if wd.startswith("/") else f"/workspace/{wd}")
+
+
 def _default_process(processes: list[Process]) -> Process | None:
     for p in processes:
         if p.default:
@@ -656,7 +676,7 @@ def git_labels(source: Path) -> dict[str, str]:
 
 
 def _origin_url(config: str) -> str:
-    """remote.origin.url from a git config's text, with any user:password@ removed."""
+    """remote.origin.url from a git config's text, with any user:password@, query and fragment removed."""
     section = ""
     for raw in config.splitlines():
         line = raw.strip()
@@ -670,16 +690,18 @@ def _origin_url(config: str) -> str:
 
 
 def strip_userinfo(url: str) -> str:
-    """``https://user:token@host/x`` -> ``https://host/x``; other forms unchanged but for a password."""
+    """``https://user:token@host/x?token=t#f`` -> ``https://host/x``; other forms lose a password, query and fragment."""
     from urllib.parse import urlsplit, urlunsplit
 
     if "://" in url:
         try:
             parts = urlsplit(url)
             netloc = parts.netloc.rpartition("@")[2]
-            return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+            # The query and fragment go too: ?private_token=... is a credential as much as user:token@ is.
+            return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
         except ValueError:
             return ""
+    url = url.split("?", 1)[0].split("#", 1)[0]
     user, at, rest = url.partition("@")  # scp-like user@host:path: a user name, but never a password
     return f"{user.partition(':')[0]}@{rest}" if at and ":" in user else url
 

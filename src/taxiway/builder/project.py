@@ -10,10 +10,13 @@ pattern without ``/`` matches the name at any depth. ``.git`` is always left out
 from __future__ import annotations
 
 import fnmatch
+import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from taxiway.builder import safefs
 from taxiway.builder.buildpack import load_toml
 from taxiway.builder.env import check_name
 from taxiway.errors import InvalidInput
@@ -29,9 +32,20 @@ class Project:
 def load_project(source: Path) -> Project:
     """The descriptor of the app at ``source`` (defaults when there is no project.toml)."""
     path = source / "project.toml"
-    if not path.is_file():
+    # Read without following a link: a project.toml -> /elsewhere would hand a host file's env to the build.
+    k = safefs.kind(source, "project.toml")
+    if k is None or k == "dir":
         return Project()
-    doc = load_toml(path, "project descriptor")
+    if k != "file":
+        what = "a symbolic link" if k == "link" else "not a regular file"
+        raise InvalidInput(f"project.toml is {what}; the build reads the project descriptor only as a plain file in {source}",
+                           "replace it with a regular file (copy the content instead of linking it)")
+    data = safefs.read_bytes(source, "project.toml") or b""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise InvalidInput(f"malformed project descriptor {path}: not UTF-8 text", "fix the file") from None
+    doc = load_toml(path, "project descriptor", text)
     sect = (doc.get("io") or {}).get("buildpacks") if isinstance(doc.get("io"), dict) else None
     if not isinstance(sect, dict):
         sect = doc.get("build") if isinstance(doc.get("build"), dict) else {}
@@ -75,20 +89,53 @@ def source_filter(project: Project) -> Callable[[str, bool], bool]:
     return keep
 
 
-def copy_source(source: Path, dest: Path, project: Project) -> None:
-    """Copy the app into ``dest`` (symlinks as symlinks), leaving out what the descriptor excludes."""
+def copy_source(source: Path, dest: Path, project: Project, warn: Callable[[str], None] | None = None) -> None:
+    """Copy the app into ``dest`` (symlinks as symlinks), leaving out what the descriptor excludes.
+
+    Only regular files, folders and symlinks are copied. Device nodes, fifos and
+    sockets are never opened (``/dev/zero`` would fill the disk, a fifo would
+    block): they are skipped with one warning naming them, as pack does.
+    """
     import shutil
 
     keep = source_filter(project)
+    specials: list[str] = []
 
     def ignore(directory: str, names: list[str]) -> set[str]:
         rel_dir = Path(directory).relative_to(source).as_posix()
         out = set()
         for n in names:
             rel = n if rel_dir == "." else f"{rel_dir}/{n}"
-            full = Path(directory) / n
-            if not keep(rel, full.is_dir() and not full.is_symlink()):
+            try:
+                m = os.lstat(os.path.join(directory, n)).st_mode
+            except FileNotFoundError:
+                out.add(n)
+                continue
+            if not (stat.S_ISREG(m) or stat.S_ISDIR(m) or stat.S_ISLNK(m)):
+                if keep(rel, False):
+                    specials.append(rel)
+                out.add(n)
+            elif not keep(rel, stat.S_ISDIR(m)):
                 out.add(n)
         return out
 
-    shutil.copytree(source, dest, symlinks=True, ignore=ignore)
+    def copy_file(src: str, dst: str) -> str:
+        # Opened without following a link and without blocking; copied only if it is (still) a regular file.
+        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                specials.append(Path(src).relative_to(source).as_posix())
+                return dst
+            with os.fdopen(os.dup(fd), "rb") as fin, open(dst, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+            os.chmod(dst, stat.S_IMODE(st.st_mode))
+            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+        finally:
+            os.close(fd)
+        return dst
+
+    shutil.copytree(source, dest, symlinks=True, ignore=ignore, copy_function=copy_file)
+    if specials and warn is not None:
+        shown = ", ".join(specials[:10]) + (f" and {len(specials) - 10} more" if len(specials) > 10 else "")
+        warn(f"warning: skipped {len(specials)} special file(s) in the source (device, fifo or socket): {shown}")
