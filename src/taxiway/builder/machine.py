@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from taxiway.errors import TaxiwayError
+from taxiway.machines.ports import pipe
 
 if TYPE_CHECKING:
     from taxiway.builder.egress import Upstream
@@ -102,20 +103,7 @@ class _Relay:
                 conn.close()
                 continue
             for a, b in ((conn, up), (up, conn)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(a: socket.socket, b: socket.socket) -> None:
-        try:
-            while data := a.recv(65536):
-                b.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                b.shutdown(socket.SHUT_WR)
-            with contextlib.suppress(OSError):
-                a.close()
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
 
     def close(self) -> None:
         with contextlib.suppress(OSError):

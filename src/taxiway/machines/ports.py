@@ -31,7 +31,12 @@ def listen(host_port: int, host: str = "127.0.0.1") -> socket.socket:
     return s
 
 
-def _pipe(a: socket.socket, b: socket.socket) -> None:
+def pipe(a: socket.socket, b: socket.socket) -> None:
+    """Copy ``a`` to ``b`` until EOF, then half-close ``b`` (one direction of a relay; a thread each way).
+
+    Neither socket is closed here: the other direction may still be running; each is
+    closed when the last thread holding it ends.
+    """
     try:
         while data := a.recv(65536):
             b.sendall(data)
@@ -63,7 +68,7 @@ def _serve(listener: socket.socket, pid: int, target: str, port: int, stop: thre
             client.close()
             continue
         for a, b in ((client, upstream), (upstream, client)):
-            threading.Thread(target=_pipe, args=(a, b), daemon=True).start()
+            threading.Thread(target=pipe, args=(a, b), daemon=True).start()
 
 
 class Forwarders:
