@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -170,7 +169,6 @@ def test_parallel_forced_issues_leave_one_current_record(cli_ca, tmp_path):
 # -- 6: a crash between the renames ------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not shutil.which("strace"), reason="strace is in .ci/apt-packages.txt")
 def test_crash_between_renames_is_revocable_and_repaired(cli_ca, tmp_path):
     ok(run("ca", "issue", "z.example", cwd=tmp_path))
     # the chain is renamed first, then the key: kill the process on the second rename

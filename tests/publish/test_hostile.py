@@ -45,17 +45,21 @@ def refused(env, args, message, tool="taxiway"):
 
 
 def test_static_link_out_of_the_folder_is_refused(env, tmp_path):
+    # a "host secret" of the test's own, outside the folder: nothing of the host is ever read
+    secret = tmp_path / "host" / "shadow"
+    secret.parent.mkdir()
+    secret.write_text("root:HOST-SECRET:19000::::::\n")
     st = tmp_path / "st"
     st.mkdir()
-    (st / "shadow.txt").symlink_to("/etc/shadow")
+    (st / "shadow.txt").symlink_to(secret)
     db = tmp_path / "dsp.db"
     db.write_bytes(MOVIES.read_bytes())
     refused(env, [str(db), "-n", "bad", "--static", f"st:{st}"],
-            f"{st}/shadow.txt is a symbolic link to /etc/shadow, outside the folder", tool="datasette")
+            f"{st}/shadow.txt is a symbolic link to {secret}, outside the folder", tool="datasette")
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    (plugins / "p.py").symlink_to("/etc/passwd")
-    refused(env, [str(db), "-n", "bad", "--plugins-dir", str(plugins)], "is a symbolic link to /etc/passwd",
+    (plugins / "p.py").symlink_to(secret)
+    refused(env, [str(db), "-n", "bad", "--plugins-dir", str(plugins)], f"is a symbolic link to {secret}",
             tool="datasette")
     assert "bad" not in ls(env)
 
