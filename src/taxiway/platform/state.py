@@ -202,12 +202,14 @@ class State:
                 out.append((k, got[0], got[1]))
         return out
 
-    async def watch(self, bucket: str, keys: str = ">", *, initial: bool = True
-                    ) -> AsyncIterator[tuple[str, Any, int]]:
+    async def watch(self, bucket: str, keys: str = ">", *, initial: bool = True,
+                    ready: asyncio.Event | None = None) -> AsyncIterator[tuple[str, Any, int]]:
         """Yield ``(key, value or None when deleted, revision)`` as keys change.
 
         With ``initial`` the current values come first. ``keys`` is a NATS subject
-        pattern over keys (``myapp.*``, ``>``).
+        pattern over keys (``myapp.*``, ``>``). ``ready`` is set once every value the
+        bucket held at the start was yielded (at once for an empty bucket), so a
+        watcher that mirrors a bucket knows when its copy is complete.
         """
         kv = await self._bucket(bucket)
         w = await kv.watch(keys, include_history=False)
@@ -216,6 +218,8 @@ class State:
             async for e in w:
                 if e is None:  # the marker between the initial values and live updates
                     live = True
+                    if ready is not None:
+                        ready.set()
                     continue
                 if not (initial or live):
                     continue
