@@ -1,0 +1,300 @@
+"""Which machine gets a request: the edge's routes and backend choice, pure (no I/O).
+
+The edge (:mod:`taxiway.platform.edge`) mirrors three KV buckets into a
+:class:`Routes` snapshot, one entry at a time as its watches deliver them, and
+asks a :class:`Balancer` for a backend per request. Nothing here touches a
+socket, a clock or NATS: time comes in as ``now``, so every rule is tested by
+feeding records (tests/platform/test_balance.py, with hypothesis).
+
+A machine gets requests (is *routable*) only when all of these hold:
+
+- its MACHINES record (desired state, the API's) says ``desired: "started"`` and
+  is not ``cordoned``: a deployer cordons a machine, or sets it to stop, to drain it;
+- its STATUS record (observed, the agent's) says ``state: "started"``;
+- every check in STATUS.checks is ``passing``; a machine whose config declares
+  checks but has no results yet is not routable (a new machine in a deploy gets
+  traffic only once its checks passed);
+- STATUS.ports maps the http service's ``internal_port`` to a host port.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+LOOPBACK = "127.0.0.1"
+PASSING = "passing"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One routable machine: where to connect and how much it may take at once."""
+
+    machine: str
+    app: str
+    port: int
+    host: str = LOOPBACK
+    soft_limit: int | None = None  # above it only when every machine is (Fly's concurrency)
+    hard_limit: int | None = None  # never above it
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``"<app>.<machine id>"`` -> ``(app, machine id)`` (app names never hold a dot)."""
+    app, _, mid = key.partition(".")
+    return app, mid
+
+
+def http_service(config: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The service the edge routes HTTP to, from a machine config's ``services``.
+
+    The first service with an ``http`` handler on one of its ports (Fly's
+    machine config shape), else the first one marked ``"http": true``, else the
+    first service; None when the config has no services.
+    """
+    services = [s for s in (config or {}).get("services") or [] if isinstance(s, Mapping)]
+    for s in services:
+        for p in s.get("ports") or []:
+            if isinstance(p, Mapping) and "http" in (p.get("handlers") or []):
+                return s
+    for s in services:
+        if s.get("http") is True:
+            return s
+    return services[0] if services else None
+
+
+def _limits(service: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
+    conc = (service or {}).get("concurrency") or {}
+    if not isinstance(conc, Mapping):
+        return None, None
+
+    def limit(name: str) -> int | None:
+        v = conc.get(name)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+    return limit("soft_limit"), limit("hard_limit")
+
+
+def declares_checks(config: Mapping[str, Any] | None) -> bool:
+    """Whether the machine's config asks for health checks (top-level or per service)."""
+    config = config or {}
+    if config.get("checks"):
+        return True
+    return any(isinstance(s, Mapping) and s.get("checks") for s in config.get("services") or [])
+
+
+def why_not_routable(machine: Mapping[str, Any] | None, status: Mapping[str, Any] | None) -> str | None:
+    """None when the machine may get requests, else the reason it may not (for logs and tests)."""
+    if not machine:
+        return "no machine record"
+    if machine.get("desired") != "started":
+        return f"desired state is {machine.get('desired')!r}"
+    if machine.get("cordoned"):
+        return "cordoned"
+    if not status:
+        return "no status from the agent yet"
+    if status.get("state") != "started":
+        return f"state is {status.get('state')!r}"
+    checks = status.get("checks") or {}
+    if not isinstance(checks, Mapping):
+        return "malformed checks"
+    for name, result in checks.items():
+        if not isinstance(result, Mapping) or result.get("status") != PASSING:
+            got = result.get("status") if isinstance(result, Mapping) else result
+            return f"check {name!r} is {got!r}"
+    if not checks and declares_checks(machine.get("config")):
+        return "checks have not passed yet"
+    if _port(machine, status) is None:
+        return "no host port for the http service"
+    return None
+
+
+def _port(machine: Mapping[str, Any], status: Mapping[str, Any]) -> int | None:
+    ports = status.get("ports") or {}
+    if not isinstance(ports, Mapping):
+        return None
+    service = http_service(machine.get("config"))
+    if service is not None:
+        port = ports.get(str(service.get("internal_port")))
+    elif len(ports) == 1:
+        port = next(iter(ports.values()))  # no services declared: the one port there is
+    else:
+        return None
+    if isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536:
+        return port
+    return None
+
+
+def backend_for(machine: Mapping[str, Any] | None, status: Mapping[str, Any] | None, key: str = ""
+                ) -> Backend | None:
+    """The machine as a :class:`Backend`, or None if it is not routable; ``key`` is its KV key."""
+    if why_not_routable(machine, status) is not None:
+        return None
+    assert machine is not None and status is not None
+    port = _port(machine, status)
+    assert port is not None
+    soft, hard = _limits(http_service(machine.get("config")))
+    app, mid = split_key(key) if key else (machine.get("app") or "", machine.get("id") or "")
+    return Backend(str(mid), str(app), port, LOOPBACK, soft, hard)
+
+
+@dataclass
+class Routes:
+    """A mirror of APPS, MACHINES and STATUS, with each app's routable backends.
+
+    Feed it entries as the watches deliver them (``value`` None for a deleted
+    key); ``backends(app)`` is recomputed for the app an entry belongs to only.
+    """
+
+    apps: set[str] = field(default_factory=set)
+    machines: dict[str, dict[str, Any]] = field(default_factory=dict)
+    status: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _routes: dict[str, tuple[Backend, ...]] = field(default_factory=dict)
+    _keys: dict[str, set[str]] = field(default_factory=dict)  # app -> machine keys seen in either bucket
+
+    def set_app(self, name: str, value: Any) -> None:
+        if value is None:
+            self.apps.discard(name)
+        else:
+            self.apps.add(name)
+
+    def set_machine(self, key: str, value: Any) -> str:
+        """Record a MACHINES entry; returns the app whose routes were recomputed."""
+        return self._set(self.machines, key, value)
+
+    def set_status(self, key: str, value: Any) -> str:
+        """Record a STATUS entry; returns the app whose routes were recomputed."""
+        return self._set(self.status, key, value)
+
+    def replace(self, bucket: str, entries: Iterable[tuple[str, Any]]) -> None:
+        """Swap one bucket's whole mirror (after a watch restarted from the beginning)."""
+        entries = [(k, v) for k, v in entries if v is not None]
+        if bucket == "apps":
+            self.apps = {k for k, _ in entries}
+            return
+        table = self.machines if bucket == "machines" else self.status
+        touched = {split_key(k)[0] for k in table}
+        table.clear()
+        for k, v in entries:
+            if isinstance(v, dict):
+                table[k] = v
+        touched |= {split_key(k)[0] for k in table}
+        self._keys = {}
+        for k in itertools.chain(self.machines, self.status):
+            self._keys.setdefault(split_key(k)[0], set()).add(k)
+        for app in touched:
+            self._recompute(app)
+
+    def _set(self, table: dict[str, dict[str, Any]], key: str, value: Any) -> str:
+        app, _ = split_key(key)
+        if isinstance(value, dict):
+            table[key] = value
+            self._keys.setdefault(app, set()).add(key)
+        else:
+            table.pop(key, None)
+            if key not in self.machines and key not in self.status:
+                self._keys.get(app, set()).discard(key)
+        self._recompute(app)
+        return app
+
+    def _recompute(self, app: str) -> None:
+        out = []
+        for key in sorted(self._keys.get(app, ())):
+            b = backend_for(self.machines.get(key), self.status.get(key), key)
+            if b is not None:
+                out.append(b)
+        if out:
+            self._routes[app] = tuple(out)
+        else:
+            self._routes.pop(app, None)
+        if not self._keys.get(app):
+            self._keys.pop(app, None)
+
+    def known(self, app: str) -> bool:
+        """Whether ``app`` exists (an APPS record or any machine): 503, not 404, when it has no backend."""
+        return app in self.apps or app in self._keys
+
+    def backends(self, app: str) -> tuple[Backend, ...]:
+        return self._routes.get(app, ())
+
+    def routable(self, machine: str) -> bool:
+        """Whether any app routes to ``machine`` now (a drain waits until it does not)."""
+        return any(b.machine == machine for bs in self._routes.values() for b in bs)
+
+    def table(self) -> dict[str, list[str]]:
+        """``{app: [machine ids]}`` of every routed app (for ``edge.inflight`` and logs)."""
+        return {app: [b.machine for b in bs] for app, bs in sorted(self._routes.items())}
+
+
+@dataclass
+class Balancer:
+    """Least-connections choice over in-flight request counts, as Fly's proxy does.
+
+    Tiers, best first: under ``soft_limit``, then under ``hard_limit``; never a
+    backend at its hard limit. Inside a tier the fewest in-flight requests win;
+    ties rotate, so equal machines share requests evenly. A backend whose
+    connection just failed is avoided for ``penalty`` seconds, unless it is the
+    only one left (the agent's STATUS update that it stopped follows shortly).
+    """
+
+    penalty: float = 2.0
+    inflight: dict[str, int] = field(default_factory=dict)
+    failed_until: dict[str, float] = field(default_factory=dict)
+    _turn: int = 0
+
+    def choose(self, backends: Iterable[Backend], exclude: Iterable[str] = (), now: float = 0.0
+               ) -> Backend | None:
+        """The backend for the next request, or None when every one is excluded or full."""
+        skip = set(exclude)
+        candidates = [b for b in backends if b.machine not in skip]
+        if not candidates:
+            return None
+        fresh = [b for b in candidates if self.failed_until.get(b.machine, 0.0) <= now]
+        pool = fresh or candidates
+        best: list[Backend] = []
+        best_rank: tuple[int, int] | None = None
+        for b in pool:
+            n = self.inflight.get(b.machine, 0)
+            if b.hard_limit is not None and n >= b.hard_limit:
+                continue
+            tier = 0 if b.soft_limit is None or n < b.soft_limit else 1
+            rank = (tier, n)
+            if best_rank is None or rank < best_rank:
+                best, best_rank = [b], rank
+            elif rank == best_rank:
+                best.append(b)
+        if not best:
+            return None
+        self._turn += 1
+        return best[self._turn % len(best)]
+
+    def full(self, backends: Iterable[Backend]) -> bool:
+        """Whether every backend is at its hard limit (a request may wait for a slot)."""
+        bs = list(backends)
+        return bool(bs) and all(b.hard_limit is not None and self.inflight.get(b.machine, 0) >= b.hard_limit
+                                for b in bs)
+
+    def acquire(self, backend: Backend) -> None:
+        self.inflight[backend.machine] = self.inflight.get(backend.machine, 0) + 1
+
+    def release(self, backend: Backend) -> None:
+        n = self.inflight.get(backend.machine, 0) - 1
+        if n > 0:
+            self.inflight[backend.machine] = n
+        else:
+            self.inflight.pop(backend.machine, None)
+
+    def mark_failed(self, backend: Backend, now: float) -> None:
+        for m in [m for m, t in self.failed_until.items() if t <= now]:
+            del self.failed_until[m]  # expired marks: the dict stays as small as the failures
+        self.failed_until[backend.machine] = now + self.penalty
+
+    def forget(self, machines: Iterable[str]) -> None:
+        """Drop failure marks of machines no longer routed (their ids are never reused)."""
+        for m in machines:
+            self.failed_until.pop(m, None)
+
+    def counts(self) -> dict[str, int]:
+        """``{machine id: in-flight requests}`` for every machine with any."""
+        return dict(self.inflight)
