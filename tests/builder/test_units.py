@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
@@ -66,10 +67,98 @@ def test_source_date_epoch(monkeypatch, tmp_path):
 
 def test_fingerprint_changes_with_content(tmp_path):
     make_tree(tmp_path / "t", 1_600_000_000)
-    fp = lyr.fingerprint(tmp_path / "t")
-    assert lyr.fingerprint(tmp_path / "t") == fp
+    fp = lyr.fingerprint(tmp_path / "t").hexdigest()
+    assert lyr.fingerprint(tmp_path / "t").hexdigest() == fp
     (tmp_path / "t" / "a.txt").write_text("changed\n")
-    assert lyr.fingerprint(tmp_path / "t") != fp
+    assert lyr.fingerprint(tmp_path / "t").hexdigest() != fp
+
+
+def test_fingerprint_sees_an_edit_that_keeps_size_and_mtime(tmp_path):
+    """`touch -d` after a same-size edit: sizes and mtimes match, the bytes do not (issue 21, stale layers)."""
+    make_tree(tmp_path / "t", 1_600_000_000)
+    first = lyr.fingerprint(tmp_path / "t")
+    f = tmp_path / "t" / "b" / "z.py"
+    st0 = f.stat()
+    f.write_text("print(2)\n")  # same size
+    os.utime(f, ns=(st0.st_atime_ns, st0.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st0.st_size, st0.st_mtime_ns)
+    # With the previous build's table of hashes (the fast path), and without it.
+    assert lyr.fingerprint(tmp_path / "t", first.files).hexdigest() != first.hexdigest()
+    assert lyr.fingerprint(tmp_path / "t").hexdigest() != first.hexdigest()
+
+
+def test_fingerprint_reads_only_files_whose_stat_changed(tmp_path):
+    make_tree(tmp_path / "t", 1_600_000_000)
+    first = lyr.fingerprint(tmp_path / "t")
+    known = {k: [*v[:4], "0" * 64] for k, v in first.files.items()}  # a wrong hash for every file...
+    again = lyr.fingerprint(tmp_path / "t", known)
+    assert again.files["a.txt"][4] == "0" * 64  # ...is trusted while the file's stat key is the same
+    (tmp_path / "t" / "a.txt").write_text("alpha\n")  # same bytes, rewritten: its ctime moves, it is read again
+    assert lyr.fingerprint(tmp_path / "t", known).files["a.txt"][4] == first.files["a.txt"][4]
+
+
+def test_layer_written_with_a_tree_hash_matches_the_fingerprint(tmp_path):
+    store = Store(tmp_path / "store")
+    make_tree(tmp_path / "t", 1_600_000_000)
+    tree = lyr.TreeHash("layers/x/y")
+    lyr.store_dir_layer(store, tmp_path / "t", "layers/x/y", 1000, 1000, tree=tree)
+    fp = lyr.fingerprint(tmp_path / "t")
+    assert tree.hexdigest() == fp.hexdigest() and tree.files == fp.files
+
+
+def test_a_layer_stopped_mid_write_leaves_no_temp_file(tmp_path):
+    """What ``check`` raises (the build's deadline) ends the write; the temp blob goes with it."""
+    store = Store(tmp_path / "store")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "big").write_bytes(os.urandom(4 << 20))
+    calls = []
+
+    def check():
+        calls.append(1)
+        if len(calls) > 3:
+            raise TimeoutError("deadline")
+
+    with pytest.raises(TimeoutError):
+        lyr.store_dir_layer(store, tmp_path / "t", "workspace", check=check)
+    assert list((store.meta / "ingest").iterdir()) == []
+    assert list(store.blobs.iterdir()) == []
+
+
+def test_store_prunes_temp_files_of_writers_that_died_not_of_live_ones(tmp_path):
+    """kill -9 mid-write leaves a temp blob: the next write removes it once unlocked and past the grace period."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from taxiway.oci import store as storemod
+
+    root = tmp_path / "store"
+    Store(root)
+    code = ("import sys, os, time\nfrom taxiway.oci.store import Store\n"
+            "fd, p = Store(sys.argv[1]).temp_file('layer-')\nos.write(fd, b'half a layer')\n"
+            "print(p, flush=True)\ntime.sleep(600)\n")
+    child = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE)
+    try:
+        dead = Path(child.stdout.readline().decode().strip())
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    live_fd, live = Store(root).temp_file("blob-")  # held by this process: a writer still at work
+    try:
+        old = time.time() - storemod.TEMP_GRACE - 5
+        for p in (dead, Path(live)):
+            os.utime(p, (old, old))
+        partial = root / ".taxiway" / "ingest" / ("ab" * 32 + ".partial")
+        partial.write_bytes(b"resumable download")  # a pull's, kept for the next pull
+        young_fd, young = Store(root).temp_file("blob-")
+        os.close(young_fd)  # unlocked, but inside the grace period
+        Store(root).write_blob(b"next write")
+        left = sorted(p.name for p in (root / ".taxiway" / "ingest").iterdir())
+        assert dead.name not in left
+        assert Path(live).name in left and Path(young).name in left and partial.name in left
+    finally:
+        os.close(live_fd)
 
 
 def test_layer_env(tmp_path):
@@ -293,8 +382,53 @@ def test_build_egress_proxy_starts_on_the_first_connection(tmp_path, monkeypatch
         assert not (tmp_path / "egress.log").exists()
         addr = up.address()
         assert up.address() == addr and addr[0] == "127.0.0.1"
-        socket.create_connection(addr, timeout=5).close()
+        up.connect(timeout=5).close()
     assert b'"listening"' in (tmp_path / "egress.log").read_bytes()
+
+
+def _get(sock, path: str) -> bytes:
+    with sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n".encode())
+        out = b""
+        while data := sock.recv(65536):
+            out += data
+    return out
+
+
+def test_build_egress_proxy_is_reachable_only_through_the_build_relay(tmp_path, monkeypatch):
+    """Issue 21: the per-build proxy listens in a network namespace of its own, not on the host's loopback.
+
+    A local process (another tenant's build, a machine with host networking) that connects to
+    its address reaches nothing of it; the build's relay (Upstream.connect) does.
+    """
+    import re
+    import socket
+
+    from taxiway.builder import egress
+
+    monkeypatch.delenv("TAXIWAY_BUILD_EGRESS", raising=False)
+    monkeypatch.setenv("TAXIWAY_BUILD_ALLOW", "localhost")
+
+    def served() -> int:
+        m = re.search(rb"^taxiway_egress_client_connections_total (\d+)", _get(up.connect(timeout=5), "/metrics"), re.M)
+        assert m, "no connection counter in /metrics"
+        return int(m.group(1))
+
+    with egress.proxy(tmp_path) as up:
+        assert b"200 OK" in _get(up.connect(timeout=5), "/healthz")
+        before = served()
+        try:
+            # From the host: the same address and port is another namespace's (nothing there, or not this proxy).
+            with socket.create_connection(up.address(), timeout=5) as s:
+                s.sendall(b"CONNECT pypi.org:443 HTTP/1.1\r\nHost: pypi.org:443\r\n\r\n")
+                s.settimeout(2)
+                with contextlib.suppress(OSError):
+                    s.recv(100)
+        except ConnectionRefusedError:
+            pass
+        assert served() == before + 1, "a connection from the host reached the build's proxy"
+    log = (tmp_path / "egress.log").read_bytes()
+    assert b"pypi.org" not in log
 
 
 def test_build_egress_proxy_that_cannot_start_says_why_every_time(tmp_path, monkeypatch):

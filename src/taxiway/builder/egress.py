@@ -3,8 +3,13 @@
 Builds install dependencies (pip from PyPI, npm and Deno from the npm
 registry), so the build machine's relay leads to an egress proxy: the one
 named by ``$TAXIWAY_BUILD_EGRESS`` (``host:port`` of a running
-``taxiway egress serve``), or else one started in this process, on a free
-loopback port, when the build first connects, and stopped with the build.
+``taxiway egress serve``), or else one started in this process when the
+build first connects, and stopped with the build. That one listens on
+loopback in a network namespace of its own, which holds nothing else: no
+process of the host (another tenant's build, a machine with host networking, a
+local user) can reach it, only this build's relay, which makes its connections
+there. (Where it listened on the host's loopback, any local process could use
+the build's way out for the length of a build.)
 Its ACL allows only the hosts in ``$TAXIWAY_BUILD_ALLOW`` (default: the package indexes the bundled
 buildpacks use); its address policy denies loopback and private addresses, so
 a build can reach no service of the host or its network. Where an allowed
@@ -21,8 +26,12 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from taxiway.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import socket
 
 DEFAULT_ALLOW = ("pypi.org", "files.pythonhosted.org", "registry.npmjs.org")
 
@@ -64,6 +73,42 @@ def index_ranges(allow: list[str]) -> list[str]:
     return sorted(set(out))
 
 
+class _Netns:
+    """A network namespace holding only loopback, kept open by an fd; sockets are made in it one thread at a time."""
+
+    def __init__(self) -> None:
+        from taxiway.machines import linux as L
+
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            L.unshare(L.CLONE_NEWNET)  # this thread only, until the setns below
+            try:
+                L.loopback_up()
+                self.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            finally:
+                L.setns(own, L.CLONE_NEWNET)
+        finally:
+            os.close(own)
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """This thread in the namespace for the block (sockets made in it stay there), then back where it was."""
+        from taxiway.machines import linux as L
+
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            L.setns(self.fd, L.CLONE_NEWNET)
+            try:
+                yield
+            finally:
+                L.setns(own, L.CLONE_NEWNET)
+        finally:
+            os.close(own)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class Upstream:
     """Where the build's relay connects: the external proxy, or one started here on the first connection.
 
@@ -75,6 +120,7 @@ class Upstream:
         self.work, self._addr = work, external
         self._lock = threading.Lock()
         self._stop: Callable[[], None] | None = None
+        self._netns: _Netns | None = None
         self.error: BaseException | None = None
 
     def address(self) -> tuple[str, int]:
@@ -84,17 +130,37 @@ class Upstream:
                 if self.error is not None:
                     raise self.error
                 try:
-                    self._addr, self._stop = _start(self.work)
+                    self._addr, self._stop, self._netns = _start(self.work)
                 except BaseException as e:
                     self.error = e
                     raise
             return self._addr
+
+    def connect(self, timeout: float = 10) -> socket.socket:
+        """A connection to the proxy (in its own namespace when it is the in-process one), starting it if needed."""
+        import socket
+
+        addr = self.address()
+        if self._netns is None:
+            return socket.create_connection(addr, timeout=timeout)
+        with self._netns.entered():
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.settimeout(timeout)
+            s.connect(addr)
+        except BaseException:
+            s.close()
+            raise
+        return s
 
     def close(self) -> None:
         with self._lock:
             if self._stop is not None:
                 self._stop()
                 self._stop = None
+            if self._netns is not None:
+                self._netns.close()
+                self._netns = None
 
 
 @contextlib.contextmanager
@@ -107,8 +173,12 @@ def proxy(work: Path) -> Iterator[Upstream]:
         up.close()
 
 
-def _start(work: Path) -> tuple[tuple[str, int], Callable[[], None]]:
-    """Start the in-process proxy on a free loopback port: its address and the function that stops it."""
+def _start(work: Path) -> tuple[tuple[str, int], Callable[[], None], _Netns]:
+    """Start the in-process proxy on a free loopback port of a namespace of its own.
+
+    Returns its address (in that namespace), the function that stops it, and the namespace.
+    Only its listening socket lives there: its connections out are made in the host's.
+    """
     import asyncio
 
     from taxiway.egress.addresses import Range
@@ -121,6 +191,7 @@ def _start(work: Path) -> tuple[tuple[str, int], Callable[[], None]]:
     cfg = EgressConfig(listen=("127.0.0.1", 0), acl_path=acl,
                        allow_ranges=[Range.parse(r, "--allow-range") for r in index_ranges(allow)])
     server = EgressProxy(cfg, log=log)
+    netns = _Netns()
     loop = asyncio.new_event_loop()
     started: list[tuple[str, int] | BaseException] = []
     ready = threading.Event()
@@ -128,7 +199,11 @@ def _start(work: Path) -> tuple[tuple[str, int], Callable[[], None]]:
 
     async def main() -> None:
         try:
-            started.append(await server.start())
+            # start() makes its listening socket without awaiting anything: only that socket is
+            # made in the namespace (no executor thread is started meanwhile, so none inherits it).
+            with netns.entered():
+                addr = await server.start()
+            started.append(addr)
         except BaseException as e:  # noqa: BLE001 - handed to the caller
             started.append(e)
             ready.set()
@@ -157,6 +232,7 @@ def _start(work: Path) -> tuple[tuple[str, int], Callable[[], None]]:
     ready.wait()
     if isinstance(started[0], BaseException):
         log.close()
+        netns.close()
         raise started[0]
 
     def stop_it() -> None:
@@ -165,4 +241,4 @@ def _start(work: Path) -> tuple[tuple[str, int], Callable[[], None]]:
         t.join(10)
         log.close()
 
-    return started[0], stop_it
+    return started[0], stop_it, netns

@@ -14,7 +14,6 @@ import io
 import os
 import stat
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,22 +99,103 @@ def parents(prefix: str, mode: int = 0o755) -> list[Entry]:
     return [Entry("/".join(parts[: i + 1]), "dir", mode) for i in range(len(parts))]
 
 
-def fingerprint(root: Path) -> str:
-    """A cheap digest of a tree's names, sizes, modes and mtimes: equal means "tar it the same"."""
-    h = hashlib.sha256()
-    for e in walk(root, ""):
-        st = os.lstat(e.src) if e.src else None
+# A file whose (inode, size, mtime, ctime) is unchanged has unchanged bytes.
+# mtime alone is not enough (``touch -d`` puts it back after an edit of the same size), but ctime
+# is set by the kernel on every write, chmod and utime and cannot be set back without changing
+# the clock; the inode tells a copy made since from the file that was hashed.
+def stat_key(st: os.stat_result) -> list[int]:
+    """The part of a file's stat that changes whenever its bytes can have changed."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class TreeHash:
+    """The content fingerprint of a tree (names, kinds, modes, link targets and file bytes), entry by entry.
+
+    ``files`` maps each regular file's name to its stat key and sha256, so the next
+    fingerprint of the same tree reads only the files whose stat key changed.
+    """
+
+    def __init__(self, prefix: str = ""):
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        self.h = hashlib.sha256()
+        self.files: dict[str, list] = {}
+
+    def add(self, e: Entry, sha: str = "", key: list[int] | None = None) -> None:
+        """Take one entry (named with ``prefix``; others, such as parent folders, are left out)."""
+        if not e.name.startswith(self.prefix):
+            return
+        name = e.name[len(self.prefix):]
+        if key is not None:
+            self.files[name] = [*key, sha]
         # Names as bytes (os.fsencode): a file name that is not UTF-8 is fingerprinted like any other.
-        h.update(os.fsencode(e.name) + f"\0{e.kind}\0{e.mode}\0".encode() + os.fsencode(e.linkname)
-                 + f"\0{e.size}\0{st.st_mtime_ns if st else 0}\n".encode())
-    return h.hexdigest()
+        self.h.update(os.fsencode(name) + f"\0{e.kind}\0{e.mode}\0".encode() + os.fsencode(e.linkname)
+                      + f"\0{e.size}\0{sha}\n".encode())
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def _open_file(path: Path) -> tuple[int, os.stat_result]:
+    """Open a file the walk saw as regular, never through a link, never blocking on a fifo put in its place."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(f"{path} changed while it was read: it is no longer a regular file")
+    return fd, st
+
+
+def fingerprint(root: Path, known: dict[str, list] | None = None,
+                check: Callable[[], object] | None = None) -> TreeHash:
+    """The content fingerprint of the tree at ``root``: equal means "tar it the same".
+
+    File bytes are hashed, except where ``known`` (a previous ``TreeHash.files``)
+    has the file with the same stat key; ``check`` is called between files (a deadline).
+    """
+    known = known or {}
+    t = TreeHash()
+    for e in walk(root, ""):
+        if e.src is None:
+            t.add(e)
+            continue
+        if check is not None:
+            check()
+        st = os.lstat(e.src)
+        key = stat_key(st)
+        rec = known.get(e.name)
+        if rec is not None and rec[:4] == key and stat.S_ISREG(st.st_mode):
+            t.add(e, rec[4], key)
+            continue
+        fd, st = _open_file(e.src)
+        h = hashlib.sha256()
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                h.update(chunk)
+                if check is not None:
+                    check()
+        finally:
+            os.close(fd)
+        t.add(Entry(e.name, e.kind, stat.S_IMODE(st.st_mode), src=e.src, size=st.st_size), h.hexdigest(), stat_key(st))
+    return t
+
+
+class _HashingReader:
+    """A file read by tarfile, hashed on the way (the fingerprint of a layer costs no second read)."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.h = f, hashlib.sha256()
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.h.update(b)
+        return b
 
 
 class _Sink(io.RawIOBase):
     """Tar bytes in; diff_id and digest computed while gzip output goes to ``out``."""
 
-    def __init__(self, out: BinaryIO, level: int):
-        self.out = out
+    def __init__(self, out: BinaryIO, level: int, check: Callable[[], object] | None = None):
+        self.out, self.check = out, check
         self.diff = hashlib.sha256()
         self.dig = hashlib.sha256()
         self.z = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)  # 31: gzip wrapper, mtime 0, no name
@@ -130,6 +210,8 @@ class _Sink(io.RawIOBase):
 
     def write(self, b) -> int:  # type: ignore[override]
         b = bytes(b)
+        if self.check is not None:
+            self.check()  # a deadline: raises, and the caller removes the temp file
         self.diff.update(b)
         self.pos += len(b)
         self._emit(self.z.compress(b))
@@ -145,8 +227,13 @@ class _Sink(io.RawIOBase):
         self._emit(self.z.flush())
 
 
-def write_tar(out: BinaryIO, entries: Iterable[Entry], uid: int = 0, gid: int = 0, mtime: int | None = None) -> None:
-    """Write ``entries`` as an uncompressed tar to ``out`` with fixed owners and mtimes."""
+def write_tar(out: BinaryIO, entries: Iterable[Entry], uid: int = 0, gid: int = 0, mtime: int | None = None,
+              tree: TreeHash | None = None) -> None:
+    """Write ``entries`` as an uncompressed tar to ``out`` with fixed owners and mtimes.
+
+    Files are opened without following links (the tree may be a hostile build's
+    output). ``tree`` gets each entry and each file's sha256 as it is written.
+    """
     mtime = source_date_epoch() if mtime is None else mtime
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tf:
         for e in entries:
@@ -164,23 +251,38 @@ def write_tar(out: BinaryIO, entries: Iterable[Entry], uid: int = 0, gid: int = 
                 tf.addfile(ti, io.BytesIO(e.data))
             else:
                 assert e.src is not None
-                with open(e.src, "rb") as f:
-                    ti.size = os.fstat(f.fileno()).st_size
-                    tf.addfile(ti, f)
+                fd, st = _open_file(e.src)
+                with os.fdopen(fd, "rb") as f:
+                    ti.size = st.st_size
+                    ti.mode = stat.S_IMODE(st.st_mode)
+                    r = _HashingReader(f) if tree is not None else None
+                    tf.addfile(ti, r or f)  # type: ignore[arg-type]
+                if r is not None and tree is not None:
+                    tree.add(Entry(e.name, "file", ti.mode, src=e.src, size=st.st_size), r.h.hexdigest(), stat_key(st))
+                continue
+            if tree is not None:
+                tree.add(e)
 
 
 def store_layer(store, entries: Iterable[Entry], uid: int = 0, gid: int = 0, mtime: int | None = None,
-                level: int = GZIP_LEVEL) -> Layer:
+                level: int = GZIP_LEVEL, *, tree: TreeHash | None = None,
+                check: Callable[[], object] | None = None) -> Layer:
     """Write a gzip layer made of ``entries`` into the store; returns it with its diff_id."""
-    return store_tar_stream(store, lambda sink: write_tar(sink, entries, uid, gid, mtime), level)
+    return store_tar_stream(store, lambda sink: write_tar(sink, entries, uid, gid, mtime, tree), level, check=check)
 
 
-def store_tar_stream(store, produce: Callable[[BinaryIO], None], level: int = GZIP_LEVEL) -> Layer:
-    """Gzip whatever ``produce`` writes as tar into a new store blob (hashed once, renamed when complete)."""
-    fd, tmp = tempfile.mkstemp(prefix="layer-", suffix=".tmp", dir=store.meta / "ingest")
+def store_tar_stream(store, produce: Callable[[BinaryIO], None], level: int = GZIP_LEVEL,
+                     check: Callable[[], object] | None = None) -> Layer:
+    """Gzip whatever ``produce`` writes as tar into a new store blob (hashed once, renamed when complete).
+
+    ``check`` is called as bytes are written; whatever it raises stops the write and
+    removes the temp file. A writer killed outright leaves its (locked) temp file to
+    the store's next write, which prunes it.
+    """
+    fd, tmp = store.temp_file("layer-")
     try:
         with os.fdopen(fd, "wb") as f:
-            sink = _Sink(f, level)
+            sink = _Sink(f, level, check)
             produce(sink)  # type: ignore[arg-type]
             sink.finish()
         digest = "sha256:" + sink.dig.hexdigest()
@@ -197,14 +299,18 @@ def store_tar_stream(store, produce: Callable[[BinaryIO], None], level: int = GZ
 
 
 def store_dir_layer(store, root: Path, prefix: str, uid: int = 0, gid: int = 0, *,
-                    exclude: Callable[[str], bool] | None = None, with_parents: bool = True) -> Layer:
-    """A layer holding the tree at ``root`` under ``/prefix`` (with its parent directories)."""
+                    exclude: Callable[[str], bool] | None = None, with_parents: bool = True,
+                    tree: TreeHash | None = None, check: Callable[[], object] | None = None) -> Layer:
+    """A layer holding the tree at ``root`` under ``/prefix`` (with its parent directories).
+
+    With ``tree`` (a ``TreeHash(prefix)``), the tree's fingerprint is taken while it is written.
+    """
     def entries() -> Iterator[Entry]:
         if with_parents:
             yield from parents(prefix)
         yield from walk(root, prefix, exclude)
 
-    return store_layer(store, entries(), uid, gid)
+    return store_layer(store, entries(), uid, gid, tree=tree, check=check)
 
 
 def store_tarball_layer(store, tar_path: Path, level: int = GZIP_LEVEL) -> Layer:

@@ -19,6 +19,7 @@ Phases follow the CNB platform and buildpack specs:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -89,11 +90,20 @@ def _say(msg: str) -> None:
 
 
 def _chown_tree(root: Path) -> None:
-    """Hand a tree to the build user (never following a link; the tree may be a previous build's)."""
-    os.lchown(root, BUILD_UID, BUILD_GID)
+    """Hand a tree to the build user (never following a link; the tree may be a previous build's).
+
+    What the build user owns already is left alone: a chown sets the ctime even when
+    nothing changes, and an unchanged ctime is how export knows a kept file needs no rehash.
+    """
+    def own(path: str) -> None:
+        st = os.lstat(path)
+        if st.st_uid != BUILD_UID or st.st_gid != BUILD_GID:
+            os.lchown(path, BUILD_UID, BUILD_GID)
+
+    own(str(root))
     for dirpath, dirnames, filenames in os.walk(root):
         for n in dirnames + filenames:
-            os.lchown(os.path.join(dirpath, n), BUILD_UID, BUILD_GID)
+            own(os.path.join(dirpath, n))
 
 
 def _tail(text: str, n: int = LOG_TAIL) -> list[str]:
@@ -180,8 +190,8 @@ def buildpacks_dir(bps: list[Buildpack]) -> Path:
     lib = bpmod.bundled_root() / "_lib"
     h = hashlib.sha256()
     for bp in unique:
-        h.update(f"{bp.id}\0{bp.version}\0{bp.path}\0{lyr.fingerprint(bp.path)}\n".encode())
-    h.update(lyr.fingerprint(lib).encode())
+        h.update(f"{bp.id}\0{bp.version}\0{bp.path}\0{lyr.fingerprint(bp.path).hexdigest()}\n".encode())
+    h.update(lyr.fingerprint(lib).hexdigest().encode())
     root = home() / "build" / "buildpacks"
     dest = root / h.hexdigest()[:20]
     if dest.is_dir():
@@ -245,8 +255,15 @@ class Lifecycle:
     def _prepare(self, work: Path, bps: list[Buildpack]) -> None:
         self.work = work
         self.workspace = work / "workspace"
-        copy_source(self.source, self.workspace, self.project, warn=lambda m: self.say(f"[prepare] {m}"))
+        hashes: dict[str, str] = {}
+        copy_source(self.source, self.workspace, self.project, warn=lambda m: self.say(f"[prepare] {m}"),
+                    hashes=hashes, check=self._left)
         _chown_tree(self.workspace)
+        # What the copy hashed, keyed by each file's stat after the chown: export rehashes only what the build changed.
+        self.workspace_known = {}
+        for rel, sha in hashes.items():
+            with contextlib.suppress(OSError):
+                self.workspace_known[rel] = [*lyr.stat_key(os.lstat(self.workspace / rel)), sha]
         self.platform = work / "platform"
         (self.platform / "env").mkdir(parents=True)
         for k, v in self.opts.env.items():
@@ -267,6 +284,7 @@ class Lifecycle:
         record = self.cache / "export.json"
         layers_record = json.loads(record.read_text()).get("layers", {}) if record.exists() else {}
         exported = {k: v.get("toml", "") for k, v in layers_record.items()}
+        self._prune_links()  # what a build killed before its own sweep left
         restore_layers(self.layers, exported)
         for bp in bps:
             for root in (self.out, self.layers):
@@ -285,9 +303,18 @@ class Lifecycle:
 
         left = self.deadline - time.monotonic()
         if left <= 0:
-            raise TaxiwayError(f"the build ran longer than {self.opts.timeout:.0f}s and was stopped",
+            raise TaxiwayError(f"the build ran longer than {self.opts.timeout:.0f}s and was stopped "
+                               f"(while {self.phase}); nothing was tagged",
                                "raise the limit with --timeout, or make the build faster")
         return min(left, cap) if cap else left
+
+    def _prune_links(self) -> None:
+        """Take out of the cache every link that leads outside it, and every odd file (see ``prune_cache_links``)."""
+        removed = prune_cache_links(self.layers)
+        if removed:
+            shown = ", ".join(removed[:3]) + (f" and {len(removed) - 3} more" if len(removed) > 3 else "")
+            self.say(f"[cache] warning: removed {len(removed)} symlink(s) leading outside /layers or special file(s) "
+                     f"from the build cache: {shown}")
 
     def _base_env(self, bp: Buildpack) -> dict[str, str]:
         env = {"PATH": BASE_PATH, "HOME": "/home/cnb", "LANG": "C.UTF-8",
@@ -463,24 +490,35 @@ class Lifecycle:
                 inside = f"/layers/{bp.dirname}/{name}"
                 has_content = safefs.is_dir(self.layers, key)  # the restorer removes launch-only folders; present means (re)written
                 old = prev_layers.get(key)
+                files: dict[str, list] = {}
                 if has_content:
-                    fp = lyr.fingerprint(d)
-                    if old and old.get("fingerprint") == fp and self.store.has_blob(old["digest"]):
+                    tree = None
+                    if old and self.store.has_blob(old["digest"]):
+                        # Bytes, not sizes and mtimes: an edit that keeps both must not ship the old layer.
+                        tree = lyr.fingerprint(d, old.get("files"), self._left)
+                    if tree is not None and old and old.get("fingerprint") == tree.hexdigest():
                         layer, envfiles = _layer_from(old), old["env"]
                         reused.append(key)
                     else:
-                        layer = lyr.store_dir_layer(self.store, d, inside.lstrip("/"), stack.CNB_UID, stack.CNB_GID)
+                        fresh = lyr.TreeHash(inside.lstrip("/"))
+                        layer = lyr.store_dir_layer(self.store, d, inside.lstrip("/"), stack.CNB_UID, stack.CNB_GID,
+                                                    tree=fresh if tree is None else None, check=self._left)
+                        tree = tree or fresh
                         envfiles = _env_files(self.layers, key, "launch")
                         written.append(key)
+                    fp = tree.hexdigest()
+                    if meta.cache:  # kept for the next build: its unchanged files need not be read again
+                        files = tree.files
                 elif old and self.store.has_blob(old["digest"]):
                     fp, layer, envfiles = old.get("fingerprint"), _layer_from(old), old["env"]
+                    files = old.get("files") or {}
                     reused.append(key)
                 else:
                     raise TaxiwayError(f"buildpack {bp.id} kept launch layer {name!r} but there is no previous image layer to reuse",
                                        "build again with --no-cache")
                 envmod.apply_recorded(env, envfiles, inside)
                 record[key] = {"digest": layer.digest, "diff_id": layer.diff_id, "size": layer.descriptor.size,
-                               "fingerprint": fp, "env": envfiles,
+                               "fingerprint": fp, "env": envfiles, "files": files,
                                "toml": _text_hash(safefs.read_text(self.layers, f"{key}.toml", "layer metadata") or "")}
                 new_layers.append((f"buildpack {bp.id} layer {name}", layer))
                 layers_md[name] = {"sha": layer.diff_id, "data": meta.metadata, "launch": True,
@@ -493,19 +531,21 @@ class Lifecycle:
             entries = [*lyr.parents("cnb/process")]
             entries += [lyr.Entry(f"cnb/process/{p.type}", "file", 0o755, data=process_script(p).encode())
                         for p in sorted(processes, key=lambda p: p.type)]
-            plyr = lyr.store_layer(self.store, entries, 0, 0)
+            plyr = lyr.store_layer(self.store, entries, 0, 0, check=self._left)
             old_p = prev.get("processes", {}).get("digest")
             (reused if old_p == plyr.digest else written).append("processes")
             new_layers.append(("process types at /cnb/process", plyr))
             processes_record = {"digest": plyr.digest}
 
-        fp = lyr.fingerprint(self.workspace)
+        # The copy hashed the source; only files the build changed since are read again.
+        fp = lyr.fingerprint(self.workspace, self.workspace_known, self._left).hexdigest()
         old = prev.get("app")
         if old and old.get("fingerprint") == fp and self.store.has_blob(old["digest"]):
             app = _layer_from(old)
             reused.append("app")
         else:
-            app = lyr.store_dir_layer(self.store, self.workspace, "workspace", stack.CNB_UID, stack.CNB_GID)
+            app = lyr.store_dir_layer(self.store, self.workspace, "workspace", stack.CNB_UID, stack.CNB_GID,
+                                      check=self._left)
             written.append("app")
         new_layers.append(("application source at /workspace", app))
         app_record = {"digest": app.digest, "diff_id": app.diff_id, "size": app.descriptor.size, "fingerprint": fp}
@@ -546,6 +586,7 @@ class Lifecycle:
             self.say("[export] no default process: the image has no entrypoint (add a Procfile or launch.toml process)")
         layers = [*run.layers(), *[layer.descriptor for _, layer in new_layers]]
         desc = assemble.put_image(self.store, cfg, layers)
+        self._left()  # the last moment --timeout can stop the build: the tag is the one change users see
         assemble.tag_if_changed(self.store, self.opts.tag, desc)
         from taxiway.fsutil import write_bytes_atomic
 
@@ -561,6 +602,7 @@ class Lifecycle:
 
         check_root()
         self.deadline = time.monotonic() + self.opts.timeout
+        self.phase = "preparing"
         self.proxy: egress.Upstream | None = None
         stack.import_stack(self.store, stack.BUILD)
         self.rootfs = stack.rootfs_for(self.store, stack.RECIPES[stack.BUILD].ref)
@@ -574,19 +616,112 @@ class Lifecycle:
         tmp_root = home() / "build" / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         reaper.sweep(tmp_root)  # what builds killed with -9 (and their watchers) left
-        with stack.locked(self.cache / "lock"):
+        self.phase = "waiting for another build of this image to finish"
+        with stack.locked(self.cache / "lock", self._left):
             work = Path(tempfile.mkdtemp(dir=tmp_root, prefix="build-"))
             reaper.claim(work)
             with reaper.watched(work):  # if this process dies, the watcher stops the steps and removes work
                 try:
                     with egress.proxy(work) as self.proxy:
+                        self.phase = "preparing"
                         self._prepare(work, all_bps)
+                        self.phase = "detecting"
                         group = self.detect(order)
+                        self.phase = "building"
                         processes = self.build(group)
+                    self.phase = "exporting the image"
                     result = self.export([bp for bp, _ in group], processes)
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
+                    if self.layers.is_dir():
+                        self._prune_links()  # the steps are gone: nothing can plant another one
         return result
+
+
+def prune_cache_links(layers: Path) -> list[str]:
+    """Keep no link in the build cache that leads outside it, and nothing but files, folders and links.
+
+    Run when a build ends (and before the next restores, for a build killed
+    first). Layer folders that are not ``cache`` layers are discarded (the next
+    restore would drop them anyway). In ``cache`` layers, a symlink is judged
+    as the build machine sees it, where this folder is ``/layers``: targets that
+    stay below it are kept (a layer may link inside itself), ``/etc/shadow`` or
+    ``../../..`` are removed. A launch+cache layer that held such a link loses
+    its folder but keeps its ``<layer>.toml``: the next build treats it as a
+    launch-only layer (the previous image's blob is reused while the metadata
+    matches), so no image ever ships a layer with a link cut out. The host never
+    follows a link either way (it walks by file descriptors, no-follow); this
+    keeps the cache from holding links at host paths between builds. Returns
+    what was removed (paths relative to ``layers``) but for the silent discards.
+    """
+    import posixpath
+    import stat as st_
+
+    removed: list[str] = []
+
+    def inside(rel_dir: str, target: str) -> bool:
+        base = posixpath.join("/layers", rel_dir)
+        norm = posixpath.normpath(target if target.startswith("/") else posixpath.join(base, target))
+        return norm == "/layers" or norm.startswith("/layers/")
+
+    def visit(fd: int, rel_dir: str) -> bool:
+        """Prune the folder open as ``fd``; True when something in it was removed."""
+        hit = False
+        for name in sorted(os.listdir(fd)):
+            rel = f"{rel_dir}/{name}"
+            try:
+                m = os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode
+            except FileNotFoundError:
+                continue
+            if st_.S_ISDIR(m):
+                sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                try:
+                    hit = visit(sub, rel) or hit
+                finally:
+                    os.close(sub)
+            elif (st_.S_ISLNK(m) and not inside(rel_dir, os.readlink(name, dir_fd=fd))) or not (
+                    st_.S_ISLNK(m) or st_.S_ISREG(m)):
+                os.unlink(name, dir_fd=fd)
+                removed.append(rel)
+                hit = True
+        return hit
+
+    # Outside layer folders (in /layers itself and in each buildpack's folder) only folders and files belong.
+    for bpname, kind in safefs.entries(layers):
+        if kind in ("link", "other"):
+            os.unlink(layers / bpname)
+            removed.append(bpname)
+            continue
+        if kind != "dir":
+            continue
+        names = dict(safefs.entries(layers, bpname))
+        for name, k in names.items():
+            if k in ("link", "other"):
+                os.unlink(layers / bpname / name)
+                removed.append(f"{bpname}/{name}")
+        for name, k in names.items():
+            if k != "dir":
+                continue
+            rel = f"{bpname}/{name}"
+            try:
+                text = safefs.read_text(layers, f"{rel}.toml", "layer metadata") if names.get(f"{name}.toml") == "file" else None
+                meta = bpmod.parse_layer_toml(layers / f"{rel}.toml", text) if text is not None else LayerMeta()
+            except InvalidInput:
+                meta = LayerMeta()
+            if not meta.cache:
+                discard(layers / rel)
+                continue
+            fd = safefs.open_dir(layers, rel)
+            if fd is None:
+                continue
+            try:
+                hit = visit(fd, rel)
+            finally:
+                os.close(fd)
+            if hit and meta.launch:
+                discard(layers / rel)
+                removed.append(f"{rel}/ (a launch layer: the next build reuses its image layer while its metadata matches)")
+    return removed
 
 
 def _layer_from(rec: dict[str, Any]) -> lyr.Layer:

@@ -18,8 +18,9 @@ devices). What is different from a user's machine:
 - its output goes through a pipe into the build log, which keeps at most
   ``LOG_MAX`` bytes per build (the rest is read and dropped);
 - the network namespace has only loopback plus one relay, listening on its
-  127.0.0.1:3128 and leading to the egress proxy on the host (package indexes
-  allowed, private addresses denied); nothing else on the host is reachable.
+  127.0.0.1:3128 and leading to the egress proxy (package indexes allowed,
+  private addresses denied), which listens in a network namespace of its own
+  that only this relay connects into; nothing else on the host is reachable.
 
 When a step's PID 1 exits, so does everything it started: nothing a build
 runs outlives its step.
@@ -97,7 +98,7 @@ class _Relay:
             except OSError:
                 return
             try:
-                up = socket.create_connection(self.upstream.address(), timeout=10)
+                up = self.upstream.connect(timeout=10)
                 up.settimeout(None)
             except Exception:  # noqa: BLE001 - unreachable, or the proxy did not start (Upstream.error says why)
                 conn.close()

@@ -89,13 +89,18 @@ def source_filter(project: Project) -> Callable[[str, bool], bool]:
     return keep
 
 
-def copy_source(source: Path, dest: Path, project: Project, warn: Callable[[str], None] | None = None) -> None:
+def copy_source(source: Path, dest: Path, project: Project, warn: Callable[[str], None] | None = None,
+                hashes: dict[str, str] | None = None, check: Callable[[], object] | None = None) -> None:
     """Copy the app into ``dest`` (symlinks as symlinks), leaving out what the descriptor excludes.
 
     Only regular files, folders and symlinks are copied. Device nodes, fifos and
     sockets are never opened (``/dev/zero`` would fill the disk, a fifo would
     block): they are skipped with one warning naming them, as pack does.
+    ``hashes`` gets each copied file's sha256 by its path below ``dest`` (hashed
+    while copied, so the app layer's fingerprint needs no second read);
+    ``check`` is called between files (a deadline).
     """
+    import hashlib
     import shutil
 
     keep = source_filter(project)
@@ -127,8 +132,15 @@ def copy_source(source: Path, dest: Path, project: Project, warn: Callable[[str]
             if not stat.S_ISREG(st.st_mode):
                 specials.append(Path(src).relative_to(source).as_posix())
                 return dst
+            if check is not None:
+                check()
+            h = hashlib.sha256()
             with os.fdopen(os.dup(fd), "rb") as fin, open(dst, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
+                while chunk := fin.read(1 << 20):
+                    h.update(chunk)
+                    fout.write(chunk)
+            if hashes is not None:
+                hashes[Path(dst).relative_to(dest).as_posix()] = h.hexdigest()
             os.chmod(dst, stat.S_IMODE(st.st_mode))
             os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
         finally:

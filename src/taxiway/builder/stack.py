@@ -18,7 +18,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,11 +90,25 @@ def cache_root() -> Path:
 
 
 @contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive flock on ``path`` (created with its folder) for the block's duration."""
+def locked(path: Path, check: Callable[[], object] | None = None) -> Iterator[None]:
+    """An exclusive flock on ``path`` (created with its folder) for the block's duration.
+
+    With ``check`` (a deadline), the wait polls and calls it, so what it raises ends the wait.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        if check is None:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        else:
+            import time
+
+            while True:
+                try:
+                    fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    check()
+                    time.sleep(0.1)
         try:
             yield
         finally:

@@ -33,6 +33,10 @@ from taxiway.oci.image import Descriptor, Platform
 
 REF_NAME = "org.opencontainers.image.ref.name"
 _CHUNK = 1 << 20
+#: Temp files of writers that died (``kill -9`` mid-write) are removed once this old and unlocked.
+TEMP_GRACE = 60.0
+#: The temp files :meth:`Store.temp_file` makes: locked by their writer, so a pruner can tell a live one.
+_TEMP_PREFIXES = ("blob-", "layer-")
 
 
 class BlobMismatch(TaxiwayError):
@@ -153,6 +157,7 @@ class Store:
         self.root = Path(root)
         self.blobs = self.root / "blobs" / "sha256"
         self.meta = self.root / ".taxiway"
+        self._temps_pruned = False
         self._ensure()
 
     # -- layout -------------------------------------------------------------
@@ -230,7 +235,7 @@ class Store:
             if self.has_blob(expected_digest):  # content-addressed: what is there is already verified
                 return Descriptor(media_type, expected_digest, self.blob_size(expected_digest))
         stream: BinaryIO = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
-        fd, tmp = tempfile.mkstemp(prefix="blob-", suffix=".tmp", dir=self.meta / "ingest")
+        fd, tmp = self.temp_file("blob-")
         try:
             h = hashlib.sha256()
             size = 0
@@ -252,6 +257,53 @@ class Store:
                 os.unlink(tmp)
             raise
         return Descriptor(media_type, digest, size)
+
+    def temp_file(self, prefix: str = "blob-") -> tuple[int, str]:
+        """A new temp file in the ingest area, as (fd, path), flock-ed by this process until the fd is closed.
+
+        The lock is how :meth:`prune_temps` tells a live writer from one that died
+        (``kill -9`` releases it): each store prunes dead writers' files on its first write.
+        """
+        if prefix not in _TEMP_PREFIXES:
+            raise ValueError(f"temp file prefix {prefix!r} is not one of {_TEMP_PREFIXES}")
+        if not self._temps_pruned:
+            self._temps_pruned = True
+            self.prune_temps()
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=self.meta / "ingest")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd, tmp
+
+    def prune_temps(self, grace: float = TEMP_GRACE) -> list[str]:
+        """Remove temp files of dead writers: older than ``grace`` seconds and not locked. Returns their names.
+
+        Only :meth:`temp_file`'s names: resumable downloads (``.partial``) are kept for
+        the next pull, and :meth:`prune` ages them out.
+        """
+        removed = []
+        cutoff = time.time() - grace
+        for p in (self.meta / "ingest").iterdir():
+            if not (p.name.endswith(".tmp") and p.name.startswith(_TEMP_PREFIXES)):
+                continue
+            try:
+                fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except OSError:
+                continue  # gone (renamed into place) or not a plain file
+            try:
+                st = os.fstat(fd)
+                if st.st_mtime >= cutoff:
+                    continue  # maybe between mkstemp and its flock, or between close and rename
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer holds it
+                with contextlib.suppress(FileNotFoundError):
+                    # Unlink only the file we locked, not one a writer put under the same name since.
+                    if os.stat(p, follow_symlinks=False).st_ino == st.st_ino:
+                        os.unlink(p)
+                        removed.append(p.name)
+            finally:
+                os.close(fd)
+        return removed
 
     @staticmethod
     def _check(digest: str, size: int, expected_digest: str | None, expected_size: int | None) -> None:
@@ -458,8 +510,11 @@ class Store:
                     p.unlink(missing_ok=True)
                     (self.meta / "sources" / p.name).unlink(missing_ok=True)
                     removed.append(dg)
+            self.prune_temps()
             stale = time.time() - 3600  # a concurrent pull may still be writing newer ones
             for p in (self.meta / "ingest").iterdir():
+                if p.name.endswith(".tmp") and p.name.startswith(_TEMP_PREFIXES):
+                    continue  # prune_temps decided: still locked by a live writer
                 with contextlib.suppress(FileNotFoundError):
                     if p.stat().st_mtime < stale:
                         p.unlink()
