@@ -204,7 +204,7 @@ async def run_tcp(check: Check, host_port: int, host: str = "127.0.0.1") -> tupl
     """
     try:
         r, w = await asyncio.wait_for(asyncio.open_connection(host, host_port), check.timeout)
-    except (TimeoutError, asyncio.TimeoutError):
+    except TimeoutError:
         return False, f"connect timed out after {check.timeout:g} s"
     except OSError as e:
         return False, f"connect failed: {e.strerror or e}"
@@ -213,7 +213,7 @@ async def run_tcp(check: Check, host_port: int, host: str = "127.0.0.1") -> tupl
             data = await asyncio.wait_for(r.read(1), min(0.2, check.timeout))
             if data == b"":
                 return False, "connection closed at once (nothing listens in the machine)"
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             pass  # open and quiet: a listener that waits for the client to speak
         except OSError as e:
             return False, f"connection reset: {e.strerror or e}"
@@ -264,7 +264,7 @@ async def run_checks(checks: list[Check], host_ports: dict[int, int], started_at
             wait = None if nxt is None else max(0.0, nxt - clock())
             try:
                 name, ok, out = await asyncio.wait_for(done.get(), wait)
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 continue
             if sched.record(name, ok, out, clock()):
                 await on_change(sched.statuses())
