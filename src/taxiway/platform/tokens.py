@@ -90,8 +90,10 @@ def public(record: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in record.items() if k != "hash"}
 
 
-def allows(record: dict[str, Any], method: str, app: str | None) -> bool:
+def allows(record: dict[str, Any], method: str, app: str | None, *, destroys_app: bool = False) -> bool:
     """May this token make a ``method`` request about ``app`` (None: org-level) in its own org?
+
+    ``destroys_app``: the request deletes the app itself, which a deploy token may not.
 
     Org membership is checked by the caller (another org's app is a 404, so
     names do not leak); this is only the scope's rule.
@@ -102,7 +104,7 @@ def allows(record: dict[str, Any], method: str, app: str | None) -> bool:
     if scope == "read":
         return method in _READ_METHODS
     if scope == "deploy":
-        return app is not None and app == record.get("app")
+        return app is not None and app == record.get("app") and not destroys_app
     return False
 
 

@@ -1,0 +1,1090 @@
+"""The platform's HTTP API, shaped like Fly's Machines API (the only writer of desired state).
+
+    python -m taxiway.platform.api --nats nats://127.0.0.1:4222 --listen 127.0.0.1:4280
+
+Authentication and scopes are ASGI middleware (:class:`Auth`), as the registry
+does it: a handler only ever runs for a live token whose scope allows the
+method on the app the path names. Handlers then check that the app belongs to
+the token's org and answer 404 otherwise, so another org's names never leak.
+
+Machines: the API writes the MACHINES record (desired state), then asks the
+host's agent (``agent.<host>.<verb>``, request/reply). When no agent answers
+the API says so with a 503 and puts the record back as it was: a request either
+happened or changed nothing.
+
+Errors are JSON ``{"error": "what", "fix": "how"}`` with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import secrets
+import shlex
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from taxiway.errors import InvalidInput, NotFound, TaxiwayError
+from taxiway.platform import schema, tokens
+from taxiway.platform.state import Conflict, State, Unavailable
+
+LEASE_HEADER = "fly-machine-lease-nonce"
+STRATEGIES = ("rolling", "bluegreen", "canary", "immediate")
+MAX_BODY = 4 << 20
+_VOLUME_NAME = re.compile(r"^[a-z][a-z0-9_]{0,29}$")
+_APP_PATH = re.compile(r"^/v1/apps/([^/]+)(?:/|$)")
+_PUBLIC_PATHS = ("/openapi.json", "/v1/health")
+
+
+class ApiError(TaxiwayError):
+    """An error answered with ``status`` and ``{"error", "fix"}``."""
+
+    def __init__(self, status: int, message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint)
+        self.status = status
+
+
+def _error_body(message: str, hint: str | None) -> dict[str, str]:
+    return {"error": message, **({"fix": hint} if hint else {})}
+
+
+def _status_of(e: TaxiwayError) -> int:
+    if isinstance(e, ApiError):
+        return e.status
+    if isinstance(e, NotFound):
+        return 404
+    if isinstance(e, InvalidInput):
+        return 400
+    if isinstance(e, Conflict):
+        return 409
+    if isinstance(e, Unavailable):
+        return 503
+    return 400
+
+
+def _json(obj: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(obj, status_code=status)
+
+
+# -- authentication (middleware) -------------------------------------------------------------
+
+class Auth:
+    """Bearer token -> ``scope["state"]["token"]``; 401 without one, 403 when its scope forbids.
+
+    The scope rule (:func:`tokens.allows`) is checked here against the app the
+    path names; org ownership is checked by the handlers (404 for another org).
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in _PUBLIC_PATHS:
+            return await self.app(scope, receive, send)
+        auth = ""
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v.decode("latin-1")
+                break
+        if not auth:
+            return await _send(send, 401, "no API token given",
+                               "send 'Authorization: Bearer <token>' (taxiway up writes one to platform.json)")
+        if auth[:7].lower() != "bearer ":
+            return await _send(send, 401, "the API takes bearer tokens only", "send 'Authorization: Bearer <token>'")
+        st: State = scope["app"].state.st
+        try:
+            rec = await tokens.authenticate(st, auth[7:].strip())
+        except Unavailable as e:
+            return await _send(send, 503, e.message, e.hint)
+        if rec is None:
+            return await _send(send, 401, "invalid, expired or revoked API token",
+                               "use a token from 'taxiway up' (platform.json) or create one with POST /v1/tokens")
+        m = _APP_PATH.match(scope["path"])
+        app = m.group(1) if m else None
+        method = scope["method"]
+        listing_apps = scope["path"].rstrip("/") == "/v1/apps" and method in ("GET", "HEAD")
+        destroys = method == "DELETE" and m is not None and scope["path"].rstrip("/") == m.group(0).rstrip("/")
+        if not listing_apps and not tokens.allows(rec, method, app, destroys_app=destroys):
+            what = f"app {app}" if app else scope["path"]
+            return await _send(send, 403, f"a {rec['scope']} token may not {method} {what}",
+                               "use an org admin token" if rec["scope"] != "deploy"
+                               else f"this token is for app {rec.get('app')} only")
+        scope.setdefault("state", {})["token"] = rec
+        return await self.app(scope, receive, send)
+
+
+async def _send(send: Any, status: int, message: str, hint: str | None) -> None:
+    body = json.dumps(_error_body(message, hint)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def _st(request: Request) -> State:
+    return request.app.state.st
+
+
+def _token(request: Request) -> dict[str, Any]:
+    return request.state.token
+
+
+async def _body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"request body over {MAX_BODY >> 20} MiB", "send less")
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise ApiError(400, f"the body is not valid JSON ({e})", "send a JSON object") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object", "send {...}")
+    return data
+
+
+def _str(data: dict[str, Any], key: str, default: str | None = None, required: bool = False) -> str | None:
+    v = data.get(key, default)
+    if v is None:
+        if required:
+            raise ApiError(400, f"'{key}' is required", f"send {{\"{key}\": \"...\"}}")
+        return None
+    if not isinstance(v, str):
+        raise ApiError(400, f"'{key}' must be a string", f"send {{\"{key}\": \"...\"}}")
+    return v
+
+
+def _query_float(request: Request, key: str, default: float, lo: float, hi: float) -> float:
+    raw = request.query_params.get(key)
+    if raw is None:
+        return default
+    try:
+        v = float(raw.rstrip("s"))
+    except ValueError:
+        raise ApiError(400, f"{key}={raw!r} is not a number", f"use {key}=<seconds>") from None
+    if not lo <= v <= hi:
+        raise ApiError(400, f"{key}={raw} is out of range", f"use {lo:g} to {hi:g}")
+    return v
+
+
+def _flag(request: Request, key: str) -> bool:
+    return request.query_params.get(key, "").lower() in ("1", "true", "yes")
+
+
+async def _app(request: Request, name: str | None = None) -> dict[str, Any]:
+    """The app the path names, if it is the token's org's; 404 otherwise (never 403: names don't leak)."""
+    name = name or request.path_params["app"]
+    got = await _st(request).get(schema.APPS, name) if schema.valid_app_name(name) else None
+    if not got or got[0].get("org") != _token(request)["org"]:
+        raise ApiError(404, f"no app {name!r}", "list your apps with 'taxiway apps ls'")
+    return got[0]
+
+
+async def _machine(request: Request) -> tuple[dict[str, Any], int]:
+    app = await _app(request)
+    mid = request.path_params["id"]
+    got = await _st(request).get(schema.MACHINES, schema.machine_key(app["name"], mid)) \
+        if schema.valid_machine_id(mid) else None
+    if not got:
+        raise ApiError(404, f"no machine {mid!r} in app {app['name']}", "list them with 'taxiway machine ls'")
+    return got
+
+
+async def _status(st: State, app: str, mid: str) -> dict[str, Any] | None:
+    got = await st.get(schema.STATUS, schema.machine_key(app, mid))
+    return got[0] if got else None
+
+
+def machine_view(rec: dict[str, Any], status: dict[str, Any] | None, revision: int | None = None) -> dict[str, Any]:
+    """The API's machine object: the desired record with the agent's observed state."""
+    if status and status.get("state") in schema.STATES:
+        state = status["state"]
+    else:
+        state = "destroyed" if rec.get("desired") == "destroyed" else "created"
+    checks = [{"name": n, **c} for n, c in sorted(((status or {}).get("checks") or {}).items())]
+    return {"id": rec["id"], "name": rec.get("name"), "state": state, "desired": rec.get("desired"),
+            "region": rec.get("region"), "host": rec.get("host"), "instance_id": rec.get("instance_id"),
+            "process_group": rec.get("process_group"), "release": rec.get("release"),
+            "cordoned": bool(rec.get("cordoned")), "config": rec.get("config") or {},
+            "image_ref": (rec.get("config") or {}).get("image"), "ports": (status or {}).get("ports") or {},
+            "checks": checks, "exit_code": (status or {}).get("exit_code"),
+            "created_at": rec.get("created_at"), "updated_at": rec.get("updated_at"), "version": revision}
+
+
+async def _agent(st: State, host: str, verb: str, payload: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    """Ask a host's agent; 503 when none answers, the agent's own error (422) when it refuses."""
+    subject = schema.agent_subject(host, verb)
+    try:
+        reply = await st.request(subject, payload, timeout=timeout)
+    except Unavailable as e:
+        raise ApiError(503, f"no host agent answered on {subject} ({e.message})",
+                       "start the platform with 'taxiway up' (it runs the agent); nothing was changed") from None
+    if not reply.get("ok"):
+        code = reply.get("code")
+        raise ApiError(code if isinstance(code, int) and 400 <= code < 600 else 422,
+                       str(reply.get("error") or f"the agent refused {verb}"), reply.get("fix"))
+    return reply
+
+
+async def _lease_check(request: Request, app: str, mid: str) -> None:
+    """409 when another holder's unexpired lease is on the machine (Fly's lease semantics)."""
+    got = await _st(request).get(schema.LEASES, schema.machine_key(app, mid))
+    if not got:
+        return
+    lease = got[0]
+    if lease.get("expires_at", 0) <= time.time():
+        return
+    if request.headers.get(LEASE_HEADER) == lease.get("nonce"):
+        return
+    raise ApiError(409, f"machine {mid} is leased ({lease.get('description') or 'no description'}) "
+                        f"until {time.strftime('%H:%M:%S', time.gmtime(lease['expires_at']))} UTC",
+                   f"send its nonce in the {LEASE_HEADER} header, or wait for the lease to expire")
+
+
+def _validate_config(config: Any) -> dict[str, Any]:
+    if not isinstance(config, dict):
+        raise ApiError(400, "'config' must be an object", "send {\"config\": {\"image\": \"...\"}}")
+    image = config.get("image")
+    if not isinstance(image, str) or not image.strip():
+        raise ApiError(400, "config.image is required", "send {\"config\": {\"image\": \"registry/app:tag\"}}")
+    from taxiway.machines.config import MachineConfig
+
+    try:
+        MachineConfig.from_json(config)
+    except (TypeError, ValueError) as e:
+        raise ApiError(400, f"invalid machine config ({e})", "see taxiway.machines MachineConfig's fields") from None
+    for key, typ in (("services", list), ("checks", dict), ("metadata", dict), ("env", dict)):
+        if key in config and not isinstance(config[key], typ):
+            raise ApiError(400, f"config.{key} must be a{'n object' if typ is dict else ' list'}",
+                           f"fix config.{key}")
+    return config
+
+
+# -- health and OpenAPI ----------------------------------------------------------------------------
+
+async def health(request: Request) -> Response:
+    return _json({"ok": True, "service": "taxiway-platform-api"})
+
+
+async def openapi(request: Request) -> Response:
+    return _json(openapi_document())
+
+
+# -- orgs and tokens ----------------------------------------------------------------------------------
+
+async def create_org(request: Request) -> Response:
+    tok = _token(request)
+    if not tok.get("platform"):
+        raise ApiError(403, "only the platform's admin token may create orgs", "use the token 'taxiway up' wrote")
+    data = await _body(request)
+    name = _str(data, "name", required=True)
+    if not schema.valid_org_name(name):
+        raise ApiError(400, f"invalid org name {name!r}", "lowercase letters, digits and '-', up to 63")
+    try:
+        rec, token = await new_org(_st(request), name)
+    except Conflict:
+        raise ApiError(409, f"org {name!r} exists", "pick another name") from None
+    return _json({"org": name, "token": token, "token_id": rec["id"]}, 201)
+
+
+async def new_org(st: State, name: str, *, platform: bool = False) -> tuple[dict[str, Any], str]:
+    """Create org ``name`` (Conflict if it exists) and its first admin token: ``(record, token)``.
+
+    ``platform``: the token may also create orgs (the one ``taxiway up`` writes).
+    """
+    await st.put(schema.ORGS, name, {"name": name, "created_at": time.time()}, revision=0)
+    return await tokens.create(st, name, "admin", name="org admin", platform=platform)
+
+
+async def create_token(request: Request) -> Response:
+    tok = _token(request)
+    if tok["scope"] != "admin":
+        raise ApiError(403, "only an org admin token may create tokens", "use an admin token")
+    data = await _body(request)
+    scope = _str(data, "scope", required=True)
+    app = _str(data, "app")
+    try:
+        tokens.validate_scope(scope, app)
+    except InvalidInput as e:
+        raise ApiError(400, e.message, e.hint) from None
+    if app:
+        await _app(request, app)
+    ttl = data.get("ttl")
+    if ttl is not None and (not isinstance(ttl, int | float) or ttl <= 0):
+        raise ApiError(400, "'ttl' must be a positive number of seconds", "send {\"ttl\": 86400}")
+    rec, token = await tokens.create(_st(request), tok["org"], scope, app, _str(data, "name", "") or "", ttl=ttl)
+    return _json({**rec, "token": token}, 201)
+
+
+async def list_tokens(request: Request) -> Response:
+    tok = _token(request)
+    if tok["scope"] != "admin":
+        raise ApiError(403, "only an org admin token may list tokens", "use an admin token")
+    return _json(await tokens.list_tokens(_st(request), tok["org"]))
+
+
+async def revoke_token(request: Request) -> Response:
+    tok = _token(request)
+    if tok["scope"] != "admin":
+        raise ApiError(403, "only an org admin token may revoke tokens", "use an admin token")
+    tid = request.path_params["id"]
+    if not re.fullmatch(r"[0-9a-f]{16}", tid):
+        raise ApiError(404, f"no token {tid!r}", "list them with GET /v1/tokens")
+    return _json(await tokens.revoke(_st(request), tok["org"], tid))
+
+
+# -- apps ---------------------------------------------------------------------------------------------
+
+async def list_apps(request: Request) -> Response:
+    tok = _token(request)
+    apps = [v for _, v, _ in await _st(request).items(schema.APPS) if v.get("org") == tok["org"]]
+    if tok["scope"] == "deploy":
+        apps = [a for a in apps if a["name"] == tok.get("app")]
+    return _json({"total_apps": len(apps), "apps": apps})
+
+
+async def create_app(request: Request) -> Response:
+    tok = _token(request)
+    data = await _body(request)
+    name = _str(data, "app_name") or _str(data, "name", required=True)
+    if not schema.valid_app_name(name):
+        raise ApiError(400, f"invalid app name {name!r}",
+                       "use lowercase letters, digits and '-' (a DNS label, up to 63), e.g. my-app")
+    org = _str(data, "org_slug", tok["org"])
+    if org != tok["org"]:
+        raise ApiError(404, f"no org {org!r}", f"your token is for org {tok['org']}")
+    rec = {"name": name, "org": org, "created_at": time.time(), "network": _str(data, "network") or org,
+           "config": {}}
+    try:
+        await _st(request).put(schema.APPS, name, rec, revision=0)
+    except Conflict:
+        # App names are global (they become <app>.localhost), so a name of another org is taken too.
+        raise ApiError(409, f"app name {name!r} is taken", "pick another name") from None
+    return _json(rec, 201)
+
+
+async def get_app(request: Request) -> Response:
+    app = await _app(request)
+    machines = await _st(request).items(schema.MACHINES, app["name"] + ".")
+    live = [m for _, m, _ in machines if m.get("desired") != "destroyed"]
+    return _json({**app, "machines": len(live), "status": "deployed" if live else "pending"})
+
+
+async def delete_app(request: Request) -> Response:
+    app = await _app(request)
+    st = _st(request)
+    name = app["name"]
+    for key, rec, _ in await st.items(schema.MACHINES, name + "."):
+        if rec.get("desired") == "destroyed":
+            continue
+        status = await _status(st, name, rec["id"])
+        if status and status.get("state") == "destroyed":
+            continue
+        await _agent(st, rec.get("host") or schema.DEFAULT_HOST, "destroy",
+                     {"app": name, "id": rec["id"], "force": True})
+        await st.update(schema.MACHINES, key, lambda old: {**old, "desired": "destroyed", "updated_at": time.time()}
+                        if old else None)
+    for bucket in (schema.MACHINES, schema.RELEASES, schema.SECRETS, schema.VOLUMES, schema.LEASES):
+        for key in await st.keys(bucket, name + "."):
+            await st.delete(bucket, key)
+    with contextlib.suppress(Exception):
+        await st.delete(schema.DEPLOYS, name)
+    await st.delete(schema.APPS, name)
+    return _json({"ok": True, "destroyed": name})
+
+
+# -- machines ---------------------------------------------------------------------------------------
+
+async def list_machines(request: Request) -> Response:
+    app = await _app(request)
+    st = _st(request)
+    include_deleted = _flag(request, "include_deleted")
+    want_state = request.query_params.get("state")
+    group = request.query_params.get("process_group")
+    out = []
+    for _, rec, rev in await st.items(schema.MACHINES, app["name"] + "."):
+        view = machine_view(rec, await _status(st, app["name"], rec["id"]), rev)
+        if view["state"] == "destroyed" and not include_deleted:
+            continue
+        if want_state and view["state"] not in want_state.split(","):
+            continue
+        if group and view["process_group"] != group:
+            continue
+        out.append(view)
+    return _json(out)
+
+
+async def create_machine(request: Request) -> Response:
+    app = await _app(request)
+    st = _st(request)
+    data = await _body(request)
+    config = _validate_config(data.get("config"))
+    region = _str(data, "region", schema.DEFAULT_REGION)
+    group = ((config.get("metadata") or {}).get("process_group")) or schema.DEFAULT_PROCESS
+    if not isinstance(group, str) or not schema.valid_process_group(group):
+        raise ApiError(400, f"invalid process group {group!r}", "lowercase letters, digits, '_' and '-'")
+    mid = schema.new_machine_id()
+    name = _str(data, "name") or f"{app['name']}-{mid[:6]}"
+    skip = bool(data.get("skip_launch"))
+    now = time.time()
+    rec = {"id": mid, "name": name, "app": app["name"], "org": app["org"], "region": region,
+           "host": schema.DEFAULT_HOST, "process_group": group,
+           "release": (config.get("metadata") or {}).get("release"), "config": config,
+           "desired": "stopped" if skip else "started", "instance_id": secrets.token_hex(13),
+           "created_at": now, "updated_at": now, "cordoned": False}
+    key = schema.machine_key(app["name"], mid)
+    rev = await st.put(schema.MACHINES, key, rec, revision=0)
+    try:
+        reply = await _agent(st, rec["host"], "create", {"app": app["name"], "id": mid, "machine": rec,
+                                                          "start": not skip}, timeout=300)
+    except ApiError:
+        with contextlib.suppress(Exception):
+            await st.delete(schema.MACHINES, key, revision=rev)
+        raise
+    got = await st.get(schema.MACHINES, key)
+    rec, rev = got if got else (rec, rev)
+    return _json(machine_view(rec, reply.get("status") or await _status(st, app["name"], mid), rev), 200)
+
+
+async def get_machine(request: Request) -> Response:
+    rec, rev = await _machine(request)
+    return _json(machine_view(rec, await _status(_st(request), rec["app"], rec["id"]), rev))
+
+
+async def _set_desired(request: Request, verb: str, desired: str | None, extra: dict[str, Any] | None = None,
+                       timeout: float = 60.0, change: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                       rec_rev: tuple[dict[str, Any], int] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Write the new desired record (CAS), ask the agent; put the old record back if it did not answer."""
+    rec, rev = rec_rev or await _machine(request)
+    st = _st(request)
+    app, mid = rec["app"], rec["id"]
+    await _lease_check(request, app, mid)
+    if rec.get("desired") == "destroyed":
+        raise ApiError(409, f"machine {mid} is destroyed", "create a new one")
+    new = dict(rec)
+    if desired:
+        new["desired"] = desired
+    if change:
+        new = change(new)
+    new["updated_at"] = time.time()
+    key = schema.machine_key(app, mid)
+    try:
+        new_rev = await st.put(schema.MACHINES, key, new, revision=rev)
+    except Conflict:
+        raise ApiError(409, f"machine {mid} was changed by someone else meanwhile", "read it again and retry") from None
+    try:
+        reply = await _agent(st, rec.get("host") or schema.DEFAULT_HOST, verb,
+                             {"app": app, "id": mid, "machine": new, **(extra or {})}, timeout=timeout)
+    except ApiError:
+        with contextlib.suppress(Conflict):
+            await st.put(schema.MACHINES, key, rec, revision=new_rev)
+        raise
+    return new, reply
+
+
+async def update_machine(request: Request) -> Response:
+    rec, rev = await _machine(request)
+    data = await _body(request)
+    config = _validate_config(data.get("config", rec.get("config")))
+    want = data.get("current_version", request.headers.get("if-match"))
+    if want is not None:
+        try:
+            want = int(str(want).strip('"'))
+        except ValueError:
+            raise ApiError(400, f"current_version {want!r} is not a revision", "send the machine's 'version'") from None
+        if want != rev:
+            raise ApiError(409, f"machine {rec['id']} is at version {rev}, not {want}", "read it again and retry")
+    skip = bool(data.get("skip_launch"))
+
+    def change(new: dict[str, Any]) -> dict[str, Any]:
+        new["config"] = config
+        new["region"] = _str(data, "region", new.get("region"))
+        new["name"] = _str(data, "name", new.get("name"))
+        new["instance_id"] = secrets.token_hex(13)
+        if "release" in (config.get("metadata") or {}):
+            new["release"] = config["metadata"]["release"]
+        if skip:
+            new["desired"] = "stopped"
+        return new
+
+    # The agent replaces the machine with the new config ("replacing"), and starts it unless desired stopped.
+    new, reply = await _set_desired(request, "restart", None, {"update": True}, timeout=300, change=change,
+                                    rec_rev=(rec, rev))
+    got = await _st(request).get(schema.MACHINES, schema.machine_key(rec["app"], rec["id"]))
+    return _json(machine_view(got[0] if got else new, reply.get("status"), got[1] if got else None))
+
+
+async def start_machine(request: Request) -> Response:
+    rec, rev = await _machine(request)
+    status = await _status(_st(request), rec["app"], rec["id"])
+    _, reply = await _set_desired(request, "start", "started", timeout=300, rec_rev=(rec, rev))
+    return _json({"ok": True, "previous_state": (status or {}).get("state", "created"),
+                  "status": reply.get("status")})
+
+
+async def stop_machine(request: Request) -> Response:
+    rr = await _machine(request)
+    data = await _body(request)
+    extra = {k: data[k] for k in ("signal", "timeout") if k in data}
+    _, reply = await _set_desired(request, "stop", "stopped", extra, timeout=120, rec_rev=rr)
+    return _json({"ok": True, "status": reply.get("status")})
+
+
+async def restart_machine(request: Request) -> Response:
+    rr = await _machine(request)
+    data = await _body(request)
+    extra = {k: data[k] for k in ("signal", "timeout") if k in data}
+    _, reply = await _set_desired(request, "restart", "started", extra, timeout=300, rec_rev=rr)
+    return _json({"ok": True, "status": reply.get("status")})
+
+
+async def signal_machine(request: Request) -> Response:
+    rec, _ = await _machine(request)
+    data = await _body(request)
+    sig = _str(data, "signal", required=True)
+    if not re.fullmatch(r"SIG[A-Z0-9]+|[0-9]{1,2}", sig):
+        raise ApiError(400, f"invalid signal {sig!r}", "use a name such as SIGHUP")
+    await _lease_check(request, rec["app"], rec["id"])
+    await _agent(_st(request), rec.get("host") or schema.DEFAULT_HOST, "signal",
+                 {"app": rec["app"], "id": rec["id"], "signal": sig})
+    return _json({"ok": True})
+
+
+async def exec_machine(request: Request) -> Response:
+    rec, _ = await _machine(request)
+    data = await _body(request)
+    cmd = data.get("command", data.get("cmd"))
+    if isinstance(cmd, str):
+        cmd = shlex.split(cmd)
+    if not isinstance(cmd, list) or not cmd or not all(isinstance(c, str) for c in cmd):
+        raise ApiError(400, "'command' must be a non-empty list of strings", "send {\"command\": [\"ls\", \"/\"]}")
+    timeout = data.get("timeout", 60)
+    if not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+        raise ApiError(400, "'timeout' must be 1 to 3600 seconds", "send {\"timeout\": 60}")
+    await _lease_check(request, rec["app"], rec["id"])
+    reply = await _agent(_st(request), rec.get("host") or schema.DEFAULT_HOST, "exec",
+                         {"app": rec["app"], "id": rec["id"], "command": cmd, "timeout": timeout},
+                         timeout=timeout + 10)
+    return _json({k: reply.get(k) for k in ("stdout", "stderr", "exit_code")})
+
+
+async def destroy_machine(request: Request) -> Response:
+    rec, rev = await _machine(request)
+    st = _st(request)
+    force = _flag(request, "force")
+    status = await _status(st, rec["app"], rec["id"])
+    if rec.get("desired") == "destroyed" and (status or {}).get("state") in (None, "destroyed"):
+        return _json({"ok": True})
+    if not force and (status or {}).get("state") in ("started", "starting"):
+        raise ApiError(409, f"machine {rec['id']} is {status['state']}", "stop it first, or pass force=true")
+    await _set_desired(request, "destroy", "destroyed", {"force": force}, timeout=120, rec_rev=(rec, rev))
+    with contextlib.suppress(Exception):
+        await st.delete(schema.LEASES, schema.machine_key(rec["app"], rec["id"]))
+    return _json({"ok": True})
+
+
+async def cordon_machine(request: Request, cordoned: bool = True) -> Response:
+    rec, rev = await _machine(request)
+    await _lease_check(request, rec["app"], rec["id"])
+    try:
+        await _st(request).put(schema.MACHINES, schema.machine_key(rec["app"], rec["id"]),
+                               {**rec, "cordoned": cordoned, "updated_at": time.time()}, revision=rev)
+    except Conflict:
+        raise ApiError(409, f"machine {rec['id']} was changed by someone else meanwhile", "retry") from None
+    return _json({"ok": True})
+
+
+async def uncordon_machine(request: Request) -> Response:
+    return await cordon_machine(request, cordoned=False)
+
+
+async def wait_machine(request: Request) -> Response:
+    rec, _ = await _machine(request)
+    want = request.query_params.get("state", "started")
+    if want not in schema.WAITABLE:
+        raise ApiError(400, f"cannot wait for state {want!r}", f"use one of {', '.join(schema.WAITABLE)}")
+    timeout = _query_float(request, "timeout", 60, 0, 600)
+    instance = request.query_params.get("instance_id")
+    key = schema.machine_key(rec["app"], rec["id"])
+
+    def reached(value: dict[str, Any] | None) -> bool:
+        if value is None:
+            return want == "destroyed"
+        return value.get("state") == want and (not instance or value.get("instance_id") == instance)
+
+    try:
+        async with asyncio.timeout(timeout):
+            now = await _status(_st(request), rec["app"], rec["id"])
+            if now is not None and reached(now):
+                return _json({"ok": True, "state": want})
+            async for _, value, _ in _st(request).watch(schema.STATUS, key, initial=False):
+                if reached(value):
+                    return _json({"ok": True, "state": want})
+    except TimeoutError:
+        pass
+    got = await _status(_st(request), rec["app"], rec["id"])
+    raise ApiError(408, f"machine {rec['id']} did not reach {want} within {timeout:g} s "
+                        f"(it is {(got or {}).get('state', 'created')})", "wait longer, or see its events")
+
+
+async def machine_events(request: Request) -> Response:
+    rec, _ = await _machine(request)
+    limit = int(_query_float(request, "limit", 100, 1, 10000))
+    events = await _st(request).fetch_stream(schema.events_subject(rec["app"], rec["id"]), limit=limit)
+    return _json(list(reversed(events)))  # newest first, as Fly lists them
+
+
+# -- leases ---------------------------------------------------------------------------------------------
+
+async def create_lease(request: Request) -> Response:
+    rec, _ = await _machine(request)
+    data = await _body(request)
+    ttl = data.get("ttl", 30)
+    if not isinstance(ttl, int | float) or not 0 < ttl <= 3600:
+        raise ApiError(400, "'ttl' must be 1 to 3600 seconds", "send {\"ttl\": 30}")
+    key = schema.machine_key(rec["app"], rec["id"])
+    held = request.headers.get(LEASE_HEADER)
+    st = _st(request)
+
+    def change(old: dict[str, Any] | None) -> dict[str, Any]:
+        now = time.time()
+        if old and old.get("expires_at", 0) > now and old.get("nonce") != held:
+            raise ApiError(409, f"machine {rec['id']} already has a lease ({old.get('description') or 'no description'})",
+                           f"wait for it to expire, or send its nonce in {LEASE_HEADER} to renew it")
+        nonce = old["nonce"] if old and old.get("nonce") == held and old.get("expires_at", 0) > now \
+            else secrets.token_hex(16)
+        return {"nonce": nonce, "expires_at": now + ttl, "owner": _token(request)["id"],
+                "description": _str(data, "description", "") or "", "version": secrets.token_hex(4)}
+
+    lease = await st.update(schema.LEASES, key, change)
+    return _json({"status": "success", "data": lease}, 201)
+
+
+async def get_lease(request: Request) -> Response:
+    rec, _ = await _machine(request)
+    got = await _st(request).get(schema.LEASES, schema.machine_key(rec["app"], rec["id"]))
+    if not got or got[0].get("expires_at", 0) <= time.time():
+        raise ApiError(404, f"machine {rec['id']} has no lease", "create one with POST .../lease")
+    return _json({"status": "success", "data": got[0]})
+
+
+async def release_lease(request: Request) -> Response:
+    rec, _ = await _machine(request)
+    key = schema.machine_key(rec["app"], rec["id"])
+    got = await _st(request).get(schema.LEASES, key)
+    if not got or got[0].get("expires_at", 0) <= time.time():
+        return _json({"ok": True})
+    if request.headers.get(LEASE_HEADER) != got[0].get("nonce"):
+        raise ApiError(409, f"machine {rec['id']}'s lease is held by someone else",
+                       f"send its nonce in {LEASE_HEADER}")
+    await _st(request).delete(schema.LEASES, key, revision=got[1])
+    return _json({"ok": True})
+
+
+# -- releases (the deploy logic is platform.deploy's) --------------------------------------------------
+
+def _deploy_module() -> Any:
+    try:
+        from taxiway.platform import deploy
+    except ImportError:
+        return None
+    return deploy if hasattr(deploy, "start") else None
+
+
+async def list_releases(request: Request) -> Response:
+    app = await _app(request)
+    rows = [v for _, v, _ in await _st(request).items(schema.RELEASES, app["name"] + ".")]
+    return _json(sorted(rows, key=lambda r: r.get("version", 0), reverse=True))
+
+
+async def get_release(request: Request) -> Response:
+    app = await _app(request)
+    raw = request.path_params["version"].lstrip("v")
+    if not raw.isdigit() or int(raw) > 99_999_999:
+        raise ApiError(404, f"no release {request.path_params['version']!r}", "list them with 'taxiway releases'")
+    got = await _st(request).get(schema.RELEASES, schema.release_key(app["name"], int(raw)))
+    if not got:
+        raise ApiError(404, f"no release v{int(raw)} of {app['name']}", "list them with 'taxiway releases'")
+    return _json(got[0])
+
+
+async def record_release(st: State, app: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Store the next release of ``app`` (version = last + 1, created with CAS so two never share one)."""
+    for _ in range(50):
+        keys = await st.keys(schema.RELEASES, app + ".")
+        version = max((int(k.rsplit(".", 1)[1]) for k in keys), default=0) + 1
+        rec = {"app": app, "version": version, "status": "pending", "created_at": time.time(), **fields}
+        try:
+            await st.put(schema.RELEASES, schema.release_key(app, version), rec, revision=0)
+            return rec
+        except Conflict:
+            await asyncio.sleep(0.01)
+    raise ApiError(409, f"could not record a release of {app}: too many concurrent deploys", "retry")
+
+
+async def _start_deploy(request: Request, rec: dict[str, Any]) -> dict[str, Any]:
+    deploy = _deploy_module()
+    if deploy is None:
+        # TODO(integrator): platform.deploy.start is not in the tree yet; the release is recorded
+        # (status "pending") and nothing replaces machines until it lands.
+        return {**rec, "warning": "the deployer (platform.deploy) is not installed; release recorded only"}
+    result = deploy.start(_st(request), rec["app"], rec)
+    if asyncio.iscoroutine(result):
+        result = await result
+    return result if isinstance(result, dict) else rec
+
+
+async def create_release(request: Request) -> Response:
+    app = await _app(request)
+    data = await _body(request)
+    image = _str(data, "image", required=True)
+    config = data.get("config", {})
+    if not isinstance(config, dict):
+        raise ApiError(400, "'config' must be an object (the parsed taxiway.toml)", "send {\"config\": {...}}")
+    strategy = _str(data, "strategy") or ((config.get("deploy") or {}).get("strategy")) or "rolling"
+    if strategy not in STRATEGIES:
+        raise ApiError(400, f"unknown deploy strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
+    rec = await record_release(_st(request), app["name"], {
+        "image": image, "config": config, "strategy": strategy, "by": _token(request)["id"],
+        "description": _str(data, "description", "") or ""})
+    return _json(await _start_deploy(request, rec), 201)
+
+
+# -- secrets (sealing is platform.secrets') ---------------------------------------------------------------
+
+def _secrets_module() -> Any:
+    try:
+        from taxiway.platform import secrets as sealed
+    except ImportError:
+        return None
+    return sealed
+
+
+async def list_secrets(request: Request) -> Response:
+    app = await _app(request)
+    rows = [{"name": v.get("name"), "digest": v.get("digest"), "updated_at": v.get("updated_at")}
+            for _, v, _ in await _st(request).items(schema.SECRETS, app["name"] + ".")]
+    return _json(rows)
+
+
+async def set_secrets(request: Request) -> Response:
+    app = await _app(request)
+    data = await _body(request)
+    values = data.get("values")
+    if not isinstance(values, dict) or not values:
+        raise ApiError(400, "'values' must be a non-empty object of NAME: value", "send {\"values\": {\"K\": \"v\"}}")
+    for k, v in values.items():
+        if not schema.valid_secret_name(k):
+            raise ApiError(400, f"invalid secret name {k!r}", "letters, digits and '_', not starting with a digit")
+        if not isinstance(v, str):
+            raise ApiError(400, f"secret {k}'s value must be a string", "quote it")
+    sealer = _secrets_module()
+    if sealer is None or not hasattr(sealer, "set_secrets"):
+        # TODO(integrator): platform.secrets (P3) seals values; until it lands nothing is stored.
+        raise ApiError(501, "secrets are not available: platform.secrets is not installed",
+                       "install the deployer part (platform.secrets)")
+    names = await sealer.set_secrets(_st(request), app["name"], values)
+    out: dict[str, Any] = {"ok": True, "names": names if isinstance(names, list) else sorted(values)}
+    if not data.get("stage"):
+        out["release"] = await _roll(request, app["name"], "secrets changed")
+    return _json(out)
+
+
+async def unset_secret(request: Request) -> Response:
+    app = await _app(request)
+    name = request.path_params["name"]
+    st = _st(request)
+    if not schema.valid_secret_name(name) or not await st.get(schema.SECRETS, schema.secret_key(app["name"], name)):
+        raise ApiError(404, f"no secret {name!r} in {app['name']}", "list them with 'taxiway secrets ls'")
+    await st.delete(schema.SECRETS, schema.secret_key(app["name"], name))
+    out: dict[str, Any] = {"ok": True}
+    if not _flag(request, "stage"):
+        out["release"] = await _roll(request, app["name"], "secret unset")
+    return _json(out)
+
+
+async def _roll(request: Request, app: str, why: str) -> dict[str, Any] | None:
+    """A new release of the current image and config, so machines restart with the new secrets."""
+    rows = [v for _, v, _ in await _st(request).items(schema.RELEASES, app + ".")]
+    if not rows:
+        return None  # nothing deployed yet: the first deploy picks the secrets up
+    last = max(rows, key=lambda r: r.get("version", 0))
+    rec = await record_release(_st(request), app, {
+        "image": last.get("image"), "config": last.get("config") or {}, "strategy": last.get("strategy", "rolling"),
+        "by": _token(request)["id"], "description": why})
+    return await _start_deploy(request, rec)
+
+
+# -- volumes ---------------------------------------------------------------------------------------------
+
+def _parse_volume_size(data: dict[str, Any]) -> int:
+    if "size_gb" in data:
+        gb = data["size_gb"]
+        if not isinstance(gb, int) or not 1 <= gb <= 16384:
+            raise ApiError(400, "'size_gb' must be a whole number of GB, 1 to 16384", "send {\"size_gb\": 1}")
+        return gb << 30
+    size = data.get("size", "1gb")
+    from taxiway.machines.config import parse_size
+
+    try:
+        n = size if isinstance(size, int) else parse_size(str(size))
+    except (TaxiwayError, ValueError):
+        raise ApiError(400, f"invalid volume size {size!r}", "use e.g. 1gb or 512mb") from None
+    if n < 1 << 20:
+        raise ApiError(400, f"volume size {size!r} is under 1 MB", "use e.g. 1gb")
+    return n
+
+
+async def list_volumes(request: Request) -> Response:
+    app = await _app(request)
+    return _json([v for _, v, _ in await _st(request).items(schema.VOLUMES, app["name"] + ".")])
+
+
+async def create_volume(request: Request) -> Response:
+    app = await _app(request)
+    data = await _body(request)
+    name = _str(data, "name", required=True)
+    if not _VOLUME_NAME.match(name):
+        raise ApiError(400, f"invalid volume name {name!r}", "lowercase letters, digits and '_', up to 30")
+    vid = "vol_" + secrets.token_hex(8)
+    rec = {"id": vid, "app": app["name"], "name": name, "size": _parse_volume_size(data),
+           "region": _str(data, "region", schema.DEFAULT_REGION), "host": schema.DEFAULT_HOST, "machine": None,
+           "state": "created", "created_at": time.time()}
+    await _st(request).put(schema.VOLUMES, schema.volume_key(app["name"], vid), rec, revision=0)
+    return _json(rec, 201)
+
+
+async def _volume(request: Request) -> tuple[dict[str, Any], int]:
+    app = await _app(request)
+    vid = request.path_params["id"]
+    got = await _st(request).get(schema.VOLUMES, schema.volume_key(app["name"], vid)) \
+        if re.fullmatch(r"vol_[0-9a-f]{16}", vid) else None
+    if not got:
+        raise ApiError(404, f"no volume {vid!r} in app {app['name']}", "list them with 'taxiway volumes ls'")
+    return got
+
+
+async def get_volume(request: Request) -> Response:
+    return _json((await _volume(request))[0])
+
+
+async def delete_volume(request: Request) -> Response:
+    vol, rev = await _volume(request)
+    st = _st(request)
+    if vol.get("machine"):
+        got = await st.get(schema.MACHINES, schema.machine_key(vol["app"], vol["machine"]))
+        if got and got[0].get("desired") != "destroyed":
+            raise ApiError(409, f"volume {vol['id']} is attached to machine {vol['machine']}",
+                           "destroy that machine first")
+    await st.delete(schema.VOLUMES, schema.volume_key(vol["app"], vol["id"]), revision=rev)
+    return _json({"ok": True, "destroyed": vol["id"]})
+
+
+# -- logs ----------------------------------------------------------------------------------------------
+
+async def app_logs(request: Request) -> Response:
+    app = await _app(request)
+    machine = request.query_params.get("machine") or "*"
+    if machine != "*" and not schema.valid_machine_id(machine):
+        raise ApiError(400, f"invalid machine id {machine!r}", "use an id from 'taxiway machine ls'")
+    region = request.query_params.get("region") or "*"
+    if region != "*" and not schema.valid_app_name(region):
+        raise ApiError(400, f"invalid region {region!r}", "use a region name such as local")
+    subject = schema.logs_subject(app["name"], region, machine)
+    st = _st(request)
+    if not _flag(request, "follow"):
+        limit = int(_query_float(request, "limit", 1000, 1, 100000))
+        lines = await st.fetch_stream(subject, limit=limit)
+        return Response("".join(json.dumps(x) + "\n" for x in lines), media_type="application/x-ndjson")
+
+    async def stream() -> AsyncIterator[bytes]:
+        async for x in st.subscribe_stream(subject):
+            yield (json.dumps(x) + "\n").encode()
+
+    return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+
+# -- registry credentials ---------------------------------------------------------------------------------
+
+async def registry_token(request: Request) -> Response:
+    app = await _app(request)
+    cfg: ApiConfig = request.app.state.config
+    if not cfg.registry or not cfg.registry_root:
+        raise ApiError(503, "this API runs without a registry", "start the platform with 'taxiway up'")
+
+    def mint() -> str:
+        from taxiway.registry.tenants import Tenants
+
+        t = Tenants(cfg.registry_root + "/tenants.db")
+        try:
+            if not t.has_org(app["org"]):
+                with contextlib.suppress(Exception):  # a concurrent request made it
+                    t.create_org(app["org"])
+            _, secret = t.create_token(app["org"], "push", 3600)
+            return secret
+        finally:
+            t.close()
+
+    secret = await asyncio.to_thread(mint)
+    # The registry rewrites the names a client sends to <org>/<name>: the client pushes <app>.
+    return _json({"registry": cfg.registry, "repository": app["name"], "stored_as": f"{app['org']}/{app['name']}",
+                  "username": app["org"], "password": secret, "expires_in": 3600})
+
+
+# -- the route table (also the OpenAPI document's source) ---------------------------------------------------
+
+M = "/v1/apps/{app}/machines/{id}"
+ROUTES: list[tuple[str, str, Callable[[Request], Awaitable[Response]], str]] = [
+    ("GET", "/v1/health", health, "Liveness (no token needed)"),
+    ("GET", "/openapi.json", openapi, "This OpenAPI document"),
+    ("POST", "/v1/orgs", create_org, "Create an org (platform admin); returns its first admin token"),
+    ("GET", "/v1/tokens", list_tokens, "List the org's tokens (admin)"),
+    ("POST", "/v1/tokens", create_token, "Create a token {scope: admin|deploy|read, app?, name?, ttl?} (admin)"),
+    ("DELETE", "/v1/tokens/{id}", revoke_token, "Revoke a token (admin)"),
+    ("GET", "/v1/apps", list_apps, "List the org's apps"),
+    ("POST", "/v1/apps", create_app, "Create an app {app_name}"),
+    ("GET", "/v1/apps/{app}", get_app, "Get an app"),
+    ("DELETE", "/v1/apps/{app}", delete_app, "Destroy an app, its machines, releases, secrets and volumes"),
+    ("GET", "/v1/apps/{app}/machines", list_machines, "List machines (?include_deleted, ?state, ?process_group)"),
+    ("POST", "/v1/apps/{app}/machines", create_machine, "Create (and start unless skip_launch) a machine {config}"),
+    ("GET", M, get_machine, "Get a machine"),
+    ("POST", M, update_machine, "Update a machine's config (replaces it); current_version for compare-and-set"),
+    ("DELETE", M, destroy_machine, "Destroy a machine (?force=true if it runs)"),
+    ("POST", M + "/start", start_machine, "Start a machine"),
+    ("POST", M + "/stop", stop_machine, "Stop a machine {signal?, timeout?}"),
+    ("POST", M + "/restart", restart_machine, "Restart a machine"),
+    ("POST", M + "/signal", signal_machine, "Send a signal {signal}"),
+    ("POST", M + "/exec", exec_machine, "Run a command in a machine {command: [...], timeout?}"),
+    ("POST", M + "/cordon", cordon_machine, "Send the machine no new requests"),
+    ("POST", M + "/uncordon", uncordon_machine, "Send the machine requests again"),
+    ("GET", M + "/wait", wait_machine, "Wait for ?state=started|stopped|destroyed (&timeout=S, &instance_id=)"),
+    ("GET", M + "/events", machine_events, "The machine's events, newest first"),
+    ("POST", M + "/lease", create_lease, "Take (or renew with the nonce header) a lease {ttl, description}"),
+    ("GET", M + "/lease", get_lease, "The machine's lease"),
+    ("DELETE", M + "/lease", release_lease, "Release the lease (nonce header)"),
+    ("GET", "/v1/apps/{app}/releases", list_releases, "List releases, newest first"),
+    ("POST", "/v1/apps/{app}/releases", create_release, "Record a release {image, config, strategy} and deploy it"),
+    ("GET", "/v1/apps/{app}/releases/{version}", get_release, "Get a release"),
+    ("GET", "/v1/apps/{app}/secrets", list_secrets, "Secret names and digests (never values)"),
+    ("POST", "/v1/apps/{app}/secrets", set_secrets, "Set secrets {values: {K: V}, stage?}"),
+    ("DELETE", "/v1/apps/{app}/secrets/{name}", unset_secret, "Unset a secret (?stage=1: no restart)"),
+    ("GET", "/v1/apps/{app}/volumes", list_volumes, "List volumes"),
+    ("POST", "/v1/apps/{app}/volumes", create_volume, "Create a volume {name, size_gb | size}"),
+    ("GET", "/v1/apps/{app}/volumes/{id}", get_volume, "Get a volume"),
+    ("DELETE", "/v1/apps/{app}/volumes/{id}", delete_volume, "Destroy a volume (not while attached)"),
+    ("GET", "/v1/apps/{app}/logs", app_logs, "Logs as NDJSON (?machine=, ?region=, ?follow=1, ?limit=)"),
+    ("POST", "/v1/apps/{app}/registry_token", registry_token, "Credentials to push and pull the app's images"),
+]
+
+
+def openapi_document() -> dict[str, Any]:
+    """An OpenAPI 3.1 document built from :data:`ROUTES`."""
+    paths: dict[str, dict[str, Any]] = {}
+    for method, path, handler, summary in ROUTES:
+        params = [{"name": p, "in": "path", "required": True, "schema": {"type": "string"}}
+                  for p in re.findall(r"{(\w+)}", path)]
+        op: dict[str, Any] = {
+            "operationId": handler.__name__, "summary": summary, "parameters": params,
+            "responses": {"200": {"description": "OK", "content": {"application/json": {}}},
+                          "default": {"description": "Error", "content": {"application/json": {
+                              "schema": {"$ref": "#/components/schemas/Error"}}}}},
+        }
+        if path not in _PUBLIC_PATHS:
+            op["security"] = [{"bearer": []}]
+        if method == "POST":
+            op["requestBody"] = {"required": False, "content": {"application/json": {"schema": {"type": "object"}}}}
+        paths.setdefault(path, {})[method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "taxiway platform API", "version": "1",
+                 "description": "Apps and machines, shaped like Fly's Machines API."},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                           "description": "tw_<id>_<secret>: admin, deploy (one app) or read"}},
+            "schemas": {"Error": {"type": "object", "required": ["error"],
+                                  "properties": {"error": {"type": "string"}, "fix": {"type": "string"}}}},
+        },
+    }
+
+
+# -- the app -----------------------------------------------------------------------------------------------
+
+@dataclass
+class ApiConfig:
+    nats: str
+    registry: str | None = None       # host:port of the platform's registry
+    registry_root: str | None = None  # its storage directory (tenants.db), on this host
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, TaxiwayError)
+    return _json(_error_body(exc.message, exc.hint), _status_of(exc))
+
+
+def create_app(config: ApiConfig, st: State | None = None) -> Starlette:
+    """The API as an ASGI app; connects to NATS at startup unless given a connected ``st``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        own = st is None
+        app.state.st = st or await State.connect(config.nats, name="taxiway-api")
+        deploy = _deploy_module()
+        resume = getattr(deploy, "resume", None) if deploy else None
+        task = None
+        if resume is not None:
+            # A deploy cut by a kill -9 of the control plane is finished or rolled back (deploy's job).
+            task = asyncio.create_task(resume(app.state.st))
+        try:
+            yield
+        finally:
+            if task is not None and not task.done():
+                task.cancel()
+            if own:
+                await app.state.st.close()
+
+    app = Starlette(routes=[Route(p, h, methods=[m]) for m, p, h, _ in ROUTES],
+                    exception_handlers={TaxiwayError: _on_error}, lifespan=lifespan)
+    app.state.config = config
+    app.add_middleware(Auth)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m taxiway.platform.api --nats URL --listen HOST:PORT``: serve until interrupted."""
+    import argparse
+    import os
+    import sys
+
+    from taxiway.listen import parse_listen
+
+    p = argparse.ArgumentParser(prog="python -m taxiway.platform.api", description=__doc__.splitlines()[0])
+    p.add_argument("--nats", default=os.environ.get("TAXIWAY_NATS_URL", "nats://127.0.0.1:4222"))
+    p.add_argument("--listen", default="127.0.0.1:4280")
+    p.add_argument("--registry", help="HOST:PORT of the platform's registry")
+    p.add_argument("--registry-root", help="the registry's storage directory (for its tenants.db)")
+    args = p.parse_args(argv)
+    try:
+        host, port = parse_listen(args.listen)
+    except TaxiwayError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    import uvicorn
+
+    app = create_app(ApiConfig(args.nats, args.registry, args.registry_root))
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False)
+
+
+if __name__ == "__main__":
+    main()

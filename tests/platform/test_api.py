@@ -1,0 +1,323 @@
+"""The platform API over a real nats-server and a real uvicorn server, with real httpx.
+
+These tests run without a host agent: they pin auth, scopes, cross-org refusal,
+validation, compare-and-set and the 503 a machine verb gets when no agent answers
+(nothing is changed then). The flow with the agent is in test_api_agent.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from helpers.servers import Server, free_port, serve
+
+from taxiway.platform import api, schema
+from taxiway.platform.state import State
+
+
+@dataclass
+class Api:
+    url: str
+    nats: str
+    server: Server
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def client(self, who: str | None = "acme") -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _bootstrap(url: str) -> dict[str, str]:
+    """Orgs acme (with the platform admin token) and other, apps web and api of acme, and scoped tokens."""
+    from taxiway.platform import tokens
+
+    st = await State.connect(url)
+    try:
+        out = {}
+        out["acme"] = (await api.new_org(st, "acme", platform=True))[1]
+        out["other"] = (await api.new_org(st, "other"))[1]
+        for app in ("web", "api"):
+            await st.put(schema.APPS, app, {"name": app, "org": "acme", "created_at": 0, "config": {}}, revision=0)
+        await st.put(schema.APPS, "theirs", {"name": "theirs", "org": "other", "created_at": 0, "config": {}},
+                     revision=0)
+        out["read"] = (await tokens.create(st, "acme", "read"))[1]
+        out["deploy"] = (await tokens.create(st, "acme", "deploy", "web"))[1]
+        return out
+    finally:
+        await st.close()
+
+
+def start_api(nats_url: str, tmp_path, port: int | None = None):
+    port = port or free_port()
+    return serve([sys.executable, "-m", "taxiway.platform.api", "--nats", nats_url, "--listen", f"127.0.0.1:{port}"],
+                 port, log=tmp_path / f"api-{port}.log")
+
+
+@pytest.fixture
+def platform_api(nats_server, tmp_path):
+    toks = run(_bootstrap(nats_server.url))
+    with start_api(nats_server.url, tmp_path) as s:
+        yield Api(s.url, nats_server.url, s, toks)
+
+
+MID = "0123456789abcd"
+
+
+def _put_machine(nats_url: str, app: str = "web", mid: str = MID, status: dict | None = None) -> None:
+    """A machine record as the API would have written it (the agent is absent in these tests)."""
+    async def go():
+        st = await State.connect(nats_url)
+        try:
+            rec = {"id": mid, "name": f"{app}-1", "app": app, "org": "acme", "region": "local", "host": "local",
+                   "process_group": "app", "release": None, "config": {"image": "example:1"}, "desired": "started",
+                   "instance_id": "i1", "created_at": 0, "updated_at": 0, "cordoned": False}
+            await st.put(schema.MACHINES, schema.machine_key(app, mid), rec)
+            if status is not None:
+                await st.put(schema.STATUS, schema.machine_key(app, mid), status)
+        finally:
+            await st.close()
+    run(go())
+
+
+def _concrete(path: str, app: str = "web") -> str:
+    return (path.replace("{app}", app).replace("{id}", "vol_0123456789abcdef" if "/volumes/" in path else MID)
+            .replace("{version}", "1").replace("{name}", "KEY"))
+
+
+APP_ROUTES = [(m, p) for m, p, _, _ in api.ROUTES if p.startswith("/v1/apps/{app}")]
+PRIVATE_ROUTES = [(m, p) for m, p, _, _ in api.ROUTES if p not in ("/v1/health", "/openapi.json")]
+
+
+def test_every_endpoint_needs_a_valid_token(platform_api):
+    bad = ["", "Basic dXNlcjpwYXNz", "Bearer nonsense", "Bearer tw_0123456789abcdef_" + "x" * 43,
+           "Bearer " + platform_api.tokens["acme"][:-2] + "zz"]
+    with platform_api.client(None) as c:
+        for method, path in PRIVATE_ROUTES:
+            for auth in bad:
+                r = c.request(method, _concrete(path).replace("{id}", "0123456789abcdef"),
+                              headers={"Authorization": auth} if auth else {})
+                assert r.status_code == 401, (method, path, auth, r.text)
+                assert r.json()["error"] and r.json()["fix"]
+        assert c.get("/v1/health").status_code == 200
+
+
+def test_every_app_endpoint_refuses_other_orgs_with_404(platform_api):
+    _put_machine(platform_api.nats)
+    with platform_api.client("other") as c:
+        for method, path in APP_ROUTES:
+            r = c.request(method, _concrete(path), json={})
+            assert r.status_code == 404, (method, path, r.status_code, r.text)
+            assert "web" in r.json()["error"] and "acme" not in r.text
+        # and its own app still answers
+        assert c.get("/v1/apps/theirs").json()["org"] == "other"
+        assert [a["name"] for a in c.get("/v1/apps").json()["apps"]] == ["theirs"]
+    with platform_api.client("acme") as c:
+        for method, path in APP_ROUTES:
+            assert c.request(method, _concrete(path, "theirs"), json={}).status_code == 404, (method, path)
+
+
+def test_read_tokens_only_get(platform_api):
+    _put_machine(platform_api.nats)
+    with platform_api.client("read") as c:
+        for method, path in PRIVATE_ROUTES:
+            r = c.request(method, _concrete(path).replace("/v1/tokens/{id}", "/v1/tokens/0123456789abcdef"),
+                          json={}, params={"timeout": "0"} if path.endswith("/wait") else None)
+            if method == "GET":
+                assert r.status_code not in (401, 403) or path == "/v1/tokens", (method, path, r.text)
+            else:
+                assert r.status_code == 403, (method, path, r.status_code, r.text)
+                assert "read token" in r.json()["error"]
+        assert sorted(a["name"] for a in c.get("/v1/apps").json()["apps"]) == ["api", "web"]
+
+
+def test_deploy_tokens_only_their_app(platform_api):
+    _put_machine(platform_api.nats)
+    with platform_api.client("deploy") as c:
+        for method, path in PRIVATE_ROUTES:
+            if path.startswith("/v1/apps/{app}"):
+                r = c.request(method, _concrete(path, "api"), json={})
+                assert r.status_code == 403, (method, path, r.text)
+                assert "for app web only" in r.json()["fix"]
+                r = c.request(method, _concrete(path, "web"), json={},
+                              params={"timeout": "0"} if path.endswith("/wait") else None)
+                if (method, path) == ("DELETE", "/v1/apps/{app}"):
+                    assert r.status_code == 403  # a deploy token never destroys its app
+                else:
+                    assert r.status_code not in (401, 403), (method, path, r.text)
+            elif (method, path) != ("GET", "/v1/apps"):
+                r = c.request(method, path.replace("{id}", "0123456789abcdef"), json={})
+                assert r.status_code == 403, (method, path, r.text)
+        assert [a["name"] for a in c.get("/v1/apps").json()["apps"]] == ["web"]
+
+
+def test_apps_lifecycle_and_bad_input(platform_api):
+    with platform_api.client() as c:
+        r = c.post("/v1/apps", json={"app_name": "Bad_Name"})
+        assert r.status_code == 400 and "invalid app name" in r.json()["error"] and r.json()["fix"]
+        assert c.post("/v1/apps", content=b"{not json").status_code == 400
+        assert c.post("/v1/apps", json=["x"]).status_code == 400
+        assert c.post("/v1/apps", json={}).json()["error"] == "'name' is required"
+        r = c.post("/v1/apps", json={"app_name": "shop"})
+        assert r.status_code == 201 and r.json()["org"] == "acme"
+        assert c.post("/v1/apps", json={"app_name": "shop"}).status_code == 409
+        assert c.get("/v1/apps/shop").json()["name"] == "shop"
+        assert c.delete("/v1/apps/shop").status_code == 200
+        assert c.get("/v1/apps/shop").status_code == 404
+    with platform_api.client("other") as c:
+        assert c.post("/v1/apps", json={"app_name": "web"}).status_code == 409  # names are global
+        assert c.post("/v1/apps", json={"app_name": "x", "org_slug": "acme"}).status_code == 404
+
+
+def test_machine_verbs_without_an_agent_answer_503_and_change_nothing(platform_api):
+    _put_machine(platform_api.nats, status={"id": MID, "app": "web", "state": "stopped"})
+    with platform_api.client() as c:
+        r = c.post("/v1/apps/web/machines", json={"config": {"image": "example:1"}})
+        assert r.status_code == 503 and "agent" in r.json()["error"] and "taxiway up" in r.json()["fix"]
+        assert [m["id"] for m in c.get("/v1/apps/web/machines").json()] == [MID]
+        before = c.get(f"/v1/apps/web/machines/{MID}").json()
+        for verb in ("start", "stop", "restart"):
+            assert c.post(f"/v1/apps/web/machines/{MID}/{verb}").status_code == 503
+        assert c.post(f"/v1/apps/web/machines/{MID}", json={"config": {"image": "example:2"}}).status_code == 503
+        assert c.delete(f"/v1/apps/web/machines/{MID}").status_code == 503
+        after = c.get(f"/v1/apps/web/machines/{MID}").json()
+        assert {k: after[k] for k in ("desired", "config", "instance_id")} == \
+            {k: before[k] for k in ("desired", "config", "instance_id")}
+        # bad input is refused before anything is asked of an agent
+        for body in ({}, {"config": {}}, {"config": {"image": ""}}, {"config": {"image": "x", "checks": []}},
+                     {"config": {"image": "x", "metadata": {"process_group": "Bad Group"}}}):
+            r = c.post("/v1/apps/web/machines", json=body)
+            assert r.status_code == 400 and r.json()["error"], body
+        assert c.get("/v1/apps/web/machines/zz").status_code == 404
+        assert c.post(f"/v1/apps/web/machines/{MID}/exec", json={"command": []}).status_code == 400
+
+
+def test_cordon_wait_and_events_need_no_agent(platform_api):
+    _put_machine(platform_api.nats, status={"id": MID, "app": "web", "state": "starting", "instance_id": "i1"})
+    with platform_api.client() as c:
+        assert c.post(f"/v1/apps/web/machines/{MID}/cordon").status_code == 200
+        assert c.get(f"/v1/apps/web/machines/{MID}").json()["cordoned"] is True
+        assert c.post(f"/v1/apps/web/machines/{MID}/uncordon").status_code == 200
+        r = c.get(f"/v1/apps/web/machines/{MID}/wait", params={"state": "started", "timeout": "0.5"})
+        assert r.status_code == 408 and "starting" in r.json()["error"]
+        assert c.get(f"/v1/apps/web/machines/{MID}/wait", params={"state": "bogus"}).status_code == 400
+
+        def later():  # what the agent does when the machine is up
+            async def go():
+                st = await State.connect(platform_api.nats)
+                await st.publish(schema.events_subject("web", MID), {"type": "start", "status": "started"})
+                await st.put(schema.STATUS, schema.machine_key("web", MID),
+                             {"id": MID, "app": "web", "state": "started", "instance_id": "i1"})
+                await st.close()
+            run(go())
+
+        t = threading.Timer(0.5, later)
+        t.start()
+        r = c.get(f"/v1/apps/web/machines/{MID}/wait", params={"state": "started", "timeout": "60"})
+        t.join()
+        assert r.status_code == 200, r.text
+        assert c.get(f"/v1/apps/web/machines/{MID}").json()["state"] == "started"
+        assert [e["type"] for e in c.get(f"/v1/apps/web/machines/{MID}/events").json()] == ["start"]
+
+
+def test_leases_guard_writes(platform_api):
+    _put_machine(platform_api.nats)
+    with platform_api.client() as c:
+        r = c.post(f"/v1/apps/web/machines/{MID}/lease", json={"ttl": 60, "description": "deploy"})
+        assert r.status_code == 201
+        nonce = r.json()["data"]["nonce"]
+        assert c.post(f"/v1/apps/web/machines/{MID}/lease", json={"ttl": 60}).status_code == 409
+        r = c.post(f"/v1/apps/web/machines/{MID}/cordon")
+        assert r.status_code == 409 and api.LEASE_HEADER in r.json()["fix"]
+        assert c.post(f"/v1/apps/web/machines/{MID}/stop").status_code == 409
+        h = {api.LEASE_HEADER: nonce}
+        assert c.post(f"/v1/apps/web/machines/{MID}/cordon", headers=h).status_code == 200
+        assert c.get(f"/v1/apps/web/machines/{MID}/lease").json()["data"]["nonce"] == nonce
+        assert c.delete(f"/v1/apps/web/machines/{MID}/lease").status_code == 409
+        assert c.delete(f"/v1/apps/web/machines/{MID}/lease", headers=h).status_code == 200
+        assert c.get(f"/v1/apps/web/machines/{MID}/lease").status_code == 404
+        assert c.post(f"/v1/apps/web/machines/{MID}/uncordon").status_code == 200
+
+
+def test_compare_and_set_under_concurrency(platform_api):
+    """Concurrent writers: one app per name, one lease per machine, distinct release versions."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _put_machine(platform_api.nats)
+
+    def post(path, body):
+        with platform_api.client() as c:
+            return c.post(path, json=body).status_code
+
+    with ThreadPoolExecutor(8) as ex:
+        codes = list(ex.map(lambda _: post("/v1/apps", {"app_name": "race"}), range(8)))
+        assert sorted(codes) == [201] + [409] * 7
+        codes = list(ex.map(lambda _: post(f"/v1/apps/web/machines/{MID}/lease", {"ttl": 60}), range(8)))
+        assert sorted(codes) == [201] + [409] * 7
+        codes = list(ex.map(lambda i: post("/v1/apps/api/releases", {"image": f"api:{i}"}), range(10)))
+        assert codes == [201] * 10
+    with platform_api.client() as c:
+        rels = c.get("/v1/apps/api/releases").json()
+        assert sorted(r["version"] for r in rels) == list(range(1, 11))
+        assert sorted(r["image"] for r in rels) == sorted(f"api:{i}" for i in range(10))
+        assert c.get("/v1/apps/api/releases/v3").json()["version"] == 3
+        assert c.get("/v1/apps/api/releases/99").status_code == 404
+        r = c.post("/v1/apps/api/releases", json={"image": "x", "strategy": "yolo"})
+        assert r.status_code == 400 and "rolling" in r.json()["fix"]
+
+
+def test_tokens_orgs_and_volumes(platform_api):
+    with platform_api.client() as c:
+        r = c.post("/v1/tokens", json={"scope": "deploy", "app": "api", "name": "ci"})
+        assert r.status_code == 201 and r.json()["token"].startswith("tw_") and "hash" not in r.json()
+        tid, tok = r.json()["id"], r.json()["token"]
+        assert c.post("/v1/tokens", json={"scope": "deploy", "app": "theirs"}).status_code == 404
+        assert c.post("/v1/tokens", json={"scope": "root"}).status_code == 400
+        assert tid in [t["id"] for t in c.get("/v1/tokens").json()]
+        with httpx.Client(base_url=platform_api.url, headers={"Authorization": f"Bearer {tok}"}) as d:
+            assert d.get("/v1/apps/api").status_code == 200
+            assert c.delete(f"/v1/tokens/{tid}").status_code == 200
+            assert d.get("/v1/apps/api").status_code == 401
+        r = c.post("/v1/orgs", json={"name": "neworg"})
+        assert r.status_code == 201
+        with httpx.Client(base_url=platform_api.url, headers={"Authorization": f"Bearer {r.json()['token']}"}) as n:
+            assert n.get("/v1/apps").json()["apps"] == []
+            assert n.post("/v1/orgs", json={"name": "another"}).status_code == 403
+        r = c.post("/v1/apps/web/volumes", json={"name": "data", "size": "1gb"})
+        assert r.status_code == 201 and r.json()["size"] == 1 << 30
+        vid = r.json()["id"]
+        assert c.post("/v1/apps/web/volumes", json={"name": "Data!"}).status_code == 400
+        assert c.post("/v1/apps/web/volumes", json={"name": "d", "size": "lots"}).status_code == 400
+        assert [v["id"] for v in c.get("/v1/apps/web/volumes").json()] == [vid]
+        assert c.delete(f"/v1/apps/web/volumes/{vid}").status_code == 200
+        assert c.get("/v1/apps/web/volumes").json() == []
+
+
+def test_openapi_document_lists_every_route(platform_api):
+    with platform_api.client(None) as c:
+        doc = c.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    for method, path, _, _ in api.ROUTES:
+        assert method.lower() in doc["paths"][path]
+    assert "bearer" in doc["components"]["securitySchemes"]
+
+
+def test_kill_9_of_the_api_keeps_state(platform_api, tmp_path):
+    with platform_api.client() as c:
+        assert c.post("/v1/apps", json={"app_name": "durable"}).status_code == 201
+    os.killpg(platform_api.server.proc.pid, signal.SIGKILL)
+    platform_api.server.proc.wait()
+    with start_api(platform_api.nats, tmp_path) as s, \
+            httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {platform_api.tokens['acme']}"}) as c:
+        assert c.get("/v1/apps/durable").status_code == 200
+        assert sorted(a["name"] for a in c.get("/v1/apps").json()["apps"]) == ["api", "durable", "web"]
