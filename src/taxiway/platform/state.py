@@ -251,12 +251,25 @@ class State:
         return _load(msg.data) or {}
 
     async def serve(self, subject: str, handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
-                    queue: str = "") -> Any:
+                    queue: str = "", *, concurrent: bool = False) -> Any:
         """Answer requests on ``subject`` with ``handler(payload) -> reply``; returns the subscription.
 
         A handler's :class:`TaxiwayError` becomes ``{"ok": false, "error", "fix"}``.
+        nats-py runs one subscription's callbacks one after another, so a handler that
+        waits (the edge's ``edge.drain``) would hold up every later request on the
+        subject: with ``concurrent`` each request is answered in a task of its own.
         """
+        tasks: set[asyncio.Task] = set()
+
         async def on(msg: Any) -> None:
+            if concurrent:
+                t = asyncio.create_task(answer(msg))
+                tasks.add(t)  # a reference, so the task is not collected mid-way
+                t.add_done_callback(tasks.discard)
+            else:
+                await answer(msg)
+
+        async def answer(msg: Any) -> None:
             try:
                 reply = await handler(_load(msg.data) or {})
             except TaxiwayError as e:
