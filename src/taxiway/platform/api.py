@@ -258,16 +258,25 @@ def _validate_config(config: Any) -> dict[str, Any]:
     image = config.get("image")
     if not isinstance(image, str) or not image.strip():
         raise ApiError(400, "config.image is required", "send {\"config\": {\"image\": \"registry/app:tag\"}}")
-    from taxiway.machines.config import MachineConfig
-
-    try:
-        MachineConfig.from_json(config)
-    except (TypeError, ValueError) as e:
-        raise ApiError(400, f"invalid machine config ({e})", "see taxiway.machines MachineConfig's fields") from None
-    for key, typ in (("services", list), ("checks", dict), ("metadata", dict), ("env", dict)):
+    for key, typ in (("services", list), ("checks", dict), ("metadata", dict), ("env", dict), ("mounts", list),
+                     ("guest", dict)):
         if key in config and not isinstance(config[key], typ):
             raise ApiError(400, f"config.{key} must be a{'n object' if typ is dict else ' list'}",
                            f"fix config.{key}")
+    from pathlib import Path
+
+    from taxiway.machines.config import MachineConfig
+
+    try:
+        # The agent's translation (platform config -> machines config), so what it would refuse is a 400 now.
+        from taxiway.platform.agent import machine_config
+    except ImportError:
+        def machine_config(rec: dict[str, Any], *_: Any) -> dict[str, Any]:
+            return {k: v for k, v in rec["config"].items() if k not in ("services", "metadata", "mounts")}
+    try:
+        MachineConfig.from_json(machine_config({"id": "new", "config": config}, {}, {}, Path("/volumes")))
+    except (TaxiwayError, TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ApiError(400, f"invalid machine config ({e})", "see the machine config's fields in the README") from None
     return config
 
 
