@@ -8,6 +8,7 @@ import signal
 import socket
 import threading
 
+from taxiway.process import pid_alive
 from taxiway.publish import deploy
 
 
@@ -55,7 +56,7 @@ def test_router_forwards_switches_on_sighup_and_survives_it(tmp_path):
                 os.kill(pid, signal.SIGHUP)
                 with socket.create_connection(("127.0.0.1", rport), timeout=5) as c:
                     assert c.recv(100) == b"release-b"
-                assert deploy._alive(pid)
+                assert pid_alive(pid)
             finally:
                 os.kill(pid, signal.SIGTERM)
                 os.waitpid(pid, 0)

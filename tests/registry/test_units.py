@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from taxiway.registry import manifest as manifests
 from taxiway.registry import tokens
 from taxiway.registry.app import paginate
-from taxiway.registry.errors import RegistryError
+from taxiway.registry.errors import DistributionError
 from taxiway.registry.paths import classify
 
 from .oci import CONFIG, INDEX, LAYER, MANIFEST, digest
@@ -51,7 +51,7 @@ def mutated(base: dict):
 def _assert_4xx(body: bytes, content_type: str | None) -> None:
     try:
         m = manifests.parse(body, content_type)
-    except RegistryError as e:
+    except DistributionError as e:
         assert 400 <= e.status < 500 and e.code in ("MANIFEST_INVALID",)
     else:
         assert m.digest == digest(body) and m.size == len(body)
@@ -82,18 +82,18 @@ def test_manifest_parse_examples():
         try:
             manifests.parse(orjson.dumps(bad), None)
             raise AssertionError(f"accepted {bad}")
-        except RegistryError as e:
+        except DistributionError as e:
             assert e.code == "MANIFEST_INVALID"
     # Content-Type and mediaType must agree
     try:
         manifests.parse(orjson.dumps(VALID), INDEX)
         raise AssertionError("accepted a mismatched Content-Type")
-    except RegistryError as e:
+    except DistributionError as e:
         assert e.status == 400
     big = b" " * (manifests.MAX_MANIFEST_BYTES + 1)
     try:
         manifests.parse(big, MANIFEST)
-    except RegistryError as e:
+    except DistributionError as e:
         assert e.status == 413
 
 

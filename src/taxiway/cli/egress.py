@@ -20,16 +20,6 @@ def _ranges(values: tuple[str, ...], flag: str) -> list:
     return out
 
 
-def _listen(text: str) -> tuple[str, int]:
-    from taxiway.errors import InvalidInput
-
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not port.isdigit():
-        raise InvalidInput(f"--listen {text!r} is not HOST:PORT", "e.g. --listen 127.0.0.1:4750")
-    return host or "0.0.0.0", int(port)
-
-
 range_options = [
     click.option("--allow-range", "allow_range", multiple=True, metavar="CIDR",
                  help="Allow dialling this range even if it is internal (repeatable)."),
@@ -52,7 +42,8 @@ def egress() -> None:
 
 
 @egress.command()
-@click.option("--listen", default="127.0.0.1:4750", show_default=True, metavar="HOST:PORT")
+@click.option("--listen", default="127.0.0.1:4750", show_default=True, metavar="HOST:PORT",
+              help="Address to listen on: HOST:PORT, [IPV6]:PORT or :PORT (loopback).")
 @click.option("--acl", "acl", type=click.Path(dir_okay=False), help="Smokescreen v1 ACL (YAML).")
 @with_ranges
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="Serve the proxy over TLS.")
@@ -85,7 +76,9 @@ def serve(listen, acl, allow_range, deny_range, deny_address, tls_cert, tls_key,
     from taxiway.egress.resolver import Resolver
     from taxiway.egress.server import EgressConfig, run
     from taxiway.errors import InvalidInput
+    from taxiway.listen import parse_listen
 
+    address = parse_listen(listen)
     if os.environ.get("PROXY_PASSWORD") == "":
         # Set but empty reads like "a password" and would mean "no authentication".
         raise InvalidInput("PROXY_PASSWORD is set but empty, which would turn proxy authentication off",
@@ -95,7 +88,7 @@ def serve(listen, acl, allow_range, deny_range, deny_address, tls_cert, tls_key,
     if max_connections < 1:
         raise InvalidInput(f"--max-connections {max_connections} must be at least 1", "e.g. --max-connections 10000")
     config = EgressConfig(
-        listen=_listen(listen), acl_path=Path(acl) if acl else None,
+        listen=tuple(address), acl_path=Path(acl) if acl else None,
         allow_ranges=_ranges(allow_range, "--allow-range"),
         deny_ranges=_ranges(deny_range, "--deny-range") + _ranges(deny_address, "--deny-address"),
         tls_cert=Path(tls_cert) if tls_cert else None, tls_key=Path(tls_key) if tls_key else None,

@@ -149,7 +149,7 @@ def issue(names: tuple[str, ...], client: bool, cn: str | None, days: int | None
                            "can sign (its intermediate lasts 10 years)", "ask for a shorter validity")
     csr_data = None
     if csr_file:
-        from taxiway.pki.fileio import MAX_INPUT, FileProblem, read_regular
+        from taxiway.fsutil import MAX_INPUT, FileProblem, read_regular
 
         try:
             csr_data = read_regular(csr_file, MAX_INPUT)
@@ -165,7 +165,7 @@ def issue(names: tuple[str, ...], client: bool, cn: str | None, days: int | None
         key_file = key_file or f"./{stem}-key.pem"
     elif key_file or p12_file:
         raise InvalidInput("--key-file or --p12-file with --csr", "the key stays with whoever made the CSR")
-    from taxiway.pki.fileio import distinct_outputs
+    from taxiway.pki.ca import distinct_outputs
 
     distinct_outputs([cert_file, key_file, p12_file])  # before "already exists": F and F are one file
     for f in (key_file, p12_file):  # checked again under the CA's lock when the files are written

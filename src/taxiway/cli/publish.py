@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
@@ -37,14 +36,11 @@ def report(result, as_json: bool) -> None:
     if as_json:
         emit_json(result.to_json())
         return
-    for t in result.tables:
-        coords = f", map on {t.latitude}/{t.longitude}" if t.latitude else ""
-        sep = f", {_SEPARATORS.get(t.delimiter, repr(t.delimiter))}-separated" if t.delimiter else ""
-        click.echo(f"  {t.table}: {t.rows:,} rows{sep}{coords}", err=True)
+    for line in result.table_lines():
+        click.echo(line, err=True)
     click.echo(result.url)
 
 
-_SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
 _DELIMITER_NAMES = {"comma": ",", "semicolon": ";", "tab": "\t", "\\t": "\t", "pipe": "|", "space": " "}
 
 
@@ -62,28 +58,12 @@ def parse_delimiter(value: str | None) -> str | None:
 
 
 def limit_options(f):
-    """``--memory``, ``--cpus``, ``--pids``: the published app machine's limits."""
-    from taxiway.publish.app import DEFAULT_CPUS, DEFAULT_MEMORY, DEFAULT_PIDS
+    """``--memory``, ``--cpus``, ``--pids``: the published app machine's limits (see publish.app.LIMIT_OPTIONS)."""
+    from taxiway.publish.app import LIMIT_OPTIONS
 
-    f = click.option("--pids", type=int, default=DEFAULT_PIDS, show_default=True,
-                     help="Most processes and threads the app may run.")(f)
-    f = click.option("--cpus", type=float, default=DEFAULT_CPUS, show_default=True,
-                     help="CPUs the app may use.")(f)
-    return click.option("--memory", default=f"{DEFAULT_MEMORY >> 20}m", show_default=True,
-                        help="Memory the app may use (e.g. 512m, 2g).")(f)
-
-
-def limits(memory: str, cpus: float, pids: int) -> dict:
-    """PublishSpec keyword arguments for the limit options."""
-    from taxiway.errors import InvalidInput
-    from taxiway.machines.config import parse_memory
-
-    if not 0.01 <= cpus <= (os.cpu_count() or 1):
-        raise InvalidInput(f"--cpus {cpus:g} is not between 0.01 and this host's {os.cpu_count()} CPUs",
-                           "pass --cpus 1 (or 0.5, 2...)")
-    if pids < 16:
-        raise InvalidInput(f"--pids {pids} is too few for Datasette to start", "pass --pids 64 or more")
-    return {"memory": parse_memory(memory), "cpus": cpus, "pids": pids}
+    for flag, default, help_ in reversed(LIMIT_OPTIONS):
+        f = click.option(flag, default=default, show_default=True, help=help_)(f)
+    return f
 
 
 @click.group(cls=_DefaultGroup, invoke_without_command=False)
@@ -125,32 +105,16 @@ def publish() -> None:
 def publish_files(files, name, table, install, metadata, title, source, source_url, license_, license_url,
                   about, about_url, fts, encoding, delimiter, secret, max_field_size, port, memory, cpus, pids, as_json):
     """Publish FILES."""
-    import json
-
-    from taxiway.errors import InvalidInput
     from taxiway.machines.config import parse_size
-    from taxiway.publish.app import PublishSpec
+    from taxiway.publish.app import PublishSpec, load_metadata, parse_limits
     from taxiway.publish.deploy import publish as do_publish
 
-    meta = {}
-    if metadata:
-        text = metadata.read_text()
-        try:
-            meta = json.loads(text)
-        except json.JSONDecodeError:
-            import yaml
-
-            try:
-                meta = yaml.safe_load(text) or {}
-            except yaml.YAMLError as e:
-                raise InvalidInput(f"{metadata}: neither JSON nor YAML ({e})", "fix the metadata file") from None
-        if not isinstance(meta, dict):
-            raise InvalidInput(f"{metadata}: metadata must be an object", "see Datasette's metadata documentation")
+    meta = load_metadata(metadata.read_text(), str(metadata)) if metadata else {}
     spec = PublishSpec(files=list(files), name=name, table=table, install=list(install), metadata=meta, title=title,
                        source=source, source_url=source_url, license=license_, license_url=license_url,
                        about=about, about_url=about_url, fts=list(fts), encoding=encoding,
                        delimiter=parse_delimiter(delimiter), port=port, max_field=parse_size(max_field_size), secret=secret,
-                       **limits(memory, cpus, pids))
+                       **parse_limits(memory, cpus, pids))
     report(do_publish(spec), as_json)
 
 

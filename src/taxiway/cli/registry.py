@@ -31,7 +31,8 @@ def registry() -> None:
 
 
 @registry.command()
-@click.option("--listen", default="127.0.0.1:5000", show_default=True, help="HOST:PORT to listen on.")
+@click.option("--listen", default="127.0.0.1:5000", show_default=True, metavar="HOST:PORT",
+              help="Address to listen on: HOST:PORT, [IPV6]:PORT or :PORT (loopback).")
 @root_option
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate (with --tls-key).")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="PEM private key.")
@@ -47,14 +48,16 @@ def serve(listen, root, tls_cert, tls_key, no_auth, no_delete, workers, realm, m
           max_upload_bytes) -> None:
     """Serve the OCI distribution API (pull, push, referrers, deletes)."""
     from taxiway.errors import InvalidInput
+    from taxiway.listen import parse_listen
     from taxiway.machines.config import parse_size
     from taxiway.registry.server import serve as run
 
+    address = parse_listen(listen)
     if bool(tls_cert) != bool(tls_key):
         raise InvalidInput("--tls-cert and --tls-key go together", "pass both, or neither for plain HTTP")
     r = _root(root)
-    click.echo(f"taxiway registry on {'https' if tls_cert else 'http'}://{listen} storing in {r}", err=True)
-    run(r, listen, tls_cert=tls_cert, tls_key=tls_key, auth=not no_auth, delete=not no_delete,
+    click.echo(f"taxiway registry on {'https' if tls_cert else 'http'}://{address} storing in {r}", err=True)
+    run(r, address, tls_cert=tls_cert, tls_key=tls_key, auth=not no_auth, delete=not no_delete,
         workers=workers, realm=realm, max_upload_sessions=max_upload_sessions,
         max_upload_bytes=parse_size(max_upload_bytes))
 

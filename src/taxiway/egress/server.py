@@ -39,6 +39,7 @@ from taxiway.egress.metrics import Metrics
 from taxiway.egress.relay import ProtocolTunnel
 from taxiway.egress.resolver import ResolveError, Resolver
 from taxiway.egress.roles import Authenticator, cert_common_name, load_users, parse_basic
+from taxiway.listen import Listen
 
 READ_SIZE = 256 * 1024
 LOG_TEXT = 500  # at most this much of any client-chosen text in a log line
@@ -253,7 +254,7 @@ class EgressProxy:
         except OSError as e:
             from taxiway.errors import TaxiwayError
 
-            raise TaxiwayError(f"cannot listen on {host}:{port}: {e.strerror or e}",
+            raise TaxiwayError(f"cannot listen on {Listen(host, port)}: {e.strerror or e}",
                                "pick another address with --listen") from None
         self._server = _Acceptor(sock, self._accepted, self._accept_failed)
         bound = sock.getsockname()
@@ -261,7 +262,7 @@ class EgressProxy:
         self.policy = self.policy.with_own(*_own_addresses(host, bound[1]))
         self._judged.clear()
         self._stopped = asyncio.Event()
-        self.log(msg="listening", address=f"{host}:{bound[1]}", tls=bool(self.config.tls_cert),
+        self.log(msg="listening", address=str(Listen(host, bound[1])), tls=bool(self.config.tls_cert),
                  acl=str(self.config.acl_path or ""), auth_required=self.auth.required)
         self._warn_acl(self.acl)
         return self.config.listen

@@ -41,7 +41,11 @@ MAX_ERROR_BODY = 64 << 10  # of an error response, only this much is read (for i
 
 
 class RegistryError(TaxiwayError):
-    """The registry answered with an error (or could not be reached)."""
+    """The registry answered with an error (or could not be reached): the client's error, one line for users.
+
+    ``status`` and ``codes`` are the HTTP status and the distribution-spec codes it sent
+    (the server side of those codes is :class:`taxiway.registry.errors.DistributionError`).
+    """
 
     def __init__(self, message: str, hint: str | None = None, *, status: int | None = None, codes: tuple[str, ...] = ()):
         super().__init__(message, hint)

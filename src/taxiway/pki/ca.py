@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
 import logging
 import os
 import stat
@@ -51,9 +50,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
-from taxiway.fsutil import atomic_write, write_bytes_atomic
+from taxiway.fsutil import (
+    FileProblem,
+    atomic_write,
+    open_nofollow,
+    read_regular,
+    same_file,
+    sweep_temp_files,
+    write_bytes_atomic,
+)
 from taxiway.pki import inventory, profile
-from taxiway.pki.fileio import FileProblem, distinct_outputs, open_nofollow, read_regular
 from taxiway.pki.inventory import Record
 from taxiway.pki.layout import (  # noqa: F401 (re-exported)
     CRL,
@@ -125,18 +131,17 @@ def serial_hex(serial: int) -> str:
     return f"{serial:032x}"
 
 
-_TEMP_NAME = ".{}.????????.tmp"  # what fsutil.atomic_write names its temp files (mkstemp: 8 random characters)
-
-
 def _sweep_temp_files(paths: Iterable[str | os.PathLike]) -> None:
     """Remove temp files a crashed write left beside ``paths`` (keys among them). Call under the CA's lock."""
     for p in {str(Path(p)) for p in paths}:
-        path = Path(p)
-        with contextlib.suppress(OSError):
-            for tmp in path.parent.glob(_TEMP_NAME.format(glob.escape(path.name))):
-                st = tmp.lstat()
-                if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
-                    tmp.unlink()
+        sweep_temp_files(p)
+
+
+def distinct_outputs(paths: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse two outputs that are one file (same path, other spellings, links): one would overwrite the other."""
+    if pair := same_file(paths):
+        raise InvalidInput(f"{pair[0]} and {pair[1]} are the same file: the key, chain and PKCS#12 file would "
+                           "overwrite each other", "give each output its own path")
 
 
 def check_public_key(key: Any) -> None:

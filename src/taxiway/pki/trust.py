@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from taxiway.errors import TaxiwayError
+from taxiway.fsutil import write_bytes_atomic
 
 LOCAL_CERTS = "usr/local/share/ca-certificates"
 ETC_CERTS = "etc/ssl/certs"
@@ -146,11 +147,7 @@ def install(root_pem: bytes, *, system: bool = True, nss: bool = True) -> list[T
                                "run `sudo taxiway ca install` with the same TAXIWAY_CAROOT") from None
         if changed:
             try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dest.with_suffix(".tmp")
-                tmp.write_bytes(root_pem)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, dest)
+                write_bytes_atomic(dest, root_pem, mode=0o644)
             except OSError as e:
                 raise TaxiwayError(f"cannot write {dest} ({e.strerror})",
                                    "run `sudo taxiway ca install` with the same TAXIWAY_CAROOT") from None

@@ -27,6 +27,42 @@ DEFAULT_MEMORY = 1 << 30
 DEFAULT_CPUS = 1.0
 DEFAULT_PIDS = 512
 
+#: The app machine's limit options, as both ``taxiway publish`` and ``datasette publish taxiway``
+#: offer them: (flag, default, help). The commands build their options from this; :func:`parse_limits` checks them.
+LIMIT_OPTIONS: tuple[tuple[str, Any, str], ...] = (
+    ("--memory", f"{DEFAULT_MEMORY >> 20}m", "Memory the app may use (e.g. 512m, 2g)."),
+    ("--cpus", DEFAULT_CPUS, "CPUs the app may use."),
+    ("--pids", DEFAULT_PIDS, "Most processes and threads the app may run."),
+)
+
+
+def parse_limits(memory: str, cpus: float, pids: int) -> dict[str, Any]:
+    """PublishSpec's ``memory``, ``cpus`` and ``pids`` from the limit options; InvalidInput on a bad one."""
+    from taxiway.machines.config import parse_memory
+
+    if not 0.01 <= cpus <= (os.cpu_count() or 1):
+        raise InvalidInput(f"--cpus {cpus:g} is not between 0.01 and this host's {os.cpu_count()} CPUs",
+                           "pass --cpus 1 (or 0.5, 2...)")
+    if pids < 16:
+        raise InvalidInput(f"--pids {pids} is too few for Datasette to start", "pass --pids 64 or more")
+    return {"memory": parse_memory(memory), "cpus": cpus, "pids": pids}
+
+
+def load_metadata(text: str, source: str) -> dict[str, Any]:
+    """A Datasette metadata file (JSON or YAML) as a dict; InvalidInput naming ``source`` when it is neither or not an object."""
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError:
+        import yaml
+
+        try:
+            meta = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise InvalidInput(f"{source}: neither JSON nor YAML ({e})", "fix the metadata file") from None
+    if not isinstance(meta, dict):
+        raise InvalidInput(f"{source}: metadata must be an object", "see Datasette's metadata documentation")
+    return meta
+
 
 @dataclass
 class PublishSpec:

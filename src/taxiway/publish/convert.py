@@ -17,7 +17,6 @@ import csv
 import gzip
 import io
 import json
-import os
 import re
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from taxiway.errors import InvalidInput
+from taxiway.fsutil import atomic_path
 
 #: The largest CSV field read by default (``--max-field-size`` raises it); a line may be 4 times that.
 #: Without a cap one huge field (or an unclosed quote) is read into memory whole.
@@ -109,44 +109,33 @@ def copy_sqlite(src: Path, dest: Path) -> None:
     from urllib.request import pathname2url
 
     check_sqlite(src)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    ok = False
     s = d = None
     try:
-        s = sqlite3.connect(f"file:{pathname2url(str(src.resolve()))}?mode=ro", uri=True)
-        d = sqlite3.connect(tmp, isolation_level=None)
-        try:
-            s.backup(d)
-        except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
-                raise InvalidInput(f"{src}: the database stayed locked by another process",
-                                   "publish again when the writer has finished its transaction") from None
-            if "readonly" in str(e).replace(" ", "").replace("-", "") or "unable to open" in str(e):
-                raise InvalidInput(f"{src}: cannot read the database's WAL or journal ({e})",
-                                   "open it once with sqlite3 (or checkpoint it) where it is writable, then publish") from None
-            raise _damaged(src, e) from None
-        except sqlite3.DatabaseError as e:
-            raise _damaged(src, e) from None
-        d.execute("pragma journal_mode=delete")
-        problems = [r[0] for r in d.execute("pragma quick_check(3)")]
-        if problems != ["ok"]:
-            raise _damaged(src, Exception("; ".join(problems)))
-        d.close()
-        s.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        ok = True
+        with atomic_path(dest) as tmp:  # fsynced and renamed once the copy is checked and closed
+            try:
+                s = sqlite3.connect(f"file:{pathname2url(str(src.resolve()))}?mode=ro", uri=True)
+                d = sqlite3.connect(tmp, isolation_level=None)
+                try:
+                    s.backup(d)
+                except sqlite3.OperationalError as e:
+                    if "locked" in str(e) or "busy" in str(e):
+                        raise InvalidInput(f"{src}: the database stayed locked by another process",
+                                           "publish again when the writer has finished its transaction") from None
+                    if "readonly" in str(e).replace(" ", "").replace("-", "") or "unable to open" in str(e):
+                        raise InvalidInput(f"{src}: cannot read the database's WAL or journal ({e})",
+                                           "open it once with sqlite3 (or checkpoint it) where it is writable, "
+                                           "then publish") from None
+                    raise _damaged(src, e) from None
+                d.execute("pragma journal_mode=delete")
+                problems = [r[0] for r in d.execute("pragma quick_check(3)")]
+                if problems != ["ok"]:
+                    raise _damaged(src, Exception("; ".join(problems)))
+            finally:
+                for c in (s, d):
+                    with contextlib.suppress(Exception):
+                        c.close()
     except sqlite3.DatabaseError as e:
         raise _damaged(src, e) from None
-    finally:
-        for c in (s, d):
-            with contextlib.suppress(Exception):
-                c.close()
-        if not ok:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
 
 
 def table_name_for(path: Path) -> str:
@@ -464,52 +453,39 @@ def build_database(files: list[Path], dest: Path, *, table: str | None = None, f
     if table and len(files) != 1:
         raise InvalidInput("--table names the table of a single file", "publish one file with --table, or leave --table out")
     infos: list[TableInfo] = []
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    con = sqlite3.connect(tmp, isolation_level=None)
-    ok = False
-    try:
-        con.execute("pragma journal_mode=off")
-        con.execute("pragma synchronous=off")
-        con.execute("pragma temp_store=memory")
-        con.execute("pragma cache_size=-65536")
-        con.execute("begin")
-        used: set[str] = set()
-        for path in files:
-            kind = kind_of(path)
-            name = table or table_name_for(path)
-            check_table_name(name, str(path))
-            if name.lower() in used:
-                raise InvalidInput(f"{path}: a second file would also become table {name!r}", "rename one of the files")
-            used.add(name.lower())
-            if kind in ("csv", "tsv"):
-                info = convert_delimited(con, path, name, delimiter, encoding, "," if kind == "csv" else "\t",
-                                         max_field)
-            elif kind in ("json", "ndjson"):
-                info = convert_json(con, path, name, kind, encoding)
-            else:
-                raise InvalidInput(f"{path}: a SQLite database can't be merged with other files", "publish .db files as they are")
-            info.latitude, info.longitude = find_coordinates(con, name, info.columns)
-            infos.append(info)
-        if fts:
-            if len(infos) != 1:
-                raise InvalidInput("--fts needs exactly one converted table", "publish one file when using --fts")
-            enable_fts(con, infos[0].table, list(fts))
-            infos[0].fts = list(fts)
-        con.execute("commit")
-        con.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-        ok = True
-    finally:
-        if not ok:
-            with contextlib.suppress(Exception):
-                con.close()
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+    with atomic_path(dest) as tmp:  # fsynced and renamed once the database is committed and closed
+        con = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            con.execute("pragma journal_mode=off")
+            con.execute("pragma synchronous=off")
+            con.execute("pragma temp_store=memory")
+            con.execute("pragma cache_size=-65536")
+            con.execute("begin")
+            used: set[str] = set()
+            for path in files:
+                kind = kind_of(path)
+                name = table or table_name_for(path)
+                check_table_name(name, str(path))
+                if name.lower() in used:
+                    raise InvalidInput(f"{path}: a second file would also become table {name!r}", "rename one of the files")
+                used.add(name.lower())
+                if kind in ("csv", "tsv"):
+                    info = convert_delimited(con, path, name, delimiter, encoding, "," if kind == "csv" else "\t",
+                                             max_field)
+                elif kind in ("json", "ndjson"):
+                    info = convert_json(con, path, name, kind, encoding)
+                else:
+                    raise InvalidInput(f"{path}: a SQLite database can't be merged with other files", "publish .db files as they are")
+                info.latitude, info.longitude = find_coordinates(con, name, info.columns)
+                infos.append(info)
+            if fts:
+                if len(infos) != 1:
+                    raise InvalidInput("--fts needs exactly one converted table", "publish one file when using --fts")
+                enable_fts(con, infos[0].table, list(fts))
+                infos[0].fts = list(fts)
+            con.execute("commit")
+        finally:
+            con.close()
     return infos
 
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from taxiway.errors import NotFound, TaxiwayError
-from taxiway.fsutil import write_bytes_atomic
+from taxiway.fsutil import atomic_write, write_bytes_atomic
+from taxiway.process import pid_alive
 from taxiway.publish.app import PublishSpec, content_hash, prepare, validate
 from taxiway.publish.convert import TableInfo
 
@@ -60,6 +61,18 @@ class PublishResult:
         return {"name": self.name, "url": self.url, "image": self.image, "machine": self.machine,
                 "release": self.release, "seconds": round(self.seconds, 2),
                 "tables": [t.to_json() for t in self.tables]}
+
+    def table_lines(self) -> list[str]:
+        """One line per table for people ("  airports: 1,234 rows, comma-separated, map on lat/lon")."""
+        out = []
+        for t in self.tables:
+            coords = f", map on {t.latitude}/{t.longitude}" if t.latitude else ""
+            sep = f", {_SEPARATORS.get(t.delimiter, repr(t.delimiter))}-separated" if t.delimiter else ""
+            out.append(f"  {t.table}: {t.rows:,} rows{sep}{coords}")
+        return out
+
+
+_SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab", "|": "pipe"}
 
 
 def publish_root() -> Path:
@@ -101,14 +114,6 @@ def _port_free(port: int) -> bool:
             return True
         except OSError:
             return False
-
-
-def _alive(pid: int | None) -> bool:
-    from taxiway.machines.state import (
-        _alive as alive,  # one definition of "a live, non-zombie process"
-    )
-
-    return bool(pid) and alive(pid)
 
 
 def _load(d: Path) -> dict:
@@ -219,7 +224,7 @@ def _routers_of(d: Path) -> list[int]:
             continue
         if b"taxiway.publish.router" in argv and b"--state" in argv:
             i = argv.index(b"--state")
-            if i + 1 < len(argv) and argv[i + 1].decode(errors="replace") == want and _alive(int(p.name)):
+            if i + 1 < len(argv) and argv[i + 1].decode(errors="replace") == want and pid_alive(int(p.name)):
                 pids.append(int(p.name))
     return pids
 
@@ -344,10 +349,8 @@ def _secret(d: Path, given: str | None) -> str:
             if kept := path.read_text().strip():
                 return kept
     value = given or secrets.token_hex(32)
-    fd = os.open(path.with_name(".secret.tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path, mode=0o600, binary=False) as f:
         f.write(value)
-    os.replace(path.with_name(".secret.tmp"), path)
     return value
 
 

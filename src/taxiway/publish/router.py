@@ -78,8 +78,14 @@ def main() -> None:
     ap.add_argument("--listen", required=True)
     ap.add_argument("--state", required=True, type=Path)
     a = ap.parse_args()
-    host, _, port = a.listen.rpartition(":")
-    asyncio.run(Router(host, int(port), a.state).serve())
+    from taxiway.errors import TaxiwayError
+    from taxiway.listen import parse_listen
+
+    try:
+        host, port = parse_listen(a.listen)
+    except TaxiwayError as e:
+        ap.error(str(e))
+    asyncio.run(Router(host, port, a.state).serve())
 
 
 if __name__ == "__main__":

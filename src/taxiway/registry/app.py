@@ -25,13 +25,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from taxiway.fsutil import atomic_write
 from taxiway.oci import mediatypes as mt
 from taxiway.oci.digest import Digest
 from taxiway.oci.reference import valid_repository, valid_tag
 from taxiway.registry import manifest as manifests
 from taxiway.registry import tokens
 from taxiway.registry.auth import Authorizer, basic_password
-from taxiway.registry.errors import RegistryError, storage_error
+from taxiway.registry.errors import DistributionError, storage_error
 from taxiway.registry.paths import classify
 from taxiway.registry.sendfile import PathSend
 from taxiway.registry.storage import (
@@ -101,16 +102,12 @@ def load_key(root: Path) -> bytes:
         return path.read_bytes()
     except FileNotFoundError:
         pass
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".secret.key.{os.getpid()}.tmp"
-    tmp.write_bytes(secrets.token_bytes(32))
-    tmp.chmod(0o600)
     try:
-        os.link(tmp, path)  # first writer wins; everyone then reads the same key
+        # First writer wins (several workers may start at once); everyone then reads the same key.
+        with atomic_write(path, mode=0o600, exclusive=True) as f:
+            f.write(secrets.token_bytes(32))
     except FileExistsError:
         pass
-    finally:
-        tmp.unlink()
     return path.read_bytes()
 
 
@@ -129,9 +126,9 @@ def _parse_n(request: Request) -> tuple[int | None, str | None]:
         try:
             n = int(n_raw)
         except ValueError:
-            raise RegistryError("UNSUPPORTED", message="invalid n", detail="n must be an integer", status=400) from None
+            raise DistributionError("UNSUPPORTED", message="invalid n", detail="n must be an integer", status=400) from None
         if n < 0:
-            raise RegistryError("UNSUPPORTED", message="invalid n", detail="n must not be negative", status=400)
+            raise DistributionError("UNSUPPORTED", message="invalid n", detail="n must not be negative", status=400)
     return n, last
 
 
@@ -181,7 +178,7 @@ class Registry:
         org = self.org(request)
         if (data is None or data.get("id") != upload_id or data.get("repo") != request.path_params["name"]
                 or data.get("org") != org or self.storage.upload_size(upload_id, org) is None):
-            raise RegistryError("BLOB_UPLOAD_UNKNOWN")
+            raise DistributionError("BLOB_UPLOAD_UNKNOWN")
         return upload_id
 
     def _upload_headers(self, request: Request, upload_id: str, size: int) -> dict[str, str]:
@@ -197,7 +194,7 @@ class Registry:
         """
         start = f.tell()
         org, limit = self.org(request), self.config.max_upload_bytes
-        over = RegistryError("TOOMANYREQUESTS", message="too many bytes in open upload sessions",
+        over = DistributionError("TOOMANYREQUESTS", message="too many bytes in open upload sessions",
                              detail=f"this organisation's open upload sessions may hold at most {limit} bytes; "
                                     f"finish or cancel (DELETE) other uploads first",
                              headers=self._upload_headers(request, upload_id, start))
@@ -226,7 +223,7 @@ class Registry:
                     if self.storage.upload_bytes(org) > limit:
                         raise over
             if expected is not None and n != expected:
-                raise RegistryError("RANGE_INVALID", detail={"expected_length": expected, "received": n},
+                raise DistributionError("RANGE_INVALID", detail={"expected_length": expected, "received": n},
                                     headers=self._upload_headers(request, upload_id, start))
             f.flush()
         except OSError as e:
@@ -263,7 +260,7 @@ class Registry:
     @staticmethod
     def _digest(value: str | None, code: str = "DIGEST_INVALID") -> str:
         if not value or not Digest.is_valid(value):
-            raise RegistryError(code, detail={"digest": (value or "")[:200]})
+            raise DistributionError(code, detail={"digest": (value or "")[:200]})
         return value
 
     # -- base, token, catalog ------------------------------------------
@@ -287,12 +284,12 @@ class Registry:
             service = request.query_params.get("service")
         if service is not None and service != self.config.service:
             # A token is only ever issued for this registry, never with an audience a client names.
-            raise RegistryError("UNAUTHORIZED", message=f"unknown service {service[:100]!r}",
+            raise DistributionError("UNAUTHORIZED", message=f"unknown service {service[:100]!r}",
                                 detail=f"this token endpoint issues tokens for service {self.config.service!r} only",
                                 headers={"WWW-Authenticate": f'Basic realm="{self.config.service}"'})
         tok = self.tenants.authenticate(str(password)) if password else None
         if tok is None:
-            raise RegistryError("UNAUTHORIZED", message="a valid org token is required as the password",
+            raise DistributionError("UNAUTHORIZED", message="a valid org token is required as the password",
                                 headers={"WWW-Authenticate": f'Basic realm="{self.config.service}"'})
         now = int(time.time())
         access = tokens.grant(scopes, tok.scope)
@@ -319,7 +316,7 @@ class Registry:
         repo = request.path_params["name"]
         all_tags = self.storage.tags(repo)
         if all_tags is None:
-            raise RegistryError("NAME_UNKNOWN", detail={"name": self.client_name(request)})
+            raise DistributionError("NAME_UNKNOWN", detail={"name": self.client_name(request)})
         n, last = _parse_n(request)
         page, more = paginate(all_tags, n, last)
         name = self.client_name(request)
@@ -335,12 +332,12 @@ class Registry:
         elif valid_tag(reference):
             digest = self.storage.resolve_tag(repo, reference)
             if digest is None:
-                raise RegistryError("MANIFEST_UNKNOWN", detail={"tag": reference})
+                raise DistributionError("MANIFEST_UNKNOWN", detail={"tag": reference})
         else:
-            raise RegistryError("MANIFEST_UNKNOWN", detail={"reference": reference[:200]})
+            raise DistributionError("MANIFEST_UNKNOWN", detail={"reference": reference[:200]})
         media_type = self.storage.manifest_media_type(repo, digest)
         if media_type is None:
-            raise RegistryError("MANIFEST_UNKNOWN", detail={"digest": digest})
+            raise DistributionError("MANIFEST_UNKNOWN", detail={"digest": digest})
         return digest, media_type
 
     async def manifest(self, request: Request) -> Response:
@@ -351,7 +348,7 @@ class Registry:
             try:
                 body = self.storage.read_blob(digest)
             except FileNotFoundError:
-                raise RegistryError("MANIFEST_UNKNOWN", detail={"digest": digest}) from None
+                raise DistributionError("MANIFEST_UNKNOWN", detail={"digest": digest}) from None
             headers = {"Docker-Content-Digest": digest, "ETag": f'"{digest}"', "Content-Type": media_type}
             if method == "HEAD":
                 return Response(b"", headers={**headers, "Content-Length": str(len(body))})
@@ -360,21 +357,21 @@ class Registry:
             return await self._put_manifest(request, repo, reference)
         # DELETE
         if not self.config.delete:
-            raise RegistryError("UNSUPPORTED", message="deletes are disabled on this registry")
+            raise DistributionError("UNSUPPORTED", message="deletes are disabled on this registry")
         if ":" in reference:
             digest = self._digest(reference, "MANIFEST_UNKNOWN")
             if not self.storage.delete_manifest(repo, digest):
-                raise RegistryError("MANIFEST_UNKNOWN", detail={"digest": digest})
+                raise DistributionError("MANIFEST_UNKNOWN", detail={"digest": digest})
             if not self.storage.revisions(repo):
                 # The last manifest: the catalog forgets the name; blob links stay until GC.
                 self.storage.delete_repository(repo, keep_links=True)
         elif not valid_tag(reference) or not self.storage.delete_tag(repo, reference):
-            raise RegistryError("MANIFEST_UNKNOWN", detail={"tag": reference[:200]})
+            raise DistributionError("MANIFEST_UNKNOWN", detail={"tag": reference[:200]})
         return _empty(202, {})
 
     async def _read_limited(self, request: Request, limit: int, what: str = "manifest") -> bytes:
         # 413 with SIZE_INVALID, as distribution answers a manifest over its limit.
-        too_big = RegistryError("SIZE_INVALID", message=f"{what} too large",
+        too_big = DistributionError("SIZE_INVALID", message=f"{what} too large",
                                 detail=f"{what} larger than {limit} bytes", status=413)
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > limit:
@@ -393,12 +390,12 @@ class Registry:
         if ":" in reference:
             want = Digest.parse(self._digest(reference))
             if str(Digest.of(body, want.algorithm)) != reference:
-                raise RegistryError("DIGEST_INVALID", detail={"digest": reference})
+                raise DistributionError("DIGEST_INVALID", detail={"digest": reference})
             digest = reference
         elif valid_tag(reference):
             tag = reference
         else:
-            raise RegistryError("TAG_INVALID", detail={"tag": reference[:200]})
+            raise DistributionError("TAG_INVALID", detail={"tag": reference[:200]})
         await run_in_threadpool(self._store_manifest, repo, body, m, digest, tag)
         headers = {"Location": f"/v2/{self.client_name(request)}/manifests/{digest}", "Docker-Content-Digest": digest}
         if m.subject:
@@ -417,13 +414,13 @@ class Registry:
             for ref in refs:
                 if ref.is_manifest:
                     if self.storage.manifest_media_type(repo, ref.digest) is None:
-                        raise RegistryError("MANIFEST_BLOB_UNKNOWN", detail={"digest": ref.digest})
+                        raise DistributionError("MANIFEST_BLOB_UNKNOWN", detail={"digest": ref.digest})
                     continue
                 self.storage.touch_blob(ref.digest)
                 if not self.storage.has_link(repo, ref.digest):
-                    raise RegistryError("MANIFEST_BLOB_UNKNOWN", detail={"digest": ref.digest})
+                    raise DistributionError("MANIFEST_BLOB_UNKNOWN", detail={"digest": ref.digest})
                 if self.storage.blob_size(ref.digest) != ref.size:
-                    raise RegistryError("MANIFEST_INVALID", detail={"digest": ref.digest, "reason": "size mismatch"})
+                    raise DistributionError("MANIFEST_INVALID", detail={"digest": ref.digest, "reason": "size mismatch"})
             self.storage.put_manifest(repo, body, digest, m.media_type, locked=True)
             if m.subject:
                 self.storage.add_referrer(repo, m.subject, digest, {**m.descriptor(), "digest": digest})
@@ -440,17 +437,17 @@ class Registry:
         digest = self._digest(request.path_params["digest"])
         if request.method == "DELETE":
             if not self.config.delete:
-                raise RegistryError("UNSUPPORTED", message="deletes are disabled on this registry")
+                raise DistributionError("UNSUPPORTED", message="deletes are disabled on this registry")
             if not self.storage.unlink(repo, digest):
-                raise RegistryError("BLOB_UNKNOWN", detail={"digest": digest})
+                raise DistributionError("BLOB_UNKNOWN", detail={"digest": digest})
             return _empty(202, {"Docker-Content-Digest": digest})
         path = self.storage.blob_path(digest) if self.storage.has_link(repo, digest) else None
         if path is None:
-            raise RegistryError("BLOB_UNKNOWN", detail={"digest": digest})
+            raise DistributionError("BLOB_UNKNOWN", detail={"digest": digest})
         try:
             st = os.stat(path)
         except FileNotFoundError:
-            raise RegistryError("BLOB_UNKNOWN", detail={"digest": digest}) from None
+            raise DistributionError("BLOB_UNKNOWN", detail={"digest": digest}) from None
         headers = {"Docker-Content-Digest": digest, "ETag": f'"{digest}"', "Cache-Control": "max-age=31536000"}
         return BlobResponse(path, headers=headers, media_type="application/octet-stream", stat_result=st)
 
@@ -503,7 +500,7 @@ class Registry:
         if ok and length is not None and length.isdigit():
             ok = int(m.group(2)) - int(m.group(1)) + 1 == int(length)
         if not ok:
-            raise RegistryError("RANGE_INVALID", detail={"expected_start": size},
+            raise DistributionError("RANGE_INVALID", detail={"expected_start": size},
                                 headers=self._upload_headers(request, upload_id, size))
         return int(m.group(2)) - int(m.group(1)) + 1
 
@@ -554,15 +551,15 @@ class Registry:
         return _json(index, headers=headers, media_type=mt.OCI_INDEX)
 
 
-async def _registry_error(request: Request, exc: RegistryError) -> Response:
+async def _distribution_error(request: Request, exc: DistributionError) -> Response:
     body = b"" if request.method == "HEAD" else orjson.dumps(exc.body())
     return Response(body, status_code=exc.status, headers=exc.headers, media_type="application/json")
 
 
 async def _http_error(request: Request, exc: HTTPException) -> Response:
     code = {404: "NAME_UNKNOWN", 405: "UNSUPPORTED"}.get(exc.status_code, "UNSUPPORTED")
-    err = RegistryError(code, status=exc.status_code)
-    return await _registry_error(request, err)
+    err = DistributionError(code, status=exc.status_code)
+    return await _distribution_error(request, err)
 
 
 async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
@@ -577,7 +574,7 @@ async def _storage_error(request: Request, exc: OSError) -> Response:
     target = classify(request.method, request.url.path)
     if not isinstance(exc, FileNotFoundError):
         log.error("registry: %s %s: %s", request.method, request.url.path, exc)
-    return await _registry_error(request, storage_error(exc, target.kind if target else None))
+    return await _distribution_error(request, storage_error(exc, target.kind if target else None))
 
 
 def create_app(config: Config):
@@ -595,7 +592,7 @@ def create_app(config: Config):
         Route("/v2/{name:path}/referrers/{digest}", r.referrers, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={
-        RegistryError: _registry_error, HTTPException: _http_error, OSError: _storage_error,
+        DistributionError: _distribution_error, HTTPException: _http_error, OSError: _storage_error,
         ClientDisconnect: _client_gone})
     app.state.registry = r
     tenants = r.tenants

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import orjson
 
 from taxiway.registry import tokens
-from taxiway.registry.errors import RegistryError
+from taxiway.registry.errors import DistributionError
 from taxiway.registry.paths import classify
 from taxiway.registry.tenants import Tenants
 
@@ -48,7 +48,7 @@ def basic_password(header: str) -> str | None:
     return user_pass.partition(":")[2] if ":" in user_pass else None
 
 
-async def send_error(send, err: RegistryError, head: bool = False) -> None:
+async def send_error(send, err: DistributionError, head: bool = False) -> None:
     body = b"" if head else orjson.dumps(err.body())
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), API_HEADER]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
@@ -121,11 +121,11 @@ class Authorizer:
         state = scope.setdefault("state", {})
         head = method == "HEAD"
         if target is None:  # never let an unparsed path reach a handler unauthenticated
-            return await send_error(send, RegistryError("NAME_UNKNOWN", message="no such API endpoint"), head)
+            return await send_error(send, DistributionError("NAME_UNKNOWN", message="no such API endpoint"), head)
         if target.kind == "token":
             return await self.app(scope, receive, send_with_api_header)
         if target.name and not target.name_valid:
-            return await send_error(send, RegistryError("NAME_INVALID", detail={"name": target.name[:300]}), head)
+            return await send_error(send, DistributionError("NAME_INVALID", detail={"name": target.name[:300]}), head)
         if self.tenants is None:
             state.update(org=None, identity=None, client_name=target.name)
             return await self.app(scope, receive, send_with_api_header)
@@ -137,24 +137,24 @@ class Authorizer:
                 break
         ident = self.identify(authorization) if authorization else None
         if ident is None:
-            return await send_error(send, RegistryError("UNAUTHORIZED", headers=self._challenge(scope, target)), head)
+            return await send_error(send, DistributionError("UNAUTHORIZED", headers=self._challenge(scope, target)), head)
         state.update(org=ident.org, identity=ident, client_name=target.name)
         if target.kind == "base":
             return await self.app(scope, receive, send_with_api_header)
         if target.kind == "catalog":
             if not ident.may_catalog():
-                return await send_error(send, RegistryError(
+                return await send_error(send, DistributionError(
                     "UNAUTHORIZED", headers=self._challenge(scope, target, "insufficient_scope")), head)
             return await self.app(scope, receive, send_with_api_header)
         if not ident.may(target.name, target.action):
             if target.action in tokens.SCOPE_ACTIONS.get(ident.token_scope, ()):
                 # The org token allows it; this bearer token was just issued for less.
-                err = RegistryError("UNAUTHORIZED", headers=self._challenge(scope, target, "insufficient_scope"))
+                err = DistributionError("UNAUTHORIZED", headers=self._challenge(scope, target, "insufficient_scope"))
             else:
-                err = RegistryError("DENIED", detail={"action": target.action, "scope": ident.token_scope})
+                err = DistributionError("DENIED", detail={"action": target.action, "scope": ident.token_scope})
             return await send_error(send, err, head)
         if len(ident.org) + 1 + len(target.name) > 255:  # org/name must stay a valid name
-            return await send_error(send, RegistryError("NAME_INVALID", detail="name too long"), head)
+            return await send_error(send, DistributionError("NAME_INVALID", detail="name too long"), head)
         new_path = target.rewritten_path(ident.org)
         scope["path"] = new_path
         scope["raw_path"] = new_path.encode()

@@ -29,8 +29,12 @@ CODES: dict[str, tuple[int, str]] = {
 }
 
 
-class RegistryError(Exception):
-    """An error answered as ``{"errors": [{"code", "message", "detail"}]}``."""
+class DistributionError(Exception):
+    """What the server answers as ``{"errors": [{"code", "message", "detail"}]}`` (a distribution-spec error code).
+
+    Server side only: the registry *client* raises :class:`taxiway.oci.client.RegistryError`
+    (a :class:`taxiway.errors.TaxiwayError` a user sees) when a registry answers one of these.
+    """
 
     def __init__(self, code: str, message: str | None = None, detail: Any = None,
                  status: int | None = None, headers: dict[str, str] | None = None):
@@ -54,14 +58,14 @@ GONE: dict[str, str] = {"manifest": "MANIFEST_UNKNOWN", "blob": "BLOB_UNKNOWN", 
                         "tags": "NAME_UNKNOWN", "referrers": "MANIFEST_UNKNOWN"}
 
 
-def storage_error(e: OSError, kind: str | None = None) -> RegistryError:
+def storage_error(e: OSError, kind: str | None = None) -> DistributionError:
     """The error an OSError from storage answers: only ENOSPC/EDQUOT are STORAGE_FULL (507).
 
     A FileNotFoundError means something was deleted concurrently: the thing ``kind``
     names is unknown (404), as if the delete had happened first.
     """
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return RegistryError("STORAGE_FULL", detail="no space left on the registry's disk")
+        return DistributionError("STORAGE_FULL", detail="no space left on the registry's disk")
     if isinstance(e, FileNotFoundError) and kind in GONE:
-        return RegistryError(GONE[kind], detail="removed by a concurrent request")
-    return RegistryError("UNKNOWN", message="storage error", detail=e.strerror)
+        return DistributionError(GONE[kind], detail="removed by a concurrent request")
+    return DistributionError("UNKNOWN", message="storage error", detail=e.strerror)

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 
 from taxiway.registry import manifest as manifests
-from taxiway.registry.errors import RegistryError
+from taxiway.registry.errors import DistributionError
 from taxiway.registry.storage import FilesystemStorage
 
 
@@ -35,7 +35,7 @@ def _refs(storage: FilesystemStorage, repo: str, digest: str) -> list[manifests.
     media_type = storage.manifest_media_type(repo, digest)
     try:
         return list(manifests.parse(storage.read_blob(digest), media_type).refs)
-    except (FileNotFoundError, RegistryError):
+    except (FileNotFoundError, DistributionError):
         return []
 
 

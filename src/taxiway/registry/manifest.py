@@ -1,7 +1,7 @@
 """Manifest validation: a pure function from bytes to what the manifest references.
 
 Anything a client can send is either accepted or rejected with a
-:class:`RegistryError` carrying a 4xx code; nothing here raises anything else.
+:class:`DistributionError` carrying a 4xx code; nothing here raises anything else.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import orjson
 
 from taxiway.oci import mediatypes as mt
 from taxiway.oci.digest import Digest
-from taxiway.registry.errors import RegistryError
+from taxiway.registry.errors import DistributionError
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 
@@ -49,8 +49,8 @@ class Manifest:
         return d
 
 
-def _invalid(detail: str) -> RegistryError:
-    return RegistryError("MANIFEST_INVALID", detail=detail)
+def _invalid(detail: str) -> DistributionError:
+    return DistributionError("MANIFEST_INVALID", detail=detail)
 
 
 def _descriptor(d: Any, where: str) -> tuple[str, int, str, bool]:
@@ -75,7 +75,7 @@ def _descriptor(d: Any, where: str) -> tuple[str, int, str, bool]:
 def parse(body: bytes, content_type: str | None) -> Manifest:
     """Validate a pushed manifest; returns its media type, digest and references."""
     if len(body) > MAX_MANIFEST_BYTES:
-        raise RegistryError("SIZE_INVALID", message="manifest too large",
+        raise DistributionError("SIZE_INVALID", message="manifest too large",
                             detail=f"manifest larger than {MAX_MANIFEST_BYTES} bytes", status=413)
     try:
         doc = orjson.loads(body)

@@ -8,18 +8,11 @@ from pathlib import Path
 import orjson
 
 from taxiway.errors import InvalidInput
+from taxiway.listen import Listen, parse_listen
 from taxiway.registry.storage import MAX_UPLOAD_BYTES, MAX_UPLOAD_SESSIONS, FilesystemStorage
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidInput(f"invalid listen address {listen!r}", "use HOST:PORT, e.g. 127.0.0.1:5000")
-    return host, int(port)
-
-
-def serve(root: Path, listen: str = "127.0.0.1:5000", *, tls_cert: str | None = None, tls_key: str | None = None,
+def serve(root: Path, listen: str | Listen = "127.0.0.1:5000", *, tls_cert: str | None = None, tls_key: str | None = None,
           auth: bool = True, delete: bool = True, workers: int = 1, realm: str | None = None,
           service: str = "taxiway", max_upload_sessions: int = MAX_UPLOAD_SESSIONS,
           max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
@@ -29,7 +22,7 @@ def serve(root: Path, listen: str = "127.0.0.1:5000", *, tls_cert: str | None = 
 
     from taxiway.registry.app import load_key
 
-    host, port = parse_listen(listen)
+    host, port = parse_listen(listen) if isinstance(listen, str) else listen
     if bool(tls_cert) != bool(tls_key):
         raise InvalidInput("--tls-cert and --tls-key go together", "pass both, or neither for plain HTTP")
     root = Path(root)

@@ -42,8 +42,9 @@ from typing import BinaryIO, Protocol
 
 import orjson
 
+from taxiway.fsutil import write_bytes_atomic
 from taxiway.oci.digest import Digest
-from taxiway.registry.errors import RegistryError, storage_error
+from taxiway.registry.errors import DistributionError, storage_error
 from taxiway.registry.tenants import parse_duration
 
 _SESSION = re.compile(r"[0-9a-f]{32}(?:\.once)?")
@@ -64,7 +65,7 @@ def configured_upload_max_age() -> float:
     return parse_duration(raw) if raw else UPLOAD_MAX_AGE
 
 
-class SessionBusy(RegistryError):
+class SessionBusy(DistributionError):
     """Another request is writing to this upload session (distribution answers such requests with an error too)."""
 
     def __init__(self, headers: dict[str, str] | None = None):
@@ -110,16 +111,9 @@ def _hex(digest: str) -> tuple[str, str]:
 
 
 def _publish(path: Path, data: bytes) -> None:
-    """Write a small file by rename (atomic for readers; links need no fsync)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    """Write a small file by rename (atomic for readers; links, tags and revision records need no fsync:
+    after a power cut a missing one is a push to repeat, never a wrong answer)."""
+    write_bytes_atomic(path, data, fsync=False)
 
 
 def _digests(d: Path) -> list[str]:
@@ -132,7 +126,7 @@ def _digests(d: Path) -> list[str]:
     return out
 
 
-def _storage_error(e: OSError) -> RegistryError:
+def _storage_error(e: OSError) -> DistributionError:
     return storage_error(e)
 
 
@@ -243,7 +237,7 @@ class FilesystemStorage:
     # -- uploads -------------------------------------------------------
     def _org_uploads(self, org: str) -> Path:
         if org and not _ORG_DIR.fullmatch(org):
-            raise RegistryError("BLOB_UPLOAD_UNKNOWN")
+            raise DistributionError("BLOB_UPLOAD_UNKNOWN")
         return self.uploads / (org or "_")  # no org starts with "_"
 
     def new_upload(self, org: str = "", *, max_sessions: int | None = None, resumable: bool = True) -> str:
@@ -260,7 +254,7 @@ class FilesystemStorage:
                 if max_sessions is not None:
                     n = len(self._sessions(d))
                     if n >= max_sessions:
-                        raise RegistryError("TOOMANYREQUESTS", message="too many open upload sessions",
+                        raise DistributionError("TOOMANYREQUESTS", message="too many open upload sessions",
                                             detail=f"this organisation has {n} open upload sessions, the most "
                                                    f"allowed; finish or cancel (DELETE) some, or wait for idle "
                                                    f"ones to expire")
@@ -299,7 +293,7 @@ class FilesystemStorage:
 
     def _upload(self, upload_id: str, org: str = "") -> Path:
         if not _SESSION.fullmatch(upload_id):
-            raise RegistryError("BLOB_UPLOAD_UNKNOWN")
+            raise DistributionError("BLOB_UPLOAD_UNKNOWN")
         return self._org_uploads(org) / upload_id
 
     def _expired(self, st: os.stat_result, now: float | None = None) -> bool:
@@ -309,7 +303,7 @@ class FilesystemStorage:
         """The session's size, or None when there is no such session (or it expired)."""
         try:
             st = self._upload(upload_id, org).stat()
-        except (FileNotFoundError, RegistryError):
+        except (FileNotFoundError, DistributionError):
             return None
         return None if self._expired(st) else st.st_size
 
@@ -325,7 +319,7 @@ class FilesystemStorage:
         try:
             f = open(path, "r+b")
         except FileNotFoundError:
-            raise RegistryError("BLOB_UPLOAD_UNKNOWN") from None
+            raise DistributionError("BLOB_UPLOAD_UNKNOWN") from None
         with f:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -337,10 +331,10 @@ class FilesystemStorage:
             except FileNotFoundError:
                 current = False
             if not current:
-                raise RegistryError("BLOB_UPLOAD_UNKNOWN")
+                raise DistributionError("BLOB_UPLOAD_UNKNOWN")
             if self._expired(st):
                 path.unlink(missing_ok=True)
-                raise RegistryError("BLOB_UPLOAD_UNKNOWN", detail="the upload session expired")
+                raise DistributionError("BLOB_UPLOAD_UNKNOWN", detail="the upload session expired")
             f.seek(0, os.SEEK_END)
             yield f
 
@@ -368,7 +362,7 @@ class FilesystemStorage:
             size = os.fstat(f.fileno()).st_size
             if hasher.hexdigest() != d.hex:
                 self.drop_upload(upload_id, org)
-                raise RegistryError("DIGEST_INVALID", detail=f"content does not hash to {digest}")
+                raise DistributionError("DIGEST_INVALID", detail=f"content does not hash to {digest}")
             target = self._blob_target(digest)
             with self.blob_lock(digest):
                 try:
@@ -382,7 +376,7 @@ class FilesystemStorage:
         return size
 
     def drop_upload(self, upload_id: str, org: str = "") -> None:
-        with contextlib.suppress(FileNotFoundError, RegistryError):
+        with contextlib.suppress(FileNotFoundError, DistributionError):
             self._upload(upload_id, org).unlink()
 
     def expire_uploads(self, idle: float | None = None, *, startup: bool = False) -> int:
@@ -452,17 +446,9 @@ class FilesystemStorage:
                 if target.read_bytes() == data:  # never trust a damaged copy: compare, it is small
                     os.utime(target)
                     return
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
             try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, target)
+                write_bytes_atomic(target, data)
             except OSError as e:
-                with contextlib.suppress(FileNotFoundError):
-                    tmp.unlink()
                 raise _storage_error(e) from e
 
     # -- manifests and tags --------------------------------------------
