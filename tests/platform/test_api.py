@@ -321,3 +321,32 @@ def test_kill_9_of_the_api_keeps_state(platform_api, tmp_path):
             httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {platform_api.tokens['acme']}"}) as c:
         assert c.get("/v1/apps/durable").status_code == 200
         assert sorted(a["name"] for a in c.get("/v1/apps").json()["apps"]) == ["api", "durable", "web"]
+
+
+def test_client_turns_api_errors_into_one_line(platform_api, platform_home, monkeypatch):
+    from taxiway.platform.client import (
+        Client,
+        ClientError,
+        ClientInvalid,
+        ClientNotFound,
+        load_config,
+    )
+
+    with pytest.raises(ClientError, match="no platform API configured"):
+        load_config()
+    monkeypatch.setenv("TAXIWAY_API_URL", platform_api.url)
+    monkeypatch.setenv("TAXIWAY_API_TOKEN", platform_api.tokens["acme"])
+    with Client.from_config() as c:
+        assert c.create_app("cli-app")["name"] == "cli-app"
+        assert "cli-app" in [a["name"] for a in c.apps()]
+        with pytest.raises(ClientInvalid) as e:
+            c.create_app("Nope!")
+        assert str(e.value).startswith("invalid app name 'Nope!'; ") and e.value.exit_code == 2
+        with pytest.raises(ClientNotFound, match="no app 'theirs'"):
+            c.machines("theirs")
+        with pytest.raises(ClientError) as e:
+            c.create_machine("web", {"image": "x:1"})
+        assert e.value.status == 503 and "agent" in str(e.value)
+        assert c.logs("web") == []
+    with Client(f"http://127.0.0.1:{free_port()}", "tw_x") as c, pytest.raises(ClientError, match="cannot reach"):
+        c.apps()
