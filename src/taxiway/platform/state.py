@@ -68,8 +68,14 @@ class State:
         import nats
 
         try:
-            nc = await nats.connect(url, name=name, connect_timeout=timeout, max_reconnect_attempts=-1,
-                                    reconnect_time_wait=0.5, allow_reconnect=True)
+            # With reconnects allowed forever, nats-py also retries the first connect forever:
+            # bound it, so "nobody there" is an error instead of a hang.
+            nc = await asyncio.wait_for(
+                nats.connect(url, name=name, connect_timeout=timeout, max_reconnect_attempts=-1,
+                             reconnect_time_wait=0.5, allow_reconnect=True), timeout)
+        except TimeoutError:
+            raise Unavailable(f"cannot reach NATS at {url} (no connection within {timeout:g} s)",
+                              "start the platform with 'taxiway up'") from None
         except Exception as e:  # nats-py raises several unrelated types for "nobody there"
             raise Unavailable(f"cannot reach NATS at {url} ({type(e).__name__}: {e})",
                               "start the platform with 'taxiway up'") from None
