@@ -354,6 +354,26 @@ def test_interactive_stdin_and_tty(busybox, taxiway_home):
     assert os.waitstatus_to_exitcode(status) == 4
 
 
+def test_a_regular_file_at_dev_null_is_never_read(busybox, taxiway_home, tmp_path):
+    """A host whose /dev/null became a regular file (deleted, then recreated by a redirect) must not feed
+    that file's old text to a machine's stdin (seen in CI) nor show it in /proc's masked files.
+
+    The broken /dev/null exists only in a private mount namespace of this test (a bind mount of a
+    temp file); the host's is never touched."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "null"
+    fake.write_text("old text written to a fake /dev/null\n")
+    script = (f"mount --bind {fake} /dev/null && exec {sys.executable} -m taxiway run --rm {busybox} "
+              "sh -c 'cat; cat /proc/kcore /proc/timer_list; echo end'")
+    r = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                       capture_output=True, input=b"typed, but no -i\n", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"end\n", r.stdout
+    assert fake.read_text() == "old text written to a fake /dev/null\n"  # and nothing was written to it
+
+
 def test_dev_holds_what_the_readme_lists(busybox, taxiway_home):
     """/dev without -t: Docker's nodes and no console (Docker gives /dev/console only with a tty;
     with -t it is the machine's pty, see test_interactive_stdin_and_tty)."""

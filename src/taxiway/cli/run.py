@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import sys
 
-if False:  # typing only: ``typing`` costs ~8 ms here
+from taxiway.machines import TYPE_CHECKING
+
+if TYPE_CHECKING:  # see taxiway/machines/__init__.py: typing is not imported at run time
     from typing import Any
 
 

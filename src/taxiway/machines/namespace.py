@@ -19,11 +19,13 @@ import signal
 import stat
 from pathlib import Path
 
+from taxiway.machines import TYPE_CHECKING
 from taxiway.machines import linux as L
 from taxiway.machines.config import reserved_target
+from taxiway.machines.stdio import FORWARDED, forward_to, handling
 from taxiway.oci._safepath import RootFS, clean
 
-if False:  # typing only: not imported on the start path
+if TYPE_CHECKING:  # see taxiway/machines/__init__.py: typing is not imported at run time
     from typing import Any
 
 TINI = os.environ.get("TAXIWAY_INIT", "/usr/bin/tini-static")
@@ -183,8 +185,8 @@ def build_root(spec: dict[str, Any]) -> None:
             with contextlib.suppress(OSError):
                 L.mount("tmpfs", full, "tmpfs", L.MS_RDONLY)
         elif os.path.exists(full):
-            with contextlib.suppress(OSError):
-                L.mount("/dev/null", full, None, L.MS_BIND)
+            with contextlib.suppress(OSError):  # the machine's own null device, never the host's path
+                L.mount(f"{dev}/null", full, None, L.MS_BIND)
     for p in READONLY:
         full = root + p
         if os.path.exists(full):
@@ -286,7 +288,7 @@ def spawn(spec: dict[str, Any], cgroup_procs: list[str], stdio: tuple[int, int, 
     _buf = None  # the filter's bytes: alive until the child has forked
     if "seccomp_bpf" not in spec:  # a caller that names no filter (the builder's steps) gets Docker's default
         from taxiway.machines import seccomp
-        from taxiway.machines.state import machines_dir
+        from taxiway.machines.dirs import machines_dir
 
         caps = spec.get("caps")
         spec["seccomp_bpf"] = seccomp.filter_for(None, L.MACHINE_CAPS if caps is None else caps,
@@ -344,7 +346,7 @@ def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[st
     """Run ``argv`` inside a running machine (``machines exec``); returns its exit status.
 
     ``proc`` carries the machine's user, env, workdir and ``caps``; ``seccomp_bpf`` its filter
-    (None: no filter; the runtime passes the machine's own, see ``runtime.seccomp_filter``).
+    (None: no filter; the runtime passes the machine's own, see ``namespace_runtime.seccomp_filter``).
     """
     prog = None
     if seccomp_bpf:
@@ -384,8 +386,8 @@ def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[st
                     os.chdir("/")
                 _harden(proc, prog)
                 os.execvpe(argv[0], argv, dict(e.split("=", 1) for e in env))
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                signal.signal(s, lambda sig, _f: os.kill(d, sig))
+            for s in FORWARDED:
+                signal.signal(s, forward_to(d))
             _, st = os.waitpid(d, 0)
             os._exit(os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st))
         except BaseException as e:  # noqa: BLE001
@@ -397,12 +399,8 @@ def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[st
     for fd, _ in nss:
         os.close(fd)
     # c is in a group of its own: a Ctrl-C, kill or hang-up of this CLI reaches the command through us
-    old = {s: signal.signal(s, lambda sig, _f: os.kill(c, sig)) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
+    with handling(forward_to(c)):
         _, st = os.waitpid(c, 0)
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
     err = b""
     while chunk := os.read(errr, 4096):
         err += chunk

@@ -19,9 +19,10 @@ import ctypes
 import os
 
 from taxiway.errors import InvalidInput, TaxiwayError
+from taxiway.machines import TYPE_CHECKING
 from taxiway.machines import linux as L
 
-if False:  # typing only
+if TYPE_CHECKING:  # see taxiway/machines/__init__.py: typing is not imported at run time
     from typing import Any
 
 _ALLOW = (

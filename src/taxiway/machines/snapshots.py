@@ -34,10 +34,12 @@ import time
 from pathlib import Path
 
 from taxiway.errors import TaxiwayError
+from taxiway.machines import TYPE_CHECKING
 from taxiway.machines.config import Record
-from taxiway.machines.state import private_dir
+from taxiway.machines.dirs import private_dir, snapshots_dir
+from taxiway.machines.procs import pid_alive
 
-if False:  # typing only: not imported on the start path
+if TYPE_CHECKING:  # see taxiway/machines/__init__.py: typing is not imported at run time
     from collections.abc import Iterator
     from typing import Any, BinaryIO
 
@@ -71,7 +73,8 @@ def chain_ids(diff_ids: list[str]) -> list[str]:
     return out
 
 
-def _hex(chain_id: str) -> str:
+def chain_hex(chain_id: str) -> str:
+    """The hex part of a sha256 chain ID (a directory name), refused unless well-formed."""
     algo, _, h = chain_id.partition(":")
     if algo != "sha256" or len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
         raise TaxiwayError(f"invalid chain ID {chain_id!r}", "the image config is corrupt")
@@ -114,16 +117,6 @@ def apply_layer(root: Path, stream: BinaryIO, media_type: str, diff_id: str | No
                   workers=0 if size < (8 << 20) else None)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def du(path: Path) -> int:
     total = 0
     for dirpath, dirnames, filenames in os.walk(path):
@@ -138,9 +131,7 @@ class Snapshotter:
 
     def __init__(self, root: Path | None = None):
         if root is None:
-            from taxiway.paths import home
-
-            root = home() / "snapshots"
+            root = snapshots_dir()
         self.root = Path(root)
         self.layers = self.root / "layers"
         self.leases = self.root / "leases"
@@ -160,10 +151,10 @@ class Snapshotter:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def path(self, chain_id: str) -> Path:
-        return self.layers / _hex(chain_id) / "fs"
+        return self.layers / chain_hex(chain_id) / "fs"
 
     def has(self, chain_id: str) -> bool:
-        return (self.layers / _hex(chain_id) / "meta.json").exists()
+        return (self.layers / chain_hex(chain_id) / "meta.json").exists()
 
     def prepare(self, image: Any) -> list[str]:
         """Make sure every layer of ``image`` is unpacked; returns the chain IDs, base first."""
@@ -183,7 +174,7 @@ class Snapshotter:
         return chain
 
     def _unpack(self, image: Any, desc: Any, parents: list[str], chain_id: str, diff_id: str) -> None:
-        h = _hex(chain_id)
+        h = chain_hex(chain_id)
         final = self.layers / h
         tmp = self.layers / f".tmp-{h}-{os.getpid()}"
         if tmp.exists():
@@ -338,14 +329,14 @@ class Snapshotter:
         for d in self.layers.iterdir():
             if d.name.startswith(".tmp-"):
                 pid = d.name.rsplit("-", 1)[-1]
-                if not pid.isdigit() or not _pid_alive(int(pid)) or int(pid) == os.getpid():
+                if not pid.isdigit() or not pid_alive(int(pid)) or int(pid) == os.getpid():
                     shutil.rmtree(d, ignore_errors=True)
                     removed.append(d.name)
             elif not (d / "meta.json").exists() and not d.name.startswith("."):
                 shutil.rmtree(d, ignore_errors=True)
                 removed.append(d.name)
         for d in self.root.glob(".base-*"):
-            if not _pid_alive(int(d.name.rsplit("-", 1)[-1])):
+            if not pid_alive(int(d.name.rsplit("-", 1)[-1])):
                 shutil.rmtree(d, ignore_errors=True)
         if live_owners is not None:
             for owner in self._leases(files_only=True):
@@ -366,6 +357,6 @@ class Snapshotter:
                 if s.chain_id in leased or s.chain_id in images:
                     continue
                 # children before parents does not matter in overlay mode: each dir is standalone
-                shutil.rmtree(self.layers / _hex(s.chain_id), ignore_errors=True)
+                shutil.rmtree(self.layers / chain_hex(s.chain_id), ignore_errors=True)
                 gone.append(s)
             return gone

@@ -20,34 +20,18 @@ import time
 from pathlib import Path
 
 from taxiway.errors import InvalidInput, NotFound
+from taxiway.machines import TYPE_CHECKING
 from taxiway.machines.config import MachineConfig, Record
+from taxiway.machines.dirs import machines_dir, private_dir
+from taxiway.machines.procs import pid_alive
 
-if False:  # typing only: not imported on the start path
+if TYPE_CHECKING:
     from typing import Any
 
+__all__ = ["STATES", "Machine", "load", "find", "all_machines", "machines_dir", "private_dir", "new_id", "new_name",
+           "valid_name", "name_taken", "remove_dir", "trash", "empty_trash"]
+
 STATES = ("created", "starting", "running", "stopping", "exited", "failed")
-
-
-def private_dir(d: Path) -> Path:
-    """``d`` made 0700, or tightened to 0700 if others can enter it.
-
-    Machines' writable layers and unpacked snapshots keep the image's setuid files and
-    device nodes: no other user of the host may reach them (podman's storage is 0700
-    too). Their children are reachable only through these directories, so only the top
-    ones need it.
-    """
-    try:
-        d.mkdir(mode=0o700)
-    except FileExistsError:
-        if os.stat(d).st_mode & 0o077:
-            os.chmod(d, 0o700)
-    return d
-
-
-def machines_dir() -> Path:
-    from taxiway.paths import home
-
-    return private_dir(home() / "machines")
 
 
 class Machine(Record):
@@ -128,28 +112,30 @@ class Machine(Record):
 
     def alive(self) -> bool:
         """True if its init (or its VM) is still running."""
-        return self.pid is not None and _alive(self.pid)
+        return self.pid is not None and pid_alive(self.pid)
 
     def status(self) -> str:
         """The state, corrected if the process vanished without its supervisor noticing (kill -9)."""
         if self.state in ("running", "starting", "stopping") and not self.alive() and not (
-                self.supervisor and _alive(self.supervisor)):
+                self.supervisor and pid_alive(self.supervisor)):
             return "exited"
         return self.state
 
+    # A stop asked for (``machines stop``, ``rm -f``) is a file in the machine's directory: the supervisor,
+    # another process, sees it, and then applies no restart policy.
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    def request_stop(self) -> None:
+        """Mark the machine as stopped on purpose: its supervisor will not restart it."""
+        (self.dir / "stop-requested").touch()
+
+    def stop_requested(self) -> bool:
+        """Was a stop asked for since the last start?"""
+        return (self.dir / "stop-requested").exists()
+
+    def clear_stop(self) -> None:
+        """Forget an earlier stop (``machines start``)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / "stop-requested").unlink()
 
 
 def new_id() -> str:
@@ -242,9 +228,9 @@ def empty_trash(background: bool = False) -> None:
             return
         try:
             os.setsid()
-            null = os.open("/dev/null", os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
+            from taxiway.machines.stdio import detach_stdio
+
+            detach_stdio()
             os.closerange(3, 1 << 16)
             import shutil
 

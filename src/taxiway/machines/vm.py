@@ -70,13 +70,23 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from taxiway.errors import InvalidInput, TaxiwayError
-from taxiway.machines import config as C
+from taxiway.machines import TYPE_CHECKING
 from taxiway.machines import state as S
-from taxiway.machines.config import MachineConfig
-from taxiway.machines.snapshots import Snapshotter, _hex, du
+from taxiway.machines.dirs import vm_dir
+from taxiway.machines.logs import LogPump
+from taxiway.machines.procs import kill_after, pid_alive
+from taxiway.machines.snapshots import chain_hex, du
+from taxiway.machines.stdio import FORWARDED, handling, null_input, raw_terminal
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
+
+    from taxiway.machines.config import MachineConfig
+    from taxiway.machines.interface import Exit
+    from taxiway.machines.snapshots import Snapshotter
 
 QEMU = "qemu-system-x86_64"
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -163,13 +173,6 @@ def _qemu() -> str:
     return q
 
 
-def _vm_dir() -> Path:
-    from taxiway.machines.state import private_dir
-    from taxiway.paths import home
-
-    return private_dir(home() / "vm")  # the images' roots as ext4 files: no other user reads them
-
-
 # -- cpio (newc) ----------------------------------------------------------------------------
 
 
@@ -237,7 +240,7 @@ def base_initramfs() -> Path:
     _, ver = kernel()
     agent = vmagent.binary()
     key = hashlib.sha256(f"{INIT}{MODULES}{agent.name}".encode()).hexdigest()[:12]
-    p = _vm_dir() / f"initramfs-{ver}-{key}.cpio"
+    p = vm_dir() / f"initramfs-{ver}-{key}.cpio"
     if p.exists():
         return p
     mods = _modules(ver)
@@ -252,7 +255,7 @@ def base_initramfs() -> Path:
     tmp = p.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_bytes(cpio(entries))
     os.replace(tmp, p)
-    for old in _vm_dir().glob(f"initramfs-{ver}*.cpio"):  # earlier versions of init or agent
+    for old in vm_dir().glob(f"initramfs-{ver}*.cpio"):  # earlier versions of init or agent
         if old != p:
             with contextlib.suppress(OSError):
                 old.unlink()
@@ -270,16 +273,20 @@ def kvm_usable(timeout: float = 8.0) -> bool:
     if not os.path.exists("/dev/kvm"):
         return False
     kpath, ver = kernel()
-    cache = Path(os.environ.get("TAXIWAY_KVM_CACHE") or _vm_dir() / "kvm-probe.json")
+    cache = Path(os.environ.get("TAXIWAY_KVM_CACHE") or vm_dir() / "kvm-probe.json")
     with contextlib.suppress(OSError, ValueError):
         c = json.loads(cache.read_text())
         if c.get("kernel") == ver:
             return bool(c["kvm"])
     ok = False
     try:
-        r = subprocess.run([_qemu(), *_machine_args("kvm", 128 << 20, 1), "-kernel", str(kpath),
-                            "-initrd", str(base_initramfs()), "-append", _cmdline()],
-                           capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        stdin = null_input()  # the serial console reads it: never a /dev/null that is a file
+        try:
+            r = subprocess.run([_qemu(), *_machine_args("kvm", 128 << 20, 1), "-kernel", str(kpath),
+                                "-initrd", str(base_initramfs()), "-append", _cmdline()],
+                               capture_output=True, timeout=timeout, stdin=stdin)
+        finally:
+            os.close(stdin)
         ok = EXIT_MARK in r.stdout and r.returncode == 0
     except subprocess.TimeoutExpired:
         ok = False
@@ -342,9 +349,9 @@ def choose_accel(want: str) -> str:
 
 def image_disk(snap: Snapshotter, chain: list[str]) -> Path:
     """The image's root as an ext4 file (made once per image, leased on its layers)."""
-    disks = _vm_dir() / "disks"
+    disks = vm_dir() / "disks"
     disks.mkdir(exist_ok=True)
-    key = _hex(chain[-1])
+    key = chain_hex(chain[-1])
     path = disks / f"{key}.ext4"
     if path.exists():
         return path
@@ -375,67 +382,11 @@ def image_disk(snap: Snapshotter, chain: list[str]) -> Path:
 
 
 def lease_owners() -> set[str]:
-    d = _vm_dir() / "disks"
+    d = vm_dir() / "disks"
     return {f"vmdisk-{p.stem}" for p in d.glob("*.ext4")} if d.exists() else set()
 
 
 # -- create / run -----------------------------------------------------------------------------
-
-
-def create(cfg: MachineConfig, name: str | None, progress: Any = None) -> S.Machine:
-    """Validate and prepare a micro-VM machine: image disk, qcow2 overlay, config initrd."""
-    from taxiway.machines import runtime
-
-    for mnt in cfg.mounts:
-        if not os.path.exists(mnt.source):
-            raise InvalidInput(f"host path {mnt.source} for -v does not exist", f"create it first (mkdir -p {mnt.source})")
-        if not os.path.isdir(mnt.source):
-            raise InvalidInput(f"host path {mnt.source} for -v is not a directory",
-                               "micro-VMs share directories (virtiofs): mount the directory that holds it")
-        if not os.path.exists(VIRTIOFSD):
-            raise TaxiwayError(f"{VIRTIOFSD} is missing: -v for micro-VMs needs it", "install qemu-system-common")
-    mem = cfg.guest.memory or DEFAULT_VM_MEMORY
-    if mem < MIN_VM_MEMORY:
-        raise InvalidInput(f"memory {mem >> 20}m is too small for a micro-VM", "use --memory 128m or more")
-    kernel()
-    _qemu()
-    accel = choose_accel(cfg.vm_accel)
-    image = runtime.get_image(cfg.image, progress)
-    icfg = image.config()
-    argv = C.command(icfg, cfg.cmd, cfg.entrypoint)
-    snap = Snapshotter()
-    snap.cleanup()
-    chain = snap.prepare(image)
-    ic = icfg.get("config") or {}
-    user = cfg.user if cfg.user is not None else (ic.get("User") or None)
-    uid, gid, groups, home = C.resolve_user(user, runtime._read_layer_file(snap, chain, "etc/passwd"),
-                                            runtime._read_layer_file(snap, chain, "etc/group"), cfg.image)
-    base = image_disk(snap, chain)
-    base_initramfs()
-    mid = S.new_id()
-    name = name or S.new_name()
-    hostname = cfg.hostname or mid[:12]
-    if cfg.stop_signal is None and ic.get("StopSignal"):
-        cfg.stop_signal = ic["StopSignal"]
-    env = C.environment(icfg, cfg.env, hostname, home)
-    m = S.Machine(id=mid, name=name, config=cfg, image_digest=image.digest(), chain=chain, command=argv,
-                  process={"argv": argv, "env": env, "uid": uid, "gid": gid, "groups": groups,
-                           "workdir": cfg.workdir or ic.get("WorkingDir") or "/", "hostname": hostname,
-                           "volumes": volume_paths(cfg)},
-                  runtime="vm", accel=accel)
-    d = m.dir
-    d.mkdir()
-    try:
-        r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(d / "disk.qcow2")],
-                           capture_output=True)
-        if r.returncode != 0:
-            raise TaxiwayError(f"qemu-img failed: {r.stderr.decode(errors='replace').strip()}", "check qemu-utils")
-        m.save()
-        m.event("created", image=cfg.image, accel=accel)
-    except BaseException:
-        S.remove_dir(d)
-        raise
-    return m
 
 
 def _has_nic(m: S.Machine) -> bool:
@@ -482,7 +433,7 @@ def vm_uid(m: S.Machine) -> int:
 
 def _jail_args(m: S.Machine) -> list[str]:
     """QEMU's own confinement: its seccomp sandbox, then (after opening its files) a uid of its own in an empty chroot."""
-    empty = _vm_dir() / "empty"
+    empty = vm_dir() / "empty"
     empty.mkdir(mode=0o555, exist_ok=True)
     if any(empty.iterdir()):
         raise TaxiwayError(f"{empty} is not empty (QEMU is chrooted there)", f"remove what is in {empty}")
@@ -625,91 +576,166 @@ class _Console:
         self.f.close()
 
 
-def run_once(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, str, int | None]:
-    """Boot the VM once, serve its agent and wait for it; returns (exit code, reason, signal)."""
-    from taxiway.machines import vmagent
-    from taxiway.machines.runtime import _LogPump
+class VMRuntime:
+    """A machine as a QEMU micro-VM (implements :class:`taxiway.machines.interface.Runtime`)."""
 
-    kpath, _ = kernel()
-    d = m.dir
-    cfg = m.config
-    forwarders = None
-    if cfg.ports:  # first: a busy host port fails the start before anything exists
-        from taxiway.machines.ports import Forwarders, listen
+    kind = "vm"
 
-        forwarders = Forwarders([(listen(p.host_port), p.port) for p in cfg.ports])
-    fsd: list[subprocess.Popen] = []
-    hub = None
-    proc = None
-    try:
-        fsd = _start_virtiofsd(m)
-        initrd = d / "initrd"
-        with open(initrd, "wb") as f:
-            with open(base_initramfs(), "rb") as b:
-                shutil.copyfileobj(b, f)
-            f.write(_config_cpio(m))
+    def __init__(self, m: S.Machine):
+        self.m = m
+        self.attached = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.hub: Any = None
+        self.fsd: list[subprocess.Popen] = []
+        self.forwarders: Any = None
+        self.boot_timer: Any = None
+        self.started = False
+        self.timed_out = False
+        self.boot_limit = float(os.environ.get("TAXIWAY_VM_BOOT_TIMEOUT", "120"))
+
+    # -- create
+
+    @classmethod
+    def check(cls, cfg: MachineConfig) -> dict[str, Any]:
+        for mnt in cfg.mounts:
+            if not os.path.exists(mnt.source):
+                raise InvalidInput(f"host path {mnt.source} for -v does not exist",
+                                   f"create it first (mkdir -p {mnt.source})")
+            if not os.path.isdir(mnt.source):
+                raise InvalidInput(f"host path {mnt.source} for -v is not a directory",
+                                   "micro-VMs share directories (virtiofs): mount the directory that holds it")
+            if not os.path.exists(VIRTIOFSD):
+                raise TaxiwayError(f"{VIRTIOFSD} is missing: -v for micro-VMs needs it", "install qemu-system-common")
         mem = cfg.guest.memory or DEFAULT_VM_MEMORY
-        cpus = max(1, math.ceil(cfg.guest.cpus or 1))
-        argv = [*_netns_wrapper(m), _qemu(), *_machine_args(m.accel or "tcg", mem, cpus, bool(cfg.mounts)),
-                *_jail_args(m),
-                "-kernel", str(kpath), "-initrd", str(initrd), "-append", _cmdline(),
-                "-drive", f"id=root,file={d / 'disk.qcow2'},format=qcow2,if=none,cache=unsafe",
-                "-device", "virtio-blk-device,drive=root",
-                "-device", "virtio-serial-device",
-                "-chardev", "socket,id=agent,path=agent.sock,server=on,wait=on",
-                "-device", "virtserialport,chardev=agent,name=taxiway.agent"]
-        if _has_nic(m):
-            argv += ["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
-                     "-device", "virtio-net-device,netdev=n0"]
-        for i in range(len(cfg.mounts)):
-            argv += ["-chardev", f"socket,id=fs{i},path=fs{i}.sock",
-                     "-device", f"vhost-user-fs-device,chardev=fs{i},tag=vol{i}"]
-        hub = vmagent.Hub(m, attached, None)
-        t0 = time.monotonic()
+        if mem < MIN_VM_MEMORY:
+            raise InvalidInput(f"memory {mem >> 20}m is too small for a micro-VM", "use --memory 128m or more")
+        kernel()
+        _qemu()
+        return {"accel": choose_accel(cfg.vm_accel)}
 
-        started = [False]
+    def prepare(self, snap: Snapshotter) -> None:
+        m = self.m
+        base = image_disk(snap, m.chain)
+        base_initramfs()
+        m.process["volumes"] = volume_paths(m.config)
+        r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base),
+                            str(m.dir / "disk.qcow2")], capture_output=True)
+        if r.returncode != 0:
+            raise TaxiwayError(f"qemu-img failed: {r.stderr.decode(errors='replace').strip()}", "check qemu-utils")
 
-        def entrypoint(at: float) -> None:
-            boot_ms = int((at - t0) * 1000)
-            m.event("entrypoint", boot_ms=boot_ms, accel=m.accel)
-            with contextlib.suppress(OSError):
-                (d / "boot_ms").write_text(str(boot_ms))
-            # `run -d` returns now, as it does for a namespace machine once its process runs
-            started[0] = True
-            on_started(m)
+    # -- one run (in the supervisor)
 
-        hub.on_main_started = entrypoint
-        # relative socket paths (cwd = the machine dir): unix socket paths are limited to 108 bytes
-        proc = subprocess.Popen(argv, cwd=d, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, start_new_session=True)
-        m.pid = proc.pid
-        m.started = time.time()
-        m.exit_code = m.reason = m.signal = m.error = None
-        m.set_state("running", pid=proc.pid, accel=m.accel)
-        hub.connect_agent(proc)
-        tty = cfg.tty and attached
-        hub.open_main(tty, cfg.interactive and attached)
-        if forwarders and hub.agent is not None:
-            forwarders.start(proc.pid, GUEST_ADDR)
-        boot_limit = float(os.environ.get("TAXIWAY_VM_BOOT_TIMEOUT", "120"))
-        timed_out = [False]
+    def start(self, attached: bool, on_started: Callable[[], None]) -> None:
+        """Boot the VM: virtiofsd per volume, QEMU in its own netns, the agent connected, the main process asked for."""
+        from taxiway.machines import vmagent
 
-        def no_boot() -> None:  # a guest that never reaches its entrypoint (a hung boot) is stopped
-            if not started[0] and proc.poll() is None and not hub.main_error:
-                timed_out[0] = True
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
+        self._reset()
+        self.attached = attached
+        m = self.m
+        kpath, _ = kernel()
+        d = m.dir
+        cfg = m.config
+        if cfg.ports:  # first: a busy host port fails the start before anything exists
+            from taxiway.machines.ports import Forwarders, listen
 
-        import threading
+            self.forwarders = Forwarders([(listen(p.host_port), p.port) for p in cfg.ports])
+        try:
+            self.fsd = _start_virtiofsd(m)
+            initrd = d / "initrd"
+            with open(initrd, "wb") as f:
+                with open(base_initramfs(), "rb") as b:
+                    shutil.copyfileobj(b, f)
+                f.write(_config_cpio(m))
+            mem = cfg.guest.memory or DEFAULT_VM_MEMORY
+            cpus = max(1, math.ceil(cfg.guest.cpus or 1))
+            argv = [*_netns_wrapper(m), _qemu(), *_machine_args(m.accel or "tcg", mem, cpus, bool(cfg.mounts)),
+                    *_jail_args(m),
+                    "-kernel", str(kpath), "-initrd", str(initrd), "-append", _cmdline(),
+                    "-drive", f"id=root,file={d / 'disk.qcow2'},format=qcow2,if=none,cache=unsafe",
+                    "-device", "virtio-blk-device,drive=root",
+                    "-device", "virtio-serial-device",
+                    "-chardev", "socket,id=agent,path=agent.sock,server=on,wait=on",
+                    "-device", "virtserialport,chardev=agent,name=taxiway.agent"]
+            if _has_nic(m):
+                argv += ["-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
+                         "-device", "virtio-net-device,netdev=n0"]
+            for i in range(len(cfg.mounts)):
+                argv += ["-chardev", f"socket,id=fs{i},path=fs{i}.sock",
+                         "-device", f"vhost-user-fs-device,chardev=fs{i},tag=vol{i}"]
+            hub = self.hub = vmagent.Hub(m, attached, None)
+            t0 = time.monotonic()
 
-        boot_timer = threading.Timer(boot_limit, no_boot)
-        boot_timer.daemon = True
-        boot_timer.start()
-        pump = _LogPump(d / "log")
-        hub.pump = pump
-        console = _Console(proc, d / "console")
-        old = {}
-        if attached:
+            def entrypoint(at: float) -> None:
+                boot_ms = int((at - t0) * 1000)
+                m.event("entrypoint", boot_ms=boot_ms, accel=m.accel)
+                with contextlib.suppress(OSError):
+                    (d / "boot_ms").write_text(str(boot_ms))
+                # `run -d` returns now, as it does for a namespace machine once its process runs
+                self.started = True
+                on_started()
+
+            hub.on_main_started = entrypoint
+            # relative socket paths (cwd = the machine dir): unix socket paths are limited to 108 bytes
+            # stdin: QEMU's serial console reads it (-serial stdio); never a /dev/null that is a file
+            stdin = null_input()
+            try:
+                proc = self.proc = subprocess.Popen(argv, cwd=d, stdin=stdin, stdout=subprocess.PIPE,
+                                                    stderr=subprocess.PIPE, start_new_session=True)
+            finally:
+                os.close(stdin)
+            m.pid = proc.pid
+            m.started = time.time()
+            m.exit_code = m.reason = m.signal = m.error = None
+            m.set_state("running", pid=proc.pid, accel=m.accel)
+            hub.connect_agent(proc)
+            tty = cfg.tty and attached
+            hub.open_main(tty, cfg.interactive and attached)
+            if self.forwarders and hub.agent is not None:
+                self.forwarders.start(proc.pid, GUEST_ADDR)
+
+            def no_boot() -> None:  # a guest that never reaches its entrypoint (a hung boot) is stopped
+                if not self.started and proc.poll() is None and not hub.main_error:
+                    self.timed_out = True
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
+
+            import threading
+
+            self.boot_timer = threading.Timer(self.boot_limit, no_boot)
+            self.boot_timer.daemon = True
+            self.boot_timer.start()
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _teardown(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if self.hub is not None:
+            self.hub.close()
+        if self.forwarders:
+            self.forwarders.close()
+        _stop_procs(self.fsd)
+        with contextlib.suppress(FileNotFoundError):
+            (self.m.dir / "virtiofsd.pids").unlink()
+        if self.boot_timer is not None:
+            self.boot_timer.cancel()
+
+    def wait(self) -> Exit:
+        """Serve the agent (log, terminal, exec clients) until QEMU exits; how the main process ended."""
+        m = self.m
+        proc, hub = self.proc, self.hub
+        assert proc is not None and hub is not None, "wait() before start()"
+        tty = m.config.tty and self.attached
+        try:
+            pump = LogPump(m.dir / "log")
+            hub.pump = pump
+            console = _Console(proc, m.dir / "console")
             asked = [0]
 
             def forward(signum: int, _f: Any) -> None:
@@ -721,78 +747,96 @@ def run_once(m: S.Machine, attached: bool, on_started: Any) -> tuple[int, str, i
                             os.kill(proc.pid, signal.SIGKILL)
                 hub.signal_main(signum)
 
-            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, *((signal.SIGWINCH,) if tty else ())):
-                old[s] = signal.signal(s, forward)
-        term_state = None
-        try:
-            if tty and os.isatty(0):
-                import termios
-                import tty as _tty
-
-                term_state = termios.tcgetattr(0)
-                _tty.setraw(0, termios.TCSANOW)
-            hub.run(console)
             try:
-                rc = proc.wait(5)
-            except subprocess.TimeoutExpired:  # the main process is over but the guest does not power off
-                proc.kill()
-                rc = proc.wait()
+                with handling(forward, (*FORWARDED, *((signal.SIGWINCH,) if tty else ()))) if self.attached \
+                        else contextlib.nullcontext(), raw_terminal(0, tty):
+                    hub.run(console)
+                    try:
+                        rc = proc.wait(5)
+                    except subprocess.TimeoutExpired:  # the main process is over but the guest does not power off
+                        proc.kill()
+                        rc = proc.wait()
+            finally:
+                pump.close()
+                console.close()
         finally:
-            if term_state is not None:
-                import termios
+            self._teardown()
+        return self._outcome(rc, console)
 
-                termios.tcsetattr(0, termios.TCSADRAIN, term_state)
-            for s, h in old.items():
-                signal.signal(s, h)
-            pump.close()
-            console.close()
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if hub is not None:
-            hub.close()
-        if forwarders:
-            forwarders.close()
-        _stop_procs(fsd)
-        with contextlib.suppress(FileNotFoundError):
-            (d / "virtiofsd.pids").unlink()
-    boot_timer.cancel()
-    if timed_out[0]:
-        raise TaxiwayError(f"micro-VM {m.name} did not reach its entrypoint within {boot_limit:g}s",
-                           "raise TAXIWAY_VM_BOOT_TIMEOUT (seconds) on a slow host; the kernel's messages are "
-                           "in the machine's console file (`machines inspect`, kept without --rm)")
-    if hub.main_error and not started[0]:  # it never ran: a start failure, reported as one (run -d too)
-        raise TaxiwayError(f"machine {m.name} could not start: {hub.main_error}",
-                           "check the image, the command and the options")
-    if hub.main_error:
-        m.error = hub.main_error
-    elif console.error:
-        m.error = console.error
-    if hub.main_exit is not None:
-        code, sig = hub.main_exit
-        if sig:
-            return 128 + sig, "signalled", sig
-        if code > 128 and code - 128 < 65:
-            return code, "signalled", code - 128
-        return code, "exited", None
-    if console.code is not None:
-        if console.code > 128:
-            return console.code, "signalled", console.code - 128
-        return console.code, "exited", None
-    if b"KVM internal error" in console.errbuf:
-        raise TaxiwayError("the KVM guest failed (KVM internal error)", "use --vm-accel tcg")
-    if rc > 0 and not _stop_requested(m):  # QEMU itself gave up (a signal makes rc negative)
-        err = console.errbuf.decode(errors="replace").strip().splitlines()
-        raise TaxiwayError(f"QEMU failed: {(err or ['exit status ' + str(rc)])[-1][:300]}",
-                           "check the machine's options (and `taxiway machines inspect`)")
-    if rc < 0:
-        return 128 - rc, "signalled", -rc
-    return 128 + 15, "signalled", 15
+    def _outcome(self, rc: int, console: _Console) -> Exit:
+        m, hub = self.m, self.hub
+        if self.timed_out:
+            raise TaxiwayError(f"micro-VM {m.name} did not reach its entrypoint within {self.boot_limit:g}s",
+                               "raise TAXIWAY_VM_BOOT_TIMEOUT (seconds) on a slow host; the kernel's messages are "
+                               "in the machine's console file (`machines inspect`, kept without --rm)")
+        if hub.main_error and not self.started:  # it never ran: a start failure, reported as one (run -d too)
+            raise TaxiwayError(f"machine {m.name} could not start: {hub.main_error}",
+                               "check the image, the command and the options")
+        if hub.main_error:
+            m.error = hub.main_error
+        elif console.error:
+            m.error = console.error
+        if hub.main_exit is not None:
+            code, sig = hub.main_exit
+            if sig:
+                return 128 + sig, "signalled", sig
+            if code > 128 and code - 128 < 65:
+                return code, "signalled", code - 128
+            return code, "exited", None
+        if console.code is not None:
+            if console.code > 128:
+                return console.code, "signalled", console.code - 128
+            return console.code, "exited", None
+        if b"KVM internal error" in console.errbuf:
+            raise TaxiwayError("the KVM guest failed (KVM internal error)", "use --vm-accel tcg")
+        if rc > 0 and not m.stop_requested():  # QEMU itself gave up (a signal makes rc negative)
+            err = console.errbuf.decode(errors="replace").strip().splitlines()
+            raise TaxiwayError(f"QEMU failed: {(err or ['exit status ' + str(rc)])[-1][:300]}",
+                               "check the machine's options (and `taxiway machines inspect`)")
+        if rc < 0:
+            return 128 - rc, "signalled", -rc
+        return 128 + 15, "signalled", 15
 
+    # -- from any process
 
-def _stop_requested(m: S.Machine) -> bool:
-    return (m.dir / "stop-requested").exists()
+    def signal(self, sig: int) -> bool:
+        """Through the supervisor's hub and the guest agent to the main process."""
+        from taxiway.machines import vmagent
+
+        return vmagent.signal_main(self.m, sig)
+
+    def stop(self, sig: int, timeout: float) -> None:
+        # the guest agent delivers the signal to the main process; the guest powers off when it
+        # exits. Without an agent to talk to, SIGTERM makes QEMU stop the guest at once.
+        pid = self.m.pid
+        if not pid:
+            return
+        if not self.signal(sig):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        kill_after(pid, timeout)
+
+    def exec(self, argv: list[str], tty: bool, interactive: bool) -> int:
+        from taxiway.machines import vmagent
+
+        return vmagent.exec_client(self.m, argv, tty, interactive)
+
+    def events(self) -> list[dict[str, Any]]:
+        return self.m.events()
+
+    def cleanup(self) -> str | None:
+        """Kill what a dead supervisor may have left: QEMU (own session) and virtiofsd processes."""
+        m = self.m
+        if m.pid and pid_alive(m.pid) and _ours(m.pid, m):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(m.pid, signal.SIGKILL)
+        with contextlib.suppress(OSError, ValueError):
+            for line in (m.dir / "virtiofsd.pids").read_text().split():
+                pid = int(line)
+                if pid_alive(pid) and _ours(pid, m):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
+        return None
 
 
 def _ours(pid: int, m: S.Machine) -> bool:
@@ -803,16 +847,3 @@ def _ours(pid: int, m: S.Machine) -> bool:
     except OSError:
         return False
     return m.id in cwd or m.id.encode() in cmd
-
-
-def cleanup(m: S.Machine) -> None:
-    """Kill what a dead supervisor may have left: QEMU (own session) and virtiofsd processes."""
-    if m.pid and S._alive(m.pid) and _ours(m.pid, m):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(m.pid, signal.SIGKILL)
-    with contextlib.suppress(OSError, ValueError):
-        for line in (m.dir / "virtiofsd.pids").read_text().split():
-            pid = int(line)
-            if S._alive(pid) and _ours(pid, m):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)

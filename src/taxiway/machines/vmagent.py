@@ -38,9 +38,14 @@ import struct
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
 from taxiway.errors import TaxiwayError
+from taxiway.machines import TYPE_CHECKING
+from taxiway.machines.dirs import vm_dir
+from taxiway.machines.stdio import FORWARDED, handling, raw_terminal, write_all
+
+if TYPE_CHECKING:
+    from typing import Any
 
 OPEN, STDIN, STDIN_EOF, STDOUT, STDERR, EXIT, SIGNAL, RESIZE, STARTED, ERROR, READY, ACK = range(1, 13)
 HDR = struct.Struct(">BII")
@@ -132,10 +137,8 @@ def jail_binary() -> Path:
 
 def compiled(source: Path, stem: str) -> Path:
     """``source`` compiled (static) once per version into ``$TAXIWAY_HOME/vm/<stem>-<hash>``."""
-    from taxiway.machines.vm import _vm_dir
-
     src = source.read_bytes()
-    out = _vm_dir() / f"{stem}-{hashlib.sha256(src).hexdigest()[:12]}"
+    out = vm_dir() / f"{stem}-{hashlib.sha256(src).hexdigest()[:12]}"
     if out.exists():
         return out
     gcc = shutil.which("gcc")
@@ -275,7 +278,7 @@ class Hub:
                 self.pump.write(stream, payload)
                 if self.attached:
                     with contextlib.suppress(OSError):
-                        _write_all(1 if kind == STDOUT else 2, payload)
+                        write_all(1 if kind == STDOUT else 2, payload)
             elif kind == STARTED and self.started_at is None:  # once: a guest repeating it writes no more events
                 self.started_at = time.monotonic()
                 if self.on_main_started is not None:
@@ -510,17 +513,6 @@ def _recv(sock: socket.socket) -> bytes | None:
         return b""
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            select.select([], [fd], [])
-            continue
-        view = view[n:]
-
-
 # -- clients: `machines exec` and `machines stop` ---------------------------------------------------
 
 
@@ -570,83 +562,71 @@ def exec_client(m: Any, argv: list[str], tty: bool = False, interactive: bool = 
     error: str | None = None
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-    handled = [signal.SIGWINCH] if local_tty else [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT]
-    old_handlers = {sig: signal.signal(sig, lambda n, _f: pending.append(n)) for sig in handled}
-    term_state = None
+    # with a terminal in the guest, Ctrl-C is a byte on stdin (raw mode): only resizes are signals here
+    handled = (signal.SIGWINCH,) if local_tty else (*FORWARDED, signal.SIGQUIT)
     stdin_fd: int | None = 0 if stdin else None
     try:
-        if local_tty:
-            import termios
-            import tty as _tty
-
-            term_state = termios.tcgetattr(0)
-            _tty.setraw(0, termios.TCSANOW)
-        s.setblocking(False)
-        while code is None:
-            while pending:
-                sig = pending.pop(0)
-                if sig == signal.SIGWINCH:
-                    with contextlib.suppress(OSError):
-                        cols, rows = os.get_terminal_size(0)
-                        out += frame(RESIZE, 0, struct.pack(">HH", rows, cols))
-                else:
-                    out += frame(SIGNAL, 0, _i32(sig))
-            rl: list[Any] = [s, wake_r]
-            if stdin_fd is not None and unacked < WINDOW:
-                rl.append(stdin_fd)
-            try:
-                r, w, _ = select.select(rl, [s] if out and sending else [], [])
-            except InterruptedError:
-                continue
-            if wake_r in r:
-                with contextlib.suppress(OSError):
-                    os.read(wake_r, 512)
-            if stdin_fd is not None and stdin_fd in r:
+        with handling(lambda n, _f: pending.append(n), handled), raw_terminal(0, local_tty):
+            s.setblocking(False)
+            while code is None:
+                while pending:
+                    sig = pending.pop(0)
+                    if sig == signal.SIGWINCH:
+                        with contextlib.suppress(OSError):
+                            cols, rows = os.get_terminal_size(0)
+                            out += frame(RESIZE, 0, struct.pack(">HH", rows, cols))
+                    else:
+                        out += frame(SIGNAL, 0, _i32(sig))
+                rl: list[Any] = [s, wake_r]
+                if stdin_fd is not None and unacked < WINDOW:
+                    rl.append(stdin_fd)
                 try:
-                    data = os.read(stdin_fd, 65536)
-                except OSError:
-                    data = b""
-                if data:
-                    unacked += len(data)
-                    out += frame(STDIN, 0, data)
-                else:
-                    out += frame(STDIN_EOF, 0)
-                    stdin_fd = None
-            if s in w:
-                try:
-                    n = s.send(out)
-                    del out[:n]
-                except (BlockingIOError, InterruptedError):
-                    pass
-                except OSError:  # the hub closed our channel (its process is done): read its last frames
-                    sending = False
-                    stdin_fd = None
-                    out.clear()
-            if s in r:
-                data = _recv(s)
-                if data is None:
+                    r, w, _ = select.select(rl, [s] if out and sending else [], [])
+                except InterruptedError:
                     continue
-                if not data:
-                    break
-                for kind, _ch, payload in dec.feed(data):
-                    if kind == STDOUT:
-                        _write_all(1, payload)
-                    elif kind == STDERR:
-                        _write_all(2, payload)
-                    elif kind == ACK:
-                        unacked = max(0, unacked - _u32(payload))
-                    elif kind == ERROR:
-                        error = guest_text(payload)
-                    elif kind == EXIT:
-                        c, sig = exit_status(payload)
-                        code = 128 + sig if sig else c
+                if wake_r in r:
+                    with contextlib.suppress(OSError):
+                        os.read(wake_r, 512)
+                if stdin_fd is not None and stdin_fd in r:
+                    try:
+                        data = os.read(stdin_fd, 65536)
+                    except OSError:
+                        data = b""
+                    if data:
+                        unacked += len(data)
+                        out += frame(STDIN, 0, data)
+                    else:
+                        out += frame(STDIN_EOF, 0)
+                        stdin_fd = None
+                if s in w:
+                    try:
+                        n = s.send(out)
+                        del out[:n]
+                    except (BlockingIOError, InterruptedError):
+                        pass
+                    except OSError:  # the hub closed our channel (its process is done): read its last frames
+                        sending = False
+                        stdin_fd = None
+                        out.clear()
+                if s in r:
+                    data = _recv(s)
+                    if data is None:
+                        continue
+                    if not data:
+                        break
+                    for kind, _ch, payload in dec.feed(data):
+                        if kind == STDOUT:
+                            write_all(1, payload)
+                        elif kind == STDERR:
+                            write_all(2, payload)
+                        elif kind == ACK:
+                            unacked = max(0, unacked - _u32(payload))
+                        elif kind == ERROR:
+                            error = guest_text(payload)
+                        elif kind == EXIT:
+                            c, sig = exit_status(payload)
+                            code = 128 + sig if sig else c
     finally:
-        if term_state is not None:
-            import termios
-
-            termios.tcsetattr(0, termios.TCSADRAIN, term_state)
-        for sig, h in old_handlers.items():
-            signal.signal(sig, h)
         signal.set_wakeup_fd(old_wakeup)
         os.close(wake_r)
         os.close(wake_w)

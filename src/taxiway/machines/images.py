@@ -1,0 +1,110 @@
+"""How images reach machines: through the store's API (:func:`taxiway.oci.pull.ensure_image`), remembered.
+
+``ensure_image`` gives the store's image for a reference, pulling it first if
+the store lacks it. Importing the store costs a warm ``taxiway run`` ~45 ms
+(``taxiway.oci.store`` pulls in dataclasses, hashlib, tempfile and typing:
+47-75 ms by ``python -X importtime``, against ~21 ms for the whole runtime), and
+``ensure_image``'s module more (httpx). So the store's answer for a reference
+(its manifest digest and config) is remembered in ``machines/.images.json``,
+valid only while the store's ``index.json`` is the same file (same inode, size
+and mtime: every pull, tag or removal replaces it by a rename). A remembered
+image opens the store only if its layers are needed (a snapshot is missing).
+Measured in bench/RESULTS.md (Machines, issue 15): without the memo a warm run
+takes ~50 ms more, which misses the <= 0.25x podman target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from taxiway.machines import TYPE_CHECKING
+from taxiway.machines.dirs import machines_dir
+
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any, BinaryIO
+
+
+class RememberedImage:
+    """An image the store resolved earlier: its digest and config; the store is asked again only for layers."""
+
+    def __init__(self, ref: str, digest: str, config: dict[str, Any]):
+        self.ref, self._digest, self._config = ref, digest, config
+        self._image: Any = None
+
+    def digest(self) -> str:
+        """The manifest digest."""
+        return self._digest
+
+    def config(self) -> dict[str, Any]:
+        """The parsed config."""
+        return self._config
+
+    def _stored(self) -> Any:
+        if self._image is None:
+            from taxiway.oci.pull import ensure_image
+
+            self._image = ensure_image(self.ref)
+        return self._image
+
+    def layers(self) -> list[Any]:
+        """Layer descriptors, base first (from the store)."""
+        return self._stored().layers()
+
+    def open_blob(self, digest: str) -> BinaryIO:
+        """A blob's bytes (from the store)."""
+        return self._stored().open_blob(digest)
+
+    def __repr__(self) -> str:
+        return self.ref
+
+
+def _index_identity() -> list[int] | None:
+    from taxiway.paths import store_dir
+
+    try:
+        st = os.stat(store_dir() / "index.json")
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns]
+
+
+def _memo_path() -> Path:
+    return machines_dir() / ".images.json"
+
+
+def get_image(ref: str, progress: Any = None) -> Any:
+    """The image ``ref`` from the local store, pulled first if it is missing (an ``oci.image.Image``)."""
+    import json
+
+    ident = _index_identity()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        memo = json.loads(_memo_path().read_bytes())
+        if ident is not None and memo["index"] == ident and ref in memo["refs"]:
+            hit = memo["refs"][ref]
+            return RememberedImage(ref, hit["digest"], hit["config"])
+    from taxiway.oci.pull import ensure_image
+
+    image = ensure_image(ref, progress=progress)
+    _remember(ref, image)
+    return image
+
+
+def _remember(ref: str, image: Any) -> None:
+    import json
+
+    ident = _index_identity()
+    if ident is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        try:
+            memo = json.loads(_memo_path().read_bytes())
+            if memo.get("index") != ident:
+                raise ValueError
+        except (OSError, ValueError):
+            memo = {"index": ident, "refs": {}}
+        memo["refs"][ref] = {"digest": image.digest(), "config": image.config()}
+        tmp = _memo_path().with_name(f".images.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, _memo_path())
