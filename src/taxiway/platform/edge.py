@@ -1,0 +1,863 @@
+"""The platform's HTTP edge: ``<app>.localhost`` to a started, healthy machine of the app.
+
+    python -m taxiway.platform.edge --nats nats://127.0.0.1:4222 --listen 127.0.0.1:8180
+
+Shaped like the egress proxy: the policy is pure (:mod:`taxiway.platform.balance`
+decides which machines are routable and which one gets a request), the HTTP/1.1
+is sans-I/O (:mod:`taxiway.egress.http`: heads, framing, a strict chunked
+scanner, so smuggling tricks are refused the same way there and here), and this
+module only moves bytes:
+
+- **Routes** mirror the APPS, MACHINES and STATUS buckets through
+  :meth:`State.watch` (no polling); the edge listens only once its mirror is
+  complete, and a machine leaves the routes the moment it is cordoned, set to
+  stop, stops, or fails a check.
+- **Requests** go to the least-loaded routable machine. A backend that refuses
+  the connection is skipped (and avoided for a moment) and the request goes to
+  another; a request without a body whose backend died before answering is
+  retried on another too, when it is idempotent. So a machine that stops in the
+  middle of a deploy fails no request while another is healthy.
+- **Bodies stream** both ways (Content-Length and chunked, re-framed); clients
+  keep their connections alive, and backend connections are pooled per machine.
+- **Draining**: in-flight requests are counted per machine. ``edge.inflight``
+  (request/reply) answers ``{machine id: n}``; ``edge.drain`` with
+  ``{"machines": [...], "timeout": s}`` answers once none of them is routed and
+  none has a request in flight, so a deployer stops a machine only after that
+  (:func:`drain` is the deployer's side).
+- **Limits**: a request head must arrive whole within ``header_timeout`` (a
+  slowloris client is cut off without holding anything else up), heads are at
+  most ``max_header_bytes``, bodies at most ``max_body_bytes``, an exchange
+  idles at most ``read_timeout``, and at most ``max_connections`` clients are
+  served at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import IO, TYPE_CHECKING, Any
+
+import orjson
+
+from taxiway.egress import http
+from taxiway.errors import InvalidInput, TaxiwayError
+from taxiway.platform import schema
+from taxiway.platform.balance import Backend, Balancer, Routes
+
+if TYPE_CHECKING:
+    from taxiway.platform.state import State
+
+INFLIGHT_SUBJECT = "edge.inflight"  # {} -> {"ok", "edge", "inflight": {machine: n}, "routes": {app: [machines]}}
+DRAIN_SUBJECT = "edge.drain"        # {"machines": [...], "timeout": s} -> {"ok", "drained", "inflight", "routed"}
+
+# Methods a proxy may send twice (RFC 9110 9.2.2): only these are retried once a
+# request reached a backend that then died without answering.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+READ_SIZE = 256 * 1024
+REQUEST_ID = b"taxiway-request-id"
+# Set by the edge alone: whatever a client sent under these names is dropped.
+_OWN_HEADERS = frozenset({b"x-forwarded-proto", b"x-forwarded-host", REQUEST_ID})
+
+
+@dataclass
+class EdgeConfig:
+    """Everything ``python -m taxiway.platform.edge`` takes; ``taxiway up`` builds one too."""
+
+    nats: str = "nats://127.0.0.1:4222"
+    listen: tuple[str, int] = ("127.0.0.1", 8180)
+    domain: str = "localhost"
+    header_timeout: float = 10.0    # a request head, from its first byte to its blank line
+    idle_timeout: float = 75.0      # a client's keep-alive connection between requests
+    connect_timeout: float = 3.0    # to a backend on loopback: it answers at once or is gone
+    read_timeout: float = 120.0     # no byte moved either way on an exchange
+    queue_timeout: float = 10.0     # a request waiting for a machine under its hard_limit
+    max_header_bytes: int = 64 * 1024
+    max_body_bytes: int = 1 << 30   # 0: no limit
+    max_connections: int = 10_000
+    max_idle_per_backend: int = 64
+    ready_timeout: float = 30.0     # for the first complete copy of the routes
+    drain_timeout: float = 30.0     # at SIGTERM, for in-flight requests to finish
+
+
+class _Retry(Exception):
+    """The backend failed before anything reached the client: try another (or a fresh connection)."""
+
+    def __init__(self, reason: str, backend_failed: bool) -> None:
+        super().__init__(reason)
+        self.backend_failed = backend_failed
+
+
+class _ClientGone(Exception):
+    """The client closed or broke its side; nothing more can be said to it."""
+
+
+class _BadBody(Exception):
+    """The client's request body broke its framing or went over the size limit."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Conn:
+    """A connection to one backend; pooled between requests while the backend keeps it."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    reused: bool = False
+
+    def usable(self) -> bool:
+        return not (self.writer.transport.is_closing() or self.reader.at_eof()
+                    or self.reader._buffer)  # noqa: SLF001 - bytes nobody asked for: a broken backend
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class Edge:
+    """The edge server: routes mirrored from the KV, a balancer, a pool, one task per client."""
+
+    def __init__(self, config: EdgeConfig, state: State | None = None, log: IO[bytes] | None = None) -> None:
+        self.config = config
+        self.state = state
+        self._own_state = state is None
+        self.log_out = log or sys.stdout.buffer
+        self.routes = Routes()
+        self.balancer = Balancer()
+        self.name = f"edge-{secrets.token_hex(4)}"
+        self._ids = itertools.count(1)
+        self._pool: dict[str, list[_Conn]] = {}
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._subs: list[Any] = []
+        self._ready = {b: asyncio.Event() for b in (schema.APPS, schema.MACHINES, schema.STATUS)}
+        self._clients: set[asyncio.Task] = set()
+        self._idle: set[asyncio.Task] = set()
+        self._change = asyncio.Event()
+        self._waiters = 0
+        self._stopping = False
+        self._stopped: asyncio.Event | None = None
+        self.address: tuple[str, int] | None = None
+
+    # -- logging -------------------------------------------------------------------------
+    def log(self, **fields: object) -> None:
+        fields.setdefault("time", round(time.time(), 3))
+        with contextlib.suppress(Exception):
+            self.log_out.write(orjson.dumps(fields, default=str) + b"\n")
+            self.log_out.flush()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> tuple[str, int]:
+        """Connect, mirror the routes, answer drain requests, then listen; returns (host, port)."""
+        from taxiway.platform.state import State
+
+        if self.state is None:
+            _log_nats_into(self)
+            self.state = await State.connect(self.config.nats, name=self.name)
+        self._stopped = asyncio.Event()
+        for bucket in self._ready:
+            self._tasks.append(asyncio.create_task(self._mirror(bucket)))
+        try:
+            async with asyncio.timeout(self.config.ready_timeout):
+                await asyncio.gather(*(e.wait() for e in self._ready.values()))
+        except TimeoutError:
+            await self.close()
+            raise TaxiwayError(f"the routes did not load from NATS within {self.config.ready_timeout:.0f} s",
+                               "check that nats-server is healthy ('taxiway up')") from None
+        self._subs.append(await self.state.serve(INFLIGHT_SUBJECT, self._answer_inflight))
+        self._subs.append(await self.state.serve(DRAIN_SUBJECT, self._answer_drain, concurrent=True))
+        host, port = self.config.listen
+        try:
+            self._server = await asyncio.start_server(self._client, host, port, limit=self.config.max_header_bytes,
+                                                      backlog=1024, reuse_address=True)
+        except OSError as e:
+            await self.close()
+            raise TaxiwayError(f"cannot listen on {host}:{port}: {e.strerror}",
+                               "pick a free port with --listen HOST:PORT") from None
+        self.address = self._server.sockets[0].getsockname()[:2]
+        self.log(msg="listening", edge=self.name, address=f"{self.address[0]}:{self.address[1]}",
+                 domain=self.config.domain, routes=self.routes.table())
+        return self.address
+
+    async def serve_forever(self) -> None:
+        """Serve until SIGTERM or SIGINT, then finish in-flight requests (up to drain_timeout)."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        assert self._stopped is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopped.set)
+        await self._stopped.wait()
+        await self.close()
+
+    def stop(self) -> None:
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def close(self) -> None:
+        """Stop listening, close idle clients, let in-flight requests finish, then cut the rest."""
+        self._stopping = True
+        self._notify()  # drains waiting on this edge answer now
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._idle):
+            t.cancel()
+        if self._clients:
+            _, pending = await asyncio.wait(list(self._clients), timeout=self.config.drain_timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        for t in self._tasks:
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5)
+        for conns in self._pool.values():
+            for c in conns:
+                c.close()
+        self._pool.clear()
+        if self._own_state and self.state is not None:
+            await self.state.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+        self.log(msg="stopped", edge=self.name)
+
+    # -- routes: a mirror of three buckets -------------------------------------------------
+    async def _mirror(self, bucket: str) -> None:
+        """Keep ``bucket``'s part of the routes current; after a broken watch, start again and
+        drop the keys that were deleted meanwhile (the new watch's initial values are the truth)."""
+        assert self.state is not None
+        while True:
+            ready = asyncio.Event()
+            seen: set[str] = set()
+
+            async def prune(ready: asyncio.Event = ready, seen: set[str] = seen) -> None:
+                await ready.wait()
+                for key in self._mirrored(bucket) - seen:
+                    self._apply(bucket, key, None)
+                self._ready[bucket].set()
+
+            pruner = asyncio.create_task(prune())
+            try:
+                async for key, value, _ in self.state.watch(bucket, ">", ready=ready):
+                    seen.add(key)
+                    self._apply(bucket, key, value)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # NATS went away: the client reconnects; watch again
+                self.log(msg="watch failed", bucket=bucket, error=f"{type(e).__name__}: {e}")
+            finally:
+                pruner.cancel()
+            await asyncio.sleep(0.5)
+
+    def _mirrored(self, bucket: str) -> set[str]:
+        if bucket == schema.APPS:
+            return set(self.routes.apps)
+        return set(self.routes.machines if bucket == schema.MACHINES else self.routes.status)
+
+    def _apply(self, bucket: str, key: str, value: Any) -> None:
+        if bucket == schema.APPS:
+            self.routes.set_app(key, value)
+            return
+        app = key.partition(".")[0]
+        before = {b.machine for b in self.routes.backends(app)}
+        if bucket == schema.MACHINES:
+            self.routes.set_machine(key, value)
+        else:
+            self.routes.set_status(key, value)
+        after = {b.machine for b in self.routes.backends(app)}
+        if before != after:
+            gone = before - after
+            for mid in gone:
+                for c in self._pool.pop(mid, []):
+                    c.close()
+            self.balancer.forget(gone)
+            self.log(msg="routes", app=app, machines=sorted(after))
+            self._notify()
+
+    def _notify(self) -> None:
+        """Wake whoever waits for a route change or a finished request (drains, queued requests)."""
+        if self._waiters:
+            self._change.set()
+            self._change = asyncio.Event()
+
+    async def _wait_change(self, timeout: float) -> None:
+        self._waiters += 1
+        try:
+            await asyncio.wait_for(self._change.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters -= 1
+
+    # -- drain, for deployers ----------------------------------------------------------------
+    async def _answer_inflight(self, _: dict[str, Any]) -> dict[str, Any]:
+        return {"ok": True, "edge": self.name, "inflight": self.balancer.counts(), "routes": self.routes.table()}
+
+    async def _answer_drain(self, req: dict[str, Any]) -> dict[str, Any]:
+        machines = [str(m) for m in req.get("machines") or []]
+        try:
+            timeout = min(max(float(req.get("timeout", 30.0)), 0.0), 600.0)
+        except (TypeError, ValueError):
+            raise InvalidInput("edge.drain: timeout must be a number of seconds", "send e.g. 30") from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            counts = {m: self.balancer.inflight.get(m, 0) for m in machines}
+            routed = [m for m in machines if self.routes.routable(m)]
+            busy = {m: n for m, n in counts.items() if n}
+            left = deadline - loop.time()
+            if (not routed and not busy) or left <= 0 or self._stopping:
+                return {"ok": True, "edge": self.name, "drained": not routed and not busy,
+                        "inflight": busy, "routed": routed}
+            await self._wait_change(left)
+
+    # -- one client connection ----------------------------------------------------------------
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._clients) >= self.config.max_connections or self._stopping:
+            writer.write(http.simple_response(503, "the edge is at its connection limit; try again\n",
+                                              [("Retry-After", "1")]))
+            await _close(writer)
+            return
+        self._clients.add(task)
+        peer = writer.get_extra_info("peername")
+        client_ip = peer[0] if peer else "?"
+        try:
+            first = True
+            while not self._stopping:
+                lead = b""
+                try:
+                    if not first:
+                        # Between requests a connection may idle; once a head starts it must end
+                        # within header_timeout, like the first one (slowloris).
+                        self._idle.add(task)
+                        try:
+                            async with asyncio.timeout(self.config.idle_timeout):
+                                lead = await reader.read(1)
+                        finally:
+                            self._idle.discard(task)
+                        if not lead:
+                            break
+                    async with asyncio.timeout(self.config.header_timeout):
+                        raw = lead + await reader.readuntil(b"\r\n\r\n")
+                except asyncio.LimitOverrunError:
+                    writer.write(http.simple_response(431, "request head too large\n"))
+                    break
+                except TimeoutError:
+                    if lead or reader._buffer:  # noqa: SLF001 - a head was started: say why it ends
+                        writer.write(http.simple_response(408, "request head not received in time\n"))
+                    break
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    break
+                first = False
+                if not await self._request(raw, reader, writer, client_ip):
+                    break
+        except asyncio.CancelledError:
+            pass
+        except Exception as e:  # a bug must not take the server down, but must be seen
+            self.log(msg="error", client=client_ip, error=repr(e))
+        finally:
+            self._clients.discard(task)
+            await _close(writer)
+
+    async def _request(self, raw: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       client_ip: str) -> bool:
+        """Answer one request; True if the client connection stays open for another."""
+        try:
+            head = http.parse_request_head(raw)
+            framing = http.request_framing(head)
+            app, host = self._app_of(head)
+        except http.ProtocolError as e:
+            writer.write(http.simple_response(e.status, f"bad request: {e}\n"))
+            return False
+        keep = http.keeps_alive(head) and not self._stopping
+        has_body = framing[0] != "none" and framing != ("length", 0)
+        if app is None or not self.routes.known(app):
+            # Says nothing about what does exist: the name asked for is the caller's own.
+            writer.write(http.simple_response(404, f"no app is served at {http.header_safe(host)}\n",
+                                              close=not keep or has_body))
+            return keep and not has_body
+        limit = self.config.max_body_bytes
+        if limit and framing[0] == "length" and framing[1] > limit:
+            writer.write(http.simple_response(413, f"request body over {limit} bytes\n"))
+            return False
+        return await self._proxy(app, host, head, framing, reader, writer, keep, client_ip)
+
+    def _app_of(self, head: http.RequestHead) -> tuple[str | None, str]:
+        """The app a request is for, from its Host (or absolute-form target), and that host."""
+        hosts = [v for k, v in head.headers if k.lower() == b"host"]
+        if len(hosts) > 1:
+            raise http.ProtocolError("more than one Host header")
+        if head.target.startswith(("http://", "https://")):
+            authority = head.target.partition("://")[2].split("/", 1)[0].rpartition("@")[2]
+        elif hosts:
+            authority = hosts[0].decode("latin-1")
+        elif head.version == b"HTTP/1.1":
+            raise http.ProtocolError("missing Host header")
+        else:
+            return None, ""
+        name = authority.strip().lower()
+        if not name.startswith("["):
+            host_part, sep, port = name.rpartition(":")
+            if sep and port.isdigit():
+                name = host_part
+        name = name.rstrip(".")
+        suffix = "." + self.config.domain
+        if name.endswith(suffix):
+            label = name[: -len(suffix)]
+            if schema.valid_app_name(label):
+                return label, authority
+        return None, authority
+
+    async def _proxy(self, app: str, host: str, head: http.RequestHead, framing: tuple[str, int],
+                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, keep: bool,
+                     client_ip: str) -> bool:
+        loop = asyncio.get_running_loop()
+        request_id = f"{self.name[5:]}-{next(self._ids):x}"
+        tried: set[str] = set()
+        fresh_only: set[str] = set()  # machines whose pooled connection was stale: dial anew
+        queue_deadline = loop.time() + self.config.queue_timeout
+        last_error = ""
+        for _attempt in range(16):
+            backends = self.routes.backends(app)
+            backend = self.balancer.choose(backends, tried, loop.time())
+            if backend is None:
+                if backends and self.balancer.full([b for b in backends if b.machine not in tried]) \
+                        and loop.time() < queue_deadline:
+                    await self._wait_change(queue_deadline - loop.time())  # a slot, or new routes
+                    continue
+                break
+            self.balancer.acquire(backend)
+            try:
+                conn = await self._connect(backend, fresh=backend.machine in fresh_only)
+            except (OSError, TimeoutError) as e:
+                self.balancer.release(backend)
+                self._notify()
+                self.balancer.mark_failed(backend, loop.time())
+                tried.add(backend.machine)
+                last_error = f"connect to machine {backend.machine} failed: {type(e).__name__}"
+                self.log(msg="backend failed", app=app, machine=backend.machine, error=last_error,
+                         request_id=request_id, retry=True)
+                continue
+            try:
+                keep_client, keep_conn = await self._exchange(head, host, framing, conn, reader, writer, keep,
+                                                              client_ip, request_id)
+            except _Retry as r:
+                conn.close()
+                if r.backend_failed:
+                    self.balancer.mark_failed(backend, loop.time())
+                    tried.add(backend.machine)
+                else:
+                    fresh_only.add(backend.machine)
+                last_error = f"machine {backend.machine}: {r}"
+                self.log(msg="backend failed", app=app, machine=backend.machine, error=str(r),
+                         request_id=request_id, retry=True)
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            finally:
+                self.balancer.release(backend)
+                self._notify()
+            if keep_conn:
+                self._put_back(backend, conn)
+            else:
+                conn.close()
+            return keep_client
+        has_body = framing[0] != "none" and framing != ("length", 0)
+        if tried:
+            msg = f"no machine of app {app} could answer ({last_error}); try again\n"
+            writer.write(http.simple_response(502, msg, [("Retry-After", "1"), ("taxiway-request-id", request_id)],
+                                              close=not keep or has_body))
+        else:
+            busy = bool(self.routes.backends(app))
+            msg = (f"every machine of app {app} is at its hard_limit; try again\n" if busy else
+                   f"app {app} has no healthy machine right now; try again shortly (see 'taxiway status')\n")
+            writer.write(http.simple_response(503, msg, [("Retry-After", "1"), ("taxiway-request-id", request_id)],
+                                              close=not keep or has_body))
+        return keep and not has_body
+
+    async def _connect(self, backend: Backend, fresh: bool = False) -> _Conn:
+        pooled = self._pool.get(backend.machine)
+        while pooled and not fresh:
+            conn = pooled.pop()
+            if conn.usable():
+                conn.reused = True
+                return conn
+            conn.close()
+        async with asyncio.timeout(self.config.connect_timeout):
+            r, w = await asyncio.open_connection(backend.host, backend.port, limit=self.config.max_header_bytes)
+        return _Conn(r, w)
+
+    def _put_back(self, backend: Backend, conn: _Conn) -> None:
+        if not self.routes.routable(backend.machine) or not conn.usable():
+            conn.close()
+            return
+        pooled = self._pool.setdefault(backend.machine, [])
+        if len(pooled) >= self.config.max_idle_per_backend:
+            conn.close()
+        else:
+            pooled.append(conn)
+
+    def _request_head(self, head: http.RequestHead, host: str, client_ip: str, request_id: str) -> bytes:
+        tokens = http.connection_tokens(head.headers)
+        drop = http.HOP_BY_HOP | tokens | _OWN_HEADERS | {b"x-forwarded-for"}
+        forwarded_for = [v for k, v in head.headers if k.lower() == b"x-forwarded-for"]
+        target = head.target
+        if target.startswith(("http://", "https://")):  # absolute-form: backends get origin-form
+            rest = target.partition("://")[2]
+            target = "/" + rest.partition("/")[2]
+        lines = [f"{head.method} {target} ".encode() + head.version]
+        lines += [k + b": " + v for k, v in head.headers if k.lower() not in drop]
+        lines.append(b"X-Forwarded-For: " + b", ".join([*forwarded_for, client_ip.encode()]))
+        lines.append(b"X-Forwarded-Proto: http")
+        lines.append(b"X-Forwarded-Host: " + host.encode("latin-1"))
+        lines.append(REQUEST_ID + b": " + request_id.encode())
+        upgrade = head.get(b"upgrade")
+        if upgrade is not None and b"upgrade" in tokens:
+            lines += [b"Connection: Upgrade", b"Upgrade: " + upgrade]
+        return b"\r\n".join(lines) + b"\r\n\r\n"
+
+    async def _exchange(self, head: http.RequestHead, host: str, framing: tuple[str, int], conn: _Conn,
+                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, keep: bool,
+                        client_ip: str, request_id: str) -> tuple[bool, bool]:
+        """One request and its response over ``conn``: (keep the client, keep the backend connection).
+
+        Raises :class:`_Retry` when the backend failed before a byte reached the client
+        and sending the request again elsewhere is safe.
+        """
+        loop = asyncio.get_running_loop()
+        idle = self.config.read_timeout
+        retry_ok = framing[0] == "none" and (head.method in IDEMPOTENT or conn.reused)
+        answered = False  # a byte reached the client: from here on, failures can only close it
+        body: asyncio.Task | None = None
+        try:
+            async with asyncio.timeout(idle) as timer:
+                def progress() -> None:
+                    timer.reschedule(loop.time() + idle)
+
+                out = self._request_head(head, host, client_ip, request_id)
+                try:
+                    conn.writer.write(out)
+                except (ConnectionError, RuntimeError) as e:
+                    raise _Retry(f"send failed: {e}", not conn.reused) from None
+                if framing[0] != "none":
+                    body = asyncio.create_task(_copy_body(reader, conn.writer, framing, progress,
+                                                          self.config.max_body_bytes, client_side=True))
+                while True:
+                    try:
+                        raw = await _response_head(conn.reader, body)
+                    except (asyncio.IncompleteReadError, ConnectionError) as e:
+                        if retry_ok and not (isinstance(e, asyncio.IncompleteReadError) and e.partial
+                                             and head.method not in IDEMPOTENT):
+                            raise _Retry("closed before answering", not conn.reused) from None
+                        raise
+                    rhead = http.parse_response_head(raw)
+                    if 100 <= rhead.status < 200 and rhead.status != 101:
+                        if head.version == b"HTTP/1.1":
+                            writer.write(raw)
+                            answered = True
+                        continue
+                    break
+                rframing = http.response_framing(rhead, head.method)
+                rtokens = http.connection_tokens(rhead.headers)
+                if rhead.status == 101:
+                    rhead.headers.append((REQUEST_ID, request_id.encode()))
+                    writer.write(http.serialize_response_head(rhead, True))
+                    answered = True
+                    timer.reschedule(None)
+                    await _tunnel(reader, writer, conn, body)
+                    return False, False
+                keep_conn = (rframing[0] != "close" and b"close" not in rtokens
+                             and rhead.version == b"HTTP/1.1")
+                keep = keep and rframing[0] != "close"
+                rhead.headers.append((REQUEST_ID, request_id.encode()))
+                rhead_bytes = http.serialize_response_head(rhead, keep)
+                kind, length = rframing
+                answered = True
+                if kind == "length" and length <= len(conn.reader._buffer):  # noqa: SLF001
+                    # A small body that already arrived: one write for head and body.
+                    writer.write(rhead_bytes + await conn.reader.readexactly(length))
+                else:
+                    writer.write(rhead_bytes)
+                    await _copy_body(conn.reader, writer, rframing, progress, 0)
+                await _drain(writer)
+                if body is not None and not body.done():
+                    # The backend answered before taking the whole request body: the client
+                    # connection cannot be reused (the rest of its body is still coming).
+                    body.cancel()
+                    return False, False
+                if body is not None and body.exception() is not None:
+                    return False, False
+                return keep, keep_conn
+        except _BadBody as e:
+            if not answered:
+                writer.write(http.simple_response(e.status, f"bad request body: {e}\n",
+                                                  [("taxiway-request-id", request_id)]))
+            return False, False
+        except _ClientGone:
+            return False, False
+        except (http.ProtocolError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ConnectionError, TimeoutError, OSError) as e:
+            if not answered:
+                status = 504 if isinstance(e, TimeoutError) else 502
+                what = "timed out" if status == 504 else f"failed ({type(e).__name__})"
+                writer.write(http.simple_response(status, f"the app's machine {what}\n",
+                                                  [("taxiway-request-id", request_id)]))
+            return False, False
+        finally:
+            if body is not None:
+                if not body.done():
+                    body.cancel()
+                with contextlib.suppress(BaseException):
+                    await body
+
+
+async def _response_head(src: asyncio.StreamReader, body: asyncio.Task | None) -> bytes:
+    """The backend's response head, unless sending the request body fails first.
+
+    A malformed or oversized body from the client ends the exchange at once (400 or
+    413), rather than leaving the backend waiting for a body that never completes.
+    """
+    if body is None:
+        return await src.readuntil(b"\r\n\r\n")
+    read = asyncio.ensure_future(src.readuntil(b"\r\n\r\n"))
+    try:
+        while not read.done():
+            await asyncio.wait({read, body} if not body.done() else {read}, return_when=asyncio.FIRST_COMPLETED)
+            if body.done() and not body.cancelled() and isinstance(body.exception(), (_BadBody, _ClientGone)):
+                raise body.exception()  # type: ignore[misc]
+        return read.result()
+    finally:
+        if not read.done():
+            read.cancel()
+
+
+async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, framing: tuple[str, int],
+                     progress: Callable[[], None], limit: int, client_side: bool = False) -> None:
+    """Copy one message body as framed (a chunked one re-framed canonically), calling
+    ``progress`` as bytes move. ``client_side``: ``src`` is the client, so its failures
+    are the client's (400 / 413 / gone), and ``limit`` bounds the body."""
+    kind, length = framing
+
+    async def read(n: int) -> bytes:
+        try:
+            data = await src.read(n)
+        except ConnectionError:
+            data = b""
+        if not data and client_side:
+            raise _ClientGone()
+        if not data and kind != "close":
+            raise asyncio.IncompleteReadError(b"", None)
+        return data
+
+    async def write(data: bytes) -> None:
+        try:
+            dst.write(data)
+            await dst.drain()
+        except (ConnectionError, RuntimeError):
+            if not client_side:
+                raise _ClientGone() from None
+            raise ConnectionResetError("the backend closed while receiving the body") from None
+        progress()
+
+    if kind == "none":
+        return
+    if kind == "length":
+        left = length
+        while left > 0:
+            data = await read(min(left, READ_SIZE))
+            left -= len(data)
+            await write(data)
+        return
+    if kind == "chunked":
+        scanner = http.ChunkedScanner()
+        total = 0
+        while not scanner.done:
+            data = await read(READ_SIZE)
+            try:
+                used = scanner.feed(data)
+            except http.ProtocolError as e:
+                if client_side:
+                    raise _BadBody(str(e)) from None
+                raise
+            if used < len(data):
+                # Bytes past the body belong to the next message: give them back.
+                src._buffer[:0] = data[used:]  # noqa: SLF001
+            total += used
+            if client_side and limit and total > limit:
+                raise _BadBody(f"request body over {limit} bytes", 413)
+            out = scanner.take()
+            if out:
+                await write(out)
+        return
+    while True:  # read until the backend closes
+        data = await read(READ_SIZE)
+        if not data:
+            return
+        await write(data)
+
+
+async def _tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn,
+                  body: asyncio.Task | None) -> None:
+    """After a 101 (WebSocket and other upgrades): bytes both ways until either side closes."""
+    if body is not None:
+        await body
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while data := await src.read(READ_SIZE):
+                dst.write(data)
+                await dst.drain()
+        with contextlib.suppress(Exception):
+            if dst.can_write_eof():
+                dst.write_eof()
+
+    up = asyncio.create_task(pipe(reader, conn.writer))
+    down = asyncio.create_task(pipe(conn.reader, writer))
+    try:
+        await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({up, down}, timeout=5)
+    finally:
+        for t in (up, down):
+            t.cancel()
+        conn.close()
+
+
+async def _drain(writer: asyncio.StreamWriter) -> None:
+    try:
+        await writer.drain()
+    except (ConnectionError, RuntimeError):
+        raise _ClientGone() from None
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    if writer.transport.is_closing():
+        return
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.drain(), 5)
+    writer.close()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(writer.wait_closed(), 5)
+
+
+def _log_nats_into(edge: Edge) -> None:
+    """nats-py reports reconnects and failed connects through ``logging`` (tracebacks on
+    stderr by default): make them one line each of the edge's own log."""
+    import logging
+
+    class Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            exc = record.exc_info[1] if record.exc_info else None
+            edge.log(msg="nats", level=record.levelname.lower(), text=record.getMessage(),
+                     error=f"{type(exc).__name__}: {exc}" if exc else None)
+
+    logger = logging.getLogger("nats")
+    logger.handlers[:] = [Handler()]
+    logger.propagate = False
+
+
+# -- the deployer's side -----------------------------------------------------------------------
+
+async def drain(state: State, machines: list[str], timeout: float = 30.0) -> dict[str, Any]:
+    """Wait until the edge routes none of ``machines`` and none has a request in flight.
+
+    Cordon the machines (MACHINES ``cordoned: true``) or set them to stop first; then
+    call this, then stop them. Returns the edge's answer ``{"drained": bool,
+    "inflight": {machine: n}, "routed": [...]}``; with no edge running nothing routes
+    to any machine, so that is ``{"drained": true, "edge": None}``.
+    """
+    from taxiway.platform.state import Unavailable
+
+    try:
+        return await state.request(DRAIN_SUBJECT, {"machines": machines, "timeout": timeout},
+                                   timeout=timeout + 5)
+    except Unavailable as e:
+        if "nobody serves" in e.message:
+            return {"ok": True, "drained": True, "edge": None, "inflight": {}, "routed": []}
+        raise
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) for --listen; one clear error otherwise."""
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise InvalidInput(f"invalid --listen address {listen!r}", "use HOST:PORT, e.g. 127.0.0.1:8180")
+    return host, int(port)
+
+
+def _size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = units.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in units else t
+    if not num.isdigit():
+        raise InvalidInput(f"invalid size {text!r}", "use bytes or a size like 64k, 100m, 1g (0: no limit)")
+    return int(num) * mult
+
+
+def config_from_args(argv: list[str] | None = None) -> EdgeConfig:
+    p = argparse.ArgumentParser(prog="python -m taxiway.platform.edge",
+                                description="The platform's HTTP edge: <app>.<domain> to the app's healthy machines.")
+    p.add_argument("--nats", required=True, help="NATS URL of the platform (nats://127.0.0.1:PORT)")
+    p.add_argument("--listen", default="127.0.0.1:8180", help="HOST:PORT to serve HTTP on (default %(default)s)")
+    p.add_argument("--domain", default="localhost", help="apps are served at <app>.<domain> (default %(default)s)")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a whole request head")
+    p.add_argument("--idle-timeout", type=float, default=75.0, help="seconds a keep-alive client may idle")
+    p.add_argument("--read-timeout", type=float, default=120.0, help="seconds an exchange may make no progress")
+    p.add_argument("--max-body", default="1g", help="largest request body (default %(default)s; 0: no limit)")
+    p.add_argument("--max-connections", type=int, default=10_000, help="clients served at once")
+    a = p.parse_args(argv)
+    domain = a.domain.strip(".").lower()
+    if not domain or any(not schema.valid_app_name(label) and not label.isdigit() for label in domain.split(".")):
+        raise InvalidInput(f"invalid --domain {a.domain!r}", "use a DNS name such as localhost or apps.example.org")
+    for name in ("header_timeout", "idle_timeout", "read_timeout"):
+        if getattr(a, name) <= 0:
+            raise InvalidInput(f"--{name.replace('_', '-')} must be more than 0", "give a number of seconds")
+    if a.max_connections <= 0:
+        raise InvalidInput("--max-connections must be more than 0", "e.g. 10000")
+    return EdgeConfig(nats=a.nats, listen=parse_listen(a.listen), domain=domain, header_timeout=a.header_timeout,
+                      idle_timeout=a.idle_timeout, read_timeout=a.read_timeout, max_body_bytes=_size(a.max_body),
+                      max_connections=a.max_connections)
+
+
+def _run(main: Callable[[], Awaitable[None]]) -> None:
+    try:
+        import uvloop  # libuv's loop: fewer system calls per request than asyncio's selector loop
+    except ImportError:
+        asyncio.run(main())  # type: ignore[arg-type]
+    else:
+        uvloop.run(main())  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = config_from_args(argv)
+        _run(Edge(config).serve_forever)
+    except TaxiwayError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

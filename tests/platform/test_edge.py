@@ -1,0 +1,571 @@
+"""The edge against real servers: nats-server, backends as processes on loopback, raw clients.
+
+Machines here are plain HTTP servers (the edge sees only a host port per
+machine); their MACHINES and STATUS records are written through State exactly
+as the API and the agent write them. Clients connect to 127.0.0.1 and name the
+app in the Host header, so no name is ever resolved.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from taxiway.platform import edge as edge_mod
+from taxiway.platform import schema
+from taxiway.platform.edge import Edge, EdgeConfig
+from taxiway.platform.nats import NatsServer, free_port
+from taxiway.platform.state import State
+
+pytestmark = pytest.mark.anyio
+
+# A machine: an HTTP/1.1 server with keep-alive. /hold waits for a gate file, /big streams
+# a chunked body (pausing at a gate after the first chunk), /echo hashes the request body
+# (Content-Length or chunked) and can mark when its first MiB arrived.
+BACKEND = r'''
+import hashlib, json, os, sys, time, urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+NAME = sys.argv[1]
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def reply(self, status, body, ctype="application/json"):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def q(self):
+        return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+
+    def wait_gate(self, gate):
+        while gate and not os.path.exists(gate):
+            time.sleep(0.01)
+
+    def body_chunks(self):
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b""):
+                        pass
+                    return
+                left = size
+                while left:
+                    data = self.rfile.read(min(left, 1 << 16))
+                    left -= len(data)
+                    yield data
+                self.rfile.readline()
+        else:
+            left = int(self.headers.get("Content-Length") or 0)
+            while left:
+                data = self.rfile.read(min(left, 1 << 16))
+                if not data:
+                    return
+                left -= len(data)
+                yield data
+
+    def do_GET(self):
+        q, path = self.q(), urllib.parse.urlsplit(self.path).path
+        if path == "/hold":
+            self.wait_gate(q.get("gate"))
+        if path == "/big":
+            n, gate = int(q["n"]), q.get("gate")
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            block = bytes(range(256)) * 256
+            sent = 0
+            while sent < n:
+                part = block[: min(len(block), n - sent)]
+                self.wfile.write(b"%x\r\n" % len(part) + part + b"\r\n")
+                self.wfile.flush()
+                sent += len(part)
+                if gate:
+                    self.wait_gate(gate)
+                    gate = None
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        self.reply(200, json.dumps({"machine": NAME, "path": self.path, "headers": headers}).encode())
+
+    def do_POST(self):
+        q = self.q()
+        h, n = hashlib.sha256(), 0
+        for data in self.body_chunks():
+            h.update(data)
+            n += len(data)
+            if n >= (1 << 20) and q.get("mark"):
+                open(q.pop("mark"), "w").close()
+        self.reply(200, json.dumps({"machine": NAME, "sha256": h.hexdigest(), "bytes": n}).encode())
+
+srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+srv.daemon_threads = True
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+'''
+
+
+class Machine:
+    """One backend process standing in for a machine of an app."""
+
+    def __init__(self, app: str, mid: str, script: Path) -> None:
+        self.app, self.id = app, mid
+        self.proc = subprocess.Popen([sys.executable, str(script), mid], stdout=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        self.port = int(self.proc.stdout.readline())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture
+def machines(tmp_path: Path):
+    """A factory of backend processes, all killed at the end."""
+    script = tmp_path / "backend.py"
+    script.write_text(BACKEND)
+    made: list[Machine] = []
+
+    def make(app: str, mid: str) -> Machine:
+        m = Machine(app, mid, script)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.kill()
+
+
+def machine_record(app: str, mid: str, *, desired: str = "started", cordoned: bool = False,
+                   checks: bool = False) -> dict:
+    config: dict = {"image": f"{app}:latest",
+                    "services": [{"internal_port": 8080, "protocol": "tcp",
+                                  "ports": [{"port": 80, "handlers": ["http"]}]}]}
+    if checks:
+        config["checks"] = {"alive": {"type": "http", "port": 8080, "path": "/"}}
+    return {"id": mid, "app": app, "org": "personal", "region": "local", "host": "local", "config": config,
+            "desired": desired, "cordoned": cordoned, "process_group": "app", "release": 1}
+
+
+def status_record(app: str, mid: str, port: int, *, state: str = "started", checks: dict | None = None) -> dict:
+    return {"id": mid, "app": app, "host": "local", "state": state, "ports": {"8080": port},
+            "checks": checks or {}, "updated_at": "now"}
+
+
+async def put_machine(st: State, m: Machine, **kw) -> None:
+    """The API's desired record and the agent's observed one for a started, healthy machine."""
+    status_kw = {k: kw.pop(k) for k in ("state",) if k in kw}
+    if "results" in kw:
+        status_kw["checks"] = kw.pop("results")
+    await st.put(schema.APPS, m.app, {"name": m.app, "org": "personal"})
+    await st.put(schema.MACHINES, schema.machine_key(m.app, m.id), machine_record(m.app, m.id, **kw))
+    await st.put(schema.STATUS, schema.machine_key(m.app, m.id), status_record(m.app, m.id, m.port, **status_kw))
+
+
+async def until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Wait for a condition the edge reaches asynchronously (a watch delivering a change)."""
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.02)
+
+
+def routed(e: Edge, app: str) -> set[str]:
+    return {b.machine for b in e.routes.backends(app)}
+
+
+@pytest.fixture
+async def edge(state: State, tmp_path: Path) -> AsyncIterator[Edge]:
+    """An Edge on a free loopback port in this test's loop, with short limits for the tests."""
+    e = Edge(EdgeConfig(listen=("127.0.0.1", 0), header_timeout=1.0, max_body_bytes=256 << 20,
+                        idle_timeout=30.0), state=state, log=open(tmp_path / "edge.log", "ab"))
+    await e.start()
+    try:
+        yield e
+    finally:
+        await e.close()
+
+
+@pytest.fixture
+async def client(edge: Edge) -> AsyncIterator[httpx.AsyncClient]:
+    host, port = edge.address
+    async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30.0) as c:
+        yield c
+
+
+def on(app: str, port: int | None = None) -> dict[str, str]:
+    return {"Host": f"{app}.localhost" + (f":{port}" if port else "")}
+
+
+async def raw(edge: Edge, data: bytes, read_until_close: bool = True) -> bytes:
+    """Send raw bytes to the edge and read what it answers until it closes."""
+    r, w = await asyncio.open_connection(*edge.address)
+    w.write(data)
+    await w.drain()
+    try:
+        async with asyncio.timeout(20):
+            return await r.read(-1) if read_until_close else await r.readuntil(b"\r\n\r\n")
+    finally:
+        w.close()
+
+
+# -- routing --------------------------------------------------------------------------------------
+
+async def test_routes_by_host_and_forwards_client_headers(state, edge, client, machines):
+    web, api = machines("web", "0000000000000a"), machines("api", "0000000000000b")
+    await put_machine(state, web)
+    await put_machine(state, api)
+    await until(lambda: routed(edge, "web") and routed(edge, "api"), "routes")
+    r = await client.get("/hello?x=1", headers={**on("web", 8180), "X-Forwarded-For": "10.9.9.9",
+                                                 "X-Forwarded-Proto": "https"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["machine"] == web.id and body["path"] == "/hello?x=1"
+    h = body["headers"]
+    assert h["host"] == "web.localhost:8180"
+    assert h["x-forwarded-for"] == "10.9.9.9, 127.0.0.1"  # appended to, as every proxy does
+    assert h["x-forwarded-proto"] == "http"  # the client's own claim is replaced
+    assert h["x-forwarded-host"] == "web.localhost:8180"
+    assert h["taxiway-request-id"] == r.headers["taxiway-request-id"]
+    assert (await client.get("/", headers=on("API"))).json()["machine"] == api.id  # names are case-free
+    # Absolute-form request targets name the app too, and reach the backend in origin form.
+    resp = await raw(edge, b"GET http://api.localhost/x HTTP/1.1\r\nHost: web.localhost\r\nConnection: close\r\n\r\n")
+    assert resp.startswith(b"HTTP/1.1 200") and b'"path": "/x"' in resp and api.id.encode() in resp
+
+
+async def test_unknown_app_404_and_no_healthy_machine_503(state, edge, client, machines):
+    r = await client.get("/", headers=on("nope"))
+    assert r.status_code == 404 and r.text == "no app is served at nope.localhost\n"
+    assert (await client.get("/", headers={"Host": "example.org"})).status_code == 404
+    assert (await client.get("/", headers={"Host": "localhost"})).status_code == 404
+    assert (await client.get("/", headers={"Host": "a.b.localhost"})).status_code == 404
+    m = machines("web", "0000000000000a")
+    await put_machine(state, m, state="stopped")
+    await until(lambda: edge.routes.known("web"), "app known")
+    r = await client.get("/", headers=on("web"))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert "app web has no healthy machine" in r.text
+    # An app with no machines at all is known too (its APPS record): 503, not 404.
+    await state.put(schema.APPS, "empty", {"name": "empty", "org": "personal"})
+    await until(lambda: edge.routes.known("empty"), "app known")
+    assert (await client.get("/", headers=on("empty"))).status_code == 503
+    # The same client connection stays usable after answers the edge gives itself.
+    await put_machine(state, m)
+    await until(lambda: routed(edge, "web"), "route")
+    assert (await client.get("/", headers=on("web"))).status_code == 200
+
+
+async def test_unhealthy_cordoned_and_stopped_machines_get_nothing(state, edge, client, machines):
+    good = machines("web", "00000000000001")
+    cordoned, critical, unchecked, stopping, stopped = (machines("web", f"0000000000000{i}") for i in range(2, 7))
+    await put_machine(state, good, checks=True, results={"alive": {"status": "passing"}})
+    await put_machine(state, cordoned, cordoned=True)
+    await put_machine(state, critical, results={"alive": {"status": "critical"}})
+    await put_machine(state, unchecked, checks=True)  # declares checks; none ran yet
+    await put_machine(state, stopping, state="stopping")
+    await put_machine(state, stopped, desired="stopped")
+    await until(lambda: len(edge.routes.status) == 6, "all records")
+    seen = {(await client.get("/", headers=on("web"))).json()["machine"] for _ in range(30)}
+    assert seen == {good.id}
+    # Uncordoned, it gets its share at once (least connections, ties rotate).
+    await put_machine(state, cordoned)
+    await until(lambda: routed(edge, "web") == {good.id, cordoned.id}, "uncordon")
+    seen = [(await client.get("/", headers=on("web"))).json()["machine"] for _ in range(10)]
+    assert set(seen) == {good.id, cordoned.id}
+    # A check turning critical takes a machine out.
+    await state.put(schema.STATUS, f"web.{good.id}",
+                    status_record("web", good.id, good.port, checks={"alive": {"status": "critical"}}))
+    await until(lambda: routed(edge, "web") == {cordoned.id}, "critical")
+    assert {(await client.get("/", headers=on("web"))).json()["machine"] for _ in range(10)} == {cordoned.id}
+
+
+# -- failures while serving -----------------------------------------------------------------------
+
+async def test_backend_killed_under_a_request_loop_fails_no_request(state, edge, machines):
+    a, b = machines("web", "0000000000000a"), machines("web", "0000000000000b")
+    await put_machine(state, a)
+    await put_machine(state, b)
+    await until(lambda: routed(edge, "web") == {a.id, b.id}, "routes")
+    results: list[int] = []
+    failures: list[str] = []
+    stop = asyncio.Event()
+
+    async def loop(n: int) -> None:
+        # Each loop keeps its connection alive, so killed backends also break pooled connections.
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge.address[1]}", timeout=30.0) as c:
+            while not stop.is_set():
+                try:
+                    r = await c.get(f"/?loop={n}", headers=on("web"))
+                    results.append(r.status_code)
+                    if r.status_code != 200:
+                        failures.append(f"{r.status_code} {r.text}")
+                except httpx.HTTPError as e:
+                    failures.append(repr(e))
+
+    loops = [asyncio.create_task(loop(i)) for i in range(6)]
+    await until(lambda: len(results) > 200, "traffic")
+    a.kill()  # mid-loop, while it is still routed: connections refused and reset
+    at_kill = len(results)
+    await until(lambda: len(results) > at_kill + 300, "traffic after the kill")
+    # The agent notices and says so; the edge drops the machine from its routes.
+    await state.put(schema.STATUS, f"web.{a.id}", status_record("web", a.id, a.port, state="stopped"))
+    await until(lambda: routed(edge, "web") == {b.id}, "route drop")
+    after = len(results)
+    await until(lambda: len(results) > after + 100, "traffic after the route drop")
+    stop.set()
+    await asyncio.gather(*loops)
+    assert failures == []
+    assert edge.balancer.counts() == {}
+
+
+async def test_only_machine_gone_gives_502_then_503(state, edge, client, machines):
+    a = machines("web", "0000000000000a")
+    await put_machine(state, a)
+    await until(lambda: routed(edge, "web"), "routes")
+    a.kill()
+    r = await client.get("/", headers=on("web"))
+    assert r.status_code == 502 and "no machine of app web could answer" in r.text
+    await state.put(schema.STATUS, f"web.{a.id}", status_record("web", a.id, a.port, state="failed"))
+    await until(lambda: not routed(edge, "web"), "route drop")
+    assert (await client.get("/", headers=on("web"))).status_code == 503
+
+
+# -- in-flight counts and draining -----------------------------------------------------------------
+
+async def test_inflight_counts_and_drain_before_stop(state, edge, client, machines, tmp_path):
+    a, b = machines("web", "0000000000000a"), machines("web", "0000000000000b")
+    await put_machine(state, a)
+    await until(lambda: routed(edge, "web") == {a.id}, "routes")
+    gate = tmp_path / "gate"
+    held = [asyncio.create_task(client.get(f"/hold?gate={gate}", headers=on("web"))) for _ in range(3)]
+    await until(lambda: edge.balancer.counts().get(a.id) == 3, "in flight")
+    answer = await state.request(edge_mod.INFLIGHT_SUBJECT, {})
+    assert answer["ok"] and answer["inflight"] == {a.id: 3} and answer["routes"] == {"web": [a.id]}
+    # A deploy: the new machine is up; the old one is cordoned, drained, then stopped.
+    await put_machine(state, b)
+    await put_machine(state, a, cordoned=True)
+    drained = asyncio.create_task(edge_mod.drain(state, [a.id], timeout=60))
+    await until(lambda: routed(edge, "web") == {b.id}, "cordon seen")
+    # New requests go to the new machine while the old one's finish.
+    assert {(await client.get("/", headers=on("web"))).json()["machine"] for _ in range(5)} == {b.id}
+    short = await edge_mod.drain(state, [a.id], timeout=0.2)  # what a drain that gives up says
+    assert short == {"ok": True, "edge": edge.name, "drained": False, "inflight": {a.id: 3}, "routed": []}
+    assert not drained.done()
+    gate.touch()
+    assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
+    assert (await drained)["drained"] is True
+    assert (await state.request(edge_mod.INFLIGHT_SUBJECT, {}))["inflight"] == {}
+
+
+async def test_drain_without_an_edge_is_immediate(state):
+    assert (await edge_mod.drain(state, ["0000000000000a"], timeout=1))["drained"] is True
+
+
+async def test_hard_limit_queues_then_serves(state, edge, client, machines, tmp_path):
+    a = machines("web", "0000000000000a")
+    await put_machine(state, a)
+    rec = machine_record("web", a.id)
+    rec["config"]["services"][0]["concurrency"] = {"type": "requests", "soft_limit": 1, "hard_limit": 1}
+    await state.put(schema.MACHINES, f"web.{a.id}", rec)
+    await until(lambda: [x.hard_limit for x in edge.routes.backends("web")] == [1], "limits")
+    gate = tmp_path / "gate"
+    first = asyncio.create_task(client.get(f"/hold?gate={gate}", headers=on("web")))
+    await until(lambda: edge.balancer.counts().get(a.id) == 1, "first in flight")
+    second = asyncio.create_task(client.get("/", headers=on("web")))
+    await asyncio.sleep(0.2)
+    assert edge.balancer.counts() == {a.id: 1} and not second.done()  # waits: never above hard_limit
+    gate.touch()
+    assert (await first).status_code == 200 and (await second).status_code == 200
+
+
+# -- bodies ---------------------------------------------------------------------------------------------
+
+async def test_large_bodies_stream_both_ways(state, edge, client, machines, tmp_path):
+    m = machines("web", "0000000000000a")
+    await put_machine(state, m)
+    await until(lambda: routed(edge, "web"), "routes")
+    size = 48 << 20
+    block = os.urandom(1 << 20)
+    want = hashlib.sha256(block * (size >> 20)).hexdigest()
+
+    async def gen():
+        for _ in range(size >> 20):
+            yield block
+
+    r = await client.post("/echo", content=gen(), headers=on("web"))  # chunked
+    assert r.json() == {"machine": m.id, "sha256": want, "bytes": size}
+    r = await client.post("/echo", content=block * (size >> 20), headers=on("web"))  # Content-Length
+    assert r.json()["sha256"] == want
+    got, h = 0, hashlib.sha256()
+    async with client.stream("GET", f"/big?n={size}", headers=on("web")) as resp:
+        async for data in resp.aiter_raw():
+            h.update(data)
+            got += len(data)
+    assert got == size
+    assert h.hexdigest() == hashlib.sha256((bytes(range(256)) * 256) * (size // 65536)).hexdigest()
+
+
+async def test_bodies_are_not_buffered_whole(state, edge, client, machines, tmp_path):
+    """Each direction passes its first bytes on before the rest exists: no full buffering."""
+    m = machines("web", "0000000000000a")
+    await put_machine(state, m)
+    await until(lambda: routed(edge, "web"), "routes")
+    gate = tmp_path / "gate"
+    async with client.stream("GET", f"/big?n={4 << 20}&gate={gate}", headers=on("web")) as resp:
+        chunks = resp.aiter_raw()
+        first = await anext(chunks)  # arrives while the backend waits at the gate
+        assert first
+        gate.touch()
+        rest = sum([len(c) async for c in chunks])
+    assert len(first) + rest == 4 << 20
+    mark = tmp_path / "mark"
+    sent_rest = asyncio.Event()
+
+    async def gen():
+        yield b"x" * (1 << 20)
+        await until(mark.exists, "the backend got the first MiB")  # before the rest was sent
+        sent_rest.set()
+        yield b"y" * (1 << 20)
+
+    r = await client.post(f"/echo?mark={mark}", content=gen(), headers=on("web"))
+    assert sent_rest.is_set() and r.json()["bytes"] == 2 << 20
+
+
+# -- abuse ------------------------------------------------------------------------------------------------
+
+async def test_slowloris_client_is_cut_off_without_blocking_others(state, edge, client, machines):
+    m = machines("web", "0000000000000a")
+    await put_machine(state, m)
+    await until(lambda: routed(edge, "web"), "routes")
+    r, w = await asyncio.open_connection(*edge.address)
+    w.write(b"GET / HTTP/1.1\r\nHost: web.localhost\r\n")
+    await w.drain()
+
+    async def trickle():
+        with contextlib.suppress(ConnectionError):
+            for _ in range(100):
+                w.write(b"X-a: b\r\n")
+                await w.drain()
+                await asyncio.sleep(0.1)
+
+    t = asyncio.create_task(trickle())
+    # Served meanwhile.
+    assert [(await client.get("/", headers=on("web"))).status_code for _ in range(5)] == [200] * 5
+    async with asyncio.timeout(20):
+        answer = await r.read(-1)  # the edge closes it (header_timeout is 1 s here)
+    assert answer.startswith(b"HTTP/1.1 408")
+    t.cancel()
+    w.close()
+    # An idle connection that never sent a byte is closed too, without an answer.
+    r2, w2 = await asyncio.open_connection(*edge.address)
+    async with asyncio.timeout(20):
+        assert await r2.read(-1) == b""
+    w2.close()
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"POST /echo HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0\r\n\r\n", 400),
+    (b"POST /echo HTTP/1.1\r\nHost: web.localhost\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n", 400),
+    (b"POST /echo HTTP/1.1\r\nHost: web.localhost\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n", 400),
+    (b"POST /echo HTTP/1.1\r\nHost: web.localhost\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    (b"POST /echo HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", 400),
+    (b"GET / HTTP/1.1\r\nHost: web.localhost\r\nX-a: b\r\n  folded\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: web.localhost\r\nHost: other.localhost\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: web.localhost\r\nX-big: " + b"a" * (70 << 10) + b"\r\n\r\n", 431),
+    (b"POST /echo HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 999999999999\r\n\r\n", 413),
+])
+async def test_hostile_requests_are_refused(state, edge, machines, request_bytes, status):
+    m = machines("web", "0000000000000a")
+    await put_machine(state, m)
+    await until(lambda: routed(edge, "web"), "routes")
+    answer = await raw(edge, request_bytes)
+    assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:200]
+    assert b"Connection: close" in answer
+
+
+async def test_chunked_body_over_the_limit_is_413(state, edge, machines):
+    m = machines("web", "0000000000000a")
+    await put_machine(state, m)
+    await until(lambda: routed(edge, "web"), "routes")
+    edge.config.max_body_bytes = 1 << 20
+    chunk = b"%x\r\n" % (256 << 10) + b"a" * (256 << 10) + b"\r\n"
+    answer = await raw(edge, b"POST /echo HTTP/1.1\r\nHost: web.localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       + chunk * 5 + b"0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 413")
+
+
+async def test_keep_alive_serves_many_requests_on_one_connection(state, edge, machines):
+    m = machines("web", "0000000000000a")
+    await put_machine(state, m)
+    await until(lambda: routed(edge, "web"), "routes")
+    one = b"GET /k HTTP/1.1\r\nHost: web.localhost\r\n\r\n"
+    answer = await raw(edge, one * 3 + b"GET /last HTTP/1.1\r\nHost: web.localhost\r\nConnection: close\r\n\r\n")
+    assert answer.count(b"HTTP/1.1 200") == 4 and answer.count(b'"path": "/k"') == 3
+
+
+# -- the process ----------------------------------------------------------------------------------------
+
+async def test_edge_process_routes_and_stops_on_sigterm(nats_server: NatsServer, state, machines):
+    m = machines("web", "0000000000000a")
+    await put_machine(state, m)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "taxiway.platform.edge", "--nats", nats_server.url,
+                             "--listen", f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        while (line := json.loads(await asyncio.to_thread(proc.stdout.readline)))["msg"] != "listening":
+            assert line["msg"] == "routes"  # the initial copy of the routes, then it listens
+        assert line["routes"] == {"web": [m.id]}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as c:
+            assert (await c.get("/", headers=on("web"))).json()["machine"] == m.id
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_arguments_are_one_error_line():
+    for args, want in ((["--listen", "nowhere"], "error: invalid --listen address 'nowhere'; use HOST:PORT"),
+                       (["--domain", "bad_domain!"], "error: invalid --domain 'bad_domain!'"),
+                       (["--max-body", "lots"], "error: invalid size 'lots'")):
+        p = subprocess.run([sys.executable, "-m", "taxiway.platform.edge", "--nats", "nats://127.0.0.1:1", *args],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and p.stderr.startswith(want) and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_unreachable_nats_is_one_error_line():
+    port = free_port()
+    p = subprocess.run([sys.executable, "-m", "taxiway.platform.edge", "--nats", f"nats://127.0.0.1:{port}",
+                        "--listen", f"127.0.0.1:{free_port()}"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.startswith(f"error: cannot reach NATS at nats://127.0.0.1:{port}")
+    assert p.stderr.count("\n") == 1
+
+
+def test_listen_parse():
+    assert edge_mod.parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert edge_mod.parse_listen("[::1]:8180") == ("::1", 8180)
+    with pytest.raises(edge_mod.InvalidInput):
+        edge_mod.parse_listen("127.0.0.1:99999")
