@@ -65,7 +65,7 @@ def start_api(nats_url: str, tmp_path, port: int | None = None):
 
 
 @pytest.fixture
-def platform_api(nats_server, tmp_path):
+def platform_api(platform_home, nats_server, tmp_path):
     toks = run(_bootstrap(nats_server.url))
     with start_api(nats_server.url, tmp_path) as s:
         yield Api(s.url, nats_server.url, s, toks)
@@ -264,16 +264,48 @@ def test_compare_and_set_under_concurrency(platform_api):
         assert sorted(codes) == [201] + [409] * 7
         codes = list(ex.map(lambda _: post(f"/v1/apps/web/machines/{MID}/lease", {"ttl": 60}), range(8)))
         assert sorted(codes) == [201] + [409] * 7
-        codes = list(ex.map(lambda i: post("/v1/apps/api/releases", {"image": f"api:{i}"}), range(10)))
-        assert codes == [201] * 10
+
+    async def releases():  # the API's fallback recorder (the deployer assigns versions the same way)
+        st = await State.connect(platform_api.nats)
+        try:
+            return await asyncio.gather(*(api.record_release(st, "api", {"image": f"api:{i}"}) for i in range(10)))
+        finally:
+            await st.close()
+
+    rels = run(releases())
+    assert sorted(r["version"] for r in rels) == list(range(1, 11))
     with platform_api.client() as c:
-        rels = c.get("/v1/apps/api/releases").json()
-        assert sorted(r["version"] for r in rels) == list(range(1, 11))
-        assert sorted(r["image"] for r in rels) == sorted(f"api:{i}" for i in range(10))
+        listed = c.get("/v1/apps/api/releases").json()
+        assert sorted(r["image"] for r in listed) == sorted(f"api:{i}" for i in range(10))
         assert c.get("/v1/apps/api/releases/v3").json()["version"] == 3
         assert c.get("/v1/apps/api/releases/99").status_code == 404
         r = c.post("/v1/apps/api/releases", json={"image": "x", "strategy": "yolo"})
         assert r.status_code == 400 and "rolling" in r.json()["fix"]
+
+
+def test_secrets_are_sealed_and_never_returned(platform_api):
+    with platform_api.client() as c:
+        r = c.post("/v1/apps/web/secrets", json={"values": {"DB_PASSWORD": "hunter2", "API_KEY": "k"}, "stage": True})
+        assert r.status_code == 200, r.text
+        listed = c.get("/v1/apps/web/secrets").json()
+        assert sorted(x["name"] for x in listed) == ["API_KEY", "DB_PASSWORD"] and all(x["digest"] for x in listed)
+        assert "hunter2" not in c.get("/v1/apps/web/secrets").text
+        r = c.post("/v1/apps/web/secrets", json={"values": {"1BAD": "x", "OK": "y"}})
+        assert r.status_code == 400 and "1BAD" in r.json()["error"]
+        assert "OK" not in [x["name"] for x in c.get("/v1/apps/web/secrets").json()]  # nothing half-written
+        assert c.delete("/v1/apps/web/secrets/API_KEY", params={"stage": "1"}).status_code == 200
+        assert c.delete("/v1/apps/web/secrets/API_KEY").status_code == 404
+        assert [x["name"] for x in c.get("/v1/apps/web/secrets").json()] == ["DB_PASSWORD"]
+
+    async def stored():
+        st = await State.connect(platform_api.nats)
+        try:
+            return await st.get(schema.SECRETS, schema.secret_key("web", "DB_PASSWORD"))
+        finally:
+            await st.close()
+
+    rec, _ = run(stored())
+    assert "hunter2" not in str(rec) and rec["sealed"]
 
 
 def test_tokens_orgs_and_volumes(platform_api):

@@ -742,16 +742,22 @@ async def record_release(st: State, app: str, fields: dict[str, Any]) -> dict[st
     raise ApiError(409, f"could not record a release of {app}: too many concurrent deploys", "retry")
 
 
-async def _start_deploy(request: Request, rec: dict[str, Any]) -> dict[str, Any]:
+async def _deploy_start(request: Request, app: dict[str, Any], body: dict[str, Any]) -> dict[str, Any] | None:
+    """``deploy.start`` (platform.deploy): records the next release and runs the deploy in this loop.
+
+    None when the deployer is not installed. A deploy already running is a 409 (deploy.Busy).
+    """
     deploy = _deploy_module()
     if deploy is None:
-        # TODO(integrator): platform.deploy.start is not in the tree yet; the release is recorded
-        # (status "pending") and nothing replaces machines until it lands.
-        return {**rec, "warning": "the deployer (platform.deploy) is not installed; release recorded only"}
-    result = deploy.start(_st(request), rec["app"], rec)
-    if asyncio.iscoroutine(result):
-        result = await result
-    return result if isinstance(result, dict) else rec
+        return None
+    try:
+        rel = await deploy.start(_st(request), app["name"], body, org=app["org"])
+    except TaxiwayError as e:
+        busy = getattr(deploy, "Busy", None)
+        if busy is not None and isinstance(e, busy):
+            raise ApiError(409, e.message, e.hint or "wait for it, see 'taxiway releases'") from None
+        raise
+    return rel
 
 
 async def create_release(request: Request) -> Response:
@@ -761,13 +767,17 @@ async def create_release(request: Request) -> Response:
     config = data.get("config", {})
     if not isinstance(config, dict):
         raise ApiError(400, "'config' must be an object (the parsed taxiway.toml)", "send {\"config\": {...}}")
-    strategy = _str(data, "strategy") or ((config.get("deploy") or {}).get("strategy")) or "rolling"
-    if strategy not in STRATEGIES:
+    strategy = _str(data, "strategy")
+    if strategy is not None and strategy not in STRATEGIES:
         raise ApiError(400, f"unknown deploy strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
-    rec = await record_release(_st(request), app["name"], {
-        "image": image, "config": config, "strategy": strategy, "by": _token(request)["id"],
-        "description": _str(data, "description", "") or ""})
-    return _json(await _start_deploy(request, rec), 201)
+    body = {"image": image, "config": config, **({"strategy": strategy} if strategy else {}),
+            "description": _str(data, "description", "") or "", "by": _token(request)["id"]}
+    rel = await _deploy_start(request, app, body)
+    if rel is None:
+        # TODO(integrator): platform.deploy is not in the tree: the release is only recorded ("pending").
+        rel = {**await record_release(_st(request), app["name"], {**body, "strategy": strategy or "rolling"}),
+               "warning": "the deployer (platform.deploy) is not installed; release recorded only"}
+    return _json(rel, 201)
 
 
 # -- secrets (sealing is platform.secrets') ---------------------------------------------------------------
@@ -777,7 +787,7 @@ def _secrets_module() -> Any:
         from taxiway.platform import secrets as sealed
     except ImportError:
         return None
-    return sealed
+    return sealed if hasattr(sealed, "record") else None
 
 
 async def list_secrets(request: Request) -> Response:
@@ -799,14 +809,21 @@ async def set_secrets(request: Request) -> Response:
         if not isinstance(v, str):
             raise ApiError(400, f"secret {k}'s value must be a string", "quote it")
     sealer = _secrets_module()
-    if sealer is None or not hasattr(sealer, "set_secrets"):
+    if sealer is None:
         # TODO(integrator): platform.secrets (P3) seals values; until it lands nothing is stored.
         raise ApiError(501, "secrets are not available: platform.secrets is not installed",
                        "install the deployer part (platform.secrets)")
-    names = await sealer.set_secrets(_st(request), app["name"], values)
-    out: dict[str, Any] = {"ok": True, "names": names if isinstance(names, list) else sorted(values)}
+    for k in values:
+        if hasattr(sealer, "check_name"):
+            sealer.check_name(k)
+    key = await asyncio.to_thread(sealer.load_key)
+    records = {k: sealer.record(app["name"], k, v, key) for k, v in values.items()}  # seal all before writing any
+    st = _st(request)
+    for k, rec in records.items():
+        await st.put(schema.SECRETS, schema.secret_key(app["name"], k), rec)
+    out: dict[str, Any] = {"ok": True, "names": sorted(values)}
     if not data.get("stage"):
-        out["release"] = await _roll(request, app["name"], "secrets changed")
+        out["release"] = await _roll(request, app)
     return _json(out)
 
 
@@ -819,20 +836,15 @@ async def unset_secret(request: Request) -> Response:
     await st.delete(schema.SECRETS, schema.secret_key(app["name"], name))
     out: dict[str, Any] = {"ok": True}
     if not _flag(request, "stage"):
-        out["release"] = await _roll(request, app["name"], "secret unset")
+        out["release"] = await _roll(request, app)
     return _json(out)
 
 
-async def _roll(request: Request, app: str, why: str) -> dict[str, Any] | None:
-    """A new release of the current image and config, so machines restart with the new secrets."""
-    rows = [v for _, v, _ in await _st(request).items(schema.RELEASES, app + ".")]
-    if not rows:
+async def _roll(request: Request, app: dict[str, Any]) -> dict[str, Any] | None:
+    """Re-deploy the current release so machines restart with the new secrets (none deployed: nothing)."""
+    if not await _st(request).keys(schema.RELEASES, app["name"] + "."):
         return None  # nothing deployed yet: the first deploy picks the secrets up
-    last = max(rows, key=lambda r: r.get("version", 0))
-    rec = await record_release(_st(request), app, {
-        "image": last.get("image"), "config": last.get("config") or {}, "strategy": last.get("strategy", "rolling"),
-        "by": _token(request)["id"], "description": why})
-    return await _start_deploy(request, rec)
+    return await _deploy_start(request, app, {"reason": "secrets"})
 
 
 # -- volumes ---------------------------------------------------------------------------------------------
@@ -1060,6 +1072,10 @@ def create_app(config: ApiConfig, st: State | None = None) -> Starlette:
         finally:
             if task is not None and not task.done():
                 task.cancel()
+            shutdown = getattr(deploy, "shutdown", None) if deploy else None
+            if shutdown is not None:
+                with contextlib.suppress(Exception):
+                    await shutdown()
             if own:
                 await app.state.st.close()
 
