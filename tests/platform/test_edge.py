@@ -360,6 +360,8 @@ async def test_inflight_counts_and_drain_before_stop(state, edge, client, machin
     await until(lambda: edge.balancer.counts().get(a.id) == 3, "in flight")
     answer = await state.request(edge_mod.INFLIGHT_SUBJECT, {})
     assert answer["ok"] and answer["inflight"] == {a.id: 3} and answer["routes"] == {"web": [a.id]}
+    one = await state.request(edge_mod.INFLIGHT_SUBJECT, {"app": "web", "machine": a.id})
+    assert (one["inflight"], one["routed"]) == (3, True)
     # A deploy: the new machine is up; the old one is cordoned, drained, then stopped.
     await put_machine(state, b)
     await put_machine(state, a, cordoned=True)
@@ -522,6 +524,28 @@ async def test_keep_alive_serves_many_requests_on_one_connection(state, edge, ma
     one = b"GET /k HTTP/1.1\r\nHost: web.localhost\r\n\r\n"
     answer = await raw(edge, one * 3 + b"GET /last HTTP/1.1\r\nHost: web.localhost\r\nConnection: close\r\n\r\n")
     assert answer.count(b"HTTP/1.1 200") == 4 and answer.count(b'"path": "/k"') == 3
+
+
+async def test_websocket_upgrade_is_tunnelled(state, edge, machines):
+    import websockets
+
+    async def echo(ws):
+        async for message in ws:
+            await ws.send(f"{ws.request.headers['x-forwarded-host']}: {message}")
+
+    async with websockets.serve(echo, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        await state.put(schema.APPS, "chat", {"name": "chat", "org": "personal"})
+        await state.put(schema.MACHINES, "chat.0000000000000c", machine_record("chat", "0000000000000c"))
+        await state.put(schema.STATUS, "chat.0000000000000c", status_record("chat", "0000000000000c", port))
+        await until(lambda: routed(edge, "chat"), "routes")
+        # The URL names the app (its Host header); the socket goes to the edge's address.
+        async with websockets.connect("ws://chat.localhost/ws", host=edge.address[0], port=edge.address[1]) as ws:
+            assert edge.balancer.counts() == {"0000000000000c": 1}  # a WebSocket is in flight while open
+            for i in range(3):
+                await ws.send(f"hello {i}")
+                assert await ws.recv() == f"chat.localhost: hello {i}"
+        await until(lambda: edge.balancer.counts() == {}, "released")
 
 
 # -- the process ----------------------------------------------------------------------------------------

@@ -55,7 +55,9 @@ from taxiway.platform.balance import Backend, Balancer, Routes
 if TYPE_CHECKING:
     from taxiway.platform.state import State
 
-INFLIGHT_SUBJECT = "edge.inflight"  # {} -> {"ok", "edge", "inflight": {machine: n}, "routes": {app: [machines]}}
+# {} -> {"ok", "edge", "inflight": {machine: n}, "routes": {app: [machines]}};
+# {"machine": id} -> {"ok", "edge", "inflight": n, "routed": bool}
+INFLIGHT_SUBJECT = "edge.inflight"
 DRAIN_SUBJECT = "edge.drain"        # {"machines": [...], "timeout": s} -> {"ok", "drained", "inflight", "routed"}
 
 # Methods a proxy may send twice (RFC 9110 9.2.2): only these are retried once a
@@ -303,7 +305,11 @@ class Edge:
             self._waiters -= 1
 
     # -- drain, for deployers ----------------------------------------------------------------
-    async def _answer_inflight(self, _: dict[str, Any]) -> dict[str, Any]:
+    async def _answer_inflight(self, req: dict[str, Any]) -> dict[str, Any]:
+        if req.get("machine"):  # one machine: {"inflight": n, "routed": bool}
+            mid = str(req["machine"])
+            return {"ok": True, "edge": self.name, "inflight": self.balancer.inflight.get(mid, 0),
+                    "routed": self.routes.routable(mid)}
         return {"ok": True, "edge": self.name, "inflight": self.balancer.counts(), "routes": self.routes.table()}
 
     async def _answer_drain(self, req: dict[str, Any]) -> dict[str, Any]:
