@@ -6,6 +6,7 @@ host's /etc or /tmp), which is checked byte for byte, owners included.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -541,3 +542,220 @@ def test_non_utf8_file_names_build(builder, tmp_path):
     assert p.returncode == 0 and "Traceback" not in p.stderr.decode(), p.stderr.decode()[-3000:]
     names = [os.fsencode(n) for n in app_layer_names(builder, "evil/nonutf8:1")]
     assert b"workspace/caf\xe9.txt" in names and b"workspace/link\xff" in names
+
+
+# -- 8. round 3: stale layers, export under --timeout and kill -9, links kept in the cache, the proxy ----------
+
+
+def layer_files(builder, tag: str, member: str) -> dict[str, bytes]:
+    """``member``'s content (or link target) in each layer of the image that holds it, by layer digest."""
+    import gzip
+    import tarfile
+
+    img = builder.image(tag)
+    out = {}
+    for d in img.layers():
+        with img.open_blob(d.digest) as f, tarfile.open(fileobj=gzip.GzipFile(fileobj=f), mode="r|") as tf:
+            for m in tf:
+                if m.name == member:
+                    out[d.digest] = m.linkname.encode() if m.issym() else tf.extractfile(m).read()
+    return out
+
+
+def test_same_size_edit_with_mtime_put_back_is_rebuilt_app_and_layer(builder, tmp_path):
+    """Reuse keyed by size+mtime shipped stale bytes: `touch -d` after a same-size edit, in the app and in a layer."""
+    bp = user_buildpack(tmp_path / "bp", """
+printf '[types]\\nlaunch = true\\ncache = true\\n' > "$1/c.toml"
+mkdir -p "$1/c"
+if [ -f "$1/c/data" ]; then printf 'SECOND' > "$1/c/data"; else printf 'FIRST!' > "$1/c/data"; fi
+touch -d @1000000000 "$1/c/data"
+""")
+    a = app(tmp_path)
+    (a / "data.txt").write_text("version-1\n")
+    os.utime(a / "data.txt", (1_000_000_000, 1_000_000_000))
+    builder("build", str(a), "-t", "evil/stale:1", "-b", str(bp), "-b", "procfile")
+    assert list(layer_files(builder, "evil/stale:1", "workspace/data.txt").values()) == [b"version-1\n"]
+    assert list(layer_files(builder, "evil/stale:1", "layers/evil_bp/c/data").values()) == [b"FIRST!"]
+    (a / "data.txt").write_text("version-2\n")
+    os.utime(a / "data.txt", (1_000_000_000, 1_000_000_000))
+    p = builder("build", str(a), "-t", "evil/stale:1", "-b", str(bp), "-b", "procfile", "--json")
+    assert list(layer_files(builder, "evil/stale:1", "workspace/data.txt").values()) == [b"version-2\n"]
+    assert list(layer_files(builder, "evil/stale:1", "layers/evil_bp/c/data").values()) == [b"SECOND"]
+    assert {"app", "evil_bp/c"} <= set(json.loads(p.stdout)["written"])
+    # Nothing changed since: both are reused, not rewritten (the fast path still holds).
+    third = json.loads(builder("build", str(a), "-t", "evil/stale:1", "-b", str(bp), "-b", "procfile", "--json").stdout)
+    assert "app" in third["reused"]
+
+
+def big_layer_buildpack(tmp_path: Path) -> Path:
+    """A buildpack whose launch layer holds a 200 GB sparse file: seconds to make, far longer to export."""
+    return user_buildpack(tmp_path / "bp", """
+printf '[types]\\nlaunch = true\\n' > "$1/big.toml"
+mkdir -p "$1/big"
+truncate -s 200G "$1/big/sparse"
+""")
+
+
+def ingest_temps(builder) -> list[str]:
+    return sorted(p.name for p in (builder.home / "store" / ".taxiway" / "ingest").glob("*.tmp"))
+
+
+def test_timeout_covers_the_export_and_leaves_nothing_half_written(builder, tmp_path):
+    """--timeout held for the steps only: writing the image after the build machine exited ran on."""
+    p = builder("build", str(app(tmp_path)), "-t", "evil/slowexport:1", "-b", str(big_layer_buildpack(tmp_path)),
+                "-b", "procfile", "--timeout", "20", check=False, timeout=300)
+    line = error_line(p)
+    assert "ran longer than 20s" in line and "while exporting" in line and "nothing was tagged" in line
+    assert len(p.stderr.decode().strip().splitlines()) < 20
+    assert_not_exported(builder, "evil/slowexport:1")
+    assert ingest_temps(builder) == []
+    assert _build_leftovers(builder.home) == ([], [])
+
+
+def test_kill_9_during_export_leaves_nothing_after_the_next_build(builder, tmp_path):
+    """The killed build's temp blob (its writer gone, past the grace period) is pruned by the next build's write."""
+    import sys
+
+    from taxiway.oci import store as storemod
+
+    before = set(ingest_temps(builder))
+    p = subprocess.Popen([sys.executable, "-m", "taxiway", "build", str(app(tmp_path)), "-t", "evil/killexport:1",
+                          "-b", str(big_layer_buildpack(tmp_path)), "-b", "procfile"],
+                         env={**os.environ, **builder.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None and not set(ingest_temps(builder)) - before:
+        time.sleep(0.1)
+    left = set(ingest_temps(builder)) - before
+    assert left, "the build never reached its export"
+    p.kill()
+    p.wait()
+    ingest = builder.home / "store" / ".taxiway" / "ingest"
+    assert {n for n in left if (ingest / n).exists()}, "kill -9 left no temp blob: nothing to test"
+    old = time.time() - storemod.TEMP_GRACE - 5  # as if the grace period had passed
+    for n in left:
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(ingest / n, (old, old))
+    a2 = tmp_path / "next"
+    a2.mkdir()
+    (a2 / "Procfile").write_text("web: sleep 1000\n")
+    (a2 / "x").write_text(os.urandom(8).hex())  # a new app layer, so the next build writes a blob
+    builder("build", str(a2), "-t", "evil/next:1", "-b", "procfile")
+    assert not set(ingest_temps(builder)) & left
+    assert_not_exported(builder, "evil/killexport:1")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(_build_leftovers(builder.home)):
+        time.sleep(0.2)
+    assert _build_leftovers(builder.home) == ([], [])
+
+
+def cache_layers(builder, tag: str) -> Path:
+    """The kept /layers of ``tag``'s build cache (as lifecycle.cache_dir names it)."""
+    from taxiway.oci.store import normalize_name
+
+    return builder.home / "build" / "cache" / hashlib.sha256(normalize_name(tag).encode()).hexdigest()[:20] / "layers"
+
+
+def cache_links(builder, tag: str) -> dict[str, str]:
+    out = {}
+    root = cache_layers(builder, tag)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            if os.path.islink(p):
+                out[os.path.relpath(p, root)] = os.readlink(p)
+    return out
+
+
+def test_links_a_build_plants_in_the_cache_do_not_stay_there(builder, tmp_path):
+    """Links at host paths in /layers (a cache layer, a launch+cache layer, /layers itself) and /cache.
+
+    The cache keeps only links that stay inside /layers; the next build never follows one on the
+    host; a launch+cache layer that held one is reused from the image, link included.
+    """
+    canary = make_canary(tmp_path)
+    before = snapshot(canary)
+    bp = user_buildpack(tmp_path / "bp", f"""
+printf '[types]\\ncache = true\\n' > "$1/c.toml"
+mkdir -p "$1/c/sub"
+echo data > "$1/c/file"
+ln -sfn {canary}/dir "$1/c/out-abs"
+ln -sfn ../../../../../../../../../..{canary}/secret "$1/c/sub/out-rel"
+ln -sfn /layers/evil_bp/c/file "$1/c/in-abs"
+ln -sfn ../file "$1/c/sub/in-rel"
+rm -f "$1/c/fifo"; mkfifo "$1/c/fifo"
+ln -sfn {canary} /layers/planted
+ln -sfn {canary}/dir "$1/stray"
+(mkdir -p /cache && ln -sfn {canary} /cache/planted) 2>/dev/null || true
+if [ ! -f "$1/lc.toml" ]; then
+  printf '[types]\\nlaunch = true\\ncache = true\\n[metadata]\\nv = "1"\\n' > "$1/lc.toml"
+  mkdir -p "$1/lc/bin"
+  ln -sfn /usr/bin/env "$1/lc/bin/env"
+fi
+""")
+    a = app(tmp_path)
+    p = builder("build", str(a), "-t", "evil/cachelinks:1", "-b", str(bp), "-b", "procfile")
+    assert "removed" in p.stderr.decode() and "from the build cache" in p.stderr.decode()
+    links = cache_links(builder, "evil/cachelinks:1")
+    assert links == {"evil_bp/c/in-abs": "/layers/evil_bp/c/file", "evil_bp/c/sub/in-rel": "../file"}, links
+    layers = cache_layers(builder, "evil/cachelinks:1")
+    assert not (layers / "evil_bp" / "c" / "fifo").exists() and not (layers / "evil_bp" / "lc").exists()
+    assert (layers / "evil_bp" / "lc.toml").is_file()
+    first = layer_files(builder, "evil/cachelinks:1", "layers/evil_bp/lc/bin/env")
+    assert list(first.values()) == [b"/usr/bin/env"]
+    builder("build", str(a), "-t", "evil/cachelinks:1", "-b", str(bp), "-b", "procfile")
+    assert layer_files(builder, "evil/cachelinks:1", "layers/evil_bp/lc/bin/env") == first
+    assert set(cache_links(builder, "evil/cachelinks:1")) <= {"evil_bp/c/in-abs", "evil_bp/c/sub/in-rel"}
+    assert snapshot(canary) == before
+
+
+def test_the_build_reaches_its_proxy_and_the_host_does_not(builder, tmp_path):
+    """During a build, its egress proxy answers the build's relay; from the host its address reaches nothing of it."""
+    import re
+    import sys
+
+    bp = user_buildpack(tmp_path / "bp", """
+python3 - <<'PY'
+import socket, os, time
+s = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+s.sendall(b"GET /healthz HTTP/1.1\\r\\nHost: proxy\\r\\nConnection: close\\r\\n\\r\\n")
+print("PROXY-SAYS", s.recv(100).split(b"\\r\\n")[0].decode(), flush=True)
+open("/layers/evil_bp/ready", "w").close()
+for _ in range(600):
+    if os.path.exists("/layers/evil_bp/go"):
+        break
+    time.sleep(0.1)
+PY
+exit 9
+""")
+    p = subprocess.Popen([sys.executable, "-m", "taxiway", "build", str(app(tmp_path)), "-t", "evil/proxy:1",
+                          "-b", str(bp)], env={**os.environ, **builder.env},
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        ready = None
+        deadline = time.monotonic() + 300
+        while ready is None and time.monotonic() < deadline and p.poll() is None:
+            found = list((builder.home / "build" / "cache").glob("*/layers/evil_bp/ready"))
+            ready = found[0] if found else None
+            time.sleep(0.1)
+        assert ready is not None, "the build step never reached its proxy"
+        logs = list((builder.home / "build" / "tmp").glob("build-*/egress.log"))
+        m = next(m for lg in logs if (m := re.search(rb'"listening","address":"127\.0\.0\.1:(\d+)"', lg.read_bytes())))
+        reply = b""
+        try:
+            # The port is the proxy's in its own namespace; on the host it is nothing (or someone else's).
+            with socket.create_connection(("127.0.0.1", int(m.group(1))), timeout=5) as s:
+                s.sendall(b"CONNECT canary-from-host.invalid:443 HTTP/1.1\r\nHost: canary-from-host.invalid:443\r\n\r\n")
+                s.settimeout(5)
+                with contextlib.suppress(OSError):
+                    reply = s.recv(4096)
+        except ConnectionRefusedError:
+            pass
+        assert b"X-Taxiway-Egress-Error" not in reply, reply  # the build's proxy would have denied it in its words
+        (ready.parent / "go").write_text("")
+        _, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "PROXY-SAYS HTTP/1.1 200 OK" in err.decode()
+    assert "failed to build (exit 9)" in err.decode()

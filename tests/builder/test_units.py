@@ -372,7 +372,6 @@ def test_project_descriptor_filters(tmp_path):
 
 def test_build_egress_proxy_starts_on_the_first_connection(tmp_path, monkeypatch):
     """A rebuild that installs nothing never starts (or imports) the in-process proxy."""
-    import socket
 
     from taxiway.builder import egress
 
