@@ -29,6 +29,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ca": ("taxiway.cli.pki:ca", "The certificate authority: init, issue, renew, revoke."),
     "egress": ("taxiway.cli.egress:egress", "The SSRF-safe egress proxy."),
     "publish": ("taxiway.cli.publish:publish", "Publish CSV or SQLite files as a live Datasette app."),
+    # the platform (issue #16): taxiway.cli.platform (P1) and taxiway.cli.deploy (P3)
+    "up": ("taxiway.cli.platform:up", "Start the platform on this machine (-d: in the background)."),
+    "down": ("taxiway.cli.platform:down", "Stop the platform (machines keep running)."),
+    "platform": ("taxiway.cli.platform:platform", "The local platform's components and their state."),
+    "status": ("taxiway.cli.platform:status", "Show an app's machines, release and checks."),
+    "apps": ("taxiway.cli.platform:apps", "List, create and destroy apps."),
+    "machine": ("taxiway.cli.platform:machine", "An app's machines on the platform: ls, start, stop, exec..."),
+    "volumes": ("taxiway.cli.platform:volumes", "An app's volumes: create, ls, destroy."),
+    "open": ("taxiway.cli.platform:open_", "Print the app's URL."),
+    "launch": ("taxiway.cli.deploy:launch", "Detect the app, write taxiway.toml, create it, deploy."),
+    "deploy": ("taxiway.cli.deploy:deploy", "Build, push and roll out a new release."),
+    "releases": ("taxiway.cli.deploy:releases", "List an app's releases."),
+    "scale": ("taxiway.cli.deploy:scale", "Scale an app's machines (count, memory)."),
+    "secrets": ("taxiway.cli.deploy:secrets", "Set, list and unset an app's secrets."),
+    "logs": ("taxiway.cli.deploy:logs", "Show (or follow) an app's logs."),
 }
 
 

@@ -1,0 +1,580 @@
+"""``taxiway up`` / ``taxiway down``: start, watch and stop the platform's processes on loopback.
+
+One supervisor process per $TAXIWAY_HOME holds ``platform/supervisor.lock``
+(flock) for its whole life, so "is it running?" never trusts a pid file alone:
+after a ``kill -9`` the lock is free and the next ``up`` cleans what the dead
+supervisor left (the children recorded in up.json) and starts again.
+
+Children, in order: nats-server (JetStream, store under platform/nats), the
+registry, the egress proxy, the API, the host agent, the edge. A component
+whose module is not installed yet is skipped with a warning. A child that dies
+is restarted with a backoff. Stopping the platform never stops machines: they
+run detached under their own supervisors and the agent adopts them at start.
+
+Files (platform/): up.json (atomically replaced), logs/<component>.log,
+supervisor.lock; $TAXIWAY_CONFIG/platform.json (0600) {"api_url", "token"}.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from taxiway.errors import TaxiwayError
+
+DEFAULT_PORTS = {"nats": 4223, "api": 4280, "registry": 4281, "egress": 4750, "edge": 8180}
+READY_TIMEOUT = 60.0
+BACKOFF_MAX = 30.0
+
+
+def platform_dir() -> Path:
+    from taxiway.paths import home
+
+    d = home() / "platform"
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return d
+
+
+def up_json_path() -> Path:
+    return platform_dir() / "up.json"
+
+
+def read_up() -> dict[str, Any] | None:
+    """up.json, or None if absent or unreadable."""
+    try:
+        return json.loads(up_json_path().read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, data: dict[str, Any], mode: int = 0o644) -> None:
+    from taxiway.fsutil import atomic_write
+
+    with atomic_write(path, mode=mode, binary=False) as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return [a.decode(errors="replace") for a in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.3):
+        return True
+    return False
+
+
+def module_available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+# -- the lock ---------------------------------------------------------------------------------------
+
+class Lock:
+    """The supervisor's flock: held while a supervisor of this home runs."""
+
+    def __init__(self) -> None:
+        self.path = platform_dir() / "supervisor.lock"
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def running() -> dict[str, Any] | None:
+    """up.json of the supervisor running for this home, or None if none runs."""
+    lock = Lock()
+    if lock.try_acquire():
+        lock.release()
+        return None
+    return read_up() or {}
+
+
+# -- children ------------------------------------------------------------------------------------------
+
+def _pdeathsig() -> None:
+    """In the child: get SIGTERM when the supervisor dies, even by kill -9 (Linux prctl)."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    port: int | None = None
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    next_start: float = 0.0
+    backoff: float = 1.0
+    env: dict[str, str] = field(default_factory=dict)
+
+    def start(self, logdir: Path) -> None:
+        log = open(logdir / f"{self.name}.log", "ab")
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **self.env}, start_new_session=True,
+                                         preexec_fn=_pdeathsig)
+        finally:
+            log.close()
+        self.started_at = time.time()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        p = self.proc
+        if p is None:
+            return
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.proc = None
+
+
+class Supervisor:
+    """Starts the components, restarts those that die, stops them all on SIGTERM/SIGINT."""
+
+    def __init__(self, free_ports: bool = False, edge_port: int | None = None) -> None:
+        self.dir = platform_dir()
+        self.logdir = self.dir / "logs"
+        self.logdir.mkdir(exist_ok=True, mode=0o700)
+        self.free_ports = free_ports
+        self.edge_port = edge_port
+        self.nats: Any = None
+        self.children: list[Child] = []
+        self.skipped: list[str] = []
+        self.stopping = False
+        self.started_at = time.time()
+        self.token_written = False
+
+    # -- ports ------------------------------------------------------------------------------------------
+
+    def _port(self, name: str) -> int:
+        from taxiway.platform.nats import free_port
+
+        if name == "edge" and self.edge_port:
+            return self.edge_port
+        if not self.free_ports:
+            prev = (read_up() or {}).get("ports", {}).get(name)
+            for p in (prev, DEFAULT_PORTS[name]):
+                if p and _port_free(int(p)):
+                    return int(p)
+        return free_port()
+
+    # -- start ------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        from taxiway.platform.nats import NatsServer
+
+        self._log("starting the platform")
+        self.nats = NatsServer(self.dir / "nats", port=self._port("nats")).start()
+        self._bootstrap_registry()
+        py = sys.executable
+        reg_root = str(self._registry_root())
+        plan = [
+            ("registry", "taxiway.cli.registry",
+             lambda p: [py, "-m", "taxiway", "registry", "serve", "--listen", f"127.0.0.1:{p}", "--root", reg_root]),
+            ("egress", "taxiway.cli.egress",
+             lambda p: [py, "-m", "taxiway", "egress", "serve", "--listen", f"127.0.0.1:{p}"]),
+            ("api", "taxiway.platform.api", None),
+            ("agent", "taxiway.platform.agent", None),
+            ("edge", "taxiway.platform.edge",
+             lambda p: [py, "-m", "taxiway.platform.edge", "--nats", self.nats.url, "--listen", f"127.0.0.1:{p}"]),
+        ]
+        ports: dict[str, int] = {}
+        for name, module, argv in plan:
+            if not module_available(module):
+                self.skipped.append(name)
+                self._log(f"warning: {name} skipped: {module} is not installed")
+                continue
+            port = None if name == "agent" else self._port(name)
+            if name == "api":
+                args = [py, "-m", "taxiway.platform.api", "--nats", self.nats.url, "--listen", f"127.0.0.1:{port}",
+                        "--registry-root", reg_root]
+                if "registry" in ports:
+                    args += ["--registry", f"127.0.0.1:{ports['registry']}"]
+            elif name == "agent":
+                args = [py, "-m", "taxiway.platform.agent", "--nats", self.nats.url]
+            else:
+                args = argv(port)
+            child = Child(name, args, port)
+            child.start(self.logdir)
+            self.children.append(child)
+            if port:
+                ports[name] = port
+                self._wait_port(child)
+        self._bootstrap_token()
+        self.write_up(ready=True)
+        self._log("platform ready: " + ", ".join(f"{c.name} {c.port or c.proc.pid}" for c in self.children))
+
+    def _registry_root(self) -> Path:
+        from taxiway.paths import home
+
+        return home() / "registry"
+
+    def _bootstrap_registry(self) -> None:
+        """One registry org per platform org (the default one now; others when they first ask for a token)."""
+        if not module_available("taxiway.registry.tenants"):
+            return
+        from taxiway.platform import schema
+        from taxiway.registry.tenants import Tenants
+
+        root = self._registry_root()
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        t = Tenants(root / "tenants.db")
+        try:
+            if not t.has_org(schema.DEFAULT_ORG):
+                t.create_org(schema.DEFAULT_ORG)
+        finally:
+            t.close()
+
+    def _wait_port(self, child: Child) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not _listening(child.port):
+            if child.proc.poll() is not None:
+                tail = _tail(self.logdir / f"{child.name}.log")
+                raise TaxiwayError(f"{child.name} exited at start ({tail})",
+                                   f"see {self.logdir / (child.name + '.log')}")
+            if time.monotonic() > deadline:
+                raise TaxiwayError(f"{child.name} did not listen on 127.0.0.1:{child.port} within "
+                                   f"{READY_TIMEOUT:.0f} s", f"see {self.logdir / (child.name + '.log')}")
+            time.sleep(0.05)
+
+    def _bootstrap_token(self) -> None:
+        """Org "personal" and a platform admin token in platform.json, kept while it still works."""
+        import asyncio
+
+        from taxiway.platform import client, schema, tokens
+        from taxiway.platform.state import Conflict, State
+
+        api = self.child("api")
+        if api is None:
+            return
+        path = client.config_path()
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = {}
+
+        async def go() -> str:
+            st = await State.connect(self.nats.url, name="taxiway-up")
+            try:
+                with contextlib.suppress(Conflict):
+                    await st.put(schema.ORGS, schema.DEFAULT_ORG, {"name": schema.DEFAULT_ORG,
+                                                                   "created_at": time.time()}, revision=0)
+                if old.get("token"):
+                    rec = await tokens.authenticate(st, old["token"])
+                    if rec and rec.get("platform"):
+                        return old["token"]
+                _, tok = await tokens.create(st, schema.DEFAULT_ORG, "admin", name="taxiway up", platform=True)
+                return tok
+            finally:
+                await st.close()
+
+        token = asyncio.run(go())
+        _write_json(path, {"api_url": f"http://127.0.0.1:{api.port}", "token": token}, mode=0o600)
+        os.chmod(path, 0o600)
+
+    # -- state -------------------------------------------------------------------------------------------
+
+    def child(self, name: str) -> Child | None:
+        return next((c for c in self.children if c.name == name), None)
+
+    def write_up(self, ready: bool) -> None:
+        def url(name: str, scheme: str = "http") -> str | None:
+            c = self.child(name)
+            return f"{scheme}://127.0.0.1:{c.port}" if c and c.port else None
+
+        npid = self.nats.proc.pid if self.nats and self.nats.proc else None
+        comps = {"nats": {"pid": npid, "port": self.nats.port if self.nats else None,
+                          "argv": _cmdline(npid) if npid else []}}
+        for c in self.children:
+            comps[c.name] = {"pid": c.proc.pid if c.proc else None, "port": c.port, "restarts": c.restarts,
+                             "argv": c.argv}
+        data = {"pid": os.getpid(), "nats": self.nats.url if self.nats else None, "api": url("api"),
+                "edge": url("edge"), "registry": f"127.0.0.1:{self.child('registry').port}"
+                if self.child("registry") else None, "egress": url("egress"), "started_at": self.started_at,
+                "ready": ready, "components": comps, "skipped": self.skipped,
+                "ports": {**{c.name: c.port for c in self.children if c.port},
+                          "nats": self.nats.port if self.nats else None}}
+        _write_json(self.dir / "up.json", data)
+
+    # -- watch --------------------------------------------------------------------------------------------
+
+    def watch_once(self) -> None:
+        """Restart whatever died (nats first), with a per-child backoff."""
+        changed = False
+        now = time.time()
+        if self.nats and (self.nats.proc is None or self.nats.proc.poll() is not None):
+            self._log("nats-server died; restarting it")
+            self.nats.proc = None
+            self.nats.start()
+            changed = True
+        for c in self.children:
+            if c.proc is not None and c.proc.poll() is None:
+                if now - c.started_at > 60:
+                    c.backoff = 1.0  # it ran a while: the next crash restarts quickly again
+                continue
+            if c.proc is not None:
+                self._log(f"{c.name} exited with {c.proc.returncode}; restarting in {c.backoff:.0f} s")
+                c.proc = None
+                c.next_start = now + c.backoff
+                c.backoff = min(c.backoff * 2, BACKOFF_MAX)
+            if now >= c.next_start:
+                c.restarts += 1
+                c.start(self.logdir)
+                changed = True
+        if changed:
+            self.write_up(ready=True)
+
+    def stop(self) -> None:
+        """Stop the children in reverse order, nats last; machines keep running."""
+        self.stopping = True
+        for c in reversed(self.children):
+            c.stop()
+        if self.nats:
+            self.nats.stop()
+        with contextlib.suppress(FileNotFoundError):
+            (self.dir / "up.json").unlink()
+        self._log("platform stopped (machines keep running)")
+
+    def _log(self, msg: str) -> None:
+        sys.stderr.write(f"{time.strftime('%H:%M:%S')} taxiway up: {msg}\n")
+        sys.stderr.flush()
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = [x for x in path.read_text(errors="replace").strip().splitlines() if x.strip()]
+    except OSError:
+        return "no log"
+    return lines[-1][:300] if lines else "no log"
+
+
+# -- what the CLI calls ---------------------------------------------------------------------------------
+
+def clean_stale() -> list[str]:
+    """Stop the children a dead supervisor left (pids in up.json whose command line still matches)."""
+    up = read_up()
+    out = []
+    if not up:
+        return out
+    for name, comp in (up.get("components") or {}).items():
+        pid = comp.get("pid")
+        argv = comp.get("argv") or []
+        if not _alive(pid):
+            continue
+        if not argv or _cmdline(pid)[:len(argv)] != argv:
+            continue  # the pid was reused by something else: never touch it
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        out.append(name)
+    with contextlib.suppress(FileNotFoundError):
+        up_json_path().unlink()
+    return out
+
+
+def serve(free_ports: bool = False, edge_port: int | None = None,
+          on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Run the supervisor in this process until SIGTERM/SIGINT (``taxiway up`` in the foreground)."""
+    lock = Lock()
+    if not lock.try_acquire():
+        raise TaxiwayError("the platform is already running", "see 'taxiway platform status'; 'taxiway down' stops it")
+    stale = clean_stale()
+    sup = Supervisor(free_ports=free_ports, edge_port=edge_port)
+    if stale:
+        sup._log(f"cleaned up after a supervisor that died: stopped {', '.join(stale)}")
+    stop_now = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stop_now
+        stop_now = True
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        try:
+            sup.start()
+        except BaseException:
+            sup.stop()
+            raise
+        if on_ready is not None:
+            on_ready(read_up() or {})
+        while not stop_now:
+            time.sleep(0.5)
+            if not stop_now:
+                try:
+                    sup.watch_once()
+                except TaxiwayError as e:
+                    sup._log(f"warning: {e}")
+        sup.stop()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        lock.release()
+
+
+def start_detached(free_ports: bool = False, edge_port: int | None = None, timeout: float = 120.0) -> dict[str, Any]:
+    """Start a supervisor in the background; return its up.json once the API answers."""
+    if running() is not None:
+        raise AlreadyRunning()
+    logdir = platform_dir() / "logs"
+    logdir.mkdir(exist_ok=True, mode=0o700)
+    args = [sys.executable, "-m", "taxiway.platform.supervisor"]
+    if free_ports:
+        args.append("--free-ports")
+    if edge_port:
+        args += ["--edge-port", str(edge_port)]
+    with open(logdir / "supervisor.log", "ab") as log:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise TaxiwayError(f"the platform did not start ({_tail(logdir / 'supervisor.log')})",
+                               f"see {logdir / 'supervisor.log'}")
+        up = read_up()
+        if up and up.get("pid") == proc.pid and up.get("ready") and (not up.get("api") or api_ok(up["api"])):
+            return up
+        if time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+            raise TaxiwayError(f"the platform was not ready within {timeout:.0f} s", f"see {logdir}")
+        time.sleep(0.1)
+
+
+class AlreadyRunning(TaxiwayError):
+    def __init__(self) -> None:
+        super().__init__("the platform is already running", "'taxiway down' stops it")
+
+
+def api_ok(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url + "/v1/health", timeout=2, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def stop(timeout: float = 60.0) -> bool:
+    """Stop the running supervisor (and so its children); False if none ran. Machines keep running."""
+    up = running()
+    if up is None:
+        clean_stale()  # a supervisor killed -9 may have left children
+        return False
+    pid = up.get("pid")
+    if not _alive(pid):
+        raise TaxiwayError("the platform's lock is held but up.json names no live supervisor",
+                           "wait for a starting 'taxiway up' to finish, then retry")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+            clean_stale()
+            break
+        time.sleep(0.1)
+    return True
+
+
+def status() -> dict[str, Any]:
+    """What runs: each component's pid, port and whether it is alive; the API's health."""
+    up = running()
+    if up is None:
+        return {"running": False}
+    comps = {n: {**c, "alive": _alive(c.get("pid"))} for n, c in (up.get("components") or {}).items()}
+    return {"running": True, "pid": up.get("pid"), "api": up.get("api"), "edge": up.get("edge"),
+            "nats": up.get("nats"), "registry": up.get("registry"), "egress": up.get("egress"),
+            "api_ok": bool(up.get("api")) and api_ok(up["api"]), "components": comps,
+            "skipped": up.get("skipped") or [], "started_at": up.get("started_at")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m taxiway.platform.supervisor [--free-ports] [--edge-port N]`` (what ``up -d`` detaches)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m taxiway.platform.supervisor")
+    p.add_argument("--free-ports", action="store_true", help="pick free loopback ports (tests)")
+    p.add_argument("--edge-port", type=int)
+    a = p.parse_args(argv)
+    try:
+        serve(a.free_ports, a.edge_port)
+    except TaxiwayError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
