@@ -1,0 +1,186 @@
+"""``taxiway up -d`` / ``down`` / ``platform status`` as a user runs them, in a temp home.
+
+Every test stops what it started (``taxiway down``, then any pid of up.json still
+alive, then the machines of its home). Ports are free loopback ports (--free-ports).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import stat
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from machines.conftest import BUSYBOX, make_image
+from test_api_agent import web_config
+
+
+def _pids(home: Path) -> list[int]:
+    try:
+        up = json.loads((home / "platform" / "up.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [up["pid"]] + [c["pid"] for c in up["components"].values() if c.get("pid")]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def _until(fn, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        got = fn()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def platform(platform_home, taxiway):
+    """Runs ``taxiway`` in the temp home; stops the platform, its leftovers and its machines after."""
+    seen: set[int] = set()
+
+    def tw(*args: str, check: bool = True):
+        r = taxiway(*args, timeout=180)
+        seen.update(_pids(platform_home))
+        if check:
+            assert r.returncode == 0, (args, r.stdout.decode(), r.stderr.decode())
+        return r
+
+    yield tw
+    taxiway("down", timeout=120)
+    for pid in seen:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    from taxiway import machines
+
+    for m in machines.all_machines():
+        machines.destroy(m, force=True)
+
+
+def _api(platform_home) -> httpx.Client:
+    cfg = json.loads((Path(os.environ["TAXIWAY_CONFIG"]) / "platform.json").read_text())
+    return httpx.Client(base_url=cfg["api_url"], headers={"Authorization": f"Bearer {cfg['token']}"},
+                        timeout=300, trust_env=False)
+
+
+def test_up_detached_is_idempotent_restarts_children_and_down_stops_all(platform, platform_home):
+    r = platform("up", "-d", "--free-ports")
+    assert "the platform is up" in r.stdout.decode()
+    cfg_path = Path(os.environ["TAXIWAY_CONFIG"]) / "platform.json"
+    assert stat.S_IMODE(cfg_path.stat().st_mode) == 0o600
+    up = json.loads((platform_home / "platform" / "up.json").read_text())
+    assert {"pid", "nats", "api", "edge", "registry", "started_at"} <= set(up)
+    with _api(platform_home) as c:
+        assert c.post("/v1/apps", json={"app_name": "hello"}).status_code == 201
+
+    r = platform("up", "-d", "--free-ports")
+    assert "already running" in r.stdout.decode()
+    assert json.loads((platform_home / "platform" / "up.json").read_text())["pid"] == up["pid"]
+
+    st = json.loads(platform("platform", "status", "--json").stdout)
+    assert st["running"] and st["api_ok"]
+    assert {"nats", "registry", "egress", "api", "agent", "edge"} <= set(st["components"])
+    assert all(c["alive"] for c in st["components"].values())
+
+    # a child that dies is restarted, with the state intact
+    old_api = up["components"]["api"]["pid"]
+    os.kill(old_api, signal.SIGKILL)
+
+    def restarted():
+        now = json.loads((platform_home / "platform" / "up.json").read_text())
+        return now["components"]["api"]["pid"] != old_api and now["components"]["api"]["restarts"] == 1
+
+    _until(restarted, "the API to be restarted")
+    with _api(platform_home) as c:
+        _until(lambda: _ok(c, "/v1/apps/hello"), "the restarted API")
+
+    r = platform("apps", "ls", "--json")
+    assert [a["name"] for a in json.loads(r.stdout)] == ["hello"]
+
+    pids = _pids(platform_home)
+    r = platform("down")
+    assert "stopped" in r.stdout.decode()
+    assert not (platform_home / "platform" / "up.json").exists()
+    assert [p for p in pids if _alive(p)] == []
+    assert "not running" in platform("down").stdout.decode()
+    assert "not running" in platform("platform", "status").stdout.decode()
+
+
+def _ok(c: httpx.Client, path: str) -> bool:
+    try:
+        return c.get(path).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_kill_9_of_the_supervisor_then_up_again_keeps_state_and_machines(platform, platform_home, tmp_path):
+    image = make_image(tmp_path, BUSYBOX)
+    platform("up", "-d", "--free-ports")
+    with _api(platform_home) as c:
+        assert c.post("/v1/apps", json={"app_name": "web"}).status_code == 201
+        r = c.post("/v1/apps/web/machines", json={"config": web_config(image)})
+        assert r.status_code == 200, r.text
+        mid, port = r.json()["id"], r.json()["ports"]["8080"]
+    assert httpx.get(f"http://127.0.0.1:{port}/index.html", trust_env=False).text == "hello\n"
+
+    up = json.loads((platform_home / "platform" / "up.json").read_text())
+    os.kill(up["pid"], signal.SIGKILL)
+    _until(lambda: not _alive(up["pid"]), "the supervisor to die")
+    # the machine does not depend on the control plane
+    assert httpx.get(f"http://127.0.0.1:{port}/index.html", trust_env=False).text == "hello\n"
+
+    r = platform("up", "-d", "--free-ports")
+    assert "the platform is up" in r.stdout.decode()
+    up2 = json.loads((platform_home / "platform" / "up.json").read_text())
+    assert up2["pid"] != up["pid"]
+    # what the dead supervisor left (nats-server has no parent-death signal) was stopped, not duplicated
+    assert not _alive(up["components"]["nats"]["pid"])
+    log = (platform_home / "platform" / "logs" / "supervisor.log").read_text()
+    assert "cleaned up after a supervisor that died" in log
+    with _api(platform_home) as c:
+        m = c.get(f"/v1/apps/web/machines/{mid}").json()
+        assert m["state"] == "started" and m["ports"]["8080"] == port  # adopted by the new agent
+
+    # down never stops machines
+    platform("down")
+    assert httpx.get(f"http://127.0.0.1:{port}/index.html", trust_env=False).text == "hello\n"
+
+
+def test_cli_errors_are_one_line(platform, platform_home, tmp_path, monkeypatch):
+    r = platform("apps", "ls", check=False)
+    assert r.returncode != 0
+    err = r.stderr.decode()
+    assert err.count("\n") == 1 and err.startswith("error: no platform API configured; ")
+    platform("up", "-d", "--free-ports")
+    r = platform("status", check=False)
+    assert r.returncode == 2 and r.stderr.decode().startswith("error: no app given; ")
+    r = platform("apps", "create", "Bad_Name", check=False)
+    assert r.returncode == 2 and "invalid app name" in r.stderr.decode()
+    r = platform("machine", "ls", "-a", "ghost", check=False)
+    assert r.returncode == 1 and r.stderr.decode().startswith("error: no app 'ghost'")
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "taxiway.toml").write_text('app = "fromtoml"\n')
+    platform("apps", "create", "fromtoml")
+    monkeypatch.chdir(tmp_path / "proj")
+    r = platform("status")
+    assert "app fromtoml" in r.stdout.decode() and "no machines" in r.stdout.decode()
+    r = platform("volumes", "create", "data", "--size", "10mb", "--json")
+    vid = json.loads(r.stdout)["id"]
+    assert vid in platform("volumes", "ls").stdout.decode()
+    platform("volumes", "destroy", vid, "-y")
+    assert platform("open").stdout.decode().startswith("http://fromtoml.localhost:")
