@@ -85,8 +85,18 @@ def test_up_detached_is_idempotent_restarts_children_and_down_stops_all(platform
     assert stat.S_IMODE(cfg_path.stat().st_mode) == 0o600
     up = json.loads((platform_home / "platform" / "up.json").read_text())
     assert {"pid", "nats", "api", "edge", "registry", "started_at"} <= set(up)
+    assert up["ca"] and Path(up["ca"]).is_dir()
     with _api(platform_home) as c:
         assert c.post("/v1/apps", json={"app_name": "hello"}).status_code == 201
+        creds = c.post("/v1/apps/hello/registry_token").json()
+    assert creds["registry"] == up["registry"] and creds["repository"] == "hello"
+    # the credentials work with the platform's registry (the Docker token flow)
+    r = httpx.get(f"http://{creds['registry']}/v2/token", params={"service": "taxiway",
+                  "scope": "repository:hello:pull,push"}, auth=(creds["username"], creds["password"]), trust_env=False)
+    assert r.status_code == 200, r.text
+    r = httpx.get(f"http://{creds['registry']}/v2/", headers={"Authorization": f"Bearer {r.json()['token']}"},
+                  trust_env=False)
+    assert r.status_code == 200
 
     r = platform("up", "-d", "--free-ports")
     assert "already running" in r.stdout.decode()
@@ -184,3 +194,25 @@ def test_cli_errors_are_one_line(platform, platform_home, tmp_path, monkeypatch)
     assert vid in platform("volumes", "ls").stdout.decode()
     platform("volumes", "destroy", vid, "-y")
     assert platform("open").stdout.decode().startswith("http://fromtoml.localhost:")
+
+
+def test_up_in_the_foreground_stops_everything_on_ctrl_c(platform, platform_home):
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "taxiway", "up", "--free-ports"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        first = proc.stdout.readline().decode()  # printed once the platform is ready
+        assert first.startswith("the platform is up"), first + proc.stderr.read().decode()
+        assert "already running" in platform("up", "-d", "--free-ports").stdout.decode()
+        pids = _pids(platform_home)
+        assert len(pids) >= 6 and all(_alive(p) for p in pids)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(120) == 0
+        assert [p for p in pids if _alive(p)] == []
+        assert not (platform_home / "platform" / "up.json").exists()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -209,7 +209,7 @@ class Supervisor:
         self.skipped: list[str] = []
         self.stopping = False
         self.started_at = time.time()
-        self.token_written = False
+        self.ca_dir: str | None = None
 
     # -- ports ------------------------------------------------------------------------------------------
 
@@ -232,6 +232,7 @@ class Supervisor:
 
         self._log("starting the platform")
         self.nats = NatsServer(self.dir / "nats", port=self._port("nats")).start()
+        self._bootstrap_ca()
         self._bootstrap_registry()
         py = sys.executable
         reg_root = str(self._registry_root())
@@ -275,6 +276,22 @@ class Supervisor:
         from taxiway.paths import home
 
         return home() / "registry"
+
+    def _bootstrap_ca(self) -> None:
+        """The platform's CA ($TAXIWAY_CAROOT or $TAXIWAY_HOME/ca), created once; never trusted by the host here."""
+        if not module_available("taxiway.pki.ca"):
+            self.skipped.append("ca")
+            return
+        from taxiway.pki.ca import CA
+
+        try:
+            the_ca, created = CA.init(None)
+        except TaxiwayError as e:
+            self._log(f"warning: the CA is unusable ({e})")
+            return
+        self.ca_dir = str(the_ca.dir)
+        if created:
+            self._log(f"created the platform's CA in {the_ca.dir}")
 
     def _bootstrap_registry(self) -> None:
         """One registry org per platform org (the default one now; others when they first ask for a token)."""
@@ -358,7 +375,7 @@ class Supervisor:
         data = {"pid": os.getpid(), "nats": self.nats.url if self.nats else None, "api": url("api"),
                 "edge": url("edge"), "registry": f"127.0.0.1:{self.child('registry').port}"
                 if self.child("registry") else None, "egress": url("egress"), "started_at": self.started_at,
-                "ready": ready, "components": comps, "skipped": self.skipped,
+                "ready": ready, "components": comps, "ca": self.ca_dir, "skipped": self.skipped,
                 "ports": {**{c.name: c.port for c in self.children if c.port},
                           "nats": self.nats.port if self.nats else None}}
         _write_json(self.dir / "up.json", data)
