@@ -165,7 +165,9 @@ def agent(nats_server, tmp_path, platform_home):
     yield start
     for a in procs:
         a.stop()
-    from taxiway import machines  # the agent leaves machines running by design: the test removes them
+    from taxiway import (
+        machines,  # the agent leaves machines running by design: the test removes them
+    )
 
     for m in machines.all_machines():
         machines.destroy(m, force=True)

@@ -314,7 +314,9 @@ class Agent:
         self.started_at = time.time()
         self.subs: list[Any] = []
         self.tasks: list[asyncio.Task] = []
-        self.ops = asyncio.Semaphore(4)  # concurrent creates/starts: the host has few cores
+        self.ops = asyncio.Semaphore(4)  # concurrent starts: the host has few cores
+        # one create at a time: snapshot preparation is safe across processes, not across threads of one
+        self.creating = asyncio.Lock()
 
     # -- life -------------------------------------------------------------------------------
 
@@ -371,6 +373,8 @@ class Agent:
                 await self.reconcile(app, mid, v, rev)
             except TaxiwayError as e:
                 log.warning("machine %s: %s", mid, e.message)
+            except Exception:  # one machine's trouble must not stop the agent
+                log.exception("reconciling %s", mid)
 
         # adopting is cheap (a file read, a STATUS write); creating is not, and is limited by self.ops
         async with asyncio.TaskGroup() as tg:
@@ -423,7 +427,7 @@ class Agent:
                "acted_rev": 0, "log_inode": None, "log_offset": 0, "events_offset": 0}
         self.rec.put(row)  # before the machine exists: a killed agent finds the name and cleans up
         await self._write_status(row, {"state": "created", "checks": {}, "exit_code": None, "pid": None})
-        async with self.ops:
+        async with self.creating:
             try:
                 local_id = await asyncio.to_thread(_create_local, f"tw-{mid}", cfg)
             except TaxiwayError as e:
@@ -495,7 +499,8 @@ class Agent:
 
     async def observe(self, row: dict[str, Any]) -> None:
         """Report one machine: its events, its log lines, its STATUS; start or stop its checks."""
-        m = await asyncio.to_thread(_local, row.get("local_id")) if row.get("local_id") else None
+        # small local file reads, done inline: a thread hop would cost more than the read
+        m = _local(row.get("local_id"))
         if m is None:
             return
         await self._ship_events(row, m)
@@ -515,7 +520,7 @@ class Agent:
         from taxiway.platform import schema
 
         path = m.dir / "events.jsonl"
-        lines, _, offset = await asyncio.to_thread(_read_new, path, None, row.get("events_offset") or 0)
+        lines, _, offset = _read_new(path, None, row.get("events_offset") or 0)
         if not lines:
             return
         for ln in lines:
@@ -535,8 +540,7 @@ class Agent:
     async def _ship_logs(self, row: dict[str, Any], m: Any) -> None:
         from taxiway.platform import schema
 
-        lines, inode, offset = await asyncio.to_thread(_read_new, m.dir / "log", row.get("log_inode"),
-                                                       row.get("log_offset") or 0)
+        lines, inode, offset = _read_new(m.dir / "log", row.get("log_inode"), row.get("log_offset") or 0)
         subject = schema.logs_subject(row["app"], row.get("region") or self.region, row["id"])
         shipped = 0
         for ln in lines[:LOG_BATCH]:
