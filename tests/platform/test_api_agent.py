@@ -6,6 +6,7 @@ Deadlines only keep a broken run from hanging; nothing asserts how fast anything
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -79,6 +80,17 @@ def test_machine_lifecycle_through_the_api(stack):
     assert c.get(f"/v1/apps/web/machines/{mid}/wait", params={"state": "started", "timeout": 60}).status_code == 200
     port = c.get(f"/v1/apps/web/machines/{mid}").json()["ports"]["8080"]
     assert _get(port) == "hello\n"
+
+    # logs: what the machine printed, as NDJSON; follow=1 streams
+    deadline = time.monotonic() + 60
+    while "serving" not in c.get("/v1/apps/web/logs", params={"machine": mid}).text:
+        assert time.monotonic() < deadline, "no log line"
+        time.sleep(0.2)
+    with c.stream("GET", "/v1/apps/web/logs", params={"follow": "1"}) as s:
+        assert s.status_code == 200 and "ndjson" in s.headers["content-type"]
+        first = next(s.iter_lines())
+        assert json.loads(first)["machine"] == mid
+    assert c.get("/v1/apps/web/logs", params={"machine": "../x"}).status_code == 400
 
     r = c.post(f"/v1/apps/web/machines/{mid}/exec", json={"command": ["cat", "/www/index.html"]})
     assert r.status_code == 200 and r.json()["stdout"] == "hello\n" and r.json()["exit_code"] == 0
