@@ -232,3 +232,27 @@ async def test_invalid_config_fails_the_release(state, platform, image):
         await deploy.start(state, APP, rec)
     got = (await state.get(schema.RELEASES, schema.release_key(APP, rec["version"])))[0]
     assert got["status"] == "failed"
+
+
+async def test_start_records_the_release_itself_and_refuses_before_recording(state, platform, image):
+    """What the API sends: an unrecorded body. Bad input and a busy app record nothing."""
+    with pytest.raises(appconfig.ConfigError):
+        await deploy.start(state, APP, {"image": image, "config": {"deploy": {"strategy": "yolo"}}}, org="personal")
+    with pytest.raises(deploy.InvalidInput, match="no release to restart"):
+        await deploy.start(state, APP, {"reason": "secrets"})
+    assert await state.keys(schema.RELEASES, APP + ".") == []
+
+    rel = await deploy.start(state, APP, {"image": image, "config": config(1), "by": "tok"}, org="personal")
+    assert rel["version"] == 1 and rel["status"] == "running" and rel["by"] == "tok"
+    with pytest.raises(deploy.Busy):
+        await deploy.start(state, APP, {"image": image, "config": config(2)})
+    assert await state.keys(schema.RELEASES, APP + ".") == [schema.release_key(APP, 1)]
+    await deploy.wait(APP, 180)
+    assert (await state.get(schema.RELEASES, schema.release_key(APP, 1)))[0]["status"] == "complete"
+
+    # A secrets change re-deploys the newest complete release's image and config.
+    rel = await deploy.start(state, APP, {"reason": "secrets"})
+    assert rel["version"] == 2 and rel["image"] == image and rel["description"] == "secrets changed"
+    await deploy.wait(APP, 180)
+    assert (await state.get(schema.RELEASES, schema.release_key(APP, 2)))[0]["status"] == "complete"
+    assert [m["release"] for m in await live(state)] == [2]

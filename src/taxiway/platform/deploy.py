@@ -49,12 +49,17 @@ class Busy(TaxiwayError):
 
 # -- public entry points ------------------------------------------------------------------------
 
-async def start(state: State, app: str, release: dict[str, Any]) -> dict[str, Any]:
-    """Start deploying a recorded release (status ``pending``); returns the release record.
+async def start(state: State, app: str, release: dict[str, Any], org: str | None = None) -> dict[str, Any]:
+    """Record the next release of ``app`` and start deploying it; returns the release record.
 
-    The config is validated first (a bad one fails the release and raises InvalidInput);
-    a deploy already running for the app raises :class:`Busy` (the new release is marked failed).
+    ``release`` is what POST /v1/apps/{app}/releases received, ``{"image", "config",
+    "strategy"?, "description"?, "by"?}``, or ``{"reason": "secrets"}`` to roll the
+    newest release's image and config again (a secrets change). A bad config raises
+    InvalidInput and a deploy already running raises :class:`Busy`, both before anything
+    is recorded. A release recorded already (it has a "version") is deployed as it is.
     """
+    if "version" not in release:
+        release = await _new_release(state, app, release)
     version = int(release["version"])
     try:
         config = appconfig.validate(release.get("config") or {}, "config")
@@ -71,8 +76,9 @@ async def start(state: State, app: str, release: dict[str, Any]) -> dict[str, An
     if got:  # a deploy nobody runs (its API died and resume has not taken it yet): this one supersedes it
         old = got[0]
         await _set_release(state, app, int(old["release"]), status="failed", error=f"superseded by v{version}")
-    app_rec = await state.get(schema.APPS, app)
-    org = (app_rec[0] if app_rec else {}).get("org", schema.DEFAULT_ORG)
+    if org is None:
+        app_rec = await state.get(schema.APPS, app)
+        org = (app_rec[0] if app_rec else {}).get("org", schema.DEFAULT_ORG)
     previous = await _previous_release(state, app, version)
     counts = await _current_counts(state, app, config)
     rec = {"app": app, "org": org, "id": _secrets.token_hex(6), "release": version, "previous": previous,
@@ -93,6 +99,41 @@ async def start(state: State, app: str, release: dict[str, Any]) -> dict[str, An
                                   + ", ".join(f"{g}: {n}" for g, n in counts.items()))
     _spawn(state, app)
     return out or {**release, "status": "running"}
+
+
+async def _new_release(state: State, app: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Check ``body`` and record it as the app's next release (CAS create: two never share a version)."""
+    fields = {k: body[k] for k in ("image", "config", "strategy", "description", "by") if body.get(k) is not None}
+    if body.get("reason") == "secrets" and "image" not in fields:
+        rows = [r for _, r, _ in await state.items(schema.RELEASES, app + ".")]
+        done = [r for r in rows if r.get("status") == "complete"] or rows
+        if not done:
+            raise InvalidInput(f"{app} has no release to restart", "deploy it first: the first deploy has the secrets")
+        last = max(done, key=lambda r: r.get("version", 0))
+        fields = {"image": last["image"], "config": last.get("config") or {}, "strategy": "rolling",
+                  "description": "secrets changed"}
+    if not isinstance(fields.get("image"), str) or not fields["image"].strip():
+        raise InvalidInput("a release needs an image", 'send {"image": "registry/app:tag", "config": {...}}')
+    config = appconfig.validate(fields.get("config") or {}, "config")  # a bad config records nothing
+    fields["strategy"] = fields.get("strategy") or config["deploy"]["strategy"]
+    if fields["strategy"] not in strategy.STRATEGIES:
+        raise InvalidInput(f"unknown deploy strategy {fields['strategy']!r}", f"use one of {', '.join(strategy.STRATEGIES)}")
+    running = _tasks.get(app)
+    if running is not None and not running.done():
+        got = await state.get(schema.DEPLOYS, app)
+        raise Busy(f"a deploy of {app} (release v{(got or ({}, 0))[0].get('release')}) is in progress",
+                   "wait for it to finish ('taxiway releases'), then deploy again")
+    for _ in range(50):
+        keys = await state.keys(schema.RELEASES, app + ".")
+        version = max((int(k.rsplit(".", 1)[1]) for k in keys), default=0) + 1
+        rec = {"app": app, "version": version, "status": "pending", "created_at": time.time(), "reason": body.get("reason"),
+               "description": "", **fields}
+        try:
+            await state.put(schema.RELEASES, schema.release_key(app, version), rec, revision=0)
+            return rec
+        except Conflict:
+            await asyncio.sleep(0.01)
+    raise Busy(f"could not record a release of {app}: too many at once", "retry")
 
 
 async def resume(state: State) -> list[str]:
