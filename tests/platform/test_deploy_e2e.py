@@ -1,0 +1,175 @@
+"""The workflow of issue #16 as a user types it: ``taxiway up``, ``launch`` (adopting a fly.toml),
+a rolling ``deploy`` v1 -> v2 under a continuous request loop through the edge with 0 failed
+requests, then a release whose health check fails: rolled back while v2 keeps answering.
+
+The app is a busybox httpd image from the local store ([build] image), so no build (and no package
+index) is needed; building examples/python is the builder's own tests' job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from machines.conftest import BUSYBOX, make_image
+
+FLY_TOML = """\
+# fly.toml app configuration file generated for hello
+app = 'hello'
+primary_region = 'ams'
+swap_size_mb = 512
+kill_timeout = '2s'
+
+[build]
+  image = '{image}'
+
+[processes]
+  app = 'mkdir -p /www; echo {body} > /www/index.html; exec busybox httpd -f -p 8080 -h /www'
+
+[http_service]
+  internal_port = 8080
+  force_https = true
+  auto_stop_machines = 'stop'
+  min_machines_running = 0
+  processes = ['app']
+
+  [[http_service.checks]]
+    grace_period = '0s'
+    interval = '200ms'
+    timeout = '2s'
+    method = 'GET'
+    path = '{check}'
+
+[deploy]
+  strategy = 'rolling'
+  wait_timeout = '{wait}'
+
+[[vm]]
+  memory = '256mb'
+  cpu_kind = 'shared'
+  cpus = 1
+"""
+
+
+def _pids(home: Path) -> list[int]:
+    try:
+        up = json.loads((home / "platform" / "up.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [up["pid"]] + [c["pid"] for c in up["components"].values() if c.get("pid")]
+
+
+@pytest.fixture
+def tw(platform_home, taxiway):
+    seen: set[int] = set()
+
+    def run(*args: str, check: bool = True, cwd: Path | None = None):
+        old = os.getcwd()
+        if cwd:
+            os.chdir(cwd)
+        try:
+            r = taxiway(*args, timeout=300)
+        finally:
+            os.chdir(old)
+        seen.update(_pids(platform_home))
+        if check:
+            assert r.returncode == 0, (args, r.stdout.decode(), r.stderr.decode())
+        return r
+
+    yield run
+    taxiway("down", timeout=120)
+    for pid in seen:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    from taxiway import machines
+
+    for m in machines.all_machines():
+        machines.destroy(m, force=True)
+
+
+class Loop(threading.Thread):
+    """GET / through the edge, one after another, until stopped; every answer recorded."""
+
+    def __init__(self, port: int):
+        super().__init__(daemon=True)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Host": f"hello.localhost:{port}"},
+                                   timeout=30, trust_env=False)
+        self.answers: list[str] = []
+        self.failures: list[str] = []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                r = self.client.get("/index.html")
+                (self.answers if r.status_code == 200 else self.failures).append(
+                    r.text.strip() if r.status_code == 200 else f"{r.status_code} {r.text[:80]}")
+            except httpx.HTTPError as e:
+                self.failures.append(f"{type(e).__name__}: {e}")
+            time.sleep(0.01)
+        self.client.close()
+
+
+def _wait(pred, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def test_up_launch_rolling_deploy_without_failed_requests_and_rollback(tw, platform_home, tmp_path):
+    image = make_image(tmp_path, BUSYBOX)
+    tw("up", "-d", "--free-ports")
+    app = tmp_path / "hello"
+    app.mkdir()
+    (app / "fly.toml").write_text(FLY_TOML.format(image=image, body="v1", check="/index.html", wait="60s"))
+
+    r = tw("launch", str(app))
+    err = r.stderr.decode()
+    assert "ignoring keys taxiway does not use: swap_size_mb, vm[0].cpu_kind" in err
+    assert "v1 of hello is deployed" in r.stdout.decode()
+    url = tw("open", cwd=app).stdout.decode().strip()
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+
+    loop = Loop(port)
+    loop.start()
+    try:
+        _wait(lambda: loop.answers, "the edge to answer")
+        assert loop.answers[0] == "v1"
+
+        # v2: taxiway.toml (written by launch) changed, deployed with a rolling strategy under load.
+        toml = app / "taxiway.toml"
+        toml.write_text(toml.read_text().replace("echo v1", "echo v2"))
+        r = tw("deploy", cwd=app)
+        assert "v2 of hello is deployed" in r.stdout.decode()
+        done = len(loop.answers)
+        _wait(lambda: len(loop.answers) > done + 10, "more answers")
+        # While both ran, both answered; once the deploy is over only v2 does (one answer may have been
+        # on its way when the old machine, drained, stopped).
+        assert set(loop.answers[done + 1:]) == {"v2"}
+        assert loop.failures == []
+
+        # v3 fails its health check: rolled back, exit 1, v2 answers throughout.
+        seen = len(loop.answers)
+        toml.write_text(toml.read_text().replace("echo v2", "echo v3").replace('"/index.html"', '"/missing"')
+                        .replace("wait_timeout = 60.0", "wait_timeout = 3.0"))
+        r = tw("deploy", cwd=app, check=False)
+        assert r.returncode == 1 and "was rolled back" in r.stderr.decode(), r.stderr.decode()
+        _wait(lambda: len(loop.answers) > seen + 10, "more answers")
+        assert set(loop.answers[seen:]) == {"v2"}
+        assert loop.failures == []
+
+        r = tw("releases", "--json", cwd=app)
+        assert [(x["version"], x["status"]) for x in json.loads(r.stdout)] == [
+            (3, "rolled_back"), (2, "complete"), (1, "complete")]
+    finally:
+        loop.halt.set()
+        loop.join(30)
+    assert loop.failures == []
