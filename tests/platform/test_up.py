@@ -148,6 +148,27 @@ def test_kill_9_of_the_supervisor_then_up_again_keeps_state_and_machines(platfor
         mid, port = r.json()["id"], r.json()["ports"]["8080"]
     assert httpx.get(f"http://127.0.0.1:{port}/index.html", trust_env=False).text == "hello\n"
 
+    # the machine verbs of the CLI, through the API and the agent
+    assert [m["id"] for m in json.loads(platform("machine", "ls", "-a", "web", "--json").stdout)] == [mid]
+    r = platform("machine", "exec", mid, "-a", "web", "--", "cat", "/www/index.html")
+    assert r.stdout == b"hello\n"
+    r = platform("machine", "exec", mid, "-a", "web", "--", "sh", "-c", "echo oops >&2; exit 3", check=False)
+    assert r.returncode == 3 and r.stderr == b"oops\n"
+    assert f"{mid} stopped" in platform("machine", "stop", mid, "-a", "web").stdout.decode()
+    r = platform("machine", "destroy", mid, "-a", "web", check=False)  # stopped: no --force needed, but keep it
+    assert r.returncode == 0
+    r = platform("machine", "start", mid, "-a", "web", check=False)
+    assert r.returncode == 1 and "destroyed" in r.stderr.decode()
+    with _api(platform_home) as c:
+        r = c.post("/v1/apps/web/machines", json={"config": web_config(image)})
+        assert r.status_code == 200, r.text
+        mid, port = r.json()["id"], r.json()["ports"]["8080"]
+    assert f"{mid} started" in platform("machine", "restart", mid, "-a", "web").stdout.decode()
+    port = json.loads(platform("machine", "ls", "-a", "web", "--json").stdout)[0]["ports"]["8080"]
+    assert httpx.get(f"http://127.0.0.1:{port}/index.html", trust_env=False).text == "hello\n"
+    r = platform("status", "-a", "web")
+    assert mid in r.stdout.decode() and "started" in r.stdout.decode()
+
     up = json.loads((platform_home / "platform" / "up.json").read_text())
     os.kill(up["pid"], signal.SIGKILL)
     _until(lambda: not _alive(up["pid"]), "the supervisor to die")
