@@ -313,6 +313,7 @@ class Agent:
         self.reconcile_seconds: float | None = None
         self.started_at = time.time()
         self.subs: list[Any] = []
+        self.pending: set[asyncio.Task] = set()
         self.tasks: list[asyncio.Task] = []
         self.ops = asyncio.Semaphore(4)  # concurrent starts: the host has few cores
         # one create at a time: snapshot preparation is safe across processes, not across threads of one
@@ -618,8 +619,8 @@ class Agent:
             self.status[mid] = cur
             return
         new["updated_at"] = time.time()
-        self.status[mid] = new
         await self.st.put(schema.STATUS, schema.machine_key(row["app"], mid), new)
+        self.status[mid] = new  # only once written: a failed write (NATS restarting) is retried next tick
 
     async def _event(self, app: str, mid: str, typ: str, row: dict[str, Any] | None = None, **detail: Any) -> None:
         from taxiway.platform import schema
@@ -750,16 +751,31 @@ class Agent:
     # -- watching desired state -----------------------------------------------------------------------
 
     async def _watch(self) -> None:
+        """Act on MACHINES changes; if the watch breaks (nats-server restarted), watch again and
+        reconcile everything once, so no change made meanwhile is missed."""
         from taxiway.platform import schema
 
-        async for key, value, rev in self.st.watch(schema.MACHINES, ">", initial=False):
-            app, _, mid = key.partition(".")
-            if value is not None and not self._mine(value):
-                continue
-            if value is None and self.rec.get(mid) is None:
-                continue
-            self._stop_checks_defs(mid)
-            asyncio.create_task(self._reconcile_logged(app, mid, value, rev))
+        first = True
+        while True:
+            try:
+                if not first:
+                    await self.reconcile_all()
+                first = False
+                async for key, value, rev in self.st.watch(schema.MACHINES, ">", initial=False):
+                    app, _, mid = key.partition(".")
+                    if value is not None and not self._mine(value):
+                        continue
+                    if value is None and self.rec.get(mid) is None:
+                        continue
+                    self._stop_checks_defs(mid)
+                    task = asyncio.create_task(self._reconcile_logged(app, mid, value, rev))
+                    self.pending.add(task)  # a reference, so the task is not collected mid-way
+                    task.add_done_callback(self.pending.discard)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("watching machines: %s: %s; watching again", type(e).__name__, e)
+            await asyncio.sleep(1)
 
     def _stop_checks_defs(self, mid: str) -> None:
         """A changed record may change its checks: read them again at the next observation."""
