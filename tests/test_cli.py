@@ -51,3 +51,21 @@ def test_a_bad_listen_address_is_one_line(taxiway, tmp_path):
         assert r.returncode == 2
         lines = r.stderr.decode().strip().splitlines()
         assert lines == ["error: --listen '::1:5000': an IPv6 address goes in brackets; write it as [::1]:5000"], lines
+
+
+def test_rich_and_the_cli_stay_at_the_cli_boundary():
+    """Progress bars are the CLI's: the parts take the one progress callback (taxiway.oci.progress),
+    and no part imports taxiway.cli."""
+    import re
+    from pathlib import Path
+
+    import taxiway
+
+    src = Path(taxiway.__file__).parent
+    offenders = []
+    for p in src.rglob("*.py"):
+        if p.relative_to(src).parts[0] in ("cli", "__main__.py"):  # __main__ is the CLI's entry
+            continue
+        if re.search(r"^\s*(from|import) (rich|taxiway\.cli)\b", p.read_text(), re.M):
+            offenders.append(str(p.relative_to(src)))
+    assert offenders == []

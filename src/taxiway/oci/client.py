@@ -13,20 +13,13 @@ import json
 import os
 import random
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode, urljoin, urlsplit, urlunsplit
 
-if "httpx" not in sys.modules:
-    # httpx's __init__ imports its optional command-line tool (click, rich, pygments: ~50 ms
-    # of start-up on every pull and push) and falls back to a stub when that import fails.
-    # taxiway never runs httpx's CLI, so take the fallback.
-    sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
-
-import httpx  # noqa: E402
+import httpx  # the CLI keeps httpx's own CLI from loading (taxiway.cli.main._skip_httpx_cli)
 
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.oci import mediatypes as mt

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,10 @@ from taxiway.registry.storage import (
     MAX_UPLOAD_BYTES,
     MAX_UPLOAD_SESSIONS,
     PURGE_INTERVAL,
+    BlobBody,
     FilesystemStorage,
     SessionBusy,
+    Storage,
 )
 from taxiway.registry.tenants import Tenants
 
@@ -84,9 +87,25 @@ class BlobResponse(FileResponse):
         await super().__call__(scope, receive, send)
 
 
+def blob_response(body: BlobBody, headers: dict[str, str]) -> Response:
+    """The response for a blob: its file through :class:`BlobResponse` (sendfile, ranges), or its bytes.
+
+    The in-memory driver's bytes answer a Range request with the whole blob (200),
+    which RFC 9110 allows; ranges are served from files, as the real server stores them.
+    """
+    if body.file is not None:
+        # Only size and time feed the headers; the file was stat'ed by the storage a moment ago.
+        st = os.stat_result((stat.S_IFREG | 0o444, 0, 0, 1, 0, 0, body.size, body.mtime, body.mtime, body.mtime))
+        return BlobResponse(body.file, headers=headers, media_type="application/octet-stream", stat_result=st)
+    return Response(body.data or b"", headers={**headers, "Accept-Ranges": "none"},
+                    media_type="application/octet-stream")
+
+
 @dataclass
 class Config:
-    root: Path
+    """How the registry serves. ``root`` holds what the app is not given: storage, ``tenants.db``, the key."""
+
+    root: Path | None = None
     auth: bool = True
     delete: bool = True
     service: str = "taxiway"
@@ -142,13 +161,23 @@ def paginate(items: list[str], n: int | None, last: str | None) -> tuple[list[st
 
 
 class Registry:
-    """The handlers, sharing one storage, one tenants database and one key."""
+    """The handlers, sharing one storage, one tenants database and one key.
 
-    def __init__(self, config: Config):
+    Each is passed in, or made from ``config.root`` when not: the filesystem storage
+    under it, its ``tenants.db`` (only with ``config.auth``) and its ``secret.key``.
+    """
+
+    def __init__(self, config: Config, storage: Storage | None = None, *, tenants: Tenants | None = None,
+                 key: bytes | None = None):
+        if config.root is None and (storage is None or key is None or (config.auth and tenants is None)):
+            raise ValueError("Config.root is needed for whatever is not passed in (storage, key, tenants)")
+        root = Path(config.root) if config.root is not None else None
         self.config = config
-        self.storage = FilesystemStorage(config.root)
-        self.tenants = Tenants(config.root / "tenants.db") if config.auth else None
-        self.key = load_key(config.root)
+        self.storage: Storage = storage if storage is not None else FilesystemStorage(root)
+        if tenants is None and config.auth:
+            tenants = Tenants(root / "tenants.db")
+        self.tenants = tenants if config.auth else None
+        self.key = key if key is not None else load_key(root)
         # Running hashes of upload sessions, so a finished upload isn't read twice. Only the
         # holder of a session's lock reads or replaces its entry (see ``_receive``).
         self._hashers: dict[str, tuple[int, object]] = {}
@@ -441,15 +470,11 @@ class Registry:
             if not self.storage.unlink(repo, digest):
                 raise DistributionError("BLOB_UNKNOWN", detail={"digest": digest})
             return _empty(202, {"Docker-Content-Digest": digest})
-        path = self.storage.blob_path(digest) if self.storage.has_link(repo, digest) else None
-        if path is None:
+        body = self.storage.blob_body(digest) if self.storage.has_link(repo, digest) else None
+        if body is None:
             raise DistributionError("BLOB_UNKNOWN", detail={"digest": digest})
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            raise DistributionError("BLOB_UNKNOWN", detail={"digest": digest}) from None
         headers = {"Docker-Content-Digest": digest, "ETag": f'"{digest}"', "Cache-Control": "max-age=31536000"}
-        return BlobResponse(path, headers=headers, media_type="application/octet-stream", stat_result=st)
+        return blob_response(body, headers)
 
     async def start_upload(self, request: Request) -> Response:
         repo = request.path_params["name"]
@@ -577,9 +602,14 @@ async def _storage_error(request: Request, exc: OSError) -> Response:
     return await _distribution_error(request, storage_error(exc, target.kind if target else None))
 
 
-def create_app(config: Config):
-    """The registry as an ASGI app: the routes, wrapped by the authorizer."""
-    r = Registry(config)
+def create_app(config: Config, storage: Storage | None = None, *, tenants: Tenants | None = None,
+               key: bytes | None = None):
+    """The registry as an ASGI app: the routes, wrapped by the authorizer.
+
+    ``storage``, ``tenants`` and ``key`` default to those under ``config.root`` (see :class:`Registry`);
+    pass a :class:`~taxiway.registry.memory.MemoryStorage` to serve from memory.
+    """
+    r = Registry(config, storage, tenants=tenants, key=key)
     routes = [
         Route("/v2/", r.base, methods=["GET", "HEAD"]),
         Route("/v2/token", r.token, methods=["GET", "POST"]),

@@ -34,9 +34,11 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -47,8 +49,8 @@ from taxiway.oci.digest import Digest
 from taxiway.registry.errors import DistributionError, storage_error
 from taxiway.registry.tenants import parse_duration
 
-_SESSION = re.compile(r"[0-9a-f]{32}(?:\.once)?")
-_ORG_DIR = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")
+UPLOAD_ID = re.compile(r"[0-9a-f]{32}(?:\.once)?")  # upload session ids (".once": a monolithic upload)
+ORG_NAME = re.compile(r"[a-z0-9]+(?:[._-][a-z0-9]+)*")  # org names, as tenants allows them
 
 # Idle upload sessions expire after this long, as distribution's upload purging
 # does by default (age 168h, checked every 24h); TAXIWAY_REGISTRY_UPLOAD_MAX_AGE overrides it.
@@ -65,6 +67,13 @@ def configured_upload_max_age() -> float:
     return parse_duration(raw) if raw else UPLOAD_MAX_AGE
 
 
+def too_many_sessions(n: int) -> DistributionError:
+    """The 429 for an org that already has ``n`` open upload sessions, the most allowed (every driver answers it)."""
+    return DistributionError("TOOMANYREQUESTS", message="too many open upload sessions",
+                             detail=f"this organisation has {n} open upload sessions, the most allowed; finish or "
+                                    f"cancel (DELETE) some, or wait for idle ones to expire")
+
+
 class SessionBusy(DistributionError):
     """Another request is writing to this upload session (distribution answers such requests with an error too)."""
 
@@ -73,10 +82,28 @@ class SessionBusy(DistributionError):
                          headers=headers)
 
 
-class Storage(Protocol):
-    """What the server needs from a storage backend (filesystem now, S3 later)."""
+@dataclass(frozen=True)
+class BlobBody:
+    """A stored blob as the server sends it: its size and modification time, and where its bytes are.
 
-    def blob_path(self, digest: str) -> Path | None: ...  # a local file to send; S3 would redirect instead
+    ``file`` names a local file (the filesystem driver; sent with sendfile(2) where the
+    server can); otherwise ``data`` holds the bytes (the in-memory driver). A driver
+    for remote storage would add a redirect URL here, as distribution's drivers do.
+    """
+
+    size: int
+    mtime: float
+    file: str | None = None
+    data: bytes | None = None
+
+
+class Storage(Protocol):
+    """What the server needs from a storage backend: the filesystem driver below, the in-memory one
+    in ``memory.py`` (unit tests), an S3 one later. Handlers see digests, names and bytes, never paths."""
+
+    upload_max_age: float  # seconds an idle upload session lives
+
+    def blob_body(self, digest: str) -> BlobBody | None: ...
     def blob_size(self, digest: str) -> int | None: ...
     def read_blob(self, digest: str) -> bytes: ...
     def touch_blob(self, digest: str) -> bool: ...
@@ -103,6 +130,7 @@ class Storage(Protocol):
     def referrers(self, repo: str, subject: str) -> list[dict]: ...
     def repositories(self, prefix: str = "") -> list[str]: ...
     def delete_repository(self, repo: str, keep_links: bool = False) -> bool: ...
+    def expire_uploads(self, idle: float | None = None, *, startup: bool = False) -> int: ...
 
 
 def _hex(digest: str) -> tuple[str, str]:
@@ -180,6 +208,17 @@ class FilesystemStorage:
         p = self.blobs / algo / hx[:2] / hx
         return p if p.is_file() else None
 
+    def blob_body(self, digest: str) -> BlobBody | None:
+        """The blob's file, size and time, or None when it is not stored (or was removed just now)."""
+        p = self._blob_target(digest)
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        return BlobBody(size=st.st_size, mtime=st.st_mtime, file=str(p))
+
     def _blob_target(self, digest: str) -> Path:
         algo, hx = _hex(digest)
         return self.blobs / algo / hx[:2] / hx
@@ -236,7 +275,7 @@ class FilesystemStorage:
 
     # -- uploads -------------------------------------------------------
     def _org_uploads(self, org: str) -> Path:
-        if org and not _ORG_DIR.fullmatch(org):
+        if org and not ORG_NAME.fullmatch(org):
             raise DistributionError("BLOB_UPLOAD_UNKNOWN")
         return self.uploads / (org or "_")  # no org starts with "_"
 
@@ -254,10 +293,7 @@ class FilesystemStorage:
                 if max_sessions is not None:
                     n = len(self._sessions(d))
                     if n >= max_sessions:
-                        raise DistributionError("TOOMANYREQUESTS", message="too many open upload sessions",
-                                            detail=f"this organisation has {n} open upload sessions, the most "
-                                                   f"allowed; finish or cancel (DELETE) some, or wait for idle "
-                                                   f"ones to expire")
+                        raise too_many_sessions(n)
                 (d / upload_id).touch(exist_ok=False)
         except OSError as e:
             raise _storage_error(e) from e
@@ -280,7 +316,7 @@ class FilesystemStorage:
         except FileNotFoundError:
             return out
         for name in names:
-            if _SESSION.fullmatch(name):
+            if UPLOAD_ID.fullmatch(name):
                 with contextlib.suppress(FileNotFoundError):
                     st = os.stat(d / name)
                     if not self._expired(st, now):
@@ -292,7 +328,7 @@ class FilesystemStorage:
         return sum(st.st_size for st in self._sessions(self._org_uploads(org)))
 
     def _upload(self, upload_id: str, org: str = "") -> Path:
-        if not _SESSION.fullmatch(upload_id):
+        if not UPLOAD_ID.fullmatch(upload_id):
             raise DistributionError("BLOB_UPLOAD_UNKNOWN")
         return self._org_uploads(org) / upload_id
 
@@ -394,7 +430,7 @@ class FilesystemStorage:
             else:
                 paths.append((p, True))  # the old flat layout: its sessions are unknown now
         for p, unresumable in paths:
-            if not _SESSION.fullmatch(p.name):
+            if not UPLOAD_ID.fullmatch(p.name):
                 continue
             # Age first, without the lock: taking it, even for a moment, on a session
             # in use would make that client's next PATCH a "session busy" 416.
