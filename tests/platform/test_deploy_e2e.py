@@ -173,3 +173,30 @@ def test_up_launch_rolling_deploy_without_failed_requests_and_rollback(tw, platf
         loop.halt.set()
         loop.join(30)
     assert loop.failures == []
+
+
+def test_launch_builds_the_static_example_pushes_and_deploys(tw, platform_home, tmp_path):
+    """launch with the builder: detect, build (stacks from the machine-wide cache), push to the platform
+    registry with the app's token, deploy; the edge serves the example. Then a one-line change redeploys."""
+    import shutil
+
+    src = Path(__file__).resolve().parents[2] / "examples" / "static"
+    app = tmp_path / "site"
+    shutil.copytree(src, app)  # launch writes taxiway.toml: never into the repository
+    tw("up", "-d", "--free-ports")
+    r = tw("launch", str(app), "--name", "site")
+    err = r.stderr.decode()
+    assert "[detect] taxiway/static" in err and "[push] " in err, err
+    assert "v1 of site is deployed" in r.stdout.decode()
+    url = tw("open", "-a", "site").stdout.decode().strip()
+    port = int(url.rsplit(":", 1)[1].strip("/"))
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Host": f"site.localhost:{port}"},
+                      trust_env=False, timeout=30) as c:
+        assert "hello from a static site on taxiway" in c.get("/").text
+        index = app / "public" / "index.html"
+        index.write_text(index.read_text().replace("hello from a static site", "hello again from a static site"))
+        r = tw("deploy", cwd=app)
+        assert "v2 of site is deployed" in r.stdout.decode()
+        assert "hello again from a static site on taxiway" in c.get("/").text
+    rel = json.loads(tw("releases", "-a", "site", "--json").stdout)[0]
+    assert rel["image"].startswith(json.loads((platform_home / "platform" / "up.json").read_text())["registry"])
