@@ -53,3 +53,34 @@ def run_taxiway(*args: str, env: dict[str, str] | None = None, input: bytes | No
 def taxiway():
     """``taxiway(*args)`` runs the CLI and returns the CompletedProcess."""
     return run_taxiway
+
+
+_HOST_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty")
+
+
+def _device_ids() -> dict[str, tuple[int, int] | None]:
+    import stat
+
+    out: dict[str, tuple[int, int] | None] = {}
+    for path in _HOST_DEVICES:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            out[path] = None
+            continue
+        out[path] = (st.st_rdev, st.st_ino) if stat.S_ISCHR(st.st_mode) else None
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _host_devices_untouched():
+    """No test may remove or replace the host's /dev/null (and its siblings).
+
+    A test once left /dev/null a regular file, which later machines read as stdin.
+    Checked around every test, so the one that does it is named.
+    """
+    before = _device_ids()
+    yield
+    after = _device_ids()
+    changed = [p for p in _HOST_DEVICES if before[p] != after[p]]
+    assert not changed, f"this test removed or replaced the host's {', '.join(changed)}"
