@@ -12,6 +12,8 @@ Measured (wall time, hyperfine; CPU time beside it where the process tree is our
   * cold: first run of a just-pulled image, unpack included (``taxiway
     snapshots prune --all`` before each) vs podman's first run after ``podman
     pull`` (``podman rmi`` + ``podman pull`` before each; target <= 0.5x);
+  * the same warm run with the image memo removed before each run (what the memo saves:
+    the store's import and reads, see taxiway/machines/images.py);
   * micro-VM: ``taxiway run --rm --isolation vm IMG true`` wall time and the
     boot-to-entrypoint time the runtime records (KVM if it works, else TCG).
 
@@ -129,6 +131,12 @@ def main() -> None:
                 "runc run (prepared bundle)": f"runc --root {work}/runc run --bundle {bundle} bench-true",
             }, args.runs, work, penv_all)
             results["warm"] = warm
+            # the image memo (machines/images.py): the same warm run with the memo removed before
+            # each run, so every run asks the store (oci.pull.ensure_image) and writes the memo again
+            memo = f"{env['TAXIWAY_HOME']}/machines/.images.json"
+            results["memo"] = hyperfine({
+                "taxiway run --rm (image memo removed)": f"{TAXIWAY} run --rm {image} true",
+            }, args.runs, work, penv_all, prepare={"taxiway run --rm (image memo removed)": f"rm -f {memo}"})
             cold = hyperfine({
                 "taxiway run --rm (cold)": f"{TAXIWAY} run --rm {image} true",
                 "podman run --rm (first after pull)": f"{podman} run --rm {image} true",
@@ -170,7 +178,7 @@ def main() -> None:
         return
     print("| case | median ms | mean ± sd ms | min ms | CPU ms (user+sys, children) |")
     print("|---|---|---|---|---|")
-    for group in ("warm", "cold"):
+    for group in ("warm", "memo", "cold"):
         for name, s in results[group].items():
             print(f"| {group}: {name} | {s['median']:.0f} | {s['mean']:.0f} ± {s['stddev']:.0f} | {s['min']:.0f} | {s['cpu']:.0f} |")
     v = results["vm"]

@@ -225,6 +225,7 @@ class Hub:
         self.stdin_open = False
         self.tty = False
         self.pending_signals: list[int] = []
+        self.stdin_fd: int | None = None  # the terminal's stdin while it goes to the main process
         self.on_main_started: Any = None  # called with the monotonic time the main process was exec'd
         self.dirfd = DirFd(m.dir)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -353,35 +354,13 @@ class Hub:
         fds: dict[int, str] = {console.out_fd: "console", console.err_fd: "qemu-err"}
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        stdin_fd = 0 if (self.attached and self.stdin_open) else None
+        self.stdin_fd = 0 if (self.attached and self.stdin_open) else None
         exit_deadline: float | None = None
         try:
-            while "console" in fds.values() or "qemu-err" in fds.values():
-                while self.pending_signals:
-                    sig = self.pending_signals.pop(0)
-                    if sig == signal.SIGWINCH:
-                        with contextlib.suppress(OSError):
-                            cols, rows = os.get_terminal_size(0)
-                            self.send(RESIZE, 0, struct.pack(">HH", rows, cols))
-                    else:
-                        self.send(SIGNAL, 0, _i32(sig))
-                rl: list[Any] = [*fds, wake_r, self.listener]
-                wl: list[Any] = []
-                if self.agent is not None:
-                    if not any(len(c.out) > CLIENT_BUF_MAX for c in self.clients.values()):
-                        rl.append(self.agent)
-                    if self.to_agent:
-                        wl.append(self.agent)
-                for c in list(self.clients.values()):
-                    if not c.closing:
-                        rl.append(c.sock)
-                    if c.out:
-                        wl.append(c.sock)
-                    elif c.closing:
-                        self._drop_client(c)
-                        continue
-                if stdin_fd is not None and self.main_unacked < WINDOW and self.main_exit is None:
-                    rl.append(stdin_fd)
+            while fds:  # QEMU's serial console (stdout) and its stderr: both closed once it exited
+                self._send_signals()
+                rl, wl = self._watched()
+                rl = [*fds, wake_r, *rl]
                 timeout = None
                 if self.main_exit is not None:  # the guest powers off now; do not wait for a stuck one forever
                     if exit_deadline is None:
@@ -394,91 +373,127 @@ class Hub:
                 except InterruptedError:
                     continue
                 for x in r:
-                    if x == wake_r:
+                    if x == wake_r:  # a signal arrived: its handler queued it, the loop sends it
                         with contextlib.suppress(OSError):
                             os.read(wake_r, 512)
-                    elif x is self.listener:
-                        with contextlib.suppress(OSError):
-                            cs, _ = self.listener.accept()
-                            cs.setblocking(False)
-                            self.clients[cs.fileno()] = _Client(cs)
-                    elif x is self.agent:
-                        data = _recv(self.agent)
-                        if data is None:
-                            continue
-                        if not data:
-                            self.agent.close()
-                            self.agent = None
-                            continue
-                        try:
-                            frames = self.dec.feed(data)
-                        except ValueError:  # a guest that breaks the protocol is not listened to any more
-                            frames = []
-                            self.agent.close()
-                            self.agent = None
-                        for kind, ch, payload in frames:
-                            self._from_agent(kind, ch, payload)
-                    elif x == stdin_fd:
-                        try:
-                            data = os.read(0, 65536)
-                        except OSError:
-                            data = b""
+                    elif isinstance(x, int) and x in fds and x != self.stdin_fd:
+                        data = _read(x)
                         if data:
-                            self.main_unacked += len(data)
-                            self.send(STDIN, 0, data)
-                        else:
-                            self.send(STDIN_EOF, 0)
-                            stdin_fd = None
-                    elif isinstance(x, int) and x in fds:
-                        try:
-                            data = os.read(x, 65536)
-                        except OSError:
-                            data = b""
-                        if not data:
-                            fds.pop(x)
-                        else:
                             console.feed(fds[x], data)
-                    elif isinstance(x, socket.socket):
-                        c = self.clients.get(x.fileno())
-                        if c is None:
-                            continue
-                        data = _recv(x)
-                        if data is None:
-                            continue
-                        if not data:
-                            self._drop_client(c)
-                            continue
-                        try:
-                            frames = c.dec.feed(data)
-                        except ValueError:
-                            self._drop_client(c)
-                            continue
-                        for kind, _ch, payload in frames:
-                            self._from_client(c, kind, payload)
+                        else:
+                            fds.pop(x)
+                    else:
+                        self._readable(x)
                 for x in w:
-                    if x is self.agent and self.agent is not None:
-                        try:
-                            n = self.agent.send(self.to_agent)
-                            del self.to_agent[:n]
-                        except (BlockingIOError, InterruptedError):
-                            pass
-                        except OSError:
-                            self.to_agent.clear()
-                    elif isinstance(x, socket.socket):
-                        c = self.clients.get(x.fileno())
-                        if c is None:
-                            continue
-                        try:
-                            n = x.send(c.out)
-                            del c.out[:n]
-                        except (BlockingIOError, InterruptedError):
-                            pass
-                        except OSError:
-                            self._drop_client(c)
+                    self._writable(x)
         finally:
             signal.set_wakeup_fd(old_wakeup)
             os.close(wake_r)
             os.close(wake_w)
+
+    def _send_signals(self) -> None:
+        """Signals the attached CLI received, to the main process (a resize as RESIZE)."""
+        while self.pending_signals:
+            sig = self.pending_signals.pop(0)
+            if sig == signal.SIGWINCH:
+                with contextlib.suppress(OSError):
+                    cols, rows = os.get_terminal_size(0)
+                    self.send(RESIZE, 0, struct.pack(">HH", rows, cols))
+            else:
+                self.send(SIGNAL, 0, _i32(sig))
+
+    def _watched(self) -> tuple[list[Any], list[Any]]:
+        """What to wait for: readable and writable sockets and fds (flow control decides which)."""
+        rl: list[Any] = [self.listener]
+        wl: list[Any] = []
+        if self.agent is not None:
+            # an exec client that does not read slows the agent's every channel down, never our memory
+            if not any(len(c.out) > CLIENT_BUF_MAX for c in self.clients.values()):
+                rl.append(self.agent)
+            if self.to_agent:
+                wl.append(self.agent)
+        for c in list(self.clients.values()):
+            if not c.closing:
+                rl.append(c.sock)
+            if c.out:
+                wl.append(c.sock)
+            elif c.closing:
+                self._drop_client(c)
+        if self.stdin_fd is not None and self.main_unacked < WINDOW and self.main_exit is None:
+            rl.append(self.stdin_fd)
+        return rl, wl
+
+    def _readable(self, x: Any) -> None:
+        if x is self.listener:
+            with contextlib.suppress(OSError):
+                cs, _ = self.listener.accept()
+                cs.setblocking(False)
+                self.clients[cs.fileno()] = _Client(cs)
+        elif x is self.agent:
+            self._read_agent()
+        elif x == self.stdin_fd:
+            data = _read(0)
+            if data:
+                self.main_unacked += len(data)
+                self.send(STDIN, 0, data)
+            else:
+                self.send(STDIN_EOF, 0)
+                self.stdin_fd = None
+        elif isinstance(x, socket.socket):
+            c = self.clients.get(x.fileno())
+            if c is not None:
+                self._read_client(c)
+
+    def _read_agent(self) -> None:
+        assert self.agent is not None
+        data = _recv(self.agent)
+        if data is None:
+            return
+        try:
+            if not data:
+                raise ValueError("closed")
+            frames = self.dec.feed(data)
+        except ValueError:  # gone, or a guest that breaks the protocol: not listened to any more
+            self.agent.close()
+            self.agent = None
+            return
+        for kind, ch, payload in frames:
+            self._from_agent(kind, ch, payload)
+
+    def _read_client(self, c: _Client) -> None:
+        data = _recv(c.sock)
+        if data is None:
+            return
+        try:
+            if not data:
+                raise ValueError("closed")
+            frames = c.dec.feed(data)
+        except ValueError:
+            self._drop_client(c)
+            return
+        for kind, _ch, payload in frames:
+            self._from_client(c, kind, payload)
+
+    def _writable(self, x: Any) -> None:
+        if x is self.agent and self.agent is not None:
+            try:
+                n = self.agent.send(self.to_agent)
+                del self.to_agent[:n]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self.to_agent.clear()
+        elif isinstance(x, socket.socket):
+            c = self.clients.get(x.fileno())
+            if c is None:
+                return
+            try:
+                n = x.send(c.out)
+                del c.out[:n]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                self._drop_client(c)
 
     def close(self) -> None:
         """The VM is gone: tell exec clients still waiting, and remove the sockets."""
@@ -501,6 +516,14 @@ class Hub:
             with contextlib.suppress(OSError):
                 self.agent.close()
         self.dirfd.close()
+
+
+def _read(fd: int) -> bytes:
+    """What a readable fd has; b"" at its end (or an error: the same to us)."""
+    try:
+        return os.read(fd, 65536)
+    except OSError:
+        return b""
 
 
 def _recv(sock: socket.socket) -> bytes | None:
