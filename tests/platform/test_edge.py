@@ -349,6 +349,26 @@ async def test_only_machine_gone_gives_502_then_503(state, edge, client, machine
     assert (await client.get("/", headers=on("web"))).status_code == 503
 
 
+async def test_routes_follow_the_state_after_nats_server_restarts(nats_server, state, edge, client, machines):
+    a, b = machines("web", "0000000000000a"), machines("web", "0000000000000b")
+    await put_machine(state, a)
+    await until(lambda: routed(edge, "web") == {a.id}, "routes")
+    await asyncio.to_thread(nats_server.stop)
+    # The routes the edge holds keep serving while NATS is away.
+    assert (await client.get("/", headers=on("web"))).json()["machine"] == a.id
+    await asyncio.to_thread(nats_server.start)  # same port, same store
+    async with asyncio.timeout(30):
+        while True:  # the test's own client reconnects too; retry its writes until it has
+            try:
+                await put_machine(state, b)
+                await put_machine(state, a, cordoned=True)
+                break
+            except Exception:
+                await asyncio.sleep(0.2)
+    await until(lambda: routed(edge, "web") == {b.id}, "routes after the restart", timeout=30)
+    assert (await client.get("/", headers=on("web"))).json()["machine"] == b.id
+
+
 # -- in-flight counts and draining -----------------------------------------------------------------
 
 async def test_inflight_counts_and_drain_before_stop(state, edge, client, machines, tmp_path):

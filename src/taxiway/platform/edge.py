@@ -125,6 +125,21 @@ class _Conn:
         self.writer.close()
 
 
+_SWEEP = 0.25  # seconds between passes over waiting clients (timeouts are this much coarse)
+
+
+@dataclass(slots=True, eq=False)
+class _Client:
+    """A client connection's place in the request loop, for the sweeper."""
+
+    reader: asyncio.StreamReader
+    task: asyncio.Task
+    since: float              # loop time it began waiting for a head
+    head_seen: float = 0.0    # loop time the head's first bytes were seen (0: none yet)
+    waiting: bool = False     # waiting for a head (the only time the sweeper may cut it)
+    expired: bool = False
+
+
 class Edge:
     """The edge server: routes mirrored from the KV, a balancer, a pool, one task per client."""
 
@@ -140,10 +155,10 @@ class Edge:
         self._pool: dict[str, list[_Conn]] = {}
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task] = []
+        self._mirrors: list[asyncio.Task] = []
         self._subs: list[Any] = []
         self._ready = {b: asyncio.Event() for b in (schema.APPS, schema.MACHINES, schema.STATUS)}
-        self._clients: set[asyncio.Task] = set()
-        self._idle: set[asyncio.Task] = set()
+        self._clients: dict[asyncio.Task, _Client] = {}
         self._change = asyncio.Event()
         self._waiters = 0
         self._stopping = False
@@ -166,8 +181,9 @@ class Edge:
             _log_nats_into(self)
             self.state = await State.connect(self.config.nats, name=self.name)
         self._stopped = asyncio.Event()
-        for bucket in self._ready:
-            self._tasks.append(asyncio.create_task(self._mirror(bucket)))
+        self._start_mirrors()
+        self.state.on_reconnect(self._start_mirrors)
+        self._tasks.append(asyncio.create_task(self._sweep()))
         try:
             async with asyncio.timeout(self.config.ready_timeout):
                 await asyncio.gather(*(e.wait() for e in self._ready.values()))
@@ -210,8 +226,9 @@ class Edge:
         self._notify()  # drains waiting on this edge answer now
         if self._server is not None:
             self._server.close()
-        for t in list(self._idle):
-            t.cancel()
+        for c in list(self._clients.values()):
+            if c.waiting and not c.reader._buffer:  # noqa: SLF001 - idle between requests
+                c.task.cancel()
         if self._clients:
             _, pending = await asyncio.wait(list(self._clients), timeout=self.config.drain_timeout)
             for t in pending:
@@ -237,6 +254,17 @@ class Edge:
         self.log(msg="stopped", edge=self.name)
 
     # -- routes: a mirror of three buckets -------------------------------------------------
+    def _start_mirrors(self) -> None:
+        """(Re)start the three watches: at start, and after NATS reconnected (a restarted
+        server forgot their consumers, and the old watches would wait forever)."""
+        if self._stopping:
+            return
+        for t in self._mirrors:
+            t.cancel()
+        self._mirrors = [asyncio.create_task(self._mirror(bucket)) for bucket in self._ready]
+        self._tasks += self._mirrors
+        self._tasks = [t for t in self._tasks if not t.done()]
+
     async def _mirror(self, bucket: str) -> None:
         """Keep ``bucket``'s part of the routes current; after a broken watch, start again and
         drop the keys that were deleted meanwhile (the new watch's initial values are the truth)."""
@@ -331,6 +359,29 @@ class Edge:
             await self._wait_change(left)
 
     # -- one client connection ----------------------------------------------------------------
+    async def _sweep(self) -> None:
+        """Cut clients that idle too long between requests, or take too long over a head.
+
+        One pass every quarter second over the waiting clients instead of a timer per
+        request: arming and cancelling two timers per request cost more than the
+        rest of a small request's Python work (measured with bench/edge.py).
+        """
+        loop = asyncio.get_running_loop()
+        header, idle = self.config.header_timeout, self.config.idle_timeout
+        while True:
+            await asyncio.sleep(_SWEEP)
+            now = loop.time()
+            for c in list(self._clients.values()):
+                if not c.waiting:
+                    continue
+                buffered = c.reader._buffer  # noqa: SLF001 - bytes of a head not yet complete
+                if not c.head_seen and buffered:
+                    c.head_seen = now
+                late = now - c.head_seen > header if c.head_seen else now - c.since > idle
+                if late and b"\r\n\r\n" not in buffered:  # a whole head: its reader is about to run
+                    c.waiting, c.expired = False, True
+                    c.task.cancel()
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -339,45 +390,41 @@ class Edge:
                                               [("Retry-After", "1")]))
             await _close(writer)
             return
-        self._clients.add(task)
+        loop = asyncio.get_running_loop()
+        # The first head must arrive whole within header_timeout of connecting; later ones
+        # within header_timeout of their first byte, after up to idle_timeout of quiet.
+        c = _Client(reader, task, since=loop.time(), head_seen=loop.time())
+        self._clients[task] = c
         peer = writer.get_extra_info("peername")
         client_ip = peer[0] if peer else "?"
         try:
-            first = True
             while not self._stopping:
-                lead = b""
+                c.waiting = True
                 try:
-                    if not first:
-                        # Between requests a connection may idle; once a head starts it must end
-                        # within header_timeout, like the first one (slowloris).
-                        self._idle.add(task)
-                        try:
-                            async with asyncio.timeout(self.config.idle_timeout):
-                                lead = await reader.read(1)
-                        finally:
-                            self._idle.discard(task)
-                        if not lead:
-                            break
-                    async with asyncio.timeout(self.config.header_timeout):
-                        raw = lead + await reader.readuntil(b"\r\n\r\n")
+                    raw = await reader.readuntil(b"\r\n\r\n")
                 except asyncio.LimitOverrunError:
                     writer.write(http.simple_response(431, "request head too large\n"))
                     break
-                except TimeoutError:
-                    if lead or reader._buffer:  # noqa: SLF001 - a head was started: say why it ends
+                except asyncio.CancelledError:
+                    if not c.expired:
+                        raise
+                    task.uncancel()
+                    if reader._buffer:  # noqa: SLF001 - a head was started: say why it ends
                         writer.write(http.simple_response(408, "request head not received in time\n"))
                     break
                 except (asyncio.IncompleteReadError, ConnectionError):
                     break
-                first = False
+                finally:
+                    c.waiting = False
                 if not await self._request(raw, reader, writer, client_ip):
                     break
+                c.since, c.head_seen = loop.time(), 0.0
         except asyncio.CancelledError:
             pass
         except Exception as e:  # a bug must not take the server down, but must be seen
             self.log(msg="error", client=client_ip, error=repr(e))
         finally:
-            self._clients.discard(task)
+            del self._clients[task]
             await _close(writer)
 
     async def _request(self, raw: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
