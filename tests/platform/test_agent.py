@@ -145,7 +145,7 @@ def web_config(image: str, **extra) -> dict:
     return {"image": image, "cmd": HTTPD, "services": [{"internal_port": 8080, "protocol": "tcp", "checks": [
         {"type": "http", "path": "/index.html", "interval": 0.3, "timeout": 2, "grace_period": 0}]}],
         "checks": {"missing": {"type": "http", "port": 8080, "path": "/missing", "interval": 0.3}},
-        "metadata": {"release": 1, "process_group": "app"}, **extra}
+        "metadata": {"release": 1, "process_group": "app"}, "stop_timeout": 2, **extra}
 
 
 @pytest.fixture
@@ -316,7 +316,7 @@ async def test_reconcile_many_after_restart(state, agent, image):
     n = int(os.environ.get("TAXIWAY_TEST_AGENT_MACHINES", "12"))
     app = "many"
     ids = [schema.new_machine_id() for _ in range(n)]
-    sleep = {"image": image, "cmd": ["sleep", "3600"]}
+    sleep = {"image": image, "cmd": ["sleep", "3600"], "stop_timeout": 1}
     for i, mid in enumerate(ids):
         await put(state, record(app, mid, sleep, desired="stopped" if i % 4 == 3 else "started"))
     a = agent()
@@ -335,3 +335,32 @@ async def test_reconcile_many_after_restart(state, agent, image):
     for mid in ids[1:]:
         s = await status(state, app, mid)
         assert s["pid"] == pids[mid] and s["restarts"] == 0, (mid, s)
+
+
+async def test_nats_server_restart_agent_carries_on(nats_server, agent, image):
+    """nats-server stopped and started again (same store): the agent reconnects, its watch and its
+    commands work again, and the machine kept running meanwhile."""
+    from taxiway.platform.state import State
+
+    st = await State.connect(nats_server.url)
+    try:
+        agent()
+        await until(lambda: ping(st), what="the agent")
+        app, mid = "steady", schema.new_machine_id()
+        await put(st, record(app, mid, {"image": image, "cmd": ["sleep", "3600"], "stop_timeout": 1}))
+        pid = (await cmd(st, "create", app, mid))["status"]["pid"]
+    finally:
+        await st.close()
+    nats_server.stop()
+    os.kill(pid, 0)
+    nats_server.start()
+    st = await State.connect(nats_server.url)
+    try:
+        await until(lambda: ping(st), what="the agent after the restart")
+        await put(st, record(app, mid, {"image": image, "cmd": ["sleep", "3600"], "stop_timeout": 1}, desired="stopped"))
+        s = await until(lambda: _and(status(st, app, mid), lambda s: s["state"] == "stopped"), what="the watch")
+        assert s["exit_code"] is not None
+        st2 = (await cmd(st, "start", app, mid))["status"]
+        assert st2["state"] == "started" and st2["pid"] != pid
+    finally:
+        await st.close()

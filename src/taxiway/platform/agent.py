@@ -386,6 +386,8 @@ class Agent:
                         force: str | None = None) -> dict[str, Any]:
         """Apply :func:`decide` (or the verb ``force``: start, stop, restart) to one machine; returns STATUS."""
         async with self._lock(mid):
+            if desired is not None:  # its checks, while we have the record (saves a read per machine)
+                self.check_defs[mid] = _parse_checks(mid, desired)
             row = self.rec.get(mid)
             local = _local(row["local_id"]) if row else None
             acts = decide(desired, rev, row, _local_view(local))
@@ -569,12 +571,7 @@ class Agent:
         defs = self.check_defs.get(mid)
         if defs is None:
             desired, _ = await self._desired(row["app"], mid)
-            try:
-                defs = checks.parse((desired or {}).get("config") or {})
-            except TaxiwayError as e:
-                log.warning("machine %s: %s", mid, e.message)
-                defs = []
-            self.check_defs[mid] = defs
+            defs = self.check_defs[mid] = _parse_checks(mid, desired)
         running = self.check_tasks.get(mid)
         if fly == "started" and defs:
             key = (row.get("local_id"), started)
@@ -751,31 +748,44 @@ class Agent:
     # -- watching desired state -----------------------------------------------------------------------
 
     async def _watch(self) -> None:
-        """Act on MACHINES changes; if the watch breaks (nats-server restarted), watch again and
-        reconcile everything once, so no change made meanwhile is missed."""
-        from taxiway.platform import schema
-
+        """Act on MACHINES changes. After a reconnect (nats-server restarted) the watch is made
+        again at once, with a full reconcile, so no change made meanwhile is missed (nats-py's
+        ordered consumer would only notice its gap after several missed heartbeats)."""
         first = True
         while True:
+            seen = self._reconnects()
+            watcher = asyncio.create_task(self._watch_once(catch_up=not first))
+            first = False
             try:
-                if not first:
-                    await self.reconcile_all()
-                first = False
-                async for key, value, rev in self.st.watch(schema.MACHINES, ">", initial=False):
-                    app, _, mid = key.partition(".")
-                    if value is not None and not self._mine(value):
-                        continue
-                    if value is None and self.rec.get(mid) is None:
-                        continue
-                    self._stop_checks_defs(mid)
-                    task = asyncio.create_task(self._reconcile_logged(app, mid, value, rev))
-                    self.pending.add(task)  # a reference, so the task is not collected mid-way
-                    task.add_done_callback(self.pending.discard)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
+                while not watcher.done() and self._reconnects() == seen:
+                    await asyncio.wait({watcher}, timeout=0.5)
+            finally:
+                watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watcher
+            if not watcher.cancelled() and watcher.exception() is not None:
+                e = watcher.exception()
                 log.warning("watching machines: %s: %s; watching again", type(e).__name__, e)
-            await asyncio.sleep(1)
+            await asyncio.sleep(0.5)  # never a busy loop while NATS is away
+
+    def _reconnects(self) -> int:
+        return int(getattr(self.st.nc, "stats", {}).get("reconnects", 0))
+
+    async def _watch_once(self, catch_up: bool) -> None:
+        from taxiway.platform import schema
+
+        if catch_up:
+            await self.reconcile_all()
+        async for key, value, rev in self.st.watch(schema.MACHINES, ">", initial=False):
+            app, _, mid = key.partition(".")
+            if value is not None and not self._mine(value):
+                continue
+            if value is None and self.rec.get(mid) is None:
+                continue
+            self._stop_checks_defs(mid)
+            task = asyncio.create_task(self._reconcile_logged(app, mid, value, rev))
+            self.pending.add(task)  # a reference, so the task is not collected mid-way
+            task.add_done_callback(self.pending.discard)
 
     def _stop_checks_defs(self, mid: str) -> None:
         """A changed record may change its checks: read them again at the next observation."""
@@ -788,6 +798,17 @@ class Agent:
             log.warning("machine %s: %s", mid, e.message)
         except Exception:
             log.exception("reconciling %s", mid)
+
+
+def _parse_checks(mid: str, desired: dict[str, Any] | None) -> list[Any]:
+    """A machine's checks; a bad definition is logged and runs no check (the API validates them first)."""
+    from taxiway.platform import checks
+
+    try:
+        return checks.parse((desired or {}).get("config") or {})
+    except TaxiwayError as e:
+        log.warning("machine %s: %s", mid, e.message)
+        return []
 
 
 async def _helper(*args: str, timeout: float = 120.0) -> tuple[int, bytes, bytes]:
