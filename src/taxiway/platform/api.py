@@ -422,8 +422,12 @@ async def list_machines(request: Request) -> Response:
     want_state = request.query_params.get("state")
     group = request.query_params.get("process_group")
     out = []
-    for _, rec, rev in await st.items(schema.MACHINES, app["name"] + "."):
-        view = machine_view(rec, await _status(st, app["name"], rec["id"]), rev)
+    # One watcher per bucket instead of two gets per machine (1,000 machines: see bench/platform_api.py).
+    pattern = app["name"] + ".*"
+    recs, stats = await asyncio.gather(st.snapshot(schema.MACHINES, pattern), st.snapshot(schema.STATUS, pattern))
+    status_of = {k: v for k, v, _ in stats}
+    for key, rec, rev in recs:
+        view = machine_view(rec, status_of.get(key), rev)
         if view["state"] == "destroyed" and not include_deleted:
             continue
         if want_state and view["state"] not in want_state.split(","):
