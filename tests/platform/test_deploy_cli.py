@@ -135,6 +135,10 @@ def test_deploy_releases_secrets_scale_logs_through_the_cli(stack, tmp_path):
     p = tw("scale", "count", "1", "-a", "web")
     assert p.returncode == 0, p.stderr
     assert len(live(c)) == 1
+    p = tw("scale", "memory", "128", "-a", "web")
+    assert p.returncode == 0, p.stderr
+    [m] = live(c)
+    assert m["config"]["guest"]["memory"] == 128 << 20 and m["state"] == "started"
 
     # A release whose check never passes: rolled back, non-zero exit, the v2 machine untouched.
     before = [m["id"] for m in live(c)]
@@ -146,6 +150,15 @@ def test_deploy_releases_secrets_scale_logs_through_the_cli(stack, tmp_path):
     p = tw("logs", "-a", "web")
     assert p.returncode == 0, p.stderr
     assert "serving v1" in p.stdout
+    # -f: the lines there are, then new ones as they come, until interrupted.
+    follow = subprocess.Popen([sys.executable, "-m", "taxiway", "logs", "-f", "-a", "web"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        first = follow.stdout.readline()
+        assert "[stdout]" in first or "[stderr]" in first, first
+    finally:
+        follow.send_signal(signal.SIGINT)
+        follow.wait(30)
 
     # Bad input: one line, non-zero, nothing changed.
     bad = tmp_path / "bad"
