@@ -763,6 +763,8 @@ class Agent:
                 watcher.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await watcher
+            if self._reconnects() != seen:
+                log.info("NATS reconnected: watching machines again, reconciling all")
             if not watcher.cancelled() and watcher.exception() is not None:
                 e = watcher.exception()
                 log.warning("watching machines: %s: %s; watching again", type(e).__name__, e)
@@ -882,6 +884,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s agent %(levelname)s %(message)s", stream=sys.stderr)
+    # nats-py logs every failed (re)connect attempt with a traceback; the agent says what matters itself
+    logging.getLogger("nats").setLevel(logging.CRITICAL)
 
     async def amain() -> None:
         from taxiway.platform.state import State
