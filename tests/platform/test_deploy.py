@@ -176,7 +176,7 @@ async def test_rolling_deploys_under_load_rollback_and_release_command(state, pl
     seen = len(load.answers)
     r3 = await deploy_and_wait(state, await release(state, image, config(3, check_path="/missing", wait="3s")))
     assert r3["status"] == "rolled_back", r3
-    assert "rolled back to v2" in r3["steps"][-1]
+    assert "rolled back to v2: app machine " in r3["error"] and "did not pass its health checks within 3s" in r3["error"]
     assert [m["id"] for m in await live(state)] == [machines[0]["id"]]  # the same v2 machine, untouched
     await until(lambda: len(load.answers) > seen + 5, what="more answers")
     assert set(load.answers[seen:]) == {"v2"}
@@ -256,3 +256,12 @@ async def test_start_records_the_release_itself_and_refuses_before_recording(sta
     await deploy.wait(APP, 180)
     assert (await state.get(schema.RELEASES, schema.release_key(APP, 2)))[0]["status"] == "complete"
     assert [m["release"] for m in await live(state)] == [2]
+
+
+async def test_a_missing_image_is_rolled_back_naming_the_cause(state, platform, image):
+    assert (await deploy_and_wait(state, await release(state, image, config(1))))["status"] == "complete"
+    [m1] = await live(state)
+    r2 = await deploy_and_wait(state, await release(state, "localhost/no-such/image:1", config(2)))
+    assert r2["status"] == "rolled_back", r2
+    assert "rolled back to v1: machine" in r2["error"] and "failed to start" in r2["error"], r2["error"]
+    assert [m["id"] for m in await live(state)] == [m1["id"]]

@@ -365,9 +365,10 @@ class Deployer:
         if all(s.kind == "done" for steps in plans.values() for s in steps):
             if rolling_back:
                 prev = self.rec["previous"]
+                cause = self.rec.get("cause") or "its machines failed"
                 await self._finish("rolled_back" if prev is not None else "failed",
-                                   f"rolled back to v{prev}" if prev is not None
-                                   else "the release's machines failed and were removed (no earlier release)")
+                                   f"rolled back to v{prev}: {cause}" if prev is not None
+                                   else f"{cause}; they were removed (no earlier release to go back to)")
             else:
                 await self._finish("complete", f"v{self.rec['release']} is deployed")
             return False
@@ -412,9 +413,13 @@ class Deployer:
             await asyncio.sleep(POLL / 2)
 
     async def _rollback(self, group: str, step: strategy.Step) -> bool:
-        await self._say(f"{group}: machines {', '.join(step.ids)} failed their health checks; rolling back"
-                        + (f" to v{self.rec['previous']}" if self.rec["previous"] is not None else ""))
-        await self._save(phase="rollback")
+        wait = float(self.rec["config"]["deploy"].get("wait_timeout", appconfig.DEFAULT_WAIT_TIMEOUT))
+        cause = self.rec.get("cause") or (f"{group} machine{'s' if len(step.ids) > 1 else ''} {', '.join(step.ids)} "
+                                          f"did not pass {'their' if len(step.ids) > 1 else 'its'} health checks "
+                                          f"within {wait:g}s")
+        await self._say(f"{cause}; rolling back" + (f" to v{self.rec['previous']}" if self.rec["previous"] is not None
+                                                    else ""))
+        await self._save(phase="rollback", cause=cause)
         return True
 
     # -- machines --
@@ -445,7 +450,8 @@ class Deployer:
                 raise
             # The machine exists in MACHINES but could not be made: the planner sees it failing.
             await self._say(f"{group}: machine {mid} failed to start: {e}")
-            await self._save(failed_machines=[*self.rec.get("failed_machines", []), mid])
+            await self._save(failed_machines=[*self.rec.get("failed_machines", []), mid],
+                             cause=self.rec.get("cause") or f"machine {mid} failed to start: {e.message}")
         return mid
 
     async def _claim_volume(self, name: str, mid: str) -> str:
@@ -526,8 +532,10 @@ class Deployer:
         configs = await self._configs(self.rec["release"])
         base = dict(configs.get(schema.DEFAULT_PROCESS) or next(iter(configs.values())))
         mid = self.rec.get("release_machine")
+        if mid and not await self.st.get(schema.MACHINES, schema.machine_key(self.app, mid)):
+            mid = None  # cut between choosing its id and writing its record: make it now
         if not mid:
-            mid = schema.new_machine_id()
+            mid = self.rec.get("release_machine") or schema.new_machine_id()
             base.update(entrypoint=["/bin/sh", "-c", cmd], cmd=None, services=[], checks={},
                         restart={"policy": "no", "max_retries": 0},
                         metadata={**base.get("metadata", {}), "process_group": RELEASE_COMMAND_GROUP})
