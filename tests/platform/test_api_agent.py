@@ -139,6 +139,19 @@ def test_machine_lifecycle_through_the_api(stack):
         assert c2.get("/v1/apps/web/machines").json() == []
         assert [x["id"] for x in c2.get("/v1/apps/web/machines", params={"include_deleted": 1}).json()] == [mid]
 
+        # destroying the app destroys its running machines too
+        r = c2.post("/v1/apps/web/machines", json={"config": web_config(image)})
+        assert r.status_code == 200, r.text
+        port = r.json()["ports"]["8080"]
+        assert _get(port) == "hello\n"
+        assert c2.delete("/v1/apps/web").status_code == 200
+        assert c2.get("/v1/apps/web").status_code == 404
+        with pytest.raises(httpx.HTTPError):
+            _get(port)
+        from taxiway import machines
+
+        assert [m for m in machines.all_machines() if m.status() == "running"] == []
+
 
 def test_agent_errors_are_one_clear_line(stack):
     c, image, *_ = stack

@@ -119,6 +119,14 @@ def test_up_detached_is_idempotent_restarts_children_and_down_stops_all(platform
     with _api(platform_home) as c:
         _until(lambda: _ok(c, "/v1/apps/hello"), "the restarted API")
 
+    # nats-server killed: restarted on its port, JetStream's store intact, the API reconnects
+    old_nats = json.loads((platform_home / "platform" / "up.json").read_text())["components"]["nats"]["pid"]
+    os.kill(old_nats, signal.SIGKILL)
+    _until(lambda: json.loads((platform_home / "platform" / "up.json").read_text())["components"]["nats"]["pid"]
+           != old_nats, "nats-server to be restarted")
+    with _api(platform_home) as c:
+        _until(lambda: _ok(c, "/v1/apps/hello"), "the API over the restarted nats-server")
+
     r = platform("apps", "ls", "--json")
     assert [a["name"] for a in json.loads(r.stdout)] == ["hello"]
 

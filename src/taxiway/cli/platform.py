@@ -38,7 +38,8 @@ def resolve_app(app: str | None) -> str:
         if isinstance(name, str) and name:
             return name
         raise InvalidInput(f"{path.resolve()} has no 'app' key", "add app = \"NAME\", or pass -a APP")
-    raise InvalidInput("no app given", "pass -a APP, or run in a folder with a taxiway.toml")
+    raise InvalidInput("no app given", "pass -a APP, or run in a folder with a taxiway.toml "
+                       "('taxiway platform status' shows the platform itself)")
 
 
 app_option = click.option("-a", "--app", "app", help="The app [default: 'app' in ./taxiway.toml].")
