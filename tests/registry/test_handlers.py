@@ -1,8 +1,9 @@
 """The registry's handlers over the in-memory Storage driver: fast unit tests, no disk, no server process.
 
 The app is the real one (routes, authorizer, error handlers) called in-process
-by httpx's ASGI transport; only the storage differs from ``taxiway registry serve``, whose
-behaviour on disk the conformance and concurrency tests pin.
+by httpx's ASGI transport. Each test runs on the in-memory driver and on the
+filesystem one, so the two answer alike; the real server's behaviour on disk
+(sendfile, workers, crashes) is pinned by the conformance and concurrency tests.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 
 from taxiway.registry.app import Config, Registry, create_app
 from taxiway.registry.memory import MemoryStorage
+from taxiway.registry.storage import FilesystemStorage
 from taxiway.registry.tenants import Tenants
 
 from .oci import CONFIG, LAYER, MANIFEST, digest
@@ -43,9 +45,10 @@ class Client:
         self.loop.close()
 
 
-@pytest.fixture
-def storage():
-    return MemoryStorage()
+@pytest.fixture(params=["memory", "filesystem"])
+def storage(request, tmp_path):
+    """Each handler test runs on both drivers: the memory one must answer as the filesystem one does."""
+    return MemoryStorage() if request.param == "memory" else FilesystemStorage(tmp_path / "root")
 
 
 @pytest.fixture
@@ -72,8 +75,9 @@ def _error(r: httpx.Response) -> str:
     return r.json()["errors"][0]["code"]
 
 
-def test_the_registry_takes_its_storage_and_never_touches_a_disk(storage, tmp_path, monkeypatch):
+def test_the_registry_takes_its_storage_and_never_touches_a_disk(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    storage = MemoryStorage()
     reg = Registry(Config(auth=False), storage, key=KEY)
     assert reg.storage is storage
     assert list(tmp_path.iterdir()) == []
