@@ -265,3 +265,20 @@ async def test_a_missing_image_is_rolled_back_naming_the_cause(state, platform, 
     assert r2["status"] == "rolled_back", r2
     assert "rolled back to v1: machine" in r2["error"] and "failed to start" in r2["error"], r2["error"]
     assert [m["id"] for m in await live(state)] == [m1["id"]]
+
+
+@pytest.mark.parametrize("strategy", ["bluegreen", "canary", "immediate"])
+async def test_other_strategies_replace_the_machines(state, platform, image, strategy):
+    edge = platform
+    assert (await deploy_and_wait(state, await release(state, image, config(1))))["status"] == "complete"
+    load = Load(edge)
+    task = asyncio.create_task(load.run())
+    await until(lambda: load.answers, what="v1 answering")
+    r2 = await deploy_and_wait(state, await release(state, image, config(2, strategy=strategy)))
+    assert r2["status"] == "complete" and r2["strategy"] == strategy, r2
+    await until(lambda: load.answers[-1:] == ["v2"], what="v2 answering")
+    load.stop.set()
+    await task
+    assert [m["release"] for m in await live(state)] == [2]
+    if strategy != "immediate":  # immediate replaces everything at once, without waiting: as Fly's
+        assert load.failures == []
