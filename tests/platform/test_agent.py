@@ -67,6 +67,25 @@ def test_machine_config(tmp_path):
     machines.MachineConfig.from_json(cfg)  # the runtime takes it as it is
 
 
+def test_log_following_survives_rotation_and_partial_lines(tmp_path):
+    """What the agent ships is read from (inode, offset): a rotation (log -> log.1) loses nothing,
+    and a line still being written waits for its newline."""
+    from taxiway.platform.agent import _read_new
+
+    log = tmp_path / "log"
+    log.write_bytes(b"t stdout one\nt stdout tw")
+    lines, ino, off = _read_new(log, None, 0)
+    assert lines == [b"t stdout one"] and off == len(b"t stdout one\n")
+    with open(log, "ab") as f:
+        f.write(b"o\nt stdout three\n")
+    log.rename(tmp_path / "log.1")  # rotated before we read again
+    log.write_bytes(b"t stderr four\n")
+    lines, ino2, off = _read_new(log, ino, off)
+    assert lines == [b"t stdout two", b"t stdout three", b"t stderr four"] and ino2 != ino
+    assert _read_new(log, ino2, off)[0] == []
+    assert _read_new(tmp_path / "absent", None, 0)[0] == []
+
+
 # -- helpers ----------------------------------------------------------------------------------------
 
 
@@ -213,8 +232,15 @@ async def test_lifecycle_status_events_logs_checks(state, agent, image):
     assert (r["exit_code"], r["stdout"]) == (0, "hello\n")
     r = await cmd(state, "exec", app, mid, cmd=["sh", "-c", "echo oops >&2; exit 4"])
     assert (r["exit_code"], r["stderr"]) == (4, "oops\n")
+    r = await cmd(state, "exec", app, mid, cmd=["sh", "-c", "exit 125"])
+    assert r["exit_code"] == 125  # the command's own code, not taken for the agent's failure
     listed = (await cmd(state, "list", app, mid))["machines"]
     assert [m["id"] for m in listed] == [mid]
+
+    await put(state, record(app, mid, web_config(image), desired="stopped"))
+    await cmd(state, "stop", app, mid)
+    r = await state.request(schema.agent_subject("local", "exec"), {"app": app, "id": mid, "cmd": ["true"]})
+    assert r["ok"] is False and "not running" in r["error"], r
 
     # destroy
     await put(state, record(app, mid, web_config(image), desired="destroyed"))

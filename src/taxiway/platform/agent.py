@@ -727,7 +727,7 @@ class Agent:
             raise InvalidInput("exec needs a command", 'send {"cmd": ["ls", "/"]}')
         timeout = float(p.get("timeout") or 30)
         rc, out, err = await _helper("exec", row["local_id"], "--", *cmd, timeout=timeout)
-        if rc == 125:  # the helper's own failure (machine not running...), not the command's exit code
+        if rc == 125 and _HELPER_MARK in err:  # the helper's own failure (machine not running...)
             msg = _helper_error(out, err)
             raise TaxiwayError(msg["error"], msg.get("fix"))
         return {"ok": True, "exit_code": rc, "stdout": out[:EXEC_OUTPUT_MAX].decode(errors="replace"),
@@ -830,12 +830,16 @@ async def _helper(*args: str, timeout: float = 120.0) -> tuple[int, bytes, bytes
     return proc.returncode or 0, out, err
 
 
+_HELPER_MARK = b"taxiway-agent-helper: "  # prefixes the helper's own error (JSON) on stderr
+
+
 def _helper_error(out: bytes, err: bytes) -> dict[str, Any]:
-    for line in reversed(out.splitlines()):
-        with contextlib.suppress(ValueError):
-            d = json.loads(line)
-            if isinstance(d, dict) and "error" in d:
-                return d
+    for line in reversed(err.splitlines()):
+        if line.startswith(_HELPER_MARK):
+            with contextlib.suppress(ValueError):
+                d = json.loads(line[len(_HELPER_MARK):])
+                if isinstance(d, dict) and "error" in d:
+                    return d
     return {"error": (err.decode(errors="replace").strip().splitlines() or ["unknown error"])[-1], "fix": None}
 
 
@@ -857,7 +861,7 @@ def _helper_main(argv: list[str]) -> int:
             return machines.exec_in(m, cmd)
         raise InvalidInput(f"unknown helper verb {verb}", "start or exec")
     except TaxiwayError as e:
-        print(json.dumps({"error": e.message, "fix": e.hint}))
+        sys.stderr.buffer.write(_HELPER_MARK + json.dumps({"error": e.message, "fix": e.hint}).encode() + b"\n")
         return 125
 
 
