@@ -67,7 +67,9 @@ def _when(ts: float | None) -> str:
 def _print_up(up: dict[str, Any], already: bool = False) -> None:
     from taxiway.platform.client import config_path
 
-    head = "the platform is already running" if already else "the platform is up"
+    head = "the platform is up"
+    if already:
+        head = "the platform is already running" if up.get("ready") else "the platform is starting"
     click.echo(f"{head} (supervisor pid {up.get('pid')})")
     for key in ("api", "edge", "registry", "nats", "egress"):
         if up.get(key):

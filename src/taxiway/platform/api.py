@@ -1058,6 +1058,15 @@ async def _on_error(request: Request, exc: Exception) -> Response:
     return _json(_error_body(exc.message, exc.hint), _status_of(exc))
 
 
+async def _on_crash(request: Request, exc: Exception) -> Response:
+    """Anything unexpected is still one JSON line (NATS trouble is a 503: it is worth retrying)."""
+    if type(exc).__module__.split(".")[0] == "nats":
+        return _json(_error_body(f"NATS did not answer ({type(exc).__name__})",
+                                 "retry; if it lasts, see 'taxiway platform status'"), 503)
+    return _json(_error_body(f"internal error ({type(exc).__name__}: {str(exc)[:200]})",
+                             "see the API's log (platform/logs/api.log)"), 500)
+
+
 def create_app(config: ApiConfig, st: State | None = None) -> Starlette:
     """The API as an ASGI app; connects to NATS at startup unless given a connected ``st``."""
 
@@ -1084,7 +1093,7 @@ def create_app(config: ApiConfig, st: State | None = None) -> Starlette:
                 await app.state.st.close()
 
     app = Starlette(routes=[Route(p, h, methods=[m]) for m, p, h, _ in ROUTES],
-                    exception_handlers={TaxiwayError: _on_error}, lifespan=lifespan)
+                    exception_handlers={TaxiwayError: _on_error, Exception: _on_crash}, lifespan=lifespan)
     app.state.config = config
     app.add_middleware(Auth)
     return app

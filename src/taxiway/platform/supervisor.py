@@ -218,11 +218,9 @@ class Supervisor:
 
         if name == "edge" and self.edge_port:
             return self.edge_port
-        if not self.free_ports:
-            prev = (read_up() or {}).get("ports", {}).get(name)
-            for p in (prev, DEFAULT_PORTS[name]):
-                if p and _port_free(int(p)):
-                    return int(p)
+        # The default ports keep URLs stable across restarts; a taken one gives way to a free port.
+        if not self.free_ports and _port_free(DEFAULT_PORTS[name]):
+            return DEFAULT_PORTS[name]
         return free_port()
 
     # -- start ------------------------------------------------------------------------------------------
@@ -231,6 +229,7 @@ class Supervisor:
         from taxiway.platform.nats import NatsServer
 
         self._log("starting the platform")
+        self.write_up(ready=False)  # so 'up' and 'status' meanwhile name this supervisor, not a stale one
         self.nats = NatsServer(self.dir / "nats", port=self._port("nats")).start()
         self._bootstrap_ca()
         self._bootstrap_registry()
@@ -517,6 +516,8 @@ def start_detached(free_ports: bool = False, edge_port: int | None = None, timeo
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
+            if running() is not None:  # another 'up' won the race for the lock
+                raise AlreadyRunning()
             raise TaxiwayError(f"the platform did not start ({_tail(logdir / 'supervisor.log')})",
                                f"see {logdir / 'supervisor.log'}")
         up = read_up()
