@@ -97,6 +97,13 @@ def test_up_detached_is_idempotent_restarts_children_and_down_stops_all(platform
     r = httpx.get(f"http://{creds['registry']}/v2/", headers={"Authorization": f"Bearer {r.json()['token']}"},
                   trust_env=False)
     assert r.status_code == 200
+    # the agent's pull credentials for the same registry (0600)
+    auth = platform_home / "platform" / "agent" / "registry-auth.json"
+    assert stat.S_IMODE(auth.stat().st_mode) == 0o600
+    pull = json.loads(auth.read_text())["auths"][up["registry"]]
+    r = httpx.get(f"http://{up['registry']}/v2/token", params={"service": "taxiway", "scope": "repository:hello:pull"},
+                  auth=(pull["username"], pull["password"]), trust_env=False)
+    assert r.status_code == 200 and r.json()["token"]
 
     r = platform("up", "-d", "--free-ports")
     assert "already running" in r.stdout.decode()

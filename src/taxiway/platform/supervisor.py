@@ -268,6 +268,7 @@ class Supervisor:
                 ports[name] = port
                 self._wait_port(child)
         self._bootstrap_token()
+        self._agent_registry_auth()
         self.write_up(ready=True)
         self._log("platform ready: " + ", ".join(f"{c.name} {c.port or c.proc.pid}" for c in self.children))
 
@@ -307,6 +308,34 @@ class Supervisor:
                 t.create_org(schema.DEFAULT_ORG)
         finally:
             t.close()
+
+    def _agent_registry_auth(self) -> None:
+        """platform/agent/registry-auth.json (0600): a pull token of the default org for the agent.
+
+        The agent pulls release images it lacks from the platform registry with it (docker's
+        {"auths": {host: {...}}} shape). The token is kept across restarts while it works.
+        """
+        reg = self.child("registry")
+        if reg is None:
+            return
+        from taxiway.platform import schema
+        from taxiway.registry.tenants import Tenants
+
+        path = self.dir / "agent" / "registry-auth.json"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            old = json.loads(path.read_text())
+            secret = next(iter(old["auths"].values()))["password"]
+        except (OSError, ValueError, KeyError, StopIteration, AttributeError, TypeError):
+            secret = None
+        t = Tenants(self._registry_root() / "tenants.db")
+        try:
+            if not secret or t.authenticate(str(secret)) is None:
+                _, secret = t.create_token(schema.DEFAULT_ORG, "pull")
+        finally:
+            t.close()
+        _write_json(path, {"auths": {f"127.0.0.1:{reg.port}": {"username": schema.DEFAULT_ORG,
+                                                                "password": secret}}}, mode=0o600)
 
     def _wait_port(self, child: Child) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
