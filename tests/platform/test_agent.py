@@ -390,3 +390,28 @@ async def test_nats_server_restart_agent_carries_on(nats_server, agent, image):
         assert st2["state"] == "started" and st2["pid"] != pid
     finally:
         await st.close()
+
+
+async def test_create_pulls_a_missing_image_from_the_registry(state, agent, registry, platform_home, tmp_path):
+    """An image not in the local store is pulled first (loopback registry, credentials from the agent's file)."""
+    import json
+
+    from helpers.layout import busybox_entries, make_layer, skopeo_push, write_layout
+
+    ref = f"{registry.address}/agent-test/busybox:{schema.new_machine_id()}"
+    write_layout(tmp_path / "layout", [make_layer(busybox_entries())], "t")
+    skopeo_push(tmp_path / "layout", "t", ref)
+    auth = platform_home / "platform" / "agent" / "registry-auth.json"
+    auth.parent.mkdir(parents=True, exist_ok=True)
+    auth.write_text(json.dumps({"auths": {registry.address: {"username": "agent", "password": "pull"}}}))
+    auth.chmod(0o600)
+    agent()
+    await until(lambda: ping(state), what="the agent")
+    app, mid = "pulled", schema.new_machine_id()
+    await put(state, record(app, mid, {"image": ref, "cmd": ["sleep", "3600"], "stop_timeout": 1}))
+    assert (await cmd(state, "create", app, mid))["status"]["state"] == "started"
+    r = await cmd(state, "exec", app, mid, cmd=["echo", "pulled"])
+    assert (r["exit_code"], r["stdout"]) == (0, "pulled\n")  # ran inside the pulled image
+    from taxiway.oci.store import Store
+
+    Store().image(ref)  # now in the local store

@@ -329,15 +329,17 @@ class Agent:
             for verb in schema.AGENT_VERBS:
                 self.subs.append(await self.st.serve(schema.agent_subject(self.host, verb),
                                                      getattr(self, f"on_{verb}")))
-            t0 = time.monotonic()
-            await self.reconcile_all()
-            self.reconcile_seconds = time.monotonic() - t0
-            self.reconciled_at = time.time()
-            log.info("reconciled %d machines in %.3f s", len(self.rec.all()), self.reconcile_seconds)
-            if ready is not None:
-                ready.set()
             async with asyncio.TaskGroup() as tg:
-                self.tasks = [tg.create_task(self._watch()), tg.create_task(self._observe_loop())]
+                # the watch first: a change made while the start-up reconcile reads the bucket is not missed
+                self.tasks = [tg.create_task(self._watch())]
+                t0 = time.monotonic()
+                await self.reconcile_all()
+                self.reconcile_seconds = time.monotonic() - t0
+                self.reconciled_at = time.time()
+                log.info("reconciled %d machines in %.3f s", len(self.rec.all()), self.reconcile_seconds)
+                if ready is not None:
+                    ready.set()
+                self.tasks.append(tg.create_task(self._observe_loop()))
         finally:
             for sub in self.subs:
                 with contextlib.suppress(Exception):
@@ -389,6 +391,8 @@ class Agent:
             if desired is not None:  # its checks, while we have the record (saves a read per machine)
                 self.check_defs[mid] = _parse_checks(mid, desired)
             row = self.rec.get(mid)
+            if row is not None and desired is not None and rev < row["acted_rev"] and not force:
+                return self.status.get(mid) or await self._kv_status(app, mid)  # a stale read: newer acted on
             local = _local(row["local_id"]) if row else None
             acts = decide(desired, rev, row, _local_view(local))
             if force == "start" and desired is not None and desired.get("desired") != "destroyed":
