@@ -8,14 +8,12 @@ Deadlines below are only there to fail instead of hanging; nothing asserts how f
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 from machines.conftest import BUSYBOX, make_image
+from test_agent import AgentProc, until
 
 from taxiway.platform import appconfig, deploy, schema
 from taxiway.platform.edge import Edge, EdgeConfig
@@ -23,43 +21,6 @@ from taxiway.platform.edge import Edge, EdgeConfig
 pytestmark = pytest.mark.anyio
 
 APP = "web"
-
-
-class AgentProc:
-    """``python -m taxiway.platform.agent`` as a child process (its log in tmp)."""
-
-    def __init__(self, url: str, logdir: Path):
-        self.url, self.logdir, self.proc = url, logdir, None
-
-    def start(self) -> AgentProc:
-        self.log = open(self.logdir / "agent.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "taxiway.platform.agent", "--nats", self.url,
-                                      "--poll", "0.2"], stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        return self
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-async def until(fn, timeout: float = 90.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = fn()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -81,7 +42,7 @@ async def platform(state, nats_server, tmp_path, platform_home, image):
             return None
         return r if r.get("reconciled_at") else None
 
-    await until(ping, what="the agent")
+    await until(ping, timeout=90, what="the agent")
     await state.put(schema.APPS, APP, {"name": APP, "org": "personal", "created_at": time.time()})
     try:
         yield edge

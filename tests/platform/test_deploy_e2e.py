@@ -8,10 +8,7 @@ index) is needed; building examples/python is the builder's own tests' job.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import threading
 import time
 from pathlib import Path
@@ -19,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from machines.conftest import BUSYBOX, make_image
+from test_up import platform  # noqa: F401 - the fixture: taxiway in the temp home, everything stopped after
 
 FLY_TOML = """\
 # fly.toml app configuration file generated for hello
@@ -58,40 +56,10 @@ kill_timeout = '2s'
 """
 
 
-def _pids(home: Path) -> list[int]:
-    try:
-        up = json.loads((home / "platform" / "up.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [up["pid"]] + [c["pid"] for c in up["components"].values() if c.get("pid")]
-
-
 @pytest.fixture
-def tw(platform_home, taxiway):
-    seen: set[int] = set()
-
-    def run(*args: str, check: bool = True, cwd: Path | None = None):
-        old = os.getcwd()
-        if cwd:
-            os.chdir(cwd)
-        try:
-            r = taxiway(*args, timeout=300)
-        finally:
-            os.chdir(old)
-        seen.update(_pids(platform_home))
-        if check:
-            assert r.returncode == 0, (args, r.stdout.decode(), r.stderr.decode())
-        return r
-
-    yield run
-    taxiway("down", timeout=120)
-    for pid in seen:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    from taxiway import machines
-
-    for m in machines.all_machines():
-        machines.destroy(m, force=True)
+def tw(request):
+    """``tw(*args, check=True)``: the CLI in the temp home (test_up's ``platform`` fixture)."""
+    return request.getfixturevalue("platform")
 
 
 class Loop(threading.Thread):
@@ -135,7 +103,7 @@ def test_up_launch_rolling_deploy_without_failed_requests_and_rollback(tw, platf
     err = r.stderr.decode()
     assert "ignoring keys taxiway does not use: swap_size_mb, vm[0].cpu_kind" in err
     assert "v1 of hello is deployed" in r.stdout.decode()
-    url = tw("open", cwd=app).stdout.decode().strip()
+    url = tw("open", "-a", "hello").stdout.decode().strip()
     port = int(url.rsplit(":", 1)[1].strip("/"))
 
     loop = Loop(port)
@@ -147,7 +115,7 @@ def test_up_launch_rolling_deploy_without_failed_requests_and_rollback(tw, platf
         # v2: taxiway.toml (written by launch) changed, deployed with a rolling strategy under load.
         toml = app / "taxiway.toml"
         toml.write_text(toml.read_text().replace("echo v1", "echo v2"))
-        r = tw("deploy", cwd=app)
+        r = tw("deploy", str(app))
         assert "v2 of hello is deployed" in r.stdout.decode()
         done = len(loop.answers)
         _wait(lambda: len(loop.answers) > done + 10, "more answers")
@@ -160,13 +128,13 @@ def test_up_launch_rolling_deploy_without_failed_requests_and_rollback(tw, platf
         seen = len(loop.answers)
         toml.write_text(toml.read_text().replace("echo v2", "echo v3").replace('"/index.html"', '"/missing"')
                         .replace("wait_timeout = 60.0", "wait_timeout = 3.0"))
-        r = tw("deploy", cwd=app, check=False)
+        r = tw("deploy", str(app), check=False)
         assert r.returncode == 1 and "was rolled back" in r.stderr.decode(), r.stderr.decode()
         _wait(lambda: len(loop.answers) > seen + 10, "more answers")
         assert set(loop.answers[seen:]) == {"v2"}
         assert loop.failures == []
 
-        r = tw("releases", "--json", cwd=app)
+        r = tw("releases", "--json", "-a", "hello")
         assert [(x["version"], x["status"]) for x in json.loads(r.stdout)] == [
             (3, "rolled_back"), (2, "complete"), (1, "complete")]
     finally:
@@ -195,7 +163,7 @@ def test_launch_builds_the_static_example_pushes_and_deploys(tw, platform_home, 
         assert "hello from a static site on taxiway" in c.get("/").text
         index = app / "public" / "index.html"
         index.write_text(index.read_text().replace("hello from a static site", "hello again from a static site"))
-        r = tw("deploy", cwd=app)
+        r = tw("deploy", str(app))
         assert "v2 of site is deployed" in r.stdout.decode()
         assert "hello again from a static site on taxiway" in c.get("/").text
     rel = json.loads(tw("releases", "-a", "site", "--json").stdout)[0]
