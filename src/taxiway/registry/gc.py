@@ -68,7 +68,7 @@ def collect(root: str | Path, *, dry_run: bool = False, untagged: bool = False, 
                     continue
                 # Under the manifest's lock, which a push holds until its tag is written: look again.
                 with storage.blob_lock(d), contextlib.suppress(FileNotFoundError):
-                    if storage._revision(repo, d).stat().st_mtime >= cutoff:
+                    if storage.revision_time(repo, d) >= cutoff:
                         continue
                     if not dry_run and d in _reachable(storage, repo):
                         continue

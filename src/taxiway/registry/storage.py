@@ -502,6 +502,10 @@ class FilesystemStorage:
         except OSError as e:
             raise _storage_error(e) from e
 
+    def revision_time(self, repo: str, digest: str) -> float:
+        """When the manifest was last put in ``repo`` (GC's grace); FileNotFoundError when it is not there."""
+        return self._revision(repo, digest).stat().st_mtime
+
     def manifest_media_type(self, repo: str, digest: str) -> str | None:
         try:
             return orjson.loads(self._revision(repo, digest).read_bytes())["mediaType"]
