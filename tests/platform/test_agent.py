@@ -199,7 +199,11 @@ async def test_lifecycle_status_events_logs_checks(state, agent, image):
     agent()
     await until(lambda: ping(state), what="the agent")
     app, mid = "web", schema.new_machine_id()
-    await put(state, record(app, mid, web_config(image)))
+    from taxiway.platform import secrets
+
+    sealed = secrets.record(app, "DB_PASSWORD", "s3cret value", secrets.load_key())
+    await state.put(schema.SECRETS, schema.secret_key(app, "DB_PASSWORD"), sealed)
+    await put(state, record(app, mid, web_config(image, env={"PLAIN": "yes"})))
     st = (await cmd(state, "create", app, mid))["status"]
     assert st["state"] == "started" and st["instance_id"] == "i1" and st["pid"]
     port = st["ports"]["8080"]
@@ -232,6 +236,8 @@ async def test_lifecycle_status_events_logs_checks(state, agent, image):
     assert (r["exit_code"], r["stdout"]) == (0, "hello\n")
     r = await cmd(state, "exec", app, mid, cmd=["sh", "-c", "echo oops >&2; exit 4"])
     assert (r["exit_code"], r["stderr"]) == (4, "oops\n")
+    r = await cmd(state, "exec", app, mid, cmd=["sh", "-c", 'echo "$PLAIN $DB_PASSWORD"'])
+    assert r["stdout"] == "yes s3cret value\n"  # secrets unsealed into the environment
     r = await cmd(state, "exec", app, mid, cmd=["sh", "-c", "exit 125"])
     assert r["exit_code"] == 125  # the command's own code, not taken for the agent's failure
     listed = (await cmd(state, "list", app, mid))["machines"]

@@ -643,18 +643,14 @@ class Agent:
                 return p
 
     async def _secrets_env(self, app: str) -> dict[str, str]:
-        """The app's secrets, unsealed, as environment (platform.secrets; absent until P3's module lands)."""
-        from taxiway.platform import schema
+        """The app's secrets (SECRETS bucket), unsealed with platform.secrets' key, as environment."""
+        from taxiway.platform import schema, secrets
 
-        try:
-            from taxiway.platform import secrets
-        except ImportError:
-            return {}
         items = await self.st.items(schema.SECRETS, f"{app}.")
         if not items:
             return {}
         key = await asyncio.to_thread(secrets.load_key)
-        return {v["name"]: secrets.unseal(app, v["name"], v["sealed"], key) for _, v, _ in items if v}
+        return secrets.unseal_all(app, [v for _, v, _ in items if v], key)
 
     async def _row_for(self, payload: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
         app, mid = payload.get("app"), payload.get("id")
