@@ -357,7 +357,7 @@ async def revoke_token(request: Request) -> Response:
 
 async def list_apps(request: Request) -> Response:
     tok = _token(request)
-    apps = [v for _, v, _ in await _st(request).items(schema.APPS) if v.get("org") == tok["org"]]
+    apps = [v for _, v, _ in await _st(request).snapshot(schema.APPS) if v.get("org") == tok["org"]]
     if tok["scope"] == "deploy":
         apps = [a for a in apps if a["name"] == tok.get("app")]
     return _json({"total_apps": len(apps), "apps": apps})
@@ -385,7 +385,7 @@ async def create_app(request: Request) -> Response:
 
 async def get_app(request: Request) -> Response:
     app = await _app(request)
-    machines = await _st(request).items(schema.MACHINES, app["name"] + ".")
+    machines = await _st(request).snapshot(schema.MACHINES, app["name"] + ".*")
     live = [m for _, m, _ in machines if m.get("desired") != "destroyed"]
     return _json({**app, "machines": len(live), "status": "deployed" if live else "pending"})
 
