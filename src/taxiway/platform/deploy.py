@@ -322,7 +322,10 @@ class Deployer:
             return "failing"
         if rec.get("release") == target:
             wait_timeout = float(self.rec["config"]["deploy"].get("wait_timeout", appconfig.DEFAULT_WAIT_TIMEOUT))
-            if time.time() - float(rec.get("created_at") or time.time()) > wait_timeout:
+            # From when this deploy began at the earliest: a machine of the target release made long
+            # ago (an old one a rollback goes back to) gets its full wait too.
+            since = max(float(rec.get("created_at") or 0), float(self.rec.get("started_at") or 0))
+            if time.time() - since > wait_timeout:
                 return "failing"
         return "pending"
 
