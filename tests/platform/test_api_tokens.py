@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as hs
 
 from taxiway.errors import InvalidInput, NotFound
 from taxiway.platform import schema, tokens
@@ -47,3 +49,39 @@ async def test_tokens_are_stored_hashed_and_revocable(state):
         await tokens.revoke(state, "other", pub["id"])
     assert (await tokens.revoke(state, "acme", pub["id"]))["revoked"]
     assert await tokens.authenticate(state, tok) is None
+
+
+# -- properties of the pure core (hypothesis) --------------------------------------------------------
+
+_methods = hs.sampled_from(["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+_apps = hs.one_of(hs.none(), hs.from_regex(r"[a-z][a-z0-9-]{0,10}[a-z0-9]", fullmatch=True))
+
+
+@given(hs.text(max_size=200))
+def test_parse_never_raises_and_only_accepts_the_format(s):
+    got = tokens.parse(s)
+    if got is not None:
+        tid, secret = got
+        assert s == f"tw_{tid}_{secret}" and len(tid) == 16
+
+
+@given(hs.sampled_from(["admin", "read", "deploy"]), _methods, _apps, hs.booleans())
+def test_scope_rules(scope, method, app, destroys):
+    rec, tok = tokens.new_record("acme", scope, "web" if scope == "deploy" else None)
+    assert tokens.parse(tok) is not None and tokens.check(rec, tok.split("_", 2)[2])
+    ok = tokens.allows(rec, method, app, destroys_app=destroys)
+    if scope == "admin":
+        assert ok
+    elif scope == "read":
+        assert ok == (method in ("GET", "HEAD"))
+    else:
+        assert ok == (app == "web" and not destroys)
+
+
+@given(hs.text(min_size=1, max_size=60))
+def test_a_wrong_secret_never_checks(secret):
+    rec, tok = tokens.new_record("acme", "admin")
+    if secret != tok.split("_", 2)[2]:
+        assert not tokens.check(rec, secret)
+    assert not tokens.check({**rec, "revoked": True}, tok.split("_", 2)[2])
+    assert not tokens.check({**rec, "expires_at": 1.0}, tok.split("_", 2)[2])
