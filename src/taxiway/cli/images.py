@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from taxiway.cli import exit_now
+from taxiway.cli.main import exit_now
 from taxiway.cli.output import emit_json, is_tty, progress, table
 
 

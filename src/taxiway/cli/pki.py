@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from taxiway.cli import exit_now
+from taxiway.cli.main import exit_now
 from taxiway.errors import InvalidInput, TaxiwayError
 
 
