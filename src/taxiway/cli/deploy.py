@@ -56,14 +56,18 @@ def _app_name(app: str | None, folder: Path = Path(".")) -> str:
 
 def follow_release(client: Any, app: str, version: int, poll: float = 0.5) -> dict[str, Any]:
     """Print a release's progress lines as they come; return it once it is complete, failed or rolled back."""
-    shown = 0
+    last: str | None = None
     while True:
         rel = client.release(app, version)
         steps = rel.get("steps") or []
-        # The release keeps its last lines only: when they were trimmed, print from where we can.
-        for line in steps[shown:] if shown <= len(steps) else steps:
+        # The release keeps its newest lines only: print what follows the last line we printed.
+        start = 0
+        if last is not None and last in steps:
+            start = len(steps) - steps[::-1].index(last)
+        for line in steps[start:]:
             _say(f"  {line}")
-        shown = len(steps)
+        if steps:
+            last = steps[-1]
         if rel.get("status") in FINAL:
             return rel
         if rel.get("warning"):
