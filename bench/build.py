@@ -14,6 +14,18 @@ Timed, per run, in fresh state (a new $TAXIWAY_HOME / a new buildah storage):
 - rebuild: after a one-line change to app.py, the same build again.
 
 Targets (issue 8): rebuild <= 0.3x buildah's and < 2 s; cold no slower than buildah's.
+
+Offline (no PyPI): ``--index URL`` points both tools' pip at another index
+(taxiway: ``--env PIP_INDEX_URL`` through its egress proxy, with the index's
+host in ``TAXIWAY_BUILD_ALLOW``; buildah: ``--index-url`` in the RUN step), and
+``--requirements "flask==3.1.3 gunicorn==26.2.0"`` replaces the sample's pins
+with what that index holds. To serve a PEP 503 folder (here /opt/pypi) on an
+address of a network namespace of the bench's own, never the host's network:
+
+    sudo unshare -n sh -c 'ip link set lo up; ip addr add 10.200.0.1/32 dev lo;
+      python3 -m http.server -b 10.200.0.1 8000 -d /opt/pypi >/dev/null 2>&1 & sleep 1;
+      .venv/bin/python bench/build.py --runs 3 --markdown --index http://10.200.0.1:8000/simple
+        --requirements "flask==3.1.3 gunicorn==26.2.0"; kill $!'
 """
 
 from __future__ import annotations
@@ -38,7 +50,8 @@ FROM {BASE}
 USER root
 WORKDIR /workspace
 COPY requirements.txt .
-RUN python3 -m venv --without-pip /venv && python3 -m pip --python /venv/bin/python install --no-input --disable-pip-version-check -r requirements.txt
+ARG PIP_ARGS=""
+RUN python3 -m venv --without-pip /venv && python3 -m pip --python /venv/bin/python install --no-input --disable-pip-version-check $PIP_ARGS -r requirements.txt
 COPY . .
 ENV PATH=/venv/bin:$PATH PYTHONUNBUFFERED=1
 USER 1000:1000
@@ -60,15 +73,32 @@ def touch_app(src: Path, i: int) -> None:
         f.write(f"\n# one-line change {i}\n")
 
 
+#: Set from --index / --requirements in main().
+INDEX = ""
+REQUIREMENTS = ""
+
+
+def copy_sample(dest: Path) -> None:
+    shutil.copytree(REPO / "examples" / "python", dest)
+    if REQUIREMENTS:
+        (dest / "requirements.txt").write_text("\n".join(REQUIREMENTS.split()) + "\n")
+
+
 def bench_taxiway(work: Path, stack_home: Path, run: int) -> tuple[float, float]:
+    from urllib.parse import urlsplit
+
     home = work / f"tw-home-{run}"
     src = work / f"tw-src-{run}"
-    shutil.copytree(REPO / "examples" / "python", src)
+    copy_sample(src)
     env = {"TAXIWAY_HOME": str(home), "TAXIWAY_CONFIG": str(home / "config")}
     # Stack images into this home's store (a copy from the machine cache; not timed, as buildah's pull isn't).
     subprocess.run([sys.executable, "-m", "taxiway", "stack", "create", "build", "run-python"], env={**os.environ, **env},
                    check=True, capture_output=True)
     argv = [sys.executable, "-m", "taxiway", "build", str(src), "-t", "bench/python:1"]
+    if INDEX:
+        host = urlsplit(INDEX).hostname or ""
+        env["TAXIWAY_BUILD_ALLOW"] = host
+        argv += ["--env", f"PIP_INDEX_URL={INDEX}", "--env", f"PIP_TRUSTED_HOST={host}"]
     cold = timed(argv, env)
     touch_app(src, run)
     rebuild = timed(argv, env)
@@ -79,12 +109,17 @@ def bench_buildah(work: Path, stack_home: Path, run: int) -> tuple[float, float]
     root, runroot = work / f"buildah-root-{run}", work / f"buildah-run-{run}"
     g = ["--root", str(root), "--runroot", str(runroot), "--storage-driver", "overlay"]
     src = work / f"bd-src-{run}"
-    shutil.copytree(REPO / "examples" / "python", src)
+    copy_sample(src)
     (src / "Dockerfile").write_text(DOCKERFILE)
     subprocess.run(["skopeo", "copy", "--quiet", f"oci:{stack_home / 'store'}:{BASE}",
                     f"containers-storage:[overlay@{root}+{runroot}]{BASE}"], check=True, capture_output=True)
     argv = ["buildah", *g, "bud", "--layers", "--network", "host", "-v", f"{CA}:{CA}:ro",
             "-t", "bench/python:1", "-f", str(src / "Dockerfile"), str(src)]
+    if INDEX:
+        from urllib.parse import urlsplit
+
+        argv[argv.index("-t"):argv.index("-t")] = [
+            "--build-arg", f"PIP_ARGS=--index-url {INDEX} --trusted-host {urlsplit(INDEX).hostname}"]
     try:
         cold = timed(argv)
         touch_app(src, run)
@@ -99,7 +134,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table for bench/RESULTS.md")
+    ap.add_argument("--index", default="", help="a PEP 503 index URL for both tools' pip instead of PyPI")
+    ap.add_argument("--requirements", default="", help='pins replacing the sample\'s ("flask==3.1.3 gunicorn==26.2.0")')
     args = ap.parse_args()
+    global INDEX, REQUIREMENTS
+    INDEX, REQUIREMENTS = args.index, args.requirements
     if os.geteuid() != 0:
         sys.exit("run as root: taxiway build uses mount namespaces, and buildah's storage is private to this run")
     for tool in ("buildah", "skopeo", "mmdebstrap"):
