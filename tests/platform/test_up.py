@@ -97,6 +97,11 @@ def test_up_detached_is_idempotent_restarts_children_and_down_stops_all(platform
     r = httpx.get(f"http://{creds['registry']}/v2/", headers={"Authorization": f"Bearer {r.json()['token']}"},
                   trust_env=False)
     assert r.status_code == 200
+    # an org per platform org in the registry
+    with _api(platform_home) as c:
+        assert c.post("/v1/orgs", json={"name": "team"}).status_code == 201
+    orgs = json.loads(platform("registry", "org", "ls", "--root", str(platform_home / "registry"), "--json").stdout)
+    assert {"personal", "team"} <= {o["name"] for o in orgs}
     # the agent's pull credentials for the same registry (0600)
     auth = platform_home / "platform" / "agent" / "registry-auth.json"
     assert stat.S_IMODE(auth.stat().st_mode) == 0o600

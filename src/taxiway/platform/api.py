@@ -304,7 +304,26 @@ async def create_org(request: Request) -> Response:
         rec, token = await new_org(_st(request), name)
     except Conflict:
         raise ApiError(409, f"org {name!r} exists", "pick another name") from None
+    cfg: ApiConfig = request.app.state.config
+    if cfg.registry_root:
+        await asyncio.to_thread(_registry_org, cfg.registry_root, name)  # an org per platform org
     return _json({"org": name, "token": token, "token_id": rec["id"]}, 201)
+
+
+def _registry_org(root: str, org: str) -> None:
+    """Make ``org`` in the registry's tenants database unless it is there."""
+    from pathlib import Path
+
+    from taxiway.registry.tenants import Tenants
+
+    Path(root).mkdir(parents=True, exist_ok=True, mode=0o700)
+    t = Tenants(Path(root) / "tenants.db")
+    try:
+        if not t.has_org(org):
+            with contextlib.suppress(TaxiwayError):  # made meanwhile by a concurrent request
+                t.create_org(org)
+    finally:
+        t.close()
 
 
 async def new_org(st: State, name: str, *, platform: bool = False) -> tuple[dict[str, Any], str]:
@@ -951,11 +970,9 @@ async def registry_token(request: Request) -> Response:
     def mint() -> str:
         from taxiway.registry.tenants import Tenants
 
+        _registry_org(cfg.registry_root, app["org"])
         t = Tenants(cfg.registry_root + "/tenants.db")
         try:
-            if not t.has_org(app["org"]):
-                with contextlib.suppress(Exception):  # a concurrent request made it
-                    t.create_org(app["org"])
             _, secret = t.create_token(app["org"], "push", 3600)
             return secret
         finally:
