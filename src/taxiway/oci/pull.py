@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import httpx
+
 from taxiway.errors import InvalidInput, NotFound
 from taxiway.oci import mediatypes as mt
-
-# httpx through the client, which imports it first without httpx's own CLI (~35 ms of start-up).
-from taxiway.oci.client import RegistryClient, RegistryError, httpx
+from taxiway.oci.client import RegistryClient, RegistryError
 from taxiway.oci.digest import Digest
 from taxiway.oci.image import Descriptor, Platform
 from taxiway.oci.layerio import BlobChecker, DiffHasher, LayerError
