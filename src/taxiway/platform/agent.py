@@ -183,10 +183,33 @@ class Record:
 # -- machine operations (blocking: run in threads, or in a helper process when they fork) ------------
 
 
+_LOADED: dict[str, tuple[Path, tuple[int, int, int], Any]] = {}
+
+
 def _local(local_id: str | None) -> Any:
+    """The local machine's record; re-read only when its file changed (each save replaces it)."""
     from taxiway import machines
 
-    return machines.load(local_id) if local_id else None
+    if not local_id:
+        return None
+    hit = _LOADED.get(local_id)
+    if hit is not None:
+        try:
+            st = os.stat(hit[0])
+            if (st.st_ino, st.st_mtime_ns, st.st_size) == hit[1]:
+                return hit[2]
+        except OSError:
+            pass
+    _LOADED.pop(local_id, None)
+    m = machines.load(local_id)
+    if m is not None:
+        path = m.dir / "machine.json"
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            # a save between load and stat would be missed until the next one: re-check the content
+            if machines.load(local_id) == m:
+                _LOADED[local_id] = (path, (st.st_ino, st.st_mtime_ns, st.st_size), m)
+    return m
 
 
 def _local_view(m: Any) -> dict[str, Any] | None:
@@ -256,6 +279,7 @@ def _destroy_local(local_id: str | None) -> None:
     from taxiway import machines
 
     m = machines.load(local_id) if local_id else None
+    _LOADED.pop(local_id or "", None)
     if m is not None:
         machines.destroy(m, force=True)
 
@@ -270,6 +294,8 @@ def _read_new(path: Path, inode: int | None, offset: int, limit: int = 4 << 20) 
         st = os.stat(path)
     except FileNotFoundError:
         return [], inode or 0, offset
+    if (not inode or st.st_ino == inode) and st.st_size == offset:
+        return [], st.st_ino, offset  # nothing new: the common case, without opening the file
     if inode and st.st_ino != inode:
         old = path.with_name(path.name + ".1")
         with contextlib.suppress(OSError), open(old, "rb") as f:
