@@ -8,7 +8,6 @@ names an address) and on what a bad value says.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import NamedTuple
 
 from taxiway.errors import InvalidInput
@@ -46,6 +45,8 @@ def parse_listen(text: str, flag: str = "--listen") -> Listen:
         raise InvalidInput(f"{flag} {text!r}: an IPv6 address goes in brackets", f"write it as [{host}]:{port}")
     if host in ("", "localhost"):
         host = DEFAULT_HOST
+    import ipaddress  # here, not at the top: the CLI modules import DEFAULT_HOST for their option defaults
+
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:

@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from taxiway.listen import DEFAULT_HOST
+
 
 def _ranges(values: tuple[str, ...], flag: str) -> list:
     from taxiway.egress.addresses import Range
@@ -42,7 +44,7 @@ def egress() -> None:
 
 
 @egress.command()
-@click.option("--listen", default="127.0.0.1:4750", show_default=True, metavar="HOST:PORT",
+@click.option("--listen", default=f"{DEFAULT_HOST}:4750", show_default=True, metavar="HOST:PORT",
               help="Address to listen on: HOST:PORT, [IPV6]:PORT or :PORT (loopback).")
 @click.option("--acl", "acl", type=click.Path(dir_okay=False), help="Smokescreen v1 ACL (YAML).")
 @with_ranges

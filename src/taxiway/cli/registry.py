@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from taxiway.listen import DEFAULT_HOST
+
 
 def _root(root: str | None) -> Path:
     if root:
@@ -31,7 +33,7 @@ def registry() -> None:
 
 
 @registry.command()
-@click.option("--listen", default="127.0.0.1:5000", show_default=True, metavar="HOST:PORT",
+@click.option("--listen", default=f"{DEFAULT_HOST}:5000", show_default=True, metavar="HOST:PORT",
               help="Address to listen on: HOST:PORT, [IPV6]:PORT or :PORT (loopback).")
 @root_option
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), help="PEM certificate (with --tls-key).")

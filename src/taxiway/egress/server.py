@@ -39,7 +39,7 @@ from taxiway.egress.metrics import Metrics
 from taxiway.egress.relay import ProtocolTunnel
 from taxiway.egress.resolver import ResolveError, Resolver
 from taxiway.egress.roles import Authenticator, cert_common_name, load_users, parse_basic
-from taxiway.listen import Listen
+from taxiway.listen import DEFAULT_HOST, Listen
 
 READ_SIZE = 256 * 1024
 LOG_TEXT = 500  # at most this much of any client-chosen text in a log line
@@ -50,7 +50,7 @@ T = TypeVar("T")
 class EgressConfig:
     """Everything ``taxiway egress serve`` takes; the platform builds one too."""
 
-    listen: tuple[str, int] = ("127.0.0.1", 4750)
+    listen: tuple[str, int] = (DEFAULT_HOST, 4750)
     acl_path: Path | None = None
     allow_ranges: list[Range] = field(default_factory=list)
     deny_ranges: list[Range] = field(default_factory=list)

@@ -8,11 +8,11 @@ from pathlib import Path
 import orjson
 
 from taxiway.errors import InvalidInput
-from taxiway.listen import Listen, parse_listen
+from taxiway.listen import DEFAULT_HOST, Listen, parse_listen
 from taxiway.registry.storage import MAX_UPLOAD_BYTES, MAX_UPLOAD_SESSIONS, FilesystemStorage
 
 
-def serve(root: Path, listen: str | Listen = "127.0.0.1:5000", *, tls_cert: str | None = None, tls_key: str | None = None,
+def serve(root: Path, listen: str | Listen = f"{DEFAULT_HOST}:5000", *, tls_cert: str | None = None, tls_key: str | None = None,
           auth: bool = True, delete: bool = True, workers: int = 1, realm: str | None = None,
           service: str = "taxiway", max_upload_sessions: int = MAX_UPLOAD_SESSIONS,
           max_upload_bytes: int = MAX_UPLOAD_BYTES) -> None:
