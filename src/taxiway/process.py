@@ -39,15 +39,16 @@ def pid_alive(pid: int | None, started: str | None = None) -> bool:
     """
     if not pid or pid < 0:
         return False
+    others = False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass
+        others = True
     fields = _stat_fields(pid)
-    if fields is None:  # ended between the two looks
-        return False
+    if fields is None:  # ended between the two looks, or another user's under /proc's hidepid: it exists
+        return others and started is None
     if fields[0] in (b"Z", b"X"):  # zombie, or dead and being reaped
         return False
     return started is None or (len(fields) > 19 and fields[19].decode() == started)
