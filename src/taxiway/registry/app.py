@@ -1,8 +1,10 @@
 """The distribution-spec server: a Starlette app of routes behind the authorizer.
 
 Handlers see repository names already rewritten into the caller's org (see
-``auth.py``); they speak the storage interface and never read a blob into
-memory: blobs go out as file responses and come in streamed to disk.
+``auth.py``); they speak the :class:`~taxiway.registry.storage.Storage` interface
+they are given (digests, names and bytes, never paths) and never read a blob
+into memory: with the filesystem driver blobs go out as file responses
+(sendfile) and come in streamed to the upload session's file.
 """
 
 from __future__ import annotations
