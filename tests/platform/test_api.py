@@ -198,6 +198,10 @@ def test_machine_verbs_without_an_agent_answer_503_and_change_nothing(platform_a
                      {"config": {"image": "x", "metadata": {"process_group": "Bad Group"}}}):
             r = c.post("/v1/apps/web/machines", json=body)
             assert r.status_code == 400 and r.json()["error"], body
+        r = c.post("/v1/apps/web/machines", json={"config": {"image": "x:1"}, "region": "../etc"})
+        assert r.status_code == 400 and "region" in r.json()["error"]
+        r = c.post("/v1/apps/web/machines", content=b"{" + b" " * (api.MAX_BODY + 10) + b"}")
+        assert r.status_code == 413 and r.json()["error"]
         assert c.get("/v1/apps/web/machines/zz").status_code == 404
         assert c.post(f"/v1/apps/web/machines/{MID}/exec", json={"command": []}).status_code == 400
 

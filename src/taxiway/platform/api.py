@@ -140,9 +140,13 @@ def _token(request: Request) -> dict[str, Any]:
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    raw = await request.body()
-    if len(raw) > MAX_BODY:
-        raise ApiError(413, f"request body over {MAX_BODY >> 20} MiB", "send less")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # counted as it comes: a huge body is refused, not buffered
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise ApiError(413, f"request body over {MAX_BODY >> 20} MiB", "send less")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip():
         return {}
     try:
@@ -463,6 +467,8 @@ async def create_machine(request: Request) -> Response:
     data = await _body(request)
     config = _validate_config(data.get("config"))
     region = _str(data, "region", schema.DEFAULT_REGION)
+    if not schema.valid_app_name(region):
+        raise ApiError(400, f"invalid region {region!r}", f"use a region name such as {schema.DEFAULT_REGION}")
     group = ((config.get("metadata") or {}).get("process_group")) or schema.DEFAULT_PROCESS
     if not isinstance(group, str) or not schema.valid_process_group(group):
         raise ApiError(400, f"invalid process group {group!r}", "lowercase letters, digits, '_' and '-'")
