@@ -203,11 +203,6 @@ class FilesystemStorage:
                 os.close(fd)  # releases the lock
 
     # -- blobs ---------------------------------------------------------
-    def blob_path(self, digest: str) -> Path | None:
-        algo, hx = _hex(digest)
-        p = self.blobs / algo / hx[:2] / hx
-        return p if p.is_file() else None
-
     def blob_body(self, digest: str) -> BlobBody | None:
         """The blob's file, size and time, or None when it is not stored (or was removed just now)."""
         p = self._blob_target(digest)
