@@ -30,6 +30,13 @@ from taxiway.platform.state import State
 
 pytestmark = pytest.mark.anyio
 
+
+@pytest.fixture(params=[pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+                        pytest.param(("asyncio", {}), id="asyncio")])
+def anyio_backend(request: pytest.FixtureRequest):
+    """uvloop, as the edge runs (python -m taxiway.platform.edge), and asyncio's own loop."""
+    return request.param
+
 # A machine: an HTTP/1.1 server with keep-alive. /hold waits for a gate file, /big streams
 # a chunked body (pausing at a gate after the first chunk), /echo hashes the request body
 # (Content-Length or chunked) and can mark when its first MiB arrived.
