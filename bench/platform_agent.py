@@ -12,6 +12,8 @@ then, each round, is killed with SIGKILL and started again. Timed per round:
   every running machine, writing each STATUS);
 - agent: the reconcile alone, as the agent measures it (``reconcile_seconds``).
 
+Then the agent's CPU use while it only observes the N machines (10 s, from /proc).
+
 Every machine must be adopted (same pid, no restart). Everything is removed at the end.
 """
 
@@ -46,6 +48,17 @@ async def ping(st, timeout: float) -> dict:
             pass
         await asyncio.sleep(0.02)
     raise SystemExit("the agent did not answer in time; see its log")
+
+
+def idle_cpu(pid: int, seconds: float) -> float:
+    """The share of one core process ``pid`` used over ``seconds`` (user + system, from /proc)."""
+    def ticks() -> int:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime
+
+    t0, c0 = time.monotonic(), ticks()
+    time.sleep(seconds)
+    return (ticks() - c0) / os.sysconf("SC_CLK_TCK") / (time.monotonic() - t0)
 
 
 def spawn(url: str, log: Path) -> subprocess.Popen:
@@ -93,12 +106,15 @@ async def bench(n: int, rounds: int, tmp: Path) -> None:
                 assert s["state"] == "started" and s["pid"] == pids[mid] and s["restarts"] == 0, s
             print(f"round {r + 1}: wall {walls[-1] * 1000:.0f} ms, reconcile {inner[-1] * 1000:.0f} ms "
                   f"({n} adopted)", flush=True)
-        print(f"\n| machines | rounds | wall median (min-max) | reconcile median (min-max) | load |")
-        print("|---|---|---|---|---|")
+        cpu = idle_cpu(agent.pid, 10.0)
+        print(f"idle: the agent used {cpu * 100:.1f}% of one core over 10 s observing {n} machines "
+              f"(poll 0.5 s)", flush=True)
+        print("\n| machines | rounds | wall median (min-max) | reconcile median (min-max) | idle CPU | load |")
+        print("|---|---|---|---|---|---|")
         load = os.getloadavg()[0]
         print(f"| {n} | {rounds} | {statistics.median(walls) * 1000:.0f} ms ({min(walls) * 1000:.0f}-"
               f"{max(walls) * 1000:.0f}) | {statistics.median(inner) * 1000:.0f} ms ({min(inner) * 1000:.0f}-"
-              f"{max(inner) * 1000:.0f}) | {load:.1f} |")
+              f"{max(inner) * 1000:.0f}) | {cpu * 100:.1f}% | {load:.1f} |")
         await st.close()
     finally:
         if agent is not None and agent.poll() is None:
