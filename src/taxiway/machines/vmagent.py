@@ -562,98 +562,128 @@ def signal_main(m: Any, sig: int) -> bool:
         s.close()
 
 
+class _ExecClient:
+    """One ``machines exec`` of a micro-VM, on the client side: frames out, the command's output in."""
+
+    def __init__(self, s: socket.socket, argv: list[str], tty: bool, interactive: bool, local_tty: bool):
+        self.s = s
+        rows, cols = _terminal_size() if local_tty else (24, 80)
+        # the request (and EOF without -i) go out with the loop's other writes: the process may be over,
+        # and the hub gone, before we finish sending; what it answered is still ours to read
+        self.out = bytearray(frame(OPEN, 0, json.dumps({"argv": argv, "tty": tty, "rows": rows, "cols": cols,
+                                                        "stdin": interactive}).encode()))
+        if not interactive:
+            self.out += frame(STDIN_EOF, 0)
+        self.stdin_fd: int | None = 0 if interactive else None
+        self.dec = Decoder()
+        self.sending = True
+        self.unacked = 0
+        self.pending: list[int] = []
+        self.code: int | None = None
+        self.error: str | None = None
+
+    def send_signals(self) -> None:
+        while self.pending:
+            sig = self.pending.pop(0)
+            if sig == signal.SIGWINCH:
+                with contextlib.suppress(OSError):
+                    cols, rows = os.get_terminal_size(0)
+                    self.out += frame(RESIZE, 0, struct.pack(">HH", rows, cols))
+            else:
+                self.out += frame(SIGNAL, 0, _i32(sig))
+
+    def read_stdin(self) -> None:
+        data = _read(0)
+        if data:
+            self.unacked += len(data)
+            self.out += frame(STDIN, 0, data)
+        else:
+            self.out += frame(STDIN_EOF, 0)
+            self.stdin_fd = None
+
+    def flush(self) -> None:
+        try:
+            n = self.s.send(self.out)
+            del self.out[:n]
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:  # the hub closed our channel (its process is done): read its last frames
+            self.sending = False
+            self.stdin_fd = None
+            self.out.clear()
+
+    def receive(self) -> bool:
+        """Frames from the hub; False once it closed the connection."""
+        data = _recv(self.s)
+        if data is None:
+            return True
+        if not data:
+            return False
+        for kind, _ch, payload in self.dec.feed(data):
+            if kind == STDOUT:
+                write_all(1, payload)
+            elif kind == STDERR:
+                write_all(2, payload)
+            elif kind == ACK:
+                self.unacked = max(0, self.unacked - _u32(payload))
+            elif kind == ERROR:
+                self.error = guest_text(payload)
+            elif kind == EXIT:
+                c, sig = exit_status(payload)
+                self.code = 128 + sig if sig else c
+        return True
+
+    def serve(self, wake_r: int) -> None:
+        """Until the command's exit status arrives (or the hub goes away)."""
+        s = self.s
+        s.setblocking(False)
+        while self.code is None:
+            self.send_signals()
+            rl: list[Any] = [s, wake_r]
+            if self.stdin_fd is not None and self.unacked < WINDOW:
+                rl.append(self.stdin_fd)
+            try:
+                r, w, _ = select.select(rl, [s] if self.out and self.sending else [], [])
+            except InterruptedError:
+                continue
+            if wake_r in r:  # a signal: its handler queued it
+                with contextlib.suppress(OSError):
+                    os.read(wake_r, 512)
+            if self.stdin_fd is not None and self.stdin_fd in r:
+                self.read_stdin()
+            if s in w:
+                self.flush()
+            if s in r and not self.receive():
+                return
+
+
+def _terminal_size() -> tuple[int, int]:
+    """(rows, cols) of our terminal, 24x80 if it has none."""
+    try:
+        cols, rows = os.get_terminal_size(0)
+    except OSError:
+        return 24, 80
+    return rows, cols
+
+
 def exec_client(m: Any, argv: list[str], tty: bool = False, interactive: bool = False) -> int:
     """Run ``argv`` in a running micro-VM through its agent; returns the exit code."""
     s = _exec_socket(m)
     local_tty = tty and os.isatty(0)
-    rows, cols = 24, 80
-    if local_tty:
-        with contextlib.suppress(OSError):
-            cols, rows = os.get_terminal_size(0)
-    stdin = interactive
-    # the request (and EOF without -i) go out with the loop's other writes: the process may be over,
-    # and the hub gone, before we finish sending; what it answered is still ours to read
-    out = bytearray(frame(OPEN, 0, json.dumps({"argv": argv, "tty": tty, "rows": rows, "cols": cols,
-                                               "stdin": stdin}).encode()))
-    if not stdin:
-        out += frame(STDIN_EOF, 0)
-    dec = Decoder()
-    sending = True
-    unacked = 0
-    pending: list[int] = []
-    code: int | None = None
-    error: str | None = None
+    client = _ExecClient(s, argv, tty, interactive, local_tty)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     # with a terminal in the guest, Ctrl-C is a byte on stdin (raw mode): only resizes are signals here
     handled = (signal.SIGWINCH,) if local_tty else (*FORWARDED, signal.SIGQUIT)
-    stdin_fd: int | None = 0 if stdin else None
     try:
-        with handling(lambda n, _f: pending.append(n), handled), raw_terminal(0, local_tty):
-            s.setblocking(False)
-            while code is None:
-                while pending:
-                    sig = pending.pop(0)
-                    if sig == signal.SIGWINCH:
-                        with contextlib.suppress(OSError):
-                            cols, rows = os.get_terminal_size(0)
-                            out += frame(RESIZE, 0, struct.pack(">HH", rows, cols))
-                    else:
-                        out += frame(SIGNAL, 0, _i32(sig))
-                rl: list[Any] = [s, wake_r]
-                if stdin_fd is not None and unacked < WINDOW:
-                    rl.append(stdin_fd)
-                try:
-                    r, w, _ = select.select(rl, [s] if out and sending else [], [])
-                except InterruptedError:
-                    continue
-                if wake_r in r:
-                    with contextlib.suppress(OSError):
-                        os.read(wake_r, 512)
-                if stdin_fd is not None and stdin_fd in r:
-                    try:
-                        data = os.read(stdin_fd, 65536)
-                    except OSError:
-                        data = b""
-                    if data:
-                        unacked += len(data)
-                        out += frame(STDIN, 0, data)
-                    else:
-                        out += frame(STDIN_EOF, 0)
-                        stdin_fd = None
-                if s in w:
-                    try:
-                        n = s.send(out)
-                        del out[:n]
-                    except (BlockingIOError, InterruptedError):
-                        pass
-                    except OSError:  # the hub closed our channel (its process is done): read its last frames
-                        sending = False
-                        stdin_fd = None
-                        out.clear()
-                if s in r:
-                    data = _recv(s)
-                    if data is None:
-                        continue
-                    if not data:
-                        break
-                    for kind, _ch, payload in dec.feed(data):
-                        if kind == STDOUT:
-                            write_all(1, payload)
-                        elif kind == STDERR:
-                            write_all(2, payload)
-                        elif kind == ACK:
-                            unacked = max(0, unacked - _u32(payload))
-                        elif kind == ERROR:
-                            error = guest_text(payload)
-                        elif kind == EXIT:
-                            c, sig = exit_status(payload)
-                            code = 128 + sig if sig else c
+        with handling(lambda n, _f: client.pending.append(n), handled), raw_terminal(0, local_tty):
+            client.serve(wake_r)
     finally:
         signal.set_wakeup_fd(old_wakeup)
         os.close(wake_r)
         os.close(wake_w)
         s.close()
+    code, error = client.code, client.error
     if error and (code is None or code in (127, 255)):
         raise TaxiwayError(error if error != "the machine stopped" else f"micro-VM {m.name} stopped during exec",
                            "check the command and the machine's image")
