@@ -65,19 +65,10 @@ def _write_json(path: Path, data: dict[str, Any], mode: int = 0o644) -> None:
         f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+def _alive(pid: int | None, started: str | None = None) -> bool:
+    from taxiway.process import pid_alive
+
+    return pid_alive(pid, started)
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -394,12 +385,16 @@ class Supervisor:
             c = self.child(name)
             return f"{scheme}://127.0.0.1:{c.port}" if c and c.port else None
 
+        from taxiway.process import start_time
+
         npid = self.nats.proc.pid if self.nats and self.nats.proc else None
         comps = {"nats": {"pid": npid, "port": self.nats.port if self.nats else None,
-                          "argv": _cmdline(npid) if npid else []}}
+                          "argv": _cmdline(npid) if npid else [], "started": start_time(npid) if npid else None}}
         for c in self.children:
-            comps[c.name] = {"pid": c.proc.pid if c.proc else None, "port": c.port, "restarts": c.restarts,
-                             "argv": c.argv}
+            pid = c.proc.pid if c.proc else None
+            # start time and argv beside each pid: a reused pid is never taken for our child
+            comps[c.name] = {"pid": pid, "port": c.port, "restarts": c.restarts, "argv": c.argv,
+                             "started": start_time(pid) if pid else None}
         data = {"pid": os.getpid(), "nats": self.nats.url if self.nats else None, "api": url("api"),
                 "edge": url("edge"), "registry": f"127.0.0.1:{self.child('registry').port}"
                 if self.child("registry") else None, "egress": url("egress"), "started_at": self.started_at,
@@ -471,7 +466,7 @@ def clean_stale() -> list[str]:
     for name, comp in (up.get("components") or {}).items():
         pid = comp.get("pid")
         argv = comp.get("argv") or []
-        if not _alive(pid):
+        if not _alive(pid, comp.get("started")):
             continue
         if not argv or _cmdline(pid)[:len(argv)] != argv:
             continue  # the pid was reused by something else: never touch it
