@@ -67,6 +67,24 @@ def test_machine_config(tmp_path):
     machines.MachineConfig.from_json(cfg)  # the runtime takes it as it is
 
 
+def test_record_persists_what_it_caches(tmp_path):
+    from taxiway.platform.agent import Record
+
+    r = Record(tmp_path / "a" / "agent.sqlite")
+    r.put({"id": "m1", "app": "web", "region": "local", "ports": {8080: 40000}})
+    r.put({"id": "m2", "app": "web", "region": "local"})
+    r.set("m1", local_id="L1", log_offset=12, ports={8080: 40001, 9000: 40002})
+    r.delete("m2")
+    cached = r.all()
+    r.close()
+    again = Record(tmp_path / "a" / "agent.sqlite")
+    assert again.all() == cached
+    row = again.get("m1")
+    assert (row["local_id"], row["log_offset"], row["ports"], row["restarts"]) == ("L1", 12, {8080: 40001, 9000: 40002}, 0)
+    assert again.get("m2") is None
+    again.close()
+
+
 def test_log_following_survives_rotation_and_partial_lines(tmp_path):
     """What the agent ships is read from (inode, offset): a rotation (log -> log.1) loses nothing,
     and a line still being written waits for its newline."""

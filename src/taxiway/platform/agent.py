@@ -131,7 +131,11 @@ _COLUMNS = ("id", "app", "region", "local_id", "instance_id", "ports", "restarts
 
 
 class Record:
-    """The agent's own record of its machines (one row each); used from the event loop's thread only."""
+    """The agent's own record of its machines (one row each); used from the event loop's thread only.
+
+    SQLite is the durable copy; reads come from a dict kept in step with every write, since
+    the agent looks at every row on every observation.
+    """
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -143,6 +147,8 @@ class Record:
             ports TEXT NOT NULL DEFAULT '{}', restarts INTEGER NOT NULL DEFAULT 0,
             acted_rev INTEGER NOT NULL DEFAULT 0, log_inode INTEGER, log_offset INTEGER NOT NULL DEFAULT 0,
             events_offset INTEGER NOT NULL DEFAULT 0, created_at REAL, updated_at REAL)""")
+        self.rows = {r["id"]: r for r in (self._row(t) for t in
+                                          self.db.execute(f"SELECT {','.join(_COLUMNS)} FROM machines"))}
 
     def _row(self, r: tuple) -> dict[str, Any]:
         d = dict(zip(_COLUMNS, r, strict=True))
@@ -150,11 +156,11 @@ class Record:
         return d
 
     def all(self) -> list[dict[str, Any]]:
-        return [self._row(r) for r in self.db.execute(f"SELECT {','.join(_COLUMNS)} FROM machines ORDER BY id")]
+        return [dict(self.rows[k]) for k in sorted(self.rows)]
 
     def get(self, mid: str) -> dict[str, Any] | None:
-        r = self.db.execute(f"SELECT {','.join(_COLUMNS)} FROM machines WHERE id=?", (mid,)).fetchone()
-        return self._row(r) if r else None
+        r = self.rows.get(mid)
+        return dict(r) if r is not None else None
 
     def put(self, row: dict[str, Any]) -> None:
         row = dict(row, updated_at=time.time())
@@ -166,15 +172,21 @@ class Record:
             vals[i] = default if vals[i] is None else vals[i]
         self.db.execute(f"INSERT OR REPLACE INTO machines ({','.join(_COLUMNS)}) VALUES "
                         f"({','.join('?' * len(_COLUMNS))})", vals)
+        self.rows[row["id"]] = self._row(tuple(vals))
 
     def set(self, mid: str, **fields: Any) -> None:
-        if "ports" in fields:
-            fields["ports"] = json.dumps({str(k): v for k, v in fields["ports"].items()})
-        sets = ",".join(f"{k}=?" for k in fields)
-        self.db.execute(f"UPDATE machines SET {sets}, updated_at=? WHERE id=?", (*fields.values(), time.time(), mid))
+        now = time.time()
+        db = dict(fields)
+        if "ports" in db:
+            db["ports"] = json.dumps({str(k): v for k, v in db["ports"].items()})
+        sets = ",".join(f"{k}=?" for k in db)
+        self.db.execute(f"UPDATE machines SET {sets}, updated_at=? WHERE id=?", (*db.values(), now, mid))
+        if mid in self.rows:
+            self.rows[mid] = {**self.rows[mid], **fields, "updated_at": now}
 
     def delete(self, mid: str) -> None:
         self.db.execute("DELETE FROM machines WHERE id=?", (mid,))
+        self.rows.pop(mid, None)
 
     def close(self) -> None:
         self.db.close()
