@@ -8,6 +8,8 @@ validation, compare-and-set and the 503 a machine verb gets when no agent answer
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import sys
@@ -386,3 +388,38 @@ def test_client_turns_api_errors_into_one_line(platform_api, platform_home, monk
         assert c.logs("web") == []
     with Client(f"http://127.0.0.1:{free_port()}", "tw_x") as c, pytest.raises(ClientError, match="cannot reach"):
         c.apps()
+
+
+def test_logs_follow_survives_a_nats_server_restart(platform_api, nats_server):
+    """logs?follow=1 keeps streaming after nats-server restarts (the lines are published as the agent does)."""
+    async def publish(line: str) -> None:
+        st = await State.connect(nats_server.url)
+        try:
+            await st.publish(schema.logs_subject("web", "local", MID), {"line": line, "machine": MID})
+        finally:
+            await st.close()
+
+    run(publish("before"))
+    stop = threading.Event()
+    with platform_api.client() as c, c.stream("GET", "/v1/apps/web/logs", params={"follow": "1"},
+                                              timeout=httpx.Timeout(10, read=120)) as s:
+        lines = s.iter_lines()
+        assert json.loads(next(lines))["line"] == "before"
+        nats_server.stop()
+        nats_server.start()
+
+        def ticks():  # until the reader sees one: the API resubscribes at its own pace after reconnecting
+            n = 0
+            while not stop.is_set():
+                with contextlib.suppress(Exception):
+                    run(publish(f"tick {n}"))
+                n += 1
+                stop.wait(0.3)
+
+        t = threading.Thread(target=ticks)
+        t.start()
+        try:
+            assert json.loads(next(lines))["line"].startswith("tick ")
+        finally:
+            stop.set()
+            t.join()

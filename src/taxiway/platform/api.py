@@ -958,11 +958,47 @@ async def app_logs(request: Request) -> Response:
         lines = await st.fetch_stream(subject, limit=limit)
         return Response("".join(json.dumps(x) + "\n" for x in lines), media_type="application/x-ndjson")
 
+    reconnects: Reconnects = request.app.state.reconnects
+
     async def stream() -> AsyncIterator[bytes]:
-        async for x in st.subscribe_stream(subject):
-            yield (json.dumps(x) + "\n").encode()
+        # A restarted nats-server forgets the consumer and the subscription goes silent without an
+        # error (State.on_reconnect), so a reconnect starts a new one. It takes only new lines: the
+        # few published while NATS was away may be missed, never repeated.
+        new_only = False
+        while True:
+            lines = st.subscribe_stream(subject, deliver_new=new_only).__aiter__()
+            gone = asyncio.ensure_future(reconnects.next())
+            nxt: asyncio.Future | None = None
+            try:
+                while True:
+                    nxt = asyncio.ensure_future(lines.__anext__())
+                    done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+                    if nxt not in done:
+                        break
+                    yield (json.dumps(nxt.result()) + "\n").encode()
+            finally:
+                for f in (gone, nxt):
+                    if f is not None and not f.done():
+                        f.cancel()
+                with contextlib.suppress(Exception):
+                    await lines.aclose()
+            new_only = True
 
     return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+
+class Reconnects:
+    """Wakes every waiter when the API's NATS connection is made again (see State.on_reconnect)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def fire(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def next(self) -> None:
+        await self._event.wait()
 
 
 # -- registry credentials ---------------------------------------------------------------------------------
@@ -1097,6 +1133,9 @@ def create_app(config: ApiConfig, st: State | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         own = st is None
         app.state.st = st or await State.connect(config.nats, name="taxiway-api")
+        app.state.reconnects = Reconnects()
+        if hasattr(app.state.st, "on_reconnect"):
+            app.state.st.on_reconnect(app.state.reconnects.fire)
         deploy = _deploy_module()
         resume = getattr(deploy, "resume", None) if deploy else None
         task = None
