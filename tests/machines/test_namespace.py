@@ -374,6 +374,24 @@ def test_a_regular_file_at_dev_null_is_never_read(busybox, taxiway_home, tmp_pat
     assert fake.read_text() == "old text written to a fake /dev/null\n"  # and nothing was written to it
 
 
+def test_run_pulls_a_missing_image_once_then_uses_the_store(registry, taxiway_home, tmp_path):
+    """An image the store lacks is pulled (from a real docker-registry on loopback) and run; later runs
+    take it from the store; a name the registry lacks is one line, and nothing is left behind."""
+    from helpers.layout import busybox_entries, make_layer, skopeo_push, write_layout
+
+    write_layout(tmp_path / "layout", [make_layer(busybox_entries())], "t", config={"Cmd": ["echo", "from cmd"]})
+    ref = f"{registry.address}/machines-pull/busybox:1"
+    skopeo_push(tmp_path / "layout", "t", ref)
+    r = tw("run", "--rm", ref)
+    assert r.returncode == 0 and out(r) == "from cmd\n", r.stderr
+    assert ref.split("/", 1)[1] in out(tw("images"))
+    r = tw("run", "--rm", ref, "echo", "again")
+    assert r.returncode == 0 and out(r) == "again\n", r.stderr
+    r = tw("run", "--rm", f"{registry.address}/machines-pull/missing:1", "true")
+    assert r.returncode != 0 and r.stderr.startswith(b"error: ") and r.stderr.count(b"\n") == 1, r.stderr
+    assert host_state(taxiway_home)["machines"] == []
+
+
 def test_dev_holds_what_the_readme_lists(busybox, taxiway_home):
     """/dev without -t: Docker's nodes and no console (Docker gives /dev/console only with a tty;
     with -t it is the machine's pty, see test_interactive_stdin_and_tty)."""

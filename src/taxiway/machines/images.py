@@ -1,7 +1,7 @@
-"""How images reach machines: through the store's API (:func:`taxiway.oci.pull.ensure_image`), remembered.
+"""How images reach machines: through the store's API (``Store.image``, and
+:func:`taxiway.oci.pull.ensure_image` to pull what it lacks), remembered.
 
-``ensure_image`` gives the store's image for a reference, pulling it first if
-the store lacks it. Importing the store costs a warm ``taxiway run`` ~45 ms
+Importing the store costs a warm ``taxiway run`` ~45 ms
 (``taxiway.oci.store`` pulls in dataclasses, hashlib, tempfile and typing:
 47-75 ms by ``python -X importtime``, against ~21 ms for the whole runtime), and
 ``ensure_image``'s module more (httpx). So the store's answer for a reference
@@ -9,8 +9,10 @@ the store lacks it. Importing the store costs a warm ``taxiway run`` ~45 ms
 valid only while the store's ``index.json`` is the same file (same inode, size
 and mtime: every pull, tag or removal replaces it by a rename). A remembered
 image opens the store only if its layers are needed (a snapshot is missing).
-Measured in bench/RESULTS.md (Machines, issue 15): without the memo a warm run
-takes ~50 ms more, which misses the <= 0.25x podman target.
+Measured (bench/RESULTS.md, Machines, issue 15): without the memo a warm run
+takes ~60 ms more wall time and ~48 ms more CPU (103 -> 162 ms median), which
+on an idle host is the difference between ~0.17x and ~0.27x of podman (target
+<= 0.25x).
 """
 
 from __future__ import annotations
@@ -43,9 +45,7 @@ class RememberedImage:
 
     def _stored(self) -> Any:
         if self._image is None:
-            from taxiway.oci.pull import ensure_image
-
-            self._image = ensure_image(self.ref)
+            self._image = from_store(self.ref)
         return self._image
 
     def layers(self) -> list[Any]:
@@ -84,11 +84,28 @@ def get_image(ref: str, progress: Any = None) -> Any:
         if ident is not None and memo["index"] == ident and ref in memo["refs"]:
             hit = memo["refs"][ref]
             return RememberedImage(ref, hit["digest"], hit["config"])
-    from taxiway.oci.pull import ensure_image
-
-    image = ensure_image(ref, progress=progress)
+    image = from_store(ref, progress)
     _remember(ref, image)
     return image
+
+
+def from_store(ref: str, progress: Any = None) -> Any:
+    """The store's image for ``ref``, pulled first (``oci.pull.ensure_image``) only if the store lacks it.
+
+    ``Store.image`` first: the module of ``ensure_image`` imports the registry client (httpx,
+    ~100 ms more of a start) even when nothing is pulled; a cold run (layers to unpack) and the
+    first run after a pull would pay it (measured: bench/RESULTS.md, Machines, issue 15).
+    """
+    from taxiway.errors import NotFound
+    from taxiway.oci.store import Store
+
+    store = Store()
+    try:
+        return store.image(ref)
+    except NotFound:
+        from taxiway.oci.pull import ensure_image
+
+        return ensure_image(ref, store=store, progress=progress)
 
 
 def _remember(ref: str, image: Any) -> None:
