@@ -633,8 +633,10 @@ class Lifecycle:
                     result = self.export([bp for bp, _ in group], processes)
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
-                    if self.layers.is_dir():
-                        self._prune_links()  # the steps are gone: nothing can plant another one
+                    # The steps are gone: nothing can plant another link. A failure here must not hide
+                    # the build's own error; the next build's prepare sweeps again (and says why it cannot).
+                    with contextlib.suppress(OSError, InvalidInput):
+                        self._prune_links()
         return result
 
 
