@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -423,3 +424,30 @@ def test_logs_follow_survives_a_nats_server_restart(platform_api, nats_server):
         finally:
             stop.set()
             t.join()
+
+
+def test_wait_survives_a_nats_server_restart(platform_api, nats_server):
+    _put_machine(platform_api.nats, status={"id": MID, "app": "web", "state": "starting"})
+    got = {}
+
+    def waiter():
+        with platform_api.client() as c:
+            got["r"] = c.get(f"/v1/apps/web/machines/{MID}/wait", params={"state": "started", "timeout": 120},
+                             timeout=150)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    nats_server.stop()
+    nats_server.start()
+
+    async def started():  # what the agent writes once the machine is up, after NATS came back
+        st = await State.connect(nats_server.url)
+        try:
+            await st.put(schema.STATUS, schema.machine_key("web", MID), {"id": MID, "app": "web", "state": "started"})
+        finally:
+            await st.close()
+
+    time.sleep(1)  # let the API reconnect and watch again (a write before that is seen as the initial value)
+    run(started())
+    t.join()
+    assert got["r"].status_code == 200, got["r"].text

@@ -661,14 +661,15 @@ async def wait_machine(request: Request) -> Response:
             return want == "destroyed"
         return value.get("state") == want and (not instance or value.get("instance_id") == instance)
 
+    st, reconnects = _st(request), request.app.state.reconnects
     try:
         async with asyncio.timeout(timeout):
-            now = await _status(_st(request), rec["app"], rec["id"])
-            if now is not None and reached(now):
-                return _json({"ok": True, "state": want})
-            async for _, value, _ in _st(request).watch(schema.STATUS, key, initial=False):
-                if reached(value):
-                    return _json({"ok": True, "state": want})
+            while True:  # the current value first (initial), then changes; a new watch after a reconnect
+                async for _, value, _ in _until_reconnect(st.watch(schema.STATUS, key, initial=True), reconnects):
+                    if value is not None and reached(value):
+                        return _json({"ok": True, "state": want})
+                    if value is None and want == "destroyed":  # deleted while we watched
+                        return _json({"ok": True, "state": want})
     except TimeoutError:
         pass
     got = await _status(_st(request), rec["app"], rec["id"])
@@ -961,30 +962,42 @@ async def app_logs(request: Request) -> Response:
     reconnects: Reconnects = request.app.state.reconnects
 
     async def stream() -> AsyncIterator[bytes]:
-        # A restarted nats-server forgets the consumer and the subscription goes silent without an
-        # error (State.on_reconnect), so a reconnect starts a new one. It takes only new lines: the
-        # few published while NATS was away may be missed, never repeated.
+        # After a reconnect only new lines: the few published while NATS was away may be missed, never repeated.
         new_only = False
         while True:
-            lines = st.subscribe_stream(subject, deliver_new=new_only).__aiter__()
-            gone = asyncio.ensure_future(reconnects.next())
-            nxt: asyncio.Future | None = None
-            try:
-                while True:
-                    nxt = asyncio.ensure_future(lines.__anext__())
-                    done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
-                    if nxt not in done:
-                        break
-                    yield (json.dumps(nxt.result()) + "\n").encode()
-            finally:
-                for f in (gone, nxt):
-                    if f is not None and not f.done():
-                        f.cancel()
-                with contextlib.suppress(Exception):
-                    await lines.aclose()
+            async for x in _until_reconnect(st.subscribe_stream(subject, deliver_new=new_only), reconnects):
+                yield (json.dumps(x) + "\n").encode()
             new_only = True
 
     return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+
+async def _until_reconnect(it: AsyncIterator[Any], reconnects: Reconnects) -> AsyncIterator[Any]:
+    """The items of a watch or stream subscription until the NATS connection is made again.
+
+    A restarted nats-server forgets the consumer behind it, which then goes silent without an
+    error (State.on_reconnect): the caller starts a new one when this ends.
+    """
+    it = it.__aiter__()
+    gone = asyncio.ensure_future(reconnects.next())
+    nxt: asyncio.Future | None = None
+    try:
+        while True:
+            nxt = asyncio.ensure_future(it.__anext__())
+            done, _ = await asyncio.wait({nxt, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if nxt not in done:
+                return
+            try:
+                item = nxt.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        for f in (gone, nxt):
+            if f is not None and not f.done():
+                f.cancel()
+        with contextlib.suppress(Exception):
+            await it.aclose()
 
 
 class Reconnects:
