@@ -475,9 +475,10 @@ class Agent:
         async with self.creating:
             try:
                 local_id = await asyncio.to_thread(_create_local, f"tw-{mid}", cfg)
-            except TaxiwayError as e:
-                await self._write_status(row, {"state": "failed", "error": e.message})
-                await self._event(app, mid, "failed", row=row, error=e.message)
+            except Exception as e:
+                what = e.message if isinstance(e, TaxiwayError) else f"{type(e).__name__}: {e}"
+                await self._write_status(row, {"state": "failed", "error": what})
+                await self._event(app, mid, "failed", row=row, error=what)
                 raise
         row["local_id"] = local_id
         self.rec.set(mid, local_id=local_id)
@@ -531,16 +532,16 @@ class Agent:
     async def _observe_loop(self) -> None:
         while True:
             await asyncio.sleep(self.poll)
-            for row in self.rec.all():
-                lock = self._lock(row["id"])
+            for mid in [r["id"] for r in self.rec.all()]:
+                lock = self._lock(mid)
                 if lock.locked():
                     continue  # a command is working on it; it observes when done
                 try:
                     async with lock:
-                        if (row := self.rec.get(row["id"])) is not None:
+                        if (row := self.rec.get(mid)) is not None:  # not destroyed meanwhile
                             await self.observe(row)
                 except Exception:  # one machine's trouble must not stop the others' reports
-                    log.exception("observing %s", row["id"])
+                    log.exception("observing %s", mid)
 
     async def observe(self, row: dict[str, Any]) -> None:
         """Report one machine: its events, its log lines, its STATUS; start or stop its checks."""
