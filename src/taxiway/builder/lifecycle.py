@@ -12,9 +12,10 @@ Phases follow the CNB platform and buildpack specs:
   variables and the positional arguments of older buildpack APIs.
 - export: the run image's layers, then each launch layer (least changing
   first, in group order), then the app at ``/workspace``. Unchanged layers are
-  not even re-tarred: a layer whose tree fingerprint matches the previous
-  export reuses its blob. The image is tagged only once every blob is stored,
-  so a failed build exports nothing.
+  not even re-tarred: a layer whose content fingerprint (``layer.fingerprint``:
+  every file's bytes, reread only when its stat key changed) matches the
+  previous export reuses its blob. The image is tagged only once every blob is
+  stored, so a failed build exports nothing; ``--timeout`` holds up to the tag.
 """
 
 from __future__ import annotations
