@@ -603,9 +603,9 @@ def ingest_temps(builder) -> list[str]:
 def test_timeout_covers_the_export_and_leaves_nothing_half_written(builder, tmp_path):
     """--timeout held for the steps only: writing the image after the build machine exited ran on."""
     p = builder("build", str(app(tmp_path)), "-t", "evil/slowexport:1", "-b", str(big_layer_buildpack(tmp_path)),
-                "-b", "procfile", "--timeout", "20", check=False, timeout=300)
+                "-b", "procfile", "--timeout", "30", check=False, timeout=300)
     line = error_line(p)
-    assert "ran longer than 20s" in line and "while exporting" in line and "nothing was tagged" in line
+    assert "ran longer than 30s" in line and "while exporting" in line and "nothing was tagged" in line
     assert len(p.stderr.decode().strip().splitlines()) < 20
     assert_not_exported(builder, "evil/slowexport:1")
     assert ingest_temps(builder) == []
