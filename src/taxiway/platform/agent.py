@@ -352,6 +352,8 @@ class Agent:
         self.started_at = time.time()
         self.subs: list[Any] = []
         self.pending: set[asyncio.Task] = set()
+        self.reconnects = 0  # counted by State.on_reconnect: the watch is made again after each
+        state.on_reconnect(self._count_reconnect)
         self.tasks: list[asyncio.Task] = []
         self.ops = asyncio.Semaphore(4)  # concurrent starts: the host has few cores
         # one create at a time: snapshot preparation is safe across processes, not across threads of one
@@ -365,8 +367,9 @@ class Agent:
 
         try:
             for verb in schema.AGENT_VERBS:
+                # concurrent: a slow create or stop must not hold back the requests behind it
                 self.subs.append(await self.st.serve(schema.agent_subject(self.host, verb),
-                                                     getattr(self, f"on_{verb}")))
+                                                     getattr(self, f"on_{verb}"), concurrent=True))
             async with asyncio.TaskGroup() as tg:
                 # the watch first: a change made while the start-up reconcile reads the bucket is not missed
                 self.tasks = [tg.create_task(self._watch())]
@@ -385,6 +388,9 @@ class Agent:
             for _, t in self.check_tasks.values():
                 t.cancel()
             self.rec.close()
+
+    def _count_reconnect(self) -> None:
+        self.reconnects += 1
 
     def _lock(self, mid: str) -> asyncio.Lock:
         return self.locks.setdefault(mid, asyncio.Lock())
@@ -788,8 +794,8 @@ class Agent:
 
     async def _watch(self) -> None:
         """Act on MACHINES changes. After a reconnect (nats-server restarted) the watch is made
-        again at once, with a full reconcile, so no change made meanwhile is missed (nats-py's
-        ordered consumer would only notice its gap after several missed heartbeats)."""
+        again at once, with a full reconcile, so no change made meanwhile is missed (a restarted
+        server forgets the watch's consumer: see State.on_reconnect)."""
         first = True
         while True:
             seen = self._reconnects()
@@ -810,7 +816,7 @@ class Agent:
             await asyncio.sleep(0.5)  # never a busy loop while NATS is away
 
     def _reconnects(self) -> int:
-        return int(getattr(self.st.nc, "stats", {}).get("reconnects", 0))
+        return self.reconnects
 
     async def _watch_once(self, catch_up: bool) -> None:
         from taxiway.platform import schema
