@@ -439,3 +439,27 @@ async def test_create_pulls_a_missing_image_from_the_registry(state, agent, regi
     from taxiway.oci.store import Store
 
     Store().image(ref)  # now in the local store
+
+
+async def test_new_instance_recreates_keeping_volume_and_port(state, agent, image, platform_home):
+    """A new instance_id (a deploy, a secrets change) recreates the machine with the new config:
+    same platform id and host port, a new process, the volume's files kept."""
+    agent()
+    await until(lambda: ping(state), what="the agent")
+    app, mid = "vol", schema.new_machine_id()
+    cfg = web_config(image, mounts=[{"volume": "vol_0123456789abcdef", "path": "/data"}])
+    await put(state, record(app, mid, cfg))
+    st = (await cmd(state, "create", app, mid))["status"]
+    r = await cmd(state, "exec", app, mid, cmd=["sh", "-c", "echo kept > /data/f"])
+    assert r["exit_code"] == 0, r
+    assert (platform_home / "platform/volumes/vol/vol_0123456789abcdef/f").read_text() == "kept\n"
+
+    await put(state, record(app, mid, web_config(image, env={"V": "2"}, mounts=cfg["mounts"]), instance="i2"))
+    new = (await cmd(state, "restart", app, mid, update=True))["status"]
+    assert new["instance_id"] == "i2" and new["state"] == "started"
+    assert new["pid"] != st["pid"] and new["local_id"] != st["local_id"]
+    assert new["ports"] == st["ports"]
+    r = await cmd(state, "exec", app, mid, cmd=["sh", "-c", 'cat /data/f; echo "$V"'])
+    assert r["stdout"] == "kept\n2\n"
+    evs = [e["type"] for e in await state.fetch_stream(schema.events_subject(app, mid))]
+    assert "update" in evs
