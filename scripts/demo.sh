@@ -4,8 +4,12 @@
 # Start taxiway's own multi-tenant registry on loopback (free port) with an org
 # and a push token, push a small real busybox-static image to it with skopeo,
 # then pull, list, inspect, export, scan, push and run it with taxiway. The
-# registry is stopped at the end. Everything lives in a throwaway
-# $TAXIWAY_HOME, so the demo never touches your store.
+# registry is stopped at the end. Then the platform: `taxiway up -d`, `launch`
+# of examples/static (built offline by the builder), a request through the
+# edge, a one-line change deployed under a request loop (0 failed requests),
+# status, releases, logs, and `taxiway down`. Everything lives in a throwaway
+# $TAXIWAY_HOME, so the demo never touches your store, and nothing of it keeps
+# running: the platform is stopped and the demo's machines are destroyed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -14,9 +18,16 @@ PY="$REPO/.venv/bin/python"
 
 DEMO=$(mktemp -d "${TMPDIR:-/tmp}/taxiway-demo.XXXXXX")
 export TAXIWAY_HOME="$DEMO/home" TAXIWAY_CONFIG="$DEMO/config"
-REG_PID=""
+REG_PID="" LOOP_PID="" UP=""
 cleanup() {
+  if [ -n "$LOOP_PID" ]; then kill "$LOOP_PID" 2>/dev/null || true; wait "$LOOP_PID" 2>/dev/null || true; fi
   if [ -n "$REG_PID" ]; then kill "$REG_PID" 2>/dev/null || true; wait "$REG_PID" 2>/dev/null || true; fi
+  if [ -n "$UP" ]; then
+    # The platform never stops machines on `down`: stop it, then destroy what the demo's home still runs.
+    taxiway down >/dev/null 2>&1 || true
+    "$PY" -c 'from taxiway import machines
+for m in machines.all_machines(): machines.destroy(m, force=True)' 2>/dev/null || true
+  fi
   rm -rf "$DEMO"
 }
 trap cleanup EXIT
@@ -83,5 +94,61 @@ VM=$(taxiway run -d --isolation vm "$IMAGE" sleep 600 2>/dev/null)
 taxiway machines exec "$VM" sh -c 'echo "machines exec into the micro-VM: kernel $(uname -r), PID 1 is $(cat /proc/1/comm)"'
 taxiway machines rm -f "$VM" >/dev/null
 
+step "The platform: taxiway up -d (nats-server with JetStream, API, host agent, registry, edge, egress, CA)"
+UP=1
+taxiway up -d
+taxiway platform status
+
+step "taxiway launch: detect examples/static, write taxiway.toml, build offline, push, first deploy"
+cp -r examples/static "$DEMO/site"
+cd "$DEMO/site"
+taxiway launch --name site
+echo "\$ cat taxiway.toml (excerpt)"
+sed -n '1,3p;/^\[http_service\]/,/^internal_port/p' taxiway.toml
+URL=$(taxiway open)
+EDGE_PORT=${URL##*:}; EDGE_PORT=${EDGE_PORT%/}
+
+step "curl $URL (through the edge: Host site.localhost routes to the app's machines)"
+curl -sS --fail "$URL" | grep -o '<h1>.*</h1>'
+
+step "A one-line change, then taxiway deploy (rolling) while a request loop runs"
+sed -i 's/hello from a static site/hello again from a static site/' public/index.html
+echo "\$ grep h1 public/index.html"; grep -o '<h1>.*</h1>' public/index.html
+# One request after another through the edge for as long as the deploy runs; every answer counted.
+: >"$DEMO/loop.ok"; : >"$DEMO/loop.failed"
+( while [ ! -e "$DEMO/loop.stop" ]; do
+    if curl -sS --fail -o /dev/null --max-time 10 "$URL" 2>>"$DEMO/loop.err"; then echo >>"$DEMO/loop.ok"; else echo >>"$DEMO/loop.failed"; fi
+  done ) &
+LOOP_PID=$!
+for _ in $(seq 100); do [ -s "$DEMO/loop.ok" ] && break; sleep 0.1; done
+START=$(date +%s%N)
+taxiway deploy
+END=$(date +%s%N)
+touch "$DEMO/loop.stop"; wait "$LOOP_PID"; LOOP_PID=""
+OK=$(wc -l <"$DEMO/loop.ok"); FAILED=$(wc -l <"$DEMO/loop.failed")
+MS=$(( (END - START) / 1000000 ))
+printf 'deploy took %d.%d s (build, push, the new machine healthy, the old one drained and stopped)\n' $((MS / 1000)) $((MS % 1000 / 100))
+echo "requests during the deploy: $((OK + FAILED)), failed: $FAILED"
+if [ "$FAILED" -ne 0 ]; then echo "a zero-downtime deploy must not fail requests:"; head -5 "$DEMO/loop.err"; exit 1; fi
+curl -sS --fail "$URL" | grep -o '<h1>.*</h1>'
+
+step "taxiway status"
+taxiway status
+
+step "taxiway releases"
+taxiway releases
+
+step "taxiway logs (the newest lines)"
+taxiway logs | tail -n 4
+
+step "taxiway apps destroy site; taxiway down"
+cd "$REPO"
+taxiway apps destroy site -y
+taxiway down
+UP=""
+LEFT=$(taxiway machines ls --json | "$PY" -c 'import json,sys; print(len(json.load(sys.stdin)))')
+echo "machines left in the demo's home: $LEFT"
+[ "$LEFT" -eq 0 ]
+
 step "Done"
-echo "registry stopped, demo state removed ($DEMO)"
+echo "registry and platform stopped, machines destroyed, demo state removed ($DEMO)"
