@@ -124,6 +124,7 @@ def test_never_routes_to_a_cordoned_unhealthy_or_stopped_machine(specs, rnd):
                    and s["state"] == "started" and s["mapped"]
                    and (s["check"] == "passing" or (s["check"] is None and not s["declares"])))
         assert (mid in routed) == healthy, s
+        assert r.routable(mid) == healthy
     bal = Balancer()
     for _ in range(20):
         b = bal.choose(r.backends("web"))

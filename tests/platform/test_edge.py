@@ -620,3 +620,61 @@ def test_listen_parse():
     assert edge_mod.parse_listen("[::1]:8180") == ("::1", 8180)
     with pytest.raises(edge_mod.InvalidInput):
         edge_mod.parse_listen("127.0.0.1:99999")
+
+
+# -- the pure parts of the hot path -------------------------------------------------------------------
+
+def test_plan_of_a_request_head():
+    from taxiway.egress import http
+
+    e = Edge(EdgeConfig())
+    head = http.parse_request_head(
+        b"GET /a?b=1 HTTP/1.1\r\nHost: Web.localhost:8180\r\nConnection: keep-alive, X-Private, Content-Length\r\n"
+        b"X-Private: 1\r\nKeep-Alive: 5\r\nContent-Length: 0\r\nX-Forwarded-For: 10.0.0.1\r\n"
+        b"X-Forwarded-Proto: https\r\ntaxiway-request-id: forged\r\nAccept: */*\r\n\r\n")
+    plan = e._plan(head, "127.0.0.1")
+    assert (plan.app, plan.host, plan.keep, plan.body, plan.upgrade) == ("web", "Web.localhost:8180", True, False, False)
+    lines = plan.out.split(b"\r\n")
+    assert lines[0] == b"GET /a?b=1 HTTP/1.1" and lines[1] == b"Host: Web.localhost:8180"
+    # Hop-by-hop and Connection-named fields go; framing stays whatever Connection says.
+    assert b"X-Private: 1" not in lines and b"Keep-Alive: 5" not in lines and b"Content-Length: 0" in lines
+    assert b"X-Forwarded-For: 10.0.0.1, 127.0.0.1" in lines and b"X-Forwarded-Proto: http" in lines
+    assert [x for x in lines if x.lower().startswith(b"taxiway-request-id")] == [b"taxiway-request-id: " +
+                                                                                  plan.request_id.encode()]
+    absolute = e._plan(http.parse_request_head(b"GET http://api.localhost/x HTTP/1.1\r\nHost: web.localhost\r\n"
+                                               b"Connection: close\r\n\r\n"), "127.0.0.1")
+    assert (absolute.app, absolute.keep) == ("api", False)
+    assert absolute.out.startswith(b"GET /x HTTP/1.1\r\nHost: api.localhost\r\n")
+    old = e._plan(http.parse_request_head(b"GET / HTTP/1.0\r\nHost: web.localhost\r\n\r\n"), "127.0.0.1")
+    assert not old.keep
+    chunked = e._plan(http.parse_request_head(b"POST / HTTP/1.1\r\nHost: web.localhost\r\n"
+                                              b"Transfer-Encoding: chunked\r\n\r\n"), "127.0.0.1")
+    assert chunked.body
+    ws = e._plan(http.parse_request_head(b"GET / HTTP/1.1\r\nHost: web.localhost\r\nConnection: Upgrade\r\n"
+                                         b"Upgrade: websocket\r\n\r\n"), "127.0.0.1")
+    assert ws.upgrade and ws.out.endswith(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+
+
+def test_forward_head_of_a_response():
+    from taxiway.egress import http
+
+    status, head, framing, keep_conn, keep_client = edge_mod._forward_head(
+        b"HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\n"
+        b"X-Secret: 1\r\nContent-Length: 3\r\n\r\n", "GET", True, "e-1")
+    assert (status, framing, keep_conn, keep_client) == (200, ("length", 3), True, True)
+    assert head == b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 3\r\ntaxiway-request-id: e-1\r\n\r\n"
+    _, head, framing, keep_conn, keep_client = edge_mod._forward_head(
+        b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n", "GET", True, "e-2")
+    assert (framing, keep_conn, keep_client) == (("close", 0), False, False) and head.endswith(
+        b"Connection: close\r\n\r\n")
+    assert edge_mod._forward_head(b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n", "GET", True, "x")[2] == \
+        ("none", 0)
+    assert edge_mod._forward_head(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", "HEAD", True, "x")[2] == ("none", 0)
+    assert edge_mod._forward_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "GET", True, "x")[2] == \
+        ("chunked", 0)
+    for bad in (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\n\r\n", b"HTTP/1.1 200 OK\r\nX: a\nY: b\r\n\r\n",
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", b"nonsense\r\n\r\n"):
+        with pytest.raises(http.ProtocolError) as e:
+            edge_mod._forward_head(bad, "GET", True, "x")
+        assert e.value.status == 502

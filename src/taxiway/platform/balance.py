@@ -151,6 +151,7 @@ class Routes:
     machines: dict[str, dict[str, Any]] = field(default_factory=dict)
     status: dict[str, dict[str, Any]] = field(default_factory=dict)
     _routes: dict[str, tuple[Backend, ...]] = field(default_factory=dict)
+    _routed: dict[str, str] = field(default_factory=dict)  # machine id -> app, of routed machines
     _keys: dict[str, set[str]] = field(default_factory=dict)  # app -> machine keys seen in either bucket
 
     def set_app(self, name: str, value: Any) -> None:
@@ -199,6 +200,8 @@ class Routes:
         return app
 
     def _recompute(self, app: str) -> None:
+        for b in self._routes.get(app, ()):
+            self._routed.pop(b.machine, None)
         out = []
         for key in sorted(self._keys.get(app, ())):
             b = backend_for(self.machines.get(key), self.status.get(key), key)
@@ -206,6 +209,7 @@ class Routes:
                 out.append(b)
         if out:
             self._routes[app] = tuple(out)
+            self._routed.update((b.machine, app) for b in out)
         else:
             self._routes.pop(app, None)
         if not self._keys.get(app):
@@ -220,7 +224,7 @@ class Routes:
 
     def routable(self, machine: str) -> bool:
         """Whether any app routes to ``machine`` now (a drain waits until it does not)."""
-        return any(b.machine == machine for bs in self._routes.values() for b in bs)
+        return machine in self._routed  # asked once per request: a lookup, not a scan
 
     def table(self) -> dict[str, list[str]]:
         """``{app: [machine ids]}`` of every routed app (for ``edge.inflight`` and logs)."""

@@ -37,6 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import itertools
+import re
 import secrets
 import signal
 import sys
@@ -127,6 +128,23 @@ class _Conn:
 
 
 _UNSEEN = object()
+# Request fields _plan looks at (everything else goes on as it came).
+_PLAN_SPECIAL = http.HOP_BY_HOP | _OWN_HEADERS | {b"host", b"content-length", b"transfer-encoding",
+                                                  b"x-forwarded-for"}
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What the edge makes of one request head (see Edge._plan)."""
+
+    app: str | None
+    host: str
+    keep: bool       # the client keeps its connection after this request
+    body: bool       # a body follows (Content-Length other than 0, or Transfer-Encoding)
+    upgrade: bool    # an Upgrade header (WebSocket...)
+    out: bytes       # the head to send the machine
+    request_id: str
+
 _SWEEP = 0.25  # seconds between passes over waiting clients (timeouts are this much coarse)
 
 
@@ -154,6 +172,7 @@ class Edge:
         self.balancer = Balancer()
         self.name = f"edge-{secrets.token_hex(4)}"
         self._ids = itertools.count(1)
+        self._rid = self.name[5:] + "-"  # request ids: <edge>-<hex counter>
         self._pool: dict[str, list[_Conn]] = {}
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task] = []
@@ -475,11 +494,11 @@ class Edge:
         try:
             head = http.parse_request_head(raw)
             framing = http.request_framing(head)
-            app, host = self._app_of(head)
+            plan = self._plan(head, client_ip)
         except http.ProtocolError as e:
             writer.write(http.simple_response(e.status, f"bad request: {e}\n"))
             return False
-        keep = http.keeps_alive(head) and not self._stopping
+        app, host, keep = plan.app, plan.host, plan.keep
         has_body = framing[0] != "none" and framing != ("length", 0)
         if app is None or not self.routes.known(app):
             # Says nothing about what does exist: the name asked for is the caller's own.
@@ -490,29 +509,80 @@ class Edge:
         if limit and framing[0] == "length" and framing[1] > limit:
             writer.write(http.simple_response(413, f"request body over {limit} bytes\n"))
             return False
-        return await self._proxy(app, host, head, framing, reader, writer, keep, client_ip)
+        return await self._proxy(app, plan, head, framing, reader, writer)
 
-    def _app_of(self, head: http.RequestHead) -> tuple[str | None, str]:
-        """The app a request is for, from its Host (or absolute-form target), and that host."""
-        hosts = [v for k, v in head.headers if k.lower() == b"host"]
+    def _plan(self, head: http.RequestHead, client_ip: str) -> _Plan:
+        """Everything one pass over a request's headers tells: its app, whether the client keeps
+        the connection, whether a body or an upgrade follows, and the head to send the machine.
+
+        The head sent on drops hop-by-hop fields and those the Connection header names
+        (never Host or the body's framing), sets X-Forwarded-Proto/-Host and the request
+        id (whatever the client sent under those names is dropped), appends the client's
+        address to X-Forwarded-For, and puts an absolute-form target in origin form.
+        """
+        request_id = f"{self._rid}{next(self._ids):x}"
+        hosts: list[bytes] = []
+        tokens: set[bytes] = set()
+        forwarded_for: list[bytes] = []
+        lines: list[bytes] = []
+        named: list[int] = []  # indexes of lines a Connection token may name
+        body = False
+        upgrade: bytes | None = None
+        for k, v in head.headers:
+            lk = k.lower()
+            if lk not in _PLAN_SPECIAL:
+                named.append(len(lines))
+                lines.append(k + b": " + v)
+            elif lk == b"host":
+                hosts.append(v)
+            elif lk == b"content-length":
+                lines.append(k + b": " + v)
+                body = body or v.strip() != b"0"
+            elif lk == b"transfer-encoding":
+                lines.append(k + b": " + v)
+                body = True
+            elif lk == b"connection" or lk == b"proxy-connection":
+                tokens.update(t.strip().lower() for t in v.split(b","))
+            elif lk == b"upgrade":
+                upgrade = v
+            elif lk == b"x-forwarded-for":
+                forwarded_for.append(v)
+            # else: hop-by-hop, or set by the edge alone: dropped
         if len(hosts) > 1:
             raise http.ProtocolError("more than one Host header")
-        if head.target.startswith(("http://", "https://")):
-            authority = head.target.partition("://")[2].split("/", 1)[0].rpartition("@")[2]
+        target = head.target
+        if target.startswith(("http://", "https://")):  # absolute-form: its authority wins (RFC 9112 3.2.2)
+            rest = target.partition("://")[2]
+            host = rest.split("/", 1)[0].rpartition("@")[2].encode()
+            target = "/" + rest.partition("/")[2]
         elif hosts:
-            authority = hosts[0].decode("latin-1")
+            host = hosts[0]
         elif head.version == b"HTTP/1.1":
             raise http.ProtocolError("missing Host header")
         else:
-            return None, ""
-        app = self._host_apps.get(authority, _UNSEEN)
-        if app is not _UNSEEN:
-            return app, authority  # type: ignore[return-value]
-        app = self._app_for_host(authority)
-        if len(self._host_apps) >= 4096:  # bounded: clients choose the Host header
-            self._host_apps.clear()
-        self._host_apps[authority] = app
-        return app, authority
+            host = b""
+        if tokens - {b"close", b"keep-alive", b"upgrade"}:  # rare: fields named as hop-by-hop
+            drop = {i for i in named if lines[i].split(b":", 1)[0].lower() in tokens}
+            lines = [line for i, line in enumerate(lines) if i not in drop]
+        if head.version == b"HTTP/1.1":
+            keep = b"close" not in tokens
+        else:
+            keep = b"keep-alive" in tokens and b"close" not in tokens
+        out = [f"{head.method} {target} ".encode() + head.version, b"Host: " + host, *lines,
+               b"X-Forwarded-For: " + b", ".join([*forwarded_for, client_ip.encode()]),
+               b"X-Forwarded-Proto: http", b"X-Forwarded-Host: " + host,
+               REQUEST_ID + b": " + request_id.encode()]
+        if upgrade is not None and b"upgrade" in tokens:
+            out += [b"Connection: Upgrade", b"Upgrade: " + upgrade]
+        authority = host.decode("latin-1")
+        app = self._host_apps.get(authority, _UNSEEN) if host else None
+        if app is _UNSEEN:
+            app = self._app_for_host(authority)
+            if len(self._host_apps) >= 4096:  # bounded: clients choose the Host header
+                self._host_apps.clear()
+            self._host_apps[authority] = app
+        return _Plan(app, authority, keep and not self._stopping, body,  # type: ignore[arg-type]
+                     upgrade is not None, b"\r\n".join(out) + b"\r\n\r\n", request_id)
 
     def _app_for_host(self, authority: str) -> str | None:
         name = authority.strip().lower()
@@ -528,11 +598,10 @@ class Edge:
                 return label
         return None
 
-    async def _proxy(self, app: str, host: str, head: http.RequestHead, framing: tuple[str, int],
-                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, keep: bool,
-                     client_ip: str) -> bool:
+    async def _proxy(self, app: str, plan: _Plan, head: http.RequestHead, framing: tuple[str, int],
+                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         loop = asyncio.get_running_loop()
-        request_id = f"{self.name[5:]}-{next(self._ids):x}"
+        request_id, keep = plan.request_id, plan.keep
         tried: set[str] = set()
         fresh_only: set[str] = set()  # machines whose pooled connection was stale: dial anew
         queue_deadline = loop.time() + self.config.queue_timeout
@@ -559,8 +628,7 @@ class Edge:
                          request_id=request_id, retry=True)
                 continue
             try:
-                keep_client, keep_conn = await self._exchange(head, host, framing, conn, reader, writer, keep,
-                                                              client_ip, request_id)
+                keep_client, keep_conn = await self._exchange(head, plan, framing, conn, reader, writer)
             except _Retry as r:
                 conn.close()
                 if r.backend_failed:
@@ -618,28 +686,8 @@ class Edge:
         else:
             pooled.append(conn)
 
-    def _request_head(self, head: http.RequestHead, host: str, client_ip: str, request_id: str) -> bytes:
-        tokens = http.connection_tokens(head.headers)
-        drop = http.HOP_BY_HOP | tokens | _OWN_HEADERS | {b"x-forwarded-for"}
-        forwarded_for = [v for k, v in head.headers if k.lower() == b"x-forwarded-for"]
-        target = head.target
-        if target.startswith(("http://", "https://")):  # absolute-form: backends get origin-form
-            rest = target.partition("://")[2]
-            target = "/" + rest.partition("/")[2]
-        lines = [f"{head.method} {target} ".encode() + head.version]
-        lines += [k + b": " + v for k, v in head.headers if k.lower() not in drop]
-        lines.append(b"X-Forwarded-For: " + b", ".join([*forwarded_for, client_ip.encode()]))
-        lines.append(b"X-Forwarded-Proto: http")
-        lines.append(b"X-Forwarded-Host: " + host.encode("latin-1"))
-        lines.append(REQUEST_ID + b": " + request_id.encode())
-        upgrade = head.get(b"upgrade")
-        if upgrade is not None and b"upgrade" in tokens:
-            lines += [b"Connection: Upgrade", b"Upgrade: " + upgrade]
-        return b"\r\n".join(lines) + b"\r\n\r\n"
-
-    async def _exchange(self, head: http.RequestHead, host: str, framing: tuple[str, int], conn: _Conn,
-                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, keep: bool,
-                        client_ip: str, request_id: str) -> tuple[bool, bool]:
+    async def _exchange(self, head: http.RequestHead, plan: _Plan, framing: tuple[str, int], conn: _Conn,
+                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[bool, bool]:
         """One request and its response over ``conn``: (keep the client, keep the backend connection).
 
         Raises :class:`_Retry` when the backend failed before a byte reached the client
@@ -647,6 +695,7 @@ class Edge:
         """
         loop = asyncio.get_running_loop()
         idle = self.config.read_timeout
+        keep, request_id = plan.keep, plan.request_id
         retry_ok = framing[0] == "none" and (head.method in IDEMPOTENT or conn.reused)
         answered = False  # a byte reached the client: from here on, failures can only close it
         body: asyncio.Task | None = None
@@ -655,9 +704,8 @@ class Edge:
                 def progress() -> None:
                     timer.reschedule(loop.time() + idle)
 
-                out = self._request_head(head, host, client_ip, request_id)
                 try:
-                    conn.writer.write(out)
+                    conn.writer.write(plan.out)
                 except (ConnectionError, RuntimeError) as e:
                     raise _Retry(f"send failed: {e}", not conn.reused) from None
                 if framing[0] != "none":
@@ -828,24 +876,20 @@ class _FastClient(asyncio.Protocol):
             del self.buf[: i + 4]
             try:
                 head = http.parse_request_head(raw)
-                framing = http.request_framing(head)
-                app, host = edge._app_of(head)
+                plan = edge._plan(head, self.client_ip)
             except http.ProtocolError as e:
                 self.reply(http.simple_response(e.status, f"bad request: {e}\n"), close=True)
                 return
-            keep = http.keeps_alive(head) and not edge._stopping
-            has_body = framing[0] != "none" and framing != ("length", 0)
-            if app is None or not edge.routes.known(app):
-                close = not keep or has_body
-                self.reply(http.simple_response(404, f"no app is served at {http.header_safe(host)}\n",
-                                                close=close), close=close)
-                self._idle()
-                continue
-            if has_body or head.get(b"upgrade") is not None:
+            if plan.body or plan.upgrade:  # framing checked, bodies streamed: the stream path's job
                 self._handoff(raw)
                 return
+            if plan.app is None or not edge.routes.known(plan.app):
+                self.reply(http.simple_response(404, f"no app is served at {http.header_safe(plan.host)}\n",
+                                                close=not plan.keep), close=not plan.keep)
+                self._idle()
+                continue
             self.busy = True
-            self.req = _FastRequest(self, head, app, host, keep)
+            self.req = _FastRequest(self, head, plan)
             self.req.start()
 
     def _idle(self) -> None:
@@ -920,10 +964,10 @@ class _FastClient(asyncio.Protocol):
 class _FastRequest:
     """One bodiless request on the fast path: backend choice, retries, the answer's end."""
 
-    def __init__(self, client: _FastClient, head: http.RequestHead, app: str, host: str, keep: bool) -> None:
+    def __init__(self, client: _FastClient, head: http.RequestHead, plan: _Plan) -> None:
         edge = client.edge
-        self.edge, self.client, self.head, self.app, self.host, self.keep = edge, client, head, app, host, keep
-        self.request_id = f"{edge.name[5:]}-{next(edge._ids):x}"
+        self.edge, self.client, self.head, self.plan = edge, client, head, plan
+        self.app, self.keep, self.request_id = plan.app or "", plan.keep, plan.request_id
         self.tried: set[str] = set()
         self.fresh: set[str] = set()  # machines whose pooled connection was stale: dial anew
         self.attempts = 0
@@ -1084,10 +1128,8 @@ class _FastBackend(asyncio.Protocol):
         self.req, req.conn = req, self
         self.reused, self.got_any, self.state = reused, False, _HEAD
         self.buf.clear()
-        edge, client = self.edge, req.client
-        self.transport.write(edge._request_head(req.head, req.host, client.client_ip,  # type: ignore[union-attr]
-                                                req.request_id))
-        if client.writing_paused:
+        self.transport.write(req.plan.out)  # type: ignore[union-attr]
+        if req.client.writing_paused:
             self.pause()
 
     def pause(self) -> None:
@@ -1118,12 +1160,13 @@ class _FastBackend(asyncio.Protocol):
                 raw = bytes(self.buf[: i + 4])
                 del self.buf[: i + 4]
                 try:
-                    rhead = _parse_response_head(raw)
+                    status, head_bytes, framing, self.keep_conn, self.keep_client = _forward_head(
+                        raw, req.head.method, req.keep, req.request_id)
                 except http.ProtocolError as e:
                     self._bad(str(e))
                     return
-                if 100 <= rhead.status < 200:
-                    if rhead.status == 101:
+                if 100 <= status < 200:
+                    if status == 101:
                         self._bad("101 Switching Protocols to a request without Upgrade")
                         return
                     if req.head.version == b"HTTP/1.1":
@@ -1131,16 +1174,7 @@ class _FastBackend(asyncio.Protocol):
                         req.answered = True
                     continue
                 break
-            try:
-                self.kind, self.left = http.response_framing(rhead, req.head.method)
-            except http.ProtocolError as e:
-                self._bad(str(e))
-                return
-            tokens = http.connection_tokens(rhead.headers)
-            self.keep_conn = self.kind != "close" and b"close" not in tokens and rhead.version == b"HTTP/1.1"
-            self.keep_client = req.keep and self.kind != "close"
-            rhead.headers.append((REQUEST_ID, req.request_id.encode()))
-            head_bytes = http.serialize_response_head(rhead, self.keep_client)
+            self.kind, self.left = framing
             self.scanner = http.ChunkedScanner() if self.kind == "chunked" else None
             self.state = _BODY
             req.answered = True
@@ -1292,6 +1326,72 @@ def _parse_response_head(raw: bytes) -> http.ResponseHead:
         raise http.ProtocolError(f"more than {http.MAX_HEADERS} header fields from the machine", 502)
     version = b"HTTP/" + parser.get_http_version().encode()
     return http.ResponseHead(version, parser.get_status_code(), head.reason, head.headers)
+
+
+# The response fields the fast path acts on, and the hop-by-hop lines it drops, found by
+# regular expressions over the raw head (C speed) once llhttp has validated it: per-header
+# Python callbacks cost more than the rest of a small response (measured).
+_RESPONSE_FIELDS = re.compile(rb"\r\n(content-length|transfer-encoding|connection|proxy-connection)"
+                              rb":[ \t]*([^\r\n]*)", re.IGNORECASE)
+_HOP_LINES = re.compile(rb"\r\n(?:" + b"|".join(sorted(http.HOP_BY_HOP)) + rb"):[^\r\n]*", re.IGNORECASE)
+
+
+def _forward_head(raw: bytes, method: str, keep: bool, request_id: str
+                  ) -> tuple[int, bytes, tuple[str, int], bool, bool]:
+    """A machine's response head, and what the fast path needs of it in one pass:
+    (status, the head for the client, body framing, keep the machine's connection,
+    keep the client's). The same rules as egress.http's response_framing and
+    serialize_response_head, plus the request id; 101 is the stream path's."""
+    if httptools is None:
+        rhead = http.parse_response_head(raw)
+        status, version = rhead.status, rhead.version
+    else:
+        parser = httptools.HttpResponseParser(_NO_CALLBACKS)  # validates (in C)
+        try:
+            parser.feed_data(raw)
+        except httptools.HttpParserUpgrade:
+            pass
+        except httptools.HttpParserError as e:
+            raise http.ProtocolError(f"malformed response head from the machine: {e}", 502) from None
+        status, version = parser.get_status_code(), b"HTTP/" + parser.get_http_version().encode()
+    if raw.count(b"\r\n") > http.MAX_HEADERS + 2:
+        raise http.ProtocolError(f"more than {http.MAX_HEADERS} header fields from the machine", 502)
+    length = te = None
+    tokens: set[bytes] = set()
+    for m in _RESPONSE_FIELDS.finditer(raw):
+        name, value = m[1].lower(), m[2].strip()
+        if name == b"content-length":
+            if length is not None and value != length:
+                raise http.ProtocolError("conflicting Content-Length from the machine", 502)
+            length = value
+        elif name == b"transfer-encoding":
+            te = value if te is None else te + b"," + value
+        else:
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        framing: tuple[str, int] = ("none", 0)
+    elif te is not None:
+        framing = ("chunked", 0) if te.strip().lower().endswith(b"chunked") else ("close", 0)
+    elif length is not None:
+        if not length.isdigit():
+            raise http.ProtocolError("invalid Content-Length from the machine", 502)
+        framing = ("length", int(length))
+    else:
+        framing = ("close", 0)
+    keep_conn = framing[0] != "close" and b"close" not in tokens and version == b"HTTP/1.1"
+    keep_client = keep and framing[0] != "close"
+    head = _HOP_LINES.sub(b"", raw[:-4])
+    named = tokens - http.HOP_BY_HOP - {b"close", b"keep-alive"}
+    if named:  # rare: fields the Connection header names as hop-by-hop
+        lines = head.split(b"\r\n")
+        head = b"\r\n".join([lines[0]] + [x for x in lines[1:] if x.split(b":", 1)[0].strip().lower() not in named])
+    tail = b"\r\n" + REQUEST_ID + b": " + request_id.encode()
+    if not keep_client:
+        tail += b"\r\nConnection: close"
+    return status, head + tail + b"\r\n\r\n", framing, keep_conn, keep_client
+
+
+_NO_CALLBACKS = object()
 
 
 async def _response_head(src: asyncio.StreamReader, body: asyncio.Task | None) -> bytes:
