@@ -496,6 +496,10 @@ class Agent:
                            ) -> dict[str, Any]:
         await self._event(app, mid, "update", row=row, instance_id=desired.get("instance_id"))
         self._stop_checks(mid)
+        old = _local(row.get("local_id"))
+        if old is not None:  # the old instance's last log lines and events first
+            await self._ship_events(row, old)
+            await self._ship_logs(row, old)
         await asyncio.to_thread(_destroy_local, row.get("local_id"))
         return await self._do_create(app, mid, desired, row)
 
