@@ -289,6 +289,27 @@ def test_reserved_target_through_image_symlink(tmp_path, taxiway_home, target, l
     assert host_state(taxiway_home)["machines"] == []
 
 
+@pytest.mark.parametrize("links", [
+    [Entry("etc/passwd", "symlink", linkname="{host}/passwd"), Entry("etc/group", "symlink", linkname="{host}/group")],
+    [Entry("etc", "symlink", linkname="{host}")],  # the whole /etc: replaces busybox's directory
+])
+def test_user_lookup_never_reads_host_files(tmp_path, taxiway_home, links):
+    """``-u NAME`` is looked up in the image's /etc/passwd: an image whose passwd (or /etc) is a
+    symlink to a host path must not make the runtime read the host's file (a canary here)."""
+    host = tmp_path / "host-etc"
+    host.mkdir()
+    (host / "passwd").write_text("canary:x:4242:4242::/:/bin/sh\n")
+    (host / "group").write_text("canary:x:4242:\n")
+    layer = [Entry(e.name, e.type, linkname=e.linkname.format(host=host)) for e in links]
+    if links[0].name == "etc":
+        layer.insert(0, Entry(".wh.etc", "file"))  # the upper layer's /etc replaces the base's
+    image = make_image(tmp_path, "localhost/passwd-link:1", [layer])
+    r = tw("run", "--rm", "-u", "canary", image, "id", "-u")
+    assert r.returncode != 0 and b"4242" not in r.stdout, (r.stdout, r.stderr)
+    assert r.stderr.startswith(b"error: ") and b"canary" in r.stderr and r.stderr.count(b"\n") == 1, r.stderr
+    assert host_state(taxiway_home)["machines"] == []
+
+
 # -- 8. small ones ---------------------------------------------------------------------------------
 
 

@@ -22,7 +22,13 @@ if TYPE_CHECKING:
 
 
 def root_file(snap: Snapshotter, chain: list[str], rel: str) -> str | None:
-    """A file of the image's merged root (``rel``, e.g. ``etc/passwd``), read from its layers, top first."""
+    """A file of the image's merged root (``rel``, e.g. ``etc/passwd``), read from its layers, top first.
+
+    Only a file that really is inside the snapshots: an image's symlink (``etc/passwd ->
+    /etc/shadow``, or ``etc -> /etc``) is followed on the host here, so where it leads out of
+    the snapshot cache the image has no such file, and the host's is never read.
+    """
+    inside = os.path.realpath(snap.layers) + "/"
     layers = [chain[-1]] if not snap.overlay else list(reversed(chain))
     for c in layers:
         p = snap.path(c) / rel
@@ -34,10 +40,11 @@ def root_file(snap: Snapshotter, chain: list[str], rel: str) -> str | None:
             return None
         if (st.st_mode & 0o170000) == 0o020000 and st.st_rdev == 0:  # overlay whiteout
             return None
+        real = os.path.realpath(p)
+        if not real.startswith(inside):
+            return None
         try:
-            if os.path.islink(p):
-                return p.read_text(errors="replace")
-            with open(os.path.realpath(p), errors="replace") as f:
+            with open(real, errors="replace") as f:
                 return f.read()
         except OSError:
             return None
