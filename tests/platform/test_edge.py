@@ -575,6 +575,41 @@ async def test_websocket_upgrade_is_tunnelled(state, edge, machines):
         await until(lambda: edge.balancer.counts() == {}, "released")
 
 
+async def test_expect_100_continue_and_http_1_0(state, edge, machines):
+    m = machines("web", "0000000000000a")
+    await put_machine(state, m)
+    await until(lambda: routed(edge, "web"), "routes")
+    r, w = await asyncio.open_connection(*edge.address)
+    try:
+        w.write(b"POST /echo HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        await w.drain()
+        async with asyncio.timeout(20):
+            assert (await r.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 100")  # from the machine, passed on
+            w.write(b"hello")
+            head = await r.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+    finally:
+        w.close()
+    answer = await raw(edge, b"GET /old HTTP/1.0\r\nHost: web.localhost\r\n\r\n")  # closed after, as 1.0 wants
+    assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close\r\n" in answer and b'"path": "/old"' in answer
+
+
+async def test_stream_path_alone_serves_the_same(state, machines, tmp_path):
+    """EdgeConfig(fast=False): every request on the stream path (the fallback), same answers."""
+    e = Edge(EdgeConfig(listen=("127.0.0.1", 0), fast=False), state=state, log=open(tmp_path / "edge.log", "ab"))
+    await e.start()
+    try:
+        m = machines("web", "0000000000000a")
+        await put_machine(state, m)
+        await until(lambda: routed(e, "web"), "routes")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{e.address[1]}") as c:
+            assert [(await c.get("/", headers=on("web"))).json()["machine"] for _ in range(3)] == [m.id] * 3
+            assert (await c.get("/", headers=on("nope"))).status_code == 404
+            assert (await c.post("/echo", content=b"x" * 1000, headers=on("web"))).json()["bytes"] == 1000
+    finally:
+        await e.close()
+
+
 # -- the process ----------------------------------------------------------------------------------------
 
 async def test_edge_process_routes_and_stops_on_sigterm(nats_server: NatsServer, state, machines):

@@ -29,6 +29,15 @@ module only moves bytes:
   most ``max_header_bytes``, bodies at most ``max_body_bytes``, an exchange
   idles at most ``read_timeout``, and at most ``max_connections`` clients are
   served at once.
+
+Two paths, one behaviour: a client connection starts on the **fast path**
+(:class:`_FastClient`: protocol callbacks, no task or timer per request), which
+answers bodiless requests, the great majority; the first request with a body or
+an Upgrade hands the connection to the **stream path** (:meth:`Edge._client`,
+asyncio streams), where body streaming, ``100-continue`` and WebSockets are
+written once. Both use :meth:`Edge._plan` for the head sent to a machine, the
+same balancer, retries and in-flight counts. bench/edge.py measures them against
+nginx (bench/RESULTS.md, "Platform edge").
 """
 
 from __future__ import annotations
