@@ -17,6 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from machines.conftest import BUSYBOX, make_image
 
 from taxiway.platform import schema
@@ -48,6 +50,26 @@ def test_decide():
     assert decide({**want, "desired": "destroyed"}, 6, row, run) == ["destroy"]
     assert decide(None, 0, row, None) == ["destroy"]
     assert decide(None, 0, None, None) == []
+
+
+@given(st.sampled_from(["started", "stopped", "destroyed", None]), st.integers(0, 9),
+       st.one_of(st.none(), st.fixed_dictionaries({"instance_id": st.sampled_from(["i1", "i2"]),
+                                                   "acted_rev": st.integers(0, 9)})),
+       st.one_of(st.none(), st.fixed_dictionaries({"state": st.sampled_from(
+           ["created", "starting", "running", "stopping", "exited", "failed"]), "orphan": st.booleans()})))
+def test_decide_properties(target, rev, row, local):
+    """Whatever the inputs: never start and stop at once, destroy alone, nothing made for a machine
+    that should not exist, and a machine that runs as wanted is left alone."""
+    desired = None if target is None else {"desired": target, "instance_id": "i1"}
+    acts = decide(desired, rev, row, local)
+    assert not ({"start", "stop"} <= set(acts))
+    assert acts == ["destroy"] or "destroy" not in acts
+    if target in (None, "destroyed"):
+        assert acts in ([], ["destroy"])
+    if row and local and row["instance_id"] == "i1" and target == "started" and \
+            local["state"] == "running" and not local["orphan"]:
+        assert acts == []
+    assert len(acts) == len(set(acts))
 
 
 def test_machine_config(tmp_path):
