@@ -54,7 +54,7 @@ def _app_name(app: str | None, folder: Path = Path(".")) -> str:
 
 # -- following a release ---------------------------------------------------------------------------------
 
-def follow_release(client: Any, app: str, version: int, poll: float = 0.5) -> dict[str, Any]:
+def follow_release(client: Any, app: str, version: int, poll: float = 0.25) -> dict[str, Any]:
     """Print a release's progress lines as they come; return it once it is complete, failed or rolled back."""
     last: str | None = None
     while True:
@@ -250,8 +250,10 @@ def launch_config(name: str, groups: list[str], port: int = 8080) -> dict[str, A
         "build": {"buildpacks": []},
         "http_service": {"internal_port": port, "force_https": False, "auto_stop_machines": "off",
                          "auto_start_machines": True, "min_machines_running": 0},
-        # Listening is the least every web app does; a check makes deploys wait for it.
-        "checks": {"alive": {"type": "tcp", "port": port, "interval": "1s", "timeout": "2s", "grace_period": "1s"}},
+        # Listening is the least every web app does; a check makes deploys wait for it. No grace period:
+        # a check that fails before the app listens only means "not yet" to the deployer and the edge
+        # (retried after interval), while a grace period would add itself to every deploy.
+        "checks": {"alive": {"type": "tcp", "port": port, "interval": "1s", "timeout": "2s", "grace_period": "0s"}},
         "deploy": {"strategy": "rolling"},
         "vm": [{"memory": 256, "cpus": 1}],
     })
