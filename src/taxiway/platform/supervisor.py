@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from taxiway.errors import TaxiwayError
+from taxiway.process import pid_alive
 
 DEFAULT_PORTS = {"nats": 4223, "api": 4280, "registry": 4281, "egress": 4750, "edge": 8180}
 READY_TIMEOUT = 60.0
@@ -63,12 +64,6 @@ def _write_json(path: Path, data: dict[str, Any], mode: int = 0o644) -> None:
 
     with atomic_write(path, mode=mode, binary=False) as f:
         f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _alive(pid: int | None, started: str | None = None) -> bool:
-    from taxiway.process import pid_alive
-
-    return pid_alive(pid, started)
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -466,16 +461,16 @@ def clean_stale() -> list[str]:
     for name, comp in (up.get("components") or {}).items():
         pid = comp.get("pid")
         argv = comp.get("argv") or []
-        if not _alive(pid, comp.get("started")):
+        if not pid_alive(pid, comp.get("started")):
             continue
         if not argv or _cmdline(pid)[:len(argv)] != argv:
             continue  # the pid was reused by something else: never touch it
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
+        while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):
+        if pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         out.append(name)
@@ -575,12 +570,12 @@ def stop(timeout: float = 60.0) -> bool:
         clean_stale()  # a supervisor killed -9 may have left children
         return False
     pid = up.get("pid")
-    if not _alive(pid):
+    if not pid_alive(pid):
         raise TaxiwayError("the platform's lock is held but up.json names no live supervisor",
                            "wait for a starting 'taxiway up' to finish, then retry")
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             os.kill(pid, signal.SIGKILL)
             time.sleep(0.2)
@@ -595,7 +590,7 @@ def status() -> dict[str, Any]:
     up = running()
     if up is None:
         return {"running": False}
-    comps = {n: {**c, "alive": _alive(c.get("pid"))} for n, c in (up.get("components") or {}).items()}
+    comps = {n: {**c, "alive": pid_alive(c.get("pid"))} for n, c in (up.get("components") or {}).items()}
     return {"running": True, "pid": up.get("pid"), "api": up.get("api"), "edge": up.get("edge"),
             "nats": up.get("nats"), "registry": up.get("registry"), "egress": up.get("egress"),
             "api_ok": bool(up.get("api")) and api_ok(up["api"]), "components": comps,
