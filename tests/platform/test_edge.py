@@ -123,7 +123,7 @@ class H(BaseHTTPRequestHandler):
                 open(q.pop("mark"), "w").close()
         self.reply(200, json.dumps({"machine": NAME, "sha256": h.hexdigest(), "bytes": n}).encode())
 
-srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+srv = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2]) if len(sys.argv) > 2 else 0), H)
 srv.daemon_threads = True
 print(srv.server_address[1], flush=True)
 srv.serve_forever()
@@ -133,9 +133,9 @@ srv.serve_forever()
 class Machine:
     """One backend process standing in for a machine of an app."""
 
-    def __init__(self, app: str, mid: str, script: Path) -> None:
+    def __init__(self, app: str, mid: str, script: Path, port: int = 0) -> None:
         self.app, self.id = app, mid
-        self.proc = subprocess.Popen([sys.executable, str(script), mid], stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, str(script), mid, str(port)], stdout=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL)
         assert self.proc.stdout is not None
         self.port = int(self.proc.stdout.readline())
@@ -153,8 +153,8 @@ def machines(tmp_path: Path):
     script.write_text(BACKEND)
     made: list[Machine] = []
 
-    def make(app: str, mid: str) -> Machine:
-        m = Machine(app, mid, script)
+    def make(app: str, mid: str, port: int = 0) -> Machine:
+        m = Machine(app, mid, script, port)
         made.append(m)
         return m
 
@@ -204,7 +204,7 @@ def routed(e: Edge, app: str) -> set[str]:
 async def edge(state: State, tmp_path: Path) -> AsyncIterator[Edge]:
     """An Edge on a free loopback port in this test's loop, with short limits for the tests."""
     e = Edge(EdgeConfig(listen=("127.0.0.1", 0), header_timeout=1.0, max_body_bytes=256 << 20,
-                        idle_timeout=30.0), state=state, log=open(tmp_path / "edge.log", "ab"))
+                        idle_timeout=30.0, retry_window=1.0), state=state, log=open(tmp_path / "edge.log", "ab"))
     await e.start()
     try:
         yield e
@@ -374,6 +374,23 @@ async def test_routes_follow_the_state_after_nats_server_restarts(nats_server, s
                 await asyncio.sleep(0.2)
     await until(lambda: routed(edge, "web") == {b.id}, "routes after the restart", timeout=30)
     assert (await client.get("/", headers=on("web"))).json()["machine"] == b.id
+
+
+async def test_a_machine_that_is_not_listening_yet_is_tried_again(state, edge, client, machines):
+    """Started (no checks declared) but its server not bound yet: the request waits for it
+    within retry_window instead of failing (a deploy's new machine, the old one gone)."""
+    edge.config.retry_window = 60.0  # far more than a Python server takes to start, even on a loaded host
+    port = free_port()
+    ghost = Machine.__new__(Machine)
+    ghost.app, ghost.id, ghost.port = "web", "0000000000000a", port
+    await put_machine(state, ghost)
+    await until(lambda: routed(edge, "web"), "routes")
+    fast = asyncio.create_task(client.get("/", headers=on("web")))  # the fast path
+    slow = asyncio.create_task(client.post("/echo", content=b"abc", headers=on("web")))  # the stream path
+    await until(lambda: edge.balancer.failed_until, "a refused connect")
+    machines("web", ghost.id, port)  # now it listens
+    assert (await fast).json()["machine"] == ghost.id
+    assert (await slow).json()["bytes"] == 3
 
 
 # -- in-flight counts and draining -----------------------------------------------------------------

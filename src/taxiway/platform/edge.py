@@ -91,6 +91,7 @@ class EdgeConfig:
     connect_timeout: float = 3.0    # to a backend on loopback: it answers at once or is gone
     read_timeout: float = 120.0     # no byte moved either way on an exchange
     queue_timeout: float = 10.0     # a request waiting for a machine under its hard_limit
+    retry_window: float = 10.0      # a request whose every machine failed tries again this long
     max_header_bytes: int = 64 * 1024
     max_body_bytes: int = 1 << 30   # 0: no limit
     max_connections: int = 10_000
@@ -137,6 +138,13 @@ class _Conn:
 
 
 _UNSEEN = object()
+_MAX_ATTEMPTS = 64  # connects per request, whatever the retry window
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before trying every machine again: 50 ms, doubling to 1 s."""
+    return min(0.05 * 2 ** min(attempt, 5), 1.0)
+
 # Request fields _plan looks at (everything else goes on as it came).
 _PLAN_SPECIAL = http.HOP_BY_HOP | _OWN_HEADERS | {b"host", b"content-length", b"transfer-encoding",
                                                   b"x-forwarded-for"}
@@ -615,13 +623,20 @@ class Edge:
         fresh_only: set[str] = set()  # machines whose pooled connection was stale: dial anew
         queue_deadline = loop.time() + self.config.queue_timeout
         last_error = ""
-        for _attempt in range(16):
+        retry_deadline = loop.time() + self.config.retry_window
+        for attempt in range(_MAX_ATTEMPTS):
             backends = self.routes.backends(app)
             backend = self.balancer.choose(backends, tried, loop.time())
             if backend is None:
                 if backends and self.balancer.full([b for b in backends if b.machine not in tried]) \
                         and loop.time() < queue_deadline:
                     await self._wait_change(queue_deadline - loop.time())  # a slot, or new routes
+                    continue
+                if tried and backends and loop.time() < retry_deadline:
+                    # Every machine failed: one just started may not listen yet, or the routes are
+                    # about to change. Nothing was sent, so trying again is safe; back off a little.
+                    await asyncio.sleep(_backoff(attempt))
+                    tried.clear()
                     continue
                 break
             self.balancer.acquire(backend)
@@ -986,6 +1001,7 @@ class _FastRequest:
         loop = asyncio.get_running_loop()
         self.progress = loop.time()
         self.queue_deadline = self.progress + edge.config.queue_timeout
+        self.retry_deadline = self.progress + edge.config.retry_window
         self.last_error = ""
         self.idempotent = head.method in IDEMPOTENT
 
@@ -1002,11 +1018,15 @@ class _FastRequest:
         self.attempts += 1
         backends = edge.routes.backends(self.app)
         now = asyncio.get_running_loop().time()
-        backend = edge.balancer.choose(backends, self.tried, now) if self.attempts <= 16 else None
+        more = self.attempts <= _MAX_ATTEMPTS
+        backend = edge.balancer.choose(backends, self.tried, now) if more else None
         if backend is None:
-            if backends and self.attempts <= 16 and now < self.queue_deadline \
+            if backends and more and now < self.queue_deadline \
                     and edge.balancer.full([b for b in backends if b.machine not in self.tried]):
                 self._spawn(self._queue())  # every machine at its hard_limit: wait for a slot
+                return
+            if backends and more and self.tried and now < self.retry_deadline:
+                self._spawn(self._again())  # every machine failed: as the stream path, try again
                 return
             self._give_up()
             return
@@ -1021,6 +1041,11 @@ class _FastRequest:
                     return
                 conn.close()
         self._spawn(self._connect(backend))
+
+    async def _again(self) -> None:
+        await asyncio.sleep(_backoff(self.attempts))
+        self.tried.clear()
+        self.start()
 
     async def _queue(self) -> None:
         await self.edge._wait_change(self.queue_deadline - asyncio.get_running_loop().time())
