@@ -28,21 +28,24 @@ class Listen(NamedTuple):
 def parse_listen(text: str, flag: str = "--listen") -> Listen:
     """Parse ``HOST:PORT``, ``[IPV6]:PORT`` or ``:PORT`` (loopback); InvalidInput names ``flag`` on anything else.
 
+    ``flag`` is a command-line flag (``--listen``) or an environment variable's name.
+
     HOST is an IPv4 or IPv6 address, or ``localhost`` (taken as 127.0.0.1): a bind
     address is never looked up in DNS.
     """
-    hint = f"use HOST:PORT, [IPV6]:PORT or :PORT (loopback), e.g. {flag} {DEFAULT_HOST}:5000"
+    eq = " " if flag.startswith("-") else "="  # a flag or an environment variable
+    hint = f"use HOST:PORT, [IPV6]:PORT or :PORT (loopback), e.g. {flag}{eq}{DEFAULT_HOST}:5000"
     host, sep, port = text.strip().rpartition(":")
     if not sep:
-        raise InvalidInput(f"{flag} {text!r} is not HOST:PORT", hint)
+        raise InvalidInput(f"{flag}{eq}{text!r} is not HOST:PORT", hint)
     if not port.isascii() or not port.isdigit() or int(port) > 65535:
-        raise InvalidInput(f"{flag} {text!r}: the port must be a number from 0 to 65535", hint)
+        raise InvalidInput(f"{flag}{eq}{text!r}: the port must be a number from 0 to 65535", hint)
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
         if ":" not in host:
-            raise InvalidInput(f"{flag} {text!r}: brackets are for IPv6 addresses", hint)
+            raise InvalidInput(f"{flag}{eq}{text!r}: brackets are for IPv6 addresses", hint)
     elif ":" in host:
-        raise InvalidInput(f"{flag} {text!r}: an IPv6 address goes in brackets", f"write it as [{host}]:{port}")
+        raise InvalidInput(f"{flag}{eq}{text!r}: an IPv6 address goes in brackets", f"write it as [{host}]:{port}")
     if host in ("", "localhost"):
         host = DEFAULT_HOST
     import ipaddress  # here, not at the top: the CLI modules import DEFAULT_HOST for their option defaults
@@ -50,5 +53,5 @@ def parse_listen(text: str, flag: str = "--listen") -> Listen:
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
-        raise InvalidInput(f"{flag} {text!r}: {host!r} is not an IP address", hint) from None
+        raise InvalidInput(f"{flag}{eq}{text!r}: {host!r} is not an IP address", hint) from None
     return Listen(str(addr), int(port))

@@ -451,6 +451,48 @@ def test_build_egress_proxy_that_cannot_start_says_why_every_time(tmp_path, monk
         assert up.address() == ("10.0.0.1", 3128)
 
 
+def test_sweep_keeps_live_builds_and_reaps_dead_reused_and_zombie_owners(tmp_path):
+    """A build folder's owner is a pid and its start time: a reused pid or a zombie owner means the build is gone."""
+    import subprocess
+    import sys
+    import time
+
+    from taxiway.builder import reaper
+    from taxiway.process import start_time
+
+    live, reused, zombie = (tmp_path / f"build-{n}" for n in ("live", "reused", "zombie"))
+    for d in (live, reused, zombie):
+        d.mkdir()
+    reaper.claim(live)
+    assert (live / "owner").read_text() == f"{os.getpid()} {start_time(os.getpid())}\n"
+    assert [p.name for p in live.iterdir()] == ["owner"]  # the temp name is gone
+    (reused / "owner").write_text(f"{os.getpid()} 1\n")  # our pid, another process's start time
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        (zombie / "owner").write_text(f"{child.pid} {start_time(child.pid)}\n")
+        while open(f"/proc/{child.pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+            time.sleep(0.01)  # exiting; once a zombie it stays one until wait()
+        assert reaper.sweep(tmp_path) == 2
+    finally:
+        child.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build-live"]
+
+
+def test_build_egress_address_is_parsed_as_listen_addresses_are(tmp_path, monkeypatch):
+    """$TAXIWAY_BUILD_EGRESS takes what `taxiway egress serve --listen` takes; a name is never looked up."""
+    from taxiway.builder import egress
+    from taxiway.errors import InvalidInput
+
+    for value, addr in ((":3128", ("127.0.0.1", 3128)), ("[::1]:3128", ("::1", 3128)), (" 10.0.0.1:3128 ", ("10.0.0.1", 3128))):
+        monkeypatch.setenv("TAXIWAY_BUILD_EGRESS", value)
+        with egress.proxy(tmp_path) as up:
+            assert up.address() == addr
+    for bad in ("egress.example:3128", "10.0.0.1", "::1:3128", "10.0.0.1:0", "10.0.0.1:70000"):
+        monkeypatch.setenv("TAXIWAY_BUILD_EGRESS", bad)
+        with pytest.raises(InvalidInput, match=r"^TAXIWAY_BUILD_EGRESS="):
+            egress._external()
+
+
 def test_index_mirror_addresses_are_allowed_exactly(monkeypatch):
     """pypi.org -> 203.0.113.80 (a site mirror): that /32 is allowed, else pip gets 403; loopback/link-local never."""
     import socket

@@ -37,13 +37,17 @@ DEFAULT_ALLOW = ("pypi.org", "files.pythonhosted.org", "registry.npmjs.org")
 
 
 def _external() -> tuple[str, int] | None:
+    """The address in ``$TAXIWAY_BUILD_EGRESS``, spelt as ``taxiway egress serve --listen`` takes it; None if unset."""
     v = os.environ.get("TAXIWAY_BUILD_EGRESS", "").strip()
     if not v:
         return None
-    host, _, port = v.rpartition(":")
-    if not host or not port.isdigit():
-        raise InvalidInput(f"TAXIWAY_BUILD_EGRESS={v!r} is not host:port", "set it to the address of `taxiway egress serve`")
-    return host.strip("[]"), int(port)
+    from taxiway.listen import parse_listen
+
+    # An IP literal, as the proxy listens on one: the build never asks a resolver where its only way out is.
+    addr = parse_listen(v, "TAXIWAY_BUILD_EGRESS")
+    if addr.port == 0:  # "any free port" means something to a server, nothing to a client
+        raise InvalidInput(f"TAXIWAY_BUILD_EGRESS={v!r} names port 0", "set it to the address `taxiway egress serve` listens on")
+    return addr
 
 
 def acl_text(allow: list[str]) -> str:

@@ -27,30 +27,27 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from taxiway.process import pid_alive, start_time
+
 OWNER = "owner"
 _LEGACY_AGE = 24 * 3600  # folders older builds left without an owner file
 
 
-def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat.rsplit(b")", 1)[1].split()[19].decode()  # fields after the command name start at 3
-
-
 def claim(work: Path) -> None:
     """Record this process as the owner of the build folder ``work``."""
-    (work / OWNER).write_text(f"{os.getpid()} {_start_time(os.getpid())}\n")
+    from taxiway.fsutil import atomic_write  # here: the watcher (python -m ...reaper) never writes
+
+    # Renamed into place: another build's sweep must never read a half-written (empty) owner file
+    # and take this live build for a dead one. No fsync: after a power cut no build is running.
+    with atomic_write(work / OWNER, binary=False, fsync=False) as f:
+        f.write(f"{os.getpid()} {start_time(os.getpid())}\n")
 
 
 def _owner_alive(work: Path) -> bool | None:
     """Whether the build that owns ``work`` still runs (None: no owner recorded)."""
     try:
         pid, start = (work / OWNER).read_text().split()
-        return _start_time(int(pid)) == start
+        return pid_alive(int(pid), start)  # the same start time: not another process that got the pid
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
