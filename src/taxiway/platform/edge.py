@@ -59,6 +59,7 @@ import orjson
 
 from taxiway.egress import http
 from taxiway.errors import InvalidInput, TaxiwayError
+from taxiway.listen import DEFAULT_HOST, parse_listen
 from taxiway.platform import schema
 from taxiway.platform.balance import Backend, Balancer, Routes
 
@@ -676,17 +677,18 @@ class Edge:
                 conn.close()
             return keep_client
         has_body = framing[0] != "none" and framing != ("length", 0)
-        if tried:
-            msg = f"no machine of app {app} could answer ({last_error}); try again\n"
-            writer.write(http.simple_response(502, msg, [("Retry-After", "1"), ("taxiway-request-id", request_id)],
-                                              close=not keep or has_body))
-        else:
-            busy = bool(self.routes.backends(app))
-            msg = (f"every machine of app {app} is at its hard_limit; try again\n" if busy else
-                   f"app {app} has no healthy machine right now; try again shortly (see 'taxiway status')\n")
-            writer.write(http.simple_response(503, msg, [("Retry-After", "1"), ("taxiway-request-id", request_id)],
-                                              close=not keep or has_body))
+        writer.write(self._no_answer(app, tried, last_error, request_id, close=not keep or has_body))
         return keep and not has_body
+
+    def _no_answer(self, app: str, tried: set[str], last_error: str, request_id: str, close: bool) -> bytes:
+        """502 when machines were tried and failed, else 503 (none routable, or all at hard_limit)."""
+        headers = [("Retry-After", "1"), ("taxiway-request-id", request_id)]
+        if tried:
+            return http.simple_response(502, f"no machine of app {app} could answer ({last_error}); try again\n",
+                                        headers, close=close)
+        msg = (f"every machine of app {app} is at its hard_limit; try again\n" if self.routes.backends(app) else
+               f"app {app} has no healthy machine right now; try again shortly (see 'taxiway status')\n")
+        return http.simple_response(503, msg, headers, close=close)
 
     async def _connect(self, backend: Backend, fresh: bool = False) -> _Conn:
         pooled = self._pool.get(backend.machine)
@@ -1089,17 +1091,8 @@ class _FastRequest:
         self.start()
 
     def _give_up(self) -> None:
-        edge = self.edge
-        headers = [("Retry-After", "1"), ("taxiway-request-id", self.request_id)]
-        if self.tried:
-            msg = f"no machine of app {self.app} could answer ({self.last_error}); try again\n"
-            status = 502
-        else:
-            status = 503
-            msg = (f"every machine of app {self.app} is at its hard_limit; try again\n"
-                   if edge.routes.backends(self.app) else
-                   f"app {self.app} has no healthy machine right now; try again shortly (see 'taxiway status')\n")
-        self.client.reply(http.simple_response(status, msg, headers, close=not self.keep))
+        self.client.reply(self.edge._no_answer(self.app, self.tried, self.last_error, self.request_id,
+                                               close=not self.keep))
         self.client.finish(self.keep)
 
     def error(self, status: int, message: str) -> None:
@@ -1595,15 +1588,6 @@ async def drain(state: State, machines: list[str], timeout: float = 30.0) -> dic
 
 # -- command line ---------------------------------------------------------------------------------
 
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT``) for --listen; one clear error otherwise."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) < 65536:
-        raise InvalidInput(f"invalid --listen address {listen!r}", "use HOST:PORT, e.g. 127.0.0.1:8180")
-    return host, int(port)
-
-
 def _size(text: str) -> int:
     units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
     t = text.strip().lower().removesuffix("b").removesuffix("i")
@@ -1618,7 +1602,8 @@ def config_from_args(argv: list[str] | None = None) -> EdgeConfig:
     p = argparse.ArgumentParser(prog="python -m taxiway.platform.edge",
                                 description="The platform's HTTP edge: <app>.<domain> to the app's healthy machines.")
     p.add_argument("--nats", required=True, help="NATS URL of the platform (nats://127.0.0.1:PORT)")
-    p.add_argument("--listen", default="127.0.0.1:8180", help="HOST:PORT to serve HTTP on (default %(default)s)")
+    p.add_argument("--listen", default=f"{DEFAULT_HOST}:8180",
+                   help="HOST:PORT, [IPV6]:PORT or :PORT (loopback) to serve HTTP on (default %(default)s)")
     p.add_argument("--domain", default="localhost", help="apps are served at <app>.<domain> (default %(default)s)")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a whole request head")
     p.add_argument("--idle-timeout", type=float, default=75.0, help="seconds a keep-alive client may idle")
