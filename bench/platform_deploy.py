@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,9 @@ def copy_example(ex: Example, dest: Path, requirements: str) -> None:
         (dest / "requirements.txt").write_text("\n".join(requirements.split()) + "\n")
 
 
+INTERVAL = 0.05  # seconds between GETs while waiting (--interval)
+
+
 def wait_for(client: httpx.Client, url: str, marker: str, deadline: float, headers: dict | None = None,
              done=lambda: True) -> tuple[float, int, int]:
     """GET URL until it answers with MARKER and done() is true; (time the marker came, answers, failures)."""
@@ -143,7 +147,7 @@ def wait_for(client: httpx.Client, url: str, marker: str, deadline: float, heade
             return seen, answers, failures
         if time.perf_counter() > deadline:
             sys.exit(f"timed out waiting for {marker!r} at {url}")
-        time.sleep(0.02)
+        time.sleep(INTERVAL)
 
 
 @dataclass
@@ -158,6 +162,7 @@ class Platform:
     src: Path = Path()
     edge: str = ""
     up: bool = False
+    verbose: bool = False
 
     def tw(self, *args: str, **kw) -> subprocess.CompletedProcess:
         return run([*TAXIWAY, *args], env=self.env, **kw)
@@ -186,14 +191,23 @@ class Platform:
         port = urlsplit(self.edge).port
         t0 = time.perf_counter()
         proc = subprocess.Popen([*TAXIWAY, "deploy", str(self.src)], env=self.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # Each progress line with when it came, for --verbose's breakdown of where the time goes.
+        lines: list[tuple[float, str]] = []
+        reader = threading.Thread(target=lambda: lines.extend(
+            (time.perf_counter() - t0, ln.decode().rstrip()) for ln in proc.stdout), daemon=True)
+        reader.start()
         seen, answers, failures = wait_for(client, f"http://127.0.0.1:{port}/", marker, t0 + 300,
                                            headers={"Host": f"{APP}.localhost:{port}"},
                                            done=lambda: proc.poll() is not None)
-        out, err = proc.communicate()
-        if proc.returncode != 0:
-            sys.exit(f"taxiway deploy failed:\n{out.decode()}{err.decode()[-3000:]}")
         t1 = time.perf_counter()  # the command has returned (the loop above waited for it)
+        reader.join(10)
+        if proc.returncode != 0:
+            sys.exit("taxiway deploy failed:\n" + "\n".join(ln for _, ln in lines)[-3000:])
+        if self.verbose:
+            for t, ln in lines:
+                print(f"    {t:6.2f} {ln}", file=sys.stderr)
+            print(f"    {seen - t0:6.2f} (the edge answered with the new text)", file=sys.stderr)
         return t1 - t0, seen - t0, answers, failures
 
     def close(self) -> None:
@@ -288,6 +302,9 @@ def main() -> None:
     ap.add_argument("--index", default="", help="a PEP 503 index URL for both sides' pip (--example python)")
     ap.add_argument("--requirements", default="", help='pins replacing the sample\'s ("flask==3.1.3 gunicorn==26.2.0")')
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table for bench/RESULTS.md")
+    ap.add_argument("--verbose", action="store_true", help="print each deploy's progress lines with their times")
+    ap.add_argument("--interval", type=float, default=0.05,
+                    help="seconds between the request loop's GETs (it shares the CPU with what it measures)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: machines and podman's private storage need it")
@@ -295,10 +312,12 @@ def main() -> None:
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed (scripts/install-deps.sh)")
     ex = EXAMPLES[args.example]
+    global INTERVAL
+    INTERVAL = args.interval
     print(f"load at the start: {load()}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="taxiway-bench-platform-") as tmp:
         work = Path(tmp)
-        plat = Platform(work, ex, args.index, args.requirements)
+        plat = Platform(work, ex, args.index, args.requirements, verbose=args.verbose)
         pod = Podman(work, ex, args.index, args.requirements)
         tw_rows: list[tuple[float, float, int, int]] = []
         pm_rows: list[tuple[float, float]] = []
