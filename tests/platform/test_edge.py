@@ -441,6 +441,9 @@ async def test_hard_limit_queues_then_serves(state, edge, client, machines, tmp_
     assert edge.balancer.counts() == {a.id: 1} and not second.done()  # waits: never above hard_limit
     gate.touch()
     assert (await first).status_code == 200 and (await second).status_code == 200
+    # Many at once, one at a time each: all are served (waits for a slot are not retries).
+    many = await asyncio.gather(*(client.get(f"/{i}", headers=on("web")) for i in range(40)))
+    assert [r.status_code for r in many] == [200] * 40
 
 
 # -- bodies ---------------------------------------------------------------------------------------------
@@ -651,7 +654,7 @@ async def test_edge_process_routes_and_stops_on_sigterm(nats_server: NatsServer,
 
 
 def test_bad_arguments_are_one_error_line():
-    for args, want in ((["--listen", "nowhere"], "error: invalid --listen address 'nowhere'; use HOST:PORT"),
+    for args, want in ((["--listen", "nowhere"], "error: --listen 'nowhere' is not HOST:PORT; use HOST:PORT"),
                        (["--domain", "bad_domain!"], "error: invalid --domain 'bad_domain!'"),
                        (["--max-body", "lots"], "error: invalid size 'lots'")):
         p = subprocess.run([sys.executable, "-m", "taxiway.platform.edge", "--nats", "nats://127.0.0.1:1", *args],
@@ -667,11 +670,18 @@ def test_unreachable_nats_is_one_error_line():
     assert p.stderr.count("\n") == 1
 
 
-def test_listen_parse():
-    assert edge_mod.parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
-    assert edge_mod.parse_listen("[::1]:8180") == ("::1", 8180)
-    with pytest.raises(edge_mod.InvalidInput):
-        edge_mod.parse_listen("127.0.0.1:99999")
+def test_listen_flag_is_the_shared_one():
+    """--listen is parsed by taxiway.listen, as every server's is: loopback unless an address is named."""
+    def listen(*argv: str) -> tuple[str, int]:
+        return edge_mod.config_from_args(["--nats", "nats://127.0.0.1:4222", *argv]).listen
+
+    assert listen() == ("127.0.0.1", 8180)
+    assert listen("--listen", "127.0.0.1:0") == ("127.0.0.1", 0)
+    assert listen("--listen", ":8181") == ("127.0.0.1", 8181)
+    assert listen("--listen", "[::1]:8180") == ("::1", 8180)
+    for bad in ("127.0.0.1:99999", "edge.example:80", "::1:8180"):
+        with pytest.raises(edge_mod.InvalidInput, match="^--listen "):
+            listen("--listen", bad)
 
 
 # -- the pure parts of the hot path -------------------------------------------------------------------

@@ -625,13 +625,16 @@ class Edge:
         queue_deadline = loop.time() + self.config.queue_timeout
         last_error = ""
         retry_deadline = loop.time() + self.config.retry_window
-        for attempt in range(_MAX_ATTEMPTS):
+        attempt = 0
+        while attempt < _MAX_ATTEMPTS:  # connects and retry rounds; waits for a slot are not counted
             backends = self.routes.backends(app)
             backend = self.balancer.choose(backends, tried, loop.time())
+            attempt += 1
             if backend is None:
                 if backends and self.balancer.full([b for b in backends if b.machine not in tried]) \
                         and loop.time() < queue_deadline:
                     await self._wait_change(queue_deadline - loop.time())  # a slot, or new routes
+                    attempt -= 1
                     continue
                 if tried and backends and loop.time() < retry_deadline:
                     # Every machine failed: one just started may not listen yet, or the routes are
@@ -1025,6 +1028,7 @@ class _FastRequest:
         if backend is None:
             if backends and more and now < self.queue_deadline \
                     and edge.balancer.full([b for b in backends if b.machine not in self.tried]):
+                self.attempts -= 1  # waiting for a slot is no attempt
                 self._spawn(self._queue())  # every machine at its hard_limit: wait for a slot
                 return
             if backends and more and self.tried and now < self.retry_deadline:
