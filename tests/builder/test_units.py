@@ -451,6 +451,42 @@ def test_build_egress_proxy_that_cannot_start_says_why_every_time(tmp_path, monk
         assert up.address() == ("10.0.0.1", 3128)
 
 
+def test_a_stack_layer_is_cached_whole_or_not_at_all(tmp_path, monkeypatch):
+    """The cached stack layer is renamed into place (synced) before layer.json names it; leftovers are swept."""
+    import hashlib
+
+    from taxiway.builder import stack
+
+    recipe = stack.RECIPES["run-base"]
+    monkeypatch.setenv("TAXIWAY_STACK_CACHE", str(tmp_path / "cache"))
+    rootfs = io.BytesIO()
+    with tarfile.open(fileobj=rootfs, mode="w") as t:
+        info = tarfile.TarInfo("etc/os-release")
+        info.size = 5
+        t.addfile(info, io.BytesIO(b"test\n"))
+    calls = []
+
+    def mmdebstrap(r, out: Path) -> None:  # the real one needs a Debian mirror; this writes what it would
+        calls.append(r.name)
+        if len(calls) == 1:
+            raise InvalidInput("mirror unreachable", "test")
+        out.write_bytes(rootfs.getvalue())
+
+    monkeypatch.setattr(stack, "_mmdebstrap", mmdebstrap)
+    d = tmp_path / "cache" / recipe.key()
+    with pytest.raises(InvalidInput):
+        stack.cached_layer(recipe)
+    assert not (d / "layer.tar.gz").exists() and not (d / "layer.json").exists()
+    (d / ".layer.tar.gz.abcd1234.tmp").write_bytes(b"half a layer")  # as a build killed mid-write leaves it
+    path, meta = stack.cached_layer(recipe)
+    data = path.read_bytes()
+    assert gzip.decompress(data) == rootfs.getvalue()
+    assert meta["digest"] == "sha256:" + hashlib.sha256(data).hexdigest() and meta["size"] == len(data)
+    assert meta["diff_id"] == "sha256:" + hashlib.sha256(rootfs.getvalue()).hexdigest()
+    assert sorted(os.listdir(d)) == ["layer.json", "layer.tar.gz"]
+    assert stack.cached_layer(recipe) == (path, meta) and len(calls) == 2  # cached: not built again
+
+
 def test_sweep_keeps_live_builds_and_reaps_dead_reused_and_zombie_owners(tmp_path):
     """A build folder's owner is a pid and its start time: a reused pid or a zombie owner means the build is gone."""
     import subprocess

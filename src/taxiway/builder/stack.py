@@ -138,20 +138,21 @@ def cached_layer(recipe: Recipe) -> tuple[Path, dict]:
     with locked(root / f"{recipe.key()}.lock"):
         if not meta_path.exists():
             d.mkdir(parents=True, exist_ok=True)
+            from taxiway.fsutil import atomic_write, sweep_temp_files, write_bytes_atomic
+
+            sweep_temp_files(d / "layer.tar.gz")  # what a build killed here left (we hold the lock)
             with tempfile.TemporaryDirectory(dir=root, prefix=".mm-") as tmp:
                 tar = Path(tmp) / "rootfs.tar"
                 _mmdebstrap(recipe, tar)
-                gz = Path(tmp) / "layer.tar.gz"
-                with open(gz, "wb") as out, open(tar, "rb") as src:
+                # Synced before layer.json names it: after a power cut the record never
+                # points at a layer that is empty or short.
+                with atomic_write(d / "layer.tar.gz") as out, open(tar, "rb") as src:
                     sink = _Sink(out, GZIP_LEVEL)
                     while chunk := src.read(1 << 20):
                         sink.write(chunk)
                     sink.finish()
-                os.replace(gz, d / "layer.tar.gz")
                 meta = {"digest": "sha256:" + sink.dig.hexdigest(), "diff_id": "sha256:" + sink.diff.hexdigest(),
                         "size": sink.size, "packages": list(recipe.packages), "suite": SUITE}
-                from taxiway.fsutil import write_bytes_atomic
-
                 write_bytes_atomic(meta_path, json.dumps(meta, sort_keys=True).encode())
     return d / "layer.tar.gz", json.loads(meta_path.read_text())
 
