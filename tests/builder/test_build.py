@@ -53,7 +53,7 @@ def test_rebuild_after_code_change_writes_one_layer(builder, tmp_path):
 
 def test_rebase_swaps_run_image_and_keeps_app_layers(builder, podman, tmp_path):
     from taxiway.builder import layer as lyr
-    from taxiway.builder.assemble import put_image, with_layers
+    from taxiway.oci.image import append_layers, write_image
 
     builder("build", str(copy_example("python", tmp_path / "app")), "-t", "rebase/python:1")
     old = builder.image("rebase/python:1")
@@ -63,7 +63,7 @@ def test_rebase_swaps_run_image_and_keeps_app_layers(builder, podman, tmp_path):
     store = builder.store()
     run = store.image(run_ref)
     patch = lyr.store_layer(store, [lyr.Entry("etc", "dir", 0o755), lyr.Entry("etc/taxiway-patch", "file", 0o644, data=b"patched\n")])
-    desc = put_image(store, with_layers(run.config(), [patch.diff_id], ["security patch"]), [*run.layers(), patch.descriptor])
+    desc = write_image(store, append_layers(run, patch.addendum("security patch")))
     store.tag("localhost/test/run-python:patched", desc)
 
     n_run = len(run.layers())

@@ -124,6 +124,83 @@ def test_a_layer_stopped_mid_write_leaves_no_temp_file(tmp_path):
     assert list(store.blobs.iterdir()) == []
 
 
+def _run_image(store: Store, *names: str, ref: str):
+    """A run image of one layer per name (stack-style config), tagged ``ref``."""
+    from taxiway.builder import stack
+    from taxiway.oci.image import append_layers, empty_image, set_config, write_image
+
+    layers = [lyr.store_layer(store, [lyr.Entry(n, "file", 0o644, data=n.encode())]) for n in names]
+    img = append_layers(empty_image(), *(la.addendum(f"add {n}") for la, n in zip(layers, names, strict=True)))
+    cfg = {**stack.stack_config(stack.RECIPES["run-base"], layers[0].diff_id),
+           "rootfs": img.config()["rootfs"], "history": img.config()["history"]}
+    desc = write_image(store, set_config(img, cfg))
+    store.tag(ref, desc)
+    return store.image(ref)
+
+
+def test_layers_join_the_image_model_with_a_fixed_history_entry(tmp_path):
+    from taxiway.builder.assemble import CREATED
+    from taxiway.oci.image import append_layers, empty_image, write_image
+
+    store = Store(tmp_path / "store")
+    a = lyr.store_layer(store, [lyr.Entry("a", "file", 0o644, data=b"a")])
+    add = a.addendum("buildpack x layer y")
+    assert add.layer == a.descriptor and add.diff_id == a.diff_id and add.opener is None
+    assert add.history == {"created": CREATED, "created_by": "buildpack x layer y"}
+    # The layer is in the store already: writing the image reads no opener and copies nothing.
+    blobs = set(os.listdir(store.blobs))
+    desc = write_image(store, append_layers(empty_image(), add))
+    assert set(os.listdir(store.blobs)) - blobs == {desc.digest.split(":")[1], store.image(desc.digest).config_descriptor().digest.split(":")[1]}
+    # A second store with a fresh home gets the same digest from the same files.
+    other = Store(tmp_path / "other")
+    b = lyr.store_layer(other, [lyr.Entry("a", "file", 0o644, data=b"a")])
+    assert write_image(other, append_layers(empty_image(), b.addendum("buildpack x layer y"))).digest == desc.digest
+
+
+def test_rebase_moves_app_layers_and_back_gives_the_same_image(tmp_path):
+    import json
+
+    from taxiway.builder import assemble
+    from taxiway.builder.lifecycle import rebase
+    from taxiway.oci.image import append_layers, set_config, write_image
+
+    store = Store(tmp_path / "store")
+    run = _run_image(store, "os", ref="localhost/test/run:1")
+    patched = _run_image(store, "os", "patch", ref="localhost/test/run:2")
+    app_layers = [lyr.store_layer(store, [lyr.Entry(f"workspace/{n}", "file", 0o644, data=n.encode())]) for n in ("deps", "app")]
+    img = append_layers(run, *(la.addendum(f"layer {i}") for i, la in enumerate(app_layers)))
+    cfg = img.config()
+    top = run.config()["rootfs"]["diff_ids"][-1]
+    md = {"runImage": {"topLayer": top, "reference": run.digest(), "image": "localhost/test/run:1"},
+          "stack": {"runImage": {"image": "localhost/test/run:1"}}}  # as export writes it
+    cfg["config"]["Labels"][assemble.LIFECYCLE_LABEL] = json.dumps(md, sort_keys=True, separators=(",", ":"))
+    store.tag("localhost/test/app:1", write_image(store, set_config(img, cfg)))
+    built = store.image("localhost/test/app:1")
+
+    rebase(store, "localhost/test/app:1", "localhost/test/run:2")
+    moved = store.image("localhost/test/app:1")
+    assert [d.digest for d in moved.layers()] == [*(d.digest for d in patched.layers()), *(la.digest for la in app_layers)]
+    mcfg = moved.config()
+    assert [h["created_by"] for h in mcfg["history"]] == ["add os", "add patch", "layer 0", "layer 1"]
+    new_md = json.loads(mcfg["config"]["Labels"][assemble.LIFECYCLE_LABEL])
+    assert new_md["runImage"] == {"topLayer": patched.config()["rootfs"]["diff_ids"][-1], "reference": patched.digest(),
+                                  "image": "localhost/test/run:2"}
+    assert mcfg["config"]["User"] == built.config()["config"]["User"]
+
+    rebase(store, "localhost/test/app:1", "localhost/test/run:1", tag="localhost/test/app:back")
+    back = store.image("localhost/test/app:back")
+    assert back.config_bytes() == built.config_bytes() and back.digest() == built.digest()
+
+
+def test_rebase_refuses_an_image_the_builder_did_not_make(tmp_path):
+    from taxiway.builder.lifecycle import rebase
+
+    store = Store(tmp_path / "store")
+    _run_image(store, "os", ref="localhost/test/run:1")
+    with pytest.raises(InvalidInput, match="not built by buildpacks"):
+        rebase(store, "localhost/test/run:1", "localhost/test/run:1")
+
+
 def test_store_prunes_temp_files_of_writers_that_died_not_of_live_ones(tmp_path):
     """kill -9 mid-write leaves a temp blob: the next write removes it once unlocked and past the grace period."""
     import signal

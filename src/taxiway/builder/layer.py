@@ -22,7 +22,7 @@ from typing import BinaryIO
 from isal import isal_zlib
 
 from taxiway.oci import mediatypes as mt
-from taxiway.oci.image import Descriptor
+from taxiway.oci.image import Addendum, Descriptor
 
 #: 1980-01-01T00:00:01Z: the CNB lifecycle's fixed time (and valid in zip files, unlike 0).
 DEFAULT_EPOCH = 315532801
@@ -45,6 +45,12 @@ class Layer:
     @property
     def digest(self) -> str:
         return self.descriptor.digest
+
+    def addendum(self, created_by: str) -> Addendum:
+        """This layer as the image model appends it (it is in the store already), with a fixed-time history entry."""
+        from taxiway.builder.assemble import history
+
+        return Addendum(self.descriptor, self.diff_id, history(created_by))
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ from taxiway.builder.machine import BUILD_GID, BUILD_UID, TRUST_ENV, BuildMachin
 from taxiway.builder.project import copy_source, load_project
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.oci import mediatypes as mt
-from taxiway.oci.image import Descriptor
+from taxiway.oci.image import Descriptor, append_layers, set_config, write_image
+from taxiway.oci.image import rebase as image_rebase
 
 BASE_PATH = stack.PATH
 SPECIAL_TOMLS = {"launch.toml", "build.toml", "store.toml"}
@@ -571,7 +572,9 @@ class Lifecycle:
         # The lifecycle's own labels last: nothing a buildpack wrote replaces them.
         labels[assemble.LIFECYCLE_LABEL] = json.dumps(lifecycle_md, sort_keys=True, separators=(",", ":"))
         labels[assemble.BUILD_LABEL] = json.dumps(build_md, sort_keys=True, separators=(",", ":"))
-        cfg = assemble.with_layers(run_cfg, [layer.diff_id for _, layer in new_layers], [h for h, _ in new_layers])
+        img = append_layers(run, *(layer.addendum(h) for h, layer in new_layers))
+        cfg = img.config()
+        cfg["created"] = assemble.CREATED
         c = cfg.setdefault("config", {})
         env.setdefault("PORT", "8080")
         c["Env"] = [f"{k}={v}" for k, v in env.items()]
@@ -585,8 +588,7 @@ class Lifecycle:
             c["Entrypoint"] = default.argv()
         else:
             self.say("[export] no default process: the image has no entrypoint (add a Procfile or launch.toml process)")
-        layers = [*run.layers(), *[layer.descriptor for _, layer in new_layers]]
-        desc = assemble.put_image(self.store, cfg, layers)
+        desc = write_image(self.store, set_config(img, cfg))
         self._left()  # the last moment --timeout can stop the build: the tag is the one change users see
         assemble.tag_if_changed(self.store, self.opts.tag, desc)
         from taxiway.fsutil import write_bytes_atomic
@@ -869,16 +871,12 @@ def rebase(store, ref: str, run_image: str, tag: str | None = None) -> Descripto
         stack.import_stack(store, run_image)
         run_image = stack.RECIPES[run_image].ref
     new_run = store.image(run_image)
-    run_cfg = new_run.config()
-    run_diffs = (run_cfg.get("rootfs") or {}).get("diff_ids") or []
-    app_layers = img.layers()[n:]
-    new_cfg = json.loads(json.dumps(cfg))
-    new_cfg["rootfs"] = {"type": "layers", "diff_ids": run_diffs + diffs[n:]}
-    hist = cfg.get("history") or []
-    new_cfg["history"] = list(run_cfg.get("history") or []) + hist[len(hist) - len(app_layers):]
+    run_diffs = (new_run.config().get("rootfs") or {}).get("diff_ids") or []
     md["runImage"] = {"topLayer": run_diffs[-1] if run_diffs else "", "reference": new_run.digest(), "image": run_image}
     md["stack"] = {"runImage": {"image": run_image}}
+    rebased = image_rebase(img, n, new_run)  # the app layers keep their digests and history entries
+    new_cfg = rebased.config()
     new_cfg["config"]["Labels"][assemble.LIFECYCLE_LABEL] = json.dumps(md, sort_keys=True, separators=(",", ":"))
-    desc = assemble.put_image(store, new_cfg, [*new_run.layers(), *app_layers])
+    desc = write_image(store, set_config(rebased, new_cfg))
     store.tag(tag or ref, desc)
     return desc

@@ -175,16 +175,16 @@ def stack_config(recipe: Recipe, diff_id: str) -> dict:
 
 def import_stack(store, name: str) -> Descriptor:
     """Make sure the stack image ``name`` is in ``store`` (building it if needed); returns its manifest descriptor."""
-    from taxiway.builder.assemble import put_image, tag_if_changed
-    from taxiway.builder.layer import Layer
+    from taxiway.builder.assemble import tag_if_changed
+    from taxiway.oci.image import Addendum, append_layers, empty_image, set_config, write_image
 
     recipe = RECIPES[name]
     path, meta = cached_layer(recipe)
-    if not store.has_blob(meta["digest"]):
-        with open(path, "rb") as f:
-            store.write_blob(f, expected_digest=meta["digest"], expected_size=meta["size"])
-    layer = Layer(Descriptor(mt.OCI_LAYER_GZIP, meta["digest"], meta["size"]), meta["diff_id"])
-    desc = put_image(store, stack_config(recipe, layer.diff_id), [layer.descriptor])
+    # The layer is read from the cache only if the store lacks it (and checked against the recorded digest then).
+    layer = Addendum(Descriptor(mt.OCI_LAYER_GZIP, meta["digest"], meta["size"]), meta["diff_id"],
+                     opener=lambda: open(path, "rb"))
+    img = set_config(append_layers(empty_image(), layer), stack_config(recipe, meta["diff_id"]))
+    desc = write_image(store, img)
     tag_if_changed(store, recipe.ref, desc)
     return desc
 
