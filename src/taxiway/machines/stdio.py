@@ -22,17 +22,22 @@ NULL_DEVICE = os.makedev(1, 3)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def _null(flags: int) -> int | None:
-    """/dev/null opened with ``flags`` if it really is the null device (char 1:3), else None."""
+def _null(flags: int) -> int:
+    """/dev/null opened with ``flags`` (O_RDONLY or O_WRONLY) if it really is the null device (char 1:3);
+    else one end of a pipe whose other end is closed: reads see EOF at once, writes fail."""
     try:
         fd = os.open("/dev/null", flags | os.O_CLOEXEC)
     except OSError:
-        return None
-    st = os.fstat(fd)
-    if stat.S_ISCHR(st.st_mode) and st.st_rdev == NULL_DEVICE:
-        return fd
-    os.close(fd)
-    return None
+        pass
+    else:
+        st = os.fstat(fd)
+        if stat.S_ISCHR(st.st_mode) and st.st_rdev == NULL_DEVICE:
+            return fd
+        os.close(fd)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    keep, drop = (r, w) if flags == os.O_RDONLY else (w, r)
+    os.close(drop)
+    return keep
 
 
 def null_input() -> int:
@@ -42,22 +47,12 @@ def null_input() -> int:
     file there, holding whatever was written to it since: a machine's stdin must never
     read that (it did once, in CI). The fd is close-on-exec (``dup2`` onto 0 clears it).
     """
-    fd = _null(os.O_RDONLY)
-    if fd is not None:
-        return fd
-    r, w = os.pipe2(os.O_CLOEXEC)
-    os.close(w)
-    return r
+    return _null(os.O_RDONLY)
 
 
 def null_output() -> int:
     """An fd that discards writes: /dev/null, or a pipe with no reader (writes fail) where it is not the device."""
-    fd = _null(os.O_WRONLY)
-    if fd is not None:
-        return fd
-    r, w = os.pipe2(os.O_CLOEXEC)
-    os.close(r)
-    return w
+    return _null(os.O_WRONLY)
 
 
 def detach_stdio() -> None:
