@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from taxiway.platform import edge as edge_mod
 from taxiway.platform import schema
@@ -740,3 +742,32 @@ def test_forward_head_of_a_response():
         with pytest.raises(http.ProtocolError) as e:
             edge_mod._forward_head(bad, "GET", True, "x")
         assert e.value.status == 502
+
+
+_HEAD_PARTS = st.sampled_from([b"GET", b"HEAD", b"DELETE", b"FOO", b"G T", b""])
+
+
+@given(method=_HEAD_PARTS,
+       target=st.sampled_from([b"/", b"/a?b=1", b"/\xff", b"http://api.localhost/x", b"/a b", b"*", b"/\x7f"]),
+       version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"HTTP/1.1 x"]),
+       fields=st.lists(st.tuples(st.sampled_from([b"Host", b"X-A", b"Bad Name", b"", b"X:Y", b"Accept"]),
+                                 st.sampled_from([b"web.localhost", b"", b" v ", b"a\x00b", b"\xe9t\xe9", b"x\ty"])),
+                       max_size=6),
+       fold=st.booleans())
+@settings(max_examples=400, deadline=None)
+def test_fast_head_parser_agrees_with_egress_http(method, target, version, fields, fold):
+    """llhttp on the fast path accepts exactly what egress.http accepts, with the same result."""
+    from taxiway.egress import http
+
+    lines = [method + b" " + target + b" " + version] + [k + b": " + v for k, v in fields]
+    if fold and len(lines) > 1:
+        lines.append(b"  folded")
+    raw = b"\r\n".join(lines) + b"\r\n\r\n"
+
+    def parse(f):
+        try:
+            return f(raw)
+        except http.ProtocolError as e:
+            return ("refused", e.status)
+
+    assert parse(edge_mod._parse_request_head) == parse(http.parse_request_head)

@@ -904,7 +904,7 @@ class _FastClient(asyncio.Protocol):
             raw = bytes(self.buf[: i + 4])
             del self.buf[: i + 4]
             try:
-                head = http.parse_request_head(raw)
+                head = _parse_request_head(raw)
                 plan = edge._plan(head, self.client_ip)
             except http.ProtocolError as e:
                 self.reply(http.simple_response(e.status, f"bad request: {e}\n"), close=True)
@@ -1423,6 +1423,52 @@ def _forward_head(raw: bytes, method: str, keep: bool, request_id: str
 
 
 _NO_CALLBACKS = object()
+
+
+class _RequestHeadCallbacks:
+    """httptools callbacks collecting a request head."""
+
+    __slots__ = ("headers", "url")
+
+    def __init__(self) -> None:
+        self.headers: http.Headers = []
+        self.url = b""
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value.strip(b" \t")))  # llhttp keeps trailing blanks
+
+
+_VERSIONS = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
+_CONTROL = re.compile(rb"[\x00-\x20\x7f]")  # never in a request target (as egress.http)
+
+
+def _parse_request_head(raw: bytes) -> http.RequestHead:
+    """A client's request head on the fast path: llhttp (C) when it accepts it, with the
+    rules egress.http adds (HTTP/1.0 or 1.1, a UTF-8 target without control characters,
+    at most MAX_HEADERS fields); anything llhttp refuses is judged by egress.http, so the
+    answer to a bad head is the stream path's. Heads of requests with a body go to the
+    stream path, which parses them again with egress.http alone (smuggling defences)."""
+    if httptools is None:
+        return http.parse_request_head(raw)
+    cb = _RequestHeadCallbacks()
+    parser = httptools.HttpRequestParser(cb)
+    try:
+        parser.feed_data(raw)
+    except httptools.HttpParserUpgrade:
+        pass
+    except httptools.HttpParserError:
+        return http.parse_request_head(raw)  # raises the same error the stream path would
+    version = _VERSIONS.get(parser.get_http_version())
+    if version is None or len(cb.headers) > http.MAX_HEADERS or _CONTROL.search(cb.url):
+        return http.parse_request_head(raw)
+    try:
+        target = cb.url.decode("utf-8")
+    except UnicodeDecodeError:
+        return http.parse_request_head(raw)
+    return http.RequestHead(parser.get_method().decode("ascii"), target, version, cb.headers)
 
 
 async def _response_head(src: asyncio.StreamReader, body: asyncio.Task | None) -> bytes:
