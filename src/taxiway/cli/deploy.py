@@ -115,7 +115,11 @@ def build_and_push(client: Any, app: str, folder: Path, cfg: dict[str, Any]) -> 
     token = client.registry_token(app)
     ref = f"{token['registry']}/{token['repository']}:deployment-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}"
     store = Store()
-    opts = lifecycle.BuildOptions(source=folder, tag=ref, buildpacks=_buildpacks(cfg["build"]["buildpacks"]),
+    # The builder keeps its cache (dependency layers, the last export) per image name, tag included:
+    # build under one name per app, so a redeploy reuses what did not change (a new name per deploy
+    # made every deploy a cold build: pip install again), then give the image this deploy's tag.
+    build_ref = f"localhost/taxiway-deploy/{token.get('stored_as') or token['repository']}:latest"
+    opts = lifecycle.BuildOptions(source=folder, tag=build_ref, buildpacks=_buildpacks(cfg["build"]["buildpacks"]),
                                   env=dict(cfg["build"].get("args") or {}))
     try:
         result = lifecycle.build(opts, store)
@@ -123,6 +127,7 @@ def build_and_push(client: Any, app: str, folder: Path, cfg: dict[str, Any]) -> 
         for line in e.log_tail:
             _say(f"  | {line}")
         raise
+    store.tag(ref, result.descriptor)
     _say(f"[export] wrote {', '.join(result.written) or 'no new layer'}; reused {', '.join(result.reused) or 'none'}")
     creds = Credentials(token["username"], token["password"])
     with RegistryClient(token["registry"], credentials=creds, use_stored_credentials=False) as rc:
