@@ -12,6 +12,7 @@ import pytest
 
 from taxiway.fsutil import (
     FileProblem,
+    TooLarge,
     atomic_path,
     atomic_write,
     read_regular,
@@ -92,7 +93,7 @@ def test_sweep_removes_only_our_temp_names(tmp_path):
 def test_read_regular_refuses_what_is_not_a_small_regular_file(tmp_path):
     (tmp_path / "f").write_bytes(b"x" * 100)
     assert read_regular(tmp_path / "f") == b"x" * 100
-    with pytest.raises(FileProblem, match="larger than 10 bytes"):
+    with pytest.raises(TooLarge, match="larger than 10 bytes"):  # a FileProblem too
         read_regular(tmp_path / "f", 10)
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(FileProblem, match="not a regular file"):
@@ -104,6 +105,23 @@ def test_read_regular_refuses_what_is_not_a_small_regular_file(tmp_path):
         read_regular(tmp_path / "link", nofollow=True)
     assert same_file([tmp_path / "f", None, tmp_path / "link"]) == (tmp_path / "f", tmp_path / "link")
     assert same_file([tmp_path / "f", tmp_path / "g"]) is None
+
+
+def test_read_regular_below_a_folder_fd(tmp_path):
+    """dir_fd: the name is looked up in that folder (as safefs walks a build's tree link by link)."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"data")
+    (tmp_path / "d" / "link").symlink_to(tmp_path / "d" / "f")
+    fd = os.open(tmp_path / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert read_regular("f", nofollow=True, dir_fd=fd) == b"data"
+        assert read_regular("link", dir_fd=fd) == b"data"
+        with pytest.raises(FileProblem, match="symbolic link"):
+            read_regular("link", nofollow=True, dir_fd=fd)
+        with pytest.raises(FileNotFoundError):
+            read_regular("gone", nofollow=True, dir_fd=fd)
+    finally:
+        os.close(fd)
 
 
 def test_pid_alive_counts_a_zombie_as_dead():

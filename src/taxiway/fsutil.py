@@ -143,24 +143,31 @@ class FileProblem(Exception):
     """Why a file cannot be read, as a phrase to follow its name ("is not a regular file")."""
 
 
-def open_nofollow(path: str | os.PathLike, flags: int, mode: int = 0o600) -> int:
-    """os.open with O_NOFOLLOW; a symlink raises FileProblem instead of being followed."""
+class TooLarge(FileProblem):
+    """The file is a regular one, but over the limit it was read with."""
+
+
+def open_nofollow(path: str | os.PathLike, flags: int, mode: int = 0o600, *, dir_fd: int | None = None) -> int:
+    """os.open with O_NOFOLLOW (``path`` relative to ``dir_fd`` if given); a symlink raises FileProblem instead of being followed."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     except OSError as e:
         if e.errno == errno.ELOOP:
             raise FileProblem("is a symbolic link, which taxiway does not follow here") from None
         raise
 
 
-def read_regular(path: str | os.PathLike, limit: int = MAX_INPUT, *, nofollow: bool = False) -> bytes:
-    """The contents of a regular file of at most ``limit`` bytes.
+def read_regular(path: str | os.PathLike, limit: int = MAX_INPUT, *, nofollow: bool = False,
+                 dir_fd: int | None = None) -> bytes:
+    """The contents of a regular file of at most ``limit`` bytes (``path`` relative to ``dir_fd`` if given).
 
     FileNotFoundError and other OSErrors propagate; a symlink (with ``nofollow``),
-    a device, FIFO or directory, or a file over the limit raise FileProblem.
+    a device, FIFO or directory raise FileProblem, a file over the limit TooLarge.
+    ``nofollow`` refuses a link only as the last component: to refuse one anywhere,
+    open each folder on the way with O_NOFOLLOW and pass the last one as ``dir_fd``.
     """
     flags = os.O_RDONLY | os.O_NONBLOCK  # a FIFO must not block the open
-    fd = open_nofollow(path, flags) if nofollow else os.open(path, flags | os.O_CLOEXEC)
+    fd = open_nofollow(path, flags, dir_fd=dir_fd) if nofollow else os.open(path, flags | os.O_CLOEXEC, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -174,7 +181,7 @@ def read_regular(path: str | os.PathLike, limit: int = MAX_INPUT, *, nofollow: b
             chunks.append(chunk)
             size += len(chunk)
         if size > limit:
-            raise FileProblem(f"is larger than {limit >> 20} MiB" if limit >= 1 << 20 else f"is larger than {limit} bytes")
+            raise TooLarge(f"is larger than {limit >> 20} MiB" if limit >= 1 << 20 else f"is larger than {limit} bytes")
         return b"".join(chunks)
     finally:
         os.close(fd)

@@ -528,6 +528,30 @@ def test_build_egress_proxy_that_cannot_start_says_why_every_time(tmp_path, monk
         assert up.address() == ("10.0.0.1", 3128)
 
 
+def test_safefs_reads_only_plain_files_reached_without_links(tmp_path):
+    """What a build wrote is read link-free all the way down, regular and bounded (through fsutil.read_regular)."""
+    from taxiway.builder import safefs
+
+    root = tmp_path / "layers"
+    (root / "bp" / "env").mkdir(parents=True)
+    (root / "bp" / "env" / "PATH").write_bytes(b"/layers/bp/bin")
+    assert safefs.read_bytes(root, "bp/env/PATH") == b"/layers/bp/bin"
+    assert safefs.read_bytes(root, "bp/env/GONE") is None and safefs.read_bytes(root, "nope/x") is None
+    secret = tmp_path / "host-secret"
+    secret.write_bytes(b"canary")
+    (root / "bp" / "env" / "SHADOW").symlink_to(secret)
+    (root / "up").symlink_to(tmp_path)  # a link on the way, not at the end
+    os.mkfifo(root / "bp" / "env" / "FIFO")
+    for rel in ("bp/env/SHADOW", "up/host-secret", "bp/env/FIFO", "bp/env"):
+        with pytest.raises(InvalidInput, match="symlink or special file"):
+            safefs.read_bytes(root, rel)
+    with open(root / "bp" / "big", "wb") as f:
+        f.truncate(safefs.MAX_READ + 1)
+    with pytest.raises(InvalidInput, match="larger than 16 MB"):
+        safefs.read_bytes(root, "bp/big")
+    assert safefs.read_text(root, "bp/env/PATH", "env") == "/layers/bp/bin"
+
+
 def test_a_stack_layer_is_cached_whole_or_not_at_all(tmp_path, monkeypatch):
     """The cached stack layer is renamed into place (synced) before layer.json names it; leftovers are swept."""
     import hashlib

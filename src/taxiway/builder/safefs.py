@@ -17,6 +17,7 @@ import stat
 from pathlib import Path
 
 from taxiway.errors import InvalidInput
+from taxiway.fsutil import FileProblem, TooLarge, read_regular
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -106,25 +107,16 @@ def read_bytes(root: Path, rel: str) -> bytes | None:
     if parent is None:
         return None
     try:
-        fd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=parent)
+        # open_dir reached its folder refusing every link on the way; the file itself is not followed either.
+        return read_regular(parts[-1], MAX_READ, nofollow=True, dir_fd=parent)
     except FileNotFoundError:
         return None
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise _refuse(root, rel) from None
-        raise
+    except TooLarge:
+        raise InvalidInput(f"the build wrote {rel} larger than {MAX_READ >> 20} MB", "keep metadata and env files small") from None
+    except FileProblem:  # a link, a folder, a device or a fifo
+        raise _refuse(root, rel) from None
     finally:
         os.close(parent)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _refuse(root, rel)
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(MAX_READ + 1)
-        if len(data) > MAX_READ:
-            raise InvalidInput(f"the build wrote {rel} larger than {MAX_READ >> 20} MB", "keep metadata and env files small")
-        return data
-    finally:
-        os.close(fd)
 
 
 def read_text(root: Path, rel: str, what: str) -> str | None:
