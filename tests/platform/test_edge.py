@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from taxiway.platform import edge as edge_mod
-from taxiway.platform import schema
+from taxiway.platform import edgehttp, schema
 from taxiway.platform.edge import Edge, EdgeConfig
 from taxiway.platform.nats import NatsServer, free_port
 from taxiway.platform.state import State
@@ -722,25 +722,25 @@ def test_plan_of_a_request_head():
 def test_forward_head_of_a_response():
     from taxiway.egress import http
 
-    status, head, framing, keep_conn, keep_client = edge_mod._forward_head(
+    status, head, framing, keep_conn, keep_client = edgehttp.forward_response_head(
         b"HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\n"
         b"X-Secret: 1\r\nContent-Length: 3\r\n\r\n", "GET", True, "e-1")
     assert (status, framing, keep_conn, keep_client) == (200, ("length", 3), True, True)
     assert head == b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 3\r\ntaxiway-request-id: e-1\r\n\r\n"
-    _, head, framing, keep_conn, keep_client = edge_mod._forward_head(
+    _, head, framing, keep_conn, keep_client = edgehttp.forward_response_head(
         b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n", "GET", True, "e-2")
     assert (framing, keep_conn, keep_client) == (("close", 0), False, False) and head.endswith(
         b"Connection: close\r\n\r\n")
-    assert edge_mod._forward_head(b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n", "GET", True, "x")[2] == \
+    assert edgehttp.forward_response_head(b"HTTP/1.1 204 No Content\r\nContent-Length: 9\r\n\r\n", "GET", True, "x")[2] == \
         ("none", 0)
-    assert edge_mod._forward_head(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", "HEAD", True, "x")[2] == ("none", 0)
-    assert edge_mod._forward_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "GET", True, "x")[2] == \
+    assert edgehttp.forward_response_head(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", "HEAD", True, "x")[2] == ("none", 0)
+    assert edgehttp.forward_response_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", "GET", True, "x")[2] == \
         ("chunked", 0)
     for bad in (b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
                 b"HTTP/1.1 200 OK\r\nX: a\r\n folded\r\n\r\n", b"HTTP/1.1 200 OK\r\nX: a\nY: b\r\n\r\n",
                 b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", b"nonsense\r\n\r\n"):
         with pytest.raises(http.ProtocolError) as e:
-            edge_mod._forward_head(bad, "GET", True, "x")
+            edgehttp.forward_response_head(bad, "GET", True, "x")
         assert e.value.status == 502
 
 
@@ -770,4 +770,4 @@ def test_fast_head_parser_agrees_with_egress_http(method, target, version, field
         except http.ProtocolError as e:
             return ("refused", e.status)
 
-    assert parse(edge_mod._parse_request_head) == parse(http.parse_request_head)
+    assert parse(edgehttp.parse_request_head) == parse(http.parse_request_head)

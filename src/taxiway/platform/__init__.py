@@ -20,5 +20,7 @@ Modules (one job each; policy is pure, I/O at the edges):
 - ``secrets``    secrets sealed with an AEAD key (0600 key file); names and digests only ever leave.
 - ``deploy``     build, push, record a release, run release_command, replace machines by the planner.
 - ``edge``       the HTTP edge: routes app names to started, healthy machines; drains before stop.
+- ``balance``    the edge's pure core: routable machines from the KV, least-connections choice.
+- ``edgehttp``   the edge's sans-I/O HTTP beyond egress.http: the head a machine gets, fast head parsing.
 - ``supervisor`` ``taxiway up`` / ``taxiway down``: starts and watches nats, api, agent, registry, egress, edge.
 """
