@@ -77,9 +77,10 @@ class NatsServer:
         if self.port is None:
             self.port = free_port(self.host)
         conf = self.dir / "nats.conf"
-        tmp = conf.with_suffix(".tmp")
-        tmp.write_text(self._config())
-        os.replace(tmp, conf)
+        from taxiway.fsutil import atomic_write
+
+        with atomic_write(conf, binary=False, fsync=False) as f:  # written anew at each start: no fsync
+            f.write(self._config())
         log = open(self.dir / "nats.log", "ab")
         try:
             self.proc = subprocess.Popen([exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log,

@@ -18,7 +18,6 @@ import contextlib
 import hashlib
 import hmac
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -56,17 +55,12 @@ def load_key(path: Path | None = None, create: bool = True) -> bytes:
             if not create:
                 raise TaxiwayError(f"the secrets key {path} does not exist", "start the platform with 'taxiway up'") from None
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(prefix=".secrets.key.", suffix=".tmp", dir=path.parent)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, os.urandom(KEY_BYTES))
-            os.fsync(fd)
-            os.close(fd)
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)  # never replaces a key someone else made first
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        from taxiway.fsutil import atomic_write
+
+        # exclusive: linked in, never replacing a key someone else made first (we then read theirs).
+        # fsync_dir: a key whose name a power cut lost would leave every sealed secret unreadable.
+        with contextlib.suppress(FileExistsError), atomic_write(path, 0o600, exclusive=True, fsync_dir=True) as f:
+            f.write(os.urandom(KEY_BYTES))
     return _read_key(path)
 
 
