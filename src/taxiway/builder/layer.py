@@ -2,8 +2,8 @@
 
 Entries are sorted, every mtime is ``SOURCE_DATE_EPOCH`` (default 1980-01-01
 00:00:01, as the CNB lifecycle does), owners are fixed numbers without names,
-no atime/ctime, and the gzip header carries no timestamp or name. Compression
-uses ISA-L (the ``isal`` package): about ten times zlib's speed, same format.
+no atime/ctime, and the gzip header carries no timestamp or name (the
+compression is ``taxiway.oci.layerio.LayerWriter``, ISA-L's gzip).
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from isal import isal_zlib
-
 from taxiway.oci import mediatypes as mt
 from taxiway.oci.image import Addendum, Descriptor
+from taxiway.oci.layerio import LayerWriter
 
 #: 1980-01-01T00:00:01Z: the CNB lifecycle's fixed time (and valid in zip files, unlike 0).
 DEFAULT_EPOCH = 315532801
@@ -197,42 +196,6 @@ class _HashingReader:
         return b
 
 
-class _Sink(io.RawIOBase):
-    """Tar bytes in; diff_id and digest computed while gzip output goes to ``out``."""
-
-    def __init__(self, out: BinaryIO, level: int, check: Callable[[], object] | None = None):
-        self.out, self.check = out, check
-        self.diff = hashlib.sha256()
-        self.dig = hashlib.sha256()
-        self.z = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)  # 31: gzip wrapper, mtime 0, no name
-        self.size = 0
-        self.pos = 0
-
-    def tell(self) -> int:
-        return self.pos
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:  # type: ignore[override]
-        b = bytes(b)
-        if self.check is not None:
-            self.check()  # a deadline: raises, and the caller removes the temp file
-        self.diff.update(b)
-        self.pos += len(b)
-        self._emit(self.z.compress(b))
-        return len(b)
-
-    def _emit(self, c: bytes) -> None:
-        if c:
-            self.dig.update(c)
-            self.out.write(c)
-            self.size += len(c)
-
-    def finish(self) -> None:
-        self._emit(self.z.flush())
-
-
 def write_tar(out: BinaryIO, entries: Iterable[Entry], uid: int = 0, gid: int = 0, mtime: int | None = None,
               tree: TreeHash | None = None) -> None:
     """Write ``entries`` as an uncompressed tar to ``out`` with fixed owners and mtimes.
@@ -288,10 +251,10 @@ def store_tar_stream(store, produce: Callable[[BinaryIO], None], level: int = GZ
     fd, tmp = store.temp_file("layer-")
     try:
         with os.fdopen(fd, "wb") as f:
-            sink = _Sink(f, level, check)
+            sink = LayerWriter(f, level, check)
             produce(sink)  # type: ignore[arg-type]
             sink.finish()
-        digest = "sha256:" + sink.dig.hexdigest()
+        digest = sink.digest
         if store.has_blob(digest):
             os.unlink(tmp)
         else:
@@ -301,7 +264,7 @@ def store_tar_stream(store, produce: Callable[[BinaryIO], None], level: int = GZ
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return Layer(Descriptor(mt.OCI_LAYER_GZIP, digest, sink.size), "sha256:" + sink.diff.hexdigest())
+    return Layer(Descriptor(mt.OCI_LAYER_GZIP, digest, sink.size), sink.diff_id)
 
 
 def store_dir_layer(store, root: Path, prefix: str, uid: int = 0, gid: int = 0, *,

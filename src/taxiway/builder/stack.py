@@ -130,7 +130,8 @@ def _mmdebstrap(recipe: Recipe, out: Path) -> None:
 
 def cached_layer(recipe: Recipe) -> tuple[Path, dict]:
     """The gzip layer of ``recipe`` in the cache (built with mmdebstrap on first use) and its metadata."""
-    from taxiway.builder.layer import GZIP_LEVEL, _Sink
+    from taxiway.builder.layer import GZIP_LEVEL
+    from taxiway.oci.layerio import LayerWriter
 
     root = cache_root()
     d = root / recipe.key()
@@ -147,11 +148,11 @@ def cached_layer(recipe: Recipe) -> tuple[Path, dict]:
                 # Synced before layer.json names it: after a power cut the record never
                 # points at a layer that is empty or short.
                 with atomic_write(d / "layer.tar.gz") as out, open(tar, "rb") as src:
-                    sink = _Sink(out, GZIP_LEVEL)
+                    sink = LayerWriter(out, GZIP_LEVEL)
                     while chunk := src.read(1 << 20):
                         sink.write(chunk)
                     sink.finish()
-                meta = {"digest": "sha256:" + sink.dig.hexdigest(), "diff_id": "sha256:" + sink.diff.hexdigest(),
+                meta = {"digest": sink.digest, "diff_id": sink.diff_id,
                         "size": sink.size, "packages": list(recipe.packages), "suite": SUITE}
                 write_bytes_atomic(meta_path, json.dumps(meta, sort_keys=True).encode())
     return d / "layer.tar.gz", json.loads(meta_path.read_text())

@@ -1,4 +1,4 @@
-"""Layer I/O, once for pull, unpack, scan and archive: sniff, decompress, hash.
+"""Layer I/O, once for pull, unpack, scan, archive and the builder: sniff, decompress, compress, hash.
 
 * :func:`sniff`: the compression a layer really uses. Magic bytes win over the
   media type (registries serve gzip under a plain-tar media type), so every
@@ -11,6 +11,8 @@
   :class:`BlobChecker` runs one (and the blob's own digest) in a thread
   beside a download.
 * :class:`HashThread`: sha256 beside the decompressor.
+* :class:`LayerWriter`: the writing side (the builder): tar bytes in, a
+  reproducible gzip layer out, its diff ID and digest hashed on the way.
 * :class:`LayerError`: the one error for bad layer bytes (corrupt, truncated,
   not a tar, or not the config's diff ID); its message names the layer.
 
@@ -24,6 +26,7 @@ import collections
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import queue
 import tarfile
@@ -35,7 +38,7 @@ from taxiway.errors import TaxiwayError
 from taxiway.oci.mediatypes import layer_compression
 
 __all__ = ["LayerError", "REPULL", "sniff", "magic", "decompress", "DiffHasher", "HashThread", "BlobChecker",
-           "LayerReader", "open_layer", "members", "MAX_READ"]
+           "LayerReader", "open_layer", "members", "MAX_READ", "LayerWriter"]
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -615,3 +618,64 @@ class BlobChecker:
             return digest, (self.dh or DiffHasher(self.diff, label=self._label, hint=self._hint)).finish()
         except LayerError as e:
             return digest, e
+
+
+# --------------------------------------------------------------------------
+# Writing a layer
+
+
+class LayerWriter(io.RawIOBase):
+    """Uncompressed tar bytes in, a gzip layer out to ``out``; the diff ID and digest are hashed as bytes pass.
+
+    The same tar always gives the same gzip bytes: ISA-L's deflate (about ten
+    times zlib's speed, same format) with a header that carries no mtime and
+    no name. ``check`` is called before each write (a deadline): what it
+    raises stops the write, and the caller removes what was written.
+    """
+
+    def __init__(self, out: BinaryIO, level: int = 1, check: Callable[[], object] | None = None):
+        from isal import isal_zlib
+
+        self.out, self.check = out, check
+        self._diff = hashlib.sha256()
+        self._dig = hashlib.sha256()
+        self._z = isal_zlib.compressobj(level, isal_zlib.DEFLATED, 31)  # 31: gzip wrapper, mtime 0, no name
+        self.size = 0  # compressed bytes written so far
+        self._pos = 0
+
+    def tell(self) -> int:
+        """Uncompressed bytes taken so far (tarfile asks)."""
+        return self._pos
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        """Compress and hash ``b``."""
+        b = bytes(b)
+        if self.check is not None:
+            self.check()
+        self._diff.update(b)
+        self._pos += len(b)
+        self._emit(self._z.compress(b))
+        return len(b)
+
+    def _emit(self, c: bytes) -> None:
+        if c:
+            self._dig.update(c)
+            self.out.write(c)
+            self.size += len(c)
+
+    def finish(self) -> None:
+        """Write the end of the gzip stream; :attr:`digest` and :attr:`size` are final after it."""
+        self._emit(self._z.flush())
+
+    @property
+    def digest(self) -> str:
+        """``sha256:`` of the gzip bytes (the layer's blob digest)."""
+        return "sha256:" + self._dig.hexdigest()
+
+    @property
+    def diff_id(self) -> str:
+        """``sha256:`` of the tar bytes (the layer's diff ID)."""
+        return "sha256:" + self._diff.hexdigest()
