@@ -1,0 +1,110 @@
+"""platform.policy: the machine-config policy (pure; unit and hypothesis tests, no I/O)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taxiway.errors import InvalidInput
+from taxiway.platform import appconfig, policy
+
+REG = "127.0.0.1:4281"
+VOLS = {"vol_0123456789abcdef": {"id": "vol_0123456789abcdef", "app": "web", "name": "data", "size": 1 << 30}}
+
+
+def ok(**extra):
+    return {"image": f"{REG}/web:1", **extra}
+
+
+def refused(cfg, field, **kw):
+    with pytest.raises(InvalidInput) as e:
+        policy.check_config(cfg, volumes=VOLS, registry=REG, **kw)
+    assert f"config.{field}" in e.value.message, e.value.message
+    return e.value
+
+
+@pytest.mark.parametrize("field,value", [
+    ("cap_add", ["SYS_ADMIN"]), ("seccomp", "unconfined"), ("seccomp", {"defaultAction": "SCMP_ACT_ALLOW"}),
+    ("net", "host"), ("net", "none"), ("isolation", "host"), ("auto_remove", True), ("tty", True),
+    ("interactive", True), ("devices", ["/dev/sda"]), ("security_opt", ["apparmor=unconfined"]),
+    ("privileged", True), ("ports", [{"host_port": 22, "port": 22, "host": "0.0.0.0"}]),
+])
+def test_privileged_options_are_refused_naming_the_field(field, value):
+    refused(ok(**{field: value}), field)
+
+
+def test_host_bind_mounts_and_foreign_volumes_are_refused():
+    refused(ok(mounts=[{"source": "/", "target": "/h"}]), "mounts")
+    refused(ok(mounts=[{"volume": "vol_ffffffffffffffff", "path": "/data"}]), "mounts")
+    refused(ok(mounts=[{"volume": "../../etc", "path": "/data"}]), "mounts")
+    refused(ok(mounts=[{"volume": "vol_0123456789abcdef", "path": "/proc/x"}]), "mounts")
+    refused(ok(mounts=[{"volume": "vol_0123456789abcdef", "path": "data"}]), "mounts")
+    got = policy.check_config(ok(mounts=[{"name": "data", "path": "/data"}]), volumes=VOLS, registry=REG)
+    assert got["mounts"] == [{"volume": "vol_0123456789abcdef", "path": "/data"}]
+
+
+def test_quotas():
+    refused(ok(guest={"memory_mb": 1 << 30}), "guest.memory")
+    refused(ok(guest={"cpus": 10_000}), "guest.cpus")
+    refused(ok(env={"A=B": "x"}), "env")
+    refused(ok(env={"A": "x\x00y"}), "env.A")
+    refused(ok(env={"BIG": "x" * (70 << 10)}), "env")
+    refused(ok(storage_size=1 << 60), "storage_size")
+    with pytest.raises(InvalidInput):
+        policy.check_machine_name("Not_A_Label")
+    with pytest.raises(InvalidInput):
+        policy.check_machine_count(policy.MAX_MACHINES_PER_APP)
+    assert policy.check_machine_name("web-1") == "web-1"
+
+
+def test_images_only_from_the_platform_registry_and_no_name_is_resolved(monkeypatch):
+    def no_dns(*a, **k):
+        raise AssertionError("the policy resolved a name")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(socket, "create_connection", no_dns)
+    e = refused({"image": "evil.example:5000/x:1"}, "image")
+    assert "never contacted" in e.message
+    refused({"image": "docker.io/library/busybox:1"}, "image")
+    refused({"image": "localhost/x:1"}, "image")  # the local store only on a platform without a registry
+    assert policy.image_source(f"{REG}/web:1", REG) == "registry"
+    assert policy.image_source("localhost:4281/web:1", REG) == "registry"
+    assert policy.image_source("localhost/x:1", None) == "local"
+    with pytest.raises(InvalidInput):
+        policy.image_source("evil.example:5000/x:1", None)
+
+
+def test_the_deployers_configs_pass():
+    """What platform.appconfig writes for a release (every MachineConfig field at its default) is accepted."""
+    cfg = appconfig.validate({"app": "web", "http_service": {"internal_port": 8080},
+                              "mounts": [{"source": "data", "destination": "/data"}]})
+    for mc in appconfig.machine_configs(cfg, f"{REG}/web:deployment-1", release=1).values():
+        mc["mounts"] = [{"volume": "vol_0123456789abcdef", "path": "/data"}]
+        got = policy.check_config(mc, volumes=VOLS, registry=REG)
+        assert got["image"] == mc["image"] and "cap_add" not in got and "net" not in got
+
+
+_keys = st.text(st.characters(codec="utf-8"), min_size=0, max_size=12)
+_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+                       lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                       max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(policy.ALLOWED_KEYS | {"devices", "privileged", "x"})) | _keys,
+                       _values, max_size=6))
+def test_any_input_is_normalised_or_one_error_and_never_privileged(extra):
+    cfg = {"image": f"{REG}/web:1", **extra}
+    try:
+        out = policy.check_config(cfg, volumes=VOLS, registry=REG)
+    except InvalidInput as e:
+        assert e.message.startswith(("config.", "'config'")) and "\n" not in e.message
+        return
+    assert set(out) <= policy.ALLOWED_KEYS
+    assert not out.get("cap_add") and out.get("seccomp") is None and out.get("net", "private") == "private"
+    assert not out.get("tty") and not out.get("interactive") and not out.get("auto_remove")
+    assert all(set(m) <= {"volume", "path", "readonly"} and m["volume"] in VOLS for m in out["mounts"])
+    assert policy.check_config(out, volumes=VOLS, registry=REG) == out  # idempotent
