@@ -19,7 +19,7 @@ apps = st.from_regex(r"[a-z][a-z0-9-]{0,10}[a-z0-9]", fullmatch=True)
 names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,20}", fullmatch=True)
 
 
-@given(apps, names, st.text(max_size=200))
+@given(apps, names, st.text(st.characters(blacklist_characters="\x00"), max_size=200))
 @settings(max_examples=200, deadline=None)
 def test_seal_unseal_round_trip_and_binding(app, name, value):
     sealed = S.seal(app, name, value, KEY)
@@ -115,3 +115,9 @@ def test_key_file_problems(platform_home):
     os.symlink("/dev/null", path)
     with pytest.raises(OSError):
         S.load_key()
+
+
+def test_a_nul_byte_is_refused():
+    """An env value cannot hold NUL: accepting one made every machine fail ("embedded null byte")."""
+    with pytest.raises(S.InvalidInput, match="NUL"):
+        S.seal("app", "K", "a\x00b", KEY)

@@ -838,6 +838,9 @@ async def set_secrets(request: Request) -> Response:
             raise ApiError(400, f"invalid secret name {k!r}", "letters, digits and '_', not starting with a digit")
         if not isinstance(v, str):
             raise ApiError(400, f"secret {k}'s value must be a string", "quote it")
+        if "\x00" in v:  # refused before anything is stored: no machine could start with it in its env
+            raise ApiError(400, f"secret {k}'s value contains a NUL byte",
+                           "environment values cannot hold NUL; encode binary data, e.g. base64")
     sealer = _secrets_module()
     if sealer is None:
         # TODO(integrator): platform.secrets (P3) seals values; until it lands nothing is stored.

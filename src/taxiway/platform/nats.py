@@ -8,7 +8,9 @@ speaks the protocol; :mod:`taxiway.platform.state` does, through nats-py.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -17,6 +19,38 @@ import time
 from pathlib import Path
 
 from taxiway.errors import TaxiwayError
+
+# One NATS user per component, so a leaked edge credential cannot write state or run
+# commands (the attack in the red team's C1: an open nats-server let any local user
+# forge tokens and exec in machines). "admin" = the supervisor and tests.
+USERS = ("admin", "api", "agent", "edge")
+
+# Subjects each restricted user may never publish to. nats-py reads KV through
+# $JS.API.DIRECT.GET / STREAM.MSG.GET and writes through $KV.<bucket>.<key>.
+# (stream CREATE/UPDATE stay allowed: every State.connect makes the buckets if missing, idempotently)
+_NO_ADMIN_JS = ["$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>"]
+
+
+def _no_read(bucket: str) -> list[str]:
+    """The JetStream API subjects that read KV ``bucket`` (direct get, message get, consumers)."""
+    s = f"KV_{bucket}"
+    return [f"$JS.API.DIRECT.GET.{s}", f"$JS.API.DIRECT.GET.{s}.>", f"$JS.API.STREAM.MSG.GET.{s}",
+            f"$JS.API.CONSUMER.*.{s}", f"$JS.API.CONSUMER.*.{s}.>", f"$JS.API.CONSUMER.*.*.{s}.>"]
+
+
+def deny_publish() -> dict[str, list[str]]:
+    """Subjects each restricted user may never publish to (KV writes go to $KV.<bucket>.<key>)."""
+    from taxiway.platform import schema
+
+    return {
+        # the edge only reads buckets and answers edge.*: no KV writes, no agent commands,
+        # no events/logs, no stream admin, no token records or secrets at all
+        "edge": ["$KV.>", "agent.>", "events.>", "logs.>", *_NO_ADMIN_JS,
+                 *_no_read(schema.TOKENS), *_no_read(schema.SECRETS)],
+        # the agent writes STATUS, events and logs; never tokens, orgs or apps, and reads no tokens
+        "agent": [f"$KV.{schema.TOKENS}.>", f"$KV.{schema.ORGS}.>", f"$KV.{schema.APPS}.>", *_NO_ADMIN_JS,
+                  *_no_read(schema.TOKENS)],
+    }
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -32,31 +66,88 @@ def _listening(host: str, port: int) -> bool:
     return False
 
 
+def _pdeathsig() -> None:
+    """In the child: SIGTERM when the parent dies, even by kill -9 (Linux prctl PR_SET_PDEATHSIG).
+
+    SIGTERM, not SIGKILL: nats-server then flushes JetStream and exits cleanly.
+    """
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 class NatsServer:
     """One nats-server process: ``start()``, ``url``, ``stop()``; also a context manager.
 
     The store (``<dir>/jetstream``), config and log live under ``dir`` (mode 0700).
-    ``port=None`` picks a free loopback port.
+    ``port=None`` picks a free loopback port. Clients must authenticate: one password
+    per user of :data:`USERS`, made at the first start and kept in ``<dir>/auth.json``
+    (0600); ``url`` carries the admin's, :meth:`url_for` another user's, ``address``
+    none (for logs, argv and up.json). ``pdeathsig``: the server gets SIGTERM (a clean
+    JetStream flush) when the process that started it dies, even by kill -9.
     """
 
     def __init__(self, dir: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
-                 name: str = "taxiway") -> None:
+                 name: str = "taxiway", pdeathsig: bool = False) -> None:
         self.dir = Path(dir)
         self.host = host
         self.port = port
         self.name = name
         self.proc: subprocess.Popen | None = None
+        self.pdeathsig = pdeathsig
+        self._users: dict[str, str] | None = None
+
+    @property
+    def address(self) -> str:
+        """The URL without credentials (safe to log, to put in argv or up.json)."""
+        return f"nats://{self.host}:{self.port}"
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        """The URL with the admin's credentials (full access: supervisor, tests)."""
+        return self.url_for("admin")
+
+    def url_for(self, user: str) -> str:
+        """The URL with ``user``'s credentials in its userinfo (nats-py reads them from there)."""
+        return f"nats://{user}:{self.users()[user]}@{self.host}:{self.port}"
+
+    def users(self) -> dict[str, str]:
+        """{user: password}, made once (0600 file) and reused by every later start."""
+        if self._users is not None:
+            return self._users
+        path = self.dir / "auth.json"
+        try:
+            users = json.loads(path.read_text())
+        except FileNotFoundError:
+            users = {}
+        except ValueError:
+            raise TaxiwayError(f"{path} is not valid JSON", f"delete it; the next start makes new credentials")
+        if not all(isinstance(users.get(u), str) and users.get(u) for u in USERS):
+            users = {u: users.get(u) or secrets.token_hex(24) for u in USERS}
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            from taxiway.fsutil import atomic_write
+
+            with atomic_write(path, mode=0o600, binary=False) as f:
+                f.write(json.dumps(users, indent=1))
+        os.chmod(path, 0o600)
+        self._users = users
+        return users
 
     def _config(self) -> str:
         store = self.dir / "jetstream"
-        # JSON is valid nats-server config syntax, and quoting paths this way is safe.
-        import json
-
+        # JSON is valid nats-server config syntax, and quoting paths and passwords this way is safe.
+        users = []
+        deny = deny_publish()
+        for user, password in self.users().items():
+            entry: dict = {"user": user, "password": password}
+            if user in deny:
+                entry["permissions"] = {"publish": {"deny": deny[user]}}
+            users.append(entry)
         return "\n".join([
+            "authorization {",
+            f"  users: {json.dumps(users)}",
+            "}",
             f"server_name: {json.dumps(self.name)}",
             f"listen: {json.dumps(f'{self.host}:{self.port}')}",
             "jetstream {",
@@ -79,12 +170,15 @@ class NatsServer:
         conf = self.dir / "nats.conf"
         from taxiway.fsutil import atomic_write
 
-        with atomic_write(conf, binary=False, fsync=False) as f:  # written anew at each start: no fsync
+        # 0600: it holds every user's password; written anew at each start: no fsync
+        with atomic_write(conf, mode=0o600, binary=False, fsync=False) as f:
             f.write(self._config())
+        os.chmod(conf, 0o600)
         log = open(self.dir / "nats.log", "ab")
         try:
             self.proc = subprocess.Popen([exe, "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=_pdeathsig if self.pdeathsig else None)
         finally:
             log.close()
         deadline = time.monotonic() + timeout

@@ -97,6 +97,10 @@ def seal(app: str, name: str, value: str, key: bytes) -> str:
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
     check_name(name)
+    if "\x00" in value:
+        # an environment variable cannot hold NUL: every machine would fail at start ("embedded null byte")
+        raise InvalidInput(f"secret {name}'s value contains a NUL byte", "environment values cannot hold NUL; "
+                           "encode binary data, e.g. base64")
     data = value.encode()
     if len(data) > MAX_VALUE:
         raise InvalidInput(f"secret {name} is {len(data)} bytes, more than {MAX_VALUE}", "store large data in a volume")

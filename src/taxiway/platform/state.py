@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,39 @@ def _load(data: bytes | None) -> Any:
     return json.loads(data) if data else None
 
 
+NATS_URL_ENV = "TAXIWAY_NATS_URL"
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (for messages and logs)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None and "@" not in parts.netloc:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username or ''}:***@{host}").geturl()
+
+
+def credentialed_url(url: str | None) -> str:
+    """``url``, or ``$TAXIWAY_NATS_URL`` when ``url`` is None or has no userinfo and the
+    variable names the same server (so ``--nats nats://127.0.0.1:PORT`` plus the variable
+    from the supervisor gives a component its credentials without putting them in argv)."""
+    from urllib.parse import urlsplit
+
+    env = os.environ.get(NATS_URL_ENV, "")
+    if not url:
+        if not env:
+            raise Unavailable("no NATS URL given", f"pass --nats URL or set {NATS_URL_ENV}")
+        return env
+    if "@" in urlsplit(url).netloc or not env:
+        return url
+    a, b = urlsplit(url), urlsplit(env)
+    if (a.hostname, a.port) == (b.hostname, b.port):
+        return env
+    return url
+
+
 class State:
     """A connection to the platform's NATS: buckets (KV), streams and requests."""
 
@@ -63,10 +97,19 @@ class State:
     # -- connection --------------------------------------------------------------------
 
     @classmethod
-    async def connect(cls, url: str, *, name: str = "taxiway", timeout: float = 5.0,
+    async def connect(cls, url: str | None = None, *, name: str = "taxiway", timeout: float = 5.0,
                       setup: bool = True) -> State:
-        """Connect; with ``setup`` (the default) create the buckets and streams if missing."""
+        """Connect; with ``setup`` (the default) create the buckets and streams if missing.
+
+        The platform's nats-server requires a user and password: give them in the URL's
+        userinfo (``nats://user:password@127.0.0.1:4223``), or give a bare URL (or None)
+        and set ``$TAXIWAY_NATS_URL`` to the URL with credentials. The supervisor does
+        the latter, so no secret shows in a component's argv (``ps``).
+        """
         import nats
+
+        url = credentialed_url(url)
+        shown = redact(url)
 
         made: list[State] = []
 
@@ -82,10 +125,14 @@ class State:
                              reconnect_time_wait=0.5, allow_reconnect=True, reconnected_cb=reconnected),
                 timeout)
         except TimeoutError:
-            raise Unavailable(f"cannot reach NATS at {url} (no connection within {timeout:g} s)",
+            raise Unavailable(f"cannot reach NATS at {shown} (no connection within {timeout:g} s)",
                               "start the platform with 'taxiway up'") from None
         except Exception as e:  # nats-py raises several unrelated types for "nobody there"
-            raise Unavailable(f"cannot reach NATS at {url} ({type(e).__name__}: {e})",
+            if "authorization" in str(e).lower():
+                raise Unavailable(f"NATS at {shown} refused the credentials ({e})",
+                                  "pass the URL with user:password (see $TAXIWAY_HOME/platform/nats/auth.json) "
+                                  "or set TAXIWAY_NATS_URL") from None
+            raise Unavailable(f"cannot reach NATS at {shown} ({type(e).__name__}: {e})",
                               "start the platform with 'taxiway up'") from None
         st = cls(nc, nc.jetstream(timeout=timeout))
         made.append(st)

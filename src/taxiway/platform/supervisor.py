@@ -216,7 +216,8 @@ class Supervisor:
 
         self._log("starting the platform")
         self.write_up(ready=False)  # so 'up' and 'status' meanwhile name this supervisor, not a stale one
-        self.nats = NatsServer(self.dir / "nats", port=self._port("nats")).start()
+        # pdeathsig: a kill -9'd supervisor takes nats-server along (SIGTERM: JetStream flushes)
+        self.nats = NatsServer(self.dir / "nats", port=self._port("nats"), pdeathsig=True).start()
         self._bootstrap_ca()
         self._bootstrap_registry()
         py = sys.executable
@@ -229,7 +230,7 @@ class Supervisor:
             ("api", "taxiway.platform.api", None),
             ("agent", "taxiway.platform.agent", None),
             ("edge", "taxiway.platform.edge",
-             lambda p: [py, "-m", "taxiway.platform.edge", "--nats", self.nats.url, "--listen", f"127.0.0.1:{p}"]),
+             lambda p: [py, "-m", "taxiway.platform.edge", "--nats", self.nats.address, "--listen", f"127.0.0.1:{p}"]),
         ]
         ports: dict[str, int] = {}
         for name, module, argv in plan:
@@ -239,15 +240,20 @@ class Supervisor:
                 continue
             port = None if name == "agent" else self._port(name)
             if name == "api":
-                args = [py, "-m", "taxiway.platform.api", "--nats", self.nats.url, "--listen", f"127.0.0.1:{port}",
+                args = [py, "-m", "taxiway.platform.api", "--nats", self.nats.address, "--listen", f"127.0.0.1:{port}",
                         "--registry-root", reg_root]
                 if "registry" in ports:
                     args += ["--registry", f"127.0.0.1:{ports['registry']}"]
             elif name == "agent":
-                args = [py, "-m", "taxiway.platform.agent", "--nats", self.nats.url]
+                args = [py, "-m", "taxiway.platform.agent", "--nats", self.nats.address]
             else:
                 args = argv(port)
             child = Child(name, args, port)
+            if name in ("api", "agent", "edge"):
+                # NATS credentials through the environment, never argv (ps shows argv to every user)
+                from taxiway.platform.state import NATS_URL_ENV
+
+                child.env[NATS_URL_ENV] = self.nats.url_for(name)
             child.start(self.logdir)
             self.children.append(child)
             if port:
@@ -390,7 +396,7 @@ class Supervisor:
             # start time and argv beside each pid: a reused pid is never taken for our child
             comps[c.name] = {"pid": pid, "port": c.port, "restarts": c.restarts, "argv": c.argv,
                              "started": start_time(pid) if pid else None}
-        data = {"pid": os.getpid(), "nats": self.nats.url if self.nats else None, "api": url("api"),
+        data = {"pid": os.getpid(), "nats": self.nats.address if self.nats else None, "api": url("api"),
                 "edge": url("edge"), "registry": f"127.0.0.1:{self.child('registry').port}"
                 if self.child("registry") else None, "egress": url("egress"), "started_at": self.started_at,
                 "ready": ready, "components": comps, "ca": self.ca_dir, "skipped": self.skipped,
