@@ -185,13 +185,13 @@ def test_apps_lifecycle_and_bad_input(platform_api):
 def test_machine_verbs_without_an_agent_answer_503_and_change_nothing(platform_api):
     _put_machine(platform_api.nats, status={"id": MID, "app": "web", "state": "stopped"})
     with platform_api.client() as c:
-        r = c.post("/v1/apps/web/machines", json={"config": {"image": "example:1"}})
+        r = c.post("/v1/apps/web/machines", json={"config": {"image": "localhost/example:1"}})
         assert r.status_code == 503 and "agent" in r.json()["error"] and "taxiway up" in r.json()["fix"]
         assert [m["id"] for m in c.get("/v1/apps/web/machines").json()] == [MID]
         before = c.get(f"/v1/apps/web/machines/{MID}").json()
         for verb in ("start", "stop", "restart"):
             assert c.post(f"/v1/apps/web/machines/{MID}/{verb}").status_code == 503
-        assert c.post(f"/v1/apps/web/machines/{MID}", json={"config": {"image": "example:2"}}).status_code == 503
+        assert c.post(f"/v1/apps/web/machines/{MID}", json={"config": {"image": "localhost/example:2"}}).status_code == 503
         assert c.delete(f"/v1/apps/web/machines/{MID}").status_code == 503
         after = c.get(f"/v1/apps/web/machines/{MID}").json()
         assert {k: after[k] for k in ("desired", "config", "instance_id")} == \
@@ -201,7 +201,7 @@ def test_machine_verbs_without_an_agent_answer_503_and_change_nothing(platform_a
                      {"config": {"image": "x", "metadata": {"process_group": "Bad Group"}}}):
             r = c.post("/v1/apps/web/machines", json=body)
             assert r.status_code == 400 and r.json()["error"], body
-        r = c.post("/v1/apps/web/machines", json={"config": {"image": "x:1"}, "region": "../etc"})
+        r = c.post("/v1/apps/web/machines", json={"config": {"image": "localhost/x:1"}, "region": "../etc"})
         assert r.status_code == 400 and "region" in r.json()["error"]
         r = c.post("/v1/apps/web/machines", content=b"{" + b" " * (api.MAX_BODY + 10) + b"}")
         assert r.status_code == 413 and r.json()["error"]
@@ -384,7 +384,7 @@ def test_client_turns_api_errors_into_one_line(platform_api, platform_home, monk
         with pytest.raises(ClientNotFound, match="no app 'theirs'"):
             c.machines("theirs")
         with pytest.raises(ClientError) as e:
-            c.create_machine("web", {"image": "x:1"})
+            c.create_machine("web", {"image": "localhost/x:1"})
         assert e.value.status == 503 and "agent" in str(e.value)
         assert c.logs("web") == []
     with Client(f"http://127.0.0.1:{free_port()}", "tw_x") as c, pytest.raises(ClientError, match="cannot reach"):

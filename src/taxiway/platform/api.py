@@ -256,17 +256,17 @@ async def _lease_check(request: Request, app: str, mid: str) -> None:
                    f"send its nonce in the {LEASE_HEADER} header, or wait for the lease to expire")
 
 
-def _validate_config(config: Any) -> dict[str, Any]:
-    if not isinstance(config, dict):
-        raise ApiError(400, "'config' must be an object", "send {\"config\": {\"image\": \"...\"}}")
-    image = config.get("image")
-    if not isinstance(image, str) or not image.strip():
-        raise ApiError(400, "config.image is required", "send {\"config\": {\"image\": \"registry/app:tag\"}}")
-    for key, typ in (("services", list), ("checks", dict), ("metadata", dict), ("env", dict), ("mounts", list),
-                     ("guest", dict)):
-        if key in config and not isinstance(config[key], typ):
-            raise ApiError(400, f"config.{key} must be a{'n object' if typ is dict else ' list'}",
-                           f"fix config.{key}")
+async def _validate_config(request: Request, app: dict[str, Any], config: Any) -> dict[str, Any]:
+    """``config`` through platform.policy (the tenant's machine may have only the hardened defaults,
+    its own app's volumes, images of the platform registry), normalised; ApiError 400 otherwise.
+
+    Checked before anything is written; the agent checks again before it creates the machine."""
+    from taxiway.platform import policy
+
+    cfg: ApiConfig = request.app.state.config
+    volumes = {v["id"]: v for _, v, _ in await _st(request).items(schema.VOLUMES, app["name"] + ".")
+               if isinstance(v, dict) and v.get("id")}
+    config = policy.check_config(config, volumes=volumes, registry=cfg.registry, limits=policy.host_limits())
     from pathlib import Path
 
     from taxiway.machines.config import MachineConfig
@@ -465,7 +465,7 @@ async def create_machine(request: Request) -> Response:
     app = await _app(request)
     st = _st(request)
     data = await _body(request)
-    config = _validate_config(data.get("config"))
+    config = await _validate_config(request, app, data.get("config"))
     region = _str(data, "region", schema.DEFAULT_REGION)
     if not schema.valid_app_name(region):
         raise ApiError(400, f"invalid region {region!r}", f"use a region name such as {schema.DEFAULT_REGION}")
@@ -474,6 +474,10 @@ async def create_machine(request: Request) -> Response:
         raise ApiError(400, f"invalid process group {group!r}", "lowercase letters, digits, '_' and '-'")
     mid = schema.new_machine_id()
     name = _str(data, "name") or f"{app['name']}-{mid[:6]}"
+    from taxiway.platform import policy
+
+    policy.check_machine_name(name)
+    policy.check_machine_count(len(await st.keys(schema.MACHINES, app["name"] + ".")))
     skip = bool(data.get("skip_launch"))
     now = time.time()
     rec = {"id": mid, "name": name, "app": app["name"], "org": app["org"], "region": region,
@@ -534,7 +538,11 @@ async def _set_desired(request: Request, verb: str, desired: str | None, extra: 
 async def update_machine(request: Request) -> Response:
     rec, rev = await _machine(request)
     data = await _body(request)
-    config = _validate_config(data.get("config", rec.get("config")))
+    config = await _validate_config(request, {"name": rec["app"]}, data.get("config", rec.get("config")))
+    if data.get("name") is not None:
+        from taxiway.platform import policy
+
+        policy.check_machine_name(data["name"])
     want = data.get("current_version", request.headers.get("if-match"))
     if want is not None:
         try:
@@ -800,6 +808,10 @@ async def create_release(request: Request) -> Response:
     strategy = _str(data, "strategy")
     if strategy is not None and strategy not in STRATEGIES:
         raise ApiError(400, f"unknown deploy strategy {strategy!r}", f"use one of {', '.join(STRATEGIES)}")
+    from taxiway.platform import policy
+
+    # Textual check only (no DNS, no connection): the agent pulls from the platform registry alone.
+    policy.image_source(image, request.app.state.config.registry)
     body = {"image": image, "config": config, **({"strategy": strategy} if strategy else {}),
             "description": _str(data, "description", "") or "", "by": _token(request)["id"]}
     rel = await _deploy_start(request, app, body)
@@ -885,8 +897,8 @@ async def _roll(request: Request, app: dict[str, Any]) -> dict[str, Any] | None:
 def _parse_volume_size(data: dict[str, Any]) -> int:
     if "size_gb" in data:
         gb = data["size_gb"]
-        if not isinstance(gb, int) or not 1 <= gb <= 16384:
-            raise ApiError(400, "'size_gb' must be a whole number of GB, 1 to 16384", "send {\"size_gb\": 1}")
+        if not isinstance(gb, int) or not 1 <= gb <= MAX_VOLUME_GB:
+            raise ApiError(400, f"'size_gb' must be a whole number of GB, 1 to {MAX_VOLUME_GB}", "send {\"size_gb\": 1}")
         return gb << 30
     size = data.get("size", "1gb")
     from taxiway.machines.config import parse_size
@@ -897,7 +909,12 @@ def _parse_volume_size(data: dict[str, Any]) -> int:
         raise ApiError(400, f"invalid volume size {size!r}", "use e.g. 1gb or 512mb") from None
     if n < 1 << 20:
         raise ApiError(400, f"volume size {size!r} is under 1 MB", "use e.g. 1gb")
+    if n > MAX_VOLUME_GB << 30:
+        raise ApiError(400, f"volume size {size!r} is over {MAX_VOLUME_GB} GB", f"use at most {MAX_VOLUME_GB}gb")
     return n
+
+
+MAX_VOLUME_GB = 1024  # platform.policy.MAX_VOLUME_SIZE
 
 
 async def list_volumes(request: Request) -> Response:
