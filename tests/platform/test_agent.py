@@ -449,7 +449,8 @@ async def test_create_pulls_a_missing_image_from_the_registry(state, agent, regi
     skopeo_push(tmp_path / "layout", "t", ref)
     auth = platform_home / "platform" / "agent" / "registry-auth.json"
     auth.parent.mkdir(parents=True, exist_ok=True)
-    auth.write_text(json.dumps({"auths": {registry.address: {"username": "agent", "password": "pull"}}}))
+    # the older file shape: one org's credential, used for that org's machines only (record() is org personal)
+    auth.write_text(json.dumps({"auths": {registry.address: {"username": "personal", "password": "pull"}}}))
     auth.chmod(0o600)
     agent()
     await until(lambda: ping(state), what="the agent")
@@ -460,7 +461,8 @@ async def test_create_pulls_a_missing_image_from_the_registry(state, agent, regi
     assert (r["exit_code"], r["stdout"]) == (0, "pulled\n")  # ran inside the pulled image
     from taxiway.oci.store import Store
 
-    Store().image(ref)  # now in the local store
+    # now in the local store, under the org's own name (another org's machine never finds it there)
+    Store().image(ref.replace(f"{registry.address}/", f"{registry.address}/personal/"))
 
 
 async def test_new_instance_recreates_keeping_volume_and_port(state, agent, image, platform_home):
@@ -469,7 +471,10 @@ async def test_new_instance_recreates_keeping_volume_and_port(state, agent, imag
     agent()
     await until(lambda: ping(state), what="the agent")
     app, mid = "vol", schema.new_machine_id()
-    cfg = web_config(image, mounts=[{"volume": "vol_0123456789abcdef", "path": "/data"}])
+    vid = "vol_0123456789abcdef"  # only a volume of the app's own may be mounted
+    await state.put(schema.VOLUMES, schema.volume_key(app, vid), {"id": vid, "app": app, "name": "data",
+                                                                  "size": 1 << 30, "host": "local"})
+    cfg = web_config(image, mounts=[{"volume": vid, "path": "/data"}])
     await put(state, record(app, mid, cfg))
     st = (await cmd(state, "create", app, mid))["status"]
     r = await cmd(state, "exec", app, mid, cmd=["sh", "-c", "echo kept > /data/f"])

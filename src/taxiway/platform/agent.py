@@ -101,14 +101,13 @@ def machine_config(record: dict[str, Any], host_ports: dict[int, int], env: dict
     out["ports"] = [{"host_port": hp, "port": p, "host": "127.0.0.1"} for p, hp in sorted(host_ports.items())]
     mounts = []
     for m in cfg.get("mounts") or []:
-        if "volume" in m or "name" in m and "source" not in m:  # a platform volume: {"volume", "path"}
-            vol = str(m.get("volume") or m.get("name"))
-            if not vol or "/" in vol or vol in (".", ".."):
-                raise InvalidInput(f"invalid volume {vol!r} in machine {record.get('id')}", "use the volume's id")
-            mounts.append({"source": str(volumes_dir / vol), "target": m.get("path") or m.get("target"),
-                           "readonly": bool(m.get("readonly", False))})
-        else:
-            mounts.append({"source": m["source"], "target": m["target"], "readonly": bool(m.get("readonly", False))})
+        # Only platform volumes {"volume", "path"} (platform.policy checked they are the app's): never a
+        # host path, which would give a tenant the host.
+        vol = str(m.get("volume") or "")
+        if not vol or "/" in vol or vol in (".", "..") or "source" in m:
+            raise InvalidInput(f"invalid volume {vol!r} in machine {record.get('id')}", "mount a volume by its id")
+        mounts.append({"source": str(volumes_dir / vol), "target": m.get("path"),
+                       "readonly": bool(m.get("readonly", False))})
     out["mounts"] = mounts
     out.setdefault("net", "private")
     out.pop("auto_remove", None)  # the platform destroys machines itself
@@ -231,41 +230,116 @@ def _local_view(m: Any) -> dict[str, Any] | None:
     return {"state": st, "orphan": st != m.state}
 
 
-def _ensure_image(ref: str) -> None:
-    """Pull ``ref`` into the local store unless it is there, with the platform registry's credentials."""
-    from taxiway.oci.store import Store
+def _ensure_image(ref: str, org: str, auth: dict[str, Any]) -> str:
+    """The local name of ``ref`` for a machine of ``org``, pulled first if this host lacks it.
 
+    Images of the platform registry are pulled with a pull token of the machine's own org (the
+    registry resolves names inside that org, so another org's image can't even be named) and kept
+    under ``<registry>/<org>/<name>``: an image one org pulled is never found for another.
+    ``auth`` is :func:`_registry_auth`'s; without a registry only the local store is used."""
+    from taxiway.oci.reference import Reference
+    from taxiway.oci.store import Store
+    from taxiway.platform import policy
+
+    registry = auth.get("registry")
     store = Store()
+    if policy.image_source(ref, registry) == "local":
+        store.image(ref)  # NotFound: nothing is pulled from anywhere
+        return ref
+    parsed = Reference.parse(ref)
+    local = str(Reference.parse(f"{registry}/{org}/{parsed.repository}{_suffix(parsed)}"))
     try:
-        store.image(ref)
-        return
+        store.image(local)
+        return local
     except NotFound:
         pass
-    from taxiway.oci.client import RegistryClient
     from taxiway.oci.pull import pull
-    from taxiway.oci.reference import Reference
 
-    registry = Reference.parse(ref).registry
-    creds = _registry_credentials(registry)
-    with RegistryClient(registry, credentials=creds) as client:
-        pull(ref, store=store, client=client)
+    client = _OrgClient(registry, org, credentials=_org_credentials(auth, org))
+    with client:
+        pull(local, store=store, client=client)
+    return local
 
 
-def _registry_credentials(registry: str) -> Any:
-    """Credentials for pulling from ``registry``: $TAXIWAY_HOME/platform/agent/registry-auth.json
-    (docker-style {"auths": {host: {"username", "password"} | {"auth"}}}, 0600, written by
-    ``taxiway up``), else None (the client then uses ``taxiway login``'s stored ones)."""
-    from taxiway.oci.auth import lookup
+def _suffix(ref: Any) -> str:
+    return (f":{ref.tag}" if ref.tag else "") + (f"@{ref.digest}" if ref.digest else "")
+
+
+def _org_client_class() -> Any:
+    from taxiway.oci.client import RegistryClient
+
+    class OrgClient(RegistryClient):
+        """A registry client for names kept locally as ``<org>/<name>``: it asks the registry for
+        ``<name>``, which the registry itself resolves inside the token's org."""
+
+        def __init__(self, registry: str, org: str, **kw: Any) -> None:
+            super().__init__(registry, **kw)
+            self._prefix = org + "/"
+
+        def request(self, method: str, path: str, *, repository: str, **kw: Any) -> Any:
+            if repository.startswith(self._prefix):
+                bare = repository[len(self._prefix):]
+                path = path.replace(f"/v2/{repository}/", f"/v2/{bare}/", 1)
+                repository = bare
+            return super().request(method, path, repository=repository, **kw)
+
+    return OrgClient
+
+
+def _OrgClient(registry: str, org: str, **kw: Any) -> Any:  # noqa: N802 (a lazily made class)
+    return _org_client_class()(registry, org, **kw)
+
+
+_TOKENS: dict[str, tuple[str, float]] = {}  # org -> (pull token, expires at): minted once an hour
+TOKEN_LIFETIME = 3600.0
+
+
+def _registry_auth() -> dict[str, Any]:
+    """$TAXIWAY_HOME/platform/agent/registry-auth.json (written by ``taxiway up``, 0600):
+    {"registry": "127.0.0.1:PORT", "tenants": "<registry root>/tenants.db"}; {} without one."""
     from taxiway.paths import home
 
     p = home() / "platform" / "agent" / "registry-auth.json"
     try:
-        return lookup(json.loads(p.read_text()).get("auths") or {}, registry)
-    except (OSError, ValueError, AttributeError):
-        return None
+        got = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(got, dict):
+        return {}
+    if not got.get("registry") and isinstance(got.get("auths"), dict) and got["auths"]:
+        got["registry"] = next(iter(got["auths"]))  # the older shape: one org's token
+    return got
 
 
-def _create_local(name: str, cfg: dict[str, Any]) -> str:
+def _org_credentials(auth: dict[str, Any], org: str) -> Any:
+    """Basic credentials (org, a pull token of that org) minted in the registry's tenants database."""
+    from taxiway.oci.auth import Credentials
+
+    cached = _TOKENS.get(org)
+    if cached and cached[1] > time.time() + 300:
+        return Credentials(org, cached[0])
+    tenants = auth.get("tenants")
+    if not tenants:
+        # The older registry-auth.json: a single org's token, good for that org only.
+        entry = (auth.get("auths") or {}).get(auth.get("registry")) or {}
+        if entry.get("username") == org and entry.get("password"):
+            return Credentials(org, entry["password"])
+        raise TaxiwayError(f"no registry credentials for org {org} on this host",
+                           "restart the platform (taxiway down; taxiway up) so the agent can mint them")
+    from taxiway.registry.tenants import Tenants
+
+    t = Tenants(tenants)
+    try:
+        if not t.has_org(org):
+            raise NotFound(f"org {org} has no images on the platform registry", "push the image first")
+        _, secret = t.create_token(org, "pull", expires_in=TOKEN_LIFETIME)
+    finally:
+        t.close()
+    _TOKENS[org] = (secret, time.time() + TOKEN_LIFETIME)
+    return Credentials(org, secret)
+
+
+def _create_local(name: str, cfg: dict[str, Any], org: str) -> str:
     from taxiway import machines
 
     with contextlib.suppress(NotFound):  # a machine half-made by an agent killed before it noted it
@@ -274,7 +348,7 @@ def _create_local(name: str, cfg: dict[str, Any]) -> str:
             machines.destroy(old, force=True)
     for mnt in cfg.get("mounts") or []:
         Path(mnt["source"]).mkdir(parents=True, exist_ok=True, mode=0o700)
-    _ensure_image(cfg["image"])
+    cfg = {**cfg, "image": _ensure_image(cfg["image"], org, _registry_auth())}
     m = machines.create(machines.MachineConfig.from_json(cfg), name)
     return m.id
 
@@ -470,9 +544,21 @@ class Agent:
                          ) -> dict[str, Any]:
         cfg_in = desired.get("config") or {}
         old_ports = (row or {}).get("ports") or {}
-        ports = {p: old_ports.get(p) or self._free_port() for p in published_ports(cfg_in)}
+        try:
+            # Defence in depth: the API checked the config, but a record written straight into NATS
+            # (or by an older API) must not get a privileged machine either.
+            cfg_in, org = await self._checked(app, cfg_in)
+            ports = {p: old_ports.get(p) or self._free_port() for p in published_ports(cfg_in)}
+        except TaxiwayError as e:
+            row = {"id": mid, "app": app, "region": desired.get("region") or self.region, "local_id": None,
+                   "instance_id": desired.get("instance_id"), "ports": old_ports, "restarts": 0,
+                   "acted_rev": 0, "log_inode": None, "log_offset": 0, "events_offset": 0}
+            self.rec.put(row)
+            await self._write_status(row, {"state": "failed", "error": e.message})
+            await self._event(app, mid, "failed", row=row, error=e.message)
+            raise
         env = await self._secrets_env(app)
-        cfg = machine_config(desired, ports, env, self.home / "platform" / "volumes" / app)
+        cfg = machine_config({**desired, "config": cfg_in}, ports, env, self.home / "platform" / "volumes" / app)
         row = {"id": mid, "app": app, "region": desired.get("region") or self.region, "local_id": None,
                "instance_id": desired.get("instance_id"), "ports": ports, "restarts": 0,
                "acted_rev": 0, "log_inode": None, "log_offset": 0, "events_offset": 0}
@@ -480,7 +566,7 @@ class Agent:
         await self._write_status(row, {"state": "created", "checks": {}, "exit_code": None, "pid": None})
         async with self.creating:
             try:
-                local_id = await asyncio.to_thread(_create_local, f"tw-{mid}", cfg)
+                local_id = await asyncio.to_thread(_create_local, f"tw-{mid}", cfg, org)
             except Exception as e:
                 what = e.message if isinstance(e, TaxiwayError) else f"{type(e).__name__}: {e}"
                 await self._write_status(row, {"state": "failed", "error": what})
@@ -691,6 +777,19 @@ class Agent:
             if p not in taken:
                 return p
 
+    async def _checked(self, app: str, config: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        """``config`` through platform.policy (the app's volumes, this host's registry and size),
+        and the org that owns ``app`` (its APPS record: images are pulled as that org)."""
+        from taxiway.platform import policy, schema
+
+        got = await self.st.get(schema.APPS, app)
+        org = (got[0] if got else {}).get("org") or schema.DEFAULT_ORG
+        volumes = {v["id"]: v for _, v, _ in await self.st.items(schema.VOLUMES, f"{app}.")
+                   if isinstance(v, dict) and v.get("id") and v.get("app", app) == app}
+        auth = await asyncio.to_thread(_registry_auth)
+        return policy.check_config(config, volumes=volumes, registry=auth.get("registry"),
+                                   limits=policy.host_limits()), org
+
     async def _secrets_env(self, app: str) -> dict[str, str]:
         """The app's secrets (SECRETS bucket), unsealed with platform.secrets' key, as environment."""
         from taxiway.platform import schema, secrets
@@ -793,6 +892,25 @@ class Agent:
         return {"ok": True, "host": self.host, "region": self.region, "pid": os.getpid(),
                 "machines": len(self.rec.all()), "started_at": self.started_at,
                 "reconciled_at": self.reconciled_at, "reconcile_seconds": self.reconcile_seconds}
+
+    async def on_purge(self, p: dict[str, Any]) -> dict[str, Any]:
+        """An app was destroyed: remove its volumes' data on this host (platform/volumes/<app>/),
+        so nothing of it is left for whoever creates an app of that name next (red team H5)."""
+        import shutil
+
+        from taxiway.platform import schema
+
+        app = p.get("app")
+        if not isinstance(app, str) or not schema.valid_app_name(app):
+            raise InvalidInput("the request names no valid app", 'send {"app": "<name>"}')
+        live = [r["id"] for r in self.rec.all() if r["app"] == app]
+        if live:
+            raise InvalidInput(f"app {app} still has machines on host {self.host}: {', '.join(live)}",
+                               "destroy them first")
+        path = self.home / "platform" / "volumes" / app
+        if path.exists():
+            await asyncio.to_thread(shutil.rmtree, path)
+        return {"ok": True, "removed": str(path)}
 
     # -- watching desired state -----------------------------------------------------------------------
 
