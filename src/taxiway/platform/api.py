@@ -417,6 +417,10 @@ async def delete_app(request: Request) -> Response:
     app = await _app(request)
     st = _st(request)
     name = app["name"]
+    with contextlib.suppress(ImportError):
+        from taxiway.platform import deploy
+
+        await deploy.cancel(name)  # a running deploy would make machines again behind the destroy
     for key, rec, _ in await st.items(schema.MACHINES, name + "."):
         if rec.get("desired") == "destroyed":
             continue
@@ -427,11 +431,22 @@ async def delete_app(request: Request) -> Response:
                      {"app": name, "id": rec["id"], "force": True})
         await st.update(schema.MACHINES, key, lambda old: {**old, "desired": "destroyed", "updated_at": time.time()}
                         if old else None)
-    for bucket in (schema.MACHINES, schema.RELEASES, schema.SECRETS, schema.VOLUMES, schema.LEASES):
+    # Nothing of the app may outlive it: another org can create an app of this name next (red
+    # team H5). The volumes' data first (the agent owns the host side; a host whose agent does not
+    # answer keeps the app record, so a retry finishes), then records with their history, then
+    # the app's logs and events; the APPS record goes last, so the name is free only when all is gone.
+    hosts = {(v.get("host") or schema.DEFAULT_HOST) for _, v, _ in await st.items(schema.VOLUMES, name + ".")}
+    hosts |= {(m.get("host") or schema.DEFAULT_HOST) for _, m, _ in await st.items(schema.MACHINES, name + ".")}
+    for host in sorted(hosts):
+        await _agent(st, host, "purge", {"app": name})
+    for bucket in (schema.MACHINES, schema.STATUS, schema.RELEASES, schema.SECRETS, schema.VOLUMES,
+                   schema.LEASES):
         for key in await st.keys(bucket, name + "."):
-            await st.delete(bucket, key)
+            await st.purge(bucket, key)
     with contextlib.suppress(Exception):
-        await st.delete(schema.DEPLOYS, name)
+        await st.purge(schema.DEPLOYS, name)
+    await st.purge_subject(schema.LOGS_STREAM, f"logs.{name}.>")
+    await st.purge_subject(schema.EVENTS_STREAM, f"events.{name}.>")
     await st.delete(schema.APPS, name)
     return _json({"ok": True, "destroyed": name})
 

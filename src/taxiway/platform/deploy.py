@@ -157,6 +157,16 @@ async def shutdown() -> None:
     _tasks.clear()
 
 
+async def cancel(app: str) -> None:
+    """Stop the app's running deploy, if any (the app is being destroyed: it must not make
+    machines or records again behind the destroy)."""
+    t = _tasks.pop(app, None)
+    if t is not None and not t.done():
+        t.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await t
+
+
 async def wait(app: str, timeout: float | None = None) -> None:
     """Wait for the app's running deploy task, if any (tests, CLI helpers in-process)."""
     t = _tasks.get(app)

@@ -48,7 +48,7 @@ def logs_subject(app: str, region: str = "*", machine: str = "*") -> str:
 
 # -- agents (request/reply) ------------------------------------------------------------
 
-AGENT_VERBS = ("create", "start", "stop", "restart", "destroy", "signal", "exec", "list", "ping")
+AGENT_VERBS = ("create", "start", "stop", "restart", "destroy", "signal", "exec", "list", "ping", "purge")
 
 
 def agent_subject(host: str, verb: str) -> str:

@@ -222,6 +222,17 @@ class State:
                 raise Conflict(bucket, key) from None
             raise
 
+    async def purge(self, bucket: str, key: str) -> None:
+        """Delete ``key`` with its history (a purge marker): no old value stays readable, e.g.
+        an app's secrets once the app is destroyed and its name may go to another org."""
+        kv = await self._bucket(bucket)
+        await kv.purge(key)
+
+    async def purge_subject(self, stream: str, subject: str) -> None:
+        """Remove every message of ``stream`` on ``subject`` (wildcards allowed), e.g. a
+        destroyed app's logs and events."""
+        await self.js.purge_stream(stream, subject=subject)
+
     async def delete(self, bucket: str, key: str, revision: int | None = None) -> None:
         """Delete (a tombstone, so watchers see it); compare-and-set with ``revision``."""
         from nats.js.errors import APIError, KeyWrongLastSequenceError
