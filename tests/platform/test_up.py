@@ -102,13 +102,13 @@ def test_up_detached_is_idempotent_restarts_children_and_down_stops_all(platform
         assert c.post("/v1/orgs", json={"name": "team"}).status_code == 201
     orgs = json.loads(platform("registry", "org", "ls", "--root", str(platform_home / "registry"), "--json").stdout)
     assert {"personal", "team"} <= {o["name"] for o in orgs}
-    # the agent's pull credentials for the same registry (0600)
+    # where the agent mints per-org pull tokens (0600): the registry and its tenants database, no
+    # single org's token (one for all let any org pull another's images: red team C4)
     auth = platform_home / "platform" / "agent" / "registry-auth.json"
     assert stat.S_IMODE(auth.stat().st_mode) == 0o600
-    pull = json.loads(auth.read_text())["auths"][up["registry"]]
-    r = httpx.get(f"http://{up['registry']}/v2/token", params={"service": "taxiway", "scope": "repository:hello:pull"},
-                  auth=(pull["username"], pull["password"]), trust_env=False)
-    assert r.status_code == 200 and r.json()["token"]
+    pull = json.loads(auth.read_text())
+    assert pull["registry"] == up["registry"] and "auths" not in pull
+    assert pull["tenants"] == str(platform_home / "registry" / "tenants.db")
 
     r = platform("up", "-d", "--free-ports")
     assert "already running" in r.stdout.decode()
@@ -158,11 +158,25 @@ def _ok(c: httpx.Client, path: str) -> bool:
         return False
 
 
+def _push_to_platform(c, local: str, app: str) -> str:
+    """Push a local image to the platform registry as the app's org (machines take only its images)."""
+    from taxiway.oci.auth import Credentials
+    from taxiway.oci.client import RegistryClient
+    from taxiway.oci.push import push
+
+    creds = c.post(f"/v1/apps/{app}/registry_token").json()
+    ref = f"{creds['registry']}/{creds['repository']}:1"
+    with RegistryClient(creds["registry"], credentials=Credentials(creds["username"], creds["password"])) as rc:
+        push(ref, source=local, client=rc)
+    return ref
+
+
 def test_kill_9_of_the_supervisor_then_up_again_keeps_state_and_machines(platform, platform_home, tmp_path):
-    image = make_image(tmp_path, BUSYBOX)
+    make_image(tmp_path, BUSYBOX)
     platform("up", "-d", "--free-ports")
     with _api(platform_home) as c:
         assert c.post("/v1/apps", json={"app_name": "web"}).status_code == 201
+        image = _push_to_platform(c, BUSYBOX, "web")
         r = c.post("/v1/apps/web/machines", json={"config": web_config(image)})
         assert r.status_code == 200, r.text
         mid, port = r.json()["id"], r.json()["ports"]["8080"]

@@ -302,32 +302,20 @@ class Supervisor:
             t.close()
 
     def _agent_registry_auth(self) -> None:
-        """platform/agent/registry-auth.json (0600): a pull token of the default org for the agent.
+        """platform/agent/registry-auth.json (0600): where the agent finds the platform registry and
+        its tenants database, {"registry": "127.0.0.1:PORT", "tenants": ".../tenants.db"}.
 
-        The agent pulls release images it lacks from the platform registry with it (docker's
-        {"auths": {host: {...}}} shape). The token is kept across restarts while it works.
+        The agent mints a short-lived pull token of each machine's OWN org there when it pulls (it
+        runs on this host, as the registry does): one org's token for every pull let any org run
+        another's private images, and made other orgs' names resolve inside the default org.
         """
         reg = self.child("registry")
         if reg is None:
             return
-        from taxiway.platform import schema
-        from taxiway.registry.tenants import Tenants
-
         path = self.dir / "agent" / "registry-auth.json"
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            old = json.loads(path.read_text())
-            secret = next(iter(old["auths"].values()))["password"]
-        except (OSError, ValueError, KeyError, StopIteration, AttributeError, TypeError):
-            secret = None
-        t = Tenants(self._registry_root() / "tenants.db")
-        try:
-            if not secret or t.authenticate(str(secret)) is None:
-                _, secret = t.create_token(schema.DEFAULT_ORG, "pull")
-        finally:
-            t.close()
-        _write_json(path, {"auths": {f"127.0.0.1:{reg.port}": {"username": schema.DEFAULT_ORG,
-                                                                "password": secret}}}, mode=0o600)
+        _write_json(path, {"registry": f"127.0.0.1:{reg.port}",
+                           "tenants": str(self._registry_root() / "tenants.db")}, mode=0o600)
 
     def _wait_port(self, child: Child) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
