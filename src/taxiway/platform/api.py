@@ -35,7 +35,7 @@ from starlette.routing import Route
 
 from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.platform import schema, tokens
-from taxiway.platform.state import Conflict, State, Unavailable
+from taxiway.platform.state import Conflict, NoReply, State, Unavailable
 
 LEASE_HEADER = "fly-machine-lease-nonce"
 STRATEGIES = ("rolling", "bluegreen", "canary", "immediate")
@@ -51,6 +51,12 @@ class ApiError(TaxiwayError):
     def __init__(self, status: int, message: str, hint: str | None = None) -> None:
         super().__init__(message, hint)
         self.status = status
+
+
+class AgentNoReply(ApiError):
+    """The agent got the request but did not answer in time (it may have died mid-way, or be
+    slow): the request may still take effect, so the desired record is KEPT for the agent's
+    reconcile to own, and nobody is told "nothing was changed" (red team M7)."""
 
 
 def _error_body(message: str, hint: str | None) -> dict[str, str]:
@@ -231,6 +237,10 @@ async def _agent(st: State, host: str, verb: str, payload: dict[str, Any], timeo
     subject = schema.agent_subject(host, verb)
     try:
         reply = await st.request(subject, payload, timeout=timeout)
+    except NoReply:
+        raise AgentNoReply(504, f"the host agent received {verb} of machine {payload.get('id')} but did not "
+                                f"answer within {timeout:.0f} s; the change is recorded and may still happen",
+                           "follow it: GET .../machines/<id>/wait?state=started (or its events)") from None
     except Unavailable as e:
         raise ApiError(503, f"no host agent answered on {subject} ({e.message})",
                        "start the platform with 'taxiway up' (it runs the agent); nothing was changed") from None
@@ -504,7 +514,16 @@ async def create_machine(request: Request) -> Response:
     rev = await st.put(schema.MACHINES, key, rec, revision=0)
     try:
         reply = await _agent(st, rec["host"], "create", {"app": app["name"], "id": mid, "machine": rec,
-                                                          "start": not skip}, timeout=300)
+                                                          "start": not skip},
+                             timeout=request.app.state.config.create_wait)
+    except AgentNoReply as e:
+        # Delivered, unanswered (a slow pull, or an agent killed mid-create that adopts the
+        # machine when it comes back): the record stays, the agent's reconcile owns it.
+        got = await st.get(schema.MACHINES, key)
+        rec, rev = got if got else (rec, rev)
+        status = await _status(st, app["name"], mid) or {"state": "created"}
+        return _json({**machine_view(rec, status, rev), "pending": True, "note": e.message,
+                      "fix": e.hint}, 202)
     except ApiError:
         with contextlib.suppress(Exception):
             await st.delete(schema.MACHINES, key, revision=rev)
@@ -543,6 +562,8 @@ async def _set_desired(request: Request, verb: str, desired: str | None, extra: 
     try:
         reply = await _agent(st, rec.get("host") or schema.DEFAULT_HOST, verb,
                              {"app": app, "id": mid, "machine": new, **(extra or {})}, timeout=timeout)
+    except AgentNoReply:
+        raise  # delivered: the agent may act on it (or its reconcile will), so the new record stays
     except ApiError:
         with contextlib.suppress(Conflict):
             await st.put(schema.MACHINES, key, rec, revision=new_rev)
@@ -1158,6 +1179,9 @@ class ApiConfig:
     nats: str
     registry: str | None = None       # host:port of the platform's registry
     registry_root: str | None = None  # its storage directory (tenants.db), on this host
+    # How long a create waits for the agent's answer (a pull may be slow) before a 202 with the
+    # machine "created": the rest is followed with /wait, the record stays the agent's to finish.
+    create_wait: float = 60.0
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:
@@ -1222,6 +1246,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--listen", default="127.0.0.1:4280")
     p.add_argument("--registry", help="HOST:PORT of the platform's registry")
     p.add_argument("--registry-root", help="the registry's storage directory (for its tenants.db)")
+    p.add_argument("--create-wait", type=float, default=60.0,
+                   help="seconds a machine create waits for the agent before answering 202 (default 60)")
     args = p.parse_args(argv)
     try:
         host, port = parse_listen(args.listen)
@@ -1230,7 +1256,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     import uvicorn
 
-    app = create_app(ApiConfig(args.nats, args.registry, args.registry_root))
+    app = create_app(ApiConfig(args.nats, args.registry, args.registry_root, create_wait=args.create_wait))
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False)
 
 

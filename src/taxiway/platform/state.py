@@ -44,6 +44,11 @@ class Unavailable(TaxiwayError):
     """NATS could not be reached, or did not answer in time."""
 
 
+class NoReply(Unavailable):
+    """A request reached a responder (e.g. an agent) that did not answer in time: unlike
+    "nobody serves it", the request may still be acted on."""
+
+
 def _dump(value: dict[str, Any]) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
 
@@ -349,8 +354,8 @@ class State:
         except NoRespondersError:
             raise Unavailable(f"nobody serves {subject}", "is the host agent running? ('taxiway up')") from None
         except NatsTimeout:
-            raise Unavailable(f"no answer on {subject} within {timeout:.0f} s",
-                              "check the host agent's log") from None
+            raise NoReply(f"no answer on {subject} within {timeout:.0f} s",
+                          "check the host agent's log") from None
         return _load(msg.data) or {}
 
     async def serve(self, subject: str, handler: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]],
