@@ -136,12 +136,40 @@ def build_and_push(client: Any, app: str, folder: Path, cfg: dict[str, Any]) -> 
     return ref
 
 
+def push_local(client: Any, app: str, image: str) -> str:
+    """An image of this host's store that is not on the platform registry is pushed there first
+    (into the app's org): machines run only images of their own org on the platform registry.
+    Anything else is returned as it is (the API says what is wrong with it)."""
+    from taxiway.oci.reference import Reference
+    from taxiway.oci.store import Store
+
+    try:
+        if Reference.parse(image).registry != "localhost":
+            return image
+        Store().image(image)
+        token = client.registry_token(app)
+    except TaxiwayError:
+        return image  # not in the store, or a platform without a registry: the local store is used as is
+    from taxiway.oci.auth import Credentials
+    from taxiway.oci.client import RegistryClient
+    from taxiway.oci.push import push
+
+    ref = f"{token['registry']}/{token['repository']}:deployment-{time.strftime('%Y%m%d%H%M%S', time.gmtime())}"
+    creds = Credentials(token["username"], token["password"])
+    with RegistryClient(token["registry"], credentials=creds, use_stored_credentials=False) as rc:
+        pushed = push(ref, source=image, client=rc)
+    _say(f"[push] {image} as {ref} ({pushed.digest[:19]})")
+    return ref
+
+
 def run_deploy(client: Any, app: str, folder: Path, cfg: dict[str, Any], image: str | None,
                strategy: str | None) -> dict[str, Any]:
     """Build (unless an image is given), push, record the release, follow it; raises unless it is deployed."""
     image = image or cfg["build"].get("image")
     if not image:
         image = build_and_push(client, app, folder, cfg)
+    else:
+        image = push_local(client, app, image)
     cfg = {**cfg, "app": app}
     rel = client.create_release(app, image, cfg, strategy=strategy)
     _say(f"release v{rel['version']} of {app}: {image}")
