@@ -199,7 +199,7 @@ async def test_start_records_the_release_itself_and_refuses_before_recording(sta
     """What the API sends: an unrecorded body. Bad input and a busy app record nothing."""
     with pytest.raises(appconfig.ConfigError):
         await deploy.start(state, APP, {"image": image, "config": {"deploy": {"strategy": "yolo"}}}, org="personal")
-    with pytest.raises(deploy.InvalidInput, match="no release to restart"):
+    with pytest.raises(deploy.InvalidInput, match="no complete release to restart"):
         await deploy.start(state, APP, {"reason": "secrets"})
     assert await state.keys(schema.RELEASES, APP + ".") == []
 

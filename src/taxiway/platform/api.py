@@ -923,8 +923,10 @@ async def unset_secret(request: Request) -> Response:
 
 async def _roll(request: Request, app: dict[str, Any]) -> dict[str, Any] | None:
     """Re-deploy the current release so machines restart with the new secrets (none deployed: nothing)."""
-    if not await _st(request).keys(schema.RELEASES, app["name"] + "."):
-        return None  # nothing deployed yet: the first deploy picks the secrets up
+    if not any(r.get("status") == "complete" for _, r, _ in await _st(request).items(schema.RELEASES, app["name"] + ".")):
+        # nothing deployed that worked: the next deploy picks the secrets up (restarting a failed
+        # release's image failed again and removed machines: red team M8c)
+        return None
     return await _deploy_start(request, app, {"reason": "secrets"})
 
 

@@ -106,9 +106,12 @@ async def _new_release(state: State, app: str, body: dict[str, Any]) -> dict[str
     fields = {k: body[k] for k in ("image", "config", "strategy", "description", "by") if body.get(k) is not None}
     if body.get("reason") == "secrets" and "image" not in fields:
         rows = [r for _, r, _ in await state.items(schema.RELEASES, app + ".")]
-        done = [r for r in rows if r.get("status") == "complete"] or rows
+        # Only a release that worked: restarting with a failed one's image failed again and, as a
+        # first release, removed the app's machines (red team M8c).
+        done = [r for r in rows if r.get("status") == "complete"]
         if not done:
-            raise InvalidInput(f"{app} has no release to restart", "deploy it first: the first deploy has the secrets")
+            raise InvalidInput(f"{app} has no complete release to restart",
+                               "deploy it: the next deploy's machines get the secrets")
         last = max(done, key=lambda r: r.get("version", 0))
         fields = {"image": last["image"], "config": last.get("config") or {}, "strategy": "rolling",
                   "description": "secrets changed"}
@@ -233,6 +236,7 @@ class Deployer:
         self.rec: dict[str, Any] = {}
         self.rev = 0
         self.configs: dict[int, dict[str, dict[str, Any]]] = {}  # release -> group -> machine config
+        self.foreign: dict[str, int] = {}  # rolling back: live machines per group this deploy leaves alone
 
     async def _load(self) -> bool:
         got = await self.st.get(schema.DEPLOYS, self.app)
@@ -345,6 +349,8 @@ class Deployer:
         count = self.rec["counts"].get(group, 0)
         if rolling_back and release is None:
             release, count = -1, 0  # nothing to go back to: remove what this deploy made
+        elif rolling_back:
+            count = max(0, count - self.foreign.get(group, 0))  # those it keeps serve too
         cfg = (self.configs.get(release) or {}).get(group) or {}
         mu = self.rec["config"]["deploy"]["max_unavailable"]
         strat = "rolling" if rolling_back else self.rec["strategy"]
@@ -360,6 +366,17 @@ class Deployer:
         target_release = self.rec["previous"] if rolling_back else self.rec["release"]
         configs = await self._configs(target_release)
         view = await self._view()
+        self.foreign = {}
+        if rolling_back:
+            # A failed deploy never removes machines it did not make (red team M8a: a first release
+            # with a bad image destroyed the machines made through the Machines API before it):
+            # a rollback handles only this deploy's machines and those of the release it returns to.
+            for g, ms in list(view.items()):
+                mine = [(rec, status) for rec, status in ms if rec.get("deploy") == self.rec["id"]
+                        or (target_release is not None and rec.get("release") == target_release)]
+                self.foreign[g] = sum(1 for rec, _ in ms if not rec.get("cordoned")) - \
+                    sum(1 for rec, _ in mine if not rec.get("cordoned"))
+                view[g] = mine
         groups = sorted(set(self.rec["counts"]) | set(view) | set(configs))
         plans: dict[str, list[strategy.Step]] = {}
         for g in groups:
