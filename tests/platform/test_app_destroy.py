@@ -92,3 +92,16 @@ def test_a_destroyed_app_leaves_nothing_to_the_next_owner_of_its_name(stack, pla
     events, logs, status, hist = asyncio.run(leftovers())
     assert events == [] and logs == [] and status == [] and hist == []
     o.close()
+
+
+def test_a_secret_value_with_nul_is_refused_and_nothing_is_stored(platform_home, nats_server, tmp_path):
+    """Red team M8b: a NUL was accepted, then every machine failed with "embedded null byte"."""
+    from test_api import _bootstrap, run, start_api
+
+    toks = run(_bootstrap(nats_server.url))
+    with start_api(nats_server.url, tmp_path) as s:
+        c = httpx.Client(base_url=s.url, headers={"Authorization": f"Bearer {toks['acme']}"}, timeout=30)
+        r = c.post("/v1/apps/web/secrets", json={"values": {"OK": "fine", "BAD": "a\x00b"}, "stage": True})
+        assert r.status_code == 400 and "NUL" in r.json()["error"], r.text
+        assert c.get("/v1/apps/web/secrets").json() == []
+        c.close()
