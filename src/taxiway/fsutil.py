@@ -18,14 +18,21 @@ import contextlib
 import errno
 import os
 import stat
-import tempfile
-from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import IO
+
+# Kept off the import path on purpose: ``taxiway run`` writes its records through here, and
+# ``tempfile`` (random, shutil, bz2, lzma...) or ``typing`` would add tens of ms to its start-up
+# (tests/machines/test_structure.py checks). The constant is the form type checkers read as
+# ``typing.TYPE_CHECKING``.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+    from typing import IO
 
 MAX_INPUT = 1 << 20  # CSRs, certificates, keys, small JSON records: real ones are a few KiB
 
-TEMP_GLOB = ".{}.????????.tmp"  # the temp names atomic_write makes for a target name (mkstemp: 8 random characters)
+TEMP_GLOB = ".{}.????????.tmp"  # the temp names atomic_write makes for a target name (8 random characters)
+_TEMP_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789_"  # tempfile's alphabet: 37**8 names
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
@@ -37,11 +44,24 @@ def fsync_dir(directory: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _mkstemp(path: Path) -> tuple[int, str]:
+    """tempfile.mkstemp's contract (O_EXCL, 0600, O_NOFOLLOW, retry on a taken name) without importing tempfile."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        rand = "".join(_TEMP_CHARS[b % len(_TEMP_CHARS)] for b in os.urandom(8))
+        tmp = os.path.join(path.parent, f".{path.name}.{rand}.tmp")
+        try:
+            return os.open(tmp, flags, 0o600), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no usable temporary file name found", str(path.parent))
+
+
 def _temp_beside(path: Path, mode: int) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _mkstemp(path)
     try:
-        os.fchmod(fd, mode)  # mkstemp made it 0600: never more open than ``mode`` at any moment
+        os.fchmod(fd, mode)  # created 0600 (before the umask): never more open than ``mode`` at any moment
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
