@@ -156,3 +156,23 @@ def test_nats_server_follows_a_kill_9d_parent_and_keeps_its_state(tmp_path) -> N
         assert asyncio.run(get())[0] == {"name": "kept"}
     finally:
         srv.stop()
+
+
+async def test_the_edge_user_cannot_listen_to_agent_commands(nats_server: NatsServer, state: State) -> None:
+    """An edge that subscribed to agent.> would get every exec's command (and could answer it)."""
+    edge = await State.connect(nats_server.url_for("edge"), timeout=3)
+    try:
+        got: list = []
+
+        async def cb(msg) -> None:
+            got.append(msg)
+
+        await edge.nc.subscribe("agent.local.exec", cb=cb)
+        await edge.nc.flush()
+        await edge.nc.flush()  # the server's -ERR for the subscription has arrived by the second PONG
+        assert "permissions violation" in str(edge.nc.last_error).lower()
+        with pytest.raises(Unavailable, match="nobody serves"):  # the server routes nothing to it
+            await state.request("agent.local.exec", {"app": "web", "id": "x", "command": ["id"]}, timeout=2)
+        assert got == []
+    finally:
+        await edge.close()

@@ -66,6 +66,18 @@ def _listening(host: str, port: int) -> bool:
     return False
 
 
+def deny_subscribe() -> dict[str, list[str]]:
+    """Subjects each restricted user may never subscribe to: agent commands (an edge that
+    subscribed to agent.> would receive every exec's command, and could answer it) and the
+    live writes of the token records."""
+    from taxiway.platform import schema
+
+    return {
+        "edge": ["agent.>", f"$KV.{schema.TOKENS}.>", f"$KV.{schema.SECRETS}.>"],
+        "agent": [f"$KV.{schema.TOKENS}.>"],
+    }
+
+
 def _pdeathsig() -> None:
     """In the child: SIGTERM when the parent dies, even by kill -9 (Linux prctl PR_SET_PDEATHSIG).
 
@@ -138,11 +150,11 @@ class NatsServer:
         store = self.dir / "jetstream"
         # JSON is valid nats-server config syntax, and quoting paths and passwords this way is safe.
         users = []
-        deny = deny_publish()
+        deny, deny_sub = deny_publish(), deny_subscribe()
         for user, password in self.users().items():
             entry: dict = {"user": user, "password": password}
             if user in deny:
-                entry["permissions"] = {"publish": {"deny": deny[user]}}
+                entry["permissions"] = {"publish": {"deny": deny[user]}, "subscribe": {"deny": deny_sub[user]}}
             users.append(entry)
         return "\n".join([
             "authorization {",
