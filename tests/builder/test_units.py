@@ -669,3 +669,78 @@ def test_index_mirror_addresses_are_allowed_exactly(monkeypatch):
     monkeypatch.setattr(socket, "getaddrinfo", fake)
     assert egress.index_ranges([*egress.DEFAULT_ALLOW, "*.example.com", "gone.invalid"]) == [
         "10.1.2.3/32", "203.0.113.80/32", "fd00::5/128"]
+
+
+# -- buildpack.toml fields that become paths (red team: version used as a host path) ------------
+
+
+def _bp_folder(root: Path, bid: str = "me/bp", version: str = "1") -> Path:
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    (root / "buildpack.toml").write_text(f'api = "0.10"\n[buildpack]\nid = {bid!r}\nversion = {version!r}\n')
+    for exe in ("detect", "build"):
+        (root / "bin" / exe).write_text("#!/bin/sh\nexit 0\n")
+        (root / "bin" / exe).chmod(0o755)
+    return root
+
+
+@pytest.mark.parametrize("version", ["/tmp/x/absver", "../../../../tmp/x/pwnver", "1/../../x", ".", "..", "1\n2", "a b"])
+def test_buildpack_version_that_is_a_path_is_refused(tmp_path, version):
+    bp = _bp_folder(tmp_path / "bp", version=version.replace("/tmp/x", str(tmp_path / "x")))
+    with pytest.raises(InvalidInput, match="version"):
+        bpmod.load_buildpack(bp)
+
+
+@pytest.mark.parametrize("bid", ["a/../..", "a//b", "a/..", "a/.", "./a"])
+def test_buildpack_id_with_dot_parts_is_refused(tmp_path, bid):
+    with pytest.raises(InvalidInput, match="id"):
+        bpmod.load_buildpack(_bp_folder(tmp_path / "bp", bid=bid))
+
+
+def test_good_versions_load(tmp_path):
+    for v in ("1", "0.1.0", "1.2.3-rc.1+build_7"):
+        assert bpmod.load_buildpack(_bp_folder(tmp_path / v, version=v)).version == v
+
+
+def test_staging_refuses_a_version_that_leaves_its_root_and_copies_nothing(tmp_path, monkeypatch):
+    """Even a Buildpack made without load_buildpack's checks never gets copied outside the staging folder."""
+    import dataclasses
+
+    from taxiway.builder.lifecycle import buildpacks_dir, staging_path
+
+    monkeypatch.setenv("TAXIWAY_HOME", str(tmp_path / "home"))
+    good = bpmod.load_buildpack(_bp_folder(tmp_path / "bp"))
+    canary = tmp_path / "x"
+    canary.mkdir()
+    for v in (str(canary / "absver"), f"../../../../../../../../../..{canary}/pwnver", "1/../../x", "..", "."):
+        bad = dataclasses.replace(good, version=v)
+        with pytest.raises(InvalidInput):
+            staging_path(tmp_path / "stage", bad)
+        with pytest.raises(InvalidInput):
+            buildpacks_dir([bad])
+    assert list(canary.iterdir()) == []
+    assert staging_path(tmp_path / "stage", good) == tmp_path / "stage" / "me_bp" / "1"
+
+
+def test_two_ids_with_one_folder_name_are_one_clear_error(tmp_path, monkeypatch):
+    from taxiway.builder.lifecycle import buildpacks_dir
+
+    monkeypatch.setenv("TAXIWAY_HOME", str(tmp_path / "home"))
+    a = bpmod.load_buildpack(_bp_folder(tmp_path / "a", bid="me/bp"))
+    b = bpmod.load_buildpack(_bp_folder(tmp_path / "b", bid="me_bp"))
+    with pytest.raises(InvalidInput, match="share the folder"):
+        buildpacks_dir([a, b])
+
+
+def test_user_buildpack_cannot_claim_a_bundled_id(tmp_path):
+    with pytest.raises(InvalidInput, match="reserved"):
+        bpmod.resolve(str(_bp_folder(tmp_path / "bp", bid="taxiway/static")))
+    assert bpmod.resolve("static").id == "taxiway/static"
+
+
+def test_build_home_is_private(tmp_path, monkeypatch):
+    from taxiway.builder.lifecycle import build_home
+
+    monkeypatch.setenv("TAXIWAY_HOME", str(tmp_path / "home"))
+    (tmp_path / "home" / "build").mkdir(parents=True)
+    (tmp_path / "home" / "build").chmod(0o755)
+    assert build_home().stat().st_mode & 0o777 == 0o700

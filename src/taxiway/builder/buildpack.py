@@ -18,6 +18,20 @@ from taxiway.errors import InvalidInput, NotFound
 
 BUNDLED_PREFIX = "taxiway/"
 _ID = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/-]*$")
+#: A version becomes a folder name (/cnb/buildpacks/<id>/<version>): one name, never a path.
+_VERSION = re.compile(r"^(?!\.+$)[A-Za-z0-9._+-]{1,64}$")
+
+
+def valid_id(bid: object) -> bool:
+    """A buildpack id: letters, digits, ``. _ / -``; each ``/`` part a plain name (no ``..``, no empty part)."""
+    if not isinstance(bid, str) or len(bid) > 128 or not _ID.fullmatch(bid) or bid in ("app", "config", "launcher", "sbom"):
+        return False
+    return all(part and part.strip(".") for part in bid.split("/"))
+
+
+def valid_version(ver: object) -> bool:
+    """A buildpack version: one semver-like name (``1.2.3``, ``0.1.0-rc.1+b2``), never ``/``, ``.`` or ``..``."""
+    return isinstance(ver, str) and bool(_VERSION.fullmatch(ver))
 
 
 def load_toml(path: Path, what: str, text: str | None = None) -> dict[str, Any]:
@@ -69,11 +83,15 @@ def load_buildpack(path: Path) -> Buildpack:
     if not isinstance(bp, dict):
         raise InvalidInput(f"malformed buildpack.toml {toml_path}: no [buildpack] table", "add [buildpack] with id and version")
     bid, ver = bp.get("id"), bp.get("version")
-    if not isinstance(bid, str) or not _ID.match(bid) or bid in ("app", "config", "launcher", "sbom"):
+    if not valid_id(bid):
         raise InvalidInput(f"malformed buildpack.toml {toml_path}: [buildpack] id {bid!r} is missing or invalid",
                            "use an id like \"example/my-buildpack\" (letters, digits, . _ / -)")
     if not isinstance(ver, str) or not ver:
         raise InvalidInput(f"malformed buildpack.toml {toml_path}: [buildpack] version is missing", "add version = \"0.0.1\"")
+    if not valid_version(ver):
+        # It names a folder the host makes: "/tmp/x" or "../.." would put the buildpack anywhere.
+        raise InvalidInput(f"malformed buildpack.toml {toml_path}: [buildpack] version {ver!r} is invalid",
+                           "use a version like \"1.2.3\" (letters, digits, . _ + -; no '/', not . or ..)")
     if "order" in doc:
         raise InvalidInput(f"{toml_path} is a composite buildpack ([[order]])", "pass its component buildpacks with --buildpack, in order")
     for exe in ("detect", "build"):
@@ -127,7 +145,12 @@ def resolve(spec: str) -> Buildpack:
     """A ``--buildpack`` argument: a folder path, or the id of a bundled buildpack (``python`` or ``taxiway/python``)."""
     p = Path(spec)
     if p.is_dir():
-        return load_buildpack(p)
+        bp = load_buildpack(p)
+        if bp.id.startswith(BUNDLED_PREFIX) and not bp.path.is_relative_to(bundled_root()):
+            # The bundled ids are the builder's: a lookalike would share (and poison) their cache and name.
+            raise InvalidInput(f"buildpack {spec} claims the id {bp.id!r}; ids starting with {BUNDLED_PREFIX!r} "
+                               "are reserved for the bundled buildpacks", "give your buildpack an id of your own, like \"me/static\"")
+        return bp
     bps = bundled()
     for cand in (spec, BUNDLED_PREFIX + spec):
         if cand in bps:

@@ -118,10 +118,9 @@ def _tail(text: str, n: int = LOG_TAIL) -> list[str]:
 def cache_dir(tag: str) -> Path:
     """The build cache of one image name: the kept /layers and what the last export wrote."""
     from taxiway.oci.store import normalize_name
-    from taxiway.paths import home
 
     key = hashlib.sha256(normalize_name(tag).encode()).hexdigest()[:20]
-    return home() / "build" / "cache" / key
+    return build_home() / "cache" / key
 
 
 def discard(d: Path) -> None:
@@ -184,6 +183,35 @@ def restore_layers(layers: Path, exported: dict[str, str]) -> None:
                 os.unlink(bpdir / f"{name}.toml")
 
 
+def build_home() -> Path:
+    """$TAXIWAY_HOME/build (cache, tmp, buildpacks), made 0700: builds of other users' apps live there."""
+    from taxiway.paths import home
+
+    d = home() / "build"
+    d.mkdir(parents=True, exist_ok=True)
+    if os.stat(d).st_mode & 0o077:
+        os.chmod(d, 0o700)
+    return d
+
+
+def staging_path(root: Path, bp: Buildpack) -> Path:
+    """``root/<id dir>/<version>``, refused unless it is exactly two plain names below ``root``.
+
+    The id and version come from a user's buildpack.toml: checked when loaded, and here again,
+    because this path is where root copies the buildpack to.
+    """
+    parts = (bp.dirname, bp.version)
+    if not bpmod.valid_id(bp.id) or not bpmod.valid_version(bp.version) or any(
+            not p or p in (".", "..") or "/" in p or "\0" in p for p in parts):
+        raise InvalidInput(f"buildpack {bp.id!r} version {bp.version!r} does not name a folder",
+                           "use an id like \"me/bp\" and a version like \"1.2.3\"")
+    target = root.joinpath(*parts)
+    if not target.resolve().is_relative_to(root.resolve()) or target.resolve().parent.parent != root.resolve():
+        raise InvalidInput(f"buildpack {bp.id!r} version {bp.version!r} leads outside the buildpacks folder",
+                           "use an id like \"me/bp\" and a version like \"1.2.3\"")
+    return target
+
+
 def buildpacks_dir(bps: list[Buildpack]) -> Path:
     """/cnb/buildpacks/<id>/<version> for these buildpacks, made once per content and shared by builds."""
     from taxiway.paths import home
@@ -194,7 +222,7 @@ def buildpacks_dir(bps: list[Buildpack]) -> Path:
     for bp in unique:
         h.update(f"{bp.id}\0{bp.version}\0{bp.path}\0{lyr.fingerprint(bp.path).hexdigest()}\n".encode())
     h.update(lyr.fingerprint(lib).hexdigest().encode())
-    root = home() / "build" / "buildpacks"
+    root = build_home() / "buildpacks"
     dest = root / h.hexdigest()[:20]
     if dest.is_dir():
         return dest
@@ -202,7 +230,12 @@ def buildpacks_dir(bps: list[Buildpack]) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".new-"))
     try:
         for bp in unique:
-            shutil.copytree(bp.path, tmp / bp.dirname / bp.version, symlinks=True)
+            target = staging_path(tmp, bp)
+            if target.exists():  # two ids with one folder name ("a/b" and "a_b")
+                raise InvalidInput(f"buildpacks {bp.id} and another one in this build share the folder {bp.dirname}/{bp.version}",
+                                   "give each buildpack its own id")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(bp.path, target, symlinks=True)
         shutil.copytree(lib, tmp / "_lib")
         tmp.chmod(0o755)
         try:
@@ -616,7 +649,7 @@ class Lifecycle:
         all_bps = [e.buildpack for g in order for e in g]
         from taxiway.paths import home
 
-        tmp_root = home() / "build" / "tmp"
+        tmp_root = build_home() / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         reaper.sweep(tmp_root)  # what builds killed with -9 (and their watchers) left
         self.phase = "waiting for another build of this image to finish"
