@@ -759,3 +759,20 @@ exit 9
             p.wait()
     assert "PROXY-SAYS HTTP/1.1 200 OK" in err.decode()
     assert "failed to build (exit 9)" in err.decode()
+
+
+# -- buildpack.toml version as a path (red team CRITICAL) ---------------------------------------
+
+
+@pytest.mark.parametrize("version", ["ABS", "../../../../../../../../../..ABS", "1/../../x"])
+def test_buildpack_version_cannot_place_the_buildpack_on_a_host_path(builder, tmp_path, version):
+    canary = make_canary(tmp_path)
+    before = snapshot(canary)
+    version = version.replace("ABS", str(canary / "pwnver"))
+    bp = user_buildpack(tmp_path / "bp", "true")
+    (bp / "buildpack.toml").write_text(f'api = "0.10"\n[buildpack]\nid = "evil/ver"\nversion = {json.dumps(version)}\n')
+    line = error_line(builder("build", str(app(tmp_path)), "-b", str(bp), "-t", "evil/ver:1", check=False))
+    assert "version" in line and "invalid" in line
+    assert snapshot(canary) == before and not (canary / "pwnver").exists()
+    assert not list((builder.home / "build" / "buildpacks").glob("*/evil_ver/x")) if (builder.home / "build" / "buildpacks").exists() else True
+    assert_not_exported(builder, "evil/ver:1")
