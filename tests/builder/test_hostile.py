@@ -776,3 +776,39 @@ def test_buildpack_version_cannot_place_the_buildpack_on_a_host_path(builder, tm
     assert snapshot(canary) == before and not (canary / "pwnver").exists()
     assert not list((builder.home / "build" / "buildpacks").glob("*/evil_ver/x")) if (builder.home / "build" / "buildpacks").exists() else True
     assert_not_exported(builder, "evil/ver:1")
+
+
+# -- cache poisoning (red team MEDIUM) ------------------------------------------------------------
+
+_PLANT = """
+if [ -f "$1/c/trojan" ]; then echo "warning: CACHE-BACK"; fi
+printf '[types]\\ncache = true\\n' > "$1/c.toml"
+mkdir -p "$1/c"; echo TROJAN > "$1/c/trojan"
+printf '[types]\\nlaunch = true\\n[metadata]\\nv = "1"\\n' > "$1/l.toml"
+mkdir -p "$1/l"; echo TROJAN > "$1/l/trojan"
+"""
+
+
+def test_a_buildpack_never_sees_or_reuses_another_ones_cache(builder, tmp_path):
+    """Same image, same id with other content, or another id: no cache folder, no kept layer is shared."""
+    a = app(tmp_path)
+    tag = "evil/poison:1"
+    one = user_buildpack(tmp_path / "one", _PLANT, bp_id="me/a")
+    p = builder("build", str(a), "-t", tag, "-b", str(one), "-b", "procfile")
+    assert "CACHE-BACK" not in p.stderr.decode()
+    # Another buildpack claiming the same id: it gets an empty folder of its own, and writing the same
+    # <layer>.toml without content does not hand it the first one's image layer.
+    same_id = user_buildpack(tmp_path / "two", """
+if [ -e "$1/c" ] || [ -e "$1/c.toml" ] || [ -e "$1/l.toml" ]; then echo "error: SAW-POISON"; exit 3; fi
+printf '[types]\\nlaunch = true\\n[metadata]\\nv = "1"\\n' > "$1/l.toml"
+""", bp_id="me/a")
+    line = error_line(builder("build", str(a), "-t", tag, "-b", str(same_id), "-b", "procfile", check=False))
+    assert "SAW-POISON" not in line and "no previous image layer to reuse" in line
+    # Another id in the same image's cache sees no other buildpack's folder at all.
+    other = user_buildpack(tmp_path / "three", """
+if ls -A /layers | grep -q 'me_a'; then echo "error: SAW-OTHER $(ls -A /layers)"; exit 3; fi
+""", bp_id="me/b")
+    builder("build", str(a), "-t", tag, "-b", str(other), "-b", "procfile")
+    # The first buildpack still gets its own cache back.
+    p = builder("build", str(a), "-t", tag, "-b", str(one), "-b", "procfile")
+    assert "CACHE-BACK" in p.stderr.decode()

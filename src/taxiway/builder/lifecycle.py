@@ -212,6 +212,12 @@ def staging_path(root: Path, bp: Buildpack) -> Path:
     return target
 
 
+def bp_digest(bp: Buildpack) -> str:
+    """A buildpack's identity for its cache: id, version and every byte of its folder."""
+    fp = lyr.fingerprint(bp.path).hexdigest()
+    return hashlib.sha256(f"{bp.id}\0{bp.version}\0{fp}".encode()).hexdigest()[:20]
+
+
 def buildpacks_dir(bps: list[Buildpack]) -> Path:
     """/cnb/buildpacks/<id>/<version> for these buildpacks, made once per content and shared by builds."""
     from taxiway.paths import home
@@ -313,17 +319,17 @@ class Lifecycle:
         self.plans.mkdir()
         self.out = work / "out"
         self.out.mkdir()
-        if self.opts.no_cache and self.layers.exists():
-            shutil.rmtree(self.layers)
+        self.parked = self.cache / "parked"
+        if self.opts.no_cache:
+            for d in (self.layers, self.parked):
+                if d.exists():
+                    shutil.rmtree(d)
         self.layers.mkdir(parents=True, exist_ok=True)
-        record = self.cache / "export.json"
-        layers_record = json.loads(record.read_text()).get("layers", {}) if record.exists() else {}
-        exported = {k: v.get("toml", "") for k, v in layers_record.items()}
+        self.parked.mkdir(exist_ok=True)
         self._prune_links()  # what a build killed before its own sweep left
-        restore_layers(self.layers, exported)
+        self._park_all()
         for bp in bps:
-            for root in (self.out, self.layers):
-                (root / bp.dirname).mkdir(exist_ok=True)
+            (self.out / bp.dirname).mkdir(exist_ok=True)
         _chown_tree(self.out)
         _chown_tree(self.layers)
         self.log = work / "build.log"
@@ -331,6 +337,67 @@ class Lifecycle:
                                                               "/cnb/work": self.out},
                                     ro_binds={"/platform": self.platform, "/cnb/buildpacks": self.bpdir, "/cnb/plans": self.plans},
                                     proxy=self.proxy)
+
+    # -- the cache of each buildpack ------------------------------------------------------
+    #
+    # A buildpack's cache is its own: kept as parked/<id dir>@<content digest>, and only the folders of the
+    # group that detected go into /layers (after detection, before the first build step). Another buildpack
+    # with the same id but other content never sees (or writes) it, and no build sees another buildpack's.
+
+    def _digest(self, bp: Buildpack) -> str:
+        memo = self.__dict__.setdefault("_digests", {})
+        if bp.path not in memo:
+            memo[bp.path] = bp_digest(bp)
+        return memo[bp.path]
+
+    def _owners(self) -> dict[str, str]:
+        """Which buildpack (by content digest) each folder now in /layers belongs to."""
+        try:
+            owners = json.loads((self.cache / "owners.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return owners if isinstance(owners, dict) else {}
+
+    def _park_all(self) -> None:
+        """Move every buildpack folder out of /layers into parked/ (what is not known to be whose goes)."""
+        owners = self._owners()
+        for name, kind in safefs.entries(self.layers):
+            src = self.layers / name
+            digest = owners.get(name)
+            if kind != "dir" or not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{20}", digest):
+                if kind == "dir":
+                    discard(src)
+                else:
+                    os.unlink(src)
+                continue
+            dst = self.parked / f"{name}@{digest}"
+            if os.path.lexists(dst):
+                discard(dst) if os.path.isdir(dst) and not os.path.islink(dst) else os.unlink(dst)
+            os.rename(src, dst)
+        with contextlib.suppress(FileNotFoundError):
+            (self.cache / "owners.json").unlink()
+
+    def _unpark(self, group: list[Buildpack]) -> None:
+        """Put the group's own cache folders into /layers, then prune them as the spec's restorer would."""
+        from taxiway.fsutil import write_bytes_atomic
+
+        owners = {bp.dirname: self._digest(bp) for bp in group}
+        write_bytes_atomic(self.cache / "owners.json", json.dumps(owners, sort_keys=True).encode())
+        for bp in group:
+            src = self.parked / f"{bp.dirname}@{owners[bp.dirname]}"
+            dst = self.layers / bp.dirname
+            if os.path.isdir(src) and not os.path.islink(src):
+                os.rename(src, dst)
+            else:
+                dst.mkdir()
+        record = self.cache / "export.json"
+        prev = json.loads(record.read_text()) if record.exists() else {}
+        prev_owners = prev.get("owners") or {}
+        # A kept launch layer's metadata counts only when this very buildpack exported it.
+        exported = {k: v.get("toml", "") for k, v in (prev.get("layers") or {}).items()
+                    if prev_owners.get(k.split("/", 1)[0]) == owners.get(k.split("/", 1)[0])}
+        restore_layers(self.layers, exported)
+        _chown_tree(self.layers)
 
     def _left(self, cap: float | None = None) -> float:
         """Seconds this step may run: what is left of --timeout (at most ``cap``)."""
@@ -501,7 +568,12 @@ class Lifecycle:
     def export(self, group: list[Buildpack], processes: list[Process]) -> BuildResult:
         record_path = self.cache / "export.json"
         prev = json.loads(record_path.read_text()) if record_path.exists() and not self.opts.no_cache else {}
-        prev_layers: dict[str, Any] = prev.get("layers", {})
+        # Only this very buildpack's previous layers can be reused: another one with the same id
+        # (other content) writing a matching <layer>.toml must not get them.
+        now = {bp.dirname: self._digest(bp) for bp in group}
+        prev_owners = prev.get("owners") or {}
+        prev_layers: dict[str, Any] = {k: v for k, v in prev.get("layers", {}).items()
+                                       if prev_owners.get(k.split("/", 1)[0]) == now.get(k.split("/", 1)[0])}
         run_name = self.opts.run_image
         if run_name is None:
             run_key = next((RUN_IMAGE_FOR[bp.id] for bp in group if bp.id in RUN_IMAGE_FOR), "run-base")
@@ -627,7 +699,7 @@ class Lifecycle:
         from taxiway.fsutil import write_bytes_atomic
 
         write_bytes_atomic(record_path, json.dumps({"layers": record, "app": app_record, "digest": desc.digest,
-                                                    "processes": processes_record},
+                                                    "processes": processes_record, "owners": now},
                                                    sort_keys=True, indent=1).encode())
         return BuildResult(self.opts.tag, desc, group, processes, written, reused)
 
@@ -663,6 +735,7 @@ class Lifecycle:
                         self._prepare(work, all_bps)
                         self.phase = "detecting"
                         group = self.detect(order)
+                        self._unpark([bp for bp, _ in group])
                         self.phase = "building"
                         processes = self.build(group)
                     self.phase = "exporting the image"
