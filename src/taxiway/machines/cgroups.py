@@ -44,11 +44,11 @@ def parent_name() -> str:
 
     name = "taxiway-" + hashlib.sha256(h.encode()).hexdigest()[:10]
     try:
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        from taxiway.fsutil import atomic_write
+
+        # no fsync: the cache is checked when read (its path and name) and simply made again
+        with atomic_write(cache, 0o644, binary=False, fsync=False) as f:
             f.write(f"{h}\n{name}")
-        os.replace(tmp, cache)
     except OSError:
         pass
     return name

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+from taxiway.fsutil import atomic_write
 from taxiway.machines import TYPE_CHECKING
 from taxiway.machines.dirs import machines_dir
 
@@ -122,6 +123,6 @@ def _remember(ref: str, image: Any) -> None:
         except (OSError, ValueError):
             memo = {"index": ident, "refs": {}}
         memo["refs"][ref] = {"digest": image.digest(), "config": image.config()}
-        tmp = _memo_path().with_name(f".images.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, _memo_path())
+        # no fsync: a memo that does not parse after a power cut is only rebuilt
+        with atomic_write(_memo_path(), 0o644, fsync=False) as f:
+            f.write(json.dumps(memo).encode())

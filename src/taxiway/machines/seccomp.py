@@ -19,6 +19,7 @@ import ctypes
 import os
 
 from taxiway.errors import InvalidInput, TaxiwayError
+from taxiway.fsutil import atomic_write
 from taxiway.machines import TYPE_CHECKING
 from taxiway.machines import linux as L
 
@@ -289,11 +290,9 @@ def filter_for(profile: dict[str, Any] | None, caps: list[str] | tuple[str, ...]
     bpf = compile_profile(prof, caps)
     if path:
         try:
-            os.makedirs(cache_dir, exist_ok=True)
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
+            # no fsync: a cache entry is checked against its key when read, and recompiled if it is not whole
+            with atomic_write(path, 0o644, fsync=False) as f:
                 f.write(key + b"\0" + bpf)
-            os.replace(tmp, path)
         except OSError:
             pass
     return bpf

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from taxiway.errors import TaxiwayError
+from taxiway.fsutil import atomic_write
 from taxiway.machines import TYPE_CHECKING
 from taxiway.machines.config import Record
 from taxiway.machines.dirs import private_dir, snapshots_dir
@@ -273,10 +274,8 @@ class Snapshotter:
     def lease(self, owner: str, chain: list[str], **extra: Any) -> None:
         # temp + rename without fsync: a lease lost in a power cut only lets prune drop a layer early,
         # and the next run unpacks it again
-        p = self.leases / f"{owner}.json"
-        tmp = self.leases / f".{owner}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps({"chain": chain, "created": time.time(), **extra}))
-        os.replace(tmp, p)
+        with atomic_write(self.leases / f"{owner}.json", 0o644, fsync=False) as f:
+            f.write(json.dumps({"chain": chain, "created": time.time(), **extra}).encode())
 
     def release(self, owner: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from taxiway.errors import InvalidInput, NotFound
+from taxiway.fsutil import atomic_write
 from taxiway.machines import TYPE_CHECKING
 from taxiway.machines.config import MachineConfig, Record
 from taxiway.machines.dirs import machines_dir, private_dir
@@ -86,11 +87,11 @@ class Machine(Record):
 
     def save(self) -> None:
         data = json.dumps(self.to_json()).encode()
-        p = self.dir / "machine.json"
-        tmp = self.dir / f".machine.json.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
+        # No fsync, as before: a record is rewritten at every state change of every `taxiway run`
+        # (start-up time), the rename keeps it whole when a process dies, and load() treats one a
+        # power cut left unreadable as no machine. 0644 inside the 0700 machines directory, as before.
+        with atomic_write(self.dir / "machine.json", 0o644, fsync=False) as f:
             f.write(data)
-        os.replace(tmp, p)
 
     def event(self, kind: str, **detail: Any) -> None:
         """Record a state change (``kind``: created, start, exit, restart, stop, destroy...)."""
