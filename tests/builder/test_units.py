@@ -744,3 +744,65 @@ def test_build_home_is_private(tmp_path, monkeypatch):
     (tmp_path / "home" / "build").mkdir(parents=True)
     (tmp_path / "home" / "build").chmod(0o755)
     assert build_home().stat().st_mode & 0o777 == 0o700
+
+
+# -- copying a tree someone else controls (red team MEDIUM: copytree races, recursion, tracebacks) ----
+
+
+def test_fdcopy_never_follows_a_folder_swapped_for_a_link(tmp_path):
+    from taxiway.builder.fdcopy import copy_tree
+
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    (canary / "secret").write_text("HOST SECRET\n")
+    src = tmp_path / "src"
+    (src / "z").mkdir(parents=True)
+    (src / "a.txt").write_text("a\n")
+
+    def keep(rel: str, is_dir: bool) -> bool:
+        if rel == "z":  # listed as a folder; swapped for a link to a host folder before it is opened
+            (src / "z").rmdir()
+            (src / "z").symlink_to(canary)
+        return True
+
+    with pytest.raises(InvalidInput, match="changed while it was copied: z"):
+        copy_tree(src, tmp_path / "dest", keep)
+    assert not (tmp_path / "dest" / "z" / "secret").exists()
+
+
+def test_fdcopy_deep_tree_is_one_clear_error_not_a_recursion_error(tmp_path):
+    from taxiway.builder.fdcopy import copy_tree
+
+    src = tmp_path / "src"
+    src.mkdir()
+    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1500):
+        os.mkdir("d", dir_fd=fd)
+        nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nfd
+    os.close(fd)
+    with pytest.raises(InvalidInput, match="nested deeper than"):
+        copy_tree(src, tmp_path / "dest")
+
+
+def test_fdcopy_skips_special_files_and_copies_the_rest(tmp_path):
+    from taxiway.builder.fdcopy import copy_tree
+
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_text("data\n")
+    (src / "sub" / "f").chmod(0o640)
+    (src / "run").write_text("#!/bin/sh\n")
+    (src / "run").chmod(0o755)
+    os.symlink("/etc/passwd", src / "link")
+    os.mkfifo(src / "fifo")
+    hashes: dict[str, str] = {}
+    assert copy_tree(src, tmp_path / "dest", hashes=hashes) == ["fifo"]
+    d = tmp_path / "dest"
+    assert (d / "sub" / "f").read_text() == "data\n" and (d / "sub" / "f").stat().st_mode & 0o777 == 0o640
+    assert (d / "run").stat().st_mode & 0o777 == 0o755
+    assert os.readlink(d / "link") == "/etc/passwd" and not (d / "fifo").exists()
+    assert set(hashes) == {"sub/f", "run"}
+    with pytest.raises(InvalidInput, match="could not copy"):  # an OS error is one clear line
+        copy_tree(src, tmp_path / "dest")

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taxiway.builder import assemble, egress, reaper, safefs, stack
+from taxiway.builder import assemble, egress, fdcopy, reaper, safefs, stack
 from taxiway.builder import buildpack as bpmod
 from taxiway.builder import env as envmod
 from taxiway.builder import layer as lyr
@@ -218,9 +218,8 @@ def bp_digest(bp: Buildpack) -> str:
     return hashlib.sha256(f"{bp.id}\0{bp.version}\0{fp}".encode()).hexdigest()[:20]
 
 
-def buildpacks_dir(bps: list[Buildpack]) -> Path:
+def buildpacks_dir(bps: list[Buildpack], warn: Callable[[str], None] | None = None) -> Path:
     """/cnb/buildpacks/<id>/<version> for these buildpacks, made once per content and shared by builds."""
-    from taxiway.paths import home
 
     unique = list({bp.id: bp for bp in bps}.values())
     lib = bpmod.bundled_root() / "_lib"
@@ -241,8 +240,11 @@ def buildpacks_dir(bps: list[Buildpack]) -> Path:
                 raise InvalidInput(f"buildpacks {bp.id} and another one in this build share the folder {bp.dirname}/{bp.version}",
                                    "give each buildpack its own id")
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(bp.path, target, symlinks=True)
-        shutil.copytree(lib, tmp / "_lib")
+            skipped = fdcopy.copy_tree(bp.path, target, what=f"buildpack {bp.id} ({bp.path})")
+            if skipped and warn is not None:
+                warn(f"warning: skipped {len(skipped)} special file(s) in buildpack {bp.id} (device, fifo or socket): "
+                     + ", ".join(skipped[:10]))
+        fdcopy.copy_tree(lib, tmp / "_lib", what="the bundled buildpack library")
         tmp.chmod(0o755)
         try:
             os.rename(tmp, dest)
@@ -313,7 +315,7 @@ class Lifecycle:
             fd = os.open(self.platform / "env" / k, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             with os.fdopen(fd, "w") as f:
                 f.write(v)
-        self.bpdir = buildpacks_dir(bps)
+        self.bpdir = buildpacks_dir(bps, warn=lambda m: self.say(f"[prepare] {m}"))
         # What the host hands in is written before any build code runs, in folders the build cannot write.
         self.plans = work / "plans"
         self.plans.mkdir()
@@ -719,7 +721,6 @@ class Lifecycle:
         else:
             order = bpmod.default_order()
         all_bps = [e.buildpack for g in order for e in g]
-        from taxiway.paths import home
 
         tmp_root = build_home() / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)

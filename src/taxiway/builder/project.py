@@ -10,8 +10,6 @@ pattern without ``/`` matches the name at any depth. ``.git`` is always left out
 from __future__ import annotations
 
 import fnmatch
-import os
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,54 +98,10 @@ def copy_source(source: Path, dest: Path, project: Project, warn: Callable[[str]
     while copied, so the app layer's fingerprint needs no second read);
     ``check`` is called between files (a deadline).
     """
-    import hashlib
-    import shutil
+    from taxiway.builder.fdcopy import copy_tree
 
-    keep = source_filter(project)
-    specials: list[str] = []
-
-    def ignore(directory: str, names: list[str]) -> set[str]:
-        rel_dir = Path(directory).relative_to(source).as_posix()
-        out = set()
-        for n in names:
-            rel = n if rel_dir == "." else f"{rel_dir}/{n}"
-            try:
-                m = os.lstat(os.path.join(directory, n)).st_mode
-            except FileNotFoundError:
-                out.add(n)
-                continue
-            if not (stat.S_ISREG(m) or stat.S_ISDIR(m) or stat.S_ISLNK(m)):
-                if keep(rel, False):
-                    specials.append(rel)
-                out.add(n)
-            elif not keep(rel, stat.S_ISDIR(m)):
-                out.add(n)
-        return out
-
-    def copy_file(src: str, dst: str) -> str:
-        # Opened without following a link and without blocking; copied only if it is (still) a regular file.
-        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                specials.append(Path(src).relative_to(source).as_posix())
-                return dst
-            if check is not None:
-                check()
-            h = hashlib.sha256()
-            with os.fdopen(os.dup(fd), "rb") as fin, open(dst, "wb") as fout:
-                while chunk := fin.read(1 << 20):
-                    h.update(chunk)
-                    fout.write(chunk)
-            if hashes is not None:
-                hashes[Path(dst).relative_to(dest).as_posix()] = h.hexdigest()
-            os.chmod(dst, stat.S_IMODE(st.st_mode))
-            os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
-        finally:
-            os.close(fd)
-        return dst
-
-    shutil.copytree(source, dest, symlinks=True, ignore=ignore, copy_function=copy_file)
+    # By fds, never following a link, in a loop (see fdcopy): the source is the user's and may change meanwhile.
+    specials = copy_tree(source, dest, source_filter(project), what=f"the source {source}", hashes=hashes, check=check)
     if specials and warn is not None:
         shown = ", ".join(specials[:10]) + (f" and {len(specials) - 10} more" if len(specials) > 10 else "")
         warn(f"warning: skipped {len(specials)} special file(s) in the source (device, fifo or socket): {shown}")
