@@ -72,6 +72,7 @@ import time
 from pathlib import Path
 
 from taxiway.errors import InvalidInput, TaxiwayError
+from taxiway.fsutil import atomic_path, atomic_write
 from taxiway.machines import TYPE_CHECKING
 from taxiway.machines import state as S
 from taxiway.machines.dirs import vm_dir
@@ -252,9 +253,9 @@ def base_initramfs() -> Path:
         ("init", 0o100755, INIT.encode()),
     ] + [(f"lib/modules/{g}", 0o100644, "".join(n + "\n" for gg, n, _ in mods if gg == g).encode()) for g in MODULES] \
       + [(f"lib/modules/{n}.ko", 0o100644, d) for _, n, d in mods]
-    tmp = p.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_bytes(cpio(entries))
-    os.replace(tmp, p)
+    # fsync: it is trusted by its name alone from now on, so it must never be there but incomplete
+    with atomic_write(p, 0o644) as f:
+        f.write(cpio(entries))
     for old in vm_dir().glob(f"initramfs-{ver}*.cpio"):  # earlier versions of init or agent
         if old != p:
             with contextlib.suppress(OSError):
@@ -357,26 +358,25 @@ def image_disk(snap: Snapshotter, chain: list[str]) -> Path:
         return path
     size = sum(du(snap.path(c)) for c in chain)
     mb = max(64, math.ceil(size * 1.3 / (1 << 20)) + 32)
-    tmp = disks / f".{key}.{os.getpid()}.tmp"
-    if snap.overlay and len(chain) > 1:
-        mnt = disks / f".mnt-{os.getpid()}"
-        mnt.mkdir(exist_ok=True)
-        lower = ":".join(str(snap.path(c)) for c in reversed(chain))
-        script = (f"mount -t overlay overlay -o ro,lowerdir={shlex.quote(lower)} {shlex.quote(str(mnt))} && "
-                  f"mkfs.ext4 -q -F -L root -d {shlex.quote(str(mnt))} {shlex.quote(str(tmp))} {mb}M")
-        # unshare -m: the overlay lives in a throwaway mount namespace, never on the host
-        r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True)
-        with contextlib.suppress(OSError):
-            mnt.rmdir()
-    else:
-        r = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(snap.path(chain[-1])), str(tmp), f"{mb}M"],
-                           capture_output=True)
-    if r.returncode != 0:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise TaxiwayError(f"could not build the VM disk: {r.stderr.decode(errors='replace').strip()[:300]}",
-                           "check that e2fsprogs (mkfs.ext4 with -d) is installed and the disk has room")
-    os.replace(tmp, path)
+    # mkfs.ext4 writes the file by name: atomic_path gives it a temp one, removed if this raises.
+    # fsync: the disk is trusted by its name alone from now on (mkfs has flushed it already, so it is cheap).
+    with atomic_path(path, 0o644) as tmp:
+        if snap.overlay and len(chain) > 1:
+            mnt = disks / f".mnt-{os.getpid()}"
+            mnt.mkdir(exist_ok=True)
+            lower = ":".join(str(snap.path(c)) for c in reversed(chain))
+            script = (f"mount -t overlay overlay -o ro,lowerdir={shlex.quote(lower)} {shlex.quote(str(mnt))} && "
+                      f"mkfs.ext4 -q -F -L root -d {shlex.quote(str(mnt))} {shlex.quote(str(tmp))} {mb}M")
+            # unshare -m: the overlay lives in a throwaway mount namespace, never on the host
+            r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True)
+            with contextlib.suppress(OSError):
+                mnt.rmdir()
+        else:
+            r = subprocess.run(["mkfs.ext4", "-q", "-F", "-L", "root", "-d", str(snap.path(chain[-1])), str(tmp),
+                                f"{mb}M"], capture_output=True)
+        if r.returncode != 0:
+            raise TaxiwayError(f"could not build the VM disk: {r.stderr.decode(errors='replace').strip()[:300]}",
+                               "check that e2fsprogs (mkfs.ext4 with -d) is installed and the disk has room")
     snap.lease(f"vmdisk-{key}", chain)
     return path
 

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from taxiway.errors import TaxiwayError
+from taxiway.fsutil import atomic_path
 from taxiway.machines import TYPE_CHECKING
 from taxiway.machines.dirs import vm_dir
 from taxiway.machines.stdio import FORWARDED, handling, raw_terminal, write_all
@@ -144,14 +145,13 @@ def compiled(source: Path, stem: str) -> Path:
     gcc = shutil.which("gcc")
     if not gcc:
         raise TaxiwayError("gcc is needed once to build the micro-VM guest agent", "install gcc and libc6-dev")
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    r = subprocess.run([gcc, "-static", "-O2", "-o", str(tmp), str(source)], capture_output=True)
-    if r.returncode != 0:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        first = (r.stderr.decode(errors="replace").strip().splitlines() or ["gcc failed"])[-1]
-        raise TaxiwayError(f"could not build the micro-VM helper {stem}: {first[:200]}", "install gcc and libc6-dev")
-    os.replace(tmp, out)
+    # gcc writes the file by name (its linker replaces the empty temp file, 0755 by the umask);
+    # fsync: the helper is trusted by its name alone from now on
+    with atomic_path(out, 0o755) as tmp:
+        r = subprocess.run([gcc, "-static", "-O2", "-o", str(tmp), str(source)], capture_output=True)
+        if r.returncode != 0:
+            first = (r.stderr.decode(errors="replace").strip().splitlines() or ["gcc failed"])[-1]
+            raise TaxiwayError(f"could not build the micro-VM helper {stem}: {first[:200]}", "install gcc and libc6-dev")
     for old in out.parent.glob(f"{stem}-*"):  # earlier versions
         if old != out:
             with contextlib.suppress(OSError):
