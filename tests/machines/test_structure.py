@@ -13,9 +13,9 @@ import taxiway.machines
 
 PKG = Path(taxiway.machines.__file__).parent
 MODULES = sorted(p.stem for p in PKG.glob("*.py") if p.stem != "__init__")
-# Known and named: namespace.py resolves mount points with the images part's openat2 walker, which
-# oci keeps in a private module (taxiway.oci._safepath); making it public is the oci part's call.
-ALLOWED_PRIVATE = {("namespace", "taxiway.oci._safepath")}
+# Known and named exceptions (none now: namespace.py resolves mount points with the images part's
+# openat2 walker through its public name, taxiway.oci.safepath).
+ALLOWED_PRIVATE: set[tuple[str, str]] = set()
 
 
 def _imports(name: str) -> list[tuple[str, str | None]]:

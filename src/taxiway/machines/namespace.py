@@ -23,7 +23,7 @@ from taxiway.machines import TYPE_CHECKING
 from taxiway.machines import linux as L
 from taxiway.machines.config import reserved_target
 from taxiway.machines.stdio import FORWARDED, forward_to, handling
-from taxiway.oci._safepath import RootFS, clean
+from taxiway.oci.safepath import RootFS, clean
 
 if TYPE_CHECKING:  # see taxiway/machines/__init__.py: typing is not imported at run time
     from typing import Any
