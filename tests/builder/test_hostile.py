@@ -833,3 +833,26 @@ def test_fifo_in_a_buildpack_is_skipped_and_a_deep_source_is_one_clear_error(bui
     line = error_line(builder("build", str(a), "-t", "evil/deep:1", "-b", "procfile", check=False))
     assert "nested deeper than" in line
     assert_not_exported(builder, "evil/deep:1")
+
+
+# -- git metadata (red team LOW) ------------------------------------------------------------------
+
+
+def test_git_continuation_comment_and_nested_git_dirs_leak_no_token(builder, tmp_path):
+    a = app(tmp_path)
+    _git(a, "init", "-q")
+    _git(a, "add", "-A")
+    _git(a, "commit", "-q", "-m", "x")
+    cfg = a / ".git" / "config"
+    cfg.write_text(cfg.read_text() + '[remote "origin"]\n\turl = https://u:SECRET1\\\n@example.invalid/x ; SECRET2\n')
+    (a / "vendor" / "lib" / ".git").mkdir(parents=True)
+    (a / "vendor" / "lib" / ".git" / "config").write_text('[remote "origin"]\n\turl = https://u:SECRET3@h/x\n')
+    (a / "vendor" / "lib" / "x.py").write_text("x = 1\n")
+    (a / ".git-credentials").write_text("https://u:SECRET4@example.invalid\n")
+    builder("build", str(a), "-t", "evil/gitcont:1")
+    labels = builder.image("evil/gitcont:1").config()["config"]["Labels"]
+    assert labels["org.opencontainers.image.source"] == "https://example.invalid/x"
+    assert "SECRET" not in json.dumps(labels)
+    names = app_layer_names(builder, "evil/gitcont:1")
+    assert "workspace/vendor/lib/x.py" in names
+    assert not [n for n in names if "/.git" in n], names

@@ -806,3 +806,38 @@ def test_fdcopy_skips_special_files_and_copies_the_rest(tmp_path):
     assert set(hashes) == {"sub/f", "run"}
     with pytest.raises(InvalidInput, match="could not copy"):  # an OS error is one clear line
         copy_tree(src, tmp_path / "dest")
+
+
+# -- .git/config as git reads it (red team LOW: continuations and comments leaked a token) ----------
+
+
+@pytest.mark.parametrize("config", [
+    '[remote "origin"]\n\turl = https://u:SECRET\\\n@example.invalid/x\n',
+    '[remote "origin"]\n\turl = https://example.invalid/x ; https://u:SECRET@h\n',
+    '[remote "origin"]\n\turl = https://example.invalid/x # SECRET\n',
+    '[remote "origin"]\n\turl = "https://u:SECRET@example.invalid/x" ; c\n',
+    '[remote "origin"] url = https://SECRET@example.invalid/x\n',
+    '[remote.origin]\nURL=https://u:SECRET@example.invalid/x\r\n',
+    '[remote "other"]\n\turl = https://u:SECRET@example.invalid/o\n[remote "origin"]\n\turl = https://example.invalid/x\n',
+])
+def test_git_origin_url_never_carries_a_token(config):
+    from taxiway.builder.lifecycle import _origin_url
+
+    assert _origin_url(config) == "https://example.invalid/x"
+
+
+def test_git_config_entries_follow_git_syntax():
+    from taxiway.builder.lifecycle import git_config_entries
+
+    text = '# c\n[core]\n\tbare\n[remote "Origin"]\n\turl = "a b"  \\t ; x\n[x.Y]\nk = 1\\\n2\n'
+    assert git_config_entries(text) == [("core", "bare", "true"), ("remote.Origin", "url", "a b  \t"), ("x.y", "k", "12")]
+
+
+def test_source_filter_leaves_out_every_git_dir_and_credential_file():
+    from taxiway.builder.project import Project, source_filter
+
+    keep = source_filter(Project())
+    for rel, is_dir in ((".git", True), ("vendor/lib/.git", True), ("vendor/lib/.git/config", False),
+                        (".git-credentials", False), ("sub/.git-credentials", False), (".netrc", False)):
+        assert not keep(rel, is_dir), rel
+    assert keep("vendor/lib/x.py", False) and keep(".gitignore", False)

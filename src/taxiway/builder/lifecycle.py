@@ -922,17 +922,116 @@ def git_labels(source: Path) -> dict[str, str]:
         return {}
 
 
+def git_config_entries(text: str) -> list[tuple[str, str, str]]:
+    """(section[.subsection], key, value) of a git config's text, as git reads it.
+
+    Enough of git-config(1)'s syntax that nothing leaks through a misparse:
+    ``[section "sub"]`` and ``[section.sub]`` headers (a key may follow on the
+    same line), ``#``/``;`` comments outside quotes, ``"..."`` quoting, the
+    escapes ``\\" \\\\ \\n \\t \\b``, and a backslash at the end of a line
+    continuing the value on the next. Section and key names are lowercased, a
+    quoted subsection keeps its case; a key without ``=`` is ``true``.
+    """
+    out: list[tuple[str, str, str]] = []
+    n, i, section = len(text), 0, ""
+
+    def skip_line(j: int) -> int:
+        k = text.find("\n", j)
+        return n if k < 0 else k + 1
+
+    while i < n:
+        c = text[i]
+        if c in " \t\r\n":
+            i += 1
+        elif c in "#;":
+            i = skip_line(i)
+        elif c == "[":
+            end = text.find("]", i)
+            nl = text.find("\n", i)
+            if end < 0 or (0 <= nl < end):
+                section, i = "", skip_line(i)  # a broken header: what follows belongs to no section we know
+                continue
+            head = text[i + 1:end].strip()
+            name, sp, rest = head.partition(" ")
+            rest = rest.strip()
+            if sp and rest.startswith('"') and rest.endswith('"') and len(rest) >= 2:
+                sub = re.sub(r"\\(.)", r"\1", rest[1:-1])
+                section = f"{name.lower()}.{sub}"
+            else:
+                base, dot, sub = head.partition(".")
+                section = f"{base.lower()}.{sub.lower()}" if dot else head.lower()
+            i = end + 1
+        else:
+            m = re.compile(r"[A-Za-z][A-Za-z0-9-]*").match(text, i)
+            if not m:
+                i = skip_line(i)
+                continue
+            key, i = m.group().lower(), m.end()
+            while i < n and text[i] in " \t":
+                i += 1
+            if i < n and text[i] == "=":
+                value, i = _git_value(text, i + 1)
+            elif i >= n or text[i] in "\r\n#;":
+                value = "true"
+            else:
+                i = skip_line(i)
+                continue
+            out.append((section, key, value))
+    return out
+
+
+_GIT_ESCAPES = {"n": "\n", "t": "\t", "b": "\b", '"': '"', "\\": "\\"}
+
+
+def _git_value(text: str, i: int) -> tuple[str, int]:
+    """The value starting at ``text[i]`` (after ``=``) and where the next line starts."""
+    n = len(text)
+    buf: list[str] = []
+    pending = ""  # whitespace outside quotes: kept only if something follows it
+    quoted = False
+    while i < n and text[i] in " \t":
+        i += 1
+    while i < n:
+        c = text[i]
+        if c == "\\":
+            nxt = text[i + 1:i + 2]
+            if nxt == "\n":  # a continuation: the value goes on on the next line
+                i += 2
+                continue
+            if text[i + 1:i + 3] == "\r\n":
+                i += 3
+                continue
+            buf.append(pending + _GIT_ESCAPES.get(nxt, nxt))
+            pending = ""
+            i += 2
+        elif c == "\n" or (c == "\r" and text[i + 1:i + 2] == "\n"):
+            break
+        elif c == '"':
+            quoted = not quoted
+            buf.append(pending)
+            pending = ""
+            i += 1
+        elif not quoted and c in "#;":
+            break
+        elif not quoted and c in " \t":
+            pending += c
+            i += 1
+        else:
+            buf.append(pending + c)
+            pending = ""
+            i += 1
+    nl = text.find("\n", i)
+    return "".join(buf), (n if nl < 0 else nl + 1)
+
+
 def _origin_url(config: str) -> str:
     """remote.origin.url from a git config's text, with any user:password@, query and fragment removed."""
-    section = ""
-    for raw in config.splitlines():
-        line = raw.strip()
-        if line.startswith("["):
-            section = line.strip("[]").strip().replace(" ", ".").replace('"', "").lower()
-            continue
-        key, sep, value = line.partition("=")
-        if sep and section == "remote.origin" and key.strip().lower() == "url":
-            return strip_userinfo(value.strip().strip('"'))
+    for section, key, value in git_config_entries(config):
+        if section == "remote.origin" and key == "url":
+            # Userinfo is stripped from the value as git joined it (continuations, quotes); a URL with
+            # control characters or spaces left is not one to show.
+            url = strip_userinfo(value.strip())
+            return url if url and not re.search(r"[\x00-\x20\x7f]", url) else ""
     return ""
 
 

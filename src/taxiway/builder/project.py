@@ -4,7 +4,8 @@ Schema 0.2 (``[io.buildpacks] exclude|include`` and ``[[io.buildpacks.build.env]
 and 0.1 (``[build] exclude|include`` and ``[[build.env]]``). Patterns follow
 gitignore's main rules: a leading ``/`` anchors at the project root, a trailing
 ``/`` matches directories only, ``*``/``?``/``[...]`` glob within a name, and a
-pattern without ``/`` matches the name at any depth. ``.git`` is always left out.
+pattern without ``/`` matches the name at any depth. Every ``.git`` (at any depth),
+``.git-credentials`` and ``.netrc`` are always left out.
 """
 
 from __future__ import annotations
@@ -75,10 +76,16 @@ def _match(pattern: str, rel: str, is_dir: bool) -> bool:
     return fnmatch.fnmatchcase(rel.rsplit("/", 1)[-1], pat)
 
 
+#: Credential files left out of /workspace wherever they are (with every ``.git``).
+NEVER_COPIED = frozenset({".git-credentials", ".netrc"})
+
+
 def source_filter(project: Project) -> Callable[[str, bool], bool]:
     """``keep(relative_path, is_dir)`` for the files that go into /workspace."""
     def keep(rel: str, is_dir: bool) -> bool:
-        if rel == ".git" or rel.startswith(".git/"):
+        parts = rel.split("/")
+        # Every repository's metadata (vendor/x/.git holds remotes with tokens) and credential files stay out.
+        if ".git" in parts or parts[-1] in NEVER_COPIED:
             return False
         if project.include:
             # A folder is kept if it is included or could hold something included.
