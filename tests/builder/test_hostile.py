@@ -856,3 +856,24 @@ def test_git_continuation_comment_and_nested_git_dirs_leak_no_token(builder, tmp
     names = app_layer_names(builder, "evil/gitcont:1")
     assert "workspace/vendor/lib/x.py" in names
     assert not [n for n in names if "/.git" in n], names
+
+
+# -- build output on the operator's terminal (red team LOW) --------------------------------------
+
+
+def test_build_output_cannot_drive_the_operators_terminal(builder, tmp_path):
+    bp = user_buildpack(tmp_path / "bp", r"""
+printf 'warning: \033]0;PWNED-TITLE\007\033[2J\033[Hcleared\n'
+printf 'line \033[31mred\033[0m\r\n'
+head -c 10000 /dev/zero | tr '\0' x
+printf '\033]0;PWNED\007END\n'
+exit 7
+""", bp_id="me/tty")
+    p = builder("build", str(app(tmp_path)), "-t", "evil/tty:1", "-b", str(bp), check=False)
+    err = p.stderr.decode()
+    assert not any(c in err for c in "\x1b\x07\x9b\r"), repr(err[-500:])
+    assert "warning: cleared" in err and "  | line red" in err
+    line = error_line(p)
+    assert line.endswith("END; nothing was exported; fix the error (the end of the build log is above) and build again")
+    assert len(line) < 2400
+    assert_not_exported(builder, "evil/tty:1")

@@ -841,3 +841,13 @@ def test_source_filter_leaves_out_every_git_dir_and_credential_file():
                         (".git-credentials", False), ("sub/.git-credentials", False), (".netrc", False)):
         assert not keep(rel, is_dir), rel
     assert keep("vendor/lib/x.py", False) and keep(".gitignore", False)
+
+
+def test_build_output_shown_on_the_terminal_has_no_escapes_and_is_capped():
+    from taxiway.builder.lifecycle import _tail, terminal_safe
+
+    evil = "a\x1b]0;PWNED TITLE\x07b\x1b[2J\x1b[Hc\x1bPd\x9b31me\x07\x00\x7f\x85\u202ef\tg"
+    assert terminal_safe(evil) == "abcdef\tg"
+    assert _tail("one\rtwo\x1b[2K\n\x1b]0;x\x07\nthree\r\n") == ["one", "two", "three"]
+    long = terminal_safe("x" * 10000 + "END")
+    assert len(long) <= 2100 and long.endswith("END")

@@ -108,8 +108,24 @@ def _chown_tree(root: Path) -> None:
             own(os.path.join(dirpath, n))
 
 
+#: Terminal escape sequences (CSI, OSC, other ESC forms), then any control character left but tab.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]|\x9b[0-?]*[ -/]*[@-~]")
+_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+#: A line of build output shown on the terminal keeps at most its last this many characters.
+LINE_MAX = 2048
+
+
+def terminal_safe(line: str, limit: int = LINE_MAX) -> str:
+    """One line of build output as the operator's terminal may show it: no escape or control characters
+    (a build must not retitle, clear or rewrite the operator's screen), at most its last ``limit`` characters."""
+    line = _CONTROLS.sub("", _ESCAPES.sub("", line))
+    return line if len(line) <= limit else "..." + line[-limit:]
+
+
 def _tail(text: str, n: int = LOG_TAIL) -> list[str]:
-    return [line for line in text.splitlines() if line.strip()][-n:]
+    """The last ``n`` non-blank lines of build output, made safe to print (see terminal_safe)."""
+    lines = [terminal_safe(line) for line in re.split(r"\r\n|\n|\r", text)]
+    return [line for line in lines if line.strip()][-n:]
 
 
 # -- the cache --------------------------------------------------------------------------------
@@ -456,7 +472,7 @@ class Lifecycle:
                     return chosen
         looked = []
         for bid, det in results.items():
-            why = " ".join(_tail(det.output, 3)) or "did not apply"
+            why = terminal_safe(" ".join(_tail(det.output, 3)), 512) or "did not apply"
             looked.append(f"{bid}: {why}")
         raise TaxiwayError(f"no buildpack detected an app in {self.source}: " + "; ".join(looked),
                            "add the file a buildpack looks for, or pass --buildpack")
@@ -524,14 +540,14 @@ class Lifecycle:
                 tail = _tail(out)
                 if self.proxy is not None and self.proxy.error is not None:
                     tail.append(f"error: the build's egress proxy could not start: {self.proxy.error}")
-                last = tail[-1].removeprefix("error: ") if tail else "no output"
+                last = terminal_safe(tail[-1].removeprefix("error: ")) if tail else "no output"
                 raise BuildFailed(f"buildpack {bp.id} failed to build (exit {p.returncode}): {last}; nothing was exported",
                                   "fix the error (the end of the build log is above) and build again", tail)
             with open(self.log, "rb") as f:  # a buildpack's warnings reach the user even when it succeeds
                 f.seek(start)
                 for line in f.read().decode(errors="replace").splitlines():
                     if line.startswith("warning: "):
-                        self.say(f"[build] {bp.id}: {line}")
+                        self.say(f"[build] {bp.id}: {terminal_safe(line)}")
             launch = safefs.read_text(self.layers, f"{bp.dirname}/launch.toml", f"{bp.id}'s launch.toml")
             if launch is not None:
                 procs, labels = bpmod.parse_launch_toml(Path(f"(buildpack {bp.id})"), bp.id, launch)
