@@ -291,9 +291,10 @@ def kvm_usable(timeout: float = 8.0) -> bool:
         ok = EXIT_MARK in r.stdout and r.returncode == 0
     except subprocess.TimeoutExpired:
         ok = False
-    with contextlib.suppress(OSError):
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"kernel": ver, "kvm": ok, "probed": time.time()}))
+    # renamed into place: a concurrent probe (parallel runs, tests) never reads it half-written and
+    # probes again; no fsync, one that does not parse after a power cut is only probed again
+    with contextlib.suppress(OSError), atomic_write(cache, 0o644, fsync=False) as f:
+        f.write(json.dumps({"kernel": ver, "kvm": ok, "probed": time.time()}).encode())
     return ok
 
 
