@@ -823,14 +823,13 @@ def test_fifo_in_a_buildpack_is_skipped_and_a_deep_source_is_one_clear_error(bui
     a = app(tmp_path)
     p = builder("build", str(a), "-t", "evil/fifo:1", "-b", str(bp), "-b", "procfile")
     assert "skipped 1 special file(s) in buildpack me/fifo" in p.stderr.decode() and "Traceback" not in p.stderr.decode()
-    fd = os.open(a, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(1500):
-        os.mkdir("d", dir_fd=fd)
-        nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = nfd
-    os.close(fd)
-    line = error_line(builder("build", str(a), "-t", "evil/deep:1", "-b", "procfile", check=False))
+    from .test_units import make_deep, remove_deep
+
+    make_deep(a)
+    try:
+        line = error_line(builder("build", str(a), "-t", "evil/deep:1", "-b", "procfile", check=False))
+    finally:
+        remove_deep(a)
     assert "nested deeper than" in line
     assert_not_exported(builder, "evil/deep:1")
 

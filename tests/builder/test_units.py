@@ -770,20 +770,51 @@ def test_fdcopy_never_follows_a_folder_swapped_for_a_link(tmp_path):
     assert not (tmp_path / "dest" / "z" / "secret").exists()
 
 
-def test_fdcopy_deep_tree_is_one_clear_error_not_a_recursion_error(tmp_path):
-    from taxiway.builder.fdcopy import copy_tree
-
-    src = tmp_path / "src"
-    src.mkdir()
-    fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(1500):
+def make_deep(root: Path, depth: int = 1500) -> None:
+    """``root/d/d/.../d``, ``depth`` folders deep (made by fds: the path is longer than a syscall takes)."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
         os.mkdir("d", dir_fd=fd)
         nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
         os.close(fd)
         fd = nfd
     os.close(fd)
-    with pytest.raises(InvalidInput, match="nested deeper than"):
-        copy_tree(src, tmp_path / "dest")
+
+
+def remove_deep(root: Path) -> None:
+    """Undo ``make_deep`` without recursion (shutil.rmtree, and pytest's cleanup, recurse too deep for it).
+
+    Each step moves ``root/d/d`` up to ``root/t``, removes the emptied ``root/d`` and renames ``t`` back.
+    """
+    rfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while os.path.lexists(root / "d"):
+            dfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=rfd)
+            try:
+                os.rename("d", "t", src_dir_fd=dfd, dst_dir_fd=rfd)
+            except FileNotFoundError:
+                os.rmdir("d", dir_fd=rfd)
+                continue
+            finally:
+                os.close(dfd)
+            os.rmdir("d", dir_fd=rfd)
+            os.rename("t", "d", src_dir_fd=rfd, dst_dir_fd=rfd)
+    finally:
+        os.close(rfd)
+
+
+def test_fdcopy_deep_tree_is_one_clear_error_not_a_recursion_error(tmp_path):
+    from taxiway.builder.fdcopy import copy_tree
+
+    src = tmp_path / "src"
+    src.mkdir()
+    make_deep(src)
+    try:
+        with pytest.raises(InvalidInput, match="nested deeper than"):
+            copy_tree(src, tmp_path / "dest")
+        remove_deep(tmp_path / "dest")
+    finally:
+        remove_deep(src)
 
 
 def test_fdcopy_skips_special_files_and_copies_the_rest(tmp_path):
@@ -851,3 +882,28 @@ def test_build_output_shown_on_the_terminal_has_no_escapes_and_is_capped():
     assert _tail("one\rtwo\x1b[2K\n\x1b]0;x\x07\nthree\r\n") == ["one", "two", "three"]
     long = terminal_safe("x" * 10000 + "END")
     assert len(long) <= 2100 and long.endswith("END")
+
+
+def test_staged_buildpacks_unused_for_a_day_are_pruned_unless_in_use(tmp_path, monkeypatch):
+    import time
+
+    from taxiway.builder.lifecycle import buildpacks_dir, prune_buildpacks
+
+    monkeypatch.setenv("TAXIWAY_HOME", str(tmp_path / "home"))
+    in_use: list[int] = []
+    used = buildpacks_dir([bpmod.load_buildpack(_bp_folder(tmp_path / "a", bid="me/a"))], locks=in_use)
+    old = buildpacks_dir([bpmod.load_buildpack(_bp_folder(tmp_path / "b", bid="me/b"))])
+    fresh = buildpacks_dir([bpmod.load_buildpack(_bp_folder(tmp_path / "c", bid="me/c"))])
+    root = used.parent
+    (root / ".new-left").mkdir()
+    day_ago = time.time() - 2 * 86400
+    for d in (used, old, root / ".new-left"):
+        os.utime(d, (day_ago, day_ago))
+    assert sorted(prune_buildpacks(root)) == sorted([old.name, ".new-left"])
+    assert used.is_dir() and fresh.is_dir() and not old.exists()
+    for fd in in_use:
+        os.close(fd)
+    assert prune_buildpacks(root) == [used.name]
+    # Using a staged folder again marks it: it stays another day.
+    again = buildpacks_dir([bpmod.load_buildpack(_bp_folder(tmp_path / "c", bid="me/c"))])
+    assert again == fresh and prune_buildpacks(root) == []

@@ -234,8 +234,76 @@ def bp_digest(bp: Buildpack) -> str:
     return hashlib.sha256(f"{bp.id}\0{bp.version}\0{fp}".encode()).hexdigest()[:20]
 
 
-def buildpacks_dir(bps: list[Buildpack], warn: Callable[[str], None] | None = None) -> Path:
-    """/cnb/buildpacks/<id>/<version> for these buildpacks, made once per content and shared by builds."""
+#: A staged buildpacks folder no build used for this long (and none uses now) is removed.
+BUILDPACKS_KEEP = 86400.0
+
+
+def _lock_use(root: Path, name: str, exclusive: bool) -> int | None:
+    """A flock on ``root/.locks/name``: shared while a build uses that folder, exclusive to remove it.
+
+    None when ``exclusive`` and a build holds it. The lock file is checked to still be the one at
+    its path once locked (a pruner may have removed it meanwhile).
+    """
+    import fcntl
+
+    locks = root / ".locks"
+    locks.mkdir(mode=0o700, exist_ok=True)
+    while True:
+        fd = os.open(locks / name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(locks / name, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def prune_buildpacks(root: Path, keep: float = BUILDPACKS_KEEP, now: float | None = None) -> list[str]:
+    """Remove staged buildpack folders (and leftover temps) unused for ``keep`` seconds and not in use now."""
+    import time
+
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    if not root.is_dir():
+        return removed
+    for e in list(os.scandir(root)):
+        if e.name == ".locks" or not e.is_dir(follow_symlinks=False):
+            continue
+        if e.stat(follow_symlinks=False).st_mtime > now - keep:
+            continue
+        if e.name.startswith("."):  # a temp a killed build left
+            shutil.rmtree(e.path, ignore_errors=True)
+            removed.append(e.name)
+            continue
+        fd = _lock_use(root, e.name, exclusive=True)
+        if fd is None:  # a build uses it
+            continue
+        try:
+            if os.stat(e.path, follow_symlinks=False).st_mtime > now - keep:
+                continue  # used again since the listing
+            aside = root / f".old-{e.name}"
+            os.rename(e.path, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.unlink(root / ".locks" / e.name)
+            removed.append(e.name)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def buildpacks_dir(bps: list[Buildpack], warn: Callable[[str], None] | None = None,
+                   locks: list[int] | None = None) -> Path:
+    """/cnb/buildpacks/<id>/<version> for these buildpacks, made once per content and shared by builds.
+
+    With ``locks``, a shared lock on the folder is added to it (closing it ends the use): while held,
+    ``prune_buildpacks`` leaves the folder alone. Each use marks the folder's mtime.
+    """
 
     unique = list({bp.id: bp for bp in bps}.values())
     lib = bpmod.bundled_root() / "_lib"
@@ -245,9 +313,14 @@ def buildpacks_dir(bps: list[Buildpack], warn: Callable[[str], None] | None = No
     h.update(lyr.fingerprint(lib).hexdigest().encode())
     root = build_home() / "buildpacks"
     dest = root / h.hexdigest()[:20]
-    if dest.is_dir():
-        return dest
     root.mkdir(parents=True, exist_ok=True)
+    if locks is not None:
+        fd = _lock_use(root, dest.name, exclusive=False)
+        assert fd is not None  # a shared lock waits, never fails
+        locks.append(fd)
+    if dest.is_dir():
+        os.utime(dest)  # in use: not pruned for another BUILDPACKS_KEEP
+        return dest
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".new-"))
     try:
         for bp in unique:
@@ -331,7 +404,7 @@ class Lifecycle:
             fd = os.open(self.platform / "env" / k, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             with os.fdopen(fd, "w") as f:
                 f.write(v)
-        self.bpdir = buildpacks_dir(bps, warn=lambda m: self.say(f"[prepare] {m}"))
+        self.bpdir = buildpacks_dir(bps, warn=lambda m: self.say(f"[prepare] {m}"), locks=self.bp_locks)
         # What the host hands in is written before any build code runs, in folders the build cannot write.
         self.plans = work / "plans"
         self.plans.mkdir()
@@ -741,6 +814,9 @@ class Lifecycle:
         tmp_root = build_home() / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
         reaper.sweep(tmp_root)  # what builds killed with -9 (and their watchers) left
+        with contextlib.suppress(OSError):  # staged buildpacks nobody used for a day; never worth failing a build
+            prune_buildpacks(build_home() / "buildpacks")
+        self.bp_locks: list[int] = []
         self.phase = "waiting for another build of this image to finish"
         with stack.locked(self.cache / "lock", self._left):
             work = Path(tempfile.mkdtemp(dir=tmp_root, prefix="build-"))
@@ -759,6 +835,9 @@ class Lifecycle:
                     result = self.export([bp for bp, _ in group], processes)
                 finally:
                     shutil.rmtree(work, ignore_errors=True)
+                    for fd in self.bp_locks:  # the build's steps are gone: the buildpacks folder is free to prune
+                        os.close(fd)
+                    self.bp_locks.clear()
                     # The steps are gone: nothing can plant another link. A failure here must not hide
                     # the build's own error; the next build's prepare sweeps again (and says why it cannot).
                     with contextlib.suppress(OSError, InvalidInput):
