@@ -443,9 +443,10 @@ async def test_hard_limit_queues_then_serves(state, edge, client, machines, tmp_
     assert edge.balancer.counts() == {a.id: 1} and not second.done()  # waits: never above hard_limit
     gate.touch()
     assert (await first).status_code == 200 and (await second).status_code == 200
-    # Many at once, one at a time each: all are served (waits for a slot are not retries).
-    many = await asyncio.gather(*(client.get(f"/{i}", headers=on("web")) for i in range(40)))
-    assert [r.status_code for r in many] == [200] * 40
+    # Many at once, one at a time each: all are served (waits for a slot are not retries). Ten, not
+    # more: each waits at most 10 s for its slot, and a loaded CI host serves a few per second.
+    many = await asyncio.gather(*(client.get(f"/{i}", headers=on("web")) for i in range(10)))
+    assert [r.status_code for r in many] == [200] * 10
 
 
 # -- bodies ---------------------------------------------------------------------------------------------
