@@ -84,3 +84,29 @@ def _host_devices_untouched():
     after = _device_ids()
     changed = [p for p in _HOST_DEVICES if before[p] != after[p]]
     assert not changed, f"this test removed or replaced the host's {', '.join(changed)}"
+
+
+# Long end-to-end files: real Datasette apps in machines, builds of every example, micro-VMs under
+# TCG, 200-cycle leak checks, the platform from `taxiway up` to deploys. `make test` (the full suite,
+# on the default Python) runs them; `make test-fast` / `make test-python` (the second interpreter in
+# CI) leave them out so that CI's two runs fit its 45-minute budget. Each part keeps unit and
+# integration tests in the fast set, so every part is exercised on both interpreters.
+SLOW_FILES = frozenset({
+    "builder/test_build.py", "builder/test_examples.py",
+    "machines/test_cycles.py", "machines/test_vm.py", "machines/test_vm_hostile.py", "machines/test_vm_parity.py",
+    "platform/test_deploy.py", "platform/test_deploy_cli.py", "platform/test_deploy_e2e.py",
+    "platform/test_deploy_failures.py", "platform/test_up.py", "platform/test_app_destroy.py",
+    "publish/test_publish.py", "publish/test_hostile.py",
+    "egress/test_clients.py", "registry/test_clients.py",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    here = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            rel = Path(str(item.fspath)).resolve().relative_to(here).as_posix()
+        except ValueError:
+            continue
+        if rel in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
