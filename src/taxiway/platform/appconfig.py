@@ -54,19 +54,57 @@ class ConfigError(InvalidInput):
 _BARE = re.compile(r"[A-Za-z0-9_-]+")
 
 
+def _string_end(s: str, i: int) -> int | None:
+    """Index just past the string that opens at ``s[i]``; None if a multi-line string runs on.
+
+    Basic strings honour backslash escapes (``"\\"["`` is one string); literal ones have none.
+    """
+    q = s[i]
+    if s.startswith(q * 3, i):
+        return _multi_end(s, i + 3, q * 3)
+    j = i + 1
+    while j < len(s):
+        if q == '"' and s[j] == "\\":
+            j += 2
+        elif s[j] == q:
+            return j + 1
+        else:
+            j += 1
+    return len(s)  # unterminated: tomllib reports that itself
+
+
+def _multi_end(s: str, j: int, delim: str) -> int | None:
+    """Index just past the closing ``delim`` at or after ``j``; None if it is not on this line."""
+    while j < len(s):
+        if delim[0] == '"' and s[j] == "\\":
+            j += 2
+        elif s.startswith(delim, j):
+            j += 3
+            for _ in range(2):  # up to two quotes may sit right before the delimiter: """a"""""
+                if j < len(s) and s[j] == delim[0]:
+                    j += 1
+            return j
+        else:
+            j += 1
+    return None
+
+
 def _split_key(s: str) -> list[str] | None:
     """``a."b.c".d`` -> ["a", "b.c", "d"]; None if it is not a key."""
-    parts, i, s = [], 0, s.strip()
+    parts: list[str] = []
+    i, s = 0, s.strip()
     while i < len(s):
         while i < len(s) and s[i] in " \t":
             i += 1
         if i < len(s) and s[i] in "\"'":
-            q = s[i]
-            j = s.find(q, i + 1)
-            if j < 0:
+            j = _string_end(s, i)
+            if j is None or j - i < 2 or s[j - 1] != s[i] or s.startswith(s[i] * 3, i):
                 return None
-            parts.append(s[i + 1:j])
-            i = j + 1
+            try:  # let tomllib undo the escapes so the path matches the parsed key
+                parts.append(tomllib.loads(f"k = {s[i:j]}")["k"])
+            except tomllib.TOMLDecodeError:
+                return None
+            i = j
         else:
             m = _BARE.match(s, i)
             if not m:
@@ -84,36 +122,60 @@ def _split_key(s: str) -> list[str] | None:
 
 def _key_part(line: str) -> str | None:
     """The text before the first ``=`` outside quotes, or None."""
-    q = None
-    for i, c in enumerate(line):
-        if q:
-            if c == q:
-                q = None
-        elif c in "\"'":
-            q = c
-        elif c == "=":
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if c in "\"'":
+            j = _string_end(line, i)
+            if j is None:
+                return None
+            i = j
+            continue
+        if c == "=":
             return line[:i]
-        elif c == "#":
+        if c == "#":
             return None
+        i += 1
     return None
 
 
-def _depth(s: str) -> int:
-    """Open brackets minus closed ones outside strings and comments (multi-line arrays)."""
-    d, q = 0, None
-    for c in s:
-        if q:
-            if c == q:
-                q = None
-        elif c in "\"'":
-            q = c
-        elif c == "#":
+def _header_end(line: str) -> int:
+    """Index of the ``]`` closing a table header (quotes skipped), or -1."""
+    i = 1
+    while i < len(line):
+        c = line[i]
+        if c in "\"'":
+            j = _string_end(line, i)
+            if j is None:
+                return -1
+            i = j
+            continue
+        if c == "]":
+            return i
+        i += 1
+    return -1
+
+
+def _depth(s: str) -> tuple[int, str | None]:
+    """Open brackets minus closed ones outside strings and comments (multi-line arrays),
+    and the delimiter of a multi-line string left open at the end of the line, if any."""
+    d, i = 0, 0
+    while i < len(s):
+        c = s[i]
+        if c in "\"'":
+            j = _string_end(s, i)
+            if j is None:
+                return d, c * 3
+            i = j
+            continue
+        if c == "#":
             break
-        elif c in "[{":
+        if c in "[{":
             d += 1
         elif c in "]}":
             d -= 1
-    return d
+        i += 1
+    return d, None
 
 
 def locate(text: str) -> dict[Path_, int]:
@@ -125,18 +187,22 @@ def locate(text: str) -> dict[Path_, int]:
     multi: str | None = None
     for n, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
-        if multi:  # inside a multi-line string: nothing here is a key
-            if line.count(multi) % 2 == 1:
-                multi = None
+        if multi:  # inside a multi-line string: nothing here is a key or a header
+            end = _multi_end(line, 0, multi)
+            if end is None:
+                continue
+            d, multi = _depth(line[end:])  # the rest of the line may still close an array
+            depth += d
             continue
         if depth > 0:
-            depth += _depth(line)
+            d, multi = _depth(line)
+            depth += d
             continue
         if not line or line.startswith("#"):
             continue
         if line.startswith("["):
             aot = line.startswith("[[")
-            end = line.find("]]" if aot else "]")
+            end = _header_end(line[1:]) + 1 if aot else _header_end(line)
             parts = _split_key(line[2 if aot else 1:end]) if end > 0 else None
             if not parts:
                 continue
@@ -160,11 +226,7 @@ def locate(text: str) -> dict[Path_, int]:
         for p in parts:
             path += (p,)
             where.setdefault(path, n)
-        value = line[len(kp) + 1:].strip()
-        for q in ('"""', "'''"):
-            if value.startswith(q) and value.count(q) == 1:
-                multi = q
-        depth = _depth(value)
+        depth, multi = _depth(line[len(kp) + 1:])
     return where
 
 
