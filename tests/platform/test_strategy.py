@@ -153,3 +153,15 @@ def test_step_json_round_trip():
 def test_unknown_strategy():
     with pytest.raises(ValueError):
         plan([], Target(1, 1, "yolo"))
+
+
+def test_an_old_machine_not_checked_yet_stays_until_the_new_release_serves():
+    # Red team M8a: a machine made through the Machines API just before a first deploy has not passed
+    # its first check yet; retiring it at once lost it when the deploy then failed.
+    fresh = Machine("m0", None, "pending")
+    for strategy in ("rolling", "bluegreen", "canary"):
+        assert [s.kind for s in plan([fresh], Target(1, 1, strategy, 1))] == ["create"]
+    assert plan([fresh, Machine("n1", 1, "failing")], Target(1, 1)) == [Step("rollback", ids=("n1",),
+                                                                             reason="new machines failed their health checks")]
+    assert plan([fresh, Machine("n1", 1, "passing")], Target(1, 1)) == [Step("retire", ids=("m0",), reason="replaced")]
+    assert plan([Machine("m0", None, "failing")], Target(1, 1))[0].kind == "retire"  # a crashed one goes at once

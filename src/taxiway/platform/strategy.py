@@ -130,8 +130,11 @@ def plan(machines: Sequence[Machine], target: Target) -> list[Step]:
         return [Step("retire", ids=tuple(m.id for m in order[: len(v.new) - target.count]),
                      reason="more machines than the count")]
     # Old machines that serve nothing (crashed, or cordoned by a retire a crash interrupted) go now:
-    # no capacity is lost.
-    idle_old = cordoned + [m for m in v.old if not m.serving]
+    # no capacity is lost. Only crashed ones ("failing"): a "pending" old machine may just not have
+    # passed its first check yet (one made through the Machines API right before the deploy), and
+    # retiring it now would lose it if this deploy then fails (red team M8a); it goes once the new
+    # release serves in full (see _rolling).
+    idle_old = cordoned + [m for m in v.old if m.health == "failing"]
     if idle_old and strategy != "immediate":
         return [Step("retire", ids=tuple(m.id for m in idle_old), reason="old machines not serving")]
     if strategy == "immediate":
@@ -184,9 +187,12 @@ def _rolling(v: _View, t: Target) -> list[Step]:
                     Step("create", n=min(k, max(0, need)), release=t.release, replaces=gone)]
         return [Step("done")]
     surplus = passing + len(v.old_serving) - t.count
-    if surplus > 0 and v.old:  # the new batch passes: as many old ones go
-        k = min(surplus, len(v.old))
-        return [Step("retire", ids=tuple(m.id for m in v.old[:k]), reason="replaced")]
+    old = sorted(v.old, key=lambda m: m.serving)  # those not serving (yet) go first: no capacity is lost
+    if surplus > 0 and old:  # the new batch passes: as many old ones go
+        k = min(surplus, len(old))
+        return [Step("retire", ids=tuple(m.id for m in old[:k]), reason="replaced")]
     if need > 0:
         return [Step("create", n=min(b, need), release=t.release)]
+    if old:  # the new release serves in full: old ones still not passing are not needed either
+        return [Step("retire", ids=tuple(m.id for m in old), reason="replaced")]
     return [Step("done")]
