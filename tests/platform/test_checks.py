@@ -158,7 +158,8 @@ async def test_http_runner_codes_and_timeout(http_port):
 @pytest.mark.anyio
 async def test_tcp_runner_open_closed_and_forwarder_eof():
     c = C.Check("t", "tcp", 1, timeout=1)
-    srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    held = []  # keep each writer: Python 3.13 closes a connection whose StreamWriter is collected
+    srv = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
     port = srv.sockets[0].getsockname()[1]
 
     async def hang_up(r, w):  # as a machine's port forwarder does when nothing listens inside
@@ -172,6 +173,8 @@ async def test_tcp_runner_open_closed_and_forwarder_eof():
         ok, out = await C.run_tcp(c, _closed_port())
         assert not ok and "connect failed" in out
     finally:
+        for w in held:
+            w.close()
         srv.close()
         eof.close()
 
