@@ -272,10 +272,12 @@ def test_compare_and_set_under_concurrency(platform_api):
         codes = list(ex.map(lambda _: post(f"/v1/apps/web/machines/{MID}/lease", {"ttl": 60}), range(8)))
         assert sorted(codes) == [201] + [409] * 7
 
-    async def releases():  # the API's fallback recorder (the deployer assigns versions the same way)
+    async def releases():  # the one place that assigns release versions
+        from taxiway.platform import deploy
+
         st = await State.connect(platform_api.nats)
         try:
-            return await asyncio.gather(*(api.record_release(st, "api", {"image": f"api:{i}"}) for i in range(10)))
+            return await asyncio.gather(*(deploy.record_release(st, "api", {"image": f"api:{i}"}) for i in range(10)))
         finally:
             await st.close()
 

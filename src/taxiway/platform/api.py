@@ -777,14 +777,6 @@ async def release_lease(request: Request) -> Response:
 
 # -- releases (the deploy logic is platform.deploy's) --------------------------------------------------
 
-def _deploy_module() -> Any:
-    try:
-        from taxiway.platform import deploy
-    except ImportError:
-        return None
-    return deploy if hasattr(deploy, "start") else None
-
-
 async def list_releases(request: Request) -> Response:
     app = await _app(request)
     rows = [v for _, v, _ in await _st(request).items(schema.RELEASES, app["name"] + ".")]
@@ -802,36 +794,15 @@ async def get_release(request: Request) -> Response:
     return _json(got[0])
 
 
-async def record_release(st: State, app: str, fields: dict[str, Any]) -> dict[str, Any]:
-    """Store the next release of ``app`` (version = last + 1, created with CAS so two never share one)."""
-    for _ in range(50):
-        keys = await st.keys(schema.RELEASES, app + ".")
-        version = max((int(k.rsplit(".", 1)[1]) for k in keys), default=0) + 1
-        rec = {"app": app, "version": version, "status": "pending", "created_at": time.time(), **fields}
-        try:
-            await st.put(schema.RELEASES, schema.release_key(app, version), rec, revision=0)
-            return rec
-        except Conflict:
-            await asyncio.sleep(0.01)
-    raise ApiError(409, f"could not record a release of {app}: too many concurrent deploys", "retry")
+async def _deploy_start(request: Request, app: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """``deploy.start``: records the next release and runs the deploy in this loop; a deploy already
+    running is a 409."""
+    from taxiway.platform import deploy
 
-
-async def _deploy_start(request: Request, app: dict[str, Any], body: dict[str, Any]) -> dict[str, Any] | None:
-    """``deploy.start`` (platform.deploy): records the next release and runs the deploy in this loop.
-
-    None when the deployer is not installed. A deploy already running is a 409 (deploy.Busy).
-    """
-    deploy = _deploy_module()
-    if deploy is None:
-        return None
     try:
-        rel = await deploy.start(_st(request), app["name"], body, org=app["org"])
-    except TaxiwayError as e:
-        busy = getattr(deploy, "Busy", None)
-        if busy is not None and isinstance(e, busy):
-            raise ApiError(409, e.message, e.hint or "wait for it, see 'taxiway releases'") from None
-        raise
-    return rel
+        return await deploy.start(_st(request), app["name"], body, org=app["org"])
+    except deploy.Busy as e:
+        raise ApiError(409, e.message, e.hint or "wait for it, see 'taxiway releases'") from None
 
 
 async def create_release(request: Request) -> Response:
@@ -850,23 +821,10 @@ async def create_release(request: Request) -> Response:
     policy.image_source(image, request.app.state.config.registry)
     body = {"image": image, "config": config, **({"strategy": strategy} if strategy else {}),
             "description": _str(data, "description", "") or "", "by": _token(request)["id"]}
-    rel = await _deploy_start(request, app, body)
-    if rel is None:
-        # TODO(integrator): platform.deploy is not in the tree: the release is only recorded ("pending").
-        rel = {**await record_release(_st(request), app["name"], {**body, "strategy": strategy or "rolling"}),
-               "warning": "the deployer (platform.deploy) is not installed; release recorded only"}
-    return _json(rel, 201)
+    return _json(await _deploy_start(request, app, body), 201)
 
 
 # -- secrets (sealing is platform.secrets') ---------------------------------------------------------------
-
-def _secrets_module() -> Any:
-    try:
-        from taxiway.platform import secrets as sealed
-    except ImportError:
-        return None
-    return sealed if hasattr(sealed, "record") else None
-
 
 async def list_secrets(request: Request) -> Response:
     app = await _app(request)
@@ -889,14 +847,10 @@ async def set_secrets(request: Request) -> Response:
         if "\x00" in v:  # refused before anything is stored: no machine could start with it in its env
             raise ApiError(400, f"secret {k}'s value contains a NUL byte",
                            "environment values cannot hold NUL; encode binary data, e.g. base64")
-    sealer = _secrets_module()
-    if sealer is None:
-        # TODO(integrator): platform.secrets (P3) seals values; until it lands nothing is stored.
-        raise ApiError(501, "secrets are not available: platform.secrets is not installed",
-                       "install the deployer part (platform.secrets)")
+    from taxiway.platform import secrets as sealer
+
     for k in values:
-        if hasattr(sealer, "check_name"):
-            sealer.check_name(k)
+        sealer.check_name(k)
     key = await asyncio.to_thread(sealer.load_key)
     records = {k: sealer.record(app["name"], k, v, key) for k, v in values.items()}  # seal all before writing any
     st = _st(request)
@@ -1210,21 +1164,17 @@ def create_app(config: ApiConfig, st: State | None = None) -> Starlette:
         app.state.reconnects = Reconnects()
         if hasattr(app.state.st, "on_reconnect"):
             app.state.st.on_reconnect(app.state.reconnects.fire)
-        deploy = _deploy_module()
-        resume = getattr(deploy, "resume", None) if deploy else None
-        task = None
-        if resume is not None:
-            # A deploy cut by a kill -9 of the control plane is finished or rolled back (deploy's job).
-            task = asyncio.create_task(resume(app.state.st))
+        from taxiway.platform import deploy
+
+        # A deploy cut by a kill -9 of the control plane is finished or rolled back (deploy's job).
+        task = asyncio.create_task(deploy.resume(app.state.st))
         try:
             yield
         finally:
-            if task is not None and not task.done():
+            if not task.done():
                 task.cancel()
-            shutdown = getattr(deploy, "shutdown", None) if deploy else None
-            if shutdown is not None:
-                with contextlib.suppress(Exception):
-                    await shutdown()
+            with contextlib.suppress(Exception):
+                await deploy.shutdown()
             if own:
                 await app.state.st.close()
 

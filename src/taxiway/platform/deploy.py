@@ -126,11 +126,16 @@ async def _new_release(state: State, app: str, body: dict[str, Any]) -> dict[str
         got = await state.get(schema.DEPLOYS, app)
         raise Busy(f"a deploy of {app} (release v{(got or ({}, 0))[0].get('release')}) is in progress",
                    "wait for it to finish ('taxiway releases'), then deploy again")
+    return await record_release(state, app, {"reason": body.get("reason"), "description": "", **fields})
+
+
+async def record_release(state: State, app: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """Store ``fields`` as the app's next release (version = last + 1, created with compare-and-set, so
+    two concurrent deploys never share a version); status "pending"."""
     for _ in range(50):
         keys = await state.keys(schema.RELEASES, app + ".")
         version = max((int(k.rsplit(".", 1)[1]) for k in keys), default=0) + 1
-        rec = {"app": app, "version": version, "status": "pending", "created_at": time.time(), "reason": body.get("reason"),
-               "description": "", **fields}
+        rec = {"app": app, "version": version, "status": "pending", "created_at": time.time(), **fields}
         try:
             await state.put(schema.RELEASES, schema.release_key(app, version), rec, revision=0)
             return rec
