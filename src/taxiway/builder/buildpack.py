@@ -146,7 +146,8 @@ def resolve(spec: str) -> Buildpack:
     p = Path(spec)
     if p.is_dir():
         bp = load_buildpack(p)
-        if bp.id.startswith(BUNDLED_PREFIX) and not bp.path.is_relative_to(bundled_root()):
+        shipped = Path(__file__).resolve().parent.parent  # buildpacks inside taxiway itself (publish's datasette)
+        if bp.id.startswith(BUNDLED_PREFIX) and not bp.path.resolve().is_relative_to(shipped):
             # The bundled ids are the builder's: a lookalike would share (and poison) their cache and name.
             raise InvalidInput(f"buildpack {spec} claims the id {bp.id!r}; ids starting with {BUNDLED_PREFIX!r} "
                                "are reserved for the bundled buildpacks", "give your buildpack an id of your own, like \"me/static\"")
