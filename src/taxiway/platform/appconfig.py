@@ -34,6 +34,7 @@ SIGNALS = ("SIGINT", "SIGTERM", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGKILL", "SIG
 CHECK_TYPES = ("http", "tcp")
 AUTOSTOP = ("off", "stop", "suspend")
 RESTART_POLICIES = ("no", "always", "on-failure")
+EGRESS_MODES = ("enforce", "report", "open")  # Smokescreen's actions, strictest first
 DEFAULT_MAX_UNAVAILABLE = 0.33  # Fly's default: a third of a group at a time
 DEFAULT_WAIT_TIMEOUT = 300.0    # how long a new machine may take to pass its checks (Fly: 5m)
 
@@ -622,6 +623,30 @@ def _validate(doc: dict[str, Any], filename: str, text: str | None) -> tuple[dic
         return {"policy": got.get("policy", "on-failure"), "retries": got.get("retries", 10),
                 "processes": got.get("processes", [])}
 
+    def domains(v: Any, p: Path_) -> list[str]:
+        from taxiway.egress.acl import AclError, validate_glob
+
+        out = []
+        for i, x in enumerate(c.array(v, p)):
+            try:
+                validate_glob(str(p[-1]), x)
+            except AclError as e:
+                c.fail((*p, i), f"{x!r} is not a domain or *.domain glob ({e.message.split(': ', 1)[-1].removeprefix(f'{x}: ')})",
+                       'write a name like "api.example.com" or "*.example.com" (Punycode for non-ASCII)')
+            out.append(x)
+        return out
+
+    def egress(v: Any, p: Path_) -> dict[str, Any]:
+        got = c.keys(c.table(v, p), p, {
+            "allowed_domains": domains, "blocked_domains": domains,
+            "mode": lambda x, q: c.choice(x, q, EGRESS_MODES),
+        })
+        # Listing allowed domains means "only these" unless said otherwise; without a list
+        # every public name stays allowed (blocked_domains alone trims the default).
+        mode = got.get("mode", "enforce" if "allowed_domains" in got else "open")
+        return {"allowed_domains": got.get("allowed_domains", []), "blocked_domains": got.get("blocked_domains", []),
+                "mode": mode}
+
     def build(v: Any, p: Path_) -> dict[str, Any]:
         got = c.keys(c.table(v, p), p, {
             "builder": lambda x, q: c.string(x, q),
@@ -644,6 +669,7 @@ def _validate(doc: dict[str, Any], filename: str, text: str | None) -> tuple[dic
         "deploy": deploy,
         "vm": lambda x, q: [vm(y, (*q, i)) for i, y in enumerate(c.array(x, q, of_tables=True))],
         "restart": lambda x, q: [restart(y, (*q, i)) for i, y in enumerate(c.array(x, q, of_tables=True))],
+        "egress": egress,
     }, FLY_ONLY_TOP)
     cfg = {
         "app": got.get("app"),
@@ -660,6 +686,7 @@ def _validate(doc: dict[str, Any], filename: str, text: str | None) -> tuple[dic
         "deploy": got.get("deploy", deploy({}, ("deploy",))),
         "vm": got.get("vm", []),
         "restart": got.get("restart", []),
+        "egress": got.get("egress"),  # None: the platform's default policy (see platform.egresspolicy)
     }
     if cfg["kill_timeout"] > 300:
         c.fail(("kill_timeout",), "must be at most 300 seconds", "set kill_timeout = \"30s\"")
