@@ -103,6 +103,10 @@ class EdgeConfig:
     ready_timeout: float = 30.0     # for the first complete copy of the routes
     drain_timeout: float = 30.0     # at SIGTERM, for in-flight requests to finish
     fast: bool = True               # bodiless requests by protocol callbacks (see _FastClient)
+    # E1 (TLS): the HTTPS listener of platform.edgetls, off when None
+    https: tuple[str, int] | None = None
+    ca: str | None = None           # taxiway's CA directory (default: the CA's default place)
+    tls_dir: str | None = None      # issued certificates, ACME account and certificates (0600 files)
 
 
 class _Retry(Exception):
@@ -193,6 +197,7 @@ class Edge:
         self._stopping = False
         self._stopped: asyncio.Event | None = None
         self.address: tuple[str, int] | None = None
+        self.tls: Any = None  # E1: platform.edgetls.EdgeTLS when config.https (HTTPS, HTTP/2, ACME)
 
     # -- logging -------------------------------------------------------------------------
     def log(self, **fields: object) -> None:
@@ -235,6 +240,15 @@ class Edge:
             raise TaxiwayError(f"cannot listen on {host}:{port}: {e.strerror}",
                                "pick a free port with --listen HOST:PORT") from None
         self.address = self._server.sockets[0].getsockname()[:2]
+        if self.config.https is not None:  # E1: the TLS side lives in platform.edgetls
+            from taxiway.platform.edgetls import EdgeTLS
+
+            try:
+                self.tls = EdgeTLS(self)
+                await self.tls.start()
+            except BaseException:
+                await self.close()
+                raise
         self.log(msg="listening", edge=self.name, address=f"{self.address[0]}:{self.address[1]}",
                  domain=self.config.domain, routes=self.routes.table())
         return self.address
@@ -257,6 +271,8 @@ class Edge:
         """Stop listening, close idle clients, let in-flight requests finish, then cut the rest."""
         self._stopping = True
         self._notify()  # drains waiting on this edge answer now
+        if self.tls is not None:  # E1
+            await self.tls.close()
         if self._server is not None:
             self._server.close()
         for c in list(self._clients.values()):
@@ -498,9 +514,13 @@ class Edge:
         try:
             head = http.parse_request_head(raw)
             framing = http.request_framing(head)
-            plan = self._plan(head, client_ip)
+            proto = b"https" if writer.get_extra_info("sslcontext") is not None else b"http"
+            plan = self._plan(head, client_ip, proto)
         except http.ProtocolError as e:
             writer.write(http.simple_response(e.status, f"bad request: {e}\n"))
+            return False
+        if self.tls is not None and (early := self.tls.intercept(head, plan, proto)) is not None:  # E1
+            writer.write(early)
             return False
         app, host, keep = plan.app, plan.host, plan.keep
         has_body = framing[0] != "none" and framing != ("length", 0)
@@ -515,9 +535,15 @@ class Edge:
             return False
         return await self._proxy(app, plan, head, framing, reader, writer)
 
-    def _plan(self, head: http.RequestHead, client_ip: str) -> Plan:
+    async def handle(self, raw: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     client_ip: str) -> bool:
+        """Answer one request head (its body read from ``reader``) on ``writer``, as the stream
+        path does; the entry point of HTTP/2 streams (E1: platform.edgeh2)."""
+        return await self._request(raw, reader, writer, client_ip)
+
+    def _plan(self, head: http.RequestHead, client_ip: str, proto: bytes = b"http") -> Plan:
         """:func:`edgehttp.plan_request` with the app resolved (once per distinct Host) and a new request id."""
-        plan = plan_request(head, client_ip, f"{self._rid}{next(self._ids):x}")
+        plan = plan_request(head, client_ip, f"{self._rid}{next(self._ids):x}", proto)
         app = self._host_apps.get(plan.host, _UNSEEN) if plan.host else None
         if app is _UNSEEN:
             app = self._app_for_host(plan.host)
@@ -778,6 +804,7 @@ class _FastClient(asyncio.Protocol):
             return
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else "?"
+        self.proto = b"https" if transport.get_extra_info("sslcontext") is not None else b"http"  # E1
         loop = asyncio.get_running_loop()
         # The first head must arrive whole within header_timeout of connecting.
         self.since = self.head_seen = loop.time()
@@ -831,9 +858,12 @@ class _FastClient(asyncio.Protocol):
             del self.buf[: i + 4]
             try:
                 head = parse_request_head_fast(raw)
-                plan = edge._plan(head, self.client_ip)
+                plan = edge._plan(head, self.client_ip, self.proto)
             except http.ProtocolError as e:
                 self.reply(http.simple_response(e.status, f"bad request: {e}\n"), close=True)
+                return
+            if edge.tls is not None and (early := edge.tls.intercept(head, plan, self.proto)) is not None:  # E1
+                self.reply(early, close=True)
                 return
             if plan.body or plan.upgrade:  # framing checked, bodies streamed: the stream path's job
                 self._handoff(raw)
@@ -1432,6 +1462,10 @@ def config_from_args(argv: list[str] | None = None) -> EdgeConfig:
     p.add_argument("--read-timeout", type=float, default=120.0, help="seconds an exchange may make no progress")
     p.add_argument("--max-body", default="1g", help="largest request body (default %(default)s; 0: no limit)")
     p.add_argument("--max-connections", type=int, default=10_000, help="clients served at once")
+    # E1: the TLS side (platform.edgetls)
+    p.add_argument("--https", help="HOST:PORT or :PORT to serve HTTPS (and HTTP/2) on; off when not given")
+    p.add_argument("--ca", help="taxiway CA directory for app certificates (default: the CA's default place)")
+    p.add_argument("--tls-dir", help="where issued certificates are kept (0600 files)")
     a = p.parse_args(argv)
     domain = a.domain.strip(".").lower()
     if not domain or any(not schema.valid_app_name(label) and not label.isdigit() for label in domain.split(".")):
@@ -1443,7 +1477,8 @@ def config_from_args(argv: list[str] | None = None) -> EdgeConfig:
         raise InvalidInput("--max-connections must be more than 0", "e.g. 10000")
     return EdgeConfig(nats=a.nats, listen=parse_listen(a.listen), domain=domain, header_timeout=a.header_timeout,
                       idle_timeout=a.idle_timeout, read_timeout=a.read_timeout, max_body_bytes=_size(a.max_body),
-                      max_connections=a.max_connections)
+                      max_connections=a.max_connections,
+                      https=parse_listen(a.https) if a.https else None, ca=a.ca, tls_dir=a.tls_dir)
 
 
 def _run(main: Callable[[], Awaitable[None]]) -> None:

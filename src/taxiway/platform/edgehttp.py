@@ -44,12 +44,12 @@ class Plan:
     request_id: str
 
 
-def plan_request(head: http.RequestHead, client_ip: str, request_id: str) -> Plan:
+def plan_request(head: http.RequestHead, client_ip: str, request_id: str, proto: bytes = b"http") -> Plan:
     """Everything one pass over a request's headers tells: its host, whether the client keeps
     the connection, whether a body or an upgrade follows, and the head to send the machine.
 
     The head sent on drops hop-by-hop fields and those the Connection header names
-    (never Host or the body's framing), sets X-Forwarded-Proto/-Host and the request
+    (never Host or the body's framing), sets X-Forwarded-Proto (``proto``)/-Host and the request
     id (whatever the client sent under those names is dropped), appends the client's
     address to X-Forwarded-For, and puts an absolute-form target in origin form.
     """
@@ -102,7 +102,7 @@ def plan_request(head: http.RequestHead, client_ip: str, request_id: str) -> Pla
         keep = b"keep-alive" in tokens and b"close" not in tokens
     out = [f"{head.method} {target} ".encode() + head.version, b"Host: " + host, *lines,
            b"X-Forwarded-For: " + b", ".join([*forwarded_for, client_ip.encode()]),
-           b"X-Forwarded-Proto: http", b"X-Forwarded-Host: " + host,
+           b"X-Forwarded-Proto: " + proto, b"X-Forwarded-Host: " + host,
            REQUEST_ID + b": " + request_id.encode()]
     if upgrade is not None and b"upgrade" in tokens:
         out += [b"Connection: Upgrade", b"Upgrade: " + upgrade]
