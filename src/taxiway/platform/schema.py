@@ -29,8 +29,9 @@ SECRETS = "tw_secrets"      # key <app>.<NAME>               -> {"name", "sealed
 VOLUMES = "tw_volumes"      # key <app>.<volume id>          -> {"id", "app", "name", "size", "host", "machine"}
 LEASES = "tw_leases"        # key <app>.<machine id>         -> {"nonce", "expires_at", "description"}
 DEPLOYS = "tw_deploys"      # key <app>                      -> the deploy in progress (plan + step reached)
+CERTS = "tw_certs"          # key <hostname>                 -> {"hostname", "app", "org", "acme", "created_at"} (custom hostnames, the edge's TLS)
 
-BUCKETS = (ORGS, TOKENS, APPS, MACHINES, STATUS, RELEASES, SECRETS, VOLUMES, LEASES, DEPLOYS)
+BUCKETS = (ORGS, TOKENS, APPS, MACHINES, STATUS, RELEASES, SECRETS, VOLUMES, LEASES, DEPLOYS, CERTS)
 
 # -- streams -------------------------------------------------------------------------
 
