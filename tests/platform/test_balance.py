@@ -12,7 +12,10 @@ from taxiway.platform.balance import (
     Balancer,
     Routes,
     backend_for,
+    can_autostart,
     http_service,
+    machines_to_stop,
+    tcp_services,
     why_not_routable,
 )
 
@@ -195,3 +198,127 @@ def test_excluded_and_recently_failed_machines():
     assert {bal.choose(bs, now=12.5).machine for _ in range(4)} == {"m0", "m1"}
     # A failed machine that is the only one left is still tried.
     assert bal.choose(bs, exclude={"m1"}, now=11.0).machine == "m0"
+
+
+# -- Fly's concurrency semantics, as properties ----------------------------------------------------
+
+_limit = st.one_of(st.none(), st.integers(1, 4))
+
+
+@given(st.lists(st.tuples(_limit, _limit, st.sampled_from(["requests", "connections"]), st.integers(0, 6),
+                          st.integers(0, 6), st.integers(0, 2)), min_size=1, max_size=6))
+@settings(max_examples=300)
+def test_choice_respects_soft_and_hard_limits(specs):
+    """Never a backend at its hard limit (unless an idle pooled connection is reused, for
+    connections); above soft only when every eligible backend is; least load in its tier;
+    None only when every backend is full."""
+    bal, bs = Balancer(), []
+    for i, (soft, hard, kind, inflight, conns, idle) in enumerate(specs):
+        if soft and hard and soft > hard:
+            soft, hard = hard, soft
+        b = Backend(f"m{i}", "web", 40000 + i, soft_limit=soft, hard_limit=hard, concurrency=kind)
+        bs.append(b)
+        bal.inflight[b.machine], bal.conns[b.machine] = inflight, conns + min(idle, conns)
+        bal.idle[b.machine] = min(idle, conns)
+
+    def full(b: Backend) -> bool:
+        n = bal.load(b)
+        return b.hard_limit is not None and n >= b.hard_limit and not (
+            b.concurrency == "connections" and bal.idle[b.machine] > 0)
+
+    def under_soft(b: Backend) -> bool:
+        return b.soft_limit is None or bal.load(b) < b.soft_limit
+
+    got = bal.choose(bs)
+    eligible = [b for b in bs if not full(b)]
+    if not eligible:
+        assert got is None and bal.full(bs)
+        return
+    assert got is not None and not full(got) and not bal.full(bs)
+    if any(under_soft(b) for b in eligible):
+        assert under_soft(got)
+        tier = [b for b in eligible if under_soft(b)]
+    else:
+        tier = eligible
+    assert bal.load(got) == min(bal.load(b) for b in tier)
+    assert bal.above_soft(bs) == all(b.soft_limit is not None and bal.load(b) >= b.soft_limit for b in bs)
+
+
+def test_connections_type_counts_open_connections():
+    conc = {"type": "connections", "soft_limit": 1, "hard_limit": 2}
+    b = backend_for(machine("m1", concurrency=conc), status("m1"), "web.m1")
+    assert (b.concurrency, b.soft_limit, b.hard_limit) == ("connections", 1, 2)
+    bal = Balancer()
+    bal.acquire(b)
+    bal.acquire(b)
+    assert bal.load(b) == 0 and bal.choose([b]) is b  # requests do not count, connections do
+    bal.opened("m1")
+    bal.opened("m1")
+    assert bal.choose([b]) is None
+    bal.pooled("m1")  # one of them is idle: reusing it opens nothing
+    assert bal.choose([b]) is b
+    bal.pooled("m1", -1)
+    bal.closed("m1")
+    assert bal.choose([b]) is b and bal.conns == {"m1": 1} and bal.idle == {}
+
+
+# -- scale to zero ---------------------------------------------------------------------------------
+
+def _auto(m: dict, autostop: str = "stop", autostart: bool = True, keep: int = 0) -> dict:
+    m["config"]["services"][0].update(autostop=autostop, autostart=autostart, min_machines_running=keep)
+    return m
+
+
+def test_which_stopped_machines_the_edge_may_start():
+    assert can_autostart(_auto(machine("m1")), status("m1", state="stopped"))
+    assert not can_autostart(_auto(machine("m1"), autostart=False), status("m1", state="stopped"))
+    assert not can_autostart(_auto(machine("m1", desired="stopped")), status("m1", state="stopped"))  # a user's stop
+    assert not can_autostart(_auto(machine("m1", cordoned=True)), status("m1", state="stopped"))
+    assert not can_autostart(_auto(machine("m1")), status("m1", state="started"))
+    assert not can_autostart(_auto(machine("m1")), None)
+    r = Routes()
+    r.set_machine("web.m1", _auto(machine("m1")))
+    r.set_status("web.m1", status("m1", state="stopped"))
+    r.set_machine("web.m2", _auto(machine("m2")))
+    r.set_status("web.m2", status("m2"))
+    assert r.sleeping("web") == ["m1"] and r.autostop("web") == [("m2", True, 0)]
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 3), st.integers(0, 2), st.floats(0, 20)),
+                min_size=0, max_size=8), st.floats(1, 10))
+def test_idle_machines_stop_down_to_min_machines_running(specs, idle_after):
+    now = 100.0
+    cands = [(f"m{i}", on, keep) for i, (on, keep, _, _) in enumerate(specs)]
+    inflight = {f"m{i}": n for i, (_, _, n, _) in enumerate(specs) if n}
+    last = {f"m{i}": now - ago for i, (_, _, _, ago) in enumerate(specs)}
+    stop = machines_to_stop(cands, inflight, last, now, idle_after)
+    keep = max((s[1] for s in specs), default=0)
+    assert len(cands) - len(stop) >= min(keep, len(cands))
+    assert len(set(stop)) == len(stop)
+    for mid in stop:
+        i = int(mid[1:])
+        on, _, n, ago = specs[i]
+        assert on and n == 0 and ago >= idle_after
+    # The longest idle go first: every idle candidate left running was idle no longer than one stopped.
+    left = [c for c, on, _ in cands if c not in stop and on and not inflight.get(c) and now - last[c] >= idle_after]
+    if stop and left:
+        assert max(now - last[c] for c in left) <= min(now - last[c] for c in stop)
+
+
+def test_plain_tcp_services_and_their_backends():
+    m = machine("m1")
+    m["config"]["services"].append({"internal_port": 5432, "protocol": "tcp",
+                                    "ports": [{"port": 15432, "handlers": []},
+                                              {"port": 15433, "handlers": ["proxy_proto"]},
+                                              {"port": 15434, "handlers": ["tls"]}]})
+    assert tcp_services(m["config"]) == [(15432, 5432, False), (15433, 5432, True)]
+    r = Routes()
+    r.set_machine("web.m1", m)
+    r.set_status("web.m1", status("m1", ports={"8080": 40000, "5432": 40001}))
+    other = machine("m9", app="zed")
+    other["config"]["services"] = [{"internal_port": 1, "ports": [{"port": 15432}]}]
+    r.set_machine("zed.m9", other)
+    assert r.tcp_listeners() == {15432: ("web", 5432, False), 15433: ("web", 5432, True)}  # first app keeps it
+    assert [(b.machine, b.port) for b in r.tcp_backends("web", 5432)] == [("m1", 40001)]
+    r.set_status("web.m1", status("m1", state="stopped", ports={"8080": 40000, "5432": 40001}))
+    assert r.tcp_backends("web", 5432) == []

@@ -38,6 +38,8 @@ class Backend:
     host: str = LOOPBACK
     soft_limit: int | None = None  # above it only when every machine is (Fly's concurrency)
     hard_limit: int | None = None  # never above it
+    concurrency: str = "requests"  # what the limits count: in-flight "requests" or open "connections"
+    region: str = ""
 
 
 def split_key(key: str) -> tuple[str, str]:
@@ -64,16 +66,43 @@ def http_service(config: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
     return services[0] if services else None
 
 
-def _limits(service: Mapping[str, Any] | None) -> tuple[int | None, int | None]:
+def _limits(service: Mapping[str, Any] | None) -> tuple[int | None, int | None, str]:
     conc = (service or {}).get("concurrency") or {}
     if not isinstance(conc, Mapping):
-        return None, None
+        return None, None, "requests"
 
     def limit(name: str) -> int | None:
         v = conc.get(name)
         return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
-    return limit("soft_limit"), limit("hard_limit")
+    kind = "connections" if conc.get("type") == "connections" else "requests"
+    return limit("soft_limit"), limit("hard_limit"), kind
+
+
+def tcp_services(config: Mapping[str, Any] | None) -> list[tuple[int, int, bool]]:
+    """The machine's plain TCP services (no ``http`` handler on any port, Fly's ``[[services]]``
+    for databases, game servers...): ``[(edge port, internal_port, proxy_proto)]``, where
+    ``proxy_proto`` means the machine wants a PROXY protocol v2 header first (the
+    ``proxy_proto`` handler). Ports with a ``tls`` handler are E1's (the TLS edge)."""
+    out = []
+    for s in (config or {}).get("services") or []:
+        if not isinstance(s, Mapping) or s.get("protocol", "tcp") != "tcp":
+            continue
+        ports = [p for p in s.get("ports") or [] if isinstance(p, Mapping)]
+        if any("http" in (p.get("handlers") or []) for p in ports):
+            continue
+        internal = s.get("internal_port")
+        if not _valid_port(internal):
+            continue
+        for p in ports:
+            handlers = p.get("handlers") or []
+            if _valid_port(p.get("port")) and "tls" not in handlers:
+                out.append((p["port"], internal, "proxy_proto" in handlers))
+    return out
+
+
+def _valid_port(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536
 
 
 def declares_checks(config: Mapping[str, Any] | None) -> bool:
@@ -110,11 +139,11 @@ def why_not_routable(machine: Mapping[str, Any] | None, status: Mapping[str, Any
     return None
 
 
-def _port(machine: Mapping[str, Any], status: Mapping[str, Any]) -> int | None:
+def _port(machine: Mapping[str, Any], status: Mapping[str, Any], internal: int | None = None) -> int | None:
     ports = status.get("ports") or {}
     if not isinstance(ports, Mapping):
         return None
-    service = http_service(machine.get("config"))
+    service = http_service(machine.get("config")) if internal is None else {"internal_port": internal}
     if service is not None:
         port = ports.get(str(service.get("internal_port")))
     elif len(ports) == 1:
@@ -134,9 +163,51 @@ def backend_for(machine: Mapping[str, Any] | None, status: Mapping[str, Any] | N
     assert machine is not None and status is not None
     port = _port(machine, status)
     assert port is not None
-    soft, hard = _limits(http_service(machine.get("config")))
+    soft, hard, kind = _limits(http_service(machine.get("config")))
     app, mid = split_key(key) if key else (machine.get("app") or "", machine.get("id") or "")
-    return Backend(str(mid), str(app), port, LOOPBACK, soft, hard)
+    return Backend(str(mid), str(app), port, LOOPBACK, soft, hard, kind, str(machine.get("region") or ""))
+
+
+def can_autostart(machine: Mapping[str, Any] | None, status: Mapping[str, Any] | None) -> bool:
+    """Whether the edge may start this machine for a request (Fly's ``auto_start_machines``).
+
+    Only a machine that should run (desired ``started``, not cordoned) but is stopped: one
+    the edge stopped for idleness, or that exited. A machine a user stopped (desired
+    ``stopped``) stays stopped; the agent would stop it again at its next reconcile anyway.
+    """
+    if not machine or not status or machine.get("desired") != "started" or machine.get("cordoned"):
+        return False
+    if status.get("state") not in ("stopped", "suspended"):
+        return False
+    service = http_service(machine.get("config"))
+    return service is not None and service.get("autostart", True) is not False
+
+
+def autostop_of(machine: Mapping[str, Any] | None) -> tuple[bool, int]:
+    """(may the edge stop it when idle, min_machines_running) from the http service's config."""
+    service = http_service((machine or {}).get("config"))
+    if service is None:
+        return False, 0
+    mode = service.get("autostop", "off")
+    n = service.get("min_machines_running", 0)
+    return mode in ("stop", "suspend", True), n if isinstance(n, int) and n >= 0 else 0
+
+
+def machines_to_stop(candidates: Iterable[tuple[str, bool, int]], inflight: Mapping[str, int],
+                     last_active: Mapping[str, float], now: float, idle_after: float) -> list[str]:
+    """Which running machines of one app to stop for idleness (``auto_stop_machines``).
+
+    ``candidates``: every routed machine as (id, autostop allowed, min_machines_running).
+    A machine goes when autostop is on for it, it has nothing in flight and has been idle
+    ``idle_after`` seconds; the longest idle go first, and at least the largest
+    ``min_machines_running`` of the app keep running.
+    """
+    cands = list(candidates)
+    keep = max((m for _, _, m in cands), default=0)
+    idle = sorted((last_active.get(mid, now), mid) for mid, on, _ in cands
+                  if on and not inflight.get(mid) and now - last_active.get(mid, now) >= idle_after)
+    room = max(len(cands) - keep, 0)
+    return [mid for _, mid in idle[:room]]
 
 
 @dataclass
@@ -226,6 +297,45 @@ class Routes:
         """Whether any app routes to ``machine`` now (a drain waits until it does not)."""
         return machine in self._routed  # asked once per request: a lookup, not a scan
 
+    def record(self, app: str, machine: str) -> dict[str, Any] | None:
+        """The machine's MACHINES record, as mirrored."""
+        return self.machines.get(f"{app}.{machine}")
+
+    def sleeping(self, app: str) -> list[str]:
+        """Machines of ``app`` the edge may start for a request (see :func:`can_autostart`)."""
+        return [split_key(k)[1] for k in sorted(self._keys.get(app, ()))
+                if can_autostart(self.machines.get(k), self.status.get(k))]
+
+    def autostop(self, app: str) -> list[tuple[str, bool, int]]:
+        """Every routed machine of ``app`` as (id, autostop on, min_machines_running)."""
+        return [(b.machine, *autostop_of(self.machines.get(f"{app}.{b.machine}"))) for b in self.backends(app)]
+
+    def tcp_listeners(self) -> dict[int, tuple[str, int, bool]]:
+        """``{edge port: (app, internal_port, proxy_proto)}`` of every live machine's plain TCP
+        services; when apps claim the same port, the first app by name keeps it."""
+        out: dict[int, tuple[str, int, bool]] = {}
+        for key in sorted(self.machines):
+            rec = self.machines[key]
+            if rec.get("desired") == "destroyed":
+                continue
+            for port, internal, pp in tcp_services(rec.get("config")):
+                out.setdefault(port, (split_key(key)[0], internal, pp))
+        return out
+
+    def tcp_backends(self, app: str, internal_port: int) -> list[Backend]:
+        """The routable machines of ``app`` with ``internal_port`` published (a TCP service)."""
+        out = []
+        for key in sorted(self._keys.get(app, ())):
+            m, st = self.machines.get(key), self.status.get(key)
+            b = backend_for(m, st, key)
+            port = _port(m, st, internal_port) if b is not None else None  # type: ignore[arg-type]
+            if b is not None and port is not None:
+                soft, hard, kind = _limits(next((s for s in (m or {}).get("config", {}).get("services") or []
+                                                 if isinstance(s, Mapping) and s.get("internal_port") == internal_port),
+                                                None))
+                out.append(Backend(b.machine, app, port, LOOPBACK, soft, hard, kind, b.region))
+        return out
+
     def table(self) -> dict[str, list[str]]:
         """``{app: [machine ids]}`` of every routed app (for ``edge.inflight`` and logs)."""
         return {app: [b.machine for b in bs] for app, bs in sorted(self._routes.items())}
@@ -233,19 +343,34 @@ class Routes:
 
 @dataclass
 class Balancer:
-    """Least-connections choice over in-flight request counts, as Fly's proxy does.
+    """Least-loaded choice, as Fly's proxy makes it.
 
-    Tiers, best first: under ``soft_limit``, then under ``hard_limit``; never a
-    backend at its hard limit. Inside a tier the fewest in-flight requests win;
-    ties rotate, so equal machines share requests evenly. A backend whose
-    connection just failed is avoided for ``penalty`` seconds, unless it is the
+    A backend's *load* is what its ``concurrency.type`` counts: in-flight requests
+    (``requests``, the default; a WebSocket or TCP stream counts while open) or the
+    edge's open connections to it (``connections``: in use plus idle in the pool).
+    Tiers, best first: under ``soft_limit``, then under ``hard_limit``; never a new
+    request that would take a backend above its hard limit (for ``connections``, an
+    idle pooled connection may still be reused: that opens none). Inside a tier the
+    least load wins; ties rotate, so equal machines share requests evenly. A backend
+    whose connection just failed is avoided for ``penalty`` seconds, unless it is the
     only one left (the agent's STATUS update that it stopped follows shortly).
     """
 
     penalty: float = 2.0
     inflight: dict[str, int] = field(default_factory=dict)
+    conns: dict[str, int] = field(default_factory=dict)  # open connections to each machine
+    idle: dict[str, int] = field(default_factory=dict)   # of which idle in the edge's pool
     failed_until: dict[str, float] = field(default_factory=dict)
     _turn: int = 0
+
+    def load(self, b: Backend) -> int:
+        """What ``b``'s limits are compared with (see the class)."""
+        return (self.conns if b.concurrency == "connections" else self.inflight).get(b.machine, 0)
+
+    def _at_hard(self, b: Backend) -> bool:
+        if b.hard_limit is None or self.load(b) < b.hard_limit:
+            return False
+        return not (b.concurrency == "connections" and self.idle.get(b.machine, 0) > 0)
 
     def choose(self, backends: Iterable[Backend], exclude: Iterable[str] = (), now: float = 0.0
                ) -> Backend | None:
@@ -259,9 +384,9 @@ class Balancer:
         best: list[Backend] = []
         best_rank: tuple[int, int] | None = None
         for b in pool:
-            n = self.inflight.get(b.machine, 0)
-            if b.hard_limit is not None and n >= b.hard_limit:
+            if self._at_hard(b):
                 continue
+            n = self.load(b)
             tier = 0 if b.soft_limit is None or n < b.soft_limit else 1
             rank = (tier, n)
             if best_rank is None or rank < best_rank:
@@ -276,18 +401,32 @@ class Balancer:
     def full(self, backends: Iterable[Backend]) -> bool:
         """Whether every backend is at its hard limit (a request may wait for a slot)."""
         bs = list(backends)
-        return bool(bs) and all(b.hard_limit is not None and self.inflight.get(b.machine, 0) >= b.hard_limit
-                                for b in bs)
+        return bool(bs) and all(self._at_hard(b) for b in bs)
+
+    def above_soft(self, backends: Iterable[Backend]) -> bool:
+        """Whether every backend is at or above its soft limit (time to wake a stopped machine)."""
+        bs = list(backends)
+        return bool(bs) and all(b.soft_limit is not None and self.load(b) >= b.soft_limit for b in bs)
 
     def acquire(self, backend: Backend) -> None:
         self.inflight[backend.machine] = self.inflight.get(backend.machine, 0) + 1
 
     def release(self, backend: Backend) -> None:
-        n = self.inflight.get(backend.machine, 0) - 1
+        _dec(self.inflight, backend.machine)
+
+    def opened(self, machine: str) -> None:
+        """A connection to ``machine`` was opened (it counts until :meth:`closed`)."""
+        self.conns[machine] = self.conns.get(machine, 0) + 1
+
+    def closed(self, machine: str) -> None:
+        _dec(self.conns, machine)
+
+    def pooled(self, machine: str, n: int = 1) -> None:
+        """``n`` connections to ``machine`` went idle into the pool (negative: taken out)."""
         if n > 0:
-            self.inflight[backend.machine] = n
+            self.idle[machine] = self.idle.get(machine, 0) + n
         else:
-            self.inflight.pop(backend.machine, None)
+            _dec(self.idle, machine, -n)
 
     def mark_failed(self, backend: Backend, now: float) -> None:
         for m in [m for m, t in self.failed_until.items() if t <= now]:
@@ -302,3 +441,11 @@ class Balancer:
     def counts(self) -> dict[str, int]:
         """``{machine id: in-flight requests}`` for every machine with any."""
         return dict(self.inflight)
+
+
+def _dec(table: dict[str, int], key: str, n: int = 1) -> None:
+    v = table.get(key, 0) - n
+    if v > 0:
+        table[key] = v
+    else:
+        table.pop(key, None)
