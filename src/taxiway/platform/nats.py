@@ -23,7 +23,7 @@ from taxiway.errors import TaxiwayError
 # One NATS user per component, so a leaked edge credential cannot write state or run
 # commands (the attack in the red team's C1: an open nats-server let any local user
 # forge tokens and exec in machines). "admin" = the supervisor and tests.
-USERS = ("admin", "api", "agent", "edge")
+USERS = ("admin", "api", "agent", "edge", "egress")
 
 # Subjects each restricted user may never publish to. nats-py reads KV through
 # $JS.API.DIRECT.GET / STREAM.MSG.GET and writes through $KV.<bucket>.<key>.
@@ -50,6 +50,10 @@ def deny_publish() -> dict[str, list[str]]:
         # the agent writes STATUS, events and logs; never tokens, orgs or apps, and reads no tokens
         "agent": [f"$KV.{schema.TOKENS}.>", f"$KV.{schema.ORGS}.>", f"$KV.{schema.APPS}.>", *_NO_ADMIN_JS,
                   *_no_read(schema.TOKENS)],
+        # the egress proxy (egressd) reads STATUS and RELEASES and writes denial lines into the
+        # apps' logs: no KV writes, no agent commands or events, no stream admin, no tokens or secrets
+        "egress": ["$KV.>", "agent.>", "events.>", *_NO_ADMIN_JS,
+                   *_no_read(schema.TOKENS), *_no_read(schema.SECRETS)],
     }
 
 
@@ -75,6 +79,7 @@ def deny_subscribe() -> dict[str, list[str]]:
     return {
         "edge": ["agent.>", f"$KV.{schema.TOKENS}.>", f"$KV.{schema.SECRETS}.>"],
         "agent": [f"$KV.{schema.TOKENS}.>"],
+        "egress": ["agent.>", f"$KV.{schema.TOKENS}.>", f"$KV.{schema.SECRETS}.>"],
     }
 
 
