@@ -31,7 +31,9 @@ LEASES = "tw_leases"        # key <app>.<machine id>         -> {"nonce", "expir
 DEPLOYS = "tw_deploys"      # key <app>                      -> the deploy in progress (plan + step reached)
 CERTS = "tw_certs"          # key <hostname>                 -> {"hostname", "app", "org", "acme", "created_at"} (custom hostnames, the edge's TLS)
 
-BUCKETS = (ORGS, TOKENS, APPS, MACHINES, STATUS, RELEASES, SECRETS, VOLUMES, LEASES, DEPLOYS, CERTS)
+NETWORKS = "tw_networks"    # key org.<org> -> {"org", "network": n}; net.<n> -> the same (private network numbers, platform.orgnet)
+
+BUCKETS = (ORGS, TOKENS, APPS, MACHINES, STATUS, RELEASES, SECRETS, VOLUMES, LEASES, DEPLOYS, CERTS, NETWORKS)
 
 # -- streams -------------------------------------------------------------------------
 
