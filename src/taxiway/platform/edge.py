@@ -198,6 +198,7 @@ class Edge:
         self._stopped: asyncio.Event | None = None
         self.address: tuple[str, int] | None = None
         self.tls: Any = None  # E1: platform.edgetls.EdgeTLS when config.https (HTTPS, HTTP/2, ACME)
+        self.hostnames: dict[str, str] = {}  # E1: custom hostname -> app (CERTS bucket, via set_hostnames)
 
     # -- logging -------------------------------------------------------------------------
     def log(self, **fields: object) -> None:
@@ -554,6 +555,18 @@ class Edge:
         plan.keep = plan.keep and not self._stopping
         return plan
 
+    def set_hostnames(self, hostnames: dict[str, str]) -> None:
+        """Route these custom hostnames to their apps (E1: edgetls mirrors them from CERTS)."""
+        self.hostnames = dict(hostnames)
+        self._host_apps.clear()
+
+    def client_protocol(self) -> asyncio.BaseProtocol:
+        """A protocol serving one HTTP/1.1 client connection, for another listener (E1: the TLS one)."""
+        if self.config.fast:
+            return _FastClient(self)
+        reader = asyncio.StreamReader(limit=self.config.max_header_bytes)
+        return asyncio.StreamReaderProtocol(reader, self._client)
+
     def _app_for_host(self, authority: str) -> str | None:
         name = authority.strip().lower()
         if not name.startswith("["):
@@ -561,6 +574,8 @@ class Edge:
             if sep and port.isdigit():
                 name = host_part
         name = name.rstrip(".")
+        if name in self.hostnames:  # E1: custom hostnames ('taxiway certs add')
+            return self.hostnames[name]
         suffix = "." + self.config.domain
         if name.endswith(suffix):
             label = name[: -len(suffix)]
