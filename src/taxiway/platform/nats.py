@@ -38,15 +38,21 @@ def _no_read(bucket: str) -> list[str]:
             f"$JS.API.CONSUMER.*.{s}", f"$JS.API.CONSUMER.*.{s}.>", f"$JS.API.CONSUMER.*.*.{s}.>"]
 
 
+# The agent verbs the edge may request: it starts a stopped machine for a request and stops idle ones.
+EDGE_AGENT_VERBS = ("start", "stop")
+
+
 def deny_publish() -> dict[str, list[str]]:
     """Subjects each restricted user may never publish to (KV writes go to $KV.<bucket>.<key>)."""
     from taxiway.platform import schema
 
     return {
-        # the edge only reads buckets and answers edge.*: no KV writes, no agent commands,
-        # no events/logs, no stream admin, no token records or secrets at all
-        "edge": ["$KV.>", "agent.>", "events.>", "logs.>", *_NO_ADMIN_JS,
-                 *_no_read(schema.TOKENS), *_no_read(schema.SECRETS)],
+        # the edge only reads buckets and answers edge.*: no KV writes, no events/logs, no stream
+        # admin, no token records or secrets at all; of the agent commands only start and stop
+        # (scale to zero: auto_start/auto_stop_machines), never create, exec, destroy...
+        "edge": ["$KV.>", "agent.*", "agent.*.*.>",
+                 *(f"agent.*.{v}" for v in schema.AGENT_VERBS if v not in EDGE_AGENT_VERBS),
+                 "events.>", "logs.>", *_NO_ADMIN_JS, *_no_read(schema.TOKENS), *_no_read(schema.SECRETS)],
         # the agent writes STATUS, events and logs; never tokens, orgs or apps, and reads no tokens
         "agent": [f"$KV.{schema.TOKENS}.>", f"$KV.{schema.ORGS}.>", f"$KV.{schema.APPS}.>", *_NO_ADMIN_JS,
                   *_no_read(schema.TOKENS)],
