@@ -23,7 +23,7 @@ from taxiway.errors import TaxiwayError
 # One NATS user per component, so a leaked edge credential cannot write state or run
 # commands (the attack in the red team's C1: an open nats-server let any local user
 # forge tokens and exec in machines). "admin" = the supervisor and tests.
-USERS = ("admin", "api", "agent", "edge", "egress")
+USERS = ("admin", "api", "agent", "edge", "egress", "dns")
 
 # Subjects each restricted user may never publish to. nats-py reads KV through
 # $JS.API.DIRECT.GET / STREAM.MSG.GET and writes through $KV.<bucket>.<key>.
@@ -60,6 +60,11 @@ def deny_publish() -> dict[str, list[str]]:
         # apps' logs: no KV writes, no agent commands or events, no stream admin, no tokens or secrets
         "egress": ["$KV.>", "agent.>", "events.>", *_NO_ADMIN_JS,
                    *_no_read(schema.TOKENS), *_no_read(schema.SECRETS)],
+        # the DNS server only reads apps, machines, status (and org networks): it publishes
+        # nothing but its reads, and reads no tokens, secrets, releases, deploys or leases
+        "dns": ["$KV.>", "agent.>", "events.>", "logs.>", "edge.>", *_NO_ADMIN_JS,
+                *(r for b in (schema.TOKENS, schema.SECRETS, schema.RELEASES, schema.DEPLOYS, schema.LEASES)
+                  for r in _no_read(b))],
     }
 
 
@@ -86,6 +91,9 @@ def deny_subscribe() -> dict[str, list[str]]:
         "edge": ["agent.>", f"$KV.{schema.TOKENS}.>", f"$KV.{schema.SECRETS}.>"],
         "agent": [f"$KV.{schema.TOKENS}.>"],
         "egress": ["agent.>", f"$KV.{schema.TOKENS}.>", f"$KV.{schema.SECRETS}.>"],
+        # DNS: no commands, no drain requests, no live logs or events, no raw KV writes (its
+        # watches get their values through consumers on its own inbox)
+        "dns": ["agent.>", "edge.>", "logs.>", "events.>", "$KV.>"],
     }
 
 
