@@ -38,7 +38,7 @@ def test_game_created_on_a_is_played_from_b_and_survives_a_dying(cluster):
         assert (await ann.do("join", name="Ann"))["seat"] == 1
         await bob.do("start")
         played = []
-        for col in [3, 3, 4, 4, 2]:
+        for col in [4, 4, 5, 5, 3]:
             player = bob if len(played) % 2 == 0 else ann
             other = ann if player is bob else bob
             assert await player.do("move", move=col) == {"ok": True}
@@ -59,11 +59,11 @@ def test_game_created_on_a_is_played_from_b_and_survives_a_dying(cluster):
         v = await ann.view_where(lambda v: True)
         assert v["you"] == 1 and v["moves"] == len(played) and v["your_turn"]
         # Her move goes through B, which takes the game over from Redis.
-        assert await ann.do("move", move=2) == {"ok": True}
-        played.append([1, 2])
+        assert await ann.do("move", move=3) == {"ok": True}
+        played.append([1, 3])
         took_over = time.monotonic() - t0
         await bob.view_where(lambda v: v["moves"] == len(played))
-        for col in [1]:
+        for col in [2]:
             player = bob if len(played) % 2 == 0 else ann
             assert await player.do("move", move=col) == {"ok": True}
             played.append([len(played) % 2, col])
@@ -91,7 +91,7 @@ def test_timers_keep_running_after_the_owner_dies(cluster):
         await ann.do("join", name="Ann")
         await ann.do("bot")  # the bot seat is run by the owner, A
         await ann.do("start")
-        await ann.do("move", move=4)
+        await ann.do("move", move=5)
         await ann.view_where(lambda v: v["your_turn"] and v["moves"] == 2)
         node_a.kill()
         # Nobody sends a command: B notices the game has no owner, adopts it, and
@@ -120,12 +120,12 @@ def test_commands_forwarded_without_a_page_on_the_sending_node(cluster):
     )
     assert node_b.post(f"/api/games/{code}/commands", {"token": "t2", "action": "start"})[0] == 409
     assert node_b.post(
-        f"/api/games/{code}/commands", {"token": "t1", "action": "move", "move": 4}
+        f"/api/games/{code}/commands", {"token": "t1", "action": "move", "move": 5}
     ) == (
         200,
         {"ok": True},
     )
-    assert node_b.game(code)["move_list"][0] == [0, 4]
+    assert node_b.game(code)["move_list"][0] == [0, 5]
 
 
 def test_a_node_that_lost_a_game_follows_its_new_owner(tmp_path):
@@ -152,30 +152,30 @@ def test_a_node_that_lost_a_game_follows_its_new_owner(tmp_path):
                 assert (await b.command(code, {"action": "join", "token": "t1", "name": "A"}))["ok"]
                 assert (await b.command(code, {"action": "join", "token": "t2", "name": "B"}))["ok"]
                 await b.command(code, {"action": "start", "token": "t1"})
-                assert await b.command(code, {"action": "move", "token": "t1", "move": 0}) == {
+                assert await b.command(code, {"action": "move", "token": "t1", "move": 1}) == {
                     "ok": True
                 }
-                assert page_a.room.moves == [[0, 0]]
+                assert page_a.room.moves == [[0, 1]]
                 # A stalls: its ownership lapses and B takes the game.
                 sync_redis.Redis.from_url(url).delete(f"gh:owner:{code}")
                 assert await b._take(code)
                 await asyncio.sleep(0.2)  # B stops listening to the game it now runs
                 assert code in b.actors and not b.backend.listening(code)
-                assert await b.command(code, {"action": "move", "token": "t2", "move": 4}) == {
+                assert await b.command(code, {"action": "move", "token": "t2", "move": 5}) == {
                     "ok": True
                 }
                 # A's next renewal finds the game is not its own, stops its actor, and
                 # its page catches up and follows B.
                 for _ in range(50):
-                    if page_a.room.moves == [[0, 0], [1, 4]]:
+                    if page_a.room.moves == [[0, 1], [1, 5]]:
                         break
                     await asyncio.sleep(0.1)
-                assert page_a.room.moves == [[0, 0], [1, 4]]
+                assert page_a.room.moves == [[0, 1], [1, 5]]
                 assert code not in a.actors and a.backend.listening(code)
-                assert await a.command(code, {"action": "move", "token": "t1", "move": 8}) == {
+                assert await a.command(code, {"action": "move", "token": "t1", "move": 9}) == {
                     "ok": True
                 }
-                assert page_a.room.moves[-1] == [0, 8] and page_b.room.moves[-1] == [0, 8]
+                assert page_a.room.moves[-1] == [0, 9] and page_b.room.moves[-1] == [0, 9]
             finally:
                 await a.close()
                 await b.close()

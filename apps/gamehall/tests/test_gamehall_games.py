@@ -24,7 +24,7 @@ def play(game, state, moves):
 
 def test_tictactoe_row_wins():
     g = TicTacToe()
-    s = play(g, g.initial(0), [0, 3, 1, 4, 2])
+    s = play(g, g.initial(0), [1, 4, 2, 5, 3])
     assert g.result(s).winner == 0
     assert g.to_move(s) is None and g.legal_moves(s) == []
     assert [c["win"] for c in g.view(s, None)["cells"]][:3] == [True, True, True]
@@ -34,29 +34,33 @@ def test_tictactoe_draw_and_rejections():
     g = TicTacToe()
     s = g.initial(0)
     with pytest.raises(IllegalMove, match="not your turn"):
-        g.apply(s, 1, 0)
-    s = g.apply(s, 0, 4)
-    with pytest.raises(IllegalMove, match="already taken"):
-        g.apply(s, 1, 4)
-    with pytest.raises(IllegalMove, match="no cell"):
-        g.apply(s, 1, 9)
+        g.apply(s, 1, 1)
+    s = g.apply(s, 0, 5)  # the centre: cells are 1 to 9, as the page numbers them
+    assert g.view(s, None)["cells"][4]["mark"] == "X"
+    with pytest.raises(IllegalMove, match="^Cell 5 is already taken.$"):
+        g.apply(s, 1, 5)
+    for bad in (0, 10):
+        with pytest.raises(IllegalMove, match=f"^There is no cell {bad}; cells are 1 to 9"):
+            g.apply(s, 1, bad)
     with pytest.raises(IllegalMove, match="number"):
         g.apply(s, 1, "4")
-    s = play(g, g.initial(0), [0, 1, 2, 4, 3, 5, 7, 6, 8])
+    s = play(g, g.initial(0), [1, 2, 3, 5, 4, 6, 8, 7, 9])
     assert g.result(s).winner is None
     with pytest.raises(IllegalMove, match="over"):
-        g.apply(s, 0, 0)
+        g.apply(s, 0, 1)
 
 
 def test_connect4_vertical_and_diagonal_and_full_column():
     g = ConnectFour()
-    s = play(g, g.initial(0), [3, 4, 3, 4, 3, 4, 3])
+    s = play(g, g.initial(0), [4, 5, 4, 5, 4, 5, 4])
     assert g.result(s).winner == 0
-    s = play(g, g.initial(0), [0, 1, 1, 2, 2, 3, 2, 3, 3, 6, 3])
+    s = play(g, g.initial(0), [1, 2, 2, 3, 3, 4, 3, 4, 4, 7, 4])
     assert g.result(s).winner == 0 and g.result(s).reason == "four in a line"
-    s = play(g, g.initial(0), [0, 0, 0, 0, 0, 0])
-    assert 0 not in g.legal_moves(s)
-    with pytest.raises(IllegalMove, match="Column 1 is full"):
+    s = play(g, g.initial(0), [1, 1, 1, 1, 1, 1])
+    assert 1 not in g.legal_moves(s) and g.legal_moves(s) == [2, 3, 4, 5, 6, 7]
+    with pytest.raises(IllegalMove, match="^Column 1 is full.$"):
+        g.apply(s, g.to_move(s), 1)
+    with pytest.raises(IllegalMove, match="^There is no column 0; columns are 1 to 7"):
         g.apply(s, g.to_move(s), 0)
 
 
@@ -70,19 +74,22 @@ def test_battleship_hides_the_other_fleet():
         assert sum(c["ship"] for c in mine["cells"]) == sum(FLEET)
         assert not any(c["ship"] for c in theirs["cells"])
     assert not any(c["ship"] for sea in g.view(s, None)["seas"] for c in sea["cells"])
-    s = g.apply(s, 0, 7)
+    s = g.apply(s, 0, 8)
     with pytest.raises(IllegalMove, match="not your turn"):
+        g.apply(s, 0, 9)
+    s = g.apply(s, 1, 1)
+    with pytest.raises(IllegalMove, match=r"^You already fired at cell 8 \(B2\).$"):
         g.apply(s, 0, 8)
-    s = g.apply(s, 1, 0)
-    with pytest.raises(IllegalMove, match="already fired"):
-        g.apply(s, 0, 7)
+    with pytest.raises(IllegalMove, match=r"^There is no cell 37; cells are 1 \(A1\) to 36 \(F6\)"):
+        g.apply(s, 0, 37)
+    assert [c["name"] for c in g.view(s, 0)["seas"][0]["cells"][:8:7]] == ["A1", "B2"]
 
 
 def test_battleship_sinking_every_ship_wins():
     g = Battleship()
     s = g.initial(1)
-    targets = [c for ship in s["ships"][1] for c in ship]
-    misses = iter(range(SIZE * SIZE))
+    targets = [c + 1 for ship in s["ships"][1] for c in ship]
+    misses = iter(range(1, SIZE * SIZE + 1))
     for cell in targets:
         s = g.apply(s, 0, cell)
         if g.result(s):

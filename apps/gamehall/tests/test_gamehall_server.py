@@ -30,19 +30,19 @@ def test_create_join_play_to_a_win_then_rematch(node):
         assert re.fullmatch(r"[BCDFGHJKMNPRSTWXZ]{4}", code)
         assert "Wait until" not in str(await a.do("start"))
         await b.view_where(lambda v: v["status"] == "playing")
-        for player, cell in [(a, 0), (b, 3), (a, 1), (b, 4)]:
+        for player, cell in [(a, 1), (b, 4), (a, 2), (b, 5)]:
             assert await player.do("move", move=cell) == {"ok": True}
-        assert (await a.do("move", move=2)) == {"ok": True}
+        assert (await a.do("move", move=3)) == {"ok": True}
         v = await b.view_where(lambda v: v["status"] == "over")
         assert v["result"] == {"winner": 0, "reason": "three in a row"}
         assert v["message"] == "Ann wins: three in a row."
-        assert node.game(code)["move_list"] == [[0, 0], [1, 3], [0, 1], [1, 4], [0, 2]]
+        assert node.game(code)["move_list"] == [[0, 1], [1, 4], [0, 2], [1, 5], [0, 3]]
         # Rematch with the same code: Bob now has seat 0 and moves first.
         assert await b.do("rematch") == {"ok": True}
         v = await a.view_where(lambda v: v["round"] == 2)
         assert v["status"] == "playing" and v["you"] == 1 and v["seats"][0]["name"] == "Bob"
-        assert (await a.do("move", move=4))["error"] == "It is not your turn."
-        assert await b.do("move", move=4) == {"ok": True}
+        assert (await a.do("move", move=5))["error"] == "It is not your turn."
+        assert await b.do("move", move=5) == {"ok": True}
         for p in (a, b):
             await p.ws.close()
 
@@ -55,13 +55,16 @@ def test_illegal_and_out_of_turn_moves_are_refused(node):
         assert (await a.do("move", move=0))["error"] == "The game hasn't started yet."
         await a.do("start")
         assert (await b.do("move", move=0))["error"] == "It is not your turn."
-        await a.do("move", move=4)
-        assert (await b.do("move", move=4))["error"] == "Cell 5 is already taken."
-        assert "no cell" in (await b.do("move", move=42))["error"]
+        await a.do("move", move=5)  # the centre: cells are 1 to 9, as the page numbers them
+        assert (await b.do("move", move=5))["error"] == "Cell 5 is already taken."
+        assert (await b.do("move", move=0))["error"] == (
+            "There is no cell 0; cells are 1 to 9, row by row from the top left."
+        )
+        assert "no cell 42" in (await b.do("move", move=42))["error"]
         assert "must be a number" in (await b.do("move", move="<b>4</b>"))["error"]
         spectator = await Player(node, code).connect()
         assert "not playing" in (await spectator.do("move", move=1))["error"]
-        assert node.game(code)["move_list"] == [[0, 4]]
+        assert node.game(code)["move_list"] == [[0, 5]]
         for p in (a, b, spectator):
             await p.ws.close()
 
@@ -74,14 +77,14 @@ def test_full_game_leave_and_reconnect(node):
         c = await Player(node, code).connect()
         assert "full" in (await c.do("join", name="Cy"))["error"]
         await a.do("start")
-        await a.do("move", move=0)
+        await a.do("move", move=1)
         # Bob reloads the page: a new socket with the same token keeps the seat.
         await b.ws.close()
         b2 = await Player(node, code, token=b.token).connect()
         v = await b2.view_where(lambda v: True)
-        assert v["you"] == 1 and v["your_turn"] and v["legal"] == list(range(1, 9))
+        assert v["you"] == 1 and v["your_turn"] and v["legal"] == list(range(2, 10))
         assert (await b2.do("join", name="Bob again"))["seat"] == 1  # joining again is a reconnect
-        await b2.do("move", move=8)
+        await b2.do("move", move=9)
         # Ann leaves mid-game: Bob wins, and the seat opens up.
         await a.do("leave")
         v = await b2.view_where(lambda v: v["status"] == "over")
@@ -99,7 +102,7 @@ def test_spectators_and_other_games_see_only_their_game(node):
         other, x, y = await seated_pair(node)
         watcher = await Player(node, code).connect()
         await a.do("start")
-        await a.do("move", move=3)
+        await a.do("move", move=4)
         v = await watcher.view_where(lambda v: v["moves"] == 1)
         assert v["you"] is None and v["legal"] == []
         assert v["board"]["rows"][-1][3]["colour"] == "red"
@@ -182,7 +185,7 @@ def test_bad_input_gets_clear_messages_and_harms_no_one(node):
         await a.send("dance")
         assert "Unknown action" in (await a.reply())["error"]
         # A big message gets a message; a huge frame closes only that socket.
-        await a.send("move", move=0, pad="x" * 5000)
+        await a.send("move", move=1, pad="x" * 5000)
         assert "too large" in (await a.reply())["error"]
         rogue = await Player(node, code).connect()
         await rogue.ws.send("x" * 200_000)
@@ -193,7 +196,7 @@ def test_bad_input_gets_clear_messages_and_harms_no_one(node):
         flood = await Player(node, code).connect()
         for _ in range(400):
             try:
-                await flood.ws.send(json.dumps({"action": "move", "move": 1}))
+                await flood.ws.send(json.dumps({"action": "move", "move": 2}))
             except websockets.ConnectionClosed:
                 break
         msgs = []
@@ -203,8 +206,8 @@ def test_bad_input_gets_clear_messages_and_harms_no_one(node):
         assert any("too fast" in m.get("error", "") for m in msgs)
         assert closed.value.rcvd.code == 1008
         # The game itself is untouched and still plays.
-        assert await a.do("move", move=0) == {"ok": True}
-        assert node.game(code)["move_list"] == [[0, 0]]
+        assert await a.do("move", move=1) == {"ok": True}
+        assert node.game(code)["move_list"] == [[0, 1]]
         for p in (a, b):
             await p.ws.close()
 

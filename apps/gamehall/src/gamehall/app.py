@@ -27,7 +27,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 from . import codes, render
 from .games import GAMES
 from .hall import Hall
-from .room import Options, Room, RoomError
+from .room import Options, Room, RoomError, clean_name
 
 COOKIE = "gh_token"
 MAX_MESSAGE = 2048  # bytes in one websocket message from a page; uvicorn drops far larger frames
@@ -69,17 +69,36 @@ def _error_page(title: str, error: str, status: int) -> HTMLResponse:
 def _code_or_error(raw: str) -> tuple[str | None, str | None]:
     code = codes.normalize(raw)
     if code is None:
-        return None, (
-            f"“{raw[:40]}” is not a game code: codes are {codes.LENGTH} letters, "
-            f"like {codes.ALPHABET[:4]}."
-        )
+        return None, codes.problem(raw)
     return code, None
+
+
+def _hall_page(lobby: dict[str, Any], **context: Any) -> str:
+    return render.page(
+        "hall.html", lobby=lobby, alphabet=codes.ALPHABET, code_length=codes.LENGTH, **context
+    )
+
+
+def _public_base(request: Request) -> str:
+    """The address people use to reach this app: behind a proxy (the edge), its Host and
+    X-Forwarded-Proto; the page's script puts its own location there anyway."""
+    proto = request.headers.get("x-forwarded-proto", request.url.scheme).split(",")[0].strip()
+    if proto not in ("http", "https"):
+        proto = request.url.scheme
+    host = request.headers.get("host") or request.url.netloc
+    return f"{proto}://{host}"
+
+
+def _favicon() -> bytes:
+    return (files("gamehall") / "static" / "favicon.ico").read_bytes()
 
 
 def _options(data: Any, defaults: Options) -> Options:
     """A new game's options from a form or JSON; the node's defaults fill the gaps."""
     try:
         turn = max(0, min(3600, int(data.get("turn_seconds") or 0)))
+        listed = data.get("listed", True)
+        listed = listed not in (False, 0, "0", "false", "no", "off", "")
         idle_raw = data.get("idle_seconds")
         idle = max(1, min(86400, int(idle_raw))) if idle_raw else defaults.idle_seconds
     except (TypeError, ValueError):
@@ -89,7 +108,7 @@ def _options(data: Any, defaults: Options) -> Options:
         raise RoomError(
             "When time runs out, the player either forfeits or a random move is played."
         )
-    return Options(turn, on_timeout, idle)
+    return Options(turn, on_timeout, idle, listed)
 
 
 def tune_gc() -> None:
@@ -102,7 +121,7 @@ def tune_gc() -> None:
 
 def create_app(make_hall: Callable[[], Hall]) -> Starlette:
     """The web app around a hall built by ``make_hall`` at startup."""
-    state: dict[str, Hall] = {}
+    state: dict[str, Any] = {}
 
     def hall() -> Hall:
         return state["hall"]
@@ -119,19 +138,49 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
 
     async def index(request: Request) -> Response:
         token = None if request.cookies.get(COOKIE) else secrets.token_urlsafe(16)
-        return _html(render.page("hall.html"), token=token)
+        return _html(_hall_page(await hall().lobby()), token=token)
+
+    async def lobby_fragment(request: Request) -> Response:
+        return HTMLResponse(render.page("lobby.html", lobby=await hall().lobby()))
+
+    async def api_lobby(request: Request) -> Response:
+        return JSONResponse(await hall().lobby())
+
+    async def favicon(request: Request) -> Response:
+        return Response(
+            state.setdefault("favicon", _favicon()),
+            media_type="image/x-icon",
+            headers={"cache-control": "public, max-age=86400"},
+        )
 
     async def new_game(request: Request) -> Response:
         form = await request.form()
         game = form.get("game") or "tictactoe"
         if game not in GAMES:
-            return _html(render.page("hall.html", error=f"There is no game called “{game}”."), 400)
+            return _html(
+                _hall_page(await hall().lobby(), error=f"There is no game called “{game}”."), 400
+            )
+        name = str(form.get("name") or "").strip()
+        token = request.cookies.get(COOKIE)
+        new_token = None if token else secrets.token_urlsafe(16)
         try:
-            opts = _options({**form, "idle_seconds": None}, hall().defaults)
+            opts = _options(
+                {**form, "idle_seconds": None, "listed": not form.get("unlisted")},
+                hall().defaults,
+            )
+            if name:
+                clean_name(name)  # a bad name is refused before a game is made for it
             code = await hall().create(game, opts)
         except RoomError as e:
-            return _html(render.page("hall.html", error=str(e)), 400)
-        return RedirectResponse(f"/g/{code}", status_code=303)
+            return _html(_hall_page(await hall().lobby(), error=str(e)), 400)
+        if name:  # the creator takes the first seat at once
+            await hall().command(
+                code, {"action": "join", "token": token or new_token, "name": name}
+            )
+        resp = RedirectResponse(f"/g/{code}", status_code=303)
+        if new_token:
+            resp.set_cookie(COOKIE, new_token, max_age=30 * 86400, httponly=True, samesite="lax")
+        return resp
 
     async def join(request: Request) -> Response:
         raw = request.query_params.get("code", "")
@@ -139,7 +188,8 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
         if code and await hall().snapshot(code) is None:
             error = f"There is no game with code {code}. Check the code, or create a new game."
         if error:
-            return _html(render.page("hall.html", error=error, code=raw[:8]), 404 if code else 400)
+            page = _hall_page(await hall().lobby(), error=error, code=raw[:8])
+            return _html(page, 404 if code else 400)
         return RedirectResponse(f"/g/{code}", status_code=303)
 
     async def game_page(request: Request) -> Response:
@@ -155,7 +205,8 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
             )
         token = request.cookies.get(COOKIE)
         new_token = None if token else secrets.token_urlsafe(16)
-        body = render.game_page(Room.from_dict(snapshot), token or new_token)
+        link = f"{_public_base(request)}/g/{code}"
+        body = render.game_page(Room.from_dict(snapshot), token or new_token, link)
         return _html(body, token=new_token)
 
     async def api_create(request: Request) -> Response:
@@ -309,6 +360,9 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
     static = StaticFiles(directory=str(files("gamehall") / "static"))
     routes = [
         Route("/", index),
+        Route("/lobby", lobby_fragment),
+        Route("/api/lobby", api_lobby),
+        Route("/favicon.ico", favicon),
         Route("/new", new_game, methods=["POST"]),
         Route("/join", join),
         Route("/g/{code}", game_page),

@@ -7,7 +7,8 @@ Two implementations of one small interface:
   game (SET NX with a TTL the owner renews), ``gh:room:CODE`` holds the last
   snapshot, the stream ``gh:log:CODE`` the moves, channel ``gh:game:CODE`` carries
   every snapshot to the other nodes that show the game (the owner does not listen to
-  its own games), and ``gh:node:NODE`` carries commands and replies to one node.
+  its own games), ``gh:node:NODE`` carries commands and replies to one node, and the
+  sorted set ``gh:games`` lists every game by its last activity (the hall's lobby).
 
 A save is one Lua script that checks ownership, stores the snapshot, appends the
 move and publishes, so a node that lost its game can never write to it again. The
@@ -75,6 +76,9 @@ class Backend(Protocol):
         ``reply`` (node, message) is then sent to that node, after the change."""
 
     async def load(self, code: str) -> dict[str, Any] | None: ...
+    async def recent(self, limit: int) -> list[dict[str, Any]]:
+        """Snapshots of the games changed most recently, newest first (for the lobby)."""
+
     async def move_log(self, code: str) -> list[Any]: ...
     async def subscribe(self, code: str) -> None: ...
     async def unsubscribe(self, code: str) -> None: ...
@@ -147,6 +151,10 @@ class MemoryBackend:
     async def load(self, code: str) -> dict[str, Any] | None:
         return self.rooms.get(code)
 
+    async def recent(self, limit: int) -> list[dict[str, Any]]:
+        rooms = sorted(self.rooms.values(), key=lambda r: r["last_active"], reverse=True)
+        return rooms[:limit]
+
     async def move_log(self, code: str) -> list[Any]:
         return list(self.logs.get(code, []))
 
@@ -163,6 +171,8 @@ class MemoryBackend:
         return 0
 
 
+GAMES_KEY = "gh:games"  # sorted set: every game's code, scored by its last activity (the lobby)
+
 SAVE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
@@ -171,6 +181,7 @@ if ARGV[5] ~= '' then
   redis.call('XADD', KEYS[3], '*', 'move', ARGV[5])
   redis.call('EXPIRE', KEYS[3], ARGV[3])
 end
+redis.call('ZADD', KEYS[4], ARGV[9], ARGV[10])
 redis.call('PUBLISH', ARGV[4], ARGV[2])
 if ARGV[7] ~= '' then redis.call('PUBLISH', ARGV[7], ARGV[8]) end
 return 1
@@ -289,6 +300,7 @@ class RedisBackend:
         )
         if ok:
             await self.redis.set(f"gh:owner:{code}", self.node_id, ex=self.owner_ttl)
+            await self.redis.zadd(GAMES_KEY, {code: snapshot["last_active"]})
         return bool(ok)
 
     async def claim(self, code: str) -> bool:
@@ -342,7 +354,7 @@ class RedisBackend:
         move: Any = None,
         reply: tuple[str, dict[str, Any]] | None = None,
     ) -> bool:
-        keys = [f"gh:owner:{code}", f"gh:room:{code}", f"gh:log:{code}"]
+        keys = [f"gh:owner:{code}", f"gh:room:{code}", f"gh:log:{code}", GAMES_KEY]
         args = [
             self.node_id,
             orjson.dumps(snapshot),
@@ -352,20 +364,34 @@ class RedisBackend:
             self.owner_ttl,
             f"gh:node:{reply[0]}" if reply else b"",
             orjson.dumps(reply[1]) if reply else b"",
+            snapshot["last_active"],
+            code,
         ]
         if self.link is None:
             return bool(await self._save(keys=keys, args=args))
         try:
-            ok = await self.link.call("EVALSHA", self._save_sha, 3, *keys, *args)
+            ok = await self.link.call("EVALSHA", self._save_sha, 4, *keys, *args)
         except Exception as e:
             if not str(e).startswith("NOSCRIPT"):
                 raise
-            ok = await self.link.call("EVAL", SAVE, 3, *keys, *args)
+            ok = await self.link.call("EVAL", SAVE, 4, *keys, *args)
         return bool(ok)
 
     async def load(self, code: str) -> dict[str, Any] | None:
         raw = await self.redis.get(f"gh:room:{code}")
         return orjson.loads(raw) if raw else None
+
+    async def recent(self, limit: int) -> list[dict[str, Any]]:
+        """The newest games of ``gh:games`` (scored by last activity); entries whose room
+        expired are dropped from the index as they are found."""
+        names = await self.redis.zrevrange(GAMES_KEY, 0, limit - 1)
+        if not names:
+            return []
+        raws = await self.redis.mget([f"gh:room:{n.decode()}" for n in names])
+        gone = [n for n, raw in zip(names, raws, strict=True) if raw is None]
+        if gone:
+            await self.redis.zrem(GAMES_KEY, *gone)
+        return [orjson.loads(raw) for raw in raws if raw is not None]
 
     async def move_log(self, code: str) -> list[Any]:
         entries = await self.redis.xrange(f"gh:log:{code}")

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from . import codes
+from . import codes, lobby
 from .room import CLOSED, Options, Room, RoomError
 
 log = logging.getLogger("gamehall")
@@ -289,6 +289,10 @@ class Hall:
                 self.actors[code] = Actor(self, room)
                 return code
         raise RoomError("Could not find a free game code; try again.")
+
+    async def lobby(self) -> dict[str, Any]:
+        """The games to list in the hall: open ones to join, live ones to watch."""
+        return lobby.lobby(await self.backend.recent(4 * lobby.LIMIT), time.time())
 
     async def snapshot(self, code: str) -> dict[str, Any] | None:
         actor = self.actors.get(code)

@@ -45,10 +45,19 @@ def room_fragment(room: Room, token: str | None) -> str:
     return html
 
 
-def game_page(room: Room, token: str | None) -> str:
-    """The whole page of a game, as first loaded (the websocket keeps it live after)."""
+def game_page(room: Room, token: str | None, link: str = "") -> str:
+    """The whole page of a game, as first loaded (the websocket keeps it live after);
+    ``link`` is the address to share (the page's script sets its own location there)."""
     v = room.view(token)
-    return page("game.html", v=v, board=BOARDS[room.game](v), now=time.time(), text="", kind="")
+    return page(
+        "game.html",
+        v=v,
+        board=BOARDS[room.game](v),
+        now=time.time(),
+        text="",
+        kind="",
+        link=link or f"/g/{room.code}",
+    )
 
 
 def notice(text: str, kind: str = "error") -> str:

@@ -27,6 +27,7 @@ class Options:
     turn_seconds: int = 0  # 0: no turn timer
     on_timeout: str = "forfeit"  # or "auto": a random legal move is played for the player
     idle_seconds: int = 900  # a game with no command for this long is closed
+    listed: bool = True  # shown in the hall's lobby; else found only by its code
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Options:
@@ -34,6 +35,7 @@ class Options:
             int(d.get("turn_seconds", 0)),
             str(d.get("on_timeout", "forfeit")),
             int(d.get("idle_seconds", 900)),
+            bool(d.get("listed", True)),
         )
 
 
@@ -330,6 +332,9 @@ class Room:
             ],
             "you": seat,
             "to_move": to_move,
+            # Before the first move: who moves first, and what each seat plays with.
+            "first": rules.to_move(self.state) if self.status == LOBBY else None,
+            "pieces": list(rules.pieces) if rules.pieces else None,
             "your_turn": your_turn,
             "legal": rules.legal_moves(self.state) if your_turn else [],
             "result": self.result,

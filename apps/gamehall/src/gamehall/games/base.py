@@ -2,7 +2,9 @@
 
 A game never touches I/O. Its state is JSON-shaped (dicts, lists, ints, strings)
 so it can be stored, published between nodes and replayed from the move log.
-Moves are ints (a cell, a column): they travel in HTML forms and JSON alike.
+Moves are ints (a cell, a column): they travel in HTML forms and JSON alike. They are
+numbered from 1, as the pages show them (cell 1 is the top left, column 1 the leftmost),
+so a move a person or a bot sends and every message about it use one numbering.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Game(Protocol):
     name: str  # short slug used in URLs and storage
     title: str  # shown to people
     seats: int
+    pieces: tuple[str, ...] | None  # what each seat plays with ("X", "O"), shown before the first move
 
     def initial(self, seed: int) -> State:
         """The state a new game starts from; ``seed`` drives any randomness (dealing, placement)."""

@@ -2,6 +2,9 @@
 turns firing at the other's sea, and sinking every ship wins. Where the other
 fleet lies is hidden information: a player's view shows only their own fleet
 and the results of their shots.
+
+Moves are cells 1 to 36, row by row from the top left; the page names them as
+on a paper grid, rows A to F and columns 1 to 6 (cell 8 is B2).
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ def place_fleet(rng: random.Random) -> list[list[int]]:
     return ships
 
 
+ROWS = "ABCDEFGHIJ"[:SIZE]
+
+
+def cell_name(move: int) -> str:
+    """The grid name of a cell (1-based): 1 is A1, 8 is B2."""
+    return f"{ROWS[(move - 1) // SIZE]}{(move - 1) % SIZE + 1}"
+
+
 def _sunk(ship: list[int], shots: set[int]) -> bool:
     return all(cell in shots for cell in ship)
 
@@ -42,6 +53,7 @@ class Battleship(Alternating):
     name = "battleship"
     title = "Battleship"
     seats = 2
+    pieces = None
 
     def initial(self, seed: int) -> State:
         rng = random.Random(seed)
@@ -56,16 +68,20 @@ class Battleship(Alternating):
 
     def open_moves(self, state: State) -> list[Move]:
         fired = set(state["shots"][state["turn"]])
-        return [i for i in range(SIZE * SIZE) if i not in fired]
+        return [i + 1 for i in range(SIZE * SIZE) if i not in fired]
 
     def apply(self, state: State, seat: int, move: Move) -> State:
         check_turn(self, state, seat, move)
-        if not 0 <= move < SIZE * SIZE:
-            raise IllegalMove(f"There is no cell {move}; the sea has {SIZE * SIZE} cells.")
-        if move in state["shots"][seat]:
-            raise IllegalMove("You already fired at that cell.")
+        n = SIZE * SIZE
+        if not 1 <= move <= n:
+            raise IllegalMove(
+                f"There is no cell {move}; cells are 1 ({cell_name(1)}) to {n} ({cell_name(n)}), "
+                "row by row from the top left."
+            )
+        if move - 1 in state["shots"][seat]:
+            raise IllegalMove(f"You already fired at cell {move} ({cell_name(move)}).")
         shots = [list(s) for s in state["shots"]]
-        shots[seat].append(move)
+        shots[seat].append(move - 1)
         return {"ships": state["ships"], "shots": shots, "turn": 1 - seat}
 
     def _sea(
@@ -81,6 +97,8 @@ class Battleship(Alternating):
             cells.append(
                 {
                     "index": i,
+                    "move": i + 1,
+                    "name": cell_name(i + 1),
                     "row": i // SIZE,
                     "col": i % SIZE,
                     "shot": "hit" if hit else ("miss" if i in fired else ""),
@@ -104,7 +122,7 @@ class Battleship(Alternating):
                 state["ships"][k], state["shots"][1 - k], show_ships=over or seat == k
             )
             for cell in cells:
-                cell["legal"] = k != seat and cell["index"] in legal
+                cell["legal"] = k != seat and cell["move"] in legal
             seas.append(
                 {
                     "owner": k,
@@ -114,4 +132,4 @@ class Battleship(Alternating):
                     ),
                 }
             )
-        return {"size": SIZE, "seas": seas}
+        return {"size": SIZE, "rows": ROWS, "seas": seas}

@@ -1,4 +1,7 @@
-"""Connect four: drop discs into 7 columns of 6; four in a line wins. Seat 0 moves first."""
+"""Connect four: drop discs into 7 columns of 6; four in a line wins. Seat 0 (red) moves first.
+
+Moves are columns 1 to 7 from the left, as the page labels them.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ class ConnectFour(Alternating):
     name = "connect4"
     title = "Connect four"
     seats = 2
+    pieces = ("red", "yellow")
 
     def initial(self, seed: int) -> State:
         return {"cols": [[] for _ in range(COLS)], "turn": 0}
@@ -42,16 +46,18 @@ class ConnectFour(Alternating):
         return None
 
     def open_moves(self, state: State) -> list[Move]:
-        return [c for c in range(COLS) if len(state["cols"][c]) < ROWS]
+        return [c + 1 for c in range(COLS) if len(state["cols"][c]) < ROWS]
 
     def apply(self, state: State, seat: int, move: Move) -> State:
         check_turn(self, state, seat, move)
-        if not 0 <= move < COLS:
-            raise IllegalMove(f"There is no column {move + 1}; columns are 1 to {COLS}.")
-        if len(state["cols"][move]) >= ROWS:
-            raise IllegalMove(f"Column {move + 1} is full.")
+        if not 1 <= move <= COLS:
+            raise IllegalMove(
+                f"There is no column {move}; columns are 1 to {COLS}, from the left."
+            )
+        if len(state["cols"][move - 1]) >= ROWS:
+            raise IllegalMove(f"Column {move} is full.")
         cols = [list(col) for col in state["cols"]]
-        cols[move].append(seat)
+        cols[move - 1].append(seat)
         return {"cols": cols, "turn": 1 - seat}
 
     def view(self, state: State, seat: int | None) -> dict[str, Any]:
@@ -76,6 +82,6 @@ class ConnectFour(Alternating):
             )
         return {
             "rows": rows,
-            "columns": [{"col": c, "legal": c in legal} for c in range(COLS)],
+            "columns": [{"col": c, "move": c + 1, "legal": c + 1 in legal} for c in range(COLS)],
             "colours": COLOURS,
         }

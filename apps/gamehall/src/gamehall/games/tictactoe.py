@@ -1,4 +1,7 @@
-"""Tic-tac-toe: three in a row on a 3x3 board. Seat 0 plays X and moves first."""
+"""Tic-tac-toe: three in a row on a 3x3 board. Seat 0 plays X and moves first.
+
+Moves are cells 1 to 9, row by row from the top left (the state keeps 0-based indexes).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ class TicTacToe(Alternating):
     name = "tictactoe"
     title = "Tic-tac-toe"
     seats = 2
+    pieces = MARKS
 
     def initial(self, seed: int) -> State:
         return {"board": [-1] * 9, "turn": 0}
@@ -34,16 +38,18 @@ class TicTacToe(Alternating):
         return None
 
     def open_moves(self, state: State) -> list[Move]:
-        return [i for i, c in enumerate(state["board"]) if c < 0]
+        return [i + 1 for i, c in enumerate(state["board"]) if c < 0]
 
     def apply(self, state: State, seat: int, move: Move) -> State:
         check_turn(self, state, seat, move)
-        if not 0 <= move < 9:
-            raise IllegalMove(f"There is no cell {move}; cells are 0 to 8.")
-        if state["board"][move] >= 0:
-            raise IllegalMove(f"Cell {move + 1} is already taken.")
+        if not 1 <= move <= 9:
+            raise IllegalMove(
+                f"There is no cell {move}; cells are 1 to 9, row by row from the top left."
+            )
+        if state["board"][move - 1] >= 0:
+            raise IllegalMove(f"Cell {move} is already taken.")
         board = list(state["board"])
-        board[move] = seat
+        board[move - 1] = seat
         return {"board": board, "turn": 1 - seat}
 
     def view(self, state: State, seat: int | None) -> dict[str, Any]:
@@ -57,8 +63,9 @@ class TicTacToe(Alternating):
             "cells": [
                 {
                     "index": i,
+                    "move": i + 1,
                     "mark": MARKS[c] if c >= 0 else "",
-                    "legal": i in legal,
+                    "legal": i + 1 in legal,
                     "win": i in line,
                 }
                 for i, c in enumerate(state["board"])
