@@ -46,7 +46,8 @@ def test_app_name_is_every_started_machine_with_an_address():
 def test_region_vm_process_names():
     assert addrs(dns.resolve(SNAP, ACME_AMS, "ams.web.internal", "AAAA")) == [ip(1, 10), ip(1, 12)]
     assert addrs(dns.resolve(SNAP, ACME_AMS, "ord.web.internal", "AAAA")) == [ip(1, 11)]
-    assert dns.resolve(SNAP, ACME_AMS, "fra.web.internal", "AAAA").nodata
+    assert dns.resolve(SNAP, ACME_AMS, "fra.web.internal", "AAAA").rcode == NXDOMAIN   # no machine there
+    assert dns.resolve(SNAP, ACME_AMS, "syd.web.internal", "AAAA").nodata   # one, without an address
     assert addrs(dns.resolve(SNAP, ACME_AMS, "0000000000000b.vm.web.internal", "AAAA")) == [ip(1, 11)]
     # a stopped machine's name exists (NODATA); a destroyed or unknown one does not
     assert dns.resolve(SNAP, ACME_AMS, "0000000000000d.vm.web.internal", "AAAA").nodata
@@ -109,6 +110,9 @@ def test_asker_from_source_address():
     assert dns.asker_for(SNAP, ip(1, 999, host=7)) == Asker("acme")
     assert dns.asker_for(SNAP, ip(2, 5)) == Asker("other", "ams", "000000000000e1")
     assert dns.asker_for(SNAP, ip(3, 1)) is None
+    # an org network known from the networks bucket, before any machine of it has an address
+    assert dns.asker_for(Snapshot(SNAP.apps, SNAP.machines, {3: "third"}), ip(3, 1)) == Asker("third")
+    assert dns.asker_for(SNAP, "fdaa::3") is None
     assert dns.asker_for(SNAP, "127.0.0.1") is None
     static = {ipaddress.ip_network("127.0.0.0/8"): "acme", ipaddress.ip_network("127.0.0.3/32"): "other"}
     assert dns.asker_for(SNAP, "127.0.0.2", static) == Asker("acme")
@@ -132,7 +136,10 @@ def test_from_records_reads_the_buckets():
               "web.0000000000000b": {"state": "started", "private_ip": ip(1, 2)},
               "web.0000000000000c": {"state": "starting", "private_ip": ip(1, 3)},
               "web.00000000000099": {"state": "started", "private_ip": ip(1, 9)}}   # no MACHINES record
-    snap = Snapshot.from_records(apps, machines, status)
+    snap = Snapshot.from_records(apps, machines, status, {"net.7": {"org": "acme", "network": 7},
+                                                          "org.acme": {"org": "acme", "network": 7}})
+    assert snap.networks == {7: "acme"}
+    assert dns.asker_for(snap, ip(7, 1234)) == Asker("acme")
     asker = Asker("acme")
     assert addrs(dns.resolve(snap, asker, "web.internal", "AAAA")) == [ip(1, 1)]
     assert addrs(dns.resolve(snap, asker, "worker.process.web.internal", "AAAA")) == [ip(1, 1)]

@@ -109,6 +109,7 @@ class Snapshot:
 
     apps: Mapping[str, str]
     machines: Iterable[Machine] = ()
+    networks: Mapping[int, str] = field(default_factory=dict)   # org network number -> org (tw_networks)
     by_app: dict[str, list[Machine]] = field(init=False)
     by_ip: dict[ipaddress.IPv6Address, Machine] = field(init=False)
     org_nets: dict[ipaddress.IPv6Network, str] = field(init=False)
@@ -132,8 +133,13 @@ class Snapshot:
 
     @classmethod
     def from_records(cls, apps: Mapping[str, Any], machines: Mapping[str, Any],
-                     status: Mapping[str, Any]) -> Snapshot:
-        """Build from the buckets' values: APPS ``{app: rec}``, MACHINES and STATUS ``{"<app>.<id>": rec}``."""
+                     status: Mapping[str, Any], networks: Mapping[str, Any] | None = None) -> Snapshot:
+        """Build from the buckets' values: APPS ``{app: rec}``, MACHINES and STATUS ``{"<app>.<id>": rec}``,
+        the org networks' ``{"net.<n>": {"org", "network"}}``."""
+        nets = {}
+        for key, rec in (networks or {}).items():
+            if key.startswith("net.") and isinstance(rec, dict) and isinstance(rec.get("network"), int):
+                nets[rec["network"]] = str(rec.get("org"))
         orgs = {name: str(rec.get("org") or schema.DEFAULT_ORG) for name, rec in apps.items()
                 if isinstance(rec, dict)}
         out = []
@@ -151,7 +157,7 @@ class Snapshot:
             out.append(Machine(id=mid.lower(), app=app.lower(), region=str(rec.get("region") or schema.DEFAULT_REGION).lower(),
                                process_group=str(group).lower(), state=state,
                                private_ip=st.get("private_ip") if isinstance(st.get("private_ip"), str) else None))
-        return cls({a.lower(): o for a, o in orgs.items()}, out)
+        return cls({a.lower(): o for a, o in orgs.items()}, out, nets)
 
     def started(self, app: str) -> list[Machine]:
         return [m for m in self.by_app.get(app, ()) if m.started]
@@ -178,14 +184,18 @@ def asker_for(snapshot: Snapshot, source: str,
 
     A machine's own private address names that machine (org, region); another
     address inside an org network's /48 names the org (a machine whose STATUS is
-    not written yet); ``static`` maps other sources (e.g. the host's loopback, for
-    an operator's ``dig``) to an org.
+    not written yet: the network's number from the address, its org from the
+    networks bucket or from the machines already there); ``static`` maps other
+    sources (e.g. the host's loopback, for an operator's ``dig``) to an org.
     """
     ip = _ip6(source)
     if ip is not None:
         m = snapshot.by_ip.get(ip)
         if m is not None:
             return Asker(snapshot.apps[m.app], m.region, m.id)
+        number = org_number(ip)
+        if number is not None and number in snapshot.networks:
+            return Asker(snapshot.networks[number])
         org = snapshot.org_nets.get(ipaddress.IPv6Network((ip, 48), strict=False))
         if org is not None:
             return Asker(org)
@@ -203,6 +213,14 @@ def asker_for(snapshot: Snapshot, source: str,
         if best is not None:
             return Asker(best[1])
     return None
+
+
+def org_number(ip: ipaddress.IPv6Address) -> int | None:
+    """The org network number of an address: fdaa:OOOO:OOOO::/48 (never 0), else None."""
+    value = int(ip)
+    if value >> 112 != 0xFDAA:
+        return None
+    return ((value >> 80) & 0xFFFFFFFF) or None
 
 
 def is_internal(name: str) -> bool:
@@ -271,7 +289,11 @@ def resolve(snapshot: Snapshot, asker: Asker | None, name: str, qtype: str) -> A
         return Answer(NOERROR, _txt(",".join(f"{m.id} {m.region}" for m in started)) if want_txt else ())
     if sub == ["regions"]:
         return Answer(NOERROR, _txt(",".join(sorted({m.region for m in started}))) if want_txt else ())
-    if len(sub) == 1:  # <region>.<app>.internal: any region is a name (NODATA when empty)
+    if len(sub) == 1:
+        # <region>.<app>.internal: a name while the app has a machine there (NODATA when none is
+        # started); another label is NXDOMAIN, so a resolv.conf search of "<app>.internal" moves on
+        if not any(m.region == sub[0] and m.state != "destroyed" for m in machines):
+            return Answer(NXDOMAIN)
         return Answer(NOERROR, _aaaa(m for m in started if m.region == sub[0]) if want_aaaa else ())
     if len(sub) == 2 and sub[1] == "vm":
         found = [m for m in machines if m.id == sub[0] and m.state != "destroyed"]
