@@ -34,7 +34,7 @@ from typing import Any
 from taxiway.errors import TaxiwayError
 from taxiway.process import pid_alive
 
-DEFAULT_PORTS = {"nats": 4223, "api": 4280, "registry": 4281, "egress": 4750, "edge": 8180}
+DEFAULT_PORTS = {"nats": 4223, "api": 4280, "registry": 4281, "egress": 4750, "edge": 8180, "dns": 4253}
 READY_TIMEOUT = 60.0
 BACKOFF_MAX = 30.0
 
@@ -227,6 +227,10 @@ class Supervisor:
              lambda p: [py, "-m", "taxiway", "registry", "serve", "--listen", f"127.0.0.1:{p}", "--root", reg_root]),
             ("egress", "taxiway.cli.egress",
              lambda p: [py, "-m", "taxiway", "egress", "serve", "--listen", f"127.0.0.1:{p}"]),
+            # .internal DNS for machines on [fdaa::3]:53 when the host has a fabric (loopback: readiness)
+            ("dns", "taxiway.platform.dnsserver",
+             lambda p: [py, "-m", "taxiway.platform.dnsserver", "--nats", self.nats.address,
+                        "--listen", f"127.0.0.1:{p}", "--fabric", "auto"]),
             ("api", "taxiway.platform.api", None),
             ("agent", "taxiway.platform.agent", None),
             ("edge", "taxiway.platform.edge",
@@ -249,7 +253,7 @@ class Supervisor:
             else:
                 args = argv(port)
             child = Child(name, args, port)
-            if name in ("api", "agent", "edge"):
+            if name in ("api", "agent", "edge", "dns"):
                 # NATS credentials through the environment, never argv (ps shows argv to every user)
                 from taxiway.platform.state import NATS_URL_ENV
 
