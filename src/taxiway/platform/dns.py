@@ -41,7 +41,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from taxiway.platform import schema
+from taxiway.platform import network, schema
 
 TTL = 5                     # seconds, positive and negative answers alike
 ZONE = "internal"
@@ -193,7 +193,7 @@ def asker_for(snapshot: Snapshot, source: str,
         m = snapshot.by_ip.get(ip)
         if m is not None:
             return Asker(snapshot.apps[m.app], m.region, m.id)
-        number = org_number(ip)
+        number = network.org_of(ip)
         if number is not None and number in snapshot.networks:
             return Asker(snapshot.networks[number])
         org = snapshot.org_nets.get(ipaddress.IPv6Network((ip, 48), strict=False))
@@ -213,14 +213,6 @@ def asker_for(snapshot: Snapshot, source: str,
         if best is not None:
             return Asker(best[1])
     return None
-
-
-def org_number(ip: ipaddress.IPv6Address) -> int | None:
-    """The org network number of an address: fdaa:OOOO:OOOO::/48 (never 0), else None."""
-    value = int(ip)
-    if value >> 112 != 0xFDAA:
-        return None
-    return ((value >> 80) & 0xFFFFFFFF) or None
 
 
 def is_internal(name: str) -> bool:
