@@ -32,18 +32,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 20) -> None:
+def wait_for_port(
+    port: int, proc: subprocess.Popen, log: Path, timeout: float = 20, host: str = "127.0.0.1"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         with (
             contextlib.suppress(OSError),
-            socket.create_connection(("127.0.0.1", port), timeout=0.5),
+            socket.create_connection((host, port), timeout=0.5),
         ):
             return
         time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port}:\n{log.read_text()[-3000:]}")
+    raise TimeoutError(f"nothing listening on {host}:{port}:\n{log.read_text()[-3000:]}")
 
 
 @dataclass
@@ -51,10 +53,11 @@ class Node:
     port: int
     proc: subprocess.Popen
     log: Path
+    host: str = "127.0.0.1"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def get(self, path: str) -> tuple[int, str]:
         try:
@@ -105,20 +108,106 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def gamehall_node(tmp: Path, *args: str) -> Iterator[Node]:
+def gamehall_node(
+    tmp: Path, *args: str, env: dict[str, str] | None = None, host: str = "127.0.0.1"
+) -> Iterator[Node]:
     """``gamehall serve`` on a free loopback port, stopped after."""
     port = free_port()
     log = tmp / f"gamehall-{port}.log"
     with open(log, "wb") as lf:
         proc = subprocess.Popen(
-            [*GAMEHALL, "serve", "--port", str(port), "--log-level", "info", *args],
+            [
+                *GAMEHALL,
+                "serve",
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--log-level",
+                "info",
+                *args,
+            ],
+            stdout=lf,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )
+    try:
+        wait_for_port(port, proc, log, host=host)
+        yield Node(port, proc, log, host)
+    finally:
+        stop(proc)
+
+
+@dataclass
+class TLSFiles:
+    """Certificates from taxiway's own CA for a Redis with mutual TLS."""
+
+    root: Path  # the CA's root certificate (what both sides trust)
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def issue_redis_certs(tmp: Path) -> TLSFiles:
+    """A fresh taxiway CA (its Python API, as `taxiway ca` uses it), a server certificate
+    for Redis on loopback and a client certificate for gamehall nodes."""
+    from taxiway.pki import CA
+
+    ca, _ = CA.init(tmp / "ca")
+    out = tmp / "certs"
+    out.mkdir()
+    ca.issue(["localhost", "127.0.0.1"]).write(out / "redis.pem", out / "redis-key.pem")
+    ca.issue([], client=True, cn="gamehall").write(out / "client.pem", out / "client-key.pem")
+    return TLSFiles(
+        tmp / "ca" / "root.pem",
+        out / "redis.pem",
+        out / "redis-key.pem",
+        out / "client.pem",
+        out / "client-key.pem",
+    )
+
+
+@contextlib.contextmanager
+def redis_tls_server(tmp: Path, certs: TLSFiles) -> Iterator[str]:
+    """redis-server on 127.0.0.1 speaking only TLS and requiring client certificates
+    (``tls-auth-clients yes``); yields its rediss:// URL."""
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    log = tmp / f"redis-tls-{port}.log"
+    with open(log, "wb") as lf:
+        proc = subprocess.Popen(
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--tls-port",
+                str(port),
+                "--tls-cert-file",
+                str(certs.server_cert),
+                "--tls-key-file",
+                str(certs.server_key),
+                "--tls-ca-cert-file",
+                str(certs.root),
+                "--tls-auth-clients",
+                "yes",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(tmp),
+            ],
             stdout=lf,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     try:
         wait_for_port(port, proc, log)
-        yield Node(port, proc, log)
+        yield f"rediss://127.0.0.1:{port}/0"
     finally:
         stop(proc)
 
@@ -173,7 +262,7 @@ class Player:
         node = node or self.node
         query = f"token={self.token}" + ("" if self.html else "&format=json")
         self.ws = await websockets.connect(
-            f"ws://127.0.0.1:{node.port}/ws/{self.code}?{query}", max_size=2**22
+            f"ws://{node.host}:{node.port}/ws/{self.code}?{query}", max_size=2**22
         )
         return self
 

@@ -262,6 +262,17 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
             {"ok": True, "node": h.node_id, "games": len(h.actors), "watched": len(h.viewers)}
         )
 
+    async def api_cluster(request: Request) -> Response:
+        """This node, and the node list from DNS when discovery is on."""
+        h = hall()
+        return JSONResponse(
+            {
+                "node": h.node_id,
+                "clustered": h.backend.clustered,
+                "discovery": h.peers.status() if h.peers is not None else None,
+            }
+        )
+
     async def ws_game(websocket: WebSocket) -> None:
         await websocket.accept()
         as_json = websocket.query_params.get("format") == "json"
@@ -370,6 +381,7 @@ def create_app(make_hall: Callable[[], Hall]) -> Starlette:
         Route("/api/games/{code}", api_game),
         Route("/api/games/{code}/commands", api_command, methods=["POST"]),
         Route("/healthz", healthz),
+        Route("/api/cluster", api_cluster),
         WebSocketRoute("/ws/{code}", ws_game),
         Mount("/static", static, name="static"),
     ]

@@ -218,14 +218,29 @@ class RedisBackend:
 
     clustered = True
 
-    def __init__(self, url: str, node_id: str, owner_ttl: int = 10, room_ttl: int = 86400) -> None:
+    def __init__(
+        self,
+        url: str,
+        node_id: str,
+        owner_ttl: int = 10,
+        room_ttl: int = 86400,
+        tls: resp.TLSFiles | None = None,
+    ) -> None:
+        """``url`` is ``redis://`` or ``rediss://`` (TLS); ``tls`` names the CA and the
+        client certificate for TLS (else the URL's ``ssl_ca_certs``/``ssl_certfile``/
+        ``ssl_keyfile`` parameters, else the system's trust store and no certificate)."""
         import redis.asyncio as aioredis
 
+        url, tls = resp.split_tls(url, tls)
+        self.url = url
         self.node_id = node_id
         self.owner_ttl = owner_ttl
         self.room_ttl = room_ttl
         # A blocking pool: under load, callers wait for a free connection instead of failing.
-        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=10)
+        extra = tls.redis_py() if tls else {}
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=64, timeout=10, **extra
+        )
         self.redis = aioredis.Redis(connection_pool=pool)
         self.pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         self.on_message: OnMessage | None = None
@@ -234,15 +249,27 @@ class RedisBackend:
         self._save_sha = hashlib.sha1(SAVE.encode()).hexdigest()
         # The hot path: one pipelined connection and one pub/sub connection of our own.
         fast = resp.parse_url(url) is not None
-        self.link = resp.Link(url) if fast else None
-        self.sub = resp.Subscriber(url, self._on_raw) if fast else None
+        ssl_ctx = tls.context() if tls else None  # one context (and one file read) for both
+        self.link = resp.Link(url, ssl_ctx) if fast else None
+        self.sub = resp.Subscriber(url, self._on_raw, ssl_ctx) if fast else None
         self._steal = self.redis.register_script(STEAL)
         self._release = self.redis.register_script(RELEASE)
         self._renew = self.redis.register_script(RENEW)
 
     async def start(self, on_message: OnMessage) -> None:
         self.on_message = on_message
-        await self.redis.ping()
+        try:
+            await self.redis.ping()
+        except Exception as e:
+            where = resp.parse_url(self.url) or {}
+            log.error(
+                "cannot use Redis at %s port %s: %s; check GAMEHALL_REDIS_URL and, for TLS, "
+                "GAMEHALL_REDIS_CA/CERT/KEY",
+                where.get("host"),
+                where.get("port"),
+                e,
+            )
+            raise
         if self.sub is not None:
             await self.sub.start()
             await self.sub.subscribe(f"node:{self.node_id}")

@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from . import codes, lobby
+from . import codes, discovery, lobby
 from .room import CLOSED, Options, Room, RoomError
 
 log = logging.getLogger("gamehall")
@@ -175,8 +175,11 @@ class Hall:
         bot_delay: float = 0.4,
         reply_timeout: float = 5.0,
         defaults: Options | None = None,
+        peers: discovery.Poller | None = None,
     ) -> None:
+        """``peers``: the node list from DNS; nodes it shows gone lose their games at once."""
         self.backend = backend
+        self.peers = peers
         self.node_id = backend.node_id
         self.bot_delay = bot_delay
         self.reply_timeout = reply_timeout
@@ -194,11 +197,16 @@ class Hall:
 
     async def start(self) -> None:
         await self.backend.start(self._on_message)
+        if self.peers is not None:
+            self.peers.on_change = lambda before, after: self._spawn(self._adopt_orphans())
+            await self.peers.start()
         if self.backend.clustered:
             self._housekeeper = asyncio.create_task(self._housekeep(), name="gamehall-housekeeper")
 
     async def close(self) -> None:
         self._closing = True
+        if self.peers is not None:
+            await self.peers.close()
         if self._housekeeper:
             self._housekeeper.cancel()
         actors = list(self.actors.values())
@@ -269,14 +277,25 @@ class Hall:
                         if actor is not None:  # our ownership lapsed: another node may run it
                             log.warning("game %s: no longer ours; stopping here", code)
                             actor.task.cancel()
-                watched = [c for c in self.viewers if c not in self.actors]
-                for code, owner in zip(watched, await self.backend.owners(watched), strict=True):
-                    if owner is None:
-                        await self._take(code)
+                await self._adopt_orphans()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("housekeeping failed")
+
+    def _gone(self, owner: str) -> bool:
+        return self.peers is not None and discovery.gone(owner, self.peers.nodes)
+
+    async def _adopt_orphans(self) -> None:
+        """Run the watched games whose owner lapsed, or left the DNS node list."""
+        watched = [c for c in self.viewers if c not in self.actors]
+        for code, owner in zip(watched, await self.backend.owners(watched), strict=True):
+            if owner is not None and owner != self.node_id and self._gone(owner):
+                log.warning("node %s left the node list; taking over game %s", owner, code)
+                await self.backend.steal(code, owner)
+                owner = None
+            if owner is None:
+                await self._take(code)
 
     # -- games ----------------------------------------------------------------------
 
@@ -323,6 +342,11 @@ class Hall:
                 continue
             if forwarded:
                 return {"retry": True}
+            if self._gone(owner):  # DNS says that node is no more: don't wait on it
+                self._owners.pop(code, None)
+                log.warning("node %s left the node list; taking over game %s", owner, code)
+                await self.backend.steal(code, owner)
+                continue
             reply = await self._remote(owner, code, cmd)
             if reply is None:  # the owner no longer listens: its node is gone
                 self._owners.pop(code, None)

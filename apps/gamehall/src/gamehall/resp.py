@@ -7,7 +7,8 @@ turn and writes them in one syscall (automatic pipelining), and parses replies
 with hiredis straight from ``data_received``. A :class:`Subscriber` does the same
 for pub/sub: one connection, messages handed to a callback as they are parsed.
 
-Only what gamehall needs: RESP2 over TCP, AUTH and SELECT from the URL, and
+Only what gamehall needs: RESP2 over TCP or TLS (``rediss://``, with a client
+certificate for Redis's ``tls-auth-clients``), AUTH and SELECT from the URL, and
 reconnecting after a lost connection (pending commands fail with
 ``ConnectionError``; a subscriber subscribes to its channels again).
 """
@@ -17,19 +18,73 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import ssl
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlencode, urlparse, urlunparse
 
 import hiredis
 
 log = logging.getLogger("gamehall")
 
 
-def parse_url(url: str) -> dict[str, Any] | None:
-    """host, port, db, username, password of a ``redis://`` URL; None if not plain TCP."""
+# redis-py's URL parameters for TLS files; read here, so both clients use the same files.
+TLS_PARAMS = {"ssl_ca_certs": "ca", "ssl_certfile": "cert", "ssl_keyfile": "key"}
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """What a ``rediss://`` connection trusts and presents: the CA that signed Redis's
+    certificate (None: the system's trust store), and a client certificate and key for
+    a Redis that requires them (``tls-auth-clients yes``)."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    def context(self, check_hostname: bool = True) -> ssl.SSLContext:
+        """A client context: verifies Redis's certificate (and its name), presents ours."""
+        ctx = ssl.create_default_context(cafile=self.ca)
+        ctx.check_hostname = check_hostname
+        if self.cert:
+            ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
+    def redis_py(self) -> dict[str, Any]:
+        """The same settings as redis-py's connection arguments."""
+        return {
+            "ssl_ca_certs": self.ca,
+            "ssl_certfile": self.cert,
+            "ssl_keyfile": self.key,
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": True,
+        }
+
+
+def split_tls(url: str, tls: TLSFiles | None = None) -> tuple[str, TLSFiles | None]:
+    """The URL without its TLS file parameters, and the TLS settings (None for ``redis://``).
+
+    Files named in ``tls`` win over those in the URL (``?ssl_ca_certs=...``, as redis-py
+    takes them)."""
     u = urlparse(url)
-    if u.scheme != "redis":
+    query = parse_qsl(u.query, keep_blank_values=True)
+    found = {TLS_PARAMS[k]: v for k, v in query if k in TLS_PARAMS and v}
+    rest = [(k, v) for k, v in query if k not in TLS_PARAMS]
+    clean = urlunparse(u._replace(query=urlencode(rest)))
+    if u.scheme != "rediss":
+        return clean, None
+    given = tls or TLSFiles()
+    return clean, TLSFiles(
+        given.ca or found.get("ca"), given.cert or found.get("cert"), given.key or found.get("key")
+    )
+
+
+def parse_url(url: str) -> dict[str, Any] | None:
+    """host, port, db, username, password, tls of a ``redis://`` or ``rediss://`` URL;
+    None if not TCP."""
+    u = urlparse(url)
+    if u.scheme not in ("redis", "rediss"):
         return None
     db = 0
     path = (u.path or "/").strip("/")
@@ -41,6 +96,7 @@ def parse_url(url: str) -> dict[str, Any] | None:
         "db": db,
         "username": unquote(u.username) if u.username else None,
         "password": unquote(u.password) if u.password else None,
+        "tls": u.scheme == "rediss",
     }
 
 
@@ -99,14 +155,27 @@ class _Protocol(asyncio.Protocol):
         self.on_lost()
 
 
+async def _open(cfg: dict[str, Any], ssl_ctx: ssl.SSLContext | None, factory) -> _Protocol:
+    """A connection to Redis, over TLS when the URL is ``rediss://``."""
+    loop = asyncio.get_running_loop()
+    if not cfg["tls"]:
+        _, proto = await loop.create_connection(factory, cfg["host"], cfg["port"])
+    else:
+        _, proto = await loop.create_connection(
+            factory, cfg["host"], cfg["port"], ssl=ssl_ctx, server_hostname=cfg["host"]
+        )
+    return proto
+
+
 class Link:
     """Commands with automatic pipelining: ``await link.call("PUBLISH", ch, data)``."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, ssl_ctx: ssl.SSLContext | None = None) -> None:
         cfg = parse_url(url)
         if cfg is None:
             raise ValueError(f"not a redis:// URL: {url}")
         self.cfg = cfg
+        self.ssl_ctx = ssl_ctx or (TLSFiles().context() if cfg["tls"] else None)
         self.proto: _Protocol | None = None
         self.pending: collections.deque[asyncio.Future | None] = collections.deque()
         self.buf: list[bytes] = []
@@ -120,9 +189,8 @@ class Link:
                 return self.proto
             if self.closed:
                 raise ConnectionError("link closed")
-            loop = asyncio.get_running_loop()
-            _, proto = await loop.create_connection(
-                lambda: _Protocol(self._on_reply, self._on_lost), self.cfg["host"], self.cfg["port"]
+            proto = await _open(
+                self.cfg, self.ssl_ctx, lambda: _Protocol(self._on_reply, self._on_lost)
             )
             self.pending.clear()
             self.buf.clear()
@@ -183,11 +251,17 @@ class Link:
 class Subscriber:
     """Pub/sub on one connection: ``on_message(channel, data)`` for every message."""
 
-    def __init__(self, url: str, on_message: Callable[[bytes, bytes], None]) -> None:
+    def __init__(
+        self,
+        url: str,
+        on_message: Callable[[bytes, bytes], None],
+        ssl_ctx: ssl.SSLContext | None = None,
+    ) -> None:
         cfg = parse_url(url)
         if cfg is None:
             raise ValueError(f"not a redis:// URL: {url}")
         self.cfg = cfg
+        self.ssl_ctx = ssl_ctx or (TLSFiles().context() if cfg["tls"] else None)
         self.on_message = on_message
         self.channels: set[str] = set()  # what we want to listen to
         self.confirmed: set[bytes] = set()  # what Redis confirmed on this connection
@@ -205,9 +279,8 @@ class Subscriber:
 
     async def _connect(self) -> None:
         async with self.lock:
-            loop = asyncio.get_running_loop()
-            _, proto = await loop.create_connection(
-                lambda: _Protocol(self._on_reply, self._on_lost), self.cfg["host"], self.cfg["port"]
+            proto = await _open(
+                self.cfg, self.ssl_ctx, lambda: _Protocol(self._on_reply, self._on_lost)
             )
             self.acks.clear()
             self.confirmed.clear()
