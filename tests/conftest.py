@@ -110,3 +110,13 @@ def pytest_collection_modifyitems(config, items):
             continue
         if rel in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_private_network_left(tmp_path_factory):
+    """The platform's network namespace files (private network fabric, machines' netns) that a test's
+    home still holds at the end are released, so a failed test leaves no namespace behind."""
+    yield
+    from taxiway.platform import fabric
+
+    fabric.release_all(tmp_path_factory.getbasetemp())

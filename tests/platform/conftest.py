@@ -25,7 +25,7 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-def platform_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def platform_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A fresh $TAXIWAY_HOME and $TAXIWAY_CONFIG under tmp; returns the home.
 
     The API URL and token variables are cleared so nothing from the caller's
@@ -39,7 +39,10 @@ def platform_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TAXIWAY_CONFIG", str(config))
     monkeypatch.delenv("TAXIWAY_API_URL", raising=False)
     monkeypatch.delenv("TAXIWAY_API_TOKEN", raising=False)
-    return home
+    yield home
+    from taxiway.platform import fabric
+
+    fabric.release_all(home)  # the private network's namespace files, if the test's agent made them
 
 
 @pytest.fixture

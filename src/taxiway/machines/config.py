@@ -106,7 +106,7 @@ class MachineConfig(Record):
         ("image", _R), ("cmd", None), ("entrypoint", None), ("env", dict), ("workdir", None), ("user", None),
         ("hostname", None), ("guest", Guest), ("ports", list), ("mounts", list), ("restart", Restart),
         ("checks", dict),
-        ("net", "private"),  # none | host | private
+        ("net", "private"),  # none | host | private | /path: join that network namespace file (the platform's)
         ("isolation", "namespace"),  # namespace | vm
         ("auto_remove", False), ("tty", False), ("interactive", False), ("stop_signal", None),
         ("stop_timeout", 10.0),
@@ -114,6 +114,9 @@ class MachineConfig(Record):
         ("cap_add", list), ("cap_drop", list),
         ("seccomp", None),  # None: Docker's default profile; "unconfined"; or a profile (Docker's JSON format)
         ("storage_size", None),  # bytes: the writable layer is an ext4 file of this size; None: no cap
+        # /etc/resolv.conf and extra /etc/hosts lines: {"nameservers": [...], "searches": [...], "options": [...],
+        # "hosts": [[address, name...], ...]} (Fly's config.dns plus hosts); None: the runtime's default
+        ("dns", None),
     )
     image: str
     cmd: list[str] | None
@@ -139,6 +142,7 @@ class MachineConfig(Record):
     cap_drop: list[str]
     seccomp: str | dict[str, Any] | None
     storage_size: int | None
+    dns: dict[str, Any] | None
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> MachineConfig:

@@ -297,7 +297,15 @@ def spawn(spec: dict[str, Any], cgroup_procs: list[str], stdio: tuple[int, int, 
         from taxiway.machines import seccomp
 
         spec["seccomp_prog"], _buf = seccomp.program(spec["seccomp_bpf"])
-    if spec["net"] != "host":
+    netns = -1
+    if spec["net"].startswith("/"):
+        # the platform's private network: join the namespace it plugged (veth, address, routes)
+        # in PID 1 before anything of the image runs, so the app never starts without its network
+        try:
+            netns = os.open(spec["net"], os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            return 0, f"cannot open the machine's network namespace {spec['net']}: {e.strerror}"
+    elif spec["net"] != "host":
         flags |= L.CLONE_NEWNET
     errr, errw = os.pipe2(os.O_CLOEXEC)
     joinr, joinw = os.pipe2(os.O_CLOEXEC)
@@ -310,6 +318,9 @@ def spawn(spec: dict[str, Any], cgroup_procs: list[str], stdio: tuple[int, int, 
                 os.close(errr)
                 os.close(joinw)
                 L.unshare(flags)
+                if netns >= 0:
+                    L.setns(netns, L.CLONE_NEWNET)
+                    os.close(netns)
             except BaseException as e:  # noqa: BLE001
                 with contextlib.suppress(Exception):
                     os.write(errw, f"{e.__class__.__name__}: {e}".encode())
@@ -318,6 +329,8 @@ def spawn(spec: dict[str, Any], cgroup_procs: list[str], stdio: tuple[int, int, 
     finally:
         L.setns(own_pidns, L.CLONE_NEWPID)
         os.close(own_pidns)
+        if netns >= 0:
+            os.close(netns)
     os.close(errw)
     os.close(joinr)
     join_err = ""
@@ -412,10 +425,18 @@ def enter(pid: int, proc: dict[str, Any], argv: list[str], cgroup_procs: list[st
     return os.waitstatus_to_exitcode(st) if os.WIFEXITED(st) else 128 + os.WTERMSIG(st)
 
 
-def etc_files(hostname: str, net: str) -> dict[str, str]:
-    """The /etc/hosts, /etc/hostname and /etc/resolv.conf a machine sees."""
+def etc_files(hostname: str, net: str, dns: dict[str, Any] | None = None) -> dict[str, str]:
+    """The /etc/hosts, /etc/hostname and /etc/resolv.conf a machine sees (``dns``: MachineConfig.dns)."""
     hosts = ("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
              f"127.0.1.1\t{hostname}\n")
+    if dns and net != "host":
+        hosts += "".join("\t".join(str(x) for x in entry) + "\n" for entry in dns.get("hosts") or [])
+        resolv = "".join(f"nameserver {n}\n" for n in dns.get("nameservers") or [])
+        if dns.get("searches"):
+            resolv += "search " + " ".join(dns["searches"]) + "\n"
+        if dns.get("options"):
+            resolv += "options " + " ".join(dns["options"]) + "\n"
+        return {"hosts": hosts, "hostname": hostname + "\n", "resolv.conf": resolv}
     if net == "host":
         with contextlib.suppress(OSError):
             hosts = Path("/etc/hosts").read_text() + f"127.0.1.1\t{hostname}\n"

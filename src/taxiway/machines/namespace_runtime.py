@@ -127,7 +127,7 @@ class NamespaceRuntime:
         spec = {"rootfs": str(shared / ".mnt"), "etc_dir": str(shared / ".etc"), "net": m.config.net,
                 "argv": p["argv"], "env": p["env"], "uid": p["uid"], "gid": p["gid"], "groups": p["groups"],
                 "workdir": p["workdir"], "hostname": p["hostname"], "caps": caps(m),
-                "mounts": [vars(x) for x in m.config.mounts], "etc": etc_files(p["hostname"], m.config.net),
+                "mounts": [vars(x) for x in m.config.mounts], "etc": etc_files(p["hostname"], m.config.net, m.config.dns),
                 "seccomp_bpf": seccomp_filter(m)}
         if (d / "upper").exists():
             spec["overlay"] = Snapshotter().overlay_options(m.chain, d / "upper", d / "work")

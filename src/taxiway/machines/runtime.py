@@ -64,8 +64,12 @@ def create(cfg: MachineConfig, name: str | None = None, progress: Any = None) ->
         if S.name_taken(name):
             raise InvalidInput(f"a machine named {name!r} already exists",
                                f"remove it (`taxiway machines rm -f {name}`) or pick another --name")
-    if cfg.net not in ("none", "host", "private"):
-        raise InvalidInput(f"invalid network {cfg.net!r}", "use --net none, host or private")
+    if cfg.net not in ("none", "host", "private") and not cfg.net.startswith("/"):
+        raise InvalidInput(f"invalid network {cfg.net!r}",
+                           "use --net none, host, private or the path of a network namespace file")
+    if cfg.net.startswith("/") and cfg.isolation != "namespace":
+        raise InvalidInput("a micro-VM cannot join a network namespace file",
+                           "use --isolation namespace, or --net private")
     if cfg.ports and cfg.net == "none":
         raise InvalidInput("-p needs a network", "use --net private (the default) or --net host")
     if cfg.hostname is not None:

@@ -126,7 +126,7 @@ def published_ports(config: dict[str, Any]) -> list[int]:
 
 
 _COLUMNS = ("id", "app", "region", "local_id", "instance_id", "ports", "restarts", "acted_rev",
-            "log_inode", "log_offset", "events_offset", "created_at", "updated_at")
+            "log_inode", "log_offset", "events_offset", "created_at", "updated_at", "net_org", "net_field")
 
 
 class Record:
@@ -146,6 +146,13 @@ class Record:
             ports TEXT NOT NULL DEFAULT '{}', restarts INTEGER NOT NULL DEFAULT 0,
             acted_rev INTEGER NOT NULL DEFAULT 0, log_inode INTEGER, log_offset INTEGER NOT NULL DEFAULT 0,
             events_offset INTEGER NOT NULL DEFAULT 0, created_at REAL, updated_at REAL)""")
+        # the private network (platform.network): org network number and machine field, kept per platform
+        # machine id so a restart or recreate keeps the address; fields are never handed out twice
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(machines)")}
+        for c in ("net_org", "net_field"):
+            if c not in cols:
+                self.db.execute(f"ALTER TABLE machines ADD COLUMN {c} INTEGER")
+        self.db.execute("CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL)")
         self.rows = {r["id"]: r for r in (self._row(t) for t in
                                           self.db.execute(f"SELECT {','.join(_COLUMNS)} FROM machines"))}
 
@@ -182,6 +189,14 @@ class Record:
         self.db.execute(f"UPDATE machines SET {sets}, updated_at=? WHERE id=?", (*db.values(), now, mid))
         if mid in self.rows:
             self.rows[mid] = {**self.rows[mid], **fields, "updated_at": now}
+
+    def next_field(self) -> int:
+        """A machine field of the private network never handed out on this host before."""
+        used = max([r.get("net_field") or 0 for r in self.rows.values()] + [0])
+        got = self.db.execute("SELECT value FROM counters WHERE name='net_field'").fetchone()
+        n = max(used, got[0] if got else 0) + 1
+        self.db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES ('net_field', ?)", (n,))
+        return n
 
     def delete(self, mid: str) -> None:
         self.db.execute("DELETE FROM machines WHERE id=?", (mid,))
@@ -339,6 +354,22 @@ def _org_credentials(auth: dict[str, Any], org: str) -> Any:
     return Credentials(org, secret)
 
 
+def _fabric_for(home: Path, wanted: bool) -> Any:
+    """This host's private network fabric (made if missing), or None when off or impossible here."""
+    import shutil
+
+    if not wanted or os.environ.get("TAXIWAY_PRIVATE_NETWORK", "1") == "0":
+        return None
+    missing = [t for t in ("ip", "ip6tables-restore", "iptables-restore", "nsenter", "unshare") if not shutil.which(t)]
+    if missing:
+        log.warning("no private network for machines: %s not installed (apt-get install iproute2 iptables)",
+                    ", ".join(missing))
+        return None
+    from taxiway.platform.fabric import Fabric
+
+    return Fabric.for_home(home)
+
+
 def _create_local(name: str, cfg: dict[str, Any], org: str) -> str:
     from taxiway import machines
 
@@ -407,7 +438,7 @@ class Agent:
     """One host's agent over a connected :class:`~taxiway.platform.state.State`."""
 
     def __init__(self, state: Any, host: str = "local", region: str = "local", home: Path | None = None,
-                 poll: float = 0.5) -> None:
+                 poll: float = 0.5, private_network: bool = True) -> None:
         from taxiway.paths import home as taxiway_home
 
         self.st = state
@@ -432,6 +463,7 @@ class Agent:
         self.ops = asyncio.Semaphore(4)  # concurrent starts: the host has few cores
         # one create at a time: snapshot preparation is safe across processes, not across threads of one
         self.creating = asyncio.Lock()
+        self.fabric = _fabric_for(self.home, private_network)  # None: machines get no private network
 
     # -- life -------------------------------------------------------------------------------
 
@@ -561,8 +593,15 @@ class Agent:
         cfg = machine_config({**desired, "config": cfg_in}, ports, env, self.home / "platform" / "volumes" / app)
         row = {"id": mid, "app": app, "region": desired.get("region") or self.region, "local_id": None,
                "instance_id": desired.get("instance_id"), "ports": ports, "restarts": 0,
-               "acted_rev": 0, "log_inode": None, "log_offset": 0, "events_offset": 0}
+               "acted_rev": 0, "log_inode": None, "log_offset": 0, "events_offset": 0,
+               "net_org": (row or {}).get("net_org"), "net_field": (row or {}).get("net_field")}
         self.rec.put(row)  # before the machine exists: a killed agent finds the name and cleans up
+        try:
+            cfg = await self._plug(row, org, cfg)  # after the policy check: tenants never choose the netns
+        except TaxiwayError as e:
+            await self._write_status(row, {"state": "failed", "error": e.message})
+            await self._event(app, mid, "failed", row=row, error=e.message)
+            raise
         await self._write_status(row, {"state": "created", "checks": {}, "exit_code": None, "pid": None})
         async with self.creating:
             try:
@@ -594,6 +633,9 @@ class Agent:
         local = _local(row["local_id"])
         if local is not None and local.status() in ("running", "starting"):
             return row
+        if row.get("net_field") and self.fabric is not None and local is not None and \
+                str(local.config.net).startswith("/"):  # plugged again if the fabric was remade (host reboot)
+            await asyncio.to_thread(self.fabric.plug, mid, row["net_org"], row["net_field"])
         async with self.ops:
             rc, out, err = await _helper("start", row["local_id"])
         if rc != 0:
@@ -617,6 +659,8 @@ class Agent:
             await self._write_status(row, {"state": "destroying"})
             await self.observe(row)  # ship the last log lines and events before the files go
             await asyncio.to_thread(_destroy_local, row.get("local_id"))
+            if self.fabric is not None:
+                await asyncio.to_thread(self.fabric.unplug, mid)
             self.rec.delete(mid)
             await self._write_status(row, {"state": "destroyed", "pid": None, "checks": {}})
             await self._event(app, mid, "destroy", row=row)
@@ -750,6 +794,10 @@ class Agent:
         new = {**cur, **changes, "id": mid, "app": row["app"], "host": self.host,
                "region": row.get("region") or self.region, "instance_id": row.get("instance_id"),
                "local_id": row.get("local_id"), "ports": {str(k): v for k, v in (row.get("ports") or {}).items()}}
+        if row.get("net_field") and self.fabric is not None:
+            from taxiway.platform import network
+
+            new["private_ip"] = str(network.machine_address(row["net_org"], self.fabric.host, row["net_field"]))
         new.setdefault("checks", {})
         if {k: v for k, v in new.items() if k != "updated_at"} == {k: v for k, v in cur.items() if k != "updated_at"}:
             self.status[mid] = cur
@@ -767,6 +815,25 @@ class Agent:
                                "instance_id": (row or {}).get("instance_id"), "source": "agent", **detail})
 
     # -- helpers -----------------------------------------------------------------------------------
+
+    async def _plug(self, row: dict[str, Any], org: str, cfg: dict[str, Any]) -> dict[str, Any]:
+        """Plug a namespace machine into the private network: its org's network number, a machine
+        field (kept in our record), its netns plugged into the fabric, and the config that joins it
+        (net, resolv.conf and /etc/hosts, the proxy environment, which overrides the tenant's)."""
+        if self.fabric is None or cfg.get("isolation", "namespace") != "namespace":
+            return cfg  # micro-VMs: not on the private network yet (README)
+        from taxiway.platform import network, orgnet
+
+        n = row.get("net_org") or await orgnet.org_network(self.st, org)
+        field = row.get("net_field") or self.rec.next_field()
+        if (row.get("net_org"), row.get("net_field")) != (n, field):
+            row.update(net_org=n, net_field=field)
+            self.rec.set(row["id"], net_org=n, net_field=field)
+        path = await asyncio.to_thread(self.fabric.plug, row["id"], n, field)
+        address = str(network.machine_address(n, self.fabric.host, field))
+        mid, app = row["id"], row["app"]
+        return {**cfg, "net": str(path), "env": {**cfg.get("env", {}), **network.machine_env(n, address)},
+                "dns": network.dns_config(app, address, [mid, f"{mid}.vm.{app}.internal"])}
 
     def _free_port(self) -> int:
         from taxiway.platform.nats import free_port
