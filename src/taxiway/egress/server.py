@@ -180,9 +180,17 @@ class EgressProxy:
         self._pending: set[asyncio.Task] = set()  # one per open client connection
         self._refusing = False
         self._judged: dict[tuple[IPAddress, int], AddressVerdict] = {}
-        self._server: _Acceptor | None = None
+        self._servers: list[_Acceptor] = []
         self._ssl: ssl.SSLContext | None = None
         self._stopped: asyncio.Event | None = None
+        # Hooks for an embedding server (the platform's egressd); None keeps the behaviour above.
+        # role_by_address(client IP) -> role: who is asking is where the connection comes from
+        # (a network that makes spoofing impossible); None there means an unknown client: 403.
+        self.role_by_address: Callable[[str], str | None] | None = None
+        # acl_for(role) -> the ACL to decide that role's requests with, instead of self.acl.
+        self.acl_for: Callable[[str | None], Acl | None] | None = None
+        # on_decision(fields): each decision's log fields, after they are logged (must not block).
+        self.on_decision: Callable[[dict[str, object]], None] | None = None
 
     # -- logging -----------------------------------------------------------------
     def log(self, **fields: object) -> None:
@@ -244,26 +252,35 @@ class EgressProxy:
             ctx.verify_mode = ssl.CERT_OPTIONAL
         return ctx
 
-    async def start(self) -> tuple[str, int]:
-        """Listen on ``config.listen``; returns the bound (host, port)."""
+    async def start(self, sockets: list[socket.socket] | None = None) -> tuple[str, int]:
+        """Listen on ``config.listen``, or on ``sockets`` (bound and listening already, e.g.
+        inside another network namespace); returns the (first) bound (host, port)."""
         host, port = self.config.listen
         self._ssl = self._ssl_context()
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        try:
-            sock = socket.create_server((host, port), family=family, backlog=4096)
-        except OSError as e:
-            from taxiway.errors import TaxiwayError
+        if not sockets:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                sockets = [socket.create_server((host, port), family=family, backlog=4096)]
+            except OSError as e:
+                from taxiway.errors import TaxiwayError
 
-            raise TaxiwayError(f"cannot listen on {Listen(host, port)}: {e.strerror or e}",
-                               "pick another address with --listen") from None
-        self._server = _Acceptor(sock, self._accepted, self._accept_failed)
-        bound = sock.getsockname()
-        self.config.listen = (host, bound[1])
-        self.policy = self.policy.with_own(*_own_addresses(host, bound[1]))
+                raise TaxiwayError(f"cannot listen on {Listen(host, port)}: {e.strerror or e}",
+                                   "pick another address with --listen") from None
+        own: list[tuple[IPAddress, int]] = []
+        any_port = None
+        for sock in sockets:
+            self._servers.append(_Acceptor(sock, self._accepted, self._accept_failed))
+            bound = sock.getsockname()
+            addrs, p = _own_addresses(bound[0].split("%")[0], bound[1])
+            own += addrs
+            any_port = any_port or p
+            self.log(msg="listening", address=str(Listen(bound[0], bound[1])), tls=bool(self.config.tls_cert),
+                     acl=str(self.config.acl_path or ""), auth_required=self.auth.required)
+        first = sockets[0].getsockname()
+        self.config.listen = (first[0], first[1])
+        self.policy = self.policy.with_own(own, any_port)
         self._judged.clear()
         self._stopped = asyncio.Event()
-        self.log(msg="listening", address=str(Listen(host, bound[1])), tls=bool(self.config.tls_cert),
-                 acl=str(self.config.acl_path or ""), auth_required=self.auth.required)
         self._warn_acl(self.acl)
         return self.config.listen
 
@@ -336,8 +353,8 @@ class EgressProxy:
     async def drain(self) -> None:
         """Stop accepting, close idle keep-alive connections, wait for the rest, then cut them."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for t in list(self.idle):
             t.cancel()
         self.log(msg="draining", connections=len(self.connections))
@@ -361,6 +378,9 @@ class EgressProxy:
         client = f"{peer[0]}:{peer[1]}" if peer else "?"
         sslobj = writer.get_extra_info("ssl_object")
         cert_role = cert_common_name(sslobj.getpeercert()) if sslobj is not None else None
+        if cert_role is None and self.role_by_address is not None and peer:
+            # Looked up once per connection: a connection comes from one machine for its life.
+            cert_role = self.role_by_address(peer[0])
         conn = _ClientState()
         try:
             first = True
@@ -430,6 +450,8 @@ class EgressProxy:
     async def _role(self, head: http.RequestHead, cert_role: str | None, host: str) -> str | None:
         if cert_role is not None:
             return cert_role
+        if self.role_by_address is not None:
+            raise Denied(403, host, "the client's address belongs to no known machine")
         creds = parse_basic(head.get(b"proxy-authorization"))
         role = None
         if creds is not None:
@@ -457,8 +479,9 @@ class EgressProxy:
                       out: Outcome) -> Outcome:
         host = str(target)
         out.role = await self._role(head, cert_role, host)
-        if self.acl is not None:
-            out.acl = self.acl.decide(out.role, target.host.name)
+        acl = self.acl if self.acl_for is None else self.acl_for(out.role)
+        if acl is not None:
+            out.acl = acl.decide(out.role, target.host.name)
             if not out.acl.allowed:
                 raise Denied(403, host, out.acl.reason, detail=f" (role {out.role or 'none'})")
         if target.host.ip is not None:
@@ -486,7 +509,7 @@ class EgressProxy:
         acl = out.acl if out else None
         self.metrics.inc("taxiway_egress_decisions_total", decision=decision, proxy_type=kind,
                          role=(out.role if out else None) or "", project=acl.project if acl else "")
-        self.log(
+        fields: dict[str, object] = dict(
             msg="decision", id=conn_id, proxy_type=kind, client=client,
             role=out.role if out else None, project=acl.project if acl else None,
             requested_host=str(target), resolved_address=dialled,
@@ -496,6 +519,9 @@ class EgressProxy:
             dns_ms=round(out.dns_ms, 3) if out else None,
             connect_ms=round(connect_ms, 3) if connect_ms is not None else None,
         )
+        self.log(**fields)
+        if self.on_decision is not None:
+            self.on_decision(fields)
 
     def _deny(self, writer: asyncio.StreamWriter, kind: str, client: str, target: http.Target,
               d: Denied, out: Outcome | None, conn_id: int) -> None:
