@@ -723,12 +723,15 @@ def test_plan_of_a_request_head():
 def test_forward_head_of_a_response():
     from taxiway.egress import http
 
-    status, head, framing, keep_conn, keep_client = edgehttp.forward_response_head(
+    status, head, framing, keep_conn, keep_client, replay = edgehttp.forward_response_head(
         b"HTTP/1.1 200 OK\r\nServer: x\r\nConnection: keep-alive, X-Secret\r\nKeep-Alive: timeout=5\r\n"
         b"X-Secret: 1\r\nContent-Length: 3\r\n\r\n", "GET", True, "e-1")
-    assert (status, framing, keep_conn, keep_client) == (200, ("length", 3), True, True)
+    assert (status, framing, keep_conn, keep_client, replay) == (200, ("length", 3), True, True, None)
     assert head == b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 3\r\ntaxiway-request-id: e-1\r\n\r\n"
-    _, head, framing, keep_conn, keep_client = edgehttp.forward_response_head(
+    *_, replay = edgehttp.forward_response_head(b"HTTP/1.1 200 OK\r\nTaxiway-Replay: instance=abc\r\n"
+                                                b"Content-Length: 0\r\n\r\n", "GET", True, "e-1")
+    assert replay == b"instance=abc"
+    _, head, framing, keep_conn, keep_client, _ = edgehttp.forward_response_head(
         b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n", "GET", True, "e-2")
     assert (framing, keep_conn, keep_client) == (("close", 0), False, False) and head.endswith(
         b"Connection: close\r\n\r\n")

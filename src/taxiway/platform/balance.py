@@ -224,6 +224,7 @@ class Routes:
     _routes: dict[str, tuple[Backend, ...]] = field(default_factory=dict)
     _routed: dict[str, str] = field(default_factory=dict)  # machine id -> app, of routed machines
     _keys: dict[str, set[str]] = field(default_factory=dict)  # app -> machine keys seen in either bucket
+    held: set[str] = field(default_factory=set)  # machine ids kept out of the routes (being auto-stopped)
 
     def set_app(self, name: str, value: Any) -> None:
         if value is None:
@@ -270,13 +271,21 @@ class Routes:
         self._recompute(app)
         return app
 
+    def hold(self, app: str, machine: str, held: bool = True) -> None:
+        """Keep ``machine`` out of ``app``'s routes whatever its records say (or let it back)."""
+        if held:
+            self.held.add(machine)
+        else:
+            self.held.discard(machine)
+        self._recompute(app)
+
     def _recompute(self, app: str) -> None:
         for b in self._routes.get(app, ()):
             self._routed.pop(b.machine, None)
         out = []
         for key in sorted(self._keys.get(app, ())):
             b = backend_for(self.machines.get(key), self.status.get(key), key)
-            if b is not None:
+            if b is not None and b.machine not in self.held:
                 out.append(b)
         if out:
             self._routes[app] = tuple(out)

@@ -61,14 +61,19 @@ from taxiway.egress import http
 from taxiway.errors import InvalidInput, TaxiwayError
 from taxiway.listen import DEFAULT_HOST, parse_listen
 from taxiway.platform import schema
-from taxiway.platform.balance import Backend, Balancer, Routes
+from taxiway.platform.balance import Backend, Balancer, Routes, machines_to_stop
 from taxiway.platform.edgehttp import (
     IDEMPOTENT,
+    REPLAY,
     REQUEST_ID,
     Plan,
+    WsFrames,
     forward_response_head,
+    parse_replay,
     parse_response_head,
     plan_request,
+    replay_head,
+    ws_close_frame,
 )
 from taxiway.platform.edgehttp import parse_request_head as parse_request_head_fast
 
@@ -102,6 +107,9 @@ class EdgeConfig:
     max_idle_per_backend: int = 64
     ready_timeout: float = 30.0     # for the first complete copy of the routes
     drain_timeout: float = 30.0     # at SIGTERM, for in-flight requests to finish
+    autostop_after: float = 300.0   # auto_stop_machines: a machine idle this long is stopped
+    wake_timeout: float = 60.0      # auto_start_machines: a request waits this long for a stopped machine
+    ws_close_timeout: float = 5.0   # a drained WebSocket: for the client's close frame after ours
     fast: bool = True               # bodiless requests by protocol callbacks (see _FastClient)
     # E1 (TLS): the HTTPS listener of platform.edgetls, off when None
     https: tuple[str, int] | None = None
@@ -115,6 +123,40 @@ class _Retry(Exception):
     def __init__(self, reason: str, backend_failed: bool) -> None:
         super().__init__(reason)
         self.backend_failed = backend_failed
+
+
+class _Replay(Exception):
+    """The machine answered with taxiway-replay: send the request to ``target`` instead."""
+
+    def __init__(self, target: dict[str, str]) -> None:
+        super().__init__(str(target))
+        self.target = target
+
+
+# Request bodies up to this size are read whole before the request is sent, so that a replay
+# (or a retry on a stale pooled connection) can send them again; larger ones stream.
+REPLAY_BODY_BYTES = 64 * 1024
+
+
+def _expects_continue(head: http.RequestHead) -> bool:
+    return any(k.lower() == b"expect" for k, _ in head.headers)
+
+
+def _replay_targets(backends: tuple[Backend, ...], replay: dict[str, str], origin: str) -> tuple[Backend, ...]:
+    """The routed machines a replay may go to: the named instance, the region's, or any other."""
+    if replay.get("instance"):
+        return tuple(b for b in backends if b.machine == replay["instance"])
+    if replay.get("region"):
+        return tuple(b for b in backends if b.region == replay["region"])
+    return tuple(b for b in backends if b.machine != origin)
+
+
+def _replay_unavailable(app: str, replay: dict[str, str], request_id: str, close: bool) -> bytes:
+    where = (f"instance {replay['instance']}" if replay.get("instance") else
+             f"region {replay['region']}" if replay.get("region") else "another machine")
+    return http.simple_response(503, f"app {app} asked to replay this request on {http.header_safe(where)}, "
+                                     "which has no routable machine; try again\n",
+                                [("Retry-After", "1"), ("taxiway-request-id", request_id)], close=close)
 
 
 class _ClientGone(Exception):
@@ -136,6 +178,7 @@ class _Conn:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
     reused: bool = False
+    on_close: Callable[[], None] | None = None  # the balancer's count of open connections
 
     def usable(self) -> bool:
         return not (self.writer.transport.is_closing() or self.reader.at_eof()
@@ -143,6 +186,9 @@ class _Conn:
 
     def close(self) -> None:
         self.writer.close()
+        if self.on_close is not None:
+            done, self.on_close = self.on_close, None
+            done()
 
 
 _UNSEEN = object()
@@ -194,6 +240,11 @@ class Edge:
         self._bg: set[asyncio.Task] = set()  # connects and queued requests of the fast path
         self._change = asyncio.Event()
         self._waiters = 0
+        # scale to zero: when each routed machine was last busy (loop time), wakes and stops under way
+        self._last_active: dict[str, float] = {}
+        self._waking: dict[str, asyncio.Future] = {}
+        self._autostops: dict[str, set[asyncio.Task]] = {}
+        self._tunnels: dict[str, set[_WsTunnel]] = {}  # machine -> open WebSocket tunnels (drained last)
         self._stopping = False
         self._stopped: asyncio.Event | None = None
         self.address: tuple[str, int] | None = None
@@ -219,6 +270,7 @@ class Edge:
         self._start_mirrors()
         self.state.on_reconnect(self._start_mirrors)
         self._tasks.append(asyncio.create_task(self._sweep()))
+        self._tasks.append(asyncio.create_task(self._autostop_loop()))
         try:
             async with asyncio.timeout(self.config.ready_timeout):
                 await asyncio.gather(*(e.wait() for e in self._ready.values()))
@@ -272,6 +324,9 @@ class Edge:
         """Stop listening, close idle clients, let in-flight requests finish, then cut the rest."""
         self._stopping = True
         self._notify()  # drains waiting on this edge answer now
+        for tunnels in list(self._tunnels.values()):
+            for t in list(tunnels):
+                t.going_away()
         if self.tls is not None:  # E1
             await self.tls.close()
         if self._server is not None:
@@ -368,6 +423,11 @@ class Edge:
             self.routes.set_machine(key, value)
         else:
             self.routes.set_status(key, value)
+        self._routes_changed(app, before)
+
+    def _routes_changed(self, app: str, before: set[str]) -> None:
+        """After ``app``'s routes may have changed: close pooled connections to machines that
+        left them, log, and wake whoever waits for a route (queued requests, drains, wakes)."""
         after = {b.machine for b in self.routes.backends(app)}
         if before != after:
             gone = before - after
@@ -376,9 +436,13 @@ class Edge:
                     c.close()
                 for fc in self._fpool.pop(mid, []):
                     fc.close()
+                self.balancer.idle.pop(mid, None)
+                self._last_active.pop(mid, None)
             self.balancer.forget(gone)
             self.log(msg="routes", app=app, machines=sorted(after))
             self._notify()
+        else:
+            self._notify()  # a stopped machine appeared (one to wake), or a status a drain waits for
 
     def _notify(self) -> None:
         """Wake whoever waits for a route change or a finished request (drains, queued requests)."""
@@ -414,6 +478,11 @@ class Edge:
         while True:
             counts = {m: self.balancer.inflight.get(m, 0) for m in machines}
             routed = [m for m in machines if self.routes.routable(m)]
+            for m in machines:  # WebSockets go last: once the machine's requests are done
+                tunnels = self._tunnels.get(m)
+                if tunnels and m not in routed and counts[m] <= len(tunnels):
+                    for t in list(tunnels):
+                        t.going_away()
             busy = {m: n for m, n in counts.items() if n}
             left = deadline - loop.time()
             if (not routed and not busy) or left <= 0 or self._stopping:
@@ -587,14 +656,39 @@ class Edge:
                      reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
         loop = asyncio.get_running_loop()
         request_id, keep = plan.request_id, plan.keep
+        has_body = framing[0] != "none" and framing != ("length", 0)
+        body: bytes | None = None
+        if framing[0] == "length" and 0 < framing[1] <= REPLAY_BODY_BYTES and not _expects_continue(head):
+            # A small body is read whole first: one write to the machine, and a replay or a retry
+            # can send it again. (Not with Expect: 100-continue: that client waits for the machine.)
+            try:
+                async with asyncio.timeout(self.config.read_timeout):
+                    body = await reader.readexactly(framing[1])
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return False
+            except TimeoutError:
+                writer.write(http.simple_response(408, "request body not received in time\n"))
+                return False
+            framing, has_body = ("none", 0), False
         tried: set[str] = set()
         fresh_only: set[str] = set()  # machines whose pooled connection was stale: dial anew
         queue_deadline = loop.time() + self.config.queue_timeout
         last_error = ""
         retry_deadline = loop.time() + self.config.retry_window
         attempt = 0
+        woke = False
+        replay: dict[str, str] | None = None  # where a machine asked this request to go (taxiway-replay)
+        origin = ""
         while attempt < _MAX_ATTEMPTS:  # connects and retry rounds; waits for a slot are not counted
             backends = self.routes.backends(app)
+            if replay is not None:
+                backends = _replay_targets(backends, replay, origin)
+                if not backends:
+                    break
+            elif not backends and not woke and self._wants_wake(app):
+                woke = True  # auto_start_machines: start a stopped machine, hold the request meanwhile
+                await self.wake(app)
+                continue
             backend = self.balancer.choose(backends, tried, loop.time())
             attempt += 1
             if backend is None:
@@ -611,11 +705,12 @@ class Edge:
                     continue
                 break
             self.balancer.acquire(backend)
+            if backend.soft_limit is not None:
+                self._wake_more(app, backends)
             try:
                 conn = await self._connect(backend, fresh=backend.machine in fresh_only)
             except (OSError, TimeoutError) as e:
-                self.balancer.release(backend)
-                self._notify()
+                self._released(backend)
                 self.balancer.mark_failed(backend, loop.time())
                 tried.add(backend.machine)
                 last_error = f"connect to machine {backend.machine} failed: {type(e).__name__}"
@@ -623,7 +718,8 @@ class Edge:
                          request_id=request_id, retry=True)
                 continue
             try:
-                keep_client, keep_conn = await self._exchange(head, plan, framing, conn, reader, writer)
+                keep_client, keep_conn = await self._exchange(head, plan, framing, conn, reader, writer,
+                                                              backend.machine, body)
             except _Retry as r:
                 conn.close()
                 if r.backend_failed:
@@ -635,20 +731,30 @@ class Edge:
                 self.log(msg="backend failed", app=app, machine=backend.machine, error=str(r),
                          request_id=request_id, retry=True)
                 continue
+            except _Replay as r:
+                conn.close()
+                replay, origin = r.target, backend.machine
+                plan.out = replay_head(plan.out, backend.machine, backend.region, replay.get("state"))
+                plan.replayed = True
+                tried.clear()
+                self.log(msg="replay", app=app, machine=backend.machine, to=replay, request_id=request_id)
+                continue
             except BaseException:
                 conn.close()
                 raise
             finally:
-                self.balancer.release(backend)
-                self._notify()
+                self._released(backend)
             if keep_conn:
                 self._put_back(backend, conn)
             else:
                 conn.close()
             return keep_client
-        has_body = framing[0] != "none" and framing != ("length", 0)
-        writer.write(self._no_answer(app, tried, last_error, request_id, close=not keep or has_body))
-        return keep and not has_body
+        close = not keep or has_body
+        if replay is not None and not tried:
+            writer.write(_replay_unavailable(app, replay, request_id, close))
+        else:
+            writer.write(self._no_answer(app, tried, last_error, request_id, close=close))
+        return not close
 
     def _no_answer(self, app: str, tried: set[str], last_error: str, request_id: str, close: bool) -> bytes:
         """502 when machines were tried and failed, else 503 (none routable, or all at hard_limit)."""
@@ -661,16 +767,19 @@ class Edge:
         return http.simple_response(503, msg, headers, close=close)
 
     async def _connect(self, backend: Backend, fresh: bool = False) -> _Conn:
-        pooled = self._pool.get(backend.machine)
+        mid = backend.machine
+        pooled = self._pool.get(mid)
         while pooled and not fresh:
             conn = pooled.pop()
+            self._count_idle(mid)
             if conn.usable():
                 conn.reused = True
                 return conn
             conn.close()
         async with asyncio.timeout(self.config.connect_timeout):
             r, w = await asyncio.open_connection(backend.host, backend.port, limit=self.config.max_header_bytes)
-        return _Conn(r, w)
+        self.balancer.opened(mid)
+        return _Conn(r, w, on_close=lambda: self.balancer.closed(mid))
 
     def _put_back(self, backend: Backend, conn: _Conn) -> None:
         if not self.routes.routable(backend.machine) or not conn.usable():
@@ -681,13 +790,147 @@ class Edge:
             conn.close()
         else:
             pooled.append(conn)
+            self._count_idle(backend.machine)
+
+    def _count_idle(self, mid: str) -> None:
+        """Tell the balancer how many idle pooled connections ``mid`` has (concurrency "connections")."""
+        n = len(self._pool.get(mid) or ()) + len(self._fpool.get(mid) or ())
+        if n:
+            self.balancer.idle[mid] = n
+        else:
+            self.balancer.idle.pop(mid, None)
+
+    def _released(self, backend: Backend) -> None:
+        """A request or stream of ``backend`` ended: count it out, note the machine was busy now."""
+        self.balancer.release(backend)
+        self._last_active[backend.machine] = asyncio.get_running_loop().time()
+        self._notify()
+
+    async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn,
+                      body: asyncio.Task | None, machine: str, ws: bool) -> None:
+        """After a 101: relay both ways, registered under ``machine`` so a drain can end it last."""
+        t = _WsTunnel(reader, writer, conn, ws, self.config.ws_close_timeout)
+        self._tunnels.setdefault(machine, set()).add(t)
+        try:
+            if self._stopping:
+                t.going_away()
+            await t.run(body)
+        finally:
+            tunnels = self._tunnels.get(machine)
+            if tunnels is not None:
+                tunnels.discard(t)
+                if not tunnels:
+                    del self._tunnels[machine]
+
+    # -- scale to zero ---------------------------------------------------------------------------
+    def _wants_wake(self, app: str) -> bool:
+        """No machine routable, but one may be started (or one is being stopped, to start again)."""
+        return bool(self._autostops.get(app)) or bool(self.routes.sleeping(app))
+
+    async def wake(self, app: str) -> bool:
+        """Start a stopped machine of ``app`` (auto_start_machines) and wait until it is routable,
+        up to wake_timeout; one wake per app at a time, shared by every request that waits.
+        True when the app has a routable machine after it."""
+        fut = self._waking.get(app)
+        if fut is None:
+            fut = asyncio.ensure_future(self._wake(app))
+            self._waking[app] = fut
+            fut.add_done_callback(lambda _: self._waking.pop(app, None))
+        return await asyncio.shield(fut)
+
+    async def _wake(self, app: str) -> bool:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        deadline = t0 + self.config.wake_timeout
+        stopping = list(self._autostops.get(app, ()))
+        if stopping:  # a stop for idleness is under way: let it end, then start a machine again
+            await asyncio.wait(stopping, timeout=self.config.wake_timeout)
+        sleeping = self.routes.sleeping(app)
+        if self.routes.backends(app) or not sleeping or self.state is None:
+            return bool(self.routes.backends(app))
+        mid = sleeping[0]
+        host = (self.routes.record(app, mid) or {}).get("host") or schema.DEFAULT_HOST
+        self.log(msg="autostart", app=app, machine=mid)
+        try:
+            reply = await self.state.request(schema.agent_subject(host, "start"), {"app": app, "id": mid},
+                                             timeout=max(deadline - loop.time(), 1.0))
+        except TaxiwayError as e:
+            self.log(msg="autostart failed", app=app, machine=mid, error=e.message)
+            return bool(self.routes.backends(app))
+        if not reply.get("ok"):
+            self.log(msg="autostart failed", app=app, machine=mid, error=reply.get("error"))
+        while not self.routes.backends(app) and loop.time() < deadline:
+            await self._wait_change(deadline - loop.time())
+        routed = bool(self.routes.backends(app))
+        self.log(msg="awake" if routed else "autostart timed out", app=app, machine=mid,
+                 seconds=round(loop.time() - t0, 3))
+        return routed
+
+    def _wake_more(self, app: str, backends: tuple[Backend, ...]) -> None:
+        """Every routed machine is at its soft_limit: start a stopped one too (Fly does), in the background."""
+        if app not in self._waking and self.balancer.above_soft(backends) and self.routes.sleeping(app):
+            self._spawn(self.wake(app))
+
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        return task
+
+    async def _autostop_loop(self) -> None:
+        """Stop machines idle for autostop_after (auto_stop_machines), down to min_machines_running."""
+        loop = asyncio.get_running_loop()
+        after = self.config.autostop_after
+        while True:
+            await asyncio.sleep(min(max(after / 4, 0.05), 5.0))
+            now = loop.time()
+            for app in self.routes.table():
+                cands = self.routes.autostop(app)
+                if not any(on for _, on, _ in cands):
+                    continue
+                for mid, _, _ in cands:
+                    self._last_active.setdefault(mid, now)  # idle from when it was first routed
+                for mid in machines_to_stop(cands, self.balancer.inflight, self._last_active, now, after):
+                    task = self._spawn(self._stop_idle(app, mid))
+                    self._autostops.setdefault(app, set()).add(task)
+                    task.add_done_callback(lambda t, app=app: self._autostops.get(app, set()).discard(t))
+
+    async def _stop_idle(self, app: str, mid: str) -> None:
+        """Take an idle machine out of the routes, then ask its agent to stop it (it keeps desired
+        "started": stopped for idleness, so the next request starts it again)."""
+        before = {b.machine for b in self.routes.backends(app)}
+        self.routes.hold(app, mid)
+        self._routes_changed(app, before)
+        host = (self.routes.record(app, mid) or {}).get("host") or schema.DEFAULT_HOST
+        self.log(msg="autostop", app=app, machine=mid, idle=self.config.autostop_after)
+        try:
+            assert self.state is not None
+            reply = await self.state.request(schema.agent_subject(host, "stop"), {"app": app, "id": mid}, timeout=60)
+            if not reply.get("ok"):
+                self.log(msg="autostop failed", app=app, machine=mid, error=reply.get("error"))
+            else:  # until the STATUS watch tells it stopped, it must stay out of the routes
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10
+                key = schema.machine_key(app, mid)
+                while (self.routes.status.get(key) or {}).get("state") == "started" and loop.time() < deadline:
+                    await self._wait_change(deadline - loop.time())
+        except TaxiwayError as e:
+            self.log(msg="autostop failed", app=app, machine=mid, error=e.message)
+        finally:
+            before = {b.machine for b in self.routes.backends(app)}
+            self.routes.hold(app, mid, False)
+            self._last_active.pop(mid, None)
+            self._routes_changed(app, before)
 
     async def _exchange(self, head: http.RequestHead, plan: Plan, framing: tuple[str, int], conn: _Conn,
-                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> tuple[bool, bool]:
+                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, machine: str = "",
+                        body_bytes: bytes | None = None) -> tuple[bool, bool]:
         """One request and its response over ``conn``: (keep the client, keep the backend connection).
 
+        ``body_bytes``: the whole request body, read already (``framing`` is then "none").
         Raises :class:`_Retry` when the backend failed before a byte reached the client
-        and sending the request again elsewhere is safe.
+        and sending the request again elsewhere is safe, :class:`_Replay` when the machine
+        asked for the request to go elsewhere (taxiway-replay) and it can be sent again.
         """
         loop = asyncio.get_running_loop()
         idle = self.config.read_timeout
@@ -701,7 +944,7 @@ class Edge:
                     timer.reschedule(loop.time() + idle)
 
                 try:
-                    conn.writer.write(plan.out)
+                    conn.writer.write(plan.out + body_bytes if body_bytes else plan.out)
                 except (ConnectionError, RuntimeError) as e:
                     raise _Retry(f"send failed: {e}", not conn.reused) from None
                 if framing[0] != "none":
@@ -722,6 +965,15 @@ class Edge:
                             answered = True
                         continue
                     break
+                replay = [v for k, v in rhead.headers if k.lower() == REPLAY]
+                if replay:
+                    rhead.headers = [(k, v) for k, v in rhead.headers if k.lower() != REPLAY]
+                    if plan.replayed:  # a loop: cut after one replay
+                        raise http.ProtocolError("asked to replay a request that was replayed already", 502)
+                    if framing[0] != "none":
+                        raise http.ProtocolError(f"asked to replay a request whose body (over "
+                                                 f"{REPLAY_BODY_BYTES} bytes, or chunked) was not kept", 502)
+                    raise _Replay(parse_replay(replay[-1]))
                 rframing = http.response_framing(rhead, head.method)
                 rtokens = http.connection_tokens(rhead.headers)
                 if rhead.status == 101:
@@ -729,7 +981,8 @@ class Edge:
                     writer.write(http.serialize_response_head(rhead, True))
                     answered = True
                     timer.reschedule(None)
-                    await _tunnel(reader, writer, conn, body)
+                    ws = any(k.lower() == b"upgrade" and v.strip().lower() == b"websocket" for k, v in head.headers)
+                    await self._tunnel(reader, writer, conn, body, machine, ws)
                     return False, False
                 keep_conn = (rframing[0] != "close" and b"close" not in rtokens
                              and rhead.version == b"HTTP/1.1")
@@ -765,6 +1018,8 @@ class Edge:
             if not answered:
                 status = 504 if isinstance(e, TimeoutError) else 502
                 what = "timed out" if status == 504 else f"failed ({type(e).__name__})"
+                if isinstance(e, http.ProtocolError):
+                    what = f"failed ({e})"
                 writer.write(http.simple_response(status, f"the app's machine {what}\n",
                                                   [("taxiway-request-id", request_id)]))
             return False, False
@@ -980,6 +1235,9 @@ class _FastRequest:
         self.retry_deadline = self.progress + edge.config.retry_window
         self.last_error = ""
         self.idempotent = head.method in IDEMPOTENT
+        self.woke = False
+        self.replay: dict[str, str] | None = None  # where a machine asked this request to go
+        self.origin = ""
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -993,6 +1251,16 @@ class _FastRequest:
             return
         self.attempts += 1
         backends = edge.routes.backends(self.app)
+        if self.replay is not None:
+            backends = _replay_targets(backends, self.replay, self.origin)
+            if not backends:
+                self.client.reply(_replay_unavailable(self.app, self.replay, self.request_id, not self.keep))
+                self.client.finish(self.keep)
+                return
+        elif not backends and not self.woke and edge._wants_wake(self.app):
+            self.woke = True  # auto_start_machines: start a stopped machine, hold the request meanwhile
+            self._spawn(self._wake())
+            return
         now = asyncio.get_running_loop().time()
         more = self.attempts <= _MAX_ATTEMPTS
         backend = edge.balancer.choose(backends, self.tried, now) if more else None
@@ -1009,15 +1277,36 @@ class _FastRequest:
             return
         edge.balancer.acquire(backend)
         self.backend = backend
+        if backend.soft_limit is not None:
+            edge._wake_more(self.app, backends)
         if backend.machine not in self.fresh:
             pooled = edge._fpool.get(backend.machine)
             while pooled:
                 conn = pooled.pop()
+                edge._count_idle(backend.machine)
                 if conn.usable():
                     conn.begin(self, reused=True)
                     return
                 conn.close()
         self._spawn(self._connect(backend))
+
+    async def _wake(self) -> None:
+        self.attempts -= 1  # waiting for a machine to start is no attempt
+        await self.edge.wake(self.app)
+        self.start()
+
+    def replay_to(self, target: dict[str, str]) -> None:
+        """The machine answered with taxiway-replay: send the request where it says (once)."""
+        backend = self.backend
+        self._release()
+        self.conn = None
+        assert backend is not None
+        self.replay, self.origin = target, backend.machine
+        self.plan.out = replay_head(self.plan.out, backend.machine, backend.region, target.get("state"))
+        self.plan.replayed = True
+        self.tried.clear()
+        self.edge.log(msg="replay", app=self.app, machine=backend.machine, to=target, request_id=self.request_id)
+        self.start()
 
     async def _again(self) -> None:
         await asyncio.sleep(_backoff(self.attempts))
@@ -1045,9 +1334,8 @@ class _FastRequest:
 
     def _release(self) -> None:
         if self.backend is not None:
-            self.edge.balancer.release(self.backend)
+            self.edge._released(self.backend)
             self.backend = None
-            self.edge._notify()
 
     def backend_failed(self, reason: str, mark: bool) -> None:
         """The machine failed before a byte reached the client: try another one."""
@@ -1122,6 +1410,7 @@ class _FastBackend(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment] - uvloop's are not asyncio.Transport
+        self.edge.balancer.opened(self.backend.machine)
 
     def usable(self) -> bool:
         return not self.closed and self.state == _IDLE and not self.transport.is_closing()  # type: ignore[union-attr]
@@ -1162,8 +1451,16 @@ class _FastBackend(asyncio.Protocol):
                 raw = bytes(self.buf[: i + 4])
                 del self.buf[: i + 4]
                 try:
-                    status, head_bytes, framing, self.keep_conn, self.keep_client = forward_response_head(
+                    status, head_bytes, framing, self.keep_conn, self.keep_client, replay = forward_response_head(
                         raw, req.head.method, req.keep, req.request_id)
+                    if replay is not None and status >= 200:
+                        if req.plan.replayed:
+                            raise http.ProtocolError("asked to replay a request that was replayed already", 502)
+                        target = parse_replay(replay)
+                        self.req = None  # its response is not wanted: neither is this connection
+                        self.close()
+                        req.replay_to(target)
+                        return
                 except http.ProtocolError as e:
                     self._bad(str(e))
                     return
@@ -1237,6 +1534,7 @@ class _FastBackend(asyncio.Protocol):
             pool = self.edge._fpool.setdefault(self.backend.machine, [])
             if len(pool) < self.edge.config.max_idle_per_backend:
                 pool.append(self)
+                self.edge._count_idle(self.backend.machine)
             else:
                 self.close()
         else:
@@ -1269,9 +1567,11 @@ class _FastBackend(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.edge.balancer.closed(self.backend.machine)
         pool = self.edge._fpool.get(self.backend.machine)
         if pool and self in pool:
             pool.remove(self)
+            self.edge._count_idle(self.backend.machine)
         req = self.req
         self.req = None
         if req is None:
@@ -1373,30 +1673,99 @@ async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, frami
         await write(data)
 
 
-async def _tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn,
-                  body: asyncio.Task | None) -> None:
-    """After a 101 (WebSocket and other upgrades): bytes both ways until either side closes."""
-    if body is not None:
-        await body
+class _WsTunnel:
+    """An upgraded connection (WebSocket...) relayed both ways until either side closes.
 
-    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+    The edge can end it as a drain wants (:meth:`going_away`): for a WebSocket, a close
+    frame 1001 to the client, put between two of the machine's frames (never inside one,
+    :class:`edgehttp.WsFrames` tracks them), then the connection ends once the client
+    answers with its own close frame (or after ws_close_timeout).
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn,
+                 ws: bool, close_timeout: float) -> None:
+        self.reader, self.writer, self.conn, self.ws = reader, writer, conn, ws
+        self.close_timeout = close_timeout
+        self.down_frames, self.up_frames = WsFrames(), WsFrames()
+        self.closing = False
+        self.sent_close = False
+        self.client_closed = asyncio.Event()  # the client's close frame came (after ours)
+        self.up: asyncio.Task | None = None
+        self.down: asyncio.Task | None = None
+
+    async def run(self, body: asyncio.Task | None) -> None:
+        if body is not None:
+            await body
+        self.up = asyncio.create_task(self._pipe_up())
+        self.down = asyncio.create_task(self._pipe_down())
+        if self.closing:  # a drain came while the request body was still going up
+            self.closing = False
+            self.going_away()
+        try:
+            await asyncio.wait({self.up, self.down}, return_when=asyncio.FIRST_COMPLETED)
+            if self.sent_close:  # our close frame is out: wait for the client's, then end
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.client_closed.wait(), self.close_timeout)
+            else:
+                await asyncio.wait({self.up, self.down}, timeout=5)
+        finally:
+            for t in (self.up, self.down):
+                t.cancel()
+            self.conn.close()
+            if self.sent_close:
+                self.writer.close()
+
+    async def _pipe_up(self) -> None:
         with contextlib.suppress(ConnectionError, RuntimeError):
-            while data := await src.read(READ_SIZE):
-                dst.write(data)
-                await dst.drain()
+            while data := await self.reader.read(READ_SIZE):
+                if self.ws and WS_CLOSE_OPCODE in self.up_frames.feed(data) and self.sent_close:
+                    self.client_closed.set()
+                    return
+                self.conn.writer.write(data)
+                await self.conn.writer.drain()
+        if self.sent_close:
+            self.client_closed.set()
         with contextlib.suppress(Exception):
-            if dst.can_write_eof():
-                dst.write_eof()
+            if self.conn.writer.can_write_eof():
+                self.conn.writer.write_eof()
 
-    up = asyncio.create_task(pipe(reader, conn.writer))
-    down = asyncio.create_task(pipe(conn.reader, writer))
-    try:
-        await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-        await asyncio.wait({up, down}, timeout=5)
-    finally:
-        for t in (up, down):
-            t.cancel()
-        conn.close()
+    async def _pipe_down(self) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while data := await self.conn.reader.read(READ_SIZE):
+                if self.closing and self.ws:
+                    n = self.down_frames.boundary_in(data)
+                    if n is not None:  # the machine's frame in progress ends here: ours goes next
+                        self.writer.write(data[:n])
+                        self._send_close()
+                        return
+                if self.ws:
+                    self.down_frames.feed(data)
+                self.writer.write(data)
+                await self.writer.drain()
+        with contextlib.suppress(Exception):
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+
+    def _send_close(self) -> None:
+        if not self.sent_close:
+            self.sent_close = True
+            with contextlib.suppress(Exception):
+                self.writer.write(ws_close_frame())
+
+    def going_away(self) -> None:
+        """End it for a drain (see the class); idempotent."""
+        if self.closing:
+            return
+        self.closing = True
+        if not self.ws:
+            self.conn.close()
+            self.writer.close()
+        elif self.down_frames.at_boundary and self.down is not None:
+            self.down.cancel()  # nothing of a frame is half sent: close now
+            self._send_close()
+
+
+WS_CLOSE_OPCODE = 0x8
 
 
 async def _drain(writer: asyncio.StreamWriter) -> None:

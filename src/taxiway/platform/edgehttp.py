@@ -23,8 +23,12 @@ except ImportError:  # a dependency (uvicorn[standard]); without it, egress.http
 # request reached a backend that then died without answering.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 REQUEST_ID = b"taxiway-request-id"
+# Replay (Fly's fly-replay): a machine's response header asking the edge to send the same
+# request elsewhere, never passed to the client; the replayed request says where it came from.
+REPLAY = b"taxiway-replay"
+REPLAY_SRC = b"taxiway-replay-src"
 # Set by the edge alone: whatever a client sent under these names is dropped.
-OWN_HEADERS = frozenset({b"x-forwarded-proto", b"x-forwarded-host", REQUEST_ID})
+OWN_HEADERS = frozenset({b"x-forwarded-proto", b"x-forwarded-host", REQUEST_ID, REPLAY_SRC})
 
 # Request fields plan_request looks at (everything else goes on as it came).
 _PLAN_FIELDS = http.HOP_BY_HOP | OWN_HEADERS | {b"host", b"content-length", b"transfer-encoding",
@@ -42,6 +46,7 @@ class Plan:
     upgrade: bool    # an Upgrade header (WebSocket...)
     out: bytes       # the head to send the machine
     request_id: str
+    replayed: bool = False  # sent again on a machine's taxiway-replay (once at most)
 
 
 def plan_request(head: http.RequestHead, client_ip: str, request_id: str, proto: bytes = b"http") -> Plan:
@@ -148,17 +153,19 @@ def parse_response_head(raw: bytes) -> http.ResponseHead:
 # The response fields the fast path acts on, and the hop-by-hop lines it drops, found by
 # regular expressions over the raw head (C speed) once llhttp has validated it: per-header
 # Python callbacks cost more than the rest of a small response (measured).
-_RESPONSE_FIELDS = re.compile(rb"\r\n(content-length|transfer-encoding|connection|proxy-connection)"
+_RESPONSE_FIELDS = re.compile(rb"\r\n(content-length|transfer-encoding|connection|proxy-connection|taxiway-replay)"
                               rb":[ \t]*([^\r\n]*)", re.IGNORECASE)
-_HOP_LINES = re.compile(rb"\r\n(?:" + b"|".join(sorted(http.HOP_BY_HOP)) + rb"):[^\r\n]*", re.IGNORECASE)
+_HOP_LINES = re.compile(rb"\r\n(?:" + b"|".join(sorted(http.HOP_BY_HOP | {REPLAY})) + rb"):[^\r\n]*",
+                        re.IGNORECASE)
 
 
 def forward_response_head(raw: bytes, method: str, keep: bool, request_id: str
-                          ) -> tuple[int, bytes, tuple[str, int], bool, bool]:
+                          ) -> tuple[int, bytes, tuple[str, int], bool, bool, bytes | None]:
     """A machine's response head, and what the fast path needs of it in one pass:
     (status, the head for the client, body framing, keep the machine's connection,
-    keep the client's). The same rules as egress.http's response_framing and
-    serialize_response_head, plus the request id; 101 is the stream path's."""
+    keep the client's, the taxiway-replay value or None). The same rules as egress.http's
+    response_framing and serialize_response_head, plus the request id; the replay header
+    never reaches the client; 101 is the stream path's."""
     if httptools is None:
         rhead = http.parse_response_head(raw)
         status, version = rhead.status, rhead.version
@@ -173,11 +180,13 @@ def forward_response_head(raw: bytes, method: str, keep: bool, request_id: str
         status, version = parser.get_status_code(), b"HTTP/" + parser.get_http_version().encode()
     if raw.count(b"\r\n") > http.MAX_HEADERS + 2:
         raise http.ProtocolError(f"more than {http.MAX_HEADERS} header fields from the machine", 502)
-    length = te = None
+    length = te = replay = None
     tokens: set[bytes] = set()
     for m in _RESPONSE_FIELDS.finditer(raw):
         name, value = m[1].lower(), m[2].strip()
-        if name == b"content-length":
+        if name == REPLAY:
+            replay = value
+        elif name == b"content-length":
             if length is not None and value != length:
                 raise http.ProtocolError("conflicting Content-Length from the machine", 502)
             length = value
@@ -205,7 +214,7 @@ def forward_response_head(raw: bytes, method: str, keep: bool, request_id: str
     tail = b"\r\n" + REQUEST_ID + b": " + request_id.encode()
     if not keep_client:
         tail += b"\r\nConnection: close"
-    return status, head + tail + b"\r\n\r\n", framing, keep_conn, keep_client
+    return status, head + tail + b"\r\n\r\n", framing, keep_conn, keep_client, replay
 
 
 _NO_CALLBACKS = object()
@@ -255,3 +264,113 @@ def parse_request_head(raw: bytes) -> http.RequestHead:
     except UnicodeDecodeError:
         return http.parse_request_head(raw)
     return http.RequestHead(parser.get_method().decode("ascii"), target, version, cb.headers)
+
+
+# -- replay (Fly's fly-replay) ------------------------------------------------------------------------
+
+def parse_replay(value: bytes) -> dict[str, str]:
+    """``instance=ID``, ``region=R``, ``elsewhere=true``, ``state=S`` (``;``-separated) -> a dict;
+    ProtocolError (502: the machine's mistake) when it names no target."""
+    out: dict[str, str] = {}
+    for part in value.decode("latin-1").split(";"):
+        k, sep, v = part.strip().partition("=")
+        if sep and k.strip().lower() in ("instance", "region", "elsewhere", "state"):
+            out[k.strip().lower()] = v.strip()
+    if not (out.get("instance") or out.get("region") or out.get("elsewhere") == "true"):
+        raise http.ProtocolError(f"taxiway-replay names no instance, region or elsewhere=true: "
+                                 f"{http.header_safe(value.decode('latin-1'))}", 502)
+    return out
+
+
+def replay_head(out: bytes, machine: str, region: str, state: str | None) -> bytes:
+    """The head of a replayed request: the original one plus taxiway-replay-src (where it came from)."""
+    src = f"instance={machine};region={region}" + (f";state={state}" if state else "")
+    return out[:-2] + REPLAY_SRC + b": " + http.header_safe(src).encode("latin-1") + b"\r\n\r\n"
+
+
+# -- WebSocket frames (for closing a drained one cleanly) ----------------------------------------------
+
+WS_CLOSE = 0x8
+WS_GOING_AWAY = 1001
+
+
+class WsFrames:
+    """Where frames start and end in one direction of a WebSocket (RFC 6455 5.2), sans-I/O:
+    so the edge can put its own close frame between two of the machine's, never inside one."""
+
+    __slots__ = ("head", "left")
+
+    def __init__(self) -> None:
+        self.head = bytearray()  # a frame header being collected
+        self.left = 0            # payload bytes of the current frame still to come
+
+    @property
+    def at_boundary(self) -> bool:
+        return self.left == 0 and not self.head
+
+    def _need(self) -> int:
+        if len(self.head) < 2:
+            return 2
+        b1 = self.head[1]
+        n = b1 & 0x7F
+        return 2 + (2 if n == 126 else 8 if n == 127 else 0) + (4 if b1 & 0x80 else 0)
+
+    def feed(self, data: bytes) -> list[int]:
+        """Account for ``data``; returns the opcodes of the frames whose header completed in it."""
+        ops: list[int] = []
+        i, n = 0, len(data)
+        while i < n:
+            if self.left:
+                k = min(self.left, n - i)
+                self.left -= k
+                i += k
+                continue
+            while len(self.head) < self._need() and i < n:
+                k = min(self._need() - len(self.head), n - i)
+                self.head += data[i:i + k]
+                i += k
+            if len(self.head) < self._need():
+                break
+            n7 = self.head[1] & 0x7F
+            ops.append(self.head[0] & 0x0F)
+            self.left = n7 if n7 < 126 else int.from_bytes(self.head[2:4 if n7 == 126 else 10], "big")
+            self.head.clear()
+        return ops
+
+    def boundary_in(self, data: bytes) -> int | None:
+        """How many bytes of ``data`` end the current frame (0 at a boundary), or None if it goes on past them."""
+        if self.at_boundary:
+            return 0
+        probe = WsFrames()
+        probe.head, probe.left = bytearray(self.head), self.left
+        i = 0
+        while probe.head and i < len(data):  # finish the header a byte at a time (at most 14)
+            probe.feed(data[i:i + 1])
+            i += 1
+        if probe.head or probe.left > len(data) - i:
+            return None
+        return i + probe.left
+
+
+def ws_close_frame(code: int = WS_GOING_AWAY, reason: str = "the machine is going away") -> bytes:
+    """A server's close frame (unmasked, RFC 6455 5.5.1)."""
+    payload = code.to_bytes(2, "big") + reason.encode()[:120]
+    return bytes([0x80 | WS_CLOSE, len(payload)]) + payload
+
+
+# -- PROXY protocol v2 (for TCP services with the proxy_proto handler) --------------------------------
+
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_v2_header(src: tuple[str, int], dst: tuple[str, int]) -> bytes:
+    """The PROXY protocol v2 header (haproxy's spec, 2.2) a machine gets before the client's bytes:
+    PROXY command over TCP, the client's address and port and the one it connected to."""
+    import ipaddress
+
+    s, d = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
+    if s.version != d.version:  # an IPv4 client on an IPv6 listener: both as IPv6
+        s, d = (ipaddress.IPv6Address(f"::ffff:{a}") if a.version == 4 else a for a in (s, d))
+    fam = 0x11 if s.version == 4 else 0x21
+    body = s.packed + d.packed + src[1].to_bytes(2, "big") + dst[1].to_bytes(2, "big")
+    return PROXY_V2_SIGNATURE + bytes([0x21, fam]) + len(body).to_bytes(2, "big") + body
