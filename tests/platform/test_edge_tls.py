@@ -1,0 +1,247 @@
+"""The edge's TLS side against real clients: curl (HTTP/1.1 and HTTP/2), h2load, Python's ssl.
+
+An Edge with its HTTPS listener runs in the test's loop on free loopback ports;
+certificates come from a taxiway CA made in tmp. Clients never resolve a name:
+curl gets ``--resolve NAME:PORT:127.0.0.1``, h2load ``--connect-to``, Python
+connects to 127.0.0.1 and sends the name as SNI only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import socket
+import ssl
+import stat
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_edge import machine_record, machines, put_machine, routed, until  # noqa: F401, F811
+
+from taxiway.platform import edgeh2, edgetls, schema
+from taxiway.platform.edge import Edge, EdgeConfig
+from taxiway.platform.state import State
+
+pytestmark = pytest.mark.anyio
+
+
+# -- pure parts -----------------------------------------------------------------------------------------
+
+def client_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:
+    """The ClientHello Python's own TLS client sends (the bytes a real client puts on the wire)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def test_client_hello_gives_server_name_and_alpn():
+    data = client_hello("Web.Localhost", ["h2", "http/1.1"])
+    assert edgetls.parse_client_hello(data) == edgetls.Hello("web.localhost", ("h2", "http/1.1"))
+    assert edgetls.parse_client_hello(client_hello(None)) == edgetls.Hello(None, ())
+    assert edgetls.parse_client_hello(client_hello("x.test", ["acme-tls/1"])).alpn == ("acme-tls/1",)
+    # Every strict prefix asks for more bytes; other protocols are told apart at once.
+    for n in range(len(data)):
+        assert edgetls.parse_client_hello(data[:n]) is None
+    for other in (b"GET / HTTP/1.1\r\n\r\n", b"\x16\x03\x01\x00\x00", b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00"):
+        with pytest.raises(edgetls.NotTLS):
+            edgetls.parse_client_hello(other)
+
+
+REAL_HELLO = client_hello("web.localhost", ["h2"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.integers(0, 400))
+def test_client_hello_parser_never_crashes(noise: bytes, cut: int):
+    real = REAL_HELLO
+    for data in (noise, b"\x16\x03\x01" + noise, real[:cut] + noise, real[: 5 + cut] + noise):
+        try:
+            hello = edgetls.parse_client_hello(data)
+        except edgetls.NotTLS:
+            continue
+        assert hello is None or isinstance(hello, edgetls.Hello)
+
+
+def test_policy_names_redirects_and_renewal():
+    known = {"web"}.__contains__
+    custom = {"www.example.test": {"app": "web"}}
+    assert edgetls.app_for_server_name("web.localhost", "localhost", custom, known) == "web"
+    assert edgetls.app_for_server_name("nope.localhost", "localhost", custom, known) is None
+    assert edgetls.app_for_server_name("www.example.test", "localhost", custom, known) == "web"
+    assert edgetls.app_for_server_name("a.web.localhost", "localhost", custom, known) is None
+    assert edgetls.app_for_server_name(None, "localhost", custom, known) is None
+    from taxiway.egress import http
+
+    head = http.RequestHead("GET", "/a?b=1", b"HTTP/1.1", [])
+    out = edgetls.redirect_to_https(head, "web.localhost:8180", 8443)
+    assert out.startswith(b"HTTP/1.1 301 ") and b"\r\nLocation: https://web.localhost:8443/a?b=1\r\n" in out
+    assert b"Location: https://web.localhost/a?b=1\r\n" in edgetls.redirect_to_https(head, "web.localhost", 443)
+    force = {"services": [{"internal_port": 80, "ports": [{"port": 80, "handlers": ["http"], "force_https": True}]}]}
+    assert edgetls.wants_force_https([None, force]) and not edgetls.wants_force_https([machine_record("a", "b")["config"]])
+    now = datetime.now(UTC)
+    assert not edgetls.due(now + timedelta(days=20), timedelta(days=30), now)
+    assert edgetls.due(now + timedelta(days=9), timedelta(days=30), now)
+
+
+def test_h2_request_translation_refuses_field_splitting():
+    raw, chunked, method = edgeh2.request_head(
+        [(b":method", b"POST"), (b":path", b"/up?x=1"), (b":authority", b"web.localhost"), (b":scheme", b"https"),
+         (b"cookie", b"a=1"), (b"cookie", b"b=2"), (b"x-y", b"z")], has_body=True)
+    assert method == "POST" and chunked
+    assert raw == (b"POST /up?x=1 HTTP/1.1\r\nhost: web.localhost\r\nx-y: z\r\ncookie: a=1; b=2\r\n"
+                   b"transfer-encoding: chunked\r\n\r\n")
+    for bad in (b"a\r\nTransfer-Encoding: chunked", b"a\nb", b"a\x00"):
+        with pytest.raises(edgeh2.BadRequest):
+            edgeh2.request_head([(b":method", b"GET"), (b":path", b"/"), (b"x", bad)], has_body=False)
+
+
+def test_cert_store_issues_caches_and_renews(tmp_path: Path):
+    from taxiway.pki.ca import CA
+
+    CA.init(tmp_path / "ca")
+    store = edgetls.CertStore(tmp_path / "tls", str(tmp_path / "ca"))
+    ctx = store.context_for("web.localhost")
+    path = store.path("ca", "web.localhost")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and b"PRIVATE KEY" in path.read_bytes()
+    assert store.context_for("web.localhost") is ctx  # memory
+    first = path.read_bytes()
+    again = edgetls.CertStore(tmp_path / "tls", str(tmp_path / "ca"))
+    again.context_for("web.localhost")
+    assert path.read_bytes() == first  # the file, not a new certificate
+    # Due (last third of its lifetime): the next use issues a new one.
+    store.clock = lambda: datetime.now(UTC) + timedelta(days=25)
+    assert store.context_for("web.localhost") is not ctx and path.read_bytes() != first
+
+
+# -- against real clients ---------------------------------------------------------------------------------
+
+@pytest.fixture
+async def tls_edge(state: State, tmp_path: Path) -> AsyncIterator[Edge]:
+    from taxiway.pki.ca import CA
+
+    CA.init(tmp_path / "ca")
+    e = Edge(EdgeConfig(listen=("127.0.0.1", 0), https=("127.0.0.1", 0), ca=str(tmp_path / "ca"),
+                        tls_dir=str(tmp_path / "tls"), header_timeout=2.0, retry_window=1.0),
+             state=state, log=open(tmp_path / "edge.log", "ab"))
+    await e.start()
+    try:
+        yield e
+    finally:
+        await e.close()
+
+
+def root(tmp_path: Path) -> str:
+    return str(tmp_path / "ca" / "root.pem")
+
+
+async def curl(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec("curl", "-sS", "--max-time", "20", *args,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await proc.communicate()
+    return proc.returncode, out.decode(), err.decode()
+
+
+def tls_port(e: Edge) -> int:
+    return e.tls.address[1]
+
+
+async def test_https_http2_and_uploads_with_curl(state, tls_edge, machines, tmp_path):  # noqa: F811 - the fixture
+    web = machines("web", "0000000000000a")
+    await put_machine(state, web)
+    await until(lambda: routed(tls_edge, "web"), "routes")
+    port = tls_port(tls_edge)
+    resolve = f"web.localhost:{port}:127.0.0.1"
+    assert Path(root(tmp_path)).exists()
+    rc, out, err = await curl("--cacert", root(tmp_path), "--resolve", resolve, "--http1.1",
+                              "-w", "\n%{http_version}", f"https://web.localhost:{port}/hi")
+    assert rc == 0, err
+    body, version = out.rsplit("\n", 1)
+    got = json.loads(body)
+    assert version == "1.1" and got["machine"] == web.id and got["path"] == "/hi"
+    assert got["headers"]["x-forwarded-proto"] == "https"
+    # HTTP/2 (ALPN h2), several streams on one connection, and a body upload.
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(3 << 20) )
+    rc, out, err = await curl("--cacert", root(tmp_path), "--resolve", resolve, "--http2",
+                              "-w", "\n%{http_version}", f"https://web.localhost:{port}/a",
+                              f"https://web.localhost:{port}/b")
+    assert rc == 0, err
+    assert out.endswith("\n2") and out.count('"machine"') == 2 and '"x-forwarded-proto": "https"' in out
+    rc, out, err = await curl("--cacert", root(tmp_path), "--resolve", resolve, "--http2",
+                              "--data-binary", f"@{blob}", f"https://web.localhost:{port}/echo")
+    assert rc == 0, err
+    assert json.loads(out) == {"machine": web.id, "sha256": hashlib.sha256(blob.read_bytes()).hexdigest(),
+                               "bytes": 3 << 20}
+    # h2load: 40 requests, 10 streams at once on each of 2 connections.
+    proc = await asyncio.create_subprocess_exec(
+        "h2load", "-n", "40", "-c", "2", "-m", "10", f"--connect-to=127.0.0.1:{port}",
+        f"https://web.localhost:{port}/", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out_b, _ = await proc.communicate()
+    report = out_b.decode()
+    assert "40 succeeded, 0 failed, 0 errored" in report and "status codes: 40 2xx" in report, report
+    assert "Application protocol: h2" in report
+
+
+async def test_unknown_names_get_no_certificate(state, tls_edge, machines, tmp_path):  # noqa: F811 - the fixture
+    web = machines("web", "0000000000000a")
+    await put_machine(state, web)
+    await until(lambda: routed(tls_edge, "web"), "routes")
+    port = tls_port(tls_edge)
+    ctx = ssl.create_default_context(cafile=root(tmp_path))
+
+    def handshake(name: str | None) -> str:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            c = ctx if name else ssl._create_unverified_context()  # noqa: SLF001 - no SNI at all
+            with c.wrap_socket(s, server_hostname=name) as t:
+                return t.getpeercert()["subjectAltName"]
+
+    assert await asyncio.to_thread(handshake, "web.localhost") == (("DNS", "web.localhost"),)
+    for name in ("nothere.localhost", "other.example", None):
+        with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME|unrecognized name"):
+            await asyncio.to_thread(handshake, name)
+    # No certificate was made for them, and plain HTTP to the HTTPS port is told so.
+    assert sorted(p.name for p in (tmp_path / "tls" / "ca").iterdir()) == ["web.localhost.pem"]
+    rc, out, err = await curl(f"http://127.0.0.1:{port}/")
+    assert "HTTPS" in out
+
+
+async def test_force_https_custom_hostnames_and_http01_answers(state, tls_edge, machines, tmp_path):  # noqa: F811 - the fixture
+    web = machines("web", "0000000000000a")
+    await put_machine(state, web)
+    rec = machine_record("web", web.id)
+    rec["config"]["services"][0]["ports"][0]["force_https"] = True
+    await state.put(schema.MACHINES, schema.machine_key("web", web.id), rec)
+    await until(lambda: routed(tls_edge, "web"), "routes")
+    plain, port = tls_edge.address[1], tls_port(tls_edge)
+    rc, out, err = await curl("-i", "-H", "Host: web.localhost", f"http://127.0.0.1:{plain}/x?y=1")
+    assert out.startswith("HTTP/1.1 301") and f"Location: https://web.localhost:{port}/x?y=1" in out, out
+    # A custom hostname (the API writes it to CERTS): routed on both listeners, with its own certificate.
+    await state.put(schema.CERTS, "www.example.test", {"hostname": "www.example.test", "app": "web",
+                                                       "org": "personal", "acme": None})
+    await until(lambda: "www.example.test" in tls_edge.tls.hostnames, "hostnames")
+    rc, out, err = await curl("--cacert", root(tmp_path), "--resolve", f"www.example.test:{port}:127.0.0.1",
+                              f"https://www.example.test:{port}/z")
+    assert rc == 0, err
+    assert json.loads(out)["headers"]["host"] == f"www.example.test:{port}"
+    # ACME HTTP-01 answers come before any redirect or routing.
+    tls_edge.tls.http_tokens["tok123"] = "tok123.thumb"
+    rc, out, err = await curl("-H", "Host: www.example.test", f"http://127.0.0.1:{plain}/.well-known/acme-challenge/tok123")
+    assert out == "tok123.thumb"
+    await state.delete(schema.CERTS, "www.example.test")
+    await until(lambda: "www.example.test" not in tls_edge.tls.hostnames, "hostname gone")
+    rc, out, err = await curl("--cacert", root(tmp_path), "--resolve", f"www.example.test:{port}:127.0.0.1",
+                              f"https://www.example.test:{port}/z")
+    assert rc != 0
