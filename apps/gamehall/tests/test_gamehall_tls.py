@@ -34,12 +34,13 @@ def tls_redis(tmp_path_factory):
 
 def test_two_nodes_share_a_game_through_redis_with_client_certificates(tls_redis, tmp_path):
     url, certs, _ = tls_redis
-    # Node A takes its files from the environment, node B from redis-py's URL parameters.
+    # Node A takes its certificate and key from the environment as PEM text (as secrets
+    # arrive on the platform) and the CA as a path; node B from redis-py's URL parameters.
     env_a = {
         "GAMEHALL_REDIS_URL": url,
         "GAMEHALL_REDIS_CA": str(certs.root),
-        "GAMEHALL_REDIS_CERT": str(certs.client_cert),
-        "GAMEHALL_REDIS_KEY": str(certs.client_key),
+        "GAMEHALL_REDIS_CERT": certs.client_cert.read_text(),
+        "GAMEHALL_REDIS_KEY": certs.client_key.read_text(),
     }
     url_b = url + "?" + urlencode(
         {

@@ -15,6 +15,34 @@ def main() -> None:
     """gamehall: turn-based multiplayer games over live server-rendered pages."""
 
 
+_pem_dir: list[str] = []
+
+
+def _pem_file(value: str | None, option: str) -> str | None:
+    """A TLS file option as a path: PEM text (a secret in the environment, as on Fly) is
+    written to a private file (0600 in a 0700 directory, removed at exit)."""
+    if not value:
+        return None
+    if value.lstrip().startswith("-----BEGIN"):
+        import atexit
+        import shutil
+        import tempfile
+
+        if not _pem_dir:
+            _pem_dir.append(tempfile.mkdtemp(prefix="gamehall-tls-"))
+            atexit.register(shutil.rmtree, _pem_dir[0], True)
+        path = os.path.join(_pem_dir[0], option.strip("-") + ".pem")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(value.strip() + "\n")
+        return path
+    if not os.path.isfile(value):
+        raise click.UsageError(
+            f"{option}: {value!r} is neither a file nor PEM text; give the path of a PEM file"
+        )
+    return value
+
+
 def _app_name(dns_name: str) -> str:
     return dns_name.split(".", 1)[0] or "gamehall"
 
@@ -53,21 +81,18 @@ def _own_address(host: str, answer: list[str]) -> str | None:
 @click.option(
     "--redis-ca",
     envvar="GAMEHALL_REDIS_CA",
-    type=click.Path(exists=True, dir_okay=False),
-    help="CA certificate(s) that signed Redis's certificate (rediss:// only; default: the "
-    "system's trust store).",
+    help="CA certificate(s) that signed Redis's certificate, a file or the PEM text itself "
+    "(as a secret is); rediss:// only; default: the system's trust store.",
 )
 @click.option(
     "--redis-cert",
     envvar="GAMEHALL_REDIS_CERT",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Client certificate (chain) to present to Redis (tls-auth-clients yes).",
+    help="Client certificate (chain) to present to Redis (tls-auth-clients yes): file or PEM.",
 )
 @click.option(
     "--redis-key",
     envvar="GAMEHALL_REDIS_KEY",
-    type=click.Path(exists=True, dir_okay=False),
-    help="The client certificate's private key.",
+    help="The client certificate's private key: file or PEM.",
 )
 @click.option(
     "--node-id",
@@ -180,7 +205,11 @@ def serve(
         if bool(redis_cert) != bool(redis_key):
             raise click.UsageError("a client certificate needs its key: give both --redis-cert "
                                    "and --redis-key")
-        tls = TLSFiles(redis_ca, redis_cert, redis_key)
+        tls = TLSFiles(
+            _pem_file(redis_ca, "--redis-ca"),
+            _pem_file(redis_cert, "--redis-cert"),
+            _pem_file(redis_key, "--redis-key"),
+        )
         try:
             tls.context()
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
