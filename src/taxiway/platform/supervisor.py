@@ -225,8 +225,11 @@ class Supervisor:
         plan = [
             ("registry", "taxiway.cli.registry",
              lambda p: [py, "-m", "taxiway", "registry", "serve", "--listen", f"127.0.0.1:{p}", "--root", reg_root]),
-            ("egress", "taxiway.cli.egress",
-             lambda p: [py, "-m", "taxiway", "egress", "serve", "--listen", f"127.0.0.1:{p}"]),
+            # the platform's egress proxy: machines' only way out, on [fdaa::3]:3128 in the private
+            # network when there is one (the loopback port: readiness, /metrics, /healthz)
+            ("egress", "taxiway.platform.egressd",
+             lambda p: [py, "-m", "taxiway.platform.egressd", "--nats", self.nats.address, "--listen", f"127.0.0.1:{p}",
+                        "--fabric", "auto"]),
             # .internal DNS for machines on [fdaa::3]:53 when the host has a fabric (loopback: readiness)
             ("dns", "taxiway.platform.dnsserver",
              lambda p: [py, "-m", "taxiway.platform.dnsserver", "--nats", self.nats.address,
@@ -253,7 +256,7 @@ class Supervisor:
             else:
                 args = argv(port)
             child = Child(name, args, port)
-            if name in ("api", "agent", "edge", "dns"):
+            if name in ("api", "agent", "edge", "egress", "dns"):
                 # NATS credentials through the environment, never argv (ps shows argv to every user)
                 from taxiway.platform.state import NATS_URL_ENV
 
