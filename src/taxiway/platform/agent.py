@@ -354,22 +354,6 @@ def _org_credentials(auth: dict[str, Any], org: str) -> Any:
     return Credentials(org, secret)
 
 
-def _fabric_for(home: Path, wanted: bool) -> Any:
-    """This host's private network fabric (made if missing), or None when off or impossible here."""
-    import shutil
-
-    if not wanted or os.environ.get("TAXIWAY_PRIVATE_NETWORK", "1") == "0":
-        return None
-    missing = [t for t in ("ip", "ip6tables-restore", "iptables-restore", "nsenter", "unshare") if not shutil.which(t)]
-    if missing:
-        log.warning("no private network for machines: %s not installed (apt-get install iproute2 iptables)",
-                    ", ".join(missing))
-        return None
-    from taxiway.platform.fabric import Fabric
-
-    return Fabric.for_home(home)
-
-
 def _create_local(name: str, cfg: dict[str, Any], org: str) -> str:
     from taxiway import machines
 
@@ -463,7 +447,9 @@ class Agent:
         self.ops = asyncio.Semaphore(4)  # concurrent starts: the host has few cores
         # one create at a time: snapshot preparation is safe across processes, not across threads of one
         self.creating = asyncio.Lock()
-        self.fabric = _fabric_for(self.home, private_network)  # None: machines get no private network
+        from taxiway.platform.fabric import host_fabric
+
+        self.fabric = host_fabric(self.home, private_network)  # None: machines get no private network
 
     # -- life -------------------------------------------------------------------------------
 

@@ -327,6 +327,22 @@ class Fabric:
         return True
 
 
+def host_fabric(home: Path | str | None = None, wanted: bool = True) -> Fabric | None:
+    """The fabric of the platform at ``home``, or None when the private network is off
+    (``wanted`` False, env TAXIWAY_PRIVATE_NETWORK=0) or impossible (its tools are missing)."""
+    import logging
+    import shutil
+
+    if not wanted or os.environ.get("TAXIWAY_PRIVATE_NETWORK", "1") == "0":
+        return None
+    missing = [t for t in ("ip", "ip6tables-restore", "iptables-restore", "nsenter", "unshare") if not shutil.which(t)]
+    if missing:
+        logging.getLogger("taxiway.fabric").warning(
+            "no private network for machines: %s not installed (apt-get install iproute2 iptables)", ", ".join(missing))
+        return None
+    return Fabric.for_home(home)
+
+
 def listen_socket(family: int, type: int, addr: str, port: int, *, fab: Fabric | None = None,  # noqa: A002
                   backlog: int = 128, reuse: bool = True) -> socket.socket:
     """A socket bound to ``addr``:``port`` INSIDE the fabric (e.g. fdaa::3 port 53).
@@ -357,3 +373,24 @@ def listen_socket(family: int, type: int, addr: str, port: int, *, fab: Fabric |
     except OSError as e:
         raise TaxiwayError(f"cannot listen on [{addr}]:{port} in the private network: {e.strerror or e}",
                            "is another platform service already bound there?") from None
+
+
+def netns_mounts(under: Path | str) -> list[str]:
+    """Mount points of network namespace files below ``under`` (from /proc/self/mountinfo)."""
+    root = os.path.realpath(under).rstrip("/") + "/"
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            head, _, tail = line.partition(" - ")
+            point = head.split()[4].replace("\\040", " ")
+            if tail.split()[:1] == ["nsfs"] and (point + "/").startswith(root):
+                out.append(point)
+    return out
+
+
+def release_all(under: Path | str) -> int:
+    """Unmount every network namespace file below ``under`` (tests' safety net, a purge); returns how many."""
+    points = netns_mounts(under)
+    for p in points:
+        _drop_netns(Path(p))
+    return len(points)
