@@ -220,6 +220,7 @@ class Supervisor:
         self.nats = NatsServer(self.dir / "nats", port=self._port("nats"), pdeathsig=True).start()
         self._bootstrap_ca()
         self._bootstrap_registry()
+        self._private_network()
         py = sys.executable
         reg_root = str(self._registry_root())
         plan = [
@@ -436,7 +437,33 @@ class Supervisor:
             self.nats.stop()
         with contextlib.suppress(FileNotFoundError):
             (self.dir / "up.json").unlink()
+        self._private_network_down()
         self._log("platform stopped (machines keep running)")
+
+    def _private_network(self) -> None:
+        """The host's private network fabric (fdaa::3 and the machines' veths), before the DNS server,
+        egress proxy and agent start: they bind or plug into it. Off with TAXIWAY_PRIVATE_NETWORK=0."""
+        from taxiway.errors import TaxiwayError
+        from taxiway.platform.fabric import host_fabric
+
+        fab = host_fabric(self.dir.parent)
+        if fab is not None:
+            try:
+                fab.ensure()
+            except TaxiwayError as e:  # the platform still runs; machines then fail to create, saying why
+                self._log(f"no private network: {e.message}")
+
+    def _private_network_down(self) -> None:
+        """Remove the fabric once no machine is plugged into it; machines that still run keep it
+        (and their network) until the next ``taxiway up`` adopts them."""
+        from taxiway.platform.fabric import Fabric
+
+        fab = Fabric.for_home(self.dir.parent)
+        if fab.exists() and not fab.plugged():
+            try:
+                fab.teardown()
+            except OSError as e:
+                self._log(f"could not remove the private network fabric: {e}")
 
     def _log(self, msg: str) -> None:
         sys.stderr.write(f"{time.strftime('%H:%M:%S')} taxiway up: {msg}\n")
