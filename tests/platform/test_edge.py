@@ -91,8 +91,23 @@ class H(BaseHTTPRequestHandler):
                 left -= len(data)
                 yield data
 
+    def replay(self, q):
+        # Asks the edge to replay the request elsewhere unless it was replayed here already
+        # (/loop: always asks, the edge must cut it)
+        path = urllib.parse.urlsplit(self.path).path
+        if q.get("to") and (path == "/loop" or not self.headers.get("taxiway-replay-src")):
+            self.send_response(409)
+            self.send_header("Taxiway-Replay", q["to"])
+            self.send_header("Content-Length", "7")
+            self.end_headers()
+            self.wfile.write(b"ignored")
+            return True
+        return False
+
     def do_GET(self):
         q, path = self.q(), urllib.parse.urlsplit(self.path).path
+        if self.replay(q):
+            return
         if path == "/hold":
             self.wait_gate(q.get("gate"))
         if path == "/big":
@@ -123,7 +138,10 @@ class H(BaseHTTPRequestHandler):
             n += len(data)
             if n >= (1 << 20) and q.get("mark"):
                 open(q.pop("mark"), "w").close()
-        self.reply(200, json.dumps({"machine": NAME, "sha256": h.hexdigest(), "bytes": n}).encode())
+        if self.replay(q):
+            return
+        self.reply(200, json.dumps({"machine": NAME, "sha256": h.hexdigest(), "bytes": n,
+                                    "replay_src": self.headers.get("taxiway-replay-src")}).encode())
 
 srv = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2]) if len(sys.argv) > 2 else 0), H)
 srv.daemon_threads = True
@@ -166,13 +184,13 @@ def machines(tmp_path: Path):
 
 
 def machine_record(app: str, mid: str, *, desired: str = "started", cordoned: bool = False,
-                   checks: bool = False) -> dict:
+                   checks: bool = False, region: str = "local") -> dict:
     config: dict = {"image": f"{app}:latest",
                     "services": [{"internal_port": 8080, "protocol": "tcp",
                                   "ports": [{"port": 80, "handlers": ["http"]}]}]}
     if checks:
         config["checks"] = {"alive": {"type": "http", "port": 8080, "path": "/"}}
-    return {"id": mid, "app": app, "org": "personal", "region": "local", "host": "local", "config": config,
+    return {"id": mid, "app": app, "org": "personal", "region": region, "host": "local", "config": config,
             "desired": desired, "cordoned": cordoned, "process_group": "app", "release": 1}
 
 
@@ -775,3 +793,102 @@ def test_fast_head_parser_agrees_with_egress_http(method, target, version, field
             return ("refused", e.status)
 
     assert parse(edgehttp.parse_request_head) == parse(http.parse_request_head)
+
+
+# -- replay (taxiway-replay, Fly's fly-replay) ----------------------------------------------------------
+
+async def test_replay_sends_the_request_to_the_named_instance_or_region(state, edge, client, machines):
+    a, b = machines("web", "0000000000000a"), machines("web", "0000000000000b")
+    await put_machine(state, a)
+    await put_machine(state, b, region="ams")
+    await until(lambda: routed(edge, "web") == {a.id, b.id}, "routes")
+    for _ in range(4):  # whichever machine the balancer picks first, b answers
+        r = await client.get(f"/replay?to=instance={b.id}", headers=on("web"))
+        assert r.status_code == 200 and "taxiway-replay" not in r.headers, r.text
+        got = r.json()
+        assert got["machine"] == b.id
+        assert got["headers"]["taxiway-replay-src"] in (f"instance={a.id};region=local",
+                                                        f"instance={b.id};region=ams")
+    assert {(await client.get("/replay?to=region=ams", headers=on("web"))).json()["machine"]
+            for _ in range(4)} == {b.id}
+    # A client cannot forge where a request came from: its own header is dropped (so b asks again).
+    r = await client.get(f"/replay?to=instance={a.id}", headers={**on("web"), "taxiway-replay-src": "instance=x"})
+    assert r.json()["machine"] == a.id and r.json()["headers"]["taxiway-replay-src"].startswith("instance=")
+    # A small body is kept and sent again (the stream path).
+    body = os.urandom(40_000)
+    r = await client.post(f"/echo?replay=1&to=instance={a.id}", content=body, headers=on("web"))
+    got = r.json()
+    assert (got["machine"], got["bytes"], got["sha256"]) == (a.id, len(body), hashlib.sha256(body).hexdigest())
+    assert got["replay_src"].startswith("instance=")
+    # Loops are cut after one replay; a target that does not exist is a 503; neither shows the header.
+    for path in (f"/loop?to=instance={a.id}", "/replay?to=instance=00000000000fff", "/replay?to=region=nowhere"):
+        r = await client.get(path, headers=on("web"))
+        assert r.status_code == (502 if path.startswith("/loop") else 503), (path, r.status_code, r.text)
+        assert "taxiway-replay" not in r.headers
+    r = await client.post(f"/loop?to=instance={a.id}", content=b"abc", headers=on("web"))
+    assert r.status_code == 502 and "replayed already" in r.text
+    # A chunked body (not kept) cannot be replayed: said, not resent half.
+    async def gen():
+        yield b"x" * 100
+
+    r = await client.post(f"/echo?to=instance={a.id}", content=gen(), headers=on("web"))
+    assert r.status_code == 502 and "was not kept" in r.text
+
+
+# -- plain TCP services ----------------------------------------------------------------------------
+
+async def test_tcp_service_passes_bytes_and_proxy_protocol_v2(state, edge, machines):
+    """A [[services]] entry without an http handler: the edge listens on its port and splices bytes
+    to the machine's internal port; with the proxy_proto handler the machine first gets a PROXY v2
+    header naming the client."""
+    got_headers: list[bytes] = []
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        first = await r.read(16)
+        if first.startswith(edgehttp.PROXY_V2_SIGNATURE):
+            rest = await r.readexactly(int.from_bytes(first[14:16], "big"))
+            got_headers.append(first + rest)
+            first = b""
+        w.write(first)
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+        w.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    tcp_port = server.sockets[0].getsockname()[1]
+    web = machines("db", "0000000000000d")
+    plain, proxied = free_port(), free_port()
+    rec = machine_record("db", web.id)
+    rec["config"]["services"].append({"internal_port": 5432, "protocol": "tcp", "ports": [
+        {"port": plain, "handlers": []}, {"port": proxied, "handlers": ["proxy_proto"]}]})
+    st = status_record("db", web.id, web.port)
+    st["ports"]["5432"] = tcp_port
+    try:
+        await state.put(schema.APPS, "db", {"name": "db", "org": "personal"})
+        await state.put(schema.MACHINES, f"db.{web.id}", rec)
+        await state.put(schema.STATUS, f"db.{web.id}", st)
+        await until(lambda: set(edge._tcp) == {plain, proxied} and edge.routes.tcp_backends("db", 5432),
+                    "tcp listeners and their machine")
+        payload = os.urandom(3 << 20)
+        for port in (plain, proxied):
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(payload)
+            await w.drain()
+            w.write_eof()
+            assert await r.readexactly(len(payload)) == payload
+            me = w.get_extra_info("sockname")
+            w.close()
+        assert len(got_headers) == 1
+        h = got_headers[0]
+        assert h[12:14] == b"\x21\x11"  # v2 PROXY, TCP over IPv4
+        assert h[16:20] == bytes([127, 0, 0, 1]) and int.from_bytes(h[24:26], "big") == me[1]
+        assert int.from_bytes(h[26:28], "big") == proxied
+        await until(lambda: edge.balancer.counts() == {}, "released")
+        # The service goes away with its machines: so does the listener.
+        await state.put(schema.MACHINES, f"db.{web.id}", {**rec, "desired": "destroyed"})
+        await until(lambda: not edge._tcp, "listeners closed")
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", plain)
+    finally:
+        server.close()

@@ -49,6 +49,7 @@ import contextlib
 import itertools
 import secrets
 import signal
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -57,10 +58,10 @@ from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 
-from taxiway.egress import http
+from taxiway.egress import http, splice
 from taxiway.errors import InvalidInput, TaxiwayError
 from taxiway.listen import DEFAULT_HOST, parse_listen
-from taxiway.platform import schema
+from taxiway.platform import edgehttp, schema
 from taxiway.platform.balance import Backend, Balancer, Routes, machines_to_stop
 from taxiway.platform.edgehttp import (
     IDEMPOTENT,
@@ -244,7 +245,9 @@ class Edge:
         self._last_active: dict[str, float] = {}
         self._waking: dict[str, asyncio.Future] = {}
         self._autostops: dict[str, set[asyncio.Task]] = {}
-        self._tunnels: dict[str, set[_WsTunnel]] = {}  # machine -> open WebSocket tunnels (drained last)
+        self._tunnels: dict[str, set[Any]] = {}  # machine -> open tunnels (WebSocket, TCP): drained last
+        self._tcp: dict[int, _TcpListener] = {}  # plain TCP services: edge port -> listener
+        self._tcp_failed: set[int] = set()
         self._stopping = False
         self._stopped: asyncio.Event | None = None
         self.address: tuple[str, int] | None = None
@@ -293,6 +296,7 @@ class Edge:
             raise TaxiwayError(f"cannot listen on {host}:{port}: {e.strerror}",
                                "pick a free port with --listen HOST:PORT") from None
         self.address = self._server.sockets[0].getsockname()[:2]
+        self._sync_tcp()
         if self.config.https is not None:  # E1: the TLS side lives in platform.edgetls
             from taxiway.platform.edgetls import EdgeTLS
 
@@ -324,6 +328,9 @@ class Edge:
         """Stop listening, close idle clients, let in-flight requests finish, then cut the rest."""
         self._stopping = True
         self._notify()  # drains waiting on this edge answer now
+        for listener in self._tcp.values():
+            listener.close()
+        self._tcp.clear()
         for tunnels in list(self._tunnels.values()):
             for t in list(tunnels):
                 t.going_away()
@@ -421,6 +428,7 @@ class Edge:
         before = {b.machine for b in self.routes.backends(app)}
         if bucket == schema.MACHINES:
             self.routes.set_machine(key, value)
+            self._sync_tcp()
         else:
             self.routes.set_status(key, value)
         self._routes_changed(app, before)
@@ -821,6 +829,92 @@ class Edge:
                 tunnels.discard(t)
                 if not tunnels:
                     del self._tunnels[machine]
+
+    # -- plain TCP services ([[services]] without an http handler) --------------------------------
+    def _sync_tcp(self) -> None:
+        """Listen on every plain TCP service's port (on the edge's host), stop listening on gone ones."""
+        if self.address is None or self._stopping:
+            return  # start() calls this once the HTTP listener is up
+        want = self.routes.tcp_listeners()
+        for port in [p for p in self._tcp if p not in want]:
+            self._tcp.pop(port).close()
+            self.log(msg="tcp service closed", port=port)
+        self._tcp_failed &= set(want)
+        for port, spec in want.items():
+            if port in self._tcp:
+                self._tcp[port].spec = spec
+                continue
+            if port in self._tcp_failed:
+                continue
+            host = self.config.listen[0]
+            try:
+                sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                            backlog=1024, reuse_port=False)
+            except OSError as e:
+                self._tcp_failed.add(port)  # said once; tried again when the services change
+                self.log(msg="tcp service cannot listen", app=spec[0], port=port, error=e.strerror)
+                continue
+            sock.setblocking(False)
+            listener = _TcpListener(self, port, spec, sock)
+            self._tcp[port] = listener
+            listener.task = self._spawn(listener.serve())
+            self.log(msg="tcp service", app=spec[0], port=port, internal_port=spec[1], proxy_proto=spec[2])
+
+    async def _tcp_client(self, listener: _TcpListener, client: socket.socket, peer: tuple) -> None:
+        """One client of a TCP service: the least-loaded machine, PROXY v2 header if asked, then
+        bytes both ways by splice(2) (no byte enters Python)."""
+        loop = asyncio.get_running_loop()
+        app, internal, proxy_proto = listener.spec
+        tried: set[str] = set()
+        woke = False
+        try:
+            for _ in range(_MAX_ATTEMPTS):
+                backends = tuple(self.routes.tcp_backends(app, internal))
+                if not backends and not woke and self._wants_wake(app):
+                    woke = True
+                    await self.wake(app)
+                    continue
+                backend = self.balancer.choose(backends, tried, loop.time())
+                if backend is None:
+                    break
+                self.balancer.acquire(backend)
+                try:
+                    async with asyncio.timeout(self.config.connect_timeout):
+                        up = await splice.dial_socket(backend.host, backend.port)
+                except (OSError, TimeoutError):
+                    self._released(backend)
+                    self.balancer.mark_failed(backend, loop.time())
+                    tried.add(backend.machine)
+                    continue
+                self.balancer.opened(backend.machine)
+                tunnel = splice.SpliceTunnel(loop, client, up)
+                client = None  # the tunnel closes it
+                handle = _TcpTunnel(tunnel)
+                self._tunnels.setdefault(backend.machine, set()).add(handle)
+                try:
+                    if proxy_proto:
+                        local = tunnel.socks[0].getsockname()
+                        await loop.sock_sendall(up, edgehttp.proxy_v2_header(peer[:2], local[:2]))
+                    tunnel.start()
+                    await tunnel.done
+                except OSError:
+                    pass
+                finally:
+                    tunnel.close()
+                    self.balancer.closed(backend.machine)
+                    self._released(backend)
+                    tunnels = self._tunnels.get(backend.machine)
+                    if tunnels is not None:
+                        tunnels.discard(handle)
+                        if not tunnels:
+                            del self._tunnels[backend.machine]
+                return
+            self.log(msg="tcp service has no machine", app=app, port=listener.port)
+        except Exception as e:  # a bug must not pass unseen
+            self.log(msg="error", app=app, port=listener.port, error=repr(e))
+        finally:
+            if client is not None:
+                client.close()
 
     # -- scale to zero ---------------------------------------------------------------------------
     def _wants_wake(self, app: str) -> bool:
@@ -1766,6 +1860,45 @@ class _WsTunnel:
 
 
 WS_CLOSE_OPCODE = 0x8
+
+
+class _TcpTunnel:
+    """A TCP service's spliced connection, as a drain sees it: ended last, without a word."""
+
+    def __init__(self, tunnel: splice.SpliceTunnel) -> None:
+        self.tunnel = tunnel
+
+    def going_away(self) -> None:
+        self.tunnel.close()
+
+
+class _TcpListener:
+    """The edge's listening socket of one plain TCP service port; ``spec`` = (app, internal_port, proxy_proto)."""
+
+    def __init__(self, edge: Edge, port: int, spec: tuple[str, int, bool], sock: socket.socket) -> None:
+        self.edge, self.port, self.spec, self.sock = edge, port, spec, sock
+        self.task: asyncio.Task | None = None
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                client, peer = await loop.sock_accept(self.sock)
+            except OSError:
+                if self.sock.fileno() < 0:
+                    return  # closed
+                await asyncio.sleep(0.1)  # EMFILE and the like: never a busy loop
+                continue
+            if self.edge._at_capacity():
+                client.close()
+                continue
+            client.setblocking(False)
+            self.edge._spawn(self.edge._tcp_client(self, client, peer))
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        self.sock.close()
 
 
 async def _drain(writer: asyncio.StreamWriter) -> None:
