@@ -70,6 +70,12 @@ def tls_alpn_certificate(host: str, key_authz: str) -> tuple[bytes, bytes]:
                               serialization.NoEncryption()))
 
 
+def _typ(chall: Any) -> str:
+    """A challenge's type; the library keeps types it does not know (tls-alpn-01) as raw JSON."""
+    typ = getattr(chall, "typ", None)
+    return typ if isinstance(typ, str) else str(getattr(chall, "jobj", {}).get("type"))
+
+
 def _response_class() -> Any:
     """The tls-alpn-01 challenge response (``{}``), which the acme library no longer ships."""
     from acme import challenges
@@ -188,9 +194,9 @@ class AcmeManager:
         installed: list[tuple[str, str]] = []
         try:
             for authz in order.authorizations:
-                challb = next((c for c in authz.body.challenges if c.chall.typ == kind), None)
+                challb = next((c for c in authz.body.challenges if _typ(c.chall) == kind), None)
                 if challb is None:
-                    offered = ", ".join(c.chall.typ for c in authz.body.challenges)
+                    offered = ", ".join(_typ(c.chall) for c in authz.body.challenges)
                     raise RuntimeError(f"the ACME server offers no {kind} challenge (offers: {offered})")
                 token = challb.chall.encode("token") if hasattr(challb.chall, "token") \
                     else str(challb.chall.jobj["token"])
