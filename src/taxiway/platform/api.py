@@ -457,6 +457,9 @@ async def delete_app(request: Request) -> Response:
         await st.purge(schema.DEPLOYS, name)
     await st.purge_subject(schema.LOGS_STREAM, f"logs.{name}.>")
     await st.purge_subject(schema.EVENTS_STREAM, f"events.{name}.>")
+    for key, rec, _ in await st.snapshot(schema.CERTS, ">"):  # its custom hostnames (E1)
+        if rec.get("app") == name:
+            await st.purge(schema.CERTS, key)
     await st.delete(schema.APPS, name)
     return _json({"ok": True, "destroyed": name})
 
@@ -1050,6 +1053,72 @@ async def registry_token(request: Request) -> Response:
     return _json({"registry": cfg.registry, "repository": app["name"], "stored_as": f"{app['org']}/{app['name']}",
                   "username": app["org"], "password": secret, "expires_in": 3600})
 
+# -- certificates: custom hostnames for the edge's TLS (E1; schema.CERTS, read by platform.edgetls) -----
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+CHALLENGES = ("http-01", "tls-alpn-01")
+CERTS_SUBJECT = "edge.certs"  # the edge's view: {"hosts": {hostname: {"source", "not_after", "acme"}}}
+
+
+async def _edge_certs(st: State) -> dict[str, Any]:
+    """What the edge serves for each hostname; {} when no edge answers within a second."""
+    try:
+        got = await st.request(CERTS_SUBJECT, {}, timeout=1.0)
+    except (TaxiwayError, TimeoutError):
+        return {}
+    return got.get("hosts") or {}
+
+
+async def list_certs(request: Request) -> Response:
+    app = await _app(request)
+    st = _st(request)
+    recs = [r for _, r, _ in await st.snapshot(schema.CERTS, ">") if r.get("app") == app["name"]]
+    served = await _edge_certs(st)
+    return _json([{**r, "served": served.get(r["hostname"])} for r in sorted(recs, key=lambda r: r["hostname"])])
+
+
+async def add_cert(request: Request) -> Response:
+    app = await _app(request)
+    data = await _body(request)
+    host = (_str(data, "hostname", required=True) or "").strip().lower().rstrip(".")
+    if not _HOSTNAME.match(host) or host.endswith(".localhost"):
+        raise ApiError(400, f"invalid hostname {host!r}",
+                       "give a DNS name such as www.example.com (<app>.localhost names need no certs add)")
+    directory = _str(data, "acme")
+    if directory is not None and not directory.startswith("https://"):
+        raise ApiError(400, f"invalid ACME directory {directory!r}",
+                       "give the directory URL, e.g. https://acme-v02.api.letsencrypt.org/directory")
+    challenge = _str(data, "challenge", "http-01")
+    if challenge not in CHALLENGES:
+        raise ApiError(400, f"unknown ACME challenge {challenge!r}", f"use one of {', '.join(CHALLENGES)}")
+    rec = {"hostname": host, "app": app["name"], "org": app["org"], "acme": directory,
+           "challenge": challenge if directory else None, "created_at": time.time()}
+    st = _st(request)
+    try:
+        await st.put(schema.CERTS, host, rec, revision=0)
+    except Conflict:
+        got = await st.get(schema.CERTS, host)
+        if not got or got[0].get("app") != app["name"] or got[0].get("org") != app["org"]:
+            # Another app's (maybe another org's): say only that it is taken.
+            raise ApiError(409, f"hostname {host} is taken", "a hostname belongs to one app; remove it there first") \
+                from None
+        rec["created_at"] = got[0].get("created_at", rec["created_at"])
+        await st.put(schema.CERTS, host, rec, revision=got[1])
+        return _json(rec)
+    return _json(rec, 201)
+
+
+async def delete_cert(request: Request) -> Response:
+    app = await _app(request)
+    host = request.path_params["hostname"].strip().lower().rstrip(".")
+    st = _st(request)
+    got = await st.get(schema.CERTS, host) if _HOSTNAME.match(host) else None
+    if not got or got[0].get("app") != app["name"]:
+        raise ApiError(404, f"no hostname {host} on app {app['name']}", "list them with 'taxiway certs ls'")
+    await st.delete(schema.CERTS, host)
+    return _json({"ok": True, "deleted": host})
+
+
 
 # -- the route table (also the OpenAPI document's source) ---------------------------------------------------
 
@@ -1094,6 +1163,10 @@ ROUTES: list[tuple[str, str, Callable[[Request], Awaitable[Response]], str]] = [
     ("DELETE", "/v1/apps/{app}/volumes/{id}", delete_volume, "Destroy a volume (not while attached)"),
     ("GET", "/v1/apps/{app}/logs", app_logs, "Logs as NDJSON (?machine=, ?region=, ?follow=1, ?limit=)"),
     ("POST", "/v1/apps/{app}/registry_token", registry_token, "Credentials to push and pull the app's images"),
+    ("GET", "/v1/apps/{app}/certificates", list_certs, "The app's custom hostnames and what the edge serves for them"),
+    ("POST", "/v1/apps/{app}/certificates", add_cert,
+     "Add a custom hostname {hostname, acme?: directory URL, challenge?: http-01|tls-alpn-01}"),
+    ("DELETE", "/v1/apps/{app}/certificates/{hostname}", delete_cert, "Remove a custom hostname"),
 ]
 
 
