@@ -65,7 +65,7 @@
   const root = document.getElementById("game");
   if (!root) return;
   const conn = document.getElementById("conn");
-  let ws = null, tries = 0, timer = null, connected = false;
+  let ws = null, tries = 0, timer = null, connected = false, queued = null, reconnects = 0;
 
   function say(text, retry) {
     if (!conn) return;
@@ -109,14 +109,20 @@
     ws = sock;
     sock.onopen = function () {
       connected = true;
-      if (tries) say("Reconnected.");
+      root.dataset.conn = "open";
+      if (tries) {
+        say("Reconnected.");
+        root.dataset.reconnects = String(++reconnects);
+      }
       tries = 0;
+      if (queued) { sock.send(queued); queued = null; }  // what was pressed while away
       setTimeout(function () { if (connected && conn && conn.textContent === "Reconnected.") say(""); }, 2000);
     };
     sock.onmessage = function (ev) { swap(ev.data); };
     sock.onclose = function (ev) {
       if (sock !== ws) return;
       connected = false;
+      root.dataset.conn = "closed";
       if (ev.code === 1000) { say("Disconnected."); return; }  // the server said why, in #notice
       const why = ev.code === 1009 ? "the last message was too big" :
                   ev.code === 1008 ? (ev.reason || "too many messages") : "the connection dropped";
@@ -140,7 +146,10 @@
     if ("move" in data) data.move = Number(data.move);
     if (data.action === "join" && data.name) localStorage.setItem("gamehall-name", data.name);
     if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(data));
-    else say("Not connected yet; try again in a moment.");
+    else {  // sent on reconnecting (the server checks it against the game as it is then)
+      queued = JSON.stringify(data);
+      say("Not connected just now: it will be sent when the page reconnects…", true);
+    }
   });
 
   // -- keyboard play: arrow keys move between cells, number keys (or a row letter and
