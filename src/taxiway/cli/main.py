@@ -86,6 +86,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "machine": ("taxiway.cli.platform:machine", "An app's machines on the platform: ls, start, stop, exec..."),
     "volumes": ("taxiway.cli.platform:volumes", "An app's volumes: create, ls, destroy."),
     "open": ("taxiway.cli.platform:open_", "Print the app's URL."),
+    "certs": ("taxiway.cli.certs:certs", "An app's custom hostnames and their TLS certificates (CA or ACME)."),
     "launch": ("taxiway.cli.deploy:launch", "Detect the app, write taxiway.toml, create it, deploy."),
     "deploy": ("taxiway.cli.deploy:deploy", "Build, push and roll out a new release."),
     "releases": ("taxiway.cli.deploy:releases", "List an app's releases."),

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from taxiway.platform.edgehttp import Plan
 
 ACME_TLS_ALPN = "acme-tls/1"
+CERTS_SUBJECT = "edge.certs"  # request/reply: {} -> {"ok", "edge", "https", "hosts": {hostname: {...}}}
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
 MAX_HELLO = 16 * 1024 + 5      # one TLS record: every ClientHello a real client sends fits
 _ALERT_UNRECOGNIZED_NAME = bytes([21, 3, 3, 0, 2, 2, 112])  # fatal alert 112, TLS record
@@ -367,6 +368,7 @@ class EdgeTLS:
         self._conns: set[Any] = set()                     # HTTP/2 connections (closed at stop)
         self._force: dict[str, tuple[tuple, bool]] = {}
         self._mirror: asyncio.Task | None = None
+        self._subs: list[Any] = []
         self._ready = asyncio.Event()
         self.acme: Any = None
         self.handshakes = 0
@@ -403,6 +405,7 @@ class EdgeTLS:
 
         self.acme = AcmeManager(self)
         self._spawn(self.acme.run())
+        self._subs.append(await self.edge.state.serve(CERTS_SUBJECT, self._answer_certs))
         self.edge.log(msg="listening https", address=f"{self.address[0]}:{self.address[1]}",
                       alpn=list(self.certs.alpn), hostnames=sorted(self.hostnames))
         return self.address
@@ -416,6 +419,9 @@ class EdgeTLS:
             self._sock = None
         for s in list(self._pending):
             self._drop(s)
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
         for c in list(self._conns):
             with contextlib.suppress(Exception):
                 c.shutdown()
@@ -425,6 +431,18 @@ class EdgeTLS:
             t.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
+
+    async def _answer_certs(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``edge.certs``: for each hostname served, its certificate's source and expiry, ACME state."""
+        cached = self.certs.cached()
+        hosts: dict[str, Any] = {}
+        for host in sorted(set(self.hostnames) | set(cached)):
+            info = dict(cached.get(host) or {})
+            if self.acme is not None and host in self.acme.status:
+                info["acme"] = self.acme.status[host]
+            hosts[host] = info
+        return {"ok": True, "edge": self.edge.name, "hosts": hosts,
+                "https": f"{self.address[0]}:{self.address[1]}" if self.address else None}
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
