@@ -11,7 +11,7 @@ One run starts, each with its own temp config and stopped after:
   ``web.localhost`` to machine A.
 
 Measured:
-- small requests at each --conns: a Go load generator (built here, stdlib only) opens C
+- small requests at each --conns: the Go load generator (bench/_loadgen.py) opens C
   keep-alive connections, sends one warm-up request on each, then GET /small with
   ``Host: web.localhost`` on all of them for --seconds; requests/s, p50/p99 and errors;
   "added" is p50/p99 minus direct's. Each path runs --repeat times interleaved, best kept.
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -44,164 +43,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "bench"))
+
+import _loadgen  # noqa: E402  (bench/_loadgen.py: the Go load generator shared with bench/egress.py)
 
 from taxiway.platform import schema  # noqa: E402
 from taxiway.platform.nats import NatsServer  # noqa: E402
 from taxiway.platform.state import State  # noqa: E402
-
-LOADGEN_GO = r'''
-package main
-
-import (
-	"bufio"
-	"encoding/json"
-	"flag"
-	"fmt"
-	"io"
-	"net"
-	"os"
-	"sort"
-	"strconv"
-	"strings"
-	"sync"
-	"time"
-)
-
-func readResponse(r *bufio.Reader) (int, error) {
-	line, err := r.ReadString('\n')
-	if err != nil {
-		return 0, err
-	}
-	parts := strings.SplitN(line, " ", 3)
-	if len(parts) < 2 {
-		return 0, fmt.Errorf("bad status line %q", line)
-	}
-	status, _ := strconv.Atoi(parts[1])
-	length := -1
-	for {
-		h, err := r.ReadString('\n')
-		if err != nil {
-			return 0, err
-		}
-		if h == "\r\n" {
-			break
-		}
-		if i := strings.IndexByte(h, ':'); i > 0 && strings.EqualFold(h[:i], "content-length") {
-			length, _ = strconv.Atoi(strings.TrimSpace(h[i+1:]))
-		}
-	}
-	if length > 0 {
-		if _, err := io.CopyN(io.Discard, r, int64(length)); err != nil {
-			return 0, err
-		}
-	}
-	return status, nil
-}
-
-func main() {
-	addr := flag.String("addr", "", "host:port to dial")
-	host := flag.String("host", "", "Host header")
-	path := flag.String("path", "/small", "")
-	conns := flag.Int("c", 1, "connections")
-	seconds := flag.Float64("d", 3, "seconds")
-	flag.Parse()
-
-	lats := make([][]time.Duration, *conns)
-	errs := make([]int, *conns)
-	var setup, wg sync.WaitGroup
-	start := make(chan struct{})
-	var end time.Time
-	var firstErr string
-	var mu sync.Mutex
-	fail := func(i int, e string) {
-		errs[i]++
-		mu.Lock()
-		if firstErr == "" {
-			firstErr = e
-		}
-		mu.Unlock()
-	}
-	req := []byte(fmt.Sprintf("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", *path, *host))
-	for i := 0; i < *conns; i++ {
-		setup.Add(1)
-		wg.Add(1)
-		go func(i int) {
-			defer wg.Done()
-			var c net.Conn
-			var r *bufio.Reader
-			dial := func() error {
-				var err error
-				c, err = net.DialTimeout("tcp", *addr, 10*time.Second)
-				if err != nil {
-					return err
-				}
-				r = bufio.NewReaderSize(c, 65536)
-				return nil
-			}
-			if err := dial(); err != nil {
-				fail(i, err.Error())
-				setup.Done()
-				return
-			}
-			c.Write(req)
-			if st, err := readResponse(r); err != nil || st != 200 {
-				fail(i, fmt.Sprintf("warm-up: %d %v", st, err))
-				setup.Done()
-				return
-			}
-			setup.Done()
-			<-start
-			out := make([]time.Duration, 0, 4096)
-			for time.Now().Before(end) {
-				t0 := time.Now()
-				if _, err := c.Write(req); err != nil {
-					fail(i, err.Error())
-					c.Close()
-					if dial() != nil {
-						break
-					}
-					continue
-				}
-				st, err := readResponse(r)
-				if err != nil || st != 200 {
-					fail(i, fmt.Sprintf("%d %v", st, err))
-					c.Close()
-					if dial() != nil {
-						break
-					}
-					continue
-				}
-				out = append(out, time.Since(t0))
-			}
-			c.Close()
-			lats[i] = out
-		}(i)
-	}
-	setup.Wait()
-	t0 := time.Now()
-	end = t0.Add(time.Duration(*seconds * float64(time.Second)))
-	close(start)
-	wg.Wait()
-	elapsed := time.Since(t0).Seconds()
-	var all []time.Duration
-	nerr := 0
-	for i := range lats {
-		all = append(all, lats[i]...)
-		nerr += errs[i]
-	}
-	sort.Slice(all, func(a, b int) bool { return all[a] < all[b] })
-	pct := func(p float64) float64 {
-		if len(all) == 0 {
-			return 0
-		}
-		return float64(all[int(p*float64(len(all)-1))].Microseconds()) / 1000
-	}
-	json.NewEncoder(os.Stdout).Encode(map[string]any{
-		"requests": len(all), "rps": float64(len(all)) / elapsed, "p50_ms": pct(0.50),
-		"p99_ms": pct(0.99), "errors": nerr, "first_error": firstErr,
-	})
-}
-'''
 
 APP = "web"
 HOST = f"{APP}.localhost"
@@ -276,25 +124,6 @@ http {{
                 port, d / "nginx.out")
 
 
-def build_loadgen(d: Path) -> Path:
-    src = d / "loadgen"
-    src.mkdir()
-    (src / "main.go").write_text(LOADGEN_GO)
-    (src / "go.mod").write_text("module loadgen\n\ngo 1.19\n")
-    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOCACHE": str(d / "gocache"), "GOPATH": str(d / "gopath"),
-           "GOPROXY": "off", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
-    subprocess.run(["go", "build", "-o", str(src / "loadgen"), "."], cwd=src, env=env, check=True)
-    return src / "loadgen"
-
-
-def load(loadgen: Path, port: int, conns: int, seconds: float) -> dict:
-    argv = [str(loadgen), "-addr", f"127.0.0.1:{port}", "-host", HOST, "-c", str(conns), "-d", str(seconds)]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr)
-    return json.loads(r.stdout)
-
-
 def machine(mid: str, *, cordoned: bool = False) -> dict:
     return {"id": mid, "app": APP, "org": "personal", "region": "local", "host": "local", "desired": "started",
             "cordoned": cordoned, "config": {"services": [{"internal_port": 8080, "protocol": "tcp",
@@ -359,7 +188,7 @@ def main() -> None:
         sys.exit("error: bench/edge.py needs nginx and go; fix: install nginx and golang-go (.ci/apt-packages.txt)")
     with tempfile.TemporaryDirectory(prefix="tw-bench-edge-") as tmp:
         d = Path(tmp)
-        loadgen = build_loadgen(d)
+        loadgen = _loadgen.build(d)
         ports = {MACHINE_A: free_port(), MACHINE_B: free_port()}
         machines: dict[str, Proc] = {MACHINE_A: nginx(d / "machine-a", ports[MACHINE_A]),
                                      MACHINE_B: nginx(d / "machine-b", ports[MACHINE_B])}
@@ -382,14 +211,16 @@ def main() -> None:
                 best: dict[str, dict] = {}
                 for _ in range(a.repeat):
                     for name, port in paths.items():
-                        r = load(loadgen, port, c, a.seconds)
+                        r = _loadgen.run(loadgen, target=f"127.0.0.1:{port}", host=HOST, conns=c, seconds=a.seconds,
+                                         reconnect=True)
                         if name not in best or r["rps"] > best[name]["rps"]:
                             best[name] = r
                 for name, r in best.items():
                     rows.append((c, name, r, best["direct"]))
             # A rolling deploy under load, through the edge.
             result: dict = {}
-            t = threading.Thread(target=lambda: result.update(load(loadgen, edge_port, 50, a.seconds * 3)))
+            t = threading.Thread(target=lambda: result.update(_loadgen.run(
+                loadgen, target=f"127.0.0.1:{edge_port}", host=HOST, conns=50, seconds=a.seconds * 3, reconnect=True)))
             t.start()
             time.sleep(0.5)
             steps = rolling_deploy(p, ports, machines, d)

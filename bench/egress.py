@@ -11,7 +11,7 @@ One run starts, each with its own temp config and stopped after:
 Measured, per path (direct / squid / taxiway):
 - CONNECT throughput: curl downloads /big through a CONNECT tunnel (direct: no proxy),
   best of --rounds rounds, the three paths interleaved in each round;
-- small requests: a Go load generator (built here from the source below, stdlib only)
+- small requests: the Go load generator (bench/_loadgen.py, shared with bench/edge.py)
   opens C connections (1, 50, 500), sends one warm-up request on each, then keep-alive
   GET /small on all of them for a fixed time; for the proxies both through CONNECT tunnels and as absolute-form HTTP. It
   reports requests/s, p50/p99 latency and errors; "added" is the p50/p99 minus direct's.
@@ -40,173 +40,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+import _loadgen  # noqa: E402  (bench/_loadgen.py: the Go load generator shared with bench/edge.py)
+
 UPSTREAM_HOST = "127.0.0.2"
-
-LOADGEN_GO = r'''
-package main
-
-import (
-	"bufio"
-	"encoding/json"
-	"flag"
-	"fmt"
-	"io"
-	"net"
-	"os"
-	"sort"
-	"strconv"
-	"strings"
-	"sync"
-	"time"
-)
-
-func readResponse(r *bufio.Reader) (int, error) {
-	line, err := r.ReadString('\n')
-	if err != nil {
-		return 0, err
-	}
-	parts := strings.SplitN(line, " ", 3)
-	if len(parts) < 2 {
-		return 0, fmt.Errorf("bad status line %q", line)
-	}
-	status, _ := strconv.Atoi(parts[1])
-	length := -1
-	for {
-		h, err := r.ReadString('\n')
-		if err != nil {
-			return 0, err
-		}
-		if h == "\r\n" {
-			break
-		}
-		if i := strings.IndexByte(h, ':'); i > 0 && strings.EqualFold(h[:i], "content-length") {
-			length, _ = strconv.Atoi(strings.TrimSpace(h[i+1:]))
-		}
-	}
-	if length > 0 {
-		if _, err := io.CopyN(io.Discard, r, int64(length)); err != nil {
-			return 0, err
-		}
-	}
-	return status, nil
-}
-
-func main() {
-	mode := flag.String("mode", "direct", "direct, connect or http")
-	proxy := flag.String("proxy", "", "proxy host:port")
-	target := flag.String("target", "", "upstream host:port")
-	path := flag.String("path", "/small", "")
-	conns := flag.Int("c", 1, "connections")
-	seconds := flag.Float64("d", 3, "seconds")
-	maxPerConn := flag.Int("n", 2000000, "max requests per connection")
-	flag.Parse()
-
-	lats := make([][]time.Duration, *conns)
-	errs := make([]int, *conns)
-	ready := make([]bool, *conns)
-	var setup, wg sync.WaitGroup
-	start := make(chan struct{})
-	var end time.Time
-	for i := 0; i < *conns; i++ {
-		setup.Add(1)
-		wg.Add(1)
-		go func(i int) {
-			defer wg.Done()
-			addr := *target
-			if *mode != "direct" {
-				addr = *proxy
-			}
-			c, err := net.DialTimeout("tcp", addr, 10*time.Second)
-			if err != nil {
-				errs[i]++
-				setup.Done()
-				return
-			}
-			defer c.Close()
-			r := bufio.NewReaderSize(c, 65536)
-			if *mode == "connect" {
-				fmt.Fprintf(c, "CONNECT %s HTTP/1.1\r\nHost: %s\r\n\r\n", *target, *target)
-				st, err := readResponse(r)
-				if err != nil || st != 200 {
-					errs[i]++
-					setup.Done()
-					return
-				}
-			}
-			p := *path
-			if *mode == "http" {
-				p = "http://" + *target + *path
-			}
-			req := []byte(fmt.Sprintf("GET %s HTTP/1.1\r\nHost: %s\r\n\r\n", p, *target))
-			// One warm-up request per connection, so every path is measured in its
-			// steady state (accepted, upstream connection open), not its start-up.
-			if _, err := c.Write(req); err != nil {
-				errs[i]++
-				setup.Done()
-				return
-			}
-			if st, err := readResponse(r); err != nil || st != 200 {
-				errs[i]++
-				setup.Done()
-				return
-			}
-			ready[i] = true
-			setup.Done()
-			<-start
-			out := make([]time.Duration, 0, 4096)
-			for n := 0; n < *maxPerConn && time.Now().Before(end); n++ {
-				t0 := time.Now()
-				if _, err := c.Write(req); err != nil {
-					errs[i]++
-					break
-				}
-				st, err := readResponse(r)
-				if err != nil || st != 200 {
-					errs[i]++
-					break
-				}
-				out = append(out, time.Since(t0))
-			}
-			lats[i] = out
-		}(i)
-	}
-	setup.Wait()
-	t0 := time.Now()
-	end = t0.Add(time.Duration(*seconds * float64(time.Second)))
-	close(start)
-	wg.Wait()
-	elapsed := time.Since(t0).Seconds()
-	var all []time.Duration
-	nerr, held := 0, 0
-	minPer, maxPer := -1, 0
-	for i := range lats {
-		all = append(all, lats[i]...)
-		if ready[i] && (minPer < 0 || len(lats[i]) < minPer) {
-			minPer = len(lats[i])
-		}
-		if len(lats[i]) > maxPer {
-			maxPer = len(lats[i])
-		}
-		nerr += errs[i]
-		if ready[i] {
-			held++
-		}
-	}
-	sort.Slice(all, func(a, b int) bool { return all[a] < all[b] })
-	pct := func(p float64) float64 {
-		if len(all) == 0 {
-			return 0
-		}
-		return float64(all[int(p*float64(len(all)-1))].Microseconds()) / 1000
-	}
-	json.NewEncoder(os.Stdout).Encode(map[string]any{
-		"requests": len(all), "rps": float64(len(all)) / elapsed, "p50_ms": pct(0.50),
-		"p99_ms": pct(0.99), "errors": nerr, "connections_held": held,
-		"min_per_conn": minPer, "max_per_conn": maxPer,
-	})
-}
-'''
-
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -299,19 +137,11 @@ def taxiway(d: Path, port: int):
     d.mkdir(parents=True)
     argv = [sys.executable, "-m", "taxiway", "egress", "serve", "--listen", f"127.0.0.1:{port}",
             "--allow-range", f"{UPSTREAM_HOST}/32", "--resolver", "127.0.0.1:9", "--max-tunnels", "20000"]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "PROXY_PASSWORD": ""}
+    # No proxy authentication (squid runs without it too): PROXY_PASSWORD unset, not empty, which
+    # the proxy refuses as a likely mistake.
+    env = {k: v for k, v in os.environ.items() if k != "PROXY_PASSWORD"}
+    env["PYTHONPATH"] = str(REPO / "src")
     return process(argv, "127.0.0.1", port, d / "taxiway.log", env=env)
-
-
-def build_loadgen(d: Path) -> Path:
-    src = d / "loadgen"
-    src.mkdir()
-    (src / "main.go").write_text(LOADGEN_GO)
-    (src / "go.mod").write_text("module loadgen\n\ngo 1.19\n")
-    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOCACHE": str(d / "gocache"), "GOPATH": str(d / "gopath"),
-           "GOPROXY": "off", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
-    subprocess.run(["go", "build", "-o", str(src / "loadgen"), "."], cwd=src, env=env, check=True)
-    return src / "loadgen"
 
 
 def throughput(proxy: str | None, url: str) -> float:
@@ -328,16 +158,6 @@ def throughput(proxy: str | None, url: str) -> float:
             raise RuntimeError(f"download via {proxy} answered {code}")
         best = max(best, float(speed) / 1e6)
     return best
-
-
-def load(loadgen: Path, mode: str, proxy: str | None, target: str, conns: int, seconds: float) -> dict:
-    argv = [str(loadgen), "-mode", mode, "-target", target, "-c", str(conns), "-d", str(seconds)]
-    if proxy:
-        argv += ["-proxy", proxy]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
-    if r.returncode != 0:
-        raise RuntimeError(r.stderr)
-    return json.loads(r.stdout)
 
 
 def main() -> None:
@@ -358,7 +178,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-egress-") as tmp:
         d = Path(tmp)
         os.chmod(d, 0o755)
-        loadgen = build_loadgen(d)
+        loadgen = _loadgen.build(d)
         up_port, squid_port, tw_port = free_port(UPSTREAM_HOST), free_port(), free_port()
         target = f"{UPSTREAM_HOST}:{up_port}"
         with contextlib.ExitStack() as stack:
@@ -387,7 +207,8 @@ def main() -> None:
                 best: dict[str, dict] = {}
                 for _ in range(args.repeat):  # interleaved, keep each path's best run
                     for label, mode, addr in runs:
-                        r = load(loadgen, mode, addr, target, c, args.seconds)
+                        r = _loadgen.run(loadgen, mode=mode, proxy=addr, target=target, conns=c,
+                                         seconds=args.seconds)
                         if label not in best or r["rps"] > best[label]["rps"]:
                             best[label] = r
                 direct = best["direct"]
