@@ -225,6 +225,13 @@ class _LogPump:
 
     Past the limit one line says so and the rest is read and dropped, so a build that prints
     without end neither fills the disk nor blocks on a full pipe.
+
+    Not :class:`taxiway.machines.logs.LogPump`, on purpose: that one is a machine's log, a
+    formatter fed by the runtime's own I/O loop, which stamps each line with time and stream
+    and rotates to keep the newest output of a machine that runs for months. A step's output
+    is a build transcript: copied byte for byte (``detect``'s captured output is read back
+    as the buildpack wrote it, and the build log is shown as-is), all steps appended to one
+    file with one cap for the whole build, and no I/O loop of its own to feed a formatter.
     """
 
     def __init__(self, fd: int, path: Path, limit: int):
