@@ -892,3 +892,82 @@ async def test_tcp_service_passes_bytes_and_proxy_protocol_v2(state, edge, machi
             await asyncio.open_connection("127.0.0.1", plain)
     finally:
         server.close()
+
+
+async def test_drain_closes_websockets_last_with_a_going_away_frame(state, edge, machines):
+    """A drained machine: no new requests, in-flight ones finish, then its WebSockets get a
+    close frame 1001 from the edge, and the drain reports it drained."""
+    import websockets
+
+    gate = asyncio.Event()
+
+    async def echo(ws):
+        async for message in ws:
+            await ws.send(message)
+
+    async def hold(conn, request):
+        if request.path.startswith("/hold"):
+            await gate.wait()
+            return conn.respond(200, "held\n")
+        return None
+
+    mid, key = "0000000000000c", "chat.0000000000000c"
+    async with websockets.serve(echo, "127.0.0.1", 0, process_request=hold) as server:
+        port = server.sockets[0].getsockname()[1]
+        await state.put(schema.APPS, "chat", {"name": "chat", "org": "personal"})
+        await state.put(schema.MACHINES, key, machine_record("chat", mid))
+        await state.put(schema.STATUS, key, status_record("chat", mid, port))
+        await until(lambda: routed(edge, "chat"), "routes")
+        async with websockets.connect("ws://chat.localhost/ws", host=edge.address[0], port=edge.address[1]) as ws, \
+                httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge.address[1]}", timeout=30) as c:
+            await ws.send("a")
+            assert await ws.recv() == "a"
+            held = asyncio.create_task(c.get("/hold", headers=on("chat")))
+            await until(lambda: edge.balancer.counts().get(mid) == 2, "a request and a WebSocket in flight")
+            await state.put(schema.MACHINES, key, machine_record("chat", mid, cordoned=True))
+            drained = asyncio.create_task(edge_mod.drain(state, [mid], timeout=60))
+            await until(lambda: not routed(edge, "chat"), "cordon seen")
+            assert (await c.get("/", headers=on("chat"))).status_code == 503  # no new requests
+            # The WebSocket stays open while a request of the machine is in flight.
+            await ws.send("b")
+            assert await ws.recv() == "b"
+            assert not drained.done()
+            gate.set()
+            assert (await held).text == "held\n"
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+            assert (await drained)["drained"] is True
+        await until(lambda: edge.balancer.counts() == {} and not edge._tunnels, "released")
+
+
+def test_websocket_frames_and_proxy_header_are_tracked_exactly():
+    """WsFrames finds frame boundaries (any split of the bytes), so a close frame is never put inside one."""
+    def frame(payload: bytes, masked: bool, opcode: int = 1) -> bytes:
+        n = len(payload)
+        ln = bytes([n | (0x80 if masked else 0)]) if n < 126 else (
+            bytes([126 | (0x80 if masked else 0)]) + n.to_bytes(2, "big") if n < 65536 else
+            bytes([127 | (0x80 if masked else 0)]) + n.to_bytes(8, "big"))
+        return bytes([0x80 | opcode]) + ln + (b"MASK" if masked else b"") + payload
+
+    stream = frame(b"x" * 5, False) + frame(b"y" * 300, True, 2) + frame(b"z" * 70000, False) + frame(b"", True, 8)
+    ends = {7, 7 + 308, 7 + 308 + 70010, len(stream)}
+    for step in (1, 3, 64, 4096, len(stream)):
+        f, seen, at = edgehttp.WsFrames(), [], 0
+        for i in range(0, len(stream), step):
+            part = stream[i:i + step]
+            b = f.boundary_in(part)
+            if b is not None and not f.at_boundary:
+                assert at + b in ends
+            seen += f.feed(part)
+            at += len(part)
+            assert f.at_boundary == (at in ends)
+        assert seen == [1, 2, 1, 8]
+    assert edgehttp.ws_close_frame() [:4] == b"\x88\x1b\x03\xe9"  # FIN+close, 27 bytes, 1001
+    h = edgehttp.proxy_v2_header(("127.0.0.1", 40000), ("127.0.0.2", 5432))
+    assert h == edgehttp.PROXY_V2_SIGNATURE + b"\x21\x11\x00\x0c" + bytes([127, 0, 0, 1, 127, 0, 0, 2]) + \
+        (40000).to_bytes(2, "big") + (5432).to_bytes(2, "big")
+    assert edgehttp.proxy_v2_header(("::1", 1), ("::1", 2))[12:16] == b"\x21\x21\x00\x24"
+    assert edgehttp.parse_replay(b"instance=abc; state=x") == {"instance": "abc", "state": "x"}
+    with pytest.raises(edgehttp.http.ProtocolError):
+        edgehttp.parse_replay(b"nothing=here")
