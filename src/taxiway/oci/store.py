@@ -230,6 +230,13 @@ class Store:
 
         With ``expected_digest`` a mismatch raises :class:`BlobMismatch` and nothing is stored.
         """
+        # Not fsutil.atomic_write (which index.json and every small record use), on purpose: a
+        # blob's name is its digest, known only once the bytes are hashed (and checked before
+        # anything is published); its temp file must stay out of blobs/ (skopeo and umoci
+        # read every file there as the layout's content) and be flock-ed so prune_temps
+        # can tell a live writer from a killed one; downloads stream into resumable
+        # ``.partial`` files that outlive the process (commit_ingest). The rule is the same:
+        # fsync, then one rename onto the final name, temp removed on any failure.
         if expected_digest is not None:
             Digest.parse(expected_digest)
             if self.has_blob(expected_digest):  # content-addressed: what is there is already verified
