@@ -71,9 +71,9 @@ def _print_up(up: dict[str, Any], already: bool = False) -> None:
     if already:
         head = "the platform is already running" if up.get("ready") else "the platform is starting"
     click.echo(f"{head} (supervisor pid {up.get('pid')})")
-    for key in ("api", "edge", "registry", "nats", "egress"):
+    for key in ("api", "edge", "edge_https", "registry", "nats", "egress"):
         if up.get(key):
-            click.echo(f"  {key:<9}{up[key]}")
+            click.echo(f"  {key.replace('edge_https', 'https'):<9}{up[key]}")
     for name in up.get("skipped") or []:
         click.echo(f"  {name:<9}not installed (skipped)")
     if not already:
@@ -83,8 +83,11 @@ def _print_up(up: dict[str, Any], already: bool = False) -> None:
 @click.command()
 @click.option("-d", "--detach", is_flag=True, help="Run in the background; return once the API answers.")
 @click.option("--free-ports", is_flag=True, hidden=True, help="Pick free loopback ports (tests).")
-@click.option("--edge-port", type=click.IntRange(1, 65535), help="Port of the HTTP edge [default: 8180].")
-def up(detach: bool, free_ports: bool, edge_port: int | None) -> None:
+@click.option("--edge-port", "--http", "edge_port", type=click.IntRange(1, 65535),
+              help="Port of the edge's plain HTTP listener on 127.0.0.1 [default: 8180].")
+@click.option("--https", "https_port", type=click.IntRange(1, 65535),
+              help="Port of the edge's HTTPS (and HTTP/2) listener on 127.0.0.1 [default: 8443].")
+def up(detach: bool, free_ports: bool, edge_port: int | None, https_port: int | None) -> None:
     """Start the platform on loopback: nats, registry, egress, API, agent, edge (Ctrl-C stops it)."""
     from taxiway.platform import supervisor
 
@@ -94,7 +97,7 @@ def up(detach: bool, free_ports: bool, edge_port: int | None) -> None:
         return
     if detach:
         try:
-            up_json = supervisor.start_detached(free_ports=free_ports, edge_port=edge_port)
+            up_json = supervisor.start_detached(free_ports=free_ports, edge_port=edge_port, https_port=https_port)
         except supervisor.AlreadyRunning:
             _print_up(supervisor.read_up() or {}, already=True)
             return
@@ -106,7 +109,7 @@ def up(detach: bool, free_ports: bool, edge_port: int | None) -> None:
         _print_up(up_json)
         click.echo("press Ctrl-C to stop (machines keep running)")
 
-    supervisor.serve(free_ports=free_ports, edge_port=edge_port, on_ready=ready)
+    supervisor.serve(free_ports=free_ports, edge_port=edge_port, https_port=https_port, on_ready=ready)
 
 
 @click.command()
@@ -356,7 +359,7 @@ def volumes_destroy(vid: str, app: str | None, yes: bool) -> None:
 @app_option
 @click.option("--browser/--no-browser", default=False, help="Also open it in a browser.")
 def open_(app: str | None, browser: bool) -> None:
-    """Print the app's URL (http://<app>.localhost:<edge port>)."""
+    """Print the app's URL (https://<app>.localhost:<port>, trusted once 'taxiway ca install' ran)."""
     from taxiway.platform import supervisor
 
     name = resolve_app(app)
@@ -368,6 +371,9 @@ def open_(app: str | None, browser: bool) -> None:
         raise TaxiwayError("the edge is not running", "start the platform with 'taxiway up'")
     port = edge.rsplit(":", 1)[1]
     url = f"http://{name}.localhost:{port}/"
+    if up.get("edge_https"):  # the edge's HTTPS listener (E1): certificates from the platform's CA
+        https_port = up["edge_https"].rsplit(":", 1)[1]
+        url = f"https://{name}.localhost/" if https_port == "443" else f"https://{name}.localhost:{https_port}/"
     click.echo(url)
     if browser:
         import webbrowser

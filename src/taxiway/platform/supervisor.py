@@ -34,7 +34,8 @@ from typing import Any
 from taxiway.errors import TaxiwayError
 from taxiway.process import pid_alive
 
-DEFAULT_PORTS = {"nats": 4223, "api": 4280, "registry": 4281, "egress": 4750, "edge": 8180, "dns": 4253}
+DEFAULT_PORTS = {"nats": 4223, "api": 4280, "registry": 4281, "egress": 4750, "edge": 8180, "dns": 4253,
+                 "edge_https": 8443}
 READY_TIMEOUT = 60.0
 BACKOFF_MAX = 30.0
 
@@ -184,12 +185,15 @@ class Child:
 class Supervisor:
     """Starts the components, restarts those that die, stops them all on SIGTERM/SIGINT."""
 
-    def __init__(self, free_ports: bool = False, edge_port: int | None = None) -> None:
+    def __init__(self, free_ports: bool = False, edge_port: int | None = None,
+                 https_port: int | None = None) -> None:
         self.dir = platform_dir()
         self.logdir = self.dir / "logs"
         self.logdir.mkdir(exist_ok=True, mode=0o700)
         self.free_ports = free_ports
         self.edge_port = edge_port
+        self.https_port = https_port  # the edge's HTTPS listener (E1: platform.edgetls)
+        self.edge_https: int | None = None
         self.nats: Any = None
         self.children: list[Child] = []
         self.skipped: list[str] = []
@@ -204,6 +208,8 @@ class Supervisor:
 
         if name == "edge" and self.edge_port:
             return self.edge_port
+        if name == "edge_https" and self.https_port:
+            return self.https_port
         # The default ports keep URLs stable across restarts; a taken one gives way to a free port.
         if not self.free_ports and _port_free(DEFAULT_PORTS[name]):
             return DEFAULT_PORTS[name]
@@ -238,7 +244,8 @@ class Supervisor:
             ("api", "taxiway.platform.api", None),
             ("agent", "taxiway.platform.agent", None),
             ("edge", "taxiway.platform.edge",
-             lambda p: [py, "-m", "taxiway.platform.edge", "--nats", self.nats.address, "--listen", f"127.0.0.1:{p}"]),
+             lambda p: [py, "-m", "taxiway.platform.edge", "--nats", self.nats.address, "--listen", f"127.0.0.1:{p}",
+                        *self._edge_tls_args()]),
         ]
         ports: dict[str, int] = {}
         for name, module, argv in plan:
@@ -271,6 +278,13 @@ class Supervisor:
         self._agent_registry_auth()
         self.write_up(ready=True)
         self._log("platform ready: " + ", ".join(f"{c.name} {c.port or c.proc.pid}" for c in self.children))
+
+    def _edge_tls_args(self) -> list[str]:
+        """The edge's HTTPS listener (certificates from the platform's CA); none without a CA."""
+        if not self.ca_dir:
+            return []
+        self.edge_https = self._port("edge_https")
+        return ["--https", f"127.0.0.1:{self.edge_https}", "--ca", self.ca_dir, "--tls-dir", str(self.dir / "edge-tls")]
 
     def _registry_root(self) -> Path:
         from taxiway.paths import home
@@ -393,7 +407,8 @@ class Supervisor:
             comps[c.name] = {"pid": pid, "port": c.port, "restarts": c.restarts, "argv": c.argv,
                              "started": start_time(pid) if pid else None}
         data = {"pid": os.getpid(), "nats": self.nats.address if self.nats else None, "api": url("api"),
-                "edge": url("edge"), "registry": f"127.0.0.1:{self.child('registry').port}"
+                "edge": url("edge"), "edge_https": f"https://127.0.0.1:{self.edge_https}" if self.edge_https else None,
+                "registry": f"127.0.0.1:{self.child('registry').port}"
                 if self.child("registry") else None, "egress": url("egress"), "started_at": self.started_at,
                 "ready": ready, "components": comps, "ca": self.ca_dir, "skipped": self.skipped,
                 "ports": {**{c.name: c.port for c in self.children if c.port},
@@ -507,14 +522,14 @@ def clean_stale() -> list[str]:
     return out
 
 
-def serve(free_ports: bool = False, edge_port: int | None = None,
+def serve(free_ports: bool = False, edge_port: int | None = None, https_port: int | None = None,
           on_ready: Callable[[dict[str, Any]], None] | None = None) -> None:
     """Run the supervisor in this process until SIGTERM/SIGINT (``taxiway up`` in the foreground)."""
     lock = Lock()
     if not lock.try_acquire():
         raise TaxiwayError("the platform is already running", "see 'taxiway platform status'; 'taxiway down' stops it")
     stale = clean_stale()
-    sup = Supervisor(free_ports=free_ports, edge_port=edge_port)
+    sup = Supervisor(free_ports=free_ports, edge_port=edge_port, https_port=https_port)
     if stale:
         sup._log(f"cleaned up after a supervisor that died: stopped {', '.join(stale)}")
     stop_now = False
@@ -546,7 +561,8 @@ def serve(free_ports: bool = False, edge_port: int | None = None,
         lock.release()
 
 
-def start_detached(free_ports: bool = False, edge_port: int | None = None, timeout: float = 120.0) -> dict[str, Any]:
+def start_detached(free_ports: bool = False, edge_port: int | None = None, timeout: float = 120.0,
+                   https_port: int | None = None) -> dict[str, Any]:
     """Start a supervisor in the background; return its up.json once the API answers."""
     if running() is not None:
         raise AlreadyRunning()
@@ -557,6 +573,8 @@ def start_detached(free_ports: bool = False, edge_port: int | None = None, timeo
         args.append("--free-ports")
     if edge_port:
         args += ["--edge-port", str(edge_port)]
+    if https_port:
+        args += ["--https-port", str(https_port)]
     with open(logdir / "supervisor.log", "ab") as log:
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -632,9 +650,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m taxiway.platform.supervisor")
     p.add_argument("--free-ports", action="store_true", help="pick free loopback ports (tests)")
     p.add_argument("--edge-port", type=int)
+    p.add_argument("--https-port", type=int)
     a = p.parse_args(argv)
     try:
-        serve(a.free_ports, a.edge_port)
+        serve(a.free_ports, a.edge_port, a.https_port)
     except TaxiwayError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
