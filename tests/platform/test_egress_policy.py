@@ -158,3 +158,29 @@ def test_denial_line():
     assert line == "egress denied: HTTP 10.0.0.1:80: 10.0.0.1 is a private address"
     assert "enforce would deny" in denial_line({"decision": "report", "proxy_type": "connect",
                                                 "requested_host": "x:443", "reason": "r"})
+
+
+def test_denial_lines_are_rate_limited_per_machine():
+    """A machine looping on a denied URL gets LOG_BURST lines, then LOG_RATE a second; the lines
+    held back are counted in its next one; other machines are not held back by it."""
+    from taxiway.platform.egressd import LOG_BURST, LOG_RATE, LogShipper
+
+    now = [0.0]
+    d = Directory()
+    d.status("web.m1", status("web", "m1", "fdaa:0:1:1::2"))
+    d.status("web.m2", status("web", "m2", "fdaa:0:1:1::3"))
+    ship = LogShipper(None, d, lambda **kw: None, clock=lambda: now[0])
+    deny = {"decision": "deny", "proxy_type": "http", "requested_host": "x.test:80", "reason": "r"}
+    for _ in range(LOG_BURST + 50):
+        ship.offer({**deny, "client": "fdaa:0:1:1::2:40000"})
+    ship.offer({**deny, "decision": "allow", "client": "fdaa:0:1:1::2:40001"})  # allowed: not logged
+    ship.offer({**deny, "client": "127.0.0.9:40002"})  # no machine: nobody's log
+    assert ship.queue.qsize() == LOG_BURST
+    ship.offer({**deny, "client": "[fdaa:0:1:1::3]:40003"})  # another machine: its own budget
+    assert ship.queue.qsize() == LOG_BURST + 1
+    now[0] += 1 / LOG_RATE
+    ship.offer({**deny, "client": "fdaa:0:1:1::2:40004"})
+    items = [ship.queue.get_nowait() for _ in range(ship.queue.qsize())]
+    subject, last = items[-1]
+    assert subject == "logs.web.local.m1" and "50 more egress lines" in last["line"]
+    assert items[-2][0] == "logs.web.local.m2" and items[0][1]["line"] == "egress denied: HTTP x.test:80: r"

@@ -43,6 +43,11 @@ from taxiway.platform.egresspolicy import Directory, denial_line
 FABRIC_ADDRESS = "fdaa::3"
 FABRIC_PORT = 3128
 LOG_QUEUE = 10_000  # denial lines waiting for NATS; past that they are counted and dropped
+# Denial lines per machine: a burst of LOG_BURST, then LOG_RATE a second. A machine that loops on a
+# denied URL must not fill the shared log stream (and push other apps' lines out of it); the lines
+# it does not get are counted into its next one.
+LOG_RATE = 10.0
+LOG_BURST = 100
 WATCHED = (schema.STATUS, schema.RELEASES)
 
 
@@ -50,11 +55,31 @@ class LogShipper:
     """Publishes denial lines to the apps' logs from one task, so the proxy's hot path only
     appends to a bounded queue (a flood of denials never blocks or grows memory)."""
 
-    def __init__(self, state: Any, directory: Directory, log: Callable[..., None]) -> None:
+    def __init__(self, state: Any, directory: Directory, log: Callable[..., None],
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.state, self.directory, self.log = state, directory, log
         self.queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue(LOG_QUEUE)
         self.dropped = 0
         self.task: asyncio.Task | None = None
+        self.clock = clock
+        self._buckets: dict[str, list[float]] = {}  # machine id -> [tokens, last refill, lines held back]
+
+    def _admit(self, machine: str) -> tuple[bool, int]:
+        """(log this line?, lines held back before it): a token bucket per machine."""
+        now = self.clock()
+        b = self._buckets.get(machine)
+        if b is None:
+            if len(self._buckets) > 100_000:
+                self._buckets.clear()
+            b = self._buckets[machine] = [float(LOG_BURST), now, 0]
+        b[0] = min(float(LOG_BURST), b[0] + (now - b[1]) * LOG_RATE)
+        b[1] = now
+        if b[0] < 1:
+            b[2] += 1
+            return False, 0
+        b[0] -= 1
+        held, b[2] = int(b[2]), 0
+        return True, held
 
     def offer(self, fields: dict[str, Any]) -> None:
         """The proxy's ``on_decision`` hook: denials and reports go to the app's log."""
@@ -64,7 +89,13 @@ class LogShipper:
         m = self.directory.machine_of(client.rpartition(":")[0].strip("[]"))
         if m is None:  # not a machine: nobody's log to write to (the proxy's own log has it)
             return
-        record = {"at": time.time(), "stream": "egress", "line": denial_line(fields), "machine": m.id,
+        ok, held = self._admit(m.id)
+        if not ok:
+            return
+        line = denial_line(fields)
+        if held:
+            line += f" ({held} more egress lines of this machine were not logged: over {LOG_RATE:g}/s)"
+        record = {"at": time.time(), "stream": "egress", "line": line, "machine": m.id,
                   "app": m.app, "region": m.region, "source": "egress", "decision": fields.get("decision"),
                   "host": fields.get("requested_host"), "reason": fields.get("reason"),
                   "status": fields.get("status")}
