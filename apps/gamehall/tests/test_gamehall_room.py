@@ -124,3 +124,56 @@ def test_every_board_renders_for_players_and_spectators_with_names_escaped(game)
         assert ('data-move="' in html) == (token == "a")
     page = render.game_page(room, "a")
     assert page.count('id="room"') == 1 and "<b>Ann" not in page
+
+
+def test_code_problems_name_the_letters_allowed():
+    letters = "B C D F G H J K M N P R S T W X Z"
+    assert codes.problem("KXTO") == (
+        f"“KXTO” is not a game code: the letter O is not used in codes. "
+        f"Codes use only these letters: {letters}."
+    )
+    assert "the letters A, E are not used" in codes.problem("baek")
+    assert "the characters 1, O are not used" in codes.problem("K1TO")
+    assert codes.problem("KXT") == "“KXT” is not a game code: codes are 4 letters long (this has 3)."
+    assert codes.problem("  ").startswith("Enter a game code: 4 letters")
+    for _ in range(50):
+        assert codes.normalize(codes.new_code().lower())  # every code it makes is valid
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=12))
+def test_every_rejected_code_gets_a_reason(text):
+    if codes.normalize(text) is None:
+        reason = codes.problem(text)
+        assert reason and "\n" not in reason
+
+
+def test_the_lobby_lists_open_and_live_games_never_tokens_or_private_ones():
+    from gamehall.lobby import FINISHED_SHOWN, lobby
+
+    def snap(code, status, seats, last, listed=True):
+        room = Room.new(code, "tictactoe", 1, Options(listed=listed), now=last)
+        room.status = status
+        room.seats = seats
+        return room.to_dict()
+
+    ann = {"token": "secret-a", "name": "Ann", "bot": False}
+    bot = {"token": "secret-b", "name": "Bot 1", "bot": True}
+    now = 10_000.0
+    got = lobby(
+        [
+            snap("BBBB", "lobby", [ann, None], now - 5),
+            snap("CCCC", "lobby", [ann, bot], now - 4),  # full, not started: not open
+            snap("DDDD", "playing", [ann, bot], now - 3),
+            snap("FFFF", "over", [ann, bot], now - FINISHED_SHOWN - 1),  # finished long ago
+            snap("GGGG", "closed", [None, None], now),
+            snap("HHHH", "lobby", [None, None], now - 1, listed=False),  # private
+            snap("JJJJ", "lobby", [None, None], now - 1),
+        ],
+        now,
+    )
+    assert [g["code"] for g in got["open"]] == ["JJJJ", "BBBB"]  # newest first
+    assert [g["code"] for g in got["live"]] == ["DDDD"]
+    assert got["open"][1]["players"] == ["Ann"] and got["open"][1]["open_seats"] == 1
+    assert got["live"][0]["players"] == ["Ann", "Bot 1 (bot)"]
+    assert "secret" not in json.dumps(got)

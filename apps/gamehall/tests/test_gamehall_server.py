@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import urllib.error
 import urllib.request
 
 import pytest
@@ -231,6 +232,11 @@ def test_unknown_and_malformed_codes(node):
     assert status == 400 and "&lt;script&gt;" in body and "<script>" not in body.split("</main>")[0]
     status, body = node.get("/join?code=zzzz")
     assert status == 404 and "no game with code ZZZZ" in body
+    status, body = node.get("/join?code=KXTO")  # O is not a code letter: say which are
+    assert status == 400 and "the letter O is not used in codes" in body
+    assert "Codes use only these letters: B C D F G H J K M N P R S T W X Z." in body
+    status, body = node.get("/api/games/KXTO")
+    assert status == 400 and "letter O" in json.loads(body)["error"]
     status, body = node.post("/api/games", {"game": "chess"})
     assert status == 400 and "Unknown game" in body["error"]
 
@@ -283,3 +289,35 @@ def test_node_idle_timeout_applies_to_games_created_over_the_api(tmp_path):
             await watcher.ws.close()
 
         asyncio.run(main())
+
+
+def test_creating_with_a_name_seats_you_and_private_games_stay_out_of_the_lobby(node):
+    import http.cookiejar
+
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    with opener.open(node.url + "/new", data=b"game=tictactoe&name=Zed", timeout=10) as r:
+        body = r.read().decode()
+        code = r.url.rsplit("/", 1)[1]
+    assert "Zed (you)" in body and "You play X and move first" in body
+    assert [c.name for c in jar] == ["gh_token"]
+    with opener.open(node.url + "/new", data=b"game=connect4&name=Zed&unlisted=1", timeout=10) as r:
+        private = r.url.rsplit("/", 1)[1]
+    status, body = node.post("/api/games", {"game": "battleship", "listed": False})
+    assert status == 201
+    lobby = json.loads(node.get("/api/lobby")[1])
+    listed = [g["code"] for g in lobby["open"]]
+    assert code in listed and private not in listed and body["code"] not in listed
+    assert node.game(private)["options"]["listed"] is False
+    # A bad name is refused before any game is made for it.
+    req = urllib.request.Request(node.url + "/new", data=b"game=tictactoe&name=" + b"x" * 30)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 400 and "Enter a name of 1 to 24 characters." in e.value.read().decode()
+
+
+def test_favicon_and_lobby_fragment(node):
+    with urllib.request.urlopen(node.url + "/favicon.ico", timeout=10) as r:
+        assert r.headers["content-type"] == "image/x-icon" and r.read(4) == b"\x00\x00\x01\x00"
+    status, body = node.get("/lobby")
+    assert status == 200 and body.startswith('<div id="lobby"')

@@ -28,7 +28,10 @@ def normalize(text: str) -> str | None:
 def problem(text: str) -> str:
     """Why ``text`` is not a code, in words a person can act on (``normalize`` gave None)."""
     code = (text or "").strip().upper()
-    shown = (text or "").strip()[:40]
+    # Quoted back as typed, but on one line: controls and line breaks shown escaped.
+    shown = "".join(
+        ch if ch.isprintable() else repr(ch)[1:-1] for ch in (text or "").strip()[:40]
+    )
     letters = " ".join(ALPHABET)
     if not code:
         return f"Enter a game code: {LENGTH} letters, like {ALPHABET[6:10]}."
