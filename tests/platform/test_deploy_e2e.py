@@ -9,6 +9,7 @@ index) is needed; building examples/python is the builder's own tests' job.
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -104,7 +105,8 @@ def test_up_launch_rolling_deploy_without_failed_requests_and_rollback(tw, platf
     assert "ignoring keys taxiway does not use: swap_size_mb, vm[0].cpu_kind" in err
     assert "v1 of hello is deployed" in r.stdout.decode()
     url = tw("open", "-a", "hello").stdout.decode().strip()
-    port = int(url.rsplit(":", 1)[1].strip("/"))
+    assert url.startswith("https://hello.localhost:")  # open gives the HTTPS URL; this test speaks plain HTTP
+    port = int(json.loads((platform_home / "platform" / "up.json").read_text())["edge"].rsplit(":", 1)[1])
 
     loop = Loop(port)
     loop.start()
@@ -157,10 +159,17 @@ def test_launch_builds_the_static_example_pushes_and_deploys(tw, platform_home, 
     assert "[detect] taxiway/static" in err and "[push] " in err, err
     assert "v1 of site is deployed" in r.stdout.decode()
     url = tw("open", "-a", "site").stdout.decode().strip()
-    port = int(url.rsplit(":", 1)[1].strip("/"))
+    assert url.startswith("https://site.localhost:")  # open gives the HTTPS URL; this test speaks plain HTTP
+    port = int(json.loads((platform_home / "platform" / "up.json").read_text())["edge"].rsplit(":", 1)[1])
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Host": f"site.localhost:{port}"},
                       trust_env=False, timeout=30) as c:
         assert "hello from a static site on taxiway" in c.get("/").text
+        # The URL 'taxiway open' prints works over HTTPS, with a certificate of the platform's CA.
+        up = json.loads((platform_home / "platform" / "up.json").read_text())
+        https_port = url.rsplit(":", 1)[1].strip("/")
+        got = subprocess.run(["curl", "-sS", "--max-time", "30", "--cacert", str(Path(up["ca"]) / "root.pem"),
+                              "--resolve", f"site.localhost:{https_port}:127.0.0.1", url], capture_output=True)
+        assert "hello from a static site on taxiway" in got.stdout.decode(), got.stderr
         index = app / "public" / "index.html"
         index.write_text(index.read_text().replace("hello from a static site", "hello again from a static site"))
         r = tw("deploy", str(app))
