@@ -19,12 +19,10 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-# Kept off the import path on purpose: ``taxiway run`` writes its records through here, and
-# ``tempfile`` (random, shutil, bz2, lzma...) or ``typing`` would add tens of ms to its start-up
-# (tests/machines/test_structure.py checks). The constant is the form type checkers read as
-# ``typing.TYPE_CHECKING``.
-TYPE_CHECKING = False
+# ``tempfile`` (random, shutil, bz2, lzma...) is kept off the import path on purpose: ``taxiway run``
+# writes its records through here, and it would add tens of ms to its start-up (see _mkstemp).
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
     from typing import IO

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
-from taxiway.machines import TYPE_CHECKING
-
-if TYPE_CHECKING:  # see taxiway/machines/__init__.py: typing is not imported at run time
+if TYPE_CHECKING:
     from typing import Any
 
 
