@@ -18,23 +18,9 @@ start-up time matters)::
 The same names stay importable from :mod:`taxiway.machines.runtime`,
 :mod:`taxiway.machines.state` and :mod:`taxiway.machines.config`. Each
 runtime implements :class:`taxiway.machines.interface.Runtime`.
-
-Typing-only imports. ``typing`` costs ~8 ms of a ~80 ms warm ``taxiway run``
-(hyperfine, 2026-12-03: ``python -c 'import json,pathlib,signal,ctypes'``
-63.6 ms vs 74.7 ms with ``typing``), and no module on that path needs it at
-run time (annotations are strings: ``from __future__ import annotations``).
-So the modules here use the constant below, the form type checkers read as
-``typing.TYPE_CHECKING`` (PEP 781)::
-
-    from taxiway.machines import TYPE_CHECKING
-
-    if TYPE_CHECKING:
-        from typing import Any
 """
 
 from __future__ import annotations
-
-TYPE_CHECKING = False
 
 _EXPORTS = {
     "runtime": ("create", "start_detached", "run_attached", "supervise", "stop", "start", "destroy", "wait",

@@ -8,10 +8,11 @@ user options into the process to run, and are unit-tested without root.
 
 from __future__ import annotations
 
-from taxiway.errors import InvalidInput
-from taxiway.machines import TYPE_CHECKING
+from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # see taxiway/machines/__init__.py: typing is not imported at run time
+from taxiway.errors import InvalidInput
+
+if TYPE_CHECKING:
     from typing import Any
 
 MIN_MEMORY = 6 * 1024 * 1024  # the kernel needs some room; Docker's floor too

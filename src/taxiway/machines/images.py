@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import TYPE_CHECKING
 
 from taxiway.fsutil import atomic_write
-from taxiway.machines import TYPE_CHECKING
 from taxiway.machines.dirs import machines_dir
 
 if TYPE_CHECKING:

@@ -18,14 +18,14 @@ import os
 import signal
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from taxiway.machines import TYPE_CHECKING
 from taxiway.machines import linux as L
 from taxiway.machines.config import reserved_target
 from taxiway.machines.stdio import FORWARDED, forward_to, handling
 from taxiway.oci.safepath import RootFS, clean
 
-if TYPE_CHECKING:  # see taxiway/machines/__init__.py: typing is not imported at run time
+if TYPE_CHECKING:
     from typing import Any
 
 TINI = os.environ.get("TAXIWAY_INIT", "/usr/bin/tini-static")

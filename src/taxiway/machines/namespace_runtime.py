@@ -12,9 +12,10 @@ import contextlib
 import os
 import select
 import time
+from typing import TYPE_CHECKING
 
 from taxiway.errors import InvalidInput, TaxiwayError
-from taxiway.machines import TYPE_CHECKING, cgroups
+from taxiway.machines import cgroups
 from taxiway.machines import state as S
 from taxiway.machines.cgroups import Cgroup
 from taxiway.machines.dirs import machines_dir

@@ -9,9 +9,9 @@ hostname, the stop signal the image asks for, and the snapshot chain.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from taxiway.errors import InvalidInput
-from taxiway.machines import TYPE_CHECKING
 from taxiway.machines import config as C
 
 if TYPE_CHECKING:

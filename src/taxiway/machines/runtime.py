@@ -14,9 +14,9 @@ import contextlib
 import os
 import signal
 import time
+from typing import TYPE_CHECKING
 
 from taxiway.errors import InvalidInput, TaxiwayError
-from taxiway.machines import TYPE_CHECKING
 from taxiway.machines import config as C
 from taxiway.machines import state as S
 from taxiway.machines.config import MachineConfig

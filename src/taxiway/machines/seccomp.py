@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+from typing import TYPE_CHECKING
 
 from taxiway.errors import InvalidInput, TaxiwayError
 from taxiway.fsutil import atomic_write
-from taxiway.machines import TYPE_CHECKING
 from taxiway.machines import linux as L
 
-if TYPE_CHECKING:  # see taxiway/machines/__init__.py: typing is not imported at run time
+if TYPE_CHECKING:
     from typing import Any
 
 _ALLOW = (

@@ -32,15 +32,15 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from taxiway.errors import TaxiwayError
 from taxiway.fsutil import atomic_write
-from taxiway.machines import TYPE_CHECKING
 from taxiway.machines.config import Record
 from taxiway.machines.dirs import private_dir, snapshots_dir
 from taxiway.machines.procs import pid_alive
 
-if TYPE_CHECKING:  # see taxiway/machines/__init__.py: typing is not imported at run time
+if TYPE_CHECKING:
     from collections.abc import Iterator
     from typing import Any, BinaryIO
 

@@ -18,10 +18,10 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from taxiway.errors import InvalidInput, NotFound
 from taxiway.fsutil import atomic_write
-from taxiway.machines import TYPE_CHECKING
 from taxiway.machines.config import MachineConfig, Record
 from taxiway.machines.dirs import machines_dir, private_dir
 from taxiway.machines.procs import pid_alive

@@ -10,8 +10,7 @@ import contextlib
 import os
 import signal
 import stat
-
-from taxiway.machines import TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

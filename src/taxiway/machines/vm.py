@@ -70,10 +70,10 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from taxiway.errors import InvalidInput, TaxiwayError
 from taxiway.fsutil import atomic_path, atomic_write
-from taxiway.machines import TYPE_CHECKING
 from taxiway.machines import state as S
 from taxiway.machines.dirs import vm_dir
 from taxiway.machines.logs import LogPump

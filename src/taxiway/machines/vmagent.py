@@ -38,10 +38,10 @@ import struct
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from taxiway.errors import TaxiwayError
 from taxiway.fsutil import atomic_path
-from taxiway.machines import TYPE_CHECKING
 from taxiway.machines.dirs import vm_dir
 from taxiway.machines.stdio import FORWARDED, handling, raw_terminal, write_all
 
