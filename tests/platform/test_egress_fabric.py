@@ -165,6 +165,9 @@ async def test_machines_reach_out_only_through_the_proxy(state, nats_server, pla
             out = await sh(state, "open", ids["open"], "; ".join([f"{code} http://rebind.test:{up}/"] * 4))
             assert set(out.split()) == {"200", "403"}, out
             assert traps.connections == 0
+            # the proxy's own /metrics (every app's counters) is for the host, not for tenants
+            out = await sh(state, "open", ids["open"], "curl -sS --noproxy '*' --max-time 5 http://[fdaa::3]:3128/metrics")
+            assert "this is a proxy" in out and "taxiway_egress" not in out, out
 
             # nothing bypasses the proxy: without it no address outside the org network answers
             before = upstream.connections

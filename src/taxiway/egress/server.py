@@ -378,9 +378,13 @@ class EgressProxy:
         client = f"{peer[0]}:{peer[1]}" if peer else "?"
         sslobj = writer.get_extra_info("ssl_object")
         cert_role = cert_common_name(sslobj.getpeercert()) if sslobj is not None else None
+        # /metrics and /healthz: with roles by address (the platform's proxy, which tenants reach),
+        # only for loopback clients: the metrics' labels name every tenant's roles.
+        local_ok = True
         if cert_role is None and self.role_by_address is not None and peer:
             # Looked up once per connection: a connection comes from one machine for its life.
             cert_role = self.role_by_address(peer[0])
+            local_ok = _is_loopback(peer[0])
         conn = _ClientState()
         try:
             first = True
@@ -415,6 +419,9 @@ class EgressProxy:
                     await self._connect(head, reader, writer, client, cert_role)
                     return
                 if head.target.startswith("/"):
+                    if not local_ok:
+                        writer.write(http.simple_response(403, "this is a proxy: send absolute-form or CONNECT requests\n"))
+                        break
                     if not await self._local(head, writer):
                         break
                     continue
@@ -962,6 +969,13 @@ async def _close(writer: asyncio.StreamWriter) -> None:
     writer.close()
     with contextlib.suppress(Exception):
         await asyncio.wait_for(writer.wait_closed(), 5)
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def _own_addresses(host: str, port: int) -> tuple[list[tuple[IPAddress, int]], int | None]:
