@@ -60,10 +60,12 @@ def base_rules() -> str:
     """
     svc = f"{N.SERVICE_ADDRESS}/128"
     lines = ["*raw", ":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]", ":TW-SRC - [0:0]",
+             # every rule below is stateless (both directions of an allowed flow match on their own),
+             # so no connection tracking: it costs ~10% of throughput per forwarded packet
+             "-A PREROUTING -j CT --notrack", "-A OUTPUT -j CT --notrack",
              "-A PREROUTING -i tw+ -j TW-SRC", "-A PREROUTING -i th+ -j TW-SRC", "-A TW-SRC -j DROP", "COMMIT",
              "*filter", ":INPUT DROP [0:0]", ":FORWARD DROP [0:0]", ":OUTPUT ACCEPT [0:0]", ":TW-FWD - [0:0]",
-             "-A INPUT -i lo -j ACCEPT",
-             "-A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"]
+             "-A INPUT -i lo -j ACCEPT"]
     lines += [f"-A INPUT -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j ACCEPT" for t in _NDP]
     lines.append(f"-A INPUT -d {svc} -p ipv6-icmp -m icmp6 --icmpv6-type echo-request -j ACCEPT")
     lines += [f"-A INPUT -d {svc} -p {proto} -m {proto} --dport {port} -j ACCEPT" for port, proto in N.SERVICE_PORTS]
