@@ -45,8 +45,15 @@ def test_load_classic_docker_save_from_skopeo(layout, tmp_path, taxiway_home, ta
     zst.write_bytes(zstandard.ZstdCompressor().compress(tar.read_bytes()))
     r = taxiway("image", "load", "-i", str(zst), check=True)
     assert REF.encode() in r.stdout
-    r = taxiway("image", "load", "-i", str(_cut(gz)))
-    assert r.returncode != 0 and r.stderr.startswith(b"error: ") and r.stderr.count(b"\n") == 1
+    # zstd in several frames (as pzstd writes): all of them are read, as a layer's are.
+    raw, z = tar.read_bytes(), zstandard.ZstdCompressor()
+    multi = tmp_path / "multi.tar.zst"
+    multi.write_bytes(z.compress(raw[: len(raw) // 3]) + z.compress(raw[len(raw) // 3:]))
+    r = taxiway("image", "load", "-i", str(multi), check=True)
+    assert REF.encode() in r.stdout
+    for damaged in (_cut(gz), _cut(zst)):  # one error line, whichever decompressor finds it
+        r = taxiway("image", "load", "-i", str(damaged))
+        assert r.returncode != 0 and r.stderr.startswith(b"error: ") and r.stderr.count(b"\n") == 1, r.stderr
 
 
 def _cut(path):

@@ -31,7 +31,7 @@ from taxiway.errors import InvalidInput, NotFound, TaxiwayError
 from taxiway.oci import mediatypes as mt
 from taxiway.oci.digest import Digest
 from taxiway.oci.image import Descriptor, Platform
-from taxiway.oci.layerio import DiffHasher, LayerError, magic, sniff
+from taxiway.oci.layerio import DiffHasher, LayerError, decompress, magic, sniff
 from taxiway.oci.reference import Reference
 from taxiway.oci.store import REF_NAME, Store, StoreImage, parse_json
 
@@ -61,7 +61,7 @@ def _open_tar(path: Path, scratch: Path) -> Iterator[tarfile.TarFile]:
             try:
                 with opener(path) as src, os.fdopen(fd, "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
-            except (OSError, EOFError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - gzip/bz2/xz (OSError, EOFError) and zstd (ZstdError) alike: damaged
                 raise InvalidInput(f"{path} is a damaged compressed file ({e})", "write it again") from e
             path = Path(tmp)
         try:
@@ -76,16 +76,20 @@ def _open_tar(path: Path, scratch: Path) -> Iterator[tarfile.TarFile]:
 
 
 def _decompressor(head: bytes) -> Any:
-    """An opener for a compressed tarball (by magic number), or None for a plain one."""
+    """An opener for a compressed tarball (by magic number), or None for a plain one.
+
+    gzip and zstd go through the layer pipeline's decompressor (:func:`layerio.decompress`,
+    zstd frames read across, as a layer's are); bzip2 and xz are for whole ``docker save``
+    tarballs only, never layers, so they stay here.
+    """
     kind = magic(head)
-    if kind == "gzip":
-        from isal import igzip
+    if kind in ("gzip", "zstd"):
+        @contextlib.contextmanager
+        def open_layer_codec(p: Path) -> Iterator[Any]:
+            with open(p, "rb") as raw:
+                yield decompress(raw, kind)
 
-        return lambda p: igzip.open(p, "rb")
-    if kind == "zstd":
-        import zstandard
-
-        return lambda p: zstandard.open(p, "rb")
+        return open_layer_codec
     if kind == "bzip2":
         import bz2
 
