@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -411,6 +412,8 @@ class RedisBackend:
     async def recent(self, limit: int) -> list[dict[str, Any]]:
         """The newest games of ``gh:games`` (scored by last activity); entries whose room
         expired are dropped from the index as they are found."""
+        # A room expires room_ttl after its last save: older entries name no room any more.
+        await self.redis.zremrangebyscore(GAMES_KEY, "-inf", time.time() - self.room_ttl)
         names = await self.redis.zrevrange(GAMES_KEY, 0, limit - 1)
         if not names:
             return []
