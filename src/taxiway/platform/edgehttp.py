@@ -30,6 +30,8 @@ REPLAY_SRC = b"taxiway-replay-src"
 # Set by the edge alone: whatever a client sent under these names is dropped.
 OWN_HEADERS = frozenset({b"x-forwarded-proto", b"x-forwarded-host", REQUEST_ID, REPLAY_SRC})
 
+_CONTROL_IN_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
 # Request fields plan_request looks at (everything else goes on as it came).
 _PLAN_FIELDS = http.HOP_BY_HOP | OWN_HEADERS | {b"host", b"content-length", b"transfer-encoding",
                                                 b"x-forwarded-for"}
@@ -63,7 +65,7 @@ def plan_request(head: http.RequestHead, client_ip: str, request_id: str, proto:
     forwarded_for: list[bytes] = []
     lines: list[bytes] = []
     named: list[int] = []  # indexes of lines a Connection token may name
-    body = False
+    body = seen_length = False
     upgrade: bytes | None = None
     for k, v in head.headers:
         lk = k.lower()
@@ -73,10 +75,21 @@ def plan_request(head: http.RequestHead, client_ip: str, request_id: str, proto:
         elif lk == b"host":
             hosts.append(v)
         elif lk == b"content-length":
-            lines.append(k + b": " + v)
+            if not seen_length:  # a repeat (the same value, or the framing refused it already) goes once
+                lines.append(b"Content-Length: " + v.strip())
+                seen_length = True
             body = body or v.strip() != b"0"
         elif lk == b"transfer-encoding":
-            lines.append(k + b": " + v)
+            # Sent on in one canonical spelling: the body is re-framed as chunked, and a value a
+            # machine might read otherwise ("\x0bchunked") is how requests get smuggled.
+            if head.version != b"HTTP/1.1":  # RFC 9112 6.1: faulty framing in HTTP/1.0
+                raise http.ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
+            if v.strip(b" \t").lower() == b"chunked":
+                lines.append(b"Transfer-Encoding: chunked")
+            elif _CONTROL_IN_VALUE.search(v):
+                raise http.ProtocolError("malformed Transfer-Encoding")
+            else:
+                lines.append(k + b": " + v)  # another coding: egress.http's framing answers 501
             body = True
         elif lk == b"connection" or lk == b"proxy-connection":
             tokens.update(t.strip().lower() for t in v.split(b","))
