@@ -8,7 +8,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from taxiway.errors import InvalidInput
@@ -67,6 +67,33 @@ def test_schedule_grace_period_then_interval():
     assert s.statuses()["h"]["status"] == "critical"
 
 
+def test_schedule_retries_soon_until_the_first_pass():
+    """A starting app fails its first checks: they are tried again after a short, growing delay
+    (never more than the interval), until the first pass; then every interval, failures included."""
+    c = C.Check("t", "tcp", 80, interval=1.0)
+    s = C.Schedule([c], started_at=0.0)
+    assert s.due(0.0) == [c]
+    s.record("t", False, "connection closed at once", 0.01)
+    assert s.next_due() == pytest.approx(0.01 + C.FIRST_RETRY)
+    now, delays = 0.01, []
+    for _ in range(30):
+        nxt = s.next_due()
+        delays.append(nxt - now)
+        now = nxt
+        assert s.due(now) == [c]
+        s.record("t", False, "refused", now)
+    assert all(b >= a - 1e-9 for a, b in zip(delays, delays[1:], strict=False)) and delays[0] == pytest.approx(C.FIRST_RETRY)
+    assert max(delays) <= c.interval + 1e-9 and delays[-1] == pytest.approx(c.interval)
+    now = s.next_due()
+    assert s.due(now) == [c]
+    s.record("t", True, "connection open", now)
+    assert s.next_due() == pytest.approx(now + c.interval)
+    now += c.interval
+    assert s.due(now) == [c]
+    s.record("t", False, "refused", now)  # failing after a pass: the configured interval
+    assert s.next_due() == pytest.approx(now + c.interval)
+
+
 def test_healthy_needs_every_configured_check_passing():
     ok = {"status": "passing"}
     assert C.healthy({}, 0)
@@ -75,24 +102,33 @@ def test_healthy_needs_every_configured_check_passing():
     assert not C.healthy({"a": ok, "b": {"status": "critical"}}, 2)
 
 
+@settings(deadline=None)  # no timing in tests: a loaded CI machine is slow, not wrong
 @given(st.lists(st.tuples(st.floats(0.1, 30), st.floats(0, 30)), min_size=1, max_size=5),
-       st.lists(st.floats(0, 5), min_size=1, max_size=40))
+       st.lists(st.tuples(st.floats(0, 5), st.booleans()), min_size=1, max_size=40))
 def test_schedule_properties(defs, steps):
-    """Nothing runs before its grace period, nothing runs twice at once, runs are >= interval apart."""
+    """Nothing runs before its grace period, nothing runs twice at once; once a check has passed its
+    runs are >= interval apart, before that >= the retry delay after the failure they follow."""
     cs = [C.Check(f"c{i}", "tcp", 1, interval=iv, grace_period=g) for i, (iv, g) in enumerate(defs)]
     s = C.Schedule(cs, started_at=0.0)
-    now, running, last = 0.0, set(), {}
-    for dt in steps:
+    now, running, last, passed, gap = 0.0, set(), {}, set(), {}
+    for dt, ok in steps:
         now += dt
         for c in s.due(now):
             assert c.name not in running
             assert now >= c.grace_period
             if c.name in last:
-                assert now - last[c.name] >= c.interval - 1e-9
+                assert now - last[c.name] >= gap[c.name] - 1e-9
             last[c.name] = now
             running.add(c.name)
         for name in sorted(running)[::2]:  # half of them finish each step
-            s.record(name, True, "ok", now)
+            c = s.slots[name].check
+            fails = s.slots[name].failures
+            s.record(name, ok, "ok" if ok else "no", now)
+            # the next run comes at the earlier of (its start + interval) and, before any pass,
+            # (this failure + the retry delay)
+            gap[name] = c.interval if ok or name in passed else min(c.interval, C.retry_delay(c, fails))
+            if ok:
+                passed.add(name)
             running.discard(name)
     assert set(s.statuses()) == {c.name for c in cs}
 
