@@ -447,6 +447,7 @@ class Agent:
         self.ops = asyncio.Semaphore(4)  # concurrent starts: the host has few cores
         # one create at a time: snapshot preparation is safe across processes, not across threads of one
         self.creating = asyncio.Lock()
+        self.spare = _SpareHelper()  # a helper process made ahead of the next machine start
         from taxiway.platform.fabric import host_fabric
 
         self.fabric = host_fabric(self.home, private_network)  # None: machines get no private network
@@ -479,6 +480,7 @@ class Agent:
                     await sub.unsubscribe()
             for _, t in self.check_tasks.values():
                 t.cancel()
+            await self.spare.close()
             self.rec.close()
 
     def _count_reconnect(self) -> None:
@@ -623,7 +625,7 @@ class Agent:
                 str(local.config.net).startswith("/"):  # plugged again if the fabric was remade (host reboot)
             await asyncio.to_thread(self.fabric.plug, mid, row["net_org"], row["net_field"])
         async with self.ops:
-            rc, out, err = await _helper("start", row["local_id"])
+            rc, out, err = await self.spare.run("start", row["local_id"])
         if rc != 0:
             msg = _helper_error(out, err)
             await self.observe(row)
@@ -1038,19 +1040,80 @@ async def _helper(*args: str, timeout: float = 120.0) -> tuple[int, bytes, bytes
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "taxiway.platform.agent", "helper", *args,
                                                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
+    return await _communicate(proc, None, args[0], timeout)
+
+
+_HELPER_MARK = b"taxiway-agent-helper: "  # prefixes the helper's own error (JSON) on stderr
+
+
+class _SpareHelper:
+    """Machine starts through a helper process made ahead of need.
+
+    A fresh ``python -m taxiway.platform.agent helper start ID`` spent ~0.3 s starting Python and
+    importing taxiway.machines before it forked the machine (measured 0.44 s against 0.08 s for the
+    start itself), on the path of every deploy. A spare (``helper --stdin``) does that while nothing
+    waits on it and then reads its one command from stdin; the next spare is made after each use.
+    It is still a process of its own, so no supervisor inherits the agent's sockets or threads.
+    A spare whose agent is gone reads EOF and exits.
+    """
+
+    def __init__(self) -> None:
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def _make(self) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "taxiway.platform.agent", "helper", "--stdin", stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+    async def run(self, *args: str, timeout: float = 120.0) -> tuple[int, bytes, bytes]:
+        """:func:`_helper` ``args``, in the spare when there is a live one (then a new spare)."""
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            out = await _helper(*args, timeout=timeout)
+        else:
+            out = await _communicate(proc, json.dumps(list(args)).encode() + b"\n", args[0], timeout)
+        with contextlib.suppress(OSError):
+            self.proc = await self._make()  # after the start: it does not compete with it for the CPU
+        return out
+
+    async def close(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+async def _communicate(proc: asyncio.subprocess.Process, data: bytes | None, what: str, timeout: float
+                       ) -> tuple[int, bytes, bytes]:
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+        out, err = await asyncio.wait_for(proc.communicate(data), timeout)
     except (TimeoutError, asyncio.CancelledError):
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
         if isinstance(sys.exc_info()[1], asyncio.CancelledError):
             raise
-        raise TaxiwayError(f"{args[0]} did not finish within {timeout:g} s", "see the machine's log") from None
+        raise TaxiwayError(f"{what} did not finish within {timeout:g} s", "see the machine's log") from None
     return proc.returncode or 0, out, err
 
 
-_HELPER_MARK = b"taxiway-agent-helper: "  # prefixes the helper's own error (JSON) on stderr
+def _spare_main() -> int:
+    """``helper --stdin``: import what a machine start needs, then run the one command read from stdin."""
+    import importlib
+
+    for mod in ("taxiway.machines", "taxiway.machines.runtime", "taxiway.machines.namespace_runtime",
+                "taxiway.machines.namespace", "taxiway.machines.ports", "taxiway.machines.stdio",
+                "taxiway.machines.cgroups", "taxiway.machines.seccomp", "taxiway.machines.snapshots"):
+        with contextlib.suppress(ImportError):
+            importlib.import_module(mod)
+    line = sys.stdin.buffer.readline()
+    if not line.strip():
+        return 0  # the agent went away (EOF) or closed the spare
+    args = json.loads(line)
+    if not isinstance(args, list) or len(args) < 2 or not all(isinstance(a, str) for a in args):
+        return 2
+    return _helper_main(args)
 
 
 def _helper_error(out: bytes, err: bytes) -> dict[str, Any]:
@@ -1093,6 +1156,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["helper", "--stdin"]:
+        return _spare_main()
     if argv[:1] == ["helper"]:
         return _helper_main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m taxiway.platform.agent", description="The taxiway host agent.")
