@@ -177,3 +177,33 @@ def test_the_lobby_lists_open_and_live_games_never_tokens_or_private_ones():
     assert got["open"][1]["players"] == ["Ann"] and got["open"][1]["open_seats"] == 1
     assert got["live"][0]["players"] == ["Ann", "Bot 1 (bot)"]
     assert "secret" not in json.dumps(got)
+
+
+def test_the_turn_banner_says_what_is_going_on_for_each_viewer():
+    from gamehall.render import banner
+
+    room = Room.new("BCDF", "connect4", 1, Options(), now=0.0)
+    room.join("a", "Ann", 0.0)
+    assert banner(room.view("a")) == (
+        "lobby",
+        "Waiting for an opponent: share the code or the link, or add a bot. "
+        "You play red and move first.",
+    )
+    assert banner(room.view(None))[1] == "Waiting for players: enter your name to join, or watch."
+    room.join("b", "Bob", 0.0)
+    assert banner(room.view("b"))[1] == "Everyone is here: press Start. You play yellow; Ann moves first."
+    room.start("a", 0.0)
+    assert banner(room.view("a")) == ("mine", "Your turn: you play red")
+    assert banner(room.view("b")) == ("theirs", "Waiting for Ann (red) to move")
+    assert banner(room.view(None)) == ("theirs", "Ann (red) to move")
+    for col in (1, 2, 1, 2, 1, 2, 1):
+        room.move("a" if room.rules.to_move(room.state) == 0 else "b", col, 1.0)
+    assert banner(room.view("a")) == ("won", "You won: four in a line")
+    assert banner(room.view("b")) == ("lost", "You lost: Ann (red) won: four in a line")
+    assert banner(room.view(None)) == ("over", "Ann (red) won: four in a line")
+    ship = Room.new("BCDF", "battleship", 1, Options(), now=0.0)
+    ship.join("a", "Ann", 0.0)
+    ship.join("b", "Bob", 0.0)
+    ship.start("a", 0.0)
+    assert banner(ship.view("a")) == ("mine", "Your turn")  # no pieces in battleship
+    assert banner(ship.view("b")) == ("theirs", "Waiting for Ann to move")
