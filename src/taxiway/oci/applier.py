@@ -21,7 +21,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from taxiway.oci._safepath import RootFS, clean, rmtree_at
 from taxiway.oci.changeset import (
     EMPTY_WHITEOUT,
     OPAQUE,
@@ -33,6 +32,7 @@ from taxiway.oci.changeset import (
     xattrs,
 )
 from taxiway.oci.layerio import LayerReader
+from taxiway.oci.safepath import RootFS, clean, rmtree_at
 
 _CHUNK = 1 << 20
 _MAX_WARNINGS = 100

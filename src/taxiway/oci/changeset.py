@@ -15,7 +15,7 @@ import tarfile
 import urllib.parse
 from typing import NamedTuple
 
-from taxiway.oci._safepath import clean
+from taxiway.oci.safepath import clean
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_MARKER = ".wh..wh..opq"

@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from taxiway.errors import InvalidInput, TaxiwayError
-from taxiway.oci._safepath import RootFS, rmtree_at
 from taxiway.oci.applier import DEFAULT_WORKERS, Applier, LayerStats
 from taxiway.oci.changeset import OPAQUE_MARKER, WHITEOUT_PREFIX
 from taxiway.oci.image import Image
 from taxiway.oci.layerio import REPULL, LayerError, LayerReader, members
 from taxiway.oci.progress import Progress
+from taxiway.oci.safepath import RootFS, rmtree_at
 
 __all__ = ["LayerError", "LayerStats", "ExportStats", "apply_layer", "export", "chain_ids",
            "WHITEOUT_PREFIX", "OPAQUE_MARKER"]
