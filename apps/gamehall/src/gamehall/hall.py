@@ -198,7 +198,7 @@ class Hall:
     async def start(self) -> None:
         await self.backend.start(self._on_message)
         if self.peers is not None:
-            self.peers.on_change = lambda before, after: self._spawn(self._adopt_orphans())
+            self.peers.on_change = lambda before, after: self._spawn(self._adopt_now())
             await self.peers.start()
         if self.backend.clustered:
             self._housekeeper = asyncio.create_task(self._housekeep(), name="gamehall-housekeeper")
@@ -285,6 +285,13 @@ class Hall:
 
     def _gone(self, owner: str) -> bool:
         return self.peers is not None and discovery.gone(owner, self.peers.nodes)
+
+    async def _adopt_now(self) -> None:
+        """The node list changed: adopt what its departed nodes ran, without waiting."""
+        try:
+            await self._adopt_orphans()
+        except Exception:
+            log.exception("could not take over the games of departed nodes")
 
     async def _adopt_orphans(self) -> None:
         """Run the watched games whose owner lapsed, or left the DNS node list."""
