@@ -2,8 +2,9 @@
 
 The real agent makes two machines (apps "open" without [egress], "tight" allowing only
 ok.test) plugged into the host's fabric; the real egressd listens on [fdaa::3]:3128 inside it.
-Inside the machines: curl (the host's binary and its libraries, in the image) and busybox
-wget use the HTTP_PROXY/http_proxy the agent set. The "internet" is a loopback test server
+Inside the machines: curl and Python's urllib (the host's binaries, their libraries and the
+stdlib modules urllib needs, in the image) and busybox wget use the HTTP_PROXY/http_proxy the
+agent set. The "internet" is a loopback test server
 (127.0.0.2) reached by test names through a loopback test DNS server, which only the proxy
 (on the host) can reach; trap servers on internal loopback addresses must never get a
 connection, and nothing a machine does without the proxy reaches anything at all.
@@ -12,6 +13,7 @@ connection, and nothing a machine does without the proxy reaches anything at all
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -30,22 +32,49 @@ pytestmark = pytest.mark.anyio
 IMAGE = "localhost/egress-test/curl:1"
 
 
-def curl_layer() -> list[Entry]:
-    """The host's curl with every shared library it loads, at the same paths (so it runs as is)."""
-    out = subprocess.run(["ldd", "/usr/bin/curl"], capture_output=True, text=True, check=True).stdout
+PYTHON = os.path.realpath("/usr/bin/python3")  # Debian's; its stdlib is under /usr/lib/python3.X
+PY_MODULES = "urllib.request, urllib.error, json, site, encodings.idna"
+
+
+def _libs(binary: str) -> list[str]:
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True).stdout
     libs = []
     for line in out.splitlines():
         parts = line.split()
-        path = parts[2] if "=>" in parts and len(parts) > 2 else parts[0]
+        path = parts[2] if "=>" in parts and len(parts) > 2 else (parts[0] if parts else "")
         if path.startswith("/"):
             libs.append(path)
+    return libs
+
+
+def clients_layer() -> list[Entry]:
+    """The host's curl, and its Python with the stdlib modules urllib needs, each with the shared
+    libraries it loads, at the same paths (so they run as they are): real clients in a machine."""
+    listing = subprocess.run([PYTHON, "-c", f"import sys, {PY_MODULES}; print('\\n'.join(sorted("
+                              "m.__file__ for m in list(sys.modules.values()) if getattr(m, '__file__', None))))"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    files = ["/usr/bin/curl", PYTHON, *listing]
+    for f in ["/usr/bin/curl", PYTHON, *[x for x in listing if x.endswith(".so")]]:
+        files += _libs(f)
     entries: dict[str, Entry] = {}
-    for path in ["/usr/bin/curl", *libs]:
+    for path in files:
         p = Path(path)
         for parent in reversed(p.relative_to("/").parents[:-1]):
             entries.setdefault(str(parent), Entry(str(parent), "dir"))
         entries[str(p.relative_to("/"))] = Entry(str(p.relative_to("/")), "file", p.read_bytes(), mode=0o755)
     return list(entries.values())
+
+
+# urllib inside a machine: the status of each URL (urllib reads HTTP_PROXY/NO_PROXY itself)
+URLLIB = """
+import sys, urllib.request, urllib.error
+for url in sys.argv[1:]:
+    try:
+        with urllib.request.urlopen(url, timeout=20) as r:
+            print(r.status, r.read().decode().strip())
+    except urllib.error.HTTPError as e:
+        print(e.code, e.read().decode().strip())
+"""
 
 
 class Agent:
@@ -116,7 +145,7 @@ async def test_machines_reach_out_only_through_the_proxy(state, nats_server, pla
                 "--listen", f"127.0.0.1:{port}", "--fabric", "auto", "--resolver", dns.address,
                 "--allow-range", f"{ALLOWED}/32"]
         with serve(argv, port, log=tmp_path / "egressd.log", env={"TAXIWAY_NATS_URL": nats_server.url_for("egress")}):
-            image = make_image(tmp_path, IMAGE, [curl_layer()])
+            image = make_image(tmp_path, IMAGE, [clients_layer()])
             now = time.time()
             tight = appconfig.parse('app = "tight"\n[egress]\nallowed_domains = ["ok.test"]\n')[0]
             await state.put(schema.RELEASES, schema.release_key("tight", 1),
@@ -151,6 +180,13 @@ async def test_machines_reach_out_only_through_the_proxy(state, nats_server, pla
             assert out.startswith("GET /from-wget")
             out = await sh(state, "open", ids["open"], f"{code} --proxytunnel http://www.ok.test:{up}/")
             assert out.strip() == "200"  # a CONNECT tunnel
+            # Python's urllib, as an app would use it: allowed, then a metadata address and rebinding
+            py = f"{PYTHON} -c '{URLLIB}' http://ok.test:{up}/from-python http://169.254.169.254/ " \
+                 + " ".join([f"http://rebind.test:{up}/"] * 4)
+            out = (await sh(state, "open", ids["open"], py)).splitlines()
+            assert out[0] == f"200 GET /from-python host=ok.test:{up}", "\n".join(out)
+            assert out[1].startswith("403 egress to 169.254.169.254:80 denied"), out
+            assert {line.split()[0] for line in out[2:]} == {"200", "403"}, out
 
             # the SSRF battery: each denied by the proxy (403), nothing reaches a trap
             # (--noproxy '': loopback forms too go to the proxy, not NO_PROXY's direct way to the
@@ -178,9 +214,9 @@ async def test_machines_reach_out_only_through_the_proxy(state, nats_server, pla
                       "nc -w 3 fdaa:0:2:1::2 80 </dev/null",
                       f"env -u http_proxy -u HTTP_PROXY wget -q -T 5 -O - http://{ALLOWED}:{up}/",
                       f"curl -sS --noproxy '*' --max-time 5 http://ok.test:{up}/"]
-            for cmd in bypass:
-                out = await sh(state, "open", ids["open"], f"{cmd}; echo rc=$?")
-                assert "rc=0" not in out and "GET /" not in out, (cmd, out)
+            out = await sh(state, "open", ids["open"], "; ".join(f"{cmd}; echo rc=$?" for cmd in bypass))
+            rcs = [line for line in out.splitlines() if line.startswith("rc=")]
+            assert len(rcs) == len(bypass) and "rc=0" not in rcs and "GET /" not in out, out
             assert upstream.connections == before and traps.connections == 0
 
             # the app's [egress]: ok.test only; the denial is a line of the app's log
