@@ -15,6 +15,7 @@ import os
 import socket
 import ssl
 import stat
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -246,3 +247,64 @@ async def test_force_https_custom_hostnames_and_http01_answers(state, tls_edge, 
     rc, out, err = await curl("--cacert", root(tmp_path), "--resolve", f"www.example.test:{port}:127.0.0.1",
                               f"https://www.example.test:{port}/z")
     assert rc != 0
+
+
+async def test_http2_upload_to_a_machine_that_does_not_read_is_held_back(state, tls_edge, tmp_path):
+    """The edge stops acknowledging a stream's DATA while the machine reads none of it: the client's
+    flow-control window closes, so the body never piles up in the edge's memory."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    async def sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the head, then never another byte read
+        await asyncio.sleep(30)
+
+    server = await asyncio.start_server(sink, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    await state.put(schema.APPS, "slow", {"name": "slow", "org": "personal"})
+    await state.put(schema.MACHINES, "slow.0000000000000c", machine_record("slow", "0000000000000c"))
+    await state.put(schema.STATUS, "slow.0000000000000c",
+                    {"id": "0000000000000c", "app": "slow", "host": "local", "state": "started",
+                     "ports": {"8080": port}, "checks": {}})
+    await until(lambda: routed(tls_edge, "slow"), "routes")
+    ctx = ssl.create_default_context(cafile=root(tmp_path))
+    ctx.set_alpn_protocols(["h2"])
+
+    def upload() -> tuple[int, int]:
+        with socket.create_connection(("127.0.0.1", tls_port(tls_edge)), timeout=10) as raw_sock, \
+                ctx.wrap_socket(raw_sock, server_hostname="slow.localhost") as s:
+            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            c.initiate_connection()
+            c.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+            s.sendall(c.data_to_send())
+            sid = c.get_next_available_stream_id()
+            c.send_headers(sid, [(":method", "POST"), (":path", "/up"), (":authority", "slow.localhost"),
+                                 (":scheme", "https")])
+            sent, stalled_since = 0, None
+            s.settimeout(0.02)
+            while sent < (64 << 20):
+                room = min(c.local_flow_control_window(sid), c.max_outbound_frame_size, (64 << 20) - sent)
+                if room > 0:
+                    c.send_data(sid, b"x" * room)
+                    sent += room
+                    stalled_since = None
+                elif stalled_since is None:
+                    stalled_since = time.monotonic()
+                elif time.monotonic() - stalled_since > 1:
+                    return sent, c.local_flow_control_window(sid)
+                s.sendall(c.data_to_send())
+                try:
+                    data = s.recv(65536)
+                except TimeoutError:
+                    continue
+                for ev in c.receive_data(data):
+                    assert not isinstance(ev, h2.events.StreamReset)
+            return sent, c.local_flow_control_window(sid)
+
+    try:
+        sent, window = await asyncio.to_thread(upload)
+    finally:
+        server.close()
+    # What got through sits in the loopback socket buffers (a few MiB), not in the edge.
+    assert window == 0 and sent < (16 << 20), (sent, window)

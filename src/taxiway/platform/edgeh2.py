@@ -33,6 +33,10 @@ if TYPE_CHECKING:
     from taxiway.platform.edge import Edge
 
 MAX_STREAMS = 128
+# Upload windows: a stream may have STREAM_WINDOW bytes in flight (plus what its reader holds,
+# at most twice the header limit, before the edge stops acknowledging), all streams CONN_WINDOW.
+STREAM_WINDOW = 256 * 1024
+CONN_WINDOW = 1 << 20
 _HOP = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"trailer"}
 _BAD = (b"\r", b"\n", b"\x00")
 
@@ -210,11 +214,35 @@ class _StreamWriter:
 
 
 class _Stream:
+    """One request stream: its body as a StreamReader (for :meth:`Edge.handle`) and its answer."""
+
     def __init__(self, conn: H2Connection, stream_id: int, method: str, chunked: bool) -> None:
+        self.conn, self.stream_id = conn, stream_id
         self.reader = asyncio.StreamReader(limit=conn.edge.config.max_header_bytes)
+        # The reader pauses "its transport" when more than twice its limit waits unread, and
+        # resumes it once read: that is when this stream stops and restarts acknowledging the
+        # client's DATA, so a client cannot pile a body up in memory faster than the machine reads it.
+        self.reader.set_transport(self)  # type: ignore[arg-type]
         self.writer = _StreamWriter(conn, stream_id, method)
         self.chunked = chunked
         self.task: asyncio.Task | None = None
+        self.held = False
+        self.unacked = 0
+
+    def pause_reading(self) -> None:
+        self.held = True
+
+    def resume_reading(self) -> None:
+        self.held = False
+        if self.unacked:
+            n, self.unacked = self.unacked, 0
+            self.conn.acknowledge(self.stream_id, n)
+
+    def received(self, n: int) -> None:
+        if self.held:
+            self.unacked += n
+        else:
+            self.conn.acknowledge(self.stream_id, n)
 
     def body(self, data: bytes) -> None:
         if data:
@@ -251,8 +279,11 @@ class H2Connection(asyncio.Protocol):
         self.registry.add(self)
         self.h2.local_settings = h2.settings.Settings(client=False, initial_values={
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.edge.config.max_header_bytes})
         self.h2.initiate_connection()
+        # The connection's window starts at 64 KiB whatever the settings say: open it to CONN_WINDOW
+        self.h2.increment_flow_control_window(CONN_WINDOW - 65535)
         self.flush()
 
     def data_received(self, data: bytes) -> None:
@@ -269,8 +300,9 @@ class H2Connection(asyncio.Protocol):
                 st = self.streams.get(ev.stream_id)
                 if st is not None:
                     st.body(ev.data)
-                with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                    self.h2.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    st.received(ev.flow_controlled_length)
+                else:
+                    self.acknowledge(ev.stream_id, ev.flow_controlled_length)
             elif isinstance(ev, h2.events.StreamEnded):
                 st = self.streams.get(ev.stream_id)
                 if st is not None:
@@ -348,6 +380,12 @@ class H2Connection(asyncio.Protocol):
         self.flush()
         if not w.pending and not self.paused:
             w.window.set()
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        """Give the client back ``n`` bytes of flow-control window (the stream's and the connection's)."""
+        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            self.h2.acknowledge_received_data(n, stream_id)
+        self.flush()
 
     def reset(self, stream_id: int, code: h2.errors.ErrorCodes) -> None:
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):

@@ -500,8 +500,8 @@ class EdgeTLS:
             except OSError as e:
                 self.edge.log(msg="accept failed", error=str(e))
                 return
-            if self.edge._at_capacity():  # noqa: SLF001 - one limit for both listeners
-                conn.close()
+            if self.edge._at_capacity() or len(self._pending) >= self.edge.config.max_connections:  # noqa: SLF001
+                conn.close()  # one limit for both listeners; ClientHellos not read yet count too
                 continue
             conn.setblocking(False)
             self._pending[conn] = loop.time() + self.edge.config.header_timeout
