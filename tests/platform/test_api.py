@@ -292,6 +292,47 @@ def test_compare_and_set_under_concurrency(platform_api):
         assert r.status_code == 400 and "rolling" in r.json()["fix"]
 
 
+def test_release_long_poll_answers_when_the_release_changes(platform_api):
+    """GET .../releases/N?wait=S&after=<updated_at>: at once when the copy is stale, else when the
+    record changes (a follower of a deploy sees each step as it is written, not a poll later)."""
+    from taxiway.platform import deploy
+
+    async def record():
+        st = await State.connect(platform_api.nats)
+        try:
+            return await deploy.record_release(st, "web", {"image": "web:1", "updated_at": 1.5})
+        finally:
+            await st.close()
+
+    rel = run(record())
+    key = schema.release_key("web", rel["version"])
+    path = f"/v1/apps/web/releases/{rel['version']}"
+    with platform_api.client() as c:
+        assert c.get(path, params={"wait": 30, "after": "0.5"}).json()["updated_at"] == 1.5  # stale copy: at once
+        got: dict = {}
+
+        def follow():
+            got["rel"] = c.get(path, params={"wait": 30, "after": "1.5"}).json()
+
+        t = threading.Thread(target=follow)
+        t.start()
+
+        async def change():
+            st = await State.connect(platform_api.nats)
+            try:
+                await st.update(schema.RELEASES, key, lambda o: {**o, "status": "complete", "updated_at": 2.5})
+            finally:
+                await st.close()
+
+        t.join(0.5)  # the follower is waiting on the record (nothing changed yet)
+        assert t.is_alive()
+        run(change())
+        t.join(30)
+        assert not t.is_alive() and got["rel"]["status"] == "complete" and got["rel"]["updated_at"] == 2.5
+        r = c.get(path, params={"wait": "lots", "after": "2.5"})
+        assert r.status_code == 400 and "wait" in r.json()["error"]
+
+
 def test_secrets_are_sealed_and_never_returned(platform_api):
     with platform_api.client() as c:
         r = c.post("/v1/apps/web/secrets", json={"values": {"DB_PASSWORD": "hunter2", "API_KEY": "k"}, "stage": True})

@@ -54,11 +54,19 @@ def _app_name(app: str | None, folder: Path = Path(".")) -> str:
 
 # -- following a release ---------------------------------------------------------------------------------
 
-def follow_release(client: Any, app: str, version: int, poll: float = 0.25) -> dict[str, Any]:
-    """Print a release's progress lines as they come; return it once it is complete, failed or rolled back."""
+def follow_release(client: Any, app: str, version: int, poll: float = 0.25, wait: float = 20.0) -> dict[str, Any]:
+    """Print a release's progress lines as they come; return it once it is complete, failed or rolled back.
+
+    Each read is a long poll (the API answers when the release changes), so the command returns
+    the moment the deploy ends; ``poll`` only paces an API that answers at once anyway.
+    """
     last: str | None = None
+    seen: Any = None
     while True:
-        rel = client.release(app, version)
+        rel = client.release(app, version, wait=wait, after=seen)
+        if seen is not None and rel.get("updated_at") == seen and rel.get("status") not in FINAL:
+            time.sleep(poll)  # no change (the wait ran out, or an API without long polls)
+        seen = rel.get("updated_at")
         steps = rel.get("steps") or []
         # The release keeps its newest lines only: print what follows the last line we printed.
         start = 0
@@ -72,7 +80,6 @@ def follow_release(client: Any, app: str, version: int, poll: float = 0.25) -> d
             return rel
         if rel.get("warning"):
             raise TaxiwayError(rel["warning"], "the platform cannot deploy yet")
-        time.sleep(poll)
 
 
 def _finish(rel: dict[str, Any], app: str) -> None:

@@ -791,10 +791,32 @@ async def get_release(request: Request) -> Response:
     raw = request.path_params["version"].lstrip("v")
     if not raw.isdigit() or int(raw) > 99_999_999:
         raise ApiError(404, f"no release {request.path_params['version']!r}", "list them with 'taxiway releases'")
-    got = await _st(request).get(schema.RELEASES, schema.release_key(app["name"], int(raw)))
+    key = schema.release_key(app["name"], int(raw))
+    st = _st(request)
+    got = await st.get(schema.RELEASES, key)
     if not got:
         raise ApiError(404, f"no release v{int(raw)} of {app['name']}", "list them with 'taxiway releases'")
-    return _json(got[0])
+    # ?wait=S&after=T: a long poll for whoever follows a deploy (the CLI). The answer comes as soon
+    # as the record changes from the one updated at T (a new step, the final status), else after S
+    # seconds; polling instead made every deploy a poll interval longer.
+    wait = _query_float(request, "wait", 0, 0, 60)
+    after = request.query_params.get("after")
+    if not wait or after is None or str(got[0].get("updated_at")) != after:
+        return _json(got[0])
+    reconnects = request.app.state.reconnects
+    try:
+        async with asyncio.timeout(wait):
+            while True:  # a new watch after a reconnect (a restarted server forgets the old one)
+                async for _, value, _ in _until_reconnect(st.watch(schema.RELEASES, key, initial=True), reconnects):
+                    if value is None:
+                        raise ApiError(404, f"release v{int(raw)} of {app['name']} is gone",
+                                       "the app was destroyed")
+                    if str(value.get("updated_at")) != after:
+                        return _json(value)
+    except TimeoutError:
+        pass
+    got = await st.get(schema.RELEASES, key)
+    return _json(got[0] if got else {})
 
 
 async def _deploy_start(request: Request, app: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
@@ -1153,7 +1175,8 @@ ROUTES: list[tuple[str, str, Callable[[Request], Awaitable[Response]], str]] = [
     ("DELETE", M + "/lease", release_lease, "Release the lease (nonce header)"),
     ("GET", "/v1/apps/{app}/releases", list_releases, "List releases, newest first"),
     ("POST", "/v1/apps/{app}/releases", create_release, "Record a release {image, config, strategy} and deploy it"),
-    ("GET", "/v1/apps/{app}/releases/{version}", get_release, "Get a release"),
+    ("GET", "/v1/apps/{app}/releases/{version}", get_release,
+     "Get a release (?wait=S&after=<its updated_at>: answer when it changes, at most S seconds)"),
     ("GET", "/v1/apps/{app}/secrets", list_secrets, "Secret names and digests (never values)"),
     ("POST", "/v1/apps/{app}/secrets", set_secrets, "Set secrets {values: {K: V}, stage?}"),
     ("DELETE", "/v1/apps/{app}/secrets/{name}", unset_secret, "Unset a secret (?stage=1: no restart)"),

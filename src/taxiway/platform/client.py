@@ -183,8 +183,11 @@ class Client:
     def releases(self, app: str) -> list[dict[str, Any]]:
         return self.request("GET", f"/v1/apps/{app}/releases")
 
-    def release(self, app: str, version: int) -> dict[str, Any]:
-        return self.request("GET", f"/v1/apps/{app}/releases/{version}")
+    def release(self, app: str, version: int, wait: float = 0, after: Any = None) -> dict[str, Any]:
+        """A release; with ``wait`` and ``after`` (the updated_at of the copy one has), the API
+        answers when the record changes, at most ``wait`` seconds later."""
+        params = {"wait": wait, "after": str(after)} if wait and after is not None else None
+        return self.request("GET", f"/v1/apps/{app}/releases/{version}", params=params)
 
     def create_release(self, app: str, image: str, config: dict[str, Any], strategy: str | None = None,
                        description: str = "") -> dict[str, Any]:
