@@ -97,7 +97,7 @@ SLOW_FILES = frozenset({
     "platform/test_deploy.py", "platform/test_deploy_cli.py", "platform/test_deploy_e2e.py",
     "platform/test_deploy_failures.py", "platform/test_up.py", "platform/test_app_destroy.py",
     "publish/test_publish.py", "publish/test_hostile.py",
-    "egress/test_clients.py", "registry/test_clients.py",
+    "egress/test_clients.py", "registry/test_clients.py", "platform/test_network_vm.py",
 })
 
 

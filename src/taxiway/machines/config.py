@@ -118,6 +118,8 @@ class MachineConfig(Record):
         # /etc/resolv.conf and extra /etc/hosts lines: {"nameservers": [...], "searches": [...], "options": [...],
         # "hosts": [[address, name...], ...]} (Fly's config.dns plus hosts); None: the runtime's default
         ("dns", None),
+        # the machine's address on that network namespace (net = a path): a micro-VM's guest takes it over
+        ("private_ip", None),
     )
     image: str
     cmd: list[str] | None
@@ -144,6 +146,7 @@ class MachineConfig(Record):
     seccomp: str | dict[str, Any] | None
     storage_size: int | None
     dns: dict[str, Any] | None
+    private_ip: str | None
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> MachineConfig:

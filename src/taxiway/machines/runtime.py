@@ -67,9 +67,9 @@ def create(cfg: MachineConfig, name: str | None = None, progress: Any = None) ->
     if cfg.net not in ("none", "host", "private") and not cfg.net.startswith("/"):
         raise InvalidInput(f"invalid network {cfg.net!r}",
                            "use --net none, host, private or the path of a network namespace file")
-    if cfg.net.startswith("/") and cfg.isolation != "namespace":
-        raise InvalidInput("a micro-VM cannot join a network namespace file",
-                           "use --isolation namespace, or --net private")
+    if cfg.net.startswith("/") and cfg.isolation == "vm" and not cfg.private_ip:
+        raise InvalidInput("a micro-VM joins a network namespace file only with the address it takes over",
+                           "set private_ip (the platform's agent does), or use --net private")
     if cfg.ports and cfg.net == "none":
         raise InvalidInput("-p needs a network", "use --net private (the default) or --net host")
     if cfg.hostname is not None:

@@ -135,6 +135,11 @@ ip link set lo up 2>/dev/null
 if [ -n "$TW_ADDR" ]; then
   ip link set eth0 up && ip addr add "$TW_ADDR" dev eth0 || fail "cannot configure eth0"
 fi
+if [ -n "$TW_ADDR6" ]; then
+  echo 0 > /proc/sys/net/ipv6/conf/eth0/accept_dad
+  ip -6 addr add "$TW_ADDR6" dev eth0 && ip -6 route add fe80::1 dev eth0 &&
+    ip -6 route add default via fe80::1 dev eth0 || fail "cannot configure eth0's private address"
+fi
 for d in proc sys dev etc tmp; do [ -d /newroot/$d ] || mkdir -p /newroot/$d; done
 while read -r tag mode dir; do
   mkdir -p "/newroot$dir" && mount -t virtiofs -o "$mode" "$tag" "/newroot$dir" || fail "cannot mount volume $dir"
@@ -401,12 +406,14 @@ def _config_cpio(m: S.Machine) -> bytes:
     conf = f"TW_HOSTNAME={q(p['hostname'])}\nTW_WORKDIR={q(p['workdir'])}\n"
     if _has_nic(m):
         conf += f"TW_ADDR={GUEST_ADDR}/30\n"
+    if m.config.net.startswith("/") and m.config.private_ip:
+        conf += f"TW_ADDR6={q(m.config.private_ip)}/128\n"
     # nosuid,nodev in the guest too: a setuid file or device node in a host directory means nothing there
     vols = "".join(f"vol{i} {'ro' if v.readonly else 'rw'},nosuid,nodev {v.target}\n"
                    for i, v in enumerate(m.config.mounts))
     from taxiway.machines.namespace import etc_files
 
-    etc = etc_files(p["hostname"], "private")
+    etc = etc_files(p["hostname"], "private", m.config.dns)
     return cpio([("taxiway", 0o040755, b""), ("taxiway/config", 0o100644, conf.encode()),
                  ("taxiway/volumes", 0o100644, vols.encode())] +
                 [(f"taxiway/{k}", 0o100644, v.encode()) for k, v in etc.items()])
@@ -422,9 +429,31 @@ def _netns_wrapper(m: S.Machine) -> list[str]:
     # --ipc too: QEMU, once unprivileged, must not reach the host's System V shared memory
     if not _has_nic(m):
         return ["unshare", "--net", "--ipc", "--"]
+    if m.config.net.startswith("/") and m.config.private_ip:
+        return ["nsenter", f"--net={m.config.net}", "unshare", "--ipc", "--", "sh", "-c",
+                _private_tap_script(m.config.private_ip), "sh"]
     script = (f"ip link set lo up && ip tuntap add dev tap0 mode tap && ip addr add {HOST_ADDR}/30 dev tap0 && "
               "ip link set tap0 up && exec \"$@\"")
     return ["unshare", "--net", "--ipc", "--", "sh", "-c", script, "sh"]
+
+
+def _private_tap_script(addr: str) -> str:
+    """The platform's private network for a micro-VM: QEMU runs in the machine's plugged netns, which
+    routes between the fabric (eth0) and the guest (tap0), the guest holding the machine's address.
+
+    The address moves from eth0 to the guest: eth0 answers the fabric's neighbour solicitations for
+    it (proxy NDP) and the netns forwards to tap0, whose end is fe80::1 as the fabric's is for
+    eth0. tap0 also keeps HOST_ADDR for the ``-p`` forwarders. A tap left by an earlier run goes first.
+    """
+    import ipaddress
+
+    a = str(ipaddress.IPv6Address(addr))  # never shell text from elsewhere
+    return ("ip link del tap0 2>/dev/null; ip tuntap add dev tap0 mode tap && ip link set tap0 addrgenmode none && "
+            f"echo 0 > /proc/sys/net/ipv6/conf/tap0/accept_dad && ip addr add {HOST_ADDR}/30 dev tap0 && "
+            "ip -6 addr add fe80::1/64 dev tap0 nodad && ip link set tap0 up && "
+            f"{{ ip -6 addr del {a}/128 dev eth0 2>/dev/null; true; }} && "
+            "echo 1 > /proc/sys/net/ipv6/conf/all/forwarding && echo 1 > /proc/sys/net/ipv6/conf/eth0/proxy_ndp && "
+            f"ip -6 neigh replace proxy {a} dev eth0 && ip -6 route replace {a}/128 dev tap0 && exec \"$@\"")
 
 
 def vm_uid(m: S.Machine) -> int:

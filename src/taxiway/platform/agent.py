@@ -808,8 +808,8 @@ class Agent:
         """Plug a namespace machine into the private network: its org's network number, a machine
         field (kept in our record), its netns plugged into the fabric, and the config that joins it
         (net, resolv.conf and /etc/hosts, the proxy environment, which overrides the tenant's)."""
-        if self.fabric is None or cfg.get("isolation", "namespace") != "namespace":
-            return cfg  # micro-VMs: not on the private network yet (README)
+        if self.fabric is None:
+            return cfg
         from taxiway.platform import network, orgnet
 
         n = row.get("net_org") or await orgnet.org_network(self.st, org)
@@ -821,7 +821,7 @@ class Agent:
         address = str(network.machine_address(n, self.fabric.host, field))
         mid, app = row["id"], row["app"]
         return {**cfg, "net": str(path), "env": {**cfg.get("env", {}), **network.machine_env(n, address)},
-                "dns": network.dns_config(app, address, [mid, f"{mid}.vm.{app}.internal"])}
+                "dns": network.dns_config(app, address, [mid, f"{mid}.vm.{app}.internal"]), "private_ip": address}
 
     def _free_port(self) -> int:
         from taxiway.platform.nats import free_port

@@ -37,7 +37,7 @@ _FIXED: dict[str, tuple[Any, ...]] = {
     "net": ("private",), "auto_remove": (False,), "tty": (False,), "interactive": (False,),
     "cap_add": ([],), "seccomp": (None,), "ports": ([],),
     # the private network: the agent sets net (the machine's netns file) and dns AFTER this check
-    "dns": (None,),
+    "dns": (None,), "private_ip": (None,),
 }
 ALLOWED_KEYS = frozenset({
     "image", "cmd", "entrypoint", "env", "workdir", "user", "hostname", "guest", "restart", "checks",
