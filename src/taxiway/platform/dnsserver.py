@@ -546,8 +546,10 @@ def fabric_sockets(mode: str = "yes") -> list[socket.socket]:
             return []
         raise TaxiwayError("--fabric: the private network (taxiway.platform.fabric) is not installed",
                            "leave out --fabric") from None
-    if mode == "auto" and not fabric.Fabric.for_home().exists():
-        return []
+    if mode == "auto":  # the platform's one switch (TAXIWAY_PRIVATE_NETWORK=0, tools missing), then the netns
+        fab = fabric.host_fabric()
+        if fab is None or not fab.exists():
+            return []
     return [fabric.listen_socket(socket.AF_INET6, socket.SOCK_DGRAM, FABRIC_ADDRESS, 53),
             fabric.listen_socket(socket.AF_INET6, socket.SOCK_STREAM, FABRIC_ADDRESS, 53)]
 
