@@ -32,6 +32,13 @@ from taxiway.platform.state import State
 pytestmark = pytest.mark.anyio
 
 
+@pytest.fixture(params=[pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+                        pytest.param(("asyncio", {}), id="asyncio")])
+def anyio_backend(request: pytest.FixtureRequest):
+    """uvloop, as the edge runs (python -m taxiway.platform.edge), and asyncio's own loop."""
+    return request.param
+
+
 # -- pure parts -----------------------------------------------------------------------------------------
 
 def client_hello(server_name: str | None, alpn: list[str] | None = None) -> bytes:
