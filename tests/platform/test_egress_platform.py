@@ -332,3 +332,25 @@ def test_the_egress_nats_user_only_reads_and_writes_logs(platform):
             await st.close()
     run(go())
     assert run(_with_state(platform.nats.url, lambda st: st.get(schema.STATUS, "dflt.forged"))) is None
+
+
+def test_machines_and_policies_follow_after_a_nats_server_restart(platform):
+    """A restarted nats-server forgets the proxy's watches: they are started again on reconnect,
+    so a machine made afterwards is known (and its app's [egress] applied) without a proxy restart."""
+    p = platform
+    p.nats.stop()
+    p.nats.start()
+    ip, mid = "127.0.0.15", "00000000000015"
+
+    async def later(st: State) -> None:
+        await st.put(schema.APPS, "late", {"name": "late", "org": "acme", "created_at": 0, "config": {}})
+        await st.put(schema.RELEASES, schema.release_key("late", 1),
+                     _release("late", 1, '[egress]\nallowed_domains = ["www.ok.test"]\n'))
+        await st.put(schema.STATUS, schema.machine_key("late", mid),
+                     {"id": mid, "app": "late", "host": "local", "region": "local", "state": "started",
+                      "private_ip": ip, "updated_at": time.time()})
+    run(_with_state(p.nats.url, later))  # start() returned once the server listens
+    wait_until(lambda: curl(p, ip, f"http://www.ok.test:{p.upstream.port}/")[0] == 200, "the new machine allowed")
+    assert curl(p, ip, f"http://ok.test:{p.upstream.port}/")[0] == 403
+    # and its denial still reaches its log
+    wait_until(lambda: "egress denied: HTTP ok.test" in taxiway_logs(p, "late"), "the denial after the restart")
