@@ -188,7 +188,7 @@ class DNSServer:
             await self.close()
             raise TaxiwayError(f"cannot listen for DNS: {e.strerror or e}",
                                "pick a free port with --listen HOST:PORT") from None
-        self.log(msg="listening", addresses=[f"{h}:{p}" for h, p in self.addresses],
+        self.log(msg="listening", addresses=[str(Listen(h, p)) for h, p in self.addresses],
                  upstream=[f"{h}:{p}" for h, p in self.config.upstream])
         return self.addresses
 
