@@ -1,28 +1,31 @@
-"""The platform's edge side by side with nginx as a reverse proxy, and with no proxy, on loopback.
+"""The platform's edge side by side with nginx, Caddy and HAProxy as reverse proxies, and direct.
 
-    .venv/bin/python bench/edge.py [--seconds 3] [--conns 1,50,500] [--repeat 2] [--markdown]
+    .venv/bin/python bench/edge.py [--seconds 3] [--conns 1,50,500] [--repeat 2] [--tool wrk|go] [--markdown]
 
 One run starts, each with its own temp config and stopped after:
-- two nginx "machines" on 127.0.0.1 (each answers GET /small with 3 bytes), one worker each;
-- a nats-server with JetStream, and the app's APPS/MACHINES/STATUS records written as the API
-  and the agent write them (machine A routed, B started but cordoned);
+- two nginx "machines" on 127.0.0.1 (each answers GET /small with 3 bytes), one worker each,
+  and a WebSocket echo machine (bench/_wsecho.py, Go);
+- a nats-server with JetStream, and the apps' APPS/MACHINES/STATUS records written as the API
+  and the agent write them (machine A routed, B started but cordoned; app "ws": the echo);
 - the edge (``python -m taxiway.platform.edge``, one process on uvloop);
-- nginx as the peer reverse proxy (one worker, upstream keepalive 64), routing Host
-  ``web.localhost`` to machine A.
+- the peers, each on one core as the edge is: nginx (one worker, upstream keepalive 64),
+  Caddy (GOMAXPROCS=1) and HAProxy (nbthread 1, http-reuse always) when installed, routing
+  to machine A and /ws to the echo machine.
 
 Measured:
-- small requests at each --conns: the Go load generator (bench/_loadgen.py) opens C
-  keep-alive connections, sends one warm-up request on each, then GET /small with
-  ``Host: web.localhost`` on all of them for --seconds; requests/s, p50/p99 and errors;
-  "added" is p50/p99 minus direct's. Each path runs --repeat times interleaved, best kept.
+- small requests at each --conns with wrk (one thread; --tool go: bench/_loadgen.py):
+  ``Host: web.localhost``, requests/s, p50/p99; "added" is p50/p99 minus direct's. Each path
+  runs --repeat times interleaved, best kept.
+- WebSocket echo: 50 WebSockets through each path, a 128-byte frame and its echo at a time
+  on each, messages/s and p50/p99.
 - a rolling deploy under load through the edge: 50 connections for --seconds x 3 while
   machine B is uncordoned, A cordoned, drained (edge.drain) and stopped (kill + STATUS
   "stopped"), then A comes back and B goes: failed requests must be 0.
 
-Targets (issue 18): >= 0.5x nginx's requests/s, added p99 < 2 ms at 50 connections,
-0 failed requests during a deploy. Caddy and HAProxy are measured when installed.
-Nothing leaves loopback; no name is resolved (the loadgen dials 127.0.0.1 and sends
-the Host header itself).
+Targets (issue 18): >= 0.5x nginx's requests/s, >= 1.0x Caddy's, added p99 < 2 ms at 50
+connections, 0 failed requests during a deploy. The scale-to-zero wake-up is bench/edge_wake.py.
+Nothing leaves loopback; no name is resolved (the clients dial 127.0.0.1 and send the Host
+header themselves).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ sys.path.insert(0, str(REPO / "src"))
 sys.path.insert(0, str(REPO / "bench"))
 
 import _loadgen  # noqa: E402  (bench/_loadgen.py: the Go load generator shared with bench/egress.py)
+import _wsecho  # noqa: E402  (bench/_wsecho.py: WebSocket echo machine and ping-pong client, Go)
 
 from taxiway.platform import schema  # noqa: E402
 from taxiway.platform.nats import NatsServer  # noqa: E402
@@ -54,6 +58,7 @@ from taxiway.platform.state import State  # noqa: E402
 APP = "web"
 HOST = f"{APP}.localhost"
 MACHINE_A, MACHINE_B = "00000000000a0a", "00000000000b0b"
+WS_MACHINE = "00000000000e0e"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -92,8 +97,9 @@ class Proc:
                 self.proc.wait()
 
 
-def nginx(d: Path, port: int, proxy_to: int | None = None) -> Proc:
-    """nginx answering /small itself (a machine), or proxying to 127.0.0.1:``proxy_to`` (the peer)."""
+def nginx(d: Path, port: int, proxy_to: int | None = None, ws_to: int | None = None) -> Proc:
+    """nginx answering /small itself (a machine), or proxying to 127.0.0.1:``proxy_to`` (the peer;
+    /ws to the WebSocket echo machine on ``ws_to``)."""
     d.mkdir(parents=True)
     for sub in ("tmp", "logs"):
         (d / sub).mkdir()
@@ -103,10 +109,13 @@ def nginx(d: Path, port: int, proxy_to: int | None = None) -> Proc:
     location = /small {{ default_type text/plain; return 200 "ok\\n"; }} }}"""
     else:
         server = f"""upstream machines {{ server 127.0.0.1:{proxy_to}; keepalive 64; }}
-  server {{ listen 127.0.0.1:{port} backlog=4096; server_name {HOST};
+  upstream wsecho {{ server 127.0.0.1:{ws_to or proxy_to}; }}
+  server {{ listen 127.0.0.1:{port} backlog=4096;
     location / {{ proxy_pass http://machines; proxy_http_version 1.1; proxy_set_header Connection "";
       proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-      proxy_set_header X-Forwarded-Proto $scheme; proxy_buffering off; }} }}"""
+      proxy_set_header X-Forwarded-Proto $scheme; proxy_buffering off; }}
+    location /ws {{ proxy_pass http://wsecho; proxy_http_version 1.1; proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection "upgrade"; proxy_set_header Host $host; proxy_read_timeout 300s; }} }}"""
     (d / "nginx.conf").write_text(f"""{user}worker_processes 1;
 daemon off;
 pid {d}/nginx.pid;
@@ -122,6 +131,72 @@ http {{
 """)
     return Proc(["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "logs/error.log")],
                 port, d / "nginx.out")
+
+
+def caddy(d: Path, port: int, proxy_to: int, ws_to: int) -> Proc:
+    """Caddy as the peer reverse proxy (one core: GOMAXPROCS=1, as nginx has one worker)."""
+    d.mkdir(parents=True)
+    (d / "Caddyfile").write_text(f"""{{
+  admin off
+  auto_https off
+}}
+http://:{port} {{
+  bind 127.0.0.1
+  reverse_proxy /ws* 127.0.0.1:{ws_to}
+  reverse_proxy 127.0.0.1:{proxy_to}
+}}
+""")
+    env = {**os.environ, "GOMAXPROCS": "1", "HOME": str(d), "XDG_DATA_HOME": str(d / "data"),
+           "XDG_CONFIG_HOME": str(d / "config")}
+    return Proc(["caddy", "run", "--config", str(d / "Caddyfile"), "--adapter", "caddyfile"], port,
+                d / "caddy.out", env=env)
+
+
+def haproxy(d: Path, port: int, proxy_to: int, ws_to: int) -> Proc:
+    """HAProxy as the peer reverse proxy (one thread, pooled server connections)."""
+    d.mkdir(parents=True)
+    (d / "haproxy.cfg").write_text(f"""global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 300s
+  timeout server 300s
+  timeout tunnel 300s
+  option http-keep-alive
+frontend fe
+  bind 127.0.0.1:{port}
+  use_backend ws if {{ path_beg /ws }}
+  default_backend machines
+backend machines
+  http-reuse always
+  server a 127.0.0.1:{proxy_to}
+backend ws
+  server e 127.0.0.1:{ws_to}
+""")
+    return Proc(["haproxy", "-db", "-f", str(d / "haproxy.cfg")], port, d / "haproxy.out")
+
+
+def wrk(port: int, conns: int, seconds: float) -> dict:
+    """One wrk run (one thread) of GET /small with Host web.localhost: requests/s, p50/p99, errors."""
+    import re
+
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--latency",
+                          "-H", f"Host: {HOST}", f"http://127.0.0.1:{port}/small"],
+                         capture_output=True, text=True, timeout=seconds + 120).stdout
+
+    def ms(p: str) -> float:
+        m = re.search(rf"^\s*{p}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return float("nan")
+        return float(m[1]) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m[2]]
+
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx[1]) if non2xx else 0
+    return {"rps": float(rps[1]) if rps else 0.0, "p50_ms": ms("50"), "p99_ms": ms("99"), "errors": errors}
 
 
 def machine(mid: str, *, cordoned: bool = False) -> dict:
@@ -181,17 +256,22 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="per load run")
     ap.add_argument("--conns", default="1,50,500", help="connection counts")
     ap.add_argument("--repeat", type=int, default=2, help="runs per path (interleaved; best kept)")
+    ap.add_argument("--tool", choices=("wrk", "go"), default="wrk" if shutil.which("wrk") else "go",
+                    help="load generator for small requests (default: wrk when installed)")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     a = ap.parse_args()
     conns = [int(c) for c in a.conns.split(",")]
     if not shutil.which("nginx") or not shutil.which("go"):
         sys.exit("error: bench/edge.py needs nginx and go; fix: install nginx and golang-go (.ci/apt-packages.txt)")
+    missing = [t for t in ("caddy", "haproxy") if not shutil.which(t)]
     with tempfile.TemporaryDirectory(prefix="tw-bench-edge-") as tmp:
         d = Path(tmp)
         loadgen = _loadgen.build(d)
+        wsecho = _wsecho.build(d)
         ports = {MACHINE_A: free_port(), MACHINE_B: free_port()}
         machines: dict[str, Proc] = {MACHINE_A: nginx(d / "machine-a", ports[MACHINE_A]),
                                      MACHINE_B: nginx(d / "machine-b", ports[MACHINE_B])}
+        echo_proc, echo_port = _wsecho.serve(wsecho, d / "wsecho.log")
         nats = NatsServer(d / "nats").start()
         procs: list[Proc] = []
         p = Platform(nats.url)
@@ -200,23 +280,46 @@ def main() -> None:
             for mid, cordoned in ((MACHINE_A, False), (MACHINE_B, True)):
                 p.put(schema.MACHINES, f"{APP}.{mid}", machine(mid, cordoned=cordoned))
                 p.put(schema.STATUS, f"{APP}.{mid}", status(mid, ports[mid]))
-            edge_port, peer_port = free_port(), free_port()
+            p.put(schema.APPS, "ws", {"name": "ws", "org": "personal"})  # the WebSocket echo machine
+            p.put(schema.MACHINES, f"ws.{WS_MACHINE}", {**machine(WS_MACHINE), "app": "ws"})
+            p.put(schema.STATUS, f"ws.{WS_MACHINE}", {**status(WS_MACHINE, echo_port), "app": "ws"})
+            edge_port = free_port()
             env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
             procs.append(Proc([sys.executable, "-m", "taxiway.platform.edge", "--nats", nats.url,
                                "--listen", f"127.0.0.1:{edge_port}"], edge_port, d / "edge.log", env=env))
-            procs.append(nginx(d / "peer-nginx", peer_port, proxy_to=ports[MACHINE_A]))
-            paths = {"direct": ports[MACHINE_A], "nginx": peer_port, "taxiway edge": edge_port}
+            paths = {"direct": ports[MACHINE_A]}
+            peer = free_port()
+            procs.append(nginx(d / "peer-nginx", peer, proxy_to=ports[MACHINE_A], ws_to=echo_port))
+            paths["nginx"] = peer
+            if "caddy" not in missing:
+                peer = free_port()
+                procs.append(caddy(d / "peer-caddy", peer, ports[MACHINE_A], echo_port))
+                paths["caddy"] = peer
+            if "haproxy" not in missing:
+                peer = free_port()
+                procs.append(haproxy(d / "peer-haproxy", peer, ports[MACHINE_A], echo_port))
+                paths["haproxy"] = peer
+            paths["taxiway edge"] = edge_port
             rows = []
             for c in conns:
                 best: dict[str, dict] = {}
                 for _ in range(a.repeat):
                     for name, port in paths.items():
-                        r = _loadgen.run(loadgen, target=f"127.0.0.1:{port}", host=HOST, conns=c, seconds=a.seconds,
-                                         reconnect=True)
+                        if a.tool == "wrk":
+                            r = wrk(port, c, a.seconds)
+                        else:
+                            r = _loadgen.run(loadgen, target=f"127.0.0.1:{port}", host=HOST, conns=c,
+                                             seconds=a.seconds, reconnect=True)
                         if name not in best or r["rps"] > best[name]["rps"]:
                             best[name] = r
                 for name, r in best.items():
                     rows.append((c, name, r, best["direct"]))
+            ws_rows = []
+            for name, port in paths.items():
+                port = echo_port if name == "direct" else port
+                ws_rows.append((name, max((_wsecho.run(wsecho, target=f"127.0.0.1:{port}", conns=50,
+                                                       seconds=a.seconds) for _ in range(a.repeat)),
+                                          key=lambda r: r["per_s"])))
             # A rolling deploy under load, through the edge.
             result: dict = {}
             t = threading.Thread(target=lambda: result.update(_loadgen.run(
@@ -229,26 +332,36 @@ def main() -> None:
             p.close()
             for proc in procs + list(machines.values()):
                 proc.stop()
+            echo_proc.terminate()
+            echo_proc.wait()
             nats.stop()
     nginx_rps = {c: r["rps"] for c, name, r, _ in rows if name == "nginx"}
+    caddy_rps = {c: r["rps"] for c, name, r, _ in rows if name == "caddy"}
+    print(f"small requests ({a.tool}, {a.seconds:g} s runs, best of {a.repeat}; every proxy on one core):")
     if a.markdown:
-        print("| conns | path | req/s | p50 ms | p99 ms | added p50/p99 ms | vs nginx | errors |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| conns | path | req/s | p50 ms | p99 ms | added p50/p99 ms | vs nginx | vs Caddy | errors |")
+        print("|---|---|---|---|---|---|---|---|---|")
     for c, name, r, direct in rows:
         added = f"{r['p50_ms'] - direct['p50_ms']:+.2f}/{r['p99_ms'] - direct['p99_ms']:+.2f}"
         ratio = f"{r['rps'] / nginx_rps[c]:.2f}x" if name != "direct" else "-"
+        vs_caddy = f"{r['rps'] / caddy_rps[c]:.2f}x" if name != "direct" and caddy_rps.get(c) else "-"
         if a.markdown:
             print(f"| {c} | {name} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {added} | {ratio} | "
-                  f"{r['errors']} |")
+                  f"{vs_caddy} | {r['errors']} |")
         else:
             print(f"{c:>4} conns  {name:<13} {r['rps']:>9,.0f} req/s  p50 {r['p50_ms']:.2f} ms  "
-                  f"p99 {r['p99_ms']:.2f} ms  added {added}  {ratio:>6} nginx  errors {r['errors']}")
+                  f"p99 {r['p99_ms']:.2f} ms  added {added}  {ratio:>6} nginx  {vs_caddy:>6} caddy  "
+                  f"errors {r['errors']}")
+    print("WebSocket echo, 50 connections, 128-byte messages ping-pong:")
+    ws_nginx = dict(ws_rows).get("nginx", {}).get("per_s") or 1
+    for name, r in ws_rows:
+        print(f"  {name:<13} {r['per_s']:>9,.0f} msg/s  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  "
+              f"{r['per_s'] / ws_nginx:.2f}x nginx  errors {r['errors']}")
     print(f"rolling deploy under 50 connections through the edge: {result.get('requests', 0):,} requests, "
           f"{result.get('errors', '?')} failed{' (' + result['first_error'] + ')' if result.get('first_error') else ''}"
           f"; steps: {'; '.join(steps)}")
-    for tool in ("caddy", "haproxy", "wrk"):
-        if not shutil.which(tool):
-            print(f"({tool} is not installed here: not measured)")
+    for tool in missing:
+        print(f"({tool} is not installed here: not measured)")
 
 
 if __name__ == "__main__":
