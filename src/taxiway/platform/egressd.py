@@ -199,7 +199,8 @@ def fabric_exists() -> bool:
         from taxiway.platform import fabric
     except ImportError:
         return False
-    return fabric.Fabric.for_home().exists()
+    fab = fabric.host_fabric()  # None: the private network is off (TAXIWAY_PRIVATE_NETWORK=0) or impossible
+    return fab is not None and fab.exists()
 
 
 def fabric_socket() -> socket.socket:
