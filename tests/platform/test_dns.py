@@ -173,7 +173,7 @@ NAMES = st.sampled_from(["{a}.internal", "ams.{a}.internal", "vms.{a}.internal",
                          "_instances.internal", "{m}.vm.{a}.internal", "{A}.INTERNAL"])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(snapshots(), st.sampled_from(ORGS), st.sampled_from(["web", "db", "api", "cache", "x", "none"]), NAMES,
        st.sampled_from(["AAAA", "TXT", "ANY", "A"]))
 def test_an_org_never_sees_another_orgs_addresses_or_names(snap, org, app, pattern, qtype):
@@ -197,7 +197,7 @@ def test_an_org_never_sees_another_orgs_addresses_or_names(snap, org, app, patte
     assert dns.resolve(Snapshot(snap.apps, list(reversed(snap.machines))), Asker(org, "ams"), name, qtype) == ans
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(snapshots(), st.sampled_from(ORGS))
 def test_app_names_answer_exactly_the_started_machines(snap, org):
     for app in snap.org_apps(org):
@@ -209,7 +209,7 @@ def test_app_names_answer_exactly_the_started_machines(snap, org):
         assert regions == sorted(regions, key=lambda r: r != "ord")   # ord first
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(snapshots())
 def test_a_machines_address_names_its_own_org(snap):
     for m in snap.machines:
