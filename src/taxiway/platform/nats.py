@@ -153,7 +153,7 @@ class NatsServer:
         except FileNotFoundError:
             users = {}
         except ValueError:
-            raise TaxiwayError(f"{path} is not valid JSON", f"delete it; the next start makes new credentials")
+            raise TaxiwayError(f"{path} is not valid JSON", "delete it; the next start makes new credentials") from None
         if not all(isinstance(users.get(u), str) and users.get(u) for u in USERS):
             users = {u: users.get(u) or secrets.token_hex(24) for u in USERS}
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
