@@ -134,3 +134,34 @@ def test_addresses_match_the_layout(fab):
     out = subprocess.run(["nsenter", f"--net={path}", "ip", "-o", "addr"], capture_output=True, text=True).stdout
     assert f"inet6 {network.machine_address(5, 1, 0x1234)}/128" in out
     assert "inet 127.0.0.1/8" in out and out.count(" inet ") == 1  # IPv4: loopback only
+
+
+def test_relay_brings_a_loopback_service_to_fdaa_3(fab):
+    """The Machines API listens on host loopback; machines reach it at [fdaa::3]:4280 through a relay."""
+    api = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                c, _ = api.accept()
+            except OSError:
+                return
+            with c:
+                c.sendall(b"api:" + c.recv(16))
+
+    threading.Thread(target=serve, daemon=True).start()
+    m = fab.plug("m", 1, 1)
+    r = fabric.relay(network.API_PORT, api.getsockname(), fab=fab)
+
+    def ask() -> bytes:
+        with socket.create_connection(("fdaa::3", network.API_PORT), timeout=5) as s:
+            s.sendall(b"ping")
+            return s.recv(16)
+
+    try:
+        assert fabric.run_in(m, ask) == b"api:ping"
+        assert fabric.run_in(m, ask) == b"api:ping"
+    finally:
+        r.close()
+        api.close()
+    assert fabric.run_in(m, _connect, "fdaa::3", network.API_PORT) == "Connection refused"

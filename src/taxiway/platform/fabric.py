@@ -396,3 +396,48 @@ def release_all(under: Path | str) -> int:
     for p in points:
         _drop_netns(Path(p))
     return len(points)
+
+
+class Relay:
+    """TCP connections accepted inside the fabric (e.g. fdaa::3:4280) relayed to a host loopback port.
+
+    For a platform service that listens on loopback only (the Machines API): the accepting thread
+    runs in the host's netns, while the listening socket (and so every accepted one) belongs to
+    the fabric; each connection is copied both ways by :func:`taxiway.machines.ports.pipe`.
+    """
+
+    def __init__(self, listener: socket.socket, target: tuple[str, int]) -> None:
+        self.listener, self.target = listener, target
+        self.thread = threading.Thread(target=self._serve, name="taxiway-fabric-relay", daemon=True)
+
+    def start(self) -> Relay:
+        self.thread.start()
+        return self
+
+    def _serve(self) -> None:
+        from taxiway.machines.ports import pipe
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        self.listener.close()
+
+
+def relay(port: int, target: tuple[str, int], *, fab: Fabric | None = None) -> Relay:
+    """Relay ``[fdaa::3]:port`` in the fabric to ``target`` (a host loopback address), started."""
+    return Relay(listen_socket(socket.AF_INET6, socket.SOCK_STREAM, str(N.SERVICE_ADDRESS), port, fab=fab),
+                 target).start()

@@ -276,6 +276,7 @@ class Supervisor:
                 self._wait_port(child)
         self._bootstrap_token()
         self._agent_registry_auth()
+        self._api_on_private_network(ports.get("api"))
         self.write_up(ready=True)
         self._log("platform ready: " + ", ".join(f"{c.name} {c.port or c.proc.pid}" for c in self.children))
 
@@ -452,6 +453,8 @@ class Supervisor:
             self.nats.stop()
         with contextlib.suppress(FileNotFoundError):
             (self.dir / "up.json").unlink()
+        if getattr(self, "api_relay", None) is not None:
+            self.api_relay.close()
         self._private_network_down()
         self._log("platform stopped (machines keep running)")
 
@@ -467,6 +470,20 @@ class Supervisor:
                 fab.ensure()
             except TaxiwayError as e:  # the platform still runs; machines then fail to create, saying why
                 self._log(f"no private network: {e.message}")
+
+    def _api_on_private_network(self, port: int | None) -> None:
+        """Machines reach the Machines API at [fdaa::3]:4280 (as Fly's _api.internal:4280): relayed to
+        its loopback port by this process (a restarted API keeps its port, so the relay holds)."""
+        from taxiway.errors import TaxiwayError
+        from taxiway.platform import fabric, network
+
+        fab = fabric.host_fabric(self.dir.parent)
+        if port is None or fab is None or not fab.exists():
+            return
+        try:
+            self.api_relay = fabric.relay(network.API_PORT, ("127.0.0.1", port), fab=fab)
+        except TaxiwayError as e:
+            self._log(f"the API is not on the private network: {e.message}")
 
     def _private_network_down(self) -> None:
         """Remove the fabric once no machine is plugged into it; machines that still run keep it
