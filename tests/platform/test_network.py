@@ -97,3 +97,15 @@ def test_no_proxy_names_exactly_the_org(org):
     entries = N.no_proxy(org).split(",")
     nets = [ipaddress.ip_network(e) for e in entries if ":" in e and "/" in e]
     assert nets == [N.org_prefix(org)]
+
+
+@pytest.mark.parametrize("field,value", [("net", "/proc/1/ns/net"), ("net", "host"), ("net", "/tmp/x/fabric"),
+                                         ("dns", {"nameservers": ["8.8.8.8"]}), ("private_ip", "fdaa:0:1:1::1")])
+def test_tenants_never_choose_the_network(field, value):
+    """net, dns and private_ip are the agent's, set after this check; a tenant's value is refused."""
+    from taxiway.errors import InvalidInput
+    from taxiway.platform import policy
+
+    with pytest.raises(InvalidInput, match=field):
+        policy.check_config({"image": "localhost/x:1", field: value})
+    assert field not in policy.check_config({"image": "localhost/x:1", field: None})
