@@ -401,6 +401,8 @@ class Deployer:
         configs = await self._configs(target_release)
         view = await self._view()
         self.foreign = {}
+        if rolling_back and await self._uncordon_kept(view):
+            view = await self._view()
         if rolling_back:
             # A failed deploy never removes machines it did not make (red team M8a: a first release
             # with a bad image destroyed the machines made through the Machines API before it):
@@ -477,6 +479,24 @@ class Deployer:
                 return
             await asyncio.sleep(delay)
             delay = min(POLL / 2, delay * 2)
+
+    async def _uncordon_kept(self, view: dict[str, list[tuple[dict[str, Any], dict[str, Any] | None]]]) -> bool:
+        """Rolling back: machines this deploy cordoned to retire them but did not stop (a retire cut by
+        a control-plane restart, or one under way when the new release failed) serve again, instead
+        of being retired and made anew. Returns whether any was restored."""
+        mine = set(self.rec.get("cordoned") or [])
+        back = [rec["id"] for ms in view.values() for rec, status in ms
+                if rec["id"] in mine and rec.get("cordoned") and rec.get("desired") == "started"
+                and rec.get("release") == self.rec["previous"] and self.rec["previous"] is not None
+                and (status or {}).get("state") == "started"]
+        for mid in back:
+            await self.st.update(schema.MACHINES, schema.machine_key(self.app, mid),
+                                 lambda o: {**o, "cordoned": False, "updated_at": time.time()}
+                                 if o and o.get("desired") == "started" else None)
+        if back:
+            await self._save(cordoned=sorted(mine - set(back)))
+            await self._say(f"uncordoned {', '.join(back)}: they serve again while rolling back")
+        return bool(back)
 
     async def _rollback(self, group: str, step: strategy.Step) -> bool:
         wait = float(self.rec["config"]["deploy"].get("wait_timeout", appconfig.DEFAULT_WAIT_TIMEOUT))
@@ -567,6 +587,13 @@ class Deployer:
             if old is None or old.get("cordoned"):
                 return None
             return {**old, "cordoned": True, "updated_at": time.time()}
+
+        def note(old: dict[str, Any] | None) -> dict[str, Any]:  # in the change: retires run concurrently
+            base = old or self.rec
+            return {**base, "cordoned": sorted({*(base.get("cordoned") or []), mid}), "updated_at": time.time()}
+
+        if mid not in (self.rec.get("cordoned") or []):  # noted first: a rollback restores what we cordon
+            self.rec = await self.st.update(schema.DEPLOYS, self.app, note)
 
         rec = await self.st.update(schema.MACHINES, key, cordon)
         if rec is None or rec.get("desired") == "destroyed":
