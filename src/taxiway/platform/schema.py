@@ -93,7 +93,8 @@ DESIRED = ("started", "stopped", "destroyed")
 # A status record (STATUS bucket), written by the agent of the machine's host:
 #   {"id", "app", "host", "state" (one of STATES), "instance_id", "pid", "exit_code",
 #    "ports": {"<internal port>": <host port on 127.0.0.1>}, "checks": {"<name>": {"status":
-#    "passing"|"warning"|"critical", "output", "updated_at"}}, "updated_at"}
+#    "passing"|"warning"|"critical", "output", "updated_at"}}, "private_ip": "fdaa:..." (its address on
+#    the org's private network, platform.network; absent when the host has none), "updated_at"}
 
 # -- scopes -------------------------------------------------------------------------------
 
