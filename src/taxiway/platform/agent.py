@@ -751,7 +751,7 @@ class Agent:
             self._stop_checks(mid)
 
             async def on_change(statuses: dict[str, Any]) -> None:
-                await self._write_status(row, {"checks": statuses})
+                await self._write_checks(row, statuses)
 
             task = asyncio.create_task(checks.run_checks(defs, row.get("ports") or {}, started or time.time(),
                                                          on_change))
@@ -767,6 +767,14 @@ class Agent:
         if got is not None:
             got[1].cancel()
         self.check_defs.pop(mid, None)
+
+    async def _write_checks(self, row: dict[str, Any], statuses: dict[str, Any]) -> None:
+        """A machine's check results into STATUS, unless it left this agent's record meanwhile: a
+        result that comes after the destroy (the API may have purged STATUS already, the app gone)
+        would bring the machine's STATUS back."""
+        if self.rec.get(row["id"]) is None:
+            return
+        await self._write_status(row, {"checks": statuses})
 
     # -- STATUS and events ------------------------------------------------------------------------
 
