@@ -135,7 +135,9 @@ def test_from_records_reads_the_buckets():
     status = {"web.0000000000000a": {"state": "started", "private_ip": ip(1, 1)},
               "web.0000000000000b": {"state": "started", "private_ip": ip(1, 2)},
               "web.0000000000000c": {"state": "starting", "private_ip": ip(1, 3)},
-              "web.00000000000099": {"state": "started", "private_ip": ip(1, 9)}}   # no MACHINES record
+              "web.00000000000099": {"state": "started", "private_ip": ip(1, 9)},   # no MACHINES record
+              "web.0000000000000d": {"state": "started", "private_ip": "not an address"}}
+    machines["web.0000000000000d"] = {"id": "0000000000000d", "desired": "started"}
     snap = Snapshot.from_records(apps, machines, status, {"net.7": {"org": "acme", "network": 7},
                                                           "org.acme": {"org": "acme", "network": 7}})
     assert snap.networks == {7: "acme"}

@@ -156,7 +156,7 @@ class Snapshot:
                 state = "destroyed"
             out.append(Machine(id=mid.lower(), app=app.lower(), region=str(rec.get("region") or schema.DEFAULT_REGION).lower(),
                                process_group=str(group).lower(), state=state,
-                               private_ip=st.get("private_ip") if isinstance(st.get("private_ip"), str) else None))
+                               private_ip=_address(st.get("private_ip"))))
         return cls({a.lower(): o for a, o in orgs.items()}, out, nets)
 
     def started(self, app: str) -> list[Machine]:
@@ -164,6 +164,12 @@ class Snapshot:
 
     def org_apps(self, org: str) -> list[str]:
         return sorted(a for a, o in self.apps.items() if o == org)
+
+
+def _address(value: Any) -> str | None:
+    """STATUS.private_ip as a canonical IPv6 address; anything else is no address."""
+    ip = _ip6(value) if isinstance(value, str) else None
+    return str(ip) if ip is not None else None
 
 
 def _ip6(text: str | None) -> ipaddress.IPv6Address | None:
