@@ -24,6 +24,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import socket
 import subprocess
 import threading
@@ -284,7 +285,7 @@ class Fabric:
             with contextlib.suppress(TaxiwayError):
                 _nsenter(self.path, ["ip", "link", "del", veth])
             _nsenter(self.path, ["sh", "-ec",
-                                 f"ip link add {veth} type veth peer name eth0 netns {mpath}\n"
+                                 f"ip link add {veth} type veth peer name eth0 netns {shlex.quote(str(mpath))}\n"
                                  f"ip addr add {N.GATEWAY}/64 dev {veth} nodad\n"
                                  f"ip link set {veth} up\n"
                                  f"ip route replace {address}/128 dev {veth}\n"])
