@@ -315,3 +315,29 @@ async def test_http2_upload_to_a_machine_that_does_not_read_is_held_back(state, 
         server.close()
     # What got through sits in the loopback socket buffers (a few MiB), not in the edge.
     assert window == 0 and sent < (16 << 20), (sent, window)
+
+
+async def test_secure_websockets_are_tunnelled(state, tls_edge, tmp_path):
+    """wss:// (HTTP/1.1 Upgrade over TLS: browsers open a separate HTTP/1.1 connection for it) reaches
+    the machine, with X-Forwarded-Proto https."""
+    import websockets
+
+    async def echo(ws):
+        async for message in ws:
+            await ws.send(f"{ws.request.headers['x-forwarded-proto']}: {message}")
+
+    async with websockets.serve(echo, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        await state.put(schema.APPS, "chat", {"name": "chat", "org": "personal"})
+        await state.put(schema.MACHINES, "chat.0000000000000c", machine_record("chat", "0000000000000c"))
+        await state.put(schema.STATUS, "chat.0000000000000c",
+                        {"id": "0000000000000c", "app": "chat", "host": "local", "state": "started",
+                         "ports": {"8080": port}, "checks": {}})
+        await until(lambda: routed(tls_edge, "chat"), "routes")
+        ctx = ssl.create_default_context(cafile=root(tmp_path))
+        ctx.set_alpn_protocols(["http/1.1"])
+        async with websockets.connect("wss://chat.localhost/ws", host="127.0.0.1", port=tls_port(tls_edge),
+                                      ssl=ctx, server_hostname="chat.localhost") as ws:
+            for i in range(3):
+                await ws.send(f"hello {i}")
+                assert await ws.recv() == f"https: hello {i}"
