@@ -7,7 +7,7 @@ import ipaddress
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taxiway.platform import dns
+from taxiway.platform import dns, schema
 from taxiway.platform.dns import NOERROR, NXDOMAIN, REFUSED, Asker, Machine, Snapshot
 
 
@@ -216,3 +216,40 @@ def test_app_names_answer_exactly_the_started_machines(snap, org):
 def test_a_machines_address_names_its_own_org(snap):
     for m in snap.machines:
         assert dns.asker_for(snap, m.private_ip) == Asker(snap.apps[m.app], m.region, m.id)
+
+
+@settings(max_examples=60, deadline=None)
+@given(snapshots(), st.sampled_from(ORGS), st.sampled_from(["web", "db", "none"]), NAMES,
+       st.sampled_from(["AAAA", "TXT", "A"]), st.booleans(), st.booleans())
+def test_the_servers_wire_replies_carry_the_cores_answer(snap, org, app, pattern, qtype, udp, edns):
+    """platform.dnsserver writes replies by hand: dnslib must read back exactly resolve()'s answer."""
+    from dnslib import EDNS0, QTYPE, DNSRecord
+
+    from taxiway.platform.dnsserver import DNSConfig, DNSServer
+
+    server = DNSServer(DNSConfig(org_of={ipaddress.ip_network("127.0.0.1/32"): org}))
+    server._records[schema.APPS] = {a: {"name": a, "org": o} for a, o in snap.apps.items()}
+    for m in snap.machines:
+        key = schema.machine_key(m.app, m.id)
+        server._records[schema.MACHINES][key] = {"id": m.id, "region": m.region, "process_group": m.process_group,
+                                                 "desired": "started"}
+        server._records[schema.STATUS][key] = {"state": m.state, "private_ip": m.private_ip}
+    mid = snap.machines[0].id if snap.machines else "00000000000000"
+    name = pattern.format(a=app, A=app.upper(), m=mid)
+    query = DNSRecord.question(name, qtype)
+    if edns:
+        query.add_ar(EDNS0(udp_len=4096))
+    raw = bytes(query.pack())
+    reply = DNSRecord.parse(server.answer(raw, "127.0.0.1", udp))
+    want = dns.resolve(server.snapshot, Asker(org), name, qtype)
+    assert reply.header.id == query.header.id and reply.header.rcode == want.rcode
+    assert str(reply.q.qname) == str(query.q.qname)
+    if reply.header.tc:
+        assert udp and len(server.answer(raw, "127.0.0.1", False)) > (1232 if edns else 512)
+        return
+    assert [str(r.rdata) for r in reply.rr if r.rtype == QTYPE.AAAA] == [
+        str(ipaddress.IPv6Address(r.value)) for r in want.records if r.type == "AAAA"]
+    assert [[s.decode() for s in r.rdata.data] for r in reply.rr if r.rtype == QTYPE.TXT] == [
+        list(r.value) for r in want.records if r.type == "TXT"]
+    assert all(r.ttl == dns.TTL for r in reply.rr)
+    assert bool(reply.auth) == (not want.records and want.rcode in (NOERROR, NXDOMAIN))
