@@ -52,3 +52,43 @@ def test_hostnames_belong_to_one_app_of_one_org(platform_api):  # noqa: F811 - t
             await st.close()
 
     assert run(records()) == {"shop.example.com": "web", "www.example.com": "api"}
+
+
+def test_certs_cli(platform_api, tmp_path, monkeypatch, capsys):  # noqa: F811 - the fixture
+    """``taxiway certs`` as a user runs it (in this process: the CLI's own main, exit codes and all)."""
+    import json
+    from types import SimpleNamespace
+
+    from taxiway.cli.main import main
+
+    monkeypatch.setenv("TAXIWAY_API_URL", platform_api.url)
+    monkeypatch.setenv("TAXIWAY_API_TOKEN", platform_api.tokens["acme"])
+    monkeypatch.chdir(tmp_path)
+
+    def tw(*args: str) -> SimpleNamespace:
+        code = 0
+        try:
+            main(["certs", *args])
+        except SystemExit as e:
+            code = e.code or 0
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    r = tw("add", "web", "cli.example.com")
+    assert r.returncode == 0 and "cli.example.com now serves app web; certificate from taxiway's CA" in r.stdout
+    r = tw("add", "-a", "web", "acme.example.com", "--acme", "https://127.0.0.1:14000/dir", "--challenge",
+           "tls-alpn-01")
+    assert r.returncode == 0 and "ACME (https://127.0.0.1:14000/dir, tls-alpn-01)" in r.stdout
+    listed = json.loads(tw("ls", "web", "--json").stdout)
+    assert [(h["hostname"], h["challenge"]) for h in listed] == [("acme.example.com", "tls-alpn-01"),
+                                                                 ("cli.example.com", None)]
+    table = tw("ls", "-a", "web").stdout
+    assert "acme.example.com" in table and "taxiway CA" in table and "issued on first use" in table
+    for args, message in ((("add", "api", "cli.example.com"), "error: hostname cli.example.com is taken; "),
+                          (("add", "web", "x.localhost"), "error: invalid hostname 'x.localhost'; "),
+                          (("rm", "api", "cli.example.com"), "error: no hostname cli.example.com on app api; "),
+                          (("add",), "error: expected [APP] HOSTNAME; ")):
+        r = tw(*args)
+        assert r.returncode != 0 and r.stderr.startswith(message) and r.stderr.count("\n") == 1, (args, r.stderr)
+    assert tw("rm", "web", "cli.example.com").stdout == "removed cli.example.com from web\n"
+    assert [h["hostname"] for h in json.loads(tw("ls", "web", "--json").stdout)] == ["acme.example.com"]
