@@ -82,7 +82,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--cold-runs", type=int, default=8)
-    ap.add_argument("--vm-runs", type=int, default=3)
+    ap.add_argument("--vm-runs", type=int, default=3, help="micro-VM runs (0: none)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     for tool in ("hyperfine", "podman", "runc", "skopeo", "docker-registry"):
@@ -160,7 +160,7 @@ def main() -> None:
             boots.sort()
             results["vm"] = {"accel": accel, "wall_median": vm_wall[len(vm_wall) // 2],
                              "boot_to_entrypoint_median": boots[len(boots) // 2] if boots else None,
-                             "runs": args.vm_runs}
+                             "runs": args.vm_runs} if vm_wall else None
     finally:
         subprocess.run(podman.split() + ["system", "reset", "-f"], env={**os.environ, **penv}, capture_output=True)
         subprocess.run(["runc", "--root", f"{work}/runc", "delete", "-f", "bench-true"], capture_output=True)
@@ -182,8 +182,9 @@ def main() -> None:
         for name, s in results[group].items():
             print(f"| {group}: {name} | {s['median']:.0f} | {s['mean']:.0f} ± {s['stddev']:.0f} | {s['min']:.0f} | {s['cpu']:.0f} |")
     v = results["vm"]
-    print(f"| micro-VM ({v['accel']}): taxiway run --rm --isolation vm | {v['wall_median']:.0f} | | | |")
-    print(f"| micro-VM ({v['accel']}): boot to entrypoint | {v['boot_to_entrypoint_median']} | | | |")
+    if v:  # --vm-runs 0 leaves the micro-VM out
+        print(f"| micro-VM ({v['accel']}): taxiway run --rm --isolation vm | {v['wall_median']:.0f} | | | |")
+        print(f"| micro-VM ({v['accel']}): boot to entrypoint | {v['boot_to_entrypoint_median']} | | | |")
     r = results["ratios"]
     print(f"\nwarm taxiway/podman = {r['warm_vs_podman']:.2f}x (target <= 0.25x); "
           f"warm taxiway/runc = {r['warm_vs_runc']:.2f}x (target <= 4x); "
