@@ -20,6 +20,7 @@ are sent from the node that does not own the game).
 
     python bench/gamehall.py                      # one node, then two nodes
     python bench/gamehall.py --nodes 1 --games 1000 --duration 30 --think 1.0
+    python bench/gamehall.py --nodes 2 --tls      # Redis with mutual TLS (taxiway's CA)
 """
 
 from __future__ import annotations
@@ -371,17 +372,39 @@ def run_one_node(args, tmp: Path) -> dict:
     }
 
 
+def redis_tls(tmp: Path, rport: int) -> tuple[list[str], list[str]]:
+    """Certificates from taxiway's own CA: the redis-server arguments for TLS only with
+    client certificates required, and the gamehall arguments to connect with one."""
+    from taxiway.pki import CA
+
+    ca, _ = CA.init(tmp / "ca")
+    ca.issue(["localhost", "127.0.0.1"], record=False).write(tmp / "redis.pem", tmp / "redis-key.pem")
+    ca.issue([], client=True, cn="gamehall", record=False).write(
+        tmp / "client.pem", tmp / "client-key.pem"
+    )
+    root = str(tmp / "ca" / "root.pem")
+    server = ["--port", "0", "--tls-port", str(rport), "--tls-cert-file", str(tmp / "redis.pem"),
+              "--tls-key-file", str(tmp / "redis-key.pem"), "--tls-ca-cert-file", root,
+              "--tls-auth-clients", "yes"]
+    client = ["--redis", f"rediss://127.0.0.1:{rport}/0", "--redis-ca", root,
+              "--redis-cert", str(tmp / "client.pem"), "--redis-key", str(tmp / "client-key.pem")]
+    return server, client
+
+
 def run_two_nodes(args, tmp: Path) -> dict:
     before = machine()
     rport = free_port()
     redis = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if args.tls:
+        listen, common = redis_tls(tmp, rport)
+    else:
+        listen, common = ["--port", str(rport)], ["--redis", f"redis://127.0.0.1:{rport}/0"]
     with process(
         [
             redis,
             "--bind",
             "127.0.0.1",
-            "--port",
-            str(rport),
+            *listen,
             "--save",
             "",
             "--appendonly",
@@ -392,7 +415,6 @@ def run_two_nodes(args, tmp: Path) -> dict:
         rport,
         tmp / "redis.log",
     ) as rproc:
-        common = ["--redis", f"redis://127.0.0.1:{rport}/0"]
         pa, pb = free_port(), free_port()
         with (
             process(gamehall_argv(pa, *common, "--node-id", "a"), pa, tmp / "a.log") as a,
@@ -412,7 +434,7 @@ def run_two_nodes(args, tmp: Path) -> dict:
         zip(["node_a", "node_b", "redis"], result["server_cpu_pct"], strict=True)
     )
     return {
-        "setup": "two nodes through Redis",
+        "setup": "two nodes through Redis" + (" (mutual TLS)" if args.tls else ""),
         "machine_before": before,
         "machine_after": machine(),
         **result,
@@ -433,6 +455,11 @@ def main() -> None:
         "--think", type=float, default=2.0, help="mean seconds a bot thinks before each move"
     )
     ap.add_argument("--idle-games", type=int, default=2000, help="idle games for the memory figure")
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="two nodes: Redis speaks only TLS and requires client certificates (taxiway's CA)",
+    )
     args = ap.parse_args()
     try:
         import uvloop
