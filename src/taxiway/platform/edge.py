@@ -1767,8 +1767,39 @@ async def _copy_body(src: asyncio.StreamReader, dst: asyncio.StreamWriter, frami
         await write(data)
 
 
+class _Side(asyncio.Protocol):
+    """One end of a relayed connection: bytes it receives go to the other end's transport."""
+
+    def __init__(self, tunnel: _WsTunnel, down: bool) -> None:
+        self.t, self.down = tunnel, down
+        self.transport: Any = None
+        self.peer: _Side | None = None
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        self.t.relay(self, data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self.t.on_eof(self)
+        return True  # keep our writing side open until the other end finishes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.t.finish()
+
+    def pause_writing(self) -> None:  # our peer sends faster than we can pass on: stop reading it
+        if self.peer is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.transport.resume_reading()
+
+
 class _WsTunnel:
-    """An upgraded connection (WebSocket...) relayed both ways until either side closes.
+    """An upgraded connection (WebSocket...) relayed both ways until either side closes, by
+    protocol callbacks on both transports (no task or stream per message: a small WebSocket
+    message costs a callback and a write each way).
 
     The edge can end it as a drain wants (:meth:`going_away`): for a WebSocket, a close
     frame 1001 to the client, put between two of the machine's frames (never inside one,
@@ -1783,80 +1814,94 @@ class _WsTunnel:
         self.down_frames, self.up_frames = WsFrames(), WsFrames()
         self.closing = False
         self.sent_close = False
-        self.client_closed = asyncio.Event()  # the client's close frame came (after ours)
-        self.up: asyncio.Task | None = None
-        self.down: asyncio.Task | None = None
+        self.started = False
+        self.done: asyncio.Future | None = None
+        self.client = _Side(self, down=False)   # the client's transport: what it sends goes up
+        self.machine = _Side(self, down=True)   # the machine's: what it sends goes down
 
     async def run(self, body: asyncio.Task | None) -> None:
         if body is not None:
             await body
-        self.up = asyncio.create_task(self._pipe_up())
-        self.down = asyncio.create_task(self._pipe_down())
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+        client_t, machine_t = self.writer.transport, self.conn.writer.transport
+        self.client.transport, self.machine.transport = client_t, machine_t
+        self.client.peer, self.machine.peer = self.machine, self.client
+        up_early = bytes(self.reader._buffer)  # noqa: SLF001 - sent right after the upgrade request
+        down_early = bytes(self.conn.reader._buffer)  # noqa: SLF001 - sent right after the 101
+        client_t.set_protocol(self.client)
+        machine_t.set_protocol(self.machine)
+        self.started = True
+        if up_early:
+            self.relay(self.client, up_early)
+        if down_early:
+            self.relay(self.machine, down_early)
+        if self.reader.at_eof():
+            self.on_eof(self.client)
+        if self.conn.reader.at_eof():
+            self.on_eof(self.machine)
         if self.closing:  # a drain came while the request body was still going up
             self.closing = False
             self.going_away()
         try:
-            await asyncio.wait({self.up, self.down}, return_when=asyncio.FIRST_COMPLETED)
-            if self.sent_close:  # our close frame is out: wait for the client's, then end
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.client_closed.wait(), self.close_timeout)
-            else:
-                await asyncio.wait({self.up, self.down}, timeout=5)
+            await self.done
         finally:
-            for t in (self.up, self.down):
-                t.cancel()
             self.conn.close()
+            self.writer.close()
+
+    def relay(self, side: _Side, data: bytes) -> None:
+        if self.done is None or self.done.done():
+            return
+        if side.down:  # machine -> client
             if self.sent_close:
-                self.writer.close()
-
-    async def _pipe_up(self) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            while data := await self.reader.read(READ_SIZE):
-                if self.ws and WS_CLOSE_OPCODE in self.up_frames.feed(data) and self.sent_close:
-                    self.client_closed.set()
+                return  # after our close frame the machine has nothing more to say to the client
+            if self.closing and self.ws:
+                n = self.down_frames.boundary_in(data)
+                if n is not None:  # the machine's frame in progress ends here: ours goes next
+                    self.client.transport.write(data[:n])
+                    self._send_close()
                     return
-                self.conn.writer.write(data)
-                await self.conn.writer.drain()
-        if self.sent_close:
-            self.client_closed.set()
-        with contextlib.suppress(Exception):
-            if self.conn.writer.can_write_eof():
-                self.conn.writer.write_eof()
+            if self.ws:
+                self.down_frames.feed(data)
+            self.client.transport.write(data)
+        else:  # client -> machine
+            if self.ws and WS_CLOSE_OPCODE in self.up_frames.feed(data) and self.sent_close:
+                self.finish()  # the client answered our close frame: the end
+                return
+            self.machine.transport.write(data)
 
-    async def _pipe_down(self) -> None:
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            while data := await self.conn.reader.read(READ_SIZE):
-                if self.closing and self.ws:
-                    n = self.down_frames.boundary_in(data)
-                    if n is not None:  # the machine's frame in progress ends here: ours goes next
-                        self.writer.write(data[:n])
-                        self._send_close()
-                        return
-                if self.ws:
-                    self.down_frames.feed(data)
-                self.writer.write(data)
-                await self.writer.drain()
-        with contextlib.suppress(Exception):
-            if self.writer.can_write_eof():
-                self.writer.write_eof()
+    def on_eof(self, side: _Side) -> None:
+        peer = side.peer
+        if peer is not None and not peer.transport.is_closing():
+            with contextlib.suppress(Exception):
+                if peer.transport.can_write_eof():
+                    peer.transport.write_eof()
+        if self.client.eof and self.machine.eof or (self.sent_close and not side.down):
+            self.finish()
+
+    def finish(self) -> None:
+        if self.done is not None and not self.done.done():
+            self.done.set_result(None)
 
     def _send_close(self) -> None:
         if not self.sent_close:
             self.sent_close = True
             with contextlib.suppress(Exception):
-                self.writer.write(ws_close_frame())
+                self.client.transport.write(ws_close_frame())
+            loop = asyncio.get_running_loop()
+            loop.call_later(self.close_timeout, self.finish)  # a client that never answers
 
     def going_away(self) -> None:
         """End it for a drain (see the class); idempotent."""
         if self.closing:
             return
         self.closing = True
+        if not self.started:
+            return  # run() acts on it once the relay is set up
         if not self.ws:
-            self.conn.close()
-            self.writer.close()
-        elif self.down_frames.at_boundary and self.down is not None:
-            self.down.cancel()  # nothing of a frame is half sent: close now
-            self._send_close()
+            self.finish()
+        elif self.down_frames.at_boundary:
+            self._send_close()  # nothing of a frame is half sent: close now
 
 
 WS_CLOSE_OPCODE = 0x8

@@ -331,7 +331,30 @@ class WsFrames:
     def feed(self, data: bytes) -> list[int]:
         """Account for ``data``; returns the opcodes of the frames whose header completed in it."""
         ops: list[int] = []
-        i, n = 0, len(data)
+        i, n, left = 0, len(data), self.left
+        if not self.head:
+            # The usual case, whole headers in one read: a few integer operations per frame
+            # (this runs for every message through the edge).
+            while i < n:
+                if left:
+                    k = left if left < n - i else n - i
+                    left -= k
+                    i += k
+                    continue
+                if n - i < 2:
+                    break
+                b1 = data[i + 1]
+                n7 = b1 & 0x7F
+                ext = 2 if n7 == 126 else 8 if n7 == 127 else 0
+                end = i + 2 + ext
+                if end + (4 if b1 & 0x80 else 0) > n:
+                    break
+                ops.append(data[i] & 0x0F)
+                left = n7 if not ext else int.from_bytes(data[i + 2:end], "big")
+                i = end + (4 if b1 & 0x80 else 0)
+            self.left = left
+            if i >= n:
+                return ops
         while i < n:
             if self.left:
                 k = min(self.left, n - i)
