@@ -28,6 +28,7 @@ import h2.exceptions
 import h2.settings
 
 from taxiway.egress import http
+from taxiway.platform.edgehttp import parse_response_head
 
 if TYPE_CHECKING:
     from taxiway.platform.edge import Edge
@@ -145,7 +146,7 @@ class _StreamWriter:
                 return
             raw, rest = bytes(self.head[: i + 4]), bytes(self.head[i + 4:])
             self.head.clear()
-            rhead = http.parse_response_head(raw)
+            rhead = parse_response_head(raw)  # the edge wrote it: llhttp reads it again quickly
             if 100 <= rhead.status < 200:  # interim answers are not passed on
                 if rest:
                     self.write(rest)
