@@ -323,7 +323,7 @@ class Registry:
             raise DistributionError("UNAUTHORIZED", message="a valid org token is required as the password",
                                 headers={"WWW-Authenticate": f'Basic realm="{self.config.service}"'})
         now = int(time.time())
-        access = tokens.grant(scopes, tok.scope)
+        access = tokens.grant(scopes, tok.scope, tok.repository)
         claims = {"iss": "taxiway", "sub": tok.org, "aud": self.config.service, "iat": now, "nbf": now - 5,
                   "exp": now + TOKEN_TTL, "jti": secrets.token_hex(8), "tid": tok.id, "access": access}
         jwt = tokens.sign(claims, self.key)

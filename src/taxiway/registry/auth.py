@@ -27,13 +27,18 @@ class Identity:
     org: str
     token_scope: str
     access: list[dict] | None  # None: an org token given directly, org-wide
+    repository: str | None = None  # the token is limited to this repository (tenants.Token.repository)
 
     def may(self, name: str, action: str) -> bool:
+        if self.repository is not None and name != self.repository:
+            return False
         if self.access is None:
             return action in tokens.SCOPE_ACTIONS.get(self.token_scope, ())
         return tokens.permits(self.access, "repository", name, action)
 
     def may_catalog(self) -> bool:
+        if self.repository is not None:
+            return False
         return self.access is None or tokens.permits(self.access, "registry", "catalog", "*")
 
 
@@ -99,12 +104,12 @@ class Authorizer:
             if tok is None or not tok.active() or tok.org != claims.get("sub"):
                 return None  # revoked or expired since the bearer token was issued
             access = claims.get("access")
-            return Identity(tok.org, tok.scope, access if isinstance(access, list) else [])
+            return Identity(tok.org, tok.scope, access if isinstance(access, list) else [], tok.repository)
         password = basic_password(authorization)
         if password is not None:
             tok = self.tenants.authenticate(password)
             if tok is not None:
-                return Identity(tok.org, tok.scope, None)
+                return Identity(tok.org, tok.scope, None, tok.repository)
         return None
 
     async def __call__(self, scope, receive, send):

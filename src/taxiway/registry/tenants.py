@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS tokens (
   scope TEXT NOT NULL CHECK (scope IN ('pull', 'push')),
   created REAL NOT NULL,
   expires REAL,
-  revoked REAL
+  revoked REAL,
+  repository TEXT
 );
 """
 
@@ -47,6 +48,7 @@ class Token:
     created: float
     expires: float | None
     revoked: float | None
+    repository: str | None = None  # set: the token is good for this one repository of its org only
 
     def active(self, now: float | None = None) -> bool:
         now = time.time() if now is None else now
@@ -54,7 +56,8 @@ class Token:
 
     def to_json(self) -> dict:
         return {"id": self.id, "org": self.org, "scope": self.scope, "created": self.created,
-                "expires": self.expires, "revoked": self.revoked, "active": self.active()}
+                "expires": self.expires, "revoked": self.revoked, "active": self.active(),
+                "repository": self.repository}
 
 
 def valid_org(name: str) -> bool:
@@ -84,6 +87,9 @@ def check_lifetime(seconds: float) -> float:
     return seconds
 
 
+_TOKEN_COLUMNS = "id, org, scope, created, expires, revoked, repository"  # Token's fields, in order
+
+
 def _hash(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -99,6 +105,9 @@ class Tenants:
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(SCHEMA)
+            # databases made before repository-scoped tokens: add the column (NULL: org-wide, as they were)
+            if "repository" not in {r[1] for r in self._db.execute("PRAGMA table_info(tokens)")}:
+                self._db.execute("ALTER TABLE tokens ADD COLUMN repository TEXT")
         self.path.chmod(0o600)
 
     def close(self) -> None:
@@ -124,10 +133,20 @@ class Tenants:
         with self._lock:
             return self._db.execute("SELECT 1 FROM orgs WHERE name = ?", (name,)).fetchone() is not None
 
-    def create_token(self, org: str, scope: str = "push", expires_in: float | None = None) -> tuple[Token, str]:
-        """A new token for ``org``; returns it and the secret string (shown once)."""
+    def create_token(self, org: str, scope: str = "push", expires_in: float | None = None,
+                     repository: str | None = None) -> tuple[Token, str]:
+        """A new token for ``org``; returns it and the secret string (shown once).
+
+        With ``repository`` (a name as clients write it, inside the org) the token reaches that
+        repository only: a deploy token of one app can't push or pull another app's images."""
         if scope not in ("pull", "push"):
             raise InvalidInput(f"invalid scope {scope!r}", "use --scope pull or --scope push")
+        if repository is not None:
+            from taxiway.oci.reference import valid_repository
+
+            if not valid_repository(repository):
+                raise InvalidInput(f"invalid repository name {repository!r}",
+                                   "lowercase [a-z0-9] components joined by . _ - and /")
         if not self.has_org(org):
             raise NotFound(f"org {org!r} does not exist", f"create it with `taxiway registry org create {org}`")
         tid, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
@@ -136,15 +155,16 @@ class Tenants:
         now = time.time()
         expires = now + expires_in if expires_in is not None else None
         with self._lock:
-            self._db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?, ?, NULL)",
-                             (tid, org, _hash(secret), scope, now, expires))
-        return Token(tid, org, scope, now, expires, None), f"txw_{tid}_{secret}"
+            self._db.execute("INSERT INTO tokens (id, org, hash, scope, created, expires, revoked, repository)"
+                             " VALUES (?, ?, ?, ?, ?, ?, NULL, ?)", (tid, org, _hash(secret), scope, now, expires,
+                                                                   repository))
+        return Token(tid, org, scope, now, expires, None, repository), f"txw_{tid}_{secret}"
 
     def _row(self, row) -> Token:
         return Token(*row)
 
     def tokens(self, org: str | None = None) -> list[Token]:
-        q = "SELECT id, org, scope, created, expires, revoked FROM tokens"
+        q = f"SELECT {_TOKEN_COLUMNS} FROM tokens"
         args: tuple = ()
         if org:
             q += " WHERE org = ?"
@@ -163,8 +183,7 @@ class Tenants:
 
     def get(self, token_id: str) -> Token | None:
         with self._lock:
-            row = self._db.execute("SELECT id, org, scope, created, expires, revoked FROM tokens WHERE id = ?",
-                                   (token_id,)).fetchone()
+            row = self._db.execute(f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = ?", (token_id,)).fetchone()
         return self._row(row) if row else None
 
     def authenticate(self, secret: str) -> Token | None:
@@ -173,9 +192,9 @@ class Tenants:
         if not m:
             return None
         with self._lock:
-            row = self._db.execute("SELECT id, org, scope, created, expires, revoked, hash FROM tokens WHERE id = ?",
+            row = self._db.execute(f"SELECT {_TOKEN_COLUMNS}, hash FROM tokens WHERE id = ?",
                                    (m.group(1),)).fetchone()
-        if not row or not hmac.compare_digest(row[6], _hash(m.group(2))):
+        if not row or not hmac.compare_digest(row[-1], _hash(m.group(2))):
             return None
-        tok = self._row(row[:6])
+        tok = self._row(row[:-1])
         return tok if tok.active() else None

@@ -49,14 +49,17 @@ def parse_scope(s: str) -> Scope | None:
     return Scope(typ, name, frozenset(a for a in actions.split(",") if a))
 
 
-def grant(requested: list[str], token_scope: str) -> list[dict]:
-    """The access list a token with ``token_scope`` gets for the ``requested`` scopes."""
+def grant(requested: list[str], token_scope: str, repository: str | None = None) -> list[dict]:
+    """The access list a token with ``token_scope`` gets for the ``requested`` scopes; a token
+    limited to ``repository`` gets nothing on any other repository, nor the catalog."""
     allowed = SCOPE_ACTIONS.get(token_scope, frozenset())
     access: list[dict] = []
     for raw in requested:
         for piece in raw.split(" "):
             sc = parse_scope(piece)
             if sc is None:
+                continue
+            if repository is not None and (sc.type != "repository" or sc.name != repository):
                 continue
             if sc.type == "repository":
                 actions = sc.actions & allowed
