@@ -1065,7 +1065,9 @@ async def registry_token(request: Request) -> Response:
         _registry_org(cfg.registry_root, app["org"])
         t = Tenants(cfg.registry_root + "/tenants.db")
         try:
-            _, secret = t.create_token(app["org"], "push", 3600)
+            # push and pull of this app's repository only: a deploy token of one app can't reach
+            # another app's images, even of the same org (the registry resolves names in the org)
+            _, secret = t.create_token(app["org"], "push", 3600, repository=app["name"])
             return secret
         finally:
             t.close()
