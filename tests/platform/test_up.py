@@ -6,6 +6,7 @@ alive, then the machines of its home). Ports are free loopback ports (--free-por
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -97,6 +98,17 @@ def test_up_detached_is_idempotent_restarts_children_and_down_stops_all(platform
     r = httpx.get(f"http://{creds['registry']}/v2/", headers={"Authorization": f"Bearer {r.json()['token']}"},
                   trust_env=False)
     assert r.status_code == 200
+    # ...for the app's own repository only: not another app's of the same org, not the catalog
+    r = httpx.get(f"http://{creds['registry']}/v2/token", params={"service": "taxiway",
+                  "scope": ["repository:other:pull,push", "registry:catalog:*"]},
+                  auth=(creds["username"], creds["password"]), trust_env=False)
+    assert r.status_code == 200
+    payload = r.json()["access_token"].split(".")[1]
+    assert json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["access"] == []
+    for path in ("/v2/other/tags/list", "/v2/_catalog"):
+        got = httpx.get(f"http://{creds['registry']}{path}", auth=(creds["username"], creds["password"]),
+                        trust_env=False)
+        assert got.status_code in (401, 403), (path, got.status_code)
     # an org per platform org in the registry
     with _api(platform_home) as c:
         assert c.post("/v1/orgs", json={"name": "team"}).status_code == 201
