@@ -245,6 +245,17 @@ async def test_reachability_matrix(state, nats_server, platform_home, tmp_path, 
         assert await connect(state, "web", ids["w2"], ip["w1"], 8080) == "open"
         subprocess.run(["nsenter", f"--net={e1_ns}", "ip", "addr", "del", f"{ip['w2']}/128", "dev", "eth0"], check=True)
 
+        # a recreate (new instance_id: a deploy's update) keeps the address and the reachability
+        rec = (await state.get(schema.MACHINES, schema.machine_key("web", ids["w1"])))[0]
+        await state.put(schema.MACHINES, schema.machine_key("web", ids["w1"]), {**rec, "instance_id": "i2"})
+
+        async def recreated():
+            s = await _started(state, "web", ids["w1"])
+            return s if s and s.get("instance_id") == "i2" else None
+
+        assert (await until(recreated, what="w1 recreated"))["private_ip"] == ip["w1"]
+        assert (await probe(state, "api", ids["a1"], [(ip["w1"], 8080)]))[(ip["w1"], 8080)] == "open"
+
         # kill -9 of the agent: the next one adopts the machines with their network as it was
         agent.kill9_and_restart()
         await until(lambda: _ping(state), what="the restarted agent")

@@ -614,6 +614,8 @@ class Agent:
             await self._ship_events(row, old)
             await self._ship_logs(row, old)
         await asyncio.to_thread(_destroy_local, row.get("local_id"))
+        if self.fabric is not None:  # a fresh netns for the new instance (same address: the field is kept)
+            await asyncio.to_thread(self.fabric.unplug, mid)
         return await self._do_create(app, mid, desired, row)
 
     async def _do_start(self, app: str, mid: str, desired: dict[str, Any] | None, row: dict[str, Any]
