@@ -283,7 +283,7 @@ def prime_attach(interval: float = 0.004, limit: float = 0.2) -> None:
     path = _own_procs_file()
     if path is None:
         return
-    import _thread
+    import threading
 
     _primer["on"] = True
     me = str(os.getpid()).encode()
@@ -303,7 +303,7 @@ def prime_attach(interval: float = 0.004, limit: float = 0.2) -> None:
         _primer["on"] = False
 
     try:
-        _thread.start_new_thread(loop, ())
+        threading.Thread(target=loop, name="cgroup-primer", daemon=True).start()
     except RuntimeError:
         _primer["on"] = False
 
