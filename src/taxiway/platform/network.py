@@ -128,11 +128,12 @@ def resolv_conf(app: str) -> str:
     return f"nameserver {SERVICE_ADDRESS}\nsearch {' '.join(searches(app))}\n"
 
 
-def dns_config(app: str, address: str, hostname: str | None = None) -> dict[str, object]:
-    """MachineConfig.dns for a machine of ``app`` at ``address`` (see taxiway.machines.config)."""
+def dns_config(app: str, address: str, names: tuple[str, ...] | list[str] = ()) -> dict[str, object]:
+    """MachineConfig.dns for a machine of ``app`` at ``address``, ``names`` of it in /etc/hosts
+    (see taxiway.machines.config)."""
     out: dict[str, object] = {"nameservers": [str(SERVICE_ADDRESS)], "searches": searches(app)}
-    if hostname:
-        out["hosts"] = [[address, hostname]]
+    if names:
+        out["hosts"] = [[address, *names]]
     return out
 
 
