@@ -124,7 +124,7 @@ def test_two_browsers_play_tictactoe_to_a_win(browser, node, artifacts):
 
     # Rematch with the same code; Bob moves first now, and is X.
     bob.get_by_role("button", name="Rematch").click()
-    expect(bob.locator("#turn")).to_have_text("Your turn: you play X")
+    expect(bob.locator("#turn")).to_have_text("Round 2 Your turn: you play X")
     expect(ann.locator(".seat-0")).to_contain_text("<b>Bob</b>")
     # Bob reloads the page and keeps his seat.
     bob.reload()
