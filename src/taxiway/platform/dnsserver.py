@@ -57,13 +57,12 @@ CACHE_MAX = 8192              # answers kept between state changes
 REVERSE_ZONE = "a.a.d.f.ip6.arpa"   # fdaa::/16
 
 
-# The org networks' numbers (platform.orgnet writes them): mirrored when the schema has the bucket.
-NETWORKS: str | None = getattr(schema, "NETWORKS", None)
+MAX_FORWARDS = 512            # forwarded UDP queries in flight; past it a query is dropped (the client retries)
 
 
 def _buckets() -> tuple[str, ...]:
-    extra = (NETWORKS,) if NETWORKS in schema.BUCKETS else ()
-    return (schema.APPS, schema.MACHINES, schema.STATUS, *extra)
+    """What the answers are made of; NETWORKS: the org network numbers (platform.orgnet writes them)."""
+    return (schema.APPS, schema.MACHINES, schema.STATUS, schema.NETWORKS)
 
 
 @dataclass
@@ -101,7 +100,7 @@ class _UDP(asyncio.DatagramProtocol):
         out = self.server.answer(data, addr[0], udp=True)
         if isinstance(out, bytes):
             self.transport.sendto(out, addr)  # type: ignore[union-attr]
-        elif out is not None:  # forward: off the hot path
+        elif out is not None and len(self.server._bg) < MAX_FORWARDS:  # forward, off the hot path
             self.server._spawn(self._forward(data, addr))
 
     async def _forward(self, data: bytes, addr: tuple[Any, ...]) -> None:
@@ -355,7 +354,7 @@ class DNSServer:
         if self._snap is None:
             r = self._records
             self._snap = dns.Snapshot.from_records(r[schema.APPS], r[schema.MACHINES], r[schema.STATUS],
-                                                   r.get(NETWORKS or ""))
+                                                   r[schema.NETWORKS])
         return self._snap
 
     # -- answers ------------------------------------------------------------------------------
