@@ -150,13 +150,18 @@ def push_local(client: Any, app: str, image: str) -> str:
     from taxiway.oci.reference import Reference
     from taxiway.oci.store import Store
 
+    if Reference.parse(image).registry != "localhost":
+        return image
     try:
-        if Reference.parse(image).registry != "localhost":
-            return image
         Store().image(image)
+    except TaxiwayError:
+        # nothing to deploy: say so before a release is recorded (its machines could only fail)
+        raise InvalidInput(f"no image {image} in this host's image store",
+                           "build it first (taxiway build), or name an image of the platform's registry") from None
+    try:
         token = client.registry_token(app)
     except TaxiwayError:
-        return image  # not in the store, or a platform without a registry: the local store is used as is
+        return image  # a platform without a registry: machines run local-store images as they are
     from taxiway.oci.auth import Credentials
     from taxiway.oci.client import RegistryClient
     from taxiway.oci.push import push

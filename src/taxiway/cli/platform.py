@@ -95,6 +95,14 @@ def up(detach: bool, free_ports: bool, edge_port: int | None, https_port: int | 
     if already is not None:
         _print_up(already, already=True)
         return
+    # A port asked for by name must be ours: a taken default gives way to a free port, but a taken
+    # --edge-port left the edge restarting in a loop behind "the platform is up".
+    for flag, port in (("--edge-port", edge_port), ("--https", https_port)):
+        if port and not supervisor.port_free(port):
+            from taxiway.errors import InvalidInput
+
+            raise InvalidInput(f"port {port} ({flag}) is in use on 127.0.0.1",
+                               f"pick another with {flag}, or stop what listens there; nothing was started")
     if detach:
         try:
             up_json = supervisor.start_detached(free_ports=free_ports, edge_port=edge_port, https_port=https_port)

@@ -74,7 +74,8 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
+    """Whether nothing listens on 127.0.0.1:``port`` (a bind to it succeeds)."""
     import socket
 
     with socket.socket() as s:
@@ -211,7 +212,7 @@ class Supervisor:
         if name == "edge_https" and self.https_port:
             return self.https_port
         # The default ports keep URLs stable across restarts; a taken one gives way to a free port.
-        if not self.free_ports and _port_free(DEFAULT_PORTS[name]):
+        if not self.free_ports and port_free(DEFAULT_PORTS[name]):
             return DEFAULT_PORTS[name]
         return free_port()
 
