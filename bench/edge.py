@@ -258,6 +258,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2, help="runs per path (interleaved; best kept)")
     ap.add_argument("--tool", choices=("wrk", "go"), default="wrk" if shutil.which("wrk") else "go",
                     help="load generator for small requests (default: wrk when installed)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                    help="also measure the edge with this many worker processes (default: one per core)")
     ap.add_argument("--markdown", action="store_true", help="print a Markdown table")
     a = ap.parse_args()
     conns = [int(c) for c in a.conns.split(",")]
@@ -300,6 +302,12 @@ def main() -> None:
                 procs.append(haproxy(d / "peer-haproxy", peer, ports[MACHINE_A], echo_port))
                 paths["haproxy"] = peer
             paths["taxiway edge"] = edge_port
+            if a.workers > 1:  # the same edge as SO_REUSEPORT workers, one per core
+                wport = free_port()
+                procs.append(Proc([sys.executable, "-m", "taxiway.platform.edge", "--nats", nats.url,
+                                   "--listen", f"127.0.0.1:{wport}", "--workers", str(a.workers)], wport,
+                                  d / "edge-workers.log", env=env))
+                paths[f"edge x{a.workers}"] = wport
             rows = []
             for c in conns:
                 best: dict[str, dict] = {}

@@ -704,6 +704,49 @@ async def test_edge_process_routes_and_stops_on_sigterm(nats_server: NatsServer,
             proc.wait()
 
 
+async def test_workers_share_the_port_and_answer_as_one(nats_server: NatsServer, state, machines, tmp_path):
+    """--workers 2: two processes on one port (SO_REUSEPORT); edge.inflight and edge.drain answer
+    for both; SIGTERM stops both."""
+    m = machines("web", "0000000000000a")
+    await put_machine(state, m)
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "taxiway.platform.edge", "--nats", nats_server.url,
+                             "--listen", f"127.0.0.1:{port}", "--workers", "2"], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        listening = 0
+        while listening < 2:  # the primary, then its worker
+            line = json.loads(await asyncio.to_thread(proc.stdout.readline))
+            listening += line["msg"] == "listening"
+        gate = tmp_path / "gate"
+        clients = [httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=60) for _ in range(8)]
+        held = [asyncio.create_task(c.get(f"/hold?gate={gate}", headers=on("web"))) for c in clients]
+
+        async def inflight() -> int:
+            return (await state.request(edge_mod.INFLIGHT_SUBJECT, {})).get("inflight", {}).get(m.id, 0)
+
+        async with asyncio.timeout(30):
+            while await inflight() != 8:  # the sum over both processes, whichever got which client
+                await asyncio.sleep(0.05)
+        await put_machine(state, m, cordoned=True)
+        short = await edge_mod.drain(state, [m.id], timeout=0.5)
+        assert short["drained"] is False and short["inflight"] == {m.id: 8}
+        gate.touch()
+        assert [r.status_code for r in await asyncio.gather(*held)] == [200] * 8
+        assert (await edge_mod.drain(state, [m.id], timeout=30))["drained"] is True
+        for c in clients:
+            await c.aclose()
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 60) == 0
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)  # the worker is gone too
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_bad_arguments_are_one_error_line():
     for args, want in ((["--listen", "nowhere"], "error: --listen 'nowhere' is not HOST:PORT; use HOST:PORT"),
                        (["--domain", "bad_domain!"], "error: invalid --domain 'bad_domain!'"),

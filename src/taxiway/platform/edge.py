@@ -50,6 +50,7 @@ import itertools
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -111,6 +112,10 @@ class EdgeConfig:
     autostop_after: float = 300.0   # auto_stop_machines: a machine idle this long is stopped
     wake_timeout: float = 60.0      # auto_start_machines: a request waits this long for a stopped machine
     ws_close_timeout: float = 5.0   # a drained WebSocket: for the client's close frame after ours
+    workers: int = 1                # processes serving the HTTP port (SO_REUSEPORT): one per core
+    worker: int = 0                 # 0: the primary (answers edge.*, stops idle machines, TCP services)
+    primary: str = ""               # a worker's primary edge name (its subjects are edge.<primary>.w<n>.*)
+    argv: list[str] | None = None   # the command line, to start workers with
     fast: bool = True               # bodiless requests by protocol callbacks (see _FastClient)
     # E1 (TLS): the HTTPS listener of platform.edgetls, off when None
     https: tuple[str, int] | None = None
@@ -247,6 +252,7 @@ class Edge:
         self._autostops: dict[str, set[asyncio.Task]] = {}
         self._tunnels: dict[str, set[Any]] = {}  # machine -> open tunnels (WebSocket, TCP): drained last
         self._tcp: dict[int, _TcpListener] = {}  # plain TCP services: edge port -> listener
+        self._workers: list[subprocess.Popen] = []
         self._tcp_failed: set[int] = set()
         self._stopping = False
         self._stopped: asyncio.Event | None = None
@@ -281,22 +287,31 @@ class Edge:
             await self.close()
             raise TaxiwayError(f"the routes did not load from NATS within {self.config.ready_timeout:.0f} s",
                                "check that nats-server is healthy ('taxiway up')") from None
-        self._subs.append(await self.state.serve(INFLIGHT_SUBJECT, self._answer_inflight))
-        self._subs.append(await self.state.serve(DRAIN_SUBJECT, self._answer_drain, concurrent=True))
+        if self.config.worker:  # a worker answers its primary only, which merges every worker's answer
+            prefix = worker_subject(self.config.primary, self.config.worker)
+            self._subs.append(await self.state.serve(prefix + "inflight", self._answer_inflight))
+            self._subs.append(await self.state.serve(prefix + "drain", self._answer_drain, concurrent=True))
+        else:
+            self._subs.append(await self.state.serve(INFLIGHT_SUBJECT, self._answer_all_inflight))
+            self._subs.append(await self.state.serve(DRAIN_SUBJECT, self._answer_all_drain, concurrent=True))
         host, port = self.config.listen
+        shared = self.config.workers > 1 or self.config.worker > 0  # SO_REUSEPORT: the kernel spreads clients
         try:
             if self.config.fast:
                 self._server = await asyncio.get_running_loop().create_server(
-                    lambda: _FastClient(self), host, port, backlog=1024, reuse_address=True)
+                    lambda: _FastClient(self), host, port, backlog=1024, reuse_address=True, reuse_port=shared)
             else:
                 self._server = await asyncio.start_server(self._client, host, port, backlog=1024,
-                                                          limit=self.config.max_header_bytes, reuse_address=True)
+                                                          limit=self.config.max_header_bytes, reuse_address=True,
+                                                          reuse_port=shared)
         except OSError as e:
             await self.close()
             raise TaxiwayError(f"cannot listen on {host}:{port}: {e.strerror}",
                                "pick a free port with --listen HOST:PORT") from None
         self.address = self._server.sockets[0].getsockname()[:2]
         self._sync_tcp()
+        if not self.config.worker and self.config.workers > 1:
+            self._start_workers()
         if self.config.https is not None:  # E1: the TLS side lives in platform.edgetls
             from taxiway.platform.edgetls import EdgeTLS
 
@@ -331,6 +346,9 @@ class Edge:
         for listener in self._tcp.values():
             listener.close()
         self._tcp.clear()
+        for w in self._workers:  # they finish their own in-flight requests (SIGTERM), as this one does
+            with contextlib.suppress(ProcessLookupError):
+                w.terminate()
         for tunnels in list(self._tunnels.values()):
             for t in list(tunnels):
                 t.going_away()
@@ -369,6 +387,11 @@ class Edge:
                 for c in conns:
                     c.close()
             pool.clear()
+        for w in self._workers:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(w.wait), self.config.drain_timeout + 10)
+            except TimeoutError:
+                w.kill()
         if self._own_state and self.state is not None:
             await self.state.close()
         if self._server is not None:
@@ -473,7 +496,58 @@ class Edge:
             mid = str(req["machine"])
             return {"ok": True, "edge": self.name, "inflight": self.balancer.inflight.get(mid, 0),
                     "routed": self.routes.routable(mid)}
-        return {"ok": True, "edge": self.name, "inflight": self.balancer.counts(), "routes": self.routes.table()}
+        now = asyncio.get_running_loop().time()
+        return {"ok": True, "edge": self.name, "inflight": self.balancer.counts(), "routes": self.routes.table(),
+                "idle": {m: round(now - t, 3) for m, t in self._last_active.items()}}
+
+    # -- workers (SO_REUSEPORT processes on the same port) ----------------------------------------
+    def _start_workers(self) -> None:
+        """Start workers 1..n-1: the same edge on the same port, their NATS mirror their own."""
+        host, port = self.address  # type: ignore[misc]
+        argv = _without(self.config.argv or [], ("--https", "--ca", "--tls-dir", "--workers", "--listen"))
+        for i in range(1, self.config.workers):
+            cmd = [sys.executable, "-m", "taxiway.platform.edge", *argv, "--listen",
+                   f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                   "--workers", str(self.config.workers), "--worker", str(i), "--primary", self.name]
+            self._workers.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent))
+        self.log(msg="workers", edge=self.name, workers=self.config.workers)
+
+    async def _ask_workers(self, verb: str, payload: dict[str, Any], timeout: float = 2.0) -> list[dict[str, Any]]:
+        """Every worker's answer to ``verb`` (those that do not answer are left out)."""
+        if self.config.worker or self.config.workers <= 1 or self.state is None:
+            return []
+        replies = await asyncio.gather(*(self.state.request(worker_subject(self.name, i) + verb, payload,
+                                                            timeout=timeout)
+                                         for i in range(1, self.config.workers)), return_exceptions=True)
+        return [r for r in replies if isinstance(r, dict) and r.get("ok")]
+
+    async def _answer_all_inflight(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``edge.inflight`` for the whole edge: this process's counts plus every worker's."""
+        mine = await self._answer_inflight(req)
+        for w in await self._ask_workers("inflight", req):
+            if req.get("machine"):
+                mine["inflight"] += w.get("inflight") or 0
+                mine["routed"] = mine["routed"] or bool(w.get("routed"))
+            else:
+                for mid, n in (w.get("inflight") or {}).items():
+                    mine["inflight"][mid] = mine["inflight"].get(mid, 0) + n
+        mine.pop("idle", None)
+        return mine
+
+    async def _answer_all_drain(self, req: dict[str, Any]) -> dict[str, Any]:
+        """``edge.drain`` for the whole edge: every worker drains too; drained when all are."""
+        timeout = req.get("timeout", 30.0)
+        try:
+            wait = min(max(float(timeout), 0.0), 600.0) + 5
+        except (TypeError, ValueError):
+            wait = 35.0
+        mine, *theirs = await asyncio.gather(self._answer_drain(req), self._ask_workers("drain", req, timeout=wait))
+        for w in theirs[0]:
+            mine["drained"] = mine["drained"] and bool(w.get("drained"))
+            for mid, n in (w.get("inflight") or {}).items():
+                mine["inflight"][mid] = mine["inflight"].get(mid, 0) + n
+            mine["routed"] = sorted(set(mine["routed"]) | set(w.get("routed") or []))
+        return mine
 
     async def _answer_drain(self, req: dict[str, Any]) -> dict[str, Any]:
         machines = [str(m) for m in req.get("machines") or []]
@@ -833,8 +907,8 @@ class Edge:
     # -- plain TCP services ([[services]] without an http handler) --------------------------------
     def _sync_tcp(self) -> None:
         """Listen on every plain TCP service's port (on the edge's host), stop listening on gone ones."""
-        if self.address is None or self._stopping:
-            return  # start() calls this once the HTTP listener is up
+        if self.address is None or self._stopping or self.config.worker:
+            return  # start() calls this once the HTTP listener is up; workers serve HTTP only
         want = self.routes.tcp_listeners()
         for port in [p for p in self._tcp if p not in want]:
             self._tcp.pop(port).close()
@@ -973,18 +1047,27 @@ class Edge:
 
     async def _autostop_loop(self) -> None:
         """Stop machines idle for autostop_after (auto_stop_machines), down to min_machines_running."""
+        if self.config.worker:
+            return  # the primary decides, with every worker's activity
         loop = asyncio.get_running_loop()
         after = self.config.autostop_after
         while True:
             await asyncio.sleep(min(max(after / 4, 0.05), 5.0))
             now = loop.time()
-            for app in self.routes.table():
+            apps = [app for app in self.routes.table() if any(on for _, on, _ in self.routes.autostop(app))]
+            if not apps:
+                continue
+            inflight = dict(self.balancer.inflight)
+            for w in await self._ask_workers("inflight", {}):  # what the workers serve counts too
+                for mid, n in (w.get("inflight") or {}).items():
+                    inflight[mid] = inflight.get(mid, 0) + n
+                for mid, idle in (w.get("idle") or {}).items():
+                    self._last_active[mid] = max(self._last_active.get(mid, 0.0), now - float(idle))
+            for app in apps:
                 cands = self.routes.autostop(app)
-                if not any(on for _, on, _ in cands):
-                    continue
                 for mid, _, _ in cands:
                     self._last_active.setdefault(mid, now)  # idle from when it was first routed
-                for mid in machines_to_stop(cands, self.balancer.inflight, self._last_active, now, after):
+                for mid in machines_to_stop(cands, inflight, self._last_active, now, after):
                     task = self._spawn(self._stop_idle(app, mid))
                     self._autostops.setdefault(app, set()).add(task)
                     task.add_done_callback(lambda t, app=app: self._autostops.get(app, set()).discard(t))
@@ -1963,6 +2046,32 @@ async def _close(writer: asyncio.StreamWriter) -> None:
         await asyncio.wait_for(writer.wait_closed(), 5)
 
 
+def worker_subject(primary: str, worker: int) -> str:
+    """The subject prefix a worker of edge ``primary`` answers on (``inflight``, ``drain``)."""
+    return f"edge.{primary}.w{worker}."
+
+
+def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    """``argv`` without ``flags`` and their values (``--f v`` and ``--f=v``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in flags:
+            skip = True
+        elif not arg.startswith(tuple(f + "=" for f in flags)):
+            out.append(arg)
+    return out
+
+
+def _die_with_parent() -> None:
+    """In a worker, before exec: SIGTERM when the primary dies, even by kill -9 (PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 def _log_nats_into(edge: Edge) -> None:
     """nats-py reports reconnects and failed connects through ``logging`` (tracebacks on
     stderr by default): make them one line each of the edge's own log."""
@@ -2024,6 +2133,14 @@ def config_from_args(argv: list[str] | None = None) -> EdgeConfig:
     p.add_argument("--read-timeout", type=float, default=120.0, help="seconds an exchange may make no progress")
     p.add_argument("--max-body", default="1g", help="largest request body (default %(default)s; 0: no limit)")
     p.add_argument("--max-connections", type=int, default=10_000, help="clients served at once")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes serving the port (SO_REUSEPORT), e.g. one per core (default %(default)s)")
+    p.add_argument("--autostop-after", type=float, default=300.0,
+                   help="seconds without a request before an auto_stop_machines machine is stopped")
+    p.add_argument("--wake-timeout", type=float, default=60.0,
+                   help="seconds a request waits for a stopped machine to start (auto_start_machines)")
+    p.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--primary", default="", help=argparse.SUPPRESS)
     # E1: the TLS side (platform.edgetls)
     p.add_argument("--https", help="HOST:PORT or :PORT to serve HTTPS (and HTTP/2) on; off when not given")
     p.add_argument("--ca", help="taxiway CA directory for app certificates (default: the CA's default place)")
@@ -2037,9 +2154,16 @@ def config_from_args(argv: list[str] | None = None) -> EdgeConfig:
             raise InvalidInput(f"--{name.replace('_', '-')} must be more than 0", "give a number of seconds")
     if a.max_connections <= 0:
         raise InvalidInput("--max-connections must be more than 0", "e.g. 10000")
+    if not 1 <= a.workers <= 64:
+        raise InvalidInput("--workers must be 1 to 64", "e.g. the number of cores")
+    for name in ("autostop_after", "wake_timeout"):
+        if getattr(a, name) <= 0:
+            raise InvalidInput(f"--{name.replace('_', '-')} must be more than 0", "give a number of seconds")
     return EdgeConfig(nats=a.nats, listen=parse_listen(a.listen), domain=domain, header_timeout=a.header_timeout,
                       idle_timeout=a.idle_timeout, read_timeout=a.read_timeout, max_body_bytes=_size(a.max_body),
-                      max_connections=a.max_connections,
+                      max_connections=a.max_connections, workers=a.workers, worker=a.worker, primary=a.primary,
+                      autostop_after=a.autostop_after, wake_timeout=a.wake_timeout,
+                      argv=list(argv) if argv is not None else sys.argv[1:],
                       https=parse_listen(a.https) if a.https else None, ca=a.ca, tls_dir=a.tls_dir)
 
 
