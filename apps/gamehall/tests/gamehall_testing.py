@@ -170,78 +170,47 @@ def issue_redis_certs(tmp: Path) -> TLSFiles:
 
 
 @contextlib.contextmanager
-def redis_tls_server(tmp: Path, certs: TLSFiles) -> Iterator[str]:
-    """redis-server on 127.0.0.1 speaking only TLS and requiring client certificates
-    (``tls-auth-clients yes``); yields its rediss:// URL."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    port = free_port()
-    log = tmp / f"redis-tls-{port}.log"
+def server_process(argv: list[str], port: int, log: Path) -> Iterator[subprocess.Popen]:
+    """A server in its own session, logging to ``log``, waited for on 127.0.0.1:``port``
+    and stopped after (the whole process group)."""
     with open(log, "wb") as lf:
         proc = subprocess.Popen(
-            [
-                binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--tls-port",
-                str(port),
-                "--tls-cert-file",
-                str(certs.server_cert),
-                "--tls-key-file",
-                str(certs.server_key),
-                "--tls-ca-cert-file",
-                str(certs.root),
-                "--tls-auth-clients",
-                "yes",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(tmp),
-            ],
-            stdout=lf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            argv, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         wait_for_port(port, proc, log)
-        yield f"rediss://127.0.0.1:{port}/0"
+        yield proc
     finally:
         stop(proc)
+
+
+def _redis_argv(tmp: Path, *listen: str) -> list[str]:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    return [binary, "--bind", "127.0.0.1", *listen, "--save", "", "--appendonly", "no",
+            "--dir", str(tmp)]
+
+
+@contextlib.contextmanager
+def redis_tls_server(tmp: Path, certs: TLSFiles) -> Iterator[str]:
+    """redis-server on 127.0.0.1 speaking only TLS and requiring client certificates
+    (``tls-auth-clients yes``); yields its rediss:// URL."""
+    port = free_port()
+    argv = _redis_argv(
+        tmp,
+        *("--port", "0", "--tls-port", str(port)),
+        *("--tls-cert-file", str(certs.server_cert), "--tls-key-file", str(certs.server_key)),
+        *("--tls-ca-cert-file", str(certs.root), "--tls-auth-clients", "yes"),
+    )
+    with server_process(argv, port, tmp / f"redis-tls-{port}.log"):
+        yield f"rediss://127.0.0.1:{port}/0"
 
 
 @contextlib.contextmanager
 def redis_server(tmp: Path, port: int | None = None) -> Iterator[str]:
     """A throwaway redis-server on 127.0.0.1 (no persistence); yields its URL."""
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
     port = port or free_port()
-    log = tmp / f"redis-{port}.log"
-    with open(log, "wb") as lf:
-        proc = subprocess.Popen(
-            [
-                binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(tmp),
-            ],
-            stdout=lf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_for_port(port, proc, log)
+    with server_process(_redis_argv(tmp, "--port", str(port)), port, tmp / f"redis-{port}.log"):
         yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        stop(proc)
 
 
 class Player:

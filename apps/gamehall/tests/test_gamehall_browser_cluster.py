@@ -9,10 +9,9 @@ import contextlib
 import json
 import re
 import shutil
-import subprocess
 
 import pytest
-from gamehall_testing import free_port, gamehall_node, redis_server, stop, wait_for_port
+from gamehall_testing import free_port, gamehall_node, redis_server, server_process
 from playwright.sync_api import expect, sync_playwright
 
 pytestmark = pytest.mark.timeout(180)
@@ -61,20 +60,10 @@ def nginx_in_front(tmp, a: int, b: int):
     port = free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, a=a, b=b, port=port))
-    log = tmp / "nginx.out"
     binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    with open(log, "wb") as lf:
-        proc = subprocess.Popen(
-            [binary, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx-error.log")],
-            stdout=lf,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_for_port(port, proc, log)
+    argv = [binary, "-p", str(tmp), "-c", str(conf), "-e", str(tmp / "nginx-error.log")]
+    with server_process(argv, port, tmp / "nginx.out"):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
 
 
 def test_players_of_a_dead_node_reconnect_by_themselves_and_no_move_is_lost(tmp_path, artifacts):
