@@ -9,6 +9,7 @@ connects to 127.0.0.1 and sends the name as SNI only.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -341,3 +342,57 @@ async def test_secure_websockets_are_tunnelled(state, tls_edge, tmp_path):
             for i in range(3):
                 await ws.send(f"hello {i}")
                 assert await ws.recv() == f"https: hello {i}"
+
+
+async def test_http2_rapid_reset_is_cut_off(state, tls_edge, machines, tmp_path):  # noqa: F811 - the fixture
+    """Streams opened and reset at once (CVE-2023-44487) end the connection with ENHANCE_YOUR_CALM;
+    a client that lets its streams finish is never cut."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    web = machines("web", "0000000000000a")
+    await put_machine(state, web)
+    await until(lambda: routed(tls_edge, "web"), "routes")
+    ctx = ssl.create_default_context(cafile=root(tmp_path))
+    ctx.set_alpn_protocols(["h2"])
+    request = [(":method", "GET"), (":path", "/"), (":authority", "web.localhost"), (":scheme", "https")]
+
+    def session(reset: bool, streams: int) -> tuple[int, object]:
+        """(answers received, the GOAWAY's error code or None)."""
+        with socket.create_connection(("127.0.0.1", tls_port(tls_edge)), timeout=20) as raw_sock, \
+                ctx.wrap_socket(raw_sock, server_hostname="web.localhost") as s:
+            c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            c.initiate_connection()
+            answers, goaway = 0, None
+            for _ in range(streams):
+                sid = c.get_next_available_stream_id()
+                c.send_headers(sid, request, end_stream=True)
+                if reset:
+                    c.reset_stream(sid)
+                try:
+                    s.sendall(c.data_to_send())
+                except OSError:  # the edge hung up on us: what it said is still to be read
+                    break
+                if not reset:  # one at a time: wait for this answer
+                    done = False
+                    while not done:
+                        for ev in c.receive_data(s.recv(65536)):
+                            done = done or isinstance(ev, h2.events.StreamEnded)
+                            answers += isinstance(ev, h2.events.ResponseReceived)
+            if not reset:
+                return answers, goaway
+            with contextlib.suppress(OSError, h2.exceptions.ProtocolError):
+                while data := s.recv(65536):
+                    for ev in c.receive_data(data):
+                        if isinstance(ev, h2.events.ConnectionTerminated):
+                            goaway = ev.error_code
+                    if goaway is not None:
+                        break
+            return answers, goaway
+
+    answers, goaway = await asyncio.to_thread(session, False, 20)
+    assert answers == 20 and goaway is None
+    answers, goaway = await asyncio.to_thread(session, True, 400)
+    assert goaway == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM

@@ -38,6 +38,7 @@ MAX_STREAMS = 128
 # at most twice the header limit, before the edge stops acknowledging), all streams CONN_WINDOW.
 STREAM_WINDOW = 256 * 1024
 CONN_WINDOW = 1 << 20
+RESET_LIMIT = 100  # streams a client may cancel early before its resets are weighed against its answers
 _HOP = {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"te", b"trailer"}
 _BAD = (b"\r", b"\n", b"\x00")
 
@@ -271,6 +272,8 @@ class H2Connection(asyncio.Protocol):
         self.client_ip = "?"
         self.paused = False
         self._flush_soon = False
+        self.resets = 0      # streams the client cancelled before their answer
+        self.completed = 0   # streams answered
 
     # -- transport callbacks
     def connection_made(self, transport: Any) -> None:
@@ -314,6 +317,14 @@ class H2Connection(asyncio.Protocol):
                     st.writer.close()
                     if st.task is not None:
                         st.task.cancel()
+                    self.resets += 1
+                    if self.resets > RESET_LIMIT and self.resets > 2 * self.completed:
+                        # "Rapid reset" (CVE-2023-44487): each stream opened and cancelled at once
+                        # still costs the edge a request; a client doing mostly that is cut off.
+                        self.h2.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+                        self._flush()
+                        self.transport.close()
+                        return
             elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
                 for st in list(self.streams.values()):
                     if st.writer.pending:
@@ -426,6 +437,7 @@ class H2Connection(asyncio.Protocol):
         try:
             await self.edge.handle(raw, st.reader, st.writer, self.client_ip)  # type: ignore[arg-type]
             ok = True
+            self.completed += 1
         except asyncio.CancelledError:
             pass
         except Exception as e:  # a bug must not take the connection down, but must be seen
