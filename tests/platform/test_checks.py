@@ -215,6 +215,54 @@ async def test_tcp_runner_open_closed_and_forwarder_eof():
         eof.close()
 
 
+def test_listening_in_reads_the_namespaces_listeners():
+    """/proc/PID/net/tcp{,6} of a process in the namespace (here: this test's own, on the host's)."""
+    import os
+
+    with socket.socket() as s4, socket.socket(socket.AF_INET6) as s6:
+        s4.bind(("127.0.0.1", 0))
+        s4.listen()
+        s6.bind(("::1", 0))
+        s6.listen()
+        assert C.listening_in(os.getpid(), s4.getsockname()[1]) is True
+        assert C.listening_in(os.getpid(), s6.getsockname()[1]) is True
+        bound = socket.socket()
+        bound.bind(("127.0.0.1", 0))  # bound, not listening
+        try:
+            assert C.listening_in(os.getpid(), bound.getsockname()[1]) is False
+        finally:
+            bound.close()
+    assert C.listening_in(None, 80) is None
+    assert C.listening_in(2 ** 22 + 12345, 80) is None  # no such process: can't tell
+
+
+@pytest.mark.anyio
+async def test_tcp_check_passes_at_once_when_the_namespace_shows_a_listener():
+    """With the machine's pid the check trusts its namespace's listener instead of waiting for EOF; a
+    forwarder that hangs up still fails it when nothing listens there."""
+    import os
+
+    held = []
+    srv = await asyncio.start_server(lambda r, w: held.append(w), "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+
+    async def hang_up(r, w):
+        w.close()
+
+    eof = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    try:
+        c = C.Check("t", "tcp", port, timeout=1)
+        assert await C.run_tcp(c, port, netns_pid=os.getpid()) == (True, "connection open")
+        e = C.Check("t", "tcp", _closed_port(), timeout=1)  # nothing listens on the machine's port
+        ok, out = await C.run_tcp(e, eof.sockets[0].getsockname()[1], netns_pid=os.getpid())
+        assert not ok and "closed at once" in out
+    finally:
+        for w in held:
+            w.close()
+        srv.close()
+        eof.close()
+
+
 @pytest.mark.anyio
 async def test_run_checks_reports_changes(http_port):
     cs = [C.Check("web", "http", 8080, path="/ok", interval=0.1), C.Check("bad", "http", 8080, path="/broken", interval=0.1),

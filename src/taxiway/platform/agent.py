@@ -756,7 +756,7 @@ class Agent:
                 await self._write_checks(row, statuses)
 
             task = asyncio.create_task(checks.run_checks(defs, row.get("ports") or {}, started or time.time(),
-                                                         on_change))
+                                                         on_change, netns_pid=m.pid))
             self.check_tasks[mid] = (key, task)
         elif running:
             self._stop_checks(mid)
