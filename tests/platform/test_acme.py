@@ -142,3 +142,20 @@ async def test_http01_and_tls_alpn01_certificates_from_pebble(state, acme_edge, 
         assert got["machine"] == web.id and got["headers"]["host"] == f"{host}:{edge.tls.address[1]}"
     # No challenge is left answerable once the orders are done.
     assert not edge.tls.http_tokens and not edge.tls.alpn_challenges
+    # Renewal: once a certificate is in the last third of its life, a new one is ordered and served.
+    from datetime import UTC, datetime
+
+    from taxiway.platform.edgetls import read_pem_info
+
+    before = files[0].read_bytes()
+    not_after, lifetime = read_pem_info(files[0])
+    edge.tls.certs.clock = lambda: not_after - lifetime / 4
+    edge.tls.acme.wake()
+    # (the clock goes back as soon as the order starts: under it, the new certificate would be due too)
+    await until(lambda: edge.tls.acme.status["shop.example.com"]["state"] == "ordering", "renewal order")
+    edge.tls.certs.clock = None
+    await until(lambda: files[0].read_bytes() != before, "renewal", timeout=60)
+    assert read_pem_info(files[0])[0] > datetime.now(UTC)
+    await until(lambda: edge.tls.acme.status["shop.example.com"]["state"] == "issued", "renewed")
+    rc, out, err = await curl_https(str(root), "shop.example.com", edge.tls.address[1])
+    assert rc == 0 and json.loads(out)["machine"] == web.id, err

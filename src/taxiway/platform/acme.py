@@ -121,7 +121,7 @@ class AcmeManager:
         if when is not None and time.monotonic() < when[0]:
             return False
         info = read_pem_info(self.tls.certs.path("acme", host))
-        return info is None or due(info[0], info[1])
+        return info is None or due(info[0], info[1], self.tls.certs.now())
 
     async def _order(self, host: str, rec: dict[str, Any]) -> None:
         edge = self.tls.edge
