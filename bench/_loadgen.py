@@ -229,16 +229,26 @@ func main() {
 '''
 
 
-def build(d: Path) -> Path:
-    """Build the load generator under ``d`` (offline: no module proxy, no toolchain download)."""
-    src = d / "loadgen"
+def go_build(d: Path, name: str, source: str) -> Path:
+    """Build the one-file, stdlib-only Go program ``source`` as ``d/name/name``, offline.
+
+    No module proxy and no toolchain download (GOPROXY=off, GOTOOLCHAIN=local), caches
+    under ``d``: the benchmarks' Go helpers (this load generator, bench/_wsecho.py) are
+    built this one way.
+    """
+    src = d / name
     src.mkdir()
-    (src / "main.go").write_text(LOADGEN_GO)
-    (src / "go.mod").write_text("module loadgen\n\ngo 1.19\n")
+    (src / "main.go").write_text(source)
+    (src / "go.mod").write_text(f"module {name}\n\ngo 1.19\n")
     env = {**os.environ, "GOFLAGS": "-mod=mod", "GOCACHE": str(d / "gocache"), "GOPATH": str(d / "gopath"),
            "GOPROXY": "off", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
-    subprocess.run(["go", "build", "-o", str(src / "loadgen"), "."], cwd=src, env=env, check=True)
-    return src / "loadgen"
+    subprocess.run(["go", "build", "-o", str(src / name), "."], cwd=src, env=env, check=True)
+    return src / name
+
+
+def build(d: Path) -> Path:
+    """Build the load generator under ``d``."""
+    return go_build(d, "loadgen", LOADGEN_GO)
 
 
 def run(loadgen: Path, *, target: str, conns: int, seconds: float, mode: str = "direct",

@@ -14,9 +14,10 @@ never look inside frames, which is what is measured.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
+
+from _loadgen import go_build
 
 WSECHO_GO = r'''
 package main
@@ -164,15 +165,8 @@ func main() {
 
 
 def build(d: Path) -> Path:
-    """Build the echo server/client under ``d`` (offline: no module proxy, no toolchain download)."""
-    src = d / "wsecho"
-    src.mkdir()
-    (src / "main.go").write_text(WSECHO_GO)
-    (src / "go.mod").write_text("module wsecho\n\ngo 1.19\n")
-    env = {**os.environ, "GOFLAGS": "-mod=mod", "GOCACHE": str(d / "gocache"), "GOPATH": str(d / "gopath"),
-           "GOPROXY": "off", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
-    subprocess.run(["go", "build", "-o", str(src / "wsecho"), "."], cwd=src, env=env, check=True)
-    return src / "wsecho"
+    """Build the echo server/client under ``d`` (offline, as bench/_loadgen.py builds its own)."""
+    return go_build(d, "wsecho", WSECHO_GO)
 
 
 def serve(binary: Path, log: Path) -> tuple[subprocess.Popen, int]:
