@@ -257,6 +257,7 @@ class Edge:
         self._tcp_failed: set[int] = set()
         self._stopping = False
         self._stopped: asyncio.Event | None = None
+        self._loop: Any = None  # the running loop, once started (its clock is read per request)
         self.address: tuple[str, int] | None = None
         self.tls: Any = None  # E1: platform.edgetls.EdgeTLS when config.https (HTTPS, HTTP/2, ACME)
         self.hostnames: dict[str, str] = {}  # E1: custom hostname -> app (CERTS bucket, via set_hostnames)
@@ -277,6 +278,7 @@ class Edge:
             _log_nats_into(self)
             self.state = await State.connect(self.config.nats, name=self.name)
         self._stopped = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
         self._start_mirrors()
         self.state.on_reconnect(self._start_mirrors)
         self._tasks.append(asyncio.create_task(self._sweep()))
@@ -886,7 +888,7 @@ class Edge:
     def _released(self, backend: Backend) -> None:
         """A request or stream of ``backend`` ended: count it out, note the machine was busy now."""
         self.balancer.release(backend)
-        self._last_active[backend.machine] = asyncio.get_running_loop().time()
+        self._last_active[backend.machine] = self._loop.time()
         self._notify()
 
     async def _tunnel(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: _Conn,
@@ -1220,6 +1222,7 @@ class Edge:
 # body streaming, 100-continue and WebSockets are written once, there.
 
 _IDLE, _HEAD, _BODY = 0, 1, 2
+_NONE: frozenset = frozenset()  # an empty set shared by requests that never add to it
 
 
 class _FastClient(asyncio.Protocol):
@@ -1397,20 +1400,24 @@ class _FastClient(asyncio.Protocol):
 class _FastRequest:
     """One bodiless request on the fast path: backend choice, retries, the answer's end."""
 
+    # slots: one of these is made per request, and its fields are read on every callback
+    __slots__ = ("edge", "client", "head", "plan", "app", "keep", "request_id", "tried", "fresh", "attempts",
+                 "backend", "conn", "answered", "progress", "queue_deadline", "retry_deadline", "last_error",
+                 "idempotent", "woke", "replay", "origin")
+
     def __init__(self, client: _FastClient, head: http.RequestHead, plan: Plan) -> None:
         edge = client.edge
         self.edge, self.client, self.head, self.plan = edge, client, head, plan
         self.app, self.keep, self.request_id = plan.app or "", plan.keep, plan.request_id
-        self.tried: set[str] = set()
-        self.fresh: set[str] = set()  # machines whose pooled connection was stale: dial anew
+        self.tried: set[str] = _NONE  # a real set only once a machine failed (rare)
+        self.fresh: set[str] = _NONE  # machines whose pooled connection was stale: dial anew
         self.attempts = 0
         self.backend: Backend | None = None
         self.conn: _FastBackend | None = None
         self.answered = False  # a byte reached the client
-        loop = asyncio.get_running_loop()
-        self.progress = loop.time()
-        self.queue_deadline = self.progress + edge.config.queue_timeout
-        self.retry_deadline = self.progress + edge.config.retry_window
+        self.progress = now = edge._loop.time()
+        self.queue_deadline = now + edge.config.queue_timeout
+        self.retry_deadline = now + edge.config.retry_window
         self.last_error = ""
         self.idempotent = head.method in IDEMPOTENT
         self.woke = False
@@ -1482,13 +1489,13 @@ class _FastRequest:
         self.replay, self.origin = target, backend.machine
         self.plan.out = replay_head(self.plan.out, backend.machine, backend.region, target.get("state"))
         self.plan.replayed = True
-        self.tried.clear()
+        self.tried = set()
         self.edge.log(msg="replay", app=self.app, machine=backend.machine, to=target, request_id=self.request_id)
         self.start()
 
     async def _again(self) -> None:
         await asyncio.sleep(_backoff(self.attempts))
-        self.tried.clear()
+        self.tried = set()
         self.start()
 
     async def _queue(self) -> None:
@@ -1523,9 +1530,9 @@ class _FastRequest:
         if backend is not None:
             if mark:
                 self.edge.balancer.mark_failed(backend, asyncio.get_running_loop().time())
-                self.tried.add(backend.machine)
+                self.tried = self.tried | {backend.machine}
             else:
-                self.fresh.add(backend.machine)
+                self.fresh = self.fresh | {backend.machine}
             self.edge.log(msg="backend failed", app=self.app, machine=backend.machine, error=reason,
                           request_id=self.request_id, retry=True)
         self.last_error = f"machine {backend.machine if backend else '?'}: {reason}"
@@ -1571,6 +1578,9 @@ class _FastRequest:
 
 class _FastBackend(asyncio.Protocol):
     """A connection to one machine on the fast path; pooled between requests."""
+
+    __slots__ = ("edge", "backend", "transport", "req", "state", "buf", "reused", "got_any", "closed", "paused",
+                 "kind", "left", "scanner", "keep_conn", "keep_client")
 
     def __init__(self, edge: Edge, backend: Backend) -> None:
         self.edge, self.backend = edge, backend
