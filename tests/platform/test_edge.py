@@ -465,6 +465,15 @@ async def test_hard_limit_queues_then_serves(state, edge, client, machines, tmp_
     # more: each waits at most 10 s for its slot, and a loaded CI host serves a few per second.
     many = await asyncio.gather(*(client.get(f"/{i}", headers=on("web")) for i in range(10)))
     assert [r.status_code for r in many] == [200] * 10
+    # A request that finds no slot within queue_timeout: 503 with Retry-After, naming the limit.
+    edge.config.queue_timeout = 0.2
+    gate2 = tmp_path / "gate2"
+    first = asyncio.create_task(client.get(f"/hold?gate={gate2}", headers=on("web")))
+    await until(lambda: edge.balancer.counts().get(a.id) == 1, "first in flight")
+    r = await client.get("/", headers=on("web"))
+    assert r.status_code == 503 and r.headers["retry-after"] == "1" and "hard_limit" in r.text
+    gate2.touch()
+    assert (await first).status_code == 200
 
 
 # -- bodies ---------------------------------------------------------------------------------------------

@@ -1030,11 +1030,12 @@ class Edge:
             return bool(self.routes.backends(app))
         if not reply.get("ok"):
             self.log(msg="autostart failed", app=app, machine=mid, error=reply.get("error"))
+        agent = loop.time() - t0  # the agent's share: it answers once the machine runs
         while not self.routes.backends(app) and loop.time() < deadline:
             await self._wait_change(deadline - loop.time())
         routed = bool(self.routes.backends(app))
         self.log(msg="awake" if routed else "autostart timed out", app=app, machine=mid,
-                 seconds=round(loop.time() - t0, 3))
+                 seconds=round(loop.time() - t0, 3), agent_seconds=round(agent, 3))
         return routed
 
     def _wake_more(self, app: str, backends: tuple[Backend, ...]) -> None:
