@@ -8,7 +8,9 @@ One run starts, each with its own temp config and stopped after:
 - a taxiway CA in tmp; the edge (``python -m taxiway.platform.edge --https ...``, one process on
   uvloop) issues its ``web.localhost`` certificate on the first handshake (done before measuring);
 - nginx as the peer (one worker, upstream keepalive 64) with a certificate of the same CA and
-  key type for ``web.localhost``, ``listen ... ssl http2``.
+  key type for ``web.localhost``, ``listen ... ssl http2``; Caddy (GOMAXPROCS=1, ``tls CERT KEY``,
+  ``reverse_proxy``) and HAProxy (one thread, ``ssl crt ... alpn h2,http/1.1``, ``http-reuse always``)
+  the same way when they are installed.
 
 Measured with h2load (nghttp2-client), one client thread, SNI ``web.localhost`` and
 ``--connect-to`` 127.0.0.1 (no name is resolved):
@@ -110,6 +112,44 @@ http {{
                 port, d / "nginx.out")
 
 
+def caddy(d: Path, port: int, proxy_to: int, cert: Path, key: Path) -> Proc:
+    d.mkdir(parents=True)
+    (d / "Caddyfile").write_text(f"""{{
+  admin off
+  auto_https off
+  storage file_system {d}/data
+}}
+https://{HOST}:{port} {{
+  bind 127.0.0.1
+  tls {cert} {key}
+  reverse_proxy 127.0.0.1:{proxy_to}
+}}
+""")
+    env = {**os.environ, "GOMAXPROCS": "1", "HOME": str(d), "XDG_DATA_HOME": str(d / "data"),
+           "XDG_CONFIG_HOME": str(d / "config")}
+    return Proc(["caddy", "run", "--config", str(d / "Caddyfile"), "--adapter", "caddyfile"], port, d / "caddy.out",
+                env=env)
+
+
+def haproxy(d: Path, port: int, proxy_to: int, pem: Path) -> Proc:
+    d.mkdir(parents=True)
+    (d / "haproxy.cfg").write_text(f"""global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+frontend edge
+  bind 127.0.0.1:{port} ssl crt {pem} alpn h2,http/1.1
+  default_backend machines
+backend machines
+  http-reuse always
+  server m 127.0.0.1:{proxy_to}
+""")
+    return Proc(["haproxy", "-db", "-f", str(d / "haproxy.cfg")], port, d / "haproxy.out")
+
+
 def h2load(port: int, *args: str) -> dict:
     """One h2load run against https://web.localhost:PORT/small: {"rps", "ok", "failed"}."""
     out = subprocess.run(["h2load", "-t", "1", f"--connect-to=127.0.0.1:{port}", *args,
@@ -159,6 +199,8 @@ def main() -> None:
         ca, _ = CA.init(d / "ca")
         leaf = ca.issue([HOST], record=False)
         (d / "peer.pem").write_bytes(leaf.chain_pem + leaf.key_pem)  # type: ignore[operator]
+        (d / "peer-chain.pem").write_bytes(leaf.chain_pem)
+        (d / "peer-key.pem").write_bytes(leaf.key_pem)  # type: ignore[arg-type]
         mport, edge_http, edge_https, peer = free_port(), free_port(), free_port(), free_port()
         procs: list[Proc] = [nginx(d / "machine", mport)]
         nats = NatsServer(d / "nats").start()
@@ -171,6 +213,12 @@ def main() -> None:
                               env=env))
             procs.append(nginx(d / "peer", peer, proxy_to=mport, cert=d / "peer.pem"))
             paths = {"nginx": peer, "taxiway edge": edge_https}
+            if shutil.which("caddy"):
+                paths["caddy"] = free_port()
+                procs.append(caddy(d / "caddy", paths["caddy"], mport, d / "peer-chain.pem", d / "peer-key.pem"))
+            if shutil.which("haproxy"):
+                paths["haproxy"] = free_port()
+                procs.append(haproxy(d / "haproxy", paths["haproxy"], mport, d / "peer.pem"))
             for port in paths.values():  # warm-up: the edge issues its certificate on the first handshake
                 h2load(port, "-n", "20", "-c", "2", "--h1")
             measures = {
@@ -191,17 +239,23 @@ def main() -> None:
             for p in reversed(procs):
                 p.stop()
             nats.stop()
+    names = list(paths)
+    others = [n for n in names if n != "taxiway edge"]
     if a.markdown:
-        print("| measure | taxiway edge | nginx | edge / nginx | failed (edge/nginx) |")
-        print("|---|---|---|---|---|")
+        print("| measure | " + " | ".join(names) + " | " + " | ".join(f"edge / {n}" for n in others)
+              + " | failed |")
+        print("|---" * (len(names) + len(others) + 2) + "|")
     for what in measures:
-        e, n = best[(what, "taxiway edge")], best[(what, "nginx")]
+        e = best[(what, "taxiway edge")]
+        rates = [f"{best[(what, n)]['rps']:,.0f}" for n in names]
+        ratios = [f"{e['rps'] / best[(what, n)]['rps']:.2f}x" for n in others]
+        failed = "/".join(str(best[(what, n)]["failed"]) for n in names)
         if a.markdown:
-            print(f"| {what} | {e['rps']:,.0f} | {n['rps']:,.0f} | {e['rps'] / n['rps']:.2f}x | "
-                  f"{e['failed']}/{n['failed']} |")
+            print(f"| {what} | " + " | ".join(rates) + " | " + " | ".join(ratios) + f" | {failed} |")
         else:
-            print(f"{what:<62} edge {e['rps']:>9,.0f}  nginx {n['rps']:>9,.0f}  {e['rps'] / n['rps']:.2f}x  "
-                  f"failed {e['failed']}/{n['failed']}")
+            print(f"{what}\n  " + "  ".join(f"{n} {r}" for n, r in zip(names, rates, strict=True))
+                  + "  edge/" + "  edge/".join(f"{n} {r}" for n, r in zip(others, ratios, strict=True))
+                  + f"  failed {failed}")
 
 
 if __name__ == "__main__":
