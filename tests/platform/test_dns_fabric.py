@@ -133,7 +133,7 @@ async def until(fn, timeout: float = 90.0, what: str = "condition"):  # noqa: AN
         if got:
             return got
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what} (last: {got!r})")
         await asyncio.sleep(0.1)
 
 
@@ -237,6 +237,12 @@ async def test_machines_find_each_other_by_internal_names(state, nats_server, pl
             await until(lambda: _eq(web_seen_by_w1(), ip["w1"]), what="w2 gone from web.internal")
             await put_machine("w2", "started")
             await until(lambda: _eq(web_seen_by_w1(), both), what="w2 back in web.internal")
+    except BaseException:
+        # what the agent and the DNS server saw, for whoever reads the failure
+        for name in ("agent.log", "dns.log"):
+            with open(tmp_path / name, "rb") as f:
+                print(f"--- {name}", *f.read().decode(errors="replace").splitlines()[-40:], sep="\n")
+        raise
     finally:
         await server.close()
         log.close()
