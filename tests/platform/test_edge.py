@@ -1053,3 +1053,28 @@ def test_websocket_frames_and_proxy_header_are_tracked_exactly():
     assert edgehttp.parse_replay(b"instance=abc; state=x") == {"instance": "abc", "state": "x"}
     with pytest.raises(edgehttp.http.ProtocolError):
         edgehttp.parse_replay(b"nothing=here")
+
+
+async def test_slow_body_is_cut_and_busy_machines_wake_a_stopped_one(state, edge, machines, tmp_path):
+    """A body that trickles slower than read_timeout is cut (408); when every routed machine is at
+    its soft_limit, the edge asks the agent to start a stopped machine of the app (auto_start)."""
+    a, b = machines("web", "0000000000000a"), machines("web", "0000000000000b")
+    rec = machine_record("web", a.id)
+    rec["config"]["services"][0]["concurrency"] = {"type": "requests", "soft_limit": 1, "hard_limit": 5}
+    await state.put(schema.APPS, "web", {"name": "web", "org": "personal"})
+    await state.put(schema.MACHINES, f"web.{a.id}", rec)
+    await state.put(schema.STATUS, f"web.{a.id}", status_record("web", a.id, a.port))
+    await put_machine(state, b, state="stopped")  # desired started, stopped: asleep
+    await until(lambda: routed(edge, "web") == {a.id} and edge.routes.sleeping("web") == [b.id], "routes")
+    edge.config.read_timeout = 1.0
+    answer = await raw(edge, b"POST /echo HTTP/1.1\r\nHost: web.localhost\r\nContent-Length: 10\r\n\r\nabc")
+    assert answer.startswith(b"HTTP/1.1 408")
+    gate = tmp_path / "gate"
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{edge.address[1]}", timeout=30) as c:
+        held = asyncio.create_task(c.get(f"/hold?gate={gate}", headers=on("web")))
+        await until(lambda: edge.balancer.counts().get(a.id) == 1, "a at its soft limit")
+        second = asyncio.create_task(c.get("/", headers=on("web")))  # above soft: served, and b is woken
+        log = tmp_path / "edge.log"
+        await until(lambda: f'"msg":"autostart","app":"web","machine":"{b.id}"' in log.read_text(), "autostart of b")
+        gate.touch()
+        assert (await held).status_code == 200 and (await second).json()["machine"] == a.id

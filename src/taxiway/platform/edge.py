@@ -998,18 +998,19 @@ class Edge:
         """No machine routable, but one may be started (or one is being stopped, to start again)."""
         return bool(self._autostops.get(app)) or bool(self.routes.sleeping(app))
 
-    async def wake(self, app: str) -> bool:
+    async def wake(self, app: str, more: bool = False) -> bool:
         """Start a stopped machine of ``app`` (auto_start_machines) and wait until it is routable,
         up to wake_timeout; one wake per app at a time, shared by every request that waits.
+        ``more``: even though the app has routed machines (they are all above soft_limit).
         True when the app has a routable machine after it."""
         fut = self._waking.get(app)
         if fut is None:
-            fut = asyncio.ensure_future(self._wake(app))
+            fut = asyncio.ensure_future(self._wake(app, more))
             self._waking[app] = fut
             fut.add_done_callback(lambda _: self._waking.pop(app, None))
         return await asyncio.shield(fut)
 
-    async def _wake(self, app: str) -> bool:
+    async def _wake(self, app: str, more: bool = False) -> bool:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         deadline = t0 + self.config.wake_timeout
@@ -1017,7 +1018,7 @@ class Edge:
         if stopping:  # a stop for idleness is under way: let it end, then start a machine again
             await asyncio.wait(stopping, timeout=self.config.wake_timeout)
         sleeping = self.routes.sleeping(app)
-        if self.routes.backends(app) or not sleeping or self.state is None:
+        if (self.routes.backends(app) and not more) or not sleeping or self.state is None:
             return bool(self.routes.backends(app))
         mid = sleeping[0]
         host = (self.routes.record(app, mid) or {}).get("host") or schema.DEFAULT_HOST
@@ -1031,7 +1032,8 @@ class Edge:
         if not reply.get("ok"):
             self.log(msg="autostart failed", app=app, machine=mid, error=reply.get("error"))
         agent = loop.time() - t0  # the agent's share: it answers once the machine runs
-        while not self.routes.backends(app) and loop.time() < deadline:
+        while (mid not in {b.machine for b in self.routes.backends(app)} if more else
+               not self.routes.backends(app)) and loop.time() < deadline:
             await self._wait_change(deadline - loop.time())
         routed = bool(self.routes.backends(app))
         self.log(msg="awake" if routed else "autostart timed out", app=app, machine=mid,
@@ -1041,7 +1043,7 @@ class Edge:
     def _wake_more(self, app: str, backends: tuple[Backend, ...]) -> None:
         """Every routed machine is at its soft_limit: start a stopped one too (Fly does), in the background."""
         if app not in self._waking and self.balancer.above_soft(backends) and self.routes.sleeping(app):
-            self._spawn(self.wake(app))
+            self._spawn(self.wake(app, more=True))
 
     def _spawn(self, coro: Any) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
