@@ -22,5 +22,8 @@ Modules (one job each; policy is pure, I/O at the edges):
 - ``edge``       the HTTP edge: routes app names to started, healthy machines; drains before stop.
 - ``balance``    the edge's pure core: routable machines from the KV, least-connections choice.
 - ``edgehttp``   the edge's sans-I/O HTTP beyond egress.http: the head a machine gets, fast head parsing.
+- ``edgetls``    the edge's HTTPS listener: ClientHello peeked (pure), certificates on first use, force_https.
+- ``edgeh2``     HTTP/2 over TLS (the h2 library): each stream one HTTP/1.1 request through the edge.
+- ``acme``       ACME (RFC 8555) certificates for custom hostnames: http-01 and tls-alpn-01, answered by the edge.
 - ``supervisor`` ``taxiway up`` / ``taxiway down``: starts and watches nats, api, agent, registry, egress, edge.
 """
