@@ -103,6 +103,13 @@ def nginx(d: Path, port: int, proxy_to: int | None = None, ws_to: int | None = N
     d.mkdir(parents=True)
     for sub in ("tmp", "logs"):
         (d / sub).mkdir()
+    nginx_conf(d, port, proxy_to, ws_to)
+    return Proc(["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "logs/error.log")],
+                port, d / "nginx.out")
+
+
+def nginx_conf(d: Path, port: int, proxy_to: int | None = None, ws_to: int | None = None) -> None:
+    """Write ``d``/nginx.conf (see :func:`nginx`); a running nginx takes a new one on SIGHUP."""
     user = "user root root;\n" if os.geteuid() == 0 else ""
     if proxy_to is None:
         server = f"""server {{ listen 127.0.0.1:{port} backlog=4096;
@@ -129,8 +136,18 @@ http {{
   {server}
 }}
 """)
-    return Proc(["nginx", "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "logs/error.log")],
-                port, d / "nginx.out")
+
+
+def nginx_reload(peer: Proc, d: Path, port: int, ports: dict[str, int], ws_to: int) -> list[str]:
+    """The nginx way of a deploy: the upstream changed in the config, then ``nginx -s reload``
+    (SIGHUP), A -> B -> A. Returns the steps done."""
+    steps = []
+    for new in (MACHINE_B, MACHINE_A):
+        nginx_conf(d, port, ports[new], ws_to)
+        os.kill(peer.proc.pid, signal.SIGHUP)
+        steps.append(f"reload to {new}")
+        time.sleep(1.0)
+    return steps
 
 
 def caddy(d: Path, port: int, proxy_to: int, ws_to: int) -> Proc:
@@ -291,7 +308,8 @@ def main() -> None:
                                "--listen", f"127.0.0.1:{edge_port}"], edge_port, d / "edge.log", env=env))
             paths = {"direct": ports[MACHINE_A]}
             peer = free_port()
-            procs.append(nginx(d / "peer-nginx", peer, proxy_to=ports[MACHINE_A], ws_to=echo_port))
+            nginx_peer = nginx(d / "peer-nginx", peer, proxy_to=ports[MACHINE_A], ws_to=echo_port)
+            procs.append(nginx_peer)
             paths["nginx"] = peer
             if "caddy" not in missing:
                 peer = free_port()
@@ -336,6 +354,16 @@ def main() -> None:
             time.sleep(0.5)
             steps = rolling_deploy(p, ports, machines, d)
             t.join()
+            # The same under nginx: its upstream changed in the config and reloaded (both machines up).
+            machines[MACHINE_B] = nginx(d / f"machine-b-{time.monotonic_ns()}", ports[MACHINE_B])
+            reload_result: dict = {}
+            t = threading.Thread(target=lambda: reload_result.update(_loadgen.run(
+                loadgen, target=f"127.0.0.1:{paths['nginx']}", host=HOST, conns=50, seconds=a.seconds * 3,
+                reconnect=True)))
+            t.start()
+            time.sleep(0.5)
+            reload_steps = nginx_reload(nginx_peer, d / "peer-nginx", paths["nginx"], ports, echo_port)
+            t.join()
         finally:
             p.close()
             for proc in procs + list(machines.values()):
@@ -368,6 +396,10 @@ def main() -> None:
     print(f"rolling deploy under 50 connections through the edge: {result.get('requests', 0):,} requests, "
           f"{result.get('errors', '?')} failed{' (' + result['first_error'] + ')' if result.get('first_error') else ''}"
           f"; steps: {'; '.join(steps)}")
+    print(f"nginx reloaded with a changed upstream under 50 connections: {reload_result.get('requests', 0):,} "
+          f"requests, {reload_result.get('errors', '?')} failed"
+          f"{' (' + reload_result['first_error'] + ')' if reload_result.get('first_error') else ''}"
+          f"; steps: {'; '.join(reload_steps)}")
     for tool in missing:
         print(f"({tool} is not installed here: not measured)")
 
