@@ -1082,16 +1082,26 @@ class _SpareHelper:
             out = await _helper(*args, timeout=timeout)
         else:
             out = await _communicate(proc, json.dumps(list(args)).encode() + b"\n", args[0], timeout)
-        with contextlib.suppress(OSError):
-            self.proc = await self._make()  # after the start: it does not compete with it for the CPU
+        if self.proc is None:  # after the start: it does not compete with it for the CPU
+            with contextlib.suppress(OSError):
+                spare = await self._make()
+                if self.proc is None:
+                    self.proc = spare
+                else:  # concurrent starts made one each: keep one
+                    await self._close(spare)
         return out
 
     async def close(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
+        if proc is not None:
+            await self._close(proc)
+
+    @staticmethod
+    async def _close(proc: asyncio.subprocess.Process) -> None:
+        if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-            await proc.wait()
+        await proc.wait()
 
 
 async def _communicate(proc: asyncio.subprocess.Process, data: bytes | None, what: str, timeout: float
