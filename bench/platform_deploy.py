@@ -85,7 +85,10 @@ EXAMPLES = {
         'ARG PIP_ARGS=""\nRUN python3 -m venv --without-pip /venv && python3 -m pip --python /venv/bin/python '
         'install --no-input --disable-pip-version-check $PIP_ARGS -r requirements.txt\nCOPY . .\n'
         'ENV PATH=/venv/bin:$PATH PYTHONUNBUFFERED=1\nUSER 1000:1000\n'
-        'CMD ["/bin/sh", "-c", "exec gunicorn --bind 127.0.0.1:${PORT:-8080} app:app"]\n'),
+        # The process the python buildpack gives the app (2 workers, access log), so both sides run the
+        # same server; on the host network it binds loopback only.
+        'CMD ["/bin/sh", "-c", "exec gunicorn --bind 127.0.0.1:${PORT:-8080} --workers ${WEB_CONCURRENCY:-2} '
+        '--access-logfile - app:app"]\n'),
 }
 
 
@@ -181,7 +184,8 @@ class Platform:
             with open(self.src / "taxiway.toml", "a") as f:
                 f.write(f'\n[build.args]\nPIP_INDEX_URL = "{self.index}"\nPIP_TRUSTED_HOST = "{host}"\n')
         self.tw("deploy", str(self.src))
-        self.edge = self.tw("open", "-a", APP).stdout.decode().strip()
+        # The edge's plain HTTP listener (up.json; `taxiway open` may name its HTTPS one)
+        self.edge = json.loads((home / "platform" / "up.json").read_text())["edge"]
         # The stack image the example runs on, for podman to build on (a copy from the machine's cache).
         self.tw("stack", "create", "build", "run-base")
 
