@@ -746,6 +746,16 @@ async def test_workers_share_the_port_and_answer_as_one(nats_server: NatsServer,
         assert (await edge_mod.drain(state, [m.id], timeout=30))["drained"] is True
         for c in clients:
             await c.aclose()
+        # A worker that dies is started again.
+        import psutil
+
+        worker = psutil.Process(proc.pid).children()[0]
+        worker.kill()
+        while True:
+            line = json.loads(await asyncio.to_thread(proc.stdout.readline))
+            if line["msg"] == "listening":
+                break
+        assert [c.pid for c in psutil.Process(proc.pid).children()] != [worker.pid]
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 60) == 0
         with pytest.raises(OSError):

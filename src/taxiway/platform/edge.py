@@ -514,6 +514,16 @@ class Edge:
                    "--workers", str(self.config.workers), "--worker", str(i), "--primary", self.name]
             self._workers.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent))
         self.log(msg="workers", edge=self.name, workers=self.config.workers)
+        self._tasks.append(asyncio.create_task(self._watch_workers()))
+
+    async def _watch_workers(self) -> None:
+        """A worker that died is started again (after a second), so the port keeps every core."""
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            for i, w in enumerate(self._workers):
+                if w.poll() is not None and not self._stopping:
+                    self.log(msg="worker exited", worker=i + 1, code=w.returncode)
+                    self._workers[i] = subprocess.Popen(w.args, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
     async def _ask_workers(self, verb: str, payload: dict[str, Any], timeout: float = 2.0) -> list[dict[str, Any]]:
         """Every worker's answer to ``verb`` (those that do not answer are left out)."""
