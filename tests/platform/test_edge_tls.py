@@ -100,6 +100,15 @@ def test_policy_names_redirects_and_renewal():
     assert b"Location: https://web.localhost/a?b=1\r\n" in edgetls.redirect_to_https(head, "web.localhost", 443)
     force = {"services": [{"internal_port": 80, "ports": [{"port": 80, "handlers": ["http"], "force_https": True}]}]}
     assert edgetls.wants_force_https([None, force]) and not edgetls.wants_force_https([machine_record("a", "b")["config"]])
+    tls_svc = {"services": [
+        {"internal_port": 5432, "protocol": "tcp", "ports": [{"port": 15432, "handlers": ["tls", "proxy_proto"]},
+                                                             {"port": 5432, "handlers": []}]},
+        {"internal_port": 8080, "ports": [{"port": 443, "handlers": ["tls", "http"]}]},  # the http service: not TCP
+        {"internal_port": 7, "protocol": "udp", "ports": [{"port": 7, "handlers": ["tls"]}]},
+        {"internal_port": 99999, "ports": [{"port": 1, "handlers": ["tls"]}]}]}
+    assert edgetls.tls_tcp_services(tls_svc) == [(15432, 5432, True)]
+    assert edgetls.tls_tcp_listeners({"b.1": {"config": tls_svc}, "a.1": {"config": tls_svc},
+                                      "c.1": {"config": tls_svc, "desired": "destroyed"}}) == {15432: ("a", 5432, True)}
     now = datetime.now(UTC)
     assert not edgetls.due(now + timedelta(days=20), timedelta(days=30), now)
     assert edgetls.due(now + timedelta(days=9), timedelta(days=30), now)
@@ -396,3 +405,63 @@ async def test_http2_rapid_reset_is_cut_off(state, tls_edge, machines, tmp_path)
     assert answers == 20 and goaway is None
     answers, goaway = await asyncio.to_thread(session, True, 400)
     assert goaway == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+async def test_tcp_services_with_a_tls_handler(state, tls_edge, tmp_path):
+    """[[services]] ports with handlers ["tls"]: the edge ends TLS with the app's certificate (SNI or
+    not) and relays plain TCP to the machine; with "proxy_proto" too, a PROXY v2 header comes first."""
+    from taxiway.platform.nats import free_port
+
+    got: list[bytes] = []
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = await reader.read(4096)
+        got.append(first)
+        if first.startswith(b"\r\n\r\n\x00\r\nQUIT\n"):  # PROXY v2: answer with what follows its header
+            size = int.from_bytes(first[14:16], "big")
+            rest = first[16 + size:] or await reader.read(4096)  # the header may come on its own
+            first = b"proxied " + rest
+        writer.write(first)
+        while data := await reader.read(4096):
+            writer.write(data)
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    internal_port = server.sockets[0].getsockname()[1]
+    plain_port, proxied_port = free_port(), free_port()
+    config = {"image": "db:latest", "services": [{"internal_port": 9000, "protocol": "tcp", "ports": [
+        {"port": plain_port, "handlers": ["tls"]}, {"port": proxied_port, "handlers": ["tls", "proxy_proto"]}]}]}
+    rec = machine_record("db", "0000000000000d")
+    rec["config"] = config
+    await state.put(schema.APPS, "db", {"name": "db", "org": "personal"})
+    await state.put(schema.MACHINES, "db.0000000000000d", rec)
+    await state.put(schema.STATUS, "db.0000000000000d", {"id": "0000000000000d", "app": "db", "host": "local",
+                                                         "state": "started", "ports": {"9000": internal_port},
+                                                         "checks": {}})
+    await until(lambda: proxied_port in tls_edge.tls._tcp, "TLS TCP listeners", timeout=10)
+    ctx = ssl.create_default_context(cafile=root(tmp_path))
+
+    def talk(port: int, sni: str | None, text: bytes) -> tuple[bytes, list]:
+        c = ctx
+        if sni is None:
+            c = ssl.create_default_context(cafile=root(tmp_path))
+            c.check_hostname = False  # no name sent: the certificate is still checked against the CA
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw_sock, \
+                c.wrap_socket(raw_sock, server_hostname=sni) as s:
+            s.sendall(text)
+            answer = s.recv(4096)
+            return answer, s.getpeercert()["subjectAltName"]
+
+    try:
+        answer, san = await asyncio.to_thread(talk, plain_port, "db.localhost", b"hello")
+        assert answer == b"hello" and san == (("DNS", "db.localhost"),)
+        answer, san = await asyncio.to_thread(talk, plain_port, None, b"no sni")
+        assert answer == b"no sni" and san == (("DNS", "db.localhost"),)
+        answer, _ = await asyncio.to_thread(talk, proxied_port, "db.localhost", b"hi")
+        assert answer == b"proxied hi"
+        assert got[-1].startswith(b"\r\n\r\n\x00\r\nQUIT\n\x21\x11")  # v2, PROXY, TCP over IPv4
+    finally:
+        server.close()
+    # The service gone from the records: the port is closed.
+    await state.delete(schema.MACHINES, "db.0000000000000d")
+    await until(lambda: plain_port not in tls_edge.tls._tcp, "listener closed", timeout=10)

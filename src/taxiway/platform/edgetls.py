@@ -203,6 +203,42 @@ def wants_force_https(machine_configs: list[Mapping[str, Any] | None]) -> bool:
     return False
 
 
+def tls_tcp_services(config: Mapping[str, Any] | None) -> list[tuple[int, int, bool]]:
+    """A machine's TCP services whose port has a ``tls`` handler and no ``http`` one (Fly's
+    ``handlers = ["tls"]``: the edge terminates TLS, the machine gets plain TCP):
+    ``[(edge port, internal_port, proxy_proto)]``. (Those without ``tls`` are the edge's own.)"""
+    out = []
+    for svc in (config or {}).get("services") or []:
+        if not isinstance(svc, Mapping) or svc.get("protocol", "tcp") != "tcp":
+            continue
+        ports = [p for p in svc.get("ports") or [] if isinstance(p, Mapping)]
+        internal = svc.get("internal_port")
+        if any("http" in (p.get("handlers") or []) for p in ports) or not _port_number(internal):
+            continue
+        for p in ports:
+            handlers = p.get("handlers") or []
+            if "tls" in handlers and _port_number(p.get("port")):
+                out.append((p["port"], internal, "proxy_proto" in handlers))
+    return out
+
+
+def _port_number(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 65536
+
+
+def tls_tcp_listeners(machines: Mapping[str, Mapping[str, Any]]) -> dict[int, tuple[str, int, bool]]:
+    """``{edge port: (app, internal_port, proxy_proto)}`` over MACHINES records (key ``<app>.<id>``);
+    when apps claim one port, the first app by name keeps it."""
+    out: dict[int, tuple[str, int, bool]] = {}
+    for key in sorted(machines):
+        rec = machines[key]
+        if rec.get("desired") == "destroyed":
+            continue
+        for port, internal, pp in tls_tcp_services(rec.get("config")):
+            out.setdefault(port, (key.partition(".")[0], internal, pp))
+    return out
+
+
 def due(not_after: datetime, lifetime: timedelta, now: datetime | None = None) -> bool:
     """Whether a certificate should be renewed now: in the last third of its lifetime."""
     now = now or datetime.now(UTC)
@@ -217,6 +253,7 @@ class _Loaded:
     not_after: datetime
     lifetime: timedelta
     source: str  # "ca" | "acme"
+    context_of: ssl.SSLContext | None = None  # a TCP service's copy: of which HTTPS context
 
 
 @dataclass
@@ -258,17 +295,28 @@ class CertStore:
     def new_context(self, pem_path: Path | None = None, alpn: tuple[str, ...] | None = None) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.set_alpn_protocols(list(alpn if alpn is not None else self.alpn))
+        if alpn != ():
+            ctx.set_alpn_protocols(list(alpn if alpn is not None else self.alpn))
         if pem_path is not None:
             ctx.load_cert_chain(pem_path)
         return ctx
 
-    def context_for(self, host: str, acme: bool = False) -> ssl.SSLContext:
+    def context_for(self, host: str, acme: bool = False, tcp: bool = False) -> ssl.SSLContext:
         """The context serving ``host``: cached, else from its file, else newly issued by the CA.
 
         ``acme``: the host's ACME certificate when one is on disk and current; until
         then (and if it lapses) a CA certificate keeps the host reachable.
         """
+        if tcp:  # a TCP service: the same certificate, no ALPN offered (the protocol is the app's)
+            ctx = self.context_for(host, acme)
+            key = host + "\0tcp"
+            got = self._cache.get(key)
+            if got is None or got.context_of is not ctx:
+                path = self.path(self._cache[host].source, host)
+                got = _Loaded(self.new_context(path, alpn=()), self._cache[host].not_after,
+                              self._cache[host].lifetime, self._cache[host].source, context_of=ctx)
+                self._cache[key] = got
+            return got.context
         got = self._cache.get(host)
         if got is not None and not due(got.not_after, got.lifetime, self.now()) and (got.source == "acme" or not acme
                                                                            or not self._acme_ready(host)):
@@ -283,9 +331,11 @@ class CertStore:
 
     def forget(self, host: str) -> None:
         self._cache.pop(host, None)
+        self._cache.pop(host + "\0tcp", None)
 
     def cached(self) -> dict[str, dict[str, Any]]:
-        return {h: {"source": c.source, "not_after": c.not_after.isoformat()} for h, c in self._cache.items()}
+        return {h: {"source": c.source, "not_after": c.not_after.isoformat()} for h, c in self._cache.items()
+                if "\0" not in h}
 
     def _acme_ready(self, host: str) -> bool:
         info = read_pem_info(self.path("acme", host))
@@ -316,6 +366,8 @@ class CertStore:
         """Re-issue every cached CA certificate that is due (the next handshake would anyway)."""
         renewed = []
         for host, got in list(self._cache.items()):
+            if "\0" in host:
+                continue
             if due(got.not_after, got.lifetime, self.now()):
                 self._cache.pop(host, None)
                 if got.source == "ca":
@@ -364,6 +416,10 @@ class EdgeTLS:
         self.address: tuple[str, int] | None = None
         self._sock: socket.socket | None = None
         self._pending: dict[socket.socket, float] = {}    # accepted, ClientHello not read yet: deadline
+        self._pending_tcp: dict[socket.socket, int] = {}  # ...of those, accepted on a TLS TCP service's port
+        self._tcp: dict[int, socket.socket] = {}          # TLS TCP services: edge port -> listening socket
+        self._tcp_specs: dict[int, tuple[str, int, bool]] = {}  # edge port -> (app, internal_port, proxy_proto)
+        self._tcp_failed: set[int] = set()
         self._tasks: set[asyncio.Task] = set()
         self._conns: set[Any] = set()                     # HTTP/2 connections (closed at stop)
         self._force: dict[str, tuple[tuple, bool]] = {}
@@ -401,6 +457,7 @@ class EdgeTLS:
         self.address = sock.getsockname()[:2]
         loop.add_reader(sock.fileno(), self._accept)
         self._spawn(self._sweep())
+        self._sync_tcp()
         from taxiway.platform.acme import AcmeManager
 
         self.acme = AcmeManager(self)
@@ -419,6 +476,8 @@ class EdgeTLS:
             self._sock = None
         for s in list(self._pending):
             self._drop(s)
+        for port in list(self._tcp):
+            self._close_tcp(port)
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -489,12 +548,14 @@ class EdgeTLS:
             await asyncio.sleep(0.5)
 
     # -- accepting: peek at the ClientHello, then hand the socket to asyncio's TLS
-    def _accept(self) -> None:
+    def _accept(self, sock: socket.socket | None = None, port: int | None = None) -> None:
+        """Accept on the HTTPS listener, or (``port``) on a TLS TCP service's."""
         loop = asyncio.get_running_loop()
-        assert self._sock is not None
+        sock = sock or self._sock
+        assert sock is not None
         for _ in range(64):
             try:
-                conn, _addr = self._sock.accept()
+                conn, _addr = sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -505,10 +566,13 @@ class EdgeTLS:
                 continue
             conn.setblocking(False)
             self._pending[conn] = loop.time() + self.edge.config.header_timeout
+            if port is not None:
+                self._pending_tcp[conn] = port
             loop.add_reader(conn.fileno(), self._peek, conn)
 
     def _drop(self, conn: socket.socket, data: bytes = b"") -> None:
         loop = asyncio.get_running_loop()
+        self._pending_tcp.pop(conn, None)
         if self._pending.pop(conn, None) is not None:
             with contextlib.suppress(Exception):
                 loop.remove_reader(conn.fileno())
@@ -544,23 +608,36 @@ class EdgeTLS:
             return
         loop.remove_reader(conn.fileno())
         deadline = self._pending.pop(conn)
-        ctx = self.context_for(hello)
+        port = self._pending_tcp.pop(conn, None)
+        spec = self._tcp_specs.get(port) if port is not None else None
+        if port is not None:
+            ctx = self.tcp_context_for(hello, spec[0]) if spec is not None else None
+        else:
+            ctx = self.context_for(hello)
         if ctx is None:
-            self.edge.log(msg="tls refused", server_name=hello.server_name)
+            self.edge.log(msg="tls refused", server_name=hello.server_name, port=port)
             self._drop(conn, _ALERT_UNRECOGNIZED_NAME)
             return
         self.handshakes += 1
-        self._spawn(self._handshake(conn, ctx, max(deadline - loop.time(), 0.5)))
+        if spec is not None:
+            try:
+                peer = conn.getpeername()[:2]
+            except OSError:  # gone already
+                conn.close()
+                return
+            factory: Any = lambda: _TcpRelay(self, spec, peer)  # noqa: E731
+        else:
+            factory = lambda: _Dispatch(self)  # noqa: E731
+        self._spawn(self._handshake(conn, ctx, max(deadline - loop.time(), 0.5), factory))
 
     def _repeek(self, conn: socket.socket) -> None:
         if conn in self._pending and conn.fileno() >= 0:
             asyncio.get_running_loop().add_reader(conn.fileno(), self._peek, conn)
 
-    async def _handshake(self, conn: socket.socket, ctx: ssl.SSLContext, timeout: float) -> None:
+    async def _handshake(self, conn: socket.socket, ctx: ssl.SSLContext, timeout: float, factory: Any) -> None:
         loop = asyncio.get_running_loop()
         try:
-            await loop.connect_accepted_socket(lambda: _Dispatch(self), conn, ssl=ctx,
-                                               ssl_handshake_timeout=timeout)
+            await loop.connect_accepted_socket(factory, conn, ssl=ctx, ssl_handshake_timeout=timeout)
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError) as e:
             self.edge.log(msg="tls handshake failed", error=f"{type(e).__name__}: {e}")
             with contextlib.suppress(OSError):
@@ -572,6 +649,7 @@ class EdgeTLS:
         last_renew = time.monotonic()
         while True:
             await asyncio.sleep(1.0)
+            self._sync_tcp()
             now = loop.time()
             for conn, deadline in list(self._pending.items()):
                 if now > deadline:
@@ -598,6 +676,54 @@ class EdgeTLS:
         except Exception as e:  # a CA that refuses the name (constraints), a damaged file: refuse it
             self.edge.log(msg="certificate failed", server_name=name, error=f"{type(e).__name__}: {e}")
             return None
+
+    # -- TCP services with a "tls" handler: TLS ends here, the machine gets plain TCP
+    def tcp_context_for(self, hello: Hello, app: str) -> ssl.SSLContext | None:
+        """The port names the app: its certificate for the name asked (one of the app's), else for
+        ``<app>.<domain>`` (clients of TCP protocols often send no SNI); never another app's."""
+        name = hello.server_name
+        if name is None or app_for_server_name(name, self.edge.config.domain, self.hostnames,
+                                               self.edge.routes.known) != app:
+            name = f"{app}.{self.edge.config.domain}"
+        rec = self.hostnames.get(name) or {}
+        try:
+            return self.certs.context_for(name, acme=bool(rec.get("acme")), tcp=True)
+        except Exception as e:
+            self.edge.log(msg="certificate failed", server_name=name, error=f"{type(e).__name__}: {e}")
+            return None
+
+    def _sync_tcp(self) -> None:
+        """Listen on every TLS TCP service's port (on the edge's host), stop on gone ones."""
+        loop = asyncio.get_running_loop()
+        want = tls_tcp_listeners(self.edge.routes.machines)
+        for port in [p for p in self._tcp if p not in want]:
+            self._close_tcp(port)
+            self.edge.log(msg="tls tcp service closed", port=port)
+        self._tcp_failed &= set(want)
+        for port, spec in want.items():
+            self._tcp_specs[port] = spec
+            if port in self._tcp or port in self._tcp_failed:
+                continue
+            host = self.listen[0]
+            try:
+                sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                            backlog=1024)
+            except OSError as e:
+                self._tcp_failed.add(port)  # said once; tried again when the services change
+                self.edge.log(msg="tls tcp service cannot listen", app=spec[0], port=port, error=e.strerror)
+                continue
+            sock.setblocking(False)
+            self._tcp[port] = sock
+            loop.add_reader(sock.fileno(), self._accept, sock, port)
+            self.edge.log(msg="tls tcp service", app=spec[0], port=port, internal_port=spec[1], proxy_proto=spec[2])
+
+    def _close_tcp(self, port: int) -> None:
+        sock = self._tcp.pop(port, None)
+        self._tcp_specs.pop(port, None)
+        if sock is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
 
     # -- the plain listener's part
     def intercept(self, head: http.RequestHead, plan: Plan, proto: bytes) -> bytes | None:
@@ -658,3 +784,114 @@ class _Dispatch:
 
     def connection_lost(self, exc: Exception | None) -> None:
         pass
+
+
+class _TcpRelay(asyncio.Protocol):
+    """A TLS TCP service's client (TLS already ended) relayed to the least-loaded machine in plain TCP."""
+
+    def __init__(self, tls: EdgeTLS, spec: tuple[str, int, bool], peer: tuple[str, int]) -> None:
+        self.tls, self.spec, self.peer = tls, spec, peer
+        self.transport: Any = None
+        self.up: _TcpUpstream | None = None
+        self.backend: Any = None
+        self.buf = bytearray()
+        self.closed = False
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        transport.pause_reading()
+        self.tls._spawn(self._connect())  # noqa: SLF001 - its owner's tasks
+
+    async def _connect(self) -> None:
+        edge = self.tls.edge
+        loop = asyncio.get_running_loop()
+        app, internal, proxy_proto = self.spec
+        tried: set[str] = set()
+        while not self.closed:
+            backend = edge.balancer.choose(edge.routes.tcp_backends(app, internal), tried, loop.time())
+            if backend is None:
+                edge.log(msg="tls tcp service has no machine", app=app, internal_port=internal)
+                self.transport.close()
+                return
+            edge.balancer.acquire(backend)
+            try:
+                async with asyncio.timeout(edge.config.connect_timeout):
+                    _, up = await loop.create_connection(lambda: _TcpUpstream(self), backend.host, backend.port)
+            except (OSError, TimeoutError):
+                edge.balancer.release(backend)
+                edge.balancer.mark_failed(backend, loop.time())
+                tried.add(backend.machine)
+                continue
+            self.backend = backend
+            edge.balancer.opened(backend.machine)
+            self.up = up
+            if proxy_proto:
+                from taxiway.platform.edgehttp import proxy_v2_header
+
+                local = self.transport.get_extra_info("sockname")
+                up.transport.write(proxy_v2_header(self.peer, local[:2]))
+            if self.buf:
+                up.transport.write(bytes(self.buf))
+                self.buf.clear()
+            if self.closed:
+                up.transport.close()
+            else:
+                self.transport.resume_reading()
+            return
+
+    def data_received(self, data: bytes) -> None:
+        if self.up is not None:
+            self.up.transport.write(data)
+        else:
+            self.buf += data
+
+    def eof_received(self) -> bool:
+        if self.up is not None and self.up.transport.can_write_eof():
+            self.up.transport.write_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.up is not None:
+            self.up.transport.close()
+        if self.backend is not None:
+            edge = self.tls.edge
+            edge.balancer.closed(self.backend.machine)
+            edge.balancer.release(self.backend)
+            self.backend = None
+
+    def pause_writing(self) -> None:
+        if self.up is not None:
+            self.up.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.up is not None:
+            self.up.transport.resume_reading()
+
+
+class _TcpUpstream(asyncio.Protocol):
+    """The machine's side of a :class:`_TcpRelay`."""
+
+    def __init__(self, relay: _TcpRelay) -> None:
+        self.relay = relay
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.relay.transport.close()  # TLS cannot half-close: the machine is done, so is the client
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.relay.closed:
+            self.relay.transport.close()
+
+    def pause_writing(self) -> None:
+        self.relay.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.relay.transport.resume_reading()
