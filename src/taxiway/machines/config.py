@@ -79,11 +79,18 @@ class Guest(Record):
     pids: int | None
 
 
+MOUNT_TYPES = ("bind", "ext4-image")
+
+
 class Mount(Record):
-    FIELDS = (("source", _R), ("target", _R), ("readonly", False))
+    """``bind``: a host directory or file; ``ext4-image``: an ext4 file (a platform volume, made by
+    the agent) loop-mounted in the machine's own mount namespace, so its size is a hard limit."""
+
+    FIELDS = (("source", _R), ("target", _R), ("readonly", False), ("type", "bind"))
     source: str
     target: str
     readonly: bool
+    type: str
 
 
 class Port(Record):

@@ -113,17 +113,22 @@ def move_mount(mount_fd: int, target: str) -> None:
                          ctypes.c_uint(4)), f"mount {target}")  # AT_FDCWD, MOVE_MOUNT_F_EMPTY_PATH
 
 
-def attach_loop(path: str) -> tuple[int, str]:
+def attach_loop(path: str, exclusive: bool = False) -> tuple[int, str]:
     """A loop device over ``path`` that clears itself once nothing uses it (LO_FLAGS_AUTOCLEAR):
     (an open fd of it, its path). Mount it, then close the fd: it lives as long as the mount.
 
-    The kernel clears released devices lazily, so a "free" one may still be busy: take the next."""
+    The kernel clears released devices lazily, so a "free" one may still be busy: take the next.
+    ``exclusive``: flock the file first (BlockingIOError if it is held). The lock belongs to the
+    open file the loop device keeps, so it is held exactly as long as the device is attached:
+    two mounts of one ext4 file (which would corrupt it) are refused, and a dead machine frees it."""
     import errno
     import fcntl
     import struct
 
     backing = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     try:
+        if exclusive:
+            fcntl.flock(backing, fcntl.LOCK_EX | fcntl.LOCK_NB)
         for _ in range(200):
             ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
             try:

@@ -67,6 +67,26 @@ def _make_disk(d: Path, size: int) -> None:
     (d / "disk").mkdir()
 
 
+def _open_volume(image: str) -> int:
+    """``namespace.open_volume``, waiting a little for a loop device the kernel is still clearing
+    (the volume's previous machine just died: a redeploy's new machine starts right after)."""
+    from taxiway.machines import namespace
+
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return namespace.open_volume(image)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise TaxiwayError(f"volume {os.path.basename(image)} is in use by another machine",
+                                   "a volume is mounted by one machine at a time: stop or destroy the other") from None
+            time.sleep(0.1)
+        except OSError as e:
+            raise TaxiwayError(f"cannot mount volume {os.path.basename(image)} ({e.strerror})",
+                               "check that the kernel has loop devices and ext4 (e2fsck the file if it is damaged)"
+                               ) from None
+
+
 class _Run:
     """What one run holds until it ends: PID 1, its cgroup, output fds, forwarders."""
 
@@ -178,6 +198,21 @@ class NamespaceRuntime:
                 raise TaxiwayError(f"cannot mount machine {m.name}'s storage ({e.strerror})",
                                    "check that the kernel has loop devices and ext4") from None
             fds_to_close.append(spec["upper_disk"][0])
+        try:
+            mounts = []
+            for x in spec["mounts"]:
+                if x.get("type") == "ext4-image":
+                    x = {**x, "fd": _open_volume(x["source"])}
+                    fds_to_close.append(x["fd"])
+                mounts.append(x)
+            spec["mounts"] = mounts
+        except BaseException:
+            for fd in fds_to_close:
+                os.close(fd)
+            if forwarders:
+                forwarders.close()
+            cg.remove()
+            raise
         tty = m.config.tty and attached
         readers: dict[int, str] = {}
         master = None

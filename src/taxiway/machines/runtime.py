@@ -76,6 +76,10 @@ def create(cfg: MachineConfig, name: str | None = None, progress: Any = None) ->
         C.check_hostname(cfg.hostname)
     for mnt in cfg.mounts:
         C.check_volume_target(mnt.target)
+        if mnt.type not in C.MOUNT_TYPES:
+            raise InvalidInput(f"invalid mount type {mnt.type!r}", "use bind or ext4-image")
+        if mnt.type == "ext4-image" and cfg.isolation != "namespace":  # virtiofsd shares directories
+            raise InvalidInput("an ext4-image mount is for namespace machines", "mount a directory into a micro-VM")
     if cfg.storage_size and cfg.isolation != "namespace":
         raise InvalidInput("--storage-size is for namespace machines", "drop it, or use --isolation namespace")
     if cfg.isolation not in ISOLATIONS:
