@@ -88,7 +88,10 @@ def decide(desired: dict[str, Any] | None, rev: int, row: dict[str, Any] | None,
 def machine_config(record: dict[str, Any], host_ports: dict[int, int], env: dict[str, str],
                    volumes_dir: Path) -> dict[str, Any]:
     """The taxiway.machines config (JSON) for a MACHINES record: ports published on 127.0.0.1,
-    secrets merged into the environment, volumes as bind mounts of per-app directories."""
+    secrets merged into the environment, volumes as ext4 files ``<volumes_dir>/<id>.img`` mounted
+    in the machine (their size is a hard limit). A directory ``<volumes_dir>/<id>`` (a volume made
+    before sizes were enforced) stays a bind mount, and so does every volume of a micro-VM
+    (virtiofsd shares directories)."""
     cfg = dict(record.get("config") or {})
     if not cfg.get("image"):
         raise InvalidInput(f"machine {record.get('id')} has no image in its config", "set config.image")
@@ -106,8 +109,12 @@ def machine_config(record: dict[str, Any], host_ports: dict[int, int], env: dict
         vol = str(m.get("volume") or "")
         if not vol or "/" in vol or vol in (".", "..") or "source" in m:
             raise InvalidInput(f"invalid volume {vol!r} in machine {record.get('id')}", "mount a volume by its id")
-        mounts.append({"source": str(volumes_dir / vol), "target": m.get("path"),
-                       "readonly": bool(m.get("readonly", False))})
+        ro = bool(m.get("readonly", False))
+        if cfg.get("isolation") == "vm" or (volumes_dir / vol).is_dir():
+            mounts.append({"source": str(volumes_dir / vol), "target": m.get("path"), "readonly": ro})
+        else:
+            mounts.append({"type": "ext4-image", "source": str(volumes_dir / f"{vol}.img"),
+                           "target": m.get("path"), "readonly": ro})
     out["mounts"] = mounts
     out.setdefault("net", "private")
     out.pop("auto_remove", None)  # the platform destroys machines itself
@@ -354,7 +361,56 @@ def _org_credentials(auth: dict[str, Any], org: str) -> Any:
     return Credentials(org, secret)
 
 
-def _create_local(name: str, cfg: dict[str, Any], org: str) -> str:
+def make_volume_image(path: Path, size: int) -> None:
+    """A volume's ext4 file (sparse: the host's disk holds only what is written), made once;
+    written beside and renamed, so a killed agent never leaves a half-made one in its place."""
+    import subprocess
+
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.truncate(size)
+        # -m 0: the size asked for is what the machine gets; lazy init: a 10 GB volume costs no
+        # 10 GB of zeroes; with a journal, a machine killed mid-write is replayed at the next mount
+        r = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-L", path.stem[-16:],
+                            "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", str(tmp)],
+                           capture_output=True)
+        if r.returncode != 0:
+            raise TaxiwayError(f"could not make volume {path.stem}: {r.stderr.decode(errors='replace').strip()[:300]}",
+                               "check that e2fsprogs is installed and the host's disk has room")
+        os.rename(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _remove_volume(app_dir: Path, vid: Any) -> dict[str, Any]:
+    """Remove one volume's data on this host: its ext4 file (refused while a machine has it
+    mounted: the file's lock is held by the loop device) or its older directory."""
+    import fcntl
+    import re
+    import shutil
+
+    if not isinstance(vid, str) or not re.fullmatch(r"vol_[0-9a-f]{16}", vid):
+        raise InvalidInput("the request names no valid volume", 'send {"app": "<name>", "volume": "vol_..."}')
+    img = app_dir / f"{vid}.img"
+    with contextlib.suppress(FileNotFoundError), open(img, "rb") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InvalidInput(f"volume {vid} is mounted by a machine", "destroy that machine first") from None
+        img.unlink()
+    if (app_dir / vid).is_dir():
+        shutil.rmtree(app_dir / vid)
+    return {"ok": True, "removed": vid}
+
+
+def _create_local(name: str, cfg: dict[str, Any], org: str, sizes: dict[str, int] | None = None) -> str:
+    """``sizes``: the app's volume sizes by id (VOLUMES), for images made at first mount."""
     from taxiway import machines
 
     with contextlib.suppress(NotFound):  # a machine half-made by an agent killed before it noted it
@@ -362,7 +418,14 @@ def _create_local(name: str, cfg: dict[str, Any], org: str) -> str:
         if old.name == name:
             machines.destroy(old, force=True)
     for mnt in cfg.get("mounts") or []:
-        Path(mnt["source"]).mkdir(parents=True, exist_ok=True, mode=0o700)
+        src = Path(mnt["source"])
+        if mnt.get("type") == "ext4-image":
+            make_volume_image(src, (sizes or {}).get(src.stem) or 1 << 30)
+            continue
+        if src.with_name(src.name + ".img").exists():
+            raise InvalidInput(f"volume {src.name} is an ext4 file, which a micro-VM cannot mount",
+                               "mount it from a namespace machine, or give the VM a new volume")
+        src.mkdir(parents=True, exist_ok=True, mode=0o700)
     cfg = {**cfg, "image": _ensure_image(cfg["image"], org, _registry_auth())}
     m = machines.create(machines.MachineConfig.from_json(cfg), name)
     return m.id
@@ -593,7 +656,8 @@ class Agent:
         await self._write_status(row, {"state": "created", "checks": {}, "exit_code": None, "pid": None})
         async with self.creating:
             try:
-                local_id = await asyncio.to_thread(_create_local, f"tw-{mid}", cfg, org)
+                local_id = await asyncio.to_thread(_create_local, f"tw-{mid}", cfg, org,
+                                                   await self._volume_sizes(app))
             except Exception as e:
                 what = e.message if isinstance(e, TaxiwayError) else f"{type(e).__name__}: {e}"
                 await self._write_status(row, {"state": "failed", "error": what})
@@ -855,6 +919,15 @@ class Agent:
         return policy.check_config(config, volumes=volumes, registry=auth.get("registry"),
                                    limits=policy.host_limits()), org
 
+    async def _volume_sizes(self, app: str) -> dict[str, int]:
+        """The app's volume sizes by id (VOLUMES), for the ext4 files made at first mount."""
+        from taxiway.platform import schema
+        from taxiway.platform.policy import MAX_VOLUME_SIZE
+
+        return {v["id"]: v["size"] for _, v, _ in await self.st.items(schema.VOLUMES, f"{app}.")
+                if isinstance(v, dict) and isinstance(v.get("id"), str) and isinstance(v.get("size"), int)
+                and 8 << 20 <= v["size"] <= MAX_VOLUME_SIZE}
+
     async def _secrets_env(self, app: str) -> dict[str, str]:
         """The app's secrets (SECRETS bucket), unsealed with platform.secrets' key, as environment."""
         from taxiway.platform import schema, secrets
@@ -968,6 +1041,8 @@ class Agent:
         app = p.get("app")
         if not isinstance(app, str) or not schema.valid_app_name(app):
             raise InvalidInput("the request names no valid app", 'send {"app": "<name>"}')
+        if p.get("volume") is not None:  # one volume destroyed (API DELETE .../volumes/{id})
+            return await asyncio.to_thread(_remove_volume, self.home / "platform" / "volumes" / app, p["volume"])
         live = [r["id"] for r in self.rec.all() if r["app"] == app]
         if live:
             raise InvalidInput(f"app {app} still has machines on host {self.host}: {', '.join(live)}",
