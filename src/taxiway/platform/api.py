@@ -924,14 +924,15 @@ def _parse_volume_size(data: dict[str, Any]) -> int:
         n = size if isinstance(size, int) else parse_size(str(size))
     except (TaxiwayError, ValueError):
         raise ApiError(400, f"invalid volume size {size!r}", "use e.g. 1gb or 512mb") from None
-    if n < 1 << 20:
-        raise ApiError(400, f"volume size {size!r} is under 1 MB", "use e.g. 1gb")
+    if n < MIN_VOLUME_SIZE:  # an ext4 file with a journal needs a few MB of its own
+        raise ApiError(400, f"volume size {size!r} is under {MIN_VOLUME_SIZE >> 20} MB", "use e.g. 1gb or 512mb")
     if n > MAX_VOLUME_GB << 30:
         raise ApiError(400, f"volume size {size!r} is over {MAX_VOLUME_GB} GB", f"use at most {MAX_VOLUME_GB}gb")
     return n
 
 
 MAX_VOLUME_GB = 1024  # platform.policy.MAX_VOLUME_SIZE
+MIN_VOLUME_SIZE = 8 << 20
 
 
 async def list_volumes(request: Request) -> Response:
@@ -975,6 +976,9 @@ async def delete_volume(request: Request) -> Response:
         if got and got[0].get("desired") != "destroyed":
             raise ApiError(409, f"volume {vol['id']} is attached to machine {vol['machine']}",
                            "destroy that machine first")
+    # its data first (the agent owns the host side: the volume's ext4 file); a host that does not
+    # answer keeps the record, so a retry finishes
+    await _agent(st, vol.get("host") or schema.DEFAULT_HOST, "purge", {"app": vol["app"], "volume": vol["id"]})
     await st.delete(schema.VOLUMES, schema.volume_key(vol["app"], vol["id"]), revision=rev)
     return _json({"ok": True, "destroyed": vol["id"]})
 
