@@ -72,17 +72,17 @@ def _open_volume(image: str) -> int:
     (the volume's previous machine just died: a redeploy's new machine starts right after)."""
     from taxiway.machines import namespace
 
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 5
     while True:
         try:
             return namespace.open_volume(image)
         except BlockingIOError:
             if time.monotonic() > deadline:
-                raise TaxiwayError(f"volume {os.path.basename(image)} is in use by another machine",
+                raise TaxiwayError(f"volume {os.path.basename(image).removesuffix('.img')} is in use by another machine",
                                    "a volume is mounted by one machine at a time: stop or destroy the other") from None
             time.sleep(0.1)
         except OSError as e:
-            raise TaxiwayError(f"cannot mount volume {os.path.basename(image)} ({e.strerror})",
+            raise TaxiwayError(f"cannot mount volume {os.path.basename(image).removesuffix('.img')} ({e.strerror})",
                                "check that the kernel has loop devices and ext4 (e2fsck the file if it is damaged)"
                                ) from None
 
