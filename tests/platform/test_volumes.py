@@ -86,6 +86,24 @@ def test_tenants_cannot_name_an_image_or_a_type(mount):
         policy.check_config({"image": "localhost/x:1", "mounts": [mount]}, volumes=vols, registry=None)
 
 
+def test_a_volume_is_mounted_once_per_machine():
+    vols = {"vol_0123456789abcdef": {"id": "vol_0123456789abcdef", "app": "web", "name": "data", "size": 16 * MB}}
+    twice = [{"volume": "vol_0123456789abcdef", "path": "/a"}, {"name": "data", "path": "/b"}]
+    with pytest.raises(InvalidInput, match="mounted twice"):
+        policy.check_config({"image": "localhost/x:1", "mounts": twice}, volumes=vols, registry=None)
+
+
+def test_micro_vms_refuse_an_ext4_image_mount(platform_home, tmp_path):
+    from taxiway import machines
+
+    mount = machines.Mount(source=str(tmp_path / "v.img"), target="/data", type="ext4-image")
+    with pytest.raises(InvalidInput, match="namespace machines"):
+        machines.create(machines.MachineConfig(image="localhost/x:1", isolation="vm", mounts=[mount]))
+    with pytest.raises(InvalidInput, match="mount type"):
+        machines.create(machines.MachineConfig(image="localhost/x:1", mounts=[
+            machines.Mount(source=str(tmp_path), target="/data", type="overlay")]))
+
+
 def test_the_image_is_sparse_ext4_made_once(tmp_path):
     img = tmp_path / "vols" / "vol_0123456789abcdef.img"
     make_volume_image(img, 256 * MB)
@@ -180,6 +198,8 @@ def test_a_volume_is_a_hard_limit_kept_across_machines_and_gone_when_destroyed(s
     _destroy(c, m2)
     _until(lambda: not _loops_of(img), "the loop device to clear")
     assert _host_mounts_under(voldir) == []
+    r = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr  # left clean by every machine that had it
     r = _cli(api.url, tok, "volumes", "destroy", vid, "--app", "web", "-y")
     assert r.returncode == 0, r.stderr
     assert not img.exists()

@@ -304,6 +304,8 @@ def _mounts(mounts: Any, volumes: Mapping[str, Mapping[str, Any]]) -> list[dict[
                        "use the id of one of its volumes (GET /v1/apps/<app>/volumes)")
         if not isinstance(m.get("readonly", False), bool):
             raise _bad("mounts", "readonly must be true or false", "fix config.mounts")
+        if any(x["volume"] == vid for x in out):  # its file is locked by the first mount
+            raise _bad("mounts", f"volume {vid} is mounted twice", "mount each volume once")
         out.append({"volume": vid, "path": _path("mounts", m.get("path")),
                     **({"readonly": True} if m.get("readonly") else {})})
     return out
