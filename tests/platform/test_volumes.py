@@ -168,7 +168,10 @@ def test_a_volume_is_a_hard_limit_kept_across_machines_and_gone_when_destroyed(s
     assert img.stat().st_size == 16 * MB
     # mounted in the machine's namespace only: the host's mount table never sees it
     assert " /data " in _exec(c, m1, "cat /proc/self/mountinfo")["stdout"]
-    assert _host_mounts_under(voldir) == [] and _loops_of(img)
+    loops = _loops_of(img)
+    assert loops and _host_mounts_under(voldir) == []
+    with open("/proc/self/mountinfo") as f:
+        assert not [line for line in f if any(f" /dev/{lo} " in line for lo in loops)]
 
     # writing past the size: ENOSPC in the machine, the host's disk untouched beyond the file
     _exec(c, m1, "echo kept > /data/f; sync")
