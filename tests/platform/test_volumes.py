@@ -200,7 +200,12 @@ def test_a_volume_is_a_hard_limit_kept_across_machines_and_gone_when_destroyed(s
 
     # destroyed: nothing left mounted or attached; destroying the volume removes its file
     r = _cli(api.url, tok, "volumes", "destroy", vid, "--app", "web", "-y")
-    assert r.returncode != 0 and "error:" in r.stderr and img.exists()  # still attached to m2
+    assert r.returncode != 0 and "mounted by machine" in r.stderr and img.exists(), r.stderr  # m2 has it
+    assert c.post(f"/v1/apps/web/machines/{m2}/stop").status_code == 200
+    r = c.get(f"/v1/apps/web/machines/{m2}/wait", params={"state": "stopped", "timeout": 60})
+    assert r.status_code == 200, r.text
+    r = _cli(api.url, tok, "volumes", "destroy", vid, "--app", "web", "-y")  # stopped: it would miss its data
+    assert r.returncode != 0 and "mounted by machine" in r.stderr and img.exists(), r.stderr
     _destroy(c, m2)
     _until(lambda: not _loops_of(img), "the loop device to clear")
     assert _host_mounts_under(voldir) == []

@@ -390,6 +390,12 @@ def make_volume_image(path: Path, size: int) -> None:
             tmp.unlink()
 
 
+def _mounts_volume(local_id: str | None, vid: Any) -> bool:
+    """Whether a local machine (running or not) mounts volume ``vid``."""
+    m = _local(local_id)
+    return m is not None and any(Path(x.source).name in (str(vid), f"{vid}.img") for x in m.config.mounts)
+
+
 def _remove_volume(app_dir: Path, vid: Any) -> dict[str, Any]:
     """Remove one volume's data on this host: its ext4 file (refused while a machine has it
     mounted: the file's lock is held by the loop device) or its older directory."""
@@ -1044,6 +1050,11 @@ class Agent:
         if not isinstance(app, str) or not schema.valid_app_name(app):
             raise InvalidInput("the request names no valid app", 'send {"app": "<name>"}')
         if p.get("volume") is not None:  # one volume destroyed (API DELETE .../volumes/{id})
+            # a stopped machine holds no lock on the file but would miss it at its next start
+            users = [r["id"] for r in self.rec.all() if r["app"] == app and _mounts_volume(r.get("local_id"), p["volume"])]
+            if users:
+                raise InvalidInput(f"volume {p['volume']} is mounted by machine {', '.join(users)} on host {self.host}",
+                                   "destroy that machine first")
             return await asyncio.to_thread(_remove_volume, self.home / "platform" / "volumes" / app, p["volume"])
         live = [r["id"] for r in self.rec.all() if r["app"] == app]
         if live:
