@@ -190,13 +190,14 @@ def test_a_volume_is_a_hard_limit_kept_across_machines_and_gone_when_destroyed(s
     assert c.post(f"/v1/apps/web/machines/{m1}/restart").status_code == 200
     _until(lambda: _exec(c, m1, "cat /data/f").get("stdout") == "kept\n", "the restarted machine's volume")
 
-    # a redeploy (a new machine, the same volume) finds the data
+    # a redeploy (a new machine, the same volume, here read-only) finds the data
     _destroy(c, m1)
-    r = c.post("/v1/apps/web/machines", json={"config": web_config(image, mounts=mounts)})
+    r = c.post("/v1/apps/web/machines", json={"config": web_config(image, mounts=[{**mounts[0], "readonly": True}])})
     assert r.status_code == 200, r.text
     m2 = r.json()["id"]
     _started(c, m2)
     assert _exec(c, m2, "cat /data/f")["stdout"] == "kept\n"
+    assert "Read-only file system" in _exec(c, m2, "echo x > /data/g")["stderr"]
 
     # destroyed: nothing left mounted or attached; destroying the volume removes its file
     r = _cli(api.url, tok, "volumes", "destroy", vid, "--app", "web", "-y")
