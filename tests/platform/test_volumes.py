@@ -190,6 +190,16 @@ def test_a_volume_is_a_hard_limit_kept_across_machines_and_gone_when_destroyed(s
     assert c.post(f"/v1/apps/web/machines/{m1}/restart").status_code == 200
     _until(lambda: _exec(c, m1, "cat /data/f").get("stdout") == "kept\n", "the restarted machine's volume")
 
+    # kill -9 of the machine mid-write: its mount and loop device go with it; it mounts again
+    _exec(c, m1, "setsid sh -c 'while :; do echo x >> /data/log; done' >/dev/null 2>&1 < /dev/null &")
+    _until(lambda: _exec(c, m1, "test -s /data/log && echo yes")["stdout"] == "yes\n", "the writer")
+    assert c.post(f"/v1/apps/web/machines/{m1}/signal", json={"signal": "SIGKILL"}).status_code == 200
+    _until(lambda: c.get(f"/v1/apps/web/machines/{m1}").json()["state"] in ("stopped", "failed"), "the kill")
+    _until(lambda: not _loops_of(img), "the killed machine's loop device to clear")
+    assert c.post(f"/v1/apps/web/machines/{m1}/start").status_code == 200
+    _started(c, m1)
+    assert _exec(c, m1, "cat /data/f")["stdout"] == "kept\n"
+
     # a redeploy (a new machine, the same volume, here read-only) finds the data
     _destroy(c, m1)
     r = c.post("/v1/apps/web/machines", json={"config": web_config(image, mounts=[{**mounts[0], "readonly": True}])})
