@@ -26,8 +26,10 @@ async def _started(state, app, mid):
     return st if st.get("state") == "started" and st.get("private_ip") else None
 
 
-@pytest.mark.usefixtures("machines_cleanup")
-async def test_micro_vm_joins_the_private_network(state, nats_server, platform_home, tmp_path, monkeypatch):
+async def test_micro_vm_joins_the_private_network(state, nats_server, platform_home, tmp_path, monkeypatch,
+                                                  machines_cleanup):
+    # machines_cleanup comes after platform_home so that its teardown runs first, while TAXIWAY_HOME
+    # still names this test's home (as a usefixtures mark it ran last and missed the VM: qemu leaked)
     monkeypatch.setenv("TAXIWAY_KVM_CACHE", str(tmp_path / "kvm.json"))
     image = make_image(tmp_path, BUSYBOX)
     now = time.time()
