@@ -13,7 +13,7 @@ import time
 
 import pytest
 from machines.conftest import BUSYBOX, make_image
-from test_network_matrix import PORTS, SERVE, AgentProc, _ping, machines_cleanup, probe, until  # noqa: F401
+from test_network_matrix import PORTS, SERVE, AgentProc, _ping, machines_cleanup, probe, until  # noqa: F401, F811
 
 from taxiway.platform import network, schema
 
@@ -27,7 +27,7 @@ async def _started(state, app, mid):
 
 
 async def test_micro_vm_joins_the_private_network(state, nats_server, platform_home, tmp_path, monkeypatch,
-                                                  machines_cleanup):
+                                                  machines_cleanup):  # noqa: F811
     # machines_cleanup comes after platform_home so that its teardown runs first, while TAXIWAY_HOME
     # still names this test's home (as a usefixtures mark it ran last and missed the VM: qemu leaked)
     monkeypatch.setenv("TAXIWAY_KVM_CACHE", str(tmp_path / "kvm.json"))
