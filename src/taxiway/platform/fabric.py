@@ -405,32 +405,72 @@ class Relay:
     For a platform service that listens on loopback only (the Machines API): the accepting thread
     runs in the host's netns, while the listening socket (and so every accepted one) belongs to
     the fabric; each connection is copied both ways by :func:`taxiway.machines.ports.pipe`.
+
+    Every machine of every org can open connections here, so they are bounded: at most
+    ``max_connections`` at once, ``max_per_source`` from one address, and a connection idle for
+    ``idle_timeout`` seconds is closed (each one holds two threads: unbounded, a machine opening
+    connections in a loop made the host's supervisor run ~20,000 threads; red team, issue 17).
     """
 
-    def __init__(self, listener: socket.socket, target: tuple[str, int]) -> None:
+    def __init__(self, listener: socket.socket, target: tuple[str, int], *, max_connections: int = 256,
+                 max_per_source: int = 32, idle_timeout: float = 300.0) -> None:
         self.listener, self.target = listener, target
+        self.max_connections, self.max_per_source, self.idle_timeout = max_connections, max_per_source, idle_timeout
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
         self.thread = threading.Thread(target=self._serve, name="taxiway-fabric-relay", daemon=True)
 
     def start(self) -> Relay:
         self.thread.start()
         return self
 
-    def _serve(self) -> None:
-        from taxiway.machines.ports import pipe
+    def _admit(self, source: str) -> bool:
+        with self._lock:
+            if sum(self._open.values()) >= self.max_connections or self._open.get(source, 0) >= self.max_per_source:
+                return False
+            self._open[source] = self._open.get(source, 0) + 1
+            return True
 
+    def _release(self, source: str) -> None:
+        with self._lock:
+            left = self._open.get(source, 1) - 1
+            if left > 0:
+                self._open[source] = left
+            else:
+                self._open.pop(source, None)
+
+    def _serve(self) -> None:
         while True:
             try:
-                client, _ = self.listener.accept()
+                client, peer = self.listener.accept()
             except OSError:
                 return  # closed
+            source = str(peer[0])
+            if not self._admit(source):
+                client.close()  # over a limit: refused at once, nothing held
+                continue
             try:
                 upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
             except OSError:
                 client.close()
+                self._release(source)
                 continue
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+            client.settimeout(self.idle_timeout)
+            upstream.settimeout(self.idle_timeout)
+            threading.Thread(target=self._pair, args=(client, upstream, source), daemon=True).start()
+
+    def _pair(self, client: socket.socket, upstream: socket.socket, source: str) -> None:
+        from taxiway.machines.ports import pipe
+
+        back = threading.Thread(target=pipe, args=(upstream, client), daemon=True)
+        back.start()
+        try:
+            pipe(client, upstream)
+            back.join()
+        finally:
+            client.close()
+            upstream.close()
+            self._release(source)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
