@@ -108,3 +108,51 @@ def test_any_input_is_normalised_or_one_error_and_never_privileged(extra):
     assert not out.get("tty") and not out.get("interactive") and not out.get("auto_remove")
     assert all(set(m) <= {"volume", "path", "readonly"} and m["volume"] in VOLS for m in out["mounts"])
     assert policy.check_config(out, volumes=VOLS, registry=REG) == out  # idempotent
+
+
+_HTTP = {"type": "http", "port": 8080, "path": "/healthz", "method": "GET", "interval": 10, "timeout": 2}
+
+
+@pytest.mark.parametrize("check,field", [
+    ({**_HTTP, "host": "10.0.0.1"}, "checks.c.host"),
+    ({**_HTTP, "address": "169.254.169.254"}, "checks.c.address"),
+    ({**_HTTP, "url": "http://example.com/"}, "checks.c.url"),
+    ({**_HTTP, "path": "healthz"}, "checks.c.path"),
+    ({**_HTTP, "path": "//evil.example/x"}, "checks.c.path"),
+    ({**_HTTP, "path": "/a\r\nHost: x"}, "checks.c.path"),
+    ({**_HTTP, "path": "/a b"}, "checks.c.path"),
+    ({**_HTTP, "path": "/\x00"}, "checks.c.path"),
+    ({**_HTTP, "method": "GET /x HTTP/1.1\r\n"}, "checks.c.method"),
+    ({**_HTTP, "headers": {"X-A": "v\r\nX-B: w"}}, "checks.c.headers.X-A"),
+    ({**_HTTP, "headers": {"X A\r\n": "v"}}, "checks.c.headers"),
+    ({**_HTTP, "port": 0}, "checks.c.port"),
+    ({**_HTTP, "port": "8080"}, "checks.c.port"),
+    ({**_HTTP, "type": "exec"}, "checks.c.type"),
+    ({**_HTTP, "protocol": "gopher"}, "checks.c.protocol"),
+    ({**_HTTP, "interval": "soon"}, "checks.c.interval"),
+])
+def test_checks_take_only_their_documented_keys_and_values(check, field):
+    e = refused(ok(checks={"c": check}), field)
+    assert "\n" not in e.message and "\r" not in e.message
+    # the same check inside a service is refused too, naming its place
+    refused(ok(services=[{"internal_port": 8080, "protocol": "tcp", "checks": [check]}]),
+            field.replace("checks.c", "services[0].checks[0]"))
+
+
+def test_checks_that_only_shape_the_request_pass():
+    """A Host header only sets the header (the agent dials 127.0.0.1:<the machine's host port>)."""
+    good = {**_HTTP, "headers": {"Host": "web.example", "X-Multi": ["a", "b"]}, "protocol": "https",
+            "tls_skip_verify": True, "grace_period": "5s", "path": "/health?full=1&x=%20"}
+    out = policy.check_config(ok(checks={"c": good, "t": {"type": "tcp", "port": 9000}},
+                                 services=[{"internal_port": 8080, "checks": [good]}]), volumes=VOLS, registry=REG)
+    assert out["checks"]["c"] == good and out["services"][0]["checks"] == [good]
+
+
+def test_the_deployers_checks_pass():
+    cfg = appconfig.validate({"app": "web", "http_service": {"internal_port": 8080, "checks": [
+        {"path": "/up", "method": "head", "headers": {"Host": "web.example"}, "interval": "5s"}]},
+        "checks": {"db": {"type": "tcp", "port": 5432}, "web": {"type": "http", "port": 8080, "path": "/"}}})
+    for mc in appconfig.machine_configs(cfg, f"{REG}/web:deployment-1", release=1).values():
+        assert mc["checks"] and mc["services"][0]["checks"]
+        got = policy.check_config(mc, volumes=VOLS, registry=REG)
+        assert got["checks"] == mc["checks"] and got["services"] == mc["services"]

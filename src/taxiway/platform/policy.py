@@ -27,6 +27,8 @@ MAX_ENV_BYTES = 64 * 1024       # keys + values of config.env
 MAX_STORAGE = 1024 * GiB        # storage_size (the writable layer's ext4 file)
 MAX_VOLUME_SIZE = 1024 * GiB    # a volume record's size
 MAX_MACHINES_PER_APP = 1000
+MAX_MACHINES_PER_ORG = 2000     # across all its apps (each machine holds an address, disk, maybe a veth)
+MAX_APPS_PER_ORG = 200
 MAX_PIDS = 1 << 22              # the kernel's pid_max ceiling
 MAX_STOP_TIMEOUT = 3600.0
 MIN_MEMORY = 6 * 1024 * 1024    # as taxiway.machines.config.MIN_MEMORY
@@ -128,6 +130,20 @@ def check_machine_count(existing: int) -> None:
                            "destroy machines you no longer need")
 
 
+def check_org_machine_count(existing: int, limit: int = MAX_MACHINES_PER_ORG) -> None:
+    """Refuse a new machine when the org's apps already have ``limit`` machines together."""
+    if existing >= limit:
+        raise InvalidInput(f"the org already has {existing} machines across its apps (at most {limit})",
+                           "destroy machines you no longer need, or ask the platform's admin for a higher limit")
+
+
+def check_app_count(existing: int, limit: int = MAX_APPS_PER_ORG) -> None:
+    """Refuse a new app when the org already has ``limit`` apps."""
+    if existing >= limit:
+        raise InvalidInput(f"the org already has {existing} apps (at most {limit})",
+                           "destroy apps you no longer need, or ask the platform's admin for a higher limit")
+
+
 def check_volume_size(size: int) -> int:
     if not isinstance(size, int) or isinstance(size, bool) or not 0 < size <= MAX_VOLUME_SIZE:
         raise InvalidInput(f"volume size {size!r} is out of range", f"use at most {MAX_VOLUME_SIZE >> 30}gb")
@@ -185,6 +201,10 @@ def check_config(config: Any, *, volumes: Mapping[str, Mapping[str, Any]] | None
     for key, typ in (("services", list), ("checks", dict), ("metadata", dict), ("volumes", list)):
         if key in out and out[key] is not None and not isinstance(out[key], typ):
             raise _bad(key, f"must be a{'n object' if typ is dict else ' list'}", f"fix config.{key}")
+    if out.get("checks") is not None:
+        out["checks"] = {_check_name(n): _check(f"checks.{_shown(n)}", c) for n, c in out["checks"].items()}
+    if out.get("services") is not None:
+        out["services"] = [_service_checks(i, s) for i, s in enumerate(out["services"])]
     if out.get("storage_size") is not None:
         s = out["storage_size"]
         if not isinstance(s, int) or isinstance(s, bool) or not 8 << 20 <= s <= limits.storage:
@@ -200,6 +220,77 @@ def check_config(config: Any, *, volumes: Mapping[str, Mapping[str, Any]] | None
             raise _bad("volumes", "entries must be {\"name\", \"path\"}", "use [[mounts]] in taxiway.toml")
         _path("volumes", v.get("path"))
     return out
+
+
+# A check's keys: appconfig's normalised shape (+ Fly's tls_skip_verify). The agent always dials
+# 127.0.0.1:<the machine's host port>; these only shape the request it sends there.
+CHECK_KEYS = frozenset({"type", "port", "path", "method", "headers", "interval", "timeout", "grace_period",
+                        "protocol", "tls_skip_verify"})
+_CHECK_PATH = re.compile(r"^/(?!/)[\x21-\x7e]*$")   # one leading '/', visible ASCII only (no space, CR, LF, controls)
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")  # RFC 9110 token
+_DURATION = re.compile(r"^\d{1,9}(\.\d{1,9})?(ms|s|m|h)?$")
+_CTL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name or len(name) > 128 or _CTL.search(name):
+        raise _bad("checks", f"name {str(name)[:60]!r} is not a check name", "use letters, digits, '-' and '_'")
+    return name
+
+
+def _service_checks(i: int, service: Any) -> Any:
+    """A service with its checks validated (the rest of a service is the deployer's/edge's business)."""
+    if not isinstance(service, dict):
+        raise _bad(f"services[{i}]", "must be an object", "send {\"internal_port\": 8080, ...}")
+    if service.get("checks") is None:
+        return service
+    if not isinstance(service["checks"], list):
+        raise _bad(f"services[{i}].checks", "must be a list", "send [{\"type\": \"tcp\"}]")
+    return {**service, "checks": [_check(f"services[{i}].checks[{j}]", c) for j, c in enumerate(service["checks"])]}
+
+
+def _check(field: str, c: Any) -> dict[str, Any]:
+    """One health check, only its documented keys with valid values (the agent sends it to the machine's own port)."""
+    if not isinstance(c, dict):
+        raise _bad(field, "must be an object", "send {\"type\": \"http\", \"port\": 8080, \"path\": \"/\"}")
+    for k in c:
+        if k not in CHECK_KEYS:
+            raise _bad(f"{field}.{_shown(k)}", "is not a check field (checks always dial the machine itself)",
+                       "use " + ", ".join(sorted(CHECK_KEYS)))
+    if c.get("type") is not None and c["type"] not in ("http", "tcp"):
+        raise _bad(f"{field}.type", f"= {str(c['type'])[:40]!r} is not a check type", "use http or tcp")
+    port = c.get("port")
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
+        raise _bad(f"{field}.port", f"= {str(port)[:40]!r} is not a port", "use the machine's internal port, 1-65535")
+    path = c.get("path")
+    if path is not None and (not isinstance(path, str) or len(path) > 2048 or not _CHECK_PATH.match(path)):
+        raise _bad(f"{field}.path", f"{str(path)[:80]!r} must start with a single '/' and hold no spaces or "
+                   "control characters", "use e.g. /healthz (percent-encode anything else)")
+    method = c.get("method")
+    if method is not None and (not isinstance(method, str) or not _TOKEN.match(method)):
+        raise _bad(f"{field}.method", f"{str(method)[:40]!r} is not an HTTP method", "use e.g. GET or HEAD")
+    if c.get("protocol") is not None and c["protocol"] not in ("http", "https"):
+        raise _bad(f"{field}.protocol", f"= {str(c['protocol'])[:40]!r} is not allowed", "use http or https")
+    if c.get("tls_skip_verify") is not None and not isinstance(c["tls_skip_verify"], bool):
+        raise _bad(f"{field}.tls_skip_verify", "must be true or false", "fix it")
+    for key in ("interval", "timeout", "grace_period"):
+        v = c.get(key)
+        if v is not None and not ((_number(v) and 0 <= v <= 86400)
+                                  or (isinstance(v, str) and _DURATION.match(v))):
+            raise _bad(f"{field}.{key}", f"= {str(v)[:40]!r} is not a duration", "use seconds, e.g. 10 (or \"10s\")")
+    headers = c.get("headers")
+    if headers is not None:
+        if not isinstance(headers, dict) or len(headers) > 64:
+            raise _bad(f"{field}.headers", "must be an object of at most 64 headers", "send {\"Name\": \"value\"}")
+        for k, v in headers.items():
+            if not isinstance(k, str) or not _TOKEN.match(k):
+                raise _bad(f"{field}.headers", f"name {str(k)[:60]!r} is not a header name", "use a token like X-Check")
+            vals = v if isinstance(v, list) else [v]  # Fly's shape: a list of values
+            if not all(isinstance(x, str) and len(x) <= 4096 and not re.search(r"[\x00-\x08\x0a-\x1f\x7f]", x)
+                       for x in vals):
+                raise _bad(f"{field}.headers.{k}", "must be a string without CR, LF or control characters",
+                           "send one line of text")
+    return dict(c)
 
 
 def _shown(key: Any) -> str:
