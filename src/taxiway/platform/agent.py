@@ -656,7 +656,10 @@ class Agent:
                "net_org": (row or {}).get("net_org"), "net_field": (row or {}).get("net_field")}
         self.rec.put(row)  # before the machine exists: a killed agent finds the name and cleans up
         try:
-            cfg = await self._plug(row, org, cfg)  # after the policy check: tenants never choose the netns
+            # after the policy check: tenants never choose the netns. The address is allocated now
+            # (STATUS.private_ip stays stable) but the veth pair and rules are made only for a machine
+            # that is to start: _do_start plugs it, so a skip_launch machine holds no network resources
+            cfg = await self._plug(row, org, cfg, connect=desired.get("desired", "started") == "started")
         except TaxiwayError as e:
             await self._write_status(row, {"state": "failed", "error": e.message})
             await self._event(app, mid, "failed", row=row, error=e.message)
@@ -886,10 +889,12 @@ class Agent:
 
     # -- helpers -----------------------------------------------------------------------------------
 
-    async def _plug(self, row: dict[str, Any], org: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    async def _plug(self, row: dict[str, Any], org: str, cfg: dict[str, Any], connect: bool = True
+                    ) -> dict[str, Any]:
         """Plug a namespace machine into the private network: its org's network number, a machine
         field (kept in our record), its netns plugged into the fabric, and the config that joins it
-        (net, resolv.conf and /etc/hosts, the proxy environment, which overrides the tenant's)."""
+        (net, resolv.conf and /etc/hosts, the proxy environment, which overrides the tenant's).
+        ``connect=False``: the address and netns path only; :meth:`_do_start` plugs it later."""
         if self.fabric is None:
             return cfg
         from taxiway.platform import network, orgnet
@@ -899,7 +904,8 @@ class Agent:
         if (row.get("net_org"), row.get("net_field")) != (n, field):
             row.update(net_org=n, net_field=field)
             self.rec.set(row["id"], net_org=n, net_field=field)
-        path = await asyncio.to_thread(self.fabric.plug, row["id"], n, field)
+        path = (await asyncio.to_thread(self.fabric.plug, row["id"], n, field) if connect
+                else self.fabric.machine_path(row["id"]))
         address = str(network.machine_address(n, self.fabric.host, field))
         mid, app = row["id"], row["app"]
         return {**cfg, "net": str(path), "env": {**cfg.get("env", {}), **network.machine_env(n, address)},

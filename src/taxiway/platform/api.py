@@ -406,6 +406,10 @@ async def create_app(request: Request) -> Response:
     org = _str(data, "org_slug", tok["org"])
     if org != tok["org"]:
         raise ApiError(404, f"no org {org!r}", f"your token is for org {tok['org']}")
+    from taxiway.platform import policy
+
+    policy.check_app_count(sum(1 for _, v, _ in await _st(request).snapshot(schema.APPS) if v.get("org") == org),
+                           request.app.state.config.max_org_apps)
     rec = {"name": name, "org": org, "created_at": time.time(), "network": _str(data, "network") or org,
            "config": {}}
     try:
@@ -506,6 +510,9 @@ async def create_machine(request: Request) -> Response:
 
     policy.check_machine_name(name)
     policy.check_machine_count(len(await st.keys(schema.MACHINES, app["name"] + ".")))
+    org_apps = {v["name"] for _, v, _ in await st.snapshot(schema.APPS) if v.get("org") == app["org"]}
+    policy.check_org_machine_count(sum(1 for k in await st.keys(schema.MACHINES) if k.split(".")[0] in org_apps),
+                                   request.app.state.config.max_org_machines)
     skip = bool(data.get("skip_launch"))
     now = time.time()
     rec = {"id": mid, "name": name, "app": app["name"], "org": app["org"], "region": region,
@@ -1240,6 +1247,8 @@ class ApiConfig:
     # How long a create waits for the agent's answer (a pull may be slow) before a 202 with the
     # machine "created": the rest is followed with /wait, the record stays the agent's to finish.
     create_wait: float = 60.0
+    max_org_machines: int = 2000      # policy.MAX_MACHINES_PER_ORG (kept literal: policy is imported lazily)
+    max_org_apps: int = 200           # policy.MAX_APPS_PER_ORG
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:
@@ -1302,6 +1311,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--registry-root", help="the registry's storage directory (for its tenants.db)")
     p.add_argument("--create-wait", type=float, default=60.0,
                    help="seconds a machine create waits for the agent before answering 202 (default 60)")
+    p.add_argument("--max-org-machines", type=int, default=2000,
+                   help="machines an org may have across its apps (default 2000)")
+    p.add_argument("--max-org-apps", type=int, default=200, help="apps an org may have (default 200)")
     args = p.parse_args(argv)
     try:
         host, port = parse_listen(args.listen)
@@ -1310,7 +1322,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     import uvicorn
 
-    app = create_app(ApiConfig(args.nats, args.registry, args.registry_root, create_wait=args.create_wait))
+    app = create_app(ApiConfig(args.nats, args.registry, args.registry_root, create_wait=args.create_wait,
+                               max_org_machines=args.max_org_machines, max_org_apps=args.max_org_apps))
     uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, server_header=False)
 
 
