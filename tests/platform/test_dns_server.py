@@ -44,17 +44,19 @@ class Platform:
         self.tmp, self.upstream = tmp, upstream
         self.proc: subprocess.Popen | None = None
 
-    def start_dns(self) -> None:
+    def start_dns(self, *extra: str, dead: bool = True) -> None:
         """Start the server; it listens once it has mirrored what the state holds now."""
         tmp, upstream = self.tmp, self.upstream
         self.dead = free_port()   # an upstream nobody serves: tried first, then the live one
+        if not dead:   # (the kernel rate-limits the ICMP that makes the dead one fail fast)
+            self.dead = upstream.port
         self.log = open(tmp / "dns.log", "wb")
         env = {**os.environ, NATS_URL_ENV: self.nats.url_for("dns")}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "taxiway.platform.dnsserver", "--nats", self.nats.address,
              "--listen", "127.0.0.1:0", "--upstream", f"127.0.0.1:{self.dead}",
              "--upstream", f"127.0.0.1:{upstream.port}",
-             "--org-of", f"{ACME}/32=acme", "--org-of", f"{OTHER}/32=other"],
+             "--org-of", f"{ACME}/32=acme", "--org-of", f"{OTHER}/32=other", *extra],
             stdout=subprocess.PIPE, stderr=self.log, env=env)
         line = json.loads(self.proc.stdout.readline())   # {"msg": "listening", "addresses": [...]}
         assert line["msg"] == "listening", line
@@ -210,8 +212,12 @@ def test_answers_follow_machines_starting_and_stopping(platform: Platform) -> No
 
 def test_other_names_are_forwarded_to_the_upstream(platform: Platform, upstream: Upstream) -> None:
     # the first upstream is dead (nothing listens): the server goes on to the live one
-    status, ans = dig(platform, "example.test", "A", STRANGER)
+    status, ans = dig(platform, "example.test", "A", OTHER)
     assert status == "NOERROR" and data(ans) == [UPSTREAM_A]
+    # a source that is no machine and no --org-of forwards nothing (no open resolver)
+    before = len(upstream.queries)
+    assert dig(platform, "stranger.test", "A", STRANGER)[0] == "REFUSED"
+    assert "stranger.test" not in upstream.queries[before:]
     status, ans = dig(platform, "example.test", "A", ACME, "+tcp")
     assert status == "NOERROR" and data(ans) == [UPSTREAM_A]
     assert dig(platform, "missing.test", "A")[0] == "NXDOMAIN"

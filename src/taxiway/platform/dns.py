@@ -307,3 +307,43 @@ def resolve(snapshot: Snapshot, asker: Asker | None, name: str, qtype: str) -> A
         n = min(int(top.group(1)), MAX_NEAREST)
         return Answer(NOERROR, _aaaa(nearest(started, asker.region)[:n]) if want_aaaa else ())
     return Answer(NXDOMAIN)
+
+
+# -- forwarding: what may leave through the host's resolver -------------------------------------
+
+IN = 1
+# Record types a program's ordinary lookups use; anything else (ANY, AXFR, NULL, private types,
+# meta queries) is how DNS tunnels and resolver probes look, and is REFUSED.
+FORWARD_TYPES = frozenset({
+    1,    # A
+    2,    # NS
+    5,    # CNAME
+    6,    # SOA
+    12,   # PTR (fdaa::/16's reverse names never get here: answered locally)
+    15,   # MX
+    16,   # TXT
+    28,   # AAAA
+    33,   # SRV
+    64,   # SVCB
+    65,   # HTTPS
+    257,  # CAA
+})
+
+
+def forward_refusal(qclass: int, qtype: int, name: str, forwarding: bool,
+                    acl: Any | None = None, role: str | None = None) -> int | None:
+    """None when a query for a name outside ``.internal`` may go to the upstream resolver,
+    else the rcode to answer it with (REFUSED).
+
+    ``forwarding``: whether the source may forward at all (a machine, or a source the
+    operator named with ``--org-of``; an unknown source may not). Only class IN and
+    :data:`FORWARD_TYPES` leave. ``acl``/``role``: the asking machine's egress ACL
+    (:func:`taxiway.platform.egresspolicy.app_acl`): a name it denies (mode enforce and
+    not in allowed_domains, or in blocked_domains) is REFUSED, the same decision the
+    egress proxy makes, so DNS is no way around ``[egress]``.
+    """
+    if not forwarding or qclass != IN or qtype not in FORWARD_TYPES:
+        return REFUSED
+    if acl is not None and not acl.decide(role, name.rstrip(".").lower()).allowed:
+        return REFUSED
+    return None

@@ -22,6 +22,15 @@ Thin I/O around :mod:`taxiway.platform.dns` (which decides every answer):
   default the host's /etc/resolv.conf nameservers), over the transport the client
   used; no answer from any upstream is SERVFAIL. Reverse names of fdaa::/16 stay
   here (NXDOMAIN): the private network's addresses are never asked outside.
+  Only machines (and ``--org-of`` sources) forward, only class IN and ordinary types
+  (:func:`dns.forward_refusal`), and a machine whose app's current release has
+  ``[egress] mode = "enforce"`` only the names its egress ACL allows (RELEASES is
+  mirrored for that, through :mod:`taxiway.platform.egresspolicy`): the rest is REFUSED
+  (not NXDOMAIN: the name may well exist, this client may not look it up).
+- **Limits**: every source address has a token bucket (``--rate-limit``, default 200
+  queries/s, burst 400) checked before a query is parsed, so one tenant's flood is
+  dropped cheaply and others are still answered; at most 32 forwarded queries of one
+  source are in flight (512 in all).
 """
 
 from __future__ import annotations
@@ -43,7 +52,7 @@ import orjson
 
 from taxiway.errors import InvalidInput, TaxiwayError
 from taxiway.listen import Listen, parse_listen
-from taxiway.platform import dns, schema
+from taxiway.platform import dns, egresspolicy, schema
 
 if TYPE_CHECKING:
     from taxiway.platform.state import State
@@ -58,11 +67,15 @@ REVERSE_ZONE = "a.a.d.f.ip6.arpa"   # fdaa::/16
 
 
 MAX_FORWARDS = 512            # forwarded UDP queries in flight; past it a query is dropped (the client retries)
+MAX_FORWARDS_PER_SOURCE = 32  # of those, per source address: one machine cannot take every slot
+RATE = 200.0                  # queries per second per source address (token bucket), then dropped
+BURST = 400                   # the bucket's size: a program's start-up burst of lookups passes
+RATE_SOURCES_MAX = 65536      # buckets kept; past it the full (idle) ones are forgotten
 
 
 def _buckets() -> tuple[str, ...]:
     """What the answers are made of; NETWORKS: the org network numbers (platform.orgnet writes them)."""
-    return (schema.APPS, schema.MACHINES, schema.STATUS, schema.NETWORKS)
+    return (schema.APPS, schema.MACHINES, schema.STATUS, schema.NETWORKS, schema.RELEASES)
 
 
 @dataclass
@@ -74,6 +87,8 @@ class DNSConfig:
     upstream: list[tuple[str, int]] = field(default_factory=list)
     org_of: dict[Any, str] = field(default_factory=dict)   # ip_network -> org, for sources outside the fabric
     fabric: str = "no"          # "yes": listen inside the fabric; "auto": when this host has one; "no"
+    rate: float = RATE          # queries/s per source address; 0: no limit
+    burst: int = BURST
     ready_timeout: float = 30.0
 
 
@@ -97,14 +112,24 @@ class _UDP(asyncio.DatagramProtocol):
         self.transport = transport  # type: ignore[assignment]
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        out = self.server.answer(data, addr[0], udp=True)
+        server = self.server
+        if not server.admit(addr[0]):  # over its rate: dropped before any parsing
+            return
+        out = server.answer(data, addr[0], udp=True)
         if isinstance(out, bytes):
             self.transport.sendto(out, addr)  # type: ignore[union-attr]
-        elif out is not None and len(self.server._bg) < MAX_FORWARDS:  # forward, off the hot path
-            self.server._spawn(self._forward(data, addr))
+        elif (out is not None and len(server._bg) < MAX_FORWARDS
+              and server._inflight.get(addr[0], 0) < MAX_FORWARDS_PER_SOURCE):  # forward, off the hot path
+            server._inflight[addr[0]] = server._inflight.get(addr[0], 0) + 1
+            server._spawn(self._forward(data, addr))
 
     async def _forward(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        out = await self.server.forward(data, udp=True)
+        try:
+            out = await self.server.forward(data, udp=True)
+        finally:
+            left = self.server._inflight.pop(addr[0], 1) - 1
+            if left > 0:
+                self.server._inflight[addr[0]] = left
         if out and len(out) > 512:  # an upstream may send more than this client takes over UDP
             out = _fit_udp(data, out)
         if out and self.transport is not None and not self.transport.is_closing():
@@ -128,7 +153,6 @@ class _Forward(asyncio.DatagramProtocol):
 
 
 _FORWARD = object()  # answer(): "not ours, forward it"
-_UNSEEN = object()
 _OPT = 41
 _OPT_RR = b"\x00" + struct.pack("!HHIH", _OPT, UDP_MAX, 0, 0)   # EDNS0: our UDP size, no options
 
@@ -186,7 +210,12 @@ class DNSServer:
         self._ready = {b: asyncio.Event() for b in self._records}
         self._snap: dns.Snapshot | None = None
         self._cache: dict[tuple[Any, ...], bytes] = {}
-        self._askers: dict[str, dns.Asker | None] = {}   # source address -> asker, until the state changes
+        # source address -> (asker, who forwards), until the state changes
+        self._askers: dict[str, tuple[dns.Asker | None, str | None]] = {}
+        self._egress = egresspolicy.Directory()   # machines' apps and their [egress], for forwarding
+        self._buckets: dict[str, list[float]] = {}  # source address -> [tokens, last refill]
+        self._inflight: dict[str, int] = {}         # source address -> forwarded UDP queries in flight
+        self.dropped = 0                              # queries over a source's rate
         self._mirrors: list[asyncio.Task] = []
         self._bg: set[asyncio.Task] = set()
         self._udp: list[asyncio.DatagramTransport] = []
@@ -338,6 +367,10 @@ class DNSServer:
             await asyncio.sleep(0.5)
 
     def _apply(self, bucket: str, key: str, value: Any) -> None:
+        if bucket == schema.STATUS:
+            self._egress.status(key, value)
+        elif bucket == schema.RELEASES:
+            self._egress.release(key, value)
         if value is None:
             if self._records[bucket].pop(key, None) is None:
                 return
@@ -365,12 +398,13 @@ class DNSServer:
         id, so the usual query (the same names, again and again) costs two dict lookups.
         """
         snap = self.snapshot
-        asker = self._askers.get(source, _UNSEEN)
-        if asker is _UNSEEN:
+        who = self._askers.get(source)
+        if who is None:
             if len(self._askers) >= CACHE_MAX:
                 self._askers.clear()
-            asker = self._askers[source] = dns.asker_for(snap, source, self.config.org_of)
-        key = (asker, udp, data[2:])
+            who = self._askers[source] = self._who(snap, source)
+        asker, forwarder = who
+        key = (asker, forwarder, udp, data[2:])
         hit = self._cache.get(key)
         if hit is not None:
             return data[:2] + hit
@@ -384,11 +418,55 @@ class DNSServer:
             return None
         out = self._local(data, req, asker, udp)
         if out is None:
-            return _FORWARD
+            q = req.q
+            acl = self._egress.acl_for(forwarder[2:]) if forwarder and forwarder.startswith("m:") else None
+            rcode = dns.forward_refusal(q.qclass, q.qtype, str(q.qname), forwarder is not None, acl,
+                                        forwarder[2:] if acl is not None else None)
+            if rcode is None:
+                return _FORWARD
+            out = _message(data[:2], 0x8000 | (req.header.rd << 8) | 0x0080 | rcode,
+                           data[12:_question_end(data)], [], [], [])
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()
         self._cache[key] = out[2:]
         return out
+
+    def _who(self, snap: dns.Snapshot, source: str) -> tuple[dns.Asker | None, str | None]:
+        """The asker of ``.internal`` names and who forwards: "m:<app>" for a machine (its app's
+        [egress] decides), "operator" for a source named by ``--org-of``, None (no forwarding)
+        for anyone else."""
+        asker = dns.asker_for(snap, source, self.config.org_of)
+        machine = self._egress.machine_of(source)
+        if machine is not None:
+            return asker, "m:" + machine.app
+        if self.config.org_of and dns.asker_for(_EMPTY, source, self.config.org_of) is not None:
+            return asker, "operator"
+        return asker, None
+
+    def admit(self, source: str) -> bool:
+        """The per-source token bucket: False (drop the query) when ``source`` is over its rate.
+        One dict lookup and a clock read per query, so a flood costs little before it is dropped."""
+        rate = self.config.rate
+        if rate <= 0:
+            return True
+        now = time.monotonic()
+        b = self._buckets.get(source)
+        if b is None:
+            if len(self._buckets) >= RATE_SOURCES_MAX:   # forget the idle ones (full buckets)
+                burst = self.config.burst
+                self._buckets = {k: v for k, v in self._buckets.items()
+                                 if v[0] + (now - v[1]) * rate < burst}
+            b = self._buckets[source] = [float(self.config.burst), now]
+        else:
+            b[0] = min(float(self.config.burst), b[0] + (now - b[1]) * rate)
+            b[1] = now
+        if b[0] < 1.0:
+            self.dropped += 1
+            if self.dropped % 10000 == 1:
+                self.log(msg="rate limited", source=source, dropped=self.dropped)
+            return False
+        b[0] -= 1.0
+        return True
 
     def _local(self, data: bytes, req: Any, asker: dns.Asker | None, udp: bool) -> bytes | None:
         """Our reply to ``req`` (parsed from ``data``), written straight to the wire (dnslib's
@@ -477,6 +555,8 @@ class DNSServer:
                 async with asyncio.timeout(TCP_IDLE):
                     size = struct.unpack("!H", await reader.readexactly(2))[0]
                     data = await reader.readexactly(size)
+                if not self.admit(source):
+                    break   # over its rate: the connection is closed
                 out = self.answer(data, source, udp=False)
                 if out is None:
                     break
@@ -509,6 +589,9 @@ def _fit_udp(query: bytes, answer: bytes) -> bytes | None:
     if opt is not None:
         tc.add_ar(EDNS0(udp_len=UDP_MAX))
     return bytes(tc.pack())
+
+
+_EMPTY = dns.Snapshot.from_records({}, {}, {}, {})   # asker_for() with --org-of alone
 
 
 def _servfail(data: bytes) -> bytes | None:
@@ -570,12 +653,24 @@ def config_from_args(argv: list[str] | None = None) -> DNSConfig:
                    help="resolver for names outside .internal, IP[:PORT] (repeatable; default: /etc/resolv.conf's)")
     p.add_argument("--org-of", action="append", default=[], metavar="CIDR=ORG",
                    help="queries from these sources see ORG's names (sources outside the fabric)")
+    p.add_argument("--rate-limit", default=f"{RATE:g}/{BURST}", metavar="QPS[/BURST]",
+                   help="queries per second each source address may send (burst: how many at once); "
+                        "the excess is dropped. 0: no limit")
     a = p.parse_args(argv)
+    rate, _, burst = a.rate_limit.partition("/")
+    try:
+        qps = float(rate)
+        size = int(burst) if burst else max(1, int(2 * qps))
+        if qps < 0 or size < 1 or qps != qps:
+            raise ValueError(a.rate_limit)
+    except ValueError:
+        raise InvalidInput(f"--rate-limit {a.rate_limit!r} is not QPS[/BURST]",
+                           "e.g. --rate-limit 200/400 (or 0: no limit)") from None
     if not a.listen and a.fabric == "no":
         raise InvalidInput("nothing to listen on", "give --listen HOST:PORT and/or --fabric")
     upstream = parse_upstreams(a.upstream) if a.upstream else system_upstreams()
     return DNSConfig(nats=a.nats, listen=[parse_listen(x) for x in a.listen], upstream=upstream,
-                     org_of=parse_org_of(a.org_of), fabric=a.fabric)
+                     org_of=parse_org_of(a.org_of), fabric=a.fabric, rate=qps, burst=size)
 
 
 def fabric_sockets(mode: str = "yes") -> list[socket.socket]:

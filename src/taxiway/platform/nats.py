@@ -60,10 +60,11 @@ def deny_publish() -> dict[str, list[str]]:
         # apps' logs: no KV writes, no agent commands or events, no stream admin, no tokens or secrets
         "egress": ["$KV.>", "agent.>", "events.>", *_NO_ADMIN_JS,
                    *_no_read(schema.TOKENS), *_no_read(schema.SECRETS)],
-        # the DNS server only reads apps, machines, status (and org networks): it publishes
-        # nothing but its reads, and reads no tokens, secrets, releases, deploys or leases
+        # the DNS server only reads apps, machines, status, org networks and releases (an app's
+        # [egress] decides which names it may forward): it publishes nothing but its reads, and
+        # reads no tokens, secrets, deploys or leases
         "dns": ["$KV.>", "agent.>", "events.>", "logs.>", "edge.>", *_NO_ADMIN_JS,
-                *(r for b in (schema.TOKENS, schema.SECRETS, schema.RELEASES, schema.DEPLOYS, schema.LEASES)
+                *(r for b in (schema.TOKENS, schema.SECRETS, schema.DEPLOYS, schema.LEASES)
                   for r in _no_read(b))],
     }
 
