@@ -155,6 +155,10 @@ def test_the_lobby_lists_games_to_join_and_to_watch(browser, node, artifacts):
     di.get_by_role("button", name="Join game").click()
     expect(di.locator("#turn")).to_contain_text("You play yellow; Cy moves first.")
     cy.get_by_role("button", name="Start").click()
+    # The started board must be on the page before a key picks a column (under load the live
+    # update that replaces the board could land after the key press and take the focus with it).
+    expect(cy.locator("#turn")).to_have_text("Your turn: you play red")
+    expect(cy.locator("#col-4")).to_be_enabled()
     # Keyboard play on connect four: number key 4 picks column 4, Enter drops the disc.
     cy.keyboard.press("4")
     expect(cy.locator("#col-4")).to_be_focused()
