@@ -426,8 +426,11 @@ class Supervisor:
         if self.nats and (self.nats.proc is None or self.nats.proc.poll() is not None):
             self._log("nats-server died; restarting it")
             self.nats.proc = None
-            self.nats.start()
-            changed = True
+            try:
+                self.nats.start()
+                changed = True
+            except (OSError, subprocess.SubprocessError, TaxiwayError) as e:  # e.g. EMFILE: try again next tick
+                self._log(f"warning: could not restart nats-server ({e}); retrying")
         for c in self.children:
             if c.proc is not None and c.proc.poll() is None:
                 if now - c.started_at > 60:
@@ -440,10 +443,21 @@ class Supervisor:
                 c.backoff = min(c.backoff * 2, BACKOFF_MAX)
             if now >= c.next_start:
                 c.restarts += 1
-                c.start(self.logdir)
-                changed = True
+                try:
+                    c.start(self.logdir)
+                    changed = True
+                except (OSError, subprocess.SubprocessError) as e:
+                    # One component that cannot be (re)started (out of file descriptors, its log not
+                    # writable...) must never take the supervisor, and every other component, down.
+                    self._log(f"warning: could not start {c.name} ({e}); retrying in {c.backoff:.0f} s")
+                    c.proc = None
+                    c.next_start = now + c.backoff
+                    c.backoff = min(c.backoff * 2, BACKOFF_MAX)
         if changed:
-            self.write_up(ready=True)
+            try:
+                self.write_up(ready=True)
+            except OSError as e:
+                self._log(f"warning: could not write up.json ({e}); retrying at the next change")
 
     def stop(self) -> None:
         """Stop the children in reverse order, nats last; machines keep running."""
