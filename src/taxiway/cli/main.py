@@ -15,9 +15,12 @@ with the measurement that justifies it:
 
 And one that is *not* played: the parts take ``TYPE_CHECKING`` from ``typing`` like any Python
 code (one convention, checked by tests/machines/test_structure.py), though ``typing`` is the one
-module a warm ``taxiway run`` would not need otherwise. Measured 2026-12-03 (bench/run_ab.py,
-16 interleaved rounds, load 5-8): CPU median 119 ms with it vs 113 ms with a hand-made constant
-in the run path's modules; ``taxiway --help`` imports click, which imports ``typing`` anyway.
+module a warm ``taxiway run`` would not need otherwise. Measured 2026-12-03 20:04 UTC on an idle
+host (bench/run_ab.py, 30 interleaved rounds, with vs without it, the cgroup primer's
+``threading`` import included): wall median 89 vs 77 ms, CPU 76 vs 69 ms; still 0.21x podman and
+2.19x runc (bench/RESULTS.md). ``taxiway --help`` imports click, which imports ``typing`` anyway.
+If those ~10 ms ever matter more than one convention, the constant form (``TYPE_CHECKING = False``,
+read by type checkers alike) is the way back, applied everywhere.
 """
 
 from __future__ import annotations
