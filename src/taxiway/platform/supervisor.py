@@ -584,7 +584,7 @@ def serve(free_ports: bool = False, edge_port: int | None = None, https_port: in
             if not stop_now:
                 try:
                     sup.watch_once()
-                except TaxiwayError as e:
+                except (TaxiwayError, OSError) as e:  # the next tick tries again; the children keep running
                     sup._log(f"warning: {e}")
         sup.stop()
     finally:
