@@ -93,6 +93,27 @@ def _wait(pred, what: str, timeout: float = 60):
         time.sleep(0.1)
 
 
+def _instances_find_each_other(platform_home: Path, app: str) -> None:
+    """Each started machine of ``app`` resolves ``<app>.internal`` to every instance's private address
+    (DNS at fdaa::3) and reaches the other one's port 8080 by that address."""
+    from test_up import _api
+
+    with _api(platform_home) as c:
+        ms = [m for m in c.get(f"/v1/apps/{app}/machines").json() if m["state"] == "started"]
+        assert len(ms) == 2, ms
+        ips = {m["id"]: m["private_ip"] for m in ms}
+        assert all(ips.values()), ips
+        for m in ms:
+            other = next(i for i in ips if i != m["id"])
+            script = (f"nslookup -type=AAAA {app}.internal; "
+                      f"echo probe | nc -w 5 {ips[other]} 8080 >/dev/null && echo reached")
+            r = c.post(f"/v1/apps/{app}/machines/{m['id']}/exec",
+                       json={"command": ["sh", "-c", script], "timeout": 30}).json()
+            out = r.get("stdout", "") + r.get("stderr", "")
+            assert all(ip in out for ip in ips.values()), (ips, out)
+            assert "reached" in out, out
+
+
 def test_up_launch_rolling_deploy_without_failed_requests_and_rollback(tw, platform_home, tmp_path):
     image = make_image(tmp_path, BUSYBOX)
     tw("up", "-d", "--free-ports")
@@ -141,6 +162,10 @@ def test_up_launch_rolling_deploy_without_failed_requests_and_rollback(tw, platf
         r = tw("releases", "--json", "-a", "hello")
         assert [(x["version"], x["status"]) for x in json.loads(r.stdout)] == [
             (3, "rolled_back"), (2, "complete"), (1, "complete")]
+
+        # Two instances of the deployed app find each other through hello.internal (issue 17).
+        tw("scale", "count", "2", "-a", "hello")
+        _instances_find_each_other(platform_home, "hello")
     finally:
         loop.halt.set()
         loop.join(30)

@@ -229,6 +229,7 @@ def machine_view(rec: dict[str, Any], status: dict[str, Any] | None, revision: i
             "cordoned": bool(rec.get("cordoned")), "config": rec.get("config") or {},
             "image_ref": (rec.get("config") or {}).get("image"), "ports": (status or {}).get("ports") or {},
             "checks": checks, "exit_code": (status or {}).get("exit_code"),
+            "private_ip": (status or {}).get("private_ip"),  # as Fly's machine object: its 6PN address
             "created_at": rec.get("created_at"), "updated_at": rec.get("updated_at"), "version": revision}
 
 
