@@ -117,3 +117,30 @@ def test_an_enforce_app_forwards_only_what_its_egress_allows(platform: Platform,
     platform.put((schema.RELEASES, "locked.2", {"app": "locked", "version": 2, "status": "complete", "config": {}}))
     wait_for(lambda: dig(platform, "evil.test", "A", LOCKED)[0] == "NXDOMAIN", "the new release applies")
 
+
+
+def test_forward_refusal_is_the_egress_acl_decision() -> None:
+    from taxiway.platform import dns
+    from taxiway.platform.egresspolicy import app_acl
+
+    enforce = app_acl("a", {"mode": "enforce", "allowed_domains": ["*.example.test"], "blocked_domains": ["x.example.test"]})
+    report = app_acl("a", {"mode": "report", "allowed_domains": ["example.test"]})
+    assert dns.forward_refusal(1, 1, "api.example.test.", True, enforce, "a") is None
+    assert dns.forward_refusal(1, 1, "X.Example.Test.", True, enforce, "a") == dns.REFUSED   # blocked wins
+    assert dns.forward_refusal(1, 16, "evil.test.", True, enforce, "a") == dns.REFUSED
+    assert dns.forward_refusal(1, 16, "evil.test.", True, report, "a") is None   # report: allowed, logged by the proxy
+    assert dns.forward_refusal(1, 1, "evil.test.", True, app_acl("a", None), "a") is None
+    assert dns.forward_refusal(3, 16, "version.bind.", True) == dns.REFUSED    # CHAOS
+    assert dns.forward_refusal(1, 255, "example.test.", True) == dns.REFUSED   # ANY
+    assert dns.forward_refusal(1, 1, "example.test.", False) == dns.REFUSED    # not a machine
+
+
+def test_a_bad_rate_limit_is_one_clear_line() -> None:
+    import subprocess
+    import sys
+
+    for bad in ("fast", "-1", "10/0", "10/x"):
+        out = subprocess.run([sys.executable, "-m", "taxiway.platform.dnsserver", "--nats", "nats://127.0.0.1:1",
+                              "--listen", "127.0.0.1:0", "--rate-limit", bad], capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0
+        assert out.stderr.startswith("error: --rate-limit") and out.stderr.count("\n") == 1, out.stderr
