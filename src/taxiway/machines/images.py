@@ -1,18 +1,16 @@
 """How images reach machines: through the store's API (``Store.image``, and
 :func:`taxiway.oci.pull.ensure_image` to pull what it lacks), remembered.
 
-Importing the store costs a warm ``taxiway run`` ~45 ms
-(``taxiway.oci.store`` pulls in dataclasses, hashlib, tempfile and typing:
-47-75 ms by ``python -X importtime``, against ~21 ms for the whole runtime), and
-``ensure_image``'s module more (httpx). So the store's answer for a reference
-(its manifest digest and config) is remembered in ``machines/.images.json``,
-valid only while the store's ``index.json`` is the same file (same inode, size
-and mtime: every pull, tag or removal replaces it by a rename). A remembered
-image opens the store only if its layers are needed (a snapshot is missing).
-Measured (bench/RESULTS.md, Machines, issue 15): without the memo a warm run
-takes ~60 ms more wall time and ~48 ms more CPU (103 -> 162 ms median), which
-on an idle host is the difference between ~0.17x and ~0.27x of podman (target
-<= 0.25x).
+Importing the store costs a warm ``taxiway run`` tens of ms (``taxiway.oci.store``
+pulls in dataclasses, hashlib and tempfile), and ``ensure_image``'s module more
+(httpx). So the store's answer for a reference (its manifest digest and config)
+is remembered in ``machines/.images.json``, valid only while the store's
+``index.json`` is the same file (same inode, size and mtime: every pull, tag or
+removal replaces it by a rename). A remembered image opens the store only if its
+layers are needed (a snapshot is missing). Measured (bench/RESULTS.md, issue 15):
+without the memo a warm run took ~60 ms more wall time and ~48 ms more CPU under
+load (103 -> 162 ms median), and 113 vs 91 ms wall, 111 vs 74 ms CPU on an idle
+host (20:04 UTC), where podman took 442 ms: 0.26x instead of 0.21x (target <= 0.25x).
 """
 
 from __future__ import annotations
