@@ -8,7 +8,8 @@ Layout (what skopeo and umoci read)::
 
 taxiway's own bookkeeping lives beside it under ``.taxiway/`` (ignored by other
 tools): the index lock, partial downloads (``ingest/``, resumable) and where each
-blob came from (``sources/``, so push can try a cross-repository mount).
+blob came from (``sources/``, so push can try a cross-repository mount), and the
+reference cache (``refs.json``: :mod:`taxiway.oci.refcache`, the store's fast path).
 """
 
 from __future__ import annotations
@@ -451,7 +452,28 @@ class Store:
         return Descriptor(mtype, digest, len(raw))
 
     def image(self, ref: str, platform: Platform | None = None) -> StoreImage:
-        """The single-platform image for ``ref`` (an index is resolved to ``platform``, default the host)."""
+        """The single-platform image for ``ref`` (an index is resolved to ``platform``, default the host).
+
+        For the host platform the answer goes through the store's reference cache
+        (:mod:`taxiway.oci.refcache`): a hit skips the index walk, a miss is recorded,
+        so :func:`taxiway.oci.refcache.lookup` answers the next caller without the store.
+        """
+        from taxiway.oci import refcache
+
+        index_text = None
+        if platform is None:
+            cached = refcache.descriptor(ref, self.root)
+            if cached is not None and self.has_blob(cached[1]):
+                return StoreImage(self, Descriptor(*cached), ref)
+            if not Digest.is_valid(ref):  # a digest resolves without the index: not worth a record
+                index_text = refcache.index_text(self.root)  # read before resolving: see refcache.record
+        image = self._image(ref, platform)
+        if index_text is not None:
+            refcache.record(self.root, index_text, ref, image.media_type(), image.digest(), image.descriptor.size,
+                            image.config())
+        return image
+
+    def _image(self, ref: str, platform: Platform | None) -> StoreImage:
         desc = self.resolve(ref)
         seen = 0
         while desc.media_type in mt.INDEX_TYPES or desc.media_type == "":
@@ -508,8 +530,11 @@ class Store:
 
     def prune(self) -> list[str]:
         """Remove blobs no name reaches, and stale temp files; returns the removed digests."""
+        from taxiway.oci import refcache
+
         removed = []
         with _flock(self.meta / "gc.lock", fcntl.LOCK_EX), self._locked():
+            refcache.drop(self.root)  # a cached digest reference may point at a blob removed here
             keep = self.referenced()
             for p in self.blobs.iterdir():
                 dg = "sha256:" + p.name
