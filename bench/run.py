@@ -12,8 +12,8 @@ Measured (wall time, hyperfine; CPU time beside it where the process tree is our
   * cold: first run of a just-pulled image, unpack included (``taxiway
     snapshots prune --all`` before each) vs podman's first run after ``podman
     pull`` (``podman rmi`` + ``podman pull`` before each; target <= 0.5x);
-  * the same warm run with the image memo removed before each run (what the memo saves:
-    the store's import and reads, see taxiway/machines/images.py);
+  * the same warm run with the store's reference cache removed before each run (what the
+    cache saves: the store's import and reads, see taxiway/oci/refcache.py);
   * micro-VM: ``taxiway run --rm --isolation vm IMG true`` wall time and the
     boot-to-entrypoint time the runtime records (KVM if it works, else TCG).
 
@@ -131,12 +131,12 @@ def main() -> None:
                 "runc run (prepared bundle)": f"runc --root {work}/runc run --bundle {bundle} bench-true",
             }, args.runs, work, penv_all)
             results["warm"] = warm
-            # the image memo (machines/images.py): the same warm run with the memo removed before
-            # each run, so every run asks the store (oci.pull.ensure_image) and writes the memo again
-            memo = f"{env['TAXIWAY_HOME']}/machines/.images.json"
+            # the store's reference cache (oci/refcache.py): the same warm run with the cache removed
+            # before each run, so every run opens the store (Store.image) and it writes the cache again
+            memo = f"{env['TAXIWAY_HOME']}/store/.taxiway/refs.json"
             results["memo"] = hyperfine({
-                "taxiway run --rm (image memo removed)": f"{TAXIWAY} run --rm {image} true",
-            }, args.runs, work, penv_all, prepare={"taxiway run --rm (image memo removed)": f"rm -f {memo}"})
+                "taxiway run --rm (ref cache removed)": f"{TAXIWAY} run --rm {image} true",
+            }, args.runs, work, penv_all, prepare={"taxiway run --rm (ref cache removed)": f"rm -f {memo}"})
             cold = hyperfine({
                 "taxiway run --rm (cold)": f"{TAXIWAY} run --rm {image} true",
                 "podman run --rm (first after pull)": f"{podman} run --rm {image} true",
