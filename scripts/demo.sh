@@ -27,6 +27,9 @@ cleanup() {
     taxiway down >/dev/null 2>&1 || true
     "$PY" -c 'from taxiway import machines
 for m in machines.all_machines(): machines.destroy(m, force=True)' 2>/dev/null || true
+    # the private network's namespace files (the fabric, each machine's) are mounts: release them
+    "$PY" -c 'import os; from taxiway.platform import fabric; fabric.release_all(os.environ["TAXIWAY_HOME"])' \
+      2>/dev/null || true
   fi
   rm -rf "$DEMO"
 }
@@ -107,6 +110,9 @@ echo "\$ cat taxiway.toml (excerpt)"
 sed -n '1,3p;/^\[http_service\]/,/^internal_port/p' taxiway.toml
 URL=$(taxiway open)
 EDGE_PORT=${URL##*:}; EDGE_PORT=${EDGE_PORT%/}
+# The HTTPS URL's certificate comes from the platform's own CA: curl trusts its root for the demo.
+CA_ROOT=$("$PY" -c 'import json, os; print(json.load(open(os.environ["TAXIWAY_HOME"] + "/platform/up.json"))["ca"])')/root.pem
+curl() { command curl --cacert "$CA_ROOT" "$@"; }
 
 step "curl $URL (through the edge: Host site.localhost routes to the app's machines)"
 curl -sS --fail "$URL" | grep -o '<h1>.*</h1>'
