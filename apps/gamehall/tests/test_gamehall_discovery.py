@@ -89,9 +89,9 @@ def test_parse_answer_keeps_only_the_asked_type_sorted_and_unique(v6, v4):
     query = discovery.build_query("gamehall.internal", "AAAA")
     reply = query.reply()
     for a in [*v6, *v6[:2]]:
-        reply.add_answer(RR("gamehall.internal", QTYPE.AAAA, rdata=AAAA(str(a))))
+        reply.add_answer(RR("gamehall.internal", QTYPE.AAAA, rdata=AAAA(tuple(a.packed))))
     for a in v4:
-        reply.add_answer(RR("gamehall.internal", QTYPE.A, rdata=A(str(a))))
+        reply.add_answer(RR("gamehall.internal", QTYPE.A, rdata=A(tuple(a.packed))))
     got = discovery.parse_answer(query, reply.pack())
     assert got == sorted({str(a) for a in v6}, key=lambda s: ipaddress.ip_address(s).packed)
 

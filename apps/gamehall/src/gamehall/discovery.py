@@ -81,7 +81,9 @@ def parse_answer(query: DNSRecord, data: bytes) -> list[str]:
     out = set()
     for rr in reply.rr:
         if rr.rtype == want:
-            out.add(str(ipaddress.ip_address(str(rr.rdata))))
+            # from the record's bytes: dnslib's text form of some addresses (e.g. ::ffff:0.0.0.0) does
+            # not parse back
+            out.add(str(ipaddress.ip_address(bytes(rr.rdata.data))))
     return sorted(out, key=lambda a: ipaddress.ip_address(a).packed)
 
 
