@@ -102,6 +102,8 @@ SLOW_FILES = frozenset({
     "platform/test_network_matrix.py", "platform/test_dns_fabric.py", "platform/test_egress_fabric.py",
     "platform/test_dns_up.py", "platform/test_edge_tls.py", "platform/test_edge_tls_api.py",
     "platform/test_volumes.py", "platform/test_bad_input_cli.py", "platform/test_fabric.py",
+    "platform/test_egress_platform.py", "platform/test_dns_server.py", "platform/test_nats_auth.py",
+    "platform/test_edge_scale.py", "platform/test_deploy_rollback.py", "platform/test_checks_agent.py",
 })
 
 
