@@ -581,14 +581,6 @@ class Agent:
         async def one(key: str) -> None:
             app, _, mid = key.partition(".")
             v, rev = desired.get(key, (None, 0))
-            if v is None:
-                # Known here but not in the listing: read the key itself before acting on "deleted".
-                # A listing (a KV watch under the hood) once came back without a live record in a
-                # full-suite run, and the agent destroyed a running machine it should have adopted.
-                got = await self.st.get(schema.MACHINES, key)
-                if got is not None and self._mine(got[0]):
-                    log.warning("machine %s: missing from the MACHINES listing but present; adopting it", mid)
-                    v, rev = got[0], got[1]
             try:
                 await self.reconcile(app, mid, v, rev)
             except TaxiwayError as e:
